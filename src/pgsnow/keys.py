@@ -1,0 +1,127 @@
+"""S3 object keys: where staged files and manifests live, and how keys are parsed back.
+
+Data files: ``{prefix}/{schema}/{table}/{schema}_{table}_batch{N}_{run_id}.{ext}``.
+``run_id`` is the run's UTC start timestamp, so a (run, batch) pair always maps
+to the same key and a retried upload overwrites identical content.
+
+Manifests and other control objects live under ``_pgsnow/`` at the bucket root,
+outside the staging prefix, so the loader's notification never sees them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from urllib.parse import unquote_plus
+
+from pgsnow.errors import PermanentError
+from pgsnow.identifiers import TableRef
+
+CONTROL_PREFIX = "_pgsnow"
+_RUN_ID = re.compile(r"^\d{8}T\d{12}Z$")
+
+
+class FileFormat(StrEnum):
+    CSV = "csv"
+    PARQUET = "parquet"
+
+    @property
+    def extension(self) -> str:
+        return "csv.gz" if self is FileFormat.CSV else "parquet"
+
+
+# Extensions the loader accepts, including hand-dropped files (plain CSV too).
+_EXTENSIONS: dict[str, tuple[FileFormat, bool]] = {
+    ".csv.gz": (FileFormat.CSV, True),
+    ".csv": (FileFormat.CSV, False),
+    ".parquet": (FileFormat.PARQUET, False),
+}
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """A sortable, unique-per-table run id: the UTC start time to the microsecond."""
+    moment = (now or datetime.now(UTC)).astimezone(UTC)
+    return moment.strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def is_run_id(text: str) -> bool:
+    return bool(_RUN_ID.match(text))
+
+
+def normalise_prefix(prefix: str) -> str:
+    cleaned = prefix.strip().strip("/")
+    if not cleaned or ".." in cleaned.split("/"):
+        raise PermanentError(f"invalid S3 stage prefix {prefix!r}")
+    return cleaned
+
+
+def data_key(prefix: str, table: TableRef, batch: int, run_id: str, file_format: FileFormat) -> str:
+    name = f"{table.schema}_{table.table}_batch{batch}_{run_id}.{file_format.extension}"
+    return f"{normalise_prefix(prefix)}/{table.schema}/{table.table}/{name}"
+
+
+def table_prefix(prefix: str, table: TableRef) -> str:
+    return f"{normalise_prefix(prefix)}/{table.schema}/{table.table}/"
+
+
+def manifest_key(table: TableRef, run_id: str) -> str:
+    return f"{CONTROL_PREFIX}/manifests/{table.schema}/{table.table}/{run_id}.json"
+
+
+def manifests_prefix(table: TableRef) -> str:
+    return f"{CONTROL_PREFIX}/manifests/{table.schema}/{table.table}/"
+
+
+@dataclass(frozen=True)
+class StagedObject:
+    """A data file key, parsed. ``run_id``/``batch`` are None for hand-dropped files."""
+
+    key: str
+    table: TableRef
+    file_name: str
+    file_format: FileFormat
+    gzip: bool
+    run_id: str | None
+    batch: int | None
+
+
+def decode_event_key(raw_key: str) -> str:
+    """S3 event keys are URL-encoded with '+' for spaces."""
+    return unquote_plus(raw_key)
+
+
+def parse_data_key(key: str, prefix: str) -> StagedObject:
+    """Parse a staged data file key, refusing anything outside ``{prefix}/{schema}/{table}/``."""
+    root = normalise_prefix(prefix) + "/"
+    if not key.startswith(root):
+        raise PermanentError(f"object key is outside the staging prefix {root!r}", s3_key=key)
+    parts = key[len(root) :].split("/")
+    if len(parts) != 3 or any(p in {"", ".", ".."} for p in parts):
+        raise PermanentError(
+            "object key must be {prefix}/{schema}/{table}/{file}, with no empty or '..' parts", s3_key=key
+        )
+    schema, table_name, file_name = parts
+    table = TableRef(schema, table_name)
+    lowered = file_name.lower()
+    for ext, (file_format, gz) in _EXTENSIONS.items():
+        if lowered.endswith(ext) and len(file_name) > len(ext):
+            stem = file_name[: -len(ext)]
+            break
+    else:
+        raise PermanentError(
+            "unsupported file type: staged files must end in .csv.gz, .csv or .parquet", s3_key=key
+        )
+    run_id, batch = _parse_pgsnow_stem(stem, table)
+    return StagedObject(key, table, file_name, file_format, gz, run_id, batch)
+
+
+def _parse_pgsnow_stem(stem: str, table: TableRef) -> tuple[str | None, int | None]:
+    expected = f"{table.schema}_{table.table}_batch"
+    if not stem.startswith(expected):
+        return None, None
+    batch_text, _, run_id = stem[len(expected) :].partition("_")
+    if batch_text.isdigit() and is_run_id(run_id):
+        return run_id, int(batch_text)
+    return None, None

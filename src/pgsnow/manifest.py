@@ -1,0 +1,160 @@
+"""The run manifest: what an extraction run staged, and the table's schema.
+
+The extractor writes the manifest twice: once with state ``extracting`` before
+the first data file (so the loader can create the target table from the schema
+as soon as any file arrives), and again with state ``staged`` and the complete
+file list after the last file. Loading and cleanup move it to ``loaded``.
+Each data file also carries its own row count and checksum as S3 object
+metadata, so the loader can check a file without waiting for the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from pgsnow.errors import PermanentError
+from pgsnow.identifiers import TableRef, check_no_collisions, snowflake_name
+from pgsnow.keys import FileFormat
+from pgsnow.typemap import SnowflakeType, ValueKind
+
+MANIFEST_VERSION = 1
+
+# S3 user-metadata names on every staged data file (boto3 lower-cases them).
+META_RUN_ID = "pgsnow-run-id"
+META_BATCH = "pgsnow-batch"
+META_ROWS = "pgsnow-rows"
+META_SHA256 = "pgsnow-sha256"
+
+
+class RunState(StrEnum):
+    EXTRACTING = "extracting"
+    STAGED = "staged"
+    LOADED = "loaded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str  # PostgreSQL name, exact case
+    pg_type: str  # format_type() of the column as declared
+    base_type: str  # format_type() after resolving domains/enums
+    kind: ValueKind
+    snowflake_type: str
+    nullable: bool
+    precision: int | None = None
+    scale: int | None = None
+
+    @property
+    def snowflake_name(self) -> str:
+        return snowflake_name(self.name)
+
+    @classmethod
+    def from_types(cls, name: str, pg_type: str, base_type: str, sf: SnowflakeType, nullable: bool) -> Column:
+        return cls(name, pg_type, base_type, sf.kind, sf.sql, nullable, sf.precision, sf.scale)
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    key: str
+    batch: int
+    rows: int
+    bytes: int
+    sha256: str
+    file_format: FileFormat
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    run_id: str
+    table: TableRef
+    mode: str
+    file_format: FileFormat
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...]
+    state: RunState
+    started_at: str
+    finished_at: str | None = None
+    files: tuple[StagedFile, ...] = field(default_factory=tuple)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    def file_for_key(self, key: str) -> StagedFile | None:
+        return next((f for f in self.files if f.key == key), None)
+
+    def with_state(self, state: RunState, **changes: Any) -> RunManifest:
+        return replace(self, state=state, **changes)
+
+    def to_json(self) -> str:
+        body = {
+            "format_version": MANIFEST_VERSION,
+            "run_id": self.run_id,
+            "table": {"schema": self.table.schema, "name": self.table.table},
+            "snowflake": {"schema": self.table.snowflake_schema, "table": self.table.snowflake_table},
+            "mode": self.mode,
+            "file_format": self.file_format.value,
+            "state": self.state.value,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "primary_key": list(self.primary_key),
+            "columns": [
+                {**asdict(c), "kind": c.kind.value, "snowflake_name": c.snowflake_name} for c in self.columns
+            ],
+            "files": [{**asdict(f), "file_format": f.file_format.value} for f in self.files],
+            "total_rows": self.total_rows,
+        }
+        return json.dumps(body, indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, s3_key: str | None = None) -> RunManifest:
+        try:
+            body = json.loads(text)
+            if body.get("format_version") != MANIFEST_VERSION:
+                raise PermanentError(f"unsupported manifest format_version {body.get('format_version')!r}")
+            table = TableRef(body["table"]["schema"], body["table"]["name"])
+            columns = tuple(
+                Column(
+                    name=c["name"],
+                    pg_type=c["pg_type"],
+                    base_type=c["base_type"],
+                    kind=ValueKind(c["kind"]),
+                    snowflake_type=c["snowflake_type"],
+                    nullable=bool(c["nullable"]),
+                    precision=c.get("precision"),
+                    scale=c.get("scale"),
+                )
+                for c in body["columns"]
+            )
+            check_no_collisions((c.name for c in columns), what="column", table=table.qualified)
+            files = tuple(
+                StagedFile(
+                    key=f["key"],
+                    batch=int(f["batch"]),
+                    rows=int(f["rows"]),
+                    bytes=int(f["bytes"]),
+                    sha256=f["sha256"],
+                    file_format=FileFormat(f["file_format"]),
+                )
+                for f in body.get("files", [])
+            )
+            return cls(
+                run_id=body["run_id"],
+                table=table,
+                mode=body["mode"],
+                file_format=FileFormat(body["file_format"]),
+                columns=columns,
+                primary_key=tuple(body.get("primary_key", [])),
+                state=RunState(body["state"]),
+                started_at=body["started_at"],
+                finished_at=body.get("finished_at"),
+                files=files,
+            )
+        except PermanentError as exc:
+            exc.s3_key = exc.s3_key or s3_key
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PermanentError(f"malformed manifest: {exc!r}", s3_key=s3_key) from exc
