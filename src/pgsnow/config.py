@@ -19,7 +19,6 @@ from pgsnow.errors import ConfigError, PermanentError
 from pgsnow.identifiers import TableAllowlist
 from pgsnow.keys import normalise_prefix
 
-
 E = TypeVar("E", bound=StrEnum)
 
 
@@ -135,7 +134,9 @@ class Settings:
 
         tables_text = get("PGSNOW_TABLES")
         if tables_text is None and component is Component.EXTRACTOR:
-            problems.append("PGSNOW_TABLES (the table allowlist, e.g. public.customers,public.orders) is required")
+            problems.append(
+                "PGSNOW_TABLES (the table allowlist, e.g. public.customers,public.orders) is required"
+            )
         tables = TableAllowlist([])
         try:
             tables = TableAllowlist.parse(tables_text or "")
@@ -146,14 +147,18 @@ class Settings:
 
         pg_dsn, pg_secret = get("PGSNOW_PG_DSN"), get("PGSNOW_PG_SECRET_ARN")
         if component is Component.EXTRACTOR and not (pg_dsn or pg_secret):
-            problems.append("PGSNOW_PG_SECRET_ARN (or PGSNOW_PG_DSN for local runs) is required for the extractor")
+            problems.append(
+                "PGSNOW_PG_SECRET_ARN (or PGSNOW_PG_DSN for local runs) is required for the extractor"
+            )
         postgres = PostgresSettings(pg_dsn, pg_secret, as_int("PG_STATEMENT_TIMEOUT_MS", 0, 0))
 
         sf_secret = get("SNOWFLAKE_SECRET_ARN")
         sf_needed = {Component.LOADER}
         account = get("SNOWFLAKE_ACCOUNT")
         if component in sf_needed and not (sf_secret or account):
-            problems.append("SNOWFLAKE_SECRET_ARN (or SNOWFLAKE_ACCOUNT for local runs) is required for the loader")
+            problems.append(
+                "SNOWFLAKE_SECRET_ARN (or SNOWFLAKE_ACCOUNT for local runs) is required for the loader"
+            )
         database = require("SNOWFLAKE_DATABASE", needed_by=sf_needed)
         port_raw = get("SNOWFLAKE_PORT")
         port = None

@@ -105,14 +105,13 @@ def parse_data_key(key: str, prefix: str) -> StagedObject:
     schema, table_name, file_name = parts
     table = TableRef(schema, table_name)
     lowered = file_name.lower()
-    for ext, (file_format, gz) in _EXTENSIONS.items():
-        if lowered.endswith(ext) and len(file_name) > len(ext):
-            stem = file_name[: -len(ext)]
-            break
-    else:
+    ext = next((e for e in _EXTENSIONS if lowered.endswith(e) and len(file_name) > len(e)), None)
+    if ext is None:
         raise PermanentError(
             "unsupported file type: staged files must end in .csv.gz, .csv or .parquet", s3_key=key
         )
+    file_format, gz = _EXTENSIONS[ext]
+    stem = file_name[: -len(ext)]
     run_id, batch = _parse_pgsnow_stem(stem, table)
     return StagedObject(key, table, file_name, file_format, gz, run_id, batch)
 

@@ -20,7 +20,11 @@ from pgsnow.typemap import ValueKind, map_pg_type
 
 pytestmark = pytest.mark.unit
 
-BASE_ENV = {"S3_STAGE_BUCKET": "stage-bucket", "PGSNOW_TABLES": "public.customers", "PGSNOW_PG_DSN": "dbname=x"}
+BASE_ENV = {
+    "S3_STAGE_BUCKET": "stage-bucket",
+    "PGSNOW_TABLES": "public.customers",
+    "PGSNOW_PG_DSN": "dbname=x",
+}
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -73,7 +77,9 @@ def test_loader_needs_snowflake_settings() -> None:
 
 
 def test_prefix_is_normalised_and_dotdot_refused() -> None:
-    assert Settings.from_env({**BASE_ENV, "S3_STAGE_PREFIX": "/landing/"}, Component.CLEANUP).prefix == "landing"
+    assert (
+        Settings.from_env({**BASE_ENV, "S3_STAGE_PREFIX": "/landing/"}, Component.CLEANUP).prefix == "landing"
+    )
     with pytest.raises(ConfigError, match="S3_STAGE_PREFIX"):
         Settings.from_env({**BASE_ENV, "S3_STAGE_PREFIX": "a/../b"}, Component.CLEANUP)
 
@@ -240,7 +246,7 @@ def test_malformed_manifest_is_a_permanent_error() -> None:
         ("bytea", ValueKind.BINARY, "BINARY"),
         ("uuid", ValueKind.TEXT, "VARCHAR"),
     ],
-    ids=lambda v: str(v),
+    ids=str,
 )
 def test_type_map(pg_type: str, kind: ValueKind, sf_type: str) -> None:
     mapped = map_pg_type(pg_type)
