@@ -1,0 +1,102 @@
+"""Cached clients for the Lambda handlers: settings, boto3, PostgreSQL and Snowflake connections.
+
+A warm Lambda container reuses them across invocations. Tests build their own
+clients pointed at loopback servers and call the core functions directly, or
+reset the cache with ``reset_runtime()`` after changing the environment.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import boto3
+
+from pgsnow.config import Component, Settings
+from pgsnow.errors import PermanentError
+from pgsnow.identifiers import TableRef
+
+
+def read_secret_json(secrets_client: Any, secret_arn: str) -> dict[str, Any]:
+    """Fetch a Secrets Manager secret holding a JSON object."""
+    response = secrets_client.get_secret_value(SecretId=secret_arn)
+    try:
+        value = json.loads(response["SecretString"])
+    except (KeyError, ValueError) as exc:
+        raise PermanentError(f"secret {secret_arn} does not hold a JSON object") from exc
+    if not isinstance(value, dict):
+        raise PermanentError(f"secret {secret_arn} does not hold a JSON object")
+    return value
+
+
+def postgres_dsn(settings: Settings, secrets_client: Any | None = None) -> str:
+    """The libpq DSN: PGSNOW_PG_DSN locally, else built from the RDS-format secret."""
+    if settings.postgres.dsn:
+        return settings.postgres.dsn
+    if not settings.postgres.secret_arn:
+        raise PermanentError("no PostgreSQL connection configured (PGSNOW_PG_SECRET_ARN or PGSNOW_PG_DSN)")
+    secret = read_secret_json(secrets_client or boto3.client("secretsmanager"), settings.postgres.secret_arn)
+    missing = [k for k in ("host", "username", "password") if not secret.get(k)]
+    if missing:
+        raise PermanentError(f"PostgreSQL secret lacks {', '.join(missing)}")
+    from psycopg2.extensions import make_dsn
+
+    return str(
+        make_dsn(
+            host=secret["host"],
+            port=str(secret.get("port", 5432)),
+            user=secret["username"],
+            password=secret["password"],
+            dbname=secret.get("dbname") or secret.get("database") or "postgres",
+            sslmode=secret.get("sslmode", "require"),
+        )
+    )
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    s3: Any
+    _snowflake: Any = field(default=None, repr=False)
+
+    def snowflake(self) -> Any:
+        """One Snowflake connection per container, reopened if it was closed."""
+        from pgsnow.snowflake import connect
+
+        if self._snowflake is None or self._snowflake.is_closed():
+            self._snowflake = connect(self.settings.snowflake)
+        return self._snowflake
+
+    def tables_from_event(self, event: dict[str, Any]) -> list[TableRef] | None:
+        """A {"schema_name", "table_name"} event narrows the work to one allowlisted table."""
+        schema, table = event.get("schema_name"), event.get("table_name")
+        if schema is None and table is None:
+            return None
+        if not isinstance(schema, str) or not isinstance(table, str):
+            raise PermanentError("event must carry string schema_name and table_name")
+        return [self.settings.tables.check(TableRef(schema, table))]
+
+
+@cache
+def _runtime(component: Component) -> Runtime:
+    settings = Settings.from_env(component=component)
+    return Runtime(settings=settings, s3=boto3.client("s3"))
+
+
+def extractor_runtime() -> Runtime:
+    return _runtime(Component.EXTRACTOR)
+
+
+def loader_runtime() -> Runtime:
+    return _runtime(Component.LOADER)
+
+
+def cleanup_runtime() -> Runtime:
+    return _runtime(Component.CLEANUP)
+
+
+def reset_runtime() -> None:
+    """Forget cached settings and clients (tests that change the environment call this)."""
+    _runtime.cache_clear()
