@@ -196,3 +196,24 @@ class Settings:
             postgres=postgres,
             snowflake=snowflake,
         )
+
+
+# libpq's own environment variables, mapped to DSN keywords (see the libpq docs, "Environment Variables").
+LIBPQ_ENV_KEYWORDS = {
+    "PGHOST": "host",
+    "PGHOSTADDR": "hostaddr",
+    "PGPORT": "port",
+    "PGDATABASE": "dbname",
+    "PGUSER": "user",
+    "PGPASSWORD": "password",
+    "PGSERVICE": "service",
+    "PGSSLMODE": "sslmode",
+    "PGCONNECT_TIMEOUT": "connect_timeout",
+}
+
+
+def postgres_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """PGSNOW_PG_DSN and the libpq ``PG*`` variables that are set, for tools that locate a local server."""
+    env = os.environ if environ is None else environ
+    wanted = {"PGSNOW_PG_DSN", *LIBPQ_ENV_KEYWORDS}
+    return {name: value for name, value in env.items() if name in wanted and value.strip()}
