@@ -1,0 +1,113 @@
+"""S3 ObjectCreated notifications delivered through SQS, parsed into staged objects.
+
+Every name that reaches SQL later starts here, so a key is accepted only when it
+lies under the staging prefix, has no empty or ``..`` parts, and names an
+allowlisted table. Anything else is a PermanentError: retrying cannot make a
+bad key good, and the message must end in the dead-letter queue, not be dropped.
+``s3:TestEvent`` messages (sent when the notification is configured) carry no
+records and are acknowledged with nothing to do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pgsnow.errors import PermanentError
+from pgsnow.identifiers import TableAllowlist
+from pgsnow.keys import StagedObject, decode_event_key, parse_data_key
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+TEST_EVENT = "s3:TestEvent"
+OBJECT_CREATED_PREFIX = "ObjectCreated:"
+
+
+@dataclass(frozen=True)
+class S3ObjectCreated:
+    """One ObjectCreated record: where the object is and the validated staged file it is."""
+
+    event_name: str
+    bucket: str
+    staged: StagedObject
+    size: int | None
+    etag: str | None
+    sequencer: str | None
+
+    @property
+    def key(self) -> str:
+        return self.staged.key
+
+
+def parse_sqs_record(
+    record: SQSRecord, *, bucket: str, prefix: str, allowlist: TableAllowlist
+) -> list[S3ObjectCreated]:
+    """The S3 records in one SQS message (empty for an ``s3:TestEvent``)."""
+    return parse_s3_event_body(record.body, bucket=bucket, prefix=prefix, allowlist=allowlist)
+
+
+def parse_s3_event_body(
+    body: str | None, *, bucket: str, prefix: str, allowlist: TableAllowlist
+) -> list[S3ObjectCreated]:
+    """Parse an S3 event notification (the SQS message body)."""
+    try:
+        document = json.loads(body or "")
+    except ValueError as exc:
+        raise PermanentError(f"SQS message body is not JSON: {(body or '')[:80]!r}") from exc
+    if not isinstance(document, dict):
+        raise PermanentError(
+            f"SQS message body is not an S3 event notification: a JSON {type(document).__name__}"
+        )
+    if document.get("Event") == TEST_EVENT:
+        return []
+    records = document.get("Records")
+    if not isinstance(records, list) or not records:
+        raise PermanentError("SQS message body is not an S3 event notification: no Records[]")
+    return [_parse_record(r, bucket=bucket, prefix=prefix, allowlist=allowlist) for r in records]
+
+
+def _parse_record(record: Any, *, bucket: str, prefix: str, allowlist: TableAllowlist) -> S3ObjectCreated:
+    if not isinstance(record, dict):
+        raise PermanentError("S3 event record is not an object")
+    event_name = record.get("eventName")
+    if record.get("eventSource") not in (None, "aws:s3") or not isinstance(event_name, str):
+        raise PermanentError(f"not an S3 event record: eventSource={record.get('eventSource')!r}")
+    try:
+        s3 = record["s3"]
+        raw_key = s3["object"]["key"]
+        event_bucket = s3["bucket"]["name"]
+    except (KeyError, TypeError) as exc:
+        raise PermanentError(
+            f"S3 event record without s3.bucket.name / s3.object.key: missing {exc}"
+        ) from exc
+    if not isinstance(raw_key, str) or not isinstance(event_bucket, str):
+        raise PermanentError("S3 event record with a non-string bucket or key")
+    key = decode_event_key(raw_key)
+    if not event_name.startswith(OBJECT_CREATED_PREFIX):
+        raise PermanentError(
+            f"unexpected S3 event {event_name!r}: the loader only handles ObjectCreated", s3_key=key
+        )
+    if event_bucket != bucket:
+        raise PermanentError(
+            f"object is in bucket {event_bucket!r}, not the staging bucket {bucket!r}", s3_key=key
+        )
+    try:
+        staged = parse_data_key(key, prefix)
+        allowlist.check(staged.table)
+    except PermanentError as exc:
+        exc.s3_key = exc.s3_key or key
+        raise
+    obj = s3["object"]
+    size = obj.get("size")
+    etag = obj.get("eTag")
+    sequencer = obj.get("sequencer")
+    return S3ObjectCreated(
+        event_name=event_name,
+        bucket=event_bucket,
+        staged=staged,
+        size=int(size) if isinstance(size, int | str) and str(size).isdigit() else None,
+        etag=etag if isinstance(etag, str) else None,
+        sequencer=sequencer if isinstance(sequencer, str) else None,
+    )

@@ -1,0 +1,459 @@
+"""Snowflake: the connection factory, the SQL the loader sends, and the one error classifier.
+
+SQL is built by pure functions so each shape can be read and unit-tested as text.
+Every identifier goes through ``quote_ident``/``quote_qualified``. Values are bound
+with the connector's ``qmark`` paramstyle (``PARAMSTYLE``), the one paramstyle of the
+project: the connector sends them to the server as typed bindings, never spliced into
+the text. Things Snowflake cannot bind (stage paths, ``FILES = (...)``, the session
+query tag) are built only from names we parsed and validated, and are escaped as
+string literals on top of that.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pgsnow.config import SnowflakeSettings
+from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
+from pgsnow.identifiers import TableRef, quote_ident, quote_qualified, snowflake_name
+from pgsnow.keys import FileFormat, StagedObject
+from pgsnow.manifest import Column
+from pgsnow.typemap import ValueKind
+
+if TYPE_CHECKING:
+    from mypy_boto3_secretsmanager import SecretsManagerClient
+    from snowflake.connector import SnowflakeConnection
+
+PARAMSTYLE = "qmark"
+LEDGER_TABLE = "LOAD_LEDGER"
+
+# Characters a stage sub-path may hold without quoting; anything else is moved into FILES.
+_PLAIN_PATH_PART = re.compile(r"^[A-Za-z0-9_$.\-]+$")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# --------------------------------------------------------------------------- connection
+
+
+def connect(
+    settings: SnowflakeSettings,
+    *,
+    secrets_client: SecretsManagerClient | None = None,
+    **extra: Any,
+) -> SnowflakeConnection:
+    """Open a connection: key-pair auth from Secrets Manager when deployed, a password locally.
+
+    ``extra`` is passed to the connector as is (tests use it for emulator session parameters).
+    """
+    import snowflake.connector
+
+    kwargs = connection_kwargs(settings, secrets_client=secrets_client)
+    kwargs.update(extra)
+    try:
+        return snowflake.connector.connect(**kwargs)
+    except snowflake.connector.errors.Error as exc:
+        raise classify_snowflake_error(exc) from exc
+
+
+def connection_kwargs(
+    settings: SnowflakeSettings, *, secrets_client: SecretsManagerClient | None = None
+) -> dict[str, Any]:
+    """The connector arguments for these settings (the secret is read here when configured)."""
+    kwargs: dict[str, Any] = {
+        "account": settings.account,
+        "user": settings.user,
+        "database": settings.database,
+        "warehouse": settings.warehouse,
+        "role": settings.role,
+        "paramstyle": PARAMSTYLE,
+        "autocommit": True,
+        "application": "pgsnow",
+        "session_parameters": {"CLIENT_OUT_OF_BAND_TELEMETRY_ENABLED": False},
+    }
+    if settings.secret_arn:
+        if secrets_client is None:
+            raise ConfigError(["SNOWFLAKE_SECRET_ARN is set but no Secrets Manager client was given"])
+        secret = _read_key_pair_secret(secrets_client, settings.secret_arn)
+        kwargs.update(secret)
+    elif settings.password:
+        kwargs["password"] = settings.password
+    else:
+        raise ConfigError(["Snowflake needs SNOWFLAKE_SECRET_ARN (key pair) or SNOWFLAKE_PASSWORD (local)"])
+    if settings.host:
+        kwargs["host"] = settings.host
+        kwargs["protocol"] = settings.protocol
+    if settings.port:
+        kwargs["port"] = settings.port
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _read_key_pair_secret(client: SecretsManagerClient, secret_arn: str) -> dict[str, Any]:
+    from botocore.exceptions import BotoCoreError, ClientError
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        text = client.get_secret_value(SecretId=secret_arn)["SecretString"]
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in {"ResourceNotFoundException", "AccessDeniedException", "InvalidRequestException"}:
+            raise PermanentError(f"cannot read the Snowflake secret: {code}") from exc
+        raise RetryableError(f"reading the Snowflake secret failed: {code or exc}") from exc
+    except BotoCoreError as exc:
+        raise RetryableError(f"reading the Snowflake secret failed: {type(exc).__name__}") from exc
+    try:
+        body = json.loads(text)
+        passphrase = body.get("private_key_passphrase")
+        private_key = serialization.load_pem_private_key(
+            body["private_key"].encode(), password=passphrase.encode() if passphrase else None
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # Never echo the secret: only the kind of problem.
+        raise PermanentError(
+            f"the Snowflake secret must be JSON with account, user and a PEM private_key ({type(exc).__name__})"
+        ) from exc
+    found = {"private_key": private_key}
+    for name in ("account", "user", "role", "warehouse"):
+        if body.get(name):
+            found[name] = body[name]
+    missing = [name for name in ("account", "user") if name not in found]
+    if missing:
+        raise PermanentError(f"the Snowflake secret is missing {', '.join(missing)}")
+    return found
+
+
+class ReusableConnection:
+    """One Snowflake connection per process, reopened when it was closed (warm Lambda reuse)."""
+
+    def __init__(self, factory: Callable[[], SnowflakeConnection]) -> None:
+        self._factory = factory
+        self._conn: SnowflakeConnection | None = None
+
+    def get(self) -> SnowflakeConnection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = self._factory()
+        return self._conn
+
+    def reset(self) -> None:
+        """Forget the connection (after a connection-level failure) so the next call reconnects."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.close()
+
+
+# --------------------------------------------------------------------------- SQL builders
+
+Statement = tuple[str, tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class LoadColumn:
+    """A target column and how its staged value is turned into the column's value."""
+
+    source_name: str  # name in the staged file (the PostgreSQL name, exact case)
+    snowflake_name: str
+    kind: ValueKind
+    snowflake_type: str
+
+    @classmethod
+    def from_manifest(cls, column: Column) -> LoadColumn:
+        return cls(column.name, column.snowflake_name, column.kind, column.snowflake_type)
+
+
+def string_literal(value: str) -> str:
+    """A Snowflake single-quoted string literal, for the few places that cannot be bound."""
+    if _CONTROL_CHARS.search(value):
+        raise PermanentError(f"control character in a value that must be written into SQL: {value[:40]!r}")
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def build_create_schema(database: str, schema: str) -> str:
+    return f"CREATE SCHEMA IF NOT EXISTS {quote_qualified(database, schema)}"
+
+
+def build_create_table(database: str, columns: Sequence[Column], table: TableRef) -> str:
+    """CREATE TABLE IF NOT EXISTS from the manifest's columns, NOT NULL where the source is."""
+    if not columns:
+        raise PermanentError("cannot create a table without columns", table=table.qualified)
+    column_defs = ",\n  ".join(
+        f"{quote_ident(c.snowflake_name)} {c.snowflake_type}{'' if c.nullable else ' NOT NULL'}"
+        for c in columns
+    )
+    target = quote_qualified(database, table.snowflake_schema, table.snowflake_table)
+    return f"CREATE TABLE IF NOT EXISTS {target} (\n  {column_defs}\n)"
+
+
+def ledger_name(database: str, control_schema: str) -> str:
+    return quote_qualified(database, control_schema, LEDGER_TABLE)
+
+
+def build_create_ledger(database: str, control_schema: str) -> str:
+    """The load ledger: one row per S3 key loaded, written in the same transaction as its COPY.
+
+    schema_name/table_name are the PostgreSQL (source) names, as in the key.
+    """
+    return (
+        f"CREATE TABLE IF NOT EXISTS {ledger_name(database, control_schema)} (\n"
+        '  "S3_KEY" VARCHAR NOT NULL,\n'
+        '  "ETAG" VARCHAR,\n'
+        '  "SHA256" VARCHAR,\n'
+        '  "RUN_ID" VARCHAR,\n'
+        '  "SCHEMA_NAME" VARCHAR NOT NULL,\n'
+        '  "TABLE_NAME" VARCHAR NOT NULL,\n'
+        '  "ROWS_LOADED" NUMBER(38,0),\n'
+        '  "LOADED_AT" TIMESTAMP_TZ(6),\n'
+        '  PRIMARY KEY ("S3_KEY")\n'
+        ")"
+    )
+
+
+@dataclass(frozen=True)
+class LedgerClaim:
+    s3_key: str
+    etag: str | None
+    sha256: str | None
+    run_id: str | None
+    schema_name: str
+    table_name: str
+
+
+def build_claim_file(database: str, control_schema: str, claim: LedgerClaim) -> Statement:
+    """Insert the key's ledger row unless it exists. The MERGE locks the ledger, so a concurrent
+    delivery of the same key waits for this transaction and then finds the row."""
+    sql = (
+        f'MERGE INTO {ledger_name(database, control_schema)} AS "LEDGER"\n'
+        'USING (SELECT ? AS "S3_KEY", ? AS "ETAG", ? AS "SHA256", ? AS "RUN_ID", '
+        '? AS "SCHEMA_NAME", ? AS "TABLE_NAME") AS "CLAIM"\n'
+        'ON "LEDGER"."S3_KEY" = "CLAIM"."S3_KEY"\n'
+        'WHEN NOT MATCHED THEN INSERT ("S3_KEY", "ETAG", "SHA256", "RUN_ID", "SCHEMA_NAME", "TABLE_NAME")\n'
+        'VALUES ("CLAIM"."S3_KEY", "CLAIM"."ETAG", "CLAIM"."SHA256", "CLAIM"."RUN_ID", '
+        '"CLAIM"."SCHEMA_NAME", "CLAIM"."TABLE_NAME")'
+    )
+    params = (claim.s3_key, claim.etag, claim.sha256, claim.run_id, claim.schema_name, claim.table_name)
+    return sql, params
+
+
+def build_select_ledger_entry(database: str, control_schema: str, s3_key: str) -> Statement:
+    """The key's ledger row. ``LOADED_AT IS NOT NULL`` is computed in SQL because a NULL
+    timestamp is not reliably a None on every server (the local emulator returns the epoch)."""
+    sql = (
+        'SELECT "ETAG", "SHA256", "ROWS_LOADED", "LOADED_AT" IS NOT NULL AS "IS_LOADED"\n'
+        f'FROM {ledger_name(database, control_schema)} WHERE "S3_KEY" = ?'
+    )
+    return sql, (s3_key,)
+
+
+def build_record_load(database: str, control_schema: str, s3_key: str, rows_loaded: int) -> Statement:
+    sql = (
+        f"UPDATE {ledger_name(database, control_schema)}\n"
+        'SET "ROWS_LOADED" = ?, "LOADED_AT" = CURRENT_TIMESTAMP()\n'
+        'WHERE "S3_KEY" = ?'
+    )
+    return sql, (rows_loaded, s3_key)
+
+
+def build_select_table_columns(database: str, schema: str, table: str) -> Statement:
+    """Columns of an existing target table, in order (for hand-dropped files without a manifest)."""
+    sql = (
+        'SELECT "COLUMN_NAME", "DATA_TYPE"\n'
+        f'FROM {quote_ident(database)}."INFORMATION_SCHEMA"."COLUMNS"\n'
+        'WHERE "TABLE_SCHEMA" = ? AND "TABLE_NAME" = ?\n'
+        'ORDER BY "ORDINAL_POSITION"'
+    )
+    return sql, (schema, table)
+
+
+# INFORMATION_SCHEMA.COLUMNS.DATA_TYPE -> how a staged value is converted into it.
+_KIND_BY_DATA_TYPE: Mapping[str, ValueKind] = {
+    "VARIANT": ValueKind.JSON,
+    "OBJECT": ValueKind.JSON,
+    "ARRAY": ValueKind.JSON,
+    "BINARY": ValueKind.BINARY,
+    "BOOLEAN": ValueKind.BOOLEAN,
+    "DATE": ValueKind.DATE,
+    "TIME": ValueKind.TIME,
+    "TIMESTAMP_NTZ": ValueKind.TIMESTAMP,
+    "TIMESTAMP_TZ": ValueKind.TIMESTAMPTZ,
+    "TIMESTAMP_LTZ": ValueKind.TIMESTAMPTZ,
+    "FLOAT": ValueKind.FLOAT,
+    "NUMBER": ValueKind.DECIMAL,
+}
+
+
+def load_columns_from_table(rows: Sequence[tuple[str, str]]) -> list[LoadColumn]:
+    """LoadColumns for an existing table from (COLUMN_NAME, DATA_TYPE) rows.
+
+    The staged file's column name is the inverse of the case policy: an upper-case
+    name is looked for as its lower-case PostgreSQL spelling (``ORDER_ID`` -> ``order_id``).
+    """
+    columns = []
+    for name, data_type in rows:
+        lowered = name.lower()
+        source_name = lowered if snowflake_name(lowered) == name else name
+        kind = _KIND_BY_DATA_TYPE.get(data_type.upper(), ValueKind.TEXT)
+        sf_type = "VARCHAR" if data_type.upper() == "TEXT" else data_type.upper()
+        columns.append(LoadColumn(source_name, name, kind, sf_type))
+    return columns
+
+
+CSV_FILE_FORMAT = (
+    "TYPE = CSV COMPRESSION = {compression} FIELD_DELIMITER = ',' SKIP_HEADER = 1\n"
+    "                 FIELD_OPTIONALLY_ENCLOSED_BY = '\"' ESCAPE_UNENCLOSED_FIELD = NONE\n"
+    "                 NULL_IF = () EMPTY_FIELD_AS_NULL = TRUE"
+)
+
+
+def _csv_select_expression(position: int, column: LoadColumn) -> str:
+    value = f"${position}"
+    if column.kind is ValueKind.JSON:
+        return f"PARSE_JSON({value})"
+    if column.kind is ValueKind.BINARY:
+        return f"TO_BINARY({value}, 'HEX')"
+    return value
+
+
+def _parquet_select_expression(column: LoadColumn) -> str:
+    value = f"$1:{quote_ident(column.source_name)}"
+    if column.kind is ValueKind.JSON:
+        return f"PARSE_JSON({value}::VARCHAR)"
+    return f"{value}::{column.snowflake_type}"
+
+
+def _stage_location(database: str, control_schema: str, stage: str, staged: StagedObject) -> tuple[str, str]:
+    """(stage location, file path for FILES) for a staged object.
+
+    The documented shape is ``@stage/{schema}/{table}/`` with FILES = ('{file}'). A schema or
+    table name with characters a bare stage path cannot carry (spaces, quotes, unicode) is moved
+    into the FILES literal instead, which names the same object relative to the stage root.
+    """
+    stage_ref = "@" + quote_qualified(database, control_schema, stage)
+    parts = (staged.table.schema, staged.table.table)
+    if all(_PLAIN_PATH_PART.match(p) and p not in {".", ".."} for p in parts):
+        return f"{stage_ref}/{parts[0]}/{parts[1]}/", staged.file_name
+    return f"{stage_ref}/", f"{parts[0]}/{parts[1]}/{staged.file_name}"
+
+
+def build_copy_into(
+    *,
+    database: str,
+    control_schema: str,
+    stage: str,
+    staged: StagedObject,
+    columns: Sequence[LoadColumn],
+) -> str:
+    """COPY one staged file into its table, in the shape of docs/architecture.md.
+
+    ``staged`` comes from ``keys.parse_data_key`` (validated and allowlisted by the caller),
+    so the stage path and FILES literal are built only from names we parsed.
+    """
+    if not columns:
+        raise PermanentError("no columns to load", table=staged.table.qualified, s3_key=staged.key)
+    if "/" in staged.file_name or staged.file_name in {".", ".."}:
+        raise PermanentError("unsafe staged file name", s3_key=staged.key)
+    target = quote_qualified(database, staged.table.snowflake_schema, staged.table.snowflake_table)
+    column_list = ", ".join(quote_ident(c.snowflake_name) for c in columns)
+    location, file_path = _stage_location(database, control_schema, stage, staged)
+    if staged.file_format is FileFormat.CSV:
+        expressions = [_csv_select_expression(i, c) for i, c in enumerate(columns, start=1)]
+        file_format = CSV_FILE_FORMAT.format(compression="GZIP" if staged.gzip else "NONE")
+    else:
+        expressions = [_parquet_select_expression(c) for c in columns]
+        file_format = "TYPE = PARQUET"
+    return (
+        f"COPY INTO {target} ({column_list})\n"
+        f"  FROM (SELECT {', '.join(expressions)} FROM {location})\n"
+        f"  FILES = ({string_literal(file_path)})\n"
+        f"  FILE_FORMAT = ({file_format})\n"
+        "  ON_ERROR = ABORT_STATEMENT FORCE = TRUE"
+    )
+
+
+def build_query_tag(*, run_id: str | None, table: TableRef, s3_key: str) -> str:
+    """Tag the session's queries with the run and table (visible in QUERY_HISTORY).
+
+    ALTER SESSION takes no bind variables, so the tag is a JSON literal of validated names.
+    """
+    tag = json.dumps({"app": "pgsnow", "run_id": run_id, "table": table.qualified, "s3_key": s3_key})
+    return f"ALTER SESSION SET QUERY_TAG = {string_literal(tag)}"
+
+
+# --------------------------------------------------------------------------- errors
+
+# Snowflake error numbers (errno) that are transient whatever their sqlstate.
+_RETRYABLE_ERRNOS = frozenset(
+    {
+        604,  # statement cancelled by timeout
+        606,  # no active warehouse (suspended / resuming)
+        608,  # warehouse cannot be resumed right now
+        625,  # too many waiters for a lock
+        630,  # statement reached its statement or warehouse timeout
+        390114,  # authentication token expired: reconnect
+        # connector network errors
+        250001,
+        250002,
+        250003,
+        250005,
+        251011,
+        251012,
+        252007,
+        252010,
+        252013,
+    }
+)
+# sqlstate classes / codes that are transient.
+_RETRYABLE_SQLSTATE_CLASSES = ("08", "40", "53", "57")  # connection, txn conflict, resources, operator
+# sqlstate classes that retrying cannot fix.
+_PERMANENT_SQLSTATE_CLASSES = ("0A", "21", "22", "23", "42", "28", "02")
+
+
+def classify_snowflake_error(
+    exc: BaseException,
+    *,
+    table: str | None = None,
+    s3_key: str | None = None,
+    run_id: str | None = None,
+) -> PgSnowError:
+    """The ONE place a Snowflake failure is sorted into retryable or permanent."""
+    if isinstance(exc, PgSnowError):
+        exc.table = exc.table or table
+        exc.s3_key = exc.s3_key or s3_key
+        exc.run_id = exc.run_id or run_id
+        return exc
+    from snowflake.connector import errors as sf_errors
+
+    context: dict[str, Any] = {"table": table, "s3_key": s3_key, "run_id": run_id}
+    if not isinstance(exc, sf_errors.Error):
+        if isinstance(exc, (OSError, TimeoutError)):
+            return RetryableError(f"Snowflake connection failed: {type(exc).__name__}: {exc}", **context)
+        return PermanentError(
+            f"unexpected error talking to Snowflake: {type(exc).__name__}: {exc}", **context
+        )
+
+    errno = exc.errno
+    sqlstate = exc.sqlstate if exc.sqlstate and exc.sqlstate != "n/a" else None
+    message = f"Snowflake error {errno}: {exc.raw_msg or exc.msg}"
+    context["sqlstate"] = sqlstate
+    if errno in _RETRYABLE_ERRNOS:
+        return RetryableError(message, **context)
+    if sqlstate and sqlstate.startswith(_RETRYABLE_SQLSTATE_CLASSES):
+        return RetryableError(message, **context)
+    if sqlstate and sqlstate.startswith(_PERMANENT_SQLSTATE_CLASSES):
+        return PermanentError(message, **context)
+    transient_http = (
+        sf_errors.HttpError,
+        sf_errors.InternalServerError,
+        sf_errors.ServiceUnavailableError,
+        sf_errors.GatewayTimeoutError,
+        sf_errors.RequestTimeoutError,
+        sf_errors.BadGatewayError,
+        sf_errors.TooManyRequests,
+        sf_errors.OtherHTTPRetryableError,
+        sf_errors.RequestExceedMaxRetryError,
+        sf_errors.TokenExpiredError,
+    )
+    if isinstance(exc, (sf_errors.OperationalError, sf_errors.InterfaceError, *transient_http)):
+        return RetryableError(message, **context)
+    return PermanentError(message, **context)

@@ -1,0 +1,414 @@
+from __future__ import annotations
+
+import pytest
+from snowflake.connector import errors as sf_errors
+
+from pgsnow.config import SnowflakeSettings
+from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
+from pgsnow.identifiers import TableRef
+from pgsnow.keys import parse_data_key
+from pgsnow.manifest import Column
+from pgsnow.snowflake import (
+    LedgerClaim,
+    LoadColumn,
+    build_claim_file,
+    build_copy_into,
+    build_create_ledger,
+    build_create_schema,
+    build_create_table,
+    build_query_tag,
+    build_record_load,
+    build_select_ledger_entry,
+    build_select_table_columns,
+    classify_snowflake_error,
+    connection_kwargs,
+    load_columns_from_table,
+    string_literal,
+)
+from pgsnow.typemap import ValueKind, map_pg_type
+
+pytestmark = pytest.mark.unit
+
+RUN = "20261125T120000000000Z"
+
+
+def column(name: str, pg_type: str, *, nullable: bool = True) -> Column:
+    return Column.from_types(name, pg_type, pg_type, map_pg_type(pg_type), nullable)
+
+
+ORDERS_COLUMNS = (
+    column("order_id", "bigint", nullable=False),
+    column("payload", "jsonb"),
+    column("blob", "bytea"),
+)
+
+
+def test_copy_into_csv_matches_the_documented_shape() -> None:
+    staged = parse_data_key(f"staging/public/orders/public_orders_batch1_{RUN}.csv.gz", "staging")
+
+    sql = build_copy_into(
+        database="DB",
+        control_schema="PGSNOW",
+        stage="PGSNOW_STAGE",
+        staged=staged,
+        columns=[LoadColumn.from_manifest(c) for c in ORDERS_COLUMNS],
+    )
+
+    assert sql == (
+        'COPY INTO "DB"."PUBLIC"."ORDERS" ("ORDER_ID", "PAYLOAD", "BLOB")\n'
+        "  FROM (SELECT $1, PARSE_JSON($2), TO_BINARY($3, 'HEX') "
+        'FROM @"DB"."PGSNOW"."PGSNOW_STAGE"/public/orders/)\n'
+        f"  FILES = ('public_orders_batch1_{RUN}.csv.gz')\n"
+        "  FILE_FORMAT = (TYPE = CSV COMPRESSION = GZIP FIELD_DELIMITER = ',' SKIP_HEADER = 1\n"
+        "                 FIELD_OPTIONALLY_ENCLOSED_BY = '\"' ESCAPE_UNENCLOSED_FIELD = NONE\n"
+        "                 NULL_IF = () EMPTY_FIELD_AS_NULL = TRUE)\n"
+        "  ON_ERROR = ABORT_STATEMENT FORCE = TRUE"
+    )
+
+
+def test_copy_into_plain_csv_is_not_decompressed() -> None:
+    staged = parse_data_key("staging/public/orders/hand.csv", "staging")
+
+    sql = build_copy_into(
+        database="DB",
+        control_schema="PGSNOW",
+        stage="PGSNOW_STAGE",
+        staged=staged,
+        columns=[LoadColumn.from_manifest(ORDERS_COLUMNS[0])],
+    )
+
+    assert "COMPRESSION = NONE" in sql
+    assert "FILES = ('hand.csv')" in sql
+
+
+def test_copy_into_parquet_matches_the_documented_shape() -> None:
+    staged = parse_data_key(f"staging/public/orders/public_orders_batch2_{RUN}.parquet", "staging")
+
+    sql = build_copy_into(
+        database="DB",
+        control_schema="PGSNOW",
+        stage="PGSNOW_STAGE",
+        staged=staged,
+        columns=[LoadColumn.from_manifest(c) for c in ORDERS_COLUMNS],
+    )
+
+    assert sql == (
+        'COPY INTO "DB"."PUBLIC"."ORDERS" ("ORDER_ID", "PAYLOAD", "BLOB")\n'
+        '  FROM (SELECT $1:"order_id"::NUMBER(38,0), PARSE_JSON($1:"payload"::VARCHAR), $1:"blob"::BINARY '
+        'FROM @"DB"."PGSNOW"."PGSNOW_STAGE"/public/orders/)\n'
+        f"  FILES = ('public_orders_batch2_{RUN}.parquet')\n"
+        "  FILE_FORMAT = (TYPE = PARQUET)\n"
+        "  ON_ERROR = ABORT_STATEMENT FORCE = TRUE"
+    )
+
+
+@pytest.mark.parametrize(
+    ("pg_type", "csv_expression", "parquet_expression"),
+    [
+        pytest.param("integer", "$1", '$1:"c"::NUMBER(38,0)', id="integer"),
+        pytest.param("numeric(12,2)", "$1", '$1:"c"::NUMBER(12,2)', id="decimal"),
+        pytest.param("double precision", "$1", '$1:"c"::FLOAT', id="float"),
+        pytest.param("text", "$1", '$1:"c"::VARCHAR', id="text"),
+        pytest.param("boolean", "$1", '$1:"c"::BOOLEAN', id="boolean"),
+        pytest.param("date", "$1", '$1:"c"::DATE', id="date"),
+        pytest.param("time without time zone", "$1", '$1:"c"::TIME(6)', id="time"),
+        pytest.param("timestamp without time zone", "$1", '$1:"c"::TIMESTAMP_NTZ(6)', id="timestamp"),
+        pytest.param("timestamp with time zone", "$1", '$1:"c"::TIMESTAMP_TZ(6)', id="timestamptz"),
+        pytest.param("jsonb", "PARSE_JSON($1)", 'PARSE_JSON($1:"c"::VARCHAR)', id="json"),
+        pytest.param("integer[]", "PARSE_JSON($1)", 'PARSE_JSON($1:"c"::VARCHAR)', id="array-as-json"),
+        pytest.param("bytea", "TO_BINARY($1, 'HEX')", '$1:"c"::BINARY', id="binary"),
+    ],
+)
+def test_select_expression_per_value_kind(pg_type: str, csv_expression: str, parquet_expression: str) -> None:
+    columns = [LoadColumn.from_manifest(column("c", pg_type))]
+    csv = parse_data_key("staging/s/t/f.csv.gz", "staging")
+    parquet = parse_data_key("staging/s/t/f.parquet", "staging")
+
+    csv_sql = build_copy_into(database="D", control_schema="C", stage="S", staged=csv, columns=columns)
+    parquet_sql = build_copy_into(
+        database="D", control_schema="C", stage="S", staged=parquet, columns=columns
+    )
+
+    assert f"FROM (SELECT {csv_expression} FROM " in csv_sql
+    assert f"FROM (SELECT {parquet_expression} FROM " in parquet_sql
+
+
+@pytest.mark.parametrize(
+    ("key", "table_sql", "columns_sql", "location", "files"),
+    [
+        pytest.param(
+            "staging/Sales/Order Lines/it's here.csv.gz",
+            '"DB"."Sales"."Order Lines"',
+            '("Say ""hi""", "ÉTÉ", "Ünïcödé col")',
+            '@"DB"."PGSNOW"."PGSNOW_STAGE"/',
+            "FILES = ('Sales/Order Lines/it''s here.csv.gz')",
+            id="space-in-table-goes-into-files",
+        ),
+        pytest.param(
+            "staging/public/orders/back\\slash.csv.gz",
+            '"DB"."PUBLIC"."ORDERS"',
+            '("Say ""hi""", "ÉTÉ", "Ünïcödé col")',
+            '@"DB"."PGSNOW"."PGSNOW_STAGE"/public/orders/',
+            "FILES = ('back\\\\slash.csv.gz')",
+            id="backslash-in-file-name-escaped",
+        ),
+        pytest.param(
+            'staging/my"schema/t/f.parquet',
+            '"DB"."my""schema"."T"',
+            '("Say ""hi""", "ÉTÉ", "Ünïcödé col")',
+            '@"DB"."PGSNOW"."PGSNOW_STAGE"/',
+            "FILES = ('my\"schema/t/f.parquet')",
+            id="double-quote-in-schema",
+        ),
+    ],
+)
+def test_weird_identifiers_are_quoted(
+    key: str, table_sql: str, columns_sql: str, location: str, files: str
+) -> None:
+    staged = parse_data_key(key, "staging")
+    columns = [
+        LoadColumn.from_manifest(column('Say "hi"', "text")),
+        LoadColumn.from_manifest(column("ÉTÉ", "text")),
+        LoadColumn.from_manifest(column("Ünïcödé col", "text")),
+    ]
+
+    sql = build_copy_into(
+        database="DB", control_schema="PGSNOW", stage="PGSNOW_STAGE", staged=staged, columns=columns
+    )
+
+    assert sql.startswith(f"COPY INTO {table_sql} {columns_sql}\n")
+    assert f" FROM {location})\n" in sql
+    assert files in sql
+
+
+def test_parquet_path_of_a_name_with_quotes_is_quoted() -> None:
+    staged = parse_data_key("staging/s/t/f.parquet", "staging")
+    columns = [LoadColumn.from_manifest(column('we"ird', "integer"))]
+
+    sql = build_copy_into(database="DB", control_schema="C", stage="S", staged=staged, columns=columns)
+
+    assert '$1:"we""ird"::NUMBER(38,0)' in sql
+
+
+def test_create_table_uses_the_type_map_and_not_null() -> None:
+    sql = build_create_table(
+        "DB", (*ORDERS_COLUMNS, column("Mixed Case", "numeric(10,2)")), TableRef("public", "orders")
+    )
+
+    assert sql == (
+        'CREATE TABLE IF NOT EXISTS "DB"."PUBLIC"."ORDERS" (\n'
+        '  "ORDER_ID" NUMBER(38,0) NOT NULL,\n'
+        '  "PAYLOAD" VARIANT,\n'
+        '  "BLOB" BINARY,\n'
+        '  "Mixed Case" NUMBER(10,2)\n'
+        ")"
+    )
+
+
+def test_create_table_without_columns_is_refused() -> None:
+    with pytest.raises(PermanentError):
+        build_create_table("DB", (), TableRef("public", "orders"))
+
+
+def test_create_schema_quotes_names() -> None:
+    assert build_create_schema("D b", 'S"x') == 'CREATE SCHEMA IF NOT EXISTS "D b"."S""x"'
+
+
+def test_ledger_statements() -> None:
+    claim = LedgerClaim("staging/public/orders/f.csv.gz", "etag1", "abc", RUN, "public", "orders")
+
+    create = build_create_ledger("DB", "PGSNOW")
+    claim_sql, claim_params = build_claim_file("DB", "PGSNOW", claim)
+    select_sql, select_params = build_select_ledger_entry("DB", "PGSNOW", claim.s3_key)
+    record_sql, record_params = build_record_load("DB", "PGSNOW", claim.s3_key, 42)
+
+    assert create.startswith('CREATE TABLE IF NOT EXISTS "DB"."PGSNOW"."LOAD_LEDGER" (')
+    for name in (
+        "S3_KEY",
+        "ETAG",
+        "SHA256",
+        "RUN_ID",
+        "SCHEMA_NAME",
+        "TABLE_NAME",
+        "ROWS_LOADED",
+        "LOADED_AT",
+    ):
+        assert f'"{name}"' in create
+    assert claim_sql.startswith('MERGE INTO "DB"."PGSNOW"."LOAD_LEDGER" AS "LEDGER"')
+    assert "WHEN NOT MATCHED THEN INSERT" in claim_sql
+    assert claim_sql.count("?") == len(claim_params) == 6
+    assert claim_params == (claim.s3_key, "etag1", "abc", RUN, "public", "orders")
+    assert select_params == (claim.s3_key,)
+    assert select_sql.count("?") == 1
+    assert '"LOADED_AT" IS NOT NULL' in select_sql
+    assert record_params == (42, claim.s3_key)
+    assert record_sql.count("?") == 2
+    # No value ever appears in the text: every one is bound.
+    for sql in (claim_sql, select_sql, record_sql):
+        assert claim.s3_key not in sql
+
+
+def test_select_table_columns_binds_the_names() -> None:
+    sql, params = build_select_table_columns("DB", "PUBLIC", "it's")
+
+    assert '"DB"."INFORMATION_SCHEMA"."COLUMNS"' in sql
+    assert params == ("PUBLIC", "it's")
+    assert "it's" not in sql
+
+
+def test_load_columns_from_an_existing_table() -> None:
+    rows = [("ORDER_ID", "NUMBER"), ("Mixed", "TEXT"), ("PAYLOAD", "VARIANT"), ("BLOB", "BINARY")]
+
+    columns = load_columns_from_table(rows)
+
+    assert columns == [
+        LoadColumn("order_id", "ORDER_ID", ValueKind.DECIMAL, "NUMBER"),
+        LoadColumn("Mixed", "Mixed", ValueKind.TEXT, "VARCHAR"),
+        LoadColumn("payload", "PAYLOAD", ValueKind.JSON, "VARIANT"),
+        LoadColumn("blob", "BLOB", ValueKind.BINARY, "BINARY"),
+    ]
+
+
+def test_query_tag_carries_run_and_table_as_an_escaped_literal() -> None:
+    sql = build_query_tag(run_id=RUN, table=TableRef("public", "it's"), s3_key="staging/public/it's/f.csv")
+
+    assert sql == (
+        "ALTER SESSION SET QUERY_TAG = "
+        f'\'{{"app": "pgsnow", "run_id": "{RUN}", "table": "public.it\'\'s", '
+        '"s3_key": "staging/public/it\'\'s/f.csv"}\''
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "literal"),
+    [
+        pytest.param("plain", "'plain'", id="plain"),
+        pytest.param("it's", "'it''s'", id="single-quote"),
+        pytest.param("a\\b", "'a\\\\b'", id="backslash"),
+        pytest.param("ünï", "'ünï'", id="unicode"),
+    ],
+)
+def test_string_literal(value: str, literal: str) -> None:
+    assert string_literal(value) == literal
+
+
+def test_string_literal_refuses_control_characters() -> None:
+    with pytest.raises(PermanentError):
+        string_literal("a\nb")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        pytest.param(sf_errors.OperationalError(msg="x", errno=250001), RetryableError, id="cannot-connect"),
+        pytest.param(sf_errors.OperationalError(msg="x", errno=250003), RetryableError, id="request-failed"),
+        pytest.param(
+            sf_errors.ProgrammingError(msg="x", errno=604, sqlstate="57014"), RetryableError, id="timeout"
+        ),
+        pytest.param(
+            sf_errors.ProgrammingError(msg="x", errno=625, sqlstate="57014"),
+            RetryableError,
+            id="lock-waiters",
+        ),
+        pytest.param(
+            sf_errors.ProgrammingError(msg="x", errno=12345, sqlstate="40001"),
+            RetryableError,
+            id="txn-conflict",
+        ),
+        pytest.param(
+            sf_errors.ProgrammingError(msg="x", errno=606, sqlstate="57P03"),
+            RetryableError,
+            id="warehouse-suspended",
+        ),
+        pytest.param(sf_errors.ProgrammingError(msg="x", errno=390114), RetryableError, id="token-expired"),
+        pytest.param(sf_errors.ServiceUnavailableError(msg="x"), RetryableError, id="http-503"),
+        pytest.param(ConnectionResetError("reset"), RetryableError, id="socket-reset"),
+        pytest.param(
+            sf_errors.ProgrammingError(msg="x", errno=1003, sqlstate="42000"),
+            PermanentError,
+            id="sql-compilation",
+        ),
+        pytest.param(
+            sf_errors.ProgrammingError(msg="x", errno=2003, sqlstate="42S02"),
+            PermanentError,
+            id="object-missing",
+        ),
+        pytest.param(
+            sf_errors.ProgrammingError(msg="x", errno=3001, sqlstate="42501"), PermanentError, id="permission"
+        ),
+        pytest.param(
+            sf_errors.ProgrammingError(msg="x", errno=100038, sqlstate="22018"),
+            PermanentError,
+            id="conversion",
+        ),
+        pytest.param(
+            sf_errors.ProgrammingError(msg="x", errno=100072, sqlstate="22000"),
+            PermanentError,
+            id="data-error",
+        ),
+        pytest.param(
+            sf_errors.ProgrammingError(msg="x", errno=9999), PermanentError, id="unknown-programming"
+        ),
+        pytest.param(ValueError("bug"), PermanentError, id="not-a-driver-error"),
+    ],
+)
+def test_classify_snowflake_error(error: BaseException, expected: type[PgSnowError]) -> None:
+    classified = classify_snowflake_error(error, table="public.orders", s3_key="k", run_id=RUN)
+
+    assert type(classified) is expected
+    assert (classified.table, classified.s3_key, classified.run_id) == ("public.orders", "k", RUN)
+
+
+def test_classify_keeps_sqlstate() -> None:
+    error = sf_errors.ProgrammingError(msg="bad number", errno=100038, sqlstate="22018")
+
+    classified = classify_snowflake_error(error)
+
+    assert classified.sqlstate == "22018"
+    assert "bad number" in classified.message
+
+
+def test_classify_passes_our_own_errors_through() -> None:
+    ours = RetryableError("manifest not there yet")
+
+    assert classify_snowflake_error(ours, table="public.orders") is ours
+    assert ours.table == "public.orders"
+
+
+def settings(**changes: object) -> SnowflakeSettings:
+    values: dict[str, object] = {
+        "account": "acct",
+        "user": "loader",
+        "password": "pw",
+        "secret_arn": None,
+        "database": "DB",
+        "warehouse": "WH",
+        "role": None,
+        "stage": "PGSNOW_STAGE",
+        "control_schema": "PGSNOW",
+        "storage_integration": None,
+        "host": None,
+        "port": None,
+        "protocol": "https",
+    }
+    values.update(changes)
+    return SnowflakeSettings(**values)  # type: ignore[arg-type]
+
+
+def test_connection_kwargs_for_a_local_server() -> None:
+    kwargs = connection_kwargs(settings(host="127.0.0.1", port=8123, protocol="http"))
+
+    assert kwargs["password"] == "pw"
+    assert (kwargs["host"], kwargs["port"], kwargs["protocol"]) == ("127.0.0.1", 8123, "http")
+    assert kwargs["paramstyle"] == "qmark"
+    assert "role" not in kwargs
+
+
+def test_connection_kwargs_need_a_credential() -> None:
+    with pytest.raises(ConfigError):
+        connection_kwargs(settings(password=None))
+
+
+def test_secret_arn_needs_a_client() -> None:
+    with pytest.raises(ConfigError):
+        connection_kwargs(settings(secret_arn="arn:aws:secretsmanager:eu-west-1:1:secret:sf"))
