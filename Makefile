@@ -30,4 +30,6 @@ lint: venv ## ruff and mypy
 	$(BIN)/ruff format --check src tests extractor loader cleanup bench
 	$(BIN)/mypy
 
+include build/lambda.mk
+
 .PHONY: help venv demo test lint
