@@ -1,0 +1,304 @@
+"""Deliver SQS messages to a Lambda handler the way Lambda's SQS event source mapping does.
+
+One ``run_once()`` is one poll of the queue and, if messages came back, one invocation with
+an event shaped exactly like Lambda's (``Records`` of ``aws:sqs`` records) and a context
+object with the attributes handlers use. What happens next follows Lambda:
+
+* the handler returns normally, without ReportBatchItemFailures: every message is deleted;
+* with ReportBatchItemFailures, the messages listed in ``batchItemFailures`` are kept and
+  the rest deleted; ``None``, ``{}`` or an empty list mean all succeeded;
+* a malformed response (not an object, ``batchItemFailures`` not a list, an entry without a
+  non-empty ``itemIdentifier`` of a message in the batch, or not JSON-serialisable) fails
+  the whole batch, as does an exception or running past the function timeout: nothing is
+  deleted.
+
+Messages that are not deleted become visible again when the queue's visibility timeout
+expires, and moto's SQS moves them to the dead-letter queue after ``maxReceiveCount``
+receives: redelivery and dead-lettering are the queue's real behaviour, not ours.
+
+A handler cannot be interrupted in-process, so a timeout is detected after the handler
+returns: its result is thrown away as Lambda's would be, but its side effects happened.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pgsnow.local.aws import LocalAws
+from pgsnow.observability import logger
+
+Handler = Callable[[dict[str, Any], Any], dict[str, Any] | None]
+
+LOCAL_ACCOUNT_ID = "123456789012"  # moto's default account
+MAX_RECEIVE_BATCH = 10  # SQS returns at most 10 messages per receive
+# System attributes Lambda copies into each record when SQS returns them.
+_RECORD_ATTRIBUTES = (
+    "ApproximateReceiveCount",
+    "SentTimestamp",
+    "SenderId",
+    "ApproximateFirstReceiveTimestamp",
+    "SequenceNumber",
+    "MessageGroupId",
+    "MessageDeduplicationId",
+    "AWSTraceHeader",
+    "DeadLetterQueueSourceArn",
+)
+
+
+@dataclass
+class DispatchStats:
+    invocations: int = 0
+    delivered: int = 0  # messages handed to the handler
+    failed: int = 0  # messages left on the queue for redelivery
+    succeeded: int = 0  # messages deleted
+
+    def add(self, other: DispatchStats) -> None:
+        self.invocations += other.invocations
+        self.delivered += other.delivered
+        self.failed += other.failed
+        self.succeeded += other.succeeded
+
+
+@dataclass
+class LambdaContext:
+    """The attributes and method of the Python runtime's context object that handlers use."""
+
+    function_name: str
+    invoked_function_arn: str
+    memory_limit_in_mb: int
+    deadline_monotonic: float
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    function_version: str = "$LATEST"
+    log_group_name: str = ""
+    log_stream_name: str = ""
+    identity: Any = None
+    client_context: Any = None
+
+    def __post_init__(self) -> None:
+        self.log_group_name = self.log_group_name or f"/aws/lambda/{self.function_name}"
+        self.log_stream_name = self.log_stream_name or f"local/[{self.function_version}]{self.aws_request_id}"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self.deadline_monotonic - time.monotonic()) * 1000))
+
+
+class InvalidBatchResponse(Exception):
+    """The handler's response is not a valid partial-batch response: Lambda fails the whole batch."""
+
+
+class SqsDispatcher:
+    def __init__(
+        self,
+        aws: LocalAws,
+        queue_url: str,
+        handler: Handler,
+        *,
+        batch_size: int = 10,
+        wait_seconds: int = 1,
+        function_timeout_s: int = 60,
+        report_batch_item_failures: bool = True,
+        function_name: str = "pgsnow-loader",
+        memory_limit_in_mb: int = 1024,
+    ) -> None:
+        if not 1 <= batch_size <= MAX_RECEIVE_BATCH:
+            raise ValueError(f"batch_size must be 1..{MAX_RECEIVE_BATCH}, got {batch_size}")
+        self.aws = aws
+        self.queue_url = queue_url
+        self.handler = handler
+        self.batch_size = batch_size
+        self.wait_seconds = wait_seconds
+        self.function_timeout_s = function_timeout_s
+        self.report_batch_item_failures = report_batch_item_failures
+        self.function_name = function_name
+        self.memory_limit_in_mb = memory_limit_in_mb
+        self.stats = DispatchStats()  # totals over every run_once, including the background thread
+        self._sqs = aws.client("sqs")
+        self._queue_arn = str(
+            self._sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
+                "QueueArn"
+            ]
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- one poll, one invocation -------------------------------------------------------
+
+    def run_once(self) -> DispatchStats:
+        """Receive once; if anything came back, invoke the handler once and settle the batch."""
+        messages = self._sqs.receive_message(
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=self.batch_size,
+            WaitTimeSeconds=self.wait_seconds,
+            MessageSystemAttributeNames=["All"],
+            MessageAttributeNames=["All"],
+        ).get("Messages", [])
+        stats = DispatchStats()
+        if messages:
+            stats = self._invoke(messages)
+        with self._lock:
+            self.stats.add(stats)
+        return stats
+
+    def _invoke(self, messages: list[dict[str, Any]]) -> DispatchStats:
+        event = {"Records": [self.record(message) for message in messages]}
+        context = self.context()
+        started = time.monotonic()
+        message_ids = [message["MessageId"] for message in messages]
+        try:
+            response = self.handler(event, context)
+            if time.monotonic() - started > self.function_timeout_s:
+                raise TimeoutError(f"Task timed out after {self.function_timeout_s} seconds")
+            failed_ids = self._failed_ids(response, set(message_ids))
+        except Exception as exc:
+            # What Lambda does with a failed invocation: nothing is deleted.
+            logger.warning(
+                "handler invocation failed; the whole batch stays on the queue",
+                extra={"error": type(exc).__name__, "detail": str(exc), "messages": len(messages)},
+            )
+            failed_ids = set(message_ids)
+        to_delete = [message for message in messages if message["MessageId"] not in failed_ids]
+        self._delete(to_delete)
+        return DispatchStats(
+            invocations=1,
+            delivered=len(messages),
+            failed=len(messages) - len(to_delete),
+            succeeded=len(to_delete),
+        )
+
+    def _failed_ids(self, response: Any, batch_ids: set[str]) -> set[str]:
+        json.dumps(response)  # Lambda serialises the response; an unserialisable one fails the invocation
+        if not self.report_batch_item_failures or response is None:
+            return set()
+        if not isinstance(response, dict):
+            raise InvalidBatchResponse(f"response must be an object, got {type(response).__name__}")
+        failures = response.get("batchItemFailures")
+        if failures is None:
+            return set()
+        if not isinstance(failures, list):
+            raise InvalidBatchResponse("batchItemFailures must be a list")
+        failed: set[str] = set()
+        for failure in failures:
+            identifier = failure.get("itemIdentifier") if isinstance(failure, dict) else None
+            if not isinstance(identifier, str) or identifier == "" or identifier not in batch_ids:
+                raise InvalidBatchResponse(f"invalid batchItemFailures entry {failure!r}")
+            failed.add(identifier)
+        return failed
+
+    def _delete(self, messages: list[dict[str, Any]]) -> None:
+        for start in range(0, len(messages), MAX_RECEIVE_BATCH):
+            chunk = messages[start : start + MAX_RECEIVE_BATCH]
+            result = self._sqs.delete_message_batch(
+                QueueUrl=self.queue_url,
+                Entries=[
+                    {"Id": str(index), "ReceiptHandle": message["ReceiptHandle"]}
+                    for index, message in enumerate(chunk)
+                ],
+            )
+            if result.get("Failed"):
+                logger.warning("some messages could not be deleted", extra={"failed": result["Failed"]})
+
+    # -- event and context shapes ------------------------------------------------------
+
+    def record(self, message: dict[str, Any]) -> dict[str, Any]:
+        """One SQS message as a record of Lambda's SQS event."""
+        attributes = message.get("Attributes", {})
+        return {
+            "messageId": message["MessageId"],
+            "receiptHandle": message["ReceiptHandle"],
+            "body": message["Body"],
+            "attributes": {name: attributes[name] for name in _RECORD_ATTRIBUTES if name in attributes},
+            "messageAttributes": {
+                name: _message_attribute(value)
+                for name, value in message.get("MessageAttributes", {}).items()
+            },
+            "md5OfBody": message["MD5OfBody"],
+            "eventSource": "aws:sqs",
+            "eventSourceARN": self._queue_arn,
+            "awsRegion": self.aws.region,
+        }
+
+    def context(self) -> LambdaContext:
+        return LambdaContext(
+            function_name=self.function_name,
+            invoked_function_arn=f"arn:aws:lambda:{self.aws.region}:{LOCAL_ACCOUNT_ID}:function:{self.function_name}",
+            memory_limit_in_mb=self.memory_limit_in_mb,
+            deadline_monotonic=time.monotonic() + self.function_timeout_s,
+        )
+
+    # -- draining and running in the background -------------------------------------------
+
+    def run_until_idle(self, idle_polls: int = 2, max_seconds: float = 300) -> DispatchStats:
+        """Poll until ``idle_polls`` polls in a row find the queue empty, or ``max_seconds`` pass.
+
+        A poll counts as idle only if nothing was received *and* no message is in flight
+        (waiting out a visibility timeout), so failed messages are followed through their
+        redeliveries to the dead-letter queue before this returns.
+        """
+        total = DispatchStats()
+        deadline = time.monotonic() + max_seconds
+        idle = 0
+        while idle < idle_polls and time.monotonic() < deadline:
+            stats = self.run_once()
+            total.add(stats)
+            idle = idle + 1 if stats.delivered == 0 and self._in_flight() == 0 else 0
+        return total
+
+    def _in_flight(self) -> int:
+        attributes = self._sqs.get_queue_attributes(
+            QueueUrl=self.queue_url,
+            AttributeNames=["ApproximateNumberOfMessagesNotVisible", "ApproximateNumberOfMessagesDelayed"],
+        )["Attributes"]
+        return int(attributes.get("ApproximateNumberOfMessagesNotVisible", 0)) + int(
+            attributes.get("ApproximateNumberOfMessagesDelayed", 0)
+        )
+
+    def start(self) -> None:
+        """Poll in a background thread until ``stop()``."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._poll_forever, name=f"sqs-dispatcher-{self.function_name}"
+        )
+        self._thread.daemon = True
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling; waits for the current poll and invocation to finish."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _poll_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception as exc:  # the queue endpoint went away or hiccupped: keep serving
+                logger.warning(
+                    "polling the queue failed", extra={"error": type(exc).__name__, "detail": str(exc)}
+                )
+                self._stop.wait(1.0)
+
+
+def _message_attribute(value: dict[str, Any]) -> dict[str, Any]:
+    """boto3's MessageAttributeValue in Lambda's camelCase shape (binary as base64 text)."""
+    shaped: dict[str, Any] = {}
+    if "StringValue" in value:
+        shaped["stringValue"] = value["StringValue"]
+    if "BinaryValue" in value:
+        shaped["binaryValue"] = base64.b64encode(value["BinaryValue"]).decode("ascii")
+    shaped["stringListValues"] = list(value.get("StringListValues", []))
+    shaped["binaryListValues"] = [
+        base64.b64encode(item).decode("ascii") for item in value.get("BinaryListValues", [])
+    ]
+    shaped["dataType"] = value["DataType"]
+    return shaped
