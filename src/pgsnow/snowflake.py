@@ -2,9 +2,9 @@
 
 SQL is built by pure functions so each shape can be read and unit-tested as text.
 Every identifier goes through ``quote_ident``/``quote_qualified``. Values are bound
-with the connector's ``qmark`` paramstyle (``PARAMSTYLE``), the one paramstyle of the
-project: the connector sends them to the server as typed bindings, never spliced into
-the text. Things Snowflake cannot bind (stage paths, ``FILES = (...)``, the session
+with the connector's ``pyformat`` paramstyle (``%s`` placeholders, ``PARAMSTYLE``), the one
+paramstyle of the project (the connector's default, and the same placeholder psycopg2
+uses): the connector escapes each value, it is never formatted into the text by us. Things Snowflake cannot bind (stage paths, ``FILES = (...)``, the session
 query tag) are built only from names we parsed and validated, and are escaped as
 string literals on top of that.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from mypy_boto3_secretsmanager import SecretsManagerClient
     from snowflake.connector import SnowflakeConnection
 
-PARAMSTYLE = "qmark"
+PARAMSTYLE = "pyformat"
 LEDGER_TABLE = "LOAD_LEDGER"
 
 # Characters a stage sub-path may hold without quoting; anything else is moved into FILES.
@@ -76,7 +76,9 @@ def connection_kwargs(
     }
     if settings.secret_arn:
         if secrets_client is None:
-            raise ConfigError(["SNOWFLAKE_SECRET_ARN is set but no Secrets Manager client was given"])
+            import boto3
+
+            secrets_client = boto3.client("secretsmanager")
         secret = _read_key_pair_secret(secrets_client, settings.secret_arn)
         kwargs.update(secret)
     elif settings.password:
@@ -123,25 +125,6 @@ def _read_key_pair_secret(client: SecretsManagerClient, secret_arn: str) -> dict
     if missing:
         raise PermanentError(f"the Snowflake secret is missing {', '.join(missing)}")
     return found
-
-
-class ReusableConnection:
-    """One Snowflake connection per process, reopened when it was closed (warm Lambda reuse)."""
-
-    def __init__(self, factory: Callable[[], SnowflakeConnection]) -> None:
-        self._factory = factory
-        self._conn: SnowflakeConnection | None = None
-
-    def get(self) -> SnowflakeConnection:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = self._factory()
-        return self._conn
-
-    def reset(self) -> None:
-        """Forget the connection (after a connection-level failure) so the next call reconnects."""
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            conn.close()
 
 
 # --------------------------------------------------------------------------- SQL builders
@@ -225,8 +208,8 @@ def build_claim_file(database: str, control_schema: str, claim: LedgerClaim) -> 
     delivery of the same key waits for this transaction and then finds the row."""
     sql = (
         f'MERGE INTO {ledger_name(database, control_schema)} AS "LEDGER"\n'
-        'USING (SELECT ? AS "S3_KEY", ? AS "ETAG", ? AS "SHA256", ? AS "RUN_ID", '
-        '? AS "SCHEMA_NAME", ? AS "TABLE_NAME") AS "CLAIM"\n'
+        'USING (SELECT %s AS "S3_KEY", %s AS "ETAG", %s AS "SHA256", %s AS "RUN_ID", '
+        '%s AS "SCHEMA_NAME", %s AS "TABLE_NAME") AS "CLAIM"\n'
         'ON "LEDGER"."S3_KEY" = "CLAIM"."S3_KEY"\n'
         'WHEN NOT MATCHED THEN INSERT ("S3_KEY", "ETAG", "SHA256", "RUN_ID", "SCHEMA_NAME", "TABLE_NAME")\n'
         'VALUES ("CLAIM"."S3_KEY", "CLAIM"."ETAG", "CLAIM"."SHA256", "CLAIM"."RUN_ID", '
@@ -241,7 +224,7 @@ def build_select_ledger_entry(database: str, control_schema: str, s3_key: str) -
     timestamp is not reliably a None on every server (the local emulator returns the epoch)."""
     sql = (
         'SELECT "ETAG", "SHA256", "ROWS_LOADED", "LOADED_AT" IS NOT NULL AS "IS_LOADED"\n'
-        f'FROM {ledger_name(database, control_schema)} WHERE "S3_KEY" = ?'
+        f'FROM {ledger_name(database, control_schema)} WHERE "S3_KEY" = %s'
     )
     return sql, (s3_key,)
 
@@ -249,8 +232,8 @@ def build_select_ledger_entry(database: str, control_schema: str, s3_key: str) -
 def build_record_load(database: str, control_schema: str, s3_key: str, rows_loaded: int) -> Statement:
     sql = (
         f"UPDATE {ledger_name(database, control_schema)}\n"
-        'SET "ROWS_LOADED" = ?, "LOADED_AT" = CURRENT_TIMESTAMP()\n'
-        'WHERE "S3_KEY" = ?'
+        'SET "ROWS_LOADED" = %s, "LOADED_AT" = CURRENT_TIMESTAMP()\n'
+        'WHERE "S3_KEY" = %s'
     )
     return sql, (rows_loaded, s3_key)
 
@@ -260,7 +243,7 @@ def build_select_table_columns(database: str, schema: str, table: str) -> Statem
     sql = (
         'SELECT "COLUMN_NAME", "DATA_TYPE"\n'
         f'FROM {quote_ident(database)}."INFORMATION_SCHEMA"."COLUMNS"\n'
-        'WHERE "TABLE_SCHEMA" = ? AND "TABLE_NAME" = ?\n'
+        'WHERE "TABLE_SCHEMA" = %s AND "TABLE_NAME" = %s\n'
         'ORDER BY "ORDINAL_POSITION"'
     )
     return sql, (schema, table)
