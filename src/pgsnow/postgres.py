@@ -380,7 +380,9 @@ def _select(schema: TableSchema, expression: Any) -> sql.Composed:
         projection, sql.Identifier(schema.table.schema, schema.table.table)
     )
     if schema.primary_key:
-        order = sql.SQL(", ").join(sql.Identifier(k) for k in schema.primary_key)
+        # Qualified, because a bare name would sort by the projected (text) output column.
+        table = schema.table
+        order = sql.SQL(", ").join(sql.Identifier(table.schema, table.table, k) for k in schema.primary_key)
         query = sql.SQL("{} ORDER BY {}").format(query, order)
     return query
 
