@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgsnow.config import CleanupMode, Settings
-from pgsnow.identifiers import TableRef, quote_qualified
+from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX, manifest_key
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.observability import logger
+from pgsnow.snowflake import ledger_name
 
-LEDGER_TABLE = "LOAD_LEDGER"
 # Snowflake caps the number of expressions in an IN list; stay well below it.
 _LEDGER_QUERY_CHUNK = 500
 _S3_DELETE_CHUNK = 1000  # DeleteObjects accepts at most 1000 keys
@@ -58,10 +58,16 @@ class CleanupResult:
 
 
 def build_ledger_lookup(database: str, control_schema: str, key_count: int) -> str:
-    """SELECT the ledger rows for ``key_count`` bound keys (``%s`` placeholders, pyformat)."""
+    """SELECT the loaded ledger rows for ``key_count`` bound keys (``%s`` placeholders, pyformat).
+
+    Only rows with LOADED_AT set count: the claim and the load commit together, so a
+    committed row without it cannot exist, but a reader must not rely on that.
+    """
     placeholders = ", ".join(["%s"] * key_count)
-    ledger = quote_qualified(database, control_schema, LEDGER_TABLE)
-    return f"SELECT S3_KEY, SHA256 FROM {ledger} WHERE S3_KEY IN ({placeholders})"
+    return (
+        f'SELECT "S3_KEY", "SHA256" FROM {ledger_name(database, control_schema)}\n'
+        f'WHERE "S3_KEY" IN ({placeholders}) AND "LOADED_AT" IS NOT NULL'
+    )
 
 
 def loaded_checksums(sf_conn: Any, settings: Settings, keys: Sequence[str]) -> dict[str, str | None]:
