@@ -1,0 +1,1 @@
+"""The local stack: loopback stand-ins for the AWS and Snowflake services pgsnow talks to."""

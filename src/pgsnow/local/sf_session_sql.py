@@ -1,0 +1,136 @@
+"""CREATE STAGE and session parameters as text: parse what pgsnow sends (pure functions)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import sqlglot
+import sqlglot.errors
+from sqlglot import exp
+
+from pgsnow.local.sf_copy_sql import resolve_identifier
+
+
+@dataclass(frozen=True)
+class CreateStage:
+    """``CREATE [OR REPLACE] STAGE [IF NOT EXISTS] <name> URL = 's3://...' ...``."""
+
+    parts: tuple[str, ...]
+    url: str
+    replace: bool
+    if_not_exists: bool
+    storage_integration: str | None
+    has_credentials: bool
+    temporary: bool
+
+
+def parse_create_stage(sql_text: str) -> CreateStage | None:
+    """Parse an external-stage CREATE; None for anything else (internal stages stay with fakesnow)."""
+    try:
+        statement = sqlglot.parse_one(sql_text, read="snowflake")
+    except sqlglot.errors.ParseError:
+        return None
+    if not isinstance(statement, exp.Create) or str(statement.args.get("kind") or "").upper() != "STAGE":
+        return None
+    table = statement.this
+    if not isinstance(table, exp.Table):
+        return None
+    parts: list[str] = []
+    for part in (table.args.get("catalog"), table.args.get("db"), table.this):
+        if part is None:
+            continue
+        if not isinstance(part, exp.Identifier):
+            return None
+        parts.append(resolve_identifier(part.this, quoted=bool(part.args.get("quoted"))))
+    url = ""
+    storage_integration: str | None = None
+    has_credentials = False
+    temporary = False
+    properties = statement.args.get("properties")
+    for prop in properties.expressions if properties else []:
+        if isinstance(prop, exp.TemporaryProperty):
+            temporary = True
+        elif isinstance(prop, exp.CredentialsProperty):
+            has_credentials = True
+        elif isinstance(prop, exp.Property):
+            name = prop.name.upper()
+            value = prop.args.get("value")
+            if name == "URL" and isinstance(value, exp.Literal):
+                url = str(value.this)
+            elif name == "STORAGE_INTEGRATION" and value is not None:
+                storage_integration = value.name
+    if not url.startswith("s3://"):
+        return None
+    return CreateStage(
+        parts=tuple(parts),
+        url=url,
+        replace=bool(statement.args.get("replace")),
+        if_not_exists=bool(statement.args.get("exists")),
+        storage_integration=storage_integration,
+        has_credentials=has_credentials,
+        temporary=temporary,
+    )
+
+
+@dataclass(frozen=True)
+class SessionParameterChange:
+    """``ALTER SESSION SET <name> = '<value>'`` (value None for UNSET)."""
+
+    name: str
+    value: str | None
+
+
+# The session parameters pgsnow keeps itself; any other ALTER SESSION stays with fakesnow.
+KEPT_SESSION_PARAMETERS = frozenset({"QUERY_TAG"})
+
+
+def parse_alter_session(sql_text: str) -> SessionParameterChange | None:
+    try:
+        statement = sqlglot.parse_one(sql_text, read="snowflake")
+    except sqlglot.errors.ParseError:
+        return None
+    if not isinstance(statement, exp.Alter) or str(statement.args.get("kind") or "").upper() != "SESSION":
+        return None
+    actions = statement.args.get("actions") or []
+    if len(actions) != 1 or not isinstance(actions[0], exp.AlterSession):
+        return None
+    action = actions[0]
+    items = action.args.get("expressions") or []
+    if len(items) != 1 or not isinstance(items[0], exp.SetItem):
+        return None
+    item = items[0].this
+    if action.args.get("unset"):
+        name = item.name.upper() if isinstance(item, exp.Identifier | exp.Column) else ""
+        return SessionParameterChange(name, None) if name in KEPT_SESSION_PARAMETERS else None
+    if isinstance(item, exp.EQ) and isinstance(item.this, exp.Column | exp.Identifier):
+        name = item.this.name.upper()
+        value = item.expression
+        if name in KEPT_SESSION_PARAMETERS and isinstance(value, exp.Literal) and value.is_string:
+            return SessionParameterChange(name, str(value.this))
+    return None
+
+
+_SHOW_PARAMETERS = re.compile(
+    r"^\s*SHOW\s+PARAMETERS\s+LIKE\s+'((?:[^']|'')*)'(?:\s+IN\s+SESSION)?\s*;?\s*$", re.IGNORECASE
+)
+
+
+def parse_show_parameters(sql_text: str) -> str | None:
+    """``SHOW PARAMETERS LIKE '<pattern>' [IN SESSION]`` -> the LIKE pattern, when it can only match kept ones."""
+    match = _SHOW_PARAMETERS.match(sql_text)
+    if not match:
+        return None
+    pattern = match.group(1).replace("''", "'")
+    regex = re.compile(
+        "^" + "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern) + "$",
+        re.IGNORECASE,
+    )
+    if not any(regex.match(name) for name in KEPT_SESSION_PARAMETERS):
+        return None
+    return pattern
+
+
+def like_matches(pattern: str, name: str) -> bool:
+    regex = "^" + "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern) + "$"
+    return re.match(regex, name, re.IGNORECASE) is not None

@@ -1,0 +1,621 @@
+"""A local Snowflake: fakesnow's server, run in-process on loopback and extended by pgsnow.
+
+fakesnow answers Snowflake's HTTP protocol and runs most SQL on DuckDB. pgsnow puts its own
+query endpoint in front of fakesnow's and runs, itself, the statements whose semantics
+matter to replication and which fakesnow does not reproduce faithfully:
+
+* ``COPY INTO <table> ... FROM @stage | 's3://...'`` (``sf_copy_sql`` / ``sf_copy_run``);
+* ``CREATE [OR REPLACE] STAGE [IF NOT EXISTS] ... URL = 's3://...'`` with a storage integration
+  or credentials;
+* ``ALTER SESSION SET/UNSET QUERY_TAG`` and ``SHOW PARAMETERS LIKE 'QUERY_TAG'``.
+
+Each runs on the session's own DuckDB cursor (so it joins the session's transaction), and the
+request is then handed to fakesnow as a ``SELECT`` of the result rows, so the response is
+fakesnow's own. Every other statement goes to fakesnow untouched.
+
+DuckDB reads ``s3://`` from the moto server through httpfs (installed from PyPI, see
+``duckdb_setup``) and an S3 secret with path-style URLs.
+
+Usage::
+
+    local = start_local_snowflake(s3_endpoint_url="http://127.0.0.1:5000")
+    conn = snowflake.connector.connect(**local.connect_kwargs(database="DB", schema="PUBLIC"))
+    ...
+    local.stop()
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import duckdb
+import fakesnow.server as fakesnow_server
+import uvicorn
+from fakesnow import info_schema, macros
+from fakesnow.conn import FakeSnowflakeConnection
+from fakesnow.instance import GLOBAL_DATABASE_NAME, FakeSnow
+from fakesnow.transforms import show
+from snowflake.connector.errors import ProgrammingError
+from sqlglot import exp
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Message
+
+from pgsnow.local.duckdb_setup import load_httpfs
+from pgsnow.local.sf_copy_run import (
+    COPY_RESULT_COLUMNS,
+    STAGES_TABLE,
+    apply_copy,
+    prepare_copy,
+    source_prefix,
+    stage_url,
+)
+from pgsnow.local.sf_copy_sql import (
+    CopyStatement,
+    CopySyntaxError,
+    StageSource,
+    duck_ident,
+    parse_copy,
+    parse_copy_source,
+)
+from pgsnow.local.sf_session_sql import (
+    KEPT_SESSION_PARAMETERS,
+    CreateStage,
+    like_matches,
+    parse_alter_session,
+    parse_create_stage,
+    parse_show_parameters,
+)
+
+logger = logging.getLogger(__name__)
+
+LOCAL_ACCOUNT = "pgsnow-local"
+LOCAL_USER = "pgsnow"
+LOCAL_PASSWORD = "pgsnow"  # noqa: S105 - the local server accepts any password
+DATABASE_FILE_SUFFIX = ".db"  # fakesnow stores database X as <db_path>/X.db
+GLOBAL_FILE_NAME = "_fs_global.duckdb"  # not *.db, so it can never be taken for a database
+S3_SECRET_NAME = "pgsnow_local_s3"  # noqa: S105 - a DuckDB object name, not a secret
+STARTUP_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str
+    aws_access_key_id: str
+    aws_secret_access_key: str
+    region: str
+
+
+# ---------------------------------------------------------------------------------------------
+# DuckDB set-up
+
+
+def configure_s3(duck: duckdb.DuckDBPyConnection, s3: S3Settings) -> None:
+    """Let DuckDB read ``s3://`` from the moto server: httpfs from PyPI and a path-style secret."""
+    duck.execute("SET autoinstall_known_extensions = false")
+    load_httpfs(duck)
+    endpoint = urlparse(s3.endpoint_url)
+    if not endpoint.hostname or not endpoint.port:
+        raise ValueError(f"s3_endpoint_url needs a host and a port: {s3.endpoint_url!r}")
+    use_ssl = "true" if endpoint.scheme == "https" else "false"
+    # CREATE SECRET takes no bound parameters; the values are quoted as literals.
+    duck.execute(
+        f"CREATE OR REPLACE SECRET {S3_SECRET_NAME} ("
+        f" TYPE S3, KEY_ID {_literal(s3.aws_access_key_id)}, SECRET {_literal(s3.aws_secret_access_key)},"
+        f" REGION {_literal(s3.region)}, ENDPOINT {_literal(f'{endpoint.hostname}:{endpoint.port}')},"
+        f" URL_STYLE 'path', USE_SSL {use_ssl})"
+    )
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def persist_global_catalog(duck: duckdb.DuckDBPyConnection, data_dir: Path) -> None:
+    """Keep fakesnow's cross-database catalog (stages, comments, users) in data_dir too."""
+    path = data_dir / GLOBAL_FILE_NAME
+    duck.execute(f"DETACH {GLOBAL_DATABASE_NAME}")
+    duck.execute(f"ATTACH {_literal(str(path))} AS {GLOBAL_DATABASE_NAME}")
+    duck.execute(info_schema.fs_global_creation_sql())
+    duck.execute(show.fs_global_creation_sql())
+
+
+def attach_existing_databases(duck: duckdb.DuckDBPyConnection, data_dir: Path) -> list[str]:
+    """Attach every database a previous run stored, so qualified names work before any USE."""
+    attached = []
+    for path in sorted(data_dir.glob(f"*{DATABASE_FILE_SUFFIX}")):
+        name = path.name[: -len(DATABASE_FILE_SUFFIX)]
+        duck.execute(f"ATTACH IF NOT EXISTS {_literal(str(path))} AS {duck_ident(name)}")
+        duck.execute(info_schema.per_db_creation_sql(name))
+        duck.execute(macros.creation_sql(name))
+        attached.append(name)
+    return attached
+
+
+def build_fakesnow(s3: S3Settings, data_dir: Path | None) -> FakeSnow:
+    """One FakeSnow for all sessions; its DuckDB database holds the S3 secret every cursor uses."""
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    fs = FakeSnow(db_path=data_dir)
+    configure_s3(fs.duck_conn, s3)
+    if data_dir is not None:
+        persist_global_catalog(fs.duck_conn, data_dir)
+        attach_existing_databases(fs.duck_conn, data_dir)
+    return fs
+
+
+# ---------------------------------------------------------------------------------------------
+# result rows handed to fakesnow
+
+
+def _sql_value(value: Any, null_type: str) -> str:
+    if value is None:
+        return f"CAST(NULL AS {null_type})"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return str(value)
+    return exp.Literal.string(str(value)).sql(dialect="snowflake")
+
+
+def rows_as_select(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> str:
+    """A Snowflake ``SELECT`` returning exactly these rows (column name, type), for fakesnow to answer."""
+    aliases = ", ".join(f"{_sql_value(None, t)} AS {duck_ident(name)}" for name, t in columns)
+    if not rows:
+        return f"SELECT {aliases} WHERE FALSE"
+    selects = [
+        "SELECT "
+        + ", ".join(
+            f"{_sql_value(value, t)} AS {duck_ident(name)}"
+            for value, (name, t) in zip(row, columns, strict=True)
+        )
+        for row in rows
+    ]
+    return " UNION ALL ".join(selects)
+
+
+_COPY_RESULT_TYPES = (
+    "VARCHAR",
+    "VARCHAR",
+    "NUMBER",
+    "NUMBER",
+    "NUMBER",
+    "NUMBER",
+    "VARCHAR",
+    "NUMBER",
+    "NUMBER",
+    "VARCHAR",
+)
+COPY_RESULT_SHAPE = tuple(zip(COPY_RESULT_COLUMNS, _COPY_RESULT_TYPES, strict=True))
+NO_FILES_SQL = rows_as_select([("status", "VARCHAR")], [("Copy executed with 0 files processed.",)])
+SUCCESS_SQL = rows_as_select([("status", "VARCHAR")], [("Statement executed successfully.",)])
+
+
+def _status_sql(message: str) -> str:
+    return rows_as_select([("status", "VARCHAR")], [(message,)])
+
+
+# ---------------------------------------------------------------------------------------------
+# the extensions
+
+
+@dataclass
+class LocalSnowflakeState:
+    """What one running local Snowflake shares between requests."""
+
+    fs: FakeSnow
+    data_dir: Path | None
+    tokens: set[str] = field(default_factory=set)
+    session_parameters: dict[str, dict[str, str]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def intercept(
+        self, token: str, conn: FakeSnowflakeConnection, sql_text: str, *, describe_only: bool
+    ) -> str | None:
+        """Run sql_text when it is ours; return the SELECT fakesnow should answer with, or None to pass it on."""
+        if change := parse_alter_session(sql_text):
+            if not describe_only:
+                params = self.session_parameters.setdefault(token, {})
+                if change.value is None:
+                    params.pop(change.name, None)
+                else:
+                    params[change.name] = change.value
+            return SUCCESS_SQL
+        if (pattern := parse_show_parameters(sql_text)) is not None:
+            return self._show_parameters(token, pattern)
+        if stage := parse_create_stage(sql_text):
+            return _status_sql("") if describe_only else self._create_stage(conn, stage)
+        try:
+            statement = parse_copy(sql_text)
+        except CopySyntaxError as error:
+            if self._reads_internal_stage(conn, sql_text):
+                return None  # fakesnow's COPY from an internal stage, as before
+            raise ProgrammingError(
+                msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000"
+            ) from None
+        if statement is None:
+            return None
+        prefix = self._source_prefix(conn, statement)
+        if prefix is None:
+            return None  # an internal stage: fakesnow's own COPY handles those
+        if describe_only:
+            return rows_as_select(COPY_RESULT_SHAPE, [])
+        return self._copy(conn, statement, prefix)
+
+    # -- COPY INTO
+
+    def _source_prefix(self, conn: FakeSnowflakeConnection, statement: CopyStatement) -> str | None:
+        if isinstance(statement.source, StageSource):
+            base = stage_url(conn._duck_conn, statement.source, conn.database, conn.schema)
+            if not base.startswith("s3://"):
+                return None
+            return source_prefix(base, statement.source.sub_path)
+        if not statement.source.url.startswith("s3://"):
+            return None
+        return statement.source.url
+
+    def _reads_internal_stage(self, conn: FakeSnowflakeConnection, sql_text: str) -> bool:
+        source = parse_copy_source(sql_text)
+        if not isinstance(source, StageSource):
+            return False
+        try:
+            base = stage_url(conn._duck_conn, source, conn.database, conn.schema)
+        except ProgrammingError:
+            return False
+        return not base.startswith("s3://")
+
+    def _copy(self, conn: FakeSnowflakeConnection, statement: CopyStatement, prefix: str) -> str:
+        session = conn._duck_conn
+        # Files are read on a cursor of their own, outside the session's transaction, so a
+        # conversion error cannot poison that transaction.
+        reader = self.fs.duck_conn.cursor()
+        try:
+            prepared = prepare_copy(
+                statement,
+                session=session,
+                reader=reader,
+                prefix=prefix,
+                database=conn.database,
+                schema=conn.schema,
+            )
+        finally:
+            reader.close()
+        if not prepared.outcomes:
+            return NO_FILES_SQL
+        _run_in_session_transaction(conn, lambda: apply_copy(prepared, session))
+        return rows_as_select(COPY_RESULT_SHAPE, [o.result_row() for o in prepared.outcomes])
+
+    # -- CREATE STAGE
+
+    def _create_stage(self, conn: FakeSnowflakeConnection, stage: CreateStage) -> str:
+        parts = stage.parts
+        database, schema = conn.database, conn.schema
+        if len(parts) == 3:
+            catalog, stage_schema, name = parts
+        elif len(parts) == 2 and database:
+            catalog, stage_schema, name = database, parts[0], parts[1]
+        elif len(parts) == 1 and database and schema:
+            catalog, stage_schema, name = database, schema, parts[0]
+        else:
+            raise ProgrammingError(
+                msg="Cannot perform CREATE STAGE. This session does not have a current database. "
+                "Call 'USE DATABASE', or use a qualified name.",
+                errno=90105,
+                sqlstate="22000",
+            )
+        duck = conn._duck_conn
+        _commit_open_transaction(conn)  # DDL commits the open transaction, as in Snowflake
+        key = [catalog, stage_schema, name]
+        where = "database_name = ? AND schema_name = ? AND name = ?"
+        duck.begin()
+        try:
+            exists = duck.execute(f"SELECT 1 FROM {STAGES_TABLE} WHERE {where}", key).fetchone() is not None
+            if exists and stage.if_not_exists and not stage.replace:
+                duck.commit()
+                return _status_sql(f"{name} already exists, statement succeeded.")
+            if exists and not stage.replace:
+                raise ProgrammingError(
+                    msg=f"SQL compilation error:\nObject '{name}' already exists.",
+                    errno=2002,
+                    sqlstate="42710",
+                )
+            duck.execute(f"DELETE FROM {STAGES_TABLE} WHERE {where}", key)
+            duck.execute(
+                f"INSERT INTO {STAGES_TABLE} (created_on, name, database_name, schema_name, url, has_credentials, "
+                "has_encryption_key, owner, comment, region, type, cloud, notification_channel, "
+                "storage_integration, endpoint, owner_role_type, directory_enabled) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'N', 'SYSADMIN', '', NULL, ?, 'AWS', NULL, ?, NULL, 'ROLE', 'N')",
+                [
+                    datetime.datetime.now(datetime.UTC),
+                    name,
+                    catalog,
+                    stage_schema,
+                    stage.url,
+                    "Y" if stage.has_credentials else "N",
+                    "EXTERNAL TEMPORARY" if stage.temporary else "EXTERNAL",
+                    stage.storage_integration,
+                ],
+            )
+            duck.commit()
+        except BaseException:
+            duck.rollback()
+            raise
+        return _status_sql(f"Stage area {name} successfully created.")
+
+    # -- session parameters
+
+    def _show_parameters(self, token: str, pattern: str) -> str:
+        params = self.session_parameters.get(token, {})
+        rows = [
+            (
+                name,
+                params.get(name, ""),
+                "",
+                "SESSION" if name in params else "",
+                _PARAMETER_HELP[name],
+                "STRING",
+            )
+            for name in sorted(KEPT_SESSION_PARAMETERS)
+            if like_matches(pattern, name)
+        ]
+        columns = [(c, "VARCHAR") for c in ("key", "value", "default", "level", "description", "type")]
+        return rows_as_select(columns, rows)
+
+
+_PARAMETER_HELP = {
+    "QUERY_TAG": "String (up to 4096 characters) used to tag statements executed by the session"
+}
+
+
+def _commit_open_transaction(conn: FakeSnowflakeConnection) -> None:
+    if not conn._autocommit and conn._in_transaction:
+        conn._duck_conn.commit()
+        conn._in_transaction = False
+
+
+def _run_in_session_transaction(conn: FakeSnowflakeConnection, work: Callable[[], None]) -> None:
+    """Run DML the way fakesnow runs it: in the session's transaction, or atomically under autocommit."""
+    duck = conn._duck_conn
+    if conn._autocommit:
+        duck.begin()
+        try:
+            work()
+        except BaseException:
+            duck.rollback()
+            raise
+        duck.commit()
+        return
+    if not conn._in_transaction:
+        duck.begin()
+        conn._in_transaction = True
+    work()
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+
+def _error_response(error: ProgrammingError) -> JSONResponse:
+    code = f"{error.errno:06d}"
+    return JSONResponse(
+        {
+            "data": {"errorCode": code, "sqlState": error.sqlstate},
+            "code": code,
+            "message": error.msg,
+            "success": False,
+        }
+    )
+
+
+async def _read_json(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if request.headers.get("Content-Encoding") == "gzip":
+        body = gzip.decompress(body)
+    parsed: dict[str, Any] = json.loads(body)
+    return parsed
+
+
+def _with_body(request: Request, body_json: dict[str, Any]) -> Request:
+    body = json.dumps(body_json).encode()
+    if request.headers.get("Content-Encoding") == "gzip":
+        body = gzip.compress(body)
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
+
+
+def _token(request: Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    # The connector sends: Snowflake Token="<token>"
+    prefix = 'Snowflake Token="'
+    if auth.startswith(prefix) and auth.endswith('"'):
+        return auth[len(prefix) : -1]
+    return None
+
+
+def build_app(state: LocalSnowflakeState) -> Starlette:
+    """fakesnow's routes, with pgsnow's login (our FakeSnow) and query extensions in front."""
+
+    async def login(request: Request) -> Response:
+        body_json = await _read_json(request)
+        parameters: dict[str, Any] = body_json["data"].get("SESSION_PARAMETERS", {})
+        autocommit = bool(parameters.get("AUTOCOMMIT", True))
+        database = _login_name(request.query_params.get("databaseName"))
+        schema = _login_name(request.query_params.get("schemaName"))
+        conn = await run_in_threadpool(
+            state.fs.connect,
+            database,
+            schema,
+            nop_regexes=parameters.get("nop_regexes"),
+            autocommit=autocommit,
+        )
+        token = secrets.token_urlsafe(32)
+        with state.lock:
+            state.tokens.add(token)
+        fakesnow_server.sessions[token] = conn
+        return JSONResponse(
+            {
+                "data": {
+                    "token": token,
+                    "parameters": [
+                        {"name": "AUTOCOMMIT", "value": autocommit},
+                        {"name": "CLIENT_SESSION_KEEP_ALIVE_HEARTBEAT_FREQUENCY", "value": 3600},
+                        # Keep array bindings inline: the local server has no internal stage upload.
+                        {"name": "CLIENT_STAGE_ARRAY_BINDING_THRESHOLD", "value": 0},
+                    ],
+                    "sessionInfo": {"databaseName": database, "schemaName": schema},
+                },
+                "success": True,
+            }
+        )
+
+    async def query(request: Request) -> Response:
+        token = _token(request)
+        conn = fakesnow_server.sessions.get(token) if token else None
+        if token is None or conn is None:
+            return await fakesnow_server.query_request(request)
+        body_json = await _read_json(request)
+        sql_text = body_json.get("sqlText", "")
+        if not body_json.get("bindings"):
+            try:
+                replacement = await run_in_threadpool(
+                    state.intercept, token, conn, sql_text, describe_only=bool(body_json.get("describeOnly"))
+                )
+            except ProgrammingError as error:
+                logger.info("local snowflake statement failed: %s", error.msg)
+                return _error_response(error)
+            if replacement is not None:
+                body_json["sqlText"] = replacement
+        return await fakesnow_server.query_request(_with_body(request, body_json))
+
+    async def session(request: Request) -> Response:
+        token = _token(request)
+        if token and request.query_params.get("delete"):
+            with state.lock:
+                state.tokens.discard(token)
+                state.session_parameters.pop(token, None)
+        return await fakesnow_server.session(request)
+
+    passthrough: dict[str, Callable[[Request], Awaitable[Response] | Response]] = {
+        route.path: route.endpoint for route in fakesnow_server.routes if isinstance(route, Route)
+    }
+    routes = [
+        Route("/session/v1/login-request", login, methods=["POST"]),
+        Route("/session", session, methods=["POST"]),
+        Route("/queries/v1/query-request", query, methods=["POST"]),
+        Route("/queries/v1/abort-request", passthrough["/queries/v1/abort-request"], methods=["POST"]),
+        Route("/monitoring/queries/{sfqid}", passthrough["/monitoring/queries/{sfqid}"], methods=["GET"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _login_name(name: str | None) -> str | None:
+    if not name:
+        return None
+    return name[1:-1] if name.startswith('"') and name.endswith('"') else name.upper()
+
+
+# ---------------------------------------------------------------------------------------------
+# the running server
+
+
+@dataclass(frozen=True)
+class LocalSnowflake:
+    """A running local Snowflake; connect with ``snowflake.connector.connect(**connect_kwargs())``."""
+
+    host: str
+    port: int
+    data_dir: Path | None
+    _server: uvicorn.Server = field(repr=False, compare=False)
+    _thread: threading.Thread = field(repr=False, compare=False)
+    _state: LocalSnowflakeState = field(repr=False, compare=False)
+
+    def connect_kwargs(self, database: str | None = None, schema: str | None = None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "account": LOCAL_ACCOUNT,
+            "user": LOCAL_USER,
+            "password": LOCAL_PASSWORD,
+            "host": self.host,
+            "port": self.port,
+            "protocol": "http",
+            # No telemetry uploads, and fail fast rather than retry against a loopback server.
+            "session_parameters": {"CLIENT_OUT_OF_BAND_TELEMETRY_ENABLED": False},
+            "network_timeout": 30,
+            "login_timeout": 30,
+        }
+        if database is not None:
+            kwargs["database"] = database
+        if schema is not None:
+            kwargs["schema"] = schema
+        return kwargs
+
+    def stop(self) -> None:
+        """Stop serving, close every session and the DuckDB database (flushing data_dir)."""
+        self._server.should_exit = True
+        self._thread.join(timeout=STARTUP_TIMEOUT_SECONDS)
+        with self._state.lock:
+            tokens = list(self._state.tokens)
+            self._state.tokens.clear()
+        for token in tokens:
+            conn = fakesnow_server.sessions.pop(token, None)
+            if conn is not None and not conn.is_closed():
+                conn.close()
+        duck = self._state.fs.duck_conn
+        if self.data_dir is not None:
+            duck.execute("CHECKPOINT")
+        duck.close()
+
+
+def start_local_snowflake(
+    *,
+    s3_endpoint_url: str,
+    aws_access_key_id: str = "testing",
+    aws_secret_access_key: str = "testing",  # noqa: S107 - moto's conventional dummy key
+    region: str = "us-east-1",
+    data_dir: Path | None = None,
+    port: int = 0,
+) -> LocalSnowflake:
+    """Start the local Snowflake on 127.0.0.1 (port 0: any free port) in a background thread."""
+    s3 = S3Settings(s3_endpoint_url, aws_access_key_id, aws_secret_access_key, region)
+    state = LocalSnowflakeState(build_fakesnow(s3, data_dir), data_dir)
+    host = "127.0.0.1"
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    bound_port = int(listener.getsockname()[1])
+    config = uvicorn.Config(build_app(state), log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [listener]}, name=f"local-snowflake:{bound_port}", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            state.fs.duck_conn.close()
+            raise RuntimeError(f"local Snowflake did not start on {host}:{bound_port}")
+        time.sleep(0.02)
+    logger.info("local Snowflake listening on %s:%s (data_dir=%s)", host, bound_port, data_dir)
+    return LocalSnowflake(host, bound_port, data_dir, server, thread, state)
