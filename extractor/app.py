@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pgsnow.errors import PermanentError
@@ -78,6 +79,11 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         s3=runtime.s3,
         table=request.table,
     )
+    staged_bytes = sum(f.bytes for f in manifest.files)
+    metrics.add_dimension(name="table", value=manifest.table.qualified)
+    metrics.add_metric(name="RowsExtracted", unit=MetricUnit.Count, value=manifest.total_rows)
+    metrics.add_metric(name="BytesStaged", unit=MetricUnit.Bytes, value=staged_bytes)
+    metrics.add_metric(name="FilesStaged", unit=MetricUnit.Count, value=len(manifest.files))
     return {
         "run_id": manifest.run_id,
         "table": manifest.table.qualified,
@@ -85,7 +91,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         "file_format": manifest.file_format.value,
         "files": len(manifest.files),
         "rows": manifest.total_rows,
-        "bytes": sum(f.bytes for f in manifest.files),
+        "bytes": staged_bytes,
         "bucket": runtime.settings.bucket,
         "manifest_key": manifest_key(manifest.table, manifest.run_id),
     }

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
-from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
 from pgsnow.config import Settings, StagedFormat
 from pgsnow.errors import PgSnowError
@@ -29,7 +28,7 @@ from pgsnow.formats import CsvBatchSplitter, ParquetWriter, WrittenFile
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, new_run_id
 from pgsnow.manifest import RunManifest, RunState, StagedFile
-from pgsnow.observability import NAMESPACE, logger
+from pgsnow.observability import logger
 from pgsnow.postgres import (
     Connection,
     TableReader,
@@ -204,7 +203,6 @@ def extract_table(
             "duration_ms": duration_ms,
         },
     )
-    _emit_metrics(table, staged.total_rows, total_bytes)
     return staged
 
 
@@ -217,12 +215,3 @@ def _end_snapshot(pg_conn: Connection) -> None:
     except psycopg2.Error:
         logger.warning("could not end the PostgreSQL transaction; the connection will be replaced")
         pg_conn.close()
-
-
-def _emit_metrics(table: TableRef, rows: int, total_bytes: int) -> None:
-    for name, unit, value in (
-        ("RowsExtracted", MetricUnit.Count, rows),
-        ("BytesStaged", MetricUnit.Bytes, total_bytes),
-    ):
-        with single_metric(name=name, unit=unit, value=value, namespace=NAMESPACE) as metric:
-            metric.add_dimension(name="table", value=table.qualified)

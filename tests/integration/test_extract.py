@@ -13,6 +13,8 @@ import io
 import json
 import math
 import struct
+import sys
+import time as time_module
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,13 +30,16 @@ import pytest
 from psycopg2 import sql
 
 from pgsnow.config import Component, Settings, postgres_env
+from pgsnow.demo.pipeline import load_function_handler
 from pgsnow.errors import PermanentError, RetryableError, UnsafeIdentifierError
 from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, manifest_key, table_prefix
 from pgsnow.local.aws import LocalAws, start_local_aws
+from pgsnow.local.dispatcher import LambdaContext
 from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, RunManifest, RunState
 from pgsnow.postgres import classify_pg_error, connect, describe_table
+from pgsnow.runtime import reset_runtime
 from pgsnow.staging import get_manifest
 
 pytestmark = pytest.mark.integration
@@ -758,3 +763,148 @@ def test_connection_session_is_utc_iso_and_read_only(pg_conn: Any) -> None:
         settings = cur.fetchone()
     pg_conn.rollback()
     assert settings == ("UTC", "ISO, YMD", "iso_8601", "repeatable read", "on", "pgsnow")
+
+
+# --- the Lambda handler -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def extractor_handler(
+    monkeypatch: pytest.MonkeyPatch,
+    aws: LocalAws,
+    admin: psycopg2.extensions.connection,
+    schema_name: str,
+    bucket: str,
+    pg_dsn: str,
+) -> Iterator[tuple[Any, TableRef]]:
+    """The real extractor/app.py handler, configured like a deployed function: the DSN comes from a secret."""
+    table = TableRef(schema_name, f"handled_{uuid.uuid4().hex[:8]}")
+    create_table(admin, table, "id bigint PRIMARY KEY, label text")
+    insert_rows(admin, table, ["id", "label"], [(i, f"label {i}") for i in range(1, 6)])
+    libpq = psycopg2.extensions.parse_dsn(pg_dsn)
+    secret = {
+        "host": libpq.get("host", "127.0.0.1"),
+        "port": int(libpq.get("port", 5432)),
+        "username": libpq.get("user", "postgres"),
+        "password": libpq.get("password", "unused-with-trust-auth"),
+        "dbname": libpq.get("dbname", "test"),
+        "sslmode": "disable",  # loopback server without TLS; deployed secrets default to require
+    }
+    secret_arn = aws.client("secretsmanager").create_secret(
+        Name=f"pgsnow-test-{uuid.uuid4().hex[:8]}", SecretString=json.dumps(secret)
+    )["ARN"]
+    for name, value in {
+        **aws.env(),
+        "S3_STAGE_BUCKET": bucket,
+        "S3_STAGE_PREFIX": PREFIX,
+        "PGSNOW_TABLES": f"{table.schema}.{table.table},{table.schema}.missing_table",
+        "PGSNOW_PG_SECRET_ARN": secret_arn,
+        "EXTRACT_BATCH_ROWS": "2",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("PGSNOW_PG_DSN", raising=False)
+    reset_runtime()
+    handler = load_function_handler("extractor")
+    app_module = sys.modules[handler.__module__]
+    app_module.postgres_connections.reset()
+    yield handler, table
+    app_module.postgres_connections.reset()
+    reset_runtime()
+
+
+def lambda_context() -> LambdaContext:
+    return LambdaContext(
+        function_name="pgsnow-test-extractor",
+        invoked_function_arn="arn:aws:lambda:us-east-1:123456789012:function:pgsnow-test-extractor",
+        memory_limit_in_mb=2048,
+        deadline_monotonic=time_module.monotonic() + 900,
+    )
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param("direct", id="direct-invoke"),
+        pytest.param("eventbridge-detail", id="eventbridge-event"),
+    ],
+)
+def test_handler_stages_a_table_using_the_secret(
+    extractor_handler: tuple[Any, TableRef], s3: Any, bucket: str, shape: str
+) -> None:
+    # Given the deployed-style configuration and an event naming an allowlisted table
+    handler, table = extractor_handler
+    request = {"schema_name": table.schema, "table_name": table.table}
+    event = (
+        request
+        if shape == "direct"
+        else {"detail-type": "Scheduled Event", "source": "aws.events", "detail": request}
+    )
+
+    # When the handler runs (twice: the cached connection is reused by a warm container)
+    first = handler(event, lambda_context())
+    second = handler(event, lambda_context())
+
+    # Then it returns a summary matching the staged manifest
+    for summary in (first, second):
+        manifest = get_manifest(s3, bucket, table, summary["run_id"])
+        assert summary == {
+            "run_id": manifest.run_id,
+            "table": table.qualified,
+            "state": "staged",
+            "file_format": "csv",
+            "files": 3,
+            "rows": 5,
+            "bytes": sum(f.bytes for f in manifest.files),
+            "bucket": bucket,
+            "manifest_key": manifest_key(table, manifest.run_id),
+        }
+    assert first["run_id"] != second["run_id"]
+
+
+@pytest.mark.parametrize(
+    ("event", "error", "message"),
+    [
+        pytest.param({}, PermanentError, "schema_name", id="empty-event"),
+        pytest.param({"schema_name": "public"}, PermanentError, "table_name", id="no-table"),
+        pytest.param(
+            {"schema_name": "public", "table_name": 7},
+            PermanentError,
+            "non-empty strings",
+            id="table-not-string",
+        ),
+        pytest.param(["public", "t"], PermanentError, "JSON object", id="not-an-object"),
+        pytest.param(
+            {"schema_name": "public", "table_name": "../etc"},
+            UnsafeIdentifierError,
+            "unsafe",
+            id="path-in-name",
+        ),
+        pytest.param(
+            {"schema_name": "public", "table_name": "customers"},
+            UnsafeIdentifierError,
+            "allowlist",
+            id="not-allowlisted",
+        ),
+    ],
+)
+def test_handler_refuses_bad_events(
+    extractor_handler: tuple[Any, TableRef],
+    s3: Any,
+    bucket: str,
+    event: Any,
+    error: type[Exception],
+    message: str,
+) -> None:
+    handler, _ = extractor_handler
+    with pytest.raises(error, match=message):
+        handler(event, lambda_context())
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_handler_missing_allowlisted_table_is_permanent(
+    extractor_handler: tuple[Any, TableRef], s3: Any, bucket: str
+) -> None:
+    handler, table = extractor_handler
+    with pytest.raises(PermanentError, match="does not exist"):
+        handler({"schema_name": table.schema, "table_name": "missing_table"}, lambda_context())
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
