@@ -9,9 +9,11 @@ would actually be deployed, and cross-check the template against pgsnow's own co
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -433,3 +435,40 @@ def test_cfn_lint_is_clean() -> None:
         [cfn_lint, "--", str(TEMPLATE_PATH)], capture_output=True, text=True, check=False, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- samconfig.toml
+
+
+def samconfig_overrides(environment: str) -> dict[str, str]:
+    config = tomllib.loads((REPO / "samconfig.toml").read_text(encoding="utf-8"))
+    overrides = config[environment]["deploy"]["parameters"]["parameter_overrides"]
+    return dict(override.split("=", 1) for override in overrides)
+
+
+@pytest.mark.parametrize("environment", ["default", "prod"])
+def test_samconfig_overrides_are_valid_template_parameters(
+    sam_template: dict[str, Any], environment: str
+) -> None:
+    # Given one environment's deploy parameters
+    overrides = samconfig_overrides(environment)
+    parameters = sam_template["Parameters"]
+    # Then every override is a parameter, every parameter without a default is set,
+    # and each value passes the parameter's own constraints
+    assert set(overrides) <= set(parameters)
+    assert {name for name, spec in parameters.items() if "Default" not in spec} <= set(overrides)
+    for name, value in overrides.items():
+        spec = parameters[name]
+        if "AllowedValues" in spec:
+            assert value in spec["AllowedValues"], name
+        if "AllowedPattern" in spec:
+            assert re.fullmatch(spec["AllowedPattern"], value), name
+        if spec["Type"] == "Number":
+            assert spec.get("MinValue", 0) <= int(value) <= spec.get("MaxValue", int(value)), name
+
+
+def test_samconfig_environments_get_separate_stacks() -> None:
+    config = tomllib.loads((REPO / "samconfig.toml").read_text(encoding="utf-8"))
+    stacks = {env: config[env]["global"]["parameters"]["stack_name"] for env in ("default", "prod")}
+    assert len(set(stacks.values())) == 2
+    assert samconfig_overrides("default")["Environment"] != samconfig_overrides("prod")["Environment"]
