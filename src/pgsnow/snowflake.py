@@ -169,6 +169,27 @@ def build_create_table(database: str, columns: Sequence[Column], table: TableRef
     return f"CREATE TABLE IF NOT EXISTS {target} (\n  {column_defs}\n)"
 
 
+def build_create_stage(
+    database: str,
+    control_schema: str,
+    stage: str,
+    *,
+    bucket: str,
+    prefix: str,
+    storage_integration: str | None,
+) -> str:
+    """The external stage over the staging prefix (``s3://{bucket}/{prefix}/``).
+
+    Deployed stages authenticate with a storage integration; the local emulator needs none.
+    """
+    url = f"s3://{bucket}/{prefix.strip('/')}/"
+    integration = f" STORAGE_INTEGRATION = {quote_ident(storage_integration)}" if storage_integration else ""
+    return (
+        f"CREATE STAGE IF NOT EXISTS {quote_qualified(database, control_schema, stage)}"
+        f" URL = {string_literal(url)}{integration}"
+    )
+
+
 def ledger_name(database: str, control_schema: str) -> str:
     return quote_qualified(database, control_schema, LEDGER_TABLE)
 
@@ -205,12 +226,17 @@ class LedgerClaim:
 
 def build_claim_file(database: str, control_schema: str, claim: LedgerClaim) -> Statement:
     """Insert the key's ledger row unless it exists. The MERGE locks the ledger, so a concurrent
-    delivery of the same key waits for this transaction and then finds the row."""
+    delivery of the same key waits for this transaction and then finds the row.
+
+    WHEN MATCHED rewrites the row unchanged: it takes the existing row's lock too, and it makes
+    every server report a row count (one emulator reports none for a MERGE that changed nothing).
+    """
     sql = (
         f'MERGE INTO {ledger_name(database, control_schema)} AS "LEDGER"\n'
         'USING (SELECT %s AS "S3_KEY", %s AS "ETAG", %s AS "SHA256", %s AS "RUN_ID", '
         '%s AS "SCHEMA_NAME", %s AS "TABLE_NAME") AS "CLAIM"\n'
         'ON "LEDGER"."S3_KEY" = "CLAIM"."S3_KEY"\n'
+        'WHEN MATCHED THEN UPDATE SET "S3_KEY" = "LEDGER"."S3_KEY"\n'
         'WHEN NOT MATCHED THEN INSERT ("S3_KEY", "ETAG", "SHA256", "RUN_ID", "SCHEMA_NAME", "TABLE_NAME")\n'
         'VALUES ("CLAIM"."S3_KEY", "CLAIM"."ETAG", "CLAIM"."SHA256", "CLAIM"."RUN_ID", '
         '"CLAIM"."SCHEMA_NAME", "CLAIM"."TABLE_NAME")'

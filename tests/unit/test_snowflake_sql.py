@@ -15,6 +15,7 @@ from pgsnow.snowflake import (
     build_copy_into,
     build_create_ledger,
     build_create_schema,
+    build_create_stage,
     build_create_table,
     build_query_tag,
     build_record_load,
@@ -236,6 +237,7 @@ def test_ledger_statements() -> None:
         assert f'"{name}"' in create
     assert claim_sql.startswith('MERGE INTO "DB"."PGSNOW"."LOAD_LEDGER" AS "LEDGER"')
     assert "WHEN NOT MATCHED THEN INSERT" in claim_sql
+    assert 'WHEN MATCHED THEN UPDATE SET "S3_KEY" = "LEDGER"."S3_KEY"' in claim_sql
     assert claim_sql.count("%s") == len(claim_params) == 6
     assert claim_params == (claim.s3_key, "etag1", "abc", RUN, "public", "orders")
     assert select_params == (claim.s3_key,)
@@ -407,3 +409,21 @@ def test_connection_kwargs_for_a_local_server() -> None:
 def test_connection_kwargs_need_a_credential() -> None:
     with pytest.raises(ConfigError):
         connection_kwargs(settings(password=None))
+
+
+@pytest.mark.parametrize(
+    ("integration", "expected_tail"),
+    [
+        pytest.param("S3_INT", ' STORAGE_INTEGRATION = "S3_INT"', id="deployed"),
+        pytest.param(None, "", id="local"),
+    ],
+)
+def test_create_stage(integration: str | None, expected_tail: str) -> None:
+    sql = build_create_stage(
+        "DB", "PGSNOW", "PGSNOW_STAGE", bucket="my-bucket", prefix="staging/", storage_integration=integration
+    )
+
+    assert sql == (
+        'CREATE STAGE IF NOT EXISTS "DB"."PGSNOW"."PGSNOW_STAGE" URL = \'s3://my-bucket/staging/\''
+        + expected_tail
+    )

@@ -1,0 +1,527 @@
+"""The loader against real servers on loopback: moto (S3, SQS) over HTTP and the local
+Snowflake server spoken to by the real snowflake-connector-python."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import unquote_plus
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import snowflake.connector
+
+from pgsnow.config import Component, Settings
+from pgsnow.errors import PermanentError, RetryableError
+from pgsnow.identifiers import TableRef
+from pgsnow.keys import FileFormat, data_key, manifest_key, parse_data_key
+from pgsnow.load import LoadStatus, load_staged_files
+from pgsnow.local.aws import LocalAws, create_staging_resources, start_local_aws
+from pgsnow.local.snowflake import LocalSnowflake, start_local_snowflake
+from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
+from pgsnow.runtime import Runtime
+from pgsnow.snowflake import build_create_schema, build_create_stage
+from pgsnow.typemap import map_pg_type
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = "20261125T120000000000Z"
+ORDERS = TableRef("public", "orders")
+
+# (name, PostgreSQL type, nullable): one column per value kind.
+ORDER_COLUMNS = [
+    ("order_id", "bigint", False),
+    ("amount", "numeric(12,2)", True),
+    ("ratio", "double precision", True),
+    ("note", "text", True),
+    ("paid", "boolean", True),
+    ("order_day", "date", True),
+    ("order_time", "time without time zone", True),
+    ("created", "timestamp without time zone", True),
+    ("created_tz", "timestamp with time zone", True),
+    ("payload", "jsonb", True),
+    ("blob", "bytea", True),
+]
+
+# Python values per row, in ORDER_COLUMNS order; None is NULL.
+ORDER_ROWS: list[tuple[Any, ...]] = [
+    (
+        1,
+        Decimal("12.34"),
+        0.1,
+        'comma, "quote" and\nnewline é',
+        True,
+        dt.date(2026, 11, 25),
+        dt.time(12, 30, 45, 123456),
+        dt.datetime(2026, 11, 25, 12, 0, 0, 1),
+        dt.datetime(2026, 11, 25, 11, 0, 0, 500000, tzinfo=dt.UTC),
+        {"a": [1, 2], "b": "x"},
+        b"\x00\xffpg",
+    ),
+    (2, None, None, None, None, None, None, None, None, None, None),
+    (3, Decimal("-0.01"), -2.5e10, "", False, dt.date(1999, 1, 1), dt.time(0, 0), None, None, [], b""),
+]
+
+
+def manifest_columns() -> tuple[Column, ...]:
+    return tuple(Column.from_types(n, t, t, map_pg_type(t), nullable) for n, t, nullable in ORDER_COLUMNS)
+
+
+# --------------------------------------------------------------------------- encoding per docs/architecture.md
+
+
+def csv_field(value: Any) -> str:
+    if value is None:
+        return ""  # NULL is an unquoted empty field
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, bytes):
+        text = value.hex()
+    elif isinstance(value, dt.datetime) and value.tzinfo is not None:
+        text = value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    elif isinstance(value, dt.datetime):
+        text = value.isoformat(sep=" ")
+    elif isinstance(value, dt.date | dt.time | Decimal):
+        text = str(value)
+    elif isinstance(value, float):
+        text = repr(value)
+    elif isinstance(value, dict | list):
+        text = json.dumps(value)
+    else:
+        text = str(value)
+    return '"' + text.replace('"', '""') + '"'  # quoted, so an empty string is ""
+
+
+def csv_gz_bytes(rows: list[tuple[Any, ...]], header: list[str] | None = None) -> bytes:
+    names = header or [n for n, _, _ in ORDER_COLUMNS]
+    lines = [",".join(names)] + [",".join(csv_field(v) for v in row) for row in rows]
+    return gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), mtime=0)
+
+
+def parquet_bytes(rows: list[tuple[Any, ...]]) -> bytes:
+    types = [
+        pa.int64(),
+        pa.decimal128(12, 2),
+        pa.float64(),
+        pa.string(),
+        pa.bool_(),
+        pa.date32(),
+        pa.time64("us"),
+        pa.timestamp("us"),
+        pa.timestamp("us", tz="UTC"),
+        pa.string(),
+        pa.binary(),
+    ]
+    columns = list(zip(*rows, strict=True))
+    arrays = []
+    for (name, _, _), arrow_type, values in zip(ORDER_COLUMNS, types, columns, strict=True):
+        encoded = tuple(None if v is None else json.dumps(v) for v in values) if name == "payload" else values
+        arrays.append(pa.array(encoded, type=arrow_type))
+    table = pa.Table.from_arrays(arrays, names=[n for n, _, _ in ORDER_COLUMNS])
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def local_aws() -> Iterator[LocalAws]:
+    aws = start_local_aws()
+    yield aws
+    aws.stop()
+
+
+@pytest.fixture(scope="module")
+def local_snowflake(local_aws: LocalAws) -> Iterator[LocalSnowflake]:
+    server = start_local_snowflake(s3_endpoint_url=local_aws.endpoint_url)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(local_aws: LocalAws) -> Settings:
+    """Loader settings for a fresh bucket and database, so tests share nothing."""
+    suffix = uuid.uuid4().hex[:10]
+    bucket = f"pgsnow-load-{suffix}"
+    local_aws.client("s3").create_bucket(Bucket=bucket)
+    env = {
+        "S3_STAGE_BUCKET": bucket,
+        "S3_STAGE_PREFIX": "staging",
+        "PGSNOW_TABLES": "*",
+        "SNOWFLAKE_ACCOUNT": "local",
+        "SNOWFLAKE_USER": "pgsnow",
+        "SNOWFLAKE_PASSWORD": "local",
+        "SNOWFLAKE_DATABASE": f"DB_{suffix.upper()}",
+    }
+    return Settings.from_env(env, component=Component.LOADER)
+
+
+@pytest.fixture
+def s3(local_aws: LocalAws) -> Any:
+    return local_aws.client("s3")
+
+
+@pytest.fixture
+def sf_conn(local_snowflake: LocalSnowflake, settings: Settings) -> Iterator[Any]:
+    """A connection to the settings' database, with the control schema and the stage in place."""
+    database = settings.snowflake.database
+    assert database is not None
+    conn = snowflake.connector.connect(**local_snowflake.connect_kwargs(database=database, schema="PUBLIC"))
+    control = settings.snowflake.control_schema
+    with conn.cursor() as cursor:
+        cursor.execute(build_create_schema(database, control))
+        cursor.execute(
+            build_create_stage(
+                database,
+                control,
+                settings.snowflake.stage,
+                bucket=settings.bucket,
+                prefix=settings.prefix,
+                storage_integration=None,
+            )
+        )
+    yield conn
+    conn.close()
+
+
+def put_staged_file(
+    s3: Any, settings: Settings, key: str, body: bytes, *, rows: int | None, run_id: str | None = RUN
+) -> None:
+    metadata = {META_SHA256: hashlib.sha256(body).hexdigest()}
+    if run_id is not None:
+        metadata |= {META_RUN_ID: run_id, META_BATCH: "1"}
+    if rows is not None:
+        metadata[META_ROWS] = str(rows)
+    s3.put_object(Bucket=settings.bucket, Key=key, Body=body, Metadata=metadata)
+
+
+def put_run_manifest(s3: Any, settings: Settings, table: TableRef = ORDERS, run_id: str = RUN) -> None:
+    manifest = RunManifest(
+        run_id=run_id,
+        table=table,
+        mode="full",
+        file_format=FileFormat.CSV,
+        columns=manifest_columns(),
+        primary_key=("order_id",),
+        state=RunState.EXTRACTING,
+        started_at="2026-11-25T12:00:00Z",
+    )
+    s3.put_object(Bucket=settings.bucket, Key=manifest_key(table, run_id), Body=manifest.to_json().encode())
+
+
+def query(sf_conn: Any, sql: str, params: tuple[Any, ...] | None = None) -> list[tuple[Any, ...]]:
+    with sf_conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
+
+
+def orders_sql(settings: Settings) -> str:
+    return f'"{settings.snowflake.database}"."PUBLIC"."ORDERS"'
+
+
+def ledger_rows(sf_conn: Any, settings: Settings) -> list[tuple[Any, ...]]:
+    ledger = f'"{settings.snowflake.database}"."PGSNOW"."LOAD_LEDGER"'
+    return query(
+        sf_conn,
+        f'SELECT "S3_KEY", "ETAG", "SHA256", "RUN_ID", "SCHEMA_NAME", "TABLE_NAME", "ROWS_LOADED", '
+        f'"LOADED_AT" IS NOT NULL FROM {ledger} ORDER BY "S3_KEY"',
+    )
+
+
+def order_count(sf_conn: Any, settings: Settings) -> int:
+    return int(query(sf_conn, f"SELECT COUNT(*) FROM {orders_sql(settings)}")[0][0])
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("file_format", [FileFormat.CSV, FileFormat.PARQUET], ids=["csv-gz", "parquet"])
+def test_staged_file_loads_cell_exact(
+    settings: Settings, s3: Any, sf_conn: Any, file_format: FileFormat
+) -> None:
+    # Given a run manifest and one staged file with every value kind, NULLs and an empty string
+    key = data_key(settings.prefix, ORDERS, 1, RUN, file_format)
+    body = csv_gz_bytes(ORDER_ROWS) if file_format is FileFormat.CSV else parquet_bytes(ORDER_ROWS)
+    put_run_manifest(s3, settings)
+    put_staged_file(s3, settings, key, body, rows=len(ORDER_ROWS))
+
+    # When the loader loads it
+    results = load_staged_files(
+        settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(key, settings.prefix)]
+    )
+
+    # Then the result reports the rows, and the table holds exactly the values staged
+    assert [(r.key, r.table, r.status, r.rows) for r in results] == [
+        (key, "public.orders", LoadStatus.LOADED, len(ORDER_ROWS))
+    ]
+    names = ", ".join(f'"{n.upper()}"' for n, _, _ in ORDER_COLUMNS)
+    loaded = query(sf_conn, f'SELECT {names} FROM {orders_sql(settings)} ORDER BY "ORDER_ID"')
+    assert len(loaded) == len(ORDER_ROWS)
+    # NULL timestamps are checked with IS NULL: the emulator returns them as the epoch.
+    null_flags = query(
+        sf_conn,
+        f'SELECT "NOTE" IS NULL, "CREATED" IS NULL, "CREATED_TZ" IS NULL, "PAYLOAD" IS NULL, "BLOB" IS NULL '
+        f'FROM {orders_sql(settings)} ORDER BY "ORDER_ID"',
+    )
+    assert null_flags == [
+        (False, False, False, False, False),
+        (True, True, True, True, True),
+        (False, True, True, False, False),
+    ]
+    for expected, actual in zip(ORDER_ROWS, loaded, strict=True):
+        order_id, amount, ratio, note, paid, day, time_of_day, created, created_tz, payload, blob = actual
+        assert (order_id, amount, ratio, note, paid, day, time_of_day) == expected[:7]
+        assert note == expected[3]  # '' stays '', NULL stays None
+        if expected[7] is not None:
+            assert created == expected[7]
+        if expected[8] is not None:
+            assert created_tz == expected[8]
+        assert (None if payload is None else json.loads(payload)) == expected[9]
+        assert (None if blob is None else bytes(blob)) == expected[10]
+    assert ledger_rows(sf_conn, settings) == [
+        (
+            key,
+            s3.head_object(Bucket=settings.bucket, Key=key)["ETag"].strip('"'),
+            hashlib.sha256(body).hexdigest(),
+            RUN,
+            "public",
+            "orders",
+            len(ORDER_ROWS),
+            True,
+        )
+    ]
+
+
+def test_same_file_delivered_twice_loads_once(settings: Settings, s3: Any, sf_conn: Any) -> None:
+    # Given a staged file that was loaded
+    key = data_key(settings.prefix, ORDERS, 1, RUN, FileFormat.CSV)
+    put_run_manifest(s3, settings)
+    put_staged_file(s3, settings, key, csv_gz_bytes(ORDER_ROWS), rows=len(ORDER_ROWS))
+    staged = parse_data_key(key, settings.prefix)
+    first = load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[staged])
+
+    # When the same notification arrives again
+    second = load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[staged])
+
+    # Then the second delivery is skipped: the rows are there once, the ledger has one entry
+    assert [r.status for r in first + second] == [LoadStatus.LOADED, LoadStatus.ALREADY_LOADED]
+    assert second[0].rows == len(ORDER_ROWS)
+    assert order_count(sf_conn, settings) == len(ORDER_ROWS)
+    assert len(ledger_rows(sf_conn, settings)) == 1
+
+
+def test_changed_content_under_a_loaded_key_is_refused(settings: Settings, s3: Any, sf_conn: Any) -> None:
+    # Given a loaded file
+    key = data_key(settings.prefix, ORDERS, 1, RUN, FileFormat.CSV)
+    put_run_manifest(s3, settings)
+    put_staged_file(s3, settings, key, csv_gz_bytes(ORDER_ROWS[:1]), rows=1)
+    staged = parse_data_key(key, settings.prefix)
+    load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[staged])
+
+    # When different content is written under the same key and announced
+    put_staged_file(s3, settings, key, csv_gz_bytes(ORDER_ROWS[1:]), rows=2)
+    with pytest.raises(PermanentError, match="changed file under a loaded key") as caught:
+        load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[staged])
+
+    # Then nothing more was loaded and the ledger still describes the first content
+    assert caught.value.s3_key == key
+    assert order_count(sf_conn, settings) == 1
+    assert [row[6] for row in ledger_rows(sf_conn, settings)] == [1]
+
+
+@pytest.mark.parametrize(
+    ("rows", "metadata_rows", "message"),
+    [
+        pytest.param(
+            [*ORDER_ROWS[:2], ("3", "not a number", *ORDER_ROWS[2][2:])],
+            3,
+            None,
+            id="bad-value-for-number",
+        ),
+        pytest.param(ORDER_ROWS, 5, "the file's pgsnow-rows says 5", id="row-count-mismatch"),
+    ],
+)
+def test_bad_file_fails_and_leaves_nothing(
+    settings: Settings,
+    s3: Any,
+    sf_conn: Any,
+    rows: list[tuple[Any, ...]],
+    metadata_rows: int,
+    message: str | None,
+) -> None:
+    # Given a staged file that cannot load as announced
+    key = data_key(settings.prefix, ORDERS, 1, RUN, FileFormat.CSV)
+    put_run_manifest(s3, settings)
+    put_staged_file(s3, settings, key, csv_gz_bytes(rows), rows=metadata_rows)
+
+    # When the loader tries it
+    with pytest.raises(PermanentError) as caught:
+        load_staged_files(
+            settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(key, settings.prefix)]
+        )
+
+    # Then it fails permanently, the transaction rolled back: no rows, no ledger entry
+    assert caught.value.s3_key == key
+    if message:
+        assert message in caught.value.message
+    assert order_count(sf_conn, settings) == 0
+    assert ledger_rows(sf_conn, settings) == []
+
+
+def test_missing_manifest_is_retryable(settings: Settings, s3: Any, sf_conn: Any) -> None:
+    key = data_key(settings.prefix, ORDERS, 1, RUN, FileFormat.CSV)
+    put_staged_file(s3, settings, key, csv_gz_bytes(ORDER_ROWS), rows=len(ORDER_ROWS))
+
+    with pytest.raises(RetryableError, match="manifest"):
+        load_staged_files(
+            settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(key, settings.prefix)]
+        )
+
+
+def test_hand_dropped_file_needs_an_existing_table(settings: Settings, s3: Any, sf_conn: Any) -> None:
+    # Given a plain CSV without pgsnow metadata, and no target table yet
+    key = f"{settings.prefix}/public/orders/hand dropped.csv.gz"
+    body = csv_gz_bytes([ORDER_ROWS[0]])
+    put_staged_file(s3, settings, key, body, rows=None, run_id=None)
+    staged = parse_data_key(key, settings.prefix)
+
+    # When it is loaded before the table exists, Then it is refused
+    with pytest.raises(PermanentError, match="existing table"):
+        load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[staged])
+
+    # When the table exists (created by a pgsnow run), Then it loads by the table's columns
+    run_key = data_key(settings.prefix, ORDERS, 1, RUN, FileFormat.CSV)
+    put_run_manifest(s3, settings)
+    put_staged_file(s3, settings, run_key, csv_gz_bytes(ORDER_ROWS[1:]), rows=2)
+    load_staged_files(
+        settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(run_key, settings.prefix)]
+    )
+    results = load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[staged])
+
+    assert [(r.status, r.rows) for r in results] == [(LoadStatus.LOADED, 1)]
+    assert query(sf_conn, f'SELECT "NOTE" FROM {orders_sql(settings)} WHERE "ORDER_ID" = 1') == [
+        (ORDER_ROWS[0][3],)
+    ]
+
+
+# --------------------------------------------------------------------------- the Lambda handler
+
+
+def import_loader_app() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("pgsnow_loader_app", REPO / "loader" / "app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeLambdaContext:
+    """The attributes Powertools reads from Lambda's context object."""
+
+    function_name = "pgsnow-loader"
+    function_version = "$LATEST"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:pgsnow-loader"
+    memory_limit_in_mb = 1024
+    aws_request_id = "test-request"
+    log_group_name = "/aws/lambda/pgsnow-loader"
+    log_stream_name = "local"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 60_000
+
+
+def test_handler_fails_exactly_the_bad_record(
+    local_aws: LocalAws, local_snowflake: LocalSnowflake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the staging bucket with its S3 -> SQS notification, a run manifest, and two staged
+    # files: one good, one with a bad NUMBER value
+    suffix = uuid.uuid4().hex[:10]
+    resources = create_staging_resources(local_aws, bucket=f"pgsnow-handler-{suffix}")
+    env = {
+        "S3_STAGE_BUCKET": resources.bucket,
+        "PGSNOW_TABLES": "public.orders",
+        "SNOWFLAKE_ACCOUNT": "local",
+        "SNOWFLAKE_USER": "pgsnow",
+        "SNOWFLAKE_PASSWORD": "local",
+        "SNOWFLAKE_DATABASE": f"DB_{suffix.upper()}",
+    }
+    settings = Settings.from_env(env, component=Component.LOADER)
+    s3 = local_aws.client("s3")
+    conn = snowflake.connector.connect(
+        **local_snowflake.connect_kwargs(database=settings.snowflake.database or "", schema="PUBLIC")
+    )
+    with conn.cursor() as cursor:
+        cursor.execute(build_create_schema(settings.snowflake.database or "", "PGSNOW"))
+        cursor.execute(
+            build_create_stage(
+                settings.snowflake.database or "",
+                "PGSNOW",
+                "PGSNOW_STAGE",
+                bucket=resources.bucket,
+                prefix=resources.prefix,
+                storage_integration=None,
+            )
+        )
+    put_run_manifest(s3, settings)
+    good_key = data_key(settings.prefix, ORDERS, 1, RUN, FileFormat.CSV)
+    bad_key = data_key(settings.prefix, ORDERS, 2, RUN, FileFormat.CSV)
+    put_staged_file(s3, settings, good_key, csv_gz_bytes(ORDER_ROWS), rows=len(ORDER_ROWS))
+    put_staged_file(s3, settings, bad_key, csv_gz_bytes([(4, "oops", *ORDER_ROWS[0][2:])]), rows=1)
+    sqs = local_aws.client("sqs")
+    messages: list[dict[str, Any]] = []
+    for _ in range(5):
+        received = sqs.receive_message(
+            QueueUrl=resources.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+        )
+        messages += received.get("Messages", [])
+        if len(messages) >= 3:
+            break
+    bodies = [json.loads(m["Body"]) for m in messages]
+    assert any(b.get("Event") == "s3:TestEvent" for b in bodies)  # S3's TestEvent is in the batch
+    event = {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": {"ApproximateReceiveCount": "1"},
+                "messageAttributes": {},
+                "md5OfBody": m["MD5OfBody"],
+                "eventSource": "aws:sqs",
+                "eventSourceARN": resources.queue_arn,
+                "awsRegion": local_aws.region,
+            }
+            for m in messages
+        ]
+    }
+    bad_message_ids = [
+        m["MessageId"]
+        for m, b in zip(messages, bodies, strict=True)
+        if [unquote_plus(r["s3"]["object"]["key"]) for r in b.get("Records", [])] == [bad_key]
+    ]
+    app = import_loader_app()
+    monkeypatch.setattr(app, "loader_runtime", lambda: Runtime(settings=settings, s3=s3, _snowflake=conn))
+
+    # When the handler gets the batch
+    response = app.handler(event, FakeLambdaContext())
+
+    # Then only the bad file's message is reported failed, and the good file is loaded
+    assert response == {"batchItemFailures": [{"itemIdentifier": i} for i in bad_message_ids]}
+    assert len(bad_message_ids) == 1
+    assert order_count(conn, settings) == len(ORDER_ROWS)
+    assert [row[0] for row in ledger_rows(conn, settings)] == [good_key]
+    conn.close()
