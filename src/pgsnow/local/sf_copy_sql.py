@@ -568,8 +568,8 @@ def csv_reader_sql(url: str, options: CsvOptions) -> str:
         "nullstr = " + (duck_string("") if options.empty_field_as_null else duck_string(NEVER_NULL_MARKER)),
         f"compression = {duck_string(_DUCK_COMPRESSION[options.compression])}",
         "new_line = '\\n'",
-        # Rows with too few fields get NULLs, so a mismatch is ours to report, not the reader's.
-        "null_padding = true",
+        # No null_padding: DuckDB then rejects newlines inside quoted fields. A row with a
+        # different number of fields is reported as a parse error of its file.
     ]
     return f"read_csv({', '.join(arguments)})"
 
