@@ -156,6 +156,8 @@ def extract_table(
     run_id = run_id or new_run_id(started_at)
     started = time.monotonic()
     log_context = {"run_id": run_id, "table": table.qualified}
+    manifest: RunManifest | None = None
+    files: list[StagedFile] = []
     try:
         schema: TableSchema = describe_table(pg_conn, table)
         check_values_fit(pg_conn, schema)
@@ -173,7 +175,6 @@ def extract_table(
         put_manifest(s3, settings.bucket, manifest)
         logger.info("extracting", extra={**log_context, "file_format": chosen.value})
 
-        files: list[StagedFile] = []
         uploader = _Uploader(settings, s3, table, run_id, chosen, files)
         reader = TableReader(pg_conn, schema)
         with tempfile.TemporaryDirectory(prefix="pgsnow-") as work_dir:
@@ -183,10 +184,18 @@ def extract_table(
         staged = manifest.with_state(RunState.STAGED, files=tuple(files), finished_at=_iso(now()))
         put_manifest(s3, settings.bucket, staged)
     except psycopg2.Error as exc:
-        raise classify_pg_error(exc, table=table.qualified, run_id=run_id) from exc
+        error = classify_pg_error(exc, table=table.qualified, run_id=run_id)
+        _record_failure(s3, bucket=settings.bucket, manifest=manifest, files=files, now=now, error=error)
+        raise error from exc
     except PgSnowError as exc:
         exc.table = exc.table or table.qualified
         exc.run_id = exc.run_id or run_id
+        _record_failure(s3, bucket=settings.bucket, manifest=manifest, files=files, now=now, error=exc)
+        raise
+    except Exception as exc:
+        # Anything else (disk full, an Arrow conversion) still must not leave the run
+        # looking like it is in progress; the error itself propagates unchanged.
+        _record_failure(s3, bucket=settings.bucket, manifest=manifest, files=files, now=now, error=exc)
         raise
     finally:
         _end_snapshot(pg_conn)
@@ -215,3 +224,27 @@ def _end_snapshot(pg_conn: Connection) -> None:
     except psycopg2.Error:
         logger.warning("could not end the PostgreSQL transaction; the connection will be replaced")
         pg_conn.close()
+
+
+def _record_failure(
+    s3: Any,
+    *,
+    bucket: str,
+    manifest: RunManifest | None,
+    files: list[StagedFile],
+    now: Callable[[], datetime],
+    error: BaseException,
+) -> None:
+    """Rewrite a started run's manifest as ``failed`` (with the files staged so far)."""
+    if manifest is None:
+        return  # nothing was written yet
+    failed = manifest.with_state(RunState.FAILED, files=tuple(files), finished_at=_iso(now()))
+    context = {"run_id": manifest.run_id, "table": manifest.table.qualified, "error": type(error).__name__}
+    try:
+        put_manifest(s3, bucket, failed)
+    except PgSnowError as put_error:
+        logger.warning("could not mark the run failed", extra={**context, "put_error": put_error.message})
+        return
+    # The error's message travels with the exception; the log names only its type
+    # (database messages can quote row contents).
+    logger.error("extraction failed; manifest marked failed", extra={**context, "files": len(files)})

@@ -919,3 +919,38 @@ def test_handler_missing_allowlisted_table_is_permanent(
     with pytest.raises(PermanentError, match="does not exist"):
         handler({"schema_name": table.schema, "table_name": "missing_table"}, lambda_context())
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_failure_mid_run_marks_the_manifest_failed(
+    admin: psycopg2.extensions.connection, schema_name: str, s3: Any, bucket: str, pg_dsn: str, pg_conn: Any
+) -> None:
+    # Given a view whose third row fails to compute (division by zero) after two rows streamed
+    base = TableRef(schema_name, f"fails_base_{uuid.uuid4().hex[:6]}")
+    view = TableRef(schema_name, f"fails_view_{uuid.uuid4().hex[:6]}")
+    create_table(admin, base, "id integer")
+    insert_rows(admin, base, ["id"], [(1,), (2,), (3,), (4,)])
+    run_sql(
+        admin,
+        sql.SQL("CREATE VIEW {} AS SELECT id, 10 / (3 - id) AS ratio FROM {}").format(
+            sql.Identifier(view.schema, view.table), sql.Identifier(base.schema, base.table)
+        ),
+    )
+    settings = make_settings(bucket, pg_dsn, batch_rows=1)
+    run_id = "20261125T130000000000Z"
+
+    # When it is extracted
+    with pytest.raises(PermanentError) as raised:
+        extract_table(
+            settings=settings, pg_conn=pg_conn, s3=s3, table=view, file_format=FileFormat.CSV, run_id=run_id
+        )
+
+    # Then the error is classified from its SQLSTATE, and the manifest says failed, listing what was staged
+    assert (raised.value.sqlstate, raised.value.run_id, raised.value.table) == (
+        "22012",
+        run_id,
+        view.qualified,
+    )
+    failed = get_manifest(s3, bucket, view, run_id)
+    assert failed.state is RunState.FAILED and failed.finished_at is not None
+    assert [f.rows for f in failed.files] == [1, 1]
+    assert pg_conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
