@@ -463,8 +463,8 @@ def parse_copy(sql_text: str) -> CopyStatement | None:
             if isinstance(c, exp.Identifier)
         )
         target = target.this
-    if not isinstance(target, exp.Table):
-        return None
+    if not isinstance(target, exp.Table) or not isinstance(target.this, exp.Identifier):
+        return None  # COPY INTO @stage / 's3://...' unloads: not ours
     sources = statement.args.get("files") or []
     if len(sources) != 1:
         raise CopySyntaxError("COPY INTO needs exactly one source")

@@ -122,15 +122,12 @@ def parse_show_parameters(sql_text: str) -> str | None:
     if not match:
         return None
     pattern = match.group(1).replace("''", "'")
-    regex = re.compile(
-        "^" + "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern) + "$",
-        re.IGNORECASE,
-    )
-    if not any(regex.match(name) for name in KEPT_SESSION_PARAMETERS):
+    if not any(like_matches(pattern, name) for name in KEPT_SESSION_PARAMETERS):
         return None
     return pattern
 
 
 def like_matches(pattern: str, name: str) -> bool:
+    """SQL LIKE, case-insensitive as in SHOW commands."""
     regex = "^" + "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern) + "$"
     return re.match(regex, name, re.IGNORECASE) is not None
