@@ -327,19 +327,45 @@ def test_a_bad_value_aborts_the_whole_statement(conn: Any, s3: Any) -> None:
     ) == [(0,)]
 
 
-def test_on_error_continue_loads_the_good_rows(conn: Any, s3: Any) -> None:
-    table = unique("CONTINUE")
+@pytest.mark.parametrize(
+    ("on_error", "expected_result", "expected_ids"),
+    [
+        pytest.param(
+            "CONTINUE", ("PARTIALLY_LOADED", 3, 2, 3, 1), [(1,), (3,)], id="continue-loads-good-rows"
+        ),
+        pytest.param("SKIP_FILE", ("LOAD_FAILED", 3, 0, 1, 1), [], id="skip-file-loads-nothing-of-it"),
+    ],
+)
+def test_on_error_options(
+    conn: Any, s3: Any, on_error: str, expected_result: tuple[Any, ...], expected_ids: list[tuple[int]]
+) -> None:
+    # Given a file with one bad row (line 3: the header is line 1)
+    table = unique("ONERR")
     conn.cursor().execute(f'CREATE TABLE "{table}" ("ID" NUMBER(38,0))')
-    put_csv(s3, f"{STAGE_PREFIX}/public/cont/c.csv.gz", "id\n1\nx\n3\n")
+    put_csv(s3, f"{STAGE_PREFIX}/public/onerr/{table}.csv.gz", "id\n1\nx\n3\n")
 
-    sql = copy_csv_sql(table, ["ID"], ["$1"], "public/cont/", ["c.csv.gz"]).replace(
-        "ON_ERROR = ABORT_STATEMENT", "ON_ERROR = CONTINUE"
+    # When it is copied with the ON_ERROR option
+    sql = copy_csv_sql(table, ["ID"], ["$1"], "public/onerr/", [f"{table}.csv.gz"]).replace(
+        "ON_ERROR = ABORT_STATEMENT", f"ON_ERROR = {on_error}"
     )
     result = rows(conn, sql)[0]
 
-    assert result[1:6] == ("PARTIALLY_LOADED", 3, 2, 3, 1)
-    assert result[7] == 3  # line 3 of the file: the header is line 1
-    assert rows(conn, f'SELECT "ID" FROM "{table}" ORDER BY 1') == [(1,), (3,)]
+    # Then the result row and the table agree with Snowflake's
+    assert result[1:6] == expected_result
+    assert result[6] == "Numeric value 'x' is not recognized"
+    assert result[7] == 3
+    assert result[9] == f'"{table}"["ID":1]'
+    assert rows(conn, f'SELECT "ID" FROM "{table}" ORDER BY 1') == expected_ids
+
+
+def test_null_into_a_not_null_column_aborts(conn: Any, s3: Any) -> None:
+    table = unique("NOTNULL")
+    conn.cursor().execute(f'CREATE TABLE "{table}" ("ID" NUMBER(38,0) NOT NULL)')
+    put_csv(s3, f"{STAGE_PREFIX}/public/notnull/n.csv.gz", "id\n1\n\n")
+
+    with pytest.raises(ProgrammingError, match="NULL result in a non-nullable column"):
+        conn.cursor().execute(copy_csv_sql(table, ["ID"], ["$1"], "public/notnull/", ["n.csv.gz"]))
+    assert rows(conn, f'SELECT COUNT(*) FROM "{table}"') == [(0,)]
 
 
 def test_a_missing_file_is_an_error(conn: Any) -> None:
