@@ -525,3 +525,23 @@ def test_handler_fails_exactly_the_bad_record(
     assert order_count(conn, settings) == len(ORDER_ROWS)
     assert [row[0] for row in ledger_rows(conn, settings)] == [good_key]
     conn.close()
+
+
+def test_redelivery_after_cleanup_is_already_loaded(settings: Settings, s3: Any, sf_conn: Any) -> None:
+    # Given a loaded file that cleanup then deleted, and a never-loaded key that is gone too
+    key = data_key(settings.prefix, ORDERS, 1, RUN, FileFormat.CSV)
+    put_run_manifest(s3, settings)
+    put_staged_file(s3, settings, key, csv_gz_bytes(ORDER_ROWS), rows=len(ORDER_ROWS))
+    staged = parse_data_key(key, settings.prefix)
+    load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[staged])
+    s3.delete_object(Bucket=settings.bucket, Key=key)
+    never_loaded = parse_data_key(data_key(settings.prefix, ORDERS, 9, RUN, FileFormat.CSV), settings.prefix)
+
+    # When their notifications are delivered (again)
+    results = load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[staged])
+    with pytest.raises(PermanentError, match="no longer exists"):
+        load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[never_loaded])
+
+    # Then the loaded one is reported as already loaded, with its rows, and nothing changed
+    assert [(r.status, r.rows) for r in results] == [(LoadStatus.ALREADY_LOADED, len(ORDER_ROWS))]
+    assert order_count(sf_conn, settings) == len(ORDER_ROWS)
