@@ -954,3 +954,32 @@ def test_failure_mid_run_marks_the_manifest_failed(
     assert failed.state is RunState.FAILED and failed.finished_at is not None
     assert [f.rows for f in failed.files] == [1, 1]
     assert pg_conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+
+def test_parquet_chunks_that_straddle_batches(
+    monkeypatch: pytest.MonkeyPatch,
+    admin: psycopg2.extensions.connection,
+    schema_name: str,
+    s3: Any,
+    bucket: str,
+    pg_dsn: str,
+    pg_conn: Any,
+) -> None:
+    # Given cursor chunks (3 rows) that do not divide the batch size (4 rows)
+    import pgsnow.extract as extract_module
+
+    monkeypatch.setattr(extract_module, "PARQUET_CHUNK_ROWS", 3)
+    table = TableRef(schema_name, f"straddle_{uuid.uuid4().hex[:6]}")
+    create_table(admin, table, "id integer PRIMARY KEY")
+    insert_rows(admin, table, ["id"], [(i,) for i in range(1, 11)])
+    settings = make_settings(bucket, pg_dsn, batch_rows=4)
+
+    # When it is extracted as Parquet
+    manifest = extract_table(
+        settings=settings, pg_conn=pg_conn, s3=s3, table=table, file_format=FileFormat.PARQUET
+    )
+
+    # Then files are cut at exactly 4 rows regardless of chunking, every row once, in key order
+    assert [f.rows for f in manifest.files] == [4, 4, 2]
+    ids = [i for f in manifest.files for i in read_parquet_object(s3, bucket, f.key).column("id").to_pylist()]
+    assert ids == list(range(1, 11))
