@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psycopg2
-import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 
@@ -40,7 +39,6 @@ SESSION_SETTINGS: Mapping[str, str] = {
     "DateStyle": "ISO, YMD",
     "IntervalStyle": "iso_8601",
     "extra_float_digits": "1",
-    "client_encoding": "UTF8",
 }
 
 # Snowflake DATE/TIMESTAMP hold years 1..9999; PostgreSQL also has BC years and infinity.
@@ -67,6 +65,7 @@ def connect(dsn: str, *, statement_timeout_ms: int = 0) -> Connection:
         raise classify_pg_error(exc) from exc
     try:
         conn.autocommit = True
+        conn.set_client_encoding("UTF8")  # through psycopg2, so it decodes with the same encoding
         with conn.cursor() as cur:
             for name, value in {**SESSION_SETTINGS, "statement_timeout": str(statement_timeout_ms)}.items():
                 cur.execute("SELECT set_config(%s, %s, false)", (name, value))
@@ -136,13 +135,18 @@ class TableSchema:
     columns: tuple[Column, ...]
     primary_key: tuple[str, ...]
     estimated_rows: int | None  # pg_class.reltuples; None when never analysed
+    relkind: str = "r"  # pg_class.relkind: r table, p partitioned, v view, m matview, f foreign
+
+    @property
+    def has_ctid(self) -> bool:
+        return self.relkind in {"r", "p", "m"}
 
     def column(self, name: str) -> Column:
         return next(c for c in self.columns if c.name == name)
 
 
 _RELATION_SQL = """
-SELECT c.oid, has_table_privilege(c.oid, 'SELECT'), c.reltuples::bigint
+SELECT c.oid, has_table_privilege(c.oid, 'SELECT'), c.reltuples::bigint, c.relkind
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
@@ -198,7 +202,7 @@ def describe_table(conn: SupportsExecute, table: TableRef) -> TableSchema:
                 table=table.qualified,
                 sqlstate="42P01",
             )
-        relid, can_select, reltuples = relation
+        relid, can_select, reltuples, relkind = relation
         if not can_select:
             raise PermanentError(
                 f"the PostgreSQL user may not SELECT from {table.qualified!r}",
@@ -224,6 +228,7 @@ def describe_table(conn: SupportsExecute, table: TableRef) -> TableSchema:
         columns=tuple(columns),
         primary_key=primary_key,
         estimated_rows=int(reltuples) if reltuples is not None and reltuples >= 0 else None,
+        relkind=str(relkind),
     )
 
 
@@ -234,8 +239,9 @@ def describe_table(conn: SupportsExecute, table: TableRef) -> TableSchema:
 class _ValueRule:
     column: str
     problem: str
+    # Values are sql.Literal (psycopg2's own quoting), not %s parameters: a '%' in a column
+    # name would be read as a placeholder once parameters are passed.
     condition: sql.Composable
-    params: tuple[Any, ...]
 
 
 def _value_rules(schema: TableSchema) -> list[_ValueRule]:
@@ -244,40 +250,43 @@ def _value_rules(schema: TableSchema) -> list[_ValueRule]:
         ident = sql.Identifier(col.name)
         if col.kind is ValueKind.DECIMAL:
             rules.append(
-                _ValueRule(col.name, "numeric NaN", sql.SQL("{} = %s::numeric").format(ident), ("NaN",))
+                _ValueRule(
+                    col.name, "numeric NaN", sql.SQL("{} = {}::numeric").format(ident, sql.Literal("NaN"))
+                )
             )
             if col.base_type == "numeric":
                 rules.append(
                     _ValueRule(
                         col.name,
                         "a value of 1e28 or more in magnitude (unbounded numeric is staged as NUMBER(38,10))",
-                        sql.SQL("abs({}) >= %s").format(ident),
-                        (UNBOUNDED_NUMERIC_LIMIT,),
+                        sql.SQL("abs({}) >= {}").format(ident, sql.Literal(UNBOUNDED_NUMERIC_LIMIT)),
                     )
                 )
                 rules.append(
                     _ValueRule(
                         col.name,
                         "digits beyond scale 10 (unbounded numeric is staged as NUMBER(38,10); never rounded)",
-                        sql.SQL("{0} <> round({0}, 10)").format(ident),
-                        (),
+                        sql.SQL("{0} <> round({0}, {1})").format(ident, sql.Literal(10)),
                     )
                 )
         elif col.kind in {ValueKind.DATE, ValueKind.TIMESTAMP, ValueKind.TIMESTAMPTZ}:
             rules.append(
-                _ValueRule(col.name, "an infinite date/time", sql.SQL("NOT isfinite({})").format(ident), ())
+                _ValueRule(col.name, "an infinite date/time", sql.SQL("NOT isfinite({})").format(ident))
             )
             rules.append(
                 _ValueRule(
                     col.name,
                     f"a year outside {MIN_YEAR}..{MAX_YEAR} (BC or too far ahead; UTC for timestamptz)",
-                    sql.SQL("extract(year FROM {}) NOT BETWEEN %s AND %s").format(ident),
-                    (MIN_YEAR, MAX_YEAR),
+                    sql.SQL("extract(year FROM {}) NOT BETWEEN {} AND {}").format(
+                        ident, sql.Literal(MIN_YEAR), sql.Literal(MAX_YEAR)
+                    ),
                 )
             )
         elif col.kind is ValueKind.TIME:
             rules.append(
-                _ValueRule(col.name, "time 24:00:00", sql.SQL("{} = %s::time").format(ident), ("24:00:00",))
+                _ValueRule(
+                    col.name, "time 24:00:00", sql.SQL("{} = {}::time").format(ident, sql.Literal("24:00:00"))
+                )
             )
     return rules
 
@@ -291,11 +300,13 @@ def check_values_fit(conn: SupportsExecute, schema: TableSchema) -> None:
     rules = _value_rules(schema)
     if not rules:
         return
-    row_id = (
-        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in schema.primary_key)
-        if schema.primary_key
-        else sql.SQL("ctid::text")
-    )
+    row_id: sql.Composable
+    if schema.primary_key:
+        row_id = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in schema.primary_key)
+    elif schema.has_ctid:
+        row_id = sql.SQL("ctid::text")
+    else:
+        row_id = sql.SQL("NULL::text")  # a view without a key: no way to point at the row
     flags = sql.SQL(", ").join(sql.SQL("coalesce({}, false)").format(r.condition) for r in rules)
     any_flag = sql.SQL(" OR ").join(sql.SQL("({})").format(r.condition) for r in rules)
     query = sql.SQL("SELECT {row_id}, {flags} FROM {table} WHERE {any_flag} LIMIT 1").format(
@@ -304,9 +315,8 @@ def check_values_fit(conn: SupportsExecute, schema: TableSchema) -> None:
         table=sql.Identifier(schema.table.schema, schema.table.table),
         any_flag=any_flag,
     )
-    params = [p for r in rules for p in r.params] * 2
     with conn.cursor() as cur:
-        cur.execute(query, params)
+        cur.execute(query)
         found = cur.fetchone()
     if found is None:
         return
@@ -316,7 +326,7 @@ def check_values_fit(conn: SupportsExecute, schema: TableSchema) -> None:
     where = (
         f"primary key ({', '.join(schema.primary_key)})=({', '.join(str(v) for v in key_values)})"
         if schema.primary_key
-        else f"ctid {key_values[0]}"
+        else (f"ctid {key_values[0]}" if schema.has_ctid else "a row")
     )
     raise PermanentError(
         f"column {rule.column!r} of {schema.table.qualified} has {rule.problem} at {where}; "

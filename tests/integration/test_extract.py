@@ -983,3 +983,48 @@ def test_parquet_chunks_that_straddle_batches(
     assert [f.rows for f in manifest.files] == [4, 4, 2]
     ids = [i for f in manifest.files for i in read_parquet_object(s3, bucket, f.key).column("id").to_pylist()]
     assert ids == list(range(1, 11))
+
+
+@pytest.mark.parametrize(
+    ("relation", "where"),
+    [
+        pytest.param("table", "at ctid (0,2)", id="table-without-key-names-ctid"),
+        pytest.param("view", "at a row", id="view-without-key"),
+    ],
+)
+def test_value_errors_without_a_primary_key_and_percent_in_names(
+    admin: psycopg2.extensions.connection,
+    schema_name: str,
+    s3: Any,
+    bucket: str,
+    pg_dsn: str,
+    pg_conn: Any,
+    relation: str,
+    where: str,
+) -> None:
+    # Given a relation without a primary key whose column name has a '%' and a quote, holding 'infinity'
+    base = TableRef(schema_name, f'keyless_{uuid.uuid4().hex[:6]} 100% "q"')
+    create_table(admin, base, 'label text, "50% off ""now""" timestamp')
+    run_sql(
+        admin,
+        sql.SQL("INSERT INTO {} VALUES ('fine', '2024-01-01'), ('bad', 'infinity')").format(
+            sql.Identifier(base.schema, base.table)
+        ),
+    )
+    target = base
+    if relation == "view":
+        target = TableRef(schema_name, f"keyless_view_{uuid.uuid4().hex[:6]}")
+        run_sql(
+            admin,
+            sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
+                sql.Identifier(target.schema, target.table), sql.Identifier(base.schema, base.table)
+            ),
+        )
+
+    # When it is extracted
+    with pytest.raises(PermanentError) as raised:
+        extract_table(settings=make_settings(bucket, pg_dsn), pg_conn=pg_conn, s3=s3, table=target)
+
+    # Then the error names the column and points at the row as well as it can
+    assert """column '50% off "now"'""" in str(raised.value)
+    assert "infinite date/time" in str(raised.value) and where in str(raised.value)
