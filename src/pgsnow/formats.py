@@ -175,7 +175,9 @@ def arrow_type(column: Column) -> pa.DataType:
             assert column.precision is not None and column.scale is not None
             return pa.decimal128(column.precision, column.scale)
         case ValueKind.FLOAT:
-            return pa.float32() if base == "real" else pa.float64()
+            # `real` too: psycopg2 parses PostgreSQL's shortest text ('1.1') into a double, which is
+            # what CSV stages and what Snowflake's FLOAT holds; float32 would widen to 1.100000023841858.
+            return pa.float64()
         case ValueKind.BOOLEAN:
             return pa.bool_()
         case ValueKind.DATE:

@@ -96,7 +96,7 @@ def test_gzip_output_is_deterministic(tmp_path: Path) -> None:
         pytest.param("bigint", pa.int64(), id="bigint"),
         pytest.param("numeric(12,2)", pa.decimal128(12, 2), id="numeric-p-s"),
         pytest.param("numeric", pa.decimal128(38, 10), id="numeric-unbounded"),
-        pytest.param("real", pa.float32(), id="real"),
+        pytest.param("real", pa.float64(), id="real"),
         pytest.param("double precision", pa.float64(), id="double"),
         pytest.param("text", pa.string(), id="text"),
         pytest.param("uuid", pa.string(), id="uuid"),
