@@ -25,10 +25,11 @@ from typing import Any
 
 from pgsnow.config import CleanupMode, Settings
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import CONTROL_PREFIX, manifest_key
+from pgsnow.keys import CONTROL_PREFIX
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.snowflake import ledger_name
+from pgsnow.staging import put_manifest
 
 # Snowflake caps the number of expressions in an IN list; stay well below it.
 _LEDGER_QUERY_CHUNK = 500
@@ -114,13 +115,7 @@ def cleanup_run(*, settings: Settings, s3: Any, sf_conn: Any, manifest: RunManif
         result.deleted_bytes = sum(f.bytes for f in deletable if f.key in deleted)
 
     if all_loaded:
-        finished = manifest.with_state(RunState.LOADED)
-        s3.put_object(
-            Bucket=settings.bucket,
-            Key=manifest_key(manifest.table, manifest.run_id),
-            Body=finished.to_json().encode(),
-            ContentType="application/json",
-        )
+        put_manifest(s3, settings.bucket, manifest.with_state(RunState.LOADED))
         result.state = RunState.LOADED
     logger.info("cleanup pass", extra=result.as_dict())
     return result

@@ -29,8 +29,6 @@ from pgsnow.typemap import ValueKind
 
 CSV_GZIP_LEVEL = 1
 PARQUET_COMPRESSION = "zstd"
-CSV_CONTENT_TYPE = "text/csv; charset=utf-8"
-PARQUET_CONTENT_TYPE = "application/vnd.apache.parquet"
 
 
 @dataclass(frozen=True)

@@ -42,14 +42,12 @@ from pgsnow.snowflake import (
     classify_snowflake_error,
     load_columns_from_table,
 )
+from pgsnow.staging import ManifestNotFoundError, classify_s3_error, get_manifest
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from snowflake.connector import SnowflakeConnection
 
-_RETRYABLE_S3_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError", "ServiceUnavailable"}
-)
 _MISSING_S3_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
@@ -169,9 +167,9 @@ def head_staged_object(s3: S3Client, bucket: str, staged: StagedObject) -> Objec
     except ClientError as exc:
         if _s3_code(exc) in _MISSING_S3_CODES:
             return None
-        raise _classify_s3_error(exc, staged.key) from exc
+        raise classify_s3_error(exc, s3_key=staged.key) from exc
     except BotoCoreError as exc:
-        raise _classify_s3_error(exc, staged.key) from exc
+        raise classify_s3_error(exc, s3_key=staged.key) from exc
     metadata = {k.lower(): v for k, v in response.get("Metadata", {}).items()}
     rows_text = metadata.get(META_ROWS)
     rows: int | None = None
@@ -199,41 +197,26 @@ def head_staged_object(s3: S3Client, bucket: str, staged: StagedObject) -> Objec
 
 def read_run_manifest(s3: S3Client, bucket: str, table: TableRef, run_id: str) -> RunManifest:
     """The run's manifest. Missing means the extractor has not written it yet: retry later."""
-    key = manifest_key(table, run_id)
     try:
-        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as exc:
-        if _s3_code(exc) in _MISSING_S3_CODES:
-            raise RetryableError(
-                "the run's manifest is not in the bucket (yet)",
-                table=table.qualified,
-                s3_key=key,
-                run_id=run_id,
-            ) from exc
-        raise _classify_s3_error(exc, key) from exc
-    except BotoCoreError as exc:
-        raise _classify_s3_error(exc, key) from exc
-    manifest = RunManifest.from_json(body, s3_key=key)
+        manifest = get_manifest(s3, bucket, table, run_id)
+    except ManifestNotFoundError as exc:
+        raise RetryableError(
+            "the run's manifest is not in the bucket (yet)",
+            table=table.qualified,
+            s3_key=exc.s3_key,
+            run_id=run_id,
+        ) from exc
     if manifest.table != table or manifest.run_id != run_id:
         raise PermanentError(
-            f"manifest is for {manifest.table.qualified} run {manifest.run_id}", s3_key=key, run_id=run_id
+            f"manifest is for {manifest.table.qualified} run {manifest.run_id}",
+            s3_key=manifest_key(table, run_id),
+            run_id=run_id,
         )
     return manifest
 
 
 def _s3_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _classify_s3_error(exc: ClientError | BotoCoreError, key: str) -> PgSnowError:
-    """Throttling, timeouts and 5xx are retryable; denied access or a missing bucket is not."""
-    if isinstance(exc, BotoCoreError):
-        return RetryableError(f"S3 request failed: {exc}", s3_key=key)
-    code = _s3_code(exc)
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    if code in _RETRYABLE_S3_CODES or status >= 500:
-        return RetryableError(f"S3 {code or status}: {exc}", s3_key=key)
-    return PermanentError(f"S3 {code or status}: {exc}", s3_key=key)
 
 
 # --------------------------------------------------------------------------- Snowflake

@@ -14,12 +14,13 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pgsnow.errors import PermanentError, PgSnowError, RetryableError
-from pgsnow.formats import CSV_CONTENT_TYPE, PARQUET_CONTENT_TYPE
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, manifest_key
 from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, RunManifest
 
 MANIFEST_CONTENT_TYPE = "application/json"
+CSV_CONTENT_TYPE = "text/csv; charset=utf-8"
+PARQUET_CONTENT_TYPE = "application/vnd.apache.parquet"
 
 _RETRYABLE_S3_CODES = {
     "SlowDown",
