@@ -41,7 +41,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import duckdb
-import fakesnow.server as fakesnow_server
 import uvicorn
 from fakesnow import info_schema, macros
 from fakesnow.conn import FakeSnowflakeConnection
@@ -73,6 +72,7 @@ from pgsnow.local.sf_copy_sql import (
     parse_copy,
     parse_copy_source,
 )
+from pgsnow.local.sf_fakesnow import server_module as fakesnow_server
 from pgsnow.local.sf_session_sql import (
     KEPT_SESSION_PARAMETERS,
     CreateStage,
@@ -495,7 +495,8 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
         token = _token(request)
         conn = fakesnow_server.sessions.get(token) if token else None
         if token is None or conn is None:
-            return await fakesnow_server.query_request(request)
+            passed_on: Response = await fakesnow_server.query_request(request)
+            return passed_on
         body_json = await _read_json(request)
         sql_text = body_json.get("sqlText", "")
         if not body_json.get("bindings"):
@@ -508,7 +509,8 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
                 return _error_response(error)
             if replacement is not None:
                 body_json["sqlText"] = replacement
-        return await fakesnow_server.query_request(_with_body(request, body_json))
+        answered: Response = await fakesnow_server.query_request(_with_body(request, body_json))
+        return answered
 
     async def session(request: Request) -> Response:
         token = _token(request)
@@ -516,7 +518,8 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
             with state.lock:
                 state.tokens.discard(token)
                 state.session_parameters.pop(token, None)
-        return await fakesnow_server.session(request)
+        ended: Response = await fakesnow_server.session(request)
+        return ended
 
     passthrough: dict[str, Callable[[Request], Awaitable[Response] | Response]] = {
         route.path: route.endpoint for route in fakesnow_server.routes if isinstance(route, Route)
