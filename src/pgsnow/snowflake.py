@@ -67,6 +67,8 @@ def connection_kwargs(
         "account": settings.account,
         "user": settings.user,
         "database": settings.database,
+        # A current schema: fully qualified SQL does not need one, but the local emulator's MERGE does.
+        "schema": settings.control_schema,
         "warehouse": settings.warehouse,
         "role": settings.role,
         "paramstyle": PARAMSTYLE,
