@@ -127,6 +127,8 @@ def stack_environment(
         "SNOWFLAKE_PORT": str(snowflake.port),
         "SNOWFLAKE_PROTOCOL": "http",
         "POWERTOOLS_METRICS_NAMESPACE": "pgsnow",
+        # EMF lines are for CloudWatch; locally they would only bury the report.
+        "POWERTOOLS_METRICS_DISABLED": "true",
         "POWERTOOLS_SERVICE_NAME": "pgsnow",
     }
 
@@ -173,9 +175,14 @@ def start_stack(
         stoppers.append(aws.stop)
         resources = create_staging_resources(aws, bucket=DEMO_BUCKET, prefix=DEMO_PREFIX)
         progress("starting the local Snowflake")
-        snowflake = start_local_snowflake(s3_endpoint_url=aws.endpoint_url, data_dir=data_dir / "snowflake")
-        if hasattr(snowflake, "stop"):
-            stoppers.append(snowflake.stop)
+        snowflake = start_local_snowflake(
+            s3_endpoint_url=aws.endpoint_url,
+            aws_access_key_id=aws.access_key_id,
+            aws_secret_access_key=aws.secret_access_key,
+            region=aws.region,
+            data_dir=data_dir / "snowflake",
+        )
+        stoppers.append(snowflake.stop)
         env = stack_environment(
             pg_dsn=postgres.dsn,
             aws=aws,

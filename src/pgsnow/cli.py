@@ -1,0 +1,277 @@
+"""The ``pgsnow`` command line.
+
+Each subcommand is one ``add_*_command(subparsers)`` function that adds its
+parser and sets ``run`` to a ``(args) -> exit code`` function. To add a
+subcommand, write such a function and append it to ``COMMANDS``; nothing else
+in this module changes. Results go to stdout; progress and errors to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pgsnow.errors import PgSnowError
+from pgsnow.identifiers import TableRef
+
+CommandRegistrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+DEFAULT_DATA_DIR = Path(".pgsnow")
+UNUSED_S3_ENDPOINT = "http://127.0.0.1:9"  # discard port: `local sql` reads no stage
+
+
+def _progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def _table_list(text: str) -> list[TableRef]:
+    try:
+        return [TableRef.parse(item) for item in text.split(",") if item.strip()]
+    except PgSnowError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from exc
+
+
+def _table(text: str) -> TableRef:
+    try:
+        return TableRef.parse(text)
+    except PgSnowError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from exc
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def format_report(rows: Sequence[tuple[str, int, int, bool]]) -> list[str]:
+    """One aligned line per table: ``schema.table source_rows snowflake_rows OK|MISMATCH``."""
+    if not rows:
+        return []
+    name_width = max(len(name) for name, *_ in rows)
+    source_width = max(len(str(source)) for _, source, _, _ in rows)
+    target_width = max(len(str(target)) for _, _, target, _ in rows)
+    return [
+        f"{name:<{name_width}}  {source:>{source_width}}  {target:>{target_width}}  {'OK' if ok else 'MISMATCH'}"
+        for name, source, target, ok in rows
+    ]
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def add_demo_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="replicate tables through the local pipeline and compare every cell",
+        description="Start the local stack, replicate each table (the sample shop when nothing is named) "
+        "and print one line per table: schema.table source_rows snowflake_rows OK|MISMATCH.",
+    )
+    parser.add_argument("--pg-dsn", help="PostgreSQL to read (default: the local server or an embedded one)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--schema", help="replicate every table of this schema")
+    which.add_argument("--tables", type=_table_list, help="replicate these tables: schema.table,schema.table")
+    parser.add_argument("--format", choices=["csv", "parquet"], default="csv", help="staged file format")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where local state is kept")
+    parser.add_argument(
+        "--scale", type=_positive_float, default=1.0, help="sample shop size (1.0 = 200K lines)"
+    )
+    parser.add_argument("--verbose", action="store_true", help="show the functions' JSON logs")
+    parser.set_defaults(run=run_demo_command)
+
+
+def _quiet_handler_logs(verbose: bool) -> None:
+    """The handlers' JSON logs go to stdout; keep the report readable unless asked for them."""
+    if not verbose:
+        from pgsnow.observability import logger
+
+        logger.setLevel(logging.WARNING)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from pgsnow.demo.pipeline import run_demo
+
+    _quiet_handler_logs(args.verbose)
+
+    results = run_demo(
+        pg_dsn=args.pg_dsn,
+        tables=args.tables,
+        schema=args.schema,
+        file_format=args.format,
+        data_dir=args.data_dir,
+        progress=_progress,
+        scale=args.scale,
+    )
+    for line in format_report([(r.table.qualified, r.source_rows, r.snowflake_rows, r.ok) for r in results]):
+        print(line)
+    for result in results:
+        if not result.ok:
+            print(f"{result.table.qualified}: {result.detail}", file=sys.stderr)
+    return 0 if results and all(r.ok for r in results) else 1
+
+
+# ----------------------------------------------------------------------------- local
+
+
+def add_local_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    local = subparsers.add_parser("local", help="the local stack: PostgreSQL, moto, Snowflake emulator")
+    local_commands = local.add_subparsers(dest="local_command", required=True, metavar="COMMAND")
+
+    up = local_commands.add_parser("up", help="run the stack and the loader until Ctrl-C")
+    up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    up.add_argument("--pg-dsn")
+    up.set_defaults(run=run_local_up)
+
+    query = local_commands.add_parser(
+        "sql", help="run SQL on the persisted local Snowflake and print the rows"
+    )
+    query.add_argument("statement", help='e.g. "SELECT COUNT(*) FROM PGSNOW_DEMO.SHOP.ORDERS"')
+    query.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    query.set_defaults(run=run_local_sql)
+
+
+def describe_stack(stack: Any) -> list[str]:
+    """What a person needs to use the running stack from another shell."""
+    env = stack.env
+    example_key = f"{stack.resources.prefix}/public/my_table/my_file.csv.gz"
+    lines = [
+        f"PostgreSQL      {stack.pg_dsn}",
+        f"S3/SQS (moto)   {stack.aws.endpoint_url}  access key {env['AWS_ACCESS_KEY_ID']}"
+        f" secret {env['AWS_SECRET_ACCESS_KEY']}",
+        f"bucket          s3://{stack.resources.bucket}/{stack.resources.prefix}/",
+        f"queue           {stack.resources.queue_url}",
+        f"dead letters    {stack.resources.dlq_url}",
+        f"Snowflake       http://{env['SNOWFLAKE_HOST']}:{env['SNOWFLAKE_PORT']}"
+        f"  user {env['SNOWFLAKE_USER']} password {env['SNOWFLAKE_PASSWORD']}"
+        f" database {env['SNOWFLAKE_DATABASE']}",
+        "",
+        "Drop a file (the loader picks it up):",
+        f"  aws s3 cp --endpoint-url {stack.aws.endpoint_url} my_file.csv.gz s3://{stack.resources.bucket}/{example_key}",
+        "",
+        "Environment for the pgsnow commands and handlers:",
+    ]
+    lines.extend(f"  export {name}={_shell_quote(value)}" for name, value in sorted(env.items()))
+    return lines
+
+
+def _shell_quote(value: str) -> str:
+    import shlex
+
+    return shlex.quote(value)
+
+
+def run_local_up(args: argparse.Namespace) -> int:
+    from pgsnow.demo.pipeline import load_function_handler, process_environment, start_stack
+    from pgsnow.local.dispatcher import SqsDispatcher
+    from pgsnow.runtime import reset_runtime
+
+    stack = start_stack(pg_dsn=args.pg_dsn, data_dir=args.data_dir, progress=_progress)
+    try:
+        with process_environment(stack.env):
+            reset_runtime()
+            dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
+            dispatcher.start()
+            try:
+                for line in describe_stack(stack):
+                    print(line)
+                print("\nThe loader is listening. Ctrl-C stops everything.", flush=True)
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                print("stopping", file=sys.stderr)
+            finally:
+                dispatcher.stop()
+    finally:
+        stack.stop()
+    return 0
+
+
+def run_local_sql(args: argparse.Namespace) -> int:
+    import snowflake.connector
+
+    from pgsnow.local.snowflake import start_local_snowflake
+
+    # Plain queries read only the persisted tables; no S3 endpoint is needed, so none is given a real one.
+    local_snowflake = start_local_snowflake(
+        s3_endpoint_url=UNUSED_S3_ENDPOINT, data_dir=args.data_dir / "snowflake"
+    )
+    try:
+        conn = snowflake.connector.connect(**local_snowflake.connect_kwargs())
+        try:
+            cur = conn.cursor()
+            cur.execute(args.statement)
+            if cur.description:
+                print("\t".join(column[0] for column in cur.description))
+                for row in cur:
+                    print("\t".join("NULL" if value is None else str(value) for value in row))
+        finally:
+            conn.close()
+    finally:
+        local_snowflake.stop()
+    return 0
+
+
+# ----------------------------------------------------------------------------- extract
+
+
+def add_extract_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "extract", help="stage one table to S3 once, configured by the environment (like the extractor)"
+    )
+    parser.add_argument("table", type=_table, help="schema.table (must be in PGSNOW_TABLES)")
+    parser.set_defaults(run=run_extract_command)
+
+
+def run_extract_command(args: argparse.Namespace) -> int:
+    import boto3
+
+    from pgsnow.config import Component, Settings
+    from pgsnow.extract import extract_table
+    from pgsnow.postgres import connect
+    from pgsnow.runtime import postgres_dsn
+
+    settings = Settings.from_env(component=Component.EXTRACTOR)
+    pg_conn = connect(postgres_dsn(settings), statement_timeout_ms=settings.postgres.statement_timeout_ms)
+    try:
+        manifest = extract_table(settings=settings, pg_conn=pg_conn, s3=boto3.client("s3"), table=args.table)
+    finally:
+        pg_conn.close()
+    print(
+        f"{manifest.table.qualified} run {manifest.run_id}: {len(manifest.files)} "
+        f"{manifest.file_format.value} files, {manifest.total_rows} rows in s3://{settings.bucket}/{settings.prefix}/"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+
+COMMANDS: list[CommandRegistrar] = [add_demo_command, add_local_commands, add_extract_command]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgsnow",
+        description="Replicate PostgreSQL tables into Snowflake through S3; run it all locally.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        exit_code: int = args.run(args)
+    except PgSnowError as exc:
+        print(f"pgsnow: {exc}", file=sys.stderr)
+        return 2
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
