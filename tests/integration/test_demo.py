@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import fakesnow
@@ -20,6 +21,7 @@ from snowflake.connector import SnowflakeConnection
 
 from pgsnow.demo.compare import compare_table, read_table_shape
 from pgsnow.demo.dataset import SAMPLE_TABLES, create_sample_shop
+from pgsnow.demo.pipeline import run_demo
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.local.postgres import create_database, start_local_postgres
 from pgsnow.snowflake import PARAMSTYLE
@@ -311,3 +313,26 @@ def test_compare_reports_a_missing_snowflake_table(
     result = compare_table(pg_conn, sf_conn, TableRef("shop", "orders"), "NO_SUCH_DATABASE")
     assert not result.ok
     assert "cannot read Snowflake table" in result.detail
+
+
+# ----------------------------------------------------------------------------- the whole demo
+
+
+@pytest.mark.parametrize("file_format", ["csv", "parquet"])
+def test_run_demo_replicates_the_sample_shop(file_format: str, tmp_path: Path) -> None:
+    # Given nothing named: the demo creates the sample shop on the local PostgreSQL
+    # When it runs extractor -> S3 -> SQS -> loader -> cleanup for every table
+    results = run_demo(
+        pg_dsn=None,
+        tables=None,
+        schema=None,
+        file_format=file_format,
+        data_dir=tmp_path,
+        progress=None,
+        scale=0.02,
+    )
+    # Then every table arrives complete and identical
+    assert [r.table.qualified for r in results] == [f"shop.{name}" for name in SAMPLE_TABLES]
+    failures = [f"{r.table}: {r.detail}" for r in results if not r.ok]
+    assert not failures, "\n".join(failures)
+    assert all(r.source_rows == r.snowflake_rows > 0 for r in results)
