@@ -131,6 +131,9 @@ def _stage_parquet(
             if writer.rows >= batch_rows:
                 on_file(writer.close())
                 writer = None
+    if writer is None and batch == 0:
+        # An empty table still stages one (row-less) file: the loader creates the target from it.
+        writer = ParquetWriter(work_dir / "batch1.parquet", 1, reader.schema.columns)
     if writer is not None:
         on_file(writer.close())
 

@@ -110,8 +110,9 @@ class CsvBatchSplitter:
 
     PostgreSQL sends the header first and then one CopyData message per row, and psycopg2
     passes each message to ``write`` unchanged, so every call after the first is exactly one
-    CSV record (embedded newlines included). Each file repeats the header. A file is only
-    opened when its first record arrives, so an empty table yields no files.
+    CSV record (embedded newlines included). Each file repeats the header. An empty table
+    still yields one header-only file, so the loader creates (and, in later write modes,
+    empties) the target table from a run that staged no rows.
     """
 
     def __init__(
@@ -150,6 +151,14 @@ class CsvBatchSplitter:
 
     def finish(self) -> None:
         """Flush the last partial file, after COPY has returned."""
+        if self._current is None and self.rows == 0 and self._header is not None:
+            self._current = CsvGzipWriter(
+                self._path_for_batch(self._next_batch),
+                self._next_batch,
+                self._header,
+                compresslevel=self._compresslevel,
+            )
+            self._next_batch += 1
         if self._current is not None:
             self._finish_file()
 

@@ -498,8 +498,8 @@ def test_manifest_columns_types_and_primary_key(staged_kinds: StagedKinds) -> No
         pytest.param(25, 10, FileFormat.PARQUET, [10, 10, 5], id="parquet-25-by-10"),
         pytest.param(20, 10, FileFormat.CSV, [10, 10], id="csv-exact-multiple"),
         pytest.param(7, 100, FileFormat.PARQUET, [7], id="parquet-one-file"),
-        pytest.param(0, 10, FileFormat.CSV, [], id="csv-empty-table"),
-        pytest.param(0, 10, FileFormat.PARQUET, [], id="parquet-empty-table"),
+        pytest.param(0, 10, FileFormat.CSV, [0], id="csv-empty-table"),
+        pytest.param(0, 10, FileFormat.PARQUET, [0], id="parquet-empty-table"),
     ],
 )
 def test_batches_manifest_and_object_metadata(

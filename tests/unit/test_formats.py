@@ -47,7 +47,7 @@ def split(records: list[bytes], batch_rows: int, tmp_path: Path) -> list[Written
 @pytest.mark.parametrize(
     ("record_count", "batch_rows", "expected_rows"),
     [
-        pytest.param(0, 3, [], id="header-only-no-files"),
+        pytest.param(0, 3, [0], id="empty-table-one-header-only-file"),
         pytest.param(1, 3, [1], id="one-row"),
         pytest.param(6, 3, [3, 3], id="exact-multiple"),
         pytest.param(7, 3, [3, 3, 1], id="remainder"),
