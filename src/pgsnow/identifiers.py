@@ -28,7 +28,9 @@ def quote_ident(name: str) -> str:
     if not name:
         raise PermanentError("empty Snowflake identifier")
     if len(name) > MAX_IDENTIFIER_LENGTH:
-        raise PermanentError(f"Snowflake identifier longer than {MAX_IDENTIFIER_LENGTH} characters: {name[:40]}...")
+        raise PermanentError(
+            f"Snowflake identifier longer than {MAX_IDENTIFIER_LENGTH} characters: {name[:40]}..."
+        )
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -65,7 +67,9 @@ class TableRef:
     def __post_init__(self) -> None:
         for part in (self.schema, self.table):
             if not part or not _KEY_SAFE.match(part) or part in {".", ".."}:
-                raise UnsafeIdentifierError(f"unsafe table name part {part!r}", table=f"{self.schema}.{self.table}")
+                raise UnsafeIdentifierError(
+                    f"unsafe table name part {part!r}", table=f"{self.schema}.{self.table}"
+                )
 
     @classmethod
     def parse(cls, text: str) -> TableRef:
