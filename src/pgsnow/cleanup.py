@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgsnow.config import CleanupMode, Settings
+from pgsnow.errors import ConfigError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX
 from pgsnow.manifest import RunManifest, RunState
@@ -75,7 +76,7 @@ def loaded_checksums(sf_conn: Any, settings: Settings, keys: Sequence[str]) -> d
     """Map each key the ledger records as loaded to the checksum it recorded."""
     database = settings.snowflake.database
     if database is None:
-        raise ValueError("SNOWFLAKE_DATABASE is needed to read the load ledger")
+        raise ConfigError(["SNOWFLAKE_DATABASE is needed to read the load ledger"])
     found: dict[str, str | None] = {}
     cursor = sf_conn.cursor()
     try:

@@ -166,8 +166,8 @@ def _shell_quote(value: str) -> str:
 
 
 def run_local_up(args: argparse.Namespace) -> int:
-    from pgsnow.demo.pipeline import load_function_handler, process_environment, start_stack
     from pgsnow.local.dispatcher import SqsDispatcher
+    from pgsnow.local.stack import load_function_handler, process_environment, start_stack
     from pgsnow.runtime import reset_runtime
 
     stack = start_stack(pg_dsn=args.pg_dsn, data_dir=args.data_dir, progress=_progress)

@@ -29,13 +29,13 @@ import pytest
 from psycopg2 import sql
 
 from pgsnow.config import Component, Settings, postgres_env
-from pgsnow.demo.pipeline import load_function_handler
 from pgsnow.errors import PermanentError, RetryableError, UnsafeIdentifierError
 from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, manifest_key, table_prefix
 from pgsnow.local.aws import LocalAws, start_local_aws
 from pgsnow.local.dispatcher import LambdaContext
+from pgsnow.local.stack import load_function_handler
 from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, RunManifest, RunState
 from pgsnow.postgres import classify_pg_error, connect, describe_table
 from pgsnow.runtime import reset_runtime

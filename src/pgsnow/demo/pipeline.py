@@ -15,194 +15,33 @@ stack's settings are put into this process's environment while it runs.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from pgsnow.config import Component, Settings
+from pgsnow.config import Component
 from pgsnow.demo.compare import TableComparison, compare_table
 from pgsnow.demo.dataset import SAMPLE_TABLES, create_sample_shop
 from pgsnow.errors import ConfigError
-from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
+from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat
+from pgsnow.local.stack import (
+    SNOWFLAKE_DATABASE,
+    LocalStack,
+    load_function_handler,
+    process_environment,
+    start_stack,
+)
 
 ProgressCallback = Callable[[str], None]
 
 DEMO_DATABASE = "pgsnow_demo"  # the PostgreSQL database the sample shop goes into
 DEMO_SCHEMA = "shop"
-DEMO_BUCKET = "pgsnow-demo"
-DEMO_PREFIX = "staging"
-SNOWFLAKE_DATABASE = "PGSNOW_DEMO"
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def _quiet(_message: str) -> None:
     return None
-
-
-@dataclass
-class LocalStack:
-    """Every local server the pipeline needs, and the environment the handlers read."""
-
-    pg_dsn: str
-    aws: Any  # pgsnow.local.aws.LocalAws
-    resources: Any  # pgsnow.local.aws.StagingResources
-    snowflake: Any  # pgsnow.local.snowflake.LocalSnowflake
-    env: dict[str, str]
-    _stoppers: list[Callable[[], None]] = field(default_factory=list, repr=False)
-
-    def settings(self, component: Component = Component.LOCAL) -> Settings:
-        return Settings.from_env(self.env, component=component)
-
-    def snowflake_connection(self) -> Any:
-        from pgsnow.snowflake import connect
-
-        return connect(self.settings(Component.LOADER).snowflake)
-
-    def stop(self) -> None:
-        while self._stoppers:
-            self._stoppers.pop()()
-
-
-def load_function_handler(function: str) -> Callable[[dict[str, Any], Any], Any]:
-    """The ``handler`` of a SAM function's ``{function}/app.py`` in this repository."""
-    path = REPO_ROOT / function / "app.py"
-    if not path.is_file():
-        raise ConfigError(
-            [f"the {function} function's handler {path} is missing (run from a pgsnow checkout)"]
-        )
-    module_name = f"pgsnow_function_{function}_app"
-    module: ModuleType | None = sys.modules.get(module_name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            raise ConfigError([f"cannot import {path}"])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    handler: Callable[[dict[str, Any], Any], Any] = module.handler
-    return handler
-
-
-@contextmanager
-def process_environment(values: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration, then restore what was there before."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
-
-
-def stack_environment(
-    *, pg_dsn: str, aws: Any, bucket: str, prefix: str, snowflake: Any, file_format: str, tables: str
-) -> dict[str, str]:
-    """The variables the extractor, loader and cleanup read, pointing at the local servers."""
-    connect_kwargs = snowflake.connect_kwargs(database=SNOWFLAKE_DATABASE)
-    return {
-        **aws.env(),
-        "S3_STAGE_BUCKET": bucket,
-        "S3_STAGE_PREFIX": prefix,
-        "S3_FILE_FORMAT": file_format,
-        "PGSNOW_TABLES": tables,
-        "PGSNOW_PG_DSN": pg_dsn,
-        "CLEANUP_S3_FILES": "after_all",
-        "SNOWFLAKE_ACCOUNT": str(connect_kwargs.get("account", "fakesnow")),
-        "SNOWFLAKE_USER": str(connect_kwargs.get("user", "fake")),
-        "SNOWFLAKE_PASSWORD": str(connect_kwargs.get("password", "snow")),
-        "SNOWFLAKE_DATABASE": SNOWFLAKE_DATABASE,
-        "SNOWFLAKE_HOST": str(snowflake.host),
-        "SNOWFLAKE_PORT": str(snowflake.port),
-        "SNOWFLAKE_PROTOCOL": "http",
-        "POWERTOOLS_METRICS_NAMESPACE": "pgsnow",
-        # EMF lines are for CloudWatch; locally they would only bury the report.
-        "POWERTOOLS_METRICS_DISABLED": "true",
-        "POWERTOOLS_SERVICE_NAME": "pgsnow",
-    }
-
-
-def create_snowflake_objects(sf_conn: Any, settings: Settings) -> None:
-    """The target database, the control schema and the external stage over the staging prefix."""
-    database = settings.snowflake.database or SNOWFLAKE_DATABASE
-    control = settings.snowflake.control_schema
-    # The stage URL cannot be bound; it is built from our validated bucket name and prefix.
-    url = f"s3://{settings.bucket}/{settings.prefix}/".replace("'", "''")
-    cur = sf_conn.cursor()
-    try:
-        cur.execute(f"CREATE DATABASE IF NOT EXISTS {quote_ident(database)}")
-        cur.execute(f"USE DATABASE {quote_ident(database)}")
-        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_qualified(database, control)}")
-        cur.execute(
-            f"CREATE STAGE IF NOT EXISTS {quote_qualified(database, control, settings.snowflake.stage)} URL='{url}'"
-        )
-    finally:
-        cur.close()
-
-
-def start_stack(
-    *,
-    pg_dsn: str | None,
-    data_dir: Path,
-    file_format: str = "csv",
-    tables: str = "*",
-    progress: ProgressCallback = _quiet,
-) -> LocalStack:
-    """Start every local server and create the AWS and Snowflake objects; ``stop()`` ends them."""
-    from pgsnow.local.aws import create_staging_resources, start_local_aws
-    from pgsnow.local.postgres import start_local_postgres
-    from pgsnow.local.snowflake import start_local_snowflake
-
-    stoppers: list[Callable[[], None]] = []
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        progress("starting PostgreSQL")
-        postgres = start_local_postgres(pg_dsn, data_dir / "pgdata")
-        stoppers.append(postgres.stop)
-        progress("starting the moto server (S3, SQS)")
-        aws = start_local_aws()
-        stoppers.append(aws.stop)
-        resources = create_staging_resources(aws, bucket=DEMO_BUCKET, prefix=DEMO_PREFIX)
-        progress("starting the local Snowflake")
-        snowflake = start_local_snowflake(
-            s3_endpoint_url=aws.endpoint_url,
-            aws_access_key_id=aws.access_key_id,
-            aws_secret_access_key=aws.secret_access_key,
-            region=aws.region,
-            data_dir=data_dir / "snowflake",
-        )
-        stoppers.append(snowflake.stop)
-        env = stack_environment(
-            pg_dsn=postgres.dsn,
-            aws=aws,
-            bucket=resources.bucket,
-            prefix=resources.prefix,
-            snowflake=snowflake,
-            file_format=file_format,
-            tables=tables,
-        )
-        stack = LocalStack(postgres.dsn, aws, resources, snowflake, env, stoppers)
-        sf_conn = stack.snowflake_connection()
-        try:
-            create_snowflake_objects(sf_conn, stack.settings(Component.LOADER))
-        finally:
-            sf_conn.close()
-        return stack
-    except BaseException:
-        for stop in reversed(stoppers):
-            stop()
-        raise
 
 
 def list_schema_tables(dsn: str, schema: str) -> list[TableRef]:
