@@ -9,14 +9,15 @@ Secrets Manager secret is (``*_SECRET_ARN``); the plain ``PGSNOW_PG_DSN`` and
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pgsnow.errors import ConfigError, PermanentError
-from pgsnow.identifiers import TableAllowlist
+from pgsnow.identifiers import TableAllowlist, TableRef
 from pgsnow.keys import normalise_prefix
 
 E = TypeVar("E", bound=StrEnum)
@@ -45,6 +46,121 @@ class CleanupMode(StrEnum):
 _CLEANUP_ALIASES = {"true": CleanupMode.AFTER_ALL, "false": CleanupMode.NEVER}
 
 
+class ExtractMode(StrEnum):
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+
+class WriteMode(StrEnum):
+    APPEND = "append"
+    MERGE = "merge"
+    REPLACE = "replace"
+
+
+class DeleteMode(StrEnum):
+    NONE = "none"
+    HARD = "hard"
+    SOFT = "soft"
+
+
+class ValuePolicy(StrEnum):
+    """What to do with a value Snowflake cannot hold (docs/type-mapping.md)."""
+
+    FAIL = "fail"
+    NULL = "null"
+    CLAMP = "clamp"
+
+
+class LoadMethod(StrEnum):
+    COPY = "copy"
+    INSERT = "insert"
+    SNOWPIPE = "snowpipe"
+
+
+class OnError(StrEnum):
+    ABORT_STATEMENT = "ABORT_STATEMENT"
+    SKIP_FILE = "SKIP_FILE"
+    CONTINUE = "CONTINUE"
+
+
+@dataclass(frozen=True)
+class TableOptions:
+    """Per-table replication options (``PGSNOW_TABLE_OPTIONS``); every table not listed gets the defaults."""
+
+    mode: ExtractMode = ExtractMode.FULL
+    cursor_column: str | None = None  # incremental: the column that grows on insert/update
+    lookback_seconds: int = 0  # incremental: re-read this far behind the stored watermark
+    write_mode: WriteMode = WriteMode.APPEND
+    deletes: DeleteMode = DeleteMode.NONE
+    value_policy: ValuePolicy = ValuePolicy.FAIL
+    file_format: StagedFormat | None = None  # overrides S3_FILE_FORMAT for this table
+
+
+_TABLE_OPTION_FIELDS = {
+    "mode": ExtractMode,
+    "cursor_column": str,
+    "lookback_seconds": int,
+    "write_mode": WriteMode,
+    "deletes": DeleteMode,
+    "value_policy": ValuePolicy,
+    "file_format": StagedFormat,
+}
+
+
+def parse_table_options(text: str, problems: list[str]) -> dict[TableRef, TableOptions]:
+    """Parse the JSON object ``{"schema.table": {"mode": "incremental", ...}}``; report problems, never raise."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        problems.append(f"PGSNOW_TABLE_OPTIONS is not valid JSON: {exc}")
+        return {}
+    if not isinstance(raw, dict):
+        problems.append("PGSNOW_TABLE_OPTIONS must be a JSON object keyed by schema.table")
+        return {}
+    options: dict[TableRef, TableOptions] = {}
+    for name, body in raw.items():
+        where = f"PGSNOW_TABLE_OPTIONS[{name!r}]"
+        try:
+            table = TableRef.parse(name)
+        except PermanentError as exc:
+            problems.append(f"{where}: {exc.message}")
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"{where} must be an object")
+            continue
+        values: dict[str, Any] = {}
+        for key, value in body.items():
+            kind = _TABLE_OPTION_FIELDS.get(key)
+            if kind is None:
+                problems.append(
+                    f"{where}: unknown option {key!r} (known: {', '.join(sorted(_TABLE_OPTION_FIELDS))})"
+                )
+                continue
+            try:
+                if kind is int:
+                    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                        raise ValueError(value)
+                    values[key] = value
+                elif kind is str:
+                    if not isinstance(value, str) or not value:
+                        raise ValueError(value)
+                    values[key] = value
+                else:
+                    values[key] = kind(str(value).lower())
+            except ValueError:
+                allowed = (
+                    ", ".join(e.value for e in kind)
+                    if isinstance(kind, type) and issubclass(kind, StrEnum)
+                    else kind.__name__
+                )
+                problems.append(f"{where}: {key} must be {allowed}, got {value!r}")
+        table_options = TableOptions(**values)
+        if table_options.mode is ExtractMode.INCREMENTAL and not table_options.cursor_column:
+            problems.append(f"{where}: incremental mode needs cursor_column")
+        options[table] = table_options
+    return options
+
+
 @dataclass(frozen=True)
 class PostgresSettings:
     dsn: str | None  # local/test only; deployed functions use secret_arn
@@ -70,6 +186,32 @@ class SnowflakeSettings:
 
 
 @dataclass(frozen=True)
+class ExtractSettings:
+    target_file_mb: int  # roll staged files at about this compressed size
+    chunk_rows: int  # rows per checkpointed primary-key chunk
+    deadline_margin_s: int  # stop cleanly this long before the Lambda deadline
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    method: LoadMethod
+    on_error: OnError
+    insert_max_rows: int  # LOAD_METHOD=insert: files up to this many rows are inserted directly
+    snowpipe_name: str | None  # pipe in the control schema (LOAD_METHOD=snowpipe)
+    snowpipe_host: str | None  # Snowpipe REST host; defaults to the account's
+    allow_create_for_dropped_files: bool  # a hand-dropped file may create its table
+
+
+@dataclass(frozen=True)
+class CleanupSettings:
+    archive_prefix: str | None  # move instead of delete
+    orphan_age_minutes: int  # staged files older than this with no ledger row are orphans
+    retention_days: int  # s3_stage_retention_days: the bucket lifecycle's expiry
+    queue_url: str | None  # the loader's queue (orphans are re-enqueued there)
+    dlq_url: str | None  # the dead-letter queue (pgsnow status reads it)
+
+
+@dataclass(frozen=True)
 class Settings:
     component: Component
     bucket: str
@@ -80,6 +222,14 @@ class Settings:
     batch_rows: int
     postgres: PostgresSettings
     snowflake: SnowflakeSettings
+    extract: ExtractSettings = ExtractSettings(128, 1_000_000, 60)
+    load: LoadSettings = LoadSettings(LoadMethod.COPY, OnError.ABORT_STATEMENT, 10_000, None, None, False)
+    cleanup: CleanupSettings = CleanupSettings(None, 60, 7, None, None)
+    table_options_by_name: Mapping[TableRef, TableOptions] = field(default_factory=dict)
+
+    def table_options(self, table: TableRef) -> TableOptions:
+        """The table's options, or the defaults when PGSNOW_TABLE_OPTIONS does not list it."""
+        return self.table_options_by_name.get(table, TableOptions())
 
     @classmethod
     def from_env(
@@ -183,6 +333,51 @@ class Settings:
             protocol=protocol,
         )
 
+        extract = ExtractSettings(
+            target_file_mb=as_int("EXTRACT_TARGET_FILE_MB", 128, 1),
+            chunk_rows=as_int("EXTRACT_CHUNK_ROWS", 1_000_000, 1),
+            deadline_margin_s=as_int("EXTRACT_DEADLINE_MARGIN_S", 60, 0),
+        )
+        load_method = as_enum("LOAD_METHOD", LoadMethod, LoadMethod.COPY, {})
+        raw_on_error = (get("LOAD_ON_ERROR") or OnError.ABORT_STATEMENT.value).upper()
+        on_error = OnError.ABORT_STATEMENT
+        try:
+            on_error = OnError(raw_on_error)
+        except ValueError:
+            problems.append(
+                f"LOAD_ON_ERROR must be one of {', '.join(e.value for e in OnError)}, got {raw_on_error!r}"
+            )
+        snowpipe_name = get("SNOWPIPE_NAME")
+        if load_method is LoadMethod.SNOWPIPE and component is Component.LOADER and not snowpipe_name:
+            problems.append("SNOWPIPE_NAME is required when LOAD_METHOD=snowpipe")
+        load = LoadSettings(
+            method=load_method,
+            on_error=on_error,
+            insert_max_rows=as_int("LOAD_INSERT_MAX_ROWS", 10_000, 1),
+            snowpipe_name=snowpipe_name,
+            snowpipe_host=get("SNOWPIPE_HOST"),
+            allow_create_for_dropped_files=(
+                get("LOAD_CREATE_TABLES_FOR_DROPPED_FILES", "false") or ""
+            ).lower()
+            in {"1", "true", "yes"},
+        )
+        cleanup = CleanupSettings(
+            archive_prefix=get("CLEANUP_ARCHIVE_PREFIX"),
+            orphan_age_minutes=as_int("CLEANUP_ORPHAN_AGE_MINUTES", 60, 1),
+            retention_days=as_int("S3_STAGE_RETENTION_DAYS", 7, 1),
+            queue_url=get("LOADER_QUEUE_URL"),
+            dlq_url=get("LOADER_DLQ_URL"),
+        )
+        table_options: dict[TableRef, TableOptions] = {}
+        if options_text := get("PGSNOW_TABLE_OPTIONS"):
+            table_options = parse_table_options(options_text, problems)
+            if not tables.allows_any:
+                for listed in table_options:
+                    if listed not in tables.tables:
+                        problems.append(
+                            f"PGSNOW_TABLE_OPTIONS names {listed.qualified}, which is not in PGSNOW_TABLES"
+                        )
+
         if problems:
             raise ConfigError(problems)
         return cls(
@@ -195,6 +390,10 @@ class Settings:
             batch_rows=batch_rows,
             postgres=postgres,
             snowflake=snowflake,
+            extract=extract,
+            load=load,
+            cleanup=cleanup,
+            table_options_by_name=table_options,
         )
 
 

@@ -256,3 +256,52 @@ def test_type_map(pg_type: str, kind: ValueKind, sf_type: str) -> None:
 def test_numeric_beyond_38_digits_is_refused() -> None:
     with pytest.raises(PermanentError, match="38 digits"):
         map_pg_type("numeric(40,2)")
+
+
+# --- per-table options -----------------------------------------------------------------------------
+
+
+def test_table_options_parse_and_default() -> None:
+    from pgsnow.config import DeleteMode, ExtractMode, TableOptions, WriteMode
+
+    env = {
+        **BASE_ENV,
+        "PGSNOW_TABLES": "public.customers,public.orders",
+        "PGSNOW_TABLE_OPTIONS": '{"public.orders": {"mode": "incremental", "cursor_column": "updated_at",'
+        ' "lookback_seconds": 300, "write_mode": "merge", "deletes": "soft"}}',
+    }
+    settings = Settings.from_env(env, Component.EXTRACTOR)
+    orders = settings.table_options(TableRef("public", "orders"))
+    assert (orders.mode, orders.cursor_column, orders.lookback_seconds) == (
+        ExtractMode.INCREMENTAL,
+        "updated_at",
+        300,
+    )
+    assert (orders.write_mode, orders.deletes) == (WriteMode.MERGE, DeleteMode.SOFT)
+    assert settings.table_options(TableRef("public", "customers")) == TableOptions()
+
+
+def test_table_options_report_every_problem() -> None:
+    env = {
+        **BASE_ENV,
+        "PGSNOW_TABLE_OPTIONS": '{"public.customers": {"mode": "incremental", "write_mode": "upsert",'
+        ' "colour": "blue", "lookback_seconds": -1}, "public.other": {}}',
+    }
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env, Component.EXTRACTOR)
+    text = "; ".join(caught.value.problems)
+    assert "needs cursor_column" in text
+    assert "write_mode must be append, merge, replace" in text
+    assert "unknown option 'colour'" in text
+    assert "lookback_seconds" in text
+    assert "public.other, which is not in PGSNOW_TABLES" in text
+
+
+def test_loader_settings_validate_method_and_on_error() -> None:
+    env = {"S3_STAGE_BUCKET": "b", "SNOWFLAKE_ACCOUNT": "a", "SNOWFLAKE_DATABASE": "D"}
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**env, "LOAD_METHOD": "snowpipe", "LOAD_ON_ERROR": "ignore"}, Component.LOADER)
+    text = "; ".join(caught.value.problems)
+    assert "SNOWPIPE_NAME is required" in text and "LOAD_ON_ERROR" in text
+    settings = Settings.from_env({**env, "LOAD_ON_ERROR": "skip_file"}, Component.LOADER)
+    assert settings.load.on_error.value == "SKIP_FILE"
