@@ -1,0 +1,388 @@
+"""The whole pipeline on loopback: extractor -> S3 notification -> SQS -> dispatcher -> loader handler.
+
+Real servers only: the local PostgreSQL (database ``test``, a schema of our own), a moto
+server over HTTP (S3 notifications, SQS with a redrive policy to a dead-letter queue), and
+the local Snowflake spoken to by the real connector. The queue's visibility timeout is one
+second and its maxReceiveCount two, so a failing message reaches the dead-letter queue
+within seconds, by SQS's own redrive, not ours.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_plus
+
+import pytest
+from psycopg2 import sql
+from psycopg2.extensions import connection as PgConnection
+
+from pgsnow.config import Component
+from pgsnow.demo.compare import compare_table
+from pgsnow.extract import extract_table
+from pgsnow.identifiers import TableRef, quote_qualified
+from pgsnow.keys import FileFormat, data_key
+from pgsnow.local.dispatcher import SqsDispatcher
+from pgsnow.local.postgres import create_database, start_local_postgres
+from pgsnow.local.stack import (
+    SNOWFLAKE_DATABASE,
+    LocalStack,
+    load_function_handler,
+    process_environment,
+    start_stack,
+)
+from pgsnow.manifest import RunManifest
+from pgsnow.postgres import connect
+from pgsnow.runtime import reset_runtime
+from pgsnow.snowflake import LEDGER_TABLE
+from pgsnow.staging import put_data_file
+
+pytestmark = pytest.mark.integration
+
+VISIBILITY_TIMEOUT_S = 1
+MAX_RECEIVE_COUNT = 2
+SOURCE_DATABASE = "test"
+
+# (id, name, note, amount): NULL vs '' in both text columns, and text outside ASCII.
+PEOPLE_ROWS = [
+    (1, "Zoë Ünal", "", "12.50"),
+    (2, "", None, None),
+    (3, "名前 🚀", 'comma, "quote" and\nnewline', "-0.01"),
+    (4, "plain", "n/a", "0.00"),
+]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def source_schema() -> Iterator[tuple[str, str]]:
+    """(DSN of database ``test``, a schema only this module uses); the schema is dropped afterwards."""
+    admin = start_local_postgres(environ={})
+    dsn = create_database(admin.dsn, SOURCE_DATABASE)  # kept if it exists
+    schema = f"pgsnow_pipe_{uuid.uuid4().hex[:8]}"
+    conn = connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    try:
+        yield dsn, schema
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+        conn.close()
+        admin.stop()
+
+
+@pytest.fixture(scope="module")
+def pg_conn(source_schema: tuple[str, str]) -> Iterator[PgConnection]:
+    conn = connect(source_schema[0])
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def stack(source_schema: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """One local stack for the module, its environment in place for the handlers."""
+    local = start_stack(
+        pg_dsn=source_schema[0],
+        data_dir=tmp_path_factory.mktemp("pipeline"),
+        bucket=f"pgsnow-pipe-{uuid.uuid4().hex[:8]}",
+        visibility_timeout=VISIBILITY_TIMEOUT_S,
+        max_receive_count=MAX_RECEIVE_COUNT,
+    )
+    try:
+        with process_environment(local.env):
+            reset_runtime()  # the handlers cache settings: make them read this stack's
+            yield local
+    finally:
+        reset_runtime()
+        local.stop()
+
+
+@pytest.fixture(scope="module")
+def sf_conn(stack: LocalStack) -> Iterator[Any]:
+    conn = stack.snowflake_connection()
+    yield conn
+    conn.close()
+
+
+@dataclass
+class Delivery:
+    """One SQS record as the loader handler received it, and whether the handler failed it."""
+
+    message_id: str
+    body: str
+    receive_count: int
+    failed: bool
+
+    def s3_keys(self) -> list[str]:
+        document = json.loads(self.body)
+        return [unquote_plus(r["s3"]["object"]["key"]) for r in document.get("Records", [])]
+
+
+@dataclass
+class RecordingLoader:
+    """The real loader handler, with every record it was given and its verdict written down."""
+
+    handler: Any
+    deliveries: list[Delivery] = field(default_factory=list)
+
+    def __call__(self, event: dict[str, Any], context: Any) -> Any:
+        try:
+            response = self.handler(event, context)
+        except Exception:
+            # Powertools raises when every record of a batch failed; Lambda then fails them all.
+            self._record(event, {r["messageId"] for r in event["Records"]})
+            raise
+        self._record(event, {f["itemIdentifier"] for f in (response or {}).get("batchItemFailures") or []})
+        return response
+
+    def _record(self, event: dict[str, Any], failed_ids: set[str]) -> None:
+        for record in event["Records"]:
+            self.deliveries.append(
+                Delivery(
+                    message_id=record["messageId"],
+                    body=record["body"],
+                    receive_count=int(record["attributes"]["ApproximateReceiveCount"]),
+                    failed=record["messageId"] in failed_ids,
+                )
+            )
+
+    def for_key(self, key: str) -> list[Delivery]:
+        return [d for d in self.deliveries if key in d.s3_keys()]
+
+
+@pytest.fixture
+def loader(stack: LocalStack) -> tuple[RecordingLoader, SqsDispatcher]:
+    recorder = RecordingLoader(load_function_handler("loader"))
+    dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, recorder, wait_seconds=1)
+    return recorder, dispatcher
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def create_people_table(pg_conn: PgConnection, table: TableRef) -> None:
+    with pg_conn.cursor() as cur:
+        cur.execute(
+            sql.SQL(
+                "CREATE TABLE {} (id integer PRIMARY KEY, name text NOT NULL, note text, amount numeric(10,2))"
+            ).format(sql.Identifier(table.schema, table.table))
+        )
+        cur.executemany(
+            sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s)").format(
+                sql.Identifier(table.schema, table.table)
+            ),
+            PEOPLE_ROWS,
+        )
+
+
+def extract(stack: LocalStack, pg_conn: PgConnection, table: TableRef) -> RunManifest:
+    return extract_table(
+        settings=stack.settings(Component.EXTRACTOR),
+        pg_conn=pg_conn,
+        s3=stack.aws.client("s3"),
+        table=table,
+        file_format=FileFormat.CSV,
+    )
+
+
+def ledger_keys(sf_conn: Any, table: TableRef) -> list[str]:
+    ledger = quote_qualified(SNOWFLAKE_DATABASE, "PGSNOW", LEDGER_TABLE)
+    with sf_conn.cursor() as cur:
+        cur.execute(
+            f'SELECT "S3_KEY" FROM {ledger} WHERE "SCHEMA_NAME" = %s AND "TABLE_NAME" = %s ORDER BY "S3_KEY"',
+            (table.schema, table.table),
+        )
+        return [row[0] for row in cur.fetchall()]
+
+
+def snowflake_row_count(sf_conn: Any, table: TableRef) -> int:
+    with sf_conn.cursor() as cur:
+        cur.execute(
+            f"SELECT COUNT(*) FROM {quote_qualified(SNOWFLAKE_DATABASE, table.snowflake_schema, table.snowflake_table)}"
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def dead_letter_bodies(stack: LocalStack) -> list[str]:
+    """Every message body in the dead-letter queue, left there (received with visibility 0)."""
+    sqs = stack.aws.client("sqs")
+    seen: dict[str, str] = {}
+    empty_polls = 0
+    while empty_polls < 2:
+        messages = sqs.receive_message(
+            QueueUrl=stack.resources.dlq_url, MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=0
+        ).get("Messages", [])
+        new = [m for m in messages if m["MessageId"] not in seen]
+        seen.update((m["MessageId"], m["Body"]) for m in new)
+        empty_polls = 0 if new else empty_polls + 1
+    return list(seen.values())
+
+
+def queue_depth(stack: LocalStack) -> tuple[int, int]:
+    attributes = stack.aws.client("sqs").get_queue_attributes(
+        QueueUrl=stack.resources.queue_url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return int(attributes["ApproximateNumberOfMessages"]), int(
+        attributes["ApproximateNumberOfMessagesNotVisible"]
+    )
+
+
+def new_table(source_schema: tuple[str, str], name: str) -> TableRef:
+    return TableRef(source_schema[1], name)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_extracted_table_flows_through_the_queue_into_snowflake(
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    source_schema: tuple[str, str],
+    loader: tuple[RecordingLoader, SqsDispatcher],
+) -> None:
+    # Given a source table with NULL and '' in text columns and non-ASCII text
+    table = new_table(source_schema, "people")
+    create_people_table(pg_conn, table)
+    recorder, dispatcher = loader
+
+    # When the real extractor stages it and the queue delivers the notifications to the loader
+    manifest = extract(stack, pg_conn, table)
+    dispatcher.run_until_idle()
+
+    # Then every staged file reached the loader through S3 -> SQS and loaded on the first delivery
+    staged_keys = [f.key for f in manifest.files]
+    assert staged_keys
+    for key in staged_keys:
+        assert [(d.receive_count, d.failed) for d in recorder.for_key(key)] == [(1, False)]
+    assert ledger_keys(sf_conn, table) == sorted(staged_keys)
+    # And Snowflake holds exactly the source rows, cell by cell (NULL is not '')
+    comparison = compare_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE)
+    assert comparison.ok, comparison.detail
+    assert (comparison.source_rows, comparison.snowflake_rows) == (len(PEOPLE_ROWS), len(PEOPLE_ROWS))
+    assert queue_depth(stack) == (0, 0)
+
+
+def test_failed_copy_is_redelivered_then_dead_lettered_while_the_good_file_loads(
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    source_schema: tuple[str, str],
+    loader: tuple[RecordingLoader, SqsDispatcher],
+) -> None:
+    # Given a table staged by the real extractor (the good file, with its run's manifest)
+    table = new_table(source_schema, "people_bad")
+    create_people_table(pg_conn, table)
+    manifest = extract(stack, pg_conn, table)
+    (good,) = manifest.files
+    # And a second file of the same run with a non-numeric value in the NUMBER column
+    bad_key = data_key(stack.resources.prefix, table, 2, manifest.run_id, FileFormat.CSV)
+    bad_body = gzip.compress(b'id,name,note,amount\n99,"x","y","not a number"\n', mtime=0)
+    put_data_file(
+        stack.aws.client("s3"),
+        stack.resources.bucket,
+        bad_key,
+        bad_body,
+        run_id=manifest.run_id,
+        batch=2,
+        rows=1,
+        sha256=hashlib.sha256(bad_body).hexdigest(),
+    )
+    recorder, dispatcher = loader
+
+    # When the dispatcher runs until the queue settles (redeliveries included)
+    dispatcher.run_until_idle()
+
+    # Then the bad message was received exactly maxReceiveCount times, failing each time
+    assert [(d.receive_count, d.failed) for d in recorder.for_key(bad_key)] == [
+        (n, True) for n in range(1, MAX_RECEIVE_COUNT + 1)
+    ]
+    # And SQS moved it to the dead-letter queue, body naming the bad key
+    dead = [json.loads(body) for body in dead_letter_bodies(stack)]
+    dead_keys = [unquote_plus(r["s3"]["object"]["key"]) for d in dead for r in d.get("Records", [])]
+    assert dead_keys.count(bad_key) == 1
+    assert queue_depth(stack) == (0, 0)
+    # And the good file loaded once; the bad one left no rows and no ledger entry
+    assert [(d.receive_count, d.failed) for d in recorder.for_key(good.key)] == [(1, False)]
+    assert ledger_keys(sf_conn, table) == [good.key]
+    comparison = compare_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE)
+    assert comparison.ok, comparison.detail
+    assert snowflake_row_count(sf_conn, table) == len(PEOPLE_ROWS)
+
+
+def test_test_event_is_consumed_and_keys_outside_staging_never_reach_the_loader(
+    stack: LocalStack, loader: tuple[RecordingLoader, SqsDispatcher]
+) -> None:
+    # Given the bucket notification applied again (S3 then sends an s3:TestEvent to the queue)
+    s3 = stack.aws.client("s3")
+    bucket = stack.resources.bucket
+    notification = s3.get_bucket_notification_configuration(Bucket=bucket)
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket, NotificationConfiguration={"QueueConfigurations": notification["QueueConfigurations"]}
+    )
+    # And data-looking files written outside the staging prefix
+    outside_keys = [
+        f"elsewhere/{stack.resources.prefix}/public/orders/public_orders_batch1_x.csv.gz",
+        "public/orders/public_orders_batch1_20261125T120000000000Z.csv.gz",
+        f"{stack.resources.prefix}-old/public/orders/dropped.parquet",
+    ]
+    for key in outside_keys:
+        s3.put_object(Bucket=bucket, Key=key, Body=gzip.compress(b"id\n1\n"))
+    recorder, dispatcher = loader
+
+    # When the queue is drained into the loader
+    dispatcher.run_until_idle()
+
+    # Then the loader got the test event, acknowledged it, and saw none of the outside keys
+    test_events = [d for d in recorder.deliveries if json.loads(d.body).get("Event") == "s3:TestEvent"]
+    assert [(d.receive_count, d.failed) for d in test_events] == [(1, False)]
+    assert [d for d in recorder.deliveries if d.s3_keys()] == []
+    # And nothing is waiting or dead-lettered because of them
+    assert queue_depth(stack) == (0, 0)
+    assert [body for body in dead_letter_bodies(stack) if "TestEvent" in body or "orders" in body] == []
+
+
+def test_redelivered_notification_loads_nothing_twice(
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    source_schema: tuple[str, str],
+    loader: tuple[RecordingLoader, SqsDispatcher],
+) -> None:
+    # Given a table replicated through the queue
+    table = new_table(source_schema, "people_again")
+    create_people_table(pg_conn, table)
+    manifest = extract(stack, pg_conn, table)
+    recorder, dispatcher = loader
+    dispatcher.run_until_idle()
+    (good,) = manifest.files
+    (first,) = recorder.for_key(good.key)
+    assert snowflake_row_count(sf_conn, table) == len(PEOPLE_ROWS)
+
+    # When the exact same S3 event body is sent to the queue again and delivered
+    stack.aws.client("sqs").send_message(QueueUrl=stack.resources.queue_url, MessageBody=first.body)
+    dispatcher.run_until_idle()
+
+    # Then the loader got it a second time, succeeded, and nothing was loaded twice
+    assert [(d.body, d.failed) for d in recorder.for_key(good.key)] == [
+        (first.body, False),
+        (first.body, False),
+    ]
+    assert snowflake_row_count(sf_conn, table) == len(PEOPLE_ROWS)
+    assert ledger_keys(sf_conn, table) == [good.key]
+    comparison = compare_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE)
+    assert comparison.ok, comparison.detail
+    assert queue_depth(stack) == (0, 0)
+    assert good.key not in " ".join(dead_letter_bodies(stack))
