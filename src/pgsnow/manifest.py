@@ -64,6 +64,9 @@ class StagedFile:
     bytes: int
     sha256: str
     file_format: FileFormat
+    chunk: int | None = None  # the primary-key chunk this file belongs to (resumable runs)
+    key_range: tuple[str, str] | None = None  # first and last primary key in the file, as text
+    cursor_range: tuple[str, str] | None = None  # incremental: lowest and highest cursor value, as text
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,17 @@ class RunManifest:
     started_at: str
     finished_at: str | None = None
     files: tuple[StagedFile, ...] = field(default_factory=tuple)
+    # Incremental runs: the cursor column and the watermark the run started from / may advance to.
+    cursor_column: str | None = None
+    watermark_before: str | None = None
+    watermark_after: str | None = None
+    # How the loader applies the run (from the table's options at extraction time).
+    write_mode: str = "append"
+    deletes: str = "none"
+    # The full primary-key list, staged when deletes are requested (outside the notification filter).
+    key_list: StagedFile | None = None
+    error: str | None = None  # why a run is `failed`
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
 
     @property
     def total_rows(self) -> int:
@@ -104,8 +118,16 @@ class RunManifest:
             "columns": [
                 {**asdict(c), "kind": c.kind.value, "snowflake_name": c.snowflake_name} for c in self.columns
             ],
-            "files": [{**asdict(f), "file_format": f.file_format.value} for f in self.files],
+            "files": [_file_to_json(f) for f in self.files],
             "total_rows": self.total_rows,
+            "cursor_column": self.cursor_column,
+            "watermark_before": self.watermark_before,
+            "watermark_after": self.watermark_after,
+            "write_mode": self.write_mode,
+            "deletes": self.deletes,
+            "key_list": _file_to_json(self.key_list) if self.key_list else None,
+            "error": self.error,
+            "timings": self.timings,
         }
         return json.dumps(body, indent=2, sort_keys=False)
 
@@ -130,17 +152,7 @@ class RunManifest:
                 for c in body["columns"]
             )
             check_no_collisions((c.name for c in columns), what="column", table=table.qualified)
-            files = tuple(
-                StagedFile(
-                    key=f["key"],
-                    batch=int(f["batch"]),
-                    rows=int(f["rows"]),
-                    bytes=int(f["bytes"]),
-                    sha256=f["sha256"],
-                    file_format=FileFormat(f["file_format"]),
-                )
-                for f in body.get("files", [])
-            )
+            files = tuple(_file_from_json(f) for f in body.get("files", []))
             return cls(
                 run_id=body["run_id"],
                 table=table,
@@ -152,9 +164,42 @@ class RunManifest:
                 started_at=body["started_at"],
                 finished_at=body.get("finished_at"),
                 files=files,
+                cursor_column=body.get("cursor_column"),
+                watermark_before=body.get("watermark_before"),
+                watermark_after=body.get("watermark_after"),
+                write_mode=body.get("write_mode", "append"),
+                deletes=body.get("deletes", "none"),
+                key_list=_file_from_json(body["key_list"]) if body.get("key_list") else None,
+                error=body.get("error"),
+                timings={str(k): float(v) for k, v in (body.get("timings") or {}).items()},
             )
         except PermanentError as exc:
             exc.s3_key = exc.s3_key or s3_key
             raise
         except (ValueError, KeyError, TypeError) as exc:
             raise PermanentError(f"malformed manifest: {exc!r}", s3_key=s3_key) from exc
+
+
+def _file_to_json(staged: StagedFile) -> dict[str, Any]:
+    body = {**asdict(staged), "file_format": staged.file_format.value}
+    for name in ("key_range", "cursor_range"):
+        if body[name] is not None:
+            body[name] = list(body[name])
+    return body
+
+
+def _file_from_json(body: dict[str, Any]) -> StagedFile:
+    def pair(value: Any) -> tuple[str, str] | None:
+        return (str(value[0]), str(value[1])) if value else None
+
+    return StagedFile(
+        key=body["key"],
+        batch=int(body["batch"]),
+        rows=int(body["rows"]),
+        bytes=int(body["bytes"]),
+        sha256=body["sha256"],
+        file_format=FileFormat(body["file_format"]),
+        chunk=int(body["chunk"]) if body.get("chunk") is not None else None,
+        key_range=pair(body.get("key_range")),
+        cursor_range=pair(body.get("cursor_range")),
+    )

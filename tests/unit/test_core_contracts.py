@@ -209,7 +209,27 @@ def _manifest() -> RunManifest:
         state=RunState.STAGED,
         started_at="2026-01-01T00:00:00Z",
         finished_at="2026-01-01T00:00:05Z",
-        files=(StagedFile("staging/public/orders/a.csv.gz", 1, 10, 123, "ab" * 32, FileFormat.CSV),),
+        files=(
+            StagedFile("staging/public/orders/a.csv.gz", 1, 10, 123, "ab" * 32, FileFormat.CSV),
+            StagedFile(
+                "staging/public/orders/b.csv.gz",
+                2,
+                5,
+                99,
+                "cd" * 32,
+                FileFormat.CSV,
+                chunk=2,
+                key_range=("11", "15"),
+                cursor_range=("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z"),
+            ),
+        ),
+        cursor_column="updated_at",
+        watermark_before="2025-12-31T00:00:00Z",
+        watermark_after="2026-01-02T00:00:00Z",
+        write_mode="merge",
+        deletes="soft",
+        key_list=StagedFile("_pgsnow/keys/public/orders/k.csv.gz", 0, 15, 50, "ef" * 32, FileFormat.CSV),
+        timings={"extract": 1.5},
     )
 
 
@@ -217,7 +237,7 @@ def test_manifest_round_trips_through_json() -> None:
     manifest = _manifest()
     again = RunManifest.from_json(manifest.to_json())
     assert again == manifest
-    assert again.total_rows == 10
+    assert again.total_rows == 15
     assert '"snowflake_name": "ORDER_ID"' in manifest.to_json()
 
 
