@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 PARAMSTYLE = "pyformat"
 LEDGER_TABLE = "LOAD_LEDGER"
+MAX_FILES_PER_COPY = 1000  # Snowflake's limit for FILES = (...)
+ON_ERROR_VALUES = ("ABORT_STATEMENT", "SKIP_FILE", "CONTINUE")
 
 # Characters a stage sub-path may hold without quoting; anything else is moved into FILES.
 _PLAIN_PATH_PART = re.compile(r"^[A-Za-z0-9_$.\-]+$")
@@ -257,13 +259,217 @@ def build_select_ledger_entry(database: str, control_schema: str, s3_key: str) -
     return sql, (s3_key,)
 
 
-def build_record_load(database: str, control_schema: str, s3_key: str, rows_loaded: int) -> Statement:
+def build_upgrade_ledger(database: str, control_schema: str) -> list[str]:
+    """Columns added to the ledger after its first version (a ledger created earlier gains them)."""
+    ledger = ledger_name(database, control_schema)
+    return [
+        f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "STATUS" VARCHAR',
+        f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "ERRORS_SEEN" NUMBER(38,0)',
+        f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "FIRST_ERROR" VARCHAR',
+    ]
+
+
+def build_record_load(
+    database: str,
+    control_schema: str,
+    s3_key: str,
+    rows_loaded: int,
+    *,
+    status: str = "LOADED",
+    errors_seen: int = 0,
+    first_error: str | None = None,
+) -> Statement:
+    """Mark the key loaded. ``status`` is LOADED, or PARTIALLY_LOADED (ON_ERROR = CONTINUE
+    rejected some rows: the file is done, and the ledger says what was left out)."""
     sql = (
         f"UPDATE {ledger_name(database, control_schema)}\n"
-        'SET "ROWS_LOADED" = %s, "LOADED_AT" = CURRENT_TIMESTAMP()\n'
+        'SET "ROWS_LOADED" = %s, "LOADED_AT" = CURRENT_TIMESTAMP(), "STATUS" = %s, '
+        '"ERRORS_SEEN" = %s, "FIRST_ERROR" = %s\n'
         'WHERE "S3_KEY" = %s'
     )
-    return sql, (rows_loaded, s3_key)
+    return sql, (rows_loaded, status, errors_seen, first_error, s3_key)
+
+
+def build_select_loaded_keys(database: str, control_schema: str, keys: Sequence[str]) -> Statement:
+    """Which of these keys the ledger holds as loaded (a run's completeness check)."""
+    if not keys:
+        raise PermanentError("no keys to look up")
+    placeholders = ", ".join(["%s"] * len(keys))
+    sql = (
+        f'SELECT "S3_KEY" FROM {ledger_name(database, control_schema)}\n'
+        f'WHERE "LOADED_AT" IS NOT NULL AND "S3_KEY" IN ({placeholders})'
+    )
+    return sql, tuple(keys)
+
+
+# --------------------------------------------------------------------------- schema evolution
+
+
+def build_select_column_types(database: str, schema: str, table: str) -> Statement:
+    """An existing table's columns with precision/scale/length, for schema evolution."""
+    sql = (
+        'SELECT "COLUMN_NAME", "DATA_TYPE", "NUMERIC_PRECISION", "NUMERIC_SCALE", "CHARACTER_MAXIMUM_LENGTH"\n'
+        f'FROM {quote_ident(database)}."INFORMATION_SCHEMA"."COLUMNS"\n'
+        'WHERE "TABLE_SCHEMA" = %s AND "TABLE_NAME" = %s\n'
+        'ORDER BY "ORDINAL_POSITION"'
+    )
+    return sql, (schema, table)
+
+
+def build_add_column(database: str, table: TableRef, column: Column) -> str:
+    """A new source column; always nullable, because existing rows have no value for it."""
+    target = quote_qualified(database, table.snowflake_schema, table.snowflake_table)
+    return f"ALTER TABLE {target} ADD COLUMN {quote_ident(column.snowflake_name)} {column.snowflake_type}"
+
+
+def build_widen_column(database: str, table: TableRef, column: Column) -> str:
+    target = quote_qualified(database, table.snowflake_schema, table.snowflake_table)
+    return (
+        f"ALTER TABLE {target} ALTER COLUMN {quote_ident(column.snowflake_name)} "
+        f"SET DATA TYPE {column.snowflake_type}"
+    )
+
+
+# --------------------------------------------------------------------------- write modes
+
+
+def build_create_work_table(target: tuple[str, str, str], columns: Sequence[Column]) -> str:
+    """A transient table with the target's columns (no NOT NULL: a work table only stages rows).
+
+    Transient, not temporary: it is fully qualified in the control schema, and the name is
+    unique per load, so concurrent loaders never share one.
+    """
+    column_defs = ", ".join(f"{quote_ident(c.snowflake_name)} {c.snowflake_type}" for c in columns)
+    return f"CREATE OR REPLACE TRANSIENT TABLE {quote_qualified(*target)} ({column_defs})"
+
+
+def build_create_shadow_table(shadow: tuple[str, str, str], columns: Sequence[Column]) -> str:
+    """The new table a replace run loads into, swapped with the target when the run is complete."""
+    column_defs = ", ".join(
+        f"{quote_ident(c.snowflake_name)} {c.snowflake_type}{'' if c.nullable else ' NOT NULL'}"
+        for c in columns
+    )
+    return f"CREATE TABLE IF NOT EXISTS {quote_qualified(*shadow)} ({column_defs})"
+
+
+def build_drop_table(table: tuple[str, str, str]) -> str:
+    return f"DROP TABLE IF EXISTS {quote_qualified(*table)}"
+
+
+def build_merge_from(
+    *,
+    target: tuple[str, str, str],
+    source: tuple[str, str, str],
+    columns: Sequence[Column],
+    primary_key: Sequence[str],
+    cursor_column: str | None,
+) -> str:
+    """One MERGE of a work table into the target: newest row per key wins.
+
+    The work table is de-duplicated by primary key keeping the highest cursor value; with a
+    cursor an existing row is only overwritten by a row at least as new, so an older run
+    delivered late cannot roll a row back.
+    """
+    if not primary_key:
+        raise PermanentError("merge needs a primary key", table=".".join(target))
+    by_name = {c.name: c for c in columns}
+    missing = [
+        name for name in (*primary_key, *([cursor_column] if cursor_column else [])) if name not in by_name
+    ]
+    if missing:
+        raise PermanentError(f"merge key/cursor column(s) not in the manifest: {', '.join(missing)}")
+    keys = [quote_ident(by_name[name].snowflake_name) for name in primary_key]
+    cursor = quote_ident(by_name[cursor_column].snowflake_name) if cursor_column else None
+    order = f"{cursor} DESC NULLS LAST" if cursor else keys[0]
+    names = [quote_ident(c.snowflake_name) for c in columns]
+    on = " AND ".join(f'"TARGET".{k} = "SOURCE".{k}' for k in keys)
+    updates = ", ".join(f'{n} = "SOURCE".{n}' for n in names if n not in keys)
+    newer = f' AND ("TARGET".{cursor} IS NULL OR "SOURCE".{cursor} >= "TARGET".{cursor})' if cursor else ""
+    source_values = ", ".join('"SOURCE".' + n for n in names)
+    matched = f"WHEN MATCHED{newer} THEN UPDATE SET {updates}\n" if updates else ""
+    return (
+        f'MERGE INTO {quote_qualified(*target)} AS "TARGET"\n'
+        f"USING (SELECT * FROM {quote_qualified(*source)}\n"
+        f'       QUALIFY ROW_NUMBER() OVER (PARTITION BY {", ".join(keys)} ORDER BY {order}) = 1) AS "SOURCE"\n'
+        f"ON {on}\n"
+        f"{matched}"
+        f"WHEN NOT MATCHED THEN INSERT ({', '.join(names)})\n"
+        f"VALUES ({source_values})"
+    )
+
+
+def build_swap_with(table: tuple[str, str, str], other: tuple[str, str, str]) -> str:
+    """Atomically exchange two tables: readers see the old table or the new one, never a mix."""
+    return f"ALTER TABLE {quote_qualified(*table)} SWAP WITH {quote_qualified(*other)}"
+
+
+def build_rename_table(table: tuple[str, str, str], new: tuple[str, str, str]) -> str:
+    return f"ALTER TABLE {quote_qualified(*table)} RENAME TO {quote_qualified(*new)}"
+
+
+SOFT_DELETE_COLUMN = "_PGSNOW_DELETED_AT"
+
+
+def build_add_soft_delete_column(target: tuple[str, str, str]) -> str:
+    return (
+        f"ALTER TABLE {quote_qualified(*target)} ADD COLUMN IF NOT EXISTS "
+        f"{quote_ident(SOFT_DELETE_COLUMN)} TIMESTAMP_TZ(6)"
+    )
+
+
+def build_apply_deletes(
+    *, target: tuple[str, str, str], keys_table: tuple[str, str, str], key_columns: Sequence[str], soft: bool
+) -> str:
+    """Delete (or mark deleted) the target rows whose primary key is not in the run's full key list."""
+    if not key_columns:
+        raise PermanentError("deletes need a primary key", table=".".join(target))
+    match = " AND ".join(f'"KEYS".{quote_ident(k)} = "TARGET".{quote_ident(k)}' for k in key_columns)
+    gone = f'NOT EXISTS (SELECT 1 FROM {quote_qualified(*keys_table)} AS "KEYS" WHERE {match})'
+    if soft:
+        column = quote_ident(SOFT_DELETE_COLUMN)
+        return (
+            f'UPDATE {quote_qualified(*target)} AS "TARGET" SET {column} = CURRENT_TIMESTAMP()\n'
+            f'WHERE "TARGET".{column} IS NULL AND {gone}'
+        )
+    return f'DELETE FROM {quote_qualified(*target)} AS "TARGET"\nWHERE {gone}'
+
+
+def build_insert_rows(target: tuple[str, str, str], columns: Sequence[LoadColumn]) -> str:
+    """LOAD_METHOD=insert: one row of bound CSV field texts, converted like the CSV COPY does."""
+    names = ", ".join(quote_ident(c.snowflake_name) for c in columns)
+    values = ", ".join(_insert_expression(c) for c in columns)
+    return f"INSERT INTO {quote_qualified(*target)} ({names})\nSELECT {values}"
+
+
+def _insert_expression(column: LoadColumn) -> str:
+    if column.kind is ValueKind.JSON:
+        return "PARSE_JSON(%s)"
+    if column.kind is ValueKind.BINARY:
+        return "TO_BINARY(%s, 'HEX')"
+    return f"CAST(%s AS {column.snowflake_type})"
+
+
+# --------------------------------------------------------------------------- setup objects (text)
+
+
+def build_create_file_format(database: str, control_schema: str, name: str, file_format: FileFormat) -> str:
+    """A named file format with the options the loader's COPY gives inline (for pipes and people)."""
+    options = (
+        CSV_FILE_FORMAT.format(compression="AUTO").replace("\n                 ", " ")
+        if file_format is FileFormat.CSV
+        else "TYPE = PARQUET"
+    )
+    return f"CREATE FILE FORMAT IF NOT EXISTS {quote_qualified(database, control_schema, name)} {options}"
+
+
+def build_create_pipe(database: str, control_schema: str, pipe: str, copy_sql: str) -> str:
+    """A pipe whose COPY is ``build_copy_into``'s shape without FILES (Snowpipe names the files).
+
+    AUTO_INGEST stays FALSE: the loader calls insertFiles itself, so the ledger sees every file.
+    """
+    without_files = re.sub(r"\n  FILES = \([^\n]*\)", "", copy_sql)
+    without_force = without_files.replace(" FORCE = TRUE", "")
+    return f"CREATE PIPE IF NOT EXISTS {quote_qualified(database, control_schema, pipe)} AUTO_INGEST = FALSE AS\n{without_force}"
 
 
 def build_select_table_columns(database: str, schema: str, table: str) -> Statement:
@@ -347,39 +553,118 @@ def _stage_location(database: str, control_schema: str, stage: str, staged: Stag
     return f"{stage_ref}/", f"{parts[0]}/{parts[1]}/{staged.file_name}"
 
 
+@dataclass(frozen=True)
+class UrlSource:
+    """Read from an ``s3://`` URL instead of the named stage.
+
+    With a storage integration the COPY names it; without one the COPY carries the Lambda
+    role's temporary credentials (the IAM-role credentials method). Credentials are never
+    logged: ``redact_credentials`` strips them from SQL before it reaches a log line.
+    """
+
+    bucket: str
+    storage_integration: str | None = None
+    aws_key_id: str | None = None
+    aws_secret_key: str | None = None
+    aws_token: str | None = None
+
+
 def build_copy_into(
     *,
     database: str,
     control_schema: str,
     stage: str,
-    staged: StagedObject,
+    staged: StagedObject | Sequence[StagedObject],
     columns: Sequence[LoadColumn],
+    on_error: str = "ABORT_STATEMENT",
+    target: tuple[str, str, str] | None = None,
+    url_source: UrlSource | None = None,
 ) -> str:
-    """COPY one staged file into its table, in the shape of docs/architecture.md.
+    """COPY staged files of one table into it, in the shape of docs/architecture.md.
 
     ``staged`` comes from ``keys.parse_data_key`` (validated and allowlisted by the caller),
-    so the stage path and FILES literal are built only from names we parsed.
+    so the stage path and FILES literal are built only from names we parsed. Several files
+    (one table, one format, at most ``MAX_FILES_PER_COPY``) go into one ``FILES = (...)``.
+    ``target`` (database, schema, table) loads into another table with the same columns
+    (merge staging, replace shadow); ``url_source`` reads ``s3://`` instead of the stage.
     """
+    files = [staged] if isinstance(staged, StagedObject) else list(staged)
+    if not files:
+        raise PermanentError("no files to COPY")
+    first = files[0]
     if not columns:
-        raise PermanentError("no columns to load", table=staged.table.qualified, s3_key=staged.key)
-    if "/" in staged.file_name or staged.file_name in {".", ".."}:
-        raise PermanentError("unsafe staged file name", s3_key=staged.key)
-    target = quote_qualified(database, staged.table.snowflake_schema, staged.table.snowflake_table)
+        raise PermanentError("no columns to load", table=first.table.qualified, s3_key=first.key)
+    if len(files) > MAX_FILES_PER_COPY:
+        raise PermanentError(f"one COPY takes at most {MAX_FILES_PER_COPY} files, got {len(files)}")
+    for item in files:
+        if "/" in item.file_name or item.file_name in {".", ".."}:
+            raise PermanentError("unsafe staged file name", s3_key=item.key)
+        if (item.table, item.file_format, item.gzip) != (first.table, first.file_format, first.gzip):
+            raise PermanentError("one COPY loads files of one table and one format", s3_key=item.key)
+    if on_error not in ON_ERROR_VALUES:
+        raise ConfigError([f"ON_ERROR must be one of {', '.join(ON_ERROR_VALUES)}, got {on_error!r}"])
+    target_name = (
+        quote_qualified(*target)
+        if target
+        else quote_qualified(database, first.table.snowflake_schema, first.table.snowflake_table)
+    )
     column_list = ", ".join(quote_ident(c.snowflake_name) for c in columns)
-    location, file_path = _stage_location(database, control_schema, stage, staged)
-    if staged.file_format is FileFormat.CSV:
+    if url_source is None:
+        located = [_stage_location(database, control_schema, stage, item) for item in files]
+        locations = {location for location, _ in located}
+        if len(locations) != 1:
+            located = [
+                (f"@{quote_qualified(database, control_schema, stage)}/", _stage_path(i)) for i in files
+            ]
+        location = located[0][0]
+        file_paths = [path for _, path in located]
+        auth = ""
+    else:
+        location = string_literal(f"s3://{url_source.bucket}/{_dir_of(first.key)}")
+        file_paths = [item.file_name for item in files]
+        auth = _url_auth(url_source)
+    if first.file_format is FileFormat.CSV:
         expressions = [_csv_select_expression(i, c) for i, c in enumerate(columns, start=1)]
-        file_format = CSV_FILE_FORMAT.format(compression="GZIP" if staged.gzip else "NONE")
+        file_format = CSV_FILE_FORMAT.format(compression="GZIP" if first.gzip else "NONE")
     else:
         expressions = [_parquet_select_expression(c) for c in columns]
         file_format = "TYPE = PARQUET"
     return (
-        f"COPY INTO {target} ({column_list})\n"
+        f"COPY INTO {target_name} ({column_list})\n"
         f"  FROM (SELECT {', '.join(expressions)} FROM {location})\n"
-        f"  FILES = ({string_literal(file_path)})\n"
+        f"  FILES = ({', '.join(string_literal(p) for p in file_paths)})\n"
+        f"{auth}"
         f"  FILE_FORMAT = ({file_format})\n"
-        "  ON_ERROR = ABORT_STATEMENT FORCE = TRUE"
+        f"  ON_ERROR = {on_error} FORCE = TRUE"
     )
+
+
+def _dir_of(key: str) -> str:
+    return key.rsplit("/", 1)[0] + "/"
+
+
+def _stage_path(staged: StagedObject) -> str:
+    return f"{staged.table.schema}/{staged.table.table}/{staged.file_name}"
+
+
+def _url_auth(source: UrlSource) -> str:
+    if source.storage_integration:
+        return f"  STORAGE_INTEGRATION = {quote_ident(source.storage_integration)}\n"
+    if source.aws_key_id and source.aws_secret_key:
+        token = f" AWS_TOKEN = {string_literal(source.aws_token)}" if source.aws_token else ""
+        return (
+            f"  CREDENTIALS = (AWS_KEY_ID = {string_literal(source.aws_key_id)} "
+            f"AWS_SECRET_KEY = {string_literal(source.aws_secret_key)}{token})\n"
+        )
+    return ""
+
+
+_CREDENTIALS_CLAUSE = re.compile(r"CREDENTIALS = \([^)]*\)")
+
+
+def redact_credentials(sql: str) -> str:
+    """SQL safe to log: the CREDENTIALS clause's values replaced."""
+    return _CREDENTIALS_CLAUSE.sub("CREDENTIALS = (<redacted>)", sql)
 
 
 def build_query_tag(*, run_id: str | None, table: TableRef, s3_key: str) -> str:

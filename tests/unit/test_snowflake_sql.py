@@ -243,8 +243,9 @@ def test_ledger_statements() -> None:
     assert select_params == (claim.s3_key,)
     assert select_sql.count("%s") == 1
     assert '"LOADED_AT" IS NOT NULL' in select_sql
-    assert record_params == (42, claim.s3_key)
-    assert record_sql.count("%s") == 2
+    # The ledger records the file's status (LOADED or PARTIALLY_LOADED) and what was rejected.
+    assert record_params == (42, "LOADED", 0, None, claim.s3_key)
+    assert record_sql.count("%s") == 5
     # No value ever appears in the text: every one is bound.
     for sql in (claim_sql, select_sql, record_sql):
         assert claim.s3_key not in sql
