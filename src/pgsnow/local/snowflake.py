@@ -59,6 +59,7 @@ from pgsnow.local.duckdb_setup import load_httpfs
 from pgsnow.local.sf_copy_run import (
     COPY_RESULT_COLUMNS,
     STAGES_TABLE,
+    FileOutcome,
     apply_copy,
     prepare_copy,
     source_prefix,
@@ -81,6 +82,7 @@ from pgsnow.local.sf_session_sql import (
     parse_create_stage,
     parse_show_parameters,
 )
+from pgsnow.local.sf_table_sql import CreatePipe, SwapTables, parse_create_pipe, parse_swap_with
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,22 @@ LOCAL_USER = "pgsnow"
 LOCAL_PASSWORD = "pgsnow"  # noqa: S105 - the local server accepts any password
 DATABASE_FILE_SUFFIX = ".db"  # fakesnow stores database X as <db_path>/X.db
 GLOBAL_FILE_NAME = "_fs_global.duckdb"  # not *.db, so it can never be taken for a database
+PIPES_TABLE = "_fs_global._fs_information_schema._pgsnow_pipes"
+# fakesnow's per-table metadata kept by name (VARCHAR lengths, comments): a swap swaps it too.
+_TABLE_EXT_TABLES = (
+    (
+        "_fs_global._fs_information_schema._fs_columns_ext",
+        "ext_table_catalog",
+        "ext_table_schema",
+        "ext_table_name",
+    ),
+    (
+        "_fs_global._fs_information_schema._fs_tables_ext",
+        "ext_table_catalog",
+        "ext_table_schema",
+        "ext_table_name",
+    ),
+)
 S3_SECRET_NAME = "pgsnow_local_s3"  # noqa: S105 - a DuckDB object name, not a secret
 STARTUP_TIMEOUT_SECONDS = 30.0
 
@@ -240,6 +258,16 @@ class LocalSnowflakeState:
             return self._show_parameters(token, pattern)
         if stage := parse_create_stage(sql_text):
             return _status_sql("") if describe_only else self._create_stage(conn, stage)
+        if swap := parse_swap_with(sql_text):
+            return _status_sql("") if describe_only else self._swap(conn, swap)
+        try:
+            pipe = parse_create_pipe(sql_text)
+        except CopySyntaxError as error:
+            raise ProgrammingError(
+                msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000"
+            ) from None
+        if pipe:
+            return _status_sql("") if describe_only else self._create_pipe(conn, pipe)
         try:
             statement = parse_copy(sql_text)
         except CopySyntaxError as error:
@@ -299,6 +327,137 @@ class LocalSnowflakeState:
             return NO_FILES_SQL
         _run_in_session_transaction(conn, lambda: apply_copy(prepared, session))
         return rows_as_select(COPY_RESULT_SHAPE, [o.result_row() for o in prepared.outcomes])
+
+    def copy_files(self, conn: FakeSnowflakeConnection, statement: CopyStatement) -> list[FileOutcome]:
+        """Run a COPY (e.g. a pipe's, with Snowpipe's files) on a session; the per-file outcomes."""
+        prefix = self._source_prefix(conn, statement)
+        if prefix is None:
+            raise ProgrammingError(
+                msg="a pipe must read an external stage or s3:// URL", errno=1003, sqlstate="42000"
+            )
+        reader = self.fs.duck_conn.cursor()
+        try:
+            prepared = prepare_copy(
+                statement,
+                session=conn._duck_conn,
+                reader=reader,
+                prefix=prefix,
+                database=conn.database,
+                schema=conn.schema,
+            )
+        finally:
+            reader.close()
+        if prepared.outcomes:
+            _run_in_session_transaction(conn, lambda: apply_copy(prepared, conn._duck_conn))
+        return list(prepared.outcomes)
+
+    # -- ALTER TABLE ... SWAP WITH
+
+    def _swap(self, conn: FakeSnowflakeConnection, swap: SwapTables) -> str:
+        """Exchange two tables' names (and fakesnow's by-name metadata) in one DuckDB transaction.
+
+        Readers on other sessions see the old or the new table, never neither: DuckDB's catalog
+        changes become visible at commit. As in Snowflake, it commits an open transaction first.
+        """
+        table = _qualify_table(conn, swap.table)
+        other = _qualify_table(conn, swap.other)
+        if table[:2] != other[:2]:
+            raise ProgrammingError(
+                msg="SQL compilation error:\nlocally, SWAP WITH needs both tables in one schema",
+                errno=1003,
+                sqlstate="0A000",
+            )
+        duck = conn._duck_conn
+        _commit_open_transaction(conn)
+        for name in (table, other):
+            found = duck.execute(
+                "SELECT 1 FROM information_schema.tables WHERE table_catalog = ? AND table_schema = ? "
+                "AND table_name = ? AND table_type = 'BASE TABLE'",
+                list(name),
+            ).fetchone()
+            if found is None:
+                raise ProgrammingError(
+                    msg=f"SQL compilation error:\nObject '{'.'.join(name)}' does not exist or not authorized.",
+                    errno=2003,
+                    sqlstate="42S02",
+                )
+        catalog, schema = duck_ident(table[0]), duck_ident(table[1])
+        parked = f"__pgsnow_swap_{secrets.token_hex(6)}"
+        steps = [(table[2], parked), (other[2], table[2]), (parked, other[2])]
+        duck.begin()
+        try:
+            for old, new in steps:
+                duck.execute(f"ALTER TABLE {catalog}.{schema}.{duck_ident(old)} RENAME TO {duck_ident(new)}")
+            duck.commit()
+        except BaseException:
+            duck.rollback()
+            raise
+        # DuckDB writes one attached database per transaction, so fakesnow's by-name metadata
+        # (in _fs_global) follows in a second one; only VARCHAR lengths/comments read it.
+        duck.begin()
+        try:
+            for old, new in steps:
+                for ext_table, cat_col, schema_col, name_col in _TABLE_EXT_TABLES:
+                    duck.execute(
+                        f"UPDATE {ext_table} SET {name_col} = ? WHERE {cat_col} = ? AND {schema_col} = ? "
+                        f"AND {name_col} = ?",
+                        [new, table[0], table[1], old],
+                    )
+            duck.commit()
+        except BaseException:
+            duck.rollback()
+            raise
+        return _status_sql("Statement executed successfully.")
+
+    # -- CREATE PIPE
+
+    def _create_pipe(self, conn: FakeSnowflakeConnection, pipe: CreatePipe) -> str:
+        catalog, schema, name = _qualify_table(conn, pipe.parts)
+        duck = conn._duck_conn
+        _commit_open_transaction(conn)
+        duck.execute(
+            f"CREATE TABLE IF NOT EXISTS {PIPES_TABLE} (database_name VARCHAR, schema_name VARCHAR, "
+            "name VARCHAR, copy_sql VARCHAR, auto_ingest BOOLEAN, created_on TIMESTAMPTZ, "
+            "PRIMARY KEY (database_name, schema_name, name))"
+        )
+        key = [catalog, schema, name]
+        where = "database_name = ? AND schema_name = ? AND name = ?"
+        duck.begin()
+        try:
+            exists = duck.execute(f"SELECT 1 FROM {PIPES_TABLE} WHERE {where}", key).fetchone() is not None
+            if exists and pipe.if_not_exists and not pipe.replace:
+                duck.commit()
+                return _status_sql(f"{name} already exists, statement succeeded.")
+            if exists and not pipe.replace:
+                raise ProgrammingError(
+                    msg=f"SQL compilation error:\nObject '{name}' already exists.",
+                    errno=2002,
+                    sqlstate="42710",
+                )
+            duck.execute(f"DELETE FROM {PIPES_TABLE} WHERE {where}", key)
+            duck.execute(
+                f"INSERT INTO {PIPES_TABLE} VALUES (?, ?, ?, ?, ?, ?)",
+                [*key, pipe.copy_sql, pipe.auto_ingest, datetime.datetime.now(datetime.UTC)],
+            )
+            duck.commit()
+        except BaseException:
+            duck.rollback()
+            raise
+        return _status_sql(f"Pipe {name} successfully created.")
+
+    def pipe_copy_sql(self, database: str, schema: str, name: str) -> str | None:
+        """The COPY of a pipe created through this server, or None."""
+        cursor = self.fs.duck_conn.cursor()
+        try:
+            row = cursor.execute(
+                f"SELECT copy_sql FROM {PIPES_TABLE} WHERE database_name = ? AND schema_name = ? AND name = ?",
+                [database, schema, name],
+            ).fetchone()
+        except duckdb.CatalogException:
+            return None
+        finally:
+            cursor.close()
+        return None if row is None else str(row[0])
 
     # -- CREATE STAGE
 
@@ -380,6 +539,20 @@ class LocalSnowflakeState:
 _PARAMETER_HELP = {
     "QUERY_TAG": "String (up to 4096 characters) used to tag statements executed by the session"
 }
+
+
+def _qualify_table(conn: FakeSnowflakeConnection, parts: tuple[str, ...]) -> tuple[str, str, str]:
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    if len(parts) == 2 and conn.database:
+        return conn.database, parts[0], parts[1]
+    if len(parts) == 1 and conn.database and conn.schema:
+        return conn.database, conn.schema, parts[0]
+    raise ProgrammingError(
+        msg="This session does not have a current database or schema. Use a qualified name.",
+        errno=90105,
+        sqlstate="22000",
+    )
 
 
 def _commit_open_transaction(conn: FakeSnowflakeConnection) -> None:
