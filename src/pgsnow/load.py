@@ -1,18 +1,26 @@
-"""Load staged files into Snowflake: one COPY per file, recorded in the load ledger.
+"""Load staged files into Snowflake exactly once, recorded in the load ledger.
 
-For each file: HEAD the object (its pgsnow metadata and ETag), find the columns (the
-run's manifest, or the existing table for a hand-dropped file), create the schema and
-table when the manifest says what they are, then in ONE transaction claim the key in
-the ledger, COPY the file, check Snowflake's result against the file's row count,
-record the rows and commit. Any failure rolls the whole transaction back, so a file is
-either loaded and recorded, or neither; a failure never comes back as a result.
+A batch's files are grouped by target table and run; each group (at most 1000 files) is
+loaded with ONE ``COPY ... FILES = (...)`` in one transaction that also claims and records
+every file in the ledger, so a file is either loaded and recorded, or neither. When a
+group fails for a reason that belongs to one file (a bad value, a changed file), its files
+are retried one by one, so only the bad file fails and the rest of the batch loads.
+
+Write modes (the run manifest's ``write_mode``): ``append`` COPYs into the target;
+``merge`` COPYs into a work table and MERGEs the newest row per primary key; ``replace``
+COPYs into a shadow table and swaps it with the target once the run is complete
+(manifest ``staged`` and every file of it in the ledger). Deletes (``hard``/``soft``)
+are applied from the run's key list at the same point. See docs/loading.md.
 
 This module must not import pyarrow (the loader artifact does not ship it).
 """
 
 from __future__ import annotations
 
+import csv
 import time
+import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -21,39 +29,59 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 from snowflake.connector.errors import Error as SnowflakeDriverError
 
-from pgsnow.config import Settings
+from pgsnow.config import DeleteMode, Settings, WriteMode
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import StagedObject, manifest_key
-from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, RunManifest
+from pgsnow.keys import FileFormat, StagedObject, manifest_key
+from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
 from pgsnow.observability import logger
+from pgsnow.schema_evolution import ExistingColumn, plan_table_changes
 from pgsnow.snowflake import (
+    MAX_FILES_PER_COPY,
     LedgerClaim,
     LoadColumn,
+    UrlSource,
+    build_add_column,
+    build_add_soft_delete_column,
+    build_apply_deletes,
     build_claim_file,
     build_copy_into,
     build_create_ledger,
     build_create_schema,
+    build_create_shadow_table,
     build_create_table,
+    build_create_work_table,
+    build_drop_table,
+    build_merge_from,
     build_query_tag,
     build_record_load,
+    build_rename_table,
+    build_select_column_types,
     build_select_ledger_entry,
+    build_select_loaded_keys,
     build_select_table_columns,
+    build_swap_with,
+    build_upgrade_ledger,
+    build_widen_column,
     classify_snowflake_error,
     load_columns_from_table,
 )
 from pgsnow.staging import ManifestNotFoundError, classify_s3_error, get_manifest
+from pgsnow.typemap import ValueKind
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from snowflake.connector import SnowflakeConnection
 
 _MISSING_S3_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+KEY_LIST_PREFIX = "_pgsnow/keys"
+APPLIED_MARK_PREFIX = "_pgsnow/applied"  # ledger key marking a run's swap/deletes as done
 
 
 class LoadStatus(StrEnum):
     LOADED = "loaded"
     ALREADY_LOADED = "already_loaded"
+    PARTIALLY_LOADED = "partially_loaded"  # ON_ERROR = CONTINUE rejected some rows
 
 
 @dataclass(frozen=True)
@@ -64,6 +92,8 @@ class LoadResult:
     rows: int
     duration_ms: int
     run_id: str | None = None
+    errors_seen: int = 0  # rows rejected (ON_ERROR = CONTINUE)
+    first_error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -73,7 +103,18 @@ class LoadResult:
             "rows": self.rows,
             "duration_ms": self.duration_ms,
             "run_id": self.run_id,
+            "errors_seen": self.errors_seen,
+            "first_error": self.first_error,
         }
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """One file's outcome in a batch: a result, or the error that kept it from loading."""
+
+    staged: StagedObject
+    result: LoadResult | None = None
+    error: PgSnowError | None = None
 
 
 @dataclass(frozen=True)
@@ -103,9 +144,10 @@ class _Loader:
     database: str
     sf_conn: SnowflakeConnection
     s3: S3Client
+    url_source: UrlSource | None = None  # for objects outside the stage (the key list)
     ledger_ready: bool = False
     manifests: dict[tuple[TableRef, str], RunManifest] = field(default_factory=dict)
-    tables_ready: set[tuple[TableRef, str]] = field(default_factory=set)
+    tables_ready: set[tuple[str, str, str]] = field(default_factory=set)
 
     @property
     def control_schema(self) -> str:
@@ -113,39 +155,121 @@ class _Loader:
 
 
 def load_staged_files(
-    *, settings: Settings, sf_conn: SnowflakeConnection, s3: S3Client, objects: Sequence[StagedObject]
+    *,
+    settings: Settings,
+    sf_conn: SnowflakeConnection,
+    s3: S3Client,
+    objects: Sequence[StagedObject],
+    url_source: UrlSource | None = None,
 ) -> list[LoadResult]:
-    """Load each staged object in order; the first failure raises (earlier files stay loaded)."""
+    """Load the objects (grouped per table and run); the first file that failed raises."""
+    outcomes = load_batch(settings=settings, sf_conn=sf_conn, s3=s3, objects=objects, url_source=url_source)
+    for outcome in outcomes:
+        if outcome.error is not None:
+            raise outcome.error
+    return [o.result for o in outcomes if o.result is not None]
+
+
+def load_batch(
+    *,
+    settings: Settings,
+    sf_conn: SnowflakeConnection,
+    s3: S3Client,
+    objects: Sequence[StagedObject],
+    url_source: UrlSource | None = None,
+) -> list[FileOutcome]:
+    """Load every object, one COPY per (table, run) group; one outcome per object, in order.
+
+    ``url_source`` says how Snowflake reads objects outside the stage (the deletes key list):
+    the storage integration, or the loader role's credentials.
+    """
     if not settings.snowflake.database:
         raise ConfigError(["SNOWFLAKE_DATABASE is required to load"])
-    loader = _Loader(settings, settings.snowflake.database, sf_conn, s3)
-    return [_load_one(loader, staged) for staged in objects]
+    loader = _Loader(settings, settings.snowflake.database, sf_conn, s3, url_source)
+    by_key: dict[str, FileOutcome] = {}
+    for group in group_files(objects):
+        for outcome in _load_group_or_each(loader, group):
+            by_key[outcome.staged.key] = outcome
+    return [by_key[o.key] for o in objects]
 
 
-def _load_one(loader: _Loader, staged: StagedObject) -> LoadResult:
+def group_files(objects: Sequence[StagedObject]) -> list[list[StagedObject]]:
+    """Distinct objects grouped by (table, run, format), runs oldest first, at most 1000 per group."""
+    groups: dict[tuple[str, str, str, str, bool], list[StagedObject]] = {}
+    seen: set[str] = set()
+    for staged in objects:
+        if staged.key in seen:
+            continue  # the same key twice in one batch loads once
+        seen.add(staged.key)
+        group_key = (
+            staged.run_id or "",
+            staged.table.schema,
+            staged.table.table,
+            staged.file_format.value,
+            staged.gzip,
+        )
+        groups.setdefault(group_key, []).append(staged)
+    ordered: list[list[StagedObject]] = []
+    for group_key in sorted(groups):
+        files = groups[group_key]
+        ordered.extend(files[i : i + MAX_FILES_PER_COPY] for i in range(0, len(files), MAX_FILES_PER_COPY))
+    return ordered
+
+
+def _load_group_or_each(loader: _Loader, group: list[StagedObject]) -> list[FileOutcome]:
+    try:
+        return _load_group(loader, group)
+    except PgSnowError as exc:
+        if len(group) == 1 or exc.retryable:
+            first = group[0]
+            _log_failure(exc, first)
+            return [FileOutcome(staged, error=_for_file(exc, staged, len(group))) for staged in group]
+        logger.warning(
+            "group load failed; loading its files one by one",
+            extra={"table": group[0].table.qualified, "files": len(group), "error": exc.message},
+        )
+    return [outcome for staged in group for outcome in _load_group_or_each(loader, [staged])]
+
+
+def _for_file(exc: PgSnowError, staged: StagedObject, group_size: int) -> PgSnowError:
+    if group_size == 1:
+        exc.s3_key = exc.s3_key or staged.key
+        exc.table = exc.table or staged.table.qualified
+        exc.run_id = exc.run_id or staged.run_id
+    return exc
+
+
+def _log_failure(exc: PgSnowError, staged: StagedObject) -> None:
+    logger.error(f"load failed: {exc.message}", extra={**exc.context(), "s3_key": exc.s3_key or staged.key})
+
+
+def _load_group(loader: _Loader, group: list[StagedObject]) -> list[FileOutcome]:
     started = time.monotonic()
-    context = {"table": staged.table.qualified, "s3_key": staged.key, "run_id": staged.run_id}
+    first = group[0]
+    context = {"table": first.table.qualified, "run_id": first.run_id}
+    if len(group) == 1:
+        context["s3_key"] = first.key
     try:
         if not loader.ledger_ready:
             ensure_ledger(loader.sf_conn, loader.database, loader.control_schema)
             loader.ledger_ready = True
-        facts = head_staged_object(loader.s3, loader.settings.bucket, staged)
-        if facts is None:
-            return _result_for_missing_object(loader, staged, started)
-        columns = _columns_for(loader, staged)
-        _execute(loader.sf_conn, build_query_tag(run_id=staged.run_id, table=staged.table, s3_key=staged.key))
-        status, rows = _load_in_transaction(loader, staged, facts, columns)
+        outcomes: dict[str, FileOutcome] = {}
+        present: list[tuple[StagedObject, ObjectFacts]] = []
+        for staged in group:
+            facts = head_staged_object(loader.s3, loader.settings.bucket, staged)
+            if facts is None:
+                outcomes[staged.key] = _outcome_for_missing_object(loader, staged, started)
+            else:
+                present.append((staged, facts))
+        if present:
+            for outcome in _copy_group(loader, present, started):
+                outcomes[outcome.staged.key] = outcome
     except PgSnowError as exc:
-        classify_snowflake_error(exc, **context)  # adds the file's context to our own error
+        classify_snowflake_error(exc, **context)  # adds the group's context to our own error
         raise
     except (SnowflakeDriverError, OSError) as exc:
         raise classify_snowflake_error(exc, **context) from exc
-    result = LoadResult(staged.key, staged.table.qualified, status, rows, _elapsed_ms(started), staged.run_id)
-    logger.info(
-        f"file {status.value}",
-        extra={**context, "rows": rows, "bytes": facts.size, "duration_ms": result.duration_ms},
-    )
-    return result
+    return [outcomes[staged.key] for staged in group]
 
 
 def _elapsed_ms(started: float) -> int:
@@ -155,6 +279,8 @@ def _elapsed_ms(started: float) -> int:
 def ensure_ledger(sf_conn: SnowflakeConnection, database: str, control_schema: str) -> None:
     _execute(sf_conn, build_create_schema(database, control_schema))
     _execute(sf_conn, build_create_ledger(database, control_schema))
+    for statement in build_upgrade_ledger(database, control_schema):
+        _execute(sf_conn, statement)
 
 
 # --------------------------------------------------------------------------- S3
@@ -238,40 +364,120 @@ def _execute_dicts(sf_conn: SnowflakeConnection, sql: str) -> list[dict[str, Any
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def _columns_for(loader: _Loader, staged: StagedObject) -> list[LoadColumn]:
-    """Target columns: from the run's manifest (creating the table), or from the existing table."""
-    database, table = loader.database, staged.table
-    if staged.run_id is None:
-        rows = _execute(
-            loader.sf_conn,
-            *build_select_table_columns(database, table.snowflake_schema, table.snowflake_table),
-        )
-        if not rows:
-            raise PermanentError(
-                "a file without a pgsnow run id can only load into an existing table, and "
-                f"{database}.{table.snowflake_schema}.{table.snowflake_table} does not exist",
-                table=table.qualified,
-                s3_key=staged.key,
-            )
-        return load_columns_from_table([(str(name), str(data_type)) for name, data_type in rows])
+# --------------------------------------------------------------------------- targets and schema
 
-    cache_key = (table, staged.run_id)
+
+def _manifest(loader: _Loader, staged: StagedObject) -> RunManifest:
+    assert staged.run_id is not None
+    cache_key = (staged.table, staged.run_id)
     manifest = loader.manifests.get(cache_key)
     if manifest is None:
-        manifest = read_run_manifest(loader.s3, loader.settings.bucket, table, staged.run_id)
+        manifest = read_run_manifest(loader.s3, loader.settings.bucket, staged.table, staged.run_id)
         loader.manifests[cache_key] = manifest
-    if cache_key not in loader.tables_ready:
-        _execute(loader.sf_conn, build_create_schema(database, table.snowflake_schema))
-        _execute(loader.sf_conn, build_create_table(database, manifest.columns, table))
-        loader.tables_ready.add(cache_key)
-    return [LoadColumn.from_manifest(c) for c in manifest.columns]
+    return manifest
 
 
-def _result_for_missing_object(loader: _Loader, staged: StagedObject, started: float) -> LoadResult:
+def _target(loader: _Loader, table: TableRef) -> tuple[str, str, str]:
+    return (loader.database, table.snowflake_schema, table.snowflake_table)
+
+
+def _shadow(loader: _Loader, table: TableRef, run_id: str) -> tuple[str, str, str]:
+    """The table a replace run loads into; same schema as the target (SWAP WITH needs no move)."""
+    return (loader.database, table.snowflake_schema, f"{table.snowflake_table}__PGSNOW_REPLACE_{run_id}")
+
+
+def _existing_columns(loader: _Loader, target: tuple[str, str, str]) -> list[ExistingColumn]:
+    rows = _execute(loader.sf_conn, *build_select_column_types(*target))
+    return [
+        ExistingColumn(
+            str(name),
+            str(data_type),
+            None if precision is None else int(precision),
+            None if scale is None else int(scale),
+            None if length is None else int(length),
+        )
+        for name, data_type, precision, scale, length in rows
+    ]
+
+
+def ensure_table(
+    loader: _Loader, table: TableRef, columns: Sequence[Column], target: tuple[str, str, str]
+) -> None:
+    """Create the target from the manifest's columns, or evolve it: add new columns, widen types.
+
+    Every change is checked before any ALTER runs, so an incompatible change alters nothing.
+    """
+    if target in loader.tables_ready:
+        return
+    existing = _existing_columns(loader, target)
+    if not existing:
+        _execute(loader.sf_conn, build_create_schema(target[0], target[1]))
+        if target == _target(loader, table):
+            _execute(loader.sf_conn, build_create_table(loader.database, columns, table))
+        else:
+            _execute(loader.sf_conn, build_create_shadow_table(target, columns))
+    else:
+        changes = plan_table_changes(table.qualified, existing, columns)
+        for column in changes.added:
+            logger.info("adding a new source column", extra={"table": table.qualified, "column": column.name})
+            _execute(loader.sf_conn, build_add_column(target, column))
+        for column in changes.widened:
+            logger.info("widening a column", extra={"table": table.qualified, "column": column.name})
+            _execute(loader.sf_conn, build_widen_column(target, column))
+    loader.tables_ready.add(target)
+
+
+def _dropped_file_columns(loader: _Loader, staged: StagedObject) -> list[LoadColumn]:
+    """A file without a run: the existing table's columns, or a new all-VARCHAR table from a CSV header."""
+    database, table = loader.database, staged.table
+    rows = _execute(
+        loader.sf_conn, *build_select_table_columns(database, table.snowflake_schema, table.snowflake_table)
+    )
+    if rows:
+        return load_columns_from_table([(str(name), str(data_type)) for name, data_type in rows])
+    if not loader.settings.load.allow_create_for_dropped_files:
+        raise PermanentError(
+            "a file without a pgsnow run id can only load into an existing table, and "
+            f"{database}.{table.snowflake_schema}.{table.snowflake_table} does not exist "
+            "(set LOAD_CREATE_TABLES_FOR_DROPPED_FILES=true to create it)",
+            table=table.qualified,
+            s3_key=staged.key,
+        )
+    if staged.file_format is not FileFormat.CSV:
+        raise PermanentError(
+            "only a CSV file can create its table (the loader reads its header; it ships no Parquet reader)",
+            table=table.qualified,
+            s3_key=staged.key,
+        )
+    header = read_csv_header(loader.s3, loader.settings.bucket, staged)
+    columns = [Column(name, "text", "text", ValueKind.TEXT, "VARCHAR", True) for name in header]
+    ensure_table(loader, table, columns, _target(loader, table))
+    return [LoadColumn.from_manifest(c) for c in columns]
+
+
+def read_csv_header(s3: S3Client, bucket: str, staged: StagedObject) -> list[str]:
+    """The header row of a staged CSV (gzip or plain), read from the first bytes only."""
+    try:
+        body = s3.get_object(Bucket=bucket, Key=staged.key, Range="bytes=0-1048575")["Body"].read()
+    except (ClientError, BotoCoreError) as exc:
+        raise classify_s3_error(exc, s3_key=staged.key) from exc
+    if staged.gzip:
+        body = zlib.decompressobj(wbits=31).decompress(body)
+    first_line = body.decode("utf-8", errors="strict").splitlines()[0] if body else ""
+    header = next(csv.reader([first_line]), [])
+    if not header or any(not name for name in header):
+        raise PermanentError("the CSV file has no usable header row", s3_key=staged.key)
+    return header
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+def _outcome_for_missing_object(loader: _Loader, staged: StagedObject, started: float) -> FileOutcome:
     """A redelivered event for a file already loaded and cleaned up is fine; anything else is not."""
     entry = _ledger_entry(loader.sf_conn, loader.database, loader.control_schema, staged.key)
     if entry is not None and entry.is_loaded:
-        return LoadResult(
+        result = LoadResult(
             staged.key,
             staged.table.qualified,
             LoadStatus.ALREADY_LOADED,
@@ -279,7 +485,15 @@ def _result_for_missing_object(loader: _Loader, staged: StagedObject, started: f
             _elapsed_ms(started),
             staged.run_id,
         )
-    raise PermanentError("the staged object no longer exists and was never loaded", s3_key=staged.key)
+        return FileOutcome(staged, result=result)
+    error = PermanentError(
+        "the staged object no longer exists and was never loaded",
+        s3_key=staged.key,
+        table=staged.table.qualified,
+        run_id=staged.run_id,
+    )
+    _log_failure(error, staged)
+    return FileOutcome(staged, error=error)
 
 
 def _ledger_entry(
@@ -298,47 +512,180 @@ def _same_content(entry: LedgerEntry, facts: ObjectFacts) -> bool:
     return entry.etag == facts.etag
 
 
-def _load_in_transaction(
-    loader: _Loader, staged: StagedObject, facts: ObjectFacts, columns: Sequence[LoadColumn]
-) -> tuple[LoadStatus, int]:
+# --------------------------------------------------------------------------- one group
+
+
+def _copy_group(
+    loader: _Loader, present: list[tuple[StagedObject, ObjectFacts]], started: float
+) -> list[FileOutcome]:
+    """Claim, COPY (and MERGE), record and commit the group's files in ONE transaction."""
     sf_conn, database, control_schema = loader.sf_conn, loader.database, loader.control_schema
-    claim = LedgerClaim(
-        s3_key=staged.key,
-        etag=facts.etag,
-        sha256=facts.sha256,
-        run_id=facts.run_id,
-        schema_name=staged.table.schema,
-        table_name=staged.table.table,
+    first = present[0][0]
+    table = first.table
+    write_mode, deletes = WriteMode.APPEND, DeleteMode.NONE
+    manifest: RunManifest | None = None
+    if first.run_id is None:
+        columns = _dropped_file_columns(loader, first)
+        copy_target = _target(loader, table)
+    else:
+        manifest = _manifest(loader, first)
+        write_mode, deletes = WriteMode(manifest.write_mode), DeleteMode(manifest.deletes)
+        columns = [LoadColumn.from_manifest(c) for c in manifest.columns]
+        if write_mode is WriteMode.REPLACE:
+            copy_target = _shadow(loader, table, first.run_id)
+            ensure_table(loader, table, manifest.columns, copy_target)
+        else:
+            ensure_table(loader, table, manifest.columns, _target(loader, table))
+            copy_target = _target(loader, table)
+    work_table: tuple[str, str, str] | None = None
+    if write_mode is WriteMode.MERGE and manifest is not None:
+        # DDL commits a transaction in Snowflake, so the work table exists before ours begins.
+        work_table = (database, control_schema, f"_PGSNOW_MERGE_{uuid.uuid4().hex[:16].upper()}")
+        _execute(sf_conn, build_create_work_table(work_table, manifest.columns))
+        copy_target = work_table
+    _execute(
+        sf_conn,
+        build_query_tag(
+            run_id=first.run_id,
+            table=table,
+            s3_key=first.key if len(present) == 1 else f"{len(present)} files",
+        ),
     )
-    copy_sql = build_copy_into(
-        database=database,
-        control_schema=control_schema,
-        stage=loader.settings.snowflake.stage,
-        staged=staged,
-        columns=columns,
-    )
+    try:
+        outcomes = _copy_in_transaction(
+            loader,
+            present=present,
+            columns=columns,
+            copy_target=copy_target,
+            work_table=work_table,
+            manifest=manifest,
+            started=started,
+        )
+    finally:
+        if work_table is not None:
+            _execute(sf_conn, build_drop_table(work_table))
+    if manifest is not None and (write_mode is WriteMode.REPLACE or deletes is not DeleteMode.NONE):
+        finish_run_if_complete(loader, table, manifest.run_id)
+    return outcomes
+
+
+def _copy_in_transaction(
+    loader: _Loader,
+    *,
+    present: list[tuple[StagedObject, ObjectFacts]],
+    columns: Sequence[LoadColumn],
+    copy_target: tuple[str, str, str],
+    work_table: tuple[str, str, str] | None,
+    manifest: RunManifest | None,
+    started: float,
+) -> list[FileOutcome]:
+    sf_conn, database, control_schema = loader.sf_conn, loader.database, loader.control_schema
+    first = present[0][0]
+    outcomes: list[FileOutcome] = []
     sf_conn.autocommit(False)
     try:
-        _execute(sf_conn, *build_claim_file(database, control_schema, claim))
-        entry = _ledger_entry(sf_conn, database, control_schema, staged.key)
-        if entry is not None and entry.is_loaded:
-            sf_conn.rollback()
-            if _same_content(entry, facts):
-                return LoadStatus.ALREADY_LOADED, entry.rows_loaded or 0
-            raise PermanentError(
-                "changed file under a loaded key: the key was loaded with other content "
-                f"(etag {entry.etag}, sha256 {entry.sha256}); stage changed data under a new key",
-                s3_key=staged.key,
+        to_load: list[tuple[StagedObject, ObjectFacts]] = []
+        for staged, facts in present:
+            claim = LedgerClaim(
+                staged.key, facts.etag, facts.sha256, facts.run_id, staged.table.schema, staged.table.table
             )
-        rows_loaded = check_copy_result(_execute_dicts(sf_conn, copy_sql), staged, facts)
-        _execute(sf_conn, *build_record_load(database, control_schema, staged.key, rows_loaded))
+            _execute(sf_conn, *build_claim_file(database, control_schema, claim))
+            entry = _ledger_entry(sf_conn, database, control_schema, staged.key)
+            if entry is not None and entry.is_loaded:
+                if not _same_content(entry, facts):
+                    raise PermanentError(
+                        "changed file under a loaded key: the key was loaded with other content "
+                        f"(etag {entry.etag}, sha256 {entry.sha256}); stage changed data under a new key",
+                        s3_key=staged.key,
+                    )
+                result = LoadResult(
+                    staged.key,
+                    staged.table.qualified,
+                    LoadStatus.ALREADY_LOADED,
+                    entry.rows_loaded or 0,
+                    _elapsed_ms(started),
+                    staged.run_id,
+                )
+                outcomes.append(FileOutcome(staged, result=result))
+            else:
+                to_load.append((staged, facts))
+        if to_load:
+            copy_sql = build_copy_into(
+                database=database,
+                control_schema=control_schema,
+                stage=loader.settings.snowflake.stage,
+                staged=[staged for staged, _ in to_load],
+                columns=columns,
+                on_error=loader.settings.load.on_error.value,
+                target=copy_target,
+            )
+            copy_started = time.monotonic()
+            copy_rows = _execute_dicts(sf_conn, copy_sql)
+            copy_ms = _elapsed_ms(copy_started)
+            checked = check_copy_results(copy_rows, to_load)
+            if work_table is not None and manifest is not None:
+                _execute(
+                    sf_conn,
+                    build_merge_from(
+                        target=_target(loader, first.table),
+                        source=work_table,
+                        columns=manifest.columns,
+                        primary_key=manifest.primary_key,
+                        cursor_column=manifest.cursor_column,
+                    ),
+                )
+            for (staged, _), file_check in zip(to_load, checked, strict=True):
+                if file_check.error is not None:
+                    outcomes.append(FileOutcome(staged, error=file_check.error))
+                    continue
+                status = "PARTIALLY_LOADED" if file_check.errors_seen else "LOADED"
+                _execute(
+                    sf_conn,
+                    *build_record_load(
+                        database,
+                        control_schema,
+                        staged.key,
+                        file_check.rows_loaded,
+                        status=status,
+                        errors_seen=file_check.errors_seen,
+                        first_error=file_check.first_error,
+                    ),
+                )
+                result = LoadResult(
+                    staged.key,
+                    staged.table.qualified,
+                    LoadStatus.PARTIALLY_LOADED if file_check.errors_seen else LoadStatus.LOADED,
+                    file_check.rows_loaded,
+                    copy_ms,
+                    staged.run_id,
+                    file_check.errors_seen,
+                    file_check.first_error,
+                )
+                outcomes.append(FileOutcome(staged, result=result))
         sf_conn.commit()
-        return LoadStatus.LOADED, rows_loaded
     except BaseException:
         _rollback_keeping_the_original_error(sf_conn)
         raise
     finally:
         sf_conn.autocommit(True)
+    for outcome in outcomes:
+        if outcome.result is not None:
+            level = logger.warning if outcome.result.errors_seen else logger.info
+            level(
+                f"file {outcome.result.status.value}",
+                extra={
+                    "table": outcome.result.table,
+                    "s3_key": outcome.result.key,
+                    "run_id": outcome.result.run_id,
+                    "rows": outcome.result.rows,
+                    "errors_seen": outcome.result.errors_seen,
+                    "first_error": outcome.result.first_error,
+                    "duration_ms": outcome.result.duration_ms,
+                },
+            )
+        elif outcome.error is not None:
+            _log_failure(outcome.error, outcome.staged)
+    return outcomes
 
 
 def _rollback_keeping_the_original_error(sf_conn: SnowflakeConnection) -> None:
@@ -350,27 +697,179 @@ def _rollback_keeping_the_original_error(sf_conn: SnowflakeConnection) -> None:
         logger.warning("rollback failed", extra={"error": str(exc)})
 
 
-def check_copy_result(result: Sequence[dict[str, Any]], staged: StagedObject, facts: ObjectFacts) -> int:
-    """The rows loaded, after checking Snowflake's COPY result for exactly our file, fully loaded."""
-    context = {"s3_key": staged.key, "table": staged.table.qualified, "run_id": staged.run_id}
-    if len(result) != 1 or "rows_loaded" not in result[0]:
-        summary = "; ".join(str(row.get("status", row)) for row in result) or "no result rows"
-        raise PermanentError(f"COPY did not load exactly this one file: {summary}", **context)
-    row = result[0]
-    file_name = str(row.get("file", ""))
-    if file_name and not file_name.endswith(staged.file_name):
-        raise PermanentError(f"COPY reported file {file_name!r}, not this key", **context)
-    status = str(row.get("status", "")).upper()
-    rows_loaded = int(row["rows_loaded"] or 0)
-    rows_parsed = int(row.get("rows_parsed") or 0)
-    if status != "LOADED":
+@dataclass(frozen=True)
+class FileCheck:
+    """Snowflake's COPY result for one file, checked against the file's own row count."""
+
+    rows_loaded: int = 0
+    errors_seen: int = 0
+    first_error: str | None = None
+    error: PgSnowError | None = None  # the file was not loaded (SKIP_FILE): it fails on its own
+
+
+def check_copy_results(
+    result: Sequence[dict[str, Any]], files: Sequence[tuple[StagedObject, ObjectFacts]]
+) -> list[FileCheck]:
+    """One check per file, in order. A file missing from the result, or a loaded file whose
+    row count differs from its metadata, fails the whole statement (the caller rolls back)."""
+    by_name: dict[str, dict[str, Any]] = {}
+    for result_row in result:
+        if "rows_loaded" in result_row:
+            by_name[str(result_row.get("file", ""))] = result_row
+    checks = []
+    for staged, facts in files:
+        context = {"s3_key": staged.key, "table": staged.table.qualified, "run_id": staged.run_id}
+        matching = [
+            r
+            for name, r in by_name.items()
+            if name.endswith("/" + staged.file_name) or name == staged.file_name
+        ]
+        row = matching[0] if matching else None
+        if row is None:
+            summary = "; ".join(str(r.get("status", r)) for r in result) or "no result rows"
+            raise PermanentError(f"COPY did not report this file: {summary}", **context)
+        status = str(row.get("status", "")).upper()
+        rows_loaded = int(row.get("rows_loaded") or 0)
+        rows_parsed = int(row.get("rows_parsed") or 0)
+        errors_seen = int(row.get("errors_seen") or 0)
+        first_error = row.get("first_error")
+        if status == "LOADED":
+            if rows_parsed != rows_loaded:
+                raise PermanentError(f"COPY parsed {rows_parsed} rows but loaded {rows_loaded}", **context)
+            if facts.rows is not None and rows_loaded != facts.rows:
+                raise PermanentError(
+                    f"COPY loaded {rows_loaded} rows, the file's {META_ROWS} says {facts.rows}", **context
+                )
+            checks.append(FileCheck(rows_loaded))
+        elif status == "PARTIALLY_LOADED":
+            rejected = errors_seen or max(rows_parsed - rows_loaded, 0)
+            checks.append(FileCheck(rows_loaded, rejected, str(first_error) if first_error else None))
+        elif status == "LOAD_FAILED":
+            checks.append(
+                FileCheck(
+                    error=PermanentError(
+                        f"COPY skipped the file (LOAD_FAILED): {first_error or 'no message'}", **context
+                    )
+                )
+            )
+        else:
+            raise PermanentError(f"COPY status {status}: {first_error or 'no error message'}", **context)
+    return checks
+
+
+# --------------------------------------------------------------------------- run completion
+
+
+def finish_run_if_complete(loader: _Loader, table: TableRef, run_id: str) -> bool:
+    """Swap in a replace run's table and apply its deletes once the run is complete.
+
+    Complete means: the manifest (read again, not cached) is ``staged`` or ``loaded``, and every
+    file it lists is loaded in the ledger. A ledger row under ``_pgsnow/applied/...`` records
+    that this was done, so a redelivered last file does not swap twice.
+    """
+    sf_conn, database, control_schema = loader.sf_conn, loader.database, loader.control_schema
+    manifest = read_run_manifest(loader.s3, loader.settings.bucket, table, run_id)
+    if manifest.state not in (RunState.STAGED, RunState.LOADED):
+        return False
+    keys = [f.key for f in manifest.files]
+    loaded = (
+        {str(row[0]) for row in _execute(sf_conn, *build_select_loaded_keys(database, control_schema, keys))}
+        if keys
+        else set()
+    )
+    if set(keys) - loaded:
+        return False
+    mark = f"{APPLIED_MARK_PREFIX}/{table.schema}/{table.table}/{run_id}"
+    entry = _ledger_entry(sf_conn, database, control_schema, mark)
+    if entry is not None and entry.is_loaded:
+        return True
+    target = _target(loader, table)
+    if WriteMode(manifest.write_mode) is WriteMode.REPLACE:
+        shadow = _shadow(loader, table, run_id)
+        if _existing_columns(loader, shadow):
+            if _existing_columns(loader, target):
+                _execute(sf_conn, build_swap_with(target, shadow))
+                _execute(sf_conn, build_drop_table(shadow))  # now the old table
+            else:
+                _execute(sf_conn, build_create_schema(target[0], target[1]))
+                _execute(sf_conn, build_rename_table(shadow, target))
+            loader.tables_ready.discard(target)
+            loader.tables_ready.discard(shadow)
+    elif DeleteMode(manifest.deletes) is not DeleteMode.NONE:
+        _apply_deletes(loader, manifest)
+    _execute(
+        sf_conn,
+        *build_claim_file(
+            database, control_schema, LedgerClaim(mark, None, None, run_id, table.schema, table.table)
+        ),
+    )
+    _execute(
+        sf_conn, *build_record_load(database, control_schema, mark, manifest.total_rows, status="APPLIED")
+    )
+    logger.info(
+        "run applied", extra={"table": table.qualified, "run_id": run_id, "write_mode": manifest.write_mode}
+    )
+    return True
+
+
+def _apply_deletes(loader: _Loader, manifest: RunManifest) -> None:
+    """Delete (hard) or mark (soft) target rows whose key is not in the run's full key list."""
+    if manifest.key_list is None:
         raise PermanentError(
-            f"COPY status {status}: {row.get('first_error') or 'no error message'}", **context
+            f"deletes={manifest.deletes} but the manifest has no key_list",
+            table=manifest.table.qualified,
+            run_id=manifest.run_id,
         )
-    if rows_parsed != rows_loaded:
-        raise PermanentError(f"COPY parsed {rows_parsed} rows but loaded {rows_loaded}", **context)
-    if facts.rows is not None and rows_loaded != facts.rows:
-        raise PermanentError(
-            f"COPY loaded {rows_loaded} rows, the file's {META_ROWS} says {facts.rows}", **context
+    sf_conn, database, control_schema = loader.sf_conn, loader.database, loader.control_schema
+    by_name = {c.name: c for c in manifest.columns}
+    key_columns = [by_name[name] for name in manifest.primary_key]
+    keys_table = (database, control_schema, f"_PGSNOW_KEYS_{uuid.uuid4().hex[:16].upper()}")
+    key_file = StagedObject(
+        key=manifest.key_list.key,
+        table=manifest.table,
+        file_name=manifest.key_list.key.rsplit("/", 1)[1],
+        file_format=FileFormat.CSV,
+        gzip=manifest.key_list.key.endswith(".gz"),
+        run_id=manifest.run_id,
+        batch=None,
+    )
+    target = _target(loader, manifest.table)
+    soft = DeleteMode(manifest.deletes) is DeleteMode.SOFT
+    if soft:
+        _execute(sf_conn, build_add_soft_delete_column(target))
+    _execute(sf_conn, build_create_work_table(keys_table, key_columns))
+    try:
+        url_source = loader.url_source or UrlSource(
+            loader.settings.bucket, storage_integration=loader.settings.snowflake.storage_integration
         )
-    return rows_loaded
+        sf_conn.autocommit(False)
+        try:
+            _execute_dicts(
+                sf_conn,
+                build_copy_into(
+                    database=database,
+                    control_schema=control_schema,
+                    stage=loader.settings.snowflake.stage,
+                    staged=key_file,
+                    columns=[LoadColumn.from_manifest(c) for c in key_columns],
+                    target=keys_table,
+                    url_source=url_source,
+                ),
+            )
+            _execute(
+                sf_conn,
+                build_apply_deletes(
+                    target=target,
+                    keys_table=keys_table,
+                    key_columns=[c.snowflake_name for c in key_columns],
+                    soft=soft,
+                ),
+            )
+            sf_conn.commit()
+        except BaseException:
+            _rollback_keeping_the_original_error(sf_conn)
+            raise
+        finally:
+            sf_conn.autocommit(True)
+    finally:
+        _execute(sf_conn, build_drop_table(keys_table))

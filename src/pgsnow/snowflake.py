@@ -316,14 +316,14 @@ def build_select_column_types(database: str, schema: str, table: str) -> Stateme
     return sql, (schema, table)
 
 
-def build_add_column(database: str, table: TableRef, column: Column) -> str:
+def build_add_column(table: tuple[str, str, str], column: Column) -> str:
     """A new source column; always nullable, because existing rows have no value for it."""
-    target = quote_qualified(database, table.snowflake_schema, table.snowflake_table)
+    target = quote_qualified(*table)
     return f"ALTER TABLE {target} ADD COLUMN {quote_ident(column.snowflake_name)} {column.snowflake_type}"
 
 
-def build_widen_column(database: str, table: TableRef, column: Column) -> str:
-    target = quote_qualified(database, table.snowflake_schema, table.snowflake_table)
+def build_widen_column(table: tuple[str, str, str], column: Column) -> str:
+    target = quote_qualified(*table)
     return (
         f"ALTER TABLE {target} ALTER COLUMN {quote_ident(column.snowflake_name)} "
         f"SET DATA TYPE {column.snowflake_type}"
