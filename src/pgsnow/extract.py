@@ -1,29 +1,41 @@
-"""Full extraction of one table: PostgreSQL -> staged files in S3 + the run manifest.
+"""Extraction of one table: PostgreSQL -> staged files in S3 + the run manifest (docs/extraction.md).
 
-Order of work (docs/architecture.md): allowlist check before any SQL; describe the table;
-check every value fits its Snowflake type; manifest ``extracting`` (schema, no files);
-one data file per ``batch_rows`` rows; manifest ``staged`` with every file. All reads
-happen in one read-only REPEATABLE READ transaction (one snapshot), ended at the end of
-the run so a warm Lambda's next run sees fresh data.
+A run is ``full`` (every row) or ``incremental`` (rows whose cursor column is ``>=`` the stored
+watermark minus the lookback; the first run is a backfill). It is split into chunks by key
+range (the primary key; ``(cursor, primary key)`` when incremental), read with keyset paging,
+each chunk's end fixed before it is read. After every file the run's checkpoint is saved in
+S3, so an invocation that stops (the Lambda deadline is near) or dies is resumed after its
+last staged file, with the same keys: batch ``chunk * 10000 + n`` for the chunk's n-th file.
+One invocation at a time extracts a table: it holds the table's lease (pgsnow.checkpoint).
 
-S3_FILE_FORMAT=auto: CSV up to AUTO_PARQUET_ABOVE_ROWS estimated rows (pg_class.reltuples),
-Parquet above; a never-analysed table (no estimate) gets CSV, which works at any size.
+Order of work: allowlist check (before any SQL or S3); lease; for incremental runs the safe
+point; describe the table (one read-only REPEATABLE READ snapshot per invocation); check
+every value fits (policy ``fail``); manifest ``extracting``; chunks and files; the key list
+when deletes are tracked; manifest ``staged``; watermark; lease released.
+
+S3_FILE_FORMAT=auto: CSV up to AUTO_PARQUET_ABOVE_ROWS estimated rows (the planner's estimate
+of the run's range), Parquet above; a never-analysed table (no estimate) gets CSV.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg2
+from psycopg2 import sql
 
-from pgsnow.config import Settings, StagedFormat
-from pgsnow.errors import PgSnowError
+from pgsnow.checkpoint import ChunkRecord, Lease, LeaseLostError, RunCheckpoint, StateStore, Watermark
+from pgsnow.config import DeleteMode, ExtractMode, Settings, StagedFormat, TableOptions, ValuePolicy
+from pgsnow.errors import PermanentError, PgSnowError
 from pgsnow.formats import CsvBatchSplitter, ParquetWriter, WrittenFile
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, new_run_id
@@ -31,18 +43,34 @@ from pgsnow.manifest import RunManifest, RunState, StagedFile
 from pgsnow.observability import logger
 from pgsnow.postgres import (
     Connection,
+    RowRange,
     TableReader,
     TableSchema,
     check_values_fit,
     classify_pg_error,
+    csv_select,
     describe_table,
+    estimate_rows,
+    next_chunk_end,
+    read_safe_point,
 )
-from pgsnow.staging import put_data_file, put_manifest
+from pgsnow.staging import get_manifest, key_list_key, put_data_file, put_manifest
+from pgsnow.typemap import ValueKind
 
 AUTO_PARQUET_ABOVE_ROWS = 100_000
 FULL_MODE = "full"
 # Rows per Parquet row group (and per fetch from the server-side cursor): bounds memory.
 PARQUET_CHUNK_ROWS = 50_000
+# Batch numbers are chunk * FILES_PER_CHUNK + n: a chunk may hold up to 9999 files.
+FILES_PER_CHUNK = 10_000
+# Without a Lambda context (CLI, tests) a lease lasts this long unless renewed.
+DEFAULT_LEASE_S = 16 * 60
+_TIME_CURSOR_TYPES = {
+    ValueKind.TIMESTAMPTZ: "timestamptz",
+    ValueKind.TIMESTAMP: "timestamp",
+    ValueKind.DATE: "date",
+}
+_CURSOR_KINDS = {*_TIME_CURSOR_TYPES, ValueKind.INTEGER, ValueKind.DECIMAL}
 
 
 def choose_file_format(configured: StagedFormat, estimated_rows: int | None) -> FileFormat:
@@ -56,86 +84,329 @@ def choose_file_format(configured: StagedFormat, estimated_rows: int | None) -> 
     return FileFormat.CSV
 
 
+def batch_number(chunk: int, file_in_chunk: int) -> int:
+    """The batch of a chunk's n-th file (n from 1): the same (run, chunk, n) always gets the same key."""
+    if not 1 <= file_in_chunk < FILES_PER_CHUNK:
+        raise PermanentError(
+            f"chunk {chunk} would need more than {FILES_PER_CHUNK - 1} files: "
+            "lower EXTRACT_CHUNK_ROWS or raise EXTRACT_TARGET_FILE_MB / EXTRACT_BATCH_ROWS"
+        )
+    return chunk * FILES_PER_CHUNK + file_in_chunk
+
+
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+class _StopForDeadline(Exception):
+    """Raised after a staged file when the deadline is near; aborts the COPY/cursor in progress."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When to stop: ``remaining_ms`` (the Lambda context's) below ``margin_s``; never without one."""
+
+    remaining_ms: Callable[[], int] | None = None
+    margin_s: float = 60
+
+    def near(self) -> bool:
+        return self.remaining_ms is not None and self.remaining_ms() < self.margin_s * 1000
+
+    def lease_ttl_s(self) -> float:
+        if self.remaining_ms is None:
+            return DEFAULT_LEASE_S
+        return self.remaining_ms() / 1000 + 60  # a dead holder's lease outlives its deadline by a minute
+
+
 @dataclass
-class _Uploader:
-    """Uploads each finished local file, deletes it, and records it for the manifest."""
+class _Run:
+    """What one invocation works with (mutable: the checkpoint advances file by file)."""
 
     settings: Settings
     s3: Any
+    store: StateStore
+    pg_conn: Connection
     table: TableRef
-    run_id: str
-    file_format: FileFormat
-    files: list[StagedFile]
+    options: TableOptions
+    schema: TableSchema
+    checkpoint: RunCheckpoint
+    lease: Lease
+    deadline: Deadline
+    work_dir: Path
+    run_filter: sql.Composable | None = None
+    filter_params: tuple[Any, ...] = ()
+    staged_this_invocation: int = 0
+    uploaded: list[StagedFile] = field(default_factory=list)
 
-    def __call__(self, written: WrittenFile) -> None:
-        key = data_key(self.settings.prefix, self.table, written.batch, self.run_id, self.file_format)
+    @property
+    def run_id(self) -> str:
+        return self.checkpoint.run_id
+
+    def rows(self, after: tuple[str, ...] | None, through: tuple[str, ...] | None) -> RowRange:
+        return RowRange(self.checkpoint.order_key, after, through, self.run_filter, self.filter_params)
+
+    def save(self, checkpoint: RunCheckpoint) -> None:
+        self.checkpoint = checkpoint
+        self.store.save_checkpoint(checkpoint)
+        self.lease = self.store.renew_lease(self.lease, ttl_s=self.deadline.lease_ttl_s())
+
+
+def _cursor_column(schema: TableSchema, options: TableOptions) -> str:
+    name = options.cursor_column
+    assert name is not None  # config refuses incremental without cursor_column
+    column = next((c for c in schema.columns if c.name == name), None)
+    where = f"{schema.table.qualified}.{name}"
+    if column is None:
+        raise PermanentError(f"cursor column {where} does not exist", table=schema.table.qualified)
+    if column.kind not in _CURSOR_KINDS:
+        raise PermanentError(
+            f"cursor column {where} is {column.pg_type}; it must be a timestamp, date, integer or numeric",
+            table=schema.table.qualified,
+        )
+    if column.nullable:
+        raise PermanentError(
+            f"cursor column {where} is nullable; rows with a NULL cursor could never be read incrementally "
+            "(make it NOT NULL or use mode full)",
+            table=schema.table.qualified,
+        )
+    if not schema.primary_key:
+        raise PermanentError(
+            f"incremental extraction of {schema.table.qualified} needs a primary key (the keyset tie-breaker)",
+            table=schema.table.qualified,
+        )
+    return name
+
+
+def _scalar(conn: Connection, query: sql.Composable, params: Sequence[Any]) -> str:
+    with conn.cursor() as cur:
+        cur.execute(query, tuple(params))
+        row = cur.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _lower_cursor(conn: Connection, kind: ValueKind, watermark: str, lookback_s: int) -> str:
+    """The run's ``>=`` bound: the watermark minus the lookback (time cursors; numbers use the watermark)."""
+    type_name = _TIME_CURSOR_TYPES.get(kind)
+    if type_name is None or lookback_s == 0:
+        return watermark
+    query = sql.SQL("SELECT CAST(CAST(%s AS {0}) - make_interval(secs => %s) AS {0})::text").format(
+        sql.SQL(type_name)
+    )
+    return _scalar(conn, query, (watermark, lookback_s))
+
+
+def _watermark_after(run: _Run, kind: ValueKind) -> str | None:
+    """min(highest cursor staged, safe point): never past what a still-open transaction could write."""
+    checkpoint = run.checkpoint
+    staged = [f for f in checkpoint.files if f.cursor_range is not None and f.rows > 0]
+    if not staged:
+        return checkpoint.watermark_before
+    highest = staged[-1].cursor_range[1] if staged[-1].cursor_range else None
+    type_name = _TIME_CURSOR_TYPES.get(kind)
+    if highest is None or type_name is None or checkpoint.safe_point is None:
+        return highest
+    query = sql.SQL("SELECT least(CAST(%s AS {0}), CAST(CAST(%s AS timestamptz) AS {0}))::text").format(
+        sql.SQL(type_name)
+    )
+    return _scalar(run.pg_conn, query, (highest, checkpoint.safe_point))
+
+
+def _key_text(values: Sequence[str]) -> str:
+    return values[0] if len(values) == 1 else json.dumps(list(values))
+
+
+class _FileRecorder:
+    """Uploads each finished file, records it in the checkpoint, and stops when the deadline is near."""
+
+    def __init__(self, run: _Run, file_format: FileFormat, chunk_index: int) -> None:
+        self.run = run
+        self.file_format = file_format
+        self.chunk_index = chunk_index
+        schema = run.schema
+        self._order_kinds = [schema.column(k).kind for k in run.checkpoint.order_key]
+        self._key_positions: list[int] | None = None
+
+    def csv_order_key(self, header: bytes, record: bytes) -> tuple[str, ...]:
+        """The order key of a CSV record, read back as PostgreSQL input text."""
+        if self._key_positions is None:
+            names = next(csv.reader([header.decode("utf-8")]))
+            self._key_positions = [names.index(k) for k in self.run.checkpoint.order_key]
+        values = next(csv.reader([record.decode("utf-8")]))
+        texts = [str(values[i]) for i in self._key_positions]
+        return tuple(
+            "\\x" + t if k is ValueKind.BINARY else t for t, k in zip(texts, self._order_kinds, strict=True)
+        )
+
+    def record(
+        self, written: WrittenFile, first: tuple[str, ...] | None, last: tuple[str, ...] | None
+    ) -> None:
+        run = self.run
+        key = data_key(run.settings.prefix, run.table, written.batch, run.run_id, self.file_format)
         started = time.monotonic()
         put_data_file(
-            self.s3,
-            self.settings.bucket,
+            run.s3,
+            run.settings.bucket,
             key,
             written.path,
-            run_id=self.run_id,
+            run_id=run.run_id,
             batch=written.batch,
             rows=written.rows,
             sha256=written.sha256,
         )
         written.path.unlink(missing_ok=True)
-        self.files.append(
-            StagedFile(key, written.batch, written.rows, written.bytes, written.sha256, self.file_format)
+        pk_width = len(run.schema.primary_key)
+        incremental = run.checkpoint.mode == ExtractMode.INCREMENTAL.value
+        key_range = cursor_range = None
+        if first is not None and last is not None and pk_width:
+            key_range = (_key_text(first[-pk_width:]), _key_text(last[-pk_width:]))
+            if incremental:
+                cursor_range = (first[0], last[0])
+        staged = StagedFile(
+            key,
+            written.batch,
+            written.rows,
+            written.bytes,
+            written.sha256,
+            self.file_format,
+            chunk=self.chunk_index,
+            key_range=key_range,
+            cursor_range=cursor_range,
         )
+        run.uploaded.append(staged)
+        chunk = run.checkpoint.in_progress
+        assert chunk is not None
+        chunk = ChunkRecord(
+            chunk.index, chunk.after, chunk.through, (*chunk.files, staged), last or chunk.resume_after
+        )
+        run.save(run.checkpoint.evolve(in_progress=chunk))
+        run.staged_this_invocation += 1
         logger.info(
             "staged data file",
             extra={
-                "run_id": self.run_id,
-                "table": self.table.qualified,
+                "run_id": run.run_id,
+                "table": run.table.qualified,
                 "s3_key": key,
                 "rows": written.rows,
                 "bytes": written.bytes,
+                "chunk": self.chunk_index,
                 "duration_ms": round((time.monotonic() - started) * 1000),
             },
         )
+        if run.deadline.near():
+            raise _StopForDeadline
 
 
-def _stage_csv(
-    reader: TableReader, batch_rows: int, work_dir: Path, on_file: Callable[[WrittenFile], None]
-) -> None:
-    splitter = CsvBatchSplitter(
-        batch_rows=batch_rows,
-        path_for_batch=lambda batch: work_dir / f"batch{batch}.csv.gz",
+def _stage_chunk_csv(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
+    recorder = _FileRecorder(run, FileFormat.CSV, chunk.index)
+    header: list[bytes] = []
+
+    def on_file(written: WrittenFile) -> None:
+        first = last = None
+        if written.first_record is not None and written.last_record is not None:
+            first = recorder.csv_order_key(header[0], written.first_record)
+            last = recorder.csv_order_key(header[0], written.last_record)
+        recorder.record(written, first, last)
+
+    class _HeaderKeeper(CsvBatchSplitter):
+        def write(self, data: bytes) -> int:
+            if not header:
+                header.append(bytes(data))
+            return super().write(data)
+
+    splitter = _HeaderKeeper(
+        batch_rows=run.settings.batch_rows,
+        path_for_batch=lambda batch: run.work_dir / f"batch{batch}.csv.gz",
         on_file=on_file,
+        first_batch=batch_number(chunk.index, len(chunk.files) + 1),
+        max_bytes=run.settings.extract.target_file_mb * 1024 * 1024,
     )
-    reader.copy_csv(splitter)
-    splitter.finish()
+    reader = TableReader(run.pg_conn, run.schema, policy=run.options.value_policy)
+    reader.copy_csv(splitter, run.rows(chunk.resume_after or chunk.after, chunk.through))
+    if allow_empty or splitter.rows > 0:
+        splitter.finish()
 
 
-def _stage_parquet(
-    reader: TableReader, batch_rows: int, work_dir: Path, on_file: Callable[[WrittenFile], None]
-) -> None:
-    chunk_rows = min(batch_rows, PARQUET_CHUNK_ROWS)
+def _stage_chunk_parquet(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
+    recorder = _FileRecorder(run, FileFormat.PARQUET, chunk.index)
+    schema = run.schema
+    batch_rows = run.settings.batch_rows
+    max_bytes = run.settings.extract.target_file_mb * 1024 * 1024
+    order_key = run.checkpoint.order_key
+    width = len(schema.columns)
+    reader = TableReader(run.pg_conn, schema, policy=run.options.value_policy)
     writer: ParquetWriter | None = None
-    batch = 0
-    for chunk in reader.iter_rows(chunk_rows):
+    file_in_chunk = len(chunk.files)
+    first: tuple[str, ...] | None = None
+    last: tuple[str, ...] | None = None
+    rows = run.rows(chunk.resume_after or chunk.after, chunk.through)
+
+    def new_writer() -> ParquetWriter:
+        nonlocal file_in_chunk
+        file_in_chunk += 1
+        batch = batch_number(chunk.index, file_in_chunk)
+        return ParquetWriter(run.work_dir / f"batch{batch}.parquet", batch, schema.columns)
+
+    for fetched in reader.iter_rows(min(batch_rows, PARQUET_CHUNK_ROWS), rows, trailing_text=order_key):
         position = 0
-        while position < len(chunk):
+        while position < len(fetched):
             if writer is None:
-                batch += 1
-                writer = ParquetWriter(work_dir / f"batch{batch}.parquet", batch, reader.schema.columns)
-            take = min(batch_rows - writer.rows, len(chunk) - position)
-            writer.write_rows(chunk[position : position + take])
+                writer = new_writer()
+                first = tuple(fetched[position][width:])
+            take = min(batch_rows - writer.rows, len(fetched) - position)
+            writer.write_rows(fetched[position : position + take])
+            last = tuple(fetched[position + take - 1][width:])
             position += take
-            if writer.rows >= batch_rows:
-                on_file(writer.close())
+            if writer.rows >= batch_rows or writer.compressed_bytes >= max_bytes:
+                recorder.record(writer.close(), first, last)
                 writer = None
-    if writer is None and batch == 0:
+    if writer is None and allow_empty and file_in_chunk == len(chunk.files):
         # An empty table still stages one (row-less) file: the loader creates the target from it.
-        writer = ParquetWriter(work_dir / "batch1.parquet", 1, reader.schema.columns)
+        writer = new_writer()
     if writer is not None:
-        on_file(writer.close())
+        recorder.record(writer.close(), first if writer.rows else None, last if writer.rows else None)
+
+
+def _stage_key_list(run: _Run) -> StagedFile:
+    """Stage every primary key (CSV gzip, header) for the loader's delete detection."""
+    schema = run.schema
+    if not schema.primary_key:
+        raise PermanentError(
+            f"deletes={run.options.deletes.value} needs a primary key on {schema.table.qualified}",
+            table=schema.table.qualified,
+        )
+    key_schema = TableSchema(
+        schema.table, tuple(schema.column(k) for k in schema.primary_key), schema.primary_key, None
+    )
+    select, params = csv_select(key_schema)
+    path = run.work_dir / "keys.csv.gz"
+    writer: list[WrittenFile] = []
+    splitter = CsvBatchSplitter(
+        batch_rows=2**62, path_for_batch=lambda _: path, on_file=writer.append, first_batch=0
+    )
+    with run.pg_conn.cursor() as cur:
+        inner = cur.mogrify(select, params or None).decode("utf-8")
+        cur.copy_expert(
+            sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true, ENCODING 'UTF8')").format(
+                sql.SQL(inner)
+            ),
+            splitter,
+        )
+    splitter.finish()
+    written = writer[0]
+    key = key_list_key(run.table, run.run_id)
+    put_data_file(
+        run.s3,
+        run.settings.bucket,
+        key,
+        path,
+        run_id=run.run_id,
+        batch=0,
+        rows=written.rows,
+        sha256=written.sha256,
+    )
+    path.unlink(missing_ok=True)
+    return StagedFile(key, 0, written.rows, written.bytes, written.sha256, FileFormat.CSV)
 
 
 def extract_table(
@@ -147,75 +418,358 @@ def extract_table(
     file_format: FileFormat | None = None,
     run_id: str | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    remaining_ms: Callable[[], int] | None = None,
+    owner: str | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> RunManifest:
-    """Stage every row of ``table`` and return the ``staged`` manifest.
+    """Stage ``table`` (or continue run ``run_id``) and return its manifest.
 
-    ``file_format`` None means settings.file_format (``auto`` resolved from the row estimate).
-    Raises UnsafeIdentifierError (before any SQL) for a table outside the allowlist,
-    PermanentError for data Snowflake cannot hold, RetryableError for transient failures.
+    The manifest is ``staged`` when the run is complete, or still ``extracting`` when the
+    invocation stopped because ``remaining_ms()`` fell below the deadline margin: the caller
+    then starts a continuation with the same ``run_id``. Without ``run_id`` a new run starts,
+    unless an earlier run of the table was left unfinished (handed off or its holder died):
+    that run is resumed. ``file_format`` None means the table's option or S3_FILE_FORMAT.
+
+    Raises UnsafeIdentifierError (before any SQL or S3 call) for a table outside the allowlist,
+    RunInProgressError when another invocation holds the table, PermanentError for data
+    Snowflake cannot hold (policy ``fail``), RetryableError for transient failures (the run
+    is left resumable).
     """
     settings.tables.check(table)
+    options = settings.table_options(table)
     started_at = now()
-    run_id = run_id or new_run_id(started_at)
     started = time.monotonic()
+    deadline = Deadline(remaining_ms, settings.extract.deadline_margin_s)
+    store = StateStore(s3, settings.bucket, clock=clock)
+    lease = store.acquire_lease(
+        table,
+        run_id=run_id or new_run_id(started_at),
+        owner=owner or uuid.uuid4().hex,
+        ttl_s=deadline.lease_ttl_s(),
+        resume=run_id is None,
+    )
+    run_id = lease.run_id
     log_context = {"run_id": run_id, "table": table.qualified}
     manifest: RunManifest | None = None
-    files: list[StagedFile] = []
+    run: _Run | None = None
     try:
-        schema: TableSchema = describe_table(pg_conn, table)
-        check_values_fit(pg_conn, schema)
-        chosen = file_format or choose_file_format(settings.file_format, schema.estimated_rows)
-        manifest = RunManifest(
-            run_id=run_id,
-            table=table,
-            mode=FULL_MODE,
-            file_format=chosen,
-            columns=schema.columns,
-            primary_key=schema.primary_key,
-            state=RunState.EXTRACTING,
-            started_at=_iso(started_at),
-        )
-        put_manifest(s3, settings.bucket, manifest)
-        logger.info("extracting", extra={**log_context, "file_format": chosen.value})
-
-        uploader = _Uploader(settings, s3, table, run_id, chosen, files)
-        reader = TableReader(pg_conn, schema)
+        checkpoint = store.load_checkpoint(table, run_id)
+        if checkpoint is not None and checkpoint.state != RunState.EXTRACTING.value:
+            store.release_lease(lease)  # a duplicate continuation of a finished run: nothing to do
+            return get_manifest(s3, settings.bucket, table, run_id)
         with tempfile.TemporaryDirectory(prefix="pgsnow-") as work_dir:
-            stage = _stage_csv if chosen is FileFormat.CSV else _stage_parquet
-            stage(reader, settings.batch_rows, Path(work_dir), uploader)
-
-        staged = manifest.with_state(RunState.STAGED, files=tuple(files), finished_at=_iso(now()))
-        put_manifest(s3, settings.bucket, staged)
+            if checkpoint is None:
+                run, manifest = _start_run(
+                    settings=settings,
+                    s3=s3,
+                    store=store,
+                    pg_conn=pg_conn,
+                    table=table,
+                    options=options,
+                    lease=lease,
+                    deadline=deadline,
+                    work_dir=Path(work_dir),
+                    run_id=run_id,
+                    file_format=file_format,
+                    started_at=_iso(started_at),
+                )
+            else:
+                run, manifest = _resume_run(
+                    settings=settings,
+                    s3=s3,
+                    store=store,
+                    pg_conn=pg_conn,
+                    table=table,
+                    options=options,
+                    lease=lease,
+                    deadline=deadline,
+                    work_dir=Path(work_dir),
+                    checkpoint=checkpoint,
+                )
+            complete = _stage_chunks(run)
+            elapsed = time.monotonic() - started
+            timings = dict(run.checkpoint.timings)
+            timings["extract_s"] = round(timings.get("extract_s", 0.0) + elapsed, 3)
+            if not complete:
+                run.save(run.checkpoint.evolve(timings=timings))
+                run.lease = store.hand_off_lease(run.lease, ttl_s=deadline.lease_ttl_s())
+                logger.info(
+                    "stopping before the deadline; the run continues in a new invocation",
+                    extra={**log_context, "files": len(run.checkpoint.files)},
+                )
+                return manifest.with_state(RunState.EXTRACTING, files=run.checkpoint.files, timings=timings)
+            key_list = _stage_key_list(run) if options.deletes is not DeleteMode.NONE else None
+            cursor_kind = (
+                run.schema.column(options.cursor_column).kind
+                if manifest.cursor_column and options.cursor_column
+                else None
+            )
+            watermark_after = _watermark_after(run, cursor_kind) if cursor_kind is not None else None
+            staged = manifest.with_state(
+                RunState.STAGED,
+                files=run.checkpoint.files,
+                finished_at=_iso(now()),
+                watermark_after=watermark_after,
+                key_list=key_list,
+                timings=timings,
+            )
+            put_manifest(s3, settings.bucket, staged)
+            # The watermark moves only once the run's manifest says staged.
+            if manifest.cursor_column and watermark_after is not None:
+                store.save_watermark(table, Watermark(manifest.cursor_column, watermark_after, run_id))
+            store.save_checkpoint(run.checkpoint.evolve(state=RunState.STAGED.value, timings=timings))
+            store.release_lease(run.lease)
+    except _StopForDeadline:  # pragma: no cover - caught inside _stage_chunks
+        raise
     except psycopg2.Error as exc:
         error = classify_pg_error(exc, table=table.qualified, run_id=run_id)
-        _record_failure(s3, bucket=settings.bucket, manifest=manifest, files=files, now=now, error=error)
+        _record_failure(
+            s3=s3,
+            store=store,
+            bucket=settings.bucket,
+            manifest=manifest,
+            run=run,
+            lease=lease,
+            now=now,
+            error=error,
+        )
         raise error from exc
     except PgSnowError as exc:
         exc.table = exc.table or table.qualified
         exc.run_id = exc.run_id or run_id
-        _record_failure(s3, bucket=settings.bucket, manifest=manifest, files=files, now=now, error=exc)
+        _record_failure(
+            s3=s3,
+            store=store,
+            bucket=settings.bucket,
+            manifest=manifest,
+            run=run,
+            lease=lease,
+            now=now,
+            error=exc,
+        )
         raise
     except Exception as exc:
         # Anything else (disk full, an Arrow conversion) still must not leave the run
         # looking like it is in progress; the error itself propagates unchanged.
-        _record_failure(s3, bucket=settings.bucket, manifest=manifest, files=files, now=now, error=exc)
+        _record_failure(
+            s3=s3,
+            store=store,
+            bucket=settings.bucket,
+            manifest=manifest,
+            run=run,
+            lease=lease,
+            now=now,
+            error=exc,
+        )
         raise
     finally:
         _end_snapshot(pg_conn)
 
-    total_bytes = sum(f.bytes for f in staged.files)
-    duration_ms = round((time.monotonic() - started) * 1000)
     logger.info(
         "staged table",
         extra={
             **log_context,
             "rows": staged.total_rows,
-            "bytes": total_bytes,
+            "bytes": sum(f.bytes for f in staged.files),
             "files": len(staged.files),
-            "duration_ms": duration_ms,
+            "duration_ms": round((time.monotonic() - started) * 1000),
         },
     )
     return staged
+
+
+def _run_filter(
+    conn: Connection, schema: TableSchema, options: TableOptions, lower_cursor: str | None
+) -> tuple[sql.Composable | None, tuple[Any, ...]]:
+    if lower_cursor is None or options.cursor_column is None:
+        return None, ()
+    return sql.SQL("{} >= %s").format(sql.Identifier(options.cursor_column)), (lower_cursor,)
+
+
+def _start_run(
+    *,
+    settings: Settings,
+    s3: Any,
+    store: StateStore,
+    pg_conn: Connection,
+    table: TableRef,
+    options: TableOptions,
+    lease: Lease,
+    deadline: Deadline,
+    work_dir: Path,
+    run_id: str,
+    file_format: FileFormat | None,
+    started_at: str,
+) -> tuple[_Run, RunManifest]:
+    incremental = options.mode is ExtractMode.INCREMENTAL
+    # Before the snapshot: every transaction it cannot see started after this point or is listed now.
+    safe_point = read_safe_point(pg_conn) if incremental else None
+    if safe_point is not None and not safe_point.sees_all_sessions:
+        logger.warning(
+            "pg_stat_activity hides other roles' transactions (grant pg_read_all_stats): "
+            "the safe watermark only counts this role's open transactions",
+            extra={"run_id": run_id, "table": table.qualified},
+        )
+    schema = describe_table(pg_conn, table)
+    watermark = lower_cursor = None
+    order_key: tuple[str, ...] = schema.primary_key
+    if incremental:
+        cursor = _cursor_column(schema, options)
+        order_key = (cursor, *schema.primary_key)
+        stored = store.load_watermark(table)
+        if stored is not None and stored.cursor_column == cursor:
+            watermark = stored.value
+            lower_cursor = _lower_cursor(
+                pg_conn, schema.column(cursor).kind, watermark, options.lookback_seconds
+            )
+    run_filter, filter_params = _run_filter(pg_conn, schema, options, lower_cursor)
+    rows = RowRange(order_key, None, None, run_filter, filter_params)
+    condition, params = rows.condition()
+    # Key and cursor values are what chunks resume from: they must stage unchanged under any policy.
+    check_values_fit(
+        pg_conn,
+        schema,
+        condition,
+        params,
+        columns=None if options.value_policy is ValuePolicy.FAIL else order_key,
+    )
+    chosen = file_format or choose_file_format(
+        options.file_format or settings.file_format, estimate_rows(pg_conn, schema, rows)
+    )
+    checkpoint = RunCheckpoint(
+        run_id=run_id,
+        table=table,
+        mode=options.mode.value,
+        file_format=chosen,
+        order_key=order_key,
+        watermark_before=watermark,
+        lower_cursor=lower_cursor,
+        safe_point=safe_point.moment if safe_point else None,
+    )
+    manifest = RunManifest(
+        run_id=run_id,
+        table=table,
+        mode=options.mode.value,
+        file_format=chosen,
+        columns=schema.columns,
+        primary_key=schema.primary_key,
+        state=RunState.EXTRACTING,
+        started_at=started_at,
+        cursor_column=options.cursor_column if incremental else None,
+        watermark_before=watermark,
+        write_mode=options.write_mode.value,
+        deletes=options.deletes.value,
+    )
+    run = _Run(
+        settings,
+        s3,
+        store,
+        pg_conn,
+        table,
+        options,
+        schema,
+        checkpoint,
+        lease,
+        deadline,
+        work_dir,
+        run_filter,
+        filter_params,
+    )
+    run.save(checkpoint)
+    put_manifest(s3, settings.bucket, manifest)
+    logger.info(
+        "extracting",
+        extra={
+            "run_id": run_id,
+            "table": table.qualified,
+            "file_format": chosen.value,
+            "mode": options.mode.value,
+        },
+    )
+    return run, manifest
+
+
+def _resume_run(
+    *,
+    settings: Settings,
+    s3: Any,
+    store: StateStore,
+    pg_conn: Connection,
+    table: TableRef,
+    options: TableOptions,
+    lease: Lease,
+    deadline: Deadline,
+    work_dir: Path,
+    checkpoint: RunCheckpoint,
+) -> tuple[_Run, RunManifest]:
+    manifest = get_manifest(s3, settings.bucket, table, checkpoint.run_id)
+    schema = describe_table(pg_conn, table)
+    if schema.columns != manifest.columns or schema.primary_key != manifest.primary_key:
+        raise PermanentError(
+            f"the columns of {table.qualified} changed during run {checkpoint.run_id}; start a new run",
+            table=table.qualified,
+        )
+    run_filter, filter_params = _run_filter(pg_conn, schema, options, checkpoint.lower_cursor)
+    run = _Run(
+        settings,
+        s3,
+        store,
+        pg_conn,
+        table,
+        options,
+        schema,
+        checkpoint.evolve(invocations=checkpoint.invocations + 1),
+        lease,
+        deadline,
+        work_dir,
+        run_filter,
+        filter_params,
+    )
+    run.save(run.checkpoint)
+    logger.info(
+        "resuming",
+        extra={"run_id": checkpoint.run_id, "table": table.qualified, "files": len(checkpoint.files)},
+    )
+    return run, manifest
+
+
+def _stage_chunks(run: _Run) -> bool:
+    """Stage chunk after chunk; False when stopped for the deadline (the checkpoint says where)."""
+    stage = _stage_chunk_csv if run.checkpoint.file_format is FileFormat.CSV else _stage_chunk_parquet
+    resumed = run.checkpoint.invocations > 1
+    while True:
+        chunk = run.checkpoint.in_progress
+        if chunk is None:
+            if run.staged_this_invocation > 0 and run.deadline.near():
+                return False
+            index = len(run.checkpoint.finished)
+            after = run.checkpoint.next_after
+            through = None
+            if run.checkpoint.order_key:
+                through = next_chunk_end(
+                    run.pg_conn, run.schema, run.rows(after, None), run.settings.extract.chunk_rows
+                )
+                if through is None and index > 0:
+                    return True
+            chunk = ChunkRecord(index, after, through)
+            run.save(run.checkpoint.evolve(in_progress=chunk))
+        if resumed:
+            # A later snapshot than the one checked at the run's start: check this chunk's rows again.
+            condition, params = run.rows(chunk.resume_after or chunk.after, chunk.through).condition()
+            policy_columns = (
+                None if run.options.value_policy is ValuePolicy.FAIL else run.checkpoint.order_key
+            )
+            check_values_fit(run.pg_conn, run.schema, condition, params, columns=policy_columns)
+        allow_empty = chunk.index == 0 and not chunk.files
+        try:
+            stage(run, chunk, allow_empty)
+        except _StopForDeadline:
+            return False
+        finished = run.checkpoint.in_progress
+        assert finished is not None
+        run.save(run.checkpoint.evolve(finished=(*run.checkpoint.finished, finished), in_progress=None))
+        if finished.through is None:
+            return True
 
 
 def _end_snapshot(pg_conn: Connection) -> None:
@@ -230,24 +784,39 @@ def _end_snapshot(pg_conn: Connection) -> None:
 
 
 def _record_failure(
-    s3: Any,
     *,
+    s3: Any,
+    store: StateStore,
     bucket: str,
     manifest: RunManifest | None,
-    files: list[StagedFile],
+    run: _Run | None,
+    lease: Lease,
     now: Callable[[], datetime],
     error: BaseException,
 ) -> None:
-    """Rewrite a started run's manifest as ``failed`` (with the files staged so far)."""
-    if manifest is None:
-        return  # nothing was written yet
-    failed = manifest.with_state(RunState.FAILED, files=tuple(files), finished_at=_iso(now()))
-    context = {"run_id": manifest.run_id, "table": manifest.table.qualified, "error": type(error).__name__}
+    """A retryable failure leaves the run resumable; any other marks it ``failed`` and frees the table."""
+    current_lease = run.lease if run is not None else lease
+    context = {"run_id": lease.run_id, "table": lease.table.qualified, "error": type(error).__name__}
     try:
-        put_manifest(s3, bucket, failed)
+        if isinstance(error, LeaseLostError):
+            return  # another invocation owns the run now
+        if isinstance(error, PgSnowError) and error.retryable and manifest is not None:
+            store.hand_off_lease(current_lease, ttl_s=0)
+            logger.warning("extraction interrupted; the next invocation resumes the run", extra=context)
+            return
+        if manifest is not None:
+            files = run.checkpoint.files if run is not None else ()
+            failed = manifest.with_state(
+                RunState.FAILED, files=files, finished_at=_iso(now()), error=str(error).splitlines()[0][:500]
+            )
+            put_manifest(s3, bucket, failed)
+            if run is not None:
+                store.save_checkpoint(run.checkpoint.evolve(state=RunState.FAILED.value))
+        store.release_lease(current_lease)
     except PgSnowError as put_error:
-        logger.warning("could not mark the run failed", extra={**context, "put_error": put_error.message})
+        logger.warning("could not record the failure", extra={**context, "put_error": put_error.message})
         return
-    # The error's message travels with the exception; the log names only its type
-    # (database messages can quote row contents).
-    logger.error("extraction failed; manifest marked failed", extra={**context, "files": len(files)})
+    if manifest is not None:
+        # The error's message travels with the exception; the log names only its type
+        # (database messages can quote row contents).
+        logger.error("extraction failed; manifest marked failed", extra=context)

@@ -12,6 +12,7 @@ in-region upload; we use level 1.
 
 from __future__ import annotations
 
+import builtins
 import gzip
 import hashlib
 from collections.abc import Callable, Sequence
@@ -40,6 +41,9 @@ class WrittenFile:
     rows: int
     bytes: int
     sha256: str
+    # CSV only: the file's first and last records as PostgreSQL wrote them (key/cursor ranges).
+    first_record: builtins.bytes | None = None
+    last_record: builtins.bytes | None = None
 
 
 class _HashingFile:
@@ -94,19 +98,32 @@ class CsvGzipWriter:
         )
         self._gzip.write(header)
         self.rows = 0
+        self._first: bytes | None = None
+        self._last: bytes | memoryview | None = None
+
+    @property
+    def compressed_bytes(self) -> int:
+        """Bytes on disk so far (gzip buffers a little, so this trails the input slightly)."""
+        return self._hashing.size
 
     def write_record(self, record: bytes | memoryview) -> None:
         self._gzip.write(record)
+        if self._first is None:
+            self._first = bytes(record)
+        self._last = record
         self.rows += 1
 
     def close(self) -> WrittenFile:
         self._gzip.close()
         self._raw.close()
-        return WrittenFile(self._path, self._batch, self.rows, self._hashing.size, self._hashing.sha256)
+        last = bytes(self._last) if self._last is not None else None
+        return WrittenFile(
+            self._path, self._batch, self.rows, self._hashing.size, self._hashing.sha256, self._first, last
+        )
 
 
 class CsvBatchSplitter:
-    """A COPY sink that cuts the stream into files of at most ``batch_rows`` records.
+    """A COPY sink that cuts the stream into files of at most ``batch_rows`` records and about ``max_bytes``.
 
     PostgreSQL sends the header first and then one CopyData message per row, and psycopg2
     passes each message to ``write`` unchanged, so every call after the first is exactly one
@@ -123,8 +140,10 @@ class CsvBatchSplitter:
         on_file: Callable[[WrittenFile], None],
         first_batch: int = 1,
         compresslevel: int = CSV_GZIP_LEVEL,
+        max_bytes: int | None = None,
     ) -> None:
         self._batch_rows = batch_rows
+        self._max_bytes = max_bytes
         self._path_for_batch = path_for_batch
         self._on_file = on_file
         self._next_batch = first_batch
@@ -145,7 +164,9 @@ class CsvBatchSplitter:
             )
         self._current.write_record(data)
         self.rows += 1
-        if self._current.rows >= self._batch_rows:
+        if self._current.rows >= self._batch_rows or (
+            self._max_bytes is not None and self._current.compressed_bytes >= self._max_bytes
+        ):
             self._finish_file()
         return len(data)
 
@@ -246,12 +267,17 @@ class ParquetWriter:
         arrays = []
         for index, column in enumerate(self._columns):
             convert = _CONVERTERS.get(column.kind)
-            values = [row[index] for row in rows]
+            values = [row[index] for row in rows]  # rows may carry trailing extras: ignored
             if convert is not None:
                 values = [convert(v) for v in values]
             arrays.append(pa.array(values, type=self._schema.field(index).type))
         self._writer.write_table(pa.Table.from_arrays(arrays, schema=self._schema))
         self.rows += len(rows)
+
+    @property
+    def compressed_bytes(self) -> int:
+        """Bytes on disk so far: every finished row group (the footer comes at close)."""
+        return self._hashing.size
 
     def close(self) -> WrittenFile:
         self._writer.close()

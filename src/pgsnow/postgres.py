@@ -15,7 +15,8 @@ build Arrow arrays, so it reads with a named (server-side) cursor in bounded chu
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import json
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from pgsnow.config import ValuePolicy
 from pgsnow.errors import PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef, check_no_collisions
 from pgsnow.manifest import Column
@@ -242,6 +244,18 @@ class _ValueRule:
     # Values are sql.Literal (psycopg2's own quoting), not %s parameters: a '%' in a column
     # name would be read as a placeholder once parameters are passed.
     condition: sql.Composable
+    # The value the ``clamp`` policy stages instead (NULL where nothing is nearer).
+    clamped: sql.Composable
+
+
+_NULL = sql.SQL("NULL")
+# The greatest magnitude NUMBER(38,10) holds: 28 nines, the point, 10 nines.
+_UNBOUNDED_NUMERIC_MAX = "9" * 28 + "." + "9" * 10
+_CLAMP_RANGES: Mapping[ValueKind, tuple[str, str, str]] = {
+    ValueKind.DATE: ("date", "0001-01-01", "9999-12-31"),
+    ValueKind.TIMESTAMP: ("timestamp", "0001-01-01 00:00:00", "9999-12-31 23:59:59.999999"),
+    ValueKind.TIMESTAMPTZ: ("timestamptz", "0001-01-01 00:00:00+00", "9999-12-31 23:59:59.999999+00"),
+}
 
 
 def _value_rules(schema: TableSchema) -> list[_ValueRule]:
@@ -251,15 +265,22 @@ def _value_rules(schema: TableSchema) -> list[_ValueRule]:
         if col.kind is ValueKind.DECIMAL:
             rules.append(
                 _ValueRule(
-                    col.name, "numeric NaN", sql.SQL("{} = {}::numeric").format(ident, sql.Literal("NaN"))
+                    col.name,
+                    "numeric NaN",
+                    sql.SQL("{} = {}::numeric").format(ident, sql.Literal("NaN")),
+                    _NULL,  # NaN has no nearest number
                 )
             )
             if col.base_type == "numeric":
+                limit = sql.Literal(_UNBOUNDED_NUMERIC_MAX)
                 rules.append(
                     _ValueRule(
                         col.name,
                         "a value of 1e28 or more in magnitude (unbounded numeric is staged as NUMBER(38,10))",
                         sql.SQL("abs({}) >= {}").format(ident, sql.Literal(UNBOUNDED_NUMERIC_LIMIT)),
+                        sql.SQL("CASE WHEN {0} > 0 THEN {1}::numeric ELSE -{1}::numeric END").format(
+                            ident, limit
+                        ),
                     )
                 )
                 rules.append(
@@ -267,11 +288,20 @@ def _value_rules(schema: TableSchema) -> list[_ValueRule]:
                         col.name,
                         "digits beyond scale 10 (unbounded numeric is staged as NUMBER(38,10); never rounded)",
                         sql.SQL("{0} <> round({0}, {1})").format(ident, sql.Literal(10)),
+                        sql.SQL("round({}, {})").format(ident, sql.Literal(10)),
                     )
                 )
-        elif col.kind in {ValueKind.DATE, ValueKind.TIMESTAMP, ValueKind.TIMESTAMPTZ}:
+        elif col.kind in _CLAMP_RANGES:
+            type_name, low, high = _CLAMP_RANGES[col.kind]
+            low_value = sql.SQL("{}::{}").format(sql.Literal(low), sql.SQL(type_name))
+            high_value = sql.SQL("{}::{}").format(sql.Literal(high), sql.SQL(type_name))
+            nearest = sql.SQL("CASE WHEN {} < {} THEN {} ELSE {} END").format(
+                ident, low_value, low_value, high_value
+            )
             rules.append(
-                _ValueRule(col.name, "an infinite date/time", sql.SQL("NOT isfinite({})").format(ident))
+                _ValueRule(
+                    col.name, "an infinite date/time", sql.SQL("NOT isfinite({})").format(ident), nearest
+                )
             )
             rules.append(
                 _ValueRule(
@@ -280,24 +310,55 @@ def _value_rules(schema: TableSchema) -> list[_ValueRule]:
                     sql.SQL("extract(year FROM {}) NOT BETWEEN {} AND {}").format(
                         ident, sql.Literal(MIN_YEAR), sql.Literal(MAX_YEAR)
                     ),
+                    nearest,
                 )
             )
         elif col.kind is ValueKind.TIME:
             rules.append(
                 _ValueRule(
-                    col.name, "time 24:00:00", sql.SQL("{} = {}::time").format(ident, sql.Literal("24:00:00"))
+                    col.name,
+                    "time 24:00:00",
+                    sql.SQL("{} = {}::time").format(ident, sql.Literal("24:00:00")),
+                    sql.SQL("{}::time").format(sql.Literal("23:59:59.999999")),
                 )
             )
     return rules
 
 
-def check_values_fit(conn: SupportsExecute, schema: TableSchema) -> None:
-    """Fail before extracting when a value cannot be staged exactly (never round, never clamp).
+def policy_expression(col: Column, schema: TableSchema, policy: ValuePolicy) -> sql.Composable:
+    """The column as staged under the table's value policy (``fail`` stages it unchanged).
 
-    One scan finds the first offending row over every rule at once; the error names the
-    table, the column, the problem and the row's primary key (or ctid without one).
+    ``null`` stages NULL for a value Snowflake cannot hold, ``clamp`` the nearest value it can
+    (NULL for numeric NaN); both are explicit, per-table choices (docs/type-mapping.md).
     """
-    rules = _value_rules(schema)
+    ident = sql.Identifier(col.name)
+    if policy is ValuePolicy.FAIL:
+        return ident
+    rules = [r for r in _value_rules(schema) if r.column == col.name]
+    if not rules:
+        return ident
+    branches = sql.SQL(" ").join(
+        sql.SQL("WHEN {} THEN {}").format(r.condition, _NULL if policy is ValuePolicy.NULL else r.clamped)
+        for r in rules
+    )
+    return sql.SQL("(CASE {} ELSE {} END)").format(branches, ident)
+
+
+def check_values_fit(
+    conn: SupportsExecute,
+    schema: TableSchema,
+    where: sql.Composable | None = None,
+    params: Sequence[Any] = (),
+    *,
+    columns: Collection[str] | None = None,
+) -> None:
+    """Fail before staging when a value cannot be staged exactly (never round, never clamp).
+
+    One scan finds the first offending row over every rule at once (within ``where`` when
+    given: the run's or the chunk's range); the error names the table, the column, the
+    problem and the row's primary key (or ctid without one).
+    """
+    rules = [r for r in _value_rules(schema) if columns is None or r.column in columns]
     if not rules:
         return
     row_id: sql.Composable
@@ -309,6 +370,8 @@ def check_values_fit(conn: SupportsExecute, schema: TableSchema) -> None:
         row_id = sql.SQL("NULL::text")  # a view without a key: no way to point at the row
     flags = sql.SQL(", ").join(sql.SQL("coalesce({}, false)").format(r.condition) for r in rules)
     any_flag = sql.SQL(" OR ").join(sql.SQL("({})").format(r.condition) for r in rules)
+    if where is not None:
+        any_flag = sql.SQL("({}) AND ({})").format(where, any_flag)
     query = sql.SQL("SELECT {row_id}, {flags} FROM {table} WHERE {any_flag} LIMIT 1").format(
         row_id=row_id,
         flags=flags,
@@ -316,21 +379,22 @@ def check_values_fit(conn: SupportsExecute, schema: TableSchema) -> None:
         any_flag=any_flag,
     )
     with conn.cursor() as cur:
-        cur.execute(query)
+        cur.execute(query, tuple(params) or None)
         found = cur.fetchone()
     if found is None:
         return
     key_width = len(schema.primary_key) or 1
     key_values, rule_flags = found[:key_width], found[key_width:]
     rule = next(r for r, flagged in zip(rules, rule_flags, strict=True) if flagged)
-    where = (
+    where_text = (
         f"primary key ({', '.join(schema.primary_key)})=({', '.join(str(v) for v in key_values)})"
         if schema.primary_key
         else (f"ctid {key_values[0]}" if schema.has_ctid else "a row")
     )
     raise PermanentError(
-        f"column {rule.column!r} of {schema.table.qualified} has {rule.problem} at {where}; "
-        "Snowflake cannot hold it exactly, so the table is not extracted",
+        f"column {rule.column!r} of {schema.table.qualified} has {rule.problem} at {where_text}; "
+        "Snowflake cannot hold it exactly, so the table is not extracted "
+        "(or set the table's value_policy to null or clamp)",
         table=schema.table.qualified,
     )
 
@@ -338,71 +402,207 @@ def check_values_fit(conn: SupportsExecute, schema: TableSchema) -> None:
 # --- reading ------------------------------------------------------------------------------------------
 
 
-def _csv_expression(col: Column) -> sql.Composable:
+def _csv_expression(col: Column, source: sql.Composable) -> sql.Composable:
     """One column rendered as text in the staged CSV encoding (NULL stays NULL)."""
-    ident = sql.Identifier(col.name)
     match col.kind:
         case ValueKind.TIMESTAMPTZ:
             return sql.SQL("""to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')""").format(
-                ident
+                source
             )
         case ValueKind.BINARY:
-            return sql.SQL("encode({}, 'hex')").format(ident)
+            return sql.SQL("encode({}, 'hex')").format(source)
         case ValueKind.BOOLEAN:
-            return sql.SQL("CASE {} WHEN true THEN 'true' WHEN false THEN 'false' END").format(ident)
+            return sql.SQL("CASE {} WHEN true THEN 'true' WHEN false THEN 'false' END").format(source)
         case ValueKind.FLOAT:
             # PostgreSQL spells infinities 'Infinity'; Snowflake's CSV parser wants inf/-inf.
             return sql.SQL(
                 "CASE WHEN {0} = 'Infinity' THEN 'inf' WHEN {0} = '-Infinity' THEN '-inf' ELSE {0}::text END"
-            ).format(ident)
+            ).format(source)
         case ValueKind.JSON:
-            return _json_text(col, ident)
+            return _json_text(col, source)
         case ValueKind.DECIMAL if col.base_type == "numeric":
             # Unbounded numeric: trailing zeros past scale 10 (1.500000000000) are dropped;
-            # check_values_fit has already proved round() loses nothing.
-            return sql.SQL("(CASE WHEN scale({0}) > 10 THEN round({0}, 10) ELSE {0} END)::text").format(ident)
+            # check_values_fit (or the value policy) has made round() lose nothing.
+            return sql.SQL("(CASE WHEN scale({0}) > 10 THEN round({0}, 10) ELSE {0} END)::text").format(
+                source
+            )
         case _:
             # integer, numeric (plain digits, never exponent), text-like, date/time in ISO style.
-            return sql.SQL("{}::text").format(ident)
+            return sql.SQL("{}::text").format(source)
 
 
-def _json_text(col: Column, ident: sql.Identifier) -> sql.Composable:
+def _json_text(col: Column, source: sql.Composable) -> sql.Composable:
     if col.base_type.endswith("[]"):
-        return sql.SQL("to_jsonb({})::text").format(ident)
-    return sql.SQL("{}::text").format(ident)
+        return sql.SQL("to_jsonb({})::text").format(source)
+    return sql.SQL("{}::text").format(source)
 
 
-def _typed_expression(col: Column) -> sql.Composable:
+def _typed_expression(col: Column, source: sql.Composable) -> sql.Composable:
     """One column as a value psycopg2 turns into the Python type the Parquet writer expects."""
-    ident = sql.Identifier(col.name)
     if col.kind is ValueKind.JSON:
-        return _json_text(col, ident)
+        return _json_text(col, source)
     if col.kind is ValueKind.TEXT:
-        return sql.SQL("{}::text").format(ident)  # enums, uuid, inet, interval... as text
-    return ident
+        return sql.SQL("{}::text").format(source)  # enums, uuid, inet, interval... as text
+    return source
 
 
-def _select(schema: TableSchema, expression: Any) -> sql.Composed:
-    projection = sql.SQL(", ").join(
-        sql.SQL("{} AS {}").format(expression(c), sql.Identifier(c.name)) for c in schema.columns
+@dataclass(frozen=True)
+class RowRange:
+    """Which rows one read covers, in keyset order: ``after < (order key) <= through``, plus a filter.
+
+    Bounds are the key's values as text (PostgreSQL's own output in the extraction session),
+    bound as untyped literals that the server reads back as the columns' types.
+    """
+
+    order_key: tuple[str, ...] = ()
+    after: tuple[str, ...] | None = None
+    through: tuple[str, ...] | None = None
+    filter: sql.Composable | None = None  # e.g. the incremental run's lower cursor bound
+    filter_params: tuple[Any, ...] = ()
+
+    def condition(self) -> tuple[sql.Composable | None, tuple[Any, ...]]:
+        parts: list[sql.Composable] = []
+        params: list[Any] = []
+        if self.filter is not None:
+            parts.append(self.filter)
+            params += self.filter_params
+        key = sql.SQL(", ").join(sql.Identifier(k) for k in self.order_key)
+        for bound, operator in ((self.after, ">"), (self.through, "<=")):
+            if bound is None:
+                continue
+            placeholders = sql.SQL(", ").join(sql.Placeholder() * len(bound))
+            parts.append(sql.SQL("ROW({}) {} ROW({})").format(key, sql.SQL(operator), placeholders))
+            params += bound
+        if not parts:
+            return None, ()
+        return sql.SQL(" AND ").join(sql.SQL("({})").format(p) for p in parts), tuple(params)
+
+
+def _order_by(schema: TableSchema, order_key: Sequence[str], descending: bool = False) -> sql.Composable:
+    # Qualified, because a bare name would sort by the projected (text) output column.
+    table = schema.table
+    direction = sql.SQL(" DESC" if descending else "")
+    return sql.SQL(", ").join(
+        sql.SQL("{}{}").format(sql.Identifier(table.schema, table.table, k), direction) for k in order_key
     )
+
+
+def build_select(
+    schema: TableSchema,
+    expression: Callable[[Column, sql.Composable], sql.Composable],
+    *,
+    policy: ValuePolicy = ValuePolicy.FAIL,
+    rows: RowRange | None = None,
+    trailing_text: Sequence[str] = (),
+) -> tuple[sql.Composed, tuple[Any, ...]]:
+    """SELECT every column (under the value policy) of the rows in ``rows``, in key order.
+
+    ``trailing_text`` appends these columns again as plain text after the staged ones (the
+    Parquet path reads its file's key and cursor ranges from them; they are not written).
+    """
+    rows = rows or RowRange(order_key=schema.primary_key)
+    projection = [
+        sql.SQL("{} AS {}").format(
+            expression(c, policy_expression(c, schema, policy)), sql.Identifier(c.name)
+        )
+        for c in schema.columns
+    ]
+    projection += [sql.SQL("{}::text").format(sql.Identifier(name)) for name in trailing_text]
     query = sql.SQL("SELECT {} FROM {}").format(
-        projection, sql.Identifier(schema.table.schema, schema.table.table)
+        sql.SQL(", ").join(projection), sql.Identifier(schema.table.schema, schema.table.table)
     )
-    if schema.primary_key:
-        # Qualified, because a bare name would sort by the projected (text) output column.
-        table = schema.table
-        order = sql.SQL(", ").join(sql.Identifier(table.schema, table.table, k) for k in schema.primary_key)
-        query = sql.SQL("{} ORDER BY {}").format(query, order)
-    return query
+    condition, params = rows.condition()
+    if condition is not None:
+        query = sql.SQL("{} WHERE {}").format(query, condition)
+    if rows.order_key:
+        query = sql.SQL("{} ORDER BY {}").format(query, _order_by(schema, rows.order_key))
+    return query, params
 
 
-def csv_select(schema: TableSchema) -> sql.Composed:
-    return _select(schema, _csv_expression)
+def csv_select(schema: TableSchema, **options: Any) -> tuple[sql.Composed, tuple[Any, ...]]:
+    return build_select(schema, _csv_expression, **options)
 
 
-def typed_select(schema: TableSchema) -> sql.Composed:
-    return _select(schema, _typed_expression)
+def typed_select(schema: TableSchema, **options: Any) -> tuple[sql.Composed, tuple[Any, ...]]:
+    return build_select(schema, _typed_expression, **options)
+
+
+def next_chunk_end(
+    conn: SupportsExecute, schema: TableSchema, rows: RowRange, chunk_rows: int
+) -> tuple[str, ...] | None:
+    """The order key (as text) of the ``chunk_rows``-th row after ``rows.after``; None when no row is left.
+
+    An index-only keyset walk (LIMIT, never OFFSET): the chunk's end is fixed before the chunk
+    is read, so a retried chunk covers exactly the same key range.
+    """
+    condition, params = rows.condition()
+    key = sql.SQL(", ").join(sql.Identifier(k) for k in rows.order_key)
+    inner = sql.SQL("SELECT {} FROM {}").format(key, sql.Identifier(schema.table.schema, schema.table.table))
+    if condition is not None:
+        inner = sql.SQL("{} WHERE {}").format(inner, condition)
+    inner = sql.SQL("{} ORDER BY {} LIMIT {}").format(
+        inner, _order_by(schema, rows.order_key), sql.Literal(chunk_rows)
+    )
+    outer_order = sql.SQL(", ").join(
+        sql.SQL("{} DESC").format(sql.Identifier("chunk", k)) for k in rows.order_key
+    )
+    texts = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("chunk", k)) for k in rows.order_key)
+    query = sql.SQL("SELECT {} FROM ({}) AS chunk ORDER BY {} LIMIT 1").format(texts, inner, outer_order)
+    with conn.cursor() as cur:
+        cur.execute(query, params or None)
+        found = cur.fetchone()
+    return None if found is None else tuple(str(v) for v in found)
+
+
+def estimate_rows(conn: SupportsExecute, schema: TableSchema, rows: RowRange) -> int | None:
+    """The planner's row estimate for a range (cheap; no scan); reltuples when there is no filter."""
+    condition, params = rows.condition()
+    if condition is None:
+        return schema.estimated_rows
+    query = sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE {}").format(
+        sql.Identifier(schema.table.schema, schema.table.table), condition
+    )
+    with conn.cursor() as cur:
+        cur.execute(query, params or None)
+        plan = cur.fetchone()[0]
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return int(plan[0]["Plan"]["Plan Rows"])
+
+
+@dataclass(frozen=True)
+class SafePoint:
+    """The latest moment below which no still-invisible transaction can have written a row."""
+
+    moment: str  # timestamptz text, UTC
+    sees_all_sessions: bool  # False: pg_stat_activity hid other roles' transactions
+
+
+_SAFE_POINT_SQL = """
+SELECT least(
+           statement_timestamp(),
+           (SELECT min(a.xact_start) FROM pg_catalog.pg_stat_activity a
+             WHERE a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL
+               AND a.backend_type = 'client backend')
+       )::text,
+       pg_has_role('pg_read_all_stats', 'USAGE')
+"""
+
+
+def read_safe_point(conn: Connection) -> SafePoint:
+    """Read the safe point in its own transaction, which the caller ends *before* its snapshot.
+
+    Any transaction still invisible to a snapshot taken after this either was open when
+    pg_stat_activity was read (so its ``xact_start``, which is its ``now()``, is counted) or
+    began after this statement started (so its ``now()`` is later than ``statement_timestamp()``).
+    """
+    with conn.cursor() as cur:
+        cur.execute(_SAFE_POINT_SQL)
+        row = cur.fetchone()
+    conn.rollback()
+    assert row is not None  # an aggregate-free SELECT of two expressions returns one row
+    moment, sees_all = row
+    return SafePoint(str(moment), bool(sees_all))
 
 
 class CopyRowSink(Protocol):
@@ -412,29 +612,45 @@ class CopyRowSink(Protocol):
 
 
 class TableReader:
-    """Streams one table, inside the caller's snapshot transaction, with bounded memory."""
+    """Streams rows of one table, inside the caller's snapshot transaction, with bounded memory."""
 
-    def __init__(self, conn: Connection, schema: TableSchema, *, cursor_name: str = "pgsnow_extract") -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        schema: TableSchema,
+        *,
+        policy: ValuePolicy = ValuePolicy.FAIL,
+        cursor_name: str = "pgsnow_extract",
+    ) -> None:
         self._conn = conn
         self._schema = schema
+        self._policy = policy
         self._cursor_name = cursor_name
 
     @property
     def schema(self) -> TableSchema:
         return self._schema
 
-    def copy_csv(self, sink: CopyRowSink) -> None:
-        """Stream the table as RFC 4180 CSV with a header: NULL unquoted empty, '' as ``""``."""
-        query = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true, ENCODING 'UTF8')").format(
-            csv_select(self._schema)
-        )
+    def copy_csv(self, sink: CopyRowSink, rows: RowRange | None = None) -> None:
+        """Stream rows as RFC 4180 CSV with a header: NULL unquoted empty, '' as ``""``."""
+        select, params = csv_select(self._schema, policy=self._policy, rows=rows)
         with self._conn.cursor() as cur:
+            # COPY takes no parameters: bind them into the statement text with psycopg2's quoting.
+            inner = cur.mogrify(select, params or None).decode("utf-8")
+            query = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true, ENCODING 'UTF8')").format(
+                sql.SQL(inner)
+            )
             cur.copy_expert(query, sink)
 
-    def iter_rows(self, chunk_rows: int) -> Iterator[Sequence[tuple[Any, ...]]]:
+    def iter_rows(
+        self, chunk_rows: int, rows: RowRange | None = None, trailing_text: Sequence[str] = ()
+    ) -> Iterator[Sequence[tuple[Any, ...]]]:
         """Yield lists of typed rows (at most ``chunk_rows`` each) from a server-side cursor."""
+        select, params = typed_select(
+            self._schema, policy=self._policy, rows=rows, trailing_text=trailing_text
+        )
         with self._conn.cursor(name=self._cursor_name) as cur:
             cur.itersize = chunk_rows
-            cur.execute(typed_select(self._schema))
+            cur.execute(select, params or None)
             while chunk := cur.fetchmany(chunk_rows):
                 yield chunk

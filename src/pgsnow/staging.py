@@ -15,7 +15,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from pgsnow.errors import PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import FileFormat, manifest_key
+from pgsnow.keys import CONTROL_PREFIX, FileFormat, manifest_key
 from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, RunManifest
 
 MANIFEST_CONTENT_TYPE = "application/json"
@@ -87,6 +87,11 @@ def put_data_file(
         error = classify_s3_error(exc, s3_key=key)
         error.run_id = run_id
         raise error from exc
+
+
+def key_list_key(table: TableRef, run_id: str) -> str:
+    """Where a run's full primary-key list goes (outside the staging prefix: never loaded as data)."""
+    return f"{CONTROL_PREFIX}/keys/{table.schema}/{table.table}/{run_id}.csv.gz"
 
 
 def put_manifest(s3: Any, bucket: str, manifest: RunManifest) -> str:
