@@ -1,8 +1,10 @@
 """Loader Lambda: S3 ObjectCreated notifications (via SQS) -> COPY INTO Snowflake.
 
-Each SQS record is processed on its own (Powertools BatchProcessor): a record that raises
-is reported in ``batchItemFailures``, so only that message returns to the queue (and, after
-the queue's maxReceiveCount, goes to the dead-letter queue) while the rest are deleted.
+The whole SQS batch is parsed first and its files are loaded together, grouped by target
+table and run (one COPY per group, see ``pgsnow.load``). Powertools' BatchProcessor then
+reports each record's own outcome: a record whose file failed (or whose body is not a valid
+notification) is listed in ``batchItemFailures`` and returns to the queue (after
+maxReceiveCount: the dead-letter queue), while the rest are deleted.
 An ``s3:TestEvent`` record has nothing to load and succeeds.
 """
 
@@ -17,50 +19,70 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pgsnow.errors import PgSnowError
-from pgsnow.events import parse_sqs_record
-from pgsnow.load import LoadResult, LoadStatus, load_staged_files
-from pgsnow.observability import NAMESPACE, logger, metrics
+from pgsnow.events import BatchFiles, parse_sqs_batch
+from pgsnow.load import FileOutcome, LoadStatus, load_batch
+from pgsnow.observability import NAMESPACE, logger
 from pgsnow.runtime import loader_runtime
 
 processor = BatchProcessor(event_type=EventType.SQS)
 
 
-def record_file_metric(name: str, table: str) -> None:
-    """One count per file, with the table as a dimension (a batch may hold several tables)."""
-    with single_metric(name=name, unit=MetricUnit.Count, value=1, namespace=NAMESPACE) as metric:
+def record_table_metric(name: str, table: str, value: float = 1, unit: MetricUnit = MetricUnit.Count) -> None:
+    """One metric with the table as a dimension (a batch may hold several tables)."""
+    with single_metric(name=name, unit=unit, value=value, namespace=NAMESPACE) as metric:
         metric.add_dimension(name="table", value=table)
 
 
-def handle_record(record: SQSRecord) -> list[dict[str, Any]]:
+def record_outcome_metrics(outcome: FileOutcome) -> None:
+    if outcome.error is not None:
+        record_table_metric("FilesFailed", outcome.error.table or outcome.staged.table.qualified)
+        return
+    result = outcome.result
+    assert result is not None
+    if result.status is LoadStatus.ALREADY_LOADED:
+        record_table_metric("FilesSkipped", result.table)
+        return
+    record_table_metric("FilesLoaded", result.table)
+    record_table_metric("RowsLoaded", result.table, result.rows)
+    record_table_metric("CopyDuration", result.table, result.duration_ms, MetricUnit.Milliseconds)
+    if result.errors_seen:
+        record_table_metric("RowsRejected", result.table, result.errors_seen)
+
+
+def load_sqs_batch(records: list[SQSRecord]) -> BatchFiles:
+    """Parse and load every record's files; the outcomes, per message id."""
     runtime = loader_runtime()
     settings = runtime.settings
-    created = parse_sqs_record(
-        record, bucket=settings.bucket, prefix=settings.prefix, allowlist=settings.tables
+    batch = parse_sqs_batch(
+        records, bucket=settings.bucket, prefix=settings.prefix, allowlist=settings.tables
     )
-    if not created:
-        logger.info(
-            "s3:TestEvent or empty notification: nothing to load", extra={"message_id": record.message_id}
-        )
-        return []
-    try:
-        results: list[LoadResult] = load_staged_files(
-            settings=settings, sf_conn=runtime.snowflake(), s3=runtime.s3, objects=[c.staged for c in created]
-        )
-    except PgSnowError as exc:
-        logger.error(f"load failed: {exc.message}", extra={**exc.context(), "message_id": record.message_id})
-        record_file_metric("FilesFailed", exc.table or "unknown")
-        raise
-    for result in results:
-        loaded = result.status is LoadStatus.LOADED
-        record_file_metric("FilesLoaded" if loaded else "FilesSkipped", result.table)
-        if loaded:
-            metrics.add_metric(name="RowsLoaded", unit=MetricUnit.Count, value=result.rows)
-    return [r.as_dict() for r in results]
+    staged = batch.all_staged()
+    if staged:
+        for outcome in load_batch(
+            settings=settings, sf_conn=runtime.snowflake(), s3=runtime.s3, objects=staged
+        ):
+            batch.outcomes[outcome.staged.key] = outcome
+            record_outcome_metrics(outcome)
+    return batch
+
+
+def make_record_handler(batch: BatchFiles) -> Any:
+    def handle_record(record: SQSRecord) -> list[dict[str, Any]]:
+        try:
+            return batch.results_for(record.message_id)
+        except PgSnowError as exc:
+            logger.error(
+                f"record failed: {exc.message}", extra={**exc.context(), "message_id": record.message_id}
+            )
+            raise
+
+    return handle_record
 
 
 @logger.inject_lambda_context(clear_state=True)
-@metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
+    records = [SQSRecord(r) for r in event.get("Records", [])]
+    batch = load_sqs_batch(records)
     return process_partial_response(
-        event=event, record_handler=handle_record, processor=processor, context=context
+        event=event, record_handler=make_record_handler(batch), processor=processor, context=context
     )

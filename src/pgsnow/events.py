@@ -11,10 +11,11 @@ records and are acknowledged with nothing to do.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pgsnow.errors import PermanentError
+from pgsnow.errors import PermanentError, PgSnowError
 from pgsnow.identifiers import TableAllowlist
 from pgsnow.keys import StagedObject, decode_event_key, parse_data_key
 
@@ -111,3 +112,60 @@ def _parse_record(record: Any, *, bucket: str, prefix: str, allowlist: TableAllo
         etag=etag if isinstance(etag, str) else None,
         sequencer=sequencer if isinstance(sequencer, str) else None,
     )
+
+
+@dataclass
+class BatchFiles:
+    """An SQS batch parsed up front: each message's files (or why it could not be parsed),
+    and, once loaded, each file's outcome, so every message can answer for itself."""
+
+    files_by_message: dict[str, list[S3ObjectCreated]] = field(default_factory=dict)
+    parse_errors: dict[str, PermanentError] = field(default_factory=dict)
+    outcomes: dict[str, FileOutcomeLike] = field(default_factory=dict)
+
+    def all_staged(self) -> list[StagedObject]:
+        return [created.staged for files in self.files_by_message.values() for created in files]
+
+    def results_for(self, message_id: str) -> list[dict[str, Any]]:
+        """The message's load results; raises the first error of any of its files."""
+        if message_id in self.parse_errors:
+            raise self.parse_errors[message_id]
+        results = []
+        for created in self.files_by_message.get(message_id, []):
+            outcome = self.outcomes.get(created.key)
+            if outcome is None:
+                raise PermanentError("the file was not loaded", s3_key=created.key)
+            if outcome.error is not None:
+                raise outcome.error
+            if outcome.result is not None:
+                results.append(outcome.result.as_dict())
+        return results
+
+
+class _ResultLike(Protocol):
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+class FileOutcomeLike(Protocol):
+    """``pgsnow.load.FileOutcome`` (events does not import the loader)."""
+
+    @property
+    def error(self) -> PgSnowError | None: ...
+
+    @property
+    def result(self) -> _ResultLike | None: ...
+
+
+def parse_sqs_batch(
+    records: Sequence[SQSRecord], *, bucket: str, prefix: str, allowlist: TableAllowlist
+) -> BatchFiles:
+    """Parse every record; a record that does not parse fails alone (its error is kept)."""
+    batch = BatchFiles()
+    for record in records:
+        try:
+            batch.files_by_message[record.message_id] = parse_sqs_record(
+                record, bucket=bucket, prefix=prefix, allowlist=allowlist
+            )
+        except PermanentError as exc:
+            batch.parse_errors[record.message_id] = exc
+    return batch
