@@ -1,18 +1,50 @@
-"""Cleanup Lambda: delete staged files the load ledger shows loaded, per CLEANUP_S3_FILES.
+"""Cleanup Lambda: remove loaded staged files per CLEANUP_S3_FILES, then sweep for orphans.
 
-Runs on a schedule (every staged run) or invoked with {"schema_name": ..., "table_name": ...}
-for one table. Failures propagate so Lambda's retry and error metrics see them.
+Runs on a schedule (every run and every staged file) or invoked with
+{"schema_name": ..., "table_name": ...} for one table. Failures propagate so Lambda's
+retry and error metrics see them.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
+import boto3
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from pgsnow.cleanup import cleanup_pending_runs
-from pgsnow.observability import logger, metrics
+from pgsnow.cleanup import CleanupResult, cleanup_pending_runs
+from pgsnow.observability import NAMESPACE, logger, metrics
 from pgsnow.runtime import cleanup_runtime
+from pgsnow.sweeper import SweepResult, sweep_orphans
+
+
+@cache
+def sqs_client() -> Any:
+    """The loader queue's client (the sweeper re-enqueues orphans), once per container."""
+    return boto3.client("sqs")
+
+
+def record_table_metric(name: str, table: str, value: float, unit: MetricUnit = MetricUnit.Count) -> None:
+    """One metric with the table as a dimension (one pass covers many tables)."""
+    if value == 0:
+        return
+    with single_metric(name=name, unit=unit, value=value, namespace=NAMESPACE) as metric:
+        metric.add_dimension(name="table", value=table)
+
+
+def record_metrics(results: list[CleanupResult], sweep: SweepResult) -> None:
+    for result in results:
+        record_table_metric("FilesDeleted", result.table, len(result.deleted_keys))
+        record_table_metric("BytesDeleted", result.table, result.deleted_bytes, MetricUnit.Bytes)
+    for table, counts in sweep.counts_by_table().items():
+        record_table_metric("OrphansFound", table, counts["found"])
+        record_table_metric("OrphansReenqueued", table, counts["reenqueued"])
+        record_table_metric("OrphansAbandoned", table, counts["abandoned"] + counts["unloadable"])
+        record_table_metric("OrphansDeleted", table, counts["deleted"])
+    metrics.add_metric(name="FilesDeleted", unit=MetricUnit.Count, value=len(sweep.deleted_keys))
+    metrics.add_metric(name="BytesDeleted", unit=MetricUnit.Bytes, value=sweep.deleted_bytes)
 
 
 @logger.inject_lambda_context(clear_state=True)
@@ -20,10 +52,10 @@ from pgsnow.runtime import cleanup_runtime
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     runtime = cleanup_runtime()
     tables = runtime.tables_from_event(event)
-    results = cleanup_pending_runs(
-        settings=runtime.settings, s3=runtime.s3, sf_conn=runtime.snowflake(), tables=tables
+    sf_conn = runtime.snowflake()
+    results = cleanup_pending_runs(settings=runtime.settings, s3=runtime.s3, sf_conn=sf_conn, tables=tables)
+    sweep = sweep_orphans(
+        settings=runtime.settings, s3=runtime.s3, sqs=sqs_client(), sf_conn=sf_conn, tables=tables
     )
-    for result in results:
-        metrics.add_metric(name="FilesDeleted", unit="Count", value=len(result.deleted_keys))
-        metrics.add_metric(name="BytesDeleted", unit="Bytes", value=result.deleted_bytes)
-    return {"runs": [r.as_dict() for r in results]}
+    record_metrics(results, sweep)
+    return {"runs": [r.as_dict() for r in results], "sweep": sweep.as_dict()}

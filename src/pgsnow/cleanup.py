@@ -1,19 +1,38 @@
-"""Delete staged files once the load ledger shows them loaded.
+"""Remove staged files once the load ledger shows them loaded; mark runs complete.
 
-Cleanup never trusts a notification or a guess: a file is deleted only when the
+Cleanup never trusts a notification or a guess: a file is removed only when the
 Snowflake load ledger (written in the same transaction as its COPY) records
 that exact key with the same checksum the manifest lists. Modes
 (``CLEANUP_S3_FILES``):
 
 * ``never``: keep everything; the bucket lifecycle expires staged files after
   the retention period.
-* ``after_each``: delete each file of a run as soon as the ledger shows it.
-* ``after_all``: delete a run's files only when every file of its manifest is in
+* ``after_each``: remove each file of a run as soon as the ledger shows it.
+* ``after_all``: remove a run's files only when every file of its manifest is in
   the ledger (the specification's recommended mode).
 
 When every file of a ``staged`` manifest is loaded, the manifest moves to
-``loaded`` (whatever the mode), which is what later cleanup passes and status
-reports read.
+``loaded`` (whatever the mode), which is what later cleanup passes and
+``pgsnow status`` read. ``mark_run_complete_if_loaded`` does only that step, for
+the loader to call after a file loads.
+
+Two cleanups at once: before removing anything, a cleanup records the keys it is
+about to remove in the manifest's ``cleaned`` list with a conditional write
+(``If-Match`` on the manifest's ETag, and on a versioned bucket a check that its
+version is the first one written after the version it read). Only the writer that
+wins removes the files; the other re-reads the manifest and finds nothing left to
+do. A crash between the claim and the removal leaves loaded files that the orphan
+sweeper (``pgsnow.sweeper``) removes later.
+
+On a versioned bucket a removal deletes, by VersionId, every version of the key
+whose ETag is the one the ledger recorded (the bytes that were loaded), so no
+loaded data lingers behind a delete marker; when the current version was one of
+them it first places one delete marker, so the key reads as gone even if an older
+version that pgsnow did not load exists (that one is not ours to destroy). A stop between
+the two leaves a loaded version behind the marker until the bucket's noncurrent-version
+expiry removes it. With
+``CLEANUP_ARCHIVE_PREFIX`` the loaded version is first copied under that prefix.
+See docs/cleanup.md.
 """
 
 from __future__ import annotations
@@ -21,20 +40,27 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from pgsnow.config import CleanupMode, Settings
-from pgsnow.errors import ConfigError
+from pgsnow.errors import ConfigError, RetryableError
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import CONTROL_PREFIX
-from pgsnow.manifest import RunManifest, RunState
+from pgsnow.keys import CONTROL_PREFIX, manifest_key, normalise_prefix
+from pgsnow.manifest import META_SHA256, RunManifest, RunState, StagedFile
 from pgsnow.observability import logger
 from pgsnow.snowflake import ledger_name
-from pgsnow.staging import put_manifest
+from pgsnow.staging import MANIFEST_CONTENT_TYPE, classify_s3_error
 
 # Snowflake caps the number of expressions in an IN list; stay well below it.
 _LEDGER_QUERY_CHUNK = 500
-_S3_DELETE_CHUNK = 1000  # DeleteObjects accepts at most 1000 keys
+# How often a cleanup re-reads a manifest another writer changed under it before giving up.
+_CLAIM_ATTEMPTS = 5
+# S3's answers to a conditional write that lost: the object changed, or a concurrent write is in flight.
+_CONDITION_FAILED_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchVersion"})
 
 
 @dataclass
@@ -46,6 +72,7 @@ class CleanupResult:
     files_loaded: int
     deleted_keys: list[str] = field(default_factory=list)
     deleted_bytes: int = 0
+    archive_prefix: str | None = None  # set when files were copied there before removal
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -56,7 +83,30 @@ class CleanupResult:
             "files_loaded": self.files_loaded,
             "files_deleted": len(self.deleted_keys),
             "bytes_deleted": self.deleted_bytes,
+            "archive_prefix": self.archive_prefix,
         }
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """What the load ledger recorded for one loaded key."""
+
+    s3_key: str
+    etag: str | None
+    sha256: str | None
+    rows_loaded: int | None
+
+    def matches(self, *, sha256: str | None, etag: str | None) -> bool:
+        """Is this the content that was loaded? SHA-256 when both sides have one, else the ETag."""
+        if self.sha256 and sha256:
+            return self.sha256 == sha256
+        if self.etag and etag:
+            return self.etag == etag.strip('"')
+        # A ledger row without either checksum is from a loader that did not record them: trust the key.
+        return not self.sha256 and not self.etag
+
+
+# --------------------------------------------------------------------------- the ledger
 
 
 def build_ledger_lookup(database: str, control_schema: str, key_count: int) -> str:
@@ -67,17 +117,19 @@ def build_ledger_lookup(database: str, control_schema: str, key_count: int) -> s
     """
     placeholders = ", ".join(["%s"] * key_count)
     return (
-        f'SELECT "S3_KEY", "SHA256" FROM {ledger_name(database, control_schema)}\n'
+        f'SELECT "S3_KEY", "ETAG", "SHA256", "ROWS_LOADED" FROM {ledger_name(database, control_schema)}\n'
         f'WHERE "S3_KEY" IN ({placeholders}) AND "LOADED_AT" IS NOT NULL'
     )
 
 
-def loaded_checksums(sf_conn: Any, settings: Settings, keys: Sequence[str]) -> dict[str, str | None]:
-    """Map each key the ledger records as loaded to the checksum it recorded."""
+def ledger_rows(sf_conn: Any, settings: Settings, keys: Sequence[str]) -> dict[str, LedgerRow]:
+    """The ledger's loaded row for each of ``keys`` it has one for."""
     database = settings.snowflake.database
     if database is None:
         raise ConfigError(["SNOWFLAKE_DATABASE is needed to read the load ledger"])
-    found: dict[str, str | None] = {}
+    found: dict[str, LedgerRow] = {}
+    if not keys:
+        return found
     cursor = sf_conn.cursor()
     try:
         for start in range(0, len(keys), _LEDGER_QUERY_CHUNK):
@@ -85,56 +137,274 @@ def loaded_checksums(sf_conn: Any, settings: Settings, keys: Sequence[str]) -> d
             cursor.execute(
                 build_ledger_lookup(database, settings.snowflake.control_schema, len(chunk)), chunk
             )
-            for s3_key, sha256 in cursor.fetchall():
-                found[s3_key] = sha256
+            for s3_key, etag, sha256, rows_loaded in cursor.fetchall():
+                found[s3_key] = LedgerRow(
+                    s3_key, etag, sha256, None if rows_loaded is None else int(rows_loaded)
+                )
     finally:
         cursor.close()
     return found
 
 
-def cleanup_run(*, settings: Settings, s3: Any, sf_conn: Any, manifest: RunManifest) -> CleanupResult:
-    """Apply the cleanup mode to one run; mark the run loaded when all its files are."""
-    result = CleanupResult(manifest.table.qualified, manifest.run_id, manifest.state, len(manifest.files), 0)
-    if manifest.state is not RunState.STAGED:
-        # `extracting`: the file list is not final yet; `loaded`/`failed`: nothing left to decide here.
-        return result
-    ledger = loaded_checksums(sf_conn, settings, [f.key for f in manifest.files]) if manifest.files else {}
-    # A ledger row with another checksum means the object under that key is not the file we listed:
-    # not ours to delete, and not proof that this run's file was loaded.
-    loaded = [f for f in manifest.files if f.key in ledger and ledger[f.key] in (None, f.sha256)]
-    result.files_loaded = len(loaded)
-    all_loaded = len(loaded) == len(manifest.files)
-
-    deletable = []
-    if settings.cleanup_mode is CleanupMode.AFTER_EACH or (
-        settings.cleanup_mode is CleanupMode.AFTER_ALL and all_loaded
-    ):
-        deletable = loaded
-    if deletable:
-        result.deleted_keys = _delete_keys(s3, settings.bucket, [f.key for f in deletable])
-        deleted = set(result.deleted_keys)
-        result.deleted_bytes = sum(f.bytes for f in deletable if f.key in deleted)
-
-    if all_loaded:
-        put_manifest(s3, settings.bucket, manifest.with_state(RunState.LOADED))
-        result.state = RunState.LOADED
-    logger.info("cleanup pass", extra=result.as_dict())
-    return result
+def loaded_checksums(sf_conn: Any, settings: Settings, keys: Sequence[str]) -> dict[str, str | None]:
+    """Map each key the ledger records as loaded to the SHA-256 it recorded."""
+    return {key: row.sha256 for key, row in ledger_rows(sf_conn, settings, keys).items()}
 
 
-def _delete_keys(s3: Any, bucket: str, keys: list[str]) -> list[str]:
-    deleted: list[str] = []
-    for start in range(0, len(keys), _S3_DELETE_CHUNK):
-        chunk = keys[start : start + _S3_DELETE_CHUNK]
-        response = s3.delete_objects(
-            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": False}
+def loaded_files(manifest: RunManifest, ledger: dict[str, LedgerRow]) -> list[StagedFile]:
+    """The manifest's files the ledger shows loaded with the checksum the manifest lists.
+
+    A ledger row with another checksum means the object under that key is not the file we
+    listed: not ours to delete, and not proof that this run's file was loaded.
+    """
+    return [
+        f
+        for f in manifest.files
+        if f.key in ledger and (ledger[f.key].sha256 is None or ledger[f.key].sha256 == f.sha256)
+    ]
+
+
+# --------------------------------------------------------------------------- manifests, conditionally
+
+
+@dataclass(frozen=True)
+class VersionedManifest:
+    manifest: RunManifest
+    etag: str
+    version_id: str | None  # None on an unversioned bucket
+    last_modified: datetime | None = None
+
+
+def read_manifest_for_update(s3: Any, bucket: str, table: TableRef, run_id: str) -> VersionedManifest | None:
+    """The run's manifest with the ETag (and version) a conditional rewrite needs; None if gone."""
+    key = manifest_key(table, run_id)
+    try:
+        response = s3.get_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if _code(exc) in _MISSING_CODES:
+            return None
+        raise classify_s3_error(exc, s3_key=key) from exc
+    except BotoCoreError as exc:
+        raise classify_s3_error(exc, s3_key=key) from exc
+    manifest = RunManifest.from_json(response["Body"].read(), s3_key=key)
+    version = response.get("VersionId")
+    return VersionedManifest(
+        manifest,
+        str(response["ETag"]),
+        None if version in (None, "null") else version,
+        response.get("LastModified"),
+    )
+
+
+def write_manifest_if_unchanged(s3: Any, bucket: str, base: VersionedManifest, updated: RunManifest) -> bool:
+    """Replace the manifest only if it is still ``base``; False when another writer got there first."""
+    key = manifest_key(updated.table, updated.run_id)
+    try:
+        response = s3.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=updated.to_json().encode("utf-8"),
+            ContentType=MANIFEST_CONTENT_TYPE,
+            IfMatch=base.etag,
         )
-        deleted.extend(d["Key"] for d in response.get("Deleted", []))
-        for error in response.get("Errors", []):
-            logger.warning(
-                "could not delete staged file", extra={"s3_key": error.get("Key"), "code": error.get("Code")}
+    except ClientError as exc:
+        if _code(exc) in _CONDITION_FAILED_CODES:
+            return False
+        raise classify_s3_error(exc, s3_key=key) from exc
+    except BotoCoreError as exc:
+        raise classify_s3_error(exc, s3_key=key) from exc
+    ours = response.get("VersionId")
+    if base.version_id is None or ours in (None, "null"):
+        return True
+    # S3 makes If-Match atomic; a store that only checks it (the local emulator) can let two
+    # writers through. The version history settles it: the first version after the base wins.
+    return _first_version_after(s3, bucket, key, base.version_id) in (None, ours)
+
+
+def _first_version_after(s3: Any, bucket: str, key: str, base_version: str) -> str | None:
+    newest_first = [v["VersionId"] for v in _versions_of(s3, bucket, key)]
+    if base_version not in newest_first:
+        return None
+    position = newest_first.index(base_version)
+    return newest_first[position - 1] if position > 0 else None
+
+
+# --------------------------------------------------------------------------- removing one file
+
+
+def bucket_is_versioned(s3: Any, bucket: str) -> bool:
+    status = s3.get_bucket_versioning(Bucket=bucket).get("Status")
+    return status in {"Enabled", "Suspended"}
+
+
+def archive_root(settings: Settings) -> str | None:
+    """CLEANUP_ARCHIVE_PREFIX, checked: an archive inside the staging prefix would be loaded again."""
+    raw = settings.cleanup.archive_prefix
+    if raw is None:
+        return None
+    root = normalise_prefix(raw)
+    for inside in (settings.prefix, CONTROL_PREFIX):
+        if root == inside or root.startswith(inside + "/"):
+            raise ConfigError(
+                [f"CLEANUP_ARCHIVE_PREFIX {raw!r} must be outside the staging prefix and {CONTROL_PREFIX}/"]
             )
-    return deleted
+    return root
+
+
+def _versions_of(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
+    """Every version (newest first) of exactly ``key``, with IsLatest, ETag, Size."""
+    paginator = s3.get_paginator("list_object_versions")
+    return [
+        version
+        for page in paginator.paginate(Bucket=bucket, Prefix=key)
+        for version in page.get("Versions", [])
+        if version["Key"] == key
+    ]
+
+
+def _is_loaded_version(s3: Any, bucket: str, key: str, version: dict[str, Any], ledger: LedgerRow) -> bool:
+    if ledger.etag:
+        return str(version.get("ETag", "")).strip('"') == ledger.etag.strip('"')
+    head = s3.head_object(Bucket=bucket, Key=key, VersionId=version["VersionId"])
+    sha256 = {k.lower(): v for k, v in head.get("Metadata", {}).items()}.get(META_SHA256)
+    return ledger.matches(sha256=sha256, etag=str(head.get("ETag", "")))
+
+
+def remove_loaded_file(
+    s3: Any, bucket: str, key: str, ledger: LedgerRow, *, versioned: bool, archive: str | None
+) -> int | None:
+    """Remove the loaded content of ``key``; the bytes removed, or None when none of it was there.
+
+    Only content the ledger identifies (its ETag, else its SHA-256) is touched: a different
+    object now under the key was never loaded and stays.
+    """
+    try:
+        if not versioned:
+            return _remove_unversioned(s3, bucket, key, ledger, archive)
+        ours = [v for v in _versions_of(s3, bucket, key) if _is_loaded_version(s3, bucket, key, v, ledger)]
+        if not ours:
+            return None
+        if archive is not None:
+            s3.copy(
+                {"Bucket": bucket, "Key": key, "VersionId": ours[0]["VersionId"]}, bucket, f"{archive}/{key}"
+            )
+        if any(v.get("IsLatest") for v in ours):
+            # The marker first, while the key still exists (some stores only mark existing keys):
+            # the key reads as gone even if an older version that was never loaded is kept.
+            s3.delete_object(Bucket=bucket, Key=key)
+        s3.delete_objects(
+            Bucket=bucket,
+            Delete={"Objects": [{"Key": key, "VersionId": v["VersionId"]} for v in ours], "Quiet": True},
+        )
+        return int(ours[0].get("Size", 0))
+    except ClientError as exc:
+        if _code(exc) in _MISSING_CODES:
+            return None
+        raise classify_s3_error(exc, s3_key=key) from exc
+    except BotoCoreError as exc:
+        raise classify_s3_error(exc, s3_key=key) from exc
+
+
+def _remove_unversioned(s3: Any, bucket: str, key: str, ledger: LedgerRow, archive: str | None) -> int | None:
+    head = s3.head_object(Bucket=bucket, Key=key)
+    sha256 = {k.lower(): v for k, v in head.get("Metadata", {}).items()}.get(META_SHA256)
+    if not ledger.matches(sha256=sha256, etag=str(head.get("ETag", ""))):
+        return None
+    if archive is not None:
+        s3.copy({"Bucket": bucket, "Key": key}, bucket, f"{archive}/{key}")
+    s3.delete_object(Bucket=bucket, Key=key)
+    return int(head.get("ContentLength", 0))
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _wants_removal(settings: Settings, all_loaded: bool) -> bool:
+    mode = settings.cleanup_mode
+    return mode is CleanupMode.AFTER_EACH or (mode is CleanupMode.AFTER_ALL and all_loaded)
+
+
+def settle_run(
+    *, settings: Settings, s3: Any, sf_conn: Any, table: TableRef, run_id: str, remove: bool
+) -> CleanupResult:
+    """Mark the run loaded when all its files are; with ``remove``, claim and remove what the mode allows."""
+    bucket = settings.bucket
+    archive = archive_root(settings) if remove else None
+    for _attempt in range(_CLAIM_ATTEMPTS):
+        base = read_manifest_for_update(s3, bucket, table, run_id)
+        if base is None:
+            return CleanupResult(table.qualified, run_id, RunState.FAILED, 0, 0)
+        manifest = base.manifest
+        result = CleanupResult(manifest.table.qualified, run_id, manifest.state, len(manifest.files), 0)
+        if manifest.state not in (RunState.STAGED, RunState.LOADED):
+            # `extracting`: the file list is not final yet; `failed`: its files stay for the sweeper.
+            return result
+        ledger = ledger_rows(sf_conn, settings, [f.key for f in manifest.files])
+        loaded = loaded_files(manifest, ledger)
+        result.files_loaded = len(loaded)
+        all_loaded = len(loaded) == len(manifest.files)
+        already_claimed = set(manifest.cleaned)
+        to_remove = (
+            [f for f in loaded if f.key not in already_claimed]
+            if remove and _wants_removal(settings, all_loaded)
+            else []
+        )
+        new_state = RunState.LOADED if all_loaded else manifest.state
+        if not to_remove and new_state is manifest.state:
+            return result
+        updated = manifest.with_state(new_state, cleaned=manifest.cleaned + tuple(f.key for f in to_remove))
+        if not write_manifest_if_unchanged(s3, bucket, base, updated):
+            continue  # another cleanup (or the loader) changed the manifest: decide again from its version
+        result.state = new_state
+        if to_remove:
+            versioned = bucket_is_versioned(s3, bucket)
+            result.archive_prefix = archive
+            for staged in to_remove:
+                removed = remove_loaded_file(
+                    s3, bucket, staged.key, ledger[staged.key], versioned=versioned, archive=archive
+                )
+                if removed is not None:
+                    result.deleted_keys.append(staged.key)
+                    result.deleted_bytes += staged.bytes
+        logger.info("cleanup pass", extra=result.as_dict())
+        return result
+    raise RetryableError(
+        f"the manifest kept changing during {_CLAIM_ATTEMPTS} cleanup attempts",
+        table=table.qualified,
+        run_id=run_id,
+    )
+
+
+def cleanup_run(*, settings: Settings, s3: Any, sf_conn: Any, manifest: RunManifest) -> CleanupResult:
+    """Apply the cleanup mode to one run (read afresh from the bucket); mark it loaded when all its files are."""
+    return settle_run(
+        settings=settings,
+        s3=s3,
+        sf_conn=sf_conn,
+        table=manifest.table,
+        run_id=manifest.run_id,
+        remove=settings.cleanup_mode is not CleanupMode.NEVER,
+    )
+
+
+def mark_run_complete_if_loaded(
+    *, settings: Settings, s3: Any, sf_conn: Any, table: TableRef, run_id: str
+) -> RunState:
+    """Move a ``staged`` run to ``loaded`` if the ledger shows every file; returns the run's state.
+
+    Removes nothing, so the loader can call it after each file it loads; cleanup still decides
+    what to delete. Safe to call concurrently (the state write is conditional).
+    """
+    return settle_run(
+        settings=settings, s3=s3, sf_conn=sf_conn, table=table, run_id=run_id, remove=False
+    ).state
+
+
+# --------------------------------------------------------------------------- every run
 
 
 def iter_manifests(s3: Any, bucket: str, tables: Iterable[TableRef] | None = None) -> Iterable[RunManifest]:
@@ -157,15 +427,26 @@ def iter_manifests(s3: Any, bucket: str, tables: Iterable[TableRef] | None = Non
             yield RunManifest.from_json(body, s3_key=key)
 
 
+def needs_cleanup(settings: Settings, manifest: RunManifest) -> bool:
+    """A staged run (maybe complete now), or a loaded one whose files the mode removes and are not yet claimed."""
+    if manifest.state is RunState.STAGED:
+        return True
+    return (
+        manifest.state is RunState.LOADED
+        and settings.cleanup_mode is not CleanupMode.NEVER
+        and any(f.key not in set(manifest.cleaned) for f in manifest.files)
+    )
+
+
 def cleanup_pending_runs(
     *, settings: Settings, s3: Any, sf_conn: Any, tables: Iterable[TableRef] | None = None
 ) -> list[CleanupResult]:
-    """One cleanup pass over every staged run (the scheduled cleanup function's job)."""
+    """One cleanup pass over every run that may have work left (the scheduled cleanup function's job)."""
     started = time.monotonic()
     results = [
         cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=m)
         for m in iter_manifests(s3, settings.bucket, tables)
-        if m.state is RunState.STAGED
+        if needs_cleanup(settings, m)
     ]
     logger.info(
         "cleanup finished",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pgsnow.cli_status import add_status_command
 from pgsnow.errors import PgSnowError
 from pgsnow.identifiers import TableRef
 
@@ -249,7 +250,12 @@ def run_extract_command(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- entry point
 
-COMMANDS: list[CommandRegistrar] = [add_demo_command, add_local_commands, add_extract_command]
+COMMANDS: list[CommandRegistrar] = [
+    add_demo_command,
+    add_local_commands,
+    add_extract_command,
+    add_status_command,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,6 +92,8 @@ class RunManifest:
     key_list: StagedFile | None = None
     error: str | None = None  # why a run is `failed`
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    # Keys cleanup has claimed for removal (written before it deletes, so two cleanups never both do).
+    cleaned: tuple[str, ...] = ()
 
     @property
     def total_rows(self) -> int:
@@ -128,6 +130,7 @@ class RunManifest:
             "key_list": _file_to_json(self.key_list) if self.key_list else None,
             "error": self.error,
             "timings": self.timings,
+            "cleaned": list(self.cleaned),
         }
         return json.dumps(body, indent=2, sort_keys=False)
 
@@ -172,6 +175,7 @@ class RunManifest:
                 key_list=_file_from_json(body["key_list"]) if body.get("key_list") else None,
                 error=body.get("error"),
                 timings={str(k): float(v) for k, v in (body.get("timings") or {}).items()},
+                cleaned=tuple(str(k) for k in body.get("cleaned") or ()),
             )
         except PermanentError as exc:
             exc.s3_key = exc.s3_key or s3_key

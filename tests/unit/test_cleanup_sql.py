@@ -16,14 +16,14 @@ pytestmark = pytest.mark.unit
             "DB",
             "PGSNOW",
             1,
-            'SELECT "S3_KEY", "SHA256" FROM "DB"."PGSNOW"."LOAD_LEDGER"\n'
+            'SELECT "S3_KEY", "ETAG", "SHA256", "ROWS_LOADED" FROM "DB"."PGSNOW"."LOAD_LEDGER"\n'
             'WHERE "S3_KEY" IN (%s) AND "LOADED_AT" IS NOT NULL',
         ),
         (
             'we"ird db',
             "ctl",
             3,
-            'SELECT "S3_KEY", "SHA256" FROM "we""ird db"."ctl"."LOAD_LEDGER"\n'
+            'SELECT "S3_KEY", "ETAG", "SHA256", "ROWS_LOADED" FROM "we""ird db"."ctl"."LOAD_LEDGER"\n'
             'WHERE "S3_KEY" IN (%s, %s, %s) AND "LOADED_AT" IS NOT NULL',
         ),
     ],

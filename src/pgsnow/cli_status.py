@@ -1,0 +1,56 @@
+"""``pgsnow status [schema.table] [--json]``: replication status from the bucket, the ledger and the DLQ.
+
+Configured by the environment like the functions (S3_STAGE_BUCKET, SNOWFLAKE_*,
+LOADER_DLQ_URL); ``pgsnow local up`` prints the variables for the local stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pgsnow.errors import PgSnowError
+from pgsnow.identifiers import TableRef
+
+
+def _table(text: str) -> TableRef:
+    try:
+        return TableRef.parse(text)
+    except PgSnowError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from exc
+
+
+def add_status_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        help="per table: last run, state, files staged/loaded/failed, rows, watermark, lag; and the DLQ",
+    )
+    parser.add_argument("table", nargs="?", type=_table, help="schema.table (default: every table)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(run=run_status_command)
+
+
+def run_status_command(args: argparse.Namespace) -> int:
+    import boto3
+
+    from pgsnow.config import Component, Settings
+    from pgsnow.errors import ConfigError
+    from pgsnow.snowflake import connect
+    from pgsnow.status import collect_status
+
+    settings = Settings.from_env(component=Component.LOCAL)
+    if not settings.snowflake.database:
+        raise ConfigError(["SNOWFLAKE_DATABASE is required to read the load ledger"])
+    sf_conn: Any = connect(settings.snowflake)
+    try:
+        report = collect_status(
+            settings=settings,
+            s3=boto3.client("s3"),
+            sqs=boto3.client("sqs") if settings.cleanup.dlq_url else None,
+            sf_conn=sf_conn,
+            table=args.table,
+        )
+    finally:
+        sf_conn.close()
+    print(report.to_json() if args.json else "\n".join(report.format_lines()))
+    return 0
