@@ -3,11 +3,17 @@
 Invoked with ``{"schema_name": "...", "table_name": "..."}``, directly or as the constant
 input of an EventBridge schedule (or inside ``detail`` of an EventBridge event). The table
 must be in PGSNOW_TABLES; failures propagate to Lambda's retry and error metrics.
+
+When the deadline nears, the run stops after its current file and this function invokes
+itself asynchronously with ``{"schema_name", "table_name", "run_id"}`` to continue it
+(docs/extraction.md). ``continuation_invoker`` is the callable that does it: the Lambda
+client by default; the local stack and tests replace it to call the handler in-process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +23,8 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pgsnow.errors import PermanentError
 from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import manifest_key
+from pgsnow.keys import is_run_id, manifest_key
+from pgsnow.manifest import RunState
 from pgsnow.observability import logger, metrics
 from pgsnow.postgres import Connection, connect
 from pgsnow.runtime import Runtime, extractor_runtime, postgres_dsn
@@ -26,6 +33,7 @@ from pgsnow.runtime import Runtime, extractor_runtime, postgres_dsn
 @dataclass(frozen=True)
 class ExtractRequest:
     table: TableRef
+    run_id: str | None = None  # a continuation names the run it continues
 
     @classmethod
     def from_event(cls, event: Any) -> ExtractRequest:
@@ -40,7 +48,39 @@ class ExtractRequest:
                 'extractor event must carry non-empty strings "schema_name" and "table_name", '
                 f"got keys {sorted(body)}"
             )
-        return cls(TableRef(schema, table))
+        run_id = body.get("run_id")
+        if run_id is not None and (not isinstance(run_id, str) or not is_run_id(run_id)):
+            raise PermanentError(
+                f"extractor event run_id must look like 20260101T000000000000Z, got {run_id!r}"
+            )
+        return cls(TableRef(schema, table), run_id)
+
+    def continuation(self, run_id: str) -> dict[str, str]:
+        return {"schema_name": self.table.schema, "table_name": self.table.table, "run_id": run_id}
+
+
+ContinuationInvoker = Callable[[dict[str, str]], None]
+
+
+def invoke_self_async(function_name: str | None) -> ContinuationInvoker:
+    """The deployed invoker: ``lambda:InvokeFunction`` on this function, InvocationType=Event."""
+
+    def invoke(payload: dict[str, str]) -> None:
+        if not function_name:
+            raise PermanentError(
+                "AWS_LAMBDA_FUNCTION_NAME is not set: cannot continue the run in a new invocation"
+            )
+        import boto3
+
+        boto3.client("lambda").invoke(
+            FunctionName=function_name, InvocationType="Event", Payload=json.dumps(payload).encode()
+        )
+
+    return invoke
+
+
+# Replaced by the local stack and tests (a callable that runs the handler in-process).
+continuation_invoker: ContinuationInvoker | None = None
 
 
 class _PostgresConnectionCache:
@@ -78,7 +118,14 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         pg_conn=postgres_connections.get(runtime),
         s3=runtime.s3,
         table=request.table,
+        run_id=request.run_id,
+        remaining_ms=context.get_remaining_time_in_millis,
+        owner=getattr(context, "aws_request_id", None),
     )
+    if manifest.state is RunState.EXTRACTING:
+        # Stopped before the deadline with everything so far checkpointed: continue in a new invocation.
+        invoke = continuation_invoker or invoke_self_async(runtime.settings.extract.function_name)
+        invoke(request.continuation(manifest.run_id))
     staged_bytes = sum(f.bytes for f in manifest.files)
     metrics.add_dimension(name="table", value=manifest.table.qualified)
     metrics.add_metric(name="RowsExtracted", unit=MetricUnit.Count, value=manifest.total_rows)

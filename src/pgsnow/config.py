@@ -190,6 +190,7 @@ class ExtractSettings:
     target_file_mb: int  # roll staged files at about this compressed size
     chunk_rows: int  # rows per checkpointed primary-key chunk
     deadline_margin_s: int  # stop cleanly this long before the Lambda deadline
+    function_name: str | None = None  # the runtime's AWS_LAMBDA_FUNCTION_NAME: continuations invoke it
 
 
 @dataclass(frozen=True)
@@ -337,6 +338,7 @@ class Settings:
             target_file_mb=as_int("EXTRACT_TARGET_FILE_MB", 128, 1),
             chunk_rows=as_int("EXTRACT_CHUNK_ROWS", 1_000_000, 1),
             deadline_margin_s=as_int("EXTRACT_DEADLINE_MARGIN_S", 60, 0),
+            function_name=get("AWS_LAMBDA_FUNCTION_NAME"),
         )
         load_method = as_enum("LOAD_METHOD", LoadMethod, LoadMethod.COPY, {})
         raw_on_error = (get("LOAD_ON_ERROR") or OnError.ABORT_STATEMENT.value).upper()
