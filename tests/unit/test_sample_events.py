@@ -21,7 +21,7 @@ from pgsnow.keys import FileFormat
 pytestmark = pytest.mark.unit
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
-BUCKET = "pgsnow-dev-stage-123456789012-us-east-1"  # what template.yaml names it for dev
+BUCKET = "pgsnow-snowflake-stage-dev-4f9d2c1a"  # template.yaml for dev, stack UUID 4f9d2c1a-...
 PREFIX = "staging"
 ALLOWLIST = TableAllowlist.parse("public.customers,public.orders")
 
