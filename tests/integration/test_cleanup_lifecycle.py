@@ -1,0 +1,487 @@
+"""The staged-file lifecycle against real servers: versioned removal, archive, run completion,
+the orphan sweeper (re-enqueue -> loaded, or abandoned -> reported -> removed after retention)
+and concurrent cleanup passes.
+
+Files are staged by the real extractor from the local PostgreSQL into a versioned moto bucket
+whose notifications feed the loader queue; the loader is the real handler driven by the
+SQS dispatcher (or ``load_staged_files`` directly), writing the real ledger in the local
+Snowflake.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+from psycopg2 import sql
+from psycopg2.extensions import connection as PgConnection
+
+from pgsnow.cleanup import CleanupResult, cleanup_pending_runs, cleanup_run, mark_run_complete_if_loaded
+from pgsnow.config import Component, Settings
+from pgsnow.errors import ConfigError
+from pgsnow.extract import extract_table
+from pgsnow.identifiers import TableRef
+from pgsnow.keys import FileFormat, parse_data_key
+from pgsnow.load import LoadStatus, load_staged_files
+from pgsnow.local.dispatcher import SqsDispatcher
+from pgsnow.local.postgres import create_database, start_local_postgres
+from pgsnow.local.stack import LocalStack, load_function_handler, process_environment, start_stack
+from pgsnow.manifest import RunManifest, RunState
+from pgsnow.postgres import connect
+from pgsnow.runtime import reset_runtime
+from pgsnow.staging import get_manifest
+from pgsnow.sweeper import TAG_ABANDONED_AT, TAG_REENQUEUED_AT, OrphanStatus, SweepResult, sweep_orphans
+
+pytestmark = pytest.mark.integration
+
+SOURCE_DATABASE = "test"
+ROWS_PER_FILE = 2
+SOURCE_ROWS = [(n, f"item {n}") for n in range(1, 7)]  # three files of two rows
+FILES_PER_RUN = 3
+ORPHAN_AGE_MINUTES = 5
+RETENTION_DAYS = 2
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def source_schema() -> Iterator[tuple[str, str]]:
+    admin = start_local_postgres(environ={})
+    dsn = create_database(admin.dsn, SOURCE_DATABASE)
+    schema = f"pgsnow_life_{uuid.uuid4().hex[:8]}"
+    conn = connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    try:
+        yield dsn, schema
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+        conn.close()
+        admin.stop()
+
+
+@pytest.fixture(scope="module")
+def pg_conn(source_schema: tuple[str, str]) -> Iterator[PgConnection]:
+    conn = connect(source_schema[0])
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def stack(source_schema: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    local = start_stack(
+        pg_dsn=source_schema[0],
+        data_dir=tmp_path_factory.mktemp("lifecycle"),
+        bucket=f"pgsnow-life-{uuid.uuid4().hex[:8]}",
+        visibility_timeout=1,
+        max_receive_count=1,  # a failed file goes to the dead-letter queue on its first failure
+    )
+    local.env.update(
+        {
+            "EXTRACT_BATCH_ROWS": str(ROWS_PER_FILE),
+            "LOADER_QUEUE_URL": local.resources.queue_url,
+            "LOADER_DLQ_URL": local.resources.dlq_url,
+            "CLEANUP_ORPHAN_AGE_MINUTES": str(ORPHAN_AGE_MINUTES),
+            "S3_STAGE_RETENTION_DAYS": str(RETENTION_DAYS),
+        }
+    )
+    try:
+        with process_environment(local.env):
+            reset_runtime()
+            yield local
+    finally:
+        reset_runtime()
+        local.stop()
+
+
+@pytest.fixture(scope="module")
+def sf_conn(stack: LocalStack) -> Iterator[Any]:
+    conn = stack.snowflake_connection()
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def s3(stack: LocalStack) -> Any:
+    return stack.aws.client("s3")
+
+
+@pytest.fixture
+def sqs(stack: LocalStack) -> Any:
+    """The SQS client; the loader queue starts each test empty (earlier tests' notifications are gone)."""
+    client = stack.aws.client("sqs")
+    drain(client, stack.resources.queue_url)
+    return client
+
+
+@pytest.fixture
+def dispatcher(stack: LocalStack) -> SqsDispatcher:
+    return SqsDispatcher(
+        stack.aws, stack.resources.queue_url, load_function_handler("loader"), wait_seconds=1
+    )
+
+
+@pytest.fixture
+def table(pg_conn: PgConnection, source_schema: tuple[str, str]) -> TableRef:
+    ref = TableRef(source_schema[1], f"items_{uuid.uuid4().hex[:8]}")
+    name = sql.Identifier(ref.schema, ref.table)
+    with pg_conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE TABLE {} (id integer PRIMARY KEY, label text)").format(name))
+        cur.executemany(sql.SQL("INSERT INTO {} VALUES (%s, %s)").format(name), SOURCE_ROWS)
+    return ref
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def drain(sqs: Any, queue_url: str) -> int:
+    """Receive and delete every visible message: the notifications are lost (PurgeQueue allows one a minute)."""
+    drained = 0
+    while messages := sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get(
+        "Messages", []
+    ):
+        for message in messages:
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+        drained += len(messages)
+    return drained
+
+
+def settings_with(stack: LocalStack, **env: str) -> Settings:
+    return Settings.from_env({**stack.env, **env}, component=Component.CLEANUP)
+
+
+def stage_run(stack: LocalStack, pg_conn: PgConnection, s3: Any, table: TableRef) -> RunManifest:
+    manifest = extract_table(
+        settings=stack.settings(Component.EXTRACTOR),
+        pg_conn=pg_conn,
+        s3=s3,
+        table=table,
+        file_format=FileFormat.CSV,
+    )
+    assert len(manifest.files) == FILES_PER_RUN
+    return manifest
+
+
+def load_keys(stack: LocalStack, sf_conn: Any, s3: Any, keys: list[str]) -> None:
+    settings = stack.settings(Component.LOADER)
+    results = load_staged_files(
+        settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(k, settings.prefix) for k in keys]
+    )
+    assert [r.status for r in results] == [LoadStatus.LOADED] * len(keys)
+
+
+def versions(s3: Any, bucket: str, key: str) -> tuple[int, int]:
+    """(data versions, delete markers) of exactly ``key``."""
+    listing = s3.list_object_versions(Bucket=bucket, Prefix=key)
+    data = sum(1 for v in listing.get("Versions", []) if v["Key"] == key)
+    markers = sum(1 for m in listing.get("DeleteMarkers", []) if m["Key"] == key)
+    return data, markers
+
+
+def exists(s3: Any, bucket: str, key: str) -> bool:
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] in {"404", "NoSuchKey"}:
+            return False
+        raise
+    return True
+
+
+def tags(s3: Any, bucket: str, key: str) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]}
+
+
+def corrupt(s3: Any, bucket: str, key: str) -> None:
+    """Replace a staged file's bytes with a CSV the loader cannot COPY, keeping its pgsnow metadata."""
+    head = s3.head_object(Bucket=bucket, Key=key)
+    s3.put_object(
+        Bucket=bucket,
+        Key=key,
+        Body=gzip.compress(b"id,label\nnot-a-number,x\n"),
+        Metadata=head["Metadata"],
+        ContentType="text/csv; charset=utf-8",
+        ContentEncoding="gzip",
+    )
+
+
+def later(minutes: float = 0, days: float = 0) -> datetime:
+    return datetime.now(UTC) + timedelta(minutes=minutes, days=days)
+
+
+def statuses(result: SweepResult, keys: list[str]) -> list[OrphanStatus | None]:
+    by_key = {o.key: o.status for o in result.orphans}
+    return [by_key.get(key) for key in keys]
+
+
+# --------------------------------------------------------------------------- cleanup's removal
+
+
+@pytest.mark.parametrize("mode", ["after_each", "after_all"])
+def test_removal_leaves_no_loaded_version_behind_the_marker(
+    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef, mode: str
+) -> None:
+    # Given a fully loaded run in the versioned bucket
+    manifest = stage_run(stack, pg_conn, s3, table)
+    keys = [f.key for f in manifest.files]
+    load_keys(stack, sf_conn, s3, keys)
+    settings = settings_with(stack, CLEANUP_S3_FILES=mode)
+
+    # When cleanup removes its files
+    result = cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=manifest)
+
+    # Then no data version of any key remains, each key has one delete marker, and the claim is recorded
+    assert sorted(result.deleted_keys) == sorted(keys)
+    assert [versions(s3, settings.bucket, key) for key in keys] == [(0, 1)] * FILES_PER_RUN
+    assert sorted(get_manifest(s3, settings.bucket, table, manifest.run_id).cleaned) == sorted(keys)
+
+
+def test_newer_content_under_a_loaded_key_is_kept(
+    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
+) -> None:
+    # Given a loaded run whose first key was then overwritten with other bytes (never loaded)
+    manifest = stage_run(stack, pg_conn, s3, table)
+    keys = [f.key for f in manifest.files]
+    load_keys(stack, sf_conn, s3, keys)
+    corrupt(s3, stack.resources.bucket, keys[0])
+    settings = settings_with(stack, CLEANUP_S3_FILES="after_each")
+
+    # When cleanup runs
+    cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=manifest)
+
+    # Then the loaded version of that key is gone but the newer, unloaded one stays current
+    assert versions(s3, settings.bucket, keys[0]) == (1, 0)
+    assert exists(s3, settings.bucket, keys[0])
+    assert [exists(s3, settings.bucket, k) for k in keys[1:]] == [False, False]
+
+
+def test_archive_prefix_copies_then_removes(
+    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
+) -> None:
+    # Given a fully loaded run and an archive prefix
+    manifest = stage_run(stack, pg_conn, s3, table)
+    keys = [f.key for f in manifest.files]
+    originals = {k: s3.get_object(Bucket=stack.resources.bucket, Key=k)["Body"].read() for k in keys}
+    load_keys(stack, sf_conn, s3, keys)
+    settings = settings_with(stack, CLEANUP_S3_FILES="after_all", CLEANUP_ARCHIVE_PREFIX="archive")
+
+    # When cleanup runs
+    result = cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=manifest)
+
+    # Then each file sits byte-identical under archive/ and is gone from staging
+    assert result.archive_prefix == "archive"
+    for key in keys:
+        archived = s3.get_object(Bucket=settings.bucket, Key=f"archive/{key}")["Body"].read()
+        assert archived == originals[key]
+        assert not exists(s3, settings.bucket, key)
+
+
+@pytest.mark.parametrize("archive", ["staging", "staging/archive", "_pgsnow/archive"])
+def test_archive_prefix_inside_staging_or_control_is_refused(
+    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef, archive: str
+) -> None:
+    # Given a loaded run and an archive prefix the loader or manifests would see
+    manifest = stage_run(stack, pg_conn, s3, table)
+    keys = [f.key for f in manifest.files]
+    load_keys(stack, sf_conn, s3, keys)
+    settings = settings_with(stack, CLEANUP_S3_FILES="after_all", CLEANUP_ARCHIVE_PREFIX=archive)
+
+    # When cleanup runs, Then it refuses and every file stays
+    with pytest.raises(ConfigError, match="CLEANUP_ARCHIVE_PREFIX"):
+        cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=manifest)
+    assert all(exists(s3, settings.bucket, k) for k in keys)
+
+
+def test_mark_run_complete_if_loaded_moves_state_only(
+    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
+) -> None:
+    # Given a run with two of three files loaded
+    manifest = stage_run(stack, pg_conn, s3, table)
+    keys = [f.key for f in manifest.files]
+    load_keys(stack, sf_conn, s3, keys[:2])
+    settings = settings_with(stack, CLEANUP_S3_FILES="after_each")
+    args = {"settings": settings, "s3": s3, "sf_conn": sf_conn, "table": table, "run_id": manifest.run_id}
+
+    # When the completion check runs before and after the last file loads
+    before = mark_run_complete_if_loaded(**args)
+    load_keys(stack, sf_conn, s3, keys[2:])
+    after = mark_run_complete_if_loaded(**args)
+
+    # Then the run is staged, then loaded, and no file was removed by the check
+    assert (before, after) == (RunState.STAGED, RunState.LOADED)
+    assert get_manifest(s3, settings.bucket, table, manifest.run_id).state is RunState.LOADED
+    assert all(exists(s3, settings.bucket, k) for k in keys)
+
+    # And a later cleanup pass still removes the files of the now loaded run
+    results = cleanup_pending_runs(settings=settings, s3=s3, sf_conn=sf_conn, tables=[table])
+    assert [sorted(r.deleted_keys) for r in results] == [sorted(keys)]
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_cleanup_passes_remove_each_file_once(
+    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
+) -> None:
+    # Given two fully loaded runs of one table
+    manifests = [stage_run(stack, pg_conn, s3, table) for _ in range(2)]
+    keys = [f.key for m in manifests for f in m.files]
+    load_keys(stack, sf_conn, s3, keys)
+    settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
+    results: list[CleanupResult] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(3)
+
+    def cleanup_pass() -> None:
+        conn = stack.snowflake_connection()  # each invocation has its own clients
+        try:
+            start.wait()
+            results.extend(
+                cleanup_pending_runs(
+                    settings=settings, s3=stack.aws.client("s3"), sf_conn=conn, tables=[table]
+                )
+            )
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    # When three scheduled passes run at the same time
+    threads = [threading.Thread(target=cleanup_pass) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+
+    # Then nothing failed, every file is gone, removed exactly once in all, and both runs are loaded
+    assert errors == []
+    assert sorted(k for r in results for k in r.deleted_keys) == sorted(keys)
+    assert [versions(s3, settings.bucket, k) for k in keys] == [(0, 1)] * len(keys)
+    assert {get_manifest(s3, settings.bucket, table, m.run_id).state for m in manifests} == {RunState.LOADED}
+
+
+# --------------------------------------------------------------------------- the sweeper
+
+
+def test_file_whose_notification_was_lost_is_swept_reenqueued_and_loaded(
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    s3: Any,
+    sqs: Any,
+    dispatcher: SqsDispatcher,
+    table: TableRef,
+) -> None:
+    # Given a staged run whose notifications were all lost (the queue was purged)
+    manifest = stage_run(stack, pg_conn, s3, table)
+    keys = [f.key for f in manifest.files]
+    drain(sqs, stack.resources.queue_url)
+    settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
+
+    # When the sweeper runs before the files are old enough, then after
+    too_early = sweep_orphans(settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn, tables=[table])
+    first = sweep_orphans(
+        settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn, tables=[table], now=later(ORPHAN_AGE_MINUTES + 1)
+    )
+
+    # Then young files are left alone, and old ones are re-enqueued once, tagged and reported
+    assert (too_early.scanned, too_early.orphans) == (0, [])
+    assert statuses(first, keys) == [OrphanStatus.REENQUEUED] * FILES_PER_RUN
+    assert all(TAG_REENQUEUED_AT in tags(s3, settings.bucket, k) for k in keys)
+    assert first.report_key is not None and first.report_key.startswith("_pgsnow/reports/orphans/")
+    report = json.loads(s3.get_object(Bucket=settings.bucket, Key=first.report_key)["Body"].read())
+    assert sorted(o["key"] for o in report["orphans"]) == sorted(keys)
+    assert report["per_table"][table.qualified]["reenqueued"] == FILES_PER_RUN
+
+    # When the loader consumes the synthetic notifications, and cleanup and the sweeper run again
+    stats = dispatcher.run_until_idle()
+    cleaned = cleanup_pending_runs(settings=settings, s3=s3, sf_conn=sf_conn, tables=[table])
+    second = sweep_orphans(
+        settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn, tables=[table], now=later(3 * ORPHAN_AGE_MINUTES)
+    )
+
+    # Then every file was loaded, the run completed and its files removed, and no orphan remains
+    assert (stats.delivered, stats.failed) == (FILES_PER_RUN, 0)
+    assert [(r.state, sorted(r.deleted_keys)) for r in cleaned] == [(RunState.LOADED, sorted(keys))]
+    assert (second.scanned, second.orphans) == (0, [])
+
+
+def test_orphan_that_cannot_load_is_abandoned_reported_then_removed_after_retention(
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    s3: Any,
+    sqs: Any,
+    dispatcher: SqsDispatcher,
+    table: TableRef,
+) -> None:
+    # Given a run whose first two files loaded and whose last file is corrupt, its notification lost
+    manifest = stage_run(stack, pg_conn, s3, table)
+    keys = [f.key for f in manifest.files]
+    bad = keys[-1]
+    load_keys(stack, sf_conn, s3, keys[:2])
+    corrupt(s3, stack.resources.bucket, bad)
+    drain(sqs, stack.resources.queue_url)
+    settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
+
+    def sweep(at: datetime) -> SweepResult:
+        return sweep_orphans(settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn, tables=[table], now=at)
+
+    # When the sweeper re-enqueues it and the loader fails it (dead-lettered)
+    first = sweep(later(minutes=ORPHAN_AGE_MINUTES + 1))
+    stats = dispatcher.run_until_idle()
+    # And later passes run: right after, after the orphan age, within and past the retention
+    waiting = sweep(later(minutes=ORPHAN_AGE_MINUTES + 2))
+    abandoned = sweep(later(minutes=3 * ORPHAN_AGE_MINUTES))
+    within_retention = sweep(later(days=RETENTION_DAYS - 1))
+    past_retention = sweep(later(days=RETENTION_DAYS + 1))
+
+    # Then only the bad file was an orphan; it went re-enqueued -> waiting -> abandoned (tagged,
+    # reported) -> still abandoned -> deleted; the loaded files of the unfinished run were never touched
+    assert stats.failed >= 1
+    assert [statuses(p, [bad]) for p in (first, waiting, abandoned, within_retention, past_retention)] == [
+        [OrphanStatus.REENQUEUED],
+        [OrphanStatus.WAITING],
+        [OrphanStatus.ABANDONED],
+        [OrphanStatus.ABANDONED],
+        [OrphanStatus.DELETED],
+    ]
+    assert all(len(p.orphans) == 1 for p in (first, waiting, abandoned, within_retention, past_retention))
+    assert abandoned.report_key is not None
+    report = json.loads(s3.get_object(Bucket=settings.bucket, Key=abandoned.report_key)["Body"].read())
+    assert [(o["key"], o["status"]) for o in report["orphans"]] == [(bad, "abandoned")]
+    assert past_retention.deleted_keys == [bad]
+    assert not exists(s3, settings.bucket, bad)
+    assert [exists(s3, settings.bucket, k) for k in keys[:2]] == [True, True]
+    assert get_manifest(s3, settings.bucket, table, manifest.run_id).state is RunState.STAGED
+
+
+def test_abandoned_tag_is_set_once(
+    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, sqs: Any, table: TableRef
+) -> None:
+    # Given a run never loaded, with no loader running: re-enqueued once, then seen again twice
+    manifest = stage_run(stack, pg_conn, s3, table)
+    key = manifest.files[0].key
+    settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
+    for minutes in (ORPHAN_AGE_MINUTES + 1, 3 * ORPHAN_AGE_MINUTES):
+        sweep_orphans(settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn, tables=[table], now=later(minutes))
+    first_mark = tags(s3, settings.bucket, key)[TAG_ABANDONED_AT]
+
+    # When a later pass sees it again
+    sweep_orphans(
+        settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn, tables=[table], now=later(10 * ORPHAN_AGE_MINUTES)
+    )
+
+    # Then the abandoned mark keeps its first time (retention counts from there)
+    assert tags(s3, settings.bucket, key)[TAG_ABANDONED_AT] == first_mark
