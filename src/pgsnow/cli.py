@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pgsnow.cli_setup import add_snowflake_sql_command
 from pgsnow.cli_status import add_status_command
 from pgsnow.errors import PgSnowError
 from pgsnow.identifiers import TableRef
@@ -255,6 +256,7 @@ COMMANDS: list[CommandRegistrar] = [
     add_local_commands,
     add_extract_command,
     add_status_command,
+    add_snowflake_sql_command,
 ]
 
 
