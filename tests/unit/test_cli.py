@@ -56,16 +56,16 @@ def test_parser_rejects_bad_arguments(argv: list[str]) -> None:
 
 
 def test_a_new_command_is_one_registrar_function() -> None:
-    # Given a registrar added to COMMANDS, the way status/verify/snowflake-sql will be
-    def add_status(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-        subparsers.add_parser("status").set_defaults(run=lambda _args: 0)
+    # Given a registrar added to COMMANDS, the way status (pgsnow.cli_status) was
+    def add_example(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+        subparsers.add_parser("example").set_defaults(run=lambda _args: 0)
 
-    COMMANDS.append(add_status)
+    COMMANDS.append(add_example)
     try:
         # When the parser is built
-        args = build_parser().parse_args(["status"])
+        args = build_parser().parse_args(["example"])
     finally:
-        COMMANDS.remove(add_status)
+        COMMANDS.remove(add_example)
     # Then the new subcommand parses and runs
     assert args.run(args) == 0
 
