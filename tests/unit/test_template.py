@@ -896,3 +896,23 @@ def test_samconfig_environments_get_separate_stacks() -> None:
     stacks = {env: config[env]["global"]["parameters"]["stack_name"] for env in ("default", "prod")}
     assert len(set(stacks.values())) == 2
     assert samconfig_overrides("default")["Environment"] != samconfig_overrides("prod")["Environment"]
+
+
+@pytest.mark.parametrize(
+    ("role", "action"),
+    [
+        # what pgsnow.cleanup / pgsnow.sweeper call: versions removed by VersionId, orphans tagged
+        pytest.param("CleanupFunctionRole", "s3:DeleteObjectVersion", id="cleanup-delete-version"),
+        pytest.param("CleanupFunctionRole", "s3:GetObjectVersion", id="cleanup-head-version"),
+        pytest.param("CleanupFunctionRole", "s3:ListBucketVersions", id="cleanup-list-versions"),
+        pytest.param("CleanupFunctionRole", "s3:GetBucketVersioning", id="cleanup-versioning"),
+        pytest.param("CleanupFunctionRole", "s3:PutObjectTagging", id="sweeper-tags"),
+        # pgsnow.checkpoint: conditional writes and the lease's delete
+        pytest.param("ExtractorFunctionRole", "s3:PutObject", id="extractor-put"),
+        pytest.param("ExtractorFunctionRole", "s3:AbortMultipartUpload", id="extractor-multipart"),
+        pytest.param("LoaderFunctionRole", "s3:GetObject", id="loader-get"),
+    ],
+)
+def test_each_function_may_do_what_its_code_calls(cfn: dict[str, Any], role: str, action: str) -> None:
+    granted = {a for name, s in iam_statements(cfn) if name == role for a in as_list(s["Action"])}
+    assert action in granted
