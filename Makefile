@@ -30,6 +30,14 @@ lint: venv ## ruff and mypy
 	$(BIN)/ruff format --check src tests extractor loader cleanup bench
 	$(BIN)/mypy
 
+BENCH_VENV ?= .venv-bench
+
+bench: venv ## Benchmark extraction vs COPY|gzip, ADBC and dlt (BENCH_ARGS="--rows 200000" for a quick run)
+	test -x $(BENCH_VENV)/bin/python || { $(PYTHON) -m venv $(BENCH_VENV) && echo '*' > $(BENCH_VENV)/.gitignore; }
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -r bench/requirements.txt
+	$(BIN)/python bench/run.py --bench-python $(BENCH_VENV)/bin/python --profile $(BENCH_ARGS)
+
 include build/lambda.mk
 
-.PHONY: help venv demo test lint
+.PHONY: help venv demo test lint bench

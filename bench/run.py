@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ ALL_CONTENDERS = (
 )
 RSS_LIMIT_MB = 256
 SCALE_LIMIT = 1.2
+REPEAT_ONLY_BELOW_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,21 @@ def run_contender(
         _empty_bucket(s3)
 
 
+def run_repeated(contender: str, table: BenchTable, repeat: int, **kwargs: Any) -> Measurement:
+    """Best time of up to ``repeat`` runs (timings wobble by ~20%); the highest peak RSS of them."""
+    runs = [run_contender(contender, table, **kwargs)]
+    # A long run's noise is small next to its length; repeating dlt's pyarrow backend would
+    # add minutes to the benchmark for nothing.
+    while len(runs) < repeat and runs[-1].ok and runs[-1].seconds < REPEAT_ONLY_BELOW_S:
+        runs.append(run_contender(contender, table, **kwargs))
+    failed = [m for m in runs if not m.ok]
+    if failed:
+        return failed[0]
+    best = min(runs, key=lambda m: m.seconds)
+    details = {**best.details, "runs_seconds": [round(m.seconds, 2) for m in runs]}
+    return replace(best, peak_rss_mb=max(m.peak_rss_mb for m in runs), details=details)
+
+
 def _empty_bucket(s3: Any) -> None:
     """Delete every object version, so the moto server's memory does not grow run after run."""
     paginator = s3.get_paginator("list_object_versions")
@@ -172,6 +188,15 @@ def _empty_bucket(s3: Any) -> None:
         ]
         if doomed:
             s3.delete_objects(Bucket=BENCH_BUCKET, Delete={"Objects": doomed})
+
+
+def _resolve_commit(ref: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def export_pgsnow(ref: str, work_dir: Path) -> Path | None:
@@ -345,9 +370,7 @@ def _versions(bench_python: str, dsn: str, pgsnow_ref: str) -> dict[str, str]:
         ["gzip", "--version"], capture_output=True, text=True, check=True
     ).stdout.splitlines()[0]
     return {
-        "pgsnow commit": f"{pgsnow_ref} = {commit}"
-        if pgsnow_ref != "worktree"
-        else f"working tree on {commit}",
+        "pgsnow commit": commit if pgsnow_ref != "worktree" else f"working tree on {commit}",
         "pgsnow python": platform.python_version(),
         "pgsnow pyarrow": metadata.version("pyarrow"),
         "pgsnow psycopg2": metadata.version("psycopg2-binary"),
@@ -360,7 +383,7 @@ def _versions(bench_python: str, dsn: str, pgsnow_ref: str) -> dict[str, str]:
     }
 
 
-def _machine() -> dict[str, str]:
+def _machine(load_at_start: tuple[float, float, float]) -> dict[str, str]:
     cpu = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -375,7 +398,13 @@ def _machine() -> dict[str, str]:
         "cpu": f"{cpu}, {os.cpu_count()} cores",
         "memory": f"{memory_kb / 1024 / 1024:.0f} GiB",
         "os": f"{platform.system()} {platform.release()}",
+        # Other work on the machine skews every contender; this says how busy it was.
+        "load average (1/5/15 min)": f"at start {_load_text(load_at_start)}, at end {_load_text(os.getloadavg())}",
     }
+
+
+def _load_text(load: tuple[float, float, float]) -> str:
+    return " / ".join(f"{value:.1f}" for value in load)
 
 
 def _ratio(results: dict[str, Measurement], numerator: str, denominator: str) -> float | None:
@@ -474,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale-rows", type=int, default=400_000, help="rows of the memory-scaling table (0: skip)"
     )
+    parser.add_argument("--repeat", type=int, default=2, help="runs per contender; the best time is kept")
     parser.add_argument("--dsn", default=DEFAULT_DSN, help="PostgreSQL to generate and read the table in")
     parser.add_argument("--contenders", default=",".join(ALL_CONTENDERS), help="comma-separated subset")
     parser.add_argument(
@@ -499,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from pgsnow.local.aws import start_local_aws
 
+    load_at_start = os.getloadavg()
+    # Pinned once: other engineers commit while the benchmark runs.
+    pgsnow_ref = args.pgsnow_ref if args.pgsnow_ref == "worktree" else _resolve_commit(args.pgsnow_ref)
     table = ensure_table(args.dsn, args.rows)
     scale_table = ensure_table(args.dsn, args.scale_rows) if args.scale_rows else None
     aws = start_local_aws()
@@ -511,16 +544,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="pgsnow-bench-") as tmp:
             work_dir = Path(tmp)
-            common["pgsnow_src"] = export_pgsnow(args.pgsnow_ref, work_dir)
+            common["pgsnow_src"] = export_pgsnow(pgsnow_ref, work_dir)
             warm_cache(args.dsn, table)
             for contender in contenders:
-                measured = run_contender(contender, table, work_dir=work_dir, **common)
+                measured = run_repeated(contender, table, args.repeat, work_dir=work_dir, **common)
                 main_results[contender] = measured
                 print(_results_table([measured])[-1], flush=True)
             if scale_table is not None:
                 warm_cache(args.dsn, scale_table)
                 for contender in [c for c in contenders if c in PGSNOW_CONTENDERS]:
-                    measured = run_contender(contender, scale_table, work_dir=work_dir, **common)
+                    measured = run_repeated(contender, scale_table, args.repeat, work_dir=work_dir, **common)
                     scale_results[contender] = measured
                     print(_results_table([measured])[-1], flush=True)
             if args.profile:
@@ -534,8 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         main_results,
         scale_results,
         table,
-        _machine(),
-        _versions(args.bench_python, args.dsn, args.pgsnow_ref),
+        _machine(load_at_start),
+        _versions(args.bench_python, args.dsn, pgsnow_ref),
         profile,
     )
     args.results_dir.mkdir(parents=True, exist_ok=True)
