@@ -916,3 +916,12 @@ def test_samconfig_environments_get_separate_stacks() -> None:
 def test_each_function_may_do_what_its_code_calls(cfn: dict[str, Any], role: str, action: str) -> None:
     granted = {a for name, s in iam_statements(cfn) if name == role for a in as_list(s["Action"])}
     assert action in granted
+
+
+@pytest.mark.parametrize("environment", ["default", "prod"])
+def test_samconfig_schedules_only_allowlisted_tables(environment: str) -> None:
+    # CloudFormation cannot compare two list parameters; the extractor would refuse the table.
+    overrides = samconfig_overrides(environment)
+    allowlisted = set(overrides["ReplicatedTables"].split(","))
+    scheduled = {entry.split("@", 1)[0] for entry in overrides["ExtractSchedules"].split(",")}
+    assert scheduled <= allowlisted
