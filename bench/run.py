@@ -233,7 +233,8 @@ def warm_cache(dsn: str, table: BenchTable) -> None:
 # --- profiling -------------------------------------------------------------------------------------------
 
 
-def profile_pgsnow_parquet(
+def profile_pgsnow(
+    contender: str,
     table: BenchTable,
     *,
     dsn: str,
@@ -244,7 +245,7 @@ def profile_pgsnow_parquet(
     pgsnow_src: Path | None,
     top: int,
 ) -> str:
-    """Where pgsnow Parquet's time goes: py-spy when it can attach, else cProfile."""
+    """Where a pgsnow contender's time goes: py-spy when it can attach, else cProfile."""
     py_spy = Path(bench_python).with_name("py-spy")
     common = {
         "dsn": dsn,
@@ -255,7 +256,7 @@ def profile_pgsnow_parquet(
         "pgsnow_src": pgsnow_src,
     }
     if py_spy.exists():
-        collapsed = work_dir / "pgsnow_parquet.collapsed"
+        collapsed = work_dir / f"{contender}.collapsed"
         wrapper = [
             str(py_spy),
             "record",
@@ -267,11 +268,11 @@ def profile_pgsnow_parquet(
             str(collapsed),
             "--",
         ]
-        measured = run_contender("pgsnow_parquet", table, wrapper=wrapper, **common)
+        measured = run_contender(contender, table, wrapper=wrapper, **common)
         if measured.ok and collapsed.exists():
             return _py_spy_report(collapsed, top, measured)
-    stats_path = work_dir / "pgsnow_parquet.pstats"
-    measured = run_contender("pgsnow_parquet", table, cprofile=stats_path, **common)
+    stats_path = work_dir / f"{contender}.pstats"
+    measured = run_contender(contender, table, cprofile=stats_path, **common)
     return _cprofile_report(stats_path, top, measured)
 
 
@@ -299,7 +300,7 @@ def _py_spy_report(collapsed: Path, top: int, measured: Measurement) -> str:
             # Function level (no line number) for the inclusive view.
             inclusive[frame.rsplit(":", 1)[0] + ")" if ":" in frame else frame] += count
     lines = [
-        f"py-spy (sampling, 200 Hz) of pgsnow_parquet on {measured.table_rows:,} rows: "
+        f"py-spy (sampling, 200 Hz) of {measured.contender} on {measured.table_rows:,} rows: "
         f"{measured.seconds:.1f} s, {total} samples inside extract_table",
         "",
         "| own time | where (function, file:line) |",
@@ -319,7 +320,7 @@ def _cprofile_report(stats_path: Path, top: int, measured: Measurement) -> str:
     rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)  # type: ignore[attr-defined]
     total = sum(v[2] for _, v in rows) or 1.0
     lines = [
-        f"cProfile of pgsnow_parquet on {measured.table_rows:,} rows ({measured.seconds:.1f} s profiled)",
+        f"cProfile of {measured.contender} on {measured.table_rows:,} rows ({measured.seconds:.1f} s profiled)",
         "",
         "| own time | calls | function |",
         "|---:|---:|---|",
@@ -476,7 +477,7 @@ def render_markdown(
     table: BenchTable,
     machine: dict[str, str],
     versions: dict[str, str],
-    profile: str | None,
+    profiles: list[tuple[str, str]],
 ) -> str:
     lines = [
         f"Run {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on `{table.qualified}` "
@@ -492,8 +493,8 @@ def render_markdown(
         lines.append(f"| {label} | {required} | {measured} | {verdict} |")
     lines += ["", "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in machine.items()]]
     lines += ["", "| software | version |", "|---|---|", *[f"| {k} | {v} |" for k, v in versions.items()]]
-    if profile:
-        lines += ["", "### Profile of pgsnow Parquet", "", profile]
+    for contender, profile in profiles:
+        lines += ["", f"### Profile: {contender}", "", profile]
     return "\n".join(lines) + "\n"
 
 
@@ -517,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         help="git commit of pgsnow to measure, or 'worktree' for uncommitted code",
     )
     parser.add_argument(
-        "--profile", action="store_true", help="also profile pgsnow Parquet (on the scale table)"
+        "--profile", action="store_true", help="also profile pgsnow CSV and Parquet (on the scale table)"
     )
     parser.add_argument("--top", type=int, default=15, help="hotspots to list in the profile")
     parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"dsn": args.dsn, "bench_python": args.bench_python, "s3": s3, "s3_endpoint": aws.endpoint_url}
     main_results: dict[str, Measurement] = {}
     scale_results: dict[str, Measurement] = {}
-    profile: str | None = None
+    profiles: list[tuple[str, str]] = []  # (contender, report)
     try:
         with tempfile.TemporaryDirectory(prefix="pgsnow-bench-") as tmp:
             work_dir = Path(tmp)
@@ -557,9 +558,11 @@ def main(argv: list[str] | None = None) -> int:
                     scale_results[contender] = measured
                     print(_results_table([measured])[-1], flush=True)
             if args.profile:
-                profile = profile_pgsnow_parquet(
-                    scale_table or table, work_dir=work_dir, top=args.top, **common
-                )
+                for contender in [c for c in contenders if c in PGSNOW_CONTENDERS]:
+                    profile = profile_pgsnow(
+                        contender, scale_table or table, work_dir=work_dir, top=args.top, **common
+                    )
+                    profiles.append((contender, profile))
     finally:
         aws.stop()
 
@@ -569,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         table,
         _machine(load_at_start),
         _versions(args.bench_python, args.dsn, pgsnow_ref),
-        profile,
+        profiles,
     )
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "latest.md").write_text(markdown)
