@@ -18,6 +18,7 @@ This module must not import pyarrow (the loader artifact does not ship it).
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import time
 import uuid
 import zlib
@@ -29,13 +30,14 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 from snowflake.connector.errors import Error as SnowflakeDriverError
 
-from pgsnow.config import DeleteMode, Settings, WriteMode
+from pgsnow.config import DeleteMode, LoadMethod, Settings, WriteMode
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, StagedObject, manifest_key
 from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.schema_evolution import ExistingColumn, plan_table_changes
+from pgsnow.setup_sql import pipe_name
 from pgsnow.snowflake import (
     MAX_FILES_PER_COPY,
     LedgerClaim,
@@ -52,20 +54,26 @@ from pgsnow.snowflake import (
     build_create_table,
     build_create_work_table,
     build_drop_table,
+    build_insert_rows,
+    build_mark_submitted,
     build_merge_from,
     build_query_tag,
     build_record_load,
     build_rename_table,
     build_select_column_types,
+    build_select_earliest_submission,
     build_select_ledger_entry,
     build_select_loaded_keys,
     build_select_table_columns,
     build_swap_with,
+    build_table_pipe,
     build_upgrade_ledger,
     build_widen_column,
     classify_snowflake_error,
     load_columns_from_table,
+    stage_file_path,
 )
+from pgsnow.snowpipe import PipeFileReport, SnowpipeClient, qualified_pipe_name, snowpipe_client_from_settings
 from pgsnow.staging import ManifestNotFoundError, classify_s3_error, get_manifest
 from pgsnow.typemap import ValueKind
 
@@ -145,9 +153,11 @@ class _Loader:
     sf_conn: SnowflakeConnection
     s3: S3Client
     url_source: UrlSource | None = None  # for objects outside the stage (the key list)
+    snowpipe: SnowpipeClient | None = None  # LOAD_METHOD=snowpipe; built from the secret when None
     ledger_ready: bool = False
     manifests: dict[tuple[TableRef, str], RunManifest] = field(default_factory=dict)
     tables_ready: set[tuple[str, str, str]] = field(default_factory=set)
+    pipes_ready: set[str] = field(default_factory=set)
 
     @property
     def control_schema(self) -> str:
@@ -161,9 +171,12 @@ def load_staged_files(
     s3: S3Client,
     objects: Sequence[StagedObject],
     url_source: UrlSource | None = None,
+    snowpipe: SnowpipeClient | None = None,
 ) -> list[LoadResult]:
     """Load the objects (grouped per table and run); the first file that failed raises."""
-    outcomes = load_batch(settings=settings, sf_conn=sf_conn, s3=s3, objects=objects, url_source=url_source)
+    outcomes = load_batch(
+        settings=settings, sf_conn=sf_conn, s3=s3, objects=objects, url_source=url_source, snowpipe=snowpipe
+    )
     for outcome in outcomes:
         if outcome.error is not None:
             raise outcome.error
@@ -177,15 +190,17 @@ def load_batch(
     s3: S3Client,
     objects: Sequence[StagedObject],
     url_source: UrlSource | None = None,
+    snowpipe: SnowpipeClient | None = None,
 ) -> list[FileOutcome]:
     """Load every object, one COPY per (table, run) group; one outcome per object, in order.
 
     ``url_source`` says how Snowflake reads objects outside the stage (the deletes key list):
-    the storage integration, or the loader role's credentials.
+    the storage integration, or the loader role's credentials. ``snowpipe`` is the Snowpipe
+    REST client for ``LOAD_METHOD=snowpipe`` (built from the Snowflake secret when not given).
     """
     if not settings.snowflake.database:
         raise ConfigError(["SNOWFLAKE_DATABASE is required to load"])
-    loader = _Loader(settings, settings.snowflake.database, sf_conn, s3, url_source)
+    loader = _Loader(settings, settings.snowflake.database, sf_conn, s3, url_source, snowpipe)
     by_key: dict[str, FileOutcome] = {}
     for group in group_files(objects):
         for outcome in _load_group_or_each(loader, group):
@@ -402,13 +417,15 @@ def _existing_columns(loader: _Loader, target: tuple[str, str, str]) -> list[Exi
 
 def ensure_table(
     loader: _Loader, table: TableRef, columns: Sequence[Column], target: tuple[str, str, str]
-) -> None:
+) -> bool:
     """Create the target from the manifest's columns, or evolve it: add new columns, widen types.
 
     Every change is checked before any ALTER runs, so an incompatible change alters nothing.
+    True when an existing table was altered (a pipe over it must be redefined).
     """
     if target in loader.tables_ready:
-        return
+        return False
+    altered = False
     existing = _existing_columns(loader, target)
     if not existing:
         _execute(loader.sf_conn, build_create_schema(target[0], target[1]))
@@ -424,7 +441,9 @@ def ensure_table(
         for column in changes.widened:
             logger.info("widening a column", extra={"table": table.qualified, "column": column.name})
             _execute(loader.sf_conn, build_widen_column(target, column))
+        altered = bool(changes.added or changes.widened)
     loader.tables_ready.add(target)
+    return altered
 
 
 def _dropped_file_columns(loader: _Loader, staged: StagedObject) -> list[LoadColumn]:
@@ -524,6 +543,7 @@ def _copy_group(
     table = first.table
     write_mode, deletes = WriteMode.APPEND, DeleteMode.NONE
     manifest: RunManifest | None = None
+    table_altered = False
     if first.run_id is None:
         columns = _dropped_file_columns(loader, first)
         copy_target = _target(loader, table)
@@ -535,7 +555,7 @@ def _copy_group(
             copy_target = _shadow(loader, table, first.run_id)
             ensure_table(loader, table, manifest.columns, copy_target)
         else:
-            ensure_table(loader, table, manifest.columns, _target(loader, table))
+            table_altered = ensure_table(loader, table, manifest.columns, _target(loader, table))
             copy_target = _target(loader, table)
     work_table: tuple[str, str, str] | None = None
     if write_mode is WriteMode.MERGE and manifest is not None:
@@ -551,6 +571,11 @@ def _copy_group(
             s3_key=first.key if len(present) == 1 else f"{len(present)} files",
         ),
     )
+    if loader.settings.load.method is LoadMethod.SNOWPIPE and write_mode is WriteMode.APPEND:
+        outcomes = _load_through_snowpipe(loader, present, columns, started, redefine_pipe=table_altered)
+        if manifest is not None and deletes is not DeleteMode.NONE:
+            finish_run_if_complete(loader, table, manifest.run_id)
+        return outcomes
     try:
         outcomes = _copy_in_transaction(
             loader,
@@ -610,17 +635,8 @@ def _copy_in_transaction(
             else:
                 to_load.append((staged, facts))
         if to_load:
-            copy_sql = build_copy_into(
-                database=database,
-                control_schema=control_schema,
-                stage=loader.settings.snowflake.stage,
-                staged=[staged for staged, _ in to_load],
-                columns=columns,
-                on_error=loader.settings.load.on_error.value,
-                target=copy_target,
-            )
             copy_started = time.monotonic()
-            copy_rows = _execute_dicts(sf_conn, copy_sql)
+            copy_rows = _insert_or_copy(loader, to_load, columns, copy_target, manifest)
             copy_ms = _elapsed_ms(copy_started)
             checked = check_copy_results(copy_rows, to_load)
             if work_table is not None and manifest is not None:
@@ -686,6 +702,311 @@ def _copy_in_transaction(
         elif outcome.error is not None:
             _log_failure(outcome.error, outcome.staged)
     return outcomes
+
+
+# --------------------------------------------------------------------------- LOAD_METHOD=insert
+
+INSERT_ROWS_PER_STATEMENT = 1000  # rows per multi-row INSERT (one statement, bound values)
+
+
+def _is_insertable(
+    loader: _Loader, staged: StagedObject, facts: ObjectFacts, manifest: RunManifest | None
+) -> bool:
+    """LOAD_METHOD=insert takes a CSV file of a run (its manifest gives exact column types) whose
+    row count (object metadata) is known and at most LOAD_INSERT_MAX_ROWS. Parquet files, larger
+    files and hand-dropped files go through COPY (the loader ships no Parquet reader)."""
+    return (
+        loader.settings.load.method is LoadMethod.INSERT
+        and manifest is not None
+        and staged.file_format is FileFormat.CSV
+        and facts.rows is not None
+        and facts.rows <= loader.settings.load.insert_max_rows
+    )
+
+
+def _insert_or_copy(
+    loader: _Loader,
+    to_load: list[tuple[StagedObject, ObjectFacts]],
+    columns: Sequence[LoadColumn],
+    target: tuple[str, str, str],
+    manifest: RunManifest | None,
+) -> list[dict[str, Any]]:
+    """Load the files (in the caller's transaction); one COPY-shaped result row per file."""
+    inserted = [(s, f) for s, f in to_load if _is_insertable(loader, s, f, manifest)]
+    copied = [(s, f) for s, f in to_load if not _is_insertable(loader, s, f, manifest)]
+    result_rows = [_insert_file(loader, staged, columns, target) for staged, _ in inserted]
+    if copied:
+        copy_sql = build_copy_into(
+            database=loader.database,
+            control_schema=loader.control_schema,
+            stage=loader.settings.snowflake.stage,
+            staged=[staged for staged, _ in copied],
+            columns=columns,
+            on_error=loader.settings.load.on_error.value,
+            target=target,
+        )
+        result_rows += _execute_dicts(loader.sf_conn, copy_sql)
+    return result_rows
+
+
+def _insert_file(
+    loader: _Loader, staged: StagedObject, columns: Sequence[LoadColumn], target: tuple[str, str, str]
+) -> dict[str, Any]:
+    """INSERT one CSV file's rows with bound values, converted like the COPY converts them."""
+    rows = read_csv_rows(loader.s3, loader.settings.bucket, staged, len(columns))
+    statement = build_insert_rows(target, columns)
+    with loader.sf_conn.cursor() as cursor:
+        for start in range(0, len(rows), INSERT_ROWS_PER_STATEMENT):
+            cursor.executemany(statement, rows[start : start + INSERT_ROWS_PER_STATEMENT])
+    return {"file": staged.file_name, "status": "LOADED", "rows_parsed": len(rows), "rows_loaded": len(rows)}
+
+
+def read_csv_rows(
+    s3: S3Client, bucket: str, staged: StagedObject, width: int
+) -> list[tuple[str | None, ...]]:
+    """A staged CSV's data rows (header skipped): an unquoted empty field is None (NULL), ``""`` is ''."""
+    try:
+        body = s3.get_object(Bucket=bucket, Key=staged.key)["Body"].read()
+    except (ClientError, BotoCoreError) as exc:
+        raise classify_s3_error(exc, s3_key=staged.key) from exc
+    try:
+        text = (zlib.decompress(body, wbits=31) if staged.gzip else body).decode("utf-8")
+    except (zlib.error, UnicodeDecodeError) as exc:
+        raise PermanentError(f"the CSV file cannot be read: {exc}", s3_key=staged.key) from exc
+    records = parse_csv_records(text)[1:]  # SKIP_HEADER = 1
+    for number, record in enumerate(records, start=2):
+        if len(record) != width:
+            raise PermanentError(
+                f"line {number} has {len(record)} fields, the table has {width} columns", s3_key=staged.key
+            )
+    return records
+
+
+def parse_csv_records(text: str) -> list[tuple[str | None, ...]]:
+    """RFC 4180 records with FIELD_OPTIONALLY_ENCLOSED_BY='"' and EMPTY_FIELD_AS_NULL semantics.
+
+    Python's csv module cannot tell an unquoted empty field (NULL) from ``""`` (an empty
+    string) before 3.12, so the records are split here.
+    """
+    records: list[tuple[str | None, ...]] = []
+    fields: list[str | None] = []
+    position, length = 0, len(text)
+    while position < length:
+        if text[position] == '"':
+            chunks: list[str] = []
+            position += 1
+            while True:
+                end = text.find('"', position)
+                if end < 0:
+                    raise PermanentError("unterminated quoted field in the CSV file")
+                chunks.append(text[position:end])
+                if text.startswith('""', end):
+                    chunks.append('"')
+                    position = end + 2
+                    continue
+                position = end + 1
+                break
+            fields.append("".join(chunks))
+        else:
+            end = position
+            while end < length and text[end] not in ",\n\r":
+                end += 1
+            fields.append(text[position:end] or None)
+            position = end
+        if position >= length or text[position] in "\r\n":
+            records.append(tuple(fields))
+            fields = []
+            if text.startswith("\r\n", position):
+                position += 2
+            else:
+                position += 1
+        elif text[position] == ",":
+            position += 1
+            if position >= length:
+                fields.append(None)
+                records.append(tuple(fields))
+                fields = []
+        else:
+            raise PermanentError(f"unexpected character after a quoted CSV field at offset {position}")
+    return records
+
+
+# --------------------------------------------------------------------------- LOAD_METHOD=snowpipe
+
+
+def _snowpipe_client(loader: _Loader) -> SnowpipeClient:
+    if loader.snowpipe is None:
+        loader.snowpipe = snowpipe_client_from_settings(
+            loader.settings.snowflake, loader.settings.load.snowpipe_host
+        )
+    return loader.snowpipe
+
+
+def _ensure_pipe(
+    loader: _Loader, staged: StagedObject, columns: Sequence[LoadColumn], *, redefine: bool
+) -> str:
+    """The table's pipe (created by the loader with the loader's own COPY); its REST name.
+
+    Redefined (CREATE OR REPLACE) when schema evolution changed the table, so the new columns load.
+    """
+    prefix = loader.settings.load.snowpipe_name
+    if not prefix:
+        raise ConfigError(["SNOWPIPE_NAME is required when LOAD_METHOD=snowpipe"])
+    name = qualified_pipe_name(loader.database, loader.control_schema, prefix, staged.table)
+    if name not in loader.pipes_ready or redefine:
+        _execute(
+            loader.sf_conn,
+            build_table_pipe(
+                database=loader.database,
+                control_schema=loader.control_schema,
+                stage=loader.settings.snowflake.stage,
+                pipe=pipe_name(prefix, staged.table),
+                staged=staged,
+                columns=columns,
+                replace=redefine,
+            ),
+        )
+        loader.pipes_ready.add(name)
+    return name
+
+
+def _load_through_snowpipe(
+    loader: _Loader,
+    present: list[tuple[StagedObject, ObjectFacts]],
+    columns: Sequence[LoadColumn],
+    started: float,
+    *,
+    redefine_pipe: bool,
+) -> list[FileOutcome]:
+    """Claim, submit (insertFiles), confirm (insertReport/loadHistoryScan), then record.
+
+    The ledger row of a file is committed as loaded only after Snowpipe reported it LOADED.
+    A file the ledger holds as loaded is skipped and never submitted again. A file submitted by
+    an attempt that died before recording it is submitted again: Snowpipe's load metadata
+    (14 days per pipe) does not load the same path twice, and its earlier outcome is found with
+    loadHistoryScan from the ledger's SUBMITTED_AT.
+    """
+    sf_conn, database, control_schema = loader.sf_conn, loader.database, loader.control_schema
+    settings = loader.settings.snowflake
+    pipe = _ensure_pipe(loader, present[0][0], columns, redefine=redefine_pipe)
+    outcomes: dict[str, FileOutcome] = {}
+    to_submit: list[tuple[StagedObject, ObjectFacts]] = []
+    earliest: dt.datetime | None = None
+    sf_conn.autocommit(False)
+    try:
+        for staged, facts in present:
+            claim = LedgerClaim(
+                staged.key, facts.etag, facts.sha256, facts.run_id, staged.table.schema, staged.table.table
+            )
+            _execute(sf_conn, *build_claim_file(database, control_schema, claim))
+            entry = _ledger_entry(sf_conn, database, control_schema, staged.key)
+            if entry is not None and entry.is_loaded:
+                if not _same_content(entry, facts):
+                    raise PermanentError(
+                        "changed file under a loaded key: the key was loaded with other content "
+                        f"(etag {entry.etag}, sha256 {entry.sha256}); stage changed data under a new key",
+                        s3_key=staged.key,
+                    )
+                result = LoadResult(
+                    staged.key,
+                    staged.table.qualified,
+                    LoadStatus.ALREADY_LOADED,
+                    entry.rows_loaded or 0,
+                    _elapsed_ms(started),
+                    staged.run_id,
+                )
+                outcomes[staged.key] = FileOutcome(staged, result=result)
+            else:
+                to_submit.append((staged, facts))
+        if to_submit:
+            keys = [staged.key for staged, _ in to_submit]
+            count, first_submitted = _execute(
+                sf_conn, *build_select_earliest_submission(database, control_schema, keys)
+            )[0]
+            if int(count) and isinstance(first_submitted, dt.datetime):
+                earliest = first_submitted
+            _execute(sf_conn, *build_mark_submitted(database, control_schema, keys))
+        sf_conn.commit()
+    except BaseException:
+        _rollback_keeping_the_original_error(sf_conn)
+        raise
+    finally:
+        sf_conn.autocommit(True)
+    if not to_submit:
+        return [outcomes[staged.key] for staged, _ in present]
+    client = _snowpipe_client(loader)
+    paths = {
+        staged.key: stage_file_path(database, control_schema, settings.stage, staged)
+        for staged, _ in to_submit
+    }
+    client.submit(pipe, [(paths[staged.key], facts.size) for staged, facts in to_submit])
+    reports = client.confirm(pipe, paths.values(), submitted_since=earliest)
+    load_ms = _elapsed_ms(started)
+    sf_conn.autocommit(False)
+    try:
+        for staged, facts in to_submit:
+            outcome = _record_snowpipe_report(loader, staged, facts, reports[paths[staged.key]], load_ms)
+            outcomes[staged.key] = outcome
+        sf_conn.commit()
+    except BaseException:
+        _rollback_keeping_the_original_error(sf_conn)
+        raise
+    finally:
+        sf_conn.autocommit(True)
+    for outcome in outcomes.values():
+        if outcome.error is not None:
+            _log_failure(outcome.error, outcome.staged)
+        elif outcome.result is not None and outcome.result.status is not LoadStatus.ALREADY_LOADED:
+            logger.info(
+                f"file {outcome.result.status.value} through Snowpipe",
+                extra={
+                    "table": outcome.result.table,
+                    "s3_key": outcome.result.key,
+                    "rows": outcome.result.rows,
+                },
+            )
+    return [outcomes[staged.key] for staged, _ in present]
+
+
+def _record_snowpipe_report(
+    loader: _Loader, staged: StagedObject, facts: ObjectFacts, report: PipeFileReport, load_ms: int
+) -> FileOutcome:
+    context = {"s3_key": staged.key, "table": staged.table.qualified, "run_id": staged.run_id}
+    if report.status == "LOAD_FAILED":
+        error = PermanentError(
+            f"Snowpipe failed to load the file: {report.first_error or 'no message'}", **context
+        )
+        return FileOutcome(staged, error=error)
+    partial = report.status == "PARTIALLY_LOADED"
+    if not partial and facts.rows is not None and report.rows_inserted != facts.rows:
+        error = PermanentError(
+            f"Snowpipe loaded {report.rows_inserted} rows, the file's {META_ROWS} says {facts.rows}",
+            **context,
+        )
+        return FileOutcome(staged, error=error)
+    _execute(
+        loader.sf_conn,
+        *build_record_load(
+            loader.database,
+            loader.control_schema,
+            staged.key,
+            report.rows_inserted,
+            status=report.status,
+            errors_seen=report.errors_seen if partial else 0,
+            first_error=report.first_error if partial else None,
+        ),
+    )
+    result = LoadResult(
+        staged.key,
+        staged.table.qualified,
+        LoadStatus.PARTIALLY_LOADED if partial else LoadStatus.LOADED,
+        report.rows_inserted,
+        load_ms,
+        staged.run_id,
+        report.errors_seen if partial else 0,
+        report.first_error if partial else None,
+    )
+    return FileOutcome(staged, result=result)
 
 
 def _rollback_keeping_the_original_error(sf_conn: SnowflakeConnection) -> None:

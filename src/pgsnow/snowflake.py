@@ -83,7 +83,7 @@ def connection_kwargs(
             import boto3
 
             secrets_client = boto3.client("secretsmanager")
-        secret = _read_key_pair_secret(secrets_client, settings.secret_arn)
+        secret = read_key_pair_secret(secrets_client, settings.secret_arn)
         kwargs.update(secret)
     elif settings.password:
         kwargs["password"] = settings.password
@@ -97,7 +97,8 @@ def connection_kwargs(
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def _read_key_pair_secret(client: SecretsManagerClient, secret_arn: str) -> dict[str, Any]:
+def read_key_pair_secret(client: SecretsManagerClient, secret_arn: str) -> dict[str, Any]:
+    """account, user (and role, warehouse) and the loaded ``private_key`` from the Snowflake secret."""
     from botocore.exceptions import BotoCoreError, ClientError
     from cryptography.hazmat.primitives import serialization
 
@@ -266,7 +267,38 @@ def build_upgrade_ledger(database: str, control_schema: str) -> list[str]:
         f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "STATUS" VARCHAR',
         f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "ERRORS_SEEN" NUMBER(38,0)',
         f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "FIRST_ERROR" VARCHAR',
+        # LOAD_METHOD=snowpipe: when the file was first submitted (insertFiles), so a later
+        # attempt can find an earlier submission's outcome with loadHistoryScan.
+        f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "SUBMITTED_AT" TIMESTAMP_TZ(6)',
     ]
+
+
+def build_mark_submitted(database: str, control_schema: str, keys: Sequence[str]) -> Statement:
+    """Record that these keys were (or are about to be) submitted to Snowpipe; the first time is kept."""
+    if not keys:
+        raise PermanentError("no keys to mark")
+    placeholders = ", ".join(["%s"] * len(keys))
+    sql = (
+        f"UPDATE {ledger_name(database, control_schema)}\n"
+        'SET "SUBMITTED_AT" = COALESCE("SUBMITTED_AT", CURRENT_TIMESTAMP()), "STATUS" = \'SUBMITTED\'\n'
+        f'WHERE "LOADED_AT" IS NULL AND "S3_KEY" IN ({placeholders})'
+    )
+    return sql, tuple(keys)
+
+
+def build_select_earliest_submission(database: str, control_schema: str, keys: Sequence[str]) -> Statement:
+    """(how many of these keys were submitted before, the earliest submission time).
+
+    The count tells a real time from a NULL (the local emulator returns a NULL timestamp as the epoch).
+    """
+    if not keys:
+        raise PermanentError("no keys to look up")
+    placeholders = ", ".join(["%s"] * len(keys))
+    sql = (
+        'SELECT COUNT("SUBMITTED_AT"), MIN("SUBMITTED_AT")\n'
+        f'FROM {ledger_name(database, control_schema)} WHERE "S3_KEY" IN ({placeholders})'
+    )
+    return sql, tuple(keys)
 
 
 def build_record_load(
@@ -435,18 +467,25 @@ def build_apply_deletes(
 
 
 def build_insert_rows(target: tuple[str, str, str], columns: Sequence[LoadColumn]) -> str:
-    """LOAD_METHOD=insert: one row of bound CSV field texts, converted like the CSV COPY does."""
+    """LOAD_METHOD=insert: rows of bound CSV field texts, converted like the CSV COPY converts them.
+
+    One ``VALUES`` row of ``%s`` placeholders: ``cursor.executemany`` (pyformat) repeats it for
+    every row of the batch, binding each value (the connector escapes it), in ONE statement.
+    """
     names = ", ".join(quote_ident(c.snowflake_name) for c in columns)
-    values = ", ".join(_insert_expression(c) for c in columns)
-    return f"INSERT INTO {quote_qualified(*target)} ({names})\nSELECT {values}"
+    values = ", ".join(
+        _insert_expression(c, quote_ident(f"COLUMN{i}")) for i, c in enumerate(columns, start=1)
+    )
+    placeholders = ", ".join(["%s"] * len(columns))
+    return f"INSERT INTO {quote_qualified(*target)} ({names})\nSELECT {values}\nFROM VALUES ({placeholders})"
 
 
-def _insert_expression(column: LoadColumn) -> str:
+def _insert_expression(column: LoadColumn, value: str) -> str:
     if column.kind is ValueKind.JSON:
-        return "PARSE_JSON(%s)"
+        return f"PARSE_JSON({value})"
     if column.kind is ValueKind.BINARY:
-        return "TO_BINARY(%s, 'HEX')"
-    return f"CAST(%s AS {column.snowflake_type})"
+        return f"TO_BINARY({value}, 'HEX')"
+    return f"CAST({value} AS {column.snowflake_type})"
 
 
 # --------------------------------------------------------------------------- setup objects (text)
@@ -470,6 +509,36 @@ def build_create_pipe(database: str, control_schema: str, pipe: str, copy_sql: s
     without_files = re.sub(r"\n  FILES = \([^\n]*\)", "", copy_sql)
     without_force = without_files.replace(" FORCE = TRUE", "")
     return f"CREATE PIPE IF NOT EXISTS {quote_qualified(database, control_schema, pipe)} AUTO_INGEST = FALSE AS\n{without_force}"
+
+
+def build_table_pipe(
+    *,
+    database: str,
+    control_schema: str,
+    stage: str,
+    pipe: str,
+    staged: StagedObject,
+    columns: Sequence[LoadColumn],
+    replace: bool = False,
+) -> str:
+    """LOAD_METHOD=snowpipe: the table's pipe, whose COPY is the loader's own (same columns and
+    conversions as ``build_copy_into``) over the table's folder of the stage."""
+    sql = build_create_pipe(
+        database,
+        control_schema,
+        pipe,
+        build_copy_into(
+            database=database, control_schema=control_schema, stage=stage, staged=staged, columns=columns
+        ),
+    )
+    if replace:
+        sql = sql.replace("CREATE PIPE IF NOT EXISTS", "CREATE OR REPLACE PIPE", 1)
+    return sql
+
+
+def stage_file_path(database: str, control_schema: str, stage: str, staged: StagedObject) -> str:
+    """The file's path relative to its table's stage location: what insertFiles names."""
+    return _stage_location(database, control_schema, stage, staged)[1]
 
 
 def build_select_table_columns(database: str, schema: str, table: str) -> Statement:

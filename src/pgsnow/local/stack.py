@@ -47,6 +47,7 @@ class LocalStack:
     snowflake: Any  # pgsnow.local.snowflake.LocalSnowflake
     env: dict[str, str]
     _stoppers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    snowpipe: Any = None  # pgsnow.local.snowpipe.LocalSnowpipe (its url is SNOWPIPE_HOST)
 
     def settings(self, component: Component = Component.LOCAL) -> Settings:
         return Settings.from_env(self.env, component=component)
@@ -156,6 +157,7 @@ def start_stack(
     from pgsnow.local.aws import create_staging_resources, start_local_aws
     from pgsnow.local.postgres import start_local_postgres
     from pgsnow.local.snowflake import start_local_snowflake
+    from pgsnow.local.snowpipe import start_local_snowpipe
 
     stoppers: list[Callable[[], None]] = []
     try:
@@ -182,6 +184,9 @@ def start_stack(
             data_dir=data_dir / "snowflake",
         )
         stoppers.append(snowflake.stop)
+        progress("starting the local Snowpipe REST endpoint")
+        snowpipe = start_local_snowpipe(snowflake)
+        stoppers.append(snowpipe.stop)
         env = stack_environment(
             pg_dsn=postgres.dsn,
             aws=aws,
@@ -191,7 +196,9 @@ def start_stack(
             file_format=file_format,
             tables=tables,
         )
-        stack = LocalStack(postgres.dsn, aws, resources, snowflake, env, stoppers)
+        # LOAD_METHOD=snowpipe reaches the local endpoint here (it also needs SNOWPIPE_NAME and a key).
+        env["SNOWPIPE_HOST"] = snowpipe.url
+        stack = LocalStack(postgres.dsn, aws, resources, snowflake, env, stoppers, snowpipe)
         sf_conn = stack.snowflake_connection()
         try:
             create_snowflake_objects(sf_conn, stack.settings(Component.LOADER))
