@@ -1,0 +1,136 @@
+# ruff: noqa: F811 - pytest fixtures imported from test_load are parameters by the same name
+"""Deletes from the run's full key list: once a run is complete, target rows whose primary key
+is gone from the source are deleted (hard) or flagged in "_PGSNOW_DELETED_AT" (soft), and
+nothing else changes. Against moto and the local Snowflake over HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+from test_load import (  # fixtures and staging helpers shared with the base loader tests
+    ORDER_COLUMNS,
+    ORDER_ROWS,
+    ORDERS,
+    csv_gz_bytes,
+    local_aws,  # noqa: F401 - fixture
+    local_snowflake,  # noqa: F401 - fixture
+    manifest_columns,
+    orders_sql,
+    put_staged_file,
+    query,
+    s3,  # noqa: F401 - fixture
+    settings,  # noqa: F401 - fixture
+    sf_conn,  # noqa: F401 - fixture
+)
+
+from pgsnow.config import Settings
+from pgsnow.keys import FileFormat, data_key, manifest_key, parse_data_key
+from pgsnow.load import LoadStatus, load_staged_files
+from pgsnow.manifest import RunManifest, RunState, StagedFile
+from pgsnow.snowflake import SOFT_DELETE_COLUMN
+from pgsnow.staging import key_list_key
+
+pytestmark = pytest.mark.integration
+
+RUN_1 = "20261125T120000000000Z"
+RUN_2 = "20261126T120000000000Z"
+ROW_BY_ID = {row[0]: row for row in ORDER_ROWS}
+
+
+def stage_run(s3: Any, settings: Settings, run_id: str, order_ids: list[int], deletes: str) -> str:
+    """A complete (staged) run: one data file with these orders, its full key list, its manifest."""
+    rows = [ROW_BY_ID[i] for i in order_ids]
+    key = data_key(settings.prefix, ORDERS, 1, run_id, FileFormat.CSV)
+    body = csv_gz_bytes(rows)
+    put_staged_file(s3, settings, key, body, rows=len(rows), run_id=run_id)
+    keys_body = csv_gz_bytes([(i,) for i in order_ids], header=["order_id"])
+    keys_key = key_list_key(ORDERS, run_id)
+    s3.put_object(Bucket=settings.bucket, Key=keys_key, Body=keys_body)
+    manifest = RunManifest(
+        run_id=run_id,
+        table=ORDERS,
+        mode="full",
+        file_format=FileFormat.CSV,
+        columns=manifest_columns(),
+        primary_key=("order_id",),
+        state=RunState.STAGED,
+        started_at="2026-11-25T12:00:00Z",
+        files=(StagedFile(key, 1, len(rows), len(body), hashlib.sha256(body).hexdigest(), FileFormat.CSV),),
+        write_mode="merge",
+        deletes=deletes,
+        key_list=StagedFile(
+            keys_key, 0, len(order_ids), len(keys_body), hashlib.sha256(keys_body).hexdigest(), FileFormat.CSV
+        ),
+    )
+    s3.put_object(Bucket=settings.bucket, Key=manifest_key(ORDERS, run_id), Body=manifest.to_json().encode())
+    return key
+
+
+def snapshot(sf_conn: Any, settings: Settings) -> list[tuple[Any, ...]]:
+    """Every source column as text, so 'nothing else changed' compares whole rows."""
+    names = ", ".join(f'TO_VARCHAR("{n.upper()}")' for n, _, _ in ORDER_COLUMNS)
+    return query(sf_conn, f'SELECT {names} FROM {orders_sql(settings)} ORDER BY "ORDER_ID"')
+
+
+@pytest.mark.parametrize("deletes", ["hard", "soft"], ids=["hard-delete", "soft-delete"])
+def test_a_key_gone_from_the_source_is_deleted_after_the_run_completes(
+    settings: Settings, s3: Any, sf_conn: Any, deletes: str
+) -> None:
+    # Given a first complete run with orders 1, 2 and 3 loaded
+    first = stage_run(s3, settings, RUN_1, [1, 2, 3], deletes)
+    load_staged_files(
+        settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(first, settings.prefix)]
+    )
+    before = snapshot(sf_conn, settings)
+    assert [row[0] for row in before] == ["1", "2", "3"]
+
+    # When the next run's key list no longer has order 2 and its last file loads
+    second = stage_run(s3, settings, RUN_2, [1, 3], deletes)
+    results = load_staged_files(
+        settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(second, settings.prefix)]
+    )
+
+    # Then order 2 is deleted (hard) or flagged (soft); orders 1 and 3 are unchanged and not flagged
+    assert [r.status for r in results] == [LoadStatus.LOADED]
+    after = snapshot(sf_conn, settings)
+    if deletes == "hard":
+        assert after == [before[0], before[2]]
+    else:
+        assert after == before
+        flags = query(
+            sf_conn,
+            f'SELECT "ORDER_ID", "{SOFT_DELETE_COLUMN}" IS NOT NULL FROM {orders_sql(settings)} ORDER BY "ORDER_ID"',
+        )
+        assert flags == [(1, False), (2, True), (3, False)]
+
+
+def test_deletes_are_applied_once_when_the_last_file_is_delivered_again(
+    settings: Settings, s3: Any, sf_conn: Any
+) -> None:
+    # Given two complete runs with soft deletes; order 2 was flagged by the second
+    load_staged_files(
+        settings=settings,
+        sf_conn=sf_conn,
+        s3=s3,
+        objects=[parse_data_key(stage_run(s3, settings, RUN_1, [1, 2, 3], "soft"), settings.prefix)],
+    )
+    second = parse_data_key(stage_run(s3, settings, RUN_2, [1, 3], "soft"), settings.prefix)
+    load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[second])
+    flagged_at = query(
+        sf_conn, f'SELECT TO_VARCHAR("{SOFT_DELETE_COLUMN}") FROM {orders_sql(settings)} WHERE "ORDER_ID" = 2'
+    )
+
+    # When the second run's file is delivered again
+    again = load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[second])
+
+    # Then nothing loads and the flag keeps its first time
+    assert [r.status for r in again] == [LoadStatus.ALREADY_LOADED]
+    assert (
+        query(
+            sf_conn,
+            f'SELECT TO_VARCHAR("{SOFT_DELETE_COLUMN}") FROM {orders_sql(settings)} WHERE "ORDER_ID" = 2',
+        )
+        == flagged_at
+    )
