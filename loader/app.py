@@ -20,7 +20,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pgsnow.errors import PgSnowError
 from pgsnow.events import BatchFiles, parse_sqs_batch
-from pgsnow.load import FileOutcome, LoadStatus, load_batch
+from pgsnow.load import FileOutcome, LoadStatus, load_batch, settle_completed_runs
 from pgsnow.observability import NAMESPACE, logger
 from pgsnow.runtime import loader_runtime
 
@@ -58,11 +58,12 @@ def load_sqs_batch(records: list[SQSRecord]) -> BatchFiles:
     )
     staged = batch.all_staged()
     if staged:
-        for outcome in load_batch(
-            settings=settings, sf_conn=runtime.snowflake(), s3=runtime.s3, objects=staged
-        ):
+        sf_conn = runtime.snowflake()
+        outcomes = load_batch(settings=settings, sf_conn=sf_conn, s3=runtime.s3, objects=staged)
+        for outcome in outcomes:
             batch.outcomes[outcome.staged.key] = outcome
             record_outcome_metrics(outcome)
+        settle_completed_runs(settings=settings, sf_conn=sf_conn, s3=runtime.s3, outcomes=outcomes)
     return batch
 
 

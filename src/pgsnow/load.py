@@ -1194,3 +1194,29 @@ def _apply_deletes(loader: _Loader, manifest: RunManifest) -> None:
             sf_conn.autocommit(True)
     finally:
         _execute(sf_conn, build_drop_table(keys_table))
+
+
+def settle_completed_runs(
+    *, settings: Settings, sf_conn: SnowflakeConnection, s3: S3Client, outcomes: Sequence[FileOutcome]
+) -> dict[tuple[TableRef, str], str]:
+    """Mark each run that this batch may have finished as ``loaded`` (manifest state).
+
+    Run completion is what cleanup and ``pgsnow status`` read. The scheduled cleanup pass settles
+    runs too, so a failure here only delays it: it is logged, never turned into a load failure.
+    """
+    from pgsnow.cleanup import mark_run_complete_if_loaded
+
+    runs = {
+        (o.staged.table, o.staged.run_id) for o in outcomes if o.error is None and o.staged.run_id is not None
+    }
+    states: dict[tuple[TableRef, str], str] = {}
+    for table, run_id in sorted(runs):
+        try:
+            state = mark_run_complete_if_loaded(
+                settings=settings, s3=s3, sf_conn=sf_conn, table=table, run_id=run_id
+            )
+        except PgSnowError as exc:
+            logger.warning(f"could not settle run: {exc.message}", extra=exc.context())
+            continue
+        states[(table, run_id)] = state.value
+    return states

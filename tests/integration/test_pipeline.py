@@ -36,11 +36,11 @@ from pgsnow.local.stack import (
     process_environment,
     start_stack,
 )
-from pgsnow.manifest import RunManifest
+from pgsnow.manifest import RunManifest, RunState
 from pgsnow.postgres import connect
 from pgsnow.runtime import reset_runtime
 from pgsnow.snowflake import LEDGER_TABLE
-from pgsnow.staging import put_data_file
+from pgsnow.staging import get_manifest, put_data_file
 
 pytestmark = pytest.mark.integration
 
@@ -273,6 +273,9 @@ def test_extracted_table_flows_through_the_queue_into_snowflake(
     assert comparison.ok, comparison.detail
     assert (comparison.source_rows, comparison.snowflake_rows) == (len(PEOPLE_ROWS), len(PEOPLE_ROWS))
     assert queue_depth(stack) == (0, 0)
+    # And the loader marked the run complete as its last file loaded (no cleanup pass ran)
+    settled = get_manifest(stack.aws.client("s3"), stack.resources.bucket, table, manifest.run_id)
+    assert settled.state is RunState.LOADED
 
 
 def test_failed_copy_is_redelivered_then_dead_lettered_while_the_good_file_loads(
