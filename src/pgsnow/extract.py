@@ -299,22 +299,16 @@ class _FileRecorder:
 
 def _stage_chunk_csv(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
     recorder = _FileRecorder(run, FileFormat.CSV, chunk.index)
-    header: list[bytes] = []
 
     def on_file(written: WrittenFile) -> None:
         first = last = None
-        if written.first_record is not None and written.last_record is not None:
-            first = recorder.csv_order_key(header[0], written.first_record)
-            last = recorder.csv_order_key(header[0], written.last_record)
+        header = splitter.header
+        if header is not None and written.first_record is not None and written.last_record is not None:
+            first = recorder.csv_order_key(header, written.first_record)
+            last = recorder.csv_order_key(header, written.last_record)
         recorder.record(written, first, last)
 
-    class _HeaderKeeper(CsvBatchSplitter):
-        def write(self, data: bytes) -> int:
-            if not header:
-                header.append(bytes(data))
-            return super().write(data)
-
-    splitter = _HeaderKeeper(
+    splitter = CsvBatchSplitter(
         batch_rows=run.settings.batch_rows,
         path_for_batch=lambda batch: run.work_dir / f"batch{batch}.csv.gz",
         on_file=on_file,
