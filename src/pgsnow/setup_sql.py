@@ -167,11 +167,19 @@ def build_setup_steps(options: SetupOptions) -> list[SetupStep]:
     grants = [
         f"GRANT USAGE ON WAREHOUSE {quote_ident(options.warehouse)} TO ROLE {role}",
         f"GRANT USAGE, CREATE SCHEMA ON DATABASE {quote_ident(db)} TO ROLE {role}",
-        f"GRANT USAGE ON SCHEMA {quote_qualified(db, ctl)} TO ROLE {role}",
+        # CREATE TABLE: merge runs use transient work tables in the control schema.
+        f"GRANT USAGE, CREATE TABLE ON SCHEMA {quote_qualified(db, ctl)} TO ROLE {role}",
         f"GRANT USAGE ON INTEGRATION {integration} TO ROLE {role}",
         f"GRANT USAGE ON STAGE {stage} TO ROLE {role}",
         *(f"GRANT USAGE ON FILE FORMAT {name} TO ROLE {role}" for name in formats),
-        f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {ledger} TO ROLE {role}",
+        # Ownership: the loader adds ledger columns when pgsnow upgrades (build_upgrade_ledger).
+        f"GRANT OWNERSHIP ON TABLE {ledger} TO ROLE {role} COPY CURRENT GRANTS",
+        *(
+            # The loader creates a missing table's pipe itself (docs/loading.md).
+            [f"GRANT CREATE PIPE ON SCHEMA {quote_qualified(db, ctl)} TO ROLE {role}"]
+            if options.load_method is LoadMethod.SNOWPIPE
+            else []
+        ),
         *(f"GRANT OPERATE, MONITOR ON PIPE {pipe} TO ROLE {role}" for pipe in pipes),
     ]
     steps.append(

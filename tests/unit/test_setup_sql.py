@@ -114,6 +114,8 @@ def test_pipes_only_in_snowpipe_mode(
     assert [m.group(1) for m in created if m] == pipes
     granted = [s for s in all_statements if s.startswith("GRANT OPERATE, MONITOR ON PIPE")]
     assert len(granted) == len(pipes)
+    may_create_pipes = any(s.startswith("GRANT CREATE PIPE ON SCHEMA") for s in all_statements)
+    assert may_create_pipes is (load_method is LoadMethod.SNOWPIPE)
     for statement in all_statements:
         if statement.startswith("CREATE PIPE"):
             assert "FILES = " not in statement and "FORCE" not in statement
