@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from isal import igzip
 
@@ -313,6 +316,133 @@ _CONVERTERS: dict[ValueKind, Callable[[Any], Any]] = {
 }
 
 
+class CopyPipe:
+    """COPY output written on one thread, read as a byte stream on another (Arrow's CSV reader).
+
+    The writer side is a COPY sink (``write`` once per record) that buffers records into
+    blocks of ``block_bytes`` and queues at most ``max_blocks`` of them, so memory stays
+    bounded when the reader is slower than PostgreSQL. ``close`` ends the stream (or marks
+    it failed: the reader then raises instead of seeing a clean end); ``abandon`` lets the
+    reader stop early: the writer's next ``write`` raises ``PipeAbandonedError``, which
+    aborts the COPY.
+    """
+
+    def __init__(self, *, block_bytes: int = CSV_BLOCK_BYTES, max_blocks: int = 4) -> None:
+        self._block_bytes = block_bytes
+        self._max_blocks = max_blocks
+        self._buffer = bytearray()
+        self._blocks: deque[bytes] = deque()
+        self._reading: memoryview = memoryview(b"")
+        self._changed = threading.Condition()
+        self._ended = False
+        self._failed = False
+        self.abandoned = False
+        self.bytes_written = 0
+        self.closed = False  # the file-object protocol Arrow checks (the reader side is never closed)
+
+    # --- writer side (the COPY thread) ---
+
+    def write(self, data: bytes) -> int:
+        self._buffer += data
+        if len(self._buffer) >= self._block_bytes:
+            self._push()
+        return len(data)
+
+    def _push(self) -> None:
+        block = bytes(self._buffer)
+        self._buffer = bytearray()
+        with self._changed:
+            while len(self._blocks) >= self._max_blocks and not self.abandoned:
+                self._changed.wait()
+            if self.abandoned:
+                raise PipeAbandonedError("the reader stopped")
+            self._blocks.append(block)
+            self.bytes_written += len(block)
+            self._changed.notify_all()
+
+    def close(self, *, failed: bool = False) -> None:
+        """End the stream after the last record (or, ``failed``, after an error)."""
+        if not failed and self._buffer:
+            self._push()
+        with self._changed:
+            self._ended = True
+            self._failed = failed
+            self._changed.notify_all()
+
+    # --- reader side ---
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._reading:
+            with self._changed:
+                while not self._blocks and not self._ended and not self.abandoned:
+                    self._changed.wait()
+                if self._failed:
+                    raise PipeAbandonedError("the COPY feeding this stream failed")
+                if not self._blocks:
+                    return b""
+                self._reading = memoryview(self._blocks.popleft())
+                self._changed.notify_all()
+        size = len(self._reading) if size is None or size < 0 else size
+        chunk, self._reading = self._reading[:size], self._reading[size:]
+        return bytes(chunk)
+
+    def abandon(self) -> None:
+        """The reader stops: release the writer (its next write raises) and drop what is queued."""
+        with self._changed:
+            self.abandoned = True
+            self._blocks.clear()
+            self._changed.notify_all()
+
+
+class PipeAbandonedError(Exception):
+    """The other end of a ``CopyPipe`` stopped (reader abandoned it, or the COPY failed)."""
+
+
+# Arrow's CSV parser reads bytea as the hex text PostgreSQL sent; the writer decodes it.
+def _arrow_csv_type(column: Column) -> pa.DataType:
+    return pa.string() if column.kind is ValueKind.BINARY else arrow_type(column)
+
+
+def open_arrow_csv(
+    source: Any, columns: Sequence[Column], trailing_text: int = 0, *, block_bytes: int = CSV_BLOCK_BYTES
+) -> pa_csv.CSVStreamingReader | None:
+    """Parse header-less COPY CSV (``TableReader.copy_arrow_csv``) into typed record batches.
+
+    ``columns`` as staged, then ``trailing_text`` extra text columns (the order key, for file
+    ranges). NULL is the unquoted empty field only and a quoted ``""`` is the empty string,
+    as PostgreSQL writes them; every other text (``NaN``, ``null``...) is a value. None when
+    the stream is empty (Arrow refuses a CSV without a single line).
+    """
+    names = [f"c{i}" for i in range(len(columns) + trailing_text)]
+    types = {name: _arrow_csv_type(c) for name, c in zip(names, columns, strict=False)}
+    types.update({name: pa.string() for name in names[len(columns) :]})
+    try:
+        return pa_csv.open_csv(
+            source,
+            read_options=pa_csv.ReadOptions(column_names=names, block_size=block_bytes),
+            parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+            convert_options=pa_csv.ConvertOptions(
+                column_types=types,
+                null_values=[""],
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+                true_values=["t"],
+                false_values=["f"],
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        if "Empty CSV file" in str(exc):
+            return None
+        raise
+
+
+def _hex_to_binary(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return pa.array([None if v is None else bytes.fromhex(v) for v in values.to_pylist()], pa.binary())
+
+
 class ParquetWriter:
     """Write one Parquet file; each ``write_rows`` call becomes one row group."""
 
@@ -338,6 +468,19 @@ class ParquetWriter:
             arrays.append(pa.array(values, type=self._schema.field(index).type))
         self._writer.write_table(pa.Table.from_arrays(arrays, schema=self._schema))
         self.rows += len(rows)
+
+    def write_arrow(self, table: pa.Table) -> None:
+        """Write one row group from ``open_arrow_csv`` columns (extra trailing columns are ignored)."""
+        if table.num_rows == 0:
+            return
+        arrays = []
+        for index, column in enumerate(self._columns):
+            values = table.column(index)
+            if column.kind is ValueKind.BINARY:
+                values = _hex_to_binary(values)
+            arrays.append(values)
+        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self._schema))
+        self.rows += table.num_rows
 
     @property
     def compressed_bytes(self) -> int:
