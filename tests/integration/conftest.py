@@ -1,0 +1,278 @@
+"""Shared fixtures for the proof suites: test_faults, test_bad_input and test_fidelity.
+
+``pipeline`` is one local stack per test module (the local PostgreSQL, a moto server over
+HTTP, the local Snowflake spoken to by the real connector) with a source schema of its own
+in database ``test``, dropped afterwards. Its queue has a one-second visibility timeout and a
+maxReceiveCount of two, so a failing message reaches the dead-letter queue within seconds
+through SQS's own redrive. Other modules keep their own fixtures; these names are distinct
+from theirs so nothing is overridden by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_plus
+
+import pytest
+from psycopg2 import sql
+from psycopg2.extensions import connection as PgConnection
+
+from pgsnow.config import Component, Settings
+from pgsnow.extract import extract_table
+from pgsnow.identifiers import TableRef, quote_qualified
+from pgsnow.keys import FileFormat
+from pgsnow.local.dispatcher import SqsDispatcher
+from pgsnow.local.postgres import create_database, start_local_postgres
+from pgsnow.local.stack import (
+    SNOWFLAKE_DATABASE,
+    LocalStack,
+    load_function_handler,
+    process_environment,
+    start_stack,
+)
+from pgsnow.manifest import RunManifest
+from pgsnow.postgres import connect
+from pgsnow.runtime import reset_runtime
+from pgsnow.snowflake import LEDGER_TABLE
+from pgsnow.verify import TableVerification, verify_table
+
+SOURCE_DATABASE = "test"
+VISIBILITY_TIMEOUT_S = 1
+MAX_RECEIVE_COUNT = 2
+
+
+@dataclass
+class Delivery:
+    """One SQS record as the loader handler received it, and whether the handler failed it."""
+
+    message_id: str
+    body: str
+    receive_count: int
+    failed: bool
+
+    def s3_keys(self) -> list[str]:
+        document = json.loads(self.body)
+        return [unquote_plus(r["s3"]["object"]["key"]) for r in document.get("Records", [])]
+
+
+@dataclass
+class RecordingLoader:
+    """The real loader handler, with every record it was given and its verdict written down."""
+
+    handler: Any
+    deliveries: list[Delivery] = field(default_factory=list)
+
+    def __call__(self, event: dict[str, Any], context: Any) -> Any:
+        try:
+            response = self.handler(event, context)
+        except Exception:
+            # Powertools raises when every record of a batch failed; Lambda then fails them all.
+            self._record(event, {r["messageId"] for r in event["Records"]})
+            raise
+        self._record(event, {f["itemIdentifier"] for f in (response or {}).get("batchItemFailures") or []})
+        return response
+
+    def _record(self, event: dict[str, Any], failed_ids: set[str]) -> None:
+        for record in event["Records"]:
+            self.deliveries.append(
+                Delivery(
+                    message_id=record["messageId"],
+                    body=record["body"],
+                    receive_count=int(record["attributes"]["ApproximateReceiveCount"]),
+                    failed=record["messageId"] in failed_ids,
+                )
+            )
+
+    def for_key(self, key: str) -> list[Delivery]:
+        return [d for d in self.deliveries if key in d.s3_keys()]
+
+
+@dataclass
+class PipelineHarness:
+    """A running local stack, the module's own source schema, and the checks the proof suites share."""
+
+    stack: LocalStack
+    source_dsn: str
+    schema: str
+    setup_conn: PgConnection  # autocommit, for DDL and source writes
+    sf_conn: Any
+
+    @property
+    def bucket(self) -> str:
+        return str(self.stack.resources.bucket)
+
+    @property
+    def prefix(self) -> str:
+        return str(self.stack.resources.prefix)
+
+    def s3(self) -> Any:
+        return self.stack.aws.client("s3")
+
+    def sqs(self) -> Any:
+        return self.stack.aws.client("sqs")
+
+    def table(self, name: str) -> TableRef:
+        return TableRef(self.schema, name)
+
+    def run_sql(self, statement: sql.Composable | str, params: tuple[Any, ...] | None = None) -> None:
+        with self.setup_conn.cursor() as cur:
+            cur.execute(statement, params)
+
+    def create_table(self, table: TableRef, columns_sql: str, rows_sql: str | None = None) -> None:
+        """CREATE TABLE ``table`` (``columns_sql``) and, when given, INSERT INTO it ``rows_sql``."""
+        target = sql.Identifier(table.schema, table.table)
+        self.run_sql(sql.SQL("CREATE TABLE {} (" + columns_sql + ")").format(target))
+        if rows_sql:
+            self.run_sql(sql.SQL("INSERT INTO {} " + rows_sql).format(target))
+
+    def settings(self, component: Component = Component.EXTRACTOR, **env: str) -> Settings:
+        return Settings.from_env({**self.stack.env, **env}, component=component)
+
+    def extract(
+        self, table: TableRef, file_format: FileFormat = FileFormat.CSV, *, s3: Any = None, **env: str
+    ) -> RunManifest:
+        """Run the real extractor on its own PostgreSQL connection."""
+        pg_conn = connect(self.source_dsn)
+        try:
+            return extract_table(
+                settings=self.settings(Component.EXTRACTOR, **env),
+                pg_conn=pg_conn,
+                s3=s3 or self.s3(),
+                table=table,
+                file_format=file_format,
+            )
+        finally:
+            pg_conn.close()
+
+    def loader(self, handler: Any = None) -> tuple[RecordingLoader, SqsDispatcher]:
+        recorder = RecordingLoader(handler or load_function_handler("loader"))
+        return recorder, SqsDispatcher(
+            self.stack.aws, self.stack.resources.queue_url, recorder, wait_seconds=1
+        )
+
+    def verify(self, table: TableRef, manifest: RunManifest | None = None) -> TableVerification:
+        """``pgsnow verify`` for one table, on a fresh (non-autocommit, one-snapshot) connection."""
+        pg_conn = connect(self.source_dsn)
+        try:
+            return verify_table(pg_conn, self.sf_conn, table, SNOWFLAKE_DATABASE, manifest=manifest)
+        finally:
+            pg_conn.close()
+
+    def ledger_keys(self, table: TableRef) -> list[str]:
+        ledger = quote_qualified(SNOWFLAKE_DATABASE, "PGSNOW", LEDGER_TABLE)
+        with self.sf_conn.cursor() as cur:
+            cur.execute(
+                f'SELECT "S3_KEY" FROM {ledger} WHERE "SCHEMA_NAME" = %s AND "TABLE_NAME" = %s '
+                'AND "LOADED_AT" IS NOT NULL ORDER BY "S3_KEY"',
+                (table.schema, table.table),
+            )
+            return [row[0] for row in cur.fetchall()]
+
+    def target_rows(self, table: TableRef, order_by: str = "1") -> list[tuple[Any, ...]]:
+        target = quote_qualified(SNOWFLAKE_DATABASE, table.snowflake_schema, table.snowflake_table)
+        with self.sf_conn.cursor() as cur:
+            cur.execute(f"SELECT * FROM {target} ORDER BY {order_by}")
+            return [tuple(row) for row in cur.fetchall()]
+
+    def target_count(self, table: TableRef) -> int:
+        target = quote_qualified(SNOWFLAKE_DATABASE, table.snowflake_schema, table.snowflake_table)
+        with self.sf_conn.cursor() as cur:
+            cur.execute(f"SELECT COUNT(*) FROM {target}")
+            row = cur.fetchone()
+        return int(row[0])
+
+    def dead_letter_keys(self) -> list[str]:
+        """The S3 keys named by every message in the dead-letter queue (left there)."""
+        seen: dict[str, str] = {}
+        empty_polls = 0
+        while empty_polls < 2:
+            messages = (
+                self.sqs()
+                .receive_message(
+                    QueueUrl=self.stack.resources.dlq_url,
+                    MaxNumberOfMessages=10,
+                    VisibilityTimeout=0,
+                    WaitTimeSeconds=0,
+                )
+                .get("Messages", [])
+            )
+            new = [m for m in messages if m["MessageId"] not in seen]
+            seen.update((m["MessageId"], m["Body"]) for m in new)
+            empty_polls = 0 if new else empty_polls + 1
+        keys: list[str] = []
+        for body in seen.values():
+            try:
+                document = json.loads(body)
+            except ValueError:
+                continue
+            keys += [unquote_plus(r["s3"]["object"]["key"]) for r in document.get("Records", []) if "s3" in r]
+        return keys
+
+    def receive_notifications(
+        self, table: TableRef, expected: int, max_polls: int = 20
+    ) -> list[dict[str, Any]]:
+        """Take ``table``'s ``expected`` notifications off the queue without delivering them; anything
+        else found there (the s3:TestEvent sent when the notification was configured) is dropped."""
+        sqs = self.sqs()
+        queue_url = self.stack.resources.queue_url
+        table_root = f"{self.prefix}/{table.schema}/{table.table}/"
+        taken: list[dict[str, Any]] = []
+        for _ in range(max_polls):
+            if len(taken) >= expected:
+                break
+            messages = sqs.receive_message(
+                QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1, AttributeNames=["All"]
+            ).get("Messages", [])
+            for message in messages:
+                sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+            taken += [m for m in messages if any(k.startswith(table_root) for k in self.message_keys(m))]
+        assert len(taken) == expected, f"expected {expected} notifications, got {len(taken)}"
+        return taken
+
+    @staticmethod
+    def message_keys(message: dict[str, Any]) -> list[str]:
+        """The decoded S3 keys of a received SQS message's notification."""
+        document = json.loads(message["Body"])
+        return [unquote_plus(r["s3"]["object"]["key"]) for r in document.get("Records", [])]
+
+    def send_bodies(self, bodies: list[str]) -> None:
+        for body in bodies:
+            self.sqs().send_message(QueueUrl=self.stack.resources.queue_url, MessageBody=body)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineHarness]:
+    """One local stack and one source schema per module; the handlers read this stack's environment."""
+    admin = start_local_postgres(environ={})
+    source_dsn = create_database(admin.dsn, SOURCE_DATABASE)  # kept if it exists
+    schema = f"pgsnow_proof_{uuid.uuid4().hex[:8]}"
+    setup_conn = connect(source_dsn)
+    setup_conn.autocommit = True
+    with setup_conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    local = start_stack(
+        pg_dsn=source_dsn,
+        data_dir=tmp_path_factory.mktemp("proof"),
+        bucket=f"pgsnow-proof-{uuid.uuid4().hex[:8]}",
+        visibility_timeout=VISIBILITY_TIMEOUT_S,
+        max_receive_count=MAX_RECEIVE_COUNT,
+    )
+    try:
+        with process_environment(local.env):
+            reset_runtime()  # the handlers cache settings: make them read this stack's
+            sf_conn = local.snowflake_connection()
+            try:
+                yield PipelineHarness(local, source_dsn, schema, setup_conn, sf_conn)
+            finally:
+                sf_conn.close()
+    finally:
+        reset_runtime()
+        local.stop()
+        with setup_conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+        setup_conn.close()
+        admin.stop()
