@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -219,7 +220,14 @@ def _key_text(values: Sequence[str]) -> str:
 
 
 class _FileRecorder:
-    """Uploads each finished file, records it in the checkpoint, and stops when the deadline is near."""
+    """Uploads each finished file, records it in the checkpoint, and stops when the deadline is near.
+
+    A file is uploaded (and checkpointed) on a background thread while the next one is
+    extracted, one upload at a time and in order: at most two files are on disk, and the
+    checkpoint never lists a file before every earlier one. When the deadline is near the
+    file is uploaded in the foreground and the chunk stops (``_StopForDeadline``). Call
+    ``finish`` after the chunk's last file, ``abandon`` when the chunk fails.
+    """
 
     def __init__(self, run: _Run, file_format: FileFormat, chunk_index: int) -> None:
         self.run = run
@@ -228,6 +236,47 @@ class _FileRecorder:
         schema = run.schema
         self._order_kinds = [schema.column(k).kind for k in run.checkpoint.order_key]
         self._key_positions: list[int] | None = None
+        self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgsnow-upload")
+        self._pending: Future[None] | None = None
+
+    def record(
+        self, written: WrittenFile, first: tuple[str, ...] | None, last: tuple[str, ...] | None
+    ) -> None:
+        self._wait()
+        if self.run.deadline.near():
+            self._stage(written, first, last)
+            raise _StopForDeadline
+        self._pending = self._uploads.submit(self._stage, written, first, last)
+
+    def finish(self) -> None:
+        """Wait for the last upload (raising its error); then stop if the deadline is near."""
+        try:
+            self._wait()
+        finally:
+            self._uploads.shutdown(wait=True)
+        if self.run.staged_this_invocation and self.run.deadline.near():
+            raise _StopForDeadline
+
+    def abandon(self) -> None:
+        """The chunk failed: let the upload in flight end (its own error, if any, is logged only)."""
+        try:
+            self._wait()
+        except Exception as exc:  # the chunk's own error is the one that propagates
+            logger.warning(
+                "upload failed while the chunk was failing",
+                extra={
+                    "run_id": self.run.run_id,
+                    "table": self.run.table.qualified,
+                    "error": type(exc).__name__,
+                },
+            )
+        finally:
+            self._uploads.shutdown(wait=True)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def csv_order_key(self, header: bytes, record: bytes) -> tuple[str, ...]:
         """The order key of a CSV record, read back as PostgreSQL input text."""
@@ -240,7 +289,7 @@ class _FileRecorder:
             "\\x" + t if k is ValueKind.BINARY else t for t, k in zip(texts, self._order_kinds, strict=True)
         )
 
-    def record(
+    def _stage(
         self, written: WrittenFile, first: tuple[str, ...] | None, last: tuple[str, ...] | None
     ) -> None:
         run = self.run
@@ -295,8 +344,6 @@ class _FileRecorder:
                 "duration_ms": round((time.monotonic() - started) * 1000),
             },
         )
-        if run.deadline.near():
-            raise _StopForDeadline
 
 
 def _stage_chunk_csv(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
@@ -318,9 +365,14 @@ def _stage_chunk_csv(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
         max_bytes=run.settings.extract.target_file_mb * 1024 * 1024,
     )
     reader = TableReader(run.pg_conn, run.schema, policy=run.options.value_policy)
-    reader.copy_csv(splitter, run.rows(chunk.resume_after or chunk.after, chunk.through))
-    if allow_empty or splitter.rows > 0:
-        splitter.finish()
+    try:
+        reader.copy_csv(splitter, run.rows(chunk.resume_after or chunk.after, chunk.through))
+        if allow_empty or splitter.rows > 0:
+            splitter.finish()
+    except BaseException:
+        recorder.abandon()
+        raise
+    recorder.finish()
 
 
 def _stage_chunk_parquet(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
@@ -399,17 +451,24 @@ def _stage_chunk_parquet(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> No
     except BaseException:
         pipe.abandon()
         copying.join()
+        recorder.abandon()
         if copy_failure:  # the COPY failed first; what the parser saw next is only its echo
             raise copy_failure[0] from None
         raise
     copying.join()
     if copy_failure:
+        recorder.abandon()
         raise copy_failure[0]
-    if writer is None and allow_empty and file_in_chunk == len(chunk.files):
-        # An empty table still stages one (row-less) file: the loader creates the target from it.
-        writer = new_writer()
-    if writer is not None:
-        recorder.record(writer.close(), first if writer.rows else None, last if writer.rows else None)
+    try:
+        if writer is None and allow_empty and file_in_chunk == len(chunk.files):
+            # An empty table still stages one (row-less) file: the loader creates the target from it.
+            writer = new_writer()
+        if writer is not None:
+            recorder.record(writer.close(), first if writer.rows else None, last if writer.rows else None)
+    except BaseException:
+        recorder.abandon()
+        raise
+    recorder.finish()
 
 
 def _stage_key_list(run: _Run) -> StagedFile:
