@@ -260,6 +260,13 @@ _CLAMP_RANGES: Mapping[ValueKind, tuple[str, str, str]] = {
     ValueKind.TIMESTAMPTZ: ("timestamptz", "0001-01-01 00:00:00+00", "9999-12-31 23:59:59.999999+00"),
 }
 
+# The first moment of year MAX_YEAR + 1, per kind (the exclusive upper bound of the year rule).
+_BEYOND_MAX_YEAR: Mapping[ValueKind, str] = {
+    ValueKind.DATE: f"{MAX_YEAR + 1}-01-01",
+    ValueKind.TIMESTAMP: f"{MAX_YEAR + 1}-01-01 00:00:00",
+    ValueKind.TIMESTAMPTZ: f"{MAX_YEAR + 1}-01-01 00:00:00+00",
+}
+
 
 def _value_rules(schema: TableSchema) -> list[_ValueRule]:
     rules: list[_ValueRule] = []
@@ -298,6 +305,9 @@ def _value_rules(schema: TableSchema) -> list[_ValueRule]:
             type_name, low, high = _CLAMP_RANGES[col.kind]
             low_value = sql.SQL("{}::{}").format(sql.Literal(low), sql.SQL(type_name))
             high_value = sql.SQL("{}::{}").format(sql.Literal(high), sql.SQL(type_name))
+            beyond_value = sql.SQL("{}::{}").format(
+                sql.Literal(_BEYOND_MAX_YEAR[col.kind]), sql.SQL(type_name)
+            )
             nearest = sql.SQL("CASE WHEN {} < {} THEN {} ELSE {} END").format(
                 ident, low_value, low_value, high_value
             )
@@ -310,9 +320,9 @@ def _value_rules(schema: TableSchema) -> list[_ValueRule]:
                 _ValueRule(
                     col.name,
                     f"a year outside {MIN_YEAR}..{MAX_YEAR} (BC or too far ahead; UTC for timestamptz)",
-                    sql.SQL("extract(year FROM {}) NOT BETWEEN {} AND {}").format(
-                        ident, sql.Literal(MIN_YEAR), sql.Literal(MAX_YEAR)
-                    ),
+                    # Two comparisons, not extract(year ...): the same rows (UTC session) at half
+                    # the cost of the numeric extract() per value on a full-table scan.
+                    sql.SQL("({0} < {1} OR {0} >= {2})").format(ident, low_value, beyond_value),
                     nearest,
                 )
             )
