@@ -13,12 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from pgsnow.formats import (
+    CopyPipe,
     CsvBatchSplitter,
     CsvGzipWriter,
     ParquetWriter,
+    PipeAbandonedError,
     WrittenFile,
     arrow_schema,
     arrow_type,
+    open_arrow_csv,
 )
 from pgsnow.manifest import Column
 from pgsnow.typemap import map_pg_type
@@ -183,3 +186,209 @@ def test_parquet_writer_never_rounds_decimals(tmp_path: Path, value: Decimal) ->
     with pytest.raises((pa.ArrowInvalid, ValueError)):
         writer.write_rows([(value,)])
     writer.close()
+
+
+# --- block-buffered CSV, the COPY pipe and Arrow's CSV parsing (the fast paths) --------------------
+
+
+@pytest.mark.parametrize(
+    ("block_bytes", "batch_rows"),
+    [
+        pytest.param(1, 3, id="block-per-record"),
+        pytest.param(25, 4, id="blocks-span-records"),
+        pytest.param(1 << 20, 4, id="one-block-per-file"),
+        pytest.param(25, 1, id="one-row-per-file"),
+    ],
+)
+def test_csv_blocks_never_cross_a_batch_cut(tmp_path: Path, block_bytes: int, batch_rows: int) -> None:
+    # Given 10 records and blocks smaller, around and larger than a file's records
+    records = [f'{i},"note\n{i}"\n'.encode() for i in range(10)]
+    files: list[WrittenFile] = []
+    splitter = CsvBatchSplitter(
+        batch_rows=batch_rows,
+        path_for_batch=lambda n: tmp_path / f"b{n}.csv.gz",
+        on_file=files.append,
+        block_bytes=block_bytes,
+    )
+
+    # When they are written one COPY message at a time
+    for data in [HEADER, *records]:
+        splitter.write(data)
+    splitter.finish()
+
+    # Then every file holds exactly batch_rows records (the last the rest), with its first and last record
+    expected = [batch_rows] * (10 // batch_rows) + ([10 % batch_rows] if 10 % batch_rows else [])
+    assert [f.rows for f in files] == expected
+    position = 0
+    for written in files:
+        mine = records[position : position + written.rows]
+        assert gzip.decompress(written.path.read_bytes()) == HEADER + b"".join(mine)
+        assert (written.first_record, written.last_record) == (mine[0], mine[-1])
+        position += written.rows
+    assert splitter.rows == 10 and splitter.header == HEADER
+
+
+def test_csv_size_roll_cuts_after_a_block_on_a_record_boundary(tmp_path: Path) -> None:
+    # Given ~400 KB of poorly compressible records and a 64 KB size target checked after each 16 KB block
+    import random
+
+    noise = random.Random(7)
+    records = [
+        bytes(noise.randrange(33, 127) for _ in range(200)).replace(b",", b";") + b"\n" for _ in range(2000)
+    ]
+    files: list[WrittenFile] = []
+    splitter = CsvBatchSplitter(
+        batch_rows=10**6,
+        path_for_batch=lambda n: tmp_path / f"b{n}.csv.gz",
+        on_file=files.append,
+        max_bytes=64 * 1024,
+        block_bytes=16 * 1024,
+    )
+
+    # When they are written
+    for data in [HEADER, *records]:
+        splitter.write(data)
+    splitter.finish()
+
+    # Then the stream rolled into several files, each (but the last) past the target, every record once, in order
+    assert len(files) > 2
+    assert all(f.bytes >= 64 * 1024 for f in files[:-1])
+    content = b"".join(gzip.decompress(f.path.read_bytes())[len(HEADER) :] for f in files)
+    assert content == b"".join(records)
+    assert sum(f.rows for f in files) == 2000
+
+
+def test_copy_pipe_passes_every_byte_in_order_across_threads() -> None:
+    import threading
+
+    # Given a writer thread sending 2,000 records through small blocks and a short queue
+    pipe = CopyPipe(block_bytes=64, max_blocks=2)
+    records = [f"{i},row {i}\n".encode() for i in range(2000)]
+
+    def produce() -> None:
+        for record in records:
+            pipe.write(record)
+        pipe.close()
+
+    writer = threading.Thread(target=produce)
+    writer.start()
+
+    # When the reader reads in odd sizes until the end
+    received = bytearray()
+    while chunk := pipe.read(37):
+        received += chunk
+    writer.join()
+
+    # Then it got exactly the records, in order
+    assert bytes(received) == b"".join(records)
+    assert pipe.bytes_written == len(received)
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [
+        pytest.param("abandon", id="reader-abandons-writer-raises"),
+        pytest.param("fail", id="copy-fails-reader-raises"),
+    ],
+)
+def test_copy_pipe_stops_the_other_side(stop: str) -> None:
+    pipe = CopyPipe(block_bytes=1, max_blocks=1)
+    pipe.write(b"1\n")  # one block queued: the queue is full
+    if stop == "abandon":
+        # When the reader abandons the pipe, the writer's next write raises (aborting the COPY)
+        pipe.abandon()
+        with pytest.raises(PipeAbandonedError):
+            pipe.write(b"2\n")
+    else:
+        # When the COPY fails, the reader raises instead of seeing a clean (truncated) end
+        pipe.close(failed=True)
+        with pytest.raises(PipeAbandonedError):
+            pipe.read(10)
+
+
+def read_arrow(data: bytes, columns: list[Column], trailing: int = 0) -> pa.Table:
+    import io
+
+    reader = open_arrow_csv(io.BytesIO(data), columns, trailing)
+    assert reader is not None
+    return reader.read_all()
+
+
+def test_arrow_csv_keeps_null_apart_from_empty_and_reads_postgres_text() -> None:
+    # Given COPY CSV as PostgreSQL writes it for the Parquet projection (UTC session, native output)
+    columns = [
+        column("note", "text"),
+        column("ratio", "double precision"),
+        column("flag", "boolean"),
+        column("at", "timestamp with time zone"),
+        column("amount", "numeric(12,2)"),
+        column("tod", "time without time zone"),
+    ]
+    data = (
+        b'"",NaN,t,2024-06-01 10:00:00.5+00,-1234567890.12,23:59:59.999999,7\n'
+        b",Infinity,f,0001-01-01 00:00:00+00,0.00,00:00:00,8\n"
+        b'"a,""b""\nc",-Infinity,,9999-12-31 23:59:59.999999+00,,12:00:00,9\n'
+        b"NULL,-0,t,2024-02-29 23:00:00+00,1.50,01:02:03,10\n"
+    )
+
+    # When Arrow parses it with the staged types (plus one trailing key column)
+    table = read_arrow(data, columns, trailing=1)
+
+    # Then NULL is only the unquoted empty field, every other text is a value, types are exact
+    rows = table.to_pylist()
+    assert [r["c0"] for r in rows] == ["", None, 'a,"b"\nc', "NULL"]
+    ratios = [r["c1"] for r in rows]
+    assert ratios[0] != ratios[0] and ratios[1:3] == [float("inf"), float("-inf")]
+    assert str(ratios[3]) == "-0.0"
+    assert [r["c2"] for r in rows] == [True, False, None, True]
+    assert rows[0]["c3"] == datetime(2024, 6, 1, 10, 0, 0, 500000, tzinfo=UTC)
+    assert rows[1]["c3"] == datetime(1, 1, 1, tzinfo=UTC)
+    assert rows[2]["c3"] == datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    assert [r["c4"] for r in rows] == [Decimal("-1234567890.12"), Decimal("0.00"), None, Decimal("1.50")]
+    assert rows[0]["c5"] == time(23, 59, 59, 999999)
+    assert [r["c6"] for r in rows] == ["7", "8", "9", "10"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(b"1.234", id="digits-beyond-scale"),
+        pytest.param(b"12345678901.00", id="too-many-integer-digits"),
+        pytest.param(b"NaN", id="nan"),
+    ],
+)
+def test_arrow_csv_never_rounds_decimals(text: bytes) -> None:
+    with pytest.raises(pa.ArrowInvalid):
+        read_arrow(text + b"\n", [column("amount", "numeric(12,2)")])
+
+
+def test_arrow_csv_empty_stream_is_none() -> None:
+    import io
+
+    assert open_arrow_csv(io.BytesIO(b""), [column("id", "integer")]) is None
+
+
+def test_parquet_writer_from_arrow_decodes_bytea_and_drops_trailing_columns(tmp_path: Path) -> None:
+    # Given parsed COPY CSV: an id, a bytea as hex, and a trailing key column
+    columns = [column("id", "integer", nullable=False), column("blob", "bytea")]
+    table = read_arrow(b'1,00ff,1\n2,,2\n3,"",3\n', columns, trailing=1)
+
+    # When it is written as one row group
+    writer = ParquetWriter(tmp_path / "b1.parquet", 1, columns)
+    writer.write_arrow(table)
+    written = writer.close()
+
+    # Then the file has the staged schema, raw bytes, NULL vs empty bytes, and its checksum
+    read = pq.read_table(written.path)
+    assert read.schema == arrow_schema(columns)
+    assert read.to_pylist() == [
+        {"id": 1, "blob": b"\x00\xff"},
+        {"id": 2, "blob": None},
+        {"id": 3, "blob": b""},
+    ]
+    on_disk = written.path.read_bytes()
+    assert (written.rows, written.bytes, written.sha256) == (
+        3,
+        len(on_disk),
+        hashlib.sha256(on_disk).hexdigest(),
+    )
