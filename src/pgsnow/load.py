@@ -274,6 +274,8 @@ def _load_group(loader: _Loader, group: list[StagedObject]) -> list[FileOutcome]
             facts = head_staged_object(loader.s3, loader.settings.bucket, staged)
             if facts is None:
                 outcomes[staged.key] = _outcome_for_missing_object(loader, staged, started)
+            elif mismatch := _manifest_mismatch(loader, staged, facts):
+                outcomes[staged.key] = FileOutcome(staged, error=mismatch)
             else:
                 present.append((staged, facts))
         if present:
@@ -285,6 +287,33 @@ def _load_group(loader: _Loader, group: list[StagedObject]) -> list[FileOutcome]
     except (SnowflakeDriverError, OSError) as exc:
         raise classify_snowflake_error(exc, **context) from exc
     return [outcomes[staged.key] for staged in group]
+
+
+def _manifest_mismatch(loader: _Loader, staged: StagedObject, facts: ObjectFacts) -> PermanentError | None:
+    """A file its run's manifest lists must be the file the extractor wrote: same size, same SHA-256.
+
+    The loader never downloads data files (COPY reads them in Snowflake), so the check is
+    against what S3 reports: the size and the checksum the extractor stored as object
+    metadata. An object overwritten by hand under a listed key loses or changes both.
+    """
+    if staged.run_id is None:
+        return None
+    listed = _manifest(loader, staged).file_for_key(staged.key)
+    if listed is None:
+        return None  # still extracting: the manifest lists files only once the run is staged
+    problems = []
+    if facts.sha256 != listed.sha256:
+        problems.append(f"{META_SHA256} is {facts.sha256!r}, the manifest says {listed.sha256!r}")
+    if facts.size != listed.bytes:
+        problems.append(f"size is {facts.size} bytes, the manifest says {listed.bytes}")
+    if not problems:
+        return None
+    return PermanentError(
+        "staged file does not match its run's manifest: " + "; ".join(problems),
+        table=staged.table.qualified,
+        s3_key=staged.key,
+        run_id=staged.run_id,
+    )
 
 
 def _elapsed_ms(started: float) -> int:

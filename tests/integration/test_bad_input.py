@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg2
 import pytest
+import snowflake.connector.errors
 from psycopg2 import sql
 
 from pgsnow.config import Component, Settings
@@ -237,13 +238,12 @@ def test_manifest_listing_a_missing_file_leaves_the_run_open_and_verify_names_th
     assert result.extra == result.different == []
 
 
-def test_file_whose_bytes_do_not_match_their_checksum_is_loaded_and_verify_catches_it(
+def test_file_that_does_not_match_its_manifest_is_refused_and_nothing_loads(
     pipeline: PipelineHarness,
 ) -> None:
-    """Known gap, asserted as it is: the loader does not hash a file's bytes against its
-    ``pgsnow-sha256`` metadata (it uses the checksum only to recognise a changed file under an
-    already-loaded key). A file replaced with other content of the same row count before its
-    first load is loaded; ``pgsnow verify`` reports every changed row as different."""
+    """Expected: a staged file replaced under its key (even carrying the original pgsnow
+    metadata) no longer matches the size/SHA-256 its run's manifest lists, so the loader
+    refuses it as permanent: dead-lettered after the retries, no rows, no ledger row."""
     # Given a staged file replaced (same key, same metadata and row count) with other values
     table = pipeline.table("wrong_checksum")
     pipeline.create_table(table, GOOD_COLUMNS, GOOD_ROWS.format(n=3))
@@ -265,11 +265,15 @@ def test_file_whose_bytes_do_not_match_their_checksum_is_loaded_and_verify_catch
     # When its notification is delivered
     dispatcher.run_until_idle()
 
-    # Then the loader loaded it (no checksum check), and verify names the changed row
-    assert [d.failed for d in recorder.for_key(staged.key)] == [False]
-    result = pipeline.verify(table)
-    assert not result.ok
-    assert result.different == ["2"] and result.missing == result.extra == []
+    # Then every delivery failed, the message is dead-lettered, and nothing reached Snowflake
+    assert [d.failed for d in recorder.for_key(staged.key)] == [True, True]
+    assert staged.key in pipeline.dead_letter_keys()
+    assert pipeline.ledger_keys(table) == []
+    try:
+        rows = pipeline.target_count(table)
+    except snowflake.connector.errors.ProgrammingError:
+        rows = 0  # refused before the target table was even created
+    assert rows == 0
 
 
 # --------------------------------------------------------------------------- configuration
