@@ -1,0 +1,897 @@
+"""``pgsnow verify``: did Snowflake get exactly what PostgreSQL has? Answered without pulling rows.
+
+Both databases turn every row into the same *canonical text* (one form per value kind of
+``pgsnow.typemap``, see docs/verify.md) and hash it with MD5. Rows are grouped into buckets
+(primary-key ranges for a single integer key, MD5 prefixes of the key otherwise); each side
+returns one line per bucket: its row count and the MD5 of its sorted row hashes. Only buckets
+that differ are split again, and only small differing buckets are compared row by row (key and
+hash, never the values), so the client fetches a few hundred bucket lines for a matching table
+of any size, and the keys that are missing, extra or different for one that does not match.
+
+The SQL is built by pure functions (``pg_*`` with ``psycopg2.sql``, ``sf_*`` as text with
+``quote_ident``) so each shape is unit-tested as text. The Snowflake SQL is real Snowflake SQL
+that the local emulator also runs (docs/snowflake-compatibility.md lists the choices).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg2 import sql
+from psycopg2.extensions import STATUS_READY
+from psycopg2.extensions import connection as PgConnection
+
+from pgsnow.errors import PgSnowError
+from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
+from pgsnow.manifest import Column, RunManifest
+from pgsnow.typemap import ValueKind
+
+# Canonical row text: tokens joined by SEPARATOR. In a text or JSON token, ESCAPE and SEPARATOR
+# are escaped by ESCAPE, so NULL_TOKEN (which no escaped value can be) differs from '' and '~N'.
+ESCAPE = "~"
+SEPARATOR = "|"
+NULL_TOKEN = ESCAPE + "N"
+TINY_FLOAT_TEXT = "tiny"  # |x| < 1e-290: floats this small are compared as one class
+TINY_FLOAT_LIMIT = "1e-290"
+FLOAT_SIGNIFICANT_DIGITS = 15
+# The weaker JSON check: in a JSON value's whitespace-free text, ASCII letters are folded into
+# ten classes (JSON_FOLD_FROM -> JSON_FOLD_TO), then these characters are counted.
+JSON_FOLD_FROM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+JSON_FOLD_TO = "".join(str(i % 10) for i in range(len(JSON_FOLD_FROM)))
+JSON_COUNTED_CHARACTERS = '0123456789{["-.'  # after folding
+_JSON_WHITESPACE_CODES = (32, 9, 10, 13)
+
+DEFAULT_MAX_KEYS = 20  # keys listed per table
+ROOT_BUCKETS = 256  # first split of a table
+SUB_BUCKETS = 64  # later splits of a differing bucket
+LEAF_ROWS = 500  # a differing bucket this small is compared key by key
+MAX_BUCKET_ROWS = 50_000  # bucket hashes aggregate at most ~this many 32-character hashes
+_HEX_DIGITS = 32
+
+
+# ----------------------------------------------------------------------------- canonical text
+#
+# Each query reads the table once in an inner SELECT that projects one *source value* per
+# column (the column itself, or for JSON its whitespace-free text) as pgsnow_c<i>; the outer
+# SELECT builds tokens from those names. The inner step keeps the statement small: a JSON
+# fingerprint refers to its value 70 times, and the local emulator translates every statement.
+
+
+def _pg_literal(text: str) -> sql.Composable:
+    return sql.Literal(text)
+
+
+def _sf_literal(text: str) -> str:
+    if "\\" in text:
+        raise ValueError("backslashes are escapes in Snowflake literals; verify SQL uses none")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def pg_source_value(column: Column) -> sql.Composable:
+    """What the inner SELECT projects for ``column`` in PostgreSQL."""
+    ident = sql.Identifier(column.name)
+    if column.kind is not ValueKind.JSON:
+        return ident
+    # The JSON text the extractor stages (arrays as JSON), without whitespace.
+    text: sql.Composable = sql.SQL(
+        "to_jsonb({})::text" if column.base_type.endswith("[]") else "{}::text"
+    ).format(ident)
+    for code in _JSON_WHITESPACE_CODES:
+        text = sql.SQL("replace({}, chr({}), '')").format(text, sql.Literal(code))
+    return sql.SQL("translate({}, {}, {})").format(
+        text, _pg_literal(JSON_FOLD_FROM), _pg_literal(JSON_FOLD_TO)
+    )
+
+
+def sf_source_value(column: Column) -> str:
+    """What the inner SELECT projects for ``column`` in Snowflake."""
+    ident = quote_ident(column.snowflake_name)
+    if column.kind is not ValueKind.JSON:
+        return ident
+    text = f"TO_JSON({ident})"  # JSON null stays 'null'; SQL NULL stays NULL
+    for code in _JSON_WHITESPACE_CODES:
+        text = f"REPLACE({text}, CHR({code}), '')"
+    return f"TRANSLATE({text}, {_sf_literal(JSON_FOLD_FROM)}, {_sf_literal(JSON_FOLD_TO)})"
+
+
+def _pg_json_fingerprint(text: sql.Composable) -> sql.Composable:
+    parts: list[sql.Composable] = [
+        sql.SQL("'J' || substr({0}, 1, 1) || length({0})::text").format(text),
+    ]
+    parts.extend(
+        sql.SQL("(length({0}) - length(replace({0}, {1}, '')))::text").format(text, _pg_literal(c))
+        for c in JSON_COUNTED_CHARACTERS
+    )
+    return sql.SQL(" || ',' || ").join(parts)
+
+
+def _sf_json_fingerprint(text: str) -> str:
+    parts = [f"'J' || SUBSTR({text}, 1, 1) || TO_VARCHAR(LENGTH({text}))"]
+    parts.extend(
+        f"TO_VARCHAR(LENGTH({text}) - LENGTH(REPLACE({text}, {_sf_literal(c)}, '')))"
+        for c in JSON_COUNTED_CHARACTERS
+    )
+    return " || ',' || ".join(parts)
+
+
+def _pg_float(x: sql.Composable) -> sql.Composable:
+    # x rounded to 15 significant digits as <digits>e<exponent>, trailing zeros moved into the
+    # exponent, so a floor(log10) that is off by one at a power of ten gives the same text.
+    exponent = sql.SQL("floor(log(abs({})))::bigint").format(x)
+    digits = sql.SQL("round(abs({0}) * power(10::float8, {1} - {2}))::bigint::text").format(
+        x, sql.Literal(FLOAT_SIGNIFICANT_DIGITS - 1), exponent
+    )
+    return sql.SQL(
+        "CASE WHEN {x} IS NULL THEN NULL WHEN {x} = 'NaN'::float8 THEN 'NaN' "
+        "WHEN {x} = 'inf'::float8 THEN 'inf' WHEN {x} = '-inf'::float8 THEN '-inf' "
+        "WHEN {x} = 0 THEN '0' WHEN abs({x}) < {tiny}::float8 THEN {tiny_token} "
+        "ELSE (CASE WHEN {x} < 0 THEN '-' ELSE '' END) || rtrim({d}, '0') || 'e' "
+        "|| ({e} - {lead} + length({d}) - length(rtrim({d}, '0')))::text END"
+    ).format(
+        x=x,
+        tiny=sql.Literal(TINY_FLOAT_LIMIT),
+        tiny_token=sql.Literal(TINY_FLOAT_TEXT),
+        d=digits,
+        e=exponent,
+        lead=sql.Literal(FLOAT_SIGNIFICANT_DIGITS - 1),
+    )
+
+
+def _sf_float(x: str) -> str:
+    exponent = f"CAST(FLOOR(LOG(10, ABS({x}))) AS BIGINT)"
+    digits = f"TO_VARCHAR(CAST(ROUND(ABS({x}) * POWER(10, {FLOAT_SIGNIFICANT_DIGITS - 1} - {exponent})) AS BIGINT))"
+    return (
+        f"CASE WHEN {x} IS NULL THEN NULL WHEN {x} = 'NaN'::FLOAT THEN 'NaN' "
+        f"WHEN {x} = 'inf'::FLOAT THEN 'inf' WHEN {x} = '-inf'::FLOAT THEN '-inf' "
+        f"WHEN {x} = 0 THEN '0' WHEN ABS({x}) < {TINY_FLOAT_LIMIT}::FLOAT THEN '{TINY_FLOAT_TEXT}' "
+        f"ELSE (CASE WHEN {x} < 0 THEN '-' ELSE '' END) || RTRIM({digits}, '0') || 'e' "
+        f"|| TO_VARCHAR({exponent} - {FLOAT_SIGNIFICANT_DIGITS - 1} + LENGTH({digits}) "
+        f"- LENGTH(RTRIM({digits}, '0'))) END"
+    )
+
+
+def _pg_trimmed_decimal(text: sql.Composable) -> sql.Composable:
+    # NUMBER(p,s) pads to its scale; plain decimal text without trailing zeros is the same on both sides.
+    return sql.SQL("CASE WHEN position('.' IN {0}) > 0 THEN rtrim(rtrim({0}, '0'), '.') ELSE {0} END").format(
+        text
+    )
+
+
+def _sf_trimmed_decimal(text: str) -> str:
+    # Not RTRIM(.., '.'): the local emulator does not trim '.' (docs/verify.md).
+    zeros_trimmed = f"RTRIM({text}, '0')"
+    return (
+        f"CASE WHEN POSITION('.' IN {text}) = 0 THEN {text} "
+        f"WHEN RIGHT({zeros_trimmed}, 1) = '.' THEN LEFT({zeros_trimmed}, LENGTH({zeros_trimmed}) - 1) "
+        f"ELSE {zeros_trimmed} END"
+    )
+
+
+def pg_canonical(column: Column, value: sql.Composable | None = None) -> sql.Composable:
+    """The column's canonical text in PostgreSQL (NULL stays NULL), from its source value."""
+    x = pg_source_value(column) if value is None else value
+    match column.kind:
+        case ValueKind.INTEGER:
+            return sql.SQL("{}::text").format(x)
+        case ValueKind.DECIMAL:
+            return _pg_trimmed_decimal(sql.SQL("{}::text").format(x))
+        case ValueKind.FLOAT:
+            return _pg_float(x)
+        case ValueKind.BOOLEAN:
+            return sql.SQL("CASE WHEN {0} THEN 'true' WHEN NOT {0} THEN 'false' END").format(x)
+        case ValueKind.DATE:
+            return sql.SQL("to_char({}, 'YYYY-MM-DD')").format(x)
+        case ValueKind.TIME:
+            return sql.SQL("to_char({}, 'HH24:MI:SS.US')").format(x)
+        case ValueKind.TIMESTAMP:
+            return sql.SQL("to_char({}, 'YYYY-MM-DD HH24:MI:SS.US')").format(x)
+        case ValueKind.TIMESTAMPTZ:
+            return sql.SQL("to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || 'Z'").format(x)
+        case ValueKind.BINARY:
+            return sql.SQL("encode({}, 'hex')").format(x)
+        case ValueKind.JSON:
+            return _pg_json_fingerprint(x)
+        case _:
+            return sql.SQL("{}::text").format(x)  # text, and the types staged as their text
+
+
+def sf_canonical(column: Column, value: str | None = None) -> str:
+    """The column's canonical text in Snowflake (NULL stays NULL), from its source value."""
+    x = sf_source_value(column) if value is None else value
+    match column.kind:
+        case ValueKind.INTEGER:
+            return f"TO_VARCHAR({x})"
+        case ValueKind.DECIMAL:
+            # CAST, not TO_VARCHAR: the local emulator's TO_VARCHAR result is not trimmed by RTRIM.
+            return _sf_trimmed_decimal(f"CAST({x} AS VARCHAR)")
+        case ValueKind.FLOAT:
+            return _sf_float(x)
+        case ValueKind.BOOLEAN:
+            return f"CASE WHEN {x} THEN 'true' WHEN NOT {x} THEN 'false' END"
+        case ValueKind.DATE:
+            return f"TO_VARCHAR({x}::DATE, 'YYYY-MM-DD')"
+        case ValueKind.TIME:
+            # TIMESTAMP_FROM_PARTS(date, time): the local emulator cannot format a bare TIME.
+            return f"TO_VARCHAR(TIMESTAMP_FROM_PARTS(TO_DATE('1970-01-01'), {x}), 'HH24:MI:SS.FF6')"
+        case ValueKind.TIMESTAMP:
+            # The cast names the type for the local emulator, which formats by the known type.
+            return f"TO_VARCHAR({x}::TIMESTAMP_NTZ, 'YYYY-MM-DD HH24:MI:SS.FF6')"
+        case ValueKind.TIMESTAMPTZ:
+            return (
+                f"TO_VARCHAR(CONVERT_TIMEZONE('UTC', {x})::TIMESTAMP_NTZ, 'YYYY-MM-DD HH24:MI:SS.FF6') || 'Z'"
+            )
+        case ValueKind.BINARY:
+            return f"LOWER(HEX_ENCODE({x}))"
+        case ValueKind.JSON:
+            return _sf_json_fingerprint(x)
+        case _:
+            return x
+
+
+def _escaped(kind: ValueKind) -> bool:
+    return kind in {ValueKind.TEXT, ValueKind.JSON}
+
+
+def pg_token(column: Column, value: sql.Composable | None = None) -> sql.Composable:
+    """The column's token in the row text: canonical text, escaped for text and JSON, or NULL_TOKEN."""
+    text = pg_canonical(column, value)
+    if _escaped(column.kind):
+        text = sql.SQL("replace(replace({}, {}, {}), {}, {})").format(
+            text,
+            _pg_literal(ESCAPE),
+            _pg_literal(ESCAPE + ESCAPE),
+            _pg_literal(SEPARATOR),
+            _pg_literal(ESCAPE + SEPARATOR),
+        )
+    return sql.SQL("coalesce({}, {})").format(text, _pg_literal(NULL_TOKEN))
+
+
+def sf_token(column: Column, value: str | None = None) -> str:
+    text = sf_canonical(column, value)
+    if _escaped(column.kind):
+        text = (
+            f"REPLACE(REPLACE({text}, {_sf_literal(ESCAPE)}, {_sf_literal(ESCAPE + ESCAPE)}), "
+            f"{_sf_literal(SEPARATOR)}, {_sf_literal(ESCAPE + SEPARATOR)})"
+        )
+    return f"COALESCE({text}, {_sf_literal(NULL_TOKEN)})"
+
+
+def pg_row_text(columns: Sequence[Column], values: Sequence[sql.Composable] | None = None) -> sql.Composable:
+    refs = values if values is not None else [pg_source_value(c) for c in columns]
+    # SEPARATOR has no quote or '%', so it is written as a literal in the statement text.
+    joiner = sql.SQL(" || '" + SEPARATOR + "' || ")
+    return joiner.join(pg_token(c, v) for c, v in zip(columns, refs, strict=True))
+
+
+def sf_row_text(columns: Sequence[Column], values: Sequence[str] | None = None) -> str:
+    refs = values if values is not None else [sf_source_value(c) for c in columns]
+    return f" || {_sf_literal(SEPARATOR)} || ".join(
+        sf_token(c, v) for c, v in zip(columns, refs, strict=True)
+    )
+
+
+def decode_key(text: str) -> tuple[str | None, ...]:
+    """The values of a canonical key text (tokens joined by SEPARATOR); NULL_TOKEN is None."""
+    values: list[str | None] = []
+    current: list[str] = []
+    is_null = False
+    characters = iter(text)
+    for character in characters:
+        if character == ESCAPE:
+            following = next(characters, "")
+            if following == "N":
+                is_null = True
+            else:
+                current.append(following)
+        elif character == SEPARATOR:
+            values.append(None if is_null else "".join(current))
+            current, is_null = [], False
+        else:
+            current.append(character)
+    values.append(None if is_null else "".join(current))
+    return tuple(values)
+
+
+def describe_key(text: str) -> str:
+    values = ["NULL" if v is None else v for v in decode_key(text)]
+    return values[0] if len(values) == 1 else "(" + ", ".join(values) + ")"
+
+
+# ----------------------------------------------------------------------------- plans and regions
+
+
+@dataclass(frozen=True)
+class Watermark:
+    """Incremental tables: rows with ``cursor_column`` > ``value`` are left out on both sides."""
+
+    cursor_column: str
+    value: str
+
+    @classmethod
+    def from_manifest(cls, manifest: RunManifest | None) -> Watermark | None:
+        if manifest is None or not manifest.cursor_column or manifest.watermark_after is None:
+            return None
+        return cls(manifest.cursor_column, manifest.watermark_after)
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """Rows whose single integer primary key is in [low, high]."""
+
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class HashPrefix:
+    """Rows whose key hash (MD5 of the canonical key text) starts with ``prefix``."""
+
+    prefix: str
+
+
+Region = KeyRange | HashPrefix
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a region is cut into buckets: a range width, or more hash digits."""
+
+    region: Region
+    width: int = 0  # KeyRange
+    digits: int = 0  # HashPrefix: total prefix length of the buckets
+
+    def child(self, bucket: Any) -> Region:
+        if isinstance(self.region, KeyRange):
+            low = self.region.low + int(bucket) * self.width
+            return KeyRange(low, min(self.region.high, low + self.width - 1))
+        return HashPrefix(str(bucket))
+
+
+@dataclass(frozen=True)
+class VerifyPlan:
+    """What is compared: the table, its columns (in order), key columns and watermark."""
+
+    table: TableRef
+    sf_database: str
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...]
+    watermark: Watermark | None = None
+
+    @property
+    def key_columns(self) -> tuple[Column, ...]:
+        by_name = {c.name: c for c in self.columns}
+        return tuple(by_name[name] for name in self.primary_key)
+
+    @property
+    def key_positions(self) -> tuple[int, ...]:
+        names = [c.name for c in self.columns]
+        return tuple(names.index(name) for name in self.primary_key)
+
+    @property
+    def integer_key(self) -> Column | None:
+        keys = self.key_columns
+        return keys[0] if len(keys) == 1 and keys[0].kind is ValueKind.INTEGER else None
+
+    @property
+    def watermark_column(self) -> Column | None:
+        if self.watermark is None:
+            return None
+        return next(c for c in self.columns if c.name == self.watermark.cursor_column)
+
+    def watermark_value(self) -> Any:
+        column = self.watermark_column
+        assert self.watermark is not None and column is not None
+        return int(self.watermark.value) if column.kind is ValueKind.INTEGER else self.watermark.value
+
+
+Statement = tuple[Any, tuple[Any, ...]]  # (SQL, bound values)
+
+
+# ----------------------------------------------------------------------------- PostgreSQL SQL
+#
+# Shape of every statement (one side shown; Snowflake's is the same):
+#   SELECT <outer> FROM (SELECT <source values> AS pgsnow_c<i> FROM t WHERE <watermark, key range>)
+#   AS pgsnow_source WHERE <hash prefix>
+
+
+def _pg_refs(plan: VerifyPlan) -> list[sql.Composable]:
+    return [sql.Identifier(f"pgsnow_c{i}") for i in range(len(plan.columns))]
+
+
+def _pg_key_text(plan: VerifyPlan) -> sql.Composable:
+    refs = _pg_refs(plan)
+    if not plan.primary_key:
+        return sql.SQL("md5({})").format(pg_row_text(plan.columns, refs))
+    positions = plan.key_positions
+    return pg_row_text([plan.columns[p] for p in positions], [refs[p] for p in positions])
+
+
+def _pg_source(plan: VerifyPlan, region: Region | None) -> tuple[sql.Composable, tuple[Any, ...]]:
+    """The inner SELECT (watermark and key range applied) and the outer hash-prefix condition."""
+    inner: list[sql.Composable] = [sql.SQL("true")]
+    params: list[Any] = []
+    if (column := plan.watermark_column) is not None:
+        inner.append(sql.SQL("({0} IS NULL OR {0} <= %s)").format(sql.Identifier(column.name)))
+        params.append(plan.watermark_value())
+    if isinstance(region, KeyRange):
+        key = plan.integer_key
+        assert key is not None
+        inner.append(sql.SQL("{} BETWEEN %s AND %s").format(sql.Identifier(key.name)))
+        params.extend([region.low, region.high])
+    projection = sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(pg_source_value(c), ref)
+        for c, ref in zip(plan.columns, _pg_refs(plan), strict=True)
+    )
+    outer: sql.Composable = sql.SQL("true")
+    if isinstance(region, HashPrefix) and region.prefix:
+        outer = sql.SQL("substr(md5({}), 1, %s) = %s").format(_pg_key_text(plan))
+        params.extend([len(region.prefix), region.prefix])
+    source = sql.SQL("(SELECT {} FROM {} WHERE {}) AS pgsnow_source WHERE {}").format(
+        projection, sql.Identifier(plan.table.schema, plan.table.table), sql.SQL(" AND ").join(inner), outer
+    )
+    return source, tuple(params)
+
+
+def pg_count_query(plan: VerifyPlan) -> Statement:
+    """Row count, and the key's bounds for a single integer key."""
+    conditions: list[sql.Composable] = [sql.SQL("true")]
+    params: tuple[Any, ...] = ()
+    if (column := plan.watermark_column) is not None:
+        conditions.append(sql.SQL("({0} IS NULL OR {0} <= %s)").format(sql.Identifier(column.name)))
+        params = (plan.watermark_value(),)
+    key = plan.integer_key
+    bounds = sql.SQL("min({0}), max({0})").format(sql.Identifier(key.name)) if key else sql.SQL("NULL, NULL")
+    query = sql.SQL("SELECT count(*), {} FROM {} WHERE {}").format(
+        bounds, sql.Identifier(plan.table.schema, plan.table.table), sql.SQL(" AND ").join(conditions)
+    )
+    return query, params
+
+
+def _pg_bucket(plan: VerifyPlan, split: Split) -> tuple[sql.Composable, tuple[Any, ...]]:
+    if isinstance(split.region, KeyRange):
+        key_ref = _pg_refs(plan)[plan.key_positions[0]]
+        return sql.SQL("div({}::numeric - %s, %s)::bigint").format(key_ref), (split.region.low, split.width)
+    return sql.SQL("substr(md5({}), 1, %s)").format(_pg_key_text(plan)), (split.digits,)
+
+
+def pg_bucket_query(plan: VerifyPlan, split: Split) -> Statement:
+    """Per bucket: the bucket, its row count and the MD5 of its sorted row hashes."""
+    bucket, bucket_params = _pg_bucket(plan, split)
+    source, source_params = _pg_source(plan, split.region)
+    query = sql.SQL(
+        "SELECT pgsnow_bucket, count(*), md5(string_agg(pgsnow_hash, '' ORDER BY pgsnow_hash COLLATE \"C\")) "
+        "FROM (SELECT {} AS pgsnow_bucket, md5({}) AS pgsnow_hash FROM {}) AS pgsnow_rows "
+        "GROUP BY pgsnow_bucket"
+    ).format(bucket, pg_row_text(plan.columns, _pg_refs(plan)), source)
+    return query, bucket_params + source_params
+
+
+def pg_rows_query(plan: VerifyPlan, region: Region) -> Statement:
+    """Key text and row hash of each row in a (small) region."""
+    source, params = _pg_source(plan, region)
+    query = sql.SQL("SELECT {}, md5({}) FROM {}").format(
+        _pg_key_text(plan), pg_row_text(plan.columns, _pg_refs(plan)), source
+    )
+    return query, params
+
+
+# ----------------------------------------------------------------------------- Snowflake SQL
+
+
+def _sf_refs(plan: VerifyPlan) -> list[str]:
+    return [f"PGSNOW_C{i}" for i in range(len(plan.columns))]
+
+
+def _sf_key_text(plan: VerifyPlan) -> str:
+    refs = _sf_refs(plan)
+    if not plan.primary_key:
+        return f"MD5({sf_row_text(plan.columns, refs)})"
+    positions = plan.key_positions
+    return sf_row_text([plan.columns[p] for p in positions], [refs[p] for p in positions])
+
+
+def _sf_table(plan: VerifyPlan) -> str:
+    return quote_qualified(plan.sf_database, plan.table.snowflake_schema, plan.table.snowflake_table)
+
+
+def _sf_watermark(plan: VerifyPlan) -> tuple[list[str], list[Any]]:
+    column = plan.watermark_column
+    if column is None:
+        return [], []
+    ident = quote_ident(column.snowflake_name)
+    return [f"({ident} IS NULL OR {ident} <= %s)"], [plan.watermark_value()]
+
+
+def _sf_source(plan: VerifyPlan, region: Region | None) -> tuple[str, tuple[Any, ...]]:
+    conditions, params = _sf_watermark(plan)
+    if isinstance(region, KeyRange):
+        key = plan.integer_key
+        assert key is not None
+        conditions.append(f"{quote_ident(key.snowflake_name)} BETWEEN %s AND %s")
+        params.extend([region.low, region.high])
+    projection = ", ".join(
+        f"{sf_source_value(c)} AS {ref}" for c, ref in zip(plan.columns, _sf_refs(plan), strict=True)
+    )
+    outer = "TRUE"
+    if isinstance(region, HashPrefix) and region.prefix:
+        outer = f"SUBSTR(MD5({_sf_key_text(plan)}), 1, %s) = %s"
+        params.extend([len(region.prefix), region.prefix])
+    where = " AND ".join(["TRUE", *conditions])
+    return (
+        f"(SELECT {projection} FROM {_sf_table(plan)} WHERE {where}) AS PGSNOW_SOURCE WHERE {outer}",
+        tuple(params),
+    )
+
+
+def sf_count_query(plan: VerifyPlan) -> Statement:
+    conditions, params = _sf_watermark(plan)
+    key = plan.integer_key
+    bounds = (
+        f"MIN({quote_ident(key.snowflake_name)}), MAX({quote_ident(key.snowflake_name)})"
+        if key
+        else "NULL, NULL"
+    )
+    where = " AND ".join(["TRUE", *conditions])
+    return f"SELECT COUNT(*), {bounds} FROM {_sf_table(plan)} WHERE {where}", tuple(params)
+
+
+def _sf_bucket(plan: VerifyPlan, split: Split) -> tuple[str, tuple[Any, ...]]:
+    if isinstance(split.region, KeyRange):
+        key_ref = _sf_refs(plan)[plan.key_positions[0]]
+        # An exact integer quotient: (x - MOD(x, w)) / w divides evenly, so no rounding of x / w
+        # (Snowflake keeps 6 more decimals; the emulator divides in floating point) can move a row.
+        offset = f"({key_ref} - %s)"
+        low, width = split.region.low, split.width
+        return f"CAST(({offset} - MOD({offset}, %s)) / %s AS BIGINT)", (low, low, width, width)
+    return f"SUBSTR(MD5({_sf_key_text(plan)}), 1, %s)", (split.digits,)
+
+
+def sf_bucket_query(plan: VerifyPlan, split: Split) -> Statement:
+    bucket, bucket_params = _sf_bucket(plan, split)
+    source, source_params = _sf_source(plan, split.region)
+    query = (
+        "SELECT PGSNOW_BUCKET, COUNT(*), MD5(LISTAGG(PGSNOW_HASH, '') WITHIN GROUP (ORDER BY PGSNOW_HASH)) "
+        f"FROM (SELECT {bucket} AS PGSNOW_BUCKET, MD5({sf_row_text(plan.columns, _sf_refs(plan))}) AS PGSNOW_HASH "
+        f"FROM {source}) GROUP BY PGSNOW_BUCKET"
+    )
+    return query, bucket_params + source_params
+
+
+def sf_rows_query(plan: VerifyPlan, region: Region) -> Statement:
+    source, params = _sf_source(plan, region)
+    query = f"SELECT {_sf_key_text(plan)}, MD5({sf_row_text(plan.columns, _sf_refs(plan))}) FROM {source}"
+    return query, params
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class TableVerification:
+    """The outcome for one table; ``to_dict`` is its JSON report."""
+
+    table: TableRef
+    source_rows: int = 0
+    target_rows: int = 0
+    missing: list[str] = field(default_factory=list)  # keys in PostgreSQL only
+    extra: list[str] = field(default_factory=list)  # keys in Snowflake only
+    different: list[str] = field(default_factory=list)  # keys whose row differs
+    truncated: bool = False  # more differences exist than are listed
+    buckets_compared: int = 0
+    buckets_differing: int = 0
+    queries: int = 0
+    rows_fetched: int = 0
+    watermark: Watermark | None = None
+    keyed: bool = True  # False: no primary key, rows are named by their hash
+    weak_checks: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def listed(self) -> int:
+        return len(self.missing) + len(self.extra) + len(self.different)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.error is None
+            and self.source_rows == self.target_rows
+            and self.buckets_differing == 0
+            and self.listed == 0
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table.qualified,
+            "ok": self.ok,
+            "source_rows": self.source_rows,
+            "target_rows": self.target_rows,
+            "missing": self.missing,
+            "extra": self.extra,
+            "different": self.different,
+            "truncated": self.truncated,
+            "keyed": self.keyed,
+            "buckets_compared": self.buckets_compared,
+            "buckets_differing": self.buckets_differing,
+            "queries": self.queries,
+            "rows_fetched": self.rows_fetched,
+            "watermark": (
+                {"cursor_column": self.watermark.cursor_column, "value": self.watermark.value}
+                if self.watermark
+                else None
+            ),
+            "weak_checks": self.weak_checks,
+            "error": self.error,
+        }
+
+    def summary(self) -> str:
+        """One readable line, e.g. ``shop.orders  1000  999  MISMATCH  missing 1: 17``."""
+        status = "OK" if self.ok else "MISMATCH"
+        line = f"{self.table.qualified}  {self.source_rows}  {self.target_rows}  {status}"
+        if self.error:
+            return f"{line}  error: {self.error}"
+        details = [
+            f"{label} {len(keys)}{'+' if self.truncated else ''}: {', '.join(keys)}"
+            for label, keys in (
+                ("missing", self.missing),
+                ("extra", self.extra),
+                ("different", self.different),
+            )
+            if keys
+        ]
+        if self.watermark:
+            details.append(f"up to {self.watermark.cursor_column} <= {self.watermark.value}")
+        return "  ".join([line, *details])
+
+
+@dataclass
+class VerifyReport:
+    tables: list[TableVerification]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.tables) and all(t.ok for t in self.tables)
+
+    def to_json(self) -> str:
+        return json.dumps({"ok": self.ok, "tables": [t.to_dict() for t in self.tables]}, indent=2)
+
+    def summary_lines(self) -> list[str]:
+        matching = sum(1 for t in self.tables if t.ok)
+        lines = [t.summary() for t in self.tables]
+        lines.append(f"verify: {matching} of {len(self.tables)} tables match")
+        return lines
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class _Sides:
+    """Runs each side's statements, counting queries and fetched rows."""
+
+    def __init__(self, pg_conn: PgConnection, sf_conn: Any, result: TableVerification) -> None:
+        self._pg = pg_conn
+        self._sf = sf_conn
+        self._result = result
+
+    def _count(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        self._result.queries += 1
+        self._result.rows_fetched += len(rows)
+        return rows
+
+    def postgres(self, statement: Statement) -> list[tuple[Any, ...]]:
+        query, params = statement
+        with self._pg.cursor() as cur:
+            cur.execute(query, params)
+            return self._count(list(cur.fetchall()))
+
+    def snowflake(self, statement: Statement) -> list[tuple[Any, ...]]:
+        query, params = statement
+        cur = self._sf.cursor()
+        try:
+            cur.execute(query, params or None)
+            return self._count([tuple(row) for row in cur.fetchall()])
+        finally:
+            cur.close()
+
+
+def _root_split(plan: VerifyPlan, rows: int, low: int | None, high: int | None) -> Split:
+    buckets = max(ROOT_BUCKETS, math.ceil(rows / MAX_BUCKET_ROWS))
+    if plan.integer_key is not None and low is not None and high is not None:
+        region = KeyRange(low, high)
+        return Split(region, width=max(1, math.ceil((high - low + 1) / buckets)))
+    digits = max(2, math.ceil(math.log(buckets, 16)))
+    return Split(HashPrefix(""), digits=min(digits, _HEX_DIGITS))
+
+
+def _sub_split(region: Region) -> Split:
+    if isinstance(region, KeyRange):
+        span = region.high - region.low + 1
+        return Split(region, width=max(1, math.ceil(span / SUB_BUCKETS)))
+    return Split(region, digits=min(len(region.prefix) + 2, _HEX_DIGITS))
+
+
+def _is_leaf(region: Region, rows: int) -> bool:
+    if rows <= LEAF_ROWS:
+        return True
+    if isinstance(region, KeyRange):
+        return region.low == region.high
+    return len(region.prefix) >= _HEX_DIGITS
+
+
+def _bucket_map(rows: list[tuple[Any, ...]], integer: bool) -> dict[Any, tuple[int, str]]:
+    return {(int(b) if integer else str(b)): (int(count), str(digest)) for b, count, digest in rows}
+
+
+def _compare_leaf(
+    sides: _Sides, plan: VerifyPlan, region: Region, result: TableVerification, limit: int
+) -> None:
+    source = sides.postgres(pg_rows_query(plan, region))
+    target = sides.snowflake(sf_rows_query(plan, region))
+    found: list[tuple[list[str], str]] = []
+    if plan.primary_key:
+        source_rows = {str(k): str(h) for k, h in source}
+        target_rows = {str(k): str(h) for k, h in target}
+        for key in sorted(source_rows.keys() - target_rows.keys()):
+            found.append((result.missing, key))
+        for key in sorted(target_rows.keys() - source_rows.keys()):
+            found.append((result.extra, key))
+        for key in sorted(source_rows.keys() & target_rows.keys()):
+            if source_rows[key] != target_rows[key]:
+                found.append((result.different, key))
+    else:
+        source_hashes = Counter(str(h) for _, h in source)
+        target_hashes = Counter(str(h) for _, h in target)
+        for digest, times in sorted((source_hashes - target_hashes).items()):
+            found.extend((result.missing, f"row md5 {digest}") for _ in range(times))
+        for digest, times in sorted((target_hashes - source_hashes).items()):
+            found.extend((result.extra, f"row md5 {digest}") for _ in range(times))
+    for target_list, key in found:
+        if result.listed >= limit:
+            result.truncated = True
+            return
+        target_list.append(describe_key(key) if plan.primary_key else key)
+
+
+def _weak_checks(plan: VerifyPlan) -> list[str]:
+    notes = [
+        f"{c.name}: JSON compared by value type, length and character counts (not key order)"
+        for c in plan.columns
+        if c.kind is ValueKind.JSON
+    ]
+    notes.extend(
+        f"{c.name}: float compared to {FLOAT_SIGNIFICANT_DIGITS} significant digits"
+        for c in plan.columns
+        if c.kind is ValueKind.FLOAT
+    )
+    return notes
+
+
+def verify_plan(
+    pg_conn: PgConnection, sf_conn: Any, plan: VerifyPlan, *, max_keys: int = DEFAULT_MAX_KEYS
+) -> TableVerification:
+    """Compare one table; the PostgreSQL side reads one snapshot when the connection allows it."""
+    result = TableVerification(
+        plan.table, watermark=plan.watermark, keyed=bool(plan.primary_key), weak_checks=_weak_checks(plan)
+    )
+    sides = _Sides(pg_conn, sf_conn, result)
+    own_transaction = not pg_conn.autocommit and pg_conn.status == STATUS_READY
+    try:
+        if own_transaction:
+            with pg_conn.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        _verify(sides, plan, result, max_keys)
+    except PgSnowError as exc:
+        result.error = exc.message
+    except Exception as exc:
+        if not _is_database_error(exc):
+            raise
+        result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    finally:
+        if own_transaction:
+            pg_conn.rollback()
+    return result
+
+
+def _is_database_error(exc: Exception) -> bool:
+    import psycopg2
+    import snowflake.connector.errors
+
+    return isinstance(exc, psycopg2.Error | snowflake.connector.errors.Error)
+
+
+def _verify(sides: _Sides, plan: VerifyPlan, result: TableVerification, max_keys: int) -> None:
+    (source_count, source_low, source_high), *_ = sides.postgres(pg_count_query(plan))
+    (target_count, target_low, target_high), *_ = sides.snowflake(sf_count_query(plan))
+    result.source_rows, result.target_rows = int(source_count), int(target_count)
+    if result.source_rows == 0 and result.target_rows == 0:
+        return
+    lows = [int(v) for v in (source_low, target_low) if v is not None]
+    highs = [int(v) for v in (source_high, target_high) if v is not None]
+    split = _root_split(
+        plan,
+        max(result.source_rows, result.target_rows),
+        min(lows) if lows else None,
+        max(highs) if highs else None,
+    )
+    pending: list[Split] = [split]
+    integer = plan.integer_key is not None
+    while pending:
+        split = pending.pop(0)
+        source = _bucket_map(sides.postgres(pg_bucket_query(plan, split)), integer)
+        target = _bucket_map(sides.snowflake(sf_bucket_query(plan, split)), integer)
+        result.buckets_compared += len(source.keys() | target.keys())
+        for bucket in sorted(source.keys() | target.keys()):
+            source_bucket, target_bucket = source.get(bucket), target.get(bucket)
+            if source_bucket == target_bucket:
+                continue
+            result.buckets_differing += 1
+            if result.listed >= max_keys:
+                result.truncated = True
+                continue
+            region = split.child(bucket)
+            rows = max(source_bucket[0] if source_bucket else 0, target_bucket[0] if target_bucket else 0)
+            if _is_leaf(region, rows):
+                _compare_leaf(sides, plan, region, result, max_keys)
+            else:
+                pending.append(_sub_split(region))
+
+
+def plan_from_postgres(
+    pg_conn: PgConnection,
+    table: TableRef,
+    sf_database: str,
+    *,
+    manifest: RunManifest | None = None,
+) -> VerifyPlan:
+    """The plan for ``table``: the manifest's columns and watermark when given, else PostgreSQL's schema."""
+    if manifest is not None:
+        return VerifyPlan(
+            table, sf_database, manifest.columns, manifest.primary_key, Watermark.from_manifest(manifest)
+        )
+    from pgsnow.postgres import describe_table
+
+    schema = describe_table(pg_conn, table)
+    return VerifyPlan(table, sf_database, schema.columns, schema.primary_key)
+
+
+def verify_table(
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    table: TableRef,
+    sf_database: str,
+    *,
+    manifest: RunManifest | None = None,
+    max_keys: int = DEFAULT_MAX_KEYS,
+) -> TableVerification:
+    """Compare ``table`` in PostgreSQL with its copy in ``sf_database``; see the module docstring."""
+    try:
+        plan = plan_from_postgres(pg_conn, table, sf_database, manifest=manifest)
+    except PgSnowError as exc:
+        if not pg_conn.autocommit:
+            pg_conn.rollback()
+        return TableVerification(table, error=exc.message)
+    if not pg_conn.autocommit:
+        pg_conn.rollback()  # end the catalog read's transaction so the comparison gets its own snapshot
+    return verify_plan(pg_conn, sf_conn, plan, max_keys=max_keys)
+
+
+def verify_tables(
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    tables: Sequence[TableRef],
+    sf_database: str,
+    *,
+    manifests: dict[TableRef, RunManifest] | None = None,
+    max_keys: int = DEFAULT_MAX_KEYS,
+) -> VerifyReport:
+    manifests = manifests or {}
+    return VerifyReport(
+        [
+            verify_table(pg_conn, sf_conn, t, sf_database, manifest=manifests.get(t), max_keys=max_keys)
+            for t in tables
+        ]
+    )
