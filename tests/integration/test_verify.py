@@ -383,7 +383,6 @@ def test_incremental_table_is_verified_up_to_the_watermark(
     stack: LocalStack,
     source_schema: tuple[str, str],
     setup_conn: PgConnection,
-    replicate: Callable[[TableRef, FileFormat], None],
     pg_conn: PgConnection,
     sf_conn: Any,
 ) -> None:
@@ -409,7 +408,7 @@ def test_incremental_table_is_verified_up_to_the_watermark(
         )
     finally:
         extract_conn.close()
-    replicate(table, FileFormat.CSV)  # loads the staged run (and re-stages the same rows)
+    SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader")).run_until_idle()
     incremental = dataclasses.replace(
         manifest,
         mode="incremental",
@@ -445,7 +444,7 @@ def big_table(source_schema: tuple[str, str], setup_conn: PgConnection, sf_conn:
         )
         cur.execute(
             sql.SQL(
-                "INSERT INTO {} SELECT i, 'n' || i, (i % 10000) / 100.0, "
+                "INSERT INTO {} SELECT i, 'n' || i, mod(i, 10000) / 100.0, "
                 "timestamptz '2024-01-01 00:00:00+00' + i * interval '1 second' "
                 "FROM generate_series(1, %s) AS i"
             ).format(sql.Identifier(table.schema, table.table)),
