@@ -381,7 +381,8 @@ def _stage_chunk_parquet(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> No
 
     Files are cut at exactly ``batch_rows`` rows (and after a row group once they reach the
     target size), like the CSV path; a file's row groups depend only on its first row, so a
-    retried file has the same bytes.
+    retried file has the same bytes. Each row group is encoded on an encoder thread while
+    the next one is parsed (both run in Arrow without the GIL); one group at a time, in order.
     """
     recorder = _FileRecorder(run, FileFormat.PARQUET, chunk.index)
     schema = run.schema
@@ -392,6 +393,7 @@ def _stage_chunk_parquet(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> No
     group_rows = min(batch_rows, PARQUET_CHUNK_ROWS)
     reader = TableReader(run.pg_conn, schema, policy=run.options.value_policy)
     rows = run.rows(chunk.resume_after or chunk.after, chunk.through)
+    # Touched only by the encoder thread while a group is in flight, by this one otherwise.
     writer: ParquetWriter | None = None
     file_in_chunk = len(chunk.files)
     first: tuple[str, ...] | None = None
@@ -417,6 +419,34 @@ def _stage_chunk_parquet(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> No
             recorder.record(writer.close(), first, last)
             writer = None
 
+    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgsnow-encode")
+    encoding: Future[None] | None = None
+    # Rows the open file would hold once the group in flight is written, were no file cut by
+    # size: an upper bound, exact whenever no group is in flight.
+    file_rows_bound = 0
+
+    def settle() -> None:
+        nonlocal encoding, file_rows_bound
+        in_flight, encoding = encoding, None
+        if in_flight is not None:
+            in_flight.result()
+        file_rows_bound = writer.rows if writer is not None else 0
+
+    def next_group_rows() -> int:
+        # A size cut only empties the open file, and then the next group is group_rows long
+        # anyway; only near the batch_rows cut must the group in flight be waited for.
+        if batch_rows - file_rows_bound < group_rows:
+            settle()
+        return min(group_rows, batch_rows - file_rows_bound)
+
+    def submit_group(group: pa.Table) -> None:
+        nonlocal encoding, file_rows_bound
+        settle()  # one group in flight: bounded memory, files and checkpoints in order
+        file_rows_bound += group.num_rows
+        if file_rows_bound >= batch_rows:
+            file_rows_bound = 0
+        encoding = encoder.submit(write_group, group)
+
     pipe = CopyPipe()
     copy_failure: list[BaseException] = []
 
@@ -440,22 +470,25 @@ def _stage_chunk_parquet(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> No
             pending.append(batch)
             pending_rows += batch.num_rows
             while True:
-                want = min(group_rows, batch_rows - (writer.rows if writer is not None else 0))
+                want = next_group_rows()
                 if pending_rows < want:
                     break
                 table = pa.Table.from_batches(pending)
-                write_group(table.slice(0, want))
+                submit_group(table.slice(0, want))
                 rest = table.slice(want)
                 pending, pending_rows = rest.to_batches(), rest.num_rows
         if pending_rows:
-            write_group(pa.Table.from_batches(pending))
+            submit_group(pa.Table.from_batches(pending))
+        settle()
     except BaseException:
         pipe.abandon()
         copying.join()
+        encoder.shutdown(wait=True)
         recorder.abandon()
         if copy_failure:  # the COPY failed first; what the parser saw next is only its echo
             raise copy_failure[0] from None
         raise
+    encoder.shutdown(wait=True)
     copying.join()
     if copy_failure:
         recorder.abandon()
