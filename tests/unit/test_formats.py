@@ -392,3 +392,22 @@ def test_parquet_writer_from_arrow_decodes_bytea_and_drops_trailing_columns(tmp_
         len(on_disk),
         hashlib.sha256(on_disk).hexdigest(),
     )
+
+
+def test_parquet_compressed_bytes_grow_with_each_row_group_and_end_at_the_file_size(tmp_path: Path) -> None:
+    # Given a Parquet writer (the size roll reads compressed_bytes after each row group)
+    columns = [column("id", "integer", nullable=False), column("note", "text")]
+    writer = ParquetWriter(tmp_path / "b1.parquet", 1, columns)
+    sizes = [writer.compressed_bytes]
+
+    # When three row groups are written
+    for start in (1, 4, 7):
+        records = b"".join(f'{i},"row {i}",{i}\n'.encode() for i in range(start, start + 3))
+        writer.write_arrow(read_arrow(records, columns, trailing=1))
+        sizes.append(writer.compressed_bytes)
+    written = writer.close()
+
+    # Then each row group adds bytes, the footer comes last, and the file is what was counted
+    assert sizes == sorted(set(sizes)) and written.bytes > sizes[-1]
+    assert pq.ParquetFile(written.path).num_row_groups == 3
+    assert (written.rows, written.bytes) == (9, written.path.stat().st_size)
