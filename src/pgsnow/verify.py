@@ -52,6 +52,10 @@ SUB_BUCKETS = 64  # later splits of a differing bucket
 LEAF_ROWS = 500  # a differing bucket this small is compared key by key
 MAX_BUCKET_ROWS = 50_000  # bucket hashes aggregate at most ~this many 32-character hashes
 _HEX_DIGITS = 32
+# Key ranges are used while they stay exact in the emulator's floating-point division and
+# the keys are dense enough for ranges to balance; sparse or extreme keys are hashed instead.
+MAX_RANGE_SPAN = 2**53
+MAX_RANGE_SPARSENESS = 1024
 
 
 # ----------------------------------------------------------------------------- canonical text
@@ -72,11 +76,23 @@ def _sf_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _pg_value(column: Column) -> sql.Composable:
+    """The column as the extractor stages its value."""
+    ident = sql.Identifier(column.name)
+    if column.kind is ValueKind.FLOAT and column.base_type == "real":
+        # The value the extractor stages: the double nearest to real's shortest text (3.4e+38 is
+        # 3.4e38, not 3.3999999521443642e38). Shortest text needs extra_float_digits >= 1:
+        # pgsnow.postgres.connect sets it, and so does verify_plan in its own transaction.
+        return sql.SQL("{}::text::float8").format(ident)
+    return ident
+
+
 def pg_source_value(column: Column) -> sql.Composable:
-    """What the inner SELECT projects for ``column`` in PostgreSQL."""
+    """What the inner SELECT projects for ``column`` in PostgreSQL: its canonical text, or for
+    JSON the whitespace-free, letter-folded text its fingerprint is counted on."""
     ident = sql.Identifier(column.name)
     if column.kind is not ValueKind.JSON:
-        return ident
+        return pg_canonical(column, _pg_value(column))
     # The JSON text the extractor stages (arrays as JSON), without whitespace.
     text: sql.Composable = sql.SQL(
         "to_jsonb({})::text" if column.base_type.endswith("[]") else "{}::text"
@@ -89,10 +105,14 @@ def pg_source_value(column: Column) -> sql.Composable:
 
 
 def sf_source_value(column: Column) -> str:
-    """What the inner SELECT projects for ``column`` in Snowflake."""
+    """What the inner SELECT projects for ``column`` in Snowflake (see ``pg_source_value``).
+
+    Formatting happens here, next to the table, where the column's type is known: the local
+    emulator picks some translations (HEX_ENCODE, TO_VARCHAR with a format) by the known type.
+    """
     ident = quote_ident(column.snowflake_name)
     if column.kind is not ValueKind.JSON:
-        return ident
+        return sf_canonical(column, ident)
     text = f"TO_JSON({ident})"  # JSON null stays 'null'; SQL NULL stays NULL
     for code in _JSON_WHITESPACE_CODES:
         text = f"REPLACE({text}, CHR({code}), '')"
@@ -144,14 +164,15 @@ def _pg_float(x: sql.Composable) -> sql.Composable:
 
 def _sf_float(x: str) -> str:
     exponent = f"CAST(FLOOR(LOG(10, ABS({x}))) AS BIGINT)"
-    digits = f"TO_VARCHAR(CAST(ROUND(ABS({x}) * POWER(10, {FLOAT_SIGNIFICANT_DIGITS - 1} - {exponent})) AS BIGINT))"
+    # CAST .. AS VARCHAR rather than TO_VARCHAR: the emulator's TO_VARCHAR text is not RTRIM-able.
+    digits = f"CAST(CAST(ROUND(ABS({x}) * POWER(10, {FLOAT_SIGNIFICANT_DIGITS - 1} - {exponent})) AS BIGINT) AS VARCHAR)"
     return (
         f"CASE WHEN {x} IS NULL THEN NULL WHEN {x} = 'NaN'::FLOAT THEN 'NaN' "
         f"WHEN {x} = 'inf'::FLOAT THEN 'inf' WHEN {x} = '-inf'::FLOAT THEN '-inf' "
         f"WHEN {x} = 0 THEN '0' WHEN ABS({x}) < {TINY_FLOAT_LIMIT}::FLOAT THEN '{TINY_FLOAT_TEXT}' "
         f"ELSE (CASE WHEN {x} < 0 THEN '-' ELSE '' END) || RTRIM({digits}, '0') || 'e' "
-        f"|| TO_VARCHAR({exponent} - {FLOAT_SIGNIFICANT_DIGITS - 1} + LENGTH({digits}) "
-        f"- LENGTH(RTRIM({digits}, '0'))) END"
+        f"|| CAST({exponent} - {FLOAT_SIGNIFICANT_DIGITS - 1} + LENGTH({digits}) "
+        f"- LENGTH(RTRIM({digits}, '0')) AS VARCHAR) END"
     )
 
 
@@ -172,9 +193,32 @@ def _sf_trimmed_decimal(text: str) -> str:
     )
 
 
+def _pg_beyond_calendar(x: sql.Composable, first_day: str) -> sql.Composable:
+    # What to_char cannot say: it gives NULL for ±infinity and drops the era of a BC date, so
+    # those get their own text, which no Snowflake value (a date of years 1-9999) can have.
+    return sql.SQL(
+        "WHEN {x} = 'infinity' THEN 'infinity' WHEN {x} = '-infinity' THEN '-infinity' "
+        "WHEN {x} < {first_day} THEN 'BC ' || {x}::text"
+    ).format(x=x, first_day=sql.SQL(first_day))
+
+
+def _pg_calendar(x: sql.Composable, pattern: str, first_day: str, suffix: str = "") -> sql.Composable:
+    return sql.SQL(
+        "CASE WHEN {x} IS NULL THEN NULL {beyond} ELSE to_char({value}, {pattern}){suffix} END"
+    ).format(
+        x=x,
+        beyond=_pg_beyond_calendar(x, first_day),
+        value=sql.SQL("{} AT TIME ZONE 'UTC'").format(x) if suffix else x,
+        pattern=sql.Literal(pattern),
+        suffix=sql.SQL(" || {}").format(sql.Literal(suffix)) if suffix else sql.SQL(""),
+    )
+
+
 def pg_canonical(column: Column, value: sql.Composable | None = None) -> sql.Composable:
     """The column's canonical text in PostgreSQL (NULL stays NULL), from its source value."""
-    x = pg_source_value(column) if value is None else value
+    if value is None:
+        value = pg_source_value(column) if column.kind is ValueKind.JSON else _pg_value(column)
+    x = value
     match column.kind:
         case ValueKind.INTEGER:
             return sql.SQL("{}::text").format(x)
@@ -185,13 +229,13 @@ def pg_canonical(column: Column, value: sql.Composable | None = None) -> sql.Com
         case ValueKind.BOOLEAN:
             return sql.SQL("CASE WHEN {0} THEN 'true' WHEN NOT {0} THEN 'false' END").format(x)
         case ValueKind.DATE:
-            return sql.SQL("to_char({}, 'YYYY-MM-DD')").format(x)
+            return _pg_calendar(x, "YYYY-MM-DD", "'0001-01-01'::date")
         case ValueKind.TIME:
             return sql.SQL("to_char({}, 'HH24:MI:SS.US')").format(x)
         case ValueKind.TIMESTAMP:
-            return sql.SQL("to_char({}, 'YYYY-MM-DD HH24:MI:SS.US')").format(x)
+            return _pg_calendar(x, "YYYY-MM-DD HH24:MI:SS.US", "'0001-01-01'::timestamp")
         case ValueKind.TIMESTAMPTZ:
-            return sql.SQL("to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || 'Z'").format(x)
+            return _pg_calendar(x, "YYYY-MM-DD HH24:MI:SS.US", "'0001-01-01 00:00:00+00'::timestamptz", "Z")
         case ValueKind.BINARY:
             return sql.SQL("encode({}, 'hex')").format(x)
         case ValueKind.JSON:
@@ -202,10 +246,14 @@ def pg_canonical(column: Column, value: sql.Composable | None = None) -> sql.Com
 
 def sf_canonical(column: Column, value: str | None = None) -> str:
     """The column's canonical text in Snowflake (NULL stays NULL), from its source value."""
-    x = sf_source_value(column) if value is None else value
+    if value is None:
+        value = (
+            sf_source_value(column) if column.kind is ValueKind.JSON else quote_ident(column.snowflake_name)
+        )
+    x = value
     match column.kind:
         case ValueKind.INTEGER:
-            return f"TO_VARCHAR({x})"
+            return f"CAST({x} AS VARCHAR)"
         case ValueKind.DECIMAL:
             # CAST, not TO_VARCHAR: the local emulator's TO_VARCHAR result is not trimmed by RTRIM.
             return _sf_trimmed_decimal(f"CAST({x} AS VARCHAR)")
@@ -239,7 +287,8 @@ def _escaped(kind: ValueKind) -> bool:
 
 def pg_token(column: Column, value: sql.Composable | None = None) -> sql.Composable:
     """The column's token in the row text: canonical text, escaped for text and JSON, or NULL_TOKEN."""
-    text = pg_canonical(column, value)
+    source = pg_source_value(column) if value is None else value
+    text = _pg_json_fingerprint(source) if column.kind is ValueKind.JSON else source
     if _escaped(column.kind):
         text = sql.SQL("replace(replace({}, {}, {}), {}, {})").format(
             text,
@@ -252,7 +301,8 @@ def pg_token(column: Column, value: sql.Composable | None = None) -> sql.Composa
 
 
 def sf_token(column: Column, value: str | None = None) -> str:
-    text = sf_canonical(column, value)
+    source = sf_source_value(column) if value is None else value
+    text = _sf_json_fingerprint(source) if column.kind is ValueKind.JSON else source
     if _escaped(column.kind):
         text = (
             f"REPLACE(REPLACE({text}, {_sf_literal(ESCAPE)}, {_sf_literal(ESCAPE + ESCAPE)}), "
@@ -423,10 +473,13 @@ def _pg_source(plan: VerifyPlan, region: Region | None) -> tuple[sql.Composable,
         assert key is not None
         inner.append(sql.SQL("{} BETWEEN %s AND %s").format(sql.Identifier(key.name)))
         params.extend([region.low, region.high])
-    projection = sql.SQL(", ").join(
+    items = [
         sql.SQL("{} AS {}").format(pg_source_value(c), ref)
         for c, ref in zip(plan.columns, _pg_refs(plan), strict=True)
-    )
+    ]
+    if (key := plan.integer_key) is not None:
+        items.append(sql.SQL("{} AS pgsnow_key").format(sql.Identifier(key.name)))
+    projection = sql.SQL(", ").join(items)
     outer: sql.Composable = sql.SQL("true")
     if isinstance(region, HashPrefix) and region.prefix:
         outer = sql.SQL("substr(md5({}), 1, %s) = %s").format(_pg_key_text(plan))
@@ -454,8 +507,7 @@ def pg_count_query(plan: VerifyPlan) -> Statement:
 
 def _pg_bucket(plan: VerifyPlan, split: Split) -> tuple[sql.Composable, tuple[Any, ...]]:
     if isinstance(split.region, KeyRange):
-        key_ref = _pg_refs(plan)[plan.key_positions[0]]
-        return sql.SQL("div({}::numeric - %s, %s)::bigint").format(key_ref), (split.region.low, split.width)
+        return sql.SQL("div(pgsnow_key::numeric - %s, %s)::bigint"), (split.region.low, split.width)
     return sql.SQL("substr(md5({}), 1, %s)").format(_pg_key_text(plan)), (split.digits,)
 
 
@@ -514,9 +566,10 @@ def _sf_source(plan: VerifyPlan, region: Region | None) -> tuple[str, tuple[Any,
         assert key is not None
         conditions.append(f"{quote_ident(key.snowflake_name)} BETWEEN %s AND %s")
         params.extend([region.low, region.high])
-    projection = ", ".join(
-        f"{sf_source_value(c)} AS {ref}" for c, ref in zip(plan.columns, _sf_refs(plan), strict=True)
-    )
+    items = [f"{sf_source_value(c)} AS {ref}" for c, ref in zip(plan.columns, _sf_refs(plan), strict=True)]
+    if (key := plan.integer_key) is not None:
+        items.append(f"{quote_ident(key.snowflake_name)} AS PGSNOW_KEY")
+    projection = ", ".join(items)
     outer = "TRUE"
     if isinstance(region, HashPrefix) and region.prefix:
         outer = f"SUBSTR(MD5({_sf_key_text(plan)}), 1, %s) = %s"
@@ -542,7 +595,7 @@ def sf_count_query(plan: VerifyPlan) -> Statement:
 
 def _sf_bucket(plan: VerifyPlan, split: Split) -> tuple[str, tuple[Any, ...]]:
     if isinstance(split.region, KeyRange):
-        key_ref = _sf_refs(plan)[plan.key_positions[0]]
+        key_ref = "PGSNOW_KEY"
         # An exact integer quotient: (x - MOD(x, w)) / w divides evenly, so no rounding of x / w
         # (Snowflake keeps 6 more decimals; the emulator divides in floating point) can move a row.
         offset = f"({key_ref} - %s)"
@@ -700,7 +753,12 @@ class _Sides:
 
 def _root_split(plan: VerifyPlan, rows: int, low: int | None, high: int | None) -> Split:
     buckets = max(ROOT_BUCKETS, math.ceil(rows / MAX_BUCKET_ROWS))
-    if plan.integer_key is not None and low is not None and high is not None:
+    if (
+        plan.integer_key is not None
+        and low is not None
+        and high is not None
+        and high - low < min(MAX_RANGE_SPAN, max(rows, 1) * MAX_RANGE_SPARSENESS)
+    ):
         region = KeyRange(low, high)
         return Split(region, width=max(1, math.ceil((high - low + 1) / buckets)))
     digits = max(2, math.ceil(math.log(buckets, 16)))
@@ -783,6 +841,7 @@ def verify_plan(
         if own_transaction:
             with pg_conn.cursor() as cur:
                 cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                cur.execute("SET LOCAL extra_float_digits = 1")  # real's shortest text (pg_source_value)
         _verify(sides, plan, result, max_keys)
     except PgSnowError as exc:
         result.error = exc.message
@@ -818,9 +877,9 @@ def _verify(sides: _Sides, plan: VerifyPlan, result: TableVerification, max_keys
         max(highs) if highs else None,
     )
     pending: list[Split] = [split]
-    integer = plan.integer_key is not None
     while pending:
         split = pending.pop(0)
+        integer = isinstance(split.region, KeyRange)
         source = _bucket_map(sides.postgres(pg_bucket_query(plan, split)), integer)
         target = _bucket_map(sides.snowflake(sf_bucket_query(plan, split)), integer)
         result.buckets_compared += len(source.keys() | target.keys())

@@ -486,3 +486,33 @@ def test_a_million_rows_are_compared_without_fetching_them(
     assert result.buckets_differing >= 2
     assert result.rows_fetched < 2 * ROOT_BUCKETS + 4 * 64 + 4 * LEAF_ROWS + 10
     assert result.queries <= 12
+
+
+def test_extreme_integer_keys_are_bucketed_by_hash(
+    source_schema: tuple[str, str],
+    setup_conn: PgConnection,
+    replicate: Callable[[TableRef, FileFormat], None],
+    pg_conn: PgConnection,
+    in_rolled_back_transaction: Any,
+) -> None:
+    # Given bigint keys at both ends of the range (a key range would not balance, nor stay exact)
+    table = TableRef(source_schema[1], "extreme_keys")
+    target = sql.Identifier(table.schema, table.table)
+    with setup_conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, label text)").format(target))
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {} VALUES (-9223372036854775808, 'min'), (0, 'zero'), (9223372036854775807, 'max')"
+            ).format(target)
+        )
+    replicate(table, FileFormat.CSV)
+    assert verify_table(pg_conn, in_rolled_back_transaction, table, SNOWFLAKE_DATABASE).ok
+    in_rolled_back_transaction.cursor().execute(
+        f'UPDATE {sf_name(table)} SET "LABEL" = \'MIN\' WHERE "ID" = -9223372036854775808'
+    )
+
+    # When verified
+    result = verify_table(pg_conn, in_rolled_back_transaction, table, SNOWFLAKE_DATABASE)
+
+    # Then the changed row is named by its key
+    assert result.different == ["-9223372036854775808"]

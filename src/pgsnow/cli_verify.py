@@ -1,0 +1,155 @@
+"""``pgsnow verify [schema.table ...]``: compare PostgreSQL with Snowflake, exit 0 only when all match.
+
+Locally (the default) it reads the local PostgreSQL (``--pg-dsn``, default: the demo's
+database on the local server) and the local Snowflake persisted in ``--data-dir``. With
+``--from-env`` it connects the way the functions do, from ``Settings.from_env`` (PostgreSQL
+and Snowflake secrets, the allowlist), and reads each incremental table's latest manifest
+for its watermark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from pgsnow.errors import PgSnowError
+from pgsnow.identifiers import TableRef
+from pgsnow.manifest import RunManifest
+from pgsnow.verify import DEFAULT_MAX_KEYS, VerifyReport, verify_tables
+
+DEMO_SCHEMA = "shop"
+DEFAULT_DATA_DIR = Path(".pgsnow")  # as the other commands
+UNUSED_S3_ENDPOINT = "http://127.0.0.1:9"  # discard port: verify reads no stage
+
+
+def _progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def _table(text: str) -> TableRef:
+    try:
+        return TableRef.parse(text)
+    except PgSnowError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from exc
+
+
+def add_verify_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="compare tables in PostgreSQL and Snowflake by row hashes; exit 0 only when all match",
+        description="Compare row counts and per-row fingerprints (computed in each database, no rows "
+        "pulled) and list the keys that are missing, extra or different.",
+    )
+    parser.add_argument(
+        "tables", nargs="*", type=_table, help="schema.table (default: the demo's tables, or PGSNOW_TABLES)"
+    )
+    parser.add_argument("--json", type=Path, dest="json_file", help="write the JSON report to this file")
+    parser.add_argument("--pg-dsn", help="PostgreSQL to read (default: the local server, demo database)")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where local state is kept")
+    parser.add_argument(
+        "--from-env", action="store_true", help="connect as configured by the environment (deployed setup)"
+    )
+    parser.add_argument("--max-keys", type=int, default=DEFAULT_MAX_KEYS, help="keys listed per table")
+    parser.set_defaults(run=run_verify_command)
+
+
+def print_report(report: VerifyReport, json_file: Path | None) -> int:
+    """Print the summary, write the JSON report when asked; the exit code."""
+    for line in report.summary_lines():
+        print(line)
+    for table in report.tables:
+        for note in table.weak_checks:
+            print(f"  note {table.table.qualified}: {note}", file=sys.stderr)
+    if json_file is not None:
+        json_file.write_text(report.to_json() + "\n", encoding="utf-8")
+    return 0 if report.ok else 1
+
+
+def run_verify_command(args: argparse.Namespace) -> int:
+    report = _verify_from_env(args) if args.from_env else _verify_locally(args)
+    return print_report(report, args.json_file)
+
+
+def _verify_locally(args: argparse.Namespace) -> VerifyReport:
+    import snowflake.connector
+
+    from pgsnow.demo.pipeline import DEMO_DATABASE, list_schema_tables
+    from pgsnow.local.postgres import create_database, start_local_postgres
+    from pgsnow.local.snowflake import start_local_snowflake
+    from pgsnow.local.stack import SNOWFLAKE_DATABASE
+    from pgsnow.postgres import connect
+    from pgsnow.snowflake import PARAMSTYLE
+
+    _progress("starting PostgreSQL")
+    postgres = start_local_postgres(args.pg_dsn, args.data_dir / "pgdata")
+    try:
+        dsn = args.pg_dsn or create_database(postgres.dsn, DEMO_DATABASE)
+        tables: list[TableRef] = args.tables or list_schema_tables(dsn, DEMO_SCHEMA)
+        _progress("starting the local Snowflake")
+        # Verify reads tables only; no S3 endpoint is needed.
+        local_snowflake = start_local_snowflake(
+            s3_endpoint_url=UNUSED_S3_ENDPOINT, data_dir=args.data_dir / "snowflake"
+        )
+        try:
+            sf_conn = snowflake.connector.connect(
+                **local_snowflake.connect_kwargs(database=SNOWFLAKE_DATABASE), paramstyle=PARAMSTYLE
+            )
+            pg_conn = connect(dsn)
+            try:
+                _progress(f"verifying {len(tables)} tables")
+                return verify_tables(pg_conn, sf_conn, tables, SNOWFLAKE_DATABASE, max_keys=args.max_keys)
+            finally:
+                pg_conn.close()
+                sf_conn.close()
+        finally:
+            local_snowflake.stop()
+    finally:
+        postgres.stop()
+
+
+def _verify_from_env(args: argparse.Namespace) -> VerifyReport:
+    import boto3
+
+    from pgsnow.config import Component, Settings
+    from pgsnow.errors import ConfigError
+    from pgsnow.postgres import connect
+    from pgsnow.runtime import postgres_dsn
+    from pgsnow.snowflake import connect as snowflake_connect
+
+    settings = Settings.from_env(component=Component.LOADER)
+    tables: list[TableRef] = args.tables or sorted(settings.tables.tables)
+    if not tables:
+        raise ConfigError(["name the tables to verify, or set PGSNOW_TABLES"])
+    database = settings.snowflake.database
+    if not database:
+        raise ConfigError(["SNOWFLAKE_DATABASE is needed to verify"])
+    manifests = latest_manifests(boto3.client("s3"), settings.bucket, tables)
+    pg_conn = connect(postgres_dsn(settings), statement_timeout_ms=settings.postgres.statement_timeout_ms)
+    sf_conn = snowflake_connect(settings.snowflake)
+    try:
+        return verify_tables(pg_conn, sf_conn, tables, database, manifests=manifests, max_keys=args.max_keys)
+    finally:
+        pg_conn.close()
+        sf_conn.close()
+
+
+def latest_manifests(s3: Any, bucket: str, tables: list[TableRef]) -> dict[TableRef, RunManifest]:
+    """Each table's newest manifest that has a watermark (incremental runs), if any."""
+    from pgsnow.keys import manifest_key
+
+    found: dict[TableRef, RunManifest] = {}
+    for table in tables:
+        prefix = manifest_key(table, "x").rsplit("/", 1)[0] + "/"
+        keys: list[str] = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys.extend(item["Key"] for item in page.get("Contents", []))
+        # run ids are UTC start times, so the newest key sorts last
+        for key in sorted(keys, reverse=True):
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            manifest = RunManifest.from_json(body, s3_key=key)
+            if manifest.watermark_after is not None and manifest.state.value == "loaded":
+                found[table] = manifest
+                break
+    return found
