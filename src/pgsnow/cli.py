@@ -18,6 +18,7 @@ from typing import Any
 
 from pgsnow.cli_setup import add_snowflake_sql_command
 from pgsnow.cli_status import add_status_command
+from pgsnow.cli_verify import add_verify_command
 from pgsnow.errors import PgSnowError
 from pgsnow.identifiers import TableRef
 
@@ -100,6 +101,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     _quiet_handler_logs(args.verbose)
 
+    from pgsnow.verify import TableVerification, VerifyReport
+
+    verifications: list[TableVerification] = []
     results = run_demo(
         pg_dsn=args.pg_dsn,
         tables=args.tables,
@@ -108,13 +112,18 @@ def run_demo_command(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         progress=_progress,
         scale=args.scale,
+        verifications=verifications,
     )
     for line in format_report([(r.table.qualified, r.source_rows, r.snowflake_rows, r.ok) for r in results]):
         print(line)
     for result in results:
         if not result.ok:
             print(f"{result.table.qualified}: {result.detail}", file=sys.stderr)
-    return 0 if results and all(r.ok for r in results) else 1
+    verify_report = VerifyReport(verifications)
+    for line in verify_report.summary_lines():  # pgsnow verify's check ends the demo
+        print(line)
+    compared_ok = bool(results) and all(r.ok for r in results)
+    return 0 if compared_ok and verify_report.ok else 1
 
 
 # ----------------------------------------------------------------------------- local
@@ -257,6 +266,7 @@ COMMANDS: list[CommandRegistrar] = [
     add_extract_command,
     add_status_command,
     add_snowflake_sql_command,
+    add_verify_command,
 ]
 
 

@@ -33,6 +33,7 @@ from pgsnow.local.stack import (
     process_environment,
     start_stack,
 )
+from pgsnow.verify import TableVerification, verify_table
 
 ProgressCallback = Callable[[str], None]
 
@@ -126,8 +127,13 @@ def run_demo(
     data_dir: Path,
     progress: ProgressCallback | None = None,
     scale: float = 1.0,
+    verifications: list[TableVerification] | None = None,
 ) -> list[TableComparison]:
-    """Replicate each table through the local pipeline and compare it with its source."""
+    """Replicate each table through the local pipeline and compare it with its source.
+
+    When ``verifications`` is given, each table is also checked by ``pgsnow.verify`` (row
+    hashes computed in each database) and its result appended there.
+    """
     from pgsnow.local.dispatcher import SqsDispatcher
     from pgsnow.postgres import connect
     from pgsnow.runtime import reset_runtime
@@ -161,6 +167,9 @@ def run_demo(
                     replicate_table(stack, table, chosen_format, dispatcher)
                     report(f"comparing {table.qualified}")
                     results.append(compare_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE))
+                    if verifications is not None:
+                        report(f"verifying {table.qualified}")
+                        verifications.append(verify_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE))
                     report(f"{table.qualified} done in {time.monotonic() - started:.1f}s")
             finally:
                 pg_conn.close()
