@@ -1,0 +1,212 @@
+"""The canonical forms and statement shapes of ``pgsnow.verify``, as SQL text.
+
+The integration suite (tests/integration/test_verify.py) runs these statements on the real
+servers; here each shape is pinned down as text, so a change to the canonical form is seen.
+"""
+
+from __future__ import annotations
+
+import pytest
+from psycopg2 import sql
+
+from pgsnow.identifiers import TableRef
+from pgsnow.manifest import Column
+from pgsnow.typemap import map_pg_type
+from pgsnow.verify import (
+    NULL_TOKEN,
+    HashPrefix,
+    KeyRange,
+    Split,
+    VerifyPlan,
+    Watermark,
+    decode_key,
+    describe_key,
+    pg_bucket_query,
+    pg_canonical,
+    pg_count_query,
+    pg_token,
+    sf_bucket_query,
+    sf_canonical,
+    sf_count_query,
+    sf_rows_query,
+    sf_token,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def column(name: str, pg_type: str) -> Column:
+    return Column.from_types(name, pg_type, pg_type, map_pg_type(pg_type), nullable=True)
+
+
+def pg_text(composable: sql.Composable) -> str:
+    """psycopg2 renders identifiers without a connection; literals need one, so they are
+    checked through the identifier-free parts of each shape."""
+
+    def render(part: sql.Composable) -> str:
+        if isinstance(part, sql.Composed):
+            return "".join(render(p) for p in part.seq)
+        if isinstance(part, sql.SQL):
+            return part.string
+        if isinstance(part, sql.Identifier):
+            return ".".join('"' + s.replace('"', '""') + '"' for s in part.strings)
+        if isinstance(part, sql.Literal):
+            value = part.wrapped
+            return "'" + str(value).replace("'", "''") + "'" if isinstance(value, str) else str(value)
+        raise TypeError(part)
+
+    return render(composable)
+
+
+CANONICAL_CASES = [
+    pytest.param("integer", 'CAST("C" AS VARCHAR)', '"c"::text', id="integer"),
+    pytest.param(
+        "numeric(12,2)",
+        'CASE WHEN POSITION(\'.\' IN CAST("C" AS VARCHAR)) = 0 THEN CAST("C" AS VARCHAR) '
+        "WHEN RIGHT(RTRIM(CAST(\"C\" AS VARCHAR), '0'), 1) = '.' "
+        "THEN LEFT(RTRIM(CAST(\"C\" AS VARCHAR), '0'), LENGTH(RTRIM(CAST(\"C\" AS VARCHAR), '0')) - 1) "
+        "ELSE RTRIM(CAST(\"C\" AS VARCHAR), '0') END",
+        "CASE WHEN position('.' IN \"c\"::text) > 0 THEN rtrim(rtrim(\"c\"::text, '0'), '.') ELSE \"c\"::text END",
+        id="decimal-without-scale-padding",
+    ),
+    pytest.param(
+        "boolean",
+        "CASE WHEN \"C\" THEN 'true' WHEN NOT \"C\" THEN 'false' END",
+        "CASE WHEN \"c\" THEN 'true' WHEN NOT \"c\" THEN 'false' END",
+        id="boolean",
+    ),
+    pytest.param(
+        "time",
+        "TO_VARCHAR(TIMESTAMP_FROM_PARTS(TO_DATE('1970-01-01'), \"C\"), 'HH24:MI:SS.FF6')",
+        "to_char(\"c\", 'HH24:MI:SS.US')",
+        id="time-with-microseconds",
+    ),
+    pytest.param("bytea", 'LOWER(HEX_ENCODE("C"))', "encode(\"c\", 'hex')", id="binary-lower-hex"),
+    pytest.param("text", '"C"', '"c"::text', id="text-as-is"),
+]
+
+
+@pytest.mark.parametrize("pg_type, snowflake_sql, postgres_sql", CANONICAL_CASES)
+def test_canonical_text_per_kind(pg_type: str, snowflake_sql: str, postgres_sql: str) -> None:
+    c = column("c", pg_type)
+    assert sf_canonical(c) == snowflake_sql
+    assert pg_text(pg_canonical(c)) == postgres_sql
+
+
+def test_timestamptz_is_utc_with_microseconds_on_both_sides() -> None:
+    c = column("at", "timestamp with time zone")
+    assert sf_canonical(c) == (
+        "TO_VARCHAR(CONVERT_TIMEZONE('UTC', \"AT\")::TIMESTAMP_NTZ, 'YYYY-MM-DD HH24:MI:SS.FF6') || 'Z'"
+    )
+    postgres = pg_text(pg_canonical(c))
+    assert "to_char(\"at\" AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || 'Z'" in postgres
+
+
+def test_float_spells_special_values_one_way_and_rounds_half_up() -> None:
+    c = column("ratio", "double precision")
+    for text in (sf_canonical(c), pg_text(pg_canonical(c))):
+        assert "THEN 'NaN'" in text and "THEN 'inf'" in text and "THEN '-inf'" in text
+        assert "WHEN \"RATIO\" = 0 THEN '0'" in text or "WHEN \"ratio\" = 0 THEN '0'" in text
+        assert "+ 0.5" in text  # floor(v + 0.5): the same rounding in both databases
+        assert "ROUND(" not in text.upper().replace("FLOOR(", "")
+
+
+def test_json_fingerprint_counts_letters_and_structure_not_numbers() -> None:
+    c = column("doc", "jsonb")
+    snowflake = sf_canonical(c)
+    assert snowflake.startswith("'J' || TRANSLATE(SUBSTR(TRANSLATE(")
+    assert 'TO_JSON("DOC")' in snowflake  # JSON null stays 'null', SQL NULL stays NULL
+    assert (
+        "REPLACE(" in snowflake and "'0'" not in snowflake.split("TRANSLATE(SUBSTR", 1)[1].split("||", 1)[1]
+    )
+    postgres = pg_text(pg_canonical(c))
+    assert '"doc"::text' in postgres
+
+
+@pytest.mark.parametrize(
+    "pg_type, escaped",
+    [
+        pytest.param("text", True, id="text"),
+        pytest.param("jsonb", True, id="json"),
+        pytest.param("date", False, id="date"),
+    ],
+)
+def test_tokens_mark_null_and_escape_text(pg_type: str, escaped: bool) -> None:
+    c = column("v", pg_type)
+    token = sf_token(c)
+    assert token.startswith("COALESCE(") and token.endswith(f", '{NULL_TOKEN}')")
+    assert ("REPLACE(REPLACE(" in token and "'~~'" in token and "'~|'" in token) is escaped
+    assert pg_text(pg_token(c)).endswith(f", '{NULL_TOKEN}')")
+
+
+@pytest.mark.parametrize(
+    "text, values",
+    [
+        pytest.param("17", ("17",), id="one-value"),
+        pytest.param("a~|b|3", ("a|b", "3"), id="escaped-separator"),
+        pytest.param("~N|", (None, ""), id="null-and-empty"),
+        pytest.param("~~N|x", ("~N", "x"), id="escaped-escape-is-not-null"),
+    ],
+)
+def test_decode_key(text: str, values: tuple[str | None, ...]) -> None:
+    assert decode_key(text) == values
+
+
+def test_describe_key() -> None:
+    assert describe_key("eu|300") == "(eu, 300)"
+    assert describe_key("~N") == "NULL"
+
+
+PLAN = VerifyPlan(
+    TableRef("shop", "Orders"),
+    "DB",
+    (column("id", "bigint"), column("note", "text"), column("changed_at", "timestamp with time zone")),
+    ("id",),
+)
+
+
+def test_count_query_reads_bounds_of_an_integer_key() -> None:
+    query, params = sf_count_query(PLAN)
+    assert query == 'SELECT COUNT(*), MIN("ID"), MAX("ID") FROM "DB"."SHOP"."Orders" WHERE TRUE'
+    assert params == ()
+    assert (
+        pg_text(pg_count_query(PLAN)[0])
+        == 'SELECT count(*), min("id"), max("id") FROM "shop"."Orders" WHERE true'
+    )
+
+
+def test_watermark_bounds_every_statement_on_both_sides() -> None:
+    plan = VerifyPlan(
+        PLAN.table, "DB", PLAN.columns, PLAN.primary_key, Watermark("changed_at", "2024-01-01T00:00:00Z")
+    )
+    query, params = sf_count_query(plan)
+    assert '("CHANGED_AT" IS NULL OR "CHANGED_AT" <= %s)' in query
+    assert params == ("2024-01-01T00:00:00Z",)
+    rows_query, rows_params = sf_rows_query(plan, KeyRange(1, 9))
+    assert rows_params == ("2024-01-01T00:00:00Z", 1, 9)
+    assert '"ID" BETWEEN %s AND %s' in rows_query
+
+
+def test_range_buckets_use_an_exact_integer_quotient() -> None:
+    query, params = sf_bucket_query(PLAN, Split(KeyRange(10, 1000), width=64))
+    assert "CAST(((PGSNOW_KEY - %s) - MOD((PGSNOW_KEY - %s), %s)) / %s AS BIGINT) AS PGSNOW_BUCKET" in query
+    assert "MD5(LISTAGG(PGSNOW_HASH, '') WITHIN GROUP (ORDER BY PGSNOW_HASH))" in query
+    assert params == (10, 10, 64, 64, 10, 1000)
+    pg_query, pg_params = pg_bucket_query(PLAN, Split(KeyRange(10, 1000), width=64))
+    assert "div(pgsnow_key::numeric - %s, %s)::bigint" in pg_text(pg_query)
+    assert "string_agg(pgsnow_hash, '' ORDER BY pgsnow_hash COLLATE \"C\")" in pg_text(pg_query)
+    assert pg_params == (10, 64, 10, 1000)
+
+
+def test_hash_buckets_filter_on_the_key_hash_prefix() -> None:
+    query, params = sf_bucket_query(PLAN, Split(HashPrefix("ab"), digits=4))
+    assert "SELECT SUBSTR(MD5(COALESCE(PGSNOW_C0, '~N')), 1, %s) AS PGSNOW_BUCKET" in query
+    assert 'CAST("ID" AS VARCHAR) AS PGSNOW_C0' in query
+    assert query.endswith("WHERE SUBSTR(MD5(COALESCE(PGSNOW_C0, '~N')), 1, %s) = %s) GROUP BY PGSNOW_BUCKET")
+    assert params == (4, 2, "ab")
+
+
+def test_identifiers_with_quotes_are_escaped() -> None:
+    plan = VerifyPlan(TableRef("s", 'we"ird'), "DB", (column('k"ey', "integer"),), ('k"ey',))
+    query, _ = sf_count_query(plan)
+    assert '"DB"."S"."we""ird"' in query and 'MIN("k""ey")' in query
