@@ -451,8 +451,10 @@ def _stage_chunk_parquet(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> No
     copy_failure: list[BaseException] = []
 
     def copy_rows() -> None:
+        sink = pipe.record_sink()
         try:
-            reader.copy_arrow_csv(pipe, rows, trailing_text=order_key)
+            reader.copy_arrow_csv(sink, rows, trailing_text=order_key)
+            sink.flush()
         except BaseException as exc:
             if not pipe.abandoned:  # an abandoned pipe's COPY fails by design
                 copy_failure.append(exc)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import io
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -316,6 +317,10 @@ _CONVERTERS: dict[ValueKind, Callable[[Any], Any]] = {
 }
 
 
+# The C buffer in front of CopyPipe.write: small, so the pipe still grows its block as before.
+SINK_BUFFER_BYTES = 64 * 1024
+
+
 class CopyPipe:
     """COPY output written on one thread, read as a byte stream on another (Arrow's CSV reader).
 
@@ -342,7 +347,18 @@ class CopyPipe:
 
     # --- writer side (the COPY thread) ---
 
-    def write(self, data: bytes) -> int:
+    def record_sink(self) -> io.BufferedWriter:
+        """A COPY sink for this pipe that takes each record in C and hands it on in blocks.
+
+        psycopg2 calls ``write`` once per record while holding the GIL; through
+        ``io.BufferedWriter`` that call never enters Python, and ``write`` below runs once
+        per block. Call ``flush`` after the COPY returns, then ``close``.
+        """
+        return io.BufferedWriter(_PipeBlockSink(self), buffer_size=SINK_BUFFER_BYTES)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._ended:
+            raise PipeAbandonedError("the stream has ended")
         self._buffer += data
         if len(self._buffer) >= self._block_bytes:
             self._push()
@@ -399,6 +415,20 @@ class CopyPipe:
 
 class PipeAbandonedError(Exception):
     """The other end of a ``CopyPipe`` stopped (reader abandoned it, or the COPY failed)."""
+
+
+class _PipeBlockSink(io.RawIOBase):
+    """The raw stream under ``CopyPipe.record_sink``: receives the BufferedWriter's blocks."""
+
+    def __init__(self, pipe: CopyPipe) -> None:
+        super().__init__()
+        self._pipe = pipe
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return self._pipe.write(data)
 
 
 # Arrow's CSV parser reads bytea as the hex text PostgreSQL sent; the writer decodes it.

@@ -258,7 +258,14 @@ def test_csv_size_roll_cuts_after_a_block_on_a_record_boundary(tmp_path: Path) -
     assert sum(f.rows for f in files) == 2000
 
 
-def test_copy_pipe_passes_every_byte_in_order_across_threads() -> None:
+@pytest.mark.parametrize(
+    "through",
+    [
+        pytest.param("pipe", id="records-written-to-the-pipe"),
+        pytest.param("record_sink", id="records-written-to-its-buffered-sink"),
+    ],
+)
+def test_copy_pipe_passes_every_byte_in_order_across_threads(through: str) -> None:
     import threading
 
     # Given a writer thread sending 2,000 records through small blocks and a short queue
@@ -266,8 +273,14 @@ def test_copy_pipe_passes_every_byte_in_order_across_threads() -> None:
     records = [f"{i},row {i}\n".encode() for i in range(2000)]
 
     def produce() -> None:
-        for record in records:
-            pipe.write(record)
+        if through == "pipe":
+            for record in records:
+                pipe.write(record)
+        else:
+            sink = pipe.record_sink()
+            for record in records:
+                sink.write(record)
+            sink.flush()
         pipe.close()
 
     writer = threading.Thread(target=produce)
@@ -304,6 +317,9 @@ def test_copy_pipe_stops_the_other_side(stop: str) -> None:
         pipe.close(failed=True)
         with pytest.raises(PipeAbandonedError):
             pipe.read(10)
+        # And what a buffered sink still holds can never reach the ended stream
+        with pytest.raises(PipeAbandonedError):
+            pipe.write(b"3\n")
 
 
 def read_arrow(data: bytes, columns: list[Column], trailing: int = 0) -> pa.Table:
