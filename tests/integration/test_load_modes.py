@@ -5,6 +5,7 @@ schema evolution and ON_ERROR, against moto and the local Snowflake over HTTP.""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 from typing import Any
 
@@ -78,7 +79,7 @@ def stage(
     key = data_key(settings.prefix, ORDERS, batch, run_id, FileFormat.CSV)
     body = csv_gz_bytes(rows, header)
     put_staged_file(s3, settings, key, body, rows=len(rows), run_id=run_id)
-    return StagedFile(key, batch, len(rows), len(body), "", FileFormat.CSV)
+    return StagedFile(key, batch, len(rows), len(body), hashlib.sha256(body).hexdigest(), FileFormat.CSV)
 
 
 def order_rows_with(order_id: int, note: str, created_year: int = 2026) -> tuple[Any, ...]:
