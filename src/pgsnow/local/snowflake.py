@@ -74,6 +74,7 @@ from pgsnow.local.sf_copy_sql import (
     parse_copy_source,
 )
 from pgsnow.local.sf_fakesnow import server_module as fakesnow_server
+from pgsnow.local.sf_function_sql import rewrite_trim_characters
 from pgsnow.local.sf_session_sql import (
     KEPT_SESSION_PARAMETERS,
     CreateStage,
