@@ -683,6 +683,8 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
                 return _error_response(error)
             if replacement is not None:
                 body_json["sqlText"] = replacement
+        if body_json.get("sqlText") == sql_text:
+            body_json["sqlText"] = rewrite_trim_characters(sql_text)
         answered: Response = await fakesnow_server.query_request(_with_body(request, body_json))
         return answered
 
