@@ -620,7 +620,9 @@ SELECT least(
            statement_timestamp(),
            (SELECT min(a.xact_start) FROM pg_catalog.pg_stat_activity a
              WHERE a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL
-               AND a.backend_type = 'client backend')
+               AND a.backend_type = 'client backend'
+               -- a transaction in another database cannot write this table
+               AND a.datname = current_database())
        )::text,
        pg_has_role('pg_read_all_stats', 'USAGE')
 """

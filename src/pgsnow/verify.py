@@ -944,7 +944,13 @@ def verify_table(
         return TableVerification(table, error=exc.message)
     if not pg_conn.autocommit:
         pg_conn.rollback()  # end the catalog read's transaction so the comparison gets its own snapshot
-    return verify_plan(pg_conn, sf_conn, plan, max_keys=max_keys)
+    try:
+        return verify_plan(pg_conn, sf_conn, plan, max_keys=max_keys)
+    finally:
+        # Never leave the session idle in transaction: an open transaction holds back VACUUM and
+        # every incremental extractor's safe watermark in this database.
+        if not pg_conn.autocommit and not pg_conn.closed:
+            pg_conn.rollback()
 
 
 def verify_tables(
