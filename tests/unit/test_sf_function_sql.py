@@ -56,17 +56,34 @@ def test_fakesnow_alone_drops_the_characters() -> None:
         "SELECT TRIM(x) FROM t",
         "SELECT RTRIM(CAST(x AS VARCHAR), '0') FROM t",
         "SELECT 1",
-        "SELECT RTRIM(x, '0') FROM t WHERE y = %s",
-        "SELECT RTRIM(x, '0'); SELECT 2",
     ],
-    ids=["no-characters", "already-cast", "no-trim", "unparsed-placeholder", "two-statements"],
+    ids=["no-characters", "already-cast", "no-trim"],
 )
 def test_other_statements_pass_unchanged(snowflake_sql: str) -> None:
     assert rewrite_trim_characters(snowflake_sql) == snowflake_sql
 
 
-def test_only_the_trim_operand_gains_a_cast() -> None:
-    assert (
-        rewrite_trim_characters('SELECT RTRIM("A", \'0\') AS "T" FROM "DB"."S"."X"')
-        == 'SELECT RTRIM(CAST("A" AS VARCHAR), \'0\') AS "T" FROM "DB"."S"."X"'
-    )
+@pytest.mark.parametrize(
+    ("snowflake_sql", "rewritten"),
+    [
+        (
+            'SELECT RTRIM("A", \'0\') AS "T" FROM "DB"."S"."X"',
+            'SELECT RTRIM(CAST("A" AS VARCHAR), \'0\') AS "T" FROM "DB"."S"."X"',
+        ),
+        (
+            "SELECT rtrim( f(a, b) || 'x' , '0') FROM t WHERE y = %s",
+            "SELECT rtrim( CAST(f(a, b) || 'x' AS VARCHAR) , '0') FROM t WHERE y = %s",
+        ),
+        (
+            "SELECT RTRIM(x, '0'); SELECT LTRIM(y, '-')",
+            "SELECT RTRIM(CAST(x AS VARCHAR), '0'); SELECT LTRIM(CAST(y AS VARCHAR), '-')",
+        ),
+        (
+            "SELECT TRIM(CAST(a AS INT) + 1, '0')",
+            "SELECT TRIM(CAST(CAST(a AS INT) + 1 AS VARCHAR), '0')",
+        ),
+    ],
+    ids=["only-the-operand", "placeholder-and-nested-call", "two-statements", "cast-to-another-type"],
+)
+def test_only_the_trim_operand_gains_a_cast(snowflake_sql: str, rewritten: str) -> None:
+    assert rewrite_trim_characters(snowflake_sql) == rewritten

@@ -5,46 +5,90 @@ operand of every TRIM in a ``CAST(... AS VARCHAR)`` (Snowflake casts implicitly)
 TRIM without its characters and side, so ``RTRIM('3.00', '0')`` runs as ``TRIM(CAST('3.00' AS
 TEXT))`` and returns ``'3.00'``. A TRIM whose operand already is such a cast is left as written, so
 the rewrite adds that cast itself: the same meaning in Snowflake, and fakesnow keeps the rest.
+
+The rewrite inserts text around the operand and changes nothing else in the statement (no
+re-generation through sqlglot, which would re-spell other parts of a long statement).
 """
 
 from __future__ import annotations
 
 import re
 
-import sqlglot
 import sqlglot.errors
-from sqlglot import exp
+from sqlglot.dialects.snowflake import Snowflake
+from sqlglot.tokenizer_core import Token, TokenType
 
 _TRIM_CALL = re.compile(r"TRIM\s*\(", re.IGNORECASE)
-_VARCHAR_TYPES = (exp.DataType.Type.VARCHAR, exp.DataType.Type.TEXT)
+_TRIM_FUNCTIONS = frozenset({"TRIM", "LTRIM", "RTRIM"})
+_OPENING = frozenset({TokenType.L_PAREN, TokenType.L_BRACKET, TokenType.L_BRACE})
+_CLOSING = frozenset({TokenType.R_PAREN, TokenType.R_BRACKET, TokenType.R_BRACE})
+_VARCHAR_TYPES = frozenset({"VARCHAR", "TEXT", "STRING"})
+_CAST_OPEN = "CAST("
+_CAST_CLOSE = " AS VARCHAR)"
 
 
-def _is_varchar_cast(node: exp.Expression) -> bool:
-    return isinstance(node, exp.Cast) and node.to.this in _VARCHAR_TYPES
+def _first_argument(tokens: list[Token], open_index: int) -> tuple[int, int] | None:
+    """Token indexes [first, last] of the first argument of the call opened at ``open_index``,
+    when the call has a second argument; None for a one-argument call or an unbalanced one."""
+    depth = 0
+    for index in range(open_index + 1, len(tokens)):
+        token_type = tokens[index].token_type
+        if token_type in _OPENING:
+            depth += 1
+        elif token_type in _CLOSING:
+            if depth == 0:
+                return None
+            depth -= 1
+        elif token_type is TokenType.COMMA and depth == 0:
+            return (open_index + 1, index - 1) if index > open_index + 1 else None
+    return None
+
+
+def _is_varchar_cast(tokens: list[Token], first: int, last: int) -> bool:
+    """``CAST(<anything> AS VARCHAR)`` and nothing else: fakesnow keeps such a TRIM intact."""
+    if last - first < 4 or tokens[first].text.upper() != "CAST":
+        return False
+    if (
+        tokens[first + 1].token_type is not TokenType.L_PAREN
+        or tokens[last].token_type is not TokenType.R_PAREN
+    ):
+        return False
+    if tokens[last - 1].text.upper() not in _VARCHAR_TYPES or tokens[last - 2].text.upper() != "AS":
+        return False
+    depth = 0
+    for index in range(first + 1, last):  # the CAST's own parenthesis must close at ``last``
+        token_type = tokens[index].token_type
+        depth += token_type in _OPENING
+        depth -= token_type in _CLOSING
+        if depth == 0:
+            return False
+    return True
 
 
 def rewrite_trim_characters(sql_text: str) -> str:
-    """``sql_text`` with each TRIM/LTRIM/RTRIM that names characters given a VARCHAR-cast operand.
+    """``sql_text`` with each ``TRIM/LTRIM/RTRIM(x, chars)`` given a VARCHAR-cast operand.
 
     Statements without such a call (nearly all) are returned unchanged, character for character;
-    so is anything sqlglot cannot parse as one Snowflake statement.
+    so is anything the Snowflake tokenizer cannot read.
     """
     if not _TRIM_CALL.search(sql_text):
         return sql_text
     try:
-        statements = sqlglot.parse(sql_text, read="snowflake")
+        tokens = Snowflake().tokenize(sql_text)
     except sqlglot.errors.SqlglotError:
         return sql_text
-    if len(statements) != 1 or statements[0] is None:
-        return sql_text
-    statement = statements[0]
-    needs_cast = [
-        node
-        for node in statement.find_all(exp.Trim)
-        if node.args.get("expression") is not None and not _is_varchar_cast(node.this)
-    ]
-    if not needs_cast:
-        return sql_text
-    for node in needs_cast:  # in place: a nested TRIM stays in the tree and gets its cast too
-        node.set("this", exp.Cast(this=node.this, to=exp.DataType(this=exp.DataType.Type.VARCHAR)))
-    return statement.sql(dialect="snowflake")
+    insertions: list[tuple[int, str]] = []
+    for index, token in enumerate(tokens[:-1]):
+        if token.text.upper() not in _TRIM_FUNCTIONS or tokens[index + 1].token_type is not TokenType.L_PAREN:
+            continue
+        argument = _first_argument(tokens, index + 1)
+        if argument is None or _is_varchar_cast(tokens, *argument):
+            continue
+        first, last = argument
+        insertions.append((tokens[first].start, _CAST_OPEN))
+        insertions.append((tokens[last].end + 1, _CAST_CLOSE))
+    rewritten = sql_text
+    # From the end, so earlier offsets stay valid; nested calls never insert at the same offset.
+    for offset, text in sorted(insertions, key=lambda item: item[0], reverse=True):
+        rewritten = rewritten[:offset] + text + rewritten[offset:]
+    return rewritten
