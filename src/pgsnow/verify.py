@@ -173,7 +173,8 @@ def _pg_float(x: sql.Composable) -> sql.Composable:
 
 def _sf_float(x: str) -> str:
     exponent = f"CAST(FLOOR(LOG(10, ABS({x}))) AS BIGINT)"
-    # CAST .. AS VARCHAR rather than TO_VARCHAR: the emulator's TO_VARCHAR text is not RTRIM-able.
+    # CAST .. AS VARCHAR rather than TO_VARCHAR: one TO_VARCHAR changed how the emulator translated
+    # a HEX_ENCODE in the same statement (docs/verify.md).
     digits = f"CAST(CAST(FLOOR(ABS({x}) * POWER(10, {FLOAT_SIGNIFICANT_DIGITS - 1} - {exponent}) + 0.5) AS BIGINT) AS VARCHAR)"
     return (
         f"CASE WHEN {x} IS NULL THEN NULL WHEN {x} = 'NaN'::FLOAT THEN 'NaN' "
@@ -193,13 +194,7 @@ def _pg_trimmed_decimal(text: sql.Composable) -> sql.Composable:
 
 
 def _sf_trimmed_decimal(text: str) -> str:
-    # Not RTRIM(.., '.'): the local emulator does not trim '.' (docs/verify.md).
-    zeros_trimmed = f"RTRIM({text}, '0')"
-    return (
-        f"CASE WHEN POSITION('.' IN {text}) = 0 THEN {text} "
-        f"WHEN RIGHT({zeros_trimmed}, 1) = '.' THEN LEFT({zeros_trimmed}, LENGTH({zeros_trimmed}) - 1) "
-        f"ELSE {zeros_trimmed} END"
-    )
+    return f"CASE WHEN POSITION('.' IN {text}) > 0 THEN RTRIM(RTRIM({text}, '0'), '.') ELSE {text} END"
 
 
 def _pg_beyond_calendar(x: sql.Composable, first_day: str) -> sql.Composable:
@@ -264,7 +259,7 @@ def sf_canonical(column: Column, value: str | None = None) -> str:
         case ValueKind.INTEGER:
             return f"CAST({x} AS VARCHAR)"
         case ValueKind.DECIMAL:
-            # CAST, not TO_VARCHAR: the local emulator's TO_VARCHAR result is not trimmed by RTRIM.
+            # CAST, not TO_VARCHAR: see _sf_float.
             return _sf_trimmed_decimal(f"CAST({x} AS VARCHAR)")
         case ValueKind.FLOAT:
             return _sf_float(x)

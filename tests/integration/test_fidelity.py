@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from pgsnow.demo.compare import compare_table
 from pgsnow.errors import PermanentError
 from pgsnow.keys import FileFormat
+from pgsnow.local.stack import SNOWFLAKE_DATABASE
+from pgsnow.postgres import connect
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
     from conftest import PipelineHarness
@@ -75,15 +78,10 @@ VALUES
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="OPEN (issue 7): verify reports rows 2-5 of the edge table as different in both formats; "
-    "not yet diagnosed whether the pipeline or verify's canonical form (e.g. the local Snowflake's "
-    "RTRIM of '3.00' keeps '3.', -0.0, denormal floats) is at fault - see the report",
-)
 @pytest.mark.parametrize("file_format", [FileFormat.CSV, FileFormat.PARQUET], ids=["csv", "parquet"])
 def test_edge_values_round_trip_cell_exact(pipeline: PipelineHarness, file_format: FileFormat) -> None:
-    """Expected: every edge value arrives exactly (verify passes, five rows) and no delivery fails."""
+    """Expected: every edge value arrives exactly (verify passes, five rows; the client-side
+    cell-by-cell comparison agrees) and no delivery fails."""
     # Given the edge-values table
     table = pipeline.table(f"Edge Values {file_format.value}".replace(" ", "_"))
     pipeline.create_table(table, EDGE_COLUMNS, EDGE_ROWS.replace("{", "{{").replace("}", "}}"))
@@ -99,6 +97,14 @@ def test_edge_values_round_trip_cell_exact(pipeline: PipelineHarness, file_forma
     result = pipeline.verify(table)
     assert result.ok, result.summary()
     assert (result.source_rows, result.target_rows) == (5, 5)
+    # and every cell compares equal read back through the connector (exact floats, parsed JSON)
+    pg_conn = connect(pipeline.source_dsn)
+    try:
+        cells = compare_table(pg_conn, pipeline.sf_conn, table, SNOWFLAKE_DATABASE)
+    finally:
+        pg_conn.close()
+    assert cells.ok, cells.detail
+    assert (cells.source_rows, cells.snowflake_rows) == (5, 5)
 
 
 @pytest.mark.parametrize("file_format", [FileFormat.CSV, FileFormat.PARQUET], ids=["csv", "parquet"])
@@ -125,9 +131,8 @@ def test_unrepresentable_values_arrive_as_null_under_the_null_policy(
     pipeline: PipelineHarness, file_format: FileFormat
 ) -> None:
     """Expected (value_policy=null): the run loads; the rows holding an unrepresentable value hold
-    NULL in that cell, and verify names them as different, key by key. Known verify limit: an
-    ``infinity`` timestamp has no canonical text in PostgreSQL (to_char gives NULL), so row 4's
-    NULL is not reported (docs/guarantees.md)."""
+    NULL in that cell, and verify names each of them as different, key by key (the ``infinity``
+    timestamp too: verify gives values outside Snowflake's calendar a text of their own)."""
     table = pipeline.table(f"unrepresentable_null_{file_format.value}")
     pipeline.create_table(table, UNREPRESENTABLE_COLUMNS, UNREPRESENTABLE_ROWS)
     options = json.dumps({table.qualified: {"value_policy": "null"}})
@@ -142,5 +147,5 @@ def test_unrepresentable_values_arrive_as_null_under_the_null_policy(
     result = pipeline.verify(table)
     assert not result.ok
     assert nulls[4][2] is None or nulls[4][2].year == 1970  # the emulator returns NULL TIMESTAMP_TZ as epoch
-    assert sorted(result.different) == ["1", "2", "3"]
+    assert sorted(result.different) == ["1", "2", "3", "4"]
     assert result.missing == result.extra == []

@@ -62,10 +62,8 @@ CANONICAL_CASES = [
     pytest.param("integer", 'CAST("C" AS VARCHAR)', '"c"::text', id="integer"),
     pytest.param(
         "numeric(12,2)",
-        'CASE WHEN POSITION(\'.\' IN CAST("C" AS VARCHAR)) = 0 THEN CAST("C" AS VARCHAR) '
-        "WHEN RIGHT(RTRIM(CAST(\"C\" AS VARCHAR), '0'), 1) = '.' "
-        "THEN LEFT(RTRIM(CAST(\"C\" AS VARCHAR), '0'), LENGTH(RTRIM(CAST(\"C\" AS VARCHAR), '0')) - 1) "
-        "ELSE RTRIM(CAST(\"C\" AS VARCHAR), '0') END",
+        "CASE WHEN POSITION('.' IN CAST(\"C\" AS VARCHAR)) > 0 "
+        "THEN RTRIM(RTRIM(CAST(\"C\" AS VARCHAR), '0'), '.') ELSE CAST(\"C\" AS VARCHAR) END",
         "CASE WHEN position('.' IN \"c\"::text) > 0 THEN rtrim(rtrim(\"c\"::text, '0'), '.') ELSE \"c\"::text END",
         id="decimal-without-scale-padding",
     ),
