@@ -8,15 +8,25 @@ docs/type-mapping.md's: values Snowflake cannot hold fail the run under ``value_
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
+from test_datasets import dataset_script, load_sql_file
 
+from pgsnow.config import Component
 from pgsnow.demo.compare import compare_table
+from pgsnow.demo.pipeline import list_schema_tables
 from pgsnow.errors import PermanentError
+from pgsnow.extract import extract_table
+from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat
+from pgsnow.local.postgres import create_database, start_local_postgres
 from pgsnow.local.stack import SNOWFLAKE_DATABASE
+from pgsnow.manifest import RunManifest
 from pgsnow.postgres import connect
+from pgsnow.verify import TableVerification, verify_table
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
     from conftest import PipelineHarness
@@ -149,3 +159,124 @@ def test_unrepresentable_values_arrive_as_null_under_the_null_policy(
     assert nulls[4][2] is None or nulls[4][2].year == 1970  # the emulator returns NULL TIMESTAMP_TZ as epoch
     assert sorted(result.different) == ["1", "2", "3", "4"]
     assert result.missing == result.extra == []
+
+
+# ----------------------------------------------------------------------------- third-party datasets
+#
+# Northwind and Chinook (read from ../shared/datasets or PGSNOW_DATASETS_DIR; not shipped with
+# pgsnow) are loaded once per module into their own databases, then every table of each goes
+# through the pipeline in both formats and in the merge and replace write modes. The targets are
+# dropped before each case, so each case is a first load of its own.
+
+DATASET_SCHEMA = "public"
+
+
+@dataclass(frozen=True)
+class LoadedDataset:
+    dsn: str
+    tables: list[TableRef]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LoadedDataset]]:
+    """Each dataset loaded (once, lazily) into a fresh database ``pgsnow_fidelity_<name>``."""
+    admin = start_local_postgres(environ={})
+
+    class _Loader(dict[str, LoadedDataset]):
+        def __missing__(self, name: str) -> LoadedDataset:
+            script = dataset_script(name)  # skips with a clear message when the directory is absent
+            dsn = create_database(admin.dsn, f"pgsnow_fidelity_{name}", drop_existing=True)
+            load_sql_file(dsn, script, tmp_path_factory.mktemp(name))
+            tables = list_schema_tables(dsn, DATASET_SCHEMA)
+            assert tables, f"{name} created no tables in schema {DATASET_SCHEMA}"
+            dataset = LoadedDataset(dsn, tables)
+            self[name] = dataset
+            return dataset
+
+    try:
+        yield _Loader()
+    finally:
+        admin.stop()
+
+
+def _drop_targets(pipeline: PipelineHarness, tables: list[TableRef]) -> None:
+    with pipeline.sf_conn.cursor() as cur:
+        for table in tables:
+            target = quote_qualified(SNOWFLAKE_DATABASE, table.snowflake_schema, table.snowflake_table)
+            cur.execute(f"DROP TABLE IF EXISTS {target}")
+
+
+def _replicate(
+    pipeline: PipelineHarness, dataset: LoadedDataset, file_format: FileFormat, write_mode: str
+) -> list[RunManifest]:
+    """Extract every table of ``dataset`` with ``write_mode``, then let the loader drain the queue."""
+    options = json.dumps({t.qualified: {"write_mode": write_mode} for t in dataset.tables})
+    settings = pipeline.settings(Component.EXTRACTOR, PGSNOW_TABLE_OPTIONS=options)
+    manifests: list[RunManifest] = []
+    pg_conn = connect(dataset.dsn)
+    try:
+        for table in dataset.tables:
+            manifests.append(
+                extract_table(
+                    settings=settings, pg_conn=pg_conn, s3=pipeline.s3(), table=table, file_format=file_format
+                )
+            )
+    finally:
+        pg_conn.close()
+    recorder, dispatcher = pipeline.loader()
+    dispatcher.run_until_idle()
+    assert [d.s3_keys() for d in recorder.deliveries if d.failed] == []
+    return manifests
+
+
+def _verify_all(pipeline: PipelineHarness, dataset: LoadedDataset) -> list[TableVerification]:
+    pg_conn = connect(dataset.dsn)
+    try:
+        return [verify_table(pg_conn, pipeline.sf_conn, t, SNOWFLAKE_DATABASE) for t in dataset.tables]
+    finally:
+        pg_conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("write_mode", ["merge", "replace"])
+@pytest.mark.parametrize("file_format", [FileFormat.CSV, FileFormat.PARQUET], ids=["csv", "parquet"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            "northwind",
+            marks=pytest.mark.xfail(
+                strict=False,
+                reason="OPEN (issue 7): the local Snowflake's MERGE from an empty work table (Northwind's "
+                "empty customer_customer_demo/customer_demographics) answers NULL row counts, and the "
+                "real connector raises TypeError on them, failing the whole SQS batch; real Snowflake "
+                "answers 0. Fix belongs in pgsnow.local (answer 0), not in the test.",
+            ),
+        ),
+        "chinook",
+    ],
+)
+def test_dataset_replicates_and_verify_passes_for_every_table(
+    pipeline: PipelineHarness,
+    datasets: dict[str, LoadedDataset],
+    name: str,
+    file_format: FileFormat,
+    write_mode: str,
+) -> None:
+    """Expected: every table of the dataset arrives with every row (verify passes per table), in
+    the format and write mode asked for, with no failed delivery."""
+    # Given the dataset in PostgreSQL and none of its tables in Snowflake
+    dataset = datasets[name]
+    _drop_targets(pipeline, dataset.tables)
+
+    # When every table is extracted with the write mode and the loader drains the queue
+    manifests = _replicate(pipeline, dataset, file_format, write_mode)
+
+    # Then each run used that format and mode, and verify finds every table identical
+    assert {m.write_mode for m in manifests} == {write_mode}
+    assert {f.file_format for m in manifests for f in m.files} == {file_format}
+    results = _verify_all(pipeline, dataset)
+    failures = [r.summary() for r in results if not r.ok]
+    assert not failures, "\n".join(failures)
+    assert all(r.keyed for r in results), "every table of these datasets has a primary key"
+    assert sum(r.source_rows for r in results) > 0
