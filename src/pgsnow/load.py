@@ -668,7 +668,10 @@ def _copy_in_transaction(
             copy_rows = _insert_or_copy(loader, to_load, columns, copy_target, manifest)
             copy_ms = _elapsed_ms(copy_started)
             checked = check_copy_results(copy_rows, to_load)
-            if work_table is not None and manifest is not None:
+            # An empty work table has nothing to merge: skip the statement (it would only cost
+            # warehouse time) rather than send a MERGE that changes no row.
+            loaded_rows = sum(c.rows_loaded for c in checked if c.error is None)
+            if work_table is not None and manifest is not None and loaded_rows > 0:
                 _execute(
                     sf_conn,
                     build_merge_from(

@@ -243,16 +243,7 @@ def _verify_all(pipeline: PipelineHarness, dataset: LoadedDataset) -> list[Table
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(
-            "northwind",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="OPEN (issue 7): the local Snowflake's MERGE from an empty work table (Northwind's "
-                "empty customer_customer_demo/customer_demographics) answers NULL row counts, and the "
-                "real connector raises TypeError on them, failing the whole SQS batch; real Snowflake "
-                "answers 0. Fix belongs in pgsnow.local (answer 0), not in the test.",
-            ),
-        ),
+        "northwind",
         "chinook",
     ],
 )
