@@ -10,209 +10,38 @@ Snowflake.
 
 from __future__ import annotations
 
-import gzip
 import json
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
-from psycopg2 import sql
+from lifecycle_support import (  # noqa: F401 - fixtures, registered by importing them
+    FILES_PER_RUN,
+    corrupt,
+    dispatcher,
+    drain,
+    exists,
+    pg_conn,
+    s3,
+    settings_with,
+    sf_conn,
+    source_schema,
+    sqs,
+    stack,
+    stage_run,
+    table,
+)
 from psycopg2.extensions import connection as PgConnection
 
 from pgsnow.cleanup import cleanup_pending_runs
 from pgsnow.cli import main
-from pgsnow.config import Component, Settings
-from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import FileFormat, parse_data_key
-from pgsnow.load import LoadStatus, load_staged_files
 from pgsnow.local.dispatcher import SqsDispatcher
-from pgsnow.local.postgres import create_database, start_local_postgres
-from pgsnow.local.stack import LocalStack, load_function_handler, process_environment, start_stack
-from pgsnow.manifest import RunManifest
-from pgsnow.postgres import connect
-from pgsnow.runtime import reset_runtime
+from pgsnow.local.stack import LocalStack, process_environment
 from pgsnow.status import collect_status
 from pgsnow.sweeper import build_object_created_event
 
 pytestmark = pytest.mark.integration
-
-SOURCE_DATABASE = "test"
-ROWS_PER_FILE = 2
-SOURCE_ROWS = [(n, f"item {n}") for n in range(1, 7)]  # three files of two rows
-FILES_PER_RUN = 3
-ORPHAN_AGE_MINUTES = 5
-RETENTION_DAYS = 2
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def source_schema() -> Iterator[tuple[str, str]]:
-    admin = start_local_postgres(environ={})
-    dsn = create_database(admin.dsn, SOURCE_DATABASE)
-    schema = f"pgsnow_stat_{uuid.uuid4().hex[:8]}"
-    conn = connect(dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    try:
-        yield dsn, schema
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-        conn.close()
-        admin.stop()
-
-
-@pytest.fixture(scope="module")
-def pg_conn(source_schema: tuple[str, str]) -> Iterator[PgConnection]:
-    conn = connect(source_schema[0])
-    conn.autocommit = True
-    yield conn
-    conn.close()
-
-
-@pytest.fixture(scope="module")
-def stack(source_schema: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    local = start_stack(
-        pg_dsn=source_schema[0],
-        data_dir=tmp_path_factory.mktemp("status"),
-        bucket=f"pgsnow-stat-{uuid.uuid4().hex[:8]}",
-        visibility_timeout=1,
-        max_receive_count=1,  # a failed file goes to the dead-letter queue on its first failure
-    )
-    local.env.update(
-        {
-            "EXTRACT_BATCH_ROWS": str(ROWS_PER_FILE),
-            "LOADER_QUEUE_URL": local.resources.queue_url,
-            "LOADER_DLQ_URL": local.resources.dlq_url,
-            "CLEANUP_ORPHAN_AGE_MINUTES": str(ORPHAN_AGE_MINUTES),
-            "S3_STAGE_RETENTION_DAYS": str(RETENTION_DAYS),
-        }
-    )
-    try:
-        with process_environment(local.env):
-            reset_runtime()
-            yield local
-    finally:
-        reset_runtime()
-        local.stop()
-
-
-@pytest.fixture(scope="module")
-def sf_conn(stack: LocalStack) -> Iterator[Any]:
-    conn = stack.snowflake_connection()
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-def s3(stack: LocalStack) -> Any:
-    return stack.aws.client("s3")
-
-
-@pytest.fixture
-def sqs(stack: LocalStack) -> Any:
-    """The SQS client; the loader queue starts each test empty (earlier tests' notifications are gone)."""
-    client = stack.aws.client("sqs")
-    drain(client, stack.resources.queue_url)
-    return client
-
-
-@pytest.fixture
-def dispatcher(stack: LocalStack) -> SqsDispatcher:
-    return SqsDispatcher(
-        stack.aws, stack.resources.queue_url, load_function_handler("loader"), wait_seconds=1
-    )
-
-
-@pytest.fixture
-def table(pg_conn: PgConnection, source_schema: tuple[str, str]) -> TableRef:
-    ref = TableRef(source_schema[1], f"items_{uuid.uuid4().hex[:8]}")
-    name = sql.Identifier(ref.schema, ref.table)
-    with pg_conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE TABLE {} (id integer PRIMARY KEY, label text)").format(name))
-        cur.executemany(sql.SQL("INSERT INTO {} VALUES (%s, %s)").format(name), SOURCE_ROWS)
-    return ref
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def drain(sqs: Any, queue_url: str) -> int:
-    """Receive and delete every visible message: the notifications are lost (PurgeQueue allows one a minute)."""
-    drained = 0
-    while messages := sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get(
-        "Messages", []
-    ):
-        for message in messages:
-            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
-        drained += len(messages)
-    return drained
-
-
-def settings_with(stack: LocalStack, **env: str) -> Settings:
-    return Settings.from_env({**stack.env, **env}, component=Component.CLEANUP)
-
-
-def stage_run(stack: LocalStack, pg_conn: PgConnection, s3: Any, table: TableRef) -> RunManifest:
-    manifest = extract_table(
-        settings=stack.settings(Component.EXTRACTOR),
-        pg_conn=pg_conn,
-        s3=s3,
-        table=table,
-        file_format=FileFormat.CSV,
-    )
-    assert len(manifest.files) == FILES_PER_RUN
-    return manifest
-
-
-def load_keys(stack: LocalStack, sf_conn: Any, s3: Any, keys: list[str]) -> None:
-    settings = stack.settings(Component.LOADER)
-    results = load_staged_files(
-        settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(k, settings.prefix) for k in keys]
-    )
-    assert [r.status for r in results] == [LoadStatus.LOADED] * len(keys)
-
-
-def versions(s3: Any, bucket: str, key: str) -> tuple[int, int]:
-    """(data versions, delete markers) of exactly ``key``."""
-    listing = s3.list_object_versions(Bucket=bucket, Prefix=key)
-    data = sum(1 for v in listing.get("Versions", []) if v["Key"] == key)
-    markers = sum(1 for m in listing.get("DeleteMarkers", []) if m["Key"] == key)
-    return data, markers
-
-
-def exists(s3: Any, bucket: str, key: str) -> bool:
-    try:
-        s3.head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] in {"404", "NoSuchKey"}:
-            return False
-        raise
-    return True
-
-
-def tags(s3: Any, bucket: str, key: str) -> dict[str, str]:
-    return {t["Key"]: t["Value"] for t in s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]}
-
-
-def corrupt(s3: Any, bucket: str, key: str) -> None:
-    """Replace a staged file's bytes with a CSV the loader cannot COPY, keeping its pgsnow metadata."""
-    head = s3.head_object(Bucket=bucket, Key=key)
-    s3.put_object(
-        Bucket=bucket,
-        Key=key,
-        Body=gzip.compress(b"id,label\nnot-a-number,x\n"),
-        Metadata=head["Metadata"],
-        ContentType="text/csv; charset=utf-8",
-        ContentEncoding="gzip",
-    )
 
 
 def send_notification(stack: LocalStack, sqs: Any, key: str) -> None:
