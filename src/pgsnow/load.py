@@ -316,6 +316,39 @@ def _manifest_mismatch(loader: _Loader, staged: StagedObject, facts: ObjectFacts
     )
 
 
+def _claim_file(
+    loader: _Loader, staged: StagedObject, facts: ObjectFacts, started: float
+) -> FileOutcome | None:
+    """Claim the key in the ledger (inside the caller's transaction).
+
+    Returns the ``already_loaded`` outcome when the ledger shows this content loaded, None when
+    the file still has to be loaded; changed content under a loaded key is a PermanentError.
+    """
+    database, control_schema = loader.database, loader.control_schema
+    claim = LedgerClaim(
+        staged.key, facts.etag, facts.sha256, facts.run_id, staged.table.schema, staged.table.table
+    )
+    _execute(loader.sf_conn, *build_claim_file(database, control_schema, claim))
+    entry = _ledger_entry(loader.sf_conn, database, control_schema, staged.key)
+    if entry is None or not entry.is_loaded:
+        return None
+    if not _same_content(entry, facts):
+        raise PermanentError(
+            "changed file under a loaded key: the key was loaded with other content "
+            f"(etag {entry.etag}, sha256 {entry.sha256}); stage changed data under a new key",
+            s3_key=staged.key,
+        )
+    result = LoadResult(
+        staged.key,
+        staged.table.qualified,
+        LoadStatus.ALREADY_LOADED,
+        entry.rows_loaded or 0,
+        _elapsed_ms(started),
+        staged.run_id,
+    )
+    return FileOutcome(staged, result=result)
+
+
 def _elapsed_ms(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
 
@@ -640,27 +673,8 @@ def _copy_in_transaction(
     try:
         to_load: list[tuple[StagedObject, ObjectFacts]] = []
         for staged, facts in present:
-            claim = LedgerClaim(
-                staged.key, facts.etag, facts.sha256, facts.run_id, staged.table.schema, staged.table.table
-            )
-            _execute(sf_conn, *build_claim_file(database, control_schema, claim))
-            entry = _ledger_entry(sf_conn, database, control_schema, staged.key)
-            if entry is not None and entry.is_loaded:
-                if not _same_content(entry, facts):
-                    raise PermanentError(
-                        "changed file under a loaded key: the key was loaded with other content "
-                        f"(etag {entry.etag}, sha256 {entry.sha256}); stage changed data under a new key",
-                        s3_key=staged.key,
-                    )
-                result = LoadResult(
-                    staged.key,
-                    staged.table.qualified,
-                    LoadStatus.ALREADY_LOADED,
-                    entry.rows_loaded or 0,
-                    _elapsed_ms(started),
-                    staged.run_id,
-                )
-                outcomes.append(FileOutcome(staged, result=result))
+            if (done := _claim_file(loader, staged, facts, started)) is not None:
+                outcomes.append(done)
             else:
                 to_load.append((staged, facts))
         if to_load:
@@ -927,27 +941,8 @@ def _load_through_snowpipe(
     sf_conn.autocommit(False)
     try:
         for staged, facts in present:
-            claim = LedgerClaim(
-                staged.key, facts.etag, facts.sha256, facts.run_id, staged.table.schema, staged.table.table
-            )
-            _execute(sf_conn, *build_claim_file(database, control_schema, claim))
-            entry = _ledger_entry(sf_conn, database, control_schema, staged.key)
-            if entry is not None and entry.is_loaded:
-                if not _same_content(entry, facts):
-                    raise PermanentError(
-                        "changed file under a loaded key: the key was loaded with other content "
-                        f"(etag {entry.etag}, sha256 {entry.sha256}); stage changed data under a new key",
-                        s3_key=staged.key,
-                    )
-                result = LoadResult(
-                    staged.key,
-                    staged.table.qualified,
-                    LoadStatus.ALREADY_LOADED,
-                    entry.rows_loaded or 0,
-                    _elapsed_ms(started),
-                    staged.run_id,
-                )
-                outcomes[staged.key] = FileOutcome(staged, result=result)
+            if (done := _claim_file(loader, staged, facts, started)) is not None:
+                outcomes[staged.key] = done
             else:
                 to_submit.append((staged, facts))
         if to_submit:
