@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pgsnow.errors import PgSnowError
+from pgsnow.errors import PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.manifest import RunManifest
 from pgsnow.verify import DEFAULT_MAX_KEYS, VerifyReport, verify_tables
@@ -22,6 +23,8 @@ from pgsnow.verify import DEFAULT_MAX_KEYS, VerifyReport, verify_tables
 DEMO_SCHEMA = "shop"
 DEFAULT_DATA_DIR = Path(".pgsnow")  # as the other commands
 UNUSED_S3_ENDPOINT = "http://127.0.0.1:9"  # discard port: verify reads no stage
+
+T = TypeVar("T")
 
 
 def _progress(message: str) -> None:
@@ -125,14 +128,35 @@ def _verify_from_env(args: argparse.Namespace) -> VerifyReport:
     database = settings.snowflake.database
     if not database:
         raise ConfigError(["SNOWFLAKE_DATABASE is needed to verify"])
-    manifests = latest_manifests(boto3.client("s3"), settings.bucket, tables)
-    pg_conn = connect(postgres_dsn(settings), statement_timeout_ms=settings.postgres.statement_timeout_ms)
-    sf_conn = snowflake_connect(settings.snowflake)
+    manifests = _aws_read(
+        f"the run manifests in bucket {settings.bucket}",
+        lambda: latest_manifests(boto3.client("s3"), settings.bucket, tables),
+    )
+    dsn = _aws_read("the PostgreSQL secret (PGSNOW_PG_SECRET_ARN)", lambda: postgres_dsn(settings))
+    pg_conn = connect(dsn, statement_timeout_ms=settings.postgres.statement_timeout_ms)
     try:
-        return verify_tables(pg_conn, sf_conn, tables, database, manifests=manifests, max_keys=args.max_keys)
+        sf_conn = snowflake_connect(settings.snowflake)
+        try:
+            return verify_tables(
+                pg_conn, sf_conn, tables, database, manifests=manifests, max_keys=args.max_keys
+            )
+        finally:
+            sf_conn.close()
     finally:
         pg_conn.close()
-        sf_conn.close()
+
+
+def _aws_read(what: str, read: Callable[[], T]) -> T:
+    """Run ``read``; an AWS refusal (no such bucket or secret, access denied) becomes a one-line error."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return read()
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code") or type(exc).__name__
+        raise PermanentError(f"cannot read {what}: {code}") from exc
+    except BotoCoreError as exc:
+        raise RetryableError(f"cannot read {what}: {type(exc).__name__}") from exc
 
 
 def latest_manifests(s3: Any, bucket: str, tables: list[TableRef]) -> dict[TableRef, RunManifest]:
