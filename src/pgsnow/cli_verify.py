@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pgsnow.errors import PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef
-from pgsnow.manifest import RunManifest
+from pgsnow.manifest import RunManifest, RunState
 from pgsnow.verify import DEFAULT_MAX_KEYS, VerifyReport, verify_tables
 
 DEMO_SCHEMA = "shop"
@@ -160,7 +160,12 @@ def _aws_read(what: str, read: Callable[[], T]) -> T:
 
 
 def latest_manifests(s3: Any, bucket: str, tables: list[TableRef]) -> dict[TableRef, RunManifest]:
-    """Each table's newest manifest that has a watermark (incremental runs), if any."""
+    """Each table's newest loaded run manifest, when that run has a watermark (an incremental run).
+
+    An older run's watermark is never used: once a newer run has loaded (a full reload, say, after
+    the table left incremental mode), bounding the comparison by the old watermark would leave
+    every row the newer run brought out of it.
+    """
     from pgsnow.keys import manifest_key
 
     found: dict[TableRef, RunManifest] = {}
@@ -173,7 +178,8 @@ def latest_manifests(s3: Any, bucket: str, tables: list[TableRef]) -> dict[Table
         for key in sorted(keys, reverse=True):
             body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
             manifest = RunManifest.from_json(body, s3_key=key)
-            if manifest.watermark_after is not None and manifest.state.value == "loaded":
-                found[table] = manifest
+            if manifest.state is RunState.LOADED:
+                if manifest.watermark_after is not None:
+                    found[table] = manifest
                 break
     return found
