@@ -1,17 +1,18 @@
-"""Shared fixtures for the proof suites: test_faults, test_bad_input and test_fidelity.
+"""Shared fixtures for the suites that run the whole pipeline: test_faults, test_bad_input,
+test_fidelity, test_pipeline, test_verify and test_verify_from_env.
 
 ``pipeline`` is one local stack per test module (the local PostgreSQL, a moto server over
 HTTP, the local Snowflake spoken to by the real connector) with a source schema of its own
 in database ``test``, dropped afterwards. Its queue has a one-second visibility timeout and a
 maxReceiveCount of two, so a failing message reaches the dead-letter queue within seconds
-through SQS's own redrive. Other modules keep their own fixtures; these names are distinct
-from theirs so nothing is overridden by accident.
+through SQS's own redrive. The building blocks (schema, stack, connections) are in
+stack_support.py, for modules that need a stack set up differently. Other modules keep their
+own fixtures; these names are distinct from theirs so nothing is overridden by accident.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,29 +21,25 @@ from urllib.parse import unquote_plus
 import pytest
 from psycopg2 import sql
 from psycopg2.extensions import connection as PgConnection
+from stack_support import (
+    MAX_RECEIVE_COUNT,
+    VISIBILITY_TIMEOUT_S,
+    autocommit_connection,
+    new_source_schema,
+    running_stack,
+    snowflake_session,
+)
 
 from pgsnow.config import Component, Settings
 from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat
 from pgsnow.local.dispatcher import SqsDispatcher
-from pgsnow.local.postgres import create_database, start_local_postgres
-from pgsnow.local.stack import (
-    SNOWFLAKE_DATABASE,
-    LocalStack,
-    load_function_handler,
-    process_environment,
-    start_stack,
-)
+from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, load_function_handler
 from pgsnow.manifest import RunManifest
 from pgsnow.postgres import connect
-from pgsnow.runtime import reset_runtime
 from pgsnow.snowflake import LEDGER_TABLE
 from pgsnow.verify import TableVerification, verify_table
-
-SOURCE_DATABASE = "test"
-VISIBILITY_TIMEOUT_S = 1
-MAX_RECEIVE_COUNT = 2
 
 
 @dataclass
@@ -247,32 +244,17 @@ class PipelineHarness:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineHarness]:
     """One local stack and one source schema per module; the handlers read this stack's environment."""
-    admin = start_local_postgres(environ={})
-    source_dsn = create_database(admin.dsn, SOURCE_DATABASE)  # kept if it exists
-    schema = f"pgsnow_proof_{uuid.uuid4().hex[:8]}"
-    setup_conn = connect(source_dsn)
-    setup_conn.autocommit = True
-    with setup_conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    local = start_stack(
-        pg_dsn=source_dsn,
-        data_dir=tmp_path_factory.mktemp("proof"),
-        bucket=f"pgsnow-proof-{uuid.uuid4().hex[:8]}",
-        visibility_timeout=VISIBILITY_TIMEOUT_S,
-        max_receive_count=MAX_RECEIVE_COUNT,
-    )
-    try:
-        with process_environment(local.env):
-            reset_runtime()  # the handlers cache settings: make them read this stack's
-            sf_conn = local.snowflake_connection()
-            try:
-                yield PipelineHarness(local, source_dsn, schema, setup_conn, sf_conn)
-            finally:
-                sf_conn.close()
-    finally:
-        reset_runtime()
-        local.stop()
-        with setup_conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-        setup_conn.close()
-        admin.stop()
+    with (
+        new_source_schema("pgsnow_proof") as (source_dsn, schema),
+        autocommit_connection(source_dsn) as setup_conn,
+        running_stack(
+            source_dsn,
+            tmp_path_factory.mktemp("proof"),
+            "pgsnow-proof",
+            for_handlers=True,
+            visibility_timeout=VISIBILITY_TIMEOUT_S,
+            max_receive_count=MAX_RECEIVE_COUNT,
+        ) as local,
+        snowflake_session(local) as sf_conn,
+    ):
+        yield PipelineHarness(local, source_dsn, schema, setup_conn, sf_conn)

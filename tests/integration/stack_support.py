@@ -1,0 +1,196 @@
+"""Building blocks of the integration suites' module-scoped fixtures.
+
+Each is a context manager, so a module's fixture is a ``with`` and a ``yield``:
+
+* ``new_source_schema(prefix)``: a schema of the module's own in database ``test`` on the local
+  PostgreSQL, dropped (CASCADE) afterwards;
+* ``autocommit_connection(dsn)``: for DDL and source writes (never left idle in transaction);
+* ``running_stack(...)``: ``start_stack`` with a bucket name of its own (moto keeps one state per
+  process), optionally with its environment in place for the function handlers;
+* ``snowflake_session(stack)``: a connection to the stack's local Snowflake.
+
+The extractor suites, which need only PostgreSQL and a moto server, share fixtures below the
+building blocks (``pg_dsn``, ``admin``, ``schema_name``, ``aws``, ``s3``, ``pg_conn``): a module
+registers them by importing them.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+from psycopg2 import sql
+from psycopg2.extensions import connection as PgConnection
+
+from pgsnow.config import postgres_env
+from pgsnow.local.aws import LocalAws, start_local_aws
+from pgsnow.local.postgres import create_database, start_local_postgres
+from pgsnow.local.stack import LocalStack, process_environment, start_stack
+from pgsnow.postgres import connect
+from pgsnow.runtime import reset_runtime
+
+SOURCE_DATABASE = "test"
+PG_DSN_DEFAULT = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+# conftest's ``pipeline`` queue: a failing message is dead-lettered within seconds by SQS's own redrive.
+VISIBILITY_TIMEOUT_S = 1
+MAX_RECEIVE_COUNT = 2
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def unique_name(prefix: str, digits: int = 8) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:digits]}"
+
+
+def postgres_secret_arn(secrets_client: Any, dsn: str) -> str:
+    """A Secrets Manager secret in the RDS format the deployed functions read, for ``dsn``; its ARN."""
+    libpq = psycopg2.extensions.parse_dsn(dsn)
+    secret = {
+        "host": libpq.get("host", "127.0.0.1"),
+        "port": int(libpq.get("port", 5432)),
+        "username": libpq.get("user", "postgres"),
+        "password": libpq.get("password", "unused-with-trust-auth"),
+        "dbname": libpq.get("dbname", "test"),
+        "sslmode": "disable",  # loopback server without TLS; deployed secrets default to require
+    }
+    arn: str = secrets_client.create_secret(
+        Name=unique_name("pgsnow/postgres-"), SecretString=json.dumps(secret)
+    )["ARN"]
+    return arn
+
+
+@contextmanager
+def autocommit_connection(dsn: str) -> Iterator[PgConnection]:
+    conn = connect(dsn)
+    conn.autocommit = True
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextmanager
+def new_source_schema(prefix: str) -> Iterator[tuple[str, str]]:
+    """(DSN of database ``test``, schema ``{prefix}_<8 hex>``, created); the schema is dropped afterwards."""
+    admin = start_local_postgres(environ={})
+    dsn = create_database(admin.dsn, SOURCE_DATABASE)  # kept if it exists
+    schema = unique_name(f"{prefix}_")
+    try:
+        with autocommit_connection(dsn) as conn:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            try:
+                yield dsn, schema
+            finally:
+                with conn.cursor() as cur:
+                    cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    finally:
+        admin.stop()
+
+
+@contextmanager
+def running_stack(
+    pg_dsn: str,
+    data_dir: Path,
+    bucket_prefix: str,
+    *,
+    env: Mapping[str, str] | Callable[[LocalStack], Mapping[str, str]] | None = None,
+    for_handlers: bool = False,
+    **options: Any,
+) -> Iterator[LocalStack]:
+    """A local stack whose bucket is ``{bucket_prefix}-<8 hex>``; ``env`` is added to its environment
+    (a callable is given the started stack, for values that name its queues or bucket).
+
+    With ``for_handlers`` its environment is also put in this process's for the duration (the
+    functions' handlers read ``os.environ``), and the handlers' cached settings are reset on the
+    way in and out. ``options`` go to ``start_stack`` (visibility_timeout, max_receive_count, ...).
+    """
+    local = start_stack(pg_dsn=pg_dsn, data_dir=data_dir, bucket=unique_name(f"{bucket_prefix}-"), **options)
+    local.env.update((env(local) if callable(env) else env) or {})
+    try:
+        if not for_handlers:
+            yield local
+            return
+        with process_environment(local.env):
+            reset_runtime()  # the handlers cache settings: make them read this stack's
+            try:
+                yield local
+            finally:
+                reset_runtime()
+    finally:
+        local.stop()
+
+
+@contextmanager
+def snowflake_session(stack: LocalStack) -> Iterator[Any]:
+    conn = stack.snowflake_connection()
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- extractor suites' fixtures
+
+
+@pytest.fixture(scope="module")
+def pg_dsn() -> str:
+    """PGSNOW_PG_DSN when set (read through pgsnow.config), else the loopback server's test database."""
+    return postgres_env().get("PGSNOW_PG_DSN") or PG_DSN_DEFAULT
+
+
+@pytest.fixture(scope="module")
+def admin(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
+    conn = psycopg2.connect(pg_dsn)
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def schema_name(admin: psycopg2.extensions.connection, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A schema of the module's own, ``pgsnow_<module without test_>_<10 hex>``, dropped afterwards."""
+    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    name = unique_name(f"pgsnow_{module}_", 10)
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    yield name
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="module")
+def aws() -> Iterator[LocalAws]:
+    local = start_local_aws()
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(aws: LocalAws) -> Any:
+    return aws.client("s3")
+
+
+@pytest.fixture
+def pg_conn(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
+    """The extractor's connection (not autocommit: a run reads one snapshot)."""
+    conn = connect(pg_dsn)
+    yield conn
+    conn.close()
+
+
+def new_bucket(s3: Any, prefix: str, *, versioned: bool = False) -> str:
+    """A bucket no other test uses (moto's state is shared by the whole process)."""
+    name = unique_name(f"{prefix}-", 12)
+    s3.create_bucket(Bucket=name)
+    if versioned:
+        s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    return name
