@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - fixtures imported from stack_support are parameters by the same name
 """The extractor against real servers: PostgreSQL on loopback and a moto S3 server over HTTP.
 
 Every staged file is read back (gzip + an RFC 4180 reader that keeps NULL apart from '',
@@ -27,13 +28,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from psycopg2 import sql
+from stack_support import (  # noqa: F401 - fixtures, registered by importing them
+    admin,
+    aws,
+    new_bucket,
+    pg_conn,
+    pg_dsn,
+    postgres_secret_arn,
+    s3,
+    schema_name,
+)
 
-from pgsnow.config import Component, Settings, postgres_env
+from pgsnow.config import Component, Settings
 from pgsnow.errors import PermanentError, RetryableError, UnsafeIdentifierError
 from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, manifest_key, table_prefix
-from pgsnow.local.aws import LocalAws, start_local_aws
+from pgsnow.local.aws import LocalAws
 from pgsnow.local.dispatcher import LambdaContext
 from pgsnow.local.stack import load_function_handler
 from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, RunManifest, RunState
@@ -43,63 +54,16 @@ from pgsnow.staging import get_manifest
 
 pytestmark = pytest.mark.integration
 
-PG_DSN_DEFAULT = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 PREFIX = "staging"
 
 
-# --- fixtures -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_dsn() -> str:
-    """PGSNOW_PG_DSN when set (read through pgsnow.config), else the loopback server's test database."""
-    return postgres_env().get("PGSNOW_PG_DSN") or PG_DSN_DEFAULT
-
-
-@pytest.fixture(scope="module")
-def admin(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
-    conn = psycopg2.connect(pg_dsn)
-    conn.autocommit = True
-    yield conn
-    conn.close()
-
-
-@pytest.fixture(scope="module")
-def schema_name(admin: psycopg2.extensions.connection) -> Iterator[str]:
-    name = f"pgsnow_extract_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    yield name
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
-
-
-@pytest.fixture(scope="module")
-def aws() -> Iterator[LocalAws]:
-    local = start_local_aws()
-    yield local
-    local.stop()
-
-
-@pytest.fixture(scope="module")
-def s3(aws: LocalAws) -> Any:
-    return aws.client("s3")
+# --- fixtures (pg_dsn, admin, schema_name, aws, s3, pg_conn: stack_support) -----------------------
 
 
 @pytest.fixture
 def bucket(s3: Any) -> str:
     """A fresh versioned bucket, so both writes of a manifest can be read back."""
-    name = f"pgsnow-test-{uuid.uuid4().hex[:12]}"
-    s3.create_bucket(Bucket=name)
-    s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
-    return name
-
-
-@pytest.fixture
-def pg_conn(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
-    conn = connect(pg_dsn)
-    yield conn
-    conn.close()
+    return new_bucket(s3, "pgsnow-test", versioned=True)
 
 
 def make_settings(
@@ -410,8 +374,7 @@ def staged_kinds(
     run_sql(admin, "RESET search_path")
 
     # When it is extracted once as CSV and once as Parquet
-    bucket = f"pgsnow-kinds-{uuid.uuid4().hex[:10]}"
-    s3.create_bucket(Bucket=bucket)
+    bucket = new_bucket(s3, "pgsnow-kinds")
     settings = make_settings(bucket, pg_dsn)
     manifests = {}
     conn = connect(pg_dsn)
@@ -787,18 +750,7 @@ def extractor_handler(
     table = TableRef(schema_name, f"handled_{uuid.uuid4().hex[:8]}")
     create_table(admin, table, "id bigint PRIMARY KEY, label text")
     insert_rows(admin, table, ["id", "label"], [(i, f"label {i}") for i in range(1, 6)])
-    libpq = psycopg2.extensions.parse_dsn(pg_dsn)
-    secret = {
-        "host": libpq.get("host", "127.0.0.1"),
-        "port": int(libpq.get("port", 5432)),
-        "username": libpq.get("user", "postgres"),
-        "password": libpq.get("password", "unused-with-trust-auth"),
-        "dbname": libpq.get("dbname", "test"),
-        "sslmode": "disable",  # loopback server without TLS; deployed secrets default to require
-    }
-    secret_arn = aws.client("secretsmanager").create_secret(
-        Name=f"pgsnow-test-{uuid.uuid4().hex[:8]}", SecretString=json.dumps(secret)
-    )["ARN"]
+    secret_arn = postgres_secret_arn(aws.client("secretsmanager"), pg_dsn)
     for name, value in {
         **aws.env(),
         "S3_STAGE_BUCKET": bucket,

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - fixtures imported from stack_support are parameters by the same name
 """Incremental, chunked and resumable extraction against real servers (PostgreSQL on loopback, moto over HTTP).
 
 Covers issue 3's done-when cases: a late-committing transaction's rows arrive in the next run;
@@ -25,14 +26,23 @@ import psycopg2.extensions
 import pyarrow.parquet as pq
 import pytest
 from psycopg2 import sql
+from stack_support import (  # noqa: F401 - fixtures, registered by importing them
+    admin,
+    aws,
+    new_bucket,
+    pg_conn,
+    pg_dsn,
+    s3,
+    schema_name,
+)
 
 from pgsnow.checkpoint import RunInProgressError, StateStore, lease_key
-from pgsnow.config import Component, Settings, postgres_env
+from pgsnow.config import Component, Settings
 from pgsnow.errors import RetryableError, UnsafeIdentifierError
 from pgsnow.extract import FILES_PER_CHUNK, extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat
-from pgsnow.local.aws import LocalAws, start_local_aws
+from pgsnow.local.aws import LocalAws
 from pgsnow.local.dispatcher import LambdaContext
 from pgsnow.local.stack import load_function_handler
 from pgsnow.manifest import RunManifest, RunState
@@ -42,57 +52,15 @@ from pgsnow.staging import get_manifest
 
 pytestmark = pytest.mark.integration
 
-PG_DSN_DEFAULT = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 PREFIX = "staging"
 
 
-@pytest.fixture(scope="module")
-def pg_dsn() -> str:
-    return postgres_env().get("PGSNOW_PG_DSN") or PG_DSN_DEFAULT
-
-
-@pytest.fixture(scope="module")
-def admin(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
-    conn = psycopg2.connect(pg_dsn)
-    conn.autocommit = True
-    yield conn
-    conn.close()
-
-
-@pytest.fixture(scope="module")
-def schema_name(admin: psycopg2.extensions.connection) -> Iterator[str]:
-    name = f"pgsnow_runs_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    yield name
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
-
-
-@pytest.fixture(scope="module")
-def aws() -> Iterator[LocalAws]:
-    local = start_local_aws()
-    yield local
-    local.stop()
-
-
-@pytest.fixture(scope="module")
-def s3(aws: LocalAws) -> Any:
-    return aws.client("s3")
+# pg_dsn, admin, schema_name, aws, s3, pg_conn: stack_support
 
 
 @pytest.fixture
 def bucket(s3: Any) -> str:
-    name = f"pgsnow-runs-{uuid.uuid4().hex[:12]}"
-    s3.create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
-def pg_conn(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
-    conn = connect(pg_dsn)
-    yield conn
-    conn.close()
+    return new_bucket(s3, "pgsnow-runs")
 
 
 def new_table(admin: psycopg2.extensions.connection, schema_name: str, prefix: str, columns: str) -> TableRef:

@@ -17,19 +17,21 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg2.extensions
 import pytest
-from conftest import PipelineHarness
 from cryptography.hazmat.primitives.asymmetric import rsa
 from psycopg2 import sql
+from stack_support import postgres_secret_arn
 
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat, manifest_key
 from pgsnow.local.stack import SNOWFLAKE_DATABASE
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.snowpipe import private_key_pem
+
+if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
+    from conftest import PipelineHarness
 
 pytestmark = pytest.mark.integration
 
@@ -51,18 +53,7 @@ EVENTS_ROWS = (
 def deployed_env(pipeline: PipelineHarness) -> dict[str, str]:
     """The functions' variables, the two secrets created in moto's Secrets Manager."""
     secrets = pipeline.stack.aws.client("secretsmanager")
-    libpq = psycopg2.extensions.parse_dsn(pipeline.source_dsn)
-    pg_secret = {
-        "host": libpq.get("host", "127.0.0.1"),
-        "port": int(libpq.get("port", 5432)),
-        "username": libpq.get("user", "postgres"),
-        "password": libpq.get("password", "unused-with-trust-auth"),
-        "dbname": libpq.get("dbname", "test"),
-        "sslmode": "disable",  # loopback server without TLS; deployed secrets default to require
-    }
-    pg_arn = secrets.create_secret(
-        Name=f"pgsnow/postgres-{uuid.uuid4().hex[:8]}", SecretString=json.dumps(pg_secret)
-    )["ARN"]
+    pg_arn = postgres_secret_arn(secrets, pipeline.source_dsn)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     sf_secret = {"account": "pgsnow", "user": "pgsnow_loader", "private_key": private_key_pem(key)}
     sf_arn = secrets.create_secret(
