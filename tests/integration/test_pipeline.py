@@ -12,15 +12,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
 import pytest
 from psycopg2 import sql
 from psycopg2.extensions import connection as PgConnection
+from stack_support import MAX_RECEIVE_COUNT
 
 from pgsnow.config import Component
 from pgsnow.demo.compare import compare_table
@@ -28,25 +26,15 @@ from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat, data_key
 from pgsnow.local.dispatcher import SqsDispatcher
-from pgsnow.local.postgres import create_database, start_local_postgres
-from pgsnow.local.stack import (
-    SNOWFLAKE_DATABASE,
-    LocalStack,
-    load_function_handler,
-    process_environment,
-    start_stack,
-)
+from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack
 from pgsnow.manifest import RunManifest, RunState
-from pgsnow.postgres import connect
-from pgsnow.runtime import reset_runtime
 from pgsnow.snowflake import LEDGER_TABLE
 from pgsnow.staging import get_manifest, put_data_file
 
-pytestmark = pytest.mark.integration
+if TYPE_CHECKING:  # the fixture's types, from this directory's conftest.py
+    from conftest import PipelineHarness, RecordingLoader
 
-VISIBILITY_TIMEOUT_S = 1
-MAX_RECEIVE_COUNT = 2
-SOURCE_DATABASE = "test"
+pytestmark = pytest.mark.integration
 
 # (id, name, note, amount): NULL vs '' in both text columns, and text outside ASCII.
 PEOPLE_ROWS = [
@@ -58,112 +46,35 @@ PEOPLE_ROWS = [
 
 
 # --------------------------------------------------------------------------- fixtures
+# The module's stack and schema are conftest's ``pipeline``; these are its parts, by the names used here.
 
 
 @pytest.fixture(scope="module")
-def source_schema() -> Iterator[tuple[str, str]]:
-    """(DSN of database ``test``, a schema only this module uses); the schema is dropped afterwards."""
-    admin = start_local_postgres(environ={})
-    dsn = create_database(admin.dsn, SOURCE_DATABASE)  # kept if it exists
-    schema = f"pgsnow_pipe_{uuid.uuid4().hex[:8]}"
-    conn = connect(dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    try:
-        yield dsn, schema
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-        conn.close()
-        admin.stop()
+def source_schema(pipeline: PipelineHarness) -> tuple[str, str]:
+    """(DSN of database ``test``, the schema only this module uses)."""
+    return pipeline.source_dsn, pipeline.schema
 
 
 @pytest.fixture(scope="module")
-def pg_conn(source_schema: tuple[str, str]) -> Iterator[PgConnection]:
-    conn = connect(source_schema[0])
-    conn.autocommit = True
-    yield conn
-    conn.close()
+def pg_conn(pipeline: PipelineHarness) -> PgConnection:
+    return pipeline.setup_conn
 
 
 @pytest.fixture(scope="module")
-def stack(source_schema: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(pipeline: PipelineHarness) -> LocalStack:
     """One local stack for the module, its environment in place for the handlers."""
-    local = start_stack(
-        pg_dsn=source_schema[0],
-        data_dir=tmp_path_factory.mktemp("pipeline"),
-        bucket=f"pgsnow-pipe-{uuid.uuid4().hex[:8]}",
-        visibility_timeout=VISIBILITY_TIMEOUT_S,
-        max_receive_count=MAX_RECEIVE_COUNT,
-    )
-    try:
-        with process_environment(local.env):
-            reset_runtime()  # the handlers cache settings: make them read this stack's
-            yield local
-    finally:
-        reset_runtime()
-        local.stop()
+    return pipeline.stack
 
 
 @pytest.fixture(scope="module")
-def sf_conn(stack: LocalStack) -> Iterator[Any]:
-    conn = stack.snowflake_connection()
-    yield conn
-    conn.close()
-
-
-@dataclass
-class Delivery:
-    """One SQS record as the loader handler received it, and whether the handler failed it."""
-
-    message_id: str
-    body: str
-    receive_count: int
-    failed: bool
-
-    def s3_keys(self) -> list[str]:
-        document = json.loads(self.body)
-        return [unquote_plus(r["s3"]["object"]["key"]) for r in document.get("Records", [])]
-
-
-@dataclass
-class RecordingLoader:
-    """The real loader handler, with every record it was given and its verdict written down."""
-
-    handler: Any
-    deliveries: list[Delivery] = field(default_factory=list)
-
-    def __call__(self, event: dict[str, Any], context: Any) -> Any:
-        try:
-            response = self.handler(event, context)
-        except Exception:
-            # Powertools raises when every record of a batch failed; Lambda then fails them all.
-            self._record(event, {r["messageId"] for r in event["Records"]})
-            raise
-        self._record(event, {f["itemIdentifier"] for f in (response or {}).get("batchItemFailures") or []})
-        return response
-
-    def _record(self, event: dict[str, Any], failed_ids: set[str]) -> None:
-        for record in event["Records"]:
-            self.deliveries.append(
-                Delivery(
-                    message_id=record["messageId"],
-                    body=record["body"],
-                    receive_count=int(record["attributes"]["ApproximateReceiveCount"]),
-                    failed=record["messageId"] in failed_ids,
-                )
-            )
-
-    def for_key(self, key: str) -> list[Delivery]:
-        return [d for d in self.deliveries if key in d.s3_keys()]
+def sf_conn(pipeline: PipelineHarness) -> Any:
+    return pipeline.sf_conn
 
 
 @pytest.fixture
-def loader(stack: LocalStack) -> tuple[RecordingLoader, SqsDispatcher]:
-    recorder = RecordingLoader(load_function_handler("loader"))
-    dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, recorder, wait_seconds=1)
-    return recorder, dispatcher
+def loader(pipeline: PipelineHarness) -> tuple[RecordingLoader, SqsDispatcher]:
+    """The real loader handler, recording every delivery, behind a dispatcher on the module's queue."""
+    return pipeline.loader()
 
 
 # --------------------------------------------------------------------------- helpers

@@ -8,9 +8,8 @@ starts from the same faithful copy.
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from psycopg2 import sql
@@ -22,21 +21,15 @@ from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.keys import FileFormat
 from pgsnow.local.dispatcher import SqsDispatcher
-from pgsnow.local.postgres import create_database, start_local_postgres
-from pgsnow.local.stack import (
-    SNOWFLAKE_DATABASE,
-    LocalStack,
-    load_function_handler,
-    process_environment,
-    start_stack,
-)
+from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, load_function_handler
 from pgsnow.postgres import connect
-from pgsnow.runtime import reset_runtime
 from pgsnow.verify import LEAF_ROWS, ROOT_BUCKETS, verify_table
+
+if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
+    from conftest import PipelineHarness
 
 pytestmark = pytest.mark.integration
 
-SOURCE_DATABASE = "test"
 BIG_ROWS = 1_000_000
 
 THINGS_DDL = """
@@ -83,33 +76,19 @@ FROM generate_series(1, 60) AS i
 
 
 # --------------------------------------------------------------------------- fixtures
+# The module's stack and schema are conftest's ``pipeline``; these are its parts, by the names used here.
 
 
 @pytest.fixture(scope="module")
-def source_schema() -> Iterator[tuple[str, str]]:
-    """(DSN of database ``test``, a schema only this module uses); dropped afterwards."""
-    admin = start_local_postgres(environ={})
-    dsn = create_database(admin.dsn, SOURCE_DATABASE)
-    schema = f"pgsnow_verify_{uuid.uuid4().hex[:8]}"
-    conn = connect(dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    try:
-        yield dsn, schema
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-        conn.close()
-        admin.stop()
+def source_schema(pipeline: PipelineHarness) -> tuple[str, str]:
+    """(DSN of database ``test``, the schema only this module uses)."""
+    return pipeline.source_dsn, pipeline.schema
 
 
 @pytest.fixture(scope="module")
-def setup_conn(source_schema: tuple[str, str]) -> Iterator[PgConnection]:
-    conn = connect(source_schema[0])
-    conn.autocommit = True
-    yield conn
-    conn.close()
+def setup_conn(pipeline: PipelineHarness) -> PgConnection:
+    """Autocommit, for DDL and source writes."""
+    return pipeline.setup_conn
 
 
 @pytest.fixture
@@ -121,27 +100,14 @@ def pg_conn(source_schema: tuple[str, str]) -> Iterator[PgConnection]:
 
 
 @pytest.fixture(scope="module")
-def stack(source_schema: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    local = start_stack(
-        pg_dsn=source_schema[0],
-        data_dir=tmp_path_factory.mktemp("verify"),
-        bucket=f"pgsnow-verify-{uuid.uuid4().hex[:8]}",
-        visibility_timeout=1,
-    )
-    try:
-        with process_environment(local.env):
-            reset_runtime()
-            yield local
-    finally:
-        reset_runtime()
-        local.stop()
+def stack(pipeline: PipelineHarness) -> LocalStack:
+    """The module's stack, its environment in place for the loader handler."""
+    return pipeline.stack
 
 
 @pytest.fixture(scope="module")
-def sf_conn(stack: LocalStack) -> Iterator[Any]:
-    conn = stack.snowflake_connection()
-    yield conn
-    conn.close()
+def sf_conn(pipeline: PipelineHarness) -> Any:
+    return pipeline.sf_conn
 
 
 @pytest.fixture(scope="module")
