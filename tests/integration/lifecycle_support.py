@@ -1,8 +1,10 @@
-"""Shared fixtures and helpers for the staged-file lifecycle suites (cleanup lifecycle, status).
+"""Shared fixtures and helpers for the staged-file lifecycle suites (cleanup modes, cleanup lifecycle,
+status).
 
 Each test module that imports the fixtures gets its own module-scoped stack: the local
 PostgreSQL source schema, a versioned moto bucket whose notifications feed the loader queue,
-and the local Snowflake with the real ledger.
+and the local Snowflake with the real ledger. A module may define its own ``stack`` (test_cleanup
+does); the imported fixtures that use one then use the module's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 from botocore.exceptions import ClientError
 from psycopg2 import sql
 from psycopg2.extensions import connection as PgConnection
+from stack_support import autocommit_connection, new_source_schema, running_stack, snowflake_session
 
 from pgsnow.config import Component, Settings
 from pgsnow.extract import extract_table
@@ -23,13 +26,9 @@ from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, parse_data_key
 from pgsnow.load import LoadStatus, load_staged_files
 from pgsnow.local.dispatcher import SqsDispatcher
-from pgsnow.local.postgres import create_database, start_local_postgres
-from pgsnow.local.stack import LocalStack, load_function_handler, process_environment, start_stack
+from pgsnow.local.stack import LocalStack, load_function_handler
 from pgsnow.manifest import RunManifest
-from pgsnow.postgres import connect
-from pgsnow.runtime import reset_runtime
 
-SOURCE_DATABASE = "test"
 ROWS_PER_FILE = 2
 SOURCE_ROWS = [(n, f"item {n}") for n in range(1, 7)]  # three files of two rows
 FILES_PER_RUN = 3
@@ -42,62 +41,42 @@ RETENTION_DAYS = 2
 
 @pytest.fixture(scope="module")
 def source_schema() -> Iterator[tuple[str, str]]:
-    admin = start_local_postgres(environ={})
-    dsn = create_database(admin.dsn, SOURCE_DATABASE)
-    schema = f"pgsnow_lc_{uuid.uuid4().hex[:8]}"
-    conn = connect(dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    try:
-        yield dsn, schema
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-        conn.close()
-        admin.stop()
+    """(DSN of database ``test``, a schema only this module uses); the schema is dropped afterwards."""
+    with new_source_schema("pgsnow_lc") as found:
+        yield found
 
 
 @pytest.fixture(scope="module")
 def pg_conn(source_schema: tuple[str, str]) -> Iterator[PgConnection]:
-    conn = connect(source_schema[0])
-    conn.autocommit = True
-    yield conn
-    conn.close()
+    with autocommit_connection(source_schema[0]) as conn:
+        yield conn
 
 
 @pytest.fixture(scope="module")
 def stack(source_schema: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    local = start_stack(
-        pg_dsn=source_schema[0],
-        data_dir=tmp_path_factory.mktemp("lifecycle"),
-        bucket=f"pgsnow-lc-{uuid.uuid4().hex[:8]}",
+    """The stack, its environment in place for the handlers."""
+    with running_stack(
+        source_schema[0],
+        tmp_path_factory.mktemp("lifecycle"),
+        "pgsnow-lc",
+        for_handlers=True,
         visibility_timeout=1,
         max_receive_count=1,  # a failed file goes to the dead-letter queue on its first failure
-    )
-    local.env.update(
-        {
+        env=lambda local: {
             "EXTRACT_BATCH_ROWS": str(ROWS_PER_FILE),
             "LOADER_QUEUE_URL": local.resources.queue_url,
             "LOADER_DLQ_URL": local.resources.dlq_url,
             "CLEANUP_ORPHAN_AGE_MINUTES": str(ORPHAN_AGE_MINUTES),
             "S3_STAGE_RETENTION_DAYS": str(RETENTION_DAYS),
-        }
-    )
-    try:
-        with process_environment(local.env):
-            reset_runtime()
-            yield local
-    finally:
-        reset_runtime()
-        local.stop()
+        },
+    ) as local:
+        yield local
 
 
 @pytest.fixture(scope="module")
 def sf_conn(stack: LocalStack) -> Iterator[Any]:
-    conn = stack.snowflake_connection()
-    yield conn
-    conn.close()
+    with snowflake_session(stack) as conn:
+        yield conn
 
 
 @pytest.fixture
@@ -157,7 +136,8 @@ def stage_run(stack: LocalStack, pg_conn: PgConnection, s3: Any, table: TableRef
         table=table,
         file_format=FileFormat.CSV,
     )
-    assert len(manifest.files) == FILES_PER_RUN
+    # (not a test module: no assertion rewriting here, so the message says what was found)
+    assert len(manifest.files) == FILES_PER_RUN, [f.key for f in manifest.files]
     return manifest
 
 
@@ -166,7 +146,7 @@ def load_keys(stack: LocalStack, sf_conn: Any, s3: Any, keys: list[str]) -> None
     results = load_staged_files(
         settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(k, settings.prefix) for k in keys]
     )
-    assert [r.status for r in results] == [LoadStatus.LOADED] * len(keys)
+    assert [r.status for r in results] == [LoadStatus.LOADED] * len(keys), results
 
 
 def versions(s3: Any, bucket: str, key: str) -> tuple[int, int]:

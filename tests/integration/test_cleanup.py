@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - fixtures imported from lifecycle_support are parameters by the same name
 """Cleanup modes against real servers: files staged by the real extractor from the local
 PostgreSQL, loaded by the real loader into the local Snowflake (its load ledger), and
 deleted (or kept) in a moto S3 bucket by ``pgsnow.cleanup``.
@@ -9,99 +10,49 @@ built by ``Settings.from_env`` from the stack's environment plus ``CLEANUP_S3_FI
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from psycopg2 import sql
+from lifecycle_support import (  # noqa: F401 - fixtures, registered by importing them
+    FILES_PER_RUN,
+    ROWS_PER_FILE,
+    load_keys,
+    pg_conn,
+    s3,
+    sf_conn,
+    source_schema,
+    stage_run,
+    table,
+)
 from psycopg2.extensions import connection as PgConnection
+from stack_support import running_stack
 
 from pgsnow.cleanup import CleanupResult, cleanup_pending_runs, cleanup_run
 from pgsnow.config import Component, Settings
-from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
-from pgsnow.keys import FileFormat, parse_data_key
-from pgsnow.load import LoadStatus, load_staged_files
-from pgsnow.local.postgres import create_database, start_local_postgres
-from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, start_stack
+from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack
 from pgsnow.manifest import RunManifest, RunState
-from pgsnow.postgres import connect
 from pgsnow.snowflake import LEDGER_TABLE
 from pgsnow.staging import get_manifest, put_manifest
 
 pytestmark = pytest.mark.integration
 
-SOURCE_DATABASE = "test"
-ROWS_PER_FILE = 2
-SOURCE_ROWS = [(n, f"item {n}") for n in range(1, 7)]  # three files of two rows
-FILES_PER_RUN = 3
-
-
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def source_schema() -> Iterator[tuple[str, str]]:
-    """(DSN of database ``test``, a schema only this module uses); the schema is dropped afterwards."""
-    admin = start_local_postgres(environ={})
-    dsn = create_database(admin.dsn, SOURCE_DATABASE)  # kept if it exists
-    schema = f"pgsnow_clean_{uuid.uuid4().hex[:8]}"
-    conn = connect(dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    try:
-        yield dsn, schema
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-        conn.close()
-        admin.stop()
-
-
-@pytest.fixture(scope="module")
-def pg_conn(source_schema: tuple[str, str]) -> Iterator[PgConnection]:
-    conn = connect(source_schema[0])
-    conn.autocommit = True
-    yield conn
-    conn.close()
+# source_schema, pg_conn, sf_conn, s3 and table (a fresh six-row source table) are lifecycle_support's;
+# this module's stack is its own: no handler runs here, settings are built from its environment.
 
 
 @pytest.fixture(scope="module")
 def stack(source_schema: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    local = start_stack(
-        pg_dsn=source_schema[0],
-        data_dir=tmp_path_factory.mktemp("cleanup"),
-        bucket=f"pgsnow-clean-{uuid.uuid4().hex[:8]}",
-    )
-    local.env["EXTRACT_BATCH_ROWS"] = str(ROWS_PER_FILE)
-    yield local
-    local.stop()
-
-
-@pytest.fixture(scope="module")
-def sf_conn(stack: LocalStack) -> Iterator[Any]:
-    conn = stack.snowflake_connection()
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-def s3(stack: LocalStack) -> Any:
-    return stack.aws.client("s3")
-
-
-@pytest.fixture
-def table(pg_conn: PgConnection, source_schema: tuple[str, str]) -> TableRef:
-    """A fresh six-row source table per test."""
-    ref = TableRef(source_schema[1], f"items_{uuid.uuid4().hex[:8]}")
-    name = sql.Identifier(ref.schema, ref.table)
-    with pg_conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE TABLE {} (id integer PRIMARY KEY, label text)").format(name))
-        cur.executemany(sql.SQL("INSERT INTO {} VALUES (%s, %s)").format(name), SOURCE_ROWS)
-    return ref
+    with running_stack(
+        source_schema[0],
+        tmp_path_factory.mktemp("cleanup"),
+        "pgsnow-clean",
+        env={"EXTRACT_BATCH_ROWS": str(ROWS_PER_FILE)},
+    ) as local:
+        yield local
 
 
 # --------------------------------------------------------------------------- helpers
@@ -109,29 +60,6 @@ def table(pg_conn: PgConnection, source_schema: tuple[str, str]) -> TableRef:
 
 def mode_settings(stack: LocalStack, mode: str) -> Settings:
     return Settings.from_env({**stack.env, "CLEANUP_S3_FILES": mode}, component=Component.CLEANUP)
-
-
-def stage_run(stack: LocalStack, pg_conn: PgConnection, s3: Any, table: TableRef) -> RunManifest:
-    manifest = extract_table(
-        settings=stack.settings(Component.EXTRACTOR),
-        pg_conn=pg_conn,
-        s3=s3,
-        table=table,
-        file_format=FileFormat.CSV,
-    )
-    assert len(manifest.files) == FILES_PER_RUN
-    return manifest
-
-
-def load_keys(stack: LocalStack, sf_conn: Any, s3: Any, keys: list[str]) -> None:
-    settings = stack.settings(Component.LOADER)
-    results = load_staged_files(
-        settings=settings,
-        sf_conn=sf_conn,
-        s3=s3,
-        objects=[parse_data_key(key, settings.prefix) for key in keys],
-    )
-    assert [r.status for r in results] == [LoadStatus.LOADED] * len(keys)
 
 
 def existing(s3: Any, bucket: str, keys: list[str]) -> list[str]:
