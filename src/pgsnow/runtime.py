@@ -15,13 +15,31 @@ from typing import Any
 import boto3
 
 from pgsnow.config import Component, Settings
-from pgsnow.errors import PermanentError
+from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.identifiers import TableRef
+
+_RETRYABLE_SECRET_ERRORS = frozenset(
+    {"ThrottlingException", "InternalServiceError", "InternalServiceErrorException"}
+)
 
 
 def read_secret_json(secrets_client: Any, secret_arn: str) -> dict[str, Any]:
-    """Fetch a Secrets Manager secret holding a JSON object."""
-    response = secrets_client.get_secret_value(SecretId=secret_arn)
+    """Fetch a Secrets Manager secret holding a JSON object.
+
+    A refusal that retrying cannot fix (no such secret, access denied, a deleted or undecryptable
+    one) is permanent and names the secret; throttling and a lost connection are retryable."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        response = secrets_client.get_secret_value(SecretId=secret_arn)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        message = f"cannot read secret {secret_arn}: {code or 'error'} ({exc.response.get('Error', {}).get('Message', '')})"
+        if code in _RETRYABLE_SECRET_ERRORS:
+            raise RetryableError(message) from exc
+        raise PermanentError(message) from exc
+    except BotoCoreError as exc:
+        raise RetryableError(f"cannot reach Secrets Manager for secret {secret_arn}: {exc}") from exc
     try:
         value = json.loads(response["SecretString"])
     except (KeyError, ValueError) as exc:

@@ -11,7 +11,7 @@ from urllib.parse import unquote_plus
 
 import pytest
 
-from pgsnow.errors import ConfigError
+from pgsnow.errors import ConfigError, PermanentError, RetryableError
 from pgsnow.local.aws import (
     DEFAULT_QUEUE_NOTIFICATIONS,
     REPO_TEMPLATE,
@@ -22,6 +22,7 @@ from pgsnow.local.aws import (
     notification_rules_from_template,
     start_local_aws,
 )
+from pgsnow.runtime import read_secret_json
 
 pytestmark = pytest.mark.integration
 
@@ -252,3 +253,34 @@ def test_template_with_cloudformation_tags_is_read(aws: LocalAws, tmp_path: Path
     assert [unquote_plus(k) for k in event_keys(receive_all(aws, resources.queue_url))] == [
         "staging/s/t/a.csv"
     ]
+
+
+def test_a_missing_secret_is_a_permanent_error_naming_it(aws: LocalAws) -> None:
+    # A handler configured with a secret that does not exist fails with a clear, permanent error
+    # (not a raw botocore traceback), so the event is dead-lettered instead of retried forever.
+    missing = "arn:aws:secretsmanager:us-east-1:123456789012:secret:pgsnow/no-such-secret"
+    with pytest.raises(PermanentError, match=r"no-such-secret.*ResourceNotFoundException"):
+        read_secret_json(aws.client("secretsmanager"), missing)
+
+
+def test_a_secret_that_is_not_a_json_object_is_refused(aws: LocalAws) -> None:
+    client = aws.client("secretsmanager")
+    arn = client.create_secret(Name=f"pgsnow/list-{uuid.uuid4().hex[:8]}", SecretString="[1, 2]")["ARN"]
+    with pytest.raises(PermanentError, match="does not hold a JSON object"):
+        read_secret_json(client, arn)
+
+
+def test_an_unreachable_secrets_manager_is_retryable() -> None:
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "secretsmanager",
+        endpoint_url="http://127.0.0.1:9",  # the discard port: nothing listens
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1),
+    )
+    with pytest.raises(RetryableError, match="cannot reach Secrets Manager"):
+        read_secret_json(client, "arn:aws:secretsmanager:us-east-1:123456789012:secret:any")

@@ -267,7 +267,8 @@ CONFIG_PROBLEMS = [
             **env,
             "PGSNOW_PG_SECRET_ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:gone",
         },
-        "cannot read the PostgreSQL secret (PGSNOW_PG_SECRET_ARN): ResourceNotFoundException",
+        # pgsnow.runtime.read_secret_json names the secret and AWS's reason
+        "cannot read secret arn:aws:secretsmanager:us-east-1:123456789012:secret:gone: ResourceNotFoundException",
         id="postgres-secret-missing",
     ),
     pytest.param(
