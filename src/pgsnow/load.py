@@ -65,12 +65,15 @@ from pgsnow.snowflake import (
     build_select_ledger_entry,
     build_select_loaded_keys,
     build_select_table_columns,
+    build_select_table_comment,
+    build_set_table_comment,
     build_swap_with,
     build_table_pipe,
     build_upgrade_ledger,
     build_widen_column,
     classify_snowflake_error,
     load_columns_from_table,
+    replace_run_tag,
     stage_file_path,
 )
 from pgsnow.snowpipe import PipeFileReport, SnowpipeClient, qualified_pipe_name, snowpipe_client_from_settings
@@ -461,6 +464,11 @@ def _target(loader: _Loader, table: TableRef) -> tuple[str, str, str]:
 def _shadow(loader: _Loader, table: TableRef, run_id: str) -> tuple[str, str, str]:
     """The table a replace run loads into; same schema as the target (SWAP WITH needs no move)."""
     return (loader.database, table.snowflake_schema, f"{table.snowflake_table}__PGSNOW_REPLACE_{run_id}")
+
+
+def _table_comment(loader: _Loader, table: tuple[str, str, str]) -> str | None:
+    rows = _execute(loader.sf_conn, *build_select_table_comment(*table))
+    return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
 
 def _existing_columns(loader: _Loader, target: tuple[str, str, str]) -> list[ExistingColumn]:
@@ -1136,7 +1144,13 @@ def finish_run_if_complete(loader: _Loader, table: TableRef, run_id: str) -> boo
         shadow = _shadow(loader, table, run_id)
         if _existing_columns(loader, shadow):
             if _existing_columns(loader, target):
-                _execute(sf_conn, build_swap_with(target, shadow))
+                # The shadow is tagged with its run before the swap, and the tag travels with the
+                # data: a retry after a crash between SWAP and DROP finds it on the target and only
+                # drops the shadow (the old data), instead of swapping the old data back in.
+                tag = replace_run_tag(run_id)
+                if _table_comment(loader, target) != tag:
+                    _execute(sf_conn, build_set_table_comment(shadow, tag))
+                    _execute(sf_conn, build_swap_with(target, shadow))
                 _execute(sf_conn, build_drop_table(shadow))  # now the old table
             else:
                 _execute(sf_conn, build_create_schema(target[0], target[1]))

@@ -435,6 +435,24 @@ def build_swap_with(table: tuple[str, str, str], other: tuple[str, str, str]) ->
     return f"ALTER TABLE {quote_qualified(*table)} SWAP WITH {quote_qualified(*other)}"
 
 
+def replace_run_tag(run_id: str) -> str:
+    """The comment a replace run's shadow table carries into the target when they are swapped."""
+    return f"pgsnow replace run {run_id}"
+
+
+def build_set_table_comment(table: tuple[str, str, str], comment: str) -> str:
+    return f"ALTER TABLE {quote_qualified(*table)} SET COMMENT = {string_literal(comment)}"
+
+
+def build_select_table_comment(database: str, schema: str, table: str) -> Statement:
+    """The table's comment: SWAP WITH exchanges it with the rest of the table's metadata."""
+    sql = (
+        f'SELECT "COMMENT" FROM {quote_ident(database)}."INFORMATION_SCHEMA"."TABLES"\n'
+        'WHERE "TABLE_SCHEMA" = %s AND "TABLE_NAME" = %s'
+    )
+    return sql, (schema, table)
+
+
 def build_rename_table(table: tuple[str, str, str], new: tuple[str, str, str]) -> str:
     return f"ALTER TABLE {quote_qualified(*table)} RENAME TO {quote_qualified(*new)}"
 

@@ -26,7 +26,7 @@ import pgsnow.runtime
 from pgsnow.cleanup import cleanup_pending_runs
 from pgsnow.config import Component
 from pgsnow.errors import RetryableError
-from pgsnow.local.stack import load_function_handler
+from pgsnow.local.stack import SNOWFLAKE_DATABASE, load_function_handler
 from pgsnow.manifest import RunState
 from pgsnow.runtime import Runtime
 from pgsnow.snowflake import connect as sf_connect
@@ -162,6 +162,46 @@ def test_loader_dies_after_copy_before_commit_then_redelivery_loads_once(
     assert pipeline.ledger_keys(table) == [staged.key]
     assert_verified(pipeline, table, 12)
     assert staged.key not in pipeline.dead_letter_keys()
+
+
+def test_loader_dies_between_swap_and_drop_then_the_retry_keeps_the_new_data(
+    pipeline: PipelineHarness, injected_loader_connection: Callable[..., FailingConnection]
+) -> None:
+    """Expected (replace mode): when the loader dies after the SWAP but before dropping the shadow
+    (which then holds the old data), the redelivery finds the run's tag on the target, drops the
+    shadow and records the run, and does not swap the old data back in; verify passes."""
+    # Given a replaced table, and a second replace run with changed and added rows
+    table = create_items(pipeline, "swap_then_crash", 5)
+    options = json.dumps({table.qualified: {"write_mode": "replace"}})
+    pipeline.extract(table, PGSNOW_TABLE_OPTIONS=options)
+    recorder, dispatcher = pipeline.loader()
+    dispatcher.run_until_idle()
+    target = sql.Identifier(table.schema, table.table)
+    pipeline.run_sql(sql.SQL("UPDATE {} SET note = 'second run' WHERE id <= 2").format(target))
+    pipeline.run_sql(sql.SQL("INSERT INTO {} (id, note) VALUES (6, 'new'), (7, 'new')").format(target))
+    second = pipeline.extract(table, PGSNOW_TABLE_OPTIONS=options)
+    dying = injected_loader_connection(statement_prefix="DROP TABLE")
+    recorder, dispatcher = pipeline.loader()
+
+    # When the loader's DROP of the swapped-out shadow fails once, and SQS redelivers
+    dispatcher.run_until_idle()
+
+    # Then the first delivery failed right after the swap, the retry finished the run
+    assert dying.injected == ["DROP"]
+    (staged,) = second.files
+    assert [(d.receive_count, d.failed) for d in recorder.for_key(staged.key)] == [(1, True), (2, False)]
+    notes = {row[0]: row[1] for row in pipeline.target_rows(table)}
+    assert notes[1] == notes[2] == "second run" and notes[6] == notes[7] == "new"
+    assert_verified(pipeline, table, 7)
+    with pipeline.sf_conn.cursor() as cur:
+        cur.execute(
+            f'SELECT "TABLE_NAME" FROM "{SNOWFLAKE_DATABASE}"."INFORMATION_SCHEMA"."TABLES" '
+            'WHERE "TABLE_SCHEMA" = %s',
+            (table.snowflake_schema,),
+        )
+        names = [row[0] for row in cur.fetchall()]
+    assert table.snowflake_table in names
+    assert [n for n in names if n.startswith(table.snowflake_table + "__")] == []  # the shadow is gone
 
 
 def test_transient_snowflake_error_returns_the_message_then_it_loads(
