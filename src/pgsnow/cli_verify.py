@@ -138,7 +138,13 @@ def _verify_from_env(args: argparse.Namespace) -> VerifyReport:
         sf_conn = snowflake_connect(settings.snowflake)
         try:
             return verify_tables(
-                pg_conn, sf_conn, tables, database, manifests=manifests, max_keys=args.max_keys
+                pg_conn,
+                sf_conn,
+                tables,
+                database,
+                manifests=manifests,
+                max_keys=args.max_keys,
+                sf_control_schema=settings.snowflake.control_schema,
             )
         finally:
             sf_conn.close()

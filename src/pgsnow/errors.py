@@ -72,3 +72,7 @@ class ConfigError(PermanentError):
 
 class UnsafeIdentifierError(PermanentError):
     """A schema/table name from an event or key is not allowed (not in the allowlist, or malformed)."""
+
+
+class VerifyError(PermanentError):
+    """``pgsnow verify`` cannot compare a table: the comparison did not run (not a difference)."""

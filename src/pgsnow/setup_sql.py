@@ -168,7 +168,8 @@ def build_setup_steps(options: SetupOptions) -> list[SetupStep]:
         f"GRANT USAGE ON WAREHOUSE {quote_ident(options.warehouse)} TO ROLE {role}",
         f"GRANT USAGE, CREATE SCHEMA ON DATABASE {quote_ident(db)} TO ROLE {role}",
         # CREATE TABLE: merge runs use transient work tables in the control schema.
-        f"GRANT USAGE, CREATE TABLE ON SCHEMA {quote_qualified(db, ctl)} TO ROLE {role}",
+        # CREATE FUNCTION: `pgsnow verify` compares JSON columns with a temporary UDF there.
+        f"GRANT USAGE, CREATE TABLE, CREATE FUNCTION ON SCHEMA {quote_qualified(db, ctl)} TO ROLE {role}",
         f"GRANT USAGE ON INTEGRATION {integration} TO ROLE {role}",
         f"GRANT USAGE ON STAGE {stage} TO ROLE {role}",
         *(f"GRANT USAGE ON FILE FORMAT {name} TO ROLE {role}" for name in formats),

@@ -15,8 +15,10 @@ that the local emulator also runs (docs/snowflake-compatibility.md lists the cho
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,8 @@ from psycopg2 import sql
 from psycopg2.extensions import STATUS_READY
 from psycopg2.extensions import connection as PgConnection
 
-from pgsnow.errors import PgSnowError
+from pgsnow import canonical_json
+from pgsnow.errors import PgSnowError, VerifyError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.manifest import Column, RunManifest
 from pgsnow.typemap import ValueKind
@@ -39,17 +42,12 @@ NULL_TOKEN = ESCAPE + "N"
 TINY_FLOAT_TEXT = "tiny"  # |x| < 1e-290: floats this small are compared as one class
 TINY_FLOAT_LIMIT = "1e-290"
 FLOAT_SIGNIFICANT_DIGITS = 15
-# The weaker JSON check (docs/verify.md): in a JSON value's whitespace-free text, ASCII letters
-# other than e/E are folded into ten classes (JSON_FOLD_FROM -> JSON_FOLD_TO), then the classes
-# and the structural characters are counted. Digits, '.', '-', '+', e and E are not counted:
-# each database writes JSON numbers its own way (1.10 / 1.1, 0.0000000001 / 1e-10).
-JSON_FOLD_FROM = "abcdfghijklmnopqrstuvwxyzABCDFGHIJKLMNOPQRSTUVWXYZ"
-_JSON_CLASSES = "abcdfghijk"
-JSON_FOLD_TO = "".join(_JSON_CLASSES[i % 10] for i in range(len(JSON_FOLD_FROM)))
-JSON_COUNTED_CHARACTERS = _JSON_CLASSES + '{[":,'  # after folding
-_JSON_WHITESPACE_CODES = (32, 9, 10, 13)
-_NUMBER_START = "0123456789-"  # a JSON number's first character becomes _NUMBER_TYPE
-_NUMBER_TYPE = "#"
+# JSON values are compared by their canonical text (pgsnow.canonical_json): PostgreSQL builds it
+# in SQL, Snowflake runs that module as a temporary Python UDF created in the control schema.
+JSON_FUNCTION = "PGSNOW_CANONICAL_JSON"
+JSON_FUNCTION_RUNTIME = "3.11"
+DEFAULT_CONTROL_SCHEMA = "PGSNOW"
+SOURCE_ALIAS = "pgsnow_table"  # the table in PostgreSQL's inner SELECT
 
 DEFAULT_MAX_KEYS = 20  # keys listed per table
 ROOT_BUCKETS = 256  # first split of a table
@@ -66,9 +64,9 @@ MAX_RANGE_SPARSENESS = 1024
 # ----------------------------------------------------------------------------- canonical text
 #
 # Each query reads the table once in an inner SELECT that projects one *source value* per
-# column (the column itself, or for JSON its whitespace-free text) as pgsnow_c<i>; the outer
-# SELECT builds tokens from those names. The inner step keeps the statement small: a JSON
-# fingerprint refers to its value 70 times, and the local emulator translates every statement.
+# column (its canonical text; for JSON the MD5 of its canonical JSON text) as pgsnow_c<i>; the
+# outer SELECT builds tokens, row hashes and key hashes from those names, so each column's
+# canonical expression appears once in the statement (the emulator translates every statement).
 
 
 def _pg_literal(text: str) -> sql.Composable:
@@ -93,58 +91,119 @@ def _pg_value(column: Column) -> sql.Composable:
 
 
 def pg_source_value(column: Column) -> sql.Composable:
-    """What the inner SELECT projects for ``column`` in PostgreSQL: its canonical text, or for
-    JSON the whitespace-free, letter-folded text its fingerprint is counted on."""
-    ident = sql.Identifier(column.name)
+    """What the inner SELECT projects for ``column`` in PostgreSQL: its canonical text (for JSON,
+    the MD5 of the canonical JSON text)."""
     if column.kind is not ValueKind.JSON:
         return pg_canonical(column, _pg_value(column))
-    # The JSON text the extractor stages (arrays as JSON), without whitespace.
-    text: sql.Composable = sql.SQL(
-        "to_jsonb({})::text" if column.base_type.endswith("[]") else "{}::text"
-    ).format(ident)
-    for code in _JSON_WHITESPACE_CODES:
-        text = sql.SQL("replace({}, chr({}), '')").format(text, sql.Literal(code))
-    return sql.SQL("translate({}, {}, {})").format(
-        text, _pg_literal(JSON_FOLD_FROM), _pg_literal(JSON_FOLD_TO)
-    )
+    # Qualified by the inner SELECT's table alias: the canonical-JSON subquery has columns of its own.
+    ident = sql.Identifier(SOURCE_ALIAS, column.name)
+    # The JSON the extractor stages: arrays as JSON; json (not jsonb) as jsonb, duplicate keys last-wins.
+    document = sql.SQL("to_jsonb({})" if column.base_type.endswith("[]") else "{}::jsonb").format(ident)
+    return sql.SQL("md5({})").format(pg_canonical_json(document))
 
 
-def sf_source_value(column: Column) -> str:
+def sf_source_value(column: Column, json_function: str = JSON_FUNCTION) -> str:
     """What the inner SELECT projects for ``column`` in Snowflake (see ``pg_source_value``).
 
     Formatting happens here, next to the table, where the column's type is known: the local
     emulator picks some translations (HEX_ENCODE, TO_VARCHAR with a format) by the known type.
+    ``json_function`` is the (qualified) name of the canonical-JSON UDF (``sf_create_json_function``).
     """
     ident = quote_ident(column.snowflake_name)
     if column.kind is not ValueKind.JSON:
         return sf_canonical(column, ident)
-    text = f"TO_JSON({ident})"  # JSON null stays 'null'; SQL NULL stays NULL
-    for code in _JSON_WHITESPACE_CODES:
-        text = f"REPLACE({text}, CHR({code}), '')"
-    return f"TRANSLATE({text}, {_sf_literal(JSON_FOLD_FROM)}, {_sf_literal(JSON_FOLD_TO)})"
+    # TO_JSON, not the VARIANT itself: a Python UDF receives a VARIANT's decimals as strings, so
+    # 1.5 and "1.5" would look alike. JSON null stays 'null'; SQL NULL stays NULL (the UDF is STRICT).
+    return f"MD5({json_function}(TO_JSON({ident})))"
 
 
-def _pg_json_fingerprint(text: sql.Composable) -> sql.Composable:
-    parts: list[sql.Composable] = [
-        sql.SQL("'J' || translate(substr({0}, 1, 1), {1}, {2})").format(
-            text, _pg_literal(_NUMBER_START), _pg_literal(_NUMBER_TYPE * len(_NUMBER_START))
-        ),
-    ]
-    parts.extend(
-        sql.SQL("(length({0}) - length(replace({0}, {1}, '')))::text").format(text, _pg_literal(c))
-        for c in JSON_COUNTED_CHARACTERS
+# Each leaf of the document with its path, as pgsnow.canonical_json writes it. Names inside are
+# prefixed so that no column of the user's table (referenced qualified by SOURCE_ALIAS) is shadowed.
+_PG_CANONICAL_JSON = """(SELECT string_agg(pgsnow_leaves.pgsnow_line, chr(10) ORDER BY pgsnow_leaves.pgsnow_line COLLATE "C")
+FROM (
+  WITH RECURSIVE pgsnow_walk(pgsnow_path, pgsnow_value) AS (
+      SELECT ''::text, {document}
+    UNION ALL
+      SELECT pgsnow_walk.pgsnow_path || pgsnow_child.pgsnow_step, pgsnow_child.pgsnow_value
+      FROM pgsnow_walk CROSS JOIN LATERAL (
+          SELECT 'k' || encode(convert_to(pgsnow_e.key, 'UTF8'), 'hex') || '.', pgsnow_e.value
+          FROM jsonb_each(CASE WHEN jsonb_typeof(pgsnow_walk.pgsnow_value) = 'object'
+                               THEN pgsnow_walk.pgsnow_value END) AS pgsnow_e
+        UNION ALL
+          SELECT 'i' || (pgsnow_a.pgsnow_ordinal - 1)::text || '.', pgsnow_a.pgsnow_element
+          FROM jsonb_array_elements(CASE WHEN jsonb_typeof(pgsnow_walk.pgsnow_value) = 'array'
+                                         THEN pgsnow_walk.pgsnow_value END)
+               WITH ORDINALITY AS pgsnow_a(pgsnow_element, pgsnow_ordinal)
+      ) AS pgsnow_child(pgsnow_step, pgsnow_value)
+  )
+  SELECT pgsnow_walk.pgsnow_path || ':' || CASE jsonb_typeof(pgsnow_walk.pgsnow_value)
+      WHEN 'object' THEN 'o' WHEN 'array' THEN 'a' WHEN 'null' THEN 'n'
+      WHEN 'boolean' THEN CASE WHEN pgsnow_walk.pgsnow_value = 'true'::jsonb THEN 't' ELSE 'f' END
+      WHEN 'string' THEN 's' || encode(convert_to(pgsnow_walk.pgsnow_value #>> '{{}}', 'UTF8'), 'hex')
+      ELSE 'd' || CASE WHEN pgsnow_n.pgsnow_number = 0 THEN '0' ELSE
+          CASE WHEN pgsnow_n.pgsnow_number < 0 THEN '-' ELSE '' END
+          || rtrim(pgsnow_d.pgsnow_digits, '0') || 'e'
+          || (length(pgsnow_d.pgsnow_digits) - length(rtrim(pgsnow_d.pgsnow_digits, '0'))
+              - length(pgsnow_p.pgsnow_fraction))::text END
+  END AS pgsnow_line
+  FROM pgsnow_walk
+  CROSS JOIN LATERAL (SELECT CASE WHEN jsonb_typeof(pgsnow_walk.pgsnow_value) = 'number'
+                                  THEN (pgsnow_walk.pgsnow_value #>> '{{}}')::numeric END) AS pgsnow_n(pgsnow_number)
+  -- exact for an integer no double could have produced (see pgsnow.canonical_json), else the
+  -- nearest double's {digits} significant digits, else (beyond doubles) rounded half away from
+  -- zero at the decimal exponent read from the number's plain text (exact, unlike log()).
+  CROSS JOIN LATERAL (SELECT split_part(abs(pgsnow_n.pgsnow_number)::text, '.', 1),
+                             split_part(abs(pgsnow_n.pgsnow_number)::text, '.', 2)) AS pgsnow_t(pgsnow_whole, pgsnow_fraction)
+  CROSS JOIN LATERAL (SELECT CASE
+      WHEN pgsnow_n.pgsnow_number = trunc(pgsnow_n.pgsnow_number) AND abs(pgsnow_n.pgsnow_number) < {limit}
+           AND (abs(pgsnow_n.pgsnow_number) < {double_limit}
+                OR length(trim(BOTH '0' FROM pgsnow_t.pgsnow_whole || pgsnow_t.pgsnow_fraction)) > {double_digits})
+        THEN pgsnow_n.pgsnow_number
+      WHEN abs(pgsnow_n.pgsnow_number) BETWEEN {double_low} AND {double_high}
+        THEN pgsnow_n.pgsnow_number::float8::numeric  -- the double's 15 digits (DBL_DIG), half to even
+      ELSE round(pgsnow_n.pgsnow_number, {last_digit} - CASE WHEN abs(pgsnow_n.pgsnow_number) >= 1
+          THEN length(ltrim(pgsnow_t.pgsnow_whole, '0')) - 1
+          ELSE length(ltrim(pgsnow_t.pgsnow_fraction, '0')) - length(pgsnow_t.pgsnow_fraction) - 1 END)
+      END) AS pgsnow_r(pgsnow_rounded)
+  CROSS JOIN LATERAL (SELECT split_part(abs(pgsnow_r.pgsnow_rounded)::text, '.', 2)) AS pgsnow_p(pgsnow_fraction)
+  CROSS JOIN LATERAL (SELECT ltrim(split_part(abs(pgsnow_r.pgsnow_rounded)::text, '.', 1)
+                                   || pgsnow_p.pgsnow_fraction, '0')) AS pgsnow_d(pgsnow_digits)
+  WHERE jsonb_typeof(pgsnow_walk.pgsnow_value) NOT IN ('object', 'array')
+     OR pgsnow_walk.pgsnow_value IN ('{{}}'::jsonb, '[]'::jsonb)
+) AS pgsnow_leaves)"""
+
+
+def pg_canonical_json(document: sql.Composable) -> sql.Composable:
+    """The canonical text of a jsonb ``document`` (pgsnow.canonical_json) computed in PostgreSQL
+    with built-in functions only: no function to create, so it runs on a read replica too."""
+    return sql.SQL(_PG_CANONICAL_JSON).format(
+        document=document,
+        digits=sql.SQL(str(canonical_json.SIGNIFICANT_DIGITS)),
+        last_digit=sql.SQL(str(canonical_json.SIGNIFICANT_DIGITS - 1)),
+        limit=sql.SQL(f"{canonical_json.EXACT_INTEGER_LIMIT:f}"),
+        double_limit=sql.SQL(f"{canonical_json.DOUBLE_INTEGER_LIMIT:f}"),
+        double_digits=sql.SQL(str(canonical_json.DOUBLE_MAX_DIGITS)),
+        double_low=sql.SQL(f"{canonical_json.DOUBLE_RANGE[0]:f}"),
+        double_high=sql.SQL(f"{canonical_json.DOUBLE_RANGE[1]:f}"),
     )
-    return sql.SQL(" || ',' || ").join(parts)
 
 
-def _sf_json_fingerprint(text: str) -> str:
-    number_type = _sf_literal(_NUMBER_TYPE * len(_NUMBER_START))
-    parts = [f"'J' || TRANSLATE(SUBSTR({text}, 1, 1), {_sf_literal(_NUMBER_START)}, {number_type})"]
-    parts.extend(
-        f"TO_VARCHAR(LENGTH({text}) - LENGTH(REPLACE({text}, {_sf_literal(c)}, '')))"
-        for c in JSON_COUNTED_CHARACTERS
+def json_function_name(database: str, control_schema: str) -> str:
+    return quote_qualified(database, control_schema, JSON_FUNCTION)
+
+
+def sf_create_json_function(database: str, control_schema: str) -> str:
+    """The temporary Python UDF that computes pgsnow.canonical_json in Snowflake: this very
+    module's source, so what Snowflake runs is what the test suite checks against PostgreSQL."""
+    source = inspect.getsource(canonical_json)
+    if "$$" in source:
+        raise ValueError("pgsnow.canonical_json cannot be a $$-quoted UDF body")
+    return (
+        f"CREATE OR REPLACE TEMPORARY FUNCTION {json_function_name(database, control_schema)}(DOCUMENT VARCHAR)\n"
+        "RETURNS VARCHAR\nLANGUAGE PYTHON\nSTRICT\nIMMUTABLE\n"
+        f"RUNTIME_VERSION = '{JSON_FUNCTION_RUNTIME}'\nHANDLER = 'canonical_json'\n"
+        f"AS $${source}$$"
     )
-    return " || ',' || ".join(parts)
 
 
 def _pg_float(x: sql.Composable) -> sql.Composable:
@@ -243,7 +302,7 @@ def pg_canonical(column: Column, value: sql.Composable | None = None) -> sql.Com
         case ValueKind.BINARY:
             return sql.SQL("encode({}, 'hex')").format(x)
         case ValueKind.JSON:
-            return _pg_json_fingerprint(x)
+            return x  # pg_source_value already made it canonical
         case _:
             return sql.SQL("{}::text").format(x)  # text, and the types staged as their text
 
@@ -280,19 +339,19 @@ def sf_canonical(column: Column, value: str | None = None) -> str:
         case ValueKind.BINARY:
             return f"LOWER(HEX_ENCODE({x}))"
         case ValueKind.JSON:
-            return _sf_json_fingerprint(x)
+            return x  # sf_source_value already made it canonical
         case _:
             return x
 
 
 def _escaped(kind: ValueKind) -> bool:
-    return kind in {ValueKind.TEXT, ValueKind.JSON}
+    return kind is ValueKind.TEXT  # a JSON token is an MD5
 
 
 def pg_token(column: Column, value: sql.Composable | None = None) -> sql.Composable:
     """The column's token in the row text: canonical text, escaped for text and JSON, or NULL_TOKEN."""
     source = pg_source_value(column) if value is None else value
-    text = _pg_json_fingerprint(source) if column.kind is ValueKind.JSON else source
+    text = source
     if _escaped(column.kind):
         text = sql.SQL("replace(replace({}, {}, {}), {}, {})").format(
             text,
@@ -306,7 +365,7 @@ def pg_token(column: Column, value: sql.Composable | None = None) -> sql.Composa
 
 def sf_token(column: Column, value: str | None = None) -> str:
     source = sf_source_value(column) if value is None else value
-    text = _sf_json_fingerprint(source) if column.kind is ValueKind.JSON else source
+    text = source
     if _escaped(column.kind):
         text = (
             f"REPLACE(REPLACE({text}, {_sf_literal(ESCAPE)}, {_sf_literal(ESCAPE + ESCAPE)}), "
@@ -415,6 +474,11 @@ class VerifyPlan:
     columns: tuple[Column, ...]
     primary_key: tuple[str, ...]
     watermark: Watermark | None = None
+    sf_control_schema: str = DEFAULT_CONTROL_SCHEMA  # where the canonical-JSON UDF is created
+
+    @property
+    def has_json(self) -> bool:
+        return any(c.kind is ValueKind.JSON for c in self.columns)
 
     @property
     def key_columns(self) -> tuple[Column, ...]:
@@ -488,8 +552,12 @@ def _pg_source(plan: VerifyPlan, region: Region | None) -> tuple[sql.Composable,
     if isinstance(region, HashPrefix) and region.prefix:
         outer = sql.SQL("substr(md5({}), 1, %s) = %s").format(_pg_key_text(plan))
         params.extend([len(region.prefix), region.prefix])
-    source = sql.SQL("(SELECT {} FROM {} WHERE {}) AS pgsnow_source WHERE {}").format(
-        projection, sql.Identifier(plan.table.schema, plan.table.table), sql.SQL(" AND ").join(inner), outer
+    source = sql.SQL("(SELECT {} FROM {} AS {} WHERE {}) AS pgsnow_source WHERE {}").format(
+        projection,
+        sql.Identifier(plan.table.schema, plan.table.table),
+        sql.Identifier(SOURCE_ALIAS),
+        sql.SQL(" AND ").join(inner),
+        outer,
     )
     return source, tuple(params)
 
@@ -570,7 +638,11 @@ def _sf_source(plan: VerifyPlan, region: Region | None) -> tuple[str, tuple[Any,
         assert key is not None
         conditions.append(f"{quote_ident(key.snowflake_name)} BETWEEN %s AND %s")
         params.extend([region.low, region.high])
-    items = [f"{sf_source_value(c)} AS {ref}" for c, ref in zip(plan.columns, _sf_refs(plan), strict=True)]
+    function = json_function_name(plan.sf_database, plan.sf_control_schema)
+    items = [
+        f"{sf_source_value(c, function)} AS {ref}"
+        for c, ref in zip(plan.columns, _sf_refs(plan), strict=True)
+    ]
     if (key := plan.integer_key) is not None:
         items.append(f"{quote_ident(key.snowflake_name)} AS PGSNOW_KEY")
     projection = ", ".join(items)
@@ -820,7 +892,8 @@ def _compare_leaf(
 
 def _weak_checks(plan: VerifyPlan) -> list[str]:
     notes = [
-        f"{c.name}: JSON compared by value type and counts of letters and structure (not numbers, not key order)"
+        f"{c.name}: JSON numbers other than integers below 1e38 compared to "
+        f"{canonical_json.SIGNIFICANT_DIGITS} significant digits"
         for c in plan.columns
         if c.kind is ValueKind.JSON
     ]
@@ -846,6 +919,11 @@ def verify_plan(
             with pg_conn.cursor() as cur:
                 cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 cur.execute("SET LOCAL extra_float_digits = 1")  # real's shortest text (pg_source_value)
+                # The canonical-JSON subqueries' row estimates (a recursive walk per value) push the
+                # plan's cost past jit_above_cost: JIT compiled for seconds work that takes milliseconds.
+                cur.execute("SET LOCAL jit = off")
+        if plan.has_json:
+            prepare_snowflake_session(sf_conn, plan.sf_database, plan.sf_control_schema)
         _verify(sides, plan, result, max_keys)
     except PgSnowError as exc:
         result.error = exc.message
@@ -857,6 +935,37 @@ def verify_plan(
         if own_transaction:
             pg_conn.rollback()
     return result
+
+
+# Sessions that already have the canonical-JSON UDF: creating it is DDL, which in Snowflake commits
+# the session's open transaction, so it is created once per session and can be created up front.
+_PREPARED_SESSIONS: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def prepare_snowflake_session(
+    sf_conn: Any, database: str, control_schema: str = DEFAULT_CONTROL_SCHEMA
+) -> None:
+    """Create the temporary canonical-JSON UDF in ``database.control_schema`` for this session,
+    unless this session has it. Needs CREATE FUNCTION on that schema (``pgsnow snowflake-sql``
+    grants it); a missing privilege is reported as such."""
+    name = json_function_name(database, control_schema)
+    prepared = _PREPARED_SESSIONS.setdefault(sf_conn, set())
+    if name in prepared:
+        return
+    cur = sf_conn.cursor()
+    try:
+        cur.execute(sf_create_json_function(database, control_schema))
+    except Exception as exc:
+        if not _is_database_error(exc):
+            raise
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VerifyError(
+            f"cannot create the temporary function {name} that compares JSON columns ({first_line}); "
+            f"grant CREATE FUNCTION on schema {quote_qualified(database, control_schema)} to the role verify uses"
+        ) from exc
+    finally:
+        cur.close()
+    prepared.add(name)
 
 
 def _is_database_error(exc: Exception) -> bool:
@@ -909,16 +1018,24 @@ def plan_from_postgres(
     sf_database: str,
     *,
     manifest: RunManifest | None = None,
+    sf_control_schema: str = DEFAULT_CONTROL_SCHEMA,
 ) -> VerifyPlan:
     """The plan for ``table``: the manifest's columns and watermark when given, else PostgreSQL's schema."""
     if manifest is not None:
         return VerifyPlan(
-            table, sf_database, manifest.columns, manifest.primary_key, Watermark.from_manifest(manifest)
+            table,
+            sf_database,
+            manifest.columns,
+            manifest.primary_key,
+            Watermark.from_manifest(manifest),
+            sf_control_schema=sf_control_schema,
         )
     from pgsnow.postgres import describe_table
 
     schema = describe_table(pg_conn, table)
-    return VerifyPlan(table, sf_database, schema.columns, schema.primary_key)
+    return VerifyPlan(
+        table, sf_database, schema.columns, schema.primary_key, sf_control_schema=sf_control_schema
+    )
 
 
 def verify_table(
@@ -929,10 +1046,14 @@ def verify_table(
     *,
     manifest: RunManifest | None = None,
     max_keys: int = DEFAULT_MAX_KEYS,
+    sf_control_schema: str = DEFAULT_CONTROL_SCHEMA,
 ) -> TableVerification:
-    """Compare ``table`` in PostgreSQL with its copy in ``sf_database``; see the module docstring."""
+    """Compare ``table`` in PostgreSQL with its copy in ``sf_database``; see the module docstring.
+    ``sf_control_schema`` is pgsnow's schema there, where verify creates its temporary UDF."""
     try:
-        plan = plan_from_postgres(pg_conn, table, sf_database, manifest=manifest)
+        plan = plan_from_postgres(
+            pg_conn, table, sf_database, manifest=manifest, sf_control_schema=sf_control_schema
+        )
     except PgSnowError as exc:
         if not pg_conn.autocommit:
             pg_conn.rollback()
@@ -956,11 +1077,20 @@ def verify_tables(
     *,
     manifests: dict[TableRef, RunManifest] | None = None,
     max_keys: int = DEFAULT_MAX_KEYS,
+    sf_control_schema: str = DEFAULT_CONTROL_SCHEMA,
 ) -> VerifyReport:
     manifests = manifests or {}
     return VerifyReport(
         [
-            verify_table(pg_conn, sf_conn, t, sf_database, manifest=manifests.get(t), max_keys=max_keys)
+            verify_table(
+                pg_conn,
+                sf_conn,
+                t,
+                sf_database,
+                manifest=manifests.get(t),
+                max_keys=max_keys,
+                sf_control_schema=sf_control_schema,
+            )
             for t in tables
         ]
     )

@@ -173,6 +173,8 @@ def test_cli_prints_the_script(capsys: pytest.CaptureFixture[str]) -> None:
     assert 'CREATE PIPE IF NOT EXISTS "PGSNOW_DEV"."PGSNOW"."PGSNOW_PIPE_PUBLIC_ORDERS"' in out
     assert 'GRANT ROLE "PGSNOW_LOADER" TO USER "PGSNOW_SVC";' in out
     assert 'GRANT USAGE ON WAREHOUSE "LOAD_WH"' in out
+    # verify's temporary canonical-JSON UDF lives in the control schema
+    assert 'GRANT USAGE, CREATE TABLE, CREATE FUNCTION ON SCHEMA "PGSNOW_DEV"."PGSNOW"' in out
     body = [line for line in out.splitlines() if line and not line.startswith("--")]
     statement_ends = [line for line in body if line.endswith(";")]
     assert len(statement_ends) == sum(1 for line in body if re.match(r"^(CREATE|DESC|GRANT)", line))

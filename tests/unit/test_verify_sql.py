@@ -28,7 +28,9 @@ from pgsnow.verify import (
     sf_bucket_query,
     sf_canonical,
     sf_count_query,
+    sf_create_json_function,
     sf_rows_query,
+    sf_source_value,
     sf_token,
 )
 
@@ -109,23 +111,39 @@ def test_float_spells_special_values_one_way_and_rounds_half_up() -> None:
         assert "ROUND(" not in text.upper().replace("FLOOR(", "")
 
 
-def test_json_fingerprint_counts_letters_and_structure_not_numbers() -> None:
+def test_json_is_compared_by_the_md5_of_its_canonical_text() -> None:
     c = column("doc", "jsonb")
-    snowflake = sf_canonical(c)
-    assert snowflake.startswith("'J' || TRANSLATE(SUBSTR(TRANSLATE(")
-    assert 'TO_JSON("DOC")' in snowflake  # JSON null stays 'null', SQL NULL stays NULL
-    assert (
-        "REPLACE(" in snowflake and "'0'" not in snowflake.split("TRANSLATE(SUBSTR", 1)[1].split("||", 1)[1]
-    )
+    # Snowflake: the temporary UDF over TO_JSON (JSON null stays 'null', SQL NULL stays NULL).
+    assert sf_canonical(c) == 'MD5(PGSNOW_CANONICAL_JSON(TO_JSON("DOC")))'
+    assert sf_source_value(c, '"DB"."PGSNOW"."F"') == 'MD5("DB"."PGSNOW"."F"(TO_JSON("DOC")))'
+    # PostgreSQL: the same text from built-in functions, the column read through the table alias
+    # (a column named "value" or "path" must not be shadowed by the walk's own columns).
     postgres = pg_text(pg_canonical(c))
-    assert '"doc"::text' in postgres
+    assert postgres.startswith("md5((SELECT string_agg(")
+    assert '"pgsnow_table"."doc"::jsonb' in postgres
+    assert "WITH RECURSIVE pgsnow_walk" in postgres
+    arrays = pg_text(pg_canonical(column("tags", "text[]")))
+    assert 'to_jsonb("pgsnow_table"."tags")' in arrays
+
+
+def test_the_snowflake_udf_is_the_canonical_json_module() -> None:
+    import inspect
+
+    from pgsnow import canonical_json
+
+    statement = sf_create_json_function("DB", "PGSNOW")
+    assert statement.startswith('CREATE OR REPLACE TEMPORARY FUNCTION "DB"."PGSNOW"."PGSNOW_CANONICAL_JSON"(')
+    assert "LANGUAGE PYTHON" in statement and "STRICT" in statement
+    assert "HANDLER = 'canonical_json'" in statement
+    body = statement.split("AS $$", 1)[1]
+    assert body == inspect.getsource(canonical_json) + "$$"
 
 
 @pytest.mark.parametrize(
     "pg_type, escaped",
     [
         pytest.param("text", True, id="text"),
-        pytest.param("jsonb", True, id="json"),
+        pytest.param("jsonb", False, id="json-is-an-md5"),
         pytest.param("date", False, id="date"),
     ],
 )

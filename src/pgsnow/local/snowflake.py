@@ -84,6 +84,7 @@ from pgsnow.local.sf_session_sql import (
     parse_show_parameters,
 )
 from pgsnow.local.sf_table_sql import CreatePipe, SwapTables, parse_create_pipe, parse_swap_with
+from pgsnow.local.sf_udf import SessionFunctions, UdfError, parse_create_function
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +242,7 @@ class LocalSnowflakeState:
     data_dir: Path | None
     tokens: set[str] = field(default_factory=set)
     session_parameters: dict[str, dict[str, str]] = field(default_factory=dict)
+    session_functions: dict[str, SessionFunctions] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def intercept(
@@ -261,6 +263,18 @@ class LocalSnowflakeState:
             return _status_sql("") if describe_only else self._create_stage(conn, stage)
         if swap := parse_swap_with(sql_text):
             return _status_sql("") if describe_only else self._swap(conn, swap)
+        try:
+            function = parse_create_function(sql_text)
+            if function is not None:
+                if describe_only:
+                    return _status_sql("")
+                _commit_open_transaction(conn)  # DDL commits the open transaction, as in Snowflake
+                functions = self.session_functions.setdefault(token, SessionFunctions())
+                return _status_sql(functions.create(conn._duck_conn, function, conn.database, conn.schema))
+        except UdfError as error:
+            raise ProgrammingError(
+                msg=f"SQL compilation error:\n{error}", errno=2003, sqlstate="42601"
+            ) from None
         try:
             pipe = parse_create_pipe(sql_text)
         except CopySyntaxError as error:
@@ -684,6 +698,8 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
             if replacement is not None:
                 body_json["sqlText"] = replacement
         if body_json.get("sqlText") == sql_text:
+            if functions := state.session_functions.get(token):
+                sql_text = functions.rewrite_calls(sql_text, conn.database, conn.schema)
             body_json["sqlText"] = rewrite_trim_characters(sql_text)
         answered: Response = await fakesnow_server.query_request(_with_body(request, body_json))
         return answered
@@ -694,6 +710,7 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
             with state.lock:
                 state.tokens.discard(token)
                 state.session_parameters.pop(token, None)
+                state.session_functions.pop(token, None)
         ended: Response = await fakesnow_server.session(request)
         return ended
 
