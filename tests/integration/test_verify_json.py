@@ -13,7 +13,7 @@ import random
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import snowflake.connector.errors
@@ -25,16 +25,8 @@ from pgsnow.demo.pipeline import replicate_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat
 from pgsnow.local.dispatcher import SqsDispatcher
-from pgsnow.local.postgres import create_database, start_local_postgres
-from pgsnow.local.stack import (
-    SNOWFLAKE_DATABASE,
-    LocalStack,
-    load_function_handler,
-    process_environment,
-    start_stack,
-)
+from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, load_function_handler
 from pgsnow.postgres import connect
-from pgsnow.runtime import reset_runtime
 from pgsnow.verify import (
     json_function_name,
     pg_canonical_json,
@@ -42,6 +34,9 @@ from pgsnow.verify import (
     sf_create_json_function,
     verify_table,
 )
+
+if TYPE_CHECKING:
+    from conftest import PipelineHarness
 
 pytestmark = pytest.mark.integration
 
@@ -160,65 +155,34 @@ def snowflake_spelling(document: str) -> str:
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def source_schema() -> Iterator[tuple[str, str]]:
-    """(DSN of database ``test``, a schema only this module uses); dropped afterwards."""
-    admin = start_local_postgres(environ={})
-    dsn = create_database(admin.dsn, "test")
-    schema = f"pgsnow_verify_json_{uuid.uuid4().hex[:8]}"
-    conn = connect(dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    try:
-        yield dsn, schema
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-        conn.close()
-        admin.stop()
+# The module's stack and schema are conftest's ``pipeline``; these are its parts.
 
 
 @pytest.fixture(scope="module")
-def setup_conn(source_schema: tuple[str, str]) -> Iterator[PgConnection]:
-    conn = connect(source_schema[0])
-    conn.autocommit = True
-    yield conn
-    conn.close()
+def setup_conn(pipeline: PipelineHarness) -> PgConnection:
+    """Autocommit, for DDL and source writes."""
+    return pipeline.setup_conn
 
 
 @pytest.fixture
-def pg_conn(source_schema: tuple[str, str]) -> Iterator[PgConnection]:
-    conn = connect(source_schema[0])
+def pg_conn(pipeline: PipelineHarness) -> Iterator[PgConnection]:
+    """The connection verify reads with: not autocommit, so it reads one snapshot."""
+    conn = connect(pipeline.source_dsn)
     yield conn
     conn.close()
 
 
 @pytest.fixture(scope="module")
-def stack(source_schema: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    local = start_stack(
-        pg_dsn=source_schema[0],
-        data_dir=tmp_path_factory.mktemp("verify-json"),
-        bucket=f"pgsnow-verify-json-{uuid.uuid4().hex[:8]}",
-        visibility_timeout=1,
-    )
-    try:
-        with process_environment(local.env):
-            reset_runtime()
-            yield local
-    finally:
-        reset_runtime()
-        local.stop()
+def stack(pipeline: PipelineHarness) -> LocalStack:
+    return pipeline.stack
 
 
 @pytest.fixture(scope="module")
-def sf_conn(stack: LocalStack) -> Iterator[Any]:
-    conn = stack.snowflake_connection()
+def sf_conn(pipeline: PipelineHarness) -> Any:
     # verify creates its UDF once per session; creating it is DDL, which commits an open
     # transaction, so it is made before any test opens one.
-    prepare_snowflake_session(conn, SNOWFLAKE_DATABASE)
-    yield conn
-    conn.close()
+    prepare_snowflake_session(pipeline.sf_conn, SNOWFLAKE_DATABASE)
+    return pipeline.sf_conn
 
 
 @pytest.fixture
@@ -331,14 +295,14 @@ CREATE TABLE {} (
 
 @pytest.fixture(scope="module")
 def documents_table(
-    source_schema: tuple[str, str], setup_conn: PgConnection, stack: LocalStack
+    pipeline: PipelineHarness, setup_conn: PgConnection, stack: LocalStack
 ) -> dict[FileFormat, TableRef]:
     """Generated documents in jsonb, json and array columns, replicated as CSV and as Parquet."""
     documents = within_double_range(generated_documents())
     dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
     tables = {}
     for file_format in (FileFormat.CSV, FileFormat.PARQUET):
-        table = TableRef(source_schema[1], f"docs_{file_format.value}")
+        table = pipeline.table(f"docs_{file_format.value}")
         target = sql.Identifier(table.schema, table.table)
         with setup_conn.cursor() as cur:
             cur.execute(sql.SQL(JSON_DDL).format(target))
