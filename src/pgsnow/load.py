@@ -44,6 +44,7 @@ from pgsnow.snowflake import (
     LoadColumn,
     UrlSource,
     build_add_column,
+    build_add_run_id_column,
     build_add_soft_delete_column,
     build_apply_deletes,
     build_claim_file,
@@ -161,6 +162,7 @@ class _Loader:
     manifests: dict[tuple[TableRef, str], RunManifest] = field(default_factory=dict)
     tables_ready: set[tuple[str, str, str]] = field(default_factory=set)
     pipes_ready: set[str] = field(default_factory=set)
+    run_id_columns_ready: set[tuple[str, str, str]] = field(default_factory=set)
 
     @property
     def control_schema(self) -> str:
@@ -466,6 +468,15 @@ def _shadow(loader: _Loader, table: TableRef, run_id: str) -> tuple[str, str, st
     return (loader.database, table.snowflake_schema, f"{table.snowflake_table}__PGSNOW_REPLACE_{run_id}")
 
 
+def _ensure_run_id_column(loader: _Loader, target: tuple[str, str, str]) -> None:
+    """Merge without a cursor column orders rows by the run that wrote them (build_merge_from).
+    DDL commits in Snowflake, so this runs before the group's transaction, once per table."""
+    if target in loader.run_id_columns_ready:
+        return
+    _execute(loader.sf_conn, build_add_run_id_column(target))
+    loader.run_id_columns_ready.add(target)
+
+
 def _table_comment(loader: _Loader, table: tuple[str, str, str]) -> str | None:
     rows = _execute(loader.sf_conn, *build_select_table_comment(*table))
     return str(rows[0][0]) if rows and rows[0][0] is not None else None
@@ -627,6 +638,8 @@ def _copy_group(
         else:
             table_altered = ensure_table(loader, table, manifest.columns, _target(loader, table))
             copy_target = _target(loader, table)
+            if write_mode is WriteMode.MERGE and not manifest.cursor_column:
+                _ensure_run_id_column(loader, copy_target)
     work_table: tuple[str, str, str] | None = None
     if write_mode is WriteMode.MERGE and manifest is not None:
         # DDL commits a transaction in Snowflake, so the work table exists before ours begins.
@@ -696,12 +709,13 @@ def _copy_in_transaction(
             if work_table is not None and manifest is not None and loaded_rows > 0:
                 _execute(
                     sf_conn,
-                    build_merge_from(
+                    *build_merge_from(
                         target=_target(loader, first.table),
                         source=work_table,
                         columns=manifest.columns,
                         primary_key=manifest.primary_key,
                         cursor_column=manifest.cursor_column,
+                        run_id=manifest.run_id,
                     ),
                 )
             for (staged, _), file_check in zip(to_load, checked, strict=True):

@@ -388,6 +388,13 @@ def build_drop_table(table: tuple[str, str, str]) -> str:
     return f"DROP TABLE IF EXISTS {quote_qualified(*table)}"
 
 
+RUN_ID_COLUMN = "_PGSNOW_RUN_ID"  # merge targets without a cursor column: the run that wrote the row
+
+
+def build_add_run_id_column(target: tuple[str, str, str]) -> str:
+    return f"ALTER TABLE {quote_qualified(*target)} ADD COLUMN IF NOT EXISTS {quote_ident(RUN_ID_COLUMN)} VARCHAR"
+
+
 def build_merge_from(
     *,
     target: tuple[str, str, str],
@@ -395,12 +402,15 @@ def build_merge_from(
     columns: Sequence[Column],
     primary_key: Sequence[str],
     cursor_column: str | None,
-) -> str:
+    run_id: str | None = None,
+) -> Statement:
     """One MERGE of a work table into the target: newest row per key wins.
 
     The work table is de-duplicated by primary key keeping the highest cursor value; with a
     cursor an existing row is only overwritten by a row at least as new, so an older run
-    delivered late cannot roll a row back.
+    delivered late cannot roll a row back. Without a cursor the run id (a UTC start time, so
+    runs sort by age) plays that part: the target keeps it per row in RUN_ID_COLUMN (see
+    ``build_add_run_id_column``), and a row is only overwritten by a run at least as new.
     """
     if not primary_key:
         raise PermanentError("merge needs a primary key", table=".".join(target))
@@ -412,22 +422,27 @@ def build_merge_from(
         raise PermanentError(f"merge key/cursor column(s) not in the manifest: {', '.join(missing)}")
     keys = [quote_ident(by_name[name].snowflake_name) for name in primary_key]
     cursor = quote_ident(by_name[cursor_column].snowflake_name) if cursor_column else None
+    run_guard = cursor is None and run_id is not None
     order = f"{cursor} DESC NULLS LAST" if cursor else keys[0]
     names = [quote_ident(c.snowflake_name) for c in columns]
+    written = [*names, quote_ident(RUN_ID_COLUMN)] if run_guard else names
     on = " AND ".join(f'"TARGET".{k} = "SOURCE".{k}' for k in keys)
-    updates = ", ".join(f'{n} = "SOURCE".{n}' for n in names if n not in keys)
-    newer = f' AND ("TARGET".{cursor} IS NULL OR "SOURCE".{cursor} >= "TARGET".{cursor})' if cursor else ""
-    source_values = ", ".join('"SOURCE".' + n for n in names)
+    updates = ", ".join(f'{n} = "SOURCE".{n}' for n in written if n not in keys)
+    newest = cursor if cursor else (quote_ident(RUN_ID_COLUMN) if run_guard else None)
+    newer = f' AND ("TARGET".{newest} IS NULL OR "SOURCE".{newest} >= "TARGET".{newest})' if newest else ""
+    source_values = ", ".join('"SOURCE".' + n for n in written)
     matched = f"WHEN MATCHED{newer} THEN UPDATE SET {updates}\n" if updates else ""
-    return (
+    run_value = f", %s AS {quote_ident(RUN_ID_COLUMN)}" if run_guard else ""
+    statement = (
         f'MERGE INTO {quote_qualified(*target)} AS "TARGET"\n'
-        f"USING (SELECT * FROM {quote_qualified(*source)}\n"
+        f"USING (SELECT *{run_value} FROM {quote_qualified(*source)}\n"
         f'       QUALIFY ROW_NUMBER() OVER (PARTITION BY {", ".join(keys)} ORDER BY {order}) = 1) AS "SOURCE"\n'
         f"ON {on}\n"
         f"{matched}"
-        f"WHEN NOT MATCHED THEN INSERT ({', '.join(names)})\n"
+        f"WHEN NOT MATCHED THEN INSERT ({', '.join(written)})\n"
         f"VALUES ({source_values})"
     )
+    return statement, ((run_id,) if run_guard else ())
 
 
 def build_swap_with(table: tuple[str, str, str], other: tuple[str, str, str]) -> str:

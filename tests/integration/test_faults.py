@@ -333,6 +333,45 @@ def test_newer_run_delivered_before_older_run_newest_wins(pipeline: PipelineHarn
     assert_verified(pipeline, table, 6)
 
 
+def test_older_full_merge_run_delivered_after_a_newer_one_does_not_roll_rows_back(
+    pipeline: PipelineHarness,
+) -> None:
+    """Expected (merge mode, no cursor column): when a newer full run is merged first and an older
+    run's file arrives after it, rows the newer run wrote keep its values (the target records the
+    run that wrote each row), while keys only the older run has are still inserted."""
+    # Given two full merge runs: the second changes key 2 and no longer has key 5
+    table = create_items(pipeline, "late_full_merge", 5)
+    options = json.dumps({table.qualified: {"write_mode": "merge"}})
+    target = sql.Identifier(table.schema, table.table)
+    older = pipeline.extract(table, PGSNOW_TABLE_OPTIONS=options)
+    pipeline.run_sql(sql.SQL("UPDATE {} SET note = 'newest' WHERE id = 2").format(target))
+    pipeline.run_sql(sql.SQL("DELETE FROM {} WHERE id = 5").format(target))
+    newer = pipeline.extract(table, PGSNOW_TABLE_OPTIONS=options)
+    assert newer.run_id > older.run_id and older.cursor_column is None
+    messages = pipeline.receive_notifications(table, len(older.files) + len(newer.files))
+    by_run = {
+        run.run_id: [m["Body"] for m in messages if any(run.run_id in k for k in pipeline.message_keys(m))]
+        for run in (older, newer)
+    }
+    recorder, dispatcher = pipeline.loader()
+
+    # When the newer run is delivered first, then the older one
+    pipeline.send_bodies(by_run[newer.run_id])
+    dispatcher.run_until_idle()
+    pipeline.send_bodies(by_run[older.run_id])
+    dispatcher.run_until_idle()
+
+    # Then both loaded; key 2 keeps the newer value; key 5 (only in the older run) is there
+    assert [d for d in recorder.deliveries if d.failed] == []
+    assert sorted(pipeline.ledger_keys(table)) == sorted(f.key for f in [*older.files, *newer.files])
+    rows = {row[0]: row for row in pipeline.target_rows(table)}
+    assert rows[2][1] == "newest"
+    assert rows[1][-1] == rows[2][-1] == newer.run_id  # _PGSNOW_RUN_ID: the run that wrote the row
+    assert rows[5][-1] == older.run_id
+    result = pipeline.verify(table)
+    assert result.extra == ["5"] and not result.missing and not result.different  # merge keeps deleted keys
+
+
 def test_hand_dropped_file_with_spaces_and_unicode_in_its_key_loads(pipeline: PipelineHarness) -> None:
     """Expected: a CSV dropped by hand under an existing table's prefix, its key holding spaces, '+',
     and non-ASCII characters (URL-encoded in the S3 event), loads into that table; verify passes."""

@@ -11,12 +11,14 @@ from pgsnow.manifest import Column
 from pgsnow.snowflake import (
     LedgerClaim,
     LoadColumn,
+    build_add_run_id_column,
     build_claim_file,
     build_copy_into,
     build_create_ledger,
     build_create_schema,
     build_create_stage,
     build_create_table,
+    build_merge_from,
     build_query_tag,
     build_record_load,
     build_select_ledger_entry,
@@ -427,4 +429,52 @@ def test_create_stage(integration: str | None, expected_tail: str) -> None:
     assert sql == (
         'CREATE STAGE IF NOT EXISTS "DB"."PGSNOW"."PGSNOW_STAGE" URL = \'s3://my-bucket/staging/\''
         + expected_tail
+    )
+
+
+def _merge_columns() -> list[Column]:
+    return [
+        column("id", "integer", nullable=False),
+        column("note", "text"),
+        column("updated_at", "timestamp with time zone"),
+    ]
+
+
+def test_merge_without_a_cursor_orders_rows_by_the_run_that_wrote_them() -> None:
+    statement, params = build_merge_from(
+        target=("DB", "S", "T"),
+        source=("DB", "PGSNOW", "W"),
+        columns=_merge_columns(),
+        primary_key=["id"],
+        cursor_column=None,
+        run_id=RUN,
+    )
+    assert params == (RUN,)  # bound, not spliced
+    assert 'USING (SELECT *, %s AS "_PGSNOW_RUN_ID" FROM "DB"."PGSNOW"."W"' in statement
+    assert (
+        'WHEN MATCHED AND ("TARGET"."_PGSNOW_RUN_ID" IS NULL OR "SOURCE"."_PGSNOW_RUN_ID" >= '
+        '"TARGET"."_PGSNOW_RUN_ID") THEN UPDATE SET' in statement
+    )
+    assert '"_PGSNOW_RUN_ID" = "SOURCE"."_PGSNOW_RUN_ID"' in statement
+    assert 'INSERT ("ID", "NOTE", "UPDATED_AT", "_PGSNOW_RUN_ID")' in statement
+    assert build_add_run_id_column(("DB", "S", "T")) == (
+        'ALTER TABLE "DB"."S"."T" ADD COLUMN IF NOT EXISTS "_PGSNOW_RUN_ID" VARCHAR'
+    )
+
+
+def test_merge_with_a_cursor_needs_no_run_column() -> None:
+    statement, params = build_merge_from(
+        target=("DB", "S", "T"),
+        source=("DB", "PGSNOW", "W"),
+        columns=_merge_columns(),
+        primary_key=["id"],
+        cursor_column="updated_at",
+        run_id=RUN,
+    )
+    assert params == ()
+    assert "_PGSNOW_RUN_ID" not in statement
+    assert 'ORDER BY "UPDATED_AT" DESC NULLS LAST' in statement
+    assert (
+        'WHEN MATCHED AND ("TARGET"."UPDATED_AT" IS NULL OR "SOURCE"."UPDATED_AT" >= "TARGET"."UPDATED_AT")'
+        in statement
     )
