@@ -38,6 +38,9 @@ bench: venv ## Benchmark extraction vs COPY|gzip, ADBC and dlt (BENCH_ARGS="--ro
 	$(BENCH_VENV)/bin/pip install --quiet -r bench/requirements.txt
 	$(BIN)/python bench/run.py --bench-python $(BENCH_VENV)/bin/python --profile $(BENCH_ARGS)
 
+bench-verify: venv ## What comparing JSON columns costs pgsnow verify, against a plain read (docs/performance.md)
+	$(BIN)/python bench/verify_json.py $(BENCH_VERIFY_ARGS)
+
 include build/lambda.mk
 
-.PHONY: help venv demo test lint bench
+.PHONY: help venv demo test lint bench bench-verify
