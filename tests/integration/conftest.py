@@ -39,7 +39,7 @@ from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, load_function_han
 from pgsnow.manifest import RunManifest
 from pgsnow.postgres import connect
 from pgsnow.snowflake import LEDGER_TABLE
-from pgsnow.verify import TableVerification, verify_table
+from pgsnow.verify import TableVerification, prepare_snowflake_session, verify_table
 
 
 @dataclass
@@ -258,3 +258,20 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineHarne
         snowflake_session(local) as sf_conn,
     ):
         yield PipelineHarness(local, source_dsn, schema, setup_conn, sf_conn)
+
+
+@pytest.fixture
+def in_rolled_back_transaction(sf_conn: Any) -> Iterator[Any]:
+    """The module's ``sf_conn`` in a transaction rolled back after the test: faults made in
+    Snowflake through it are undone, so every case starts from the same faithful copy.
+
+    verify creates its canonical-JSON UDF once per session, and that DDL would commit the fault,
+    so the session gets it before the transaction opens.
+    """
+    prepare_snowflake_session(sf_conn, SNOWFLAKE_DATABASE)
+    sf_conn.autocommit(False)
+    try:
+        yield sf_conn
+    finally:
+        sf_conn.rollback()
+        sf_conn.autocommit(True)

@@ -291,6 +291,20 @@ def test_same_event_delivered_concurrently_loads_once(
     assert "loaded" in outcomes, outcomes
 
 
+def deliver_newer_run_first(pipeline: PipelineHarness, table: Any, older: Any, newer: Any) -> Any:
+    """Take both runs' notifications off the queue, deliver the newer run's, then the older run's."""
+    messages = pipeline.receive_notifications(table, len(older.files) + len(newer.files))
+    by_run = {
+        run.run_id: [m["Body"] for m in messages if any(run.run_id in k for k in pipeline.message_keys(m))]
+        for run in (older, newer)
+    }
+    recorder, dispatcher = pipeline.loader()
+    for run in (newer, older):
+        pipeline.send_bodies(by_run[run.run_id])
+        dispatcher.run_until_idle()
+    return recorder
+
+
 def test_newer_run_delivered_before_older_run_newest_wins(pipeline: PipelineHarness) -> None:
     """Expected (merge mode, incremental cursor): when the newer run's file is delivered first
     and the older run's file after it, every key keeps its newest version; verify passes."""
@@ -312,18 +326,9 @@ def test_newer_run_delivered_before_older_run_newest_wins(pipeline: PipelineHarn
     )
     newer = pipeline.extract(table, PGSNOW_TABLE_OPTIONS=options)
     assert newer.run_id > older.run_id
-    messages = pipeline.receive_notifications(table, len(older.files) + len(newer.files))
-    by_run = {
-        run.run_id: [m["Body"] for m in messages if any(run.run_id in k for k in pipeline.message_keys(m))]
-        for run in (older, newer)
-    }
-    recorder, dispatcher = pipeline.loader()
 
     # When the newer run's notifications are delivered first, then the older run's
-    pipeline.send_bodies(by_run[newer.run_id])
-    dispatcher.run_until_idle()
-    pipeline.send_bodies(by_run[older.run_id])
-    dispatcher.run_until_idle()
+    recorder = deliver_newer_run_first(pipeline, table, older, newer)
 
     # Then all files loaded, and key 2 holds the newer value
     assert [d for d in recorder.deliveries if d.failed] == []
@@ -348,18 +353,9 @@ def test_older_full_merge_run_delivered_after_a_newer_one_does_not_roll_rows_bac
     pipeline.run_sql(sql.SQL("DELETE FROM {} WHERE id = 5").format(target))
     newer = pipeline.extract(table, PGSNOW_TABLE_OPTIONS=options)
     assert newer.run_id > older.run_id and older.cursor_column is None
-    messages = pipeline.receive_notifications(table, len(older.files) + len(newer.files))
-    by_run = {
-        run.run_id: [m["Body"] for m in messages if any(run.run_id in k for k in pipeline.message_keys(m))]
-        for run in (older, newer)
-    }
-    recorder, dispatcher = pipeline.loader()
 
     # When the newer run is delivered first, then the older one
-    pipeline.send_bodies(by_run[newer.run_id])
-    dispatcher.run_until_idle()
-    pipeline.send_bodies(by_run[older.run_id])
-    dispatcher.run_until_idle()
+    recorder = deliver_newer_run_first(pipeline, table, older, newer)
 
     # Then both loaded; key 2 keeps the newer value; key 5 (only in the older run) is there
     assert [d for d in recorder.deliveries if d.failed] == []

@@ -23,7 +23,7 @@ from pgsnow.keys import FileFormat
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, load_function_handler
 from pgsnow.postgres import connect
-from pgsnow.verify import LEAF_ROWS, ROOT_BUCKETS, prepare_snowflake_session, verify_table
+from pgsnow.verify import LEAF_ROWS, ROOT_BUCKETS, verify_table
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
     from conftest import PipelineHarness
@@ -141,20 +141,6 @@ def things(
         replicate(table, file_format)
         tables[file_format] = table
     return tables
-
-
-@pytest.fixture
-def in_rolled_back_transaction(sf_conn: Any) -> Iterator[Any]:
-    """Faults made in Snowflake through this connection are undone after the test."""
-    # verify creates its canonical-JSON UDF once per session, and that DDL would commit the
-    # fault: the session gets it before the transaction opens.
-    prepare_snowflake_session(sf_conn, SNOWFLAKE_DATABASE)
-    sf_conn.autocommit(False)
-    try:
-        yield sf_conn
-    finally:
-        sf_conn.rollback()
-        sf_conn.autocommit(True)
 
 
 def sf_name(table: TableRef) -> str:

@@ -185,16 +185,6 @@ def sf_conn(pipeline: PipelineHarness) -> Any:
     return pipeline.sf_conn
 
 
-@pytest.fixture
-def in_rolled_back_transaction(sf_conn: Any) -> Iterator[Any]:
-    sf_conn.autocommit(False)
-    try:
-        yield sf_conn
-    finally:
-        sf_conn.rollback()
-        sf_conn.autocommit(True)
-
-
 # --------------------------------------------------------------------------- the two implementations
 
 
