@@ -96,12 +96,19 @@ def test_malformed_names_cannot_even_be_named(schema: str, table: str) -> None:
         TableRef(schema, table)
 
 
-def test_allowlisted_weird_but_legal_names_replicate(pipeline: PipelineHarness) -> None:
-    """Expected: a table named ``Odd"Name;x`` (quote, semicolon, mixed case) in a schema named
-    with non-ASCII letters, when allowlisted, replicates cell-exact (verify passes). A name with
-    a space is not run here: the local Snowflake's COPY breaks on it (docs/guarantees.md)."""
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param('Odd"Name;x', id="quote-semicolon-mixed-case"),
+        pytest.param("Order Details", id="space"),
+    ],
+)
+def test_allowlisted_weird_but_legal_names_replicate(pipeline: PipelineHarness, name: str) -> None:
+    """Expected: a table named ``Odd"Name;x`` (quote, semicolon, mixed case) or ``Order Details``
+    (a space) in a schema named with non-ASCII letters, when allowlisted, replicates cell-exact
+    (verify passes)."""
     schema = f"ünï_{uuid.uuid4().hex[:6]}"
-    table = TableRef(schema, 'Odd"Name;x')
+    table = TableRef(schema, name)
     pipeline.run_sql(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
     try:
         pipeline.create_table(table, GOOD_COLUMNS, GOOD_ROWS.format(n=4))
