@@ -447,6 +447,15 @@ def _csv_expression(col: Column, source: sql.Composable) -> sql.Composable:
 def _json_text(col: Column, source: sql.Composable) -> sql.Composable:
     if col.base_type.endswith("[]"):
         return sql.SQL("to_jsonb({})::text").format(source)
+    if col.base_type == "json":
+        # Staged as its jsonb text: Snowflake's VARIANT keeps neither key order nor spacing anyway,
+        # but PARSE_JSON refuses duplicate keys and makes exponent-notation numbers doubles
+        # (1.2345678901234567890e20 would lose digits); jsonb keeps the last of duplicate keys (as
+        # PostgreSQL itself reads json) and writes numbers in plain notation, which Snowflake keeps
+        # exact up to 38 digits. jsonb cannot hold the escape \u0000, so such a value stays as written.
+        return sql.SQL(
+            "CASE WHEN strpos({0}::text, '\\u0000') > 0 THEN {0}::text ELSE {0}::jsonb::text END"
+        ).format(source)
     return sql.SQL("{}::text").format(source)
 
 
