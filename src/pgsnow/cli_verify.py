@@ -132,6 +132,8 @@ def _verify_from_env(args: argparse.Namespace) -> VerifyReport:
         f"the run manifests in bucket {settings.bucket}",
         lambda: latest_manifests(boto3.client("s3"), settings.bucket, tables),
     )
+    # read_secret_json reports an unreadable secret itself; this also covers creating the client
+    # (no region configured, say), which happens before it.
     dsn = _aws_read("the PostgreSQL secret (PGSNOW_PG_SECRET_ARN)", lambda: postgres_dsn(settings))
     pg_conn = connect(dsn, statement_timeout_ms=settings.postgres.statement_timeout_ms)
     try:

@@ -22,6 +22,8 @@ from pgsnow.keys import normalise_prefix
 
 E = TypeVar("E", bound=StrEnum)
 
+DEFAULT_CONTROL_SCHEMA = "PGSNOW"  # pgsnow's own schema in the Snowflake database (stage, ledger)
+
 
 class Component(StrEnum):
     EXTRACTOR = "extractor"
@@ -327,7 +329,7 @@ class Settings:
             warehouse=get("SNOWFLAKE_WAREHOUSE"),
             role=get("SNOWFLAKE_ROLE"),
             stage=get("SNOWFLAKE_STAGE", "PGSNOW_STAGE") or "PGSNOW_STAGE",
-            control_schema=get("SNOWFLAKE_CONTROL_SCHEMA", "PGSNOW") or "PGSNOW",
+            control_schema=get("SNOWFLAKE_CONTROL_SCHEMA", DEFAULT_CONTROL_SCHEMA) or DEFAULT_CONTROL_SCHEMA,
             storage_integration=get("SNOWFLAKE_STORAGE_INTEGRATION"),
             host=get("SNOWFLAKE_HOST"),
             port=port,

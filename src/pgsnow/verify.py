@@ -29,6 +29,7 @@ from psycopg2.extensions import STATUS_READY
 from psycopg2.extensions import connection as PgConnection
 
 from pgsnow import canonical_json
+from pgsnow.config import DEFAULT_CONTROL_SCHEMA
 from pgsnow.errors import PgSnowError, VerifyError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.manifest import Column, RunManifest
@@ -46,7 +47,6 @@ FLOAT_SIGNIFICANT_DIGITS = 15
 # in SQL, Snowflake runs that module as a temporary Python UDF created in the control schema.
 JSON_FUNCTION = "PGSNOW_CANONICAL_JSON"
 JSON_FUNCTION_RUNTIME = "3.11"
-DEFAULT_CONTROL_SCHEMA = "PGSNOW"
 SOURCE_ALIAS = "pgsnow_table"  # the table in PostgreSQL's inner SELECT
 
 DEFAULT_MAX_KEYS = 20  # keys listed per table
