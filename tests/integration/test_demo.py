@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import fakesnow
 import psycopg2
 import pytest
 import snowflake.connector
@@ -55,8 +54,18 @@ def pg_conn(demo_dsn: str) -> Iterator[PgConnection]:
 
 @pytest.fixture(scope="module")
 def snowflake_server() -> Iterator[dict[str, Any]]:
-    with fakesnow.server() as connect_kwargs:
-        yield connect_kwargs
+    """The local Snowflake the demo itself compares against (fakesnow extended by pgsnow.local)."""
+    from moto.server import ThreadedMotoServer
+
+    from pgsnow.local.snowflake import start_local_snowflake
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    local = start_local_snowflake(s3_endpoint_url=f"http://{host}:{port}")
+    yield local.connect_kwargs()
+    local.stop()
+    moto.stop()
 
 
 @pytest.fixture

@@ -245,12 +245,7 @@ def _stream_snowflake(
     sf_conn: SnowflakeConnection, table: TableRef, sf_database: str, shape: TableShape, chunk_rows: int
 ) -> Iterator[tuple[Any, ...]]:
     ordering, _ = _ordering_columns(shape)
-    timestamps = [c for c in shape.columns if c.is_timestamp]
-    # The local fakesnow server returns NULL timestamps as 1970-01-01, so ask
-    # for their nullness separately.
-    select_items = [quote_ident(c.snowflake_name) for c in shape.columns] + [
-        f"{quote_ident(c.snowflake_name)} IS NULL" for c in timestamps
-    ]
+    select_items = [quote_ident(c.snowflake_name) for c in shape.columns]
     order_items = [f"{quote_ident(c.snowflake_name)} NULLS LAST" for c in ordering]
     query = (
         f"SELECT {', '.join(select_items)} "
@@ -258,18 +253,12 @@ def _stream_snowflake(
         f"ORDER BY {', '.join(order_items)}"
     )
     kinds = [c.kind for c in shape.columns]
-    width = len(shape.columns)
-    timestamp_positions = [shape.columns.index(c) for c in timestamps]
     cur = sf_conn.cursor()
     try:
         cur.execute(query)
         while rows := cur.fetchmany(chunk_rows):
             for row in rows:
-                values = list(row[:width])
-                for offset, position in enumerate(timestamp_positions):
-                    if row[width + offset]:
-                        values[position] = None
-                yield tuple(canonical_value(kind, value) for kind, value in zip(kinds, values, strict=True))
+                yield tuple(canonical_value(kind, value) for kind, value in zip(kinds, row, strict=True))
     finally:
         cur.close()
 

@@ -5,7 +5,8 @@
 that submodule ourselves would change what ``fakesnow.server`` means for other code in the same
 process, and would share fakesnow's module-level session table. So the same installed source is
 loaded under a private module name: our own ``sessions``, ``routes`` and ``query_request``, and
-``fakesnow.server`` left exactly as fakesnow expects.
+``fakesnow.server`` left exactly as fakesnow expects. Its ``to_sf`` (Arrow result conversion) is
+replaced by one that keeps NULL timestamps NULL (``pgsnow.local.sf_arrow``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 from types import ModuleType
+
+from pgsnow.local.sf_arrow import keeping_nulls
 
 PRIVATE_MODULE_NAME = "pgsnow_local_fakesnow_server"
 
@@ -35,5 +38,7 @@ def _load_private_server_module() -> ModuleType:
 
 
 server_module = _load_private_server_module()
+# Result batches keep NULL timestamps NULL (fakesnow drops the struct's validity mask).
+server_module.to_sf = keeping_nulls(server_module.to_sf)  # type: ignore[attr-defined]
 
 __all__ = ["server_module"]
