@@ -19,7 +19,6 @@ of the run's range), Parquet above; a never-analysed table (no estimate) gets CS
 
 from __future__ import annotations
 
-import csv
 import json
 import tempfile
 import threading
@@ -39,7 +38,14 @@ from psycopg2 import sql
 from pgsnow.checkpoint import ChunkRecord, Lease, LeaseLostError, RunCheckpoint, StateStore, Watermark
 from pgsnow.config import DeleteMode, ExtractMode, Settings, StagedFormat, TableOptions, ValuePolicy
 from pgsnow.errors import PermanentError, PgSnowError
-from pgsnow.formats import CopyPipe, CsvBatchSplitter, ParquetWriter, WrittenFile, open_arrow_csv
+from pgsnow.formats import (
+    CopyPipe,
+    CsvBatchSplitter,
+    ParquetWriter,
+    WrittenFile,
+    open_arrow_csv,
+    parse_csv_record,
+)
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, new_run_id
 from pgsnow.manifest import RunManifest, RunState, StagedFile
@@ -282,9 +288,9 @@ class _FileRecorder:
     def csv_order_key(self, header: bytes, record: bytes) -> tuple[str, ...]:
         """The order key of a CSV record, read back as PostgreSQL input text."""
         if self._key_positions is None:
-            names = next(csv.reader([header.decode("utf-8")]))
+            names = parse_csv_record(header.decode("utf-8"))
             self._key_positions = [names.index(k) for k in self.run.checkpoint.order_key]
-        values = next(csv.reader([record.decode("utf-8")]))
+        values = parse_csv_record(record.decode("utf-8"))
         texts = [str(values[i]) for i in self._key_positions]
         return tuple(
             "\\x" + t if k is ValueKind.BINARY else t for t, k in zip(texts, self._order_kinds, strict=True)

@@ -17,7 +17,6 @@ This module must not import pyarrow (the loader artifact does not ship it).
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import time
 import uuid
@@ -32,6 +31,7 @@ from snowflake.connector.errors import Error as SnowflakeDriverError
 
 from pgsnow.config import DeleteMode, LoadMethod, Settings, WriteMode
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
+from pgsnow.formats import parse_csv_record
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, StagedObject, manifest_key
 from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
@@ -564,7 +564,7 @@ def read_csv_header(s3: S3Client, bucket: str, staged: StagedObject) -> list[str
     if staged.gzip:
         body = zlib.decompressobj(wbits=31).decompress(body)
     first_line = body.decode("utf-8", errors="strict").splitlines()[0] if body else ""
-    header = next(csv.reader([first_line]), [])
+    header = parse_csv_record(first_line)
     if not header or any(not name for name in header):
         raise PermanentError("the CSV file has no usable header row", s3_key=staged.key)
     return header

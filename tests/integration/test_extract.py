@@ -995,3 +995,33 @@ def test_value_errors_without_a_primary_key_and_percent_in_names(
     # Then the error names the column and points at the row as well as it can
     assert """column '50% off "now"'""" in str(raised.value)
     assert "infinite date/time" in str(raised.value) and where in str(raised.value)
+
+
+@pytest.mark.parametrize("file_format", [FileFormat.CSV, FileFormat.PARQUET], ids=["csv", "parquet"])
+def test_a_value_over_the_csv_modules_field_limit_stages(
+    admin: psycopg2.extensions.connection,
+    schema_name: str,
+    s3: Any,
+    bucket: str,
+    pg_dsn: str,
+    pg_conn: Any,
+    file_format: FileFormat,
+) -> None:
+    # Given text values larger than Python's default csv field limit (128 KiB), first and last in key order
+    table = TableRef(schema_name, f"long_text_{uuid.uuid4().hex[:6]}")
+    create_table(admin, table, "id integer PRIMARY KEY, body text")
+    long_value = "<p>" + "x" * (131_072 + 1000) + ',\n"quoted"</p>'
+    insert_rows(admin, table, ["id", "body"], [(1, long_value), (2, "short"), (3, long_value[::-1])])
+
+    # When it is extracted
+    manifest = extract_table(
+        settings=make_settings(bucket, pg_dsn), pg_conn=pg_conn, s3=s3, table=table, file_format=file_format
+    )
+
+    # Then every value is staged whole
+    (staged,) = manifest.files
+    if file_format is FileFormat.CSV:
+        bodies = [row[1] for row in read_csv_object(s3, bucket, staged.key)[1:]]
+    else:
+        bodies = read_parquet_object(s3, bucket, staged.key).column("body").to_pylist()
+    assert bodies == [long_value, "short", long_value[::-1]]
