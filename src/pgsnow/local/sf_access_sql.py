@@ -94,6 +94,9 @@ def parse_create_storage_integration(sql_text: str) -> CreateStorageIntegration 
     values: dict[str, exp.Expression | None] = {}
     properties = statement.args.get("properties")
     for prop in properties.expressions if properties else []:
+        if isinstance(prop, exp.SchemaCommentProperty):  # sqlglot's node for COMMENT = '...'
+            values["COMMENT"] = prop.this
+            continue
         if not isinstance(prop, exp.Property):
             raise AccessSyntaxError(
                 f"storage integration property {prop.sql(dialect='snowflake')} is not supported"

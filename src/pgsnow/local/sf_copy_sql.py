@@ -487,6 +487,15 @@ def parse_copy(sql_text: str) -> CopyStatement | None:
     force = False
     match_by = MatchByColumnName.NONE
     storage_integration: str | None = None
+    # Right after the source, sqlglot takes STORAGE_INTEGRATION into the COPY's Credentials node.
+    given_credentials = statement.args.get("credentials")
+    if isinstance(given_credentials, exp.Credentials):
+        for arg, value in given_credentials.args.items():
+            if value is None or value == []:
+                continue
+            if arg != "storage" or not isinstance(value, exp.Identifier | exp.Var):
+                raise CopySyntaxError(f"COPY option {arg.upper()} is not supported locally")
+            storage_integration = resolve_identifier(value.name, quoted=bool(value.args.get("quoted")))
     for param in statement.args.get("params") or []:
         name = param.name.upper()
         value = param.args.get("expression")
