@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import gzip
 import itertools
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,9 +17,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from moto_iam_support import AccessKey, IamMoto, read_prefix_statements, start_iam_moto
 from snowflake.connector.errors import DatabaseError, ProgrammingError
+from snowflake.ingest import SimpleIngestManager
+from snowflake.ingest.simple_ingest_manager import StagedFile
 
 from pgsnow.local.sf_access import SnowflakeAwsIdentity
-from pgsnow.local.snowflake import LocalSnowflake, start_local_snowflake
+from pgsnow.local.snowflake import LOCAL_ACCOUNT, LocalSnowflake, start_local_snowflake
+from pgsnow.local.snowpipe import LocalSnowpipe, start_local_snowpipe
 from pgsnow.setup_sql import SetupOptions, build_setup_steps
 
 pytestmark = pytest.mark.integration
@@ -373,3 +379,159 @@ def test_key_pair_login_with_another_key_is_refused(
 def test_password_login_still_works_for_a_user_without_a_key(local: LocalSnowflake) -> None:
     with snowflake.connector.connect(**local.connect_kwargs(user="SOMEONE_ELSE")) as connection:
         assert run(connection, "SELECT 2") == [(2,)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the local Snowpipe reads as a COPY does
+
+
+def wait_for_events(endpoint: LocalSnowpipe, pipe: tuple[str, str, str], count: int) -> list[Any]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        events = list(endpoint.state.events.get(pipe, []))
+        if len(events) >= count:
+            return events
+        time.sleep(0.1)
+    raise AssertionError(f"no {count} events for {pipe} within 30 s")
+
+
+def test_snowpipe_reads_with_the_stage_integration_and_refuses_a_stage_without(
+    conn: Any, moto: IamMoto, local: LocalSnowflake
+) -> None:
+    # Given pipes over an integration stage and over a stage with neither integration nor credentials,
+    # and the user's key registered through SQL (one registry for logins and Snowpipe)
+    integration = integration_with_role(conn, moto)
+    good, bare = unique("ST"), unique("ST")
+    run(
+        conn,
+        f"CREATE STAGE DB.PGSNOW.{good} URL = 's3://{BUCKET}/{ALLOWED}/' STORAGE_INTEGRATION = {integration}",
+    )
+    run(conn, f"CREATE STAGE DB.PGSNOW.{bare} URL = 's3://{BUCKET}/{ALLOWED}/'")
+    table = new_table(conn)
+    put_csv(moto, f"{ALLOWED}/{table}/a.csv.gz", "id,v\n1,x\n2,y\n")
+    pipes = {}
+    for stage in (good, bare):
+        pipe = unique("PIPE")
+        run(
+            conn,
+            f'CREATE PIPE DB.PGSNOW.{pipe} AS COPY INTO DB.PUBLIC."{table}" FROM @DB.PGSNOW.{stage}/{table}/ {CSV_FORMAT}',
+        )
+        pipes[stage] = pipe
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    run(conn, f"ALTER USER PIPE_USER SET RSA_PUBLIC_KEY = '{public_body(key)}'")
+    endpoint = start_local_snowpipe(local)
+    try:
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        # When the file is submitted to both pipes
+        for pipe in pipes.values():
+            SimpleIngestManager(
+                account=LOCAL_ACCOUNT,
+                user="PIPE_USER",
+                pipe=f"DB.PGSNOW.{pipe}",
+                private_key=pem,
+                scheme="http",
+                host=endpoint.host,
+                port=endpoint.port,
+            ).ingest_files([StagedFile("a.csv.gz", None)])
+        loaded = wait_for_events(endpoint, ("DB", "PGSNOW", pipes[good]), 1)
+        refused = wait_for_events(endpoint, ("DB", "PGSNOW", pipes[bare]), 1)
+    finally:
+        endpoint.stop()
+
+    # Then the integration stage's pipe loads it and the bare stage's pipe is denied
+    assert [(e.status, e.rows_inserted) for e in loaded] == [("LOADED", 2)]
+    assert refused[0].status == "LOAD_FAILED"
+    assert refused[0].first_error is not None and "Access Denied" in refused[0].first_error
+    assert run(conn, f'SELECT COUNT(*) FROM DB.PUBLIC."{table}"') == [(2,)]
+
+
+def test_integrations_and_stage_credentials_survive_a_restart(
+    moto: IamMoto, snowflake_identity: SnowflakeAwsIdentity, tmp_path: Path
+) -> None:
+    # Given an integration and a credentials stage created on a local Snowflake with a data_dir
+    _, reader = moto.create_user(unique("reader"), read_prefix_statements(BUCKET, f"{ALLOWED}/"))
+    put_csv(moto, f"{ALLOWED}/restart/a.csv.gz", "id,v\n1,x\n")
+
+    def start() -> LocalSnowflake:
+        return start_local_snowflake(
+            s3_endpoint_url=moto.endpoint_url, data_dir=tmp_path, snowflake_aws_identity=snowflake_identity
+        )
+
+    first = start()
+    try:
+        with snowflake.connector.connect(**first.connect_kwargs()) as before:
+            run(before, "CREATE DATABASE KEPT")
+            run(before, "CREATE SCHEMA KEPT.S")
+            run(
+                before,
+                "CREATE STORAGE INTEGRATION KEPT_INT TYPE = EXTERNAL_STAGE STORAGE_PROVIDER = 'S3' ENABLED = TRUE "
+                "STORAGE_AWS_ROLE_ARN = 'arn:aws:iam::123456789012:role/kept' STORAGE_ALLOWED_LOCATIONS = ('*')",
+            )
+            described = describe(before, "KEPT_INT")
+            run(
+                before,
+                f"CREATE STAGE KEPT.S.ST URL = 's3://{BUCKET}/{ALLOWED}/' "
+                f"CREDENTIALS = (AWS_KEY_ID = '{reader.key_id}' AWS_SECRET_KEY = '{reader.secret}')",
+            )
+    finally:
+        first.stop()
+
+    # When the server is started again on the same data_dir
+    second = start()
+    try:
+        with snowflake.connector.connect(**second.connect_kwargs()) as after:
+            run(after, 'CREATE TABLE KEPT.S."T" ("ID" NUMBER(38,0), "V" VARCHAR)')
+            loaded = run(
+                after, f"COPY INTO KEPT.S.\"T\" FROM @KEPT.S.ST/restart/ FILES = ('a.csv.gz') {CSV_FORMAT}"
+            )
+            described_again = describe(after, "KEPT_INT")
+    finally:
+        second.stop()
+
+    # Then the integration (with its generated external id) and the stage's credentials are still there
+    assert described_again == described
+    assert [r[1:3] for r in loaded] == [("LOADED", 1)]
+
+
+def test_concurrent_reads_use_each_stage_own_credentials(
+    conn: Any, moto: IamMoto, local: LocalSnowflake
+) -> None:
+    # Given one stage whose keys may read the prefix and one whose keys may not, over the same file
+    _, reader = moto.create_user(unique("reader"), read_prefix_statements(BUCKET, f"{ALLOWED}/"))
+    _, outsider = moto.create_user(unique("outsider"), read_prefix_statements(BUCKET, "other/"))
+    table = new_table(conn)
+    put_csv(moto, f"{ALLOWED}/{table}/a.csv.gz", "id,v\n1,x\n")
+    stages = {}
+    for label, key in (("reader", reader), ("outsider", outsider)):
+        stages[label] = unique("ST")
+        run(
+            conn,
+            f"CREATE STAGE DB.PGSNOW.{stages[label]} URL = 's3://{BUCKET}/{ALLOWED}/' "
+            f"CREDENTIALS = (AWS_KEY_ID = '{key.key_id}' AWS_SECRET_KEY = '{key.secret}')",
+        )
+    outcomes: dict[str, list[str]] = {"reader": [], "outsider": []}
+
+    def copy_repeatedly(label: str) -> None:
+        with snowflake.connector.connect(**local.connect_kwargs(database="DB", schema="PUBLIC")) as session:
+            for _ in range(4):
+                try:
+                    result = run(
+                        session,
+                        f'COPY INTO DB.PUBLIC."{table}" FROM @DB.PGSNOW.{stages[label]}/{table}/ '
+                        f"FILES = ('a.csv.gz') {CSV_FORMAT} FORCE = TRUE",
+                    )
+                    outcomes[label].append(str(result[0][1]))
+                except ProgrammingError as error:
+                    outcomes[label].append("denied" if "Access Denied" in error.msg else error.msg)
+
+    # When both sessions copy at the same time, repeatedly
+    threads = [threading.Thread(target=copy_repeatedly, args=(label,)) for label in outcomes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    # Then each read used its own stage's credentials every time
+    assert outcomes == {"reader": ["LOADED"] * 4, "outsider": ["denied"] * 4}
