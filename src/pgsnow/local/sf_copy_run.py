@@ -173,6 +173,17 @@ def stage_url(
     return str(row[0] or "")
 
 
+def stage_storage_integration(
+    duck: duckdb.DuckDBPyConnection, source: StageSource, database: str | None, schema: str | None
+) -> str | None:
+    """The storage integration a stage was created with, if any."""
+    row = duck.execute(
+        f"SELECT storage_integration FROM {STAGES_TABLE} WHERE database_name = ? AND schema_name = ? AND name = ?",
+        list(qualify_stage(source, database, schema)),
+    ).fetchone()
+    return str(row[0]) if row is not None and row[0] else None
+
+
 def source_prefix(base_url: str, sub_path: str) -> str:
     """The stage URL with the statement's sub-path appended (Snowflake joins them as a prefix)."""
     if not sub_path:

@@ -83,6 +83,7 @@ from pgsnow.local.sf_copy_run import (
     prepare_copy,
     qualify_stage,
     source_prefix,
+    stage_storage_integration,
     stage_url,
 )
 from pgsnow.local.sf_copy_sql import (
@@ -390,11 +391,7 @@ class LocalSnowflakeState:
                 sqlstate="42000",
             )
         key = list(qualify_stage(statement.source, conn.database, conn.schema))
-        row = duck.execute(
-            f"SELECT storage_integration FROM {STAGES_TABLE} WHERE database_name = ? AND schema_name = ? AND name = ?",
-            key,
-        ).fetchone()
-        integration = str(row[0]) if row is not None and row[0] else None
+        integration = stage_storage_integration(duck, statement.source, conn.database, conn.schema)
         return self.access.read_access(
             duck, integration=integration, credentials=self.access.stage_credentials(duck, key), url=prefix
         )
