@@ -358,10 +358,13 @@ def loader_key(conn: Any) -> rsa.RSAPrivateKey:
     return key
 
 
+@pytest.mark.parametrize("account", [None, "local"], ids=["local-account", "stack-account-name"])
 def test_key_pair_login_with_the_registered_key_is_accepted(
-    local: LocalSnowflake, loader_key: rsa.RSAPrivateKey
+    local: LocalSnowflake, loader_key: rsa.RSAPrivateKey, account: str | None
 ) -> None:
-    kwargs = local.connect_kwargs(user="PGSNOW_LOADER", private_key=private_der(loader_key))
+    kwargs = local.connect_kwargs(user="pgsnow_loader", private_key=private_der(loader_key))
+    if account is not None:
+        kwargs["account"] = account  # the stack's SNOWFLAKE_ACCOUNT
     with snowflake.connector.connect(**kwargs) as connection:
         assert run(connection, "SELECT 1") == [(1,)]
 

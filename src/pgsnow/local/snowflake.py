@@ -848,7 +848,10 @@ def _login_accepted(state: LocalSnowflakeState, data: dict[str, Any]) -> bool:
     if str(data.get("AUTHENTICATOR") or "").upper() != "SNOWFLAKE_JWT":
         return True
     user = str(data.get("LOGIN_NAME") or "")
-    return state.public_keys.verify(str(data.get("TOKEN") or ""), user=user) is not None
+    # The emulator answers to any account name, so the token must name the account the client
+    # logs in to (the stack's SNOWFLAKE_ACCOUNT need not be LOCAL_ACCOUNT).
+    account = str(data.get("ACCOUNT_NAME") or LOCAL_ACCOUNT)
+    return state.public_keys.verify(str(data.get("TOKEN") or ""), user=user, account=account) is not None
 
 
 def _login_name(name: str | None) -> str | None:
