@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from psycopg2 import sql
 from stack_support import postgres_secret_arn
@@ -55,6 +56,12 @@ def deployed_env(pipeline: PipelineHarness) -> dict[str, str]:
     secrets = pipeline.stack.aws.client("secretsmanager")
     pg_arn = postgres_secret_arn(secrets, pipeline.source_dsn)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    # The local Snowflake checks key-pair logins: the key is registered as the deployed setup's
+    # ALTER USER ... SET RSA_PUBLIC_KEY registers it.
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    pipeline.stack.snowflake.register_public_key("pgsnow_loader", public_pem)
     sf_secret = {"account": "pgsnow", "user": "pgsnow_loader", "private_key": private_key_pem(key)}
     sf_arn = secrets.create_secret(
         Name=f"pgsnow/snowflake-{uuid.uuid4().hex[:8]}", SecretString=json.dumps(sf_secret)

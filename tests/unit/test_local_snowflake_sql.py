@@ -278,8 +278,12 @@ def test_create_stage_with_integration_and_credentials() -> None:
     assert stage.parts == ("DB", "S", "St")
     assert stage.url == "s3://b/p/"
     assert stage.replace and stage.if_not_exists
-    assert stage.storage_integration == "si"
-    assert stage.has_credentials
+    # An unquoted integration name resolves to upper case, as Snowflake stores it (the
+    # integration catalog is looked up by that name).
+    assert stage.storage_integration == "SI"
+    assert stage.credentials is not None
+    assert (stage.credentials.key_id, stage.credentials.secret_key) == ("a", "b")
+    assert repr(stage.credentials) == "AwsCredentials(key_id='a')"  # the secret is never printed
 
 
 def test_an_internal_stage_is_left_to_fakesnow() -> None:

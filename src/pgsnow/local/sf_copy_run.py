@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from snowflake.connector.errors import ProgrammingError
 
+from pgsnow.local.sf_access import access_denied
 from pgsnow.local.sf_copy_sql import (
     CompiledExpr,
     CopyStatement,
@@ -148,11 +150,16 @@ def _qualify(
     )
 
 
+def qualify_stage(source: StageSource, database: str | None, schema: str | None) -> tuple[str, str, str]:
+    """The stage's (database, schema, name) as the stage catalog keys it."""
+    return _qualify(source.stage.parts, database, schema, "the stage")
+
+
 def stage_url(
     duck: duckdb.DuckDBPyConnection, source: StageSource, database: str | None, schema: str | None
 ) -> str:
     """The stage's URL; empty for an internal stage."""
-    catalog, stage_schema, name = _qualify(source.stage.parts, database, schema, "the stage")
+    catalog, stage_schema, name = qualify_stage(source, database, schema)
     row = duck.execute(
         f"SELECT url FROM {STAGES_TABLE} WHERE database_name = ? AND schema_name = ? AND name = ?",
         [catalog, stage_schema, name],
@@ -164,6 +171,17 @@ def stage_url(
             sqlstate=_NOT_FOUND_SQLSTATE,
         )
     return str(row[0] or "")
+
+
+def stage_storage_integration(
+    duck: duckdb.DuckDBPyConnection, source: StageSource, database: str | None, schema: str | None
+) -> str | None:
+    """The storage integration a stage was created with, if any."""
+    row = duck.execute(
+        f"SELECT storage_integration FROM {STAGES_TABLE} WHERE database_name = ? AND schema_name = ? AND name = ?",
+        list(qualify_stage(source, database, schema)),
+    ).fetchone()
+    return str(row[0]) if row is not None and row[0] else None
 
 
 def source_prefix(base_url: str, sub_path: str) -> str:
@@ -218,7 +236,10 @@ def list_source_files(reader: duckdb.DuckDBPyConnection, statement: CopyStatemen
         base = prefix if prefix.endswith("/") or not prefix else prefix + "/"
         return [base + name for name in statement.files]
     directory = prefix[: prefix.rfind("/") + 1] if "/" in prefix else prefix
-    rows = reader.execute("SELECT file FROM glob(?) ORDER BY file", [directory + "**"]).fetchall()
+    try:
+        rows = reader.execute("SELECT file FROM glob(?) ORDER BY file", [directory + "**"]).fetchall()
+    except duckdb.Error as error:
+        raise _remote_error(directory, error) from None
     urls = [str(r[0]) for r in rows if str(r[0]).startswith(prefix) and not str(r[0]).endswith("/")]
     if statement.pattern is not None:
         regex = re.compile(statement.pattern)
@@ -238,6 +259,9 @@ def _source_sql(statement: CopyStatement, url: str) -> str:
 
 def _remote_error(url: str, error: duckdb.Error) -> ProgrammingError:
     text = str(error)
+    if "403" in text or "AccessDenied" in text or "InvalidAccessKeyId" in text:
+        # S3 refused the stage's credentials: Snowflake reports the stage area, not the file.
+        return access_denied()
     if "404" in text or "No files found" in text or "does not exist" in text:
         return ProgrammingError(
             msg=f"Remote file '{url}' was not found. There are several potential causes. "
@@ -450,12 +474,20 @@ def prepare_copy(
     prefix: str,
     database: str | None,
     schema: str | None,
+    check_url: Callable[[str], None] | None = None,
 ) -> PreparedCopy:
-    """Phase 1: read and convert every file; raise when the statement must abort."""
+    """Phase 1: read and convert every file; raise when the statement must abort.
+
+    ``check_url`` may refuse a file before it is read (an integration's blocked locations).
+    """
     table = describe_target(session, statement.table.parts, database, schema)
     columns = _pick_columns(table, statement.columns)
     prepared = PreparedCopy(table, columns)
-    for url in list_source_files(reader, statement, prefix):
+    urls = list_source_files(reader, statement, prefix)
+    if check_url is not None:
+        for url in urls:
+            check_url(url)
+    for url in urls:
         if not statement.force and _already_loaded(session, table, url):
             prepared.outcomes.append(
                 FileOutcome(

@@ -18,6 +18,8 @@ import sqlglot
 import sqlglot.errors
 from sqlglot import exp
 
+from pgsnow.local.sf_credentials_sql import AccessSyntaxError, AwsCredentials, split_credentials
+
 
 class CopySyntaxError(ValueError):
     """A COPY statement pgsnow's local Snowflake recognises but cannot run as written."""
@@ -158,6 +160,9 @@ class CopyStatement:
     on_error: OnError = OnError.ABORT_STATEMENT
     force: bool = False
     match_by_column_name: MatchByColumnName = MatchByColumnName.NONE
+    # How a direct 's3://' URL is read (a stage carries its own): checked by ``sf_access``.
+    storage_integration: str | None = None
+    credentials: AwsCredentials | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,6 +454,10 @@ def parse_copy_source(sql_text: str) -> StageSource | UrlSource | None:
 def parse_copy(sql_text: str) -> CopyStatement | None:
     """Parse ``COPY INTO <table>``; None for any other statement (including COPY INTO @stage)."""
     try:
+        sql_text, credentials = split_credentials(sql_text)
+    except AccessSyntaxError as error:
+        raise CopySyntaxError(str(error)) from None
+    try:
         statement = sqlglot.parse_one(sql_text, read="snowflake")
     except sqlglot.errors.ParseError:
         return None
@@ -477,6 +486,16 @@ def parse_copy(sql_text: str) -> CopyStatement | None:
     on_error = OnError.ABORT_STATEMENT
     force = False
     match_by = MatchByColumnName.NONE
+    storage_integration: str | None = None
+    # Right after the source, sqlglot takes STORAGE_INTEGRATION into the COPY's Credentials node.
+    given_credentials = statement.args.get("credentials")
+    if isinstance(given_credentials, exp.Credentials):
+        for arg, value in given_credentials.args.items():
+            if value is None or value == []:
+                continue
+            if arg != "storage" or not isinstance(value, exp.Identifier | exp.Var):
+                raise CopySyntaxError(f"COPY option {arg.upper()} is not supported locally")
+            storage_integration = resolve_identifier(value.name, quoted=bool(value.args.get("quoted")))
     for param in statement.args.get("params") or []:
         name = param.name.upper()
         value = param.args.get("expression")
@@ -500,6 +519,13 @@ def parse_copy(sql_text: str) -> CopyStatement | None:
         elif name == "MATCH_BY_COLUMN_NAME":
             assert value is not None
             match_by = MatchByColumnName(_option_text(value).upper())
+        elif name == "STORAGE_INTEGRATION":
+            if isinstance(value, exp.Identifier):
+                storage_integration = resolve_identifier(value.this, quoted=bool(value.args.get("quoted")))
+            elif isinstance(value, exp.Var | exp.Column):
+                storage_integration = resolve_identifier(value.name, quoted=False)
+            else:
+                raise CopySyntaxError("STORAGE_INTEGRATION takes an integration name")
         elif name in {"PURGE", "RETURN_FAILED_ONLY", "LOAD_UNCERTAIN_FILES"}:
             assert value is not None
             if _option_bool(name, value):
@@ -521,6 +547,8 @@ def parse_copy(sql_text: str) -> CopyStatement | None:
         on_error=on_error,
         force=force,
         match_by_column_name=match_by,
+        storage_integration=storage_integration,
+        credentials=credentials,
     )
 
 

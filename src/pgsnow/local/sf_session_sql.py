@@ -10,6 +10,14 @@ import sqlglot.errors
 from sqlglot import exp
 
 from pgsnow.local.sf_copy_sql import resolve_identifier
+from pgsnow.local.sf_credentials_sql import AwsCredentials, credentials_from_items
+
+
+def object_name_text(value: exp.Expression) -> str:
+    """A one-part object name as Snowflake stores it (sqlglot gives an unquoted one as a Var)."""
+    if isinstance(value, exp.Identifier):
+        return resolve_identifier(value.this, quoted=bool(value.args.get("quoted")))
+    return resolve_identifier(value.name, quoted=False)
 
 
 @dataclass(frozen=True)
@@ -21,12 +29,19 @@ class CreateStage:
     replace: bool
     if_not_exists: bool
     storage_integration: str | None
-    has_credentials: bool
+    credentials: AwsCredentials | None
     temporary: bool
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.credentials is not None
 
 
 def parse_create_stage(sql_text: str) -> CreateStage | None:
-    """Parse an external-stage CREATE; None for anything else (internal stages stay with fakesnow)."""
+    """Parse an external-stage CREATE; None for anything else (internal stages stay with fakesnow).
+
+    Raises ``AccessSyntaxError`` for a CREDENTIALS clause without a key id and secret key.
+    """
     try:
         statement = sqlglot.parse_one(sql_text, read="snowflake")
     except sqlglot.errors.ParseError:
@@ -45,21 +60,27 @@ def parse_create_stage(sql_text: str) -> CreateStage | None:
         parts.append(resolve_identifier(part.this, quoted=bool(part.args.get("quoted"))))
     url = ""
     storage_integration: str | None = None
-    has_credentials = False
+    credentials: AwsCredentials | None = None
     temporary = False
     properties = statement.args.get("properties")
     for prop in properties.expressions if properties else []:
         if isinstance(prop, exp.TemporaryProperty):
             temporary = True
         elif isinstance(prop, exp.CredentialsProperty):
-            has_credentials = True
+            credentials = credentials_from_items(
+                {
+                    item.name.upper(): str(item.args["value"].this)
+                    for item in prop.expressions
+                    if isinstance(item, exp.Property) and isinstance(item.args.get("value"), exp.Literal)
+                }
+            )
         elif isinstance(prop, exp.Property):
             name = prop.name.upper()
             value = prop.args.get("value")
             if name == "URL" and isinstance(value, exp.Literal):
                 url = str(value.this)
             elif name == "STORAGE_INTEGRATION" and value is not None:
-                storage_integration = value.name
+                storage_integration = object_name_text(value)
     if not url.startswith("s3://"):
         return None
     return CreateStage(
@@ -68,7 +89,7 @@ def parse_create_stage(sql_text: str) -> CreateStage | None:
         replace=bool(statement.args.get("replace")),
         if_not_exists=bool(statement.args.get("exists")),
         storage_integration=storage_integration,
-        has_credentials=has_credentials,
+        credentials=credentials,
         temporary=temporary,
     )
 

@@ -7,14 +7,19 @@ matter to replication and which fakesnow does not reproduce faithfully:
 * ``COPY INTO <table> ... FROM @stage | 's3://...'`` (``sf_copy_sql`` / ``sf_copy_run``);
 * ``CREATE [OR REPLACE] STAGE [IF NOT EXISTS] ... URL = 's3://...'`` with a storage integration
   or credentials;
-* ``ALTER SESSION SET/UNSET QUERY_TAG`` and ``SHOW PARAMETERS LIKE 'QUERY_TAG'``.
+* ``ALTER SESSION SET/UNSET QUERY_TAG`` and ``SHOW PARAMETERS LIKE 'QUERY_TAG'``;
+* ``CREATE STORAGE INTEGRATION`` / ``DESC INTEGRATION`` and ``ALTER USER ... SET RSA_PUBLIC_KEY``
+  (``sf_access`` / ``keypair``).
 
 Each runs on the session's own DuckDB cursor (so it joins the session's transaction), and the
 request is then handed to fakesnow as a ``SELECT`` of the result rows, so the response is
 fakesnow's own. Every other statement goes to fakesnow untouched.
 
 DuckDB reads ``s3://`` from the moto server through httpfs (installed from PyPI, see
-``duckdb_setup``) and an S3 secret with path-style URLs.
+``duckdb_setup``) with path-style URLs: through one S3 secret with the given keys, or, when a
+Snowflake AWS identity is given, only with each stage's own credentials (``sf_access``).
+Logins with a JWT (the connector's ``private_key=``) are checked against the user's registered
+public key (``keypair``); password logins are accepted for users without one.
 
 Usage::
 
@@ -56,23 +61,41 @@ from starlette.routing import Route
 from starlette.types import Message
 
 from pgsnow.local.duckdb_setup import load_httpfs
+from pgsnow.local.keypair import INVALID_JWT_CODE, INVALID_JWT_MESSAGE, PublicKeys
+from pgsnow.local.sf_access import (
+    CREDENTIALS_WITH_INTEGRATION,
+    ReadAccess,
+    SnowflakeAwsIdentity,
+    StageAccess,
+    create_access_catalog,
+)
+from pgsnow.local.sf_access_sql import (
+    parse_alter_user_public_key,
+    parse_create_storage_integration,
+    parse_describe_integration,
+)
 from pgsnow.local.sf_copy_run import (
     COPY_RESULT_COLUMNS,
     STAGES_TABLE,
     FileOutcome,
+    PreparedCopy,
     apply_copy,
     prepare_copy,
+    qualify_stage,
     source_prefix,
+    stage_storage_integration,
     stage_url,
 )
 from pgsnow.local.sf_copy_sql import (
     CopyStatement,
     CopySyntaxError,
     StageSource,
+    UrlSource,
     duck_ident,
     parse_copy,
     parse_copy_source,
 )
+from pgsnow.local.sf_credentials_sql import AccessSyntaxError
 from pgsnow.local.sf_fakesnow import server_module as fakesnow_server
 from pgsnow.local.sf_function_sql import rewrite_trim_characters
 from pgsnow.local.sf_session_sql import (
@@ -90,7 +113,7 @@ logger = logging.getLogger(__name__)
 
 LOCAL_ACCOUNT = "pgsnow-local"
 LOCAL_USER = "pgsnow"
-LOCAL_PASSWORD = "pgsnow"  # noqa: S105 - the local server accepts any password
+LOCAL_PASSWORD = "pgsnow"  # noqa: S105 - the local server accepts any password for a user without a key
 DATABASE_FILE_SUFFIX = ".db"  # fakesnow stores database X as <db_path>/X.db
 GLOBAL_FILE_NAME = "_fs_global.duckdb"  # not *.db, so it can never be taken for a database
 PIPES_TABLE = "_fs_global._fs_information_schema._pgsnow_pipes"
@@ -125,13 +148,19 @@ class S3Settings:
 # DuckDB set-up
 
 
-def configure_s3(duck: duckdb.DuckDBPyConnection, s3: S3Settings) -> None:
-    """Let DuckDB read ``s3://`` from the moto server: httpfs from PyPI and a path-style secret."""
+def configure_s3(duck: duckdb.DuckDBPyConnection, s3: S3Settings, *, shared_secret: bool = True) -> None:
+    """Let DuckDB read ``s3://`` from the moto server: httpfs from PyPI and, unless each read brings
+    its own credentials (``shared_secret=False``), one path-style secret every read uses."""
     duck.execute("SET autoinstall_known_extensions = false")
     load_httpfs(duck)
     endpoint = urlparse(s3.endpoint_url)
     if not endpoint.hostname or not endpoint.port:
         raise ValueError(f"s3_endpoint_url needs a host and a port: {s3.endpoint_url!r}")
+    if not shared_secret:
+        # Every read must reach S3 with the stage's own credentials: a cached copy of an object
+        # read earlier with other credentials would let a refused read succeed.
+        duck.execute("SET enable_external_file_cache = false")
+        return
     use_ssl = "true" if endpoint.scheme == "https" else "false"
     # CREATE SECRET takes no bound parameters; the values are quoted as literals.
     duck.execute(
@@ -167,15 +196,16 @@ def attach_existing_databases(duck: duckdb.DuckDBPyConnection, data_dir: Path) -
     return attached
 
 
-def build_fakesnow(s3: S3Settings, data_dir: Path | None) -> FakeSnow:
-    """One FakeSnow for all sessions; its DuckDB database holds the S3 secret every cursor uses."""
+def build_fakesnow(s3: S3Settings, data_dir: Path | None, *, shared_secret: bool = True) -> FakeSnow:
+    """One FakeSnow for all sessions; its DuckDB database holds the S3 secrets every cursor uses."""
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
     fs = FakeSnow(db_path=data_dir)
-    configure_s3(fs.duck_conn, s3)
+    configure_s3(fs.duck_conn, s3, shared_secret=shared_secret)
     if data_dir is not None:
         persist_global_catalog(fs.duck_conn, data_dir)
         attach_existing_databases(fs.duck_conn, data_dir)
+    create_access_catalog(fs.duck_conn)
     return fs
 
 
@@ -240,6 +270,8 @@ class LocalSnowflakeState:
 
     fs: FakeSnow
     data_dir: Path | None
+    access: StageAccess
+    public_keys: PublicKeys
     tokens: set[str] = field(default_factory=set)
     session_parameters: dict[str, dict[str, str]] = field(default_factory=dict)
     session_functions: dict[str, SessionFunctions] = field(default_factory=dict)
@@ -259,7 +291,17 @@ class LocalSnowflakeState:
             return SUCCESS_SQL
         if (pattern := parse_show_parameters(sql_text)) is not None:
             return self._show_parameters(token, pattern)
-        if stage := parse_create_stage(sql_text):
+        try:
+            if (
+                access_sql := self._intercept_access(conn, sql_text, describe_only=describe_only)
+            ) is not None:
+                return access_sql
+            stage = parse_create_stage(sql_text)
+        except AccessSyntaxError as error:
+            raise ProgrammingError(
+                msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000"
+            ) from None
+        if stage:
             return _status_sql("") if describe_only else self._create_stage(conn, stage)
         if swap := parse_swap_with(sql_text):
             return _status_sql("") if describe_only else self._swap(conn, swap)
@@ -300,7 +342,79 @@ class LocalSnowflakeState:
             return rows_as_select(COPY_RESULT_SHAPE, [])
         return self._copy(conn, statement, prefix)
 
+    # -- integrations and user keys
+
+    def _intercept_access(
+        self, conn: FakeSnowflakeConnection, sql_text: str, *, describe_only: bool
+    ) -> str | None:
+        if integration := parse_create_storage_integration(sql_text):
+            if describe_only:
+                return _status_sql("")
+            _commit_open_transaction(conn)  # DDL commits the open transaction, as in Snowflake
+            return _status_sql(self.access.create_integration(conn._duck_conn, integration))
+        if (name := parse_describe_integration(sql_text)) is not None:
+            columns = [
+                (c, "VARCHAR") for c in ("property", "property_type", "property_value", "property_default")
+            ]
+            if describe_only:
+                return rows_as_select(columns, [])
+            return rows_as_select(columns, self.access.describe_rows(conn._duck_conn, name))
+        if key := parse_alter_user_public_key(sql_text):
+            if not describe_only:
+                try:
+                    self.public_keys.register(key.user, key.public_key)
+                except ValueError as error:
+                    raise ProgrammingError(
+                        msg=f"Invalid RSA public key: {error}", errno=3097, sqlstate="22023"
+                    ) from None
+            return SUCCESS_SQL
+        return None
+
     # -- COPY INTO
+
+    def _read_access(
+        self, conn: FakeSnowflakeConnection, statement: CopyStatement, prefix: str
+    ) -> ReadAccess | None:
+        """How this COPY authenticates to S3: the stage's integration/credentials, or the statement's."""
+        if not self.access.enforced:
+            return None
+        duck = conn._duck_conn
+        if isinstance(statement.source, UrlSource):
+            return self.access.read_access(
+                duck, integration=statement.storage_integration, credentials=statement.credentials, url=prefix
+            )
+        if statement.storage_integration is not None or statement.credentials is not None:
+            raise ProgrammingError(
+                msg="SQL compilation error:\nSTORAGE_INTEGRATION and CREDENTIALS belong to the stage, "
+                "not to a COPY from a named stage.",
+                errno=1003,
+                sqlstate="42000",
+            )
+        key = list(qualify_stage(statement.source, conn.database, conn.schema))
+        integration = stage_storage_integration(duck, statement.source, conn.database, conn.schema)
+        return self.access.read_access(
+            duck, integration=integration, credentials=self.access.stage_credentials(duck, key), url=prefix
+        )
+
+    def _prepare(self, conn: FakeSnowflakeConnection, statement: CopyStatement, prefix: str) -> PreparedCopy:
+        """Phase 1 of a COPY, reading with the credentials the stage or statement gives."""
+        access = self._read_access(conn, statement, prefix)
+        # Files are read on a cursor of their own, outside the session's transaction, so a
+        # conversion error cannot poison that transaction.
+        reader = self.fs.duck_conn.cursor()
+        try:
+            with self.access.reading(reader, access, prefix):
+                return prepare_copy(
+                    statement,
+                    session=conn._duck_conn,
+                    reader=reader,
+                    prefix=prefix,
+                    database=conn.database,
+                    schema=conn.schema,
+                    check_url=access.check_location if access is not None else None,
+                )
+        finally:
+            reader.close()
 
     def _source_prefix(self, conn: FakeSnowflakeConnection, statement: CopyStatement) -> str | None:
         if isinstance(statement.source, StageSource):
@@ -324,20 +438,7 @@ class LocalSnowflakeState:
 
     def _copy(self, conn: FakeSnowflakeConnection, statement: CopyStatement, prefix: str) -> str:
         session = conn._duck_conn
-        # Files are read on a cursor of their own, outside the session's transaction, so a
-        # conversion error cannot poison that transaction.
-        reader = self.fs.duck_conn.cursor()
-        try:
-            prepared = prepare_copy(
-                statement,
-                session=session,
-                reader=reader,
-                prefix=prefix,
-                database=conn.database,
-                schema=conn.schema,
-            )
-        finally:
-            reader.close()
+        prepared = self._prepare(conn, statement, prefix)
         if not prepared.outcomes:
             return NO_FILES_SQL
         _run_in_session_transaction(conn, lambda: apply_copy(prepared, session))
@@ -350,18 +451,7 @@ class LocalSnowflakeState:
             raise ProgrammingError(
                 msg="a pipe must read an external stage or s3:// URL", errno=1003, sqlstate="42000"
             )
-        reader = self.fs.duck_conn.cursor()
-        try:
-            prepared = prepare_copy(
-                statement,
-                session=conn._duck_conn,
-                reader=reader,
-                prefix=prefix,
-                database=conn.database,
-                schema=conn.schema,
-            )
-        finally:
-            reader.close()
+        prepared = self._prepare(conn, statement, prefix)
         if prepared.outcomes:
             _run_in_session_transaction(conn, lambda: apply_copy(prepared, conn._duck_conn))
         return list(prepared.outcomes)
@@ -494,6 +584,8 @@ class LocalSnowflakeState:
             )
         duck = conn._duck_conn
         _commit_open_transaction(conn)  # DDL commits the open transaction, as in Snowflake
+        if self.access.enforced:
+            self._check_stage_access(duck, stage)
         key = [catalog, stage_schema, name]
         where = "database_name = ? AND schema_name = ? AND name = ?"
         duck.begin()
@@ -525,11 +617,19 @@ class LocalSnowflakeState:
                     stage.storage_integration,
                 ],
             )
+            self.access.store_stage_credentials(duck, key, stage.credentials)
             duck.commit()
         except BaseException:
             duck.rollback()
             raise
         return _status_sql(f"Stage area {name} successfully created.")
+
+    def _check_stage_access(self, duck: duckdb.DuckDBPyConnection, stage: CreateStage) -> None:
+        """What Snowflake checks at CREATE STAGE: one way to authenticate, and an integration that allows the URL."""
+        if stage.storage_integration is not None and stage.credentials is not None:
+            raise ProgrammingError(msg=CREDENTIALS_WITH_INTEGRATION, errno=2030, sqlstate="42601")
+        if stage.storage_integration is not None:
+            self.access.usable_integration(duck, stage.storage_integration, stage.url)
 
     # -- session parameters
 
@@ -648,6 +748,18 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
 
     async def login(request: Request) -> Response:
         body_json = await _read_json(request)
+        if not _login_accepted(state, body_json["data"]):
+            # Snowflake answers a bad key-pair login with HTTP 200 and success false; the
+            # connector raises DatabaseError(errno=390144) from it.
+            return JSONResponse(
+                {
+                    "data": None,
+                    "code": INVALID_JWT_CODE,
+                    "message": INVALID_JWT_MESSAGE,
+                    "success": False,
+                    "headers": None,
+                }
+            )
         parameters: dict[str, Any] = body_json["data"].get("SESSION_PARAMETERS", {})
         autocommit = bool(parameters.get("AUTOCOMMIT", True))
         database = _login_name(request.query_params.get("databaseName"))
@@ -727,6 +839,21 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
     return Starlette(routes=routes)
 
 
+def _login_accepted(state: LocalSnowflakeState, data: dict[str, Any]) -> bool:
+    """Key-pair logins must carry a JWT the user's registered key verifies; passwords are not checked.
+
+    The connector sends ``AUTHENTICATOR = SNOWFLAKE_JWT`` and the token in ``TOKEN`` when given
+    ``private_key=``; a password login has no authenticator (or ``SNOWFLAKE``).
+    """
+    if str(data.get("AUTHENTICATOR") or "").upper() != "SNOWFLAKE_JWT":
+        return True
+    user = str(data.get("LOGIN_NAME") or "")
+    # The emulator answers to any account name, so the token must name the account the client
+    # logs in to (the stack's SNOWFLAKE_ACCOUNT need not be LOCAL_ACCOUNT).
+    account = str(data.get("ACCOUNT_NAME") or LOCAL_ACCOUNT)
+    return state.public_keys.verify(str(data.get("TOKEN") or ""), user=user, account=account) is not None
+
+
 def _login_name(name: str | None) -> str | None:
     if not name:
         return None
@@ -748,11 +875,24 @@ class LocalSnowflake:
     _thread: threading.Thread = field(repr=False, compare=False)
     _state: LocalSnowflakeState = field(repr=False, compare=False)
 
-    def connect_kwargs(self, database: str | None = None, schema: str | None = None) -> dict[str, Any]:
+    def connect_kwargs(
+        self,
+        database: str | None = None,
+        schema: str | None = None,
+        *,
+        user: str = LOCAL_USER,
+        private_key: bytes | None = None,
+    ) -> dict[str, Any]:
+        """Connector arguments; with ``private_key`` (DER PKCS#8) a key-pair login instead of a password."""
+        credentials: dict[str, Any] = (
+            {"password": LOCAL_PASSWORD}
+            if private_key is None
+            else {"private_key": private_key, "authenticator": "SNOWFLAKE_JWT"}
+        )
         kwargs: dict[str, Any] = {
             "account": LOCAL_ACCOUNT,
-            "user": LOCAL_USER,
-            "password": LOCAL_PASSWORD,
+            "user": user,
+            **credentials,
             "host": self.host,
             "port": self.port,
             "protocol": "http",
@@ -766,6 +906,15 @@ class LocalSnowflake:
         if schema is not None:
             kwargs["schema"] = schema
         return kwargs
+
+    @property
+    def public_keys(self) -> PublicKeys:
+        """Each user's registered public key; what ``ALTER USER ... SET RSA_PUBLIC_KEY`` sets."""
+        return self._state.public_keys
+
+    def register_public_key(self, user: str, public_key_pem: str | bytes) -> str:
+        """``ALTER USER <user> SET RSA_PUBLIC_KEY = ...``; returns the key's fingerprint."""
+        return self._state.public_keys.register(user, public_key_pem)
 
     def stop(self) -> None:
         """Stop serving, close every session and the DuckDB database (flushing data_dir)."""
@@ -792,10 +941,19 @@ def start_local_snowflake(
     region: str = "us-east-1",
     data_dir: Path | None = None,
     port: int = 0,
+    snowflake_aws_identity: SnowflakeAwsIdentity | None = None,
 ) -> LocalSnowflake:
-    """Start the local Snowflake on 127.0.0.1 (port 0: any free port) in a background thread."""
+    """Start the local Snowflake on 127.0.0.1 (port 0: any free port) in a background thread.
+
+    Without ``snowflake_aws_identity`` every COPY reads S3 with the given access keys. With it,
+    the emulator enforces what Snowflake does at an external stage (``sf_access``): reads use only
+    the stage's integration (AssumeRole at ``s3_endpoint_url``, which must also serve STS) or
+    credentials, and the access keys above are not used at all.
+    """
     s3 = S3Settings(s3_endpoint_url, aws_access_key_id, aws_secret_access_key, region)
-    state = LocalSnowflakeState(build_fakesnow(s3, data_dir), data_dir)
+    access = StageAccess(LOCAL_ACCOUNT, s3_endpoint_url, region, snowflake_aws_identity)
+    fs = build_fakesnow(s3, data_dir, shared_secret=snowflake_aws_identity is None)
+    state = LocalSnowflakeState(fs, data_dir, access, PublicKeys(LOCAL_ACCOUNT))
     host = "127.0.0.1"
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

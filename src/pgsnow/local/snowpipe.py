@@ -10,8 +10,9 @@
   events whose last insert time falls in the range.
 
 Every call carries ``Authorization: Bearer <JWT>``. The token must be RS256-signed by the
-private key whose public key was registered for the user (``register_public_key``, what
-``ALTER USER ... SET RSA_PUBLIC_KEY`` does in Snowflake), with ``sub`` = ``ACCOUNT.USER``,
+private key whose public key was registered for the user (``register_public_key`` or
+``ALTER USER ... SET RSA_PUBLIC_KEY`` on the local Snowflake: one registry, checked by
+``pgsnow.local.keypair`` for SQL logins too), with ``sub`` = ``ACCOUNT.USER``,
 ``iss`` = ``ACCOUNT.USER.SHA256:<base64 sha256 of the DER public key>`` and an ``exp`` in the
 future; anything else is HTTP 401, as Snowflake answers.
 
@@ -21,10 +22,8 @@ submitted again (no new event); a failed one may be retried.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime as dt
-import hashlib
 import logging
 import queue
 import socket
@@ -34,10 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import jwt
 import uvicorn
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from snowflake.connector.errors import ProgrammingError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -45,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pgsnow.local.keypair import INVALID_JWT_CODE, INVALID_JWT_MESSAGE
 from pgsnow.local.sf_copy_sql import CopySyntaxError, parse_copy
 from pgsnow.local.snowflake import LOCAL_ACCOUNT, LocalSnowflake
 
@@ -52,19 +49,7 @@ logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_SECONDS = 30.0
 DEFAULT_RECENT_SECONDS = 600  # insertReport covers the last 10 minutes, like Snowpipe's
-INVALID_JWT_CODE = "390144"
 PIPE_NOT_FOUND_CODE = "390404"
-
-
-def public_key_fingerprint(public_key: RSAPublicKey) -> str:
-    """``SHA256:<base64>`` of the DER SubjectPublicKeyInfo, as Snowflake shows RSA_PUBLIC_KEY_FP."""
-    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode("ascii")
-
-
-def _account_name(account: str) -> str:
-    # The SDK puts the account upper-cased and without any region/cloud suffix into the token.
-    return account.upper().split(".")[0]
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -116,7 +101,6 @@ class PipeEvent:
 class LocalSnowpipeState:
     snowflake: LocalSnowflake
     account: str
-    public_keys: dict[str, RSAPublicKey] = field(default_factory=dict)  # USER -> registered key
     events: dict[tuple[str, str, str], list[PipeEvent]] = field(default_factory=dict)
     work: queue.Queue[tuple[tuple[str, str, str], str, int, dt.datetime] | None] = field(
         default_factory=queue.Queue
@@ -132,28 +116,7 @@ class LocalSnowpipeState:
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer "):
             return None
-        token = header[len("Bearer ") :]
-        try:
-            claims = jwt.decode(token, options={"verify_signature": False})
-        except jwt.PyJWTError:
-            return None
-        subject = str(claims.get("sub", ""))
-        account, _, user = subject.partition(".")
-        if account != _account_name(self.account) or not user:
-            return None
-        with self.lock:
-            public_key = self.public_keys.get(user.upper())
-        if public_key is None:
-            return None
-        try:
-            verified = jwt.decode(
-                token, public_key, algorithms=["RS256"], options={"require": ["exp", "iat", "iss", "sub"]}
-            )
-        except jwt.PyJWTError:
-            return None
-        if verified.get("iss") != f"{subject}.{public_key_fingerprint(public_key)}":
-            return None
-        return user.upper()
+        return self.snowflake.public_keys.verify(header[len("Bearer ") :], account=self.account)
 
     # -- pipes
 
@@ -274,7 +237,7 @@ def _pipe_parts(name: str) -> tuple[str, str, str] | None:
 def build_app(state: LocalSnowpipeState) -> Starlette:
     async def checked(request: Request) -> tuple[tuple[str, str, str] | None, Response | None]:
         if state.authenticate(request) is None:
-            return None, _error(401, INVALID_JWT_CODE, "JWT token is invalid.")
+            return None, _error(401, INVALID_JWT_CODE, INVALID_JWT_MESSAGE)
         pipe = _pipe_parts(request.path_params["pipe"])
         if pipe is None or await run_in_threadpool(state.pipe_copy, pipe) is None:
             return None, _error(
@@ -340,16 +303,10 @@ class LocalSnowpipe:
         return f"http://{self.host}:{self.port}"
 
     def register_public_key(self, user: str, public_key_pem: str | bytes) -> str:
-        """``ALTER USER <user> SET RSA_PUBLIC_KEY = ...``: the key tokens of this user must be signed with.
+        """``ALTER USER <user> SET RSA_PUBLIC_KEY = ...`` on the local Snowflake this endpoint loads into.
 
         Returns the key's fingerprint (Snowflake's RSA_PUBLIC_KEY_FP)."""
-        pem = public_key_pem.encode() if isinstance(public_key_pem, str) else public_key_pem
-        key = serialization.load_pem_public_key(pem)
-        if not isinstance(key, RSAPublicKey):
-            raise ValueError("RSA_PUBLIC_KEY must be an RSA public key")
-        with self.state.lock:
-            self.state.public_keys[user.upper()] = key
-        return public_key_fingerprint(key)
+        return self.state.snowflake.public_keys.register(user, public_key_pem)
 
     def hold(self) -> None:
         """Accept submissions but load nothing until ``release`` (a slow Snowpipe, for tests)."""
