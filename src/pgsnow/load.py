@@ -23,7 +23,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,7 @@ from snowflake.connector.errors import Error as SnowflakeDriverError
 from pgsnow.config import DeleteMode, LoadMethod, Settings, WriteMode
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import FileFormat, StagedObject, manifest_key
+from pgsnow.keys import CONTROL_PREFIX, FileFormat, StagedObject, is_run_id, manifest_key
 from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.schema_evolution import ExistingColumn, plan_table_changes
@@ -65,6 +65,7 @@ from pgsnow.snowflake import (
     build_select_earliest_submission,
     build_select_ledger_entry,
     build_select_loaded_keys,
+    build_select_newer_runs,
     build_select_table_columns,
     build_select_table_comment,
     build_set_table_comment,
@@ -86,14 +87,27 @@ if TYPE_CHECKING:
     from snowflake.connector import SnowflakeConnection
 
 _MISSING_S3_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-KEY_LIST_PREFIX = "_pgsnow/keys"
-APPLIED_MARK_PREFIX = "_pgsnow/applied"  # ledger key marking a run's swap/deletes as done
+APPLIED_MARK_PREFIX = f"{CONTROL_PREFIX}/applied"  # ledger key marking a run's swap/deletes as done
+
+
+def applied_mark_key(table: TableRef, run_id: str) -> str:
+    """The ledger key that records what became of a complete run's swap or deletes."""
+    return f"{APPLIED_MARK_PREFIX}/{table.schema}/{table.table}/{run_id}"
 
 
 class LoadStatus(StrEnum):
     LOADED = "loaded"
     ALREADY_LOADED = "already_loaded"
     PARTIALLY_LOADED = "partially_loaded"  # ON_ERROR = CONTINUE rejected some rows
+
+
+class RunOutcome(StrEnum):
+    """What became of a complete run's swap (replace) or deletes, recorded in the ledger's mark."""
+
+    APPLIED = "applied"
+    # A newer run of the table reached the target first: applying this run's key list (or
+    # swapping in its table) would remove rows the newer run wrote, so it is not applied.
+    SUPERSEDED = "superseded"
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,7 @@ class LoadResult:
     run_id: str | None = None
     errors_seen: int = 0  # rows rejected (ON_ERROR = CONTINUE)
     first_error: str | None = None
+    run_outcome: RunOutcome | None = None  # set on the files of the group that completed their run
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +132,7 @@ class LoadResult:
             "run_id": self.run_id,
             "errors_seen": self.errors_seen,
             "first_error": self.first_error,
+            "run_outcome": None if self.run_outcome is None else self.run_outcome.value,
         }
 
 
@@ -146,6 +162,7 @@ class LedgerEntry:
     sha256: str | None
     rows_loaded: int | None
     is_loaded: bool
+    status: str | None = None
 
 
 @dataclass
@@ -602,8 +619,14 @@ def _ledger_entry(
     rows = _execute(sf_conn, *build_select_ledger_entry(database, control_schema, key))
     if not rows:
         return None
-    etag, sha256, rows_loaded, is_loaded = rows[0]
-    return LedgerEntry(etag, sha256, None if rows_loaded is None else int(rows_loaded), bool(is_loaded))
+    etag, sha256, rows_loaded, is_loaded, status = rows[0]
+    return LedgerEntry(
+        etag,
+        sha256,
+        None if rows_loaded is None else int(rows_loaded),
+        bool(is_loaded),
+        None if status is None else str(status),
+    )
 
 
 def _same_content(entry: LedgerEntry, facts: ObjectFacts) -> bool:
@@ -657,7 +680,7 @@ def _copy_group(
     if loader.settings.load.method is LoadMethod.SNOWPIPE and write_mode is WriteMode.APPEND:
         outcomes = _load_through_snowpipe(loader, present, columns, started, redefine_pipe=table_altered)
         if manifest is not None and deletes is not DeleteMode.NONE:
-            finish_run_if_complete(loader, table, manifest.run_id)
+            outcomes = _with_run_outcome(outcomes, finish_run_if_complete(loader, table, manifest.run_id))
         return outcomes
     try:
         outcomes = _copy_in_transaction(
@@ -673,8 +696,18 @@ def _copy_group(
         if work_table is not None:
             _execute(sf_conn, build_drop_table(work_table))
     if manifest is not None and (write_mode is WriteMode.REPLACE or deletes is not DeleteMode.NONE):
-        finish_run_if_complete(loader, table, manifest.run_id)
+        outcomes = _with_run_outcome(outcomes, finish_run_if_complete(loader, table, manifest.run_id))
     return outcomes
+
+
+def _with_run_outcome(outcomes: list[FileOutcome], run_outcome: RunOutcome | None) -> list[FileOutcome]:
+    """Report the run's outcome on the results of the group that completed it."""
+    if run_outcome is None:
+        return outcomes
+    return [
+        o if o.result is None else replace(o, result=replace(o.result, run_outcome=run_outcome))
+        for o in outcomes
+    ]
 
 
 def _copy_in_transaction(
@@ -1130,17 +1163,19 @@ def check_copy_results(
 # --------------------------------------------------------------------------- run completion
 
 
-def finish_run_if_complete(loader: _Loader, table: TableRef, run_id: str) -> bool:
-    """Swap in a replace run's table and apply its deletes once the run is complete.
+def finish_run_if_complete(loader: _Loader, table: TableRef, run_id: str) -> RunOutcome | None:
+    """Swap in a replace run's table or apply its deletes once the run is complete; None until then.
 
     Complete means: the manifest (read again, not cached) is ``staged`` or ``loaded``, and every
-    file it lists is loaded in the ledger. A ledger row under ``_pgsnow/applied/...`` records
-    that this was done, so a redelivered last file does not swap twice.
+    file it lists is loaded in the ledger. A ledger row under ``_pgsnow/applied/...``
+    (``applied_mark_key``) records the outcome, so a redelivered last file does not swap or
+    delete twice. A run older than a run the target already holds is SUPERSEDED, never applied:
+    its key list would delete rows the newer run wrote (docs/loading.md).
     """
     sf_conn, database, control_schema = loader.sf_conn, loader.database, loader.control_schema
     manifest = read_run_manifest(loader.s3, loader.settings.bucket, table, run_id)
     if manifest.state not in (RunState.STAGED, RunState.LOADED):
-        return False
+        return None
     keys = [f.key for f in manifest.files]
     loaded = (
         {str(row[0]) for row in _execute(sf_conn, *build_select_loaded_keys(database, control_schema, keys))}
@@ -1148,48 +1183,121 @@ def finish_run_if_complete(loader: _Loader, table: TableRef, run_id: str) -> boo
         else set()
     )
     if set(keys) - loaded:
-        return False
-    mark = f"{APPLIED_MARK_PREFIX}/{table.schema}/{table.table}/{run_id}"
+        return None
+    mark = applied_mark_key(table, run_id)
     entry = _ledger_entry(sf_conn, database, control_schema, mark)
     if entry is not None and entry.is_loaded:
-        return True
-    target = _target(loader, table)
+        return _recorded_outcome(entry)
     if WriteMode(manifest.write_mode) is WriteMode.REPLACE:
-        shadow = _shadow(loader, table, run_id)
-        if _existing_columns(loader, shadow):
-            if _existing_columns(loader, target):
-                # The shadow is tagged with its run before the swap, and the tag travels with the
-                # data: a retry after a crash between SWAP and DROP finds it on the target and only
-                # drops the shadow (the old data), instead of swapping the old data back in.
-                tag = replace_run_tag(run_id)
-                if _table_comment(loader, target) != tag:
-                    _execute(sf_conn, build_set_table_comment(shadow, tag))
-                    _execute(sf_conn, build_swap_with(target, shadow))
-                _execute(sf_conn, build_drop_table(shadow))  # now the old table
-            else:
-                _execute(sf_conn, build_create_schema(target[0], target[1]))
-                _execute(sf_conn, build_rename_table(shadow, target))
-            loader.tables_ready.discard(target)
-            loader.tables_ready.discard(shadow)
-    elif DeleteMode(manifest.deletes) is not DeleteMode.NONE:
-        _apply_deletes(loader, manifest)
+        return _finish_replace_run(loader, manifest, mark)
+    if DeleteMode(manifest.deletes) is not DeleteMode.NONE:
+        return _apply_deletes(loader, manifest, mark)
+    return None
+
+
+def _recorded_outcome(entry: LedgerEntry) -> RunOutcome:
+    return RunOutcome.SUPERSEDED if entry.status == "SUPERSEDED" else RunOutcome.APPLIED
+
+
+def _newer_run(loader: _Loader, table: TableRef, run_id: str, *, applied_only: bool) -> str | None:
+    """The newest run of the table newer than ``run_id`` that reached the target, if any.
+
+    A ledger RUN_ID that is not a run id (object metadata of a hand-dropped file) is ignored.
+    """
+    rows = _execute(
+        loader.sf_conn,
+        *build_select_newer_runs(
+            loader.database,
+            loader.control_schema,
+            schema_name=table.schema,
+            table_name=table.table,
+            run_id=run_id,
+            applied_only=applied_only,
+        ),
+    )
+    newer = sorted(str(row[0]) for row in rows if row[0] is not None and is_run_id(str(row[0])))
+    return newer[-1] if newer else None
+
+
+def _record_run_outcome(loader: _Loader, manifest: RunManifest, mark: str, outcome: RunOutcome) -> None:
+    """Write the run's mark into the ledger (in the caller's transaction, if any)."""
+    table = manifest.table
     _execute(
-        sf_conn,
+        loader.sf_conn,
         *build_claim_file(
-            database, control_schema, LedgerClaim(mark, None, None, run_id, table.schema, table.table)
+            loader.database,
+            loader.control_schema,
+            LedgerClaim(mark, None, None, manifest.run_id, table.schema, table.table),
         ),
     )
     _execute(
-        sf_conn, *build_record_load(database, control_schema, mark, manifest.total_rows, status="APPLIED")
+        loader.sf_conn,
+        *build_record_load(
+            loader.database, loader.control_schema, mark, manifest.total_rows, status=outcome.value.upper()
+        ),
     )
+
+
+def _log_superseded(manifest: RunManifest, newer: str) -> None:
+    logger.warning(
+        "run superseded: a newer run of the table reached the target first, so this run's "
+        + (
+            "table is not swapped in"
+            if WriteMode(manifest.write_mode) is WriteMode.REPLACE
+            else "deletes are not applied"
+        ),
+        extra={"table": manifest.table.qualified, "run_id": manifest.run_id, "newer_run_id": newer},
+    )
+
+
+def _finish_replace_run(loader: _Loader, manifest: RunManifest, mark: str) -> RunOutcome:
+    """Swap the run's shadow table in, unless a newer replace run was swapped in already.
+
+    SWAP and DROP are DDL (each commits), so unlike the deletes this check cannot share a
+    transaction with the swap; two replace runs of one table completing in the same instant
+    can still race. The tag keeps a retry after a crash from swapping the old data back in.
+    """
+    sf_conn, table, run_id = loader.sf_conn, manifest.table, manifest.run_id
+    target = _target(loader, table)
+    shadow = _shadow(loader, table, run_id)
+    newer = _newer_run(loader, table, run_id, applied_only=True)
+    if newer is not None:
+        _execute(sf_conn, build_drop_table(shadow))  # the stale run's table, never swapped in
+        loader.tables_ready.discard(shadow)
+        _record_run_outcome(loader, manifest, mark, RunOutcome.SUPERSEDED)
+        _log_superseded(manifest, newer)
+        return RunOutcome.SUPERSEDED
+    if _existing_columns(loader, shadow):
+        if _existing_columns(loader, target):
+            # The shadow is tagged with its run before the swap, and the tag travels with the
+            # data: a retry after a crash between SWAP and DROP finds it on the target and only
+            # drops the shadow (the old data), instead of swapping the old data back in.
+            tag = replace_run_tag(run_id)
+            if _table_comment(loader, target) != tag:
+                _execute(sf_conn, build_set_table_comment(shadow, tag))
+                _execute(sf_conn, build_swap_with(target, shadow))
+            _execute(sf_conn, build_drop_table(shadow))  # now the old table
+        else:
+            _execute(sf_conn, build_create_schema(target[0], target[1]))
+            _execute(sf_conn, build_rename_table(shadow, target))
+        loader.tables_ready.discard(target)
+        loader.tables_ready.discard(shadow)
+    _record_run_outcome(loader, manifest, mark, RunOutcome.APPLIED)
     logger.info(
         "run applied", extra={"table": table.qualified, "run_id": run_id, "write_mode": manifest.write_mode}
     )
-    return True
+    return RunOutcome.APPLIED
 
 
-def _apply_deletes(loader: _Loader, manifest: RunManifest) -> None:
-    """Delete (hard) or mark (soft) target rows whose key is not in the run's full key list."""
+def _apply_deletes(loader: _Loader, manifest: RunManifest, mark: str) -> RunOutcome:
+    """Delete (hard) or mark (soft) target rows whose key is not in the run's full key list.
+
+    One transaction claims the run's mark, checks that no newer run of the table has reached the
+    target, applies the key list and records the outcome. The claim is a MERGE on the ledger,
+    which every load of a file also begins with, so a concurrent load of a newer run's file
+    either commits before this check (and is seen: SUPERSEDED) or waits until the deletes are
+    committed (and its rows then land after them).
+    """
     if manifest.key_list is None:
         raise PermanentError(
             f"deletes={manifest.deletes} but the manifest has no key_list",
@@ -1211,6 +1319,7 @@ def _apply_deletes(loader: _Loader, manifest: RunManifest) -> None:
     )
     target = _target(loader, manifest.table)
     soft = DeleteMode(manifest.deletes) is DeleteMode.SOFT
+    # DDL commits in Snowflake, so the column and the keys table exist before the transaction.
     if soft:
         _execute(sf_conn, build_add_soft_delete_column(target))
     _execute(sf_conn, build_create_work_table(keys_table, key_columns))
@@ -1220,26 +1329,15 @@ def _apply_deletes(loader: _Loader, manifest: RunManifest) -> None:
         )
         sf_conn.autocommit(False)
         try:
-            _execute_dicts(
-                sf_conn,
-                build_copy_into(
-                    database=database,
-                    control_schema=control_schema,
-                    stage=loader.settings.snowflake.stage,
-                    staged=key_file,
-                    columns=[LoadColumn.from_manifest(c) for c in key_columns],
-                    target=keys_table,
-                    url_source=url_source,
-                ),
-            )
-            _execute(
-                sf_conn,
-                build_apply_deletes(
-                    target=target,
-                    keys_table=keys_table,
-                    key_columns=[c.snowflake_name for c in key_columns],
-                    soft=soft,
-                ),
+            outcome = _apply_deletes_in_transaction(
+                loader,
+                manifest,
+                mark=mark,
+                key_file=key_file,
+                key_columns=key_columns,
+                keys_table=keys_table,
+                url_source=url_source,
+                soft=soft,
             )
             sf_conn.commit()
         except BaseException:
@@ -1249,6 +1347,65 @@ def _apply_deletes(loader: _Loader, manifest: RunManifest) -> None:
             sf_conn.autocommit(True)
     finally:
         _execute(sf_conn, build_drop_table(keys_table))
+    return outcome
+
+
+def _apply_deletes_in_transaction(
+    loader: _Loader,
+    manifest: RunManifest,
+    *,
+    mark: str,
+    key_file: StagedObject,
+    key_columns: Sequence[Column],
+    keys_table: tuple[str, str, str],
+    url_source: UrlSource,
+    soft: bool,
+) -> RunOutcome:
+    sf_conn, database, control_schema = loader.sf_conn, loader.database, loader.control_schema
+    table = manifest.table
+    _execute(
+        sf_conn,
+        *build_claim_file(
+            database,
+            control_schema,
+            LedgerClaim(mark, None, None, manifest.run_id, table.schema, table.table),
+        ),
+    )
+    entry = _ledger_entry(sf_conn, database, control_schema, mark)
+    if entry is not None and entry.is_loaded:
+        return _recorded_outcome(entry)  # another loader finished the run while we waited
+    newer = _newer_run(loader, table, manifest.run_id, applied_only=False)
+    if newer is not None:
+        _record_run_outcome(loader, manifest, mark, RunOutcome.SUPERSEDED)
+        _log_superseded(manifest, newer)
+        return RunOutcome.SUPERSEDED
+    _execute_dicts(
+        sf_conn,
+        build_copy_into(
+            database=database,
+            control_schema=control_schema,
+            stage=loader.settings.snowflake.stage,
+            staged=key_file,
+            columns=[LoadColumn.from_manifest(c) for c in key_columns],
+            target=keys_table,
+            url_source=url_source,
+        ),
+    )
+    _execute(
+        sf_conn,
+        build_apply_deletes(
+            target=_target(loader, table),
+            keys_table=keys_table,
+            key_columns=[c.snowflake_name for c in key_columns],
+            soft=soft,
+        ),
+    )
+    _record_run_outcome(loader, manifest, mark, RunOutcome.APPLIED)
+    logger.info(
+        "run applied",
+        extra={"table": table.qualified, "run_id": manifest.run_id, "deletes": manifest.deletes},
+    )
+    return RunOutcome.APPLIED
 
 
 def settle_completed_runs(

@@ -254,10 +254,34 @@ def build_select_ledger_entry(database: str, control_schema: str, s3_key: str) -
     """The key's ledger row. ``LOADED_AT IS NOT NULL`` is computed in SQL because a NULL
     timestamp is not reliably a None on every server (the local emulator returns the epoch)."""
     sql = (
-        'SELECT "ETAG", "SHA256", "ROWS_LOADED", "LOADED_AT" IS NOT NULL AS "IS_LOADED"\n'
+        'SELECT "ETAG", "SHA256", "ROWS_LOADED", "LOADED_AT" IS NOT NULL AS "IS_LOADED", "STATUS"\n'
         f'FROM {ledger_name(database, control_schema)} WHERE "S3_KEY" = %s'
     )
     return sql, (s3_key,)
+
+
+def build_select_newer_runs(
+    database: str,
+    control_schema: str,
+    *,
+    schema_name: str,
+    table_name: str,
+    run_id: str,
+    applied_only: bool,
+) -> Statement:
+    """Runs of the table newer than ``run_id`` that the ledger holds as loaded (or, with
+    ``applied_only``, as applied: a replace run's swap, a run's deletes).
+
+    Run ids are UTC start times of one fixed width, so comparing the text compares the times.
+    schema_name/table_name are the PostgreSQL (source) names, as the ledger keeps them.
+    """
+    applied = " AND \"STATUS\" = 'APPLIED'" if applied_only else ""
+    sql = (
+        f'SELECT DISTINCT "RUN_ID" FROM {ledger_name(database, control_schema)}\n'
+        'WHERE "SCHEMA_NAME" = %s AND "TABLE_NAME" = %s AND "RUN_ID" > %s AND "LOADED_AT" IS NOT NULL'
+        f"{applied}"
+    )
+    return sql, (schema_name, table_name, run_id)
 
 
 def build_upgrade_ledger(database: str, control_schema: str) -> list[str]:

@@ -22,6 +22,7 @@ from pgsnow.snowflake import (
     build_query_tag,
     build_record_load,
     build_select_ledger_entry,
+    build_select_newer_runs,
     build_select_table_columns,
     classify_snowflake_error,
     connection_kwargs,
@@ -478,3 +479,22 @@ def test_merge_with_a_cursor_needs_no_run_column() -> None:
         'WHEN MATCHED AND ("TARGET"."UPDATED_AT" IS NULL OR "SOURCE"."UPDATED_AT" >= "TARGET"."UPDATED_AT")'
         in statement
     )
+
+
+@pytest.mark.parametrize(
+    ("applied_only", "status_filter"),
+    [
+        pytest.param(False, "", id="any-loaded-file-or-mark"),
+        pytest.param(True, " AND \"STATUS\" = 'APPLIED'", id="applied-marks-only"),
+    ],
+)
+def test_select_newer_runs_binds_the_table_and_the_run(applied_only: bool, status_filter: str) -> None:
+    sql, params = build_select_newer_runs(
+        "D b", "PGSNOW", schema_name="public", table_name="Order's", run_id=RUN, applied_only=applied_only
+    )
+    assert sql == (
+        'SELECT DISTINCT "RUN_ID" FROM "D b"."PGSNOW"."LOAD_LEDGER"\n'
+        'WHERE "SCHEMA_NAME" = %s AND "TABLE_NAME" = %s AND "RUN_ID" > %s AND "LOADED_AT" IS NOT NULL'
+        f"{status_filter}"
+    )
+    assert params == ("public", "Order's", RUN)
