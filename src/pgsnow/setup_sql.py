@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pgsnow.config import LoadMethod
 from pgsnow.errors import ConfigError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
-from pgsnow.keys import FileFormat, normalise_prefix
+from pgsnow.keys import KEY_LISTS_PREFIX, FileFormat, normalise_prefix
 from pgsnow.snowflake import (
     LEDGER_TABLE,
     build_create_file_format,
@@ -58,6 +58,12 @@ def pipe_name(prefix: str, table: TableRef) -> str:
     return f"{prefix}_{table.snowflake_schema}_{table.snowflake_table}"
 
 
+def allowed_locations(bucket: str, prefix: str) -> tuple[str, ...]:
+    """What the storage integration lets Snowflake read: the stage (data files) and the key lists
+    of runs with deletes, which the loader COPYs by URL from outside the stage (docs/loading.md)."""
+    return (f"s3://{bucket}/{normalise_prefix(prefix)}/", f"s3://{bucket}/{KEY_LISTS_PREFIX}/")
+
+
 def build_table_pipe_copy(options: SetupOptions, table: TableRef) -> str:
     """The pipe's COPY: the table's folder of the stage, CSV columns by position (the manifest's order)."""
     stage = quote_qualified(options.database, options.schema, options.stage)
@@ -88,7 +94,7 @@ def build_setup_steps(options: SetupOptions) -> list[SetupStep]:
     if problems:
         raise ConfigError(problems)
     prefix = normalise_prefix(options.prefix)
-    location = f"s3://{options.bucket}/{prefix}/"
+    locations = ", ".join(string_literal(url) for url in allowed_locations(options.bucket, prefix))
     db, ctl, role = options.database, options.schema, quote_ident(options.role)
     integration = quote_ident(options.integration)
     stage = quote_qualified(db, ctl, options.stage)
@@ -98,14 +104,17 @@ def build_setup_steps(options: SetupOptions) -> list[SetupStep]:
     steps = [
         SetupStep(
             "Storage integration (ACCOUNTADMIN)",
-            "Lets the stage read only the staging prefix, through the role the stack creates.",
+            "Lets Snowflake read only the staging prefix and the run key lists, through the role the "
+            "stack creates. The ALTER brings an integration created by an older pgsnow up to date; "
+            "it keeps the integration's IAM user and external ID (CREATE OR REPLACE would not).",
             (
                 f"CREATE STORAGE INTEGRATION IF NOT EXISTS {integration}\n"
                 "  TYPE = EXTERNAL_STAGE\n"
                 "  STORAGE_PROVIDER = 'S3'\n"
                 "  ENABLED = TRUE\n"
                 f"  STORAGE_AWS_ROLE_ARN = {string_literal(options.aws_role_arn)}\n"
-                f"  STORAGE_ALLOWED_LOCATIONS = ({string_literal(location)})",
+                f"  STORAGE_ALLOWED_LOCATIONS = ({locations})",
+                f"ALTER STORAGE INTEGRATION {integration} SET STORAGE_ALLOWED_LOCATIONS = ({locations})",
             ),
         ),
         SetupStep(
