@@ -21,6 +21,7 @@ import csv
 import datetime as dt
 import time
 import uuid
+import weakref
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -40,9 +41,12 @@ from pgsnow.schema_evolution import ExistingColumn, plan_table_changes
 from pgsnow.setup_sql import pipe_name
 from pgsnow.snowflake import (
     MAX_FILES_PER_COPY,
+    AwsCredentials,
+    CredentialsSource,
     LedgerClaim,
     LoadColumn,
     UrlSource,
+    aws_credentials_from,
     build_add_column,
     build_add_run_id_column,
     build_add_soft_delete_column,
@@ -53,6 +57,7 @@ from pgsnow.snowflake import (
     build_create_schema,
     build_create_shadow_table,
     build_create_table,
+    build_create_temporary_stage,
     build_create_work_table,
     build_drop_table,
     build_insert_rows,
@@ -173,8 +178,11 @@ class _Loader:
     database: str
     sf_conn: SnowflakeConnection
     s3: S3Client
-    url_source: UrlSource | None = None  # for objects outside the stage (the key list)
+    # The credentials method (no storage integration): the loader's AWS session, whose
+    # credentials Snowflake reads S3 with. None: the stage as created (the local emulator).
+    credentials_source: CredentialsSource | None = None
     snowpipe: SnowpipeClient | None = None  # LOAD_METHOD=snowpipe; built from the secret when None
+    aws_credentials: AwsCredentials | None = None  # read once per batch from credentials_source
     ledger_ready: bool = False
     manifests: dict[tuple[TableRef, str], RunManifest] = field(default_factory=dict)
     tables_ready: set[tuple[str, str, str]] = field(default_factory=set)
@@ -185,6 +193,26 @@ class _Loader:
     def control_schema(self) -> str:
         return self.settings.snowflake.control_schema
 
+    def stage_credentials(self) -> AwsCredentials | None:
+        """The credentials Snowflake reads S3 with, when pgsnow sends them (no integration)."""
+        if self.settings.snowflake.storage_integration or self.credentials_source is None:
+            return None
+        if self.aws_credentials is None:
+            self.aws_credentials = aws_credentials_from(self.credentials_source)
+        return self.aws_credentials
+
+    def url_source(self) -> UrlSource:
+        """How Snowflake reads an object outside the stage (the deletes key list)."""
+        integration = self.settings.snowflake.storage_integration
+        if integration:
+            return UrlSource(self.settings.bucket, storage_integration=integration)
+        return UrlSource(self.settings.bucket, credentials=self.stage_credentials())
+
+
+# Per Snowflake session, the credentials its temporary stage was created with (a fingerprint).
+# Weak keys: a closed and dropped connection takes its entry with it.
+_temporary_stage_credentials: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
 
 def load_staged_files(
     *,
@@ -192,12 +220,17 @@ def load_staged_files(
     sf_conn: SnowflakeConnection,
     s3: S3Client,
     objects: Sequence[StagedObject],
-    url_source: UrlSource | None = None,
+    aws_credentials: CredentialsSource | None = None,
     snowpipe: SnowpipeClient | None = None,
 ) -> list[LoadResult]:
     """Load the objects (grouped per table and run); the first file that failed raises."""
     outcomes = load_batch(
-        settings=settings, sf_conn=sf_conn, s3=s3, objects=objects, url_source=url_source, snowpipe=snowpipe
+        settings=settings,
+        sf_conn=sf_conn,
+        s3=s3,
+        objects=objects,
+        aws_credentials=aws_credentials,
+        snowpipe=snowpipe,
     )
     for outcome in outcomes:
         if outcome.error is not None:
@@ -211,18 +244,28 @@ def load_batch(
     sf_conn: SnowflakeConnection,
     s3: S3Client,
     objects: Sequence[StagedObject],
-    url_source: UrlSource | None = None,
+    aws_credentials: CredentialsSource | None = None,
     snowpipe: SnowpipeClient | None = None,
 ) -> list[FileOutcome]:
     """Load every object, one COPY per (table, run) group; one outcome per object, in order.
 
-    ``url_source`` says how Snowflake reads objects outside the stage (the deletes key list):
-    the storage integration, or the loader role's credentials. ``snowpipe`` is the Snowpipe
-    REST client for ``LOAD_METHOD=snowpipe`` (built from the Snowflake secret when not given).
+    ``aws_credentials`` is the loader's AWS session (anything with boto3.Session's
+    ``get_credentials()``). Without SNOWFLAKE_STORAGE_INTEGRATION, Snowflake reads S3 with its
+    current credentials: through a temporary stage of this session named like the permanent
+    stage, and in the key list's COPY (docs/deploy.md, "credentials method"). With an
+    integration it is not used. ``snowpipe`` is the Snowpipe REST client for
+    ``LOAD_METHOD=snowpipe`` (built from the Snowflake secret when not given).
     """
     if not settings.snowflake.database:
         raise ConfigError(["SNOWFLAKE_DATABASE is required to load"])
-    loader = _Loader(settings, settings.snowflake.database, sf_conn, s3, url_source, snowpipe)
+    loader = _Loader(
+        settings,
+        settings.snowflake.database,
+        sf_conn,
+        s3,
+        credentials_source=aws_credentials,
+        snowpipe=snowpipe,
+    )
     by_key: dict[str, FileOutcome] = {}
     for group in group_files(objects):
         for outcome in _load_group_or_each(loader, group):
@@ -283,9 +326,7 @@ def _log_failure(exc: PgSnowError, staged: StagedObject) -> None:
 def _load_group(loader: _Loader, group: list[StagedObject]) -> list[FileOutcome]:
     started = time.monotonic()
     first = group[0]
-    context = {"table": first.table.qualified, "run_id": first.run_id}
-    if len(group) == 1:
-        context["s3_key"] = first.key
+    s3_key = first.key if len(group) == 1 else None
     try:
         if not loader.ledger_ready:
             ensure_ledger(loader.sf_conn, loader.database, loader.control_schema)
@@ -304,10 +345,13 @@ def _load_group(loader: _Loader, group: list[StagedObject]) -> list[FileOutcome]
             for outcome in _copy_group(loader, present, started):
                 outcomes[outcome.staged.key] = outcome
     except PgSnowError as exc:
-        classify_snowflake_error(exc, **context)  # adds the group's context to our own error
+        # adds the group's context to our own error
+        classify_snowflake_error(exc, table=first.table.qualified, s3_key=s3_key, run_id=first.run_id)
         raise
     except (SnowflakeDriverError, OSError) as exc:
-        raise classify_snowflake_error(exc, **context) from exc
+        raise classify_snowflake_error(
+            exc, table=first.table.qualified, s3_key=s3_key, run_id=first.run_id
+        ) from exc
     return [outcomes[staged.key] for staged in group]
 
 
@@ -453,6 +497,24 @@ def _execute(
     with sf_conn.cursor() as cursor:
         cursor.execute(sql, params)
         return [tuple(row) for row in cursor.fetchall()]
+
+
+def _execute_with_credentials(
+    sf_conn: SnowflakeConnection, sql: str, credentials: AwsCredentials | None
+) -> list[dict[str, Any]]:
+    """Run a statement that carries credentials (CREDENTIALS = (...)).
+
+    A failure becomes our error with every credential value redacted from its message, raised
+    outside the ``except`` so that the driver's error (whose ``query`` holds the statement) is
+    neither its cause nor its context: tracebacks and logs never see the statement.
+    """
+    if credentials is None:
+        return _execute_dicts(sf_conn, sql)
+    try:
+        return _execute_dicts(sf_conn, sql)
+    except (SnowflakeDriverError, OSError) as exc:
+        failure = classify_snowflake_error(exc, secrets=credentials.secret_values)
+    raise failure
 
 
 def _execute_dicts(sf_conn: SnowflakeConnection, sql: str) -> list[dict[str, Any]]:
@@ -669,6 +731,8 @@ def _copy_group(
         work_table = (database, control_schema, f"_PGSNOW_MERGE_{uuid.uuid4().hex[:16].upper()}")
         _execute(sf_conn, build_create_work_table(work_table, manifest.columns))
         copy_target = work_table
+    if loader.settings.load.method is not LoadMethod.SNOWPIPE:
+        _ensure_temporary_stage(loader)  # DDL: before the group's transaction
     _execute(
         sf_conn,
         build_query_tag(
@@ -698,6 +762,37 @@ def _copy_group(
     if manifest is not None and (write_mode is WriteMode.REPLACE or deletes is not DeleteMode.NONE):
         outcomes = _with_run_outcome(outcomes, finish_run_if_complete(loader, table, manifest.run_id))
     return outcomes
+
+
+def _ensure_temporary_stage(loader: _Loader) -> None:
+    """The credentials method: (re)create this session's temporary stage when the loader's AWS
+    credentials are not the ones it holds (first use, rotated, refreshed near expiry).
+
+    Snowpipe is refused without an integration (config): a pipe reads after we return.
+    """
+    credentials = loader.stage_credentials()
+    if credentials is None:
+        return
+    if _temporary_stage_credentials.get(loader.sf_conn) == credentials.fingerprint:
+        return
+    settings = loader.settings
+    _execute_with_credentials(
+        loader.sf_conn,
+        build_create_temporary_stage(
+            loader.database,
+            loader.control_schema,
+            settings.snowflake.stage,
+            bucket=settings.bucket,
+            prefix=settings.prefix,
+            credentials=credentials,
+        ),
+        credentials,
+    )
+    _temporary_stage_credentials[loader.sf_conn] = credentials.fingerprint
+    logger.info(
+        "temporary stage created with the loader's AWS credentials",
+        extra={"stage": settings.snowflake.stage},
+    )
 
 
 def _with_run_outcome(outcomes: list[FileOutcome], run_outcome: RunOutcome | None) -> list[FileOutcome]:
@@ -1324,9 +1419,7 @@ def _apply_deletes(loader: _Loader, manifest: RunManifest, mark: str) -> RunOutc
         _execute(sf_conn, build_add_soft_delete_column(target))
     _execute(sf_conn, build_create_work_table(keys_table, key_columns))
     try:
-        url_source = loader.url_source or UrlSource(
-            loader.settings.bucket, storage_integration=loader.settings.snowflake.storage_integration
-        )
+        url_source = loader.url_source()
         sf_conn.autocommit(False)
         try:
             outcome = _apply_deletes_in_transaction(
@@ -1379,7 +1472,7 @@ def _apply_deletes_in_transaction(
         _record_run_outcome(loader, manifest, mark, RunOutcome.SUPERSEDED)
         _log_superseded(manifest, newer)
         return RunOutcome.SUPERSEDED
-    _execute_dicts(
+    _execute_with_credentials(
         sf_conn,
         build_copy_into(
             database=database,
@@ -1390,6 +1483,7 @@ def _apply_deletes_in_transaction(
             target=keys_table,
             url_source=url_source,
         ),
+        url_source.credentials,
     )
     _execute(
         sf_conn,
