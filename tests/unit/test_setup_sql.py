@@ -205,3 +205,20 @@ def test_cli_prints_the_script(capsys: pytest.CaptureFixture[str]) -> None:
     body = [line for line in out.splitlines() if line and not line.startswith("--")]
     statement_ends = [line for line in body if line.endswith(";")]
     assert len(statement_ends) == sum(1 for line in body if re.match(r"^(CREATE|ALTER|DESC|GRANT)", line))
+
+
+def test_credentials_method_prints_no_integration_and_lets_the_loader_create_its_temporary_stage() -> None:
+    # Given no integration (the credentials method)
+    printed = statements(options(integration=""))
+    # Then nothing names an integration or a permanent stage, and the loader may create stages
+    assert not [s for s in printed if "INTEGRATION" in s or s.startswith("CREATE STAGE")]
+    assert 'GRANT CREATE STAGE ON SCHEMA "PGSNOW_DEV"."PGSNOW" TO ROLE "PGSNOW_LOADER"' in printed
+    assert not [s for s in statements(options()) if s.startswith("GRANT CREATE STAGE")]
+
+
+def test_snowpipe_needs_an_integration() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_setup_steps(
+            options(integration="", load_method=LoadMethod.SNOWPIPE, pipe_tables=(TableRef("public", "o"),))
+        )
+    assert "--load-method snowpipe needs --integration" in "; ".join(caught.value.problems)
