@@ -10,7 +10,9 @@ Write modes (the run manifest's ``write_mode``): ``append`` COPYs into the targe
 ``merge`` COPYs into a work table and MERGEs the newest row per primary key; ``replace``
 COPYs into a shadow table and swaps it with the target once the run is complete
 (manifest ``staged`` and every file of it in the ledger). Deletes (``hard``/``soft``)
-are applied from the run's key list at the same point. See docs/loading.md.
+are applied from the run's key list at the same point, unless a newer run of the table has
+reached the target first: then the run is superseded (its stale key list would delete the
+newer run's rows). See docs/loading.md.
 
 This module must not import pyarrow (the loader artifact does not ship it).
 """

@@ -5,8 +5,9 @@ Every identifier goes through ``quote_ident``/``quote_qualified``. Values are bo
 with the connector's ``pyformat`` paramstyle (``%s`` placeholders, ``PARAMSTYLE``), the one
 paramstyle of the project (the connector's default, and the same placeholder psycopg2
 uses): the connector escapes each value, it is never formatted into the text by us. Things Snowflake cannot bind (stage paths, ``FILES = (...)``, the session
-query tag) are built only from names we parsed and validated, and are escaped as
-string literals on top of that.
+query tag, the credentials method's ``CREDENTIALS = (...)``) are built only from values we
+parsed and validated, and are escaped as string literals on top of that. SQL that carries
+credentials never reaches a log line or an error message (``redact_credentials``).
 """
 
 from __future__ import annotations
