@@ -53,7 +53,11 @@ def add_snowflake_sql_command(subparsers: argparse._SubParsersAction[argparse.Ar
     parser.add_argument("--role", required=True, help="role the loader runs as")
     parser.add_argument("--bucket", default=defaults.bucket, help="StageBucketName output")
     parser.add_argument("--prefix", default=defaults.prefix, help="S3StagePrefix")
-    parser.add_argument("--integration", default=defaults.integration, help="storage integration name")
+    parser.add_argument(
+        "--integration",
+        default=defaults.integration,
+        help="storage integration name; '' for the credentials method (no integration, docs/deploy.md)",
+    )
     parser.add_argument("--user", default=defaults.user, help="key-pair service user")
     parser.add_argument("--warehouse", default=defaults.warehouse, help="warehouse the loader uses")
     parser.add_argument("--stage", default=defaults.stage, help="SNOWFLAKE_STAGE")

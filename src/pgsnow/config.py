@@ -354,6 +354,16 @@ class Settings:
         snowpipe_name = get("SNOWPIPE_NAME")
         if load_method is LoadMethod.SNOWPIPE and component is Component.LOADER and not snowpipe_name:
             problems.append("SNOWPIPE_NAME is required when LOAD_METHOD=snowpipe")
+        if (
+            load_method is LoadMethod.SNOWPIPE
+            and component is Component.LOADER
+            and not snowflake.storage_integration
+        ):
+            problems.append(
+                "LOAD_METHOD=snowpipe needs SNOWFLAKE_STORAGE_INTEGRATION: without an integration the stage "
+                "reads S3 with the loader's temporary AWS credentials, and Snowpipe loads after the loader "
+                "has returned, when those credentials may have expired"
+            )
         load = LoadSettings(
             method=load_method,
             on_error=on_error,

@@ -20,6 +20,8 @@ from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef
 
 CONTROL_PREFIX = "_pgsnow"
+# A run's full primary-key list (deletes): a control object, read by Snowflake through its URL.
+KEY_LISTS_PREFIX = f"{CONTROL_PREFIX}/keys"
 _RUN_ID = re.compile(r"^\d{8}T\d{12}Z$")
 
 

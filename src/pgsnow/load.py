@@ -10,7 +10,9 @@ Write modes (the run manifest's ``write_mode``): ``append`` COPYs into the targe
 ``merge`` COPYs into a work table and MERGEs the newest row per primary key; ``replace``
 COPYs into a shadow table and swaps it with the target once the run is complete
 (manifest ``staged`` and every file of it in the ledger). Deletes (``hard``/``soft``)
-are applied from the run's key list at the same point. See docs/loading.md.
+are applied from the run's key list at the same point, unless a newer run of the table has
+reached the target first: then the run is superseded (its stale key list would delete the
+newer run's rows). See docs/loading.md.
 
 This module must not import pyarrow (the loader artifact does not ship it).
 """
@@ -20,9 +22,10 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
+import weakref
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -33,16 +36,19 @@ from pgsnow.config import DeleteMode, LoadMethod, Settings, WriteMode
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
 from pgsnow.formats import parse_csv_record
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import FileFormat, StagedObject, manifest_key
+from pgsnow.keys import CONTROL_PREFIX, FileFormat, StagedObject, is_run_id, manifest_key
 from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.schema_evolution import ExistingColumn, plan_table_changes
 from pgsnow.setup_sql import pipe_name
 from pgsnow.snowflake import (
     MAX_FILES_PER_COPY,
+    AwsCredentials,
+    CredentialsSource,
     LedgerClaim,
     LoadColumn,
     UrlSource,
+    aws_credentials_from,
     build_add_column,
     build_add_run_id_column,
     build_add_soft_delete_column,
@@ -53,6 +59,7 @@ from pgsnow.snowflake import (
     build_create_schema,
     build_create_shadow_table,
     build_create_table,
+    build_create_temporary_stage,
     build_create_work_table,
     build_drop_table,
     build_insert_rows,
@@ -65,6 +72,7 @@ from pgsnow.snowflake import (
     build_select_earliest_submission,
     build_select_ledger_entry,
     build_select_loaded_keys,
+    build_select_newer_runs,
     build_select_table_columns,
     build_select_table_comment,
     build_set_table_comment,
@@ -86,14 +94,27 @@ if TYPE_CHECKING:
     from snowflake.connector import SnowflakeConnection
 
 _MISSING_S3_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-KEY_LIST_PREFIX = "_pgsnow/keys"
-APPLIED_MARK_PREFIX = "_pgsnow/applied"  # ledger key marking a run's swap/deletes as done
+APPLIED_MARK_PREFIX = f"{CONTROL_PREFIX}/applied"  # ledger key marking a run's swap/deletes as done
+
+
+def applied_mark_key(table: TableRef, run_id: str) -> str:
+    """The ledger key that records what became of a complete run's swap or deletes."""
+    return f"{APPLIED_MARK_PREFIX}/{table.schema}/{table.table}/{run_id}"
 
 
 class LoadStatus(StrEnum):
     LOADED = "loaded"
     ALREADY_LOADED = "already_loaded"
     PARTIALLY_LOADED = "partially_loaded"  # ON_ERROR = CONTINUE rejected some rows
+
+
+class RunOutcome(StrEnum):
+    """What became of a complete run's swap (replace) or deletes, recorded in the ledger's mark."""
+
+    APPLIED = "applied"
+    # A newer run of the table reached the target first: applying this run's key list (or
+    # swapping in its table) would remove rows the newer run wrote, so it is not applied.
+    SUPERSEDED = "superseded"
 
 
 @dataclass(frozen=True)
@@ -106,6 +127,7 @@ class LoadResult:
     run_id: str | None = None
     errors_seen: int = 0  # rows rejected (ON_ERROR = CONTINUE)
     first_error: str | None = None
+    run_outcome: RunOutcome | None = None  # set on the files of the group that completed their run
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +139,7 @@ class LoadResult:
             "run_id": self.run_id,
             "errors_seen": self.errors_seen,
             "first_error": self.first_error,
+            "run_outcome": None if self.run_outcome is None else self.run_outcome.value,
         }
 
 
@@ -146,6 +169,7 @@ class LedgerEntry:
     sha256: str | None
     rows_loaded: int | None
     is_loaded: bool
+    status: str | None = None
 
 
 @dataclass
@@ -156,8 +180,11 @@ class _Loader:
     database: str
     sf_conn: SnowflakeConnection
     s3: S3Client
-    url_source: UrlSource | None = None  # for objects outside the stage (the key list)
+    # The credentials method (no storage integration): the loader's AWS session, whose
+    # credentials Snowflake reads S3 with. None: the stage as created (the local emulator).
+    credentials_source: CredentialsSource | None = None
     snowpipe: SnowpipeClient | None = None  # LOAD_METHOD=snowpipe; built from the secret when None
+    aws_credentials: AwsCredentials | None = None  # read once per batch from credentials_source
     ledger_ready: bool = False
     manifests: dict[tuple[TableRef, str], RunManifest] = field(default_factory=dict)
     tables_ready: set[tuple[str, str, str]] = field(default_factory=set)
@@ -168,6 +195,26 @@ class _Loader:
     def control_schema(self) -> str:
         return self.settings.snowflake.control_schema
 
+    def stage_credentials(self) -> AwsCredentials | None:
+        """The credentials Snowflake reads S3 with, when pgsnow sends them (no integration)."""
+        if self.settings.snowflake.storage_integration or self.credentials_source is None:
+            return None
+        if self.aws_credentials is None:
+            self.aws_credentials = aws_credentials_from(self.credentials_source)
+        return self.aws_credentials
+
+    def url_source(self) -> UrlSource:
+        """How Snowflake reads an object outside the stage (the deletes key list)."""
+        integration = self.settings.snowflake.storage_integration
+        if integration:
+            return UrlSource(self.settings.bucket, storage_integration=integration)
+        return UrlSource(self.settings.bucket, credentials=self.stage_credentials())
+
+
+# Per Snowflake session, the credentials its temporary stage was created with (a fingerprint).
+# Weak keys: a closed and dropped connection takes its entry with it.
+_temporary_stage_credentials: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
 
 def load_staged_files(
     *,
@@ -175,12 +222,17 @@ def load_staged_files(
     sf_conn: SnowflakeConnection,
     s3: S3Client,
     objects: Sequence[StagedObject],
-    url_source: UrlSource | None = None,
+    aws_credentials: CredentialsSource | None = None,
     snowpipe: SnowpipeClient | None = None,
 ) -> list[LoadResult]:
     """Load the objects (grouped per table and run); the first file that failed raises."""
     outcomes = load_batch(
-        settings=settings, sf_conn=sf_conn, s3=s3, objects=objects, url_source=url_source, snowpipe=snowpipe
+        settings=settings,
+        sf_conn=sf_conn,
+        s3=s3,
+        objects=objects,
+        aws_credentials=aws_credentials,
+        snowpipe=snowpipe,
     )
     for outcome in outcomes:
         if outcome.error is not None:
@@ -194,18 +246,28 @@ def load_batch(
     sf_conn: SnowflakeConnection,
     s3: S3Client,
     objects: Sequence[StagedObject],
-    url_source: UrlSource | None = None,
+    aws_credentials: CredentialsSource | None = None,
     snowpipe: SnowpipeClient | None = None,
 ) -> list[FileOutcome]:
     """Load every object, one COPY per (table, run) group; one outcome per object, in order.
 
-    ``url_source`` says how Snowflake reads objects outside the stage (the deletes key list):
-    the storage integration, or the loader role's credentials. ``snowpipe`` is the Snowpipe
-    REST client for ``LOAD_METHOD=snowpipe`` (built from the Snowflake secret when not given).
+    ``aws_credentials`` is the loader's AWS session (anything with boto3.Session's
+    ``get_credentials()``). Without SNOWFLAKE_STORAGE_INTEGRATION, Snowflake reads S3 with its
+    current credentials: through a temporary stage of this session named like the permanent
+    stage, and in the key list's COPY (docs/deploy.md, "credentials method"). With an
+    integration it is not used. ``snowpipe`` is the Snowpipe REST client for
+    ``LOAD_METHOD=snowpipe`` (built from the Snowflake secret when not given).
     """
     if not settings.snowflake.database:
         raise ConfigError(["SNOWFLAKE_DATABASE is required to load"])
-    loader = _Loader(settings, settings.snowflake.database, sf_conn, s3, url_source, snowpipe)
+    loader = _Loader(
+        settings,
+        settings.snowflake.database,
+        sf_conn,
+        s3,
+        credentials_source=aws_credentials,
+        snowpipe=snowpipe,
+    )
     by_key: dict[str, FileOutcome] = {}
     for group in group_files(objects):
         for outcome in _load_group_or_each(loader, group):
@@ -266,9 +328,7 @@ def _log_failure(exc: PgSnowError, staged: StagedObject) -> None:
 def _load_group(loader: _Loader, group: list[StagedObject]) -> list[FileOutcome]:
     started = time.monotonic()
     first = group[0]
-    context = {"table": first.table.qualified, "run_id": first.run_id}
-    if len(group) == 1:
-        context["s3_key"] = first.key
+    s3_key = first.key if len(group) == 1 else None
     try:
         if not loader.ledger_ready:
             ensure_ledger(loader.sf_conn, loader.database, loader.control_schema)
@@ -287,10 +347,13 @@ def _load_group(loader: _Loader, group: list[StagedObject]) -> list[FileOutcome]
             for outcome in _copy_group(loader, present, started):
                 outcomes[outcome.staged.key] = outcome
     except PgSnowError as exc:
-        classify_snowflake_error(exc, **context)  # adds the group's context to our own error
+        # adds the group's context to our own error
+        classify_snowflake_error(exc, table=first.table.qualified, s3_key=s3_key, run_id=first.run_id)
         raise
     except (SnowflakeDriverError, OSError) as exc:
-        raise classify_snowflake_error(exc, **context) from exc
+        raise classify_snowflake_error(
+            exc, table=first.table.qualified, s3_key=s3_key, run_id=first.run_id
+        ) from exc
     return [outcomes[staged.key] for staged in group]
 
 
@@ -436,6 +499,24 @@ def _execute(
     with sf_conn.cursor() as cursor:
         cursor.execute(sql, params)
         return [tuple(row) for row in cursor.fetchall()]
+
+
+def _execute_with_credentials(
+    sf_conn: SnowflakeConnection, sql: str, credentials: AwsCredentials | None
+) -> list[dict[str, Any]]:
+    """Run a statement that carries credentials (CREDENTIALS = (...)).
+
+    A failure becomes our error with every credential value redacted from its message, raised
+    outside the ``except`` so that the driver's error (whose ``query`` holds the statement) is
+    neither its cause nor its context: tracebacks and logs never see the statement.
+    """
+    if credentials is None:
+        return _execute_dicts(sf_conn, sql)
+    try:
+        return _execute_dicts(sf_conn, sql)
+    except (SnowflakeDriverError, OSError) as exc:
+        failure = classify_snowflake_error(exc, secrets=credentials.secret_values)
+    raise failure
 
 
 def _execute_dicts(sf_conn: SnowflakeConnection, sql: str) -> list[dict[str, Any]]:
@@ -602,8 +683,14 @@ def _ledger_entry(
     rows = _execute(sf_conn, *build_select_ledger_entry(database, control_schema, key))
     if not rows:
         return None
-    etag, sha256, rows_loaded, is_loaded = rows[0]
-    return LedgerEntry(etag, sha256, None if rows_loaded is None else int(rows_loaded), bool(is_loaded))
+    etag, sha256, rows_loaded, is_loaded, status = rows[0]
+    return LedgerEntry(
+        etag,
+        sha256,
+        None if rows_loaded is None else int(rows_loaded),
+        bool(is_loaded),
+        None if status is None else str(status),
+    )
 
 
 def _same_content(entry: LedgerEntry, facts: ObjectFacts) -> bool:
@@ -646,6 +733,8 @@ def _copy_group(
         work_table = (database, control_schema, f"_PGSNOW_MERGE_{uuid.uuid4().hex[:16].upper()}")
         _execute(sf_conn, build_create_work_table(work_table, manifest.columns))
         copy_target = work_table
+    if loader.settings.load.method is not LoadMethod.SNOWPIPE:
+        _ensure_temporary_stage(loader)  # DDL: before the group's transaction
     _execute(
         sf_conn,
         build_query_tag(
@@ -657,7 +746,7 @@ def _copy_group(
     if loader.settings.load.method is LoadMethod.SNOWPIPE and write_mode is WriteMode.APPEND:
         outcomes = _load_through_snowpipe(loader, present, columns, started, redefine_pipe=table_altered)
         if manifest is not None and deletes is not DeleteMode.NONE:
-            finish_run_if_complete(loader, table, manifest.run_id)
+            outcomes = _with_run_outcome(outcomes, finish_run_if_complete(loader, table, manifest.run_id))
         return outcomes
     try:
         outcomes = _copy_in_transaction(
@@ -673,8 +762,49 @@ def _copy_group(
         if work_table is not None:
             _execute(sf_conn, build_drop_table(work_table))
     if manifest is not None and (write_mode is WriteMode.REPLACE or deletes is not DeleteMode.NONE):
-        finish_run_if_complete(loader, table, manifest.run_id)
+        outcomes = _with_run_outcome(outcomes, finish_run_if_complete(loader, table, manifest.run_id))
     return outcomes
+
+
+def _ensure_temporary_stage(loader: _Loader) -> None:
+    """The credentials method: (re)create this session's temporary stage when the loader's AWS
+    credentials are not the ones it holds (first use, rotated, refreshed near expiry).
+
+    Snowpipe is refused without an integration (config): a pipe reads after we return.
+    """
+    credentials = loader.stage_credentials()
+    if credentials is None:
+        return
+    if _temporary_stage_credentials.get(loader.sf_conn) == credentials.fingerprint:
+        return
+    settings = loader.settings
+    _execute_with_credentials(
+        loader.sf_conn,
+        build_create_temporary_stage(
+            loader.database,
+            loader.control_schema,
+            settings.snowflake.stage,
+            bucket=settings.bucket,
+            prefix=settings.prefix,
+            credentials=credentials,
+        ),
+        credentials,
+    )
+    _temporary_stage_credentials[loader.sf_conn] = credentials.fingerprint
+    logger.info(
+        "temporary stage created with the loader's AWS credentials",
+        extra={"stage": settings.snowflake.stage},
+    )
+
+
+def _with_run_outcome(outcomes: list[FileOutcome], run_outcome: RunOutcome | None) -> list[FileOutcome]:
+    """Report the run's outcome on the results of the group that completed it."""
+    if run_outcome is None:
+        return outcomes
+    return [
+        o if o.result is None else replace(o, result=replace(o.result, run_outcome=run_outcome))
+        for o in outcomes
+    ]
 
 
 def _copy_in_transaction(
@@ -1130,17 +1260,19 @@ def check_copy_results(
 # --------------------------------------------------------------------------- run completion
 
 
-def finish_run_if_complete(loader: _Loader, table: TableRef, run_id: str) -> bool:
-    """Swap in a replace run's table and apply its deletes once the run is complete.
+def finish_run_if_complete(loader: _Loader, table: TableRef, run_id: str) -> RunOutcome | None:
+    """Swap in a replace run's table or apply its deletes once the run is complete; None until then.
 
     Complete means: the manifest (read again, not cached) is ``staged`` or ``loaded``, and every
-    file it lists is loaded in the ledger. A ledger row under ``_pgsnow/applied/...`` records
-    that this was done, so a redelivered last file does not swap twice.
+    file it lists is loaded in the ledger. A ledger row under ``_pgsnow/applied/...``
+    (``applied_mark_key``) records the outcome, so a redelivered last file does not swap or
+    delete twice. A run older than a run the target already holds is SUPERSEDED, never applied:
+    its key list would delete rows the newer run wrote (docs/loading.md).
     """
     sf_conn, database, control_schema = loader.sf_conn, loader.database, loader.control_schema
     manifest = read_run_manifest(loader.s3, loader.settings.bucket, table, run_id)
     if manifest.state not in (RunState.STAGED, RunState.LOADED):
-        return False
+        return None
     keys = [f.key for f in manifest.files]
     loaded = (
         {str(row[0]) for row in _execute(sf_conn, *build_select_loaded_keys(database, control_schema, keys))}
@@ -1148,48 +1280,121 @@ def finish_run_if_complete(loader: _Loader, table: TableRef, run_id: str) -> boo
         else set()
     )
     if set(keys) - loaded:
-        return False
-    mark = f"{APPLIED_MARK_PREFIX}/{table.schema}/{table.table}/{run_id}"
+        return None
+    mark = applied_mark_key(table, run_id)
     entry = _ledger_entry(sf_conn, database, control_schema, mark)
     if entry is not None and entry.is_loaded:
-        return True
-    target = _target(loader, table)
+        return _recorded_outcome(entry)
     if WriteMode(manifest.write_mode) is WriteMode.REPLACE:
-        shadow = _shadow(loader, table, run_id)
-        if _existing_columns(loader, shadow):
-            if _existing_columns(loader, target):
-                # The shadow is tagged with its run before the swap, and the tag travels with the
-                # data: a retry after a crash between SWAP and DROP finds it on the target and only
-                # drops the shadow (the old data), instead of swapping the old data back in.
-                tag = replace_run_tag(run_id)
-                if _table_comment(loader, target) != tag:
-                    _execute(sf_conn, build_set_table_comment(shadow, tag))
-                    _execute(sf_conn, build_swap_with(target, shadow))
-                _execute(sf_conn, build_drop_table(shadow))  # now the old table
-            else:
-                _execute(sf_conn, build_create_schema(target[0], target[1]))
-                _execute(sf_conn, build_rename_table(shadow, target))
-            loader.tables_ready.discard(target)
-            loader.tables_ready.discard(shadow)
-    elif DeleteMode(manifest.deletes) is not DeleteMode.NONE:
-        _apply_deletes(loader, manifest)
+        return _finish_replace_run(loader, manifest, mark)
+    if DeleteMode(manifest.deletes) is not DeleteMode.NONE:
+        return _apply_deletes(loader, manifest, mark)
+    return None
+
+
+def _recorded_outcome(entry: LedgerEntry) -> RunOutcome:
+    return RunOutcome.SUPERSEDED if entry.status == "SUPERSEDED" else RunOutcome.APPLIED
+
+
+def _newer_run(loader: _Loader, table: TableRef, run_id: str, *, applied_only: bool) -> str | None:
+    """The newest run of the table newer than ``run_id`` that reached the target, if any.
+
+    A ledger RUN_ID that is not a run id (object metadata of a hand-dropped file) is ignored.
+    """
+    rows = _execute(
+        loader.sf_conn,
+        *build_select_newer_runs(
+            loader.database,
+            loader.control_schema,
+            schema_name=table.schema,
+            table_name=table.table,
+            run_id=run_id,
+            applied_only=applied_only,
+        ),
+    )
+    newer = sorted(str(row[0]) for row in rows if row[0] is not None and is_run_id(str(row[0])))
+    return newer[-1] if newer else None
+
+
+def _record_run_outcome(loader: _Loader, manifest: RunManifest, mark: str, outcome: RunOutcome) -> None:
+    """Write the run's mark into the ledger (in the caller's transaction, if any)."""
+    table = manifest.table
     _execute(
-        sf_conn,
+        loader.sf_conn,
         *build_claim_file(
-            database, control_schema, LedgerClaim(mark, None, None, run_id, table.schema, table.table)
+            loader.database,
+            loader.control_schema,
+            LedgerClaim(mark, None, None, manifest.run_id, table.schema, table.table),
         ),
     )
     _execute(
-        sf_conn, *build_record_load(database, control_schema, mark, manifest.total_rows, status="APPLIED")
+        loader.sf_conn,
+        *build_record_load(
+            loader.database, loader.control_schema, mark, manifest.total_rows, status=outcome.value.upper()
+        ),
     )
+
+
+def _log_superseded(manifest: RunManifest, newer: str) -> None:
+    logger.warning(
+        "run superseded: a newer run of the table reached the target first, so this run's "
+        + (
+            "table is not swapped in"
+            if WriteMode(manifest.write_mode) is WriteMode.REPLACE
+            else "deletes are not applied"
+        ),
+        extra={"table": manifest.table.qualified, "run_id": manifest.run_id, "newer_run_id": newer},
+    )
+
+
+def _finish_replace_run(loader: _Loader, manifest: RunManifest, mark: str) -> RunOutcome:
+    """Swap the run's shadow table in, unless a newer replace run was swapped in already.
+
+    SWAP and DROP are DDL (each commits), so unlike the deletes this check cannot share a
+    transaction with the swap; two replace runs of one table completing in the same instant
+    can still race. The tag keeps a retry after a crash from swapping the old data back in.
+    """
+    sf_conn, table, run_id = loader.sf_conn, manifest.table, manifest.run_id
+    target = _target(loader, table)
+    shadow = _shadow(loader, table, run_id)
+    newer = _newer_run(loader, table, run_id, applied_only=True)
+    if newer is not None:
+        _execute(sf_conn, build_drop_table(shadow))  # the stale run's table, never swapped in
+        loader.tables_ready.discard(shadow)
+        _record_run_outcome(loader, manifest, mark, RunOutcome.SUPERSEDED)
+        _log_superseded(manifest, newer)
+        return RunOutcome.SUPERSEDED
+    if _existing_columns(loader, shadow):
+        if _existing_columns(loader, target):
+            # The shadow is tagged with its run before the swap, and the tag travels with the
+            # data: a retry after a crash between SWAP and DROP finds it on the target and only
+            # drops the shadow (the old data), instead of swapping the old data back in.
+            tag = replace_run_tag(run_id)
+            if _table_comment(loader, target) != tag:
+                _execute(sf_conn, build_set_table_comment(shadow, tag))
+                _execute(sf_conn, build_swap_with(target, shadow))
+            _execute(sf_conn, build_drop_table(shadow))  # now the old table
+        else:
+            _execute(sf_conn, build_create_schema(target[0], target[1]))
+            _execute(sf_conn, build_rename_table(shadow, target))
+        loader.tables_ready.discard(target)
+        loader.tables_ready.discard(shadow)
+    _record_run_outcome(loader, manifest, mark, RunOutcome.APPLIED)
     logger.info(
         "run applied", extra={"table": table.qualified, "run_id": run_id, "write_mode": manifest.write_mode}
     )
-    return True
+    return RunOutcome.APPLIED
 
 
-def _apply_deletes(loader: _Loader, manifest: RunManifest) -> None:
-    """Delete (hard) or mark (soft) target rows whose key is not in the run's full key list."""
+def _apply_deletes(loader: _Loader, manifest: RunManifest, mark: str) -> RunOutcome:
+    """Delete (hard) or mark (soft) target rows whose key is not in the run's full key list.
+
+    One transaction claims the run's mark, checks that no newer run of the table has reached the
+    target, applies the key list and records the outcome. The claim is a MERGE on the ledger,
+    which every load of a file also begins with, so a concurrent load of a newer run's file
+    either commits before this check (and is seen: SUPERSEDED) or waits until the deletes are
+    committed (and its rows then land after them).
+    """
     if manifest.key_list is None:
         raise PermanentError(
             f"deletes={manifest.deletes} but the manifest has no key_list",
@@ -1211,35 +1416,23 @@ def _apply_deletes(loader: _Loader, manifest: RunManifest) -> None:
     )
     target = _target(loader, manifest.table)
     soft = DeleteMode(manifest.deletes) is DeleteMode.SOFT
+    # DDL commits in Snowflake, so the column and the keys table exist before the transaction.
     if soft:
         _execute(sf_conn, build_add_soft_delete_column(target))
     _execute(sf_conn, build_create_work_table(keys_table, key_columns))
     try:
-        url_source = loader.url_source or UrlSource(
-            loader.settings.bucket, storage_integration=loader.settings.snowflake.storage_integration
-        )
+        url_source = loader.url_source()
         sf_conn.autocommit(False)
         try:
-            _execute_dicts(
-                sf_conn,
-                build_copy_into(
-                    database=database,
-                    control_schema=control_schema,
-                    stage=loader.settings.snowflake.stage,
-                    staged=key_file,
-                    columns=[LoadColumn.from_manifest(c) for c in key_columns],
-                    target=keys_table,
-                    url_source=url_source,
-                ),
-            )
-            _execute(
-                sf_conn,
-                build_apply_deletes(
-                    target=target,
-                    keys_table=keys_table,
-                    key_columns=[c.snowflake_name for c in key_columns],
-                    soft=soft,
-                ),
+            outcome = _apply_deletes_in_transaction(
+                loader,
+                manifest,
+                mark=mark,
+                key_file=key_file,
+                key_columns=key_columns,
+                keys_table=keys_table,
+                url_source=url_source,
+                soft=soft,
             )
             sf_conn.commit()
         except BaseException:
@@ -1249,6 +1442,66 @@ def _apply_deletes(loader: _Loader, manifest: RunManifest) -> None:
             sf_conn.autocommit(True)
     finally:
         _execute(sf_conn, build_drop_table(keys_table))
+    return outcome
+
+
+def _apply_deletes_in_transaction(
+    loader: _Loader,
+    manifest: RunManifest,
+    *,
+    mark: str,
+    key_file: StagedObject,
+    key_columns: Sequence[Column],
+    keys_table: tuple[str, str, str],
+    url_source: UrlSource,
+    soft: bool,
+) -> RunOutcome:
+    sf_conn, database, control_schema = loader.sf_conn, loader.database, loader.control_schema
+    table = manifest.table
+    _execute(
+        sf_conn,
+        *build_claim_file(
+            database,
+            control_schema,
+            LedgerClaim(mark, None, None, manifest.run_id, table.schema, table.table),
+        ),
+    )
+    entry = _ledger_entry(sf_conn, database, control_schema, mark)
+    if entry is not None and entry.is_loaded:
+        return _recorded_outcome(entry)  # another loader finished the run while we waited
+    newer = _newer_run(loader, table, manifest.run_id, applied_only=False)
+    if newer is not None:
+        _record_run_outcome(loader, manifest, mark, RunOutcome.SUPERSEDED)
+        _log_superseded(manifest, newer)
+        return RunOutcome.SUPERSEDED
+    _execute_with_credentials(
+        sf_conn,
+        build_copy_into(
+            database=database,
+            control_schema=control_schema,
+            stage=loader.settings.snowflake.stage,
+            staged=key_file,
+            columns=[LoadColumn.from_manifest(c) for c in key_columns],
+            target=keys_table,
+            url_source=url_source,
+        ),
+        url_source.credentials,
+    )
+    _execute(
+        sf_conn,
+        build_apply_deletes(
+            target=_target(loader, table),
+            keys_table=keys_table,
+            key_columns=[c.snowflake_name for c in key_columns],
+            soft=soft,
+        ),
+    )
+    _record_run_outcome(loader, manifest, mark, RunOutcome.APPLIED)
+    logger.info(
+        "run applied",
+        extra={"table": table.qualified, "run_id": manifest.run_id, "deletes": manifest.deletes},
+    )
+    return RunOutcome.APPLIED
 
 
 def settle_completed_runs(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pgsnow.config import LoadMethod
 from pgsnow.errors import ConfigError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
-from pgsnow.keys import FileFormat, normalise_prefix
+from pgsnow.keys import KEY_LISTS_PREFIX, FileFormat, normalise_prefix
 from pgsnow.snowflake import (
     LEDGER_TABLE,
     build_create_file_format,
@@ -58,6 +58,12 @@ def pipe_name(prefix: str, table: TableRef) -> str:
     return f"{prefix}_{table.snowflake_schema}_{table.snowflake_table}"
 
 
+def allowed_locations(bucket: str, prefix: str) -> tuple[str, ...]:
+    """What the storage integration lets Snowflake read: the stage (data files) and the key lists
+    of runs with deletes, which the loader COPYs by URL from outside the stage (docs/loading.md)."""
+    return (f"s3://{bucket}/{normalise_prefix(prefix)}/", f"s3://{bucket}/{KEY_LISTS_PREFIX}/")
+
+
 def build_table_pipe_copy(options: SetupOptions, table: TableRef) -> str:
     """The pipe's COPY: the table's folder of the stage, CSV columns by position (the manifest's order)."""
     stage = quote_qualified(options.database, options.schema, options.stage)
@@ -85,27 +91,36 @@ def build_setup_steps(options: SetupOptions) -> list[SetupStep]:
     ]
     if options.load_method is LoadMethod.SNOWPIPE and not options.pipe_tables:
         problems.append("--load-method snowpipe needs --tables (one pipe per table)")
+    credentials_method = not options.integration.strip()
+    if options.load_method is LoadMethod.SNOWPIPE and credentials_method:
+        problems.append(
+            "--load-method snowpipe needs --integration: Snowpipe reads after the loader returned, when "
+            "the loader's temporary credentials (the credentials method) may have expired"
+        )
     if problems:
         raise ConfigError(problems)
     prefix = normalise_prefix(options.prefix)
-    location = f"s3://{options.bucket}/{prefix}/"
+    locations = ", ".join(string_literal(url) for url in allowed_locations(options.bucket, prefix))
     db, ctl, role = options.database, options.schema, quote_ident(options.role)
-    integration = quote_ident(options.integration)
+    integration = "" if credentials_method else quote_ident(options.integration)
     stage = quote_qualified(db, ctl, options.stage)
     ledger = quote_qualified(db, ctl, LEDGER_TABLE)
     formats = [quote_qualified(db, ctl, name) for name in FILE_FORMAT_NAMES.values()]
 
-    steps = [
+    integration_steps = [
         SetupStep(
             "Storage integration (ACCOUNTADMIN)",
-            "Lets the stage read only the staging prefix, through the role the stack creates.",
+            "Lets Snowflake read only the staging prefix and the run key lists, through the role the "
+            "stack creates. The ALTER brings an integration created by an older pgsnow up to date; "
+            "it keeps the integration's IAM user and external ID (CREATE OR REPLACE would not).",
             (
                 f"CREATE STORAGE INTEGRATION IF NOT EXISTS {integration}\n"
                 "  TYPE = EXTERNAL_STAGE\n"
                 "  STORAGE_PROVIDER = 'S3'\n"
                 "  ENABLED = TRUE\n"
                 f"  STORAGE_AWS_ROLE_ARN = {string_literal(options.aws_role_arn)}\n"
-                f"  STORAGE_ALLOWED_LOCATIONS = ({string_literal(location)})",
+                f"  STORAGE_ALLOWED_LOCATIONS = ({locations})",
+                f"ALTER STORAGE INTEGRATION {integration} SET STORAGE_ALLOWED_LOCATIONS = ({locations})",
             ),
         ),
         SetupStep(
@@ -114,6 +129,8 @@ def build_setup_steps(options: SetupOptions) -> list[SetupStep]:
             "redeploy the stack with both before creating the stage.",
             (f"DESC INTEGRATION {integration}",),
         ),
+    ]
+    database_and_stage_steps = [
         SetupStep(
             "Database and control schema",
             "The loader creates each target schema and table itself from the run manifest.",
@@ -132,6 +149,14 @@ def build_setup_steps(options: SetupOptions) -> list[SetupStep]:
                     storage_integration=options.integration,
                 ),
             ),
+        ),
+    ]
+    steps = [
+        *(integration_steps if not credentials_method else []),
+        *(
+            # The credentials method: each loader session creates its own TEMPORARY stage of this
+            # name with its own credentials; a permanent one could hold no credentials that last.
+            database_and_stage_steps[:1] if credentials_method else database_and_stage_steps
         ),
         SetupStep(
             "File formats",
@@ -170,8 +195,15 @@ def build_setup_steps(options: SetupOptions) -> list[SetupStep]:
         # CREATE TABLE: merge runs use transient work tables in the control schema.
         # CREATE FUNCTION: `pgsnow verify` compares JSON columns with a temporary UDF there.
         f"GRANT USAGE, CREATE TABLE, CREATE FUNCTION ON SCHEMA {quote_qualified(db, ctl)} TO ROLE {role}",
-        f"GRANT USAGE ON INTEGRATION {integration} TO ROLE {role}",
-        f"GRANT USAGE ON STAGE {stage} TO ROLE {role}",
+        *(
+            # The credentials method: the loader creates its session's temporary stage.
+            [f"GRANT CREATE STAGE ON SCHEMA {quote_qualified(db, ctl)} TO ROLE {role}"]
+            if credentials_method
+            else [
+                f"GRANT USAGE ON INTEGRATION {integration} TO ROLE {role}",
+                f"GRANT USAGE ON STAGE {stage} TO ROLE {role}",
+            ]
+        ),
         *(f"GRANT USAGE ON FILE FORMAT {name} TO ROLE {role}" for name in formats),
         # Ownership: the loader adds ledger columns when pgsnow upgrades (build_upgrade_ledger).
         f"GRANT OWNERSHIP ON TABLE {ledger} TO ROLE {role} COPY CURRENT GRANTS",

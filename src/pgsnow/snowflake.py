@@ -5,17 +5,19 @@ Every identifier goes through ``quote_ident``/``quote_qualified``. Values are bo
 with the connector's ``pyformat`` paramstyle (``%s`` placeholders, ``PARAMSTYLE``), the one
 paramstyle of the project (the connector's default, and the same placeholder psycopg2
 uses): the connector escapes each value, it is never formatted into the text by us. Things Snowflake cannot bind (stage paths, ``FILES = (...)``, the session
-query tag) are built only from names we parsed and validated, and are escaped as
-string literals on top of that.
+query tag, the credentials method's ``CREDENTIALS = (...)``) are built only from values we
+parsed and validated, and are escaped as string literals on top of that. SQL that carries
+credentials never reaches a log line or an error message (``redact_credentials``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pgsnow.config import SnowflakeSettings
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
@@ -254,10 +256,34 @@ def build_select_ledger_entry(database: str, control_schema: str, s3_key: str) -
     """The key's ledger row. ``LOADED_AT IS NOT NULL`` is computed in SQL because a NULL
     timestamp is not reliably a None on every server (the local emulator returns the epoch)."""
     sql = (
-        'SELECT "ETAG", "SHA256", "ROWS_LOADED", "LOADED_AT" IS NOT NULL AS "IS_LOADED"\n'
+        'SELECT "ETAG", "SHA256", "ROWS_LOADED", "LOADED_AT" IS NOT NULL AS "IS_LOADED", "STATUS"\n'
         f'FROM {ledger_name(database, control_schema)} WHERE "S3_KEY" = %s'
     )
     return sql, (s3_key,)
+
+
+def build_select_newer_runs(
+    database: str,
+    control_schema: str,
+    *,
+    schema_name: str,
+    table_name: str,
+    run_id: str,
+    applied_only: bool,
+) -> Statement:
+    """Runs of the table newer than ``run_id`` that the ledger holds as loaded (or, with
+    ``applied_only``, as applied: a replace run's swap, a run's deletes).
+
+    Run ids are UTC start times of one fixed width, so comparing the text compares the times.
+    schema_name/table_name are the PostgreSQL (source) names, as the ledger keeps them.
+    """
+    applied = " AND \"STATUS\" = 'APPLIED'" if applied_only else ""
+    sql = (
+        f'SELECT DISTINCT "RUN_ID" FROM {ledger_name(database, control_schema)}\n'
+        'WHERE "SCHEMA_NAME" = %s AND "TABLE_NAME" = %s AND "RUN_ID" > %s AND "LOADED_AT" IS NOT NULL'
+        f"{applied}"
+    )
+    return sql, (schema_name, table_name, run_id)
 
 
 def build_upgrade_ledger(database: str, control_schema: str) -> list[str]:
@@ -655,20 +681,124 @@ def _stage_location(database: str, control_schema: str, stage: str, staged: Stag
     return f"{stage_ref}/", f"{parts[0]}/{parts[1]}/{staged.file_name}"
 
 
+# --------------------------------------------------------------------------- stage credentials
+
+# What the CREDENTIALS clause accepts. AWS access key ids are letters and digits; secret keys and
+# session tokens are base64 text. Checked before the values are written into SQL (they cannot be
+# bound), and the check never echoes a value.
+_AWS_KEY_ID = re.compile(r"^[A-Za-z0-9]{1,128}$")
+_AWS_SECRET = re.compile(r"^[A-Za-z0-9/+=]{1,256}$")
+_AWS_TOKEN = re.compile(r"^[A-Za-z0-9/+=]{1,4096}$")
+
+
+@dataclass(frozen=True, repr=False)
+class AwsCredentials:
+    """Temporary AWS credentials Snowflake reads S3 with (the credentials method, no integration).
+
+    ``repr`` shows only the key id's first characters, so a stray log of the object is harmless.
+    """
+
+    access_key_id: str
+    secret_access_key: str
+    session_token: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = [
+            name
+            for name, value, pattern in (
+                ("access key id", self.access_key_id, _AWS_KEY_ID),
+                ("secret access key", self.secret_access_key, _AWS_SECRET),
+                ("session token", self.session_token or "x", _AWS_TOKEN),
+            )
+            if not pattern.match(value)
+        ]
+        if problems:
+            raise PermanentError(f"the AWS credentials for the stage are malformed: {', '.join(problems)}")
+
+    def __repr__(self) -> str:
+        return f"AwsCredentials(access_key_id={self.access_key_id[:4]!r}...)"
+
+    @property
+    def fingerprint(self) -> str:
+        """Tells two sets of credentials apart without keeping the secret parts in the clear."""
+        text = f"{self.access_key_id}\n{self.session_token or ''}\n{self.secret_access_key}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def secret_values(self) -> tuple[str, ...]:
+        """The parts that must never reach a log line or an error message."""
+        return tuple(v for v in (self.secret_access_key, self.session_token) if v)
+
+
+class _FrozenCredentials(Protocol):
+    access_key: str
+    secret_key: str
+    token: str | None
+
+
+class _BotoCredentials(Protocol):
+    def get_frozen_credentials(self) -> _FrozenCredentials: ...
+
+
+class CredentialsSource(Protocol):
+    """Anything with boto3.Session's ``get_credentials()``: the loader's own AWS session."""
+
+    def get_credentials(self) -> _BotoCredentials | None: ...
+
+
+def aws_credentials_from(source: CredentialsSource) -> AwsCredentials:
+    """The session's current credentials, frozen (one consistent key, secret and token).
+
+    botocore refreshes refreshable credentials within 15 minutes of their expiry when they are
+    read, so credentials near expiry come back as new ones (and the stage is re-created).
+    """
+    credentials = source.get_credentials()
+    if credentials is None:
+        raise PermanentError(
+            "no AWS credentials for the Snowflake stage: set SNOWFLAKE_STORAGE_INTEGRATION or run the "
+            "loader with an AWS role"
+        )
+    frozen = credentials.get_frozen_credentials()
+    return AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token or None)
+
+
+def build_credentials_clause(credentials: AwsCredentials) -> str:
+    """``CREDENTIALS = (...)``: built from validated values only, each a string literal."""
+    token = f" AWS_TOKEN = {string_literal(credentials.session_token)}" if credentials.session_token else ""
+    return (
+        f"CREDENTIALS = (AWS_KEY_ID = {string_literal(credentials.access_key_id)} "
+        f"AWS_SECRET_KEY = {string_literal(credentials.secret_access_key)}{token})"
+    )
+
+
+def build_create_temporary_stage(
+    database: str, control_schema: str, stage: str, *, bucket: str, prefix: str, credentials: AwsCredentials
+) -> str:
+    """The credentials method: the session's own stage over the staging prefix.
+
+    A TEMPORARY stage belongs to this session only and, named like the permanent stage, hides it
+    for this session, so the loader's COPY text is the same with or without an integration, and
+    concurrent loader containers (each its own session) never replace each other's credentials.
+    """
+    url = f"s3://{bucket}/{prefix.strip('/')}/"
+    return (
+        f"CREATE OR REPLACE TEMPORARY STAGE {quote_qualified(database, control_schema, stage)}"
+        f" URL = {string_literal(url)} {build_credentials_clause(credentials)}"
+    )
+
+
 @dataclass(frozen=True)
 class UrlSource:
-    """Read from an ``s3://`` URL instead of the named stage.
+    """Read from an ``s3://`` URL instead of the named stage (the deletes key list).
 
-    With a storage integration the COPY names it; without one the COPY carries the Lambda
-    role's temporary credentials (the IAM-role credentials method). Credentials are never
-    logged: ``redact_credentials`` strips them from SQL before it reaches a log line.
+    With a storage integration the COPY names it; without one the COPY carries the loader's
+    temporary credentials (the credentials method). Credentials are never logged:
+    ``redact_credentials`` strips them from SQL before it reaches a log line or an error.
     """
 
     bucket: str
     storage_integration: str | None = None
-    aws_key_id: str | None = None
-    aws_secret_key: str | None = None
-    aws_token: str | None = None
+    credentials: AwsCredentials | None = None
 
 
 def build_copy_into(
@@ -689,6 +819,12 @@ def build_copy_into(
     (one table, one format, at most ``MAX_FILES_PER_COPY``) go into one ``FILES = (...)``.
     ``target`` (database, schema, table) loads into another table with the same columns
     (merge staging, replace shadow); ``url_source`` reads ``s3://`` instead of the stage.
+
+    From a URL the COPY is Snowflake's standard load, not a transformation: its documented
+    grammar takes ``FROM (SELECT ...)`` only from a stage, and puts the location's
+    STORAGE_INTEGRATION or CREDENTIALS right after the location, before FILES. Columns then load
+    by position, so ``target`` must have the file's columns in the file's order (the deletes
+    keys table is created from the key columns, as the key list is written).
     """
     files = [staged] if isinstance(staged, StagedObject) else list(staged)
     if not files:
@@ -711,31 +847,34 @@ def build_copy_into(
         else quote_qualified(database, first.table.snowflake_schema, first.table.snowflake_table)
     )
     column_list = ", ".join(quote_ident(c.snowflake_name) for c in columns)
-    if url_source is None:
-        located = [_stage_location(database, control_schema, stage, item) for item in files]
-        locations = {location for location, _ in located}
-        if len(locations) != 1:
-            located = [
-                (f"@{quote_qualified(database, control_schema, stage)}/", _stage_path(i)) for i in files
-            ]
-        location = located[0][0]
-        file_paths = [path for _, path in located]
-        auth = ""
-    else:
+    file_format = (
+        CSV_FILE_FORMAT.format(compression="GZIP" if first.gzip else "NONE")
+        if first.file_format is FileFormat.CSV
+        else "TYPE = PARQUET"
+    )
+    if url_source is not None:
         location = string_literal(f"s3://{url_source.bucket}/{_dir_of(first.key)}")
-        file_paths = [item.file_name for item in files]
-        auth = _url_auth(url_source)
+        return (
+            f"COPY INTO {target_name}\n"
+            f"  FROM {location}\n"
+            f"{_url_auth(url_source)}"
+            f"  FILES = ({', '.join(string_literal(item.file_name) for item in files)})\n"
+            f"  FILE_FORMAT = ({file_format})\n"
+            f"  ON_ERROR = {on_error} FORCE = TRUE"
+        )
+    located = [_stage_location(database, control_schema, stage, item) for item in files]
+    if len({location for location, _ in located}) != 1:
+        located = [(f"@{quote_qualified(database, control_schema, stage)}/", _stage_path(i)) for i in files]
+    location = located[0][0]
+    file_paths = [path for _, path in located]
     if first.file_format is FileFormat.CSV:
         expressions = [_csv_select_expression(i, c) for i, c in enumerate(columns, start=1)]
-        file_format = CSV_FILE_FORMAT.format(compression="GZIP" if first.gzip else "NONE")
     else:
         expressions = [_parquet_select_expression(c) for c in columns]
-        file_format = "TYPE = PARQUET"
     return (
         f"COPY INTO {target_name} ({column_list})\n"
         f"  FROM (SELECT {', '.join(expressions)} FROM {location})\n"
         f"  FILES = ({', '.join(string_literal(p) for p in file_paths)})\n"
-        f"{auth}"
         f"  FILE_FORMAT = ({file_format})\n"
         f"  ON_ERROR = {on_error} FORCE = TRUE"
     )
@@ -752,21 +891,25 @@ def _stage_path(staged: StagedObject) -> str:
 def _url_auth(source: UrlSource) -> str:
     if source.storage_integration:
         return f"  STORAGE_INTEGRATION = {quote_ident(source.storage_integration)}\n"
-    if source.aws_key_id and source.aws_secret_key:
-        token = f" AWS_TOKEN = {string_literal(source.aws_token)}" if source.aws_token else ""
-        return (
-            f"  CREDENTIALS = (AWS_KEY_ID = {string_literal(source.aws_key_id)} "
-            f"AWS_SECRET_KEY = {string_literal(source.aws_secret_key)}{token})\n"
-        )
+    if source.credentials is not None:
+        return f"  {build_credentials_clause(source.credentials)}\n"
     return ""
 
 
-_CREDENTIALS_CLAUSE = re.compile(r"CREDENTIALS = \([^)]*\)")
+_CREDENTIALS_CLAUSE = re.compile(r"CREDENTIALS\s*=\s*\([^)]*\)?", re.IGNORECASE)
+_CREDENTIAL_VALUE = re.compile(r"(AWS_(?:KEY_ID|SECRET_KEY|TOKEN)\s*=\s*)'[^']*'?", re.IGNORECASE)
+REDACTED = "<redacted>"
 
 
-def redact_credentials(sql: str) -> str:
-    """SQL safe to log: the CREDENTIALS clause's values replaced."""
-    return _CREDENTIALS_CLAUSE.sub("CREDENTIALS = (<redacted>)", sql)
+def redact_credentials(text: str, secrets: Sequence[str] = ()) -> str:
+    """Text safe to log: any CREDENTIALS clause (or a piece of one) and the given secret values
+    replaced. Error messages pass through here too, since a server may echo the statement."""
+    redacted = _CREDENTIALS_CLAUSE.sub(f"CREDENTIALS = ({REDACTED})", text)
+    redacted = _CREDENTIAL_VALUE.sub(rf"\g<1>{REDACTED}", redacted)
+    for secret in secrets:
+        if secret:
+            redacted = redacted.replace(secret, REDACTED)
+    return redacted
 
 
 def build_query_tag(*, run_id: str | None, table: TableRef, s3_key: str) -> str:
@@ -813,8 +956,13 @@ def classify_snowflake_error(
     table: str | None = None,
     s3_key: str | None = None,
     run_id: str | None = None,
+    secrets: Sequence[str] = (),
 ) -> PgSnowError:
-    """The ONE place a Snowflake failure is sorted into retryable or permanent."""
+    """The ONE place a Snowflake failure is sorted into retryable or permanent.
+
+    The message never carries credentials: a CREDENTIALS clause the server quoted is redacted,
+    and so is each of ``secrets`` (the values the failed statement carried) wherever it appears.
+    """
     if isinstance(exc, PgSnowError):
         exc.table = exc.table or table
         exc.s3_key = exc.s3_key or s3_key
@@ -825,14 +973,21 @@ def classify_snowflake_error(
     context: dict[str, Any] = {"table": table, "s3_key": s3_key, "run_id": run_id}
     if not isinstance(exc, sf_errors.Error):
         if isinstance(exc, (OSError, TimeoutError)):
-            return RetryableError(f"Snowflake connection failed: {type(exc).__name__}: {exc}", **context)
+            return RetryableError(
+                redact_credentials(f"Snowflake connection failed: {type(exc).__name__}: {exc}", secrets),
+                **context,
+            )
         return PermanentError(
-            f"unexpected error talking to Snowflake: {type(exc).__name__}: {exc}", **context
+            redact_credentials(
+                f"unexpected error talking to Snowflake: {type(exc).__name__}: {exc}", secrets
+            ),
+            **context,
         )
 
     errno = exc.errno
     sqlstate = exc.sqlstate if exc.sqlstate and exc.sqlstate != "n/a" else None
-    message = f"Snowflake error {errno}: {exc.raw_msg or exc.msg}"
+    # The server's message may quote the statement, CREDENTIALS and all.
+    message = redact_credentials(f"Snowflake error {errno}: {exc.raw_msg or exc.msg}", secrets)
     context["sqlstate"] = sqlstate
     if errno in _RETRYABLE_ERRNOS:
         return RetryableError(message, **context)

@@ -15,7 +15,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from pgsnow.errors import PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import CONTROL_PREFIX, FileFormat, manifest_key
+from pgsnow.keys import KEY_LISTS_PREFIX, FileFormat, manifest_key
 from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, RunManifest
 
 MANIFEST_CONTENT_TYPE = "application/json"
@@ -90,8 +90,13 @@ def put_data_file(
 
 
 def key_list_key(table: TableRef, run_id: str) -> str:
-    """Where a run's full primary-key list goes (outside the staging prefix: never loaded as data)."""
-    return f"{CONTROL_PREFIX}/keys/{table.schema}/{table.table}/{run_id}.csv.gz"
+    """Where a run's full primary-key list goes (outside the staging prefix: never loaded as data).
+
+    Snowflake reads it by URL, so the storage integration's allowed locations
+    (``setup_sql.allowed_locations``) and the template's SnowflakeStorageRole cover
+    ``KEY_LISTS_PREFIX`` too.
+    """
+    return f"{KEY_LISTS_PREFIX}/{table.schema}/{table.table}/{run_id}.csv.gz"
 
 
 def put_manifest(s3: Any, bucket: str, manifest: RunManifest) -> str:

@@ -368,6 +368,59 @@ def test_older_full_merge_run_delivered_after_a_newer_one_does_not_roll_rows_bac
     assert result.extra == ["5"] and not result.missing and not result.different  # merge keeps deleted keys
 
 
+def test_older_incremental_run_with_deletes_delivered_after_a_newer_one_deletes_nothing_it_wrote(
+    pipeline: PipelineHarness,
+) -> None:
+    """Expected (incremental merge, deletes=hard): when the newer run is delivered and applied first
+    and the older run's file arrives after it, the older run's (stale) key list is not applied:
+    the row only the newer run carried stays (incremental mode would never send it again), the
+    older run is recorded as superseded, and verify passes."""
+    # Given two incremental runs with hard deletes; only the second has the new key 9
+    table = create_items(pipeline, "stale_key_list", 5)
+    options = json.dumps(
+        {
+            table.qualified: {
+                "mode": "incremental",
+                "cursor_column": "updated_at",
+                "write_mode": "merge",
+                "deletes": "hard",
+            }
+        }
+    )
+    older = pipeline.extract(table, PGSNOW_TABLE_OPTIONS=options)
+    pipeline.run_sql(
+        sql.SQL("INSERT INTO {} (id, note) VALUES (9, 'new')").format(
+            sql.Identifier(table.schema, table.table)
+        )
+    )
+    newer = pipeline.extract(table, PGSNOW_TABLE_OPTIONS=options)
+    assert newer.run_id > older.run_id
+
+    # When the newer run's notifications are delivered first, then the older run's
+    recorder = deliver_newer_run_first(pipeline, table, older, newer)
+
+    # Then every file loaded, key 9 is still there, and the older run is superseded, the newer applied
+    assert [d for d in recorder.deliveries if d.failed] == []
+    assert sorted(row[0] for row in pipeline.target_rows(table)) == [1, 2, 3, 4, 5, 9]
+    marks = {
+        key.rsplit("/", 1)[1]: status
+        for key, status in pipeline_ledger_statuses(pipeline, table)
+        if key.startswith("_pgsnow/applied/")
+    }
+    assert marks == {older.run_id: "SUPERSEDED", newer.run_id: "APPLIED"}
+    assert_verified(pipeline, table, 6)
+
+
+def pipeline_ledger_statuses(pipeline: PipelineHarness, table: Any) -> list[tuple[str, str]]:
+    ledger = f'"{SNOWFLAKE_DATABASE}"."PGSNOW"."LOAD_LEDGER"'
+    with pipeline.sf_conn.cursor() as cur:
+        cur.execute(
+            f'SELECT "S3_KEY", "STATUS" FROM {ledger} WHERE "SCHEMA_NAME" = %s AND "TABLE_NAME" = %s',
+            (table.schema, table.table),
+        )
+        return [(str(key), str(status)) for key, status in cur.fetchall()]
+
+
 def test_hand_dropped_file_with_spaces_and_unicode_in_its_key_loads(pipeline: PipelineHarness) -> None:
     """Expected: a CSV dropped by hand under an existing table's prefix, its key holding spaces, '+',
     and non-ASCII characters (URL-encoded in the S3 event), loads into that table; verify passes."""

@@ -27,7 +27,7 @@ from test_load import (  # fixtures and staging helpers shared with the base loa
 
 from pgsnow.config import Settings
 from pgsnow.keys import FileFormat, data_key, manifest_key, parse_data_key
-from pgsnow.load import LoadStatus, load_staged_files
+from pgsnow.load import LoadStatus, RunOutcome, applied_mark_key, load_staged_files
 from pgsnow.manifest import RunManifest, RunState, StagedFile
 from pgsnow.snowflake import SOFT_DELETE_COLUMN
 from pgsnow.staging import key_list_key
@@ -134,3 +134,66 @@ def test_deletes_are_applied_once_when_the_last_file_is_delivered_again(
         )
         == flagged_at
     )
+
+
+def ledger_status(sf_conn: Any, settings: Settings, key: str) -> list[tuple[Any, ...]]:
+    ledger = f'"{settings.snowflake.database}"."PGSNOW"."LOAD_LEDGER"'
+    return query(sf_conn, f'SELECT "STATUS", "RUN_ID" FROM {ledger} WHERE "S3_KEY" = %s', (key,))
+
+
+@pytest.mark.parametrize("deletes", ["hard", "soft"], ids=["hard-delete", "soft-delete"])
+def test_a_stale_key_list_delivered_after_a_newer_run_was_applied_deletes_nothing(
+    settings: Settings, s3: Any, sf_conn: Any, deletes: str
+) -> None:
+    # Given two complete runs: the older has orders 1 and 2; the newer, taken after order 1 was
+    # deleted and order 3 inserted at the source, has 2 and 3
+    older = parse_data_key(stage_run(s3, settings, RUN_1, [1, 2], deletes), settings.prefix)
+    newer = parse_data_key(stage_run(s3, settings, RUN_2, [2, 3], deletes), settings.prefix)
+
+    # When the newer run is delivered and applied first, then the older run's last file
+    applied = load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[newer])
+    stale = load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[older])
+
+    # Then the older run's key list is not applied: order 3, which only the newer run has, is
+    # neither deleted nor flagged (order 1 comes back, as a late merge run's keys do, until
+    # the next run's deletes: docs/loading.md)
+    assert [r.run_outcome for r in applied] == [RunOutcome.APPLIED]
+    after = snapshot(sf_conn, settings)
+    assert [row[0] for row in after] == ["1", "2", "3"]
+    if deletes == "soft":
+        flags = query(
+            sf_conn, f'SELECT COUNT(*) FROM {orders_sql(settings)} WHERE "{SOFT_DELETE_COLUMN}" IS NOT NULL'
+        )
+        assert flags == [(0,)]
+    # and the run is reported and recorded as superseded, the newer one as applied
+    assert [(r.status, r.run_outcome) for r in stale] == [(LoadStatus.LOADED, RunOutcome.SUPERSEDED)]
+    assert ledger_status(sf_conn, settings, applied_mark_key(ORDERS, RUN_1)) == [("SUPERSEDED", RUN_1)]
+    assert ledger_status(sf_conn, settings, applied_mark_key(ORDERS, RUN_2)) == [("APPLIED", RUN_2)]
+
+    # When the older run's last file is delivered again
+    again = load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[older])
+
+    # Then nothing changes and the recorded outcome is reported again
+    assert [(r.status, r.run_outcome) for r in again] == [(LoadStatus.ALREADY_LOADED, RunOutcome.SUPERSEDED)]
+    assert snapshot(sf_conn, settings) == after
+
+
+def test_a_key_list_older_than_a_loaded_file_of_a_newer_run_deletes_nothing(
+    settings: Settings, s3: Any, sf_conn: Any
+) -> None:
+    # Given an older complete run with orders 1 and 2, and a newer run whose file (with the new
+    # order 3) is loaded while the newer run is still extracting (so it is not complete)
+    older = parse_data_key(stage_run(s3, settings, RUN_1, [1, 2], "hard"), settings.prefix)
+    newer = parse_data_key(stage_run(s3, settings, RUN_2, [2, 3], "hard"), settings.prefix)
+    manifest_body = s3.get_object(Bucket=settings.bucket, Key=manifest_key(ORDERS, RUN_2))["Body"].read()
+    extracting = RunManifest.from_json(manifest_body).with_state(RunState.EXTRACTING)
+    s3.put_object(Bucket=settings.bucket, Key=manifest_key(ORDERS, RUN_2), Body=extracting.to_json().encode())
+    loaded = load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[newer])
+
+    # When the older run's last file is delivered after it
+    stale = load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[older])
+
+    # Then order 3, which only the newer run has, is still there
+    assert [r.run_outcome for r in loaded] == [None]
+    assert [r.run_outcome for r in stale] == [RunOutcome.SUPERSEDED]
+    assert [row[0] for row in snapshot(sf_conn, settings)] == ["1", "2", "3"]

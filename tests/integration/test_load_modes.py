@@ -31,7 +31,7 @@ from test_load import (  # fixtures and staging helpers shared with the base loa
 from pgsnow.config import OnError, Settings
 from pgsnow.errors import PermanentError
 from pgsnow.keys import FileFormat, data_key, manifest_key, parse_data_key
-from pgsnow.load import LoadStatus, load_batch, load_staged_files
+from pgsnow.load import LoadStatus, RunOutcome, load_batch, load_staged_files
 from pgsnow.manifest import Column, RunManifest, RunState, StagedFile
 from pgsnow.typemap import map_pg_type
 
@@ -267,6 +267,37 @@ def test_replace_swaps_the_whole_run_in_atomically(
     )
     assert again[0].status is LoadStatus.ALREADY_LOADED
     assert query(sf_conn, f"SELECT COUNT(*) FROM {orders_sql(settings)}") == [(2,)]
+
+
+def test_an_older_replace_run_completed_after_a_newer_one_is_never_swapped_in(
+    settings: Settings, s3: Any, sf_conn: Any
+) -> None:
+    # Given two complete replace runs of one file each; the newer one is loaded (and swapped in) first
+    older = stage(s3, settings, RUN_1, 1, [order_rows_with(1, "old")])
+    put_manifest(s3, settings, RUN_1, write_mode="replace", state=RunState.STAGED, files=(older,))
+    newer = stage(s3, settings, RUN_2, 1, [order_rows_with(2, "new")])
+    put_manifest(s3, settings, RUN_2, write_mode="replace", state=RunState.STAGED, files=(newer,))
+    applied = load_staged_files(
+        settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(newer.key, settings.prefix)]
+    )
+
+    # When the older run's file is delivered after it
+    stale = load_staged_files(
+        settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(older.key, settings.prefix)]
+    )
+
+    # Then the target keeps the newer run's table, the older run's shadow table is gone, and the
+    # older run is reported superseded
+    assert [r.run_outcome for r in applied] == [RunOutcome.APPLIED]
+    assert [(r.status, r.run_outcome) for r in stale] == [(LoadStatus.LOADED, RunOutcome.SUPERSEDED)]
+    rows = query(sf_conn, f'SELECT "ORDER_ID", "NOTE" FROM {orders_sql(settings)} ORDER BY "ORDER_ID"')
+    assert rows == [(2, "new")]
+    shadows = query(
+        sf_conn,
+        f'SELECT COUNT(*) FROM "{settings.snowflake.database}"."INFORMATION_SCHEMA"."TABLES" '
+        "WHERE \"TABLE_NAME\" LIKE '%PGSNOW_REPLACE%'",
+    )
+    assert shadows == [(0,)]
 
 
 def test_a_new_source_column_appears_in_snowflake(settings: Settings, s3: Any, sf_conn: Any) -> None:

@@ -325,3 +325,28 @@ def test_loader_settings_validate_method_and_on_error() -> None:
     assert "SNOWPIPE_NAME is required" in text and "LOAD_ON_ERROR" in text
     settings = Settings.from_env({**env, "LOAD_ON_ERROR": "skip_file"}, Component.LOADER)
     assert settings.load.on_error.value == "SKIP_FILE"
+
+
+@pytest.mark.parametrize(
+    ("integration", "refused"),
+    [pytest.param("", True, id="credentials-method"), pytest.param("PGSNOW_S3", False, id="integration")],
+)
+def test_snowpipe_is_refused_without_a_storage_integration(integration: str, refused: bool) -> None:
+    """Snowpipe reads after the loader returned: the loader's temporary credentials may be gone."""
+    env = {
+        "S3_STAGE_BUCKET": "b",
+        "SNOWFLAKE_ACCOUNT": "a",
+        "SNOWFLAKE_DATABASE": "D",
+        "LOAD_METHOD": "snowpipe",
+        "SNOWPIPE_NAME": "P",
+        "SNOWFLAKE_STORAGE_INTEGRATION": integration,
+    }
+    if not refused:
+        assert Settings.from_env(env, Component.LOADER).load.method.value == "snowpipe"
+        return
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**env, "LOAD_ON_ERROR": "ignore"}, Component.LOADER)
+    text = "; ".join(caught.value.problems)
+    assert "LOAD_METHOD=snowpipe needs SNOWFLAKE_STORAGE_INTEGRATION" in text
+    assert "temporary AWS credentials" in text and "expired" in text
+    assert "LOAD_ON_ERROR" in text  # reported with the other problems, in one ConfigError

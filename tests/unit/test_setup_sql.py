@@ -10,13 +10,16 @@ from pgsnow.cli import main
 from pgsnow.config import LoadMethod
 from pgsnow.errors import ConfigError
 from pgsnow.identifiers import TableRef
+from pgsnow.keys import FileFormat, data_key
 from pgsnow.setup_sql import SetupOptions, build_setup_steps, render_setup_sql
 from pgsnow.snowflake import build_create_ledger, build_create_stage
+from pgsnow.staging import key_list_key
 
 pytestmark = pytest.mark.unit
 
 BUCKET = "pgsnow-snowflake-stage-dev-4f9d2c1a"
 ROLE_ARN = "arn:aws:iam::123456789012:role/pgsnow-dev-snowflake-us-east-1"
+RUN = "20260101T000000000000Z"
 
 
 def options(**overrides: object) -> SetupOptions:
@@ -62,11 +65,35 @@ def test_statements_come_in_run_order() -> None:
     assert positions == sorted(positions)
 
 
-def test_integration_is_narrowed_to_the_staging_prefix() -> None:
+def test_integration_is_narrowed_to_the_staging_prefix_and_the_key_lists() -> None:
     (integration,) = [s for s in statements(options()) if s.startswith("CREATE STORAGE INTEGRATION")]
+    (upgrade,) = [s for s in statements(options()) if s.startswith("ALTER STORAGE INTEGRATION")]
+    locations = f"STORAGE_ALLOWED_LOCATIONS = ('s3://{BUCKET}/staging/', 's3://{BUCKET}/_pgsnow/keys/')"
     assert f"STORAGE_AWS_ROLE_ARN = '{ROLE_ARN}'" in integration
-    assert f"STORAGE_ALLOWED_LOCATIONS = ('s3://{BUCKET}/staging/')" in integration
+    assert locations in integration
+    assert upgrade == f'ALTER STORAGE INTEGRATION "PGSNOW_S3" SET {locations}'
     assert "STORAGE_PROVIDER = 'S3'" in integration
+
+
+def allowed_locations_in(sql: str) -> list[str]:
+    (listed,) = re.findall(r"STORAGE_ALLOWED_LOCATIONS = \(([^)]*)\)", sql)
+    return re.findall(r"'([^']*)'", listed)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param(key_list_key(TableRef("public", "Order Details"), RUN), id="deletes-key-list"),
+        pytest.param(
+            data_key("staging", TableRef("public", "orders"), 1, RUN, FileFormat.CSV), id="data-file"
+        ),
+    ],
+)
+def test_every_object_the_loader_copies_is_inside_an_allowed_location(key: str) -> None:
+    """The key list is COPYed by its s3:// URL (outside the stage): the integration must allow it."""
+    (integration,) = [s for s in statements(options()) if s.startswith("CREATE STORAGE INTEGRATION")]
+    url = f"s3://{BUCKET}/{key}"
+    assert any(url.startswith(location) for location in allowed_locations_in(integration))
 
 
 def test_desc_integration_step_names_both_template_parameters() -> None:
@@ -177,4 +204,21 @@ def test_cli_prints_the_script(capsys: pytest.CaptureFixture[str]) -> None:
     assert 'GRANT USAGE, CREATE TABLE, CREATE FUNCTION ON SCHEMA "PGSNOW_DEV"."PGSNOW"' in out
     body = [line for line in out.splitlines() if line and not line.startswith("--")]
     statement_ends = [line for line in body if line.endswith(";")]
-    assert len(statement_ends) == sum(1 for line in body if re.match(r"^(CREATE|DESC|GRANT)", line))
+    assert len(statement_ends) == sum(1 for line in body if re.match(r"^(CREATE|ALTER|DESC|GRANT)", line))
+
+
+def test_credentials_method_prints_no_integration_and_lets_the_loader_create_its_temporary_stage() -> None:
+    # Given no integration (the credentials method)
+    printed = statements(options(integration=""))
+    # Then nothing names an integration or a permanent stage, and the loader may create stages
+    assert not [s for s in printed if "INTEGRATION" in s or s.startswith("CREATE STAGE")]
+    assert 'GRANT CREATE STAGE ON SCHEMA "PGSNOW_DEV"."PGSNOW" TO ROLE "PGSNOW_LOADER"' in printed
+    assert not [s for s in statements(options()) if s.startswith("GRANT CREATE STAGE")]
+
+
+def test_snowpipe_needs_an_integration() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_setup_steps(
+            options(integration="", load_method=LoadMethod.SNOWPIPE, pipe_tables=(TableRef("public", "o"),))
+        )
+    assert "--load-method snowpipe needs --integration" in "; ".join(caught.value.problems)

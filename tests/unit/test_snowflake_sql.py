@@ -1,16 +1,22 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 from snowflake.connector import errors as sf_errors
 
 from pgsnow.config import SnowflakeSettings
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import parse_data_key
+from pgsnow.keys import FileFormat, StagedObject, parse_data_key
 from pgsnow.manifest import Column
 from pgsnow.snowflake import (
+    AwsCredentials,
     LedgerClaim,
     LoadColumn,
+    UrlSource,
+    aws_credentials_from,
     build_add_run_id_column,
     build_claim_file,
     build_copy_into,
@@ -18,14 +24,17 @@ from pgsnow.snowflake import (
     build_create_schema,
     build_create_stage,
     build_create_table,
+    build_create_temporary_stage,
     build_merge_from,
     build_query_tag,
     build_record_load,
     build_select_ledger_entry,
+    build_select_newer_runs,
     build_select_table_columns,
     classify_snowflake_error,
     connection_kwargs,
     load_columns_from_table,
+    redact_credentials,
     string_literal,
 )
 from pgsnow.typemap import ValueKind, map_pg_type
@@ -478,3 +487,157 @@ def test_merge_with_a_cursor_needs_no_run_column() -> None:
         'WHEN MATCHED AND ("TARGET"."UPDATED_AT" IS NULL OR "SOURCE"."UPDATED_AT" >= "TARGET"."UPDATED_AT")'
         in statement
     )
+
+
+@pytest.mark.parametrize(
+    ("applied_only", "status_filter"),
+    [
+        pytest.param(False, "", id="any-loaded-file-or-mark"),
+        pytest.param(True, " AND \"STATUS\" = 'APPLIED'", id="applied-marks-only"),
+    ],
+)
+def test_select_newer_runs_binds_the_table_and_the_run(applied_only: bool, status_filter: str) -> None:
+    sql, params = build_select_newer_runs(
+        "D b", "PGSNOW", schema_name="public", table_name="Order's", run_id=RUN, applied_only=applied_only
+    )
+    assert sql == (
+        'SELECT DISTINCT "RUN_ID" FROM "D b"."PGSNOW"."LOAD_LEDGER"\n'
+        'WHERE "SCHEMA_NAME" = %s AND "TABLE_NAME" = %s AND "RUN_ID" > %s AND "LOADED_AT" IS NOT NULL'
+        f"{status_filter}"
+    )
+    assert params == ("public", "Order's", RUN)
+
+
+# --------------------------------------------------------------------------- credentials method
+
+CREDENTIALS = AwsCredentials("ASIAEXAMPLEKEY000001", "c2VjcmV0L2tleStzbGFzaA==", "dG9rZW4vd2l0aCtwbHVz")
+
+
+def test_temporary_stage_carries_the_credentials_under_the_permanent_stages_name() -> None:
+    sql = build_create_temporary_stage(
+        "D b", "PGSNOW", "PGSNOW_STAGE", bucket="my-bucket", prefix="/staging/", credentials=CREDENTIALS
+    )
+    assert sql == (
+        'CREATE OR REPLACE TEMPORARY STAGE "D b"."PGSNOW"."PGSNOW_STAGE" URL = \'s3://my-bucket/staging/\' '
+        "CREDENTIALS = (AWS_KEY_ID = 'ASIAEXAMPLEKEY000001' AWS_SECRET_KEY = 'c2VjcmV0L2tleStzbGFzaA==' "
+        "AWS_TOKEN = 'dG9rZW4vd2l0aCtwbHVz')"
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "auth"),
+    [
+        pytest.param(
+            UrlSource("bkt", storage_integration="S3_INT"),
+            '  STORAGE_INTEGRATION = "S3_INT"\n',
+            id="integration",
+        ),
+        pytest.param(
+            UrlSource("bkt", credentials=CREDENTIALS),
+            "  CREDENTIALS = (AWS_KEY_ID = 'ASIAEXAMPLEKEY000001' AWS_SECRET_KEY = 'c2VjcmV0L2tleStzbGFzaA==' "
+            "AWS_TOKEN = 'dG9rZW4vd2l0aCtwbHVz')\n",
+            id="credentials",
+        ),
+    ],
+)
+def test_key_list_copy_from_a_url_is_a_standard_load_with_the_auth_after_the_location(
+    source: UrlSource, auth: str
+) -> None:
+    """Snowflake takes a transformation (SELECT) only from a stage; from a URL, the standard load."""
+    key_file = StagedObject(
+        key=f"_pgsnow/keys/public/orders/{RUN}.csv.gz",
+        table=TableRef("public", "orders"),
+        file_name=f"{RUN}.csv.gz",
+        file_format=FileFormat.CSV,
+        gzip=True,
+        run_id=RUN,
+        batch=None,
+    )
+    sql = build_copy_into(
+        database="DB",
+        control_schema="PGSNOW",
+        stage="PGSNOW_STAGE",
+        staged=key_file,
+        columns=[LoadColumn("order_id", "ORDER_ID", ValueKind.INTEGER, "NUMBER(19,0)")],
+        target=("DB", "PGSNOW", "_PGSNOW_KEYS_X"),
+        url_source=source,
+    )
+    assert sql.startswith(
+        'COPY INTO "DB"."PGSNOW"."_PGSNOW_KEYS_X"\n'
+        "  FROM 's3://bkt/_pgsnow/keys/public/orders/'\n"
+        f"{auth}"
+        f"  FILES = ('{RUN}.csv.gz')\n"
+        "  FILE_FORMAT = (TYPE = CSV COMPRESSION = GZIP"
+    )
+    assert "SELECT" not in sql
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        pytest.param("access_key_id", "AKIA' OR 1=1", id="quote-in-key-id"),
+        pytest.param("secret_access_key", "abc)def", id="paren-in-secret"),
+        pytest.param("session_token", "tok\nen", id="newline-in-token"),
+        pytest.param("access_key_id", "", id="empty-key-id"),
+    ],
+)
+def test_malformed_credentials_are_refused_without_echoing_them(field: str, value: str) -> None:
+    values = {"access_key_id": "AKIAOK", "secret_access_key": "c2VjcmV0", "session_token": "dG9rZW4="}
+    with pytest.raises(PermanentError) as caught:
+        AwsCredentials(**{**values, field: value})
+    assert field.replace("_", " ") in caught.value.message
+    assert value not in caught.value.message or not value
+
+
+def test_credentials_repr_shows_no_secret() -> None:
+    shown = f"{CREDENTIALS!r} {CREDENTIALS}"
+    assert CREDENTIALS.secret_access_key not in shown and "dG9rZW4" not in shown
+    assert "ASIAEXAMPLEKEY000001" not in shown  # only its first characters
+
+
+def test_redact_credentials_removes_clauses_pieces_and_known_values() -> None:
+    sql = build_create_temporary_stage("D", "C", "S", bucket="b", prefix="p", credentials=CREDENTIALS)
+    quoted_back = f"syntax error near 'AWS_SECRET_KEY = '{CREDENTIALS.secret_access_key}"  # a piece of it
+    echoed = f"token {CREDENTIALS.session_token} was rejected"
+    redacted = [redact_credentials(text, CREDENTIALS.secret_values) for text in (sql, quoted_back, echoed)]
+    assert redacted[0].endswith("URL = 's3://b/p/' CREDENTIALS = (<redacted>)")
+    for text in redacted:
+        assert CREDENTIALS.secret_access_key not in text and "dG9rZW4vd2l0aCtwbHVz" not in text
+
+
+def test_classifier_redacts_a_server_message_that_quotes_the_statement() -> None:
+    sql = build_create_temporary_stage("D", "C", "S", bucket="b", prefix="p", credentials=CREDENTIALS)
+    error = sf_errors.ProgrammingError(msg=f"SQL compilation error:\n{sql}", errno=1003, sqlstate="42000")
+    classified = classify_snowflake_error(error, secrets=CREDENTIALS.secret_values)
+    assert isinstance(classified, PermanentError)
+    assert "CREDENTIALS = (<redacted>)" in classified.message
+    assert CREDENTIALS.secret_access_key not in str(classified) and "dG9rZW4vd2l0aCtwbHVz" not in str(
+        classified
+    )
+
+
+@dataclass
+class _Frozen:
+    access_key: str
+    secret_key: str
+    token: str | None
+
+
+class _Session:
+    def __init__(self, frozen: _Frozen | None) -> None:
+        self.frozen = frozen
+
+    def get_credentials(self) -> Any:
+        if self.frozen is None:
+            return None
+        frozen = self.frozen
+        return type("Creds", (), {"get_frozen_credentials": lambda _self: frozen})()
+
+
+def test_credentials_come_frozen_from_the_session_and_a_missing_role_is_permanent() -> None:
+    session = _Session(_Frozen("ASIAKEY1", "c2VjcmV0", "dG9rZW4="))
+    assert aws_credentials_from(session) == AwsCredentials("ASIAKEY1", "c2VjcmV0", "dG9rZW4=")
+    rotated = _Frozen("ASIAKEY2", "c2VjcmV0", "dG9rZW4=")
+    assert aws_credentials_from(_Session(rotated)).fingerprint != aws_credentials_from(session).fingerprint
+    with pytest.raises(PermanentError, match="SNOWFLAKE_STORAGE_INTEGRATION"):
+        aws_credentials_from(_Session(None))

@@ -9,6 +9,7 @@ would actually be deployed, and cross-check the template against pgsnow's own co
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import re
 import shutil
@@ -28,6 +29,7 @@ from samtranslator.yaml_helper import yaml_parse
 from pgsnow.config import CleanupMode, Component, LoadMethod, OnError, Settings, StagedFormat
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, manifest_key
+from pgsnow.staging import key_list_key
 
 pytestmark = pytest.mark.unit
 
@@ -782,12 +784,41 @@ def test_snowflake_role_trusts_the_integration_user_with_external_id(cfn: dict[s
     assert trust["Condition"] == {"StringEquals": {"sts:ExternalId": {"Ref": "SnowflakeExternalId"}}}
 
 
-def test_snowflake_role_is_read_only_on_the_staging_prefix(cfn: dict[str, Any]) -> None:
+def test_snowflake_role_is_read_only_on_the_staging_prefix_and_the_key_lists(cfn: dict[str, Any]) -> None:
     statements = [s for role, s in iam_statements(cfn) if role == "SnowflakeStorageRole"]
     actions = {a for s in statements for a in as_list(s["Action"])}
     assert actions == {"s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket", "s3:GetBucketLocation"}
     (read,) = [s for s in statements if "s3:GetObject" in as_list(s["Action"])]
-    assert read["Resource"] == {"Fn::Sub": "${StageBucket.Arn}/${S3StagePrefix}/*"}
+    assert read["Resource"] == [
+        {"Fn::Sub": "${StageBucket.Arn}/${S3StagePrefix}/*"},
+        {"Fn::Sub": "${StageBucket.Arn}/_pgsnow/keys/*"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param(key_list_key(TableRef("public", "orders"), "20260101T000000000000Z"), id="key-list"),
+        pytest.param(
+            data_key("staging", TableRef("public", "orders"), 1, "20260101T000000000000Z", FileFormat.CSV),
+            id="data-file",
+        ),
+    ],
+)
+def test_snowflake_role_may_read_and_list_every_object_the_loader_copies(
+    cfn: dict[str, Any], key: str
+) -> None:
+    """The deletes key list is COPYed by URL through the integration's role, like the data files."""
+    bucket_arn = "arn:aws:s3:::the-bucket"
+    variables = {"StageBucket.Arn": bucket_arn, "S3StagePrefix": PARAMETERS["S3StagePrefix"]}
+    statements = [s for role, s in iam_statements(cfn) if role == "SnowflakeStorageRole"]
+    (read,) = [s for s in statements if "s3:GetObject" in as_list(s["Action"])]
+    (listing,) = [s for s in statements if "s3:ListBucket" in as_list(s["Action"])]
+    readable = [resolve_sub(r, variables) for r in as_list(read["Resource"])]
+    listable = [resolve_sub(p, variables) for p in as_list(listing["Condition"]["StringLike"]["s3:prefix"])]
+    assert any(fnmatch.fnmatchcase(f"{bucket_arn}/{key}", pattern) for pattern in readable)
+    folder = key.rsplit("/", 1)[0] + "/"  # what Snowflake lists: the COPY's location
+    assert any(fnmatch.fnmatchcase(folder, pattern) for pattern in listable)
 
 
 def test_snowflake_trust_condition_needs_both_parameters(sam_template: dict[str, Any]) -> None:
