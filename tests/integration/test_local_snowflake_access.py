@@ -145,7 +145,7 @@ def test_setup_sql_integration_statement_runs_and_desc_reports_the_identity(
     assert shown["ENABLED"] == ("Boolean", "true", "false")
     assert shown["STORAGE_AWS_IAM_USER_ARN"][1] == snowflake_identity.user_arn
     assert shown["STORAGE_AWS_ROLE_ARN"][1] == "arn:aws:iam::123456789012:role/setup"
-    assert shown["STORAGE_ALLOWED_LOCATIONS"][1] == f"s3://{BUCKET}/staging/"
+    assert shown["STORAGE_ALLOWED_LOCATIONS"][1] == f"s3://{BUCKET}/staging/,s3://{BUCKET}/_pgsnow/keys/"
     assert "_SFCRole=" in shown["STORAGE_AWS_EXTERNAL_ID"][1]
 
 

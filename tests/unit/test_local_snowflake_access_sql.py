@@ -38,7 +38,7 @@ def test_setup_sql_storage_integration_parses() -> None:
         True,
     )
     assert parsed.role_arn == "arn:aws:iam::1:role/r"
-    assert parsed.allowed_locations == ("s3://bkt/staging/",)
+    assert parsed.allowed_locations == ("s3://bkt/staging/", "s3://bkt/_pgsnow/keys/")
     assert (parsed.blocked_locations, parsed.external_id) == ((), None)
 
 
