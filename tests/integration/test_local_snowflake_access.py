@@ -538,3 +538,127 @@ def test_concurrent_reads_use_each_stage_own_credentials(
 
     # Then each read used its own stage's credentials every time
     assert outcomes == {"reader": ["LOADED"] * 4, "outsider": ["denied"] * 4}
+
+
+def stage_rows(conn: Any, scope: str) -> dict[str, tuple[str, str, str]]:
+    """SHOW STAGES by name: (url, has_credentials, type)."""
+    return {
+        str(r[1]): (str(r[4]), str(r[5]), str(r[10])) for r in run(conn, f"SHOW STAGES IN SCHEMA {scope}")
+    }
+
+
+def test_a_temporary_stage_belongs_to_its_session_and_hides_the_permanent_one(
+    conn: Any, moto: IamMoto, local: LocalSnowflake
+) -> None:
+    # Given a permanent stage whose keys may not read the prefix, and a file under the prefix
+    _, reader = moto.create_user(unique("reader"), read_prefix_statements(BUCKET, f"{ALLOWED}/"))
+    _, outsider = moto.create_user(unique("outsider"), read_prefix_statements(BUCKET, "other/"))
+    table = new_table(conn)
+    put_csv(moto, f"{ALLOWED}/{table}/a.csv.gz", "id,v\n1,x\n")
+    stage = unique("ST")
+    url = f"s3://{BUCKET}/{ALLOWED}/"
+    run(
+        conn,
+        f"CREATE STAGE DB.PGSNOW.{stage} URL = '{url}' "
+        f"CREDENTIALS = (AWS_KEY_ID = '{outsider.key_id}' AWS_SECRET_KEY = '{outsider.secret}')",
+    )
+    copy = f"COPY INTO DB.PUBLIC.\"{table}\" FROM @DB.PGSNOW.{stage}/{table}/ FILES = ('a.csv.gz') {CSV_FORMAT} FORCE = TRUE"
+
+    # When another session creates a temporary stage of that name with keys that may read it
+    # (the loader's credentials method, as pgsnow.snowflake builds it), and both sessions COPY
+    with snowflake.connector.connect(**local.connect_kwargs(database="DB", schema="PUBLIC")) as session:
+        created = run(
+            session,
+            f"CREATE OR REPLACE TEMPORARY STAGE DB.PGSNOW.{stage} URL = '{url}' CREDENTIALS = "
+            f"(AWS_KEY_ID = '{reader.key_id}' AWS_SECRET_KEY = '{reader.secret}' AWS_TOKEN = '')",
+        )
+        in_session = run(session, copy)
+        with pytest.raises(ProgrammingError, match="Access Denied") as elsewhere:
+            run(conn, copy)
+        shown_in_session = stage_rows(session, "DB.PGSNOW")
+        shown_elsewhere = stage_rows(conn, "DB.PGSNOW")
+        listed = str(run(session, "SHOW STAGES IN ACCOUNT"))
+
+    # Then each COPY read with its own session's stage: the temporary one's keys load, the
+    # permanent one's are refused by S3; only the creating session sees the temporary stage
+    assert created == [(f"Stage area {stage} successfully created.",)]
+    assert [r[1:3] for r in in_session] == [("LOADED", 1)]
+    assert reader.secret not in elsewhere.value.msg
+    assert shown_in_session[stage] == (url, "Y", "EXTERNAL TEMPORARY")
+    assert shown_elsewhere[stage] == (url, "Y", "EXTERNAL")
+    assert reader.secret not in listed and outsider.secret not in listed
+
+    # And once that session has ended, a new session finds the permanent stage again
+    with snowflake.connector.connect(**local.connect_kwargs(database="DB", schema="PUBLIC")) as later:
+        assert stage_rows(later, "DB.PGSNOW")[stage] == (url, "Y", "EXTERNAL")
+        with pytest.raises(ProgrammingError, match="Access Denied"):
+            run(later, copy)
+
+
+def test_a_temporary_stage_without_a_permanent_one_is_unknown_to_other_sessions(
+    conn: Any, moto: IamMoto, local: LocalSnowflake
+) -> None:
+    # Given a temporary stage (no permanent stage of that name) created twice in one session
+    _, reader = moto.create_user(unique("reader"), read_prefix_statements(BUCKET, f"{ALLOWED}/"))
+    stage = unique("ST")
+    create = (
+        f"CREATE TEMPORARY STAGE DB.PGSNOW.{stage} URL = 's3://{BUCKET}/{ALLOWED}/' "
+        f"CREDENTIALS = (AWS_KEY_ID = '{reader.key_id}' AWS_SECRET_KEY = '{reader.secret}')"
+    )
+    with snowflake.connector.connect(**local.connect_kwargs(database="DB", schema="PUBLIC")) as session:
+        run(session, create)
+        with pytest.raises(ProgrammingError, match="already exists"):
+            run(session, create)
+        again = run(session, create.replace("TEMPORARY STAGE", "TEMPORARY STAGE IF NOT EXISTS"))
+
+        # When another session looks for it
+        elsewhere = stage_rows(conn, "DB.PGSNOW")
+        with pytest.raises(ProgrammingError, match="does not exist"):
+            run(conn, f'COPY INTO DB.PUBLIC."{new_table(conn)}" FROM @DB.PGSNOW.{stage}/ {CSV_FORMAT}')
+
+        # Then it is not there; in its own session DROP STAGE removes it
+        dropped = run(session, f"DROP STAGE DB.PGSNOW.{stage}")
+        after_drop = stage_rows(session, "DB.PGSNOW")
+    assert again == [(f"{stage} already exists, statement succeeded.",)]
+    assert stage not in elsewhere
+    assert dropped == [(f"{stage} successfully dropped.",)]
+    assert stage not in after_drop
+
+
+def test_a_temporary_stage_is_not_kept_in_the_data_dir(
+    moto: IamMoto, snowflake_identity: SnowflakeAwsIdentity, tmp_path: Path
+) -> None:
+    # Given a local Snowflake with a data_dir and a session that created a temporary stage
+    first = start_local_snowflake(
+        s3_endpoint_url=moto.endpoint_url, data_dir=tmp_path, snowflake_aws_identity=snowflake_identity
+    )
+    try:
+        with snowflake.connector.connect(**first.connect_kwargs()) as before:
+            run(before, "CREATE DATABASE TEMPDB")
+            run(before, "CREATE SCHEMA TEMPDB.S")
+            run(
+                before,
+                f"CREATE TEMPORARY STAGE TEMPDB.S.ST URL = 's3://{BUCKET}/{ALLOWED}/' "
+                "CREDENTIALS = (AWS_KEY_ID = 'temp-key' AWS_SECRET_KEY = 'temp-secret-never-stored')",
+            )
+    finally:
+        first.stop()
+
+    # When the server is started again on the same data_dir
+    second = start_local_snowflake(
+        s3_endpoint_url=moto.endpoint_url, data_dir=tmp_path, snowflake_aws_identity=snowflake_identity
+    )
+    try:
+        with snowflake.connector.connect(**second.connect_kwargs()) as after:
+            shown = run(after, "SHOW STAGES IN ACCOUNT")
+            stored = run(
+                after,
+                "SELECT COUNT(*) FROM _fs_global._fs_information_schema._pgsnow_stage_credentials "
+                "WHERE aws_secret_key = 'temp-secret-never-stored'",
+            )
+    finally:
+        second.stop()
+
+    # Then neither the stage nor its credentials were written
+    assert [r for r in shown if r[2] == "TEMPDB"] == []
+    assert stored == [(0,)]

@@ -31,10 +31,14 @@ from pgsnow.local.sf_copy_sql import (
     text_to_type_sql,
 )
 from pgsnow.local.sf_session_sql import (
+    DropStage,
     SessionParameterChange,
+    ShowStages,
     parse_alter_session,
     parse_create_stage,
+    parse_drop_stage,
     parse_show_parameters,
+    parse_show_stages,
 )
 
 pytestmark = pytest.mark.unit
@@ -315,3 +319,47 @@ def test_alter_session(sql: str, expected: SessionParameterChange | None) -> Non
 )
 def test_show_parameters(sql: str, expected: str | None) -> None:
     assert parse_show_parameters(sql) == expected
+
+
+def test_the_loaders_temporary_stage_parses_as_temporary() -> None:
+    stage = parse_create_stage(
+        'CREATE OR REPLACE TEMPORARY STAGE "DB"."PGSNOW"."PGSNOW_STAGE" URL = \'s3://b/staging/\' '
+        "CREDENTIALS = (AWS_KEY_ID = 'a' AWS_SECRET_KEY = 'b' AWS_TOKEN = 't')"
+    )
+
+    assert stage is not None
+    assert (stage.parts, stage.temporary, stage.replace) == (("DB", "PGSNOW", "PGSNOW_STAGE"), True, True)
+    assert stage.credentials is not None and stage.credentials.token == "t"
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        pytest.param("SHOW STAGES", ShowStages(None, None, ()), id="current-schema"),
+        pytest.param("show stages in account", ShowStages(None, "ACCOUNT", ()), id="account"),
+        pytest.param(
+            "SHOW STAGES LIKE 'pg%' IN DATABASE db", ShowStages("pg%", "DATABASE", ("DB",)), id="database"
+        ),
+        pytest.param(
+            'SHOW STAGES IN SCHEMA db."Ctl"', ShowStages(None, "SCHEMA", ("DB", "Ctl")), id="schema-quoted"
+        ),
+        pytest.param(
+            "SHOW STAGES IN db.ctl", ShowStages(None, "SCHEMA", ("DB", "CTL")), id="schema-no-keyword"
+        ),
+        pytest.param("SHOW TABLES", None, id="other-objects"),
+    ],
+)
+def test_show_stages(sql: str, expected: ShowStages | None) -> None:
+    assert parse_show_stages(sql) == expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        pytest.param("DROP STAGE IF EXISTS db.s.st", DropStage(("DB", "S", "ST"), True), id="qualified"),
+        pytest.param('drop stage "St"', DropStage(("St",), False), id="quoted"),
+        pytest.param("DROP TABLE db.s.st", None, id="a-table"),
+    ],
+)
+def test_drop_stage(sql: str, expected: DropStage | None) -> None:
+    assert parse_drop_stage(sql) == expected

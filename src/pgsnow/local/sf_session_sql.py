@@ -48,16 +48,9 @@ def parse_create_stage(sql_text: str) -> CreateStage | None:
         return None
     if not isinstance(statement, exp.Create) or str(statement.args.get("kind") or "").upper() != "STAGE":
         return None
-    table = statement.this
-    if not isinstance(table, exp.Table):
+    parts = _name_parts(statement.this)
+    if parts is None:
         return None
-    parts: list[str] = []
-    for part in (table.args.get("catalog"), table.args.get("db"), table.this):
-        if part is None:
-            continue
-        if not isinstance(part, exp.Identifier):
-            return None
-        parts.append(resolve_identifier(part.this, quoted=bool(part.args.get("quoted"))))
     url = ""
     storage_integration: str | None = None
     credentials: AwsCredentials | None = None
@@ -84,7 +77,7 @@ def parse_create_stage(sql_text: str) -> CreateStage | None:
     if not url.startswith("s3://"):
         return None
     return CreateStage(
-        parts=tuple(parts),
+        parts=parts,
         url=url,
         replace=bool(statement.args.get("replace")),
         if_not_exists=bool(statement.args.get("exists")),
@@ -152,3 +145,70 @@ def like_matches(pattern: str, name: str) -> bool:
     """SQL LIKE, case-insensitive as in SHOW commands."""
     regex = "^" + "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern) + "$"
     return re.match(regex, name, re.IGNORECASE) is not None
+
+
+def _name_parts(table: exp.Expression) -> tuple[str, ...] | None:
+    """A dotted object name as Snowflake stores its parts; None when a part is not a plain identifier."""
+    if not isinstance(table, exp.Table):
+        return None
+    parts: list[str] = []
+    for part in (table.args.get("catalog"), table.args.get("db"), table.this):
+        if part is None:
+            continue
+        if not isinstance(part, exp.Identifier):
+            return None
+        parts.append(resolve_identifier(part.this, quoted=bool(part.args.get("quoted"))))
+    return tuple(parts)
+
+
+@dataclass(frozen=True)
+class ShowStages:
+    """``SHOW STAGES [LIKE '<pattern>'] [IN ACCOUNT | DATABASE [<db>] | SCHEMA [<db>.]<schema> | <db>.<schema>]``.
+
+    ``scope_kind`` is None without IN; ``scope`` holds the name after it, as stored.
+    """
+
+    like: str | None
+    scope_kind: str | None
+    scope: tuple[str, ...]
+
+
+def parse_show_stages(sql_text: str) -> ShowStages | None:
+    try:
+        statement = sqlglot.parse_one(sql_text, read="snowflake")
+    except sqlglot.errors.ParseError:
+        return None
+    if not isinstance(statement, exp.Show) or statement.name.upper() != "STAGES":
+        return None
+    like = statement.args.get("like")
+    pattern = str(like.this) if isinstance(like, exp.Literal) else None
+    kind = str(statement.args.get("scope_kind") or "").upper() or None
+    scope: tuple[str, ...] = ()
+    if (table := statement.args.get("scope")) is not None:
+        parts = _name_parts(table)
+        if parts is None:
+            return None
+        scope = parts
+    # sqlglot reads `IN <db>.<schema>` (no keyword) as a TABLE scope; it names a schema.
+    return ShowStages(pattern, "SCHEMA" if kind == "TABLE" else kind, scope)
+
+
+@dataclass(frozen=True)
+class DropStage:
+    """``DROP STAGE [IF EXISTS] <name>``."""
+
+    parts: tuple[str, ...]
+    if_exists: bool
+
+
+def parse_drop_stage(sql_text: str) -> DropStage | None:
+    try:
+        statement = sqlglot.parse_one(sql_text, read="snowflake")
+    except sqlglot.errors.ParseError:
+        return None
+    if not isinstance(statement, exp.Drop) or str(statement.args.get("kind") or "").upper() != "STAGE":
+        return None
+    parts = _name_parts(statement.this)
+    if parts is None:
+        return None
+    return DropStage(parts, bool(statement.args.get("exists")))

@@ -89,6 +89,7 @@ from pgsnow.local.sf_copy_run import (
 from pgsnow.local.sf_copy_sql import (
     CopyStatement,
     CopySyntaxError,
+    ObjectName,
     StageSource,
     UrlSource,
     duck_ident,
@@ -101,11 +102,15 @@ from pgsnow.local.sf_function_sql import rewrite_trim_characters
 from pgsnow.local.sf_session_sql import (
     KEPT_SESSION_PARAMETERS,
     CreateStage,
+    ShowStages,
     like_matches,
     parse_alter_session,
     parse_create_stage,
+    parse_drop_stage,
     parse_show_parameters,
+    parse_show_stages,
 )
+from pgsnow.local.sf_stages import SessionStages, StageKey, TemporaryStage
 from pgsnow.local.sf_table_sql import CreatePipe, SwapTables, parse_create_pipe, parse_swap_with
 from pgsnow.local.sf_udf import SessionFunctions, UdfError, parse_create_function
 
@@ -220,6 +225,9 @@ def _sql_value(value: Any, null_type: str) -> str:
         return "TRUE" if value else "FALSE"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, datetime.datetime):
+        # Typed, so the column keeps its timestamp type (SHOW STAGES' created_on).
+        return f"CAST({exp.Literal.string(value.isoformat()).sql(dialect='snowflake')} AS {null_type})"
     return exp.Literal.string(str(value)).sql(dialect="snowflake")
 
 
@@ -275,6 +283,7 @@ class LocalSnowflakeState:
     tokens: set[str] = field(default_factory=set)
     session_parameters: dict[str, dict[str, str]] = field(default_factory=dict)
     session_functions: dict[str, SessionFunctions] = field(default_factory=dict)
+    temporary_stages: dict[str, SessionStages] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def intercept(
@@ -302,7 +311,13 @@ class LocalSnowflakeState:
                 msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000"
             ) from None
         if stage:
-            return _status_sql("") if describe_only else self._create_stage(conn, stage)
+            return _status_sql("") if describe_only else self._create_stage(token, conn, stage)
+        if (temporary := self.temporary_stages.get(token)) and (
+            stage_sql := self._intercept_temporary_stages(
+                conn, temporary, sql_text, describe_only=describe_only
+            )
+        ) is not None:
+            return stage_sql
         if swap := parse_swap_with(sql_text):
             return _status_sql("") if describe_only else self._swap(conn, swap)
         try:
@@ -328,19 +343,20 @@ class LocalSnowflakeState:
         try:
             statement = parse_copy(sql_text)
         except CopySyntaxError as error:
-            if self._reads_internal_stage(conn, sql_text):
+            if self._reads_internal_stage(conn, sql_text, self.temporary_stages.get(token)):
                 return None  # fakesnow's COPY from an internal stage, as before
             raise ProgrammingError(
                 msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000"
             ) from None
         if statement is None:
             return None
-        prefix = self._source_prefix(conn, statement)
+        temporary = self.temporary_stages.get(token)
+        prefix = self._source_prefix(conn, statement, temporary)
         if prefix is None:
             return None  # an internal stage: fakesnow's own COPY handles those
         if describe_only:
             return rows_as_select(COPY_RESULT_SHAPE, [])
-        return self._copy(conn, statement, prefix)
+        return self._copy(conn, statement, prefix, temporary)
 
     # -- integrations and user keys
 
@@ -372,8 +388,20 @@ class LocalSnowflakeState:
 
     # -- COPY INTO
 
+    def _temporary_stage(
+        self, conn: FakeSnowflakeConnection, source: StageSource, temporary: SessionStages | None
+    ) -> TemporaryStage | None:
+        """The session's temporary stage of that name: it takes precedence over a permanent one."""
+        if not temporary:
+            return None
+        return temporary.get(qualify_stage(source, conn.database, conn.schema))
+
     def _read_access(
-        self, conn: FakeSnowflakeConnection, statement: CopyStatement, prefix: str
+        self,
+        conn: FakeSnowflakeConnection,
+        statement: CopyStatement,
+        prefix: str,
+        temporary: SessionStages | None,
     ) -> ReadAccess | None:
         """How this COPY authenticates to S3: the stage's integration/credentials, or the statement's."""
         if not self.access.enforced:
@@ -390,15 +418,28 @@ class LocalSnowflakeState:
                 errno=1003,
                 sqlstate="42000",
             )
+        if (session_stage := self._temporary_stage(conn, statement.source, temporary)) is not None:
+            return self.access.read_access(
+                duck,
+                integration=session_stage.storage_integration,
+                credentials=session_stage.credentials,
+                url=prefix,
+            )
         key = list(qualify_stage(statement.source, conn.database, conn.schema))
         integration = stage_storage_integration(duck, statement.source, conn.database, conn.schema)
         return self.access.read_access(
             duck, integration=integration, credentials=self.access.stage_credentials(duck, key), url=prefix
         )
 
-    def _prepare(self, conn: FakeSnowflakeConnection, statement: CopyStatement, prefix: str) -> PreparedCopy:
+    def _prepare(
+        self,
+        conn: FakeSnowflakeConnection,
+        statement: CopyStatement,
+        prefix: str,
+        temporary: SessionStages | None,
+    ) -> PreparedCopy:
         """Phase 1 of a COPY, reading with the credentials the stage or statement gives."""
-        access = self._read_access(conn, statement, prefix)
+        access = self._read_access(conn, statement, prefix, temporary)
         # Files are read on a cursor of their own, outside the session's transaction, so a
         # conversion error cannot poison that transaction.
         reader = self.fs.duck_conn.cursor()
@@ -416,9 +457,16 @@ class LocalSnowflakeState:
         finally:
             reader.close()
 
-    def _source_prefix(self, conn: FakeSnowflakeConnection, statement: CopyStatement) -> str | None:
+    def _source_prefix(
+        self, conn: FakeSnowflakeConnection, statement: CopyStatement, temporary: SessionStages | None
+    ) -> str | None:
         if isinstance(statement.source, StageSource):
-            base = stage_url(conn._duck_conn, statement.source, conn.database, conn.schema)
+            session_stage = self._temporary_stage(conn, statement.source, temporary)
+            base = (
+                session_stage.url
+                if session_stage is not None
+                else stage_url(conn._duck_conn, statement.source, conn.database, conn.schema)
+            )
             if not base.startswith("s3://"):
                 return None
             return source_prefix(base, statement.source.sub_path)
@@ -426,32 +474,45 @@ class LocalSnowflakeState:
             return None
         return statement.source.url
 
-    def _reads_internal_stage(self, conn: FakeSnowflakeConnection, sql_text: str) -> bool:
+    def _reads_internal_stage(
+        self, conn: FakeSnowflakeConnection, sql_text: str, temporary: SessionStages | None
+    ) -> bool:
         source = parse_copy_source(sql_text)
         if not isinstance(source, StageSource):
             return False
         try:
+            if self._temporary_stage(conn, source, temporary) is not None:
+                return False  # the session's temporary stages are all external
             base = stage_url(conn._duck_conn, source, conn.database, conn.schema)
         except ProgrammingError:
             return False
         return not base.startswith("s3://")
 
-    def _copy(self, conn: FakeSnowflakeConnection, statement: CopyStatement, prefix: str) -> str:
+    def _copy(
+        self,
+        conn: FakeSnowflakeConnection,
+        statement: CopyStatement,
+        prefix: str,
+        temporary: SessionStages | None,
+    ) -> str:
         session = conn._duck_conn
-        prepared = self._prepare(conn, statement, prefix)
+        prepared = self._prepare(conn, statement, prefix, temporary)
         if not prepared.outcomes:
             return NO_FILES_SQL
         _run_in_session_transaction(conn, lambda: apply_copy(prepared, session))
         return rows_as_select(COPY_RESULT_SHAPE, [o.result_row() for o in prepared.outcomes])
 
     def copy_files(self, conn: FakeSnowflakeConnection, statement: CopyStatement) -> list[FileOutcome]:
-        """Run a COPY (e.g. a pipe's, with Snowpipe's files) on a session; the per-file outcomes."""
-        prefix = self._source_prefix(conn, statement)
+        """Run a COPY (e.g. a pipe's, with Snowpipe's files) on a session; the per-file outcomes.
+
+        Only permanent stages: a pipe outlives any session, so no session's temporary stage applies.
+        """
+        prefix = self._source_prefix(conn, statement, None)
         if prefix is None:
             raise ProgrammingError(
                 msg="a pipe must read an external stage or s3:// URL", errno=1003, sqlstate="42000"
             )
-        prepared = self._prepare(conn, statement, prefix)
+        prepared = self._prepare(conn, statement, prefix, None)
         if prepared.outcomes:
             _run_in_session_transaction(conn, lambda: apply_copy(prepared, conn._duck_conn))
         return list(prepared.outcomes)
@@ -566,7 +627,7 @@ class LocalSnowflakeState:
 
     # -- CREATE STAGE
 
-    def _create_stage(self, conn: FakeSnowflakeConnection, stage: CreateStage) -> str:
+    def _create_stage(self, token: str, conn: FakeSnowflakeConnection, stage: CreateStage) -> str:
         parts = stage.parts
         database, schema = conn.database, conn.schema
         if len(parts) == 3:
@@ -586,6 +647,8 @@ class LocalSnowflakeState:
         _commit_open_transaction(conn)  # DDL commits the open transaction, as in Snowflake
         if self.access.enforced:
             self._check_stage_access(duck, stage)
+        if stage.temporary:
+            return self._create_temporary_stage(token, (catalog, stage_schema, name), stage)
         key = [catalog, stage_schema, name]
         where = "database_name = ? AND schema_name = ? AND name = ?"
         duck.begin()
@@ -613,7 +676,7 @@ class LocalSnowflakeState:
                     stage_schema,
                     stage.url,
                     "Y" if stage.has_credentials else "N",
-                    "EXTERNAL TEMPORARY" if stage.temporary else "EXTERNAL",
+                    "EXTERNAL",
                     stage.storage_integration,
                 ],
             )
@@ -623,6 +686,86 @@ class LocalSnowflakeState:
             duck.rollback()
             raise
         return _status_sql(f"Stage area {name} successfully created.")
+
+    def _create_temporary_stage(self, token: str, key: StageKey, stage: CreateStage) -> str:
+        """Keep the stage in this session only; a permanent stage of that name is hidden, not replaced."""
+        with self.lock:
+            stages = self.temporary_stages.setdefault(token, SessionStages())
+        name = key[2]
+        if stages.get(key) is not None and not stage.replace:
+            if stage.if_not_exists:
+                return _status_sql(f"{name} already exists, statement succeeded.")
+            raise ProgrammingError(
+                msg=f"SQL compilation error:\nObject '{name}' already exists.", errno=2002, sqlstate="42710"
+            )
+        stages.put(
+            TemporaryStage(
+                key=key,
+                url=stage.url,
+                storage_integration=stage.storage_integration,
+                credentials=stage.credentials,
+                created_on=datetime.datetime.now(datetime.UTC),
+            )
+        )
+        return _status_sql(f"Stage area {name} successfully created.")
+
+    def _intercept_temporary_stages(
+        self, conn: FakeSnowflakeConnection, temporary: SessionStages, sql_text: str, *, describe_only: bool
+    ) -> str | None:
+        """SHOW STAGES and DROP STAGE in a session that has temporary stages; None to pass it on."""
+        if (show := parse_show_stages(sql_text)) is not None:
+            return self._show_stages(conn, temporary, show, describe_only=describe_only)
+        drop = parse_drop_stage(sql_text)
+        if drop is None:
+            return None
+        try:
+            key = _qualify_stage_name(conn, drop.parts)
+        except ProgrammingError:
+            return None  # no current database or schema: fakesnow answers as for any stage
+        if temporary.get(key) is None:
+            return None  # a permanent stage: fakesnow drops it
+        if not describe_only:
+            temporary.drop(key)
+        return _status_sql(f"{key[2]} successfully dropped.")
+
+    def _show_stages(
+        self,
+        conn: FakeSnowflakeConnection,
+        temporary: SessionStages,
+        show: ShowStages,
+        *,
+        describe_only: bool,
+    ) -> str:
+        """fakesnow's permanent stages in scope, less those this session's temporary stages hide, plus those."""
+        database, schema = _stage_scope(conn, show)
+        conditions = [
+            f"{column} = ?"
+            for column, value in (("database_name", database), ("schema_name", schema))
+            if value
+        ]
+        cursor = conn._duck_conn.execute(
+            f"SELECT * FROM {STAGES_TABLE} WHERE {' AND '.join(conditions) or 'TRUE'}",
+            [value for value in (database, schema) if value],
+        )
+        names = [d[0] for d in cursor.description or []]
+        permanent = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        columns = [(n, "TIMESTAMP_TZ" if n == "created_on" else "VARCHAR") for n in names]
+        if describe_only:
+            return rows_as_select(columns, [])
+        session_rows = [
+            stage.show_row()
+            for stage in temporary.all()
+            if database in (None, stage.key[0]) and schema in (None, stage.key[1])
+        ]
+        hidden = {(r["database_name"], r["schema_name"], r["name"]) for r in session_rows}
+        rows = session_rows + [
+            r for r in permanent if (r["database_name"], r["schema_name"], r["name"]) not in hidden
+        ]
+        if show.like is not None:
+            rows = [r for r in rows if like_matches(show.like, str(r["name"]))]
+        # SHOW lists by name, as Snowflake does.
+        rows.sort(key=lambda r: (str(r["database_name"]), str(r["schema_name"]), str(r["name"])))
+        return rows_as_select(columns, [[r[n] for n in names] for r in rows])
 
     def _check_stage_access(self, duck: duckdb.DuckDBPyConnection, stage: CreateStage) -> None:
         """What Snowflake checks at CREATE STAGE: one way to authenticate, and an integration that allows the URL."""
@@ -668,6 +811,25 @@ def _qualify_table(conn: FakeSnowflakeConnection, parts: tuple[str, ...]) -> tup
         errno=90105,
         sqlstate="22000",
     )
+
+
+def _qualify_stage_name(conn: FakeSnowflakeConnection, parts: tuple[str, ...]) -> StageKey:
+    return qualify_stage(StageSource(ObjectName(parts)), conn.database, conn.schema)
+
+
+def _stage_scope(conn: FakeSnowflakeConnection, show: ShowStages) -> tuple[str | None, str | None]:
+    """The (database, schema) a SHOW STAGES lists; None for any.
+
+    Without IN it is the current database and schema, as fakesnow answers for other sessions
+    (Snowflake itself would list the whole current database).
+    """
+    if show.scope_kind == "ACCOUNT":
+        return None, None
+    if show.scope_kind == "DATABASE":
+        return (show.scope[-1] if show.scope else conn.database), None
+    if show.scope_kind == "SCHEMA" and show.scope:
+        return (show.scope[0] if len(show.scope) > 1 else conn.database), show.scope[-1]
+    return conn.database, conn.schema
 
 
 def _commit_open_transaction(conn: FakeSnowflakeConnection) -> None:
@@ -823,6 +985,8 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
                 state.tokens.discard(token)
                 state.session_parameters.pop(token, None)
                 state.session_functions.pop(token, None)
+                # The session's temporary stages end with it, as in Snowflake.
+                state.temporary_stages.pop(token, None)
         ended: Response = await fakesnow_server.session(request)
         return ended
 
@@ -923,6 +1087,7 @@ class LocalSnowflake:
         with self._state.lock:
             tokens = list(self._state.tokens)
             self._state.tokens.clear()
+            self._state.temporary_stages.clear()
         for token in tokens:
             conn = fakesnow_server.sessions.pop(token, None)
             if conn is not None and not conn.is_closed():
