@@ -56,3 +56,78 @@ def test_a_null_timestamp_expression_is_none(cursor: snowflake.connector.cursor.
     assert row[0] is None
     assert row[1] is None
     assert isinstance(row[2], datetime.datetime)
+
+
+MERGE_CLAUSES = {
+    "update-and-insert": (
+        'WHEN MATCHED THEN UPDATE SET "V" = "SOURCE"."V" '
+        'WHEN NOT MATCHED THEN INSERT ("ID", "V") VALUES ("SOURCE"."ID", "SOURCE"."V")',
+        ["number of rows inserted", "number of rows updated"],
+    ),
+    "insert-only": (
+        'WHEN NOT MATCHED THEN INSERT ("ID", "V") VALUES ("SOURCE"."ID", "SOURCE"."V")',
+        ["number of rows inserted"],
+    ),
+    "update-and-delete": (
+        'WHEN MATCHED AND "SOURCE"."V" IS NULL THEN DELETE WHEN MATCHED THEN UPDATE SET "V" = "SOURCE"."V"',
+        ["number of rows updated", "number of rows deleted"],
+    ),
+}
+
+
+@pytest.mark.parametrize("clauses", MERGE_CLAUSES.keys())
+def test_a_merge_that_changes_no_row_reports_zeros(
+    cursor: snowflake.connector.cursor.SnowflakeCursor, clauses: str
+) -> None:
+    # Given a target with a row and an empty source (a run whose work table has no rows)
+    when, columns = MERGE_CLAUSES[clauses]
+    cursor.execute('CREATE OR REPLACE TABLE RESULTS.PUBLIC.TARGET ("ID" NUMBER, "V" VARCHAR)')
+    cursor.execute("INSERT INTO RESULTS.PUBLIC.TARGET VALUES (1, 'a')")
+    cursor.execute('CREATE OR REPLACE TABLE RESULTS.PUBLIC.SOURCE ("ID" NUMBER, "V" VARCHAR)')
+
+    # When the MERGE runs through the connector
+    cursor.execute(
+        'MERGE INTO RESULTS.PUBLIC.TARGET AS "TARGET" USING RESULTS.PUBLIC.SOURCE AS "SOURCE" '
+        f'ON "TARGET"."ID" = "SOURCE"."ID" {when}'
+    )
+
+    # Then it reports zero rows changed, as Snowflake does, in its columns and in rowcount
+    assert [d.name for d in cursor.description] == columns
+    assert cursor.fetchall() == [tuple(0 for _ in columns)]
+    assert cursor.rowcount == 0
+
+
+def test_a_merge_that_changes_rows_still_counts_them(
+    cursor: snowflake.connector.cursor.SnowflakeCursor,
+) -> None:
+    cursor.execute('CREATE OR REPLACE TABLE RESULTS.PUBLIC.TARGET ("ID" NUMBER, "V" VARCHAR)')
+    cursor.execute("INSERT INTO RESULTS.PUBLIC.TARGET VALUES (1, 'a')")
+    cursor.execute('CREATE OR REPLACE TABLE RESULTS.PUBLIC.SOURCE ("ID" NUMBER, "V" VARCHAR)')
+    cursor.execute("INSERT INTO RESULTS.PUBLIC.SOURCE VALUES (1, 'b'), (2, 'c')")
+
+    cursor.execute(
+        'MERGE INTO RESULTS.PUBLIC.TARGET AS "TARGET" USING RESULTS.PUBLIC.SOURCE AS "SOURCE" '
+        f'ON "TARGET"."ID" = "SOURCE"."ID" {MERGE_CLAUSES["update-and-insert"][0]}'
+    )
+
+    assert cursor.fetchall() == [(1, 1)]
+    assert cursor.rowcount == 2
+
+
+@pytest.mark.parametrize(
+    ("statement", "expected"),
+    [
+        pytest.param('DELETE FROM RESULTS.PUBLIC.TARGET WHERE "ID" = -1', [(0,)], id="delete"),
+        pytest.param('UPDATE RESULTS.PUBLIC.TARGET SET "V" = \'x\' WHERE "ID" = -1', [(0, 0)], id="update"),
+    ],
+)
+def test_delete_and_update_matching_nothing_report_zeros(
+    cursor: snowflake.connector.cursor.SnowflakeCursor, statement: str, expected: list[tuple[int, ...]]
+) -> None:
+    # (fakesnow already answers these with zeros; kept so a change to the DML answer cannot break them.)
+    cursor.execute('CREATE OR REPLACE TABLE RESULTS.PUBLIC.TARGET ("ID" NUMBER, "V" VARCHAR)')
+
+    cursor.execute(statement)
+
+    assert cursor.fetchall() == expected
+    assert cursor.rowcount == 0

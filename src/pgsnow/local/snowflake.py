@@ -97,6 +97,7 @@ from pgsnow.local.sf_copy_sql import (
     parse_copy_source,
 )
 from pgsnow.local.sf_credentials_sql import AccessSyntaxError
+from pgsnow.local.sf_dml_result import ROW_COUNT_MARKER, zero_null_row_counts
 from pgsnow.local.sf_fakesnow import server_module as fakesnow_server
 from pgsnow.local.sf_function_sql import rewrite_trim_characters
 from pgsnow.local.sf_session_sql import (
@@ -896,6 +897,17 @@ def _with_body(request: Request, body_json: dict[str, Any]) -> Request:
     return Request(request.scope, receive)
 
 
+def _with_zero_row_counts(answered: Response) -> Response:
+    """fakesnow's answer, with a DML's NULL row counts made zeros (``sf_dml_result``)."""
+    body = bytes(answered.body)
+    if not isinstance(answered, JSONResponse) or ROW_COUNT_MARKER not in body:
+        return answered
+    answer = json.loads(body)
+    if not zero_null_row_counts(answer):
+        return answered
+    return JSONResponse(answer, status_code=answered.status_code)
+
+
 def _token(request: Request) -> str | None:
     auth = request.headers.get("Authorization", "")
     # The connector sends: Snowflake Token="<token>"
@@ -976,7 +988,7 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
                 sql_text = functions.rewrite_calls(sql_text, conn.database, conn.schema)
             body_json["sqlText"] = rewrite_trim_characters(sql_text)
         answered: Response = await fakesnow_server.query_request(_with_body(request, body_json))
-        return answered
+        return _with_zero_row_counts(answered)
 
     async def session(request: Request) -> Response:
         token = _token(request)
