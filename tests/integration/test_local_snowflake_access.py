@@ -472,6 +472,7 @@ def test_integrations_and_stage_credentials_survive_a_restart(
                 "CREATE STORAGE INTEGRATION KEPT_INT TYPE = EXTERNAL_STAGE STORAGE_PROVIDER = 'S3' ENABLED = TRUE "
                 "STORAGE_AWS_ROLE_ARN = 'arn:aws:iam::123456789012:role/kept' STORAGE_ALLOWED_LOCATIONS = ('*')",
             )
+            run(before, "ALTER STORAGE INTEGRATION KEPT_INT SET COMMENT = 'altered before the restart'")
             described = describe(before, "KEPT_INT")
             run(
                 before,
@@ -495,6 +496,7 @@ def test_integrations_and_stage_credentials_survive_a_restart(
 
     # Then the integration (with its generated external id) and the stage's credentials are still there
     assert described_again == described
+    assert described_again["COMMENT"] == "altered before the restart"
     assert [r[1:3] for r in loaded] == [("LOADED", 1)]
 
 
@@ -662,3 +664,85 @@ def test_a_temporary_stage_is_not_kept_in_the_data_dir(
     # Then neither the stage nor its credentials were written
     assert [r for r in shown if r[2] == "TEMPDB"] == []
     assert stored == [(0,)]
+
+
+def test_setup_steps_1_and_2_run_in_order_twice_and_the_alter_keeps_the_identity(
+    conn: Any, snowflake_identity: SnowflakeAwsIdentity
+) -> None:
+    # Given an integration an older pgsnow created, allowing only the staging prefix
+    name = unique("OLD_INT")
+    run(
+        conn,
+        f"CREATE STORAGE INTEGRATION \"{name}\" TYPE = EXTERNAL_STAGE STORAGE_PROVIDER = 'S3' ENABLED = TRUE "
+        f"STORAGE_AWS_ROLE_ARN = 'arn:aws:iam::123456789012:role/setup' "
+        f"STORAGE_ALLOWED_LOCATIONS = ('s3://{BUCKET}/{ALLOWED}/')",
+    )
+    before = describe(conn, f'"{name}"')
+    options = SetupOptions(
+        database="DB",
+        schema="PGSNOW",
+        role="PGSNOW_ROLE",
+        bucket=BUCKET,
+        integration=name,
+        aws_role_arn="arn:aws:iam::123456789012:role/setup",
+    )
+    statements = [s for step in build_setup_steps(options)[:2] for s in step.statements]
+    assert [s.split()[0] for s in statements] == ["CREATE", "ALTER", "DESC"]
+
+    # When every statement of setup steps 1 and 2 runs, in order, twice
+    replies = [[run(conn, statement) for statement in statements] for _ in range(2)]
+
+    # Then the CREATE leaves the existing integration alone, the ALTER brings its locations up
+    # to date, and the IAM user and external ID (the storage role's trust) never change
+    for create, alter, desc in replies:
+        assert create == [(f"{name} already exists, statement succeeded.",)]
+        assert alter == [("Statement executed successfully.",)]
+        shown = {row[0]: row[2] for row in desc}
+        assert shown["STORAGE_ALLOWED_LOCATIONS"] == f"s3://{BUCKET}/staging/,s3://{BUCKET}/_pgsnow/keys/"
+        assert shown["STORAGE_AWS_EXTERNAL_ID"] == before["STORAGE_AWS_EXTERNAL_ID"]
+        assert shown["STORAGE_AWS_IAM_USER_ARN"] == snowflake_identity.user_arn
+        assert shown["ENABLED"] == "true"
+
+
+def test_alter_storage_integration_changes_what_the_integration_allows(conn: Any, moto: IamMoto) -> None:
+    # Given an integration and a stage over its allowed prefix, which loads
+    integration = integration_with_role(conn, moto)
+    table = new_table(conn)
+    put_csv(moto, f"{ALLOWED}/{table}/a.csv.gz", "id,v\n1,x\n")
+    stage = unique("ST")
+    run(
+        conn,
+        f"CREATE STAGE DB.PGSNOW.{stage} URL = 's3://{BUCKET}/{ALLOWED}/' STORAGE_INTEGRATION = {integration}",
+    )
+    copy = f"COPY INTO DB.PUBLIC.\"{table}\" FROM @DB.PGSNOW.{stage}/{table}/ FILES = ('a.csv.gz') {CSV_FORMAT} FORCE = TRUE"
+    assert [r[1] for r in run(conn, copy)] == ["LOADED"]
+
+    # When the integration is disabled, then re-enabled with the prefix blocked
+    run(conn, f"ALTER STORAGE INTEGRATION {integration} SET ENABLED = FALSE COMMENT = 'paused'")
+    with pytest.raises(ProgrammingError, match="is disabled"):
+        run(conn, copy)
+    run(
+        conn,
+        f"ALTER INTEGRATION {integration} SET ENABLED = TRUE, STORAGE_BLOCKED_LOCATIONS = ('s3://{BUCKET}/{ALLOWED}/')",
+    )
+
+    # Then each change applies to the next read, and DESC INTEGRATION reports it
+    with pytest.raises(ProgrammingError, match="is not allowed by integration"):
+        run(conn, copy)
+    shown = describe(conn, integration)
+    assert (shown["ENABLED"], shown["COMMENT"]) == ("true", "paused")
+    assert shown["STORAGE_BLOCKED_LOCATIONS"] == f"s3://{BUCKET}/{ALLOWED}/"
+
+
+def test_alter_storage_integration_errors(conn: Any) -> None:
+    # A missing integration is an error, unless IF EXISTS; a property not modelled is refused
+    with pytest.raises(ProgrammingError, match="does not exist or not authorized"):
+        run(conn, "ALTER STORAGE INTEGRATION NO_SUCH_INT SET ENABLED = FALSE")
+    assert run(conn, "ALTER STORAGE INTEGRATION IF EXISTS NO_SUCH_INT SET ENABLED = FALSE") == [
+        ("Statement executed successfully.",)
+    ]
+    with pytest.raises(ProgrammingError, match="STORAGE_AWS_OBJECT_ACL is not supported locally"):
+        run(
+            conn,
+            "ALTER STORAGE INTEGRATION NO_SUCH_INT SET STORAGE_AWS_OBJECT_ACL = 'bucket-owner-full-control'",
+        )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pgsnow.local.sf_access_sql import (
+    AlterStorageIntegration,
     location_allowed,
+    parse_alter_storage_integration,
     parse_alter_user_public_key,
     parse_create_storage_integration,
     parse_describe_integration,
@@ -198,3 +200,95 @@ def test_copy_from_url_keeps_how_it_authenticates(
 def test_copy_with_unusable_credentials_is_a_syntax_error() -> None:
     with pytest.raises(CopySyntaxError, match="AWS_SECRET_KEY"):
         parse_copy("COPY INTO t FROM 's3://b/p/' CREDENTIALS = (AWS_KEY_ID = 'k') FILE_FORMAT = (TYPE = CSV)")
+
+
+def test_setup_sql_alter_storage_integration_parses() -> None:
+    options = SetupOptions(
+        database="DB", schema="PGSNOW", role="R", bucket="bkt", aws_role_arn="arn:aws:iam::1:role/r"
+    )
+    alter = next(
+        s
+        for step in build_setup_steps(options)
+        for s in step.statements
+        if s.startswith("ALTER STORAGE INTEGRATION")
+    )
+
+    assert parse_alter_storage_integration(alter) == AlterStorageIntegration(
+        name="PGSNOW_S3",
+        if_exists=False,
+        allowed_locations=("s3://bkt/staging/", "s3://bkt/_pgsnow/keys/"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        pytest.param(
+            "alter integration if exists si set enabled = false",
+            AlterStorageIntegration("SI", True, enabled=False),
+            id="integration-without-storage-keyword",
+        ),
+        pytest.param(
+            "ALTER STORAGE INTEGRATION \"Mixed\" SET STORAGE_AWS_ROLE_ARN = 'arn:aws:iam::1:role/n', "
+            "STORAGE_AWS_EXTERNAL_ID = 'ext'\n  COMMENT = 'it''s'",
+            AlterStorageIntegration(
+                "Mixed", False, role_arn="arn:aws:iam::1:role/n", external_id="ext", comment="it's"
+            ),
+            id="commas-newlines-quoted-name",
+        ),
+        pytest.param(
+            "ALTER STORAGE INTEGRATION si SET STORAGE_BLOCKED_LOCATIONS = () ENABLED = TRUE;",
+            AlterStorageIntegration("SI", False, enabled=True, blocked_locations=()),
+            id="empty-blocked-list",
+        ),
+        pytest.param(
+            "ALTER STORAGE INTEGRATION si SET STORAGE_ALLOWED_LOCATIONS = ('*')",
+            AlterStorageIntegration("SI", False, allowed_locations=("*",)),
+            id="allow-all",
+        ),
+        pytest.param("ALTER USER u SET RSA_PUBLIC_KEY = 'k'", None, id="not-an-integration"),
+        pytest.param("ALTER SESSION SET QUERY_TAG = 'x'", None, id="a-session"),
+    ],
+)
+def test_alter_storage_integration(sql: str, expected: AlterStorageIntegration | None) -> None:
+    assert parse_alter_storage_integration(sql) == expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        pytest.param(
+            "ALTER STORAGE INTEGRATION si SET STORAGE_AWS_OBJECT_ACL = 'bucket-owner-full-control'",
+            "STORAGE_AWS_OBJECT_ACL is not supported",
+            id="object-acl",
+        ),
+        pytest.param(
+            "ALTER STORAGE INTEGRATION si SET AZURE_TENANT_ID = 't'",
+            "AZURE_TENANT_ID is not supported",
+            id="azure",
+        ),
+        pytest.param("ALTER STORAGE INTEGRATION si UNSET COMMENT", "UNSET is not supported", id="unset"),
+        pytest.param("ALTER STORAGE INTEGRATION si SET TAG t = 'v'", "SET TAG is not supported", id="tag"),
+        pytest.param("ALTER STORAGE INTEGRATION si SET ENABLED = MAYBE", "TRUE or FALSE", id="enabled-word"),
+        pytest.param(
+            "ALTER STORAGE INTEGRATION si SET STORAGE_ALLOWED_LOCATIONS = ('gcs://b/')",
+            "not an s3:// URL",
+            id="another-cloud",
+        ),
+        pytest.param(
+            "ALTER STORAGE INTEGRATION si SET STORAGE_ALLOWED_LOCATIONS = ()",
+            "at least one",
+            id="no-locations",
+        ),
+        pytest.param(
+            "ALTER STORAGE INTEGRATION si SET STORAGE_ALLOWED_LOCATIONS = 's3://b/'", "list", id="not-a-list"
+        ),
+        pytest.param("ALTER STORAGE INTEGRATION si SET", "at least one property", id="nothing-set"),
+        pytest.param(
+            "ALTER STORAGE INTEGRATION si SET COMMENT = 'a' COMMENT = 'b'", "given twice", id="repeated"
+        ),
+    ],
+)
+def test_alter_storage_integration_refuses_what_it_cannot_apply(sql: str, message: str) -> None:
+    with pytest.raises(AccessSyntaxError, match=message):
+        parse_alter_storage_integration(sql)

@@ -39,7 +39,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from snowflake.connector.errors import ProgrammingError
 
-from pgsnow.local.sf_access_sql import CreateStorageIntegration, location_allowed
+from pgsnow.local.sf_access_sql import AlterStorageIntegration, CreateStorageIntegration, location_allowed
 from pgsnow.local.sf_credentials_sql import AwsCredentials
 
 INTEGRATIONS_TABLE = "_fs_global._fs_information_schema._pgsnow_integrations"
@@ -62,6 +62,8 @@ CREDENTIALS_WITH_INTEGRATION = (
     "SQL compilation error:\nCREDENTIALS property is not allowed on stages that use a storage integration "
     "or within COPY commands that use a storage integration."
 )
+# Snowflake's reply to an ALTER that succeeds.
+ALTERED = "Statement executed successfully."
 ACCESS_DENIED = (
     "Failure using stage area. Cause: [Access Denied (Status Code: 403; Error Code: AccessDenied)]"
 )
@@ -147,6 +149,10 @@ def _integration_from_row(row: tuple[Any, ...]) -> StorageIntegration:
     )
 
 
+def _list_or_none(values: tuple[str, ...] | None) -> list[str] | None:
+    return None if values is None else list(values)
+
+
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -211,6 +217,49 @@ class StageAccess:
             duck.rollback()
             raise
         return f"Integration {statement.name} successfully created."
+
+    def alter_integration(self, duck: duckdb.DuckDBPyConnection, statement: AlterStorageIntegration) -> str:
+        """Run ALTER STORAGE INTEGRATION ... SET on an autocommit DuckDB cursor; the status text.
+
+        Only the properties given change. The IAM user and the external ID stay (unless the
+        statement sets STORAGE_AWS_EXTERNAL_ID), as Snowflake keeps them on ALTER, so the storage
+        role's trust policy written from DESC INTEGRATION still holds.
+        """
+        changes = {
+            column: value
+            for column, value in (
+                ("enabled", statement.enabled),
+                ("role_arn", statement.role_arn),
+                ("external_id", statement.external_id),
+                ("allowed_locations", _list_or_none(statement.allowed_locations)),
+                ("blocked_locations", _list_or_none(statement.blocked_locations)),
+                ("comment", statement.comment),
+            )
+            if value is not None
+        }
+        duck.begin()
+        try:
+            exists = (
+                duck.execute(
+                    f"SELECT 1 FROM {INTEGRATIONS_TABLE} WHERE name = ?", [statement.name]
+                ).fetchone()
+                is not None
+            )
+            if not exists and statement.if_exists:
+                duck.commit()
+                return ALTERED
+            if not exists:
+                self.integration(duck, statement.name)  # raises Snowflake's "does not exist" error
+            assignments = ", ".join(f"{column} = ?" for column in changes)
+            duck.execute(
+                f"UPDATE {INTEGRATIONS_TABLE} SET {assignments} WHERE name = ?",
+                [*changes.values(), statement.name],
+            )
+            duck.commit()
+        except BaseException:
+            duck.rollback()
+            raise
+        return ALTERED
 
     def integration(self, duck: duckdb.DuckDBPyConnection, name: str) -> StorageIntegration:
         row = duck.execute(f"SELECT * FROM {INTEGRATIONS_TABLE} WHERE name = ?", [name]).fetchone()

@@ -136,6 +136,143 @@ def parse_create_storage_integration(sql_text: str) -> CreateStorageIntegration 
     )
 
 
+@dataclass(frozen=True)
+class AlterStorageIntegration:
+    """``ALTER [STORAGE] INTEGRATION [IF EXISTS] <name> SET ...``; a property left None is unchanged."""
+
+    name: str
+    if_exists: bool
+    enabled: bool | None = None
+    role_arn: str | None = None
+    external_id: str | None = None
+    allowed_locations: tuple[str, ...] | None = None
+    blocked_locations: tuple[str, ...] | None = None
+    comment: str | None = None
+
+
+# sqlglot has no ALTER INTEGRATION (it falls back to a Command), so the statement is read as text:
+# a header, then `NAME = value` items separated by spaces, commas or new lines (Snowflake's SET).
+_ALTER_INTEGRATION = re.compile(
+    r"""^\s*ALTER\s+(?:STORAGE\s+)?INTEGRATION\s+(IF\s+EXISTS\s+)?("(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)"""
+    r"""\s+(SET|UNSET)\b(.*?)\s*;?\s*$""",
+    re.IGNORECASE | re.DOTALL,
+)
+_SET_ITEM_NAME = re.compile(r"[\s,]*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*")
+_QUOTED = re.compile(r"'((?:[^']|'')*)'")
+_QUOTED_LIST = re.compile(r"\(\s*((?:'(?:[^']|'')*'\s*,?\s*)*)\)")
+_WORD = re.compile(r"[A-Za-z0-9_]+")
+_ALTERABLE_PROPERTIES = frozenset(
+    {
+        "ENABLED",
+        "STORAGE_AWS_ROLE_ARN",
+        "STORAGE_AWS_EXTERNAL_ID",
+        "STORAGE_ALLOWED_LOCATIONS",
+        "STORAGE_BLOCKED_LOCATIONS",
+        "COMMENT",
+    }
+)
+
+
+def _unquote(text: str) -> str:
+    return text.replace("''", "'")
+
+
+def _set_items(text: str) -> dict[str, str | tuple[str, ...]]:
+    """``NAME = 'text' | ('a', 'b') | WORD`` items, by upper-case name."""
+    items: dict[str, str | tuple[str, ...]] = {}
+    position = 0
+    while text[position:].strip(" \t\r\n,"):
+        name = _SET_ITEM_NAME.match(text, position)
+        if not name:
+            raise AccessSyntaxError(
+                f"ALTER INTEGRATION ... SET expects NAME = value, not {text[position:].strip()!r}"
+            )
+        key = name.group(1).upper()
+        position = name.end()
+        value: str | tuple[str, ...]
+        if (quoted := _QUOTED.match(text, position)) is not None:
+            value, position = _unquote(quoted.group(1)), quoted.end()
+        elif (listed := _QUOTED_LIST.match(text, position)) is not None:
+            value = tuple(_unquote(v) for v in _QUOTED.findall(listed.group(1)))
+            position = listed.end()
+        elif (word := _WORD.match(text, position)) is not None:
+            value, position = word.group(0), word.end()
+        else:
+            raise AccessSyntaxError(f"unexpected value for {key}")
+        if key in items:
+            raise AccessSyntaxError(f"property {key} is given twice")
+        items[key] = value
+    return items
+
+
+def _locations(key: str, value: str | tuple[str, ...]) -> tuple[str, ...]:
+    if not isinstance(value, tuple):
+        raise AccessSyntaxError(f"{key} takes a list of quoted locations")
+    if key == "STORAGE_ALLOWED_LOCATIONS" and not value:
+        raise AccessSyntaxError("STORAGE_ALLOWED_LOCATIONS needs at least one location")
+    for location in value:
+        if location != "*" and not location.startswith("s3://"):
+            raise AccessSyntaxError(f"storage location {location!r} is not an s3:// URL")
+    return value
+
+
+def _string(key: str, value: str | tuple[str, ...]) -> str:
+    if isinstance(value, tuple):
+        raise AccessSyntaxError(f"{key} takes a quoted string")
+    return value
+
+
+def parse_alter_storage_integration(sql_text: str) -> AlterStorageIntegration | None:
+    """Parse ``ALTER [STORAGE] INTEGRATION [IF EXISTS] <name> SET <property> = <value> ...``.
+
+    The properties a local integration has can be set; anything else (UNSET, SET TAG,
+    STORAGE_AWS_OBJECT_ACL, USE_PRIVATELINK_ENDPOINT, another provider's) is an
+    ``AccessSyntaxError``, never ignored. None for any other statement.
+    """
+    match = _ALTER_INTEGRATION.match(sql_text)
+    if not match:
+        return None
+    if_exists, raw_name, action, rest = match.groups()
+    if raw_name.startswith('"'):
+        name = raw_name[1:-1].replace('""', '"')
+    else:
+        name = resolve_identifier(raw_name, quoted=False)
+    if action.upper() != "SET":
+        raise AccessSyntaxError("ALTER INTEGRATION ... UNSET is not supported locally")
+    if re.match(r"\s*TAG\b", rest, re.IGNORECASE):
+        raise AccessSyntaxError("ALTER INTEGRATION ... SET TAG is not supported locally")
+    items = _set_items(rest)
+    if not items:
+        raise AccessSyntaxError("ALTER INTEGRATION ... SET needs at least one property")
+    unknown = sorted(set(items) - _ALTERABLE_PROPERTIES)
+    if unknown:
+        raise AccessSyntaxError(f"storage integration property {unknown[0]} is not supported locally")
+    enabled: bool | None = None
+    if "ENABLED" in items:
+        flag = _string("ENABLED", items["ENABLED"]).upper()
+        if flag not in {"TRUE", "FALSE"}:
+            raise AccessSyntaxError("ENABLED is TRUE or FALSE")
+        enabled = flag == "TRUE"
+    return AlterStorageIntegration(
+        name=name,
+        if_exists=bool(if_exists),
+        enabled=enabled,
+        role_arn=_string("STORAGE_AWS_ROLE_ARN", items["STORAGE_AWS_ROLE_ARN"])
+        if "STORAGE_AWS_ROLE_ARN" in items
+        else None,
+        external_id=_string("STORAGE_AWS_EXTERNAL_ID", items["STORAGE_AWS_EXTERNAL_ID"])
+        if "STORAGE_AWS_EXTERNAL_ID" in items
+        else None,
+        allowed_locations=_locations("STORAGE_ALLOWED_LOCATIONS", items["STORAGE_ALLOWED_LOCATIONS"])
+        if "STORAGE_ALLOWED_LOCATIONS" in items
+        else None,
+        blocked_locations=_locations("STORAGE_BLOCKED_LOCATIONS", items["STORAGE_BLOCKED_LOCATIONS"])
+        if "STORAGE_BLOCKED_LOCATIONS" in items
+        else None,
+        comment=_string("COMMENT", items["COMMENT"]) if "COMMENT" in items else None,
+    )
+
+
 def parse_describe_integration(sql_text: str) -> str | None:
     """``DESC[RIBE] [STORAGE] INTEGRATION <name>`` -> the name; None for anything else."""
     try:

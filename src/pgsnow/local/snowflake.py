@@ -70,6 +70,7 @@ from pgsnow.local.sf_access import (
     create_access_catalog,
 )
 from pgsnow.local.sf_access_sql import (
+    parse_alter_storage_integration,
     parse_alter_user_public_key,
     parse_create_storage_integration,
     parse_describe_integration,
@@ -369,6 +370,11 @@ class LocalSnowflakeState:
                 return _status_sql("")
             _commit_open_transaction(conn)  # DDL commits the open transaction, as in Snowflake
             return _status_sql(self.access.create_integration(conn._duck_conn, integration))
+        if alter := parse_alter_storage_integration(sql_text):
+            if describe_only:
+                return _status_sql("")
+            _commit_open_transaction(conn)  # DDL commits the open transaction, as in Snowflake
+            return _status_sql(self.access.alter_integration(conn._duck_conn, alter))
         if (name := parse_describe_integration(sql_text)) is not None:
             columns = [
                 (c, "VARCHAR") for c in ("property", "property_type", "property_value", "property_default")
