@@ -1,9 +1,9 @@
 """Temporary stages of the local Snowflake: one set per session, never in the shared catalog.
 
-Snowflake's temporary objects "are session-based, persisting only for the remainder of the
-session" (Working with Temporary and Transient Tables, which says stages follow the same
-semantics), and a temporary object "takes precedence in the session over any other [object]
-with the same name in the same schema" (same page, for tables). So a ``CREATE TEMPORARY STAGE``
+Snowflake's "Working with Temporary and Transient Tables" says temporary objects live only in
+the session that created them, until it ends, and that stages follow the same semantics; the same
+page says a temporary table hides, in its session, another table of that name in the schema
+(stated for tables; applied to stages here). So a ``CREATE TEMPORARY STAGE``
 is kept here, in the memory of the session that made it: a stage reference in that session
 finds it before the permanent stage of the same name, other sessions never see it, it is gone
 when the session ends, and it is never written to ``data_dir`` (its CREDENTIALS included).

@@ -5,11 +5,15 @@ query endpoint in front of fakesnow's and runs, itself, the statements whose sem
 matter to replication and which fakesnow does not reproduce faithfully:
 
 * ``COPY INTO <table> ... FROM @stage | 's3://...'`` (``sf_copy_sql`` / ``sf_copy_run``);
-* ``CREATE [OR REPLACE] STAGE [IF NOT EXISTS] ... URL = 's3://...'`` with a storage integration
-  or credentials;
+* ``CREATE [OR REPLACE] [TEMPORARY] STAGE [IF NOT EXISTS] ... URL = 's3://...'`` with a storage
+  integration or credentials; a TEMPORARY one is kept per session (``sf_stages``), and in a
+  session that has one, ``SHOW STAGES`` and ``DROP STAGE`` too;
 * ``ALTER SESSION SET/UNSET QUERY_TAG`` and ``SHOW PARAMETERS LIKE 'QUERY_TAG'``;
-* ``CREATE STORAGE INTEGRATION`` / ``DESC INTEGRATION`` and ``ALTER USER ... SET RSA_PUBLIC_KEY``
-  (``sf_access`` / ``keypair``).
+* ``CREATE`` / ``ALTER STORAGE INTEGRATION``, ``DESC INTEGRATION`` and
+  ``ALTER USER ... SET RSA_PUBLIC_KEY`` (``sf_access`` / ``keypair``).
+
+fakesnow's answers go back as they are, except that NULL row counts of a DML (an empty MERGE)
+become zeros (``sf_dml_result``).
 
 Each runs on the session's own DuckDB cursor (so it joins the session's transaction), and the
 request is then handed to fakesnow as a ``SELECT`` of the result rows, so the response is
