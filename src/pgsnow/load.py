@@ -683,12 +683,12 @@ def _ledger_entry(
     rows = _execute(sf_conn, *build_select_ledger_entry(database, control_schema, key))
     if not rows:
         return None
-    etag, sha256, rows_loaded, is_loaded, status = rows[0]
+    etag, sha256, rows_loaded, loaded_at, status = rows[0]
     return LedgerEntry(
         etag,
         sha256,
         None if rows_loaded is None else int(rows_loaded),
-        bool(is_loaded),
+        loaded_at is not None,
         None if status is None else str(status),
     )
 
@@ -1099,10 +1099,10 @@ def _load_through_snowpipe(
                 to_submit.append((staged, facts))
         if to_submit:
             keys = [staged.key for staged, _ in to_submit]
-            count, first_submitted = _execute(
+            (first_submitted,) = _execute(
                 sf_conn, *build_select_earliest_submission(database, control_schema, keys)
             )[0]
-            if int(count) and isinstance(first_submitted, dt.datetime):
+            if isinstance(first_submitted, dt.datetime):
                 earliest = first_submitted
             _execute(sf_conn, *build_mark_submitted(database, control_schema, keys))
         sf_conn.commit()

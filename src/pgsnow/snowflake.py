@@ -187,7 +187,8 @@ def build_create_stage(
 ) -> str:
     """The external stage over the staging prefix (``s3://{bucket}/{prefix}/``).
 
-    Deployed stages authenticate with a storage integration; the local emulator needs none.
+    It authenticates with the storage integration. Without one (the credentials method) no
+    permanent stage is needed: the loader reads through ``build_create_temporary_stage``.
     """
     url = f"s3://{bucket}/{prefix.strip('/')}/"
     integration = f" STORAGE_INTEGRATION = {quote_ident(storage_integration)}" if storage_integration else ""
@@ -235,8 +236,7 @@ def build_claim_file(database: str, control_schema: str, claim: LedgerClaim) -> 
     """Insert the key's ledger row unless it exists. The MERGE locks the ledger, so a concurrent
     delivery of the same key waits for this transaction and then finds the row.
 
-    WHEN MATCHED rewrites the row unchanged: it takes the existing row's lock too, and it makes
-    every server report a row count (one emulator reports none for a MERGE that changed nothing).
+    WHEN MATCHED rewrites the row unchanged: it takes the existing row's lock too.
     """
     sql = (
         f'MERGE INTO {ledger_name(database, control_schema)} AS "LEDGER"\n'
@@ -253,10 +253,9 @@ def build_claim_file(database: str, control_schema: str, claim: LedgerClaim) -> 
 
 
 def build_select_ledger_entry(database: str, control_schema: str, s3_key: str) -> Statement:
-    """The key's ledger row. ``LOADED_AT IS NOT NULL`` is computed in SQL because a NULL
-    timestamp is not reliably a None on every server (the local emulator returns the epoch)."""
+    """The key's ledger row: ETAG, SHA256, ROWS_LOADED, LOADED_AT (NULL until loaded), STATUS."""
     sql = (
-        'SELECT "ETAG", "SHA256", "ROWS_LOADED", "LOADED_AT" IS NOT NULL AS "IS_LOADED", "STATUS"\n'
+        'SELECT "ETAG", "SHA256", "ROWS_LOADED", "LOADED_AT", "STATUS"\n'
         f'FROM {ledger_name(database, control_schema)} WHERE "S3_KEY" = %s'
     )
     return sql, (s3_key,)
@@ -313,15 +312,12 @@ def build_mark_submitted(database: str, control_schema: str, keys: Sequence[str]
 
 
 def build_select_earliest_submission(database: str, control_schema: str, keys: Sequence[str]) -> Statement:
-    """(how many of these keys were submitted before, the earliest submission time).
-
-    The count tells a real time from a NULL (the local emulator returns a NULL timestamp as the epoch).
-    """
+    """The earliest submission time of these keys (NULL when none was submitted before)."""
     if not keys:
         raise PermanentError("no keys to look up")
     placeholders = ", ".join(["%s"] * len(keys))
     sql = (
-        'SELECT COUNT("SUBMITTED_AT"), MIN("SUBMITTED_AT")\n'
+        'SELECT MIN("SUBMITTED_AT")\n'
         f'FROM {ledger_name(database, control_schema)} WHERE "S3_KEY" IN ({placeholders})'
     )
     return sql, tuple(keys)

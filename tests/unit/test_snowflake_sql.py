@@ -253,7 +253,7 @@ def test_ledger_statements() -> None:
     assert claim_params == (claim.s3_key, "etag1", "abc", RUN, "public", "orders")
     assert select_params == (claim.s3_key,)
     assert select_sql.count("%s") == 1
-    assert '"LOADED_AT" IS NOT NULL' in select_sql
+    assert select_sql.startswith('SELECT "ETAG", "SHA256", "ROWS_LOADED", "LOADED_AT", "STATUS"')
     # The ledger records the file's status (LOADED or PARTIALLY_LOADED) and what was rejected.
     assert record_params == (42, "LOADED", 0, None, claim.s3_key)
     assert record_sql.count("%s") == 5
