@@ -251,7 +251,10 @@ def test_same_event_delivered_concurrently_loads_once(
 
     def runtime_of_this_thread() -> Runtime:
         if not hasattr(local, "runtime"):
-            local.runtime = Runtime(settings=pipeline.settings(Component.LOADER), s3=pipeline.s3())
+            local.runtime = Runtime(
+                settings=pipeline.settings(Component.LOADER),
+                session=pipeline.stack.function_session(Component.LOADER),
+            )
             runtimes.append(local.runtime)
         return local.runtime
 
