@@ -81,7 +81,14 @@ def sf_conn(stack: LocalStack) -> Iterator[Any]:
 
 @pytest.fixture
 def s3(stack: LocalStack) -> Any:
+    """The local administrator's S3 client: for seeding and inspecting, not for code under test."""
     return stack.aws.client("s3")
+
+
+@pytest.fixture
+def cleanup_s3(stack: LocalStack) -> Any:
+    """The cleanup role's S3 client, for calling the cleanup's core functions directly."""
+    return stack.function_client(Component.CLEANUP, "s3")
 
 
 @pytest.fixture
@@ -128,11 +135,12 @@ def settings_with(stack: LocalStack, **env: str) -> Settings:
     return Settings.from_env({**stack.env, **env}, component=Component.CLEANUP)
 
 
-def stage_run(stack: LocalStack, pg_conn: PgConnection, s3: Any, table: TableRef) -> RunManifest:
+def stage_run(stack: LocalStack, pg_conn: PgConnection, table: TableRef) -> RunManifest:
+    """One extractor run of ``table``, as the extractor's role."""
     manifest = extract_table(
         settings=stack.settings(Component.EXTRACTOR),
         pg_conn=pg_conn,
-        s3=s3,
+        s3=stack.function_client(Component.EXTRACTOR, "s3"),
         table=table,
         file_format=FileFormat.CSV,
     )
@@ -141,8 +149,10 @@ def stage_run(stack: LocalStack, pg_conn: PgConnection, s3: Any, table: TableRef
     return manifest
 
 
-def load_keys(stack: LocalStack, sf_conn: Any, s3: Any, keys: list[str]) -> None:
+def load_keys(stack: LocalStack, sf_conn: Any, keys: list[str]) -> None:
+    """Load ``keys`` as the loader's role."""
     settings = stack.settings(Component.LOADER)
+    s3 = stack.function_client(Component.LOADER, "s3")
     results = load_staged_files(
         settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(k, settings.prefix) for k in keys]
     )

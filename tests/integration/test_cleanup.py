@@ -103,9 +103,9 @@ def test_fully_loaded_run(
     stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef, mode: str, deletes: bool
 ) -> None:
     # Given a run of three files, all loaded
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = mode_settings(stack, mode)
 
     # When cleanup runs in the mode under test
@@ -140,10 +140,10 @@ def test_partly_loaded_run(
     deletes_loaded: bool,
 ) -> None:
     # Given a run of three files of which only the first two are loaded
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
     loaded, not_loaded = keys[:2], keys[2]
-    load_keys(stack, sf_conn, s3, loaded)
+    load_keys(stack, sf_conn, loaded)
     settings = mode_settings(stack, mode)
 
     # When cleanup runs in the mode under test
@@ -164,9 +164,9 @@ def test_run_still_extracting_is_never_touched(
 ) -> None:
     # Given files that are all loaded, but whose run's manifest still says extracting
     # (the extractor has not written its final file list yet)
-    staged = stage_run(stack, pg_conn, s3, table)
+    staged = stage_run(stack, pg_conn, table)
     keys = [f.key for f in staged.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     extracting = staged.with_state(RunState.EXTRACTING, finished_at=None)
     put_manifest(s3, stack.resources.bucket, extracting)
     settings = mode_settings(stack, mode)
@@ -200,9 +200,9 @@ def test_ledger_checksum_differing_from_the_manifest_keeps_the_file(
     final_state: RunState,
 ) -> None:
     # Given a run whose files are all loaded, but the ledger row of one file records another checksum
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     mismatched = keys[1]
     ledger = quote_qualified(SNOWFLAKE_DATABASE, "PGSNOW", LEDGER_TABLE)
     with sf_conn.cursor() as cur:
@@ -224,9 +224,9 @@ def test_cleanup_pass_twice_deletes_once(
     stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
 ) -> None:
     # Given a fully loaded run
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = mode_settings(stack, "after_all")
 
     # When the scheduled cleanup pass runs twice
@@ -246,9 +246,9 @@ def test_concurrent_cleanup_of_one_manifest_deletes_each_file_once(
     stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef, mode: str
 ) -> None:
     # Given a fully loaded run, and two cleanup invocations holding the same staged manifest
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = mode_settings(stack, mode)
     results: list[CleanupResult] = []
     errors: list[BaseException] = []

@@ -68,9 +68,9 @@ def test_removal_leaves_no_loaded_version_behind_the_marker(
     stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef, mode: str
 ) -> None:
     # Given a fully loaded run in the versioned bucket
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = settings_with(stack, CLEANUP_S3_FILES=mode)
 
     # When cleanup removes its files
@@ -86,9 +86,9 @@ def test_newer_content_under_a_loaded_key_is_kept(
     stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
 ) -> None:
     # Given a loaded run whose first key was then overwritten with other bytes (never loaded)
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     corrupt(s3, stack.resources.bucket, keys[0])
     settings = settings_with(stack, CLEANUP_S3_FILES="after_each")
 
@@ -105,10 +105,10 @@ def test_archive_prefix_copies_then_removes(
     stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
 ) -> None:
     # Given a fully loaded run and an archive prefix
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
     originals = {k: s3.get_object(Bucket=stack.resources.bucket, Key=k)["Body"].read() for k in keys}
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all", CLEANUP_ARCHIVE_PREFIX="archive")
 
     # When cleanup runs
@@ -127,9 +127,9 @@ def test_archive_prefix_inside_staging_or_control_is_refused(
     stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef, archive: str
 ) -> None:
     # Given a loaded run and an archive prefix the loader or manifests would see
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all", CLEANUP_ARCHIVE_PREFIX=archive)
 
     # When cleanup runs, Then it refuses and every file stays
@@ -142,15 +142,15 @@ def test_mark_run_complete_if_loaded_moves_state_only(
     stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
 ) -> None:
     # Given a run with two of three files loaded
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys[:2])
+    load_keys(stack, sf_conn, keys[:2])
     settings = settings_with(stack, CLEANUP_S3_FILES="after_each")
     args = {"settings": settings, "s3": s3, "sf_conn": sf_conn, "table": table, "run_id": manifest.run_id}
 
     # When the completion check runs before and after the last file loads
     before = mark_run_complete_if_loaded(**args)
-    load_keys(stack, sf_conn, s3, keys[2:])
+    load_keys(stack, sf_conn, keys[2:])
     after = mark_run_complete_if_loaded(**args)
 
     # Then the run is staged, then loaded, and no file was removed by the check
@@ -170,9 +170,9 @@ def test_concurrent_cleanup_passes_remove_each_file_once(
     stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
 ) -> None:
     # Given two fully loaded runs of one table
-    manifests = [stage_run(stack, pg_conn, s3, table) for _ in range(2)]
+    manifests = [stage_run(stack, pg_conn, table) for _ in range(2)]
     keys = [f.key for m in manifests for f in m.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
     results: list[CleanupResult] = []
     errors: list[BaseException] = []
@@ -219,7 +219,7 @@ def test_file_whose_notification_was_lost_is_swept_reenqueued_and_loaded(
     table: TableRef,
 ) -> None:
     # Given a staged run whose notifications were all lost (the queue was purged)
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
     drain(sqs, stack.resources.queue_url)
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
@@ -262,10 +262,10 @@ def test_orphan_that_cannot_load_is_abandoned_reported_then_removed_after_retent
     table: TableRef,
 ) -> None:
     # Given a run whose first two files loaded and whose last file is corrupt, its notification lost
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
     bad = keys[-1]
-    load_keys(stack, sf_conn, s3, keys[:2])
+    load_keys(stack, sf_conn, keys[:2])
     corrupt(s3, stack.resources.bucket, bad)
     drain(sqs, stack.resources.queue_url)
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
@@ -306,7 +306,7 @@ def test_abandoned_tag_is_set_once(
     stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, sqs: Any, table: TableRef
 ) -> None:
     # Given a run never loaded, with no loader running: re-enqueued once, then seen again twice
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     key = manifest.files[0].key
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
     for minutes in (ORPHAN_AGE_MINUTES + 1, 3 * ORPHAN_AGE_MINUTES):

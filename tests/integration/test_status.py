@@ -81,7 +81,7 @@ def test_run_whose_last_file_failed_keeps_its_files_and_shows_failed(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Given a staged run whose last file is corrupt, delivered through the queue to the loader
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
     drain(sqs, stack.resources.queue_url)
     corrupt(s3, stack.resources.bucket, keys[-1])  # its notification is the one the loader gets
@@ -124,7 +124,7 @@ def test_loaded_run_shows_loaded_rows_and_lag(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Given a run whose notifications all reach the loader, then a cleanup pass
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     stats = dispatcher.run_until_idle()
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
     cleanup_pending_runs(settings=settings, s3=s3, sf_conn=sf_conn, tables=[table])
