@@ -72,7 +72,7 @@ def invoke_self_async(function_name: str | None) -> ContinuationInvoker:
             )
         import boto3
 
-        boto3.client("lambda").invoke(
+        boto3.Session().client("lambda").invoke(
             FunctionName=function_name, InvocationType="Event", Payload=json.dumps(payload).encode()
         )
 

@@ -248,7 +248,9 @@ def run_extract_command(args: argparse.Namespace) -> int:
     settings = Settings.from_env(component=Component.EXTRACTOR)
     pg_conn = connect(postgres_dsn(settings), statement_timeout_ms=settings.postgres.statement_timeout_ms)
     try:
-        manifest = extract_table(settings=settings, pg_conn=pg_conn, s3=boto3.client("s3"), table=args.table)
+        manifest = extract_table(
+            settings=settings, pg_conn=pg_conn, s3=boto3.Session().client("s3"), table=args.table
+        )
     finally:
         pg_conn.close()
     print(
