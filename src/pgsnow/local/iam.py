@@ -275,14 +275,15 @@ def create_storage_role(
 ) -> str:
     """The template's ``SnowflakeStorageRole`` in moto; its ARN.
 
-    ``params`` are template parameter values (at least those without a default; the staging
-    bucket's name is ``params["StageBucketName"]`` when ``resources`` is not given). The trust
+    ``params`` are template parameter values (with ``resources``, they override the local stack's,
+    ``stack_parameters``; without, the staging bucket's name is ``params["StageBucketName"]``). The trust
     policy is the template's, resolved with ``SnowflakeIamUserArn=iam_user_arn`` and
     ``SnowflakeExternalId=external_id``: moto checks both the principal and, when the caller
     sends one, the ``sts:ExternalId`` (StringEquals).
     """
     template = load_template(template_path or REPO_TEMPLATE)
-    values = {**params, "SnowflakeIamUserArn": iam_user_arn, "SnowflakeExternalId": external_id}
+    defaults = stack_parameters(resources) if resources is not None else {}
+    values = {**defaults, **params, "SnowflakeIamUserArn": iam_user_arn, "SnowflakeExternalId": external_id}
     resolver = template_resolver(template, values, resources=resources, region=admin_aws.region)
     if resources is None:
         bucket = params.get("StageBucketName")

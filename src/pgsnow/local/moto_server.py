@@ -20,6 +20,7 @@ Three behaviours of moto 5.2 are changed here, and only in this process (docs/lo
   ``s3:ListBucket``, ListObjectVersions ``s3:ListBucketVersions``, a GET with a versionId
   ``s3:GetObjectVersion``...) but its IAM check then uses the operation name
   (``s3:HeadObject``), which no policy grants: every HEAD by a role would be refused.
+* A refusal names the caller, the IAM action and the resource, as S3's own message does.
 * DeleteObjects is authorized per key (``s3:DeleteObject``, or ``s3:DeleteObjectVersion`` for a
   key with a VersionId) as S3 does, instead of once on the bucket's ARN, where a policy scoped
   to ``bucket/prefix/*`` can never match. If any key is refused, every key is reported refused
@@ -66,11 +67,31 @@ def authorize_s3_by_iam_action() -> None:
         return
     operation_request = access_control.S3IAMRequest
 
+    from moto.s3.exceptions import S3AccessDeniedError, S3ClientError
+
+    class NamedAccessDenied(S3AccessDeniedError):
+        """Access Denied with the message real S3 gives: who, which action, which resource."""
+
+        def __init__(self, message: str) -> None:
+            S3ClientError.__init__(self, "AccessDenied", message)
+
     class IamActionS3Request(operation_request):  # type: ignore[misc,valid-type]
         _pgsnow_iam_action = True
 
         def __init__(self, *, action: str, data: dict[str, Any], **options: Any) -> None:
             super().__init__(action=data.get("Action") or action, data=data, **options)
+
+        def check_action_permitted(self, resource: str) -> None:
+            self._pgsnow_resource = resource
+            super().check_action_permitted(resource)
+
+        def _raise_access_denied(self) -> None:
+            if "BucketName" in self._data:
+                super()._raise_access_denied()
+            raise NamedAccessDenied(
+                f"User: {self._access_key.arn} is not authorized to perform: {self._action} on resource: "
+                f'"{self._pgsnow_resource}" because no identity-based policy allows the {self._action} action'
+            )
 
     # moto imports the class from this module at each check, so replacing it here is enough.
     access_control.S3IAMRequest = IamActionS3Request  # type: ignore[misc,assignment]
@@ -87,7 +108,7 @@ def authorize_s3_by_iam_action() -> None:
             authorize(self, bucket_name=bucket_name, key_name=key_name)
             return
         import xmltodict
-        from moto.s3.exceptions import BucketAccessDeniedError, S3AccessDeniedError
+        from moto.s3.exceptions import BucketAccessDeniedError
 
         objects = xmltodict.parse(self.body, strip_whitespace=False)["Delete"].get("Object", [])
         try:
