@@ -1,9 +1,10 @@
 """The local AWS side: a moto server over HTTP and the staging resources the SAM template declares.
 
-``start_local_aws()`` runs moto's ``ThreadedMotoServer`` in this process on a loopback port;
-everything talks to it over HTTP with ordinary boto3 clients (``LocalAws.client``), exactly
-like the deployed code talks to AWS. moto keeps its state per *process*, so two servers in
-one process share buckets and queues: use unique names.
+``start_local_aws()`` runs a moto server in a process of its own (``pgsnow.local.moto_server``)
+on a loopback port, with IAM enforced; everything talks to it over HTTP with ordinary boto3
+clients, exactly like the deployed code talks to AWS. ``LocalAws.client`` signs as the local
+administrator created at start-up; the functions' roles are in ``pgsnow.local.iam``. Each
+server has its own state (its own process), so stacks do not share buckets or queues.
 
 ``create_staging_resources()`` builds what ``template.yaml`` declares for the staging side:
 a versioned bucket, a dead-letter queue, the loader queue with its RedrivePolicy, a queue
