@@ -62,6 +62,9 @@ def stack(source_schema: tuple[str, str], tmp_path_factory: pytest.TempPathFacto
         for_handlers=True,
         visibility_timeout=1,
         max_receive_count=1,  # a failed file goes to the dead-letter queue on its first failure
+        # test_archive_prefix_copies_then_removes archives under archive/: the cleanup role needs
+        # the template's ArchiveLoadedFiles statement, present only with this parameter
+        template_parameters={"CleanupArchivePrefix": "archive"},
         env=lambda local: {
             "EXTRACT_BATCH_ROWS": str(ROWS_PER_FILE),
             "LOADER_QUEUE_URL": local.resources.queue_url,
@@ -89,6 +92,12 @@ def s3(stack: LocalStack) -> Any:
 def cleanup_s3(stack: LocalStack) -> Any:
     """The cleanup role's S3 client, for calling the cleanup's core functions directly."""
     return stack.function_client(Component.CLEANUP, "s3")
+
+
+@pytest.fixture
+def cleanup_sqs(stack: LocalStack) -> Any:
+    """The cleanup role's SQS client (the sweeper re-enqueues and reads the dead-letter queue)."""
+    return stack.function_client(Component.CLEANUP, "sqs")
 
 
 @pytest.fixture

@@ -397,3 +397,26 @@ def test_loader_marks_the_run_loaded_only_with_its_manifest_write(
         assert (stats.delivered, stats.failed) == (2, 0)  # the file and the s3:TestEvent
         settled = get_manifest(stack.aws.client("s3"), stack.resources.bucket, table, manifest.run_id)
         assert settled.state is expected_state
+
+
+def test_the_stacks_handlers_run_each_as_its_own_role(tmp_path: Path) -> None:
+    from pgsnow.cli import describe_stack
+    from pgsnow.runtime import cleanup_runtime, extractor_runtime, loader_runtime
+
+    with stack_with_orders(tmp_path, REPO_TEMPLATE) as (stack, _source_dsn, _table):
+        # When each function's handler runtime asks STS who it is (inside LocalStack.handlers())
+        runtimes = {
+            Component.EXTRACTOR: extractor_runtime(),
+            Component.LOADER: loader_runtime(),
+            Component.CLEANUP: cleanup_runtime(),
+        }
+        identities = {c: r.client("sts").get_caller_identity()["Arn"] for c, r in runtimes.items()}
+        # Then each is its own role, and function_client is the same role
+        for component, arn in identities.items():
+            assert f":assumed-role/{stack.roles[component].name}/" in arn
+        direct = stack.function_client(Component.EXTRACTOR, "sts").get_caller_identity()["Arn"]
+        assert f":assumed-role/{stack.roles[Component.EXTRACTOR].name}/" in direct
+        # And what `pgsnow local up` prints is the administrator's key and the roles
+        printed = "\n".join(describe_stack(stack))
+        assert f"access key {stack.aws.access_key_id}" in printed
+        assert all(role.arn in printed for role in stack.roles.values())

@@ -291,15 +291,13 @@ def create_storage_role(
             raise ConfigError(["create_storage_role needs resources or params['StageBucketName']"])
         resolver.references = {**resolver.references, "StageBucket": bucket}
         resolver.attributes = {"StageBucket.Arn": f"arn:{LOCAL_PARTITION}:s3:::{bucket}"}
-    if not resolver.condition(
-        str(
-            ((template.get("Resources") or {}).get(STORAGE_ROLE_RESOURCE) or {}).get(
-                "Condition", "HasSnowflakeTrust"
-            )
-        )
-    ):
-        raise ConfigError([f"{STORAGE_ROLE_RESOURCE}'s condition is false for these parameters"])
-    resource = (template.get("Resources") or {})[STORAGE_ROLE_RESOURCE]
+    resource = (template.get("Resources") or {}).get(STORAGE_ROLE_RESOURCE)
+    if not isinstance(resource, Mapping):
+        raise ConfigError([f"the template has no {STORAGE_ROLE_RESOURCE}"])
+    # The template creates the role only under its condition (both trust parameters set).
+    condition = resource.get("Condition")
+    if condition is not None and not resolver.condition(str(condition)):
+        raise ConfigError([f"{STORAGE_ROLE_RESOURCE}'s condition {condition} is false for these parameters"])
     try:
         trust = resolver.resolve(resource["Properties"]["AssumeRolePolicyDocument"])
     except Unresolvable as exc:

@@ -189,14 +189,17 @@ def start_stack(
     max_receive_count: int = 3,
     progress: ProgressCallback = _quiet,
     template_path: Path | None = None,
+    template_parameters: Mapping[str, str] | None = None,
 ) -> LocalStack:
     """Start every local server and create the AWS and Snowflake objects; ``stop()`` ends them.
 
     The bucket notification and the functions' roles come from ``template_path`` (default: the
-    repository's ``template.yaml``).
+    repository's ``template.yaml``); ``template_parameters`` are deploy-time parameter values
+    the roles depend on (e.g. ``CleanupArchivePrefix``), over the stack's own
+    (``pgsnow.local.iam.stack_parameters``).
     """
     from pgsnow.local.aws import create_staging_resources, start_local_aws
-    from pgsnow.local.iam import create_function_roles, role_session
+    from pgsnow.local.iam import create_function_roles, role_session, stack_parameters
     from pgsnow.local.postgres import start_local_postgres
     from pgsnow.local.snowflake import start_local_snowflake
     from pgsnow.local.snowpipe import start_local_snowpipe
@@ -219,7 +222,12 @@ def start_stack(
             template_path=template_path,
         )
         progress("creating the functions' roles from the template")
-        roles = create_function_roles(aws, resources, template_path=template_path)
+        roles = create_function_roles(
+            aws,
+            resources,
+            template_path=template_path,
+            parameters=stack_parameters(resources, **(template_parameters or {})),
+        )
         sessions = {
             component: role_session(aws, role.arn, f"pgsnow-local-{component.value}")
             for component, role in roles.items()
