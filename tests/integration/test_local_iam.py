@@ -24,8 +24,8 @@ from botocore.exceptions import ClientError
 from psycopg2 import sql
 from stack_support import autocommit_connection, new_source_schema, running_stack
 
-from pgsnow.config import Component
-from pgsnow.errors import PgSnowError
+from pgsnow.config import Component, Settings
+from pgsnow.errors import PermanentError, PgSnowError
 from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat
@@ -43,10 +43,12 @@ from pgsnow.local.iam import (
     create_snowflake_user,
     create_storage_role,
     role_session,
+    stack_parameters,
 )
 from pgsnow.local.stack import LocalStack, load_function_handler
 from pgsnow.manifest import RunState
 from pgsnow.postgres import connect
+from pgsnow.runtime import Runtime
 from pgsnow.staging import get_manifest
 
 pytestmark = pytest.mark.integration
@@ -203,6 +205,39 @@ def test_role_credentials_refresh_before_they_expire(
     session.client("sts").get_caller_identity()
     # Then it assumed the role anew
     assert credentials.get_frozen_credentials().access_key != first_key
+
+
+def test_only_the_extractor_reads_the_postgres_secret(aws: LocalAws) -> None:
+    # Given the PostgreSQL secret in Secrets Manager and roles whose template parameters name it
+    secret_arn = aws.client("secretsmanager").create_secret(
+        Name="pgsnow/local/postgres",
+        SecretString=json.dumps(
+            {"host": "127.0.0.1", "username": "pgsnow", "password": "x", "sslmode": "disable"}
+        ),
+    )["ARN"]
+    resources = create_staging_resources(aws, bucket="pgsnow-iam-secrets")
+    roles = create_function_roles(
+        aws, resources, parameters=stack_parameters(resources, PostgresSecretArn=secret_arn)
+    )
+    settings = Settings.from_env(
+        {
+            "S3_STAGE_BUCKET": resources.bucket,
+            "PGSNOW_TABLES": "public.orders",
+            "PGSNOW_PG_SECRET_ARN": secret_arn,
+        },
+        component=Component.EXTRACTOR,
+    )
+
+    def runtime_as(component: Component) -> Runtime:
+        return Runtime(
+            settings=settings, session=role_session(aws, roles[component].arn, f"secret-{component.value}")
+        )
+
+    # When the extractor's runtime builds its DSN / Then it reads the secret through its role
+    assert "user=pgsnow" in runtime_as(Component.EXTRACTOR).postgres_dsn()
+    # And the loader's role, whose statement names only the Snowflake secret, is refused
+    with pytest.raises(PermanentError, match="AccessDenied"):
+        runtime_as(Component.LOADER).postgres_dsn()
 
 
 def test_one_conditional_writer_wins_per_base_etag(aws: LocalAws, staging: StagingResources) -> None:

@@ -21,6 +21,9 @@ Three behaviours of moto 5.2 are changed here, and only in this process (docs/lo
   ``s3:GetObjectVersion``...) but its IAM check then uses the operation name
   (``s3:HeadObject``), which no policy grants: every HEAD by a role would be refused.
 * A refusal names the caller, the IAM action and the resource, as S3's own message does.
+* A Secrets Manager request naming a secret is authorized against that secret's ARN; moto checks
+  every Secrets Manager request against resource ``*``, which a policy scoped to one secret
+  (as each function's is) never matches.
 * DeleteObjects is authorized per key (``s3:DeleteObject``, or ``s3:DeleteObjectVersion`` for a
   key with a VersionId) as S3 does, instead of once on the bucket's ARN, where a policy scoped
   to ``bucket/prefix/*`` can never match. If any key is refused, every key is reported refused
@@ -124,6 +127,24 @@ def authorize_s3_by_iam_action() -> None:
     S3Response._authenticate_and_authorize_s3_action = authorize_each_deleted_key  # type: ignore[method-assign]
 
 
+def authorize_secrets_by_secret_arn() -> None:
+    """Give moto's Secrets Manager responses the resource its IAM check needs: the named secret."""
+    from moto.secretsmanager.responses import SecretsManagerResponse
+
+    if getattr(SecretsManagerResponse, "_pgsnow_secret_resource", False):
+        return
+
+    def determine_resource(self: Any) -> str:
+        secret_id = self._get_param("SecretId")
+        secret = self.backend.secrets.get(secret_id) if secret_id else None
+        # An unknown secret keeps "*": the administrator then gets ResourceNotFound, a role whose
+        # policy names other secrets AccessDenied, as in AWS.
+        return str(secret.arn) if secret is not None else "*"
+
+    SecretsManagerResponse._determine_resource = determine_resource  # type: ignore[attr-defined]
+    SecretsManagerResponse._pgsnow_secret_resource = True  # type: ignore[attr-defined]
+
+
 def serve(host: str, port: int) -> None:
     """Start the server, print its port, and run until stdin closes."""
     from moto.server import ThreadedMotoServer
@@ -132,6 +153,7 @@ def serve(host: str, port: int) -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     make_conditional_puts_atomic()
     authorize_s3_by_iam_action()
+    authorize_secrets_by_secret_arn()
     server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
     server.start()
     _bound_host, bound_port = server.get_host_and_port()
