@@ -7,10 +7,8 @@ retry and error metrics see them.
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any
 
-import boto3
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
@@ -18,12 +16,6 @@ from pgsnow.cleanup import CleanupResult, cleanup_pending_runs
 from pgsnow.observability import NAMESPACE, logger, metrics
 from pgsnow.runtime import cleanup_runtime
 from pgsnow.sweeper import SweepResult, sweep_orphans
-
-
-@cache
-def sqs_client() -> Any:
-    """The loader queue's client (the sweeper re-enqueues orphans), once per container."""
-    return boto3.client("sqs")
 
 
 def record_table_metric(name: str, table: str, value: float, unit: MetricUnit = MetricUnit.Count) -> None:
@@ -55,7 +47,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     sf_conn = runtime.snowflake()
     results = cleanup_pending_runs(settings=runtime.settings, s3=runtime.s3, sf_conn=sf_conn, tables=tables)
     sweep = sweep_orphans(
-        settings=runtime.settings, s3=runtime.s3, sqs=sqs_client(), sf_conn=sf_conn, tables=tables
+        settings=runtime.settings, s3=runtime.s3, sqs=runtime.sqs, sf_conn=sf_conn, tables=tables
     )
     record_metrics(results, sweep)
     return {"runs": [r.as_dict() for r in results], "sweep": sweep.as_dict()}

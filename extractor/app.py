@@ -27,7 +27,7 @@ from pgsnow.keys import is_run_id, manifest_key
 from pgsnow.manifest import RunState
 from pgsnow.observability import logger, metrics
 from pgsnow.postgres import Connection, connect
-from pgsnow.runtime import Runtime, extractor_runtime, postgres_dsn
+from pgsnow.runtime import Runtime, extractor_runtime
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def invoke_self_async(function_name: str | None) -> ContinuationInvoker:
             )
         import boto3
 
-        boto3.client("lambda").invoke(
+        boto3.Session().client("lambda").invoke(
             FunctionName=function_name, InvocationType="Event", Payload=json.dumps(payload).encode()
         )
 
@@ -93,7 +93,7 @@ class _PostgresConnectionCache:
         if self._conn is None or self._conn.closed:
             settings = runtime.settings
             self._conn = connect(
-                postgres_dsn(settings), statement_timeout_ms=settings.postgres.statement_timeout_ms
+                runtime.postgres_dsn(), statement_timeout_ms=settings.postgres.statement_timeout_ms
             )
         return self._conn
 

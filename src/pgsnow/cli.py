@@ -153,7 +153,8 @@ def describe_stack(stack: Any) -> list[str]:
     lines = [
         f"PostgreSQL      {stack.pg_dsn}",
         f"S3/SQS (moto)   {stack.aws.endpoint_url}  access key {env['AWS_ACCESS_KEY_ID']}"
-        f" secret {env['AWS_SECRET_ACCESS_KEY']}",
+        f" secret {env['AWS_SECRET_ACCESS_KEY']}  (the local administrator; IAM is enforced)",
+        *(f"{component.value + ' role':<16}{role.arn}" for component, role in stack.roles.items()),
         f"bucket          s3://{stack.resources.bucket}/{stack.resources.prefix}/",
         f"queue           {stack.resources.queue_url}",
         f"dead letters    {stack.resources.dlq_url}",
@@ -178,13 +179,12 @@ def _shell_quote(value: str) -> str:
 
 def run_local_up(args: argparse.Namespace) -> int:
     from pgsnow.local.dispatcher import SqsDispatcher
-    from pgsnow.local.stack import load_function_handler, process_environment, start_stack
-    from pgsnow.runtime import reset_runtime
+    from pgsnow.local.stack import load_function_handler, start_stack
 
     stack = start_stack(pg_dsn=args.pg_dsn, data_dir=args.data_dir, progress=_progress)
     try:
-        with process_environment(stack.env):
-            reset_runtime()
+        # Each function's handler runs as its own template role (pgsnow.local.iam).
+        with stack.handlers():
             dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
             dispatcher.start()
             try:
@@ -248,7 +248,9 @@ def run_extract_command(args: argparse.Namespace) -> int:
     settings = Settings.from_env(component=Component.EXTRACTOR)
     pg_conn = connect(postgres_dsn(settings), statement_timeout_ms=settings.postgres.statement_timeout_ms)
     try:
-        manifest = extract_table(settings=settings, pg_conn=pg_conn, s3=boto3.client("s3"), table=args.table)
+        manifest = extract_table(
+            settings=settings, pg_conn=pg_conn, s3=boto3.Session().client("s3"), table=args.table
+        )
     finally:
         pg_conn.close()
     print(

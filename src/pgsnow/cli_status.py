@@ -41,12 +41,15 @@ def run_status_command(args: argparse.Namespace) -> int:
     settings = Settings.from_env(component=Component.LOCAL)
     if not settings.snowflake.database:
         raise ConfigError(["SNOWFLAKE_DATABASE is required to read the load ledger"])
+    # A session of its own reads the credentials in the environment now; boto3's default session
+    # would keep the ones it found first in this process.
+    session = boto3.Session()
     sf_conn: Any = connect(settings.snowflake)
     try:
         report = collect_status(
             settings=settings,
-            s3=boto3.client("s3"),
-            sqs=boto3.client("sqs") if settings.cleanup.dlq_url else None,
+            s3=session.client("s3"),
+            sqs=session.client("sqs") if settings.cleanup.dlq_url else None,
             sf_conn=sf_conn,
             table=args.table,
         )

@@ -130,7 +130,7 @@ def _verify_from_env(args: argparse.Namespace) -> VerifyReport:
         raise ConfigError(["SNOWFLAKE_DATABASE is needed to verify"])
     manifests = _aws_read(
         f"the run manifests in bucket {settings.bucket}",
-        lambda: latest_manifests(boto3.client("s3"), settings.bucket, tables),
+        lambda: latest_manifests(boto3.Session().client("s3"), settings.bucket, tables),
     )
     # read_secret_json reports an unreadable secret itself; this also covers creating the client
     # (no region configured, say), which happens before it.

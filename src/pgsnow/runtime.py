@@ -3,11 +3,18 @@
 A warm Lambda container reuses them across invocations. Tests build their own
 clients pointed at loopback servers and call the core functions directly, or
 reset the cache with ``reset_runtime()`` after changing the environment.
+
+Every AWS client of a function comes from its ``Runtime.session``. Deployed, that is the
+default ``boto3.Session``, whose credentials are the function role's (from the environment
+Lambda sets). The local stack runs all three functions' handlers in one process, so it cannot
+give each its role through environment variables; ``use_aws_session`` is the one seam where it
+hands a component the session of that component's role (see docs/local-fidelity.md).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -55,7 +62,9 @@ def postgres_dsn(settings: Settings, secrets_client: Any | None = None) -> str:
         return settings.postgres.dsn
     if not settings.postgres.secret_arn:
         raise PermanentError("no PostgreSQL connection configured (PGSNOW_PG_SECRET_ARN or PGSNOW_PG_DSN)")
-    secret = read_secret_json(secrets_client or boto3.client("secretsmanager"), settings.postgres.secret_arn)
+    secret = read_secret_json(
+        secrets_client or boto3.Session().client("secretsmanager"), settings.postgres.secret_arn
+    )
     missing = [k for k in ("host", "username", "password") if not secret.get(k)]
     if missing:
         raise PermanentError(f"PostgreSQL secret lacks {', '.join(missing)}")
@@ -75,17 +84,50 @@ def postgres_dsn(settings: Settings, secrets_client: Any | None = None) -> str:
 
 @dataclass
 class Runtime:
+    """One function's cached settings, AWS clients (all from ``session``) and Snowflake connection."""
+
     settings: Settings
-    s3: Any
+    session: boto3.Session
+    _clients: dict[str, Any] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _snowflake: Any = field(default=None, repr=False)
+
+    def client(self, service: str) -> Any:
+        """The cached client of ``service`` made from this function's session."""
+        with self._lock:  # the local dispatcher may run one function's handlers on two threads
+            if service not in self._clients:
+                self._clients[service] = self.session.client(service)  # type: ignore[call-overload]
+            return self._clients[service]
+
+    @property
+    def s3(self) -> Any:
+        return self.client("s3")
+
+    @property
+    def sqs(self) -> Any:
+        return self.client("sqs")
+
+    @property
+    def secretsmanager(self) -> Any:
+        return self.client("secretsmanager")
 
     def snowflake(self) -> Any:
         """One Snowflake connection per container, reopened if it was closed."""
         from pgsnow.snowflake import connect
 
         if self._snowflake is None or self._snowflake.is_closed():
-            self._snowflake = connect(self.settings.snowflake)
+            self._snowflake = connect(self.settings.snowflake, secrets_client=self._secrets_if_needed())
         return self._snowflake
+
+    def postgres_dsn(self) -> str:
+        """``postgres_dsn`` with this function's Secrets Manager client."""
+        return postgres_dsn(self.settings, self._secrets_if_needed())
+
+    def _secrets_if_needed(self) -> Any:
+        # No client (and no credentials lookup) when the settings hold no secret ARN, as locally.
+        if self.settings.snowflake.secret_arn or self.settings.postgres.secret_arn:
+            return self.secretsmanager
+        return None
 
     def tables_from_event(self, event: dict[str, Any]) -> list[TableRef] | None:
         """A {"schema_name", "table_name"} event narrows the work to one allowlisted table."""
@@ -97,10 +139,29 @@ class Runtime:
         return [self.settings.tables.check(TableRef(schema, table))]
 
 
+# Sessions the local stack gave a component (use_aws_session); deployed, this stays empty.
+_sessions: dict[Component, boto3.Session] = {}
+
+
+def use_aws_session(component: Component, session: boto3.Session | None) -> None:
+    """Make ``component``'s handler build its AWS clients from ``session`` (None: the default again).
+
+    The local stack's seam: it runs every function in one process, each as its own IAM role,
+    so each gets a session with that role's refreshing credentials. Forgets the component's
+    cached runtime so the next invocation uses the new session.
+    """
+    if session is None:
+        _sessions.pop(component, None)
+    else:
+        _sessions[component] = session
+    _runtime.cache_clear()
+
+
 @cache
 def _runtime(component: Component) -> Runtime:
     settings = Settings.from_env(component=component)
-    return Runtime(settings=settings, s3=boto3.client("s3"))
+    # boto3.Session() reads credentials and region from the environment, as Lambda sets them.
+    return Runtime(settings=settings, session=_sessions.get(component) or boto3.Session())
 
 
 def extractor_runtime() -> Runtime:

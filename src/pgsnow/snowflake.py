@@ -84,7 +84,7 @@ def connection_kwargs(
         if secrets_client is None:
             import boto3
 
-            secrets_client = boto3.client("secretsmanager")
+            secrets_client = boto3.Session().client("secretsmanager")
         secret = read_key_pair_secret(secrets_client, settings.secret_arn)
         kwargs.update(secret)
     elif settings.password:

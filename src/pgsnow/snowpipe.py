@@ -223,7 +223,7 @@ def snowpipe_client_from_settings(
     if secrets_client is None:
         import boto3
 
-        secrets_client = boto3.client("secretsmanager")
+        secrets_client = boto3.Session().client("secretsmanager")
     secret = read_key_pair_secret(secrets_client, settings.secret_arn)
     account, user = str(secret["account"]), str(secret["user"])
     return SnowpipeClient(

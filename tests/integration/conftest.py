@@ -107,10 +107,16 @@ class PipelineHarness:
         return str(self.stack.resources.prefix)
 
     def s3(self) -> Any:
+        """The local administrator's S3 client: for seeding and inspecting, not for code under test."""
         return self.stack.aws.client("s3")
 
     def sqs(self) -> Any:
+        """The local administrator's SQS client: for seeding and inspecting, not for code under test."""
         return self.stack.aws.client("sqs")
+
+    def function_s3(self, component: Component) -> Any:
+        """``component``'s role's S3 client, for calling a core function directly."""
+        return self.stack.function_client(component, "s3")
 
     def table(self, name: str) -> TableRef:
         return TableRef(self.schema, name)
@@ -132,13 +138,13 @@ class PipelineHarness:
     def extract(
         self, table: TableRef, file_format: FileFormat = FileFormat.CSV, *, s3: Any = None, **env: str
     ) -> RunManifest:
-        """Run the real extractor on its own PostgreSQL connection."""
+        """Run the real extractor on its own PostgreSQL connection, as the extractor's role."""
         pg_conn = connect(self.source_dsn)
         try:
             return extract_table(
                 settings=self.settings(Component.EXTRACTOR, **env),
                 pg_conn=pg_conn,
-                s3=s3 or self.s3(),
+                s3=s3 or self.function_s3(Component.EXTRACTOR),
                 table=table,
                 file_format=file_format,
             )

@@ -62,6 +62,9 @@ def stack(source_schema: tuple[str, str], tmp_path_factory: pytest.TempPathFacto
         for_handlers=True,
         visibility_timeout=1,
         max_receive_count=1,  # a failed file goes to the dead-letter queue on its first failure
+        # test_archive_prefix_copies_then_removes archives under archive/: the cleanup role needs
+        # the template's ArchiveLoadedFiles statement, present only with this parameter
+        template_parameters={"CleanupArchivePrefix": "archive"},
         env=lambda local: {
             "EXTRACT_BATCH_ROWS": str(ROWS_PER_FILE),
             "LOADER_QUEUE_URL": local.resources.queue_url,
@@ -81,7 +84,20 @@ def sf_conn(stack: LocalStack) -> Iterator[Any]:
 
 @pytest.fixture
 def s3(stack: LocalStack) -> Any:
+    """The local administrator's S3 client: for seeding and inspecting, not for code under test."""
     return stack.aws.client("s3")
+
+
+@pytest.fixture
+def cleanup_s3(stack: LocalStack) -> Any:
+    """The cleanup role's S3 client, for calling the cleanup's core functions directly."""
+    return stack.function_client(Component.CLEANUP, "s3")
+
+
+@pytest.fixture
+def cleanup_sqs(stack: LocalStack) -> Any:
+    """The cleanup role's SQS client (the sweeper re-enqueues and reads the dead-letter queue)."""
+    return stack.function_client(Component.CLEANUP, "sqs")
 
 
 @pytest.fixture
@@ -128,11 +144,12 @@ def settings_with(stack: LocalStack, **env: str) -> Settings:
     return Settings.from_env({**stack.env, **env}, component=Component.CLEANUP)
 
 
-def stage_run(stack: LocalStack, pg_conn: PgConnection, s3: Any, table: TableRef) -> RunManifest:
+def stage_run(stack: LocalStack, pg_conn: PgConnection, table: TableRef) -> RunManifest:
+    """One extractor run of ``table``, as the extractor's role."""
     manifest = extract_table(
         settings=stack.settings(Component.EXTRACTOR),
         pg_conn=pg_conn,
-        s3=s3,
+        s3=stack.function_client(Component.EXTRACTOR, "s3"),
         table=table,
         file_format=FileFormat.CSV,
     )
@@ -141,8 +158,10 @@ def stage_run(stack: LocalStack, pg_conn: PgConnection, s3: Any, table: TableRef
     return manifest
 
 
-def load_keys(stack: LocalStack, sf_conn: Any, s3: Any, keys: list[str]) -> None:
+def load_keys(stack: LocalStack, sf_conn: Any, keys: list[str]) -> None:
+    """Load ``keys`` as the loader's role."""
     settings = stack.settings(Component.LOADER)
+    s3 = stack.function_client(Component.LOADER, "s3")
     results = load_staged_files(
         settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(k, settings.prefix) for k in keys]
     )

@@ -32,9 +32,8 @@ from psycopg2.extensions import connection as PgConnection
 from pgsnow.config import postgres_env
 from pgsnow.local.aws import LocalAws, start_local_aws
 from pgsnow.local.postgres import create_database, start_local_postgres
-from pgsnow.local.stack import LocalStack, process_environment, start_stack
+from pgsnow.local.stack import LocalStack, start_stack
 from pgsnow.postgres import connect
-from pgsnow.runtime import reset_runtime
 
 SOURCE_DATABASE = "test"
 PG_DSN_DEFAULT = "host=127.0.0.1 port=5432 user=postgres dbname=test"
@@ -110,8 +109,10 @@ def running_stack(
     (a callable is given the started stack, for values that name its queues or bucket).
 
     With ``for_handlers`` its environment is also put in this process's for the duration (the
-    functions' handlers read ``os.environ``), and the handlers' cached settings are reset on the
-    way in and out. ``options`` go to ``start_stack`` (visibility_timeout, max_receive_count, ...).
+    functions' handlers read ``os.environ``), each function's handler runs as its own template
+    role, and the handlers' cached settings are reset on the way in and out
+    (``LocalStack.handlers``). ``options`` go to ``start_stack`` (visibility_timeout,
+    max_receive_count, template_path, ...).
     """
     local = start_stack(pg_dsn=pg_dsn, data_dir=data_dir, bucket=unique_name(f"{bucket_prefix}-"), **options)
     local.env.update((env(local) if callable(env) else env) or {})
@@ -119,12 +120,8 @@ def running_stack(
         if not for_handlers:
             yield local
             return
-        with process_environment(local.env):
-            reset_runtime()  # the handlers cache settings: make them read this stack's
-            try:
-                yield local
-            finally:
-                reset_runtime()
+        with local.handlers():
+            yield local
     finally:
         local.stop()
 

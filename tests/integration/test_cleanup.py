@@ -18,6 +18,7 @@ from botocore.exceptions import ClientError
 from lifecycle_support import (  # noqa: F401 - fixtures, registered by importing them
     FILES_PER_RUN,
     ROWS_PER_FILE,
+    cleanup_s3,
     load_keys,
     pg_conn,
     s3,
@@ -100,16 +101,23 @@ def manifest_state(s3: Any, bucket: str, manifest: RunManifest) -> RunState:
     ],
 )
 def test_fully_loaded_run(
-    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef, mode: str, deletes: bool
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    s3: Any,
+    table: TableRef,
+    mode: str,
+    deletes: bool,
+    cleanup_s3: Any,
 ) -> None:
     # Given a run of three files, all loaded
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = mode_settings(stack, mode)
 
     # When cleanup runs in the mode under test
-    result = cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=manifest)
+    result = cleanup_run(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, manifest=manifest)
 
     # Then the loaded files go (or stay), and the run is marked loaded whatever the mode
     assert (result.files_total, result.files_loaded) == (FILES_PER_RUN, FILES_PER_RUN)
@@ -138,16 +146,17 @@ def test_partly_loaded_run(
     table: TableRef,
     mode: str,
     deletes_loaded: bool,
+    cleanup_s3: Any,
 ) -> None:
     # Given a run of three files of which only the first two are loaded
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
     loaded, not_loaded = keys[:2], keys[2]
-    load_keys(stack, sf_conn, s3, loaded)
+    load_keys(stack, sf_conn, loaded)
     settings = mode_settings(stack, mode)
 
     # When cleanup runs in the mode under test
-    result = cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=manifest)
+    result = cleanup_run(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, manifest=manifest)
 
     # Then only after_each deletes, and only the loaded files; the unloaded file always stays
     assert (result.files_total, result.files_loaded) == (FILES_PER_RUN, 2)
@@ -160,20 +169,26 @@ def test_partly_loaded_run(
 
 @pytest.mark.parametrize("mode", ["after_each", "after_all"])
 def test_run_still_extracting_is_never_touched(
-    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef, mode: str
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    s3: Any,
+    table: TableRef,
+    mode: str,
+    cleanup_s3: Any,
 ) -> None:
     # Given files that are all loaded, but whose run's manifest still says extracting
     # (the extractor has not written its final file list yet)
-    staged = stage_run(stack, pg_conn, s3, table)
+    staged = stage_run(stack, pg_conn, table)
     keys = [f.key for f in staged.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     extracting = staged.with_state(RunState.EXTRACTING, finished_at=None)
     put_manifest(s3, stack.resources.bucket, extracting)
     settings = mode_settings(stack, mode)
 
     # When cleanup runs on that run directly, and as the scheduled pass over the table
-    direct = cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=extracting)
-    scheduled = cleanup_pending_runs(settings=settings, s3=s3, sf_conn=sf_conn, tables=[table])
+    direct = cleanup_run(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, manifest=extracting)
+    scheduled = cleanup_pending_runs(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, tables=[table])
 
     # Then nothing was deleted and the manifest is unchanged
     assert (direct.state, direct.deleted_keys) == (RunState.EXTRACTING, [])
@@ -198,11 +213,12 @@ def test_ledger_checksum_differing_from_the_manifest_keeps_the_file(
     mode: str,
     deleted_count: int,
     final_state: RunState,
+    cleanup_s3: Any,
 ) -> None:
     # Given a run whose files are all loaded, but the ledger row of one file records another checksum
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     mismatched = keys[1]
     ledger = quote_qualified(SNOWFLAKE_DATABASE, "PGSNOW", LEDGER_TABLE)
     with sf_conn.cursor() as cur:
@@ -210,7 +226,7 @@ def test_ledger_checksum_differing_from_the_manifest_keeps_the_file(
     settings = mode_settings(stack, mode)
 
     # When cleanup runs
-    result = cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=manifest)
+    result = cleanup_run(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, manifest=manifest)
 
     # Then that file is kept and does not count as loaded, so the run is not loaded either
     assert result.files_loaded == FILES_PER_RUN - 1
@@ -221,17 +237,22 @@ def test_ledger_checksum_differing_from_the_manifest_keeps_the_file(
 
 
 def test_cleanup_pass_twice_deletes_once(
-    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    s3: Any,
+    table: TableRef,
+    cleanup_s3: Any,
 ) -> None:
     # Given a fully loaded run
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = mode_settings(stack, "after_all")
 
     # When the scheduled cleanup pass runs twice
-    first = cleanup_pending_runs(settings=settings, s3=s3, sf_conn=sf_conn, tables=[table])
-    second = cleanup_pending_runs(settings=settings, s3=s3, sf_conn=sf_conn, tables=[table])
+    first = cleanup_pending_runs(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, tables=[table])
+    second = cleanup_pending_runs(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, tables=[table])
 
     # Then the first deleted every file, the second found nothing to do, and each file was deleted once
     assert [sorted(r.deleted_keys) for r in first] == [sorted(keys)]
@@ -246,9 +267,9 @@ def test_concurrent_cleanup_of_one_manifest_deletes_each_file_once(
     stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef, mode: str
 ) -> None:
     # Given a fully loaded run, and two cleanup invocations holding the same staged manifest
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = mode_settings(stack, mode)
     results: list[CleanupResult] = []
     errors: list[BaseException] = []

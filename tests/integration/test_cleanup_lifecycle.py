@@ -20,6 +20,8 @@ from lifecycle_support import (  # noqa: F401 - fixtures, registered by importin
     FILES_PER_RUN,
     ORPHAN_AGE_MINUTES,
     RETENTION_DAYS,
+    cleanup_s3,
+    cleanup_sqs,
     corrupt,
     dispatcher,
     drain,
@@ -40,6 +42,7 @@ from lifecycle_support import (  # noqa: F401 - fixtures, registered by importin
 from psycopg2.extensions import connection as PgConnection
 
 from pgsnow.cleanup import CleanupResult, cleanup_pending_runs, cleanup_run, mark_run_complete_if_loaded
+from pgsnow.config import Component
 from pgsnow.errors import ConfigError
 from pgsnow.identifiers import TableRef
 from pgsnow.local.dispatcher import SqsDispatcher
@@ -65,16 +68,22 @@ def statuses(result: SweepResult, keys: list[str]) -> list[OrphanStatus | None]:
 
 @pytest.mark.parametrize("mode", ["after_each", "after_all"])
 def test_removal_leaves_no_loaded_version_behind_the_marker(
-    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef, mode: str
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    s3: Any,
+    table: TableRef,
+    mode: str,
+    cleanup_s3: Any,
 ) -> None:
     # Given a fully loaded run in the versioned bucket
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = settings_with(stack, CLEANUP_S3_FILES=mode)
 
     # When cleanup removes its files
-    result = cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=manifest)
+    result = cleanup_run(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, manifest=manifest)
 
     # Then no data version of any key remains, each key has one delete marker, and the claim is recorded
     assert sorted(result.deleted_keys) == sorted(keys)
@@ -83,17 +92,22 @@ def test_removal_leaves_no_loaded_version_behind_the_marker(
 
 
 def test_newer_content_under_a_loaded_key_is_kept(
-    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    s3: Any,
+    table: TableRef,
+    cleanup_s3: Any,
 ) -> None:
     # Given a loaded run whose first key was then overwritten with other bytes (never loaded)
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     corrupt(s3, stack.resources.bucket, keys[0])
     settings = settings_with(stack, CLEANUP_S3_FILES="after_each")
 
     # When cleanup runs
-    cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=manifest)
+    cleanup_run(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, manifest=manifest)
 
     # Then the loaded version of that key is gone but the newer, unloaded one stays current
     assert versions(s3, settings.bucket, keys[0]) == (1, 0)
@@ -102,17 +116,22 @@ def test_newer_content_under_a_loaded_key_is_kept(
 
 
 def test_archive_prefix_copies_then_removes(
-    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    s3: Any,
+    table: TableRef,
+    cleanup_s3: Any,
 ) -> None:
     # Given a fully loaded run and an archive prefix
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
     originals = {k: s3.get_object(Bucket=stack.resources.bucket, Key=k)["Body"].read() for k in keys}
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all", CLEANUP_ARCHIVE_PREFIX="archive")
 
     # When cleanup runs
-    result = cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=manifest)
+    result = cleanup_run(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, manifest=manifest)
 
     # Then each file sits byte-identical under archive/ and is gone from staging
     assert result.archive_prefix == "archive"
@@ -124,33 +143,50 @@ def test_archive_prefix_copies_then_removes(
 
 @pytest.mark.parametrize("archive", ["staging", "staging/archive", "_pgsnow/archive"])
 def test_archive_prefix_inside_staging_or_control_is_refused(
-    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef, archive: str
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    s3: Any,
+    table: TableRef,
+    archive: str,
+    cleanup_s3: Any,
 ) -> None:
     # Given a loaded run and an archive prefix the loader or manifests would see
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all", CLEANUP_ARCHIVE_PREFIX=archive)
 
     # When cleanup runs, Then it refuses and every file stays
     with pytest.raises(ConfigError, match="CLEANUP_ARCHIVE_PREFIX"):
-        cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=manifest)
+        cleanup_run(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, manifest=manifest)
     assert all(exists(s3, settings.bucket, k) for k in keys)
 
 
 def test_mark_run_complete_if_loaded_moves_state_only(
-    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    s3: Any,
+    table: TableRef,
+    cleanup_s3: Any,
 ) -> None:
     # Given a run with two of three files loaded
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
-    load_keys(stack, sf_conn, s3, keys[:2])
+    load_keys(stack, sf_conn, keys[:2])
     settings = settings_with(stack, CLEANUP_S3_FILES="after_each")
-    args = {"settings": settings, "s3": s3, "sf_conn": sf_conn, "table": table, "run_id": manifest.run_id}
+    args = {
+        "settings": settings,
+        "s3": cleanup_s3,
+        "sf_conn": sf_conn,
+        "table": table,
+        "run_id": manifest.run_id,
+    }
 
     # When the completion check runs before and after the last file loads
     before = mark_run_complete_if_loaded(**args)
-    load_keys(stack, sf_conn, s3, keys[2:])
+    load_keys(stack, sf_conn, keys[2:])
     after = mark_run_complete_if_loaded(**args)
 
     # Then the run is staged, then loaded, and no file was removed by the check
@@ -159,7 +195,7 @@ def test_mark_run_complete_if_loaded_moves_state_only(
     assert all(exists(s3, settings.bucket, k) for k in keys)
 
     # And a later cleanup pass still removes the files of the now loaded run
-    results = cleanup_pending_runs(settings=settings, s3=s3, sf_conn=sf_conn, tables=[table])
+    results = cleanup_pending_runs(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, tables=[table])
     assert [sorted(r.deleted_keys) for r in results] == [sorted(keys)]
 
 
@@ -170,22 +206,24 @@ def test_concurrent_cleanup_passes_remove_each_file_once(
     stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, table: TableRef
 ) -> None:
     # Given two fully loaded runs of one table
-    manifests = [stage_run(stack, pg_conn, s3, table) for _ in range(2)]
+    manifests = [stage_run(stack, pg_conn, table) for _ in range(2)]
     keys = [f.key for m in manifests for f in m.files]
-    load_keys(stack, sf_conn, s3, keys)
+    load_keys(stack, sf_conn, keys)
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
     results: list[CleanupResult] = []
     errors: list[BaseException] = []
     start = threading.Barrier(3)
 
-    def cleanup_pass() -> None:
-        conn = stack.snowflake_connection()  # each invocation has its own clients
+    # each invocation has its own clients, of the cleanup role (made here: boto3 sessions are not
+    # thread-safe)
+    clients = [stack.function_client(Component.CLEANUP, "s3") for _ in range(3)]
+
+    def cleanup_pass(s3_client: Any) -> None:
+        conn = stack.snowflake_connection()
         try:
             start.wait()
             results.extend(
-                cleanup_pending_runs(
-                    settings=settings, s3=stack.aws.client("s3"), sf_conn=conn, tables=[table]
-                )
+                cleanup_pending_runs(settings=settings, s3=s3_client, sf_conn=conn, tables=[table])
             )
         except BaseException as exc:
             errors.append(exc)
@@ -193,7 +231,7 @@ def test_concurrent_cleanup_passes_remove_each_file_once(
             conn.close()
 
     # When three scheduled passes run at the same time
-    threads = [threading.Thread(target=cleanup_pass) for _ in range(3)]
+    threads = [threading.Thread(target=cleanup_pass, args=(client,)) for client in clients]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -217,17 +255,26 @@ def test_file_whose_notification_was_lost_is_swept_reenqueued_and_loaded(
     sqs: Any,
     dispatcher: SqsDispatcher,
     table: TableRef,
+    cleanup_s3: Any,
+    cleanup_sqs: Any,
 ) -> None:
     # Given a staged run whose notifications were all lost (the queue was purged)
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
     drain(sqs, stack.resources.queue_url)
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
 
     # When the sweeper runs before the files are old enough, then after
-    too_early = sweep_orphans(settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn, tables=[table])
+    too_early = sweep_orphans(
+        settings=settings, s3=cleanup_s3, sqs=cleanup_sqs, sf_conn=sf_conn, tables=[table]
+    )
     first = sweep_orphans(
-        settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn, tables=[table], now=later(ORPHAN_AGE_MINUTES + 1)
+        settings=settings,
+        s3=cleanup_s3,
+        sqs=cleanup_sqs,
+        sf_conn=sf_conn,
+        tables=[table],
+        now=later(ORPHAN_AGE_MINUTES + 1),
     )
 
     # Then young files are left alone, and old ones are re-enqueued once, tagged and reported
@@ -241,9 +288,14 @@ def test_file_whose_notification_was_lost_is_swept_reenqueued_and_loaded(
 
     # When the loader consumes the synthetic notifications, and cleanup and the sweeper run again
     stats = dispatcher.run_until_idle()
-    cleaned = cleanup_pending_runs(settings=settings, s3=s3, sf_conn=sf_conn, tables=[table])
+    cleaned = cleanup_pending_runs(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, tables=[table])
     second = sweep_orphans(
-        settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn, tables=[table], now=later(3 * ORPHAN_AGE_MINUTES)
+        settings=settings,
+        s3=cleanup_s3,
+        sqs=cleanup_sqs,
+        sf_conn=sf_conn,
+        tables=[table],
+        now=later(3 * ORPHAN_AGE_MINUTES),
     )
 
     # Then every file was loaded, the run completed and its files removed, and no orphan remains
@@ -260,18 +312,22 @@ def test_orphan_that_cannot_load_is_abandoned_reported_then_removed_after_retent
     sqs: Any,
     dispatcher: SqsDispatcher,
     table: TableRef,
+    cleanup_s3: Any,
+    cleanup_sqs: Any,
 ) -> None:
     # Given a run whose first two files loaded and whose last file is corrupt, its notification lost
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
     bad = keys[-1]
-    load_keys(stack, sf_conn, s3, keys[:2])
+    load_keys(stack, sf_conn, keys[:2])
     corrupt(s3, stack.resources.bucket, bad)
     drain(sqs, stack.resources.queue_url)
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
 
     def sweep(at: datetime) -> SweepResult:
-        return sweep_orphans(settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn, tables=[table], now=at)
+        return sweep_orphans(
+            settings=settings, s3=cleanup_s3, sqs=cleanup_sqs, sf_conn=sf_conn, tables=[table], now=at
+        )
 
     # When the sweeper re-enqueues it and the loader fails it (dead-lettered)
     first = sweep(later(minutes=ORPHAN_AGE_MINUTES + 1))
@@ -303,19 +359,38 @@ def test_orphan_that_cannot_load_is_abandoned_reported_then_removed_after_retent
 
 
 def test_abandoned_tag_is_set_once(
-    stack: LocalStack, pg_conn: PgConnection, sf_conn: Any, s3: Any, sqs: Any, table: TableRef
+    stack: LocalStack,
+    pg_conn: PgConnection,
+    sf_conn: Any,
+    s3: Any,
+    sqs: Any,
+    table: TableRef,
+    cleanup_s3: Any,
+    cleanup_sqs: Any,
 ) -> None:
     # Given a run never loaded, with no loader running: re-enqueued once, then seen again twice
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     key = manifest.files[0].key
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
     for minutes in (ORPHAN_AGE_MINUTES + 1, 3 * ORPHAN_AGE_MINUTES):
-        sweep_orphans(settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn, tables=[table], now=later(minutes))
+        sweep_orphans(
+            settings=settings,
+            s3=cleanup_s3,
+            sqs=cleanup_sqs,
+            sf_conn=sf_conn,
+            tables=[table],
+            now=later(minutes),
+        )
     first_mark = tags(s3, settings.bucket, key)[TAG_ABANDONED_AT]
 
     # When a later pass sees it again
     sweep_orphans(
-        settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn, tables=[table], now=later(10 * ORPHAN_AGE_MINUTES)
+        settings=settings,
+        s3=cleanup_s3,
+        sqs=cleanup_sqs,
+        sf_conn=sf_conn,
+        tables=[table],
+        now=later(10 * ORPHAN_AGE_MINUTES),
     )
 
     # Then the abandoned mark keeps its first time (retention counts from there)

@@ -251,7 +251,10 @@ def test_same_event_delivered_concurrently_loads_once(
 
     def runtime_of_this_thread() -> Runtime:
         if not hasattr(local, "runtime"):
-            local.runtime = Runtime(settings=pipeline.settings(Component.LOADER), s3=pipeline.s3())
+            local.runtime = Runtime(
+                settings=pipeline.settings(Component.LOADER),
+                session=pipeline.stack.function_session(Component.LOADER),
+            )
             runtimes.append(local.runtime)
         return local.runtime
 
@@ -464,7 +467,7 @@ def test_extractor_killed_mid_upload_then_resumed_stages_exactly_the_source(
     nothing twice) and no notification is dead-lettered."""
     # Given a 40-row table staged in files of 5 rows, and an S3 client whose 3rd data PutObject fails
     table = create_items(pipeline, "killed_upload", 40)
-    s3 = pipeline.s3()
+    s3 = pipeline.function_s3(Component.EXTRACTOR)
     puts = {"n": 0}
 
     def drop_third_data_upload(params: dict[str, Any], **_: Any) -> None:
@@ -523,7 +526,7 @@ def test_s3_slowdown_on_upload_and_download_is_retried_by_botocore(pipeline: Pip
     arrives exactly (verify passes) and no delivery fails."""
     # Given an extractor S3 client and the loader's S3 client that both get 503s first
     table = create_items(pipeline, "slowdown", 9)
-    extractor_s3 = pipeline.s3()
+    extractor_s3 = pipeline.function_s3(Component.EXTRACTOR)
     upload_faults = SlowDown({"PutObject"}, times=2)
     extractor_s3.meta.events.register("before-send.s3", upload_faults)
     loader_s3 = pgsnow.runtime.loader_runtime().s3
@@ -564,7 +567,7 @@ def test_rows_written_while_an_incremental_run_pages_are_captured_by_the_next_ru
     with late.cursor() as cur:
         cur.execute(sql.SQL("INSERT INTO {} (id, note) VALUES (500, 'late commit')").format(target))
     time.sleep(0.05)
-    s3 = pipeline.s3()
+    s3 = pipeline.function_s3(Component.EXTRACTOR)
     writes = {"done": False}
 
     def write_between_chunks(params: dict[str, Any], **_: Any) -> None:
@@ -634,10 +637,11 @@ def test_cleanup_running_while_a_retry_of_the_same_run_loads_deletes_nothing_unl
     pipeline.send_bodies([body_of[first_file.key]])
     dispatcher.run_until_idle()
     settings = pipeline.settings(Component.CLEANUP, CLEANUP_S3_FILES="after_each")
-    s3 = pipeline.s3()
+    s3 = pipeline.s3()  # inspecting
+    cleanup_s3 = pipeline.function_s3(Component.CLEANUP)
 
     # When cleanup runs before the retry arrives
-    before = cleanup_pending_runs(settings=settings, s3=s3, sf_conn=pipeline.sf_conn, tables=[table])
+    before = cleanup_pending_runs(settings=settings, s3=cleanup_s3, sf_conn=pipeline.sf_conn, tables=[table])
 
     # Then it removed only the loaded file and left the run open
     assert [sorted(r.deleted_keys) for r in before] == [[first_file.key]]
@@ -646,6 +650,7 @@ def test_cleanup_running_while_a_retry_of_the_same_run_loads_deletes_nothing_unl
 
     # When the retry is delivered while cleanup passes keep running on their own session
     cleanup_conn = sf_connect(settings.snowflake)
+    background_s3 = pipeline.function_s3(Component.CLEANUP)  # made here: boto3 sessions are not thread-safe
     stop = threading.Event()
     passes: list[Any] = []
 
@@ -653,7 +658,7 @@ def test_cleanup_running_while_a_retry_of_the_same_run_loads_deletes_nothing_unl
         while not stop.is_set():
             passes.extend(
                 cleanup_pending_runs(
-                    settings=settings, s3=pipeline.s3(), sf_conn=cleanup_conn, tables=[table]
+                    settings=settings, s3=background_s3, sf_conn=cleanup_conn, tables=[table]
                 )
             )
 
@@ -666,7 +671,7 @@ def test_cleanup_running_while_a_retry_of_the_same_run_loads_deletes_nothing_unl
         stop.set()
         cleaner.join(timeout=60)
         cleanup_conn.close()
-    final = cleanup_pending_runs(settings=settings, s3=s3, sf_conn=pipeline.sf_conn, tables=[table])
+    final = cleanup_pending_runs(settings=settings, s3=cleanup_s3, sf_conn=pipeline.sf_conn, tables=[table])
 
     # Then the retried file loaded on its delivery, and the run ends loaded with both files removed
     assert [(d.receive_count, d.failed) for d in recorder.for_key(second_file.key)] == [(1, False)]

@@ -218,7 +218,11 @@ def _replicate(
         for table in dataset.tables:
             manifests.append(
                 extract_table(
-                    settings=settings, pg_conn=pg_conn, s3=pipeline.s3(), table=table, file_format=file_format
+                    settings=settings,
+                    pg_conn=pg_conn,
+                    s3=pipeline.function_s3(Component.EXTRACTOR),
+                    table=table,
+                    file_format=file_format,
                 )
             )
     finally:

@@ -147,7 +147,11 @@ def local_aws() -> Iterator[LocalAws]:
 
 @pytest.fixture(scope="module")
 def local_snowflake(local_aws: LocalAws) -> Iterator[LocalSnowflake]:
-    server = start_local_snowflake(s3_endpoint_url=local_aws.endpoint_url)
+    server = start_local_snowflake(
+        s3_endpoint_url=local_aws.endpoint_url,
+        aws_access_key_id=local_aws.access_key_id,
+        aws_secret_access_key=local_aws.secret_access_key,
+    )
     yield server
     server.stop()
 
@@ -514,7 +518,11 @@ def test_handler_fails_exactly_the_bad_record(
         if [unquote_plus(r["s3"]["object"]["key"]) for r in b.get("Records", [])] == [bad_key]
     ]
     app = import_loader_app()
-    monkeypatch.setattr(app, "loader_runtime", lambda: Runtime(settings=settings, s3=s3, _snowflake=conn))
+    monkeypatch.setattr(
+        app,
+        "loader_runtime",
+        lambda: Runtime(settings=settings, session=local_aws.admin_session(), _snowflake=conn),
+    )
 
     # When the handler gets the batch
     response = app.handler(event, FakeLambdaContext())

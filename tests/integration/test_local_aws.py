@@ -62,11 +62,12 @@ def test_server_is_reachable_over_http(aws: LocalAws) -> None:
     assert aws.endpoint_url.startswith("http://127.0.0.1:")
     assert aws.env() == {
         "AWS_ENDPOINT_URL": aws.endpoint_url,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ACCESS_KEY_ID": aws.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": aws.secret_access_key,
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_REGION": "us-east-1",
     }
+    assert aws.access_key_id.startswith("AKIA")  # the local administrator's key, not a placeholder
     assert "Buckets" in aws.client("s3").list_buckets()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from lifecycle_support import (  # noqa: F401 - fixtures, registered by importing them
     FILES_PER_RUN,
+    cleanup_s3,
     corrupt,
     dispatcher,
     drain,
@@ -79,9 +80,10 @@ def test_run_whose_last_file_failed_keeps_its_files_and_shows_failed(
     dispatcher: SqsDispatcher,
     table: TableRef,
     capsys: pytest.CaptureFixture[str],
+    cleanup_s3: Any,
 ) -> None:
     # Given a staged run whose last file is corrupt, delivered through the queue to the loader
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     keys = [f.key for f in manifest.files]
     drain(sqs, stack.resources.queue_url)
     corrupt(s3, stack.resources.bucket, keys[-1])  # its notification is the one the loader gets
@@ -91,7 +93,7 @@ def test_run_whose_last_file_failed_keeps_its_files_and_shows_failed(
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
 
     # When cleanup runs, and status is asked for (core function, CLI table and CLI --json)
-    cleaned = cleanup_pending_runs(settings=settings, s3=s3, sf_conn=sf_conn, tables=[table])
+    cleaned = cleanup_pending_runs(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, tables=[table])
     report = collect_status(settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn, table=table)
     text = run_status_cli(stack, capsys, table.qualified)
     as_json = json.loads(run_status_cli(stack, capsys, table.qualified, "--json"))
@@ -122,12 +124,13 @@ def test_loaded_run_shows_loaded_rows_and_lag(
     dispatcher: SqsDispatcher,
     table: TableRef,
     capsys: pytest.CaptureFixture[str],
+    cleanup_s3: Any,
 ) -> None:
     # Given a run whose notifications all reach the loader, then a cleanup pass
-    manifest = stage_run(stack, pg_conn, s3, table)
+    manifest = stage_run(stack, pg_conn, table)
     stats = dispatcher.run_until_idle()
     settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
-    cleanup_pending_runs(settings=settings, s3=s3, sf_conn=sf_conn, tables=[table])
+    cleanup_pending_runs(settings=settings, s3=cleanup_s3, sf_conn=sf_conn, tables=[table])
 
     # When status is asked for every table
     report = collect_status(settings=settings, s3=s3, sqs=sqs, sf_conn=sf_conn)

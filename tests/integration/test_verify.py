@@ -357,7 +357,7 @@ def test_incremental_table_is_verified_up_to_the_watermark(
         manifest = extract_table(
             settings=stack.settings(Component.EXTRACTOR),
             pg_conn=extract_conn,
-            s3=stack.aws.client("s3"),
+            s3=stack.function_client(Component.EXTRACTOR, "s3"),
             table=table,
             file_format=FileFormat.CSV,
         )

@@ -956,3 +956,84 @@ def test_samconfig_schedules_only_allowlisted_tables(environment: str) -> None:
     allowlisted = set(overrides["ReplicatedTables"].split(","))
     scheduled = {entry.split("@", 1)[0] for entry in overrides["ExtractSchedules"].split(",")}
     assert scheduled <= allowlisted
+
+
+# ---------------------------------------------------------------- what the local stack cannot check
+# The local stack runs each function under its template policy, but moto evaluates only part of
+# IAM (docs/local-fidelity.md). Each gap it leaves is checked here, on the template itself.
+
+
+def test_loader_writes_only_run_manifests(cfn: dict[str, Any]) -> None:
+    # The loader marks a run loaded (pgsnow.cleanup.mark_run_complete_if_loaded); nothing else it may write.
+    writes = [
+        s["Resource"]
+        for role, s in iam_statements(cfn)
+        if role == "LoaderFunctionRole" and "s3:PutObject" in as_list(s["Action"])
+    ]
+    assert writes == [{"Fn::Sub": "${StageBucket.Arn}/_pgsnow/manifests/*"}]
+
+
+@pytest.mark.parametrize(
+    ("role", "prefixes"),
+    [
+        pytest.param("ExtractorFunctionRole", ["${S3StagePrefix}/*", "_pgsnow/*"], id="extractor"),
+        pytest.param("LoaderFunctionRole", ["${S3StagePrefix}/*", "_pgsnow/*"], id="loader"),
+        pytest.param("CleanupFunctionRole", ["${S3StagePrefix}/*", "_pgsnow/*"], id="cleanup"),
+        pytest.param("SnowflakeStorageRole", ["${S3StagePrefix}/*"], id="snowflake"),
+    ],
+)
+def test_every_listing_is_limited_to_pgsnows_prefixes(
+    cfn: dict[str, Any], role: str, prefixes: list[str]
+) -> None:
+    # moto ignores StringLike, so locally a listing outside these prefixes would be allowed.
+    listings = [
+        s
+        for name, s in iam_statements(cfn)
+        if name == role and {"s3:ListBucket", "s3:ListBucketVersions"} & set(as_list(s["Action"]))
+    ]
+    assert listings, f"{role} lists nothing"
+    for statement in listings:
+        assert statement["Resource"] == {"Fn::GetAtt": ["StageBucket", "Arn"]}
+        (operator,) = statement["Condition"]
+        assert operator == "StringLike"
+        allowed = [
+            p["Fn::Sub"] if isinstance(p, dict) else p
+            for p in statement["Condition"]["StringLike"]["s3:prefix"]
+        ]
+        assert allowed == prefixes
+
+
+def test_queue_policy_denies_requests_without_tls(cfn: dict[str, Any]) -> None:
+    # moto does not evaluate queue policies (resource-based); the deployed queue refuses plain HTTP.
+    statements = properties(cfn, "StageQueuePolicy")["PolicyDocument"]["Statement"]
+    (deny,) = [s for s in statements if s["Effect"] == "Deny"]
+    assert (deny["Principal"], deny["Action"]) == ("*", "sqs:*")
+    assert deny["Resource"] == {"Fn::GetAtt": ["StageQueue", "Arn"]}
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_function_roles_are_assumable_only_by_lambda(cfn: dict[str, Any], function: str) -> None:
+    # Locally the administrator assumes the roles in Lambda's place; deployed, only Lambda may.
+    trust = properties(cfn, f"{function}Role")["AssumeRolePolicyDocument"]["Statement"]
+    assert [(s["Effect"], s["Principal"], as_list(s["Action"])) for s in trust] == [
+        ("Allow", {"Service": ["lambda.amazonaws.com"]}, ["sts:AssumeRole"])
+    ]
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_function_roles_have_only_the_templates_own_and_aws_managed_policies(
+    cfn: dict[str, Any], function: str
+) -> None:
+    # The local roles get the template's inline statements only. SAM adds AWS managed policies:
+    # logs and X-Ray (nothing local writes them) and, for the loader, the SQS poller policy
+    # Lambda's event source mapping uses - locally the dispatcher polls in its place, as the
+    # administrator, so that policy is not exercised locally either.
+    role = properties(cfn, f"{function}Role")
+    managed = {str(arn).rsplit("/", 1)[-1] for arn in role.get("ManagedPolicyArns", [])}
+    assert managed <= {
+        "AWSLambdaBasicExecutionRole",
+        "AWSXrayWriteOnlyAccess",
+        "AWSLambdaVPCAccessExecutionRole",
+        "AWSLambdaSQSQueueExecutionRole",
+    }

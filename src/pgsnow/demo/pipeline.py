@@ -30,7 +30,6 @@ from pgsnow.local.stack import (
     SNOWFLAKE_DATABASE,
     LocalStack,
     load_function_handler,
-    process_environment,
     start_stack,
 )
 from pgsnow.verify import TableVerification, verify_table
@@ -101,7 +100,7 @@ def replicate_table(stack: LocalStack, table: TableRef, file_format: FileFormat,
         extract_table(
             settings=stack.settings(Component.EXTRACTOR),
             pg_conn=pg_conn,
-            s3=stack.aws.client("s3"),
+            s3=stack.function_client(Component.EXTRACTOR, "s3"),
             table=table,
             file_format=file_format,
         )
@@ -136,7 +135,6 @@ def run_demo(
     """
     from pgsnow.local.dispatcher import SqsDispatcher
     from pgsnow.postgres import connect
-    from pgsnow.runtime import reset_runtime
 
     report = progress or _quiet
     chosen_format = FileFormat(file_format)
@@ -155,8 +153,8 @@ def run_demo(
         stack.env["PGSNOW_PG_DSN"] = source_dsn
         stack.env["PGSNOW_TABLES"] = ",".join(t.qualified for t in chosen)
         results: list[TableComparison] = []
-        with process_environment(stack.env):
-            reset_runtime()  # the handlers cache settings; make them read this stack's
+        # The handlers read this stack's settings and run as their own template roles.
+        with stack.handlers():
             dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
             sf_conn = stack.snowflake_connection()
             pg_conn = connect(source_dsn)
@@ -174,7 +172,6 @@ def run_demo(
             finally:
                 pg_conn.close()
                 sf_conn.close()
-                reset_runtime()
         return results
     finally:
         stack.stop()

@@ -1,9 +1,10 @@
 """The local AWS side: a moto server over HTTP and the staging resources the SAM template declares.
 
-``start_local_aws()`` runs moto's ``ThreadedMotoServer`` in this process on a loopback port;
-everything talks to it over HTTP with ordinary boto3 clients (``LocalAws.client``), exactly
-like the deployed code talks to AWS. moto keeps its state per *process*, so two servers in
-one process share buckets and queues: use unique names.
+``start_local_aws()`` runs a moto server in a process of its own (``pgsnow.local.moto_server``)
+on a loopback port, with IAM enforced; everything talks to it over HTTP with ordinary boto3
+clients, exactly like the deployed code talks to AWS. ``LocalAws.client`` signs as the local
+administrator created at start-up; the functions' roles are in ``pgsnow.local.iam``. Each
+server has its own state (its own process), so stacks do not share buckets or queues.
 
 ``create_staging_resources()`` builds what ``template.yaml`` declares for the staging side:
 a versioned bucket, a dead-letter queue, the loader queue with its RedrivePolicy, a queue
@@ -21,8 +22,11 @@ configuration is set; it is left in the queue, because the loader must tolerate 
 from __future__ import annotations
 
 import json
-import logging
+import os
 import re
+import subprocess
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +40,8 @@ from pgsnow.errors import ConfigError
 from pgsnow.keys import normalise_prefix
 
 DEFAULT_REGION = "us-east-1"
-# moto accepts any credentials; these make it obvious nothing real is being used.
+# Used only for the calls moto lets through before IAM enforcement starts (they create the
+# local administrator); afterwards moto refuses them like any unknown key.
 LOCAL_ACCESS_KEY_ID = "testing"
 LOCAL_SECRET_ACCESS_KEY = "testing"  # noqa: S105 - a placeholder moto accepts, not a secret
 REPO_TEMPLATE = Path(__file__).resolve().parents[3] / "template.yaml"
@@ -70,23 +75,32 @@ DEFAULT_QUEUE_NOTIFICATIONS: tuple[QueueNotificationRule, ...] = tuple(
 
 @dataclass(frozen=True)
 class LocalAws:
-    """Where the moto server listens, and the fake credentials to use with it."""
+    """Where the moto server listens, and the local administrator's keys for it.
+
+    IAM is enforced: a request signed with any other keys than the administrator's, a role's
+    temporary credentials or another IAM user's keys is refused. ``client`` is for setting up and
+    inspecting (the stack, tests); code under test uses a function role's session
+    (``pgsnow.local.iam``).
+    """
 
     endpoint_url: str
     region: str
     access_key_id: str
     secret_access_key: str
-    _server: Any = field(default=None, repr=False, compare=False)
+    admin_user_arn: str = ""
+    _process: Any = field(default=None, repr=False, compare=False)
 
     def client(self, service: str) -> Any:
-        """A boto3 client for ``service`` pointed at the moto server."""
-        return boto3.client(
-            service,  # type: ignore[call-overload]
-            endpoint_url=self.endpoint_url,
-            region_name=self.region,
+        """A boto3 client for ``service`` pointed at the moto server, as the local administrator."""
+        return self.admin_session().client(service)
+
+    def admin_session(self) -> LocalSession:
+        """A session with the local administrator's keys whose clients reach the moto server."""
+        return LocalSession(
+            self.endpoint_url,
             aws_access_key_id=self.access_key_id,
             aws_secret_access_key=self.secret_access_key,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"}),
+            region_name=self.region,
         )
 
     def env(self) -> dict[str, str]:
@@ -101,26 +115,118 @@ class LocalAws:
 
     def stop(self) -> None:
         """Stop the server if this process started it."""
-        if self._server is not None:
-            self._server.stop()
+        if self._process is not None and self._process.poll() is None:
+            # Closing its stdin is the server's signal to stop (pgsnow.local.moto_server).
+            if self._process.stdin is not None:
+                self._process.stdin.close()
+            try:
+                self._process.wait(timeout=SERVER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if self._process is not None and self._process.stdout is not None:
+            self._process.stdout.close()
+
+
+class LocalSession(boto3.Session):
+    """A boto3 Session whose clients go to the moto server, whatever the process environment says.
+
+    Handlers build their clients with ``session.client(service)`` (pgsnow.runtime); the endpoint
+    travels with the session, so a role's session cannot reach anything but the local server.
+    """
+
+    def __init__(self, endpoint_url: str, **session_options: Any) -> None:
+        super().__init__(**session_options)
+        self.endpoint_url = endpoint_url
+
+    def client(self, service_name: str, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("endpoint_url", self.endpoint_url)
+        kwargs.setdefault("config", client_config())
+        return super().client(service_name, *args, **kwargs)  # type: ignore[call-overload]
+
+
+def client_config() -> Config:
+    """Path-style S3 addressing (moto on loopback has no bucket subdomains), standard retries."""
+    return Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"})
 
 
 def start_local_aws(port: int = 0, host: str = "127.0.0.1") -> LocalAws:
-    """Start a moto server in a background thread; ``port=0`` picks a free port."""
-    from moto.server import ThreadedMotoServer
+    """Start a moto server with IAM enforced, in a process of its own; ``port=0`` picks a free port.
 
-    # One access-log line per request drowns the test and CLI output.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
-    server.start()
-    bound_host, bound_port = server.get_host_and_port()
-    return LocalAws(
-        endpoint_url=f"http://{bound_host}:{bound_port}",
-        region=DEFAULT_REGION,
-        access_key_id=LOCAL_ACCESS_KEY_ID,
-        secret_access_key=LOCAL_SECRET_ACCESS_KEY,
-        _server=server,
+    moto lets the first ``INITIAL_NO_AUTH_ACTION_COUNT`` requests through unchecked; exactly that
+    many create the local administrator (a user with an ``Action: *`` inline policy and an
+    access key). Every later request must be signed by an IAM identity allowed to make it.
+    """
+    environment = {
+        **os.environ,
+        "INITIAL_NO_AUTH_ACTION_COUNT": str(len(_ADMIN_BOOTSTRAP_CALLS)),
+        "PYTHONUNBUFFERED": "1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pgsnow.local.moto_server", "--host", host, "--port", str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=environment,
+        text=True,
     )
+    try:
+        bound_port = _read_port(process)
+        endpoint_url = f"http://{host}:{bound_port}"
+        admin_arn, key_id, secret = _create_admin(endpoint_url, DEFAULT_REGION)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return LocalAws(
+        endpoint_url=endpoint_url,
+        region=DEFAULT_REGION,
+        access_key_id=key_id,
+        secret_access_key=secret,
+        admin_user_arn=admin_arn,
+        _process=process,
+    )
+
+
+SERVER_START_TIMEOUT_S = 60.0
+SERVER_STOP_TIMEOUT_S = 10.0
+LOCAL_ADMIN_USER = "pgsnow-local-admin"
+# The calls _create_admin makes before enforcement starts; moto counts each one.
+_ADMIN_BOOTSTRAP_CALLS = ("CreateUser", "PutUserPolicy", "CreateAccessKey")
+_ADMIN_POLICY = json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+)
+
+
+def _read_port(process: subprocess.Popen[str]) -> int:
+    """The port from the server's ``PORT <n>`` line; an error if it exits or stays silent."""
+    assert process.stdout is not None
+    ready: list[str] = []
+    reader = threading.Thread(target=lambda: ready.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(SERVER_START_TIMEOUT_S)
+    line = ready[0].strip() if ready else ""
+    if not line.startswith("PORT "):
+        raise RuntimeError(
+            f"the local moto server did not start (exit code {process.poll()}, first line {line!r})"
+        )
+    return int(line.split()[1])
+
+
+def _create_admin(endpoint_url: str, region: str) -> tuple[str, str, str]:
+    """Create the local administrator with the unchecked calls; (user ARN, key id, secret)."""
+    iam = boto3.client(
+        "iam",
+        endpoint_url=endpoint_url,
+        region_name=region,
+        aws_access_key_id=LOCAL_ACCESS_KEY_ID,
+        aws_secret_access_key=LOCAL_SECRET_ACCESS_KEY,
+        # A retried call would use up an unchecked call and leave a later one refused.
+        config=Config(retries={"max_attempts": 1, "mode": "standard"}),
+    )
+    user_arn = str(iam.create_user(UserName=LOCAL_ADMIN_USER)["User"]["Arn"])
+    iam.put_user_policy(UserName=LOCAL_ADMIN_USER, PolicyName="administrator", PolicyDocument=_ADMIN_POLICY)
+    key = iam.create_access_key(UserName=LOCAL_ADMIN_USER)["AccessKey"]
+    return user_arn, str(key["AccessKeyId"]), str(key["SecretAccessKey"])
 
 
 @dataclass(frozen=True)
@@ -262,9 +368,7 @@ def notification_rules_from_template(template_path: Path) -> tuple[QueueNotifica
     Parameters resolve to their ``Default``; ``!Ref``, ``!Sub`` and ``!Join`` are understood.
     A rule whose event or suffix cannot be resolved is a ConfigError.
     """
-    template = yaml.load(template_path.read_text(encoding="utf-8"), Loader=_CloudFormationLoader)  # noqa: S506 - a SafeLoader subclass
-    if not isinstance(template, Mapping):
-        raise ConfigError([f"{template_path} is not a CloudFormation template"])
+    template = load_template(template_path)
     parameters = {
         str(name): str(spec["Default"])
         for name, spec in (template.get("Parameters") or {}).items()
@@ -304,21 +408,158 @@ def _rule_from_template(
 
 def _resolve(value: Any, parameters: Mapping[str, str]) -> str | None:
     """A template value as text, or None when it depends on something only CloudFormation knows."""
-    if isinstance(value, str | int | float):
-        return str(value)
-    if not isinstance(value, Mapping) or len(value) != 1:
-        return None
-    ((function, argument),) = value.items()
-    if function == "Ref":
-        return parameters.get(str(argument))
-    if function == "Fn::Sub":
-        text, variables = (argument, {}) if isinstance(argument, str) else (argument[0], argument[1])
-        known = {**parameters, **{k: _resolve(v, parameters) for k, v in variables.items()}}
-        names = _SUB_PLACEHOLDER.findall(text)
-        if any(known.get(name) is None for name in names):
+    return TemplateResolver(parameters).text(value)
+
+
+def load_template(template_path: Path) -> Mapping[str, Any]:
+    """``template_path`` parsed, with the short intrinsic tags in their long form."""
+    template = yaml.load(template_path.read_text(encoding="utf-8"), Loader=_CloudFormationLoader)  # noqa: S506 - a SafeLoader subclass
+    if not isinstance(template, Mapping):
+        raise ConfigError([f"{template_path} is not a CloudFormation template"])
+    return template
+
+
+class Unresolvable(Exception):
+    """A template value needs something only CloudFormation knows (or the caller did not give)."""
+
+
+class _NoValue:
+    """``AWS::NoValue``: the property or list item is dropped."""
+
+
+NO_VALUE = _NoValue()
+
+
+class TemplateResolver:
+    """Resolves CloudFormation intrinsics in a template value, the way a deployment would.
+
+    ``references`` answers ``Ref`` (parameters, pseudo parameters such as ``AWS::Region``,
+    and resources whose physical ids the caller knows, e.g. ``StageBucket`` -> bucket name);
+    a CommaDelimitedList parameter is a list. ``attributes`` answers ``Fn::GetAtt`` and
+    ``${Resource.Attribute}`` in ``Fn::Sub`` (``"StageBucket.Arn"``). ``conditions`` are the
+    template's ``Conditions``, evaluated on demand for ``Fn::If``.
+    """
+
+    def __init__(
+        self,
+        references: Mapping[str, Any],
+        *,
+        attributes: Mapping[str, str] | None = None,
+        conditions: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.references = references
+        self.attributes = attributes or {}
+        self.conditions = conditions or {}
+
+    def text(self, value: Any) -> str | None:
+        """``value`` as text, or None when it cannot be resolved to one."""
+        try:
+            resolved = self.resolve(value)
+        except Unresolvable:
             return None
-        return _SUB_PLACEHOLDER.sub(lambda match: str(known[match.group(1)]), text)
-    if function == "Fn::Join" and isinstance(argument, list) and len(argument) == 2:
-        parts = [_resolve(part, parameters) for part in argument[1]]
-        return None if any(part is None for part in parts) else str(argument[0]).join(parts)  # type: ignore[arg-type]
-    return None
+        if isinstance(resolved, bool):
+            return "true" if resolved else "false"
+        return str(resolved) if isinstance(resolved, str | int | float) else None
+
+    def resolve(self, value: Any) -> Any:
+        """``value`` with every intrinsic replaced; ``NO_VALUE`` items are removed from lists and maps."""
+        if isinstance(value, list):
+            items = [self.resolve(item) for item in value]
+            return [item for item in items if item is not NO_VALUE]
+        if not isinstance(value, Mapping):
+            return value
+        if len(value) == 1:
+            ((function, argument),) = value.items()
+            if function == "Ref" or str(function).startswith("Fn::") or function == "Condition":
+                return self._intrinsic(str(function), argument)
+        resolved = {key: self.resolve(item) for key, item in value.items()}
+        return {key: item for key, item in resolved.items() if item is not NO_VALUE}
+
+    def condition(self, name: str) -> bool:
+        if name not in self.conditions:
+            raise Unresolvable(f"no condition {name}")
+        return bool(self.resolve(self.conditions[name]))
+
+    def _intrinsic(self, function: str, argument: Any) -> Any:
+        if function == "Ref":
+            if argument == "AWS::NoValue":
+                return NO_VALUE
+            if argument not in self.references:
+                raise Unresolvable(f"Ref {argument}")
+            return self.references[argument]
+        if function == "Fn::GetAtt":
+            name = ".".join(argument) if isinstance(argument, list) else str(argument)
+            if name not in self.attributes:
+                raise Unresolvable(f"GetAtt {name}")
+            return self.attributes[name]
+        if function == "Fn::Sub":
+            return self._sub(argument)
+        if function == "Fn::Join":
+            separator, parts = argument
+            resolved = self.resolve(parts)
+            return str(separator).join(str(part) for part in resolved)
+        if function == "Fn::Split":
+            separator, text = argument
+            return str(self.resolve(text)).split(str(separator))
+        if function == "Fn::Select":
+            index, items = argument
+            return self.resolve(items)[int(self.resolve(index))]
+        if function == "Fn::If":
+            name, if_true, if_false = argument
+            return self.resolve(if_true if self.condition(str(name)) else if_false)
+        if function == "Condition":
+            return self.condition(str(argument))
+        if function == "Fn::Equals":
+            left, right = (self.resolve(item) for item in argument)
+            return _comparable(left) == _comparable(right)
+        if function == "Fn::Not":
+            return not self.resolve(argument[0])
+        if function == "Fn::And":
+            return all(self.resolve(item) for item in argument)
+        if function == "Fn::Or":
+            return any(self.resolve(item) for item in argument)
+        raise Unresolvable(function)
+
+    def _sub(self, argument: Any) -> str:
+        text, variables = (argument, {}) if isinstance(argument, str) else (argument[0], argument[1])
+        local = {name: self.resolve(item) for name, item in variables.items()}
+
+        def replace(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name in local:
+                return str(local[name])
+            if name in self.references:
+                return str(self.references[name])
+            if name in self.attributes:
+                return self.attributes[name]
+            raise Unresolvable(f"Sub ${{{name}}}")
+
+        return _SUB_PLACEHOLDER.sub(replace, str(text))
+
+
+def _comparable(value: Any) -> Any:
+    # CloudFormation compares a CommaDelimitedList's joined text with a string in Fn::Equals.
+    return ",".join(str(item) for item in value) if isinstance(value, list) else str(value)
+
+
+def template_references(template: Mapping[str, Any], values: Mapping[str, str]) -> dict[str, Any]:
+    """Every parameter's value: ``values`` first, then the template's ``Default``.
+
+    A CommaDelimitedList parameter becomes a list, as ``Ref`` gives it in CloudFormation.
+    A parameter with neither is left out (a ``Ref`` to it is Unresolvable).
+    """
+    references: dict[str, Any] = {}
+    for name, spec in (template.get("Parameters") or {}).items():
+        if not isinstance(spec, Mapping):
+            continue
+        if name in values:
+            raw: Any = values[name]
+        elif "Default" in spec:
+            raw = spec["Default"]
+        else:
+            continue
+        if spec.get("Type") == "CommaDelimitedList":
+            references[str(name)] = [item.strip() for item in str(raw).split(",")]
+        else:
+            references[str(name)] = str(raw)
+    return references

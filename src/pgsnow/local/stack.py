@@ -7,6 +7,12 @@ then creates the Snowflake database, control schema and external stage. The
 functions' handlers read their configuration through ``Settings.from_env``,
 so ``LocalStack.env`` holds the variables that point them at these servers.
 Used by ``pgsnow local up``, ``pgsnow demo`` and the integration tests.
+
+IAM is enforced by the moto server, and each function runs as its own role, created from the
+template's policies (``pgsnow.local.iam``): ``LocalStack.handlers()`` puts the environment in
+place and gives each function's handler its role's session; ``function_client`` is that
+role's client for code that calls core functions directly. ``LocalStack.aws.client`` is the
+local administrator's, for setting up and inspecting only.
 """
 
 from __future__ import annotations
@@ -48,6 +54,36 @@ class LocalStack:
     env: dict[str, str]
     _stoppers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     snowpipe: Any = None  # pgsnow.local.snowpipe.LocalSnowpipe (its url is SNOWPIPE_HOST)
+    roles: dict[Component, Any] = field(default_factory=dict)  # pgsnow.local.iam.FunctionRole
+    sessions: dict[Component, Any] = field(default_factory=dict, repr=False)  # the roles' boto3 sessions
+
+    def function_session(self, component: Component) -> Any:
+        """The boto3 session of ``component``'s role (temporary, refreshing credentials)."""
+        if component not in self.sessions:
+            raise ConfigError([f"the local stack has no role for {component.value}"])
+        return self.sessions[component]
+
+    def function_client(self, component: Component, service: str) -> Any:
+        """A client of ``component``'s role, for code that calls a core function directly."""
+        return self.function_session(component).client(service)
+
+    @contextmanager
+    def handlers(self) -> Iterator[None]:
+        """The functions' handlers, run in this process, see this stack: its environment is in
+        ``os.environ`` and each function builds its AWS clients from its own role's session.
+        Cached handler state is reset on the way in and out."""
+        from pgsnow.runtime import reset_runtime, use_aws_session
+
+        with process_environment(self.env):
+            for component, session in self.sessions.items():
+                use_aws_session(component, session)
+            reset_runtime()
+            try:
+                yield
+            finally:
+                for component in self.sessions:
+                    use_aws_session(component, None)
+                reset_runtime()
 
     def settings(self, component: Component = Component.LOCAL) -> Settings:
         return Settings.from_env(self.env, component=component)
@@ -152,9 +188,18 @@ def start_stack(
     visibility_timeout: int = 30,
     max_receive_count: int = 3,
     progress: ProgressCallback = _quiet,
+    template_path: Path | None = None,
+    template_parameters: Mapping[str, str] | None = None,
 ) -> LocalStack:
-    """Start every local server and create the AWS and Snowflake objects; ``stop()`` ends them."""
+    """Start every local server and create the AWS and Snowflake objects; ``stop()`` ends them.
+
+    The bucket notification and the functions' roles come from ``template_path`` (default: the
+    repository's ``template.yaml``); ``template_parameters`` are deploy-time parameter values
+    the roles depend on (e.g. ``CleanupArchivePrefix``), over the stack's own
+    (``pgsnow.local.iam.stack_parameters``).
+    """
     from pgsnow.local.aws import create_staging_resources, start_local_aws
+    from pgsnow.local.iam import create_function_roles, role_session, stack_parameters
     from pgsnow.local.postgres import start_local_postgres
     from pgsnow.local.snowflake import start_local_snowflake
     from pgsnow.local.snowpipe import start_local_snowpipe
@@ -165,7 +210,7 @@ def start_stack(
         progress("starting PostgreSQL")
         postgres = start_local_postgres(pg_dsn, data_dir / "pgdata")
         stoppers.append(postgres.stop)
-        progress("starting the moto server (S3, SQS)")
+        progress("starting the moto server (S3, SQS, IAM enforced)")
         aws = start_local_aws()
         stoppers.append(aws.stop)
         resources = create_staging_resources(
@@ -174,7 +219,19 @@ def start_stack(
             prefix=DEFAULT_PREFIX,
             visibility_timeout=visibility_timeout,
             max_receive_count=max_receive_count,
+            template_path=template_path,
         )
+        progress("creating the functions' roles from the template")
+        roles = create_function_roles(
+            aws,
+            resources,
+            template_path=template_path,
+            parameters=stack_parameters(resources, **(template_parameters or {})),
+        )
+        sessions = {
+            component: role_session(aws, role.arn, f"pgsnow-local-{component.value}")
+            for component, role in roles.items()
+        }
         progress("starting the local Snowflake")
         snowflake = start_local_snowflake(
             s3_endpoint_url=aws.endpoint_url,
@@ -198,7 +255,7 @@ def start_stack(
         )
         # LOAD_METHOD=snowpipe reaches the local endpoint here (it also needs SNOWPIPE_NAME and a key).
         env["SNOWPIPE_HOST"] = snowpipe.url
-        stack = LocalStack(postgres.dsn, aws, resources, snowflake, env, stoppers, snowpipe)
+        stack = LocalStack(postgres.dsn, aws, resources, snowflake, env, stoppers, snowpipe, roles, sessions)
         sf_conn = stack.snowflake_connection()
         try:
             create_snowflake_objects(sf_conn, stack.settings(Component.LOADER))
