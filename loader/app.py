@@ -59,7 +59,16 @@ def load_sqs_batch(records: list[SQSRecord]) -> BatchFiles:
     staged = batch.all_staged()
     if staged:
         sf_conn = runtime.snowflake()
-        outcomes = load_batch(settings=settings, sf_conn=sf_conn, s3=runtime.s3, objects=staged)
+        # The loader's own session: without a storage integration Snowflake reads S3 with its
+        # credentials (the credentials method); ignored with an integration.
+        outcomes = load_batch(
+            settings=settings,
+            sf_conn=sf_conn,
+            s3=runtime.s3,
+            objects=staged,
+            aws_credentials=runtime.session,
+            snowpipe=runtime.snowpipe(),
+        )
         for outcome in outcomes:
             batch.outcomes[outcome.staged.key] = outcome
             record_outcome_metrics(outcome)

@@ -91,6 +91,7 @@ class Runtime:
     _clients: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _snowflake: Any = field(default=None, repr=False)
+    _snowpipe: Any = field(default=None, repr=False)
 
     def client(self, service: str) -> Any:
         """The cached client of ``service`` made from this function's session."""
@@ -118,6 +119,20 @@ class Runtime:
         if self._snowflake is None or self._snowflake.is_closed():
             self._snowflake = connect(self.settings.snowflake, secrets_client=self._secrets_if_needed())
         return self._snowflake
+
+    def snowpipe(self) -> Any:
+        """LOAD_METHOD=snowpipe: one Snowpipe REST client per container (its key pair read from the
+        Snowflake secret with this function's own Secrets Manager client); None for other methods."""
+        from pgsnow.config import LoadMethod
+        from pgsnow.snowpipe import snowpipe_client_from_settings
+
+        if self.settings.load.method is not LoadMethod.SNOWPIPE:
+            return None
+        if self._snowpipe is None:
+            self._snowpipe = snowpipe_client_from_settings(
+                self.settings.snowflake, self.settings.load.snowpipe_host, secrets_client=self.secretsmanager
+            )
+        return self._snowpipe
 
     def postgres_dsn(self) -> str:
         """``postgres_dsn`` with this function's Secrets Manager client."""

@@ -184,18 +184,18 @@ def build_create_stage(
     bucket: str,
     prefix: str,
     storage_integration: str | None,
+    replace: bool = False,
 ) -> str:
-    """The external stage over the staging prefix (``s3://{bucket}/{prefix}/``).
+    """The external stage over the staging prefix (``s3://{bucket}/{prefix}/``); ``replace`` makes
+    it ``CREATE OR REPLACE`` (kept otherwise, so a setup can be re-run).
 
     It authenticates with the storage integration. Without one (the credentials method) no
     permanent stage is needed: the loader reads through ``build_create_temporary_stage``.
     """
     url = f"s3://{bucket}/{prefix.strip('/')}/"
     integration = f" STORAGE_INTEGRATION = {quote_ident(storage_integration)}" if storage_integration else ""
-    return (
-        f"CREATE STAGE IF NOT EXISTS {quote_qualified(database, control_schema, stage)}"
-        f" URL = {string_literal(url)}{integration}"
-    )
+    create = "CREATE OR REPLACE STAGE" if replace else "CREATE STAGE IF NOT EXISTS"
+    return f"{create} {quote_qualified(database, control_schema, stage)} URL = {string_literal(url)}{integration}"
 
 
 def ledger_name(database: str, control_schema: str) -> str:

@@ -35,7 +35,7 @@ from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat
 from pgsnow.local.dispatcher import SqsDispatcher
-from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, load_function_handler
+from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, StorageAccess, load_function_handler
 from pgsnow.manifest import RunManifest
 from pgsnow.postgres import connect
 from pgsnow.snowflake import LEDGER_TABLE
@@ -260,6 +260,31 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineHarne
             for_handlers=True,
             visibility_timeout=VISIBILITY_TIMEOUT_S,
             max_receive_count=MAX_RECEIVE_COUNT,
+        ) as local,
+        snowflake_session(local) as sf_conn,
+    ):
+        yield PipelineHarness(local, source_dsn, schema, setup_conn, sf_conn)
+
+
+@pytest.fixture(scope="module", params=list(StorageAccess), ids=[access.value for access in StorageAccess])
+def pipeline_by_storage_access(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PipelineHarness]:
+    """``pipeline``, once with a storage integration (Snowflake reads S3 as the template's storage
+    role, within the integration's allowed locations) and once with the credentials method (the
+    loader's own temporary credentials in a temporary stage)."""
+    access: StorageAccess = request.param
+    with (
+        new_source_schema(f"pgsnow_{access.value}") as (source_dsn, schema),
+        autocommit_connection(source_dsn) as setup_conn,
+        running_stack(
+            source_dsn,
+            tmp_path_factory.mktemp(access.value),
+            f"pgsnow-{access.value[:5]}",
+            for_handlers=True,
+            visibility_timeout=VISIBILITY_TIMEOUT_S,
+            max_receive_count=MAX_RECEIVE_COUNT,
+            storage_access=access,
         ) as local,
         snowflake_session(local) as sf_conn,
     ):

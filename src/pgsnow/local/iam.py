@@ -264,6 +264,22 @@ def create_snowflake_user(admin_aws: LocalAws, name: str = "pgsnow-local-snowfla
     return IamUser(name, arn, str(key["AccessKeyId"]), str(key["SecretAccessKey"]))
 
 
+def expected_storage_role_arn(
+    admin_aws: LocalAws,
+    resources: StagingResources,
+    *,
+    params: Mapping[str, str],
+    template_path: Path | None = None,
+) -> str:
+    """The ARN ``create_storage_role`` will give the template's storage role (its name is fixed by
+    the template, so the integration can name it before the role exists, as deployed)."""
+    template = load_template(template_path or REPO_TEMPLATE)
+    resolver = template_resolver(
+        template, {**stack_parameters(resources), **params}, resources=resources, region=admin_aws.region
+    )
+    return f"arn:{LOCAL_PARTITION}:iam::{LOCAL_ACCOUNT_ID}:role/{storage_role_name(template, resolver)}"
+
+
 def create_storage_role(
     admin_aws: LocalAws,
     *,

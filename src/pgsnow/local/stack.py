@@ -20,9 +20,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -160,22 +161,110 @@ def stack_environment(
     }
 
 
+class StorageAccess(StrEnum):
+    """How the local Snowflake is allowed to read the staging bucket, as a deployment chooses."""
+
+    # A storage integration: Snowflake's IAM user assumes the template's storage role (with the
+    # integration's external ID) and may read only the integration's allowed locations.
+    INTEGRATION = "integration"
+    # The credentials method (no integration): the loader hands Snowflake its own role's
+    # temporary credentials in a temporary stage (docs/deploy.md).
+    CREDENTIALS = "credentials"
+
+
+LOCAL_STORAGE_INTEGRATION = "PGSNOW_S3"
+
+
 def create_snowflake_objects(sf_conn: Any, settings: Settings) -> None:
-    """The target database, the control schema and the external stage over the staging prefix."""
+    """The target database and the control schema, and the external stage when an integration is
+    configured, created with the statement ``pgsnow snowflake-sql`` prints.
+
+    The stage is replaced on every start: one kept in ``data_dir`` from an earlier start may name
+    another bucket or no integration. The credentials method needs no permanent stage: the
+    loader's temporary stage hides any left from an earlier start, in its own session."""
+    from pgsnow.snowflake import build_create_stage
+
     database = settings.snowflake.database or SNOWFLAKE_DATABASE
     control = settings.snowflake.control_schema
-    # The stage URL cannot be bound; it is built from our validated bucket name and prefix.
-    url = f"s3://{settings.bucket}/{settings.prefix}/".replace("'", "''")
     cur = sf_conn.cursor()
     try:
         cur.execute(f"CREATE DATABASE IF NOT EXISTS {quote_ident(database)}")
         cur.execute(f"USE DATABASE {quote_ident(database)}")
         cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_qualified(database, control)}")
-        cur.execute(
-            f"CREATE STAGE IF NOT EXISTS {quote_qualified(database, control, settings.snowflake.stage)} URL='{url}'"
-        )
+        if settings.snowflake.storage_integration:
+            cur.execute(
+                build_create_stage(
+                    database,
+                    control,
+                    settings.snowflake.stage,
+                    bucket=settings.bucket,
+                    prefix=settings.prefix,
+                    storage_integration=settings.snowflake.storage_integration,
+                    replace=True,
+                )
+            )
     finally:
         cur.close()
+
+
+def create_storage_integration(
+    sf_conn: Any,
+    aws: Any,
+    resources: Any,
+    *,
+    template_path: Path | None,
+    parameters: Mapping[str, str],
+    allowed_locations: Sequence[str] | None = None,
+) -> str:
+    """The storage integration and the role it assumes, as docs/deploy.md sets them up.
+
+    Runs ``pgsnow snowflake-sql``'s own statements (CREATE STORAGE INTEGRATION, its ALTER, DESC
+    INTEGRATION) on the local Snowflake, then creates the template's ``SnowflakeStorageRole`` in moto
+    with the IAM user and external ID that DESC reported - the template's second deploy.
+    ``allowed_locations`` replaces the integration's locations (tests narrow them on purpose).
+    Returns the integration's name."""
+    from pgsnow.local.iam import create_storage_role, expected_storage_role_arn
+    from pgsnow.setup_sql import SetupOptions, build_setup_steps
+    from pgsnow.snowflake import string_literal
+
+    role_arn = expected_storage_role_arn(aws, resources, template_path=template_path, params=parameters)
+    options = SetupOptions(
+        database=SNOWFLAKE_DATABASE,
+        schema="PGSNOW",
+        role="PGSNOW_LOADER",
+        bucket=resources.bucket,
+        prefix=resources.prefix,
+        integration=LOCAL_STORAGE_INTEGRATION,
+        aws_role_arn=role_arn,
+    )
+    integration_statements = [
+        statement
+        for step in build_setup_steps(options)
+        for statement in step.statements
+        if "STORAGE INTEGRATION" in statement or statement.startswith("DESC INTEGRATION")
+    ]
+    if allowed_locations is not None:
+        integration_statements.insert(
+            -1,
+            f"ALTER STORAGE INTEGRATION {quote_ident(LOCAL_STORAGE_INTEGRATION)} SET STORAGE_ALLOWED_LOCATIONS = "
+            f"({', '.join(string_literal(url) for url in allowed_locations)})",
+        )
+    cur = sf_conn.cursor()
+    try:
+        for statement in integration_statements:
+            cur.execute(statement)
+        described = {str(row[0]): str(row[2]) for row in cur.fetchall()}
+    finally:
+        cur.close()
+    create_storage_role(
+        aws,
+        iam_user_arn=described["STORAGE_AWS_IAM_USER_ARN"],
+        external_id=described["STORAGE_AWS_EXTERNAL_ID"],
+        params=parameters,
+        resources=resources,
+        template_path=template_path,
+    )
+    return LOCAL_STORAGE_INTEGRATION
 
 
 def start_stack(
@@ -190,8 +279,16 @@ def start_stack(
     progress: ProgressCallback = _quiet,
     template_path: Path | None = None,
     template_parameters: Mapping[str, str] | None = None,
+    storage_access: StorageAccess = StorageAccess.INTEGRATION,
+    storage_allowed_prefixes: Sequence[str] | None = None,
 ) -> LocalStack:
     """Start every local server and create the AWS and Snowflake objects; ``stop()`` ends them.
+
+    The local Snowflake reads S3 only as Snowflake would: through the storage integration and
+    the template's storage role (``storage_access=INTEGRATION``, allowed locations as ``pgsnow
+    snowflake-sql`` prints them unless ``storage_allowed_prefixes``, key prefixes in the stack's
+    bucket, replace them), or with the
+    loader's own temporary credentials (``CREDENTIALS``, no integration).
 
     The bucket notification and the functions' roles come from ``template_path`` (default: the
     repository's ``template.yaml``); ``template_parameters`` are deploy-time parameter values
@@ -199,8 +296,9 @@ def start_stack(
     (``pgsnow.local.iam.stack_parameters``).
     """
     from pgsnow.local.aws import create_staging_resources, start_local_aws
-    from pgsnow.local.iam import create_function_roles, role_session, stack_parameters
+    from pgsnow.local.iam import create_function_roles, create_snowflake_user, role_session, stack_parameters
     from pgsnow.local.postgres import start_local_postgres
+    from pgsnow.local.sf_access import SnowflakeAwsIdentity
     from pgsnow.local.snowflake import start_local_snowflake
     from pgsnow.local.snowpipe import start_local_snowpipe
 
@@ -222,23 +320,23 @@ def start_stack(
             template_path=template_path,
         )
         progress("creating the functions' roles from the template")
-        roles = create_function_roles(
-            aws,
-            resources,
-            template_path=template_path,
-            parameters=stack_parameters(resources, **(template_parameters or {})),
-        )
+        parameters = stack_parameters(resources, **(template_parameters or {}))
+        roles = create_function_roles(aws, resources, template_path=template_path, parameters=parameters)
         sessions = {
             component: role_session(aws, role.arn, f"pgsnow-local-{component.value}")
             for component, role in roles.items()
         }
-        progress("starting the local Snowflake")
+        progress("starting the local Snowflake (it reads S3 only as its stages allow)")
+        # Snowflake's own AWS principal: the IAM user a storage integration reports, which may
+        # only assume roles that trust it.
+        snowflake_user = create_snowflake_user(aws)
         snowflake = start_local_snowflake(
             s3_endpoint_url=aws.endpoint_url,
-            aws_access_key_id=aws.access_key_id,
-            aws_secret_access_key=aws.secret_access_key,
             region=aws.region,
             data_dir=data_dir / "snowflake",
+            snowflake_aws_identity=SnowflakeAwsIdentity(
+                snowflake_user.arn, snowflake_user.access_key_id, snowflake_user.secret_access_key
+            ),
         )
         stoppers.append(snowflake.stop)
         progress("starting the local Snowpipe REST endpoint")
@@ -258,6 +356,20 @@ def start_stack(
         stack = LocalStack(postgres.dsn, aws, resources, snowflake, env, stoppers, snowpipe, roles, sessions)
         sf_conn = stack.snowflake_connection()
         try:
+            if storage_access is StorageAccess.INTEGRATION:
+                progress("creating the storage integration and the role it assumes")
+                env["SNOWFLAKE_STORAGE_INTEGRATION"] = create_storage_integration(
+                    sf_conn,
+                    aws,
+                    resources,
+                    template_path=template_path,
+                    parameters=parameters,
+                    allowed_locations=None
+                    if storage_allowed_prefixes is None
+                    else [f"s3://{resources.bucket}/{prefix}" for prefix in storage_allowed_prefixes],
+                )
+            else:
+                env["SNOWFLAKE_STORAGE_INTEGRATION"] = ""
             create_snowflake_objects(sf_conn, stack.settings(Component.LOADER))
         finally:
             sf_conn.close()
