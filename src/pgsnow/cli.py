@@ -85,7 +85,18 @@ def add_demo_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         "--scale", type=_positive_float, default=1.0, help="sample shop size (1.0 = 200K lines)"
     )
     parser.add_argument("--verbose", action="store_true", help="show the functions' JSON logs")
+    _add_storage_access(parser)
     parser.set_defaults(run=run_demo_command)
+
+
+def _add_storage_access(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-access",
+        choices=["integration", "credentials"],
+        default="integration",
+        help="how the local Snowflake may read the bucket: a storage integration (its role and allowed "
+        "locations) or the loader's own temporary credentials (no integration; docs/deploy.md)",
+    )
 
 
 def _quiet_handler_logs(verbose: bool) -> None:
@@ -113,6 +124,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         progress=_progress,
         scale=args.scale,
         verifications=verifications,
+        storage_access=args.storage_access,
     )
     for line in format_report([(r.table.qualified, r.source_rows, r.snowflake_rows, r.ok) for r in results]):
         print(line)
@@ -136,6 +148,7 @@ def add_local_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     up = local_commands.add_parser("up", help="run the stack and the loader until Ctrl-C")
     up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     up.add_argument("--pg-dsn")
+    _add_storage_access(up)
     up.set_defaults(run=run_local_up)
 
     query = local_commands.add_parser(
@@ -161,6 +174,12 @@ def describe_stack(stack: Any) -> list[str]:
         f"Snowflake       http://{env['SNOWFLAKE_HOST']}:{env['SNOWFLAKE_PORT']}"
         f"  user {env['SNOWFLAKE_USER']} password {env['SNOWFLAKE_PASSWORD']}"
         f" database {env['SNOWFLAKE_DATABASE']}",
+        "Snowflake reads S3 "
+        + (
+            f"through storage integration {env['SNOWFLAKE_STORAGE_INTEGRATION']} (the template's storage role)"
+            if env.get("SNOWFLAKE_STORAGE_INTEGRATION")
+            else "with the loader role's temporary credentials (no storage integration)"
+        ),
         "",
         "Drop a file (the loader picks it up):",
         f"  aws s3 cp --endpoint-url {stack.aws.endpoint_url} my_file.csv.gz s3://{stack.resources.bucket}/{example_key}",
@@ -179,9 +198,14 @@ def _shell_quote(value: str) -> str:
 
 def run_local_up(args: argparse.Namespace) -> int:
     from pgsnow.local.dispatcher import SqsDispatcher
-    from pgsnow.local.stack import load_function_handler, start_stack
+    from pgsnow.local.stack import StorageAccess, load_function_handler, start_stack
 
-    stack = start_stack(pg_dsn=args.pg_dsn, data_dir=args.data_dir, progress=_progress)
+    stack = start_stack(
+        pg_dsn=args.pg_dsn,
+        data_dir=args.data_dir,
+        progress=_progress,
+        storage_access=StorageAccess(args.storage_access),
+    )
     try:
         # Each function's handler runs as its own template role (pgsnow.local.iam).
         with stack.handlers():

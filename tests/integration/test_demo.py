@@ -327,10 +327,14 @@ def test_compare_reports_a_missing_snowflake_table(
 # ----------------------------------------------------------------------------- the whole demo
 
 
-@pytest.mark.parametrize("file_format", ["csv", "parquet"])
-def test_run_demo_replicates_the_sample_shop(file_format: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("file_format", "storage_access"),
+    [("csv", "integration"), ("parquet", "integration"), ("csv", "credentials")],
+)
+def test_run_demo_replicates_the_sample_shop(file_format: str, storage_access: str, tmp_path: Path) -> None:
     # Given nothing named: the demo creates the sample shop on the local PostgreSQL
-    # When it runs extractor -> S3 -> SQS -> loader -> cleanup for every table
+    # When it runs extractor -> S3 -> SQS -> loader -> cleanup for every table, the local Snowflake
+    # reading S3 through the storage integration or with the loader's credentials
     results = run_demo(
         pg_dsn=None,
         tables=None,
@@ -339,6 +343,7 @@ def test_run_demo_replicates_the_sample_shop(file_format: str, tmp_path: Path) -
         data_dir=tmp_path,
         progress=None,
         scale=0.02,
+        storage_access=storage_access,
     )
     # Then every table arrives complete and identical
     assert [r.table.qualified for r in results] == [f"shop.{name}" for name in SAMPLE_TABLES]

@@ -29,6 +29,7 @@ from pgsnow.keys import FileFormat
 from pgsnow.local.stack import (
     SNOWFLAKE_DATABASE,
     LocalStack,
+    StorageAccess,
     load_function_handler,
     start_stack,
 )
@@ -127,6 +128,7 @@ def run_demo(
     progress: ProgressCallback | None = None,
     scale: float = 1.0,
     verifications: list[TableVerification] | None = None,
+    storage_access: str = "integration",
 ) -> list[TableComparison]:
     """Replicate each table through the local pipeline and compare it with its source.
 
@@ -139,7 +141,13 @@ def run_demo(
     report = progress or _quiet
     chosen_format = FileFormat(file_format)
     use_sample = pg_dsn is None and not tables and schema is None
-    stack = start_stack(pg_dsn=pg_dsn, data_dir=data_dir, file_format=chosen_format.value, progress=report)
+    stack = start_stack(
+        pg_dsn=pg_dsn,
+        data_dir=data_dir,
+        file_format=chosen_format.value,
+        progress=report,
+        storage_access=StorageAccess(storage_access),
+    )
     try:
         source_dsn, chosen = _prepare_source(
             admin_dsn=stack.pg_dsn,
