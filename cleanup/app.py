@@ -9,32 +9,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools.metrics import MetricUnit, single_metric
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pgsnow.cleanup import CleanupResult, cleanup_pending_runs
-from pgsnow.observability import NAMESPACE, logger, metrics
+from pgsnow.observability import logger, metrics, record_table_metric
 from pgsnow.runtime import cleanup_runtime
 from pgsnow.sweeper import SweepResult, sweep_orphans
 
 
-def record_table_metric(name: str, table: str, value: float, unit: MetricUnit = MetricUnit.Count) -> None:
-    """One metric with the table as a dimension (one pass covers many tables)."""
-    if value == 0:
-        return
-    with single_metric(name=name, unit=unit, value=value, namespace=NAMESPACE) as metric:
-        metric.add_dimension(name="table", value=table)
+def record_nonzero_metric(name: str, table: str, value: float, unit: MetricUnit = MetricUnit.Count) -> None:
+    """A table's metric, left out when zero (one pass covers every table)."""
+    if value:
+        record_table_metric(name, table, value, unit)
 
 
 def record_metrics(results: list[CleanupResult], sweep: SweepResult) -> None:
     for result in results:
-        record_table_metric("FilesDeleted", result.table, len(result.deleted_keys))
-        record_table_metric("BytesDeleted", result.table, result.deleted_bytes, MetricUnit.Bytes)
+        record_nonzero_metric("FilesDeleted", result.table, len(result.deleted_keys))
+        record_nonzero_metric("BytesDeleted", result.table, result.deleted_bytes, MetricUnit.Bytes)
     for table, counts in sweep.counts_by_table().items():
-        record_table_metric("OrphansFound", table, counts["found"])
-        record_table_metric("OrphansReenqueued", table, counts["reenqueued"])
-        record_table_metric("OrphansAbandoned", table, counts["abandoned"] + counts["unloadable"])
-        record_table_metric("OrphansDeleted", table, counts["deleted"])
+        record_nonzero_metric("OrphansFound", table, counts["found"])
+        record_nonzero_metric("OrphansReenqueued", table, counts["reenqueued"])
+        record_nonzero_metric("OrphansAbandoned", table, counts["abandoned"] + counts["unloadable"])
+        record_nonzero_metric("OrphansDeleted", table, counts["deleted"])
     metrics.add_metric(name="FilesDeleted", unit=MetricUnit.Count, value=len(sweep.deleted_keys))
     metrics.add_metric(name="BytesDeleted", unit=MetricUnit.Bytes, value=sweep.deleted_bytes)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools.metrics import MetricUnit, single_metric
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
@@ -21,28 +21,22 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pgsnow.errors import PgSnowError
 from pgsnow.events import BatchFiles, parse_sqs_batch
 from pgsnow.load import FileOutcome, LoadStatus, load_batch, settle_completed_runs
-from pgsnow.observability import NAMESPACE, logger
+from pgsnow.observability import logger, record_table_metric
 from pgsnow.runtime import loader_runtime
 
 processor = BatchProcessor(event_type=EventType.SQS)
 
 
-def record_table_metric(name: str, table: str, value: float = 1, unit: MetricUnit = MetricUnit.Count) -> None:
-    """One metric with the table as a dimension (a batch may hold several tables)."""
-    with single_metric(name=name, unit=unit, value=value, namespace=NAMESPACE) as metric:
-        metric.add_dimension(name="table", value=table)
-
-
 def record_outcome_metrics(outcome: FileOutcome) -> None:
     if outcome.error is not None:
-        record_table_metric("FilesFailed", outcome.error.table or outcome.staged.table.qualified)
+        record_table_metric("FilesFailed", outcome.error.table or outcome.staged.table.qualified, 1)
         return
     result = outcome.result
     assert result is not None
     if result.status is LoadStatus.ALREADY_LOADED:
-        record_table_metric("FilesSkipped", result.table)
+        record_table_metric("FilesSkipped", result.table, 1)
         return
-    record_table_metric("FilesLoaded", result.table)
+    record_table_metric("FilesLoaded", result.table, 1)
     record_table_metric("RowsLoaded", result.table, result.rows)
     record_table_metric("CopyDuration", result.table, result.duration_ms, MetricUnit.Milliseconds)
     if result.errors_seen:
