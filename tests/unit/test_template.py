@@ -979,7 +979,7 @@ def test_loader_writes_only_run_manifests(cfn: dict[str, Any]) -> None:
         pytest.param("ExtractorFunctionRole", ["${S3StagePrefix}/*", "_pgsnow/*"], id="extractor"),
         pytest.param("LoaderFunctionRole", ["${S3StagePrefix}/*", "_pgsnow/*"], id="loader"),
         pytest.param("CleanupFunctionRole", ["${S3StagePrefix}/*", "_pgsnow/*"], id="cleanup"),
-        pytest.param("SnowflakeStorageRole", ["${S3StagePrefix}/*"], id="snowflake"),
+        pytest.param("SnowflakeStorageRole", ["${S3StagePrefix}/*", "_pgsnow/keys/*"], id="snowflake"),
     ],
 )
 def test_every_listing_is_limited_to_pgsnows_prefixes(
