@@ -13,8 +13,10 @@ own fixtures; these names are distinct from theirs so nothing is overridden by a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -247,23 +249,32 @@ class PipelineHarness:
             self.sqs().send_message(QueueUrl=self.stack.resources.queue_url, MessageBody=body)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineHarness]:
-    """One local stack and one source schema per module; the handlers read this stack's environment."""
+@contextmanager
+def pipeline_harness(name: str, data_dir: Path, **stack_options: Any) -> Iterator[PipelineHarness]:
+    """A source schema ``{name}_<hex>``, a local stack started with ``stack_options`` whose
+    handlers run as their roles, and a Snowflake session on it; all ended afterwards."""
     with (
-        new_source_schema("pgsnow_proof") as (source_dsn, schema),
+        new_source_schema(name) as (source_dsn, schema),
         autocommit_connection(source_dsn) as setup_conn,
         running_stack(
             source_dsn,
-            tmp_path_factory.mktemp("proof"),
-            "pgsnow-proof",
+            data_dir,
+            name.replace("_", "-")[:14],
             for_handlers=True,
             visibility_timeout=VISIBILITY_TIMEOUT_S,
             max_receive_count=MAX_RECEIVE_COUNT,
+            **stack_options,
         ) as local,
         snowflake_session(local) as sf_conn,
     ):
         yield PipelineHarness(local, source_dsn, schema, setup_conn, sf_conn)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineHarness]:
+    """One local stack and one source schema per module; the handlers read this stack's environment."""
+    with pipeline_harness("pgsnow_proof", tmp_path_factory.mktemp("proof")) as harness:
+        yield harness
 
 
 @pytest.fixture(scope="module", params=list(StorageAccess), ids=[access.value for access in StorageAccess])
@@ -274,21 +285,19 @@ def pipeline_by_storage_access(
     role, within the integration's allowed locations) and once with the credentials method (the
     loader's own temporary credentials in a temporary stage)."""
     access: StorageAccess = request.param
-    with (
-        new_source_schema(f"pgsnow_{access.value}") as (source_dsn, schema),
-        autocommit_connection(source_dsn) as setup_conn,
-        running_stack(
-            source_dsn,
-            tmp_path_factory.mktemp(access.value),
-            f"pgsnow-{access.value[:5]}",
-            for_handlers=True,
-            visibility_timeout=VISIBILITY_TIMEOUT_S,
-            max_receive_count=MAX_RECEIVE_COUNT,
-            storage_access=access,
-        ) as local,
-        snowflake_session(local) as sf_conn,
-    ):
-        yield PipelineHarness(local, source_dsn, schema, setup_conn, sf_conn)
+    with pipeline_harness(
+        f"pgsnow_{access.value}", tmp_path_factory.mktemp(access.value), storage_access=access
+    ) as harness:
+        yield harness
+
+
+@pytest.fixture
+def narrowed_pipeline(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PipelineHarness]:
+    """``pipeline`` for one test, its stack started with the options that ``request.param`` (a
+    function of the test's ``tmp_path``) returns: indirect parametrization narrows one boundary."""
+    stack_options: Callable[[Path], dict[str, Any]] = request.param
+    with pipeline_harness("pgsnow_narrowed", tmp_path / "stack", **stack_options(tmp_path)) as harness:
+        yield harness
 
 
 @pytest.fixture

@@ -12,24 +12,18 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import PipelineHarness
-from stack_support import (
-    MAX_RECEIVE_COUNT,
-    VISIBILITY_TIMEOUT_S,
-    autocommit_connection,
-    new_source_schema,
-    running_stack,
-    snowflake_session,
-)
 
 from pgsnow.config import Component
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat
 from pgsnow.local.aws import REPO_TEMPLATE
 from pgsnow.local.stack import SNOWFLAKE_DATABASE
+
+if TYPE_CHECKING:  # the fixtures' types, from this directory's conftest.py
+    from conftest import PipelineHarness, RecordingLoader
 
 pytestmark = pytest.mark.integration
 
@@ -51,9 +45,15 @@ NOT_THE_FUNCTIONS_LOGS = ("fakesnow", "uvicorn", "pgsnow.local", "botocore", "bo
 
 
 def replicate(
-    pipeline: PipelineHarness, table: TableRef, file_format: FileFormat, options: dict[str, Any]
-) -> None:
-    """One extractor run (as the extractor role), delivered through the queue to the loader handler."""
+    pipeline: PipelineHarness,
+    table: TableRef,
+    file_format: FileFormat,
+    options: dict[str, Any],
+    *,
+    failing: bool = False,
+) -> RecordingLoader:
+    """One extractor run (as the extractor role), delivered through the queue to the loader handler,
+    which must fail no delivery unless ``failing``."""
     pipeline.extract(
         table,
         file_format,
@@ -62,8 +62,10 @@ def replicate(
     )
     recorder, dispatcher = pipeline.loader()
     dispatcher.run_until_idle()
-    failed = [d for d in recorder.deliveries if d.failed]
-    assert failed == [], f"the loader failed deliveries: {failed}"
+    if not failing:
+        failed = [d for d in recorder.deliveries if d.failed]
+        assert failed == [], f"the loader failed deliveries: {failed}"
+    return recorder
 
 
 def soft_deleted_ids(pipeline: PipelineHarness, table: TableRef) -> list[int]:
@@ -159,70 +161,60 @@ def test_the_loaders_credentials_appear_in_no_log_line(
 # --------------------------------------------------------------------------- Snowflake's side, narrowed on purpose
 
 
-def storage_role_without_key_lists(tmp_path: Path) -> Path:
-    """A copy of template.yaml whose SnowflakeStorageRole may read the stage but not the run key lists."""
+def storage_role_without_key_lists(tmp_path: Path) -> dict[str, Any]:
+    """Stack options: a copy of template.yaml whose SnowflakeStorageRole may read the stage but not
+    the run key lists."""
     text = REPO_TEMPLATE.read_text(encoding="utf-8")
     grant = '                  - !Sub "${StageBucket.Arn}/_pgsnow/keys/*"\n'
     assert text.count(grant) == 1
     path = tmp_path / "template.yaml"
     path.write_text(text.replace(grant, ""), encoding="utf-8")
-    return path
+    return {"template_path": path}
+
+
+def integration_without_key_lists(_tmp_path: Path) -> dict[str, Any]:
+    """Stack options: an integration whose allowed locations are the staging prefix alone."""
+    return {"storage_allowed_prefixes": ["staging/"]}
 
 
 @pytest.mark.parametrize(
-    ("narrowed", "refusal"),
+    ("narrowed_pipeline", "refusal"),
     [
-        pytest.param("allowed-locations", "not allowed", id="integration-without-the-key-list-location"),
-        pytest.param("storage-role", "Access Denied", id="storage-role-without-the-key-list-grant"),
+        pytest.param(
+            integration_without_key_lists, "not allowed", id="integration-without-the-key-list-location"
+        ),
+        pytest.param(
+            storage_role_without_key_lists, "Access Denied", id="storage-role-without-the-key-list-grant"
+        ),
     ],
+    indirect=["narrowed_pipeline"],
 )
 def test_deletes_need_the_key_lists_inside_snowflakes_boundaries(
-    tmp_path: Path, narrowed: str, refusal: str, every_log_record: pytest.LogCaptureFixture
+    narrowed_pipeline: PipelineHarness, refusal: str, every_log_record: pytest.LogCaptureFixture
 ) -> None:
     # Given a stack whose integration allows only the staging prefix, or whose storage role (from an
-    # edited template) may not read the key lists
-    options: dict[str, Any] = (
-        {"storage_allowed_prefixes": ["staging/"]}
-        if narrowed == "allowed-locations"
-        else {"template_path": storage_role_without_key_lists(tmp_path)}
+    # edited template) may not read the key lists, and a table with three rows
+    pipeline = narrowed_pipeline
+    table = pipeline.table("orders")
+    pipeline.create_table(table, "id integer PRIMARY KEY, label text", "VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+
+    # When a run with deletes is replicated
+    recorder = replicate(
+        pipeline,
+        table,
+        FileFormat.CSV,
+        {"mode": "full", "write_mode": "merge", "deletes": "hard"},
+        failing=True,
     )
-    with (
-        new_source_schema("pgsnow_narrowed") as (source_dsn, schema),
-        autocommit_connection(source_dsn) as setup_conn,
-        running_stack(
-            source_dsn,
-            tmp_path / "stack",
-            "pgsnow-narrow",
-            for_handlers=True,
-            visibility_timeout=VISIBILITY_TIMEOUT_S,
-            max_receive_count=MAX_RECEIVE_COUNT,
-            **options,
-        ) as local,
-        snowflake_session(local) as sf_conn,
-    ):
-        pipeline = PipelineHarness(local, source_dsn, schema, setup_conn, sf_conn)
-        table = pipeline.table("orders")
-        pipeline.create_table(
-            table, "id integer PRIMARY KEY, label text", "VALUES (1, 'a'), (2, 'b'), (3, 'c')"
-        )
-        with_deletes = {"mode": "full", "write_mode": "merge", "deletes": "hard"}
 
-        # When a run with deletes is replicated
-        pipeline.extract(
-            table,
-            s3=local.function_client(Component.EXTRACTOR, "s3"),
-            PGSNOW_TABLE_OPTIONS=json.dumps({table.qualified: with_deletes}),
-        )
-        recorder, dispatcher = pipeline.loader()
-        dispatcher.run_until_idle()
-
-        # Then the data file loads (the stage is allowed) but the key list's COPY is refused as
-        # Snowflake refuses it, the run is not marked applied, and it ends in the dead-letter queue
-        failed = [d for d in recorder.deliveries if d.failed]
-        assert failed, "the loader accepted a key list Snowflake may not read"
-        assert pipeline.target_count(table) == 3
-        assert pipeline.dead_letter_keys()
-        failure_logs = [
-            r.getMessage() for r in every_log_record.records if r.getMessage().startswith("record failed")
-        ]
-        assert failure_logs and all(refusal in line for line in failure_logs), failure_logs[:1]
+    # Then the data file loads (the stage is allowed) but the key list's COPY is refused as
+    # Snowflake refuses it, and the file's message ends in the dead-letter queue
+    assert [d for d in recorder.deliveries if d.failed], (
+        "the loader accepted a key list Snowflake may not read"
+    )
+    assert pipeline.target_count(table) == 3
+    assert pipeline.dead_letter_keys()
+    failure_logs = [
+        r.getMessage() for r in every_log_record.records if r.getMessage().startswith("record failed")
+    ]
+    assert failure_logs and all(refusal in line for line in failure_logs), failure_logs[:1]
