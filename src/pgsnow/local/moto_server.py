@@ -10,7 +10,7 @@ process's environment, reads the bound port from the first line this prints
 (``PORT <n>``), and stops it by closing its stdin (or terminating it). The server also stops
 when the parent dies, because its stdin then reaches end-of-file.
 
-Three behaviours of moto 5.2 are changed here, and only in this process (docs/local-fidelity.md):
+These behaviours of moto 5.2 are changed here, and only in this process (docs/local-fidelity.md):
 
 * A PutObject carrying ``If-Match`` or ``If-None-Match`` is checked and applied under one lock.
   moto checks the condition and then writes, so two conditional writers with the same base ETag
