@@ -37,6 +37,7 @@ from psycopg2 import sql
 
 from pgsnow.checkpoint import ChunkRecord, Lease, LeaseLostError, RunCheckpoint, StateStore, Watermark
 from pgsnow.config import DeleteMode, ExtractMode, Settings, StagedFormat, TableOptions, ValuePolicy
+from pgsnow.csv_records import parse_csv_record
 from pgsnow.errors import PermanentError, PgSnowError
 from pgsnow.formats import (
     CopyPipe,
@@ -44,7 +45,6 @@ from pgsnow.formats import (
     ParquetWriter,
     WrittenFile,
     open_arrow_csv,
-    parse_csv_record,
 )
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, new_run_id

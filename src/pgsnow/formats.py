@@ -18,7 +18,6 @@ the CSV path (docs/performance.md).
 from __future__ import annotations
 
 import builtins
-import csv
 import hashlib
 import io
 import threading
@@ -37,19 +36,6 @@ from isal import igzip
 
 from pgsnow.manifest import Column
 from pgsnow.typemap import ValueKind
-
-# Python's csv module refuses a field over 128 KiB by default (a process-wide limit). A staged
-# record holds whole PostgreSQL values (documents, HTML, JSON of any size), so pgsnow reads its
-# own records without that limit; memory is bounded by the one record being read.
-_UNLIMITED_FIELD_SIZE = 2**31 - 1
-
-
-def parse_csv_record(text: str) -> list[str]:
-    """The fields of one CSV record (header or data row) in pgsnow's encoding, whatever their size."""
-    if csv.field_size_limit() < _UNLIMITED_FIELD_SIZE:
-        csv.field_size_limit(_UNLIMITED_FIELD_SIZE)
-    return next(csv.reader([text]), [])
-
 
 CSV_GZIP_LEVEL = 1
 # isal ships no annotations for GzipFile; this is its (gzip.GzipFile-compatible) signature.

@@ -33,8 +33,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from snowflake.connector.errors import Error as SnowflakeDriverError
 
 from pgsnow.config import DeleteMode, LoadMethod, Settings, WriteMode
+from pgsnow.csv_records import parse_csv_record
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
-from pgsnow.formats import parse_csv_record
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX, FileFormat, StagedObject, is_run_id, manifest_key
 from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
