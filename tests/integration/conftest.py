@@ -13,6 +13,7 @@ own fixtures; these names are distinct from theirs so nothing is overridden by a
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from pgsnow.keys import FileFormat
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, StorageAccess, load_function_handler
 from pgsnow.manifest import RunManifest
+from pgsnow.observability import SERVICE
 from pgsnow.postgres import connect
 from pgsnow.snowflake import LEDGER_TABLE
 from pgsnow.verify import TableVerification, prepare_snowflake_session, verify_table
@@ -298,6 +300,21 @@ def narrowed_pipeline(request: pytest.FixtureRequest, tmp_path: Path) -> Iterato
     stack_options: Callable[[Path], dict[str, Any]] = request.param
     with pipeline_harness("pgsnow_narrowed", tmp_path / "stack", **stack_options(tmp_path)) as harness:
         yield harness
+
+
+@pytest.fixture
+def every_log_record(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Every log record at DEBUG: the functions' Powertools logger (which does not propagate to the
+    root logger) and the Snowflake connector's own included."""
+    connector = logging.getLogger("snowflake.connector")
+    functions = logging.getLogger(SERVICE)
+    level = connector.level
+    connector.setLevel(logging.DEBUG)
+    caplog.set_level(logging.DEBUG)
+    functions.addHandler(caplog.handler)
+    yield caplog
+    functions.removeHandler(caplog.handler)
+    connector.setLevel(level)
 
 
 @pytest.fixture

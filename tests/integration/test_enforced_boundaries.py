@@ -9,8 +9,6 @@ credentials method). Each run, in CSV and Parquet, must pass ``pgsnow verify``.
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +19,7 @@ from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat
 from pgsnow.local.aws import REPO_TEMPLATE
 from pgsnow.local.stack import SNOWFLAKE_DATABASE
+from pgsnow.observability import SERVICE
 
 if TYPE_CHECKING:  # the fixtures' types, from this directory's conftest.py
     from conftest import PipelineHarness, RecordingLoader
@@ -40,7 +39,6 @@ RUNS = [
 # Excluded from the search: the local servers' own logs, and the AWS SDK's wire logs, which at
 # DEBUG print every signed request header and the AssumeRole answer by design (pgsnow never turns
 # them on; Lambda's default level is INFO). Everything pgsnow and the Snowflake connector log is searched.
-POWERTOOLS_SERVICE = "pgsnow"  # the functions' logger (POWERTOOLS_SERVICE_NAME of the local stack)
 NOT_THE_FUNCTIONS_LOGS = ("fakesnow", "uvicorn", "pgsnow.local", "botocore", "boto3", "s3transfer")
 
 
@@ -113,21 +111,6 @@ def test_runs_verify_through_the_enforced_boundaries(
         assert pipeline.target_count(table) == (39 if removes_rows else 42)
 
 
-@pytest.fixture
-def every_log_record(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Every log record at DEBUG: the functions' Powertools logger (which does not propagate to the
-    root logger) and the Snowflake connector's own included."""
-    connector = logging.getLogger("snowflake.connector")
-    functions = logging.getLogger(POWERTOOLS_SERVICE)
-    level = connector.level
-    connector.setLevel(logging.DEBUG)
-    caplog.set_level(logging.DEBUG)
-    functions.addHandler(caplog.handler)
-    yield caplog
-    functions.removeHandler(caplog.handler)
-    connector.setLevel(level)
-
-
 def test_the_loaders_credentials_appear_in_no_log_line(
     pipeline_by_storage_access: PipelineHarness,
     every_log_record: pytest.LogCaptureFixture,
@@ -150,7 +133,7 @@ def test_the_loaders_credentials_appear_in_no_log_line(
     assert pipeline.verify(table).ok
     client_records = [r for r in every_log_record.records if not r.name.startswith(NOT_THE_FUNCTIONS_LOGS)]
     assert any(r.name.startswith("snowflake.connector") for r in client_records)
-    assert any(r.name == POWERTOOLS_SERVICE and r.getMessage() == "run applied" for r in client_records)
+    assert any(r.name == SERVICE and r.getMessage() == "run applied" for r in client_records)
     for record in client_records:
         text = f"{record.getMessage()} {record.args!r} {record.__dict__!r} {record.exc_text or ''}"
         assert not any(secret in text for secret in secrets), record.name

@@ -11,7 +11,6 @@ temporary credentials (STS GetSessionToken), so the loads work either way.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -214,27 +213,16 @@ def assert_no_secret_in_error(error: BaseException, secrets: list[str]) -> None:
             assert secret not in f"{link} {link!r} {vars(link)!r}", type(link).__name__
 
 
-@pytest.fixture
-def debug_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Every log record at DEBUG, the connector's own included."""
-    connector = logging.getLogger("snowflake.connector")
-    level = connector.level
-    connector.setLevel(logging.DEBUG)
-    caplog.set_level(logging.DEBUG)
-    yield caplog
-    connector.setLevel(level)
-
-
 def test_credentials_never_reach_a_log_record_or_an_error(
     settings: Settings,
     s3: Any,
     sf_conn: Any,
     loader_session: LoaderSession,
-    debug_logs: pytest.LogCaptureFixture,
+    every_log_record: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     secrets = secret_values(loader_session.credentials)
-    debug_logs.clear()
+    every_log_record.clear()
     # Given a loaded first run, loaded with the credentials method at DEBUG level everywhere
     first = parse_data_key(stage_run(s3, settings, RUN_1, [1, 2, 3], "hard"), settings.prefix)
     load_staged_files(
@@ -267,6 +255,6 @@ def test_credentials_never_reach_a_log_record_or_an_error(
     assert failed_copy.value.run_id == RUN_2
     for error in (failed_copy.value, failed_stage.value):
         assert_no_secret_in_error(error, secrets)
-    assert_no_secret_in_logs(debug_logs, capsys.readouterr().out, secrets)
+    assert_no_secret_in_logs(every_log_record, capsys.readouterr().out, secrets)
     # and the data did not change: the deletes were not applied
     assert order_ids(sf_conn, settings) == [1, 2, 3]
