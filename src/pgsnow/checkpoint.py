@@ -12,6 +12,9 @@ loader's notification never sees it):
   format, watermark before, safe point). Only the lease holder writes it.
 * ``watermark.json``: the incremental cursor value the next run starts from; advanced only
   after the run's manifest is ``staged``.
+* ``columns.json``: the columns (with their Snowflake types) of the table's last staged run,
+  written with that run's manifest. The next run compares its own columns with these before
+  staging anything (schema drift, the scale an unbounded ``numeric`` column was given).
 
 docs/extraction.md describes the protocol.
 """
@@ -29,7 +32,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX, FileFormat
-from pgsnow.manifest import StagedFile, _file_from_json, _file_to_json  # the manifest's file encoding
+from pgsnow.manifest import (  # the manifest's own encodings of files and columns
+    Column,
+    StagedFile,
+    _file_from_json,
+    _file_to_json,
+    column_from_json,
+    column_to_json,
+)
 from pgsnow.staging import classify_s3_error
 
 STATE_VERSION = 1
@@ -49,6 +59,21 @@ def checkpoint_key(table: TableRef, run_id: str) -> str:
 
 def watermark_key(table: TableRef) -> str:
     return state_prefix(table) + "watermark.json"
+
+
+def published_columns_key(table: TableRef) -> str:
+    return state_prefix(table) + "columns.json"
+
+
+@dataclass(frozen=True)
+class PublishedColumns:
+    """The columns of a table's last staged run, as its manifest described them."""
+
+    run_id: str
+    columns: tuple[Column, ...]
+
+    def column(self, name: str) -> Column | None:
+        return next((c for c in self.columns if c.name == name), None)
 
 
 class RunInProgressError(RetryableError):
@@ -345,3 +370,19 @@ class StateStore:
             "run_id": watermark.run_id,
         }
         self._put(watermark_key(table), json.dumps(body).encode())
+
+    def load_published_columns(self, table: TableRef) -> PublishedColumns | None:
+        """The columns of the table's last staged run; None before its first."""
+        key = published_columns_key(table)
+        found = self._get(key)
+        if found is None:
+            return None
+        try:
+            body = json.loads(found[0])
+            return PublishedColumns(str(body["run_id"]), tuple(column_from_json(c) for c in body["columns"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PermanentError(f"malformed published columns state: {exc!r}", s3_key=key) from exc
+
+    def save_published_columns(self, table: TableRef, published: PublishedColumns) -> None:
+        body = {"run_id": published.run_id, "columns": [column_to_json(c) for c in published.columns]}
+        self._put(published_columns_key(table), json.dumps(body).encode())

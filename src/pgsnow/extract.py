@@ -35,7 +35,15 @@ import psycopg2
 import pyarrow as pa
 from psycopg2 import sql
 
-from pgsnow.checkpoint import ChunkRecord, Lease, LeaseLostError, RunCheckpoint, StateStore, Watermark
+from pgsnow.checkpoint import (
+    ChunkRecord,
+    Lease,
+    LeaseLostError,
+    PublishedColumns,
+    RunCheckpoint,
+    StateStore,
+    Watermark,
+)
 from pgsnow.config import DeleteMode, ExtractMode, Settings, StagedFormat, TableOptions, ValuePolicy
 from pgsnow.csv_records import parse_csv_record
 from pgsnow.errors import PermanentError, PgSnowError
@@ -663,6 +671,7 @@ def extract_table(
             # The watermark moves only once the run's manifest says staged.
             if manifest.cursor_column and watermark_after is not None:
                 store.save_watermark(table, Watermark(manifest.cursor_column, watermark_after, run_id))
+            store.save_published_columns(table, PublishedColumns(run_id, manifest.columns))
             store.save_checkpoint(run.checkpoint.evolve(state=RunState.STAGED.value, timings=timings))
             store.release_lease(run.lease)
     except _StopForDeadline:  # pragma: no cover - caught inside _stage_chunks

@@ -117,9 +117,7 @@ class RunManifest:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "primary_key": list(self.primary_key),
-            "columns": [
-                {**asdict(c), "kind": c.kind.value, "snowflake_name": c.snowflake_name} for c in self.columns
-            ],
+            "columns": [column_to_json(c) for c in self.columns],
             "files": [_file_to_json(f) for f in self.files],
             "total_rows": self.total_rows,
             "cursor_column": self.cursor_column,
@@ -141,19 +139,7 @@ class RunManifest:
             if body.get("format_version") != MANIFEST_VERSION:
                 raise PermanentError(f"unsupported manifest format_version {body.get('format_version')!r}")
             table = TableRef(body["table"]["schema"], body["table"]["name"])
-            columns = tuple(
-                Column(
-                    name=c["name"],
-                    pg_type=c["pg_type"],
-                    base_type=c["base_type"],
-                    kind=ValueKind(c["kind"]),
-                    snowflake_type=c["snowflake_type"],
-                    nullable=bool(c["nullable"]),
-                    precision=c.get("precision"),
-                    scale=c.get("scale"),
-                )
-                for c in body["columns"]
-            )
+            columns = tuple(column_from_json(c) for c in body["columns"])
             check_no_collisions((c.name for c in columns), what="column", table=table.qualified)
             files = tuple(_file_from_json(f) for f in body.get("files", []))
             return cls(
@@ -182,6 +168,24 @@ class RunManifest:
             raise
         except (ValueError, KeyError, TypeError) as exc:
             raise PermanentError(f"malformed manifest: {exc!r}", s3_key=s3_key) from exc
+
+
+def column_to_json(column: Column) -> dict[str, Any]:
+    """A column as the manifest (and the table's published-columns state) writes it."""
+    return {**asdict(column), "kind": column.kind.value, "snowflake_name": column.snowflake_name}
+
+
+def column_from_json(body: dict[str, Any]) -> Column:
+    return Column(
+        name=body["name"],
+        pg_type=body["pg_type"],
+        base_type=body["base_type"],
+        kind=ValueKind(body["kind"]),
+        snowflake_type=body["snowflake_type"],
+        nullable=bool(body["nullable"]),
+        precision=body.get("precision"),
+        scale=body.get("scale"),
+    )
 
 
 def _file_to_json(staged: StagedFile) -> dict[str, Any]:

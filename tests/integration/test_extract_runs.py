@@ -554,3 +554,32 @@ def test_unbounded_numeric_exact_in_parquet_under_clamp(
     body = s3.get_object(Bucket=bucket, Key=manifest.files[0].key)["Body"].read()
     values = pq.read_table(io.BytesIO(body)).column("v").to_pylist()
     assert values == [Decimal("12345.6789000000"), Decimal("9" * 28 + "." + "9" * 10)]
+
+
+def test_a_staged_run_publishes_its_columns_for_the_next_run(
+    admin: Any, schema_name: str, s3: Any, bucket: str, pg_dsn: str, pg_conn: Any
+) -> None:
+    # Given a table extracted once
+    table = new_table(admin, schema_name, "shape", "id integer PRIMARY KEY, price numeric(10,2) NOT NULL")
+    settings = settings_for(bucket, pg_dsn, table)
+    store = StateStore(s3, bucket)
+    assert store.load_published_columns(table) is None
+    first = extract_table(settings=settings, pg_conn=pg_conn, s3=s3, table=table)
+
+    # Then the table's state holds that run's columns, exactly as its manifest describes them
+    published = store.load_published_columns(table)
+    assert published is not None and published.run_id == first.run_id
+    assert published.columns == first.columns
+    assert (
+        published.column("price") is not None and published.column("price").snowflake_type == "NUMBER(10,2)"
+    )
+
+    # And the next run, after a column is added, replaces them with its own
+    with admin.cursor() as cur:
+        cur.execute(
+            sql.SQL("ALTER TABLE {} ADD COLUMN note text").format(sql.Identifier(table.schema, table.table))
+        )
+    second = extract_table(settings=settings, pg_conn=pg_conn, s3=s3, table=table)
+    published = store.load_published_columns(table)
+    assert published is not None and published.run_id == second.run_id
+    assert [c.name for c in published.columns] == ["id", "price", "note"]
