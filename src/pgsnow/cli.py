@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -19,12 +20,11 @@ from typing import Any
 from pgsnow.cli_setup import add_snowflake_sql_command
 from pgsnow.cli_status import add_status_command
 from pgsnow.cli_verify import add_verify_command
-from pgsnow.errors import PgSnowError
+from pgsnow.errors import PermanentError, PgSnowError
 from pgsnow.identifiers import TableRef
 
 CommandRegistrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 DEFAULT_DATA_DIR = Path(".pgsnow")
-UNUSED_S3_ENDPOINT = "http://127.0.0.1:9"  # discard port: `local sql` reads no stage
 
 
 def _progress(message: str) -> None:
@@ -121,9 +121,9 @@ def quiet_function_logs(verbose: bool) -> None:
     for handler in logging.getLogger(logger.name).handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(sys.stderr)
+    logging.getLogger("sqlglot").setLevel(logging.ERROR)
     if not verbose:
         logger.setLevel(logging.WARNING)
-        logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -211,10 +211,17 @@ def _shell_quote(value: str) -> str:
     return shlex.quote(value)
 
 
+def _interrupt(_signal: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_local_up(args: argparse.Namespace) -> int:
     from pgsnow.local.dispatcher import SqsDispatcher
     from pgsnow.local.stack import StorageAccess, load_function_handler, start_stack
 
+    quiet_function_logs(verbose=True)  # the loader's log is what `local up` shows, on stderr
+    # `kill` (SIGTERM) stops the stack as Ctrl-C does: servers stopped, files flushed and unlocked.
+    signal.signal(signal.SIGTERM, _interrupt)
     stack = start_stack(
         pg_dsn=args.pg_dsn,
         data_dir=args.data_dir,
@@ -241,27 +248,26 @@ def run_local_up(args: argparse.Namespace) -> int:
 
 
 def run_local_sql(args: argparse.Namespace) -> int:
+    """Through the running ``pgsnow local up`` when there is one (it holds the files), else on the files."""
     import snowflake.connector
+    from snowflake.connector.errors import Error as SnowflakeError
 
-    from pgsnow.local.snowflake import start_local_snowflake
+    from pgsnow.local.snowflake import open_local_snowflake
 
-    # Plain queries read only the persisted tables; no S3 endpoint is needed, so none is given a real one.
-    local_snowflake = start_local_snowflake(
-        s3_endpoint_url=UNUSED_S3_ENDPOINT, data_dir=args.data_dir / "snowflake"
-    )
-    try:
-        conn = snowflake.connector.connect(**local_snowflake.connect_kwargs())
+    with open_local_snowflake(args.data_dir / "snowflake") as connect_kwargs:
         try:
-            cur = conn.cursor()
-            cur.execute(args.statement)
-            if cur.description:
-                print("\t".join(column[0] for column in cur.description))
-                for row in cur:
-                    print("\t".join("NULL" if value is None else str(value) for value in row))
-        finally:
-            conn.close()
-    finally:
-        local_snowflake.stop()
+            conn = snowflake.connector.connect(**connect_kwargs)
+            try:
+                cur = conn.cursor()
+                cur.execute(args.statement)
+                if cur.description:
+                    print("\t".join(column[0] for column in cur.description))
+                    for row in cur:
+                        print("\t".join("NULL" if value is None else str(value) for value in row))
+            finally:
+                conn.close()
+        except SnowflakeError as exc:
+            raise PermanentError(" ".join(str(exc.msg or exc).split())) from exc
     return 0
 
 
@@ -329,6 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PgSnowError as exc:
         print(f"pgsnow: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("pgsnow: interrupted", file=sys.stderr)
+        return 130
     return exit_code
 
 
