@@ -324,20 +324,23 @@ SINK_BUFFER_BYTES = 64 * 1024
 class CopyPipe:
     """COPY output written on one thread, read as a byte stream on another (Arrow's CSV reader).
 
-    The writer side is a COPY sink (``write`` once per record) that buffers records into
-    blocks of ``block_bytes`` and queues at most ``max_blocks`` of them, so memory stays
-    bounded when the reader is slower than PostgreSQL. ``close`` ends the stream (or marks
-    it failed: the reader then raises instead of seeing a clean end); ``abandon`` lets the
-    reader stop early: the writer's next ``write`` raises ``PipeAbandonedError``, which
-    aborts the COPY.
+    The writer side is a COPY sink that buffers whole records into blocks of about
+    ``block_bytes`` and queues at most ``max_blocks * block_bytes`` of them (or one block of any
+    size when the queue is empty), so memory stays bounded when the reader is slower than
+    PostgreSQL. Every block ends at a record boundary and ``read`` hands out whole blocks, even
+    one larger than asked for (a record bigger than ``block_bytes``): Arrow's streaming CSV reader
+    refuses a record that spans more than two of its reads, and accepts a read larger than its
+    block size. ``close`` ends the stream (or marks it failed: the reader then raises instead of
+    seeing a clean end); ``abandon`` lets the reader stop early: the writer's next ``write``
+    raises ``PipeAbandonedError``, which aborts the COPY.
     """
 
     def __init__(self, *, block_bytes: int = CSV_BLOCK_BYTES, max_blocks: int = 4) -> None:
         self._block_bytes = block_bytes
-        self._max_blocks = max_blocks
+        self._max_queued_bytes = block_bytes * max_blocks
         self._buffer = bytearray()
         self._blocks: deque[bytes] = deque()
-        self._reading: memoryview = memoryview(b"")
+        self._queued_bytes = 0
         self._changed = threading.Condition()
         self._ended = False
         self._failed = False
@@ -352,34 +355,51 @@ class CopyPipe:
 
         psycopg2 calls ``write`` once per record while holding the GIL; through
         ``io.BufferedWriter`` that call never enters Python, and ``write`` below runs once
-        per block. Call ``flush`` after the COPY returns, then ``close``.
+        per block. BufferedWriter passes on whole records only (what it holds is flushed before
+        a record that does not fit, and a record larger than its buffer goes on directly).
+        Call ``flush`` after the COPY returns, then ``close``.
         """
         return io.BufferedWriter(_PipeBlockSink(self), buffer_size=SINK_BUFFER_BYTES)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Take whole records (one or more)."""
         if self._ended:
             raise PipeAbandonedError("the stream has ended")
+        size = len(data)
+        if size >= self._block_bytes:
+            # A large record is its own block: copied once (the caller's buffer is reused), never
+            # accumulated into the buffer first.
+            if self._buffer:
+                self._push(bytes(self._buffer))
+                self._buffer = bytearray()
+            self._push(bytes(data))
+            return size
         self._buffer += data
         if len(self._buffer) >= self._block_bytes:
-            self._push()
-        return len(data)
+            self._push(bytes(self._buffer))
+            self._buffer = bytearray()
+        return size
 
-    def _push(self) -> None:
-        block = bytes(self._buffer)
-        self._buffer = bytearray()
+    def _push(self, block: bytes) -> None:
         with self._changed:
-            while len(self._blocks) >= self._max_blocks and not self.abandoned:
+            while (
+                self._blocks
+                and self._queued_bytes + len(block) > self._max_queued_bytes
+                and not self.abandoned
+            ):
                 self._changed.wait()
             if self.abandoned:
                 raise PipeAbandonedError("the reader stopped")
             self._blocks.append(block)
+            self._queued_bytes += len(block)
             self.bytes_written += len(block)
             self._changed.notify_all()
 
     def close(self, *, failed: bool = False) -> None:
         """End the stream after the last record (or, ``failed``, after an error)."""
         if not failed and self._buffer:
-            self._push()
+            self._push(bytes(self._buffer))
+            self._buffer = bytearray()
         with self._changed:
             self._ended = True
             self._failed = failed
@@ -391,25 +411,25 @@ class CopyPipe:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        if not self._reading:
-            with self._changed:
-                while not self._blocks and not self._ended and not self.abandoned:
-                    self._changed.wait()
-                if self._failed:
-                    raise PipeAbandonedError("the COPY feeding this stream failed")
-                if not self._blocks:
-                    return b""
-                self._reading = memoryview(self._blocks.popleft())
-                self._changed.notify_all()
-        size = len(self._reading) if size is None or size < 0 else size
-        chunk, self._reading = self._reading[:size], self._reading[size:]
-        return bytes(chunk)
+        """The next whole block (``size`` is not a limit: see the class docstring); b"" at the end."""
+        with self._changed:
+            while not self._blocks and not self._ended and not self.abandoned:
+                self._changed.wait()
+            if self._failed:
+                raise PipeAbandonedError("the COPY feeding this stream failed")
+            if not self._blocks:
+                return b""
+            block = self._blocks.popleft()
+            self._queued_bytes -= len(block)
+            self._changed.notify_all()
+            return block
 
     def abandon(self) -> None:
         """The reader stops: release the writer (its next write raises) and drop what is queued."""
         with self._changed:
             self.abandoned = True
             self._blocks.clear()
+            self._queued_bytes = 0
             self._changed.notify_all()
 
 

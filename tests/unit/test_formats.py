@@ -322,6 +322,36 @@ def test_copy_pipe_stops_the_other_side(stop: str) -> None:
             pipe.write(b"3\n")
 
 
+def test_copy_pipe_feeds_arrow_a_record_many_times_its_block_size() -> None:
+    import threading
+
+    # Given records around one whose text is 40 blocks long (Arrow's reader refuses a record that
+    # spans more than two of its reads, so the pipe hands it over whole)
+    block = 1024
+    columns = [column("id", "integer", nullable=False), column("body", "text")]
+    big = "x" * (40 * block)
+    records = [b'1,"a"\n', f'2,"{big}"\n'.encode(), b'3,"b"\n']
+    pipe = CopyPipe(block_bytes=block, max_blocks=2)
+
+    def produce() -> None:
+        sink = pipe.record_sink()
+        for record in records:
+            sink.write(record)
+        sink.flush()
+        pipe.close()
+
+    writer = threading.Thread(target=produce)
+    writer.start()
+    # When Arrow parses the stream with a block size far below the record's
+    reader = open_arrow_csv(pipe, columns, block_bytes=block)
+    assert reader is not None
+    table = reader.read_all()
+    writer.join()
+    # Then every record arrives whole
+    assert table.column(0).to_pylist() == [1, 2, 3]
+    assert table.column(1).to_pylist() == ["a", big, "b"]
+
+
 def read_arrow(data: bytes, columns: list[Column], trailing: int = 0) -> pa.Table:
     import io
 
