@@ -37,7 +37,7 @@ from psycopg2 import sql
 
 from pgsnow.checkpoint import ChunkRecord, Lease, LeaseLostError, RunCheckpoint, StateStore, Watermark
 from pgsnow.config import DeleteMode, ExtractMode, Settings, StagedFormat, TableOptions, ValuePolicy
-from pgsnow.csv_records import parse_csv_record
+from pgsnow.csv_records import csv_fields_at, parse_csv_record
 from pgsnow.errors import PermanentError, PgSnowError
 from pgsnow.formats import (
     CopyPipe,
@@ -286,12 +286,14 @@ class _FileRecorder:
             pending.result()
 
     def csv_order_key(self, header: bytes, record: bytes) -> tuple[str, ...]:
-        """The order key of a CSV record, read back as PostgreSQL input text."""
+        """The order key of a CSV record, read back as PostgreSQL input text (only the key's fields
+        are read: the record may hold a value of any size)."""
         if self._key_positions is None:
             names = parse_csv_record(header.decode("utf-8"))
             self._key_positions = [names.index(k) for k in self.run.checkpoint.order_key]
-        values = parse_csv_record(record.decode("utf-8"))
-        texts = [str(values[i]) for i in self._key_positions]
+        if not self._key_positions:
+            return ()
+        texts = csv_fields_at(record, self._key_positions)
         return tuple(
             "\\x" + t if k is ValueKind.BINARY else t for t, k in zip(texts, self._order_kinds, strict=True)
         )
@@ -357,12 +359,11 @@ def _stage_chunk_csv(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
     recorder = _FileRecorder(run, FileFormat.CSV, chunk.index)
 
     def on_file(written: WrittenFile) -> None:
-        first = last = None
-        header = splitter.header
-        if header is not None and written.first_record is not None and written.last_record is not None:
-            first = recorder.csv_order_key(header, written.first_record)
-            last = recorder.csv_order_key(header, written.last_record)
-        recorder.record(written, first, last)
+        first, last = written.first_key, written.last_key
+        if isinstance(first, tuple) and isinstance(last, tuple):
+            recorder.record(written, first, last)
+        else:
+            recorder.record(written, None, None)  # a header-only file
 
     splitter = CsvBatchSplitter(
         batch_rows=run.settings.batch_rows,
@@ -370,6 +371,7 @@ def _stage_chunk_csv(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
         on_file=on_file,
         first_batch=batch_number(chunk.index, len(chunk.files) + 1),
         max_bytes=run.settings.extract.target_file_mb * 1024 * 1024,
+        record_key=recorder.csv_order_key,
     )
     reader = TableReader(run.pg_conn, run.schema, policy=run.options.value_policy)
     try:

@@ -17,7 +17,6 @@ the CSV path (docs/performance.md).
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import io
 import threading
@@ -52,9 +51,10 @@ class WrittenFile:
     rows: int
     bytes: int
     sha256: str
-    # CSV only: the file's first and last records as PostgreSQL wrote them (key/cursor ranges).
-    first_record: builtins.bytes | None = None
-    last_record: builtins.bytes | None = None
+    # CSV only: the file's first and last records' keys (``CsvBatchSplitter``'s ``record_key``;
+    # by default the records themselves), for the key/cursor ranges.
+    first_key: object = None
+    last_key: object = None
 
 
 class _HashingFile:
@@ -109,8 +109,8 @@ class CsvGzipWriter:
         )
         self._gzip.write(header)
         self.rows = 0
-        self._first: bytes | None = None
-        self._last: bytes | memoryview | None = None
+        self._first: object = None
+        self._last: object = None
 
     @property
     def compressed_bytes(self) -> int:
@@ -118,28 +118,31 @@ class CsvGzipWriter:
         return self._hashing.size
 
     def write_record(self, record: bytes | memoryview) -> None:
-        self.write_block(record, 1, record, record)
+        self.write_block(record, 1, bytes(record), bytes(record))
 
     def write_block(
-        self,
-        records: bytes | bytearray | memoryview,
-        rows: int,
-        first: bytes | memoryview,
-        last: bytes | memoryview,
+        self, records: bytes | bytearray | memoryview, rows: int, first_key: object, last_key: object
     ) -> None:
-        """Compress ``rows`` whole records at once: one zlib call and one hash update per block, not per row."""
+        """Compress ``rows`` whole records at once: one zlib call and one hash update per block, not per row.
+
+        ``first_key``/``last_key``: the keys of the block's first and last records (see WrittenFile)."""
         self._gzip.write(records)
-        if self._first is None:
-            self._first = bytes(first)
-        self._last = last
+        if self.rows == 0:
+            self._first = first_key
+        self._last = last_key
         self.rows += rows
 
     def close(self) -> WrittenFile:
         self._gzip.close()
         self._raw.close()
-        last = bytes(self._last) if self._last is not None else None
         return WrittenFile(
-            self._path, self._batch, self.rows, self._hashing.size, self._hashing.sha256, self._first, last
+            self._path,
+            self._batch,
+            self.rows,
+            self._hashing.size,
+            self._hashing.sha256,
+            self._first,
+            self._last,
         )
 
 
@@ -160,6 +163,10 @@ class CsvBatchSplitter:
     size roll is checked after each block. Each file repeats the header. An empty table
     still yields one header-only file, so the loader creates (and, in later write modes,
     empties) the target table from a run that staged no rows.
+
+    Memory: a record of ``block_bytes`` or more is compressed as it arrives, never copied into
+    the block buffer, and no record is kept once written: ``record_key(header, record)`` reads
+    what the caller needs of each block's first and last record (by default the record itself).
     """
 
     def __init__(
@@ -172,8 +179,10 @@ class CsvBatchSplitter:
         compresslevel: int = CSV_GZIP_LEVEL,
         max_bytes: int | None = None,
         block_bytes: int = CSV_BLOCK_BYTES,
+        record_key: Callable[[bytes, bytes], object] | None = None,
     ) -> None:
         self._batch_rows = batch_rows
+        self._record_key = record_key
         self._max_bytes = max_bytes
         self._block_bytes = block_bytes
         self._path_for_batch = path_for_batch
@@ -205,6 +214,14 @@ class CsvBatchSplitter:
         if self._header is None:
             self._header = bytes(data)
             return len(data)
+        if len(data) >= self._block_bytes:
+            # A large record is its own block, compressed from the caller's bytes (no copy).
+            self._flush_block()
+            self._block_first = self._block_last = data
+            self._buffered_rows = 1
+            self._flush_block(data)
+            self._after_block()
+            return len(data)
         if not self._buffered_rows:
             self._block_first = data
         self._buffer += data
@@ -215,14 +232,16 @@ class CsvBatchSplitter:
             self._finish_file()
         elif len(self._buffer) >= self._block_bytes:
             self._flush_block()
-            current = self._current
-            if (
-                self._max_bytes is not None
-                and current is not None
-                and current.compressed_bytes >= self._max_bytes
-            ):
-                self._finish_file()
+            self._after_block()
         return len(data)
+
+    def _after_block(self) -> None:
+        """Cut the file when it is full (batch_rows) or big enough (max_bytes)."""
+        current = self._current
+        if current is None:
+            return
+        if self._room <= 0 or (self._max_bytes is not None and current.compressed_bytes >= self._max_bytes):
+            self._finish_file()
 
     def finish(self) -> None:
         """Flush the last partial file, after COPY has returned."""
@@ -240,16 +259,26 @@ class CsvBatchSplitter:
             self._path_for_batch(batch), batch, self._header, compresslevel=self._compresslevel
         )
 
-    def _flush_block(self) -> None:
+    def _key(self, record: bytes) -> object:
+        assert self._header is not None
+        return record if self._record_key is None else self._record_key(self._header, record)
+
+    def _flush_block(self, records: bytes | None = None) -> None:
+        """Write the buffered block (or ``records``, one record passed through) to the current file."""
         if not self._buffered_rows:
             return
         if self._current is None:
             self._current = self._open_file()
-        self._current.write_block(self._buffer, self._buffered_rows, self._block_first, self._block_last)
+        first_key = self._key(self._block_first) if self._current.rows == 0 else None
+        last_key = self._key(self._block_last)
+        self._current.write_block(
+            self._buffer if records is None else records, self._buffered_rows, first_key, last_key
+        )
         self._flushed_rows += self._buffered_rows
         self._room -= self._buffered_rows
         self._buffer = bytearray()
         self._buffered_rows = 0
+        self._block_first = self._block_last = b""  # keep no record once it is written
 
     def _finish_file(self) -> None:
         assert self._current is not None

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pgsnow.csv_records import csv_fields_at, parse_csv_record
 from pgsnow.formats import (
     CopyPipe,
     CsvBatchSplitter,
@@ -223,7 +224,7 @@ def test_csv_blocks_never_cross_a_batch_cut(tmp_path: Path, block_bytes: int, ba
     for written in files:
         mine = records[position : position + written.rows]
         assert gzip.decompress(written.path.read_bytes()) == HEADER + b"".join(mine)
-        assert (written.first_record, written.last_record) == (mine[0], mine[-1])
+        assert (written.first_key, written.last_key) == (mine[0], mine[-1])
         position += written.rows
     assert splitter.rows == 10 and splitter.header == HEADER
 
@@ -457,3 +458,44 @@ def test_parquet_compressed_bytes_grow_with_each_row_group_and_end_at_the_file_s
     assert sizes == sorted(set(sizes)) and written.bytes > sizes[-1]
     assert pq.ParquetFile(written.path).num_row_groups == 3
     assert (written.rows, written.bytes) == (9, written.path.stat().st_size)
+
+
+CSV_FIELD_CASES = [
+    pytest.param(b"1,abc,\n", [0], ["1"], id="first-unquoted"),
+    pytest.param(b"1,abc,\n", [2], [""], id="last-empty-before-newline"),
+    pytest.param(b'7,"a,b\nc",9\n', [2, 0], ["9", "7"], id="after-a-quoted-comma-and-newline"),
+    pytest.param(b'"x""y",2\n', [0], ['x"y'], id="escaped-quote"),
+    pytest.param(b'1,"' + b'""' * 1000 + b'",42\r\n', [2], ["42"], id="after-many-escapes-crlf"),
+    pytest.param('"café 🐘",2\n'.encode(), [0, 1], ["café 🐘", "2"], id="utf8"),
+]
+
+
+@pytest.mark.parametrize(("record", "positions", "expected"), CSV_FIELD_CASES)
+def test_csv_fields_at_reads_only_the_wanted_fields(
+    record: bytes, positions: list[int], expected: list[str]
+) -> None:
+    assert csv_fields_at(record, positions) == expected
+    # the same fields the full parser reads
+    full = parse_csv_record(record.decode("utf-8"))
+    assert [full[p] for p in positions] == expected
+
+
+def test_a_record_larger_than_a_block_is_written_whole_and_only_its_key_is_kept(tmp_path: Path) -> None:
+    # Given a splitter with 1 KB blocks, keeping each record's first field as its key
+    files: list[WrittenFile] = []
+    splitter = CsvBatchSplitter(
+        batch_rows=10,
+        path_for_batch=lambda n: tmp_path / f"b{n}.csv.gz",
+        on_file=files.append,
+        block_bytes=1024,
+        record_key=lambda _header, record: tuple(csv_fields_at(record, [0])),
+    )
+    big = b'2,"' + b"x" * 100_000 + b'"\n'
+    # When a small record, one of 100 blocks and another small one arrive
+    for data in [HEADER, b'1,"a"\n', big, b'3,"b"\n']:
+        splitter.write(data)
+    splitter.finish()
+    # Then one file holds them all, in order, with the first and last keys
+    assert len(files) == 1
+    assert gzip.decompress(files[0].path.read_bytes()) == HEADER + b'1,"a"\n' + big + b'3,"b"\n'
+    assert (files[0].rows, files[0].first_key, files[0].last_key) == (3, ("1",), ("3",))
