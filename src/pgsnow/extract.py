@@ -71,6 +71,9 @@ FULL_MODE = "full"
 # Rows per Parquet row group (held in Arrow until written): bounds memory. On the benchmark's
 # 2M-row table 20K rows peaked at 207 MB RSS, 50K at 246 MB, at the same speed.
 PARQUET_CHUNK_ROWS = 20_000
+# A row group is also cut once the rows waiting for it hold this many bytes in Arrow: rows of large
+# values then never pile up into one group (a group is held while it is encoded).
+PARQUET_GROUP_BYTES = 64 * 1024 * 1024
 # Batch numbers are chunk * FILES_PER_CHUNK + n: a chunk may hold up to 9999 files.
 FILES_PER_CHUNK = 10_000
 # Without a Lambda context (CLI, tests) a lease lasts this long unless renewed.
@@ -384,6 +387,23 @@ def _stage_chunk_csv(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
     recorder.finish()
 
 
+def rows_reaching(table: pa.Table, budget: int) -> int | None:
+    """How many leading rows of ``table`` it takes for their text and binary values to reach
+    ``budget`` bytes (at least 1); None when all of them stay below it."""
+    import pyarrow.compute as pc
+
+    sizes: Any = None
+    for column in table.columns:
+        if pa.types.is_string(column.type) or pa.types.is_binary(column.type):
+            lengths = pc.fill_null(pc.binary_length(column), 0)
+            sizes = lengths if sizes is None else pc.add(sizes, lengths)
+    if sizes is None:
+        return None
+    reached = pc.greater_equal(pc.cumulative_sum(sizes), budget)
+    first = pc.index(reached, True).as_py()
+    return None if first < 0 else first + 1
+
+
 def _stage_chunk_parquet(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
     """COPY CSV on a thread -> Arrow's CSV parser -> Parquet row groups of PARQUET_CHUNK_ROWS rows.
 
@@ -475,18 +495,24 @@ def _stage_chunk_parquet(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> No
     try:
         batches = open_arrow_csv(pipe, schema.columns, len(order_key))
         pending: list[pa.RecordBatch] = []
-        pending_rows = 0
+        pending_rows = pending_bytes = 0
         for batch in batches or ():
             pending.append(batch)
             pending_rows += batch.num_rows
-            while True:
+            pending_bytes += batch.nbytes
+            while pending_rows:
                 want = next_group_rows()
+                table = pa.Table.from_batches(pending)
+                if pending_bytes >= PARQUET_GROUP_BYTES:
+                    # Large values: a group ends where its rows reach the byte budget (counted from
+                    # the group's first row, so a retried file is cut the same way).
+                    want = min(want, rows_reaching(table, PARQUET_GROUP_BYTES) or want)
                 if pending_rows < want:
                     break
-                table = pa.Table.from_batches(pending)
                 submit_group(table.slice(0, want))
                 rest = table.slice(want)
                 pending, pending_rows = rest.to_batches(), rest.num_rows
+                pending_bytes = rest.nbytes
         if pending_rows:
             submit_group(pa.Table.from_batches(pending))
         settle()

@@ -524,6 +524,10 @@ def _hex_to_binary(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.array([None if v is None else bytes.fromhex(v) for v in values.to_pylist()], pa.binary())
 
 
+# Kinds whose values have no fixed size (a single value can be hundreds of MB).
+_UNBOUNDED_KINDS = frozenset({ValueKind.TEXT, ValueKind.JSON, ValueKind.BINARY})
+
+
 class ParquetWriter:
     """Write one Parquet file; each ``write_rows`` call becomes one row group."""
 
@@ -536,7 +540,15 @@ class ParquetWriter:
         # Python (through a Python file object, the writes and their hashing were ~7% of the
         # Parquet path's main thread). The file is hashed once, read back, when it is closed.
         self._raw = pa.OSFile(str(path), "wb")
-        self._writer = pq.ParquetWriter(self._raw, self._schema, compression=PARQUET_COMPRESSION)
+        self._writer = pq.ParquetWriter(
+            self._raw,
+            self._schema,
+            compression=PARQUET_COMPRESSION,
+            # No min/max statistics for text and binary: nothing reads them from a staging file, and
+            # for a large value they cost several copies of it (two 100 MB values: ~450 MB of peak
+            # RSS, docs/performance.md).
+            write_statistics=[c.name for c in self._columns if c.kind not in _UNBOUNDED_KINDS],
+        )
         self.rows = 0
 
     def write_rows(self, rows: Sequence[Sequence[Any]]) -> None:
