@@ -806,6 +806,7 @@ def _start_run(
         condition,
         params,
         columns=None if options.value_policy is ValuePolicy.FAIL else order_key,
+        policy=options.value_policy,
     )
     chosen = file_format or choose_file_format(
         options.file_format or settings.file_format, estimate_rows(pg_conn, schema, rows)
@@ -933,7 +934,14 @@ def _stage_chunks(run: _Run) -> bool:
             policy_columns = (
                 None if run.options.value_policy is ValuePolicy.FAIL else run.checkpoint.order_key
             )
-            check_values_fit(run.pg_conn, run.schema, condition, params, columns=policy_columns)
+            check_values_fit(
+                run.pg_conn,
+                run.schema,
+                condition,
+                params,
+                columns=policy_columns,
+                policy=run.options.value_policy,
+            )
         allow_empty = chunk.index == 0 and not chunk.files
         try:
             stage(run, chunk, allow_empty)
