@@ -134,6 +134,9 @@ def test_local_sql_queries_the_running_stack_and_then_its_files(
     # And bad SQL is one line on stderr, while the stack keeps running
     assert_one_line_error(pgsnow("local", "sql", "SELEC oops", "--data-dir", data_dir), "syntax error")
     assert local_up.process.poll() is None
+    # And a second stack on the same data dir is refused in one line (the first holds the files)
+    assert_one_line_error(pgsnow("local", "up", "--data-dir", data_dir), "in use by another process")
+    assert local_up.process.poll() is None
 
     # When the stack stops, `local sql` opens the persisted files itself and sees the same rows
     assert local_up.stop() == 0

@@ -1140,7 +1140,7 @@ def open_local_snowflake(data_dir: Path, database: str | None = None) -> Iterato
     one serves it (``pgsnow local up``), else a server started here on its files for the duration.
 
     ConfigError when ``data_dir`` holds no local Snowflake, or when its files are locked by a process
-    that serves no recorded address."""
+    that serves no recorded address (``start_local_snowflake``)."""
     if not data_dir.is_dir():
         raise ConfigError(
             [
@@ -1151,16 +1151,8 @@ def open_local_snowflake(data_dir: Path, database: str | None = None) -> Iterato
     if found is not None:
         yield local_connect_kwargs(*found, database=database)
         return
-    try:
-        # Plain queries read only the persisted tables; no S3 endpoint is needed, so none is given a real one.
-        local = start_local_snowflake(s3_endpoint_url=UNUSED_S3_ENDPOINT, data_dir=data_dir)
-    except duckdb.IOException as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise ConfigError(
-            [
-                f"the local Snowflake in {data_dir} is in use by another process that serves no known address: {first_line}"
-            ]
-        ) from exc
+    # Plain queries read only the persisted tables; no S3 endpoint is needed, so none is given a real one.
+    local = start_local_snowflake(s3_endpoint_url=UNUSED_S3_ENDPOINT, data_dir=data_dir)
     try:
         yield local.connect_kwargs(database=database)
     finally:
@@ -1238,7 +1230,14 @@ def start_local_snowflake(
     """
     s3 = S3Settings(s3_endpoint_url, aws_access_key_id, aws_secret_access_key, region)
     access = StageAccess(LOCAL_ACCOUNT, s3_endpoint_url, region, snowflake_aws_identity)
-    fs = build_fakesnow(s3, data_dir, shared_secret=snowflake_aws_identity is None)
+    try:
+        fs = build_fakesnow(s3, data_dir, shared_secret=snowflake_aws_identity is None)
+    except duckdb.IOException as exc:
+        # Another process (a running `pgsnow local up`, say) holds the database files.
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            [f"the local Snowflake in {data_dir} is in use by another process: {first_line}"]
+        ) from exc
     state = LocalSnowflakeState(fs, data_dir, access, PublicKeys(LOCAL_ACCOUNT))
     host = "127.0.0.1"
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
