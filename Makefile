@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed ## Create the virtualenv and install pgsnow with its local stack and dev tools
 
-demo: venv ## Start the local stack, create the sample shop, replicate every table, report OK/MISMATCH
+demo: venv ## Start the local stack, create the sample shop, replicate every table, report OK/MISMATCH/FAILED
 	$(BIN)/pgsnow demo $(DEMO_ARGS)
 
 test: venv ## Run the unit and integration tests against real servers on loopback

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -19,12 +20,11 @@ from typing import Any
 from pgsnow.cli_setup import add_snowflake_sql_command
 from pgsnow.cli_status import add_status_command
 from pgsnow.cli_verify import add_verify_command
-from pgsnow.errors import PgSnowError
+from pgsnow.errors import PermanentError, PgSnowError
 from pgsnow.identifiers import TableRef
 
 CommandRegistrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 DEFAULT_DATA_DIR = Path(".pgsnow")
-UNUSED_S3_ENDPOINT = "http://127.0.0.1:9"  # discard port: `local sql` reads no stage
 
 
 def _progress(message: str) -> None:
@@ -52,17 +52,28 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def format_report(rows: Sequence[tuple[str, int, int, bool]]) -> list[str]:
-    """One aligned line per table: ``schema.table source_rows snowflake_rows OK|MISMATCH``."""
+def format_report(rows: Sequence[tuple[str, int | None, int | None, str, str]]) -> list[str]:
+    """One aligned line per table: ``schema.table source_rows snowflake_rows OK|MISMATCH|FAILED [reason]``.
+
+    Counts not known (a table that failed before it was compared) are shown as ``-``; the reason
+    follows every status but OK."""
     if not rows:
         return []
-    name_width = max(len(name) for name, *_ in rows)
-    source_width = max(len(str(source)) for _, source, _, _ in rows)
-    target_width = max(len(str(target)) for _, _, target, _ in rows)
-    return [
-        f"{name:<{name_width}}  {source:>{source_width}}  {target:>{target_width}}  {'OK' if ok else 'MISMATCH'}"
-        for name, source, target, ok in rows
+    shown = [
+        (name, "-" if source is None else str(source), "-" if target is None else str(target), status, reason)
+        for name, source, target, status, reason in rows
     ]
+    name_width = max(len(name) for name, *_ in shown)
+    source_width = max(len(source) for _, source, *_ in shown)
+    target_width = max(len(target) for _, _, target, *_ in shown)
+    status_width = max(len(status) for *_, status, _ in shown)
+    lines = []
+    for name, source, target, status, reason in shown:
+        line = f"{name:<{name_width}}  {source:>{source_width}}  {target:>{target_width}}  {status}"
+        if status != "OK" and reason:
+            line = f"{line:<{name_width + source_width + target_width + status_width + 6}}  {reason}"
+        lines.append(line)
+    return lines
 
 
 # ----------------------------------------------------------------------------- demo
@@ -73,7 +84,9 @@ def add_demo_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         "demo",
         help="replicate tables through the local pipeline and compare every cell",
         description="Start the local stack, replicate each table (the sample shop when nothing is named) "
-        "and print one line per table: schema.table source_rows snowflake_rows OK|MISMATCH.",
+        "and print one line per table: schema.table source_rows snowflake_rows OK|MISMATCH|FAILED and, "
+        "unless OK, why. A table that fails does not stop the others; the exit code is 1 if any table "
+        "is not OK.",
     )
     parser.add_argument("--pg-dsn", help="PostgreSQL to read (default: the local server or an embedded one)")
     which = parser.add_mutually_exclusive_group()
@@ -99,22 +112,24 @@ def _add_storage_access(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _quiet_handler_logs(verbose: bool) -> None:
-    """The handlers' JSON logs go to stdout; keep the report readable unless asked for them."""
-    if not verbose:
-        from pgsnow.observability import logger
+def quiet_function_logs(verbose: bool) -> None:
+    """The functions' JSON logs go to stdout in Lambda; a command's stdout is its report, so here
+    they go to stderr, and only warnings and errors unless ``verbose``. The SQL parser's notes
+    about statements the local Snowflake handles itself are not the user's concern."""
+    from pgsnow.observability import logger
 
+    for handler in logging.getLogger(logger.name).handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+    logging.getLogger("sqlglot").setLevel(logging.ERROR)
+    if not verbose:
         logger.setLevel(logging.WARNING)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from pgsnow.demo.pipeline import run_demo
+    from pgsnow.demo.pipeline import TableStatus, run_demo
 
-    _quiet_handler_logs(args.verbose)
-
-    from pgsnow.verify import TableVerification, VerifyReport
-
-    verifications: list[TableVerification] = []
+    quiet_function_logs(args.verbose)
     results = run_demo(
         pg_dsn=args.pg_dsn,
         tables=args.tables,
@@ -123,19 +138,19 @@ def run_demo_command(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         progress=_progress,
         scale=args.scale,
-        verifications=verifications,
+        verify=True,  # pgsnow verify's check is part of each table's status
         storage_access=args.storage_access,
     )
-    for line in format_report([(r.table.qualified, r.source_rows, r.snowflake_rows, r.ok) for r in results]):
+    for line in format_report(
+        [(r.table.qualified, r.source_rows, r.snowflake_rows, r.status.value, r.detail) for r in results]
+    ):
         print(line)
-    for result in results:
-        if not result.ok:
-            print(f"{result.table.qualified}: {result.detail}", file=sys.stderr)
-    verify_report = VerifyReport(verifications)
-    for line in verify_report.summary_lines():  # pgsnow verify's check ends the demo
-        print(line)
-    compared_ok = bool(results) and all(r.ok for r in results)
-    return 0 if compared_ok and verify_report.ok else 1
+    counts = {status: sum(1 for r in results if r.status is status) for status in TableStatus}
+    print(
+        f"demo: {counts[TableStatus.OK]} of {len(results)} tables OK, "
+        f"{counts[TableStatus.MISMATCH]} mismatched, {counts[TableStatus.FAILED]} failed"
+    )
+    return 0 if results and all(r.ok for r in results) else 1
 
 
 # ----------------------------------------------------------------------------- local
@@ -196,10 +211,17 @@ def _shell_quote(value: str) -> str:
     return shlex.quote(value)
 
 
+def _interrupt(_signal: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_local_up(args: argparse.Namespace) -> int:
     from pgsnow.local.dispatcher import SqsDispatcher
     from pgsnow.local.stack import StorageAccess, load_function_handler, start_stack
 
+    quiet_function_logs(verbose=True)  # the loader's log is what `local up` shows, on stderr
+    # `kill` (SIGTERM) stops the stack as Ctrl-C does: servers stopped, files flushed and unlocked.
+    signal.signal(signal.SIGTERM, _interrupt)
     stack = start_stack(
         pg_dsn=args.pg_dsn,
         data_dir=args.data_dir,
@@ -226,27 +248,26 @@ def run_local_up(args: argparse.Namespace) -> int:
 
 
 def run_local_sql(args: argparse.Namespace) -> int:
+    """Through the running ``pgsnow local up`` when there is one (it holds the files), else on the files."""
     import snowflake.connector
+    from snowflake.connector.errors import Error as SnowflakeError
 
-    from pgsnow.local.snowflake import start_local_snowflake
+    from pgsnow.local.snowflake import open_local_snowflake
 
-    # Plain queries read only the persisted tables; no S3 endpoint is needed, so none is given a real one.
-    local_snowflake = start_local_snowflake(
-        s3_endpoint_url=UNUSED_S3_ENDPOINT, data_dir=args.data_dir / "snowflake"
-    )
-    try:
-        conn = snowflake.connector.connect(**local_snowflake.connect_kwargs())
+    with open_local_snowflake(args.data_dir / "snowflake") as connect_kwargs:
         try:
-            cur = conn.cursor()
-            cur.execute(args.statement)
-            if cur.description:
-                print("\t".join(column[0] for column in cur.description))
-                for row in cur:
-                    print("\t".join("NULL" if value is None else str(value) for value in row))
-        finally:
-            conn.close()
-    finally:
-        local_snowflake.stop()
+            conn = snowflake.connector.connect(**connect_kwargs)
+            try:
+                cur = conn.cursor()
+                cur.execute(args.statement)
+                if cur.description:
+                    print("\t".join(column[0] for column in cur.description))
+                    for row in cur:
+                        print("\t".join("NULL" if value is None else str(value) for value in row))
+            finally:
+                conn.close()
+        except SnowflakeError as exc:
+            raise PermanentError(" ".join(str(exc.msg or exc).split())) from exc
     return 0
 
 
@@ -314,6 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PgSnowError as exc:
         print(f"pgsnow: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("pgsnow: interrupted", file=sys.stderr)
+        return 130
     return exit_code
 
 

@@ -22,7 +22,6 @@ from pgsnow.verify import DEFAULT_MAX_KEYS, VerifyReport, verify_tables
 
 DEMO_SCHEMA = "shop"
 DEFAULT_DATA_DIR = Path(".pgsnow")  # as the other commands
-UNUSED_S3_ENDPOINT = "http://127.0.0.1:9"  # discard port: verify reads no stage
 
 T = TypeVar("T")
 
@@ -80,7 +79,7 @@ def _verify_locally(args: argparse.Namespace) -> VerifyReport:
 
     from pgsnow.demo.pipeline import DEMO_DATABASE, list_schema_tables
     from pgsnow.local.postgres import create_database, start_local_postgres
-    from pgsnow.local.snowflake import start_local_snowflake
+    from pgsnow.local.snowflake import open_local_snowflake
     from pgsnow.local.stack import SNOWFLAKE_DATABASE
     from pgsnow.postgres import connect
     from pgsnow.snowflake import PARAMSTYLE
@@ -90,15 +89,10 @@ def _verify_locally(args: argparse.Namespace) -> VerifyReport:
     try:
         dsn = args.pg_dsn or create_database(postgres.dsn, DEMO_DATABASE)
         tables: list[TableRef] = args.tables or list_schema_tables(dsn, DEMO_SCHEMA)
-        _progress("starting the local Snowflake")
-        # Verify reads tables only; no S3 endpoint is needed.
-        local_snowflake = start_local_snowflake(
-            s3_endpoint_url=UNUSED_S3_ENDPOINT, data_dir=args.data_dir / "snowflake"
-        )
-        try:
-            sf_conn = snowflake.connector.connect(
-                **local_snowflake.connect_kwargs(database=SNOWFLAKE_DATABASE), paramstyle=PARAMSTYLE
-            )
+        _progress("connecting to the local Snowflake")
+        # The running `pgsnow local up` when there is one (it holds the files), else on the files.
+        with open_local_snowflake(args.data_dir / "snowflake", SNOWFLAKE_DATABASE) as connect_kwargs:
+            sf_conn = snowflake.connector.connect(**connect_kwargs, paramstyle=PARAMSTYLE)
             pg_conn = connect(dsn)
             try:
                 _progress(f"verifying {len(tables)} tables")
@@ -106,8 +100,6 @@ def _verify_locally(args: argparse.Namespace) -> VerifyReport:
             finally:
                 pg_conn.close()
                 sf_conn.close()
-        finally:
-            local_snowflake.stop()
     finally:
         postgres.stop()
 

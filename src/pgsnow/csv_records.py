@@ -19,3 +19,50 @@ def parse_csv_record(text: str) -> list[str]:
     if csv.field_size_limit() < _UNLIMITED_FIELD_SIZE:
         csv.field_size_limit(_UNLIMITED_FIELD_SIZE)
     return next(csv.reader([text]), [])
+
+
+_QUOTE, _COMMA = ord('"'), ord(",")
+
+
+def csv_fields_at(record: bytes, positions: list[int]) -> list[str]:
+    """The fields at ``positions`` of one record in PostgreSQL's COPY CSV, decoded.
+
+    Reads the record's bytes only up to the last wanted field and copies only the wanted ones, so
+    a record holding a value of hundreds of MB costs no more than its key (the extractor reads each
+    staged file's first and last key this way). Quoted fields may hold commas, newlines and ``""``.
+    """
+    wanted = set(positions)
+    found: dict[int, str] = {}
+    last = max(positions)
+    end = len(record)
+    pos = 0
+    for index in range(last + 1):
+        if pos < end and record[pos] == _QUOTE:
+            parts: list[bytes] = []
+            start = pos + 1
+            while True:
+                quote = record.find(b'"', start)
+                if quote < 0:
+                    raise ValueError("a quoted CSV field has no closing quote")
+                if index in wanted:
+                    parts.append(record[start:quote])
+                if record[quote + 1 : quote + 2] == b'"':  # an escaped quote inside the field
+                    if index in wanted:
+                        parts.append(b'"')
+                    start = quote + 2
+                    continue
+                pos = quote + 1
+                break
+            value = b"".join(parts) if index in wanted else b""
+        else:
+            comma = record.find(b",", pos)
+            stop = end if comma < 0 else comma
+            value = record[pos:stop].rstrip(b"\r\n") if index in wanted else b""
+            pos = stop
+        if index in wanted:
+            found[index] = value.decode("utf-8")
+        if pos < end and record[pos] == _COMMA:
+            pos += 1
+        elif index < last:
+            raise ValueError(f"the CSV record has {index + 1} fields, field {last + 1} was asked for")
+    return [found[p] for p in positions]

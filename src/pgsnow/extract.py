@@ -45,7 +45,7 @@ from pgsnow.checkpoint import (
     Watermark,
 )
 from pgsnow.config import DeleteMode, ExtractMode, Settings, StagedFormat, TableOptions, ValuePolicy
-from pgsnow.csv_records import parse_csv_record
+from pgsnow.csv_records import csv_fields_at, parse_csv_record
 from pgsnow.errors import PermanentError, PgSnowError
 from pgsnow.formats import (
     CopyPipe,
@@ -79,6 +79,9 @@ FULL_MODE = "full"
 # Rows per Parquet row group (held in Arrow until written): bounds memory. On the benchmark's
 # 2M-row table 20K rows peaked at 207 MB RSS, 50K at 246 MB, at the same speed.
 PARQUET_CHUNK_ROWS = 20_000
+# A row group is also cut once the rows waiting for it hold this many bytes in Arrow: rows of large
+# values then never pile up into one group (a group is held while it is encoded).
+PARQUET_GROUP_BYTES = 64 * 1024 * 1024
 # Batch numbers are chunk * FILES_PER_CHUNK + n: a chunk may hold up to 9999 files.
 FILES_PER_CHUNK = 10_000
 # Without a Lambda context (CLI, tests) a lease lasts this long unless renewed.
@@ -294,12 +297,14 @@ class _FileRecorder:
             pending.result()
 
     def csv_order_key(self, header: bytes, record: bytes) -> tuple[str, ...]:
-        """The order key of a CSV record, read back as PostgreSQL input text."""
+        """The order key of a CSV record, read back as PostgreSQL input text (only the key's fields
+        are read: the record may hold a value of any size)."""
         if self._key_positions is None:
             names = parse_csv_record(header.decode("utf-8"))
             self._key_positions = [names.index(k) for k in self.run.checkpoint.order_key]
-        values = parse_csv_record(record.decode("utf-8"))
-        texts = [str(values[i]) for i in self._key_positions]
+        if not self._key_positions:
+            return ()
+        texts = csv_fields_at(record, self._key_positions)
         return tuple(
             "\\x" + t if k is ValueKind.BINARY else t for t, k in zip(texts, self._order_kinds, strict=True)
         )
@@ -365,12 +370,11 @@ def _stage_chunk_csv(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
     recorder = _FileRecorder(run, FileFormat.CSV, chunk.index)
 
     def on_file(written: WrittenFile) -> None:
-        first = last = None
-        header = splitter.header
-        if header is not None and written.first_record is not None and written.last_record is not None:
-            first = recorder.csv_order_key(header, written.first_record)
-            last = recorder.csv_order_key(header, written.last_record)
-        recorder.record(written, first, last)
+        first, last = written.first_key, written.last_key
+        if isinstance(first, tuple) and isinstance(last, tuple):
+            recorder.record(written, first, last)
+        else:
+            recorder.record(written, None, None)  # a header-only file
 
     splitter = CsvBatchSplitter(
         batch_rows=run.settings.batch_rows,
@@ -378,6 +382,7 @@ def _stage_chunk_csv(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
         on_file=on_file,
         first_batch=batch_number(chunk.index, len(chunk.files) + 1),
         max_bytes=run.settings.extract.target_file_mb * 1024 * 1024,
+        record_key=recorder.csv_order_key,
     )
     reader = TableReader(run.pg_conn, run.schema, policy=run.options.value_policy)
     try:
@@ -388,6 +393,23 @@ def _stage_chunk_csv(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
         recorder.abandon()
         raise
     recorder.finish()
+
+
+def rows_reaching(table: pa.Table, budget: int) -> int | None:
+    """How many leading rows of ``table`` it takes for their text and binary values to reach
+    ``budget`` bytes (at least 1); None when all of them stay below it."""
+    import pyarrow.compute as pc
+
+    sizes: Any = None
+    for column in table.columns:
+        if pa.types.is_string(column.type) or pa.types.is_binary(column.type):
+            lengths = pc.fill_null(pc.binary_length(column), 0)
+            sizes = lengths if sizes is None else pc.add(sizes, lengths)
+    if sizes is None:
+        return None
+    reached = pc.greater_equal(pc.cumulative_sum(sizes), budget)
+    first = pc.index(reached, True).as_py()
+    return None if first < 0 else first + 1
 
 
 def _stage_chunk_parquet(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> None:
@@ -481,18 +503,24 @@ def _stage_chunk_parquet(run: _Run, chunk: ChunkRecord, allow_empty: bool) -> No
     try:
         batches = open_arrow_csv(pipe, schema.columns, len(order_key))
         pending: list[pa.RecordBatch] = []
-        pending_rows = 0
+        pending_rows = pending_bytes = 0
         for batch in batches or ():
             pending.append(batch)
             pending_rows += batch.num_rows
-            while True:
+            pending_bytes += batch.nbytes
+            while pending_rows:
                 want = next_group_rows()
+                table = pa.Table.from_batches(pending)
+                if pending_bytes >= PARQUET_GROUP_BYTES:
+                    # Large values: a group ends where its rows reach the byte budget (counted from
+                    # the group's first row, so a retried file is cut the same way).
+                    want = min(want, rows_reaching(table, PARQUET_GROUP_BYTES) or want)
                 if pending_rows < want:
                     break
-                table = pa.Table.from_batches(pending)
                 submit_group(table.slice(0, want))
                 rest = table.slice(want)
                 pending, pending_rows = rest.to_batches(), rest.num_rows
+                pending_bytes = rest.nbytes
         if pending_rows:
             submit_group(pa.Table.from_batches(pending))
         settle()
@@ -787,6 +815,7 @@ def _start_run(
         condition,
         params,
         columns=None if options.value_policy is ValuePolicy.FAIL else order_key,
+        policy=options.value_policy,
     )
     chosen = file_format or choose_file_format(
         options.file_format or settings.file_format, estimate_rows(pg_conn, schema, rows)
@@ -914,7 +943,14 @@ def _stage_chunks(run: _Run) -> bool:
             policy_columns = (
                 None if run.options.value_policy is ValuePolicy.FAIL else run.checkpoint.order_key
             )
-            check_values_fit(run.pg_conn, run.schema, condition, params, columns=policy_columns)
+            check_values_fit(
+                run.pg_conn,
+                run.schema,
+                condition,
+                params,
+                columns=policy_columns,
+                policy=run.options.value_policy,
+            )
         allow_empty = chunk.index == 0 and not chunk.files
         try:
             stage(run, chunk, allow_empty)

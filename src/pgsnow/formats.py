@@ -17,7 +17,6 @@ the CSV path (docs/performance.md).
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import io
 import threading
@@ -52,9 +51,10 @@ class WrittenFile:
     rows: int
     bytes: int
     sha256: str
-    # CSV only: the file's first and last records as PostgreSQL wrote them (key/cursor ranges).
-    first_record: builtins.bytes | None = None
-    last_record: builtins.bytes | None = None
+    # CSV only: the file's first and last records' keys (``CsvBatchSplitter``'s ``record_key``;
+    # by default the records themselves), for the key/cursor ranges.
+    first_key: object = None
+    last_key: object = None
 
 
 class _HashingFile:
@@ -109,8 +109,8 @@ class CsvGzipWriter:
         )
         self._gzip.write(header)
         self.rows = 0
-        self._first: bytes | None = None
-        self._last: bytes | memoryview | None = None
+        self._first: object = None
+        self._last: object = None
 
     @property
     def compressed_bytes(self) -> int:
@@ -118,28 +118,31 @@ class CsvGzipWriter:
         return self._hashing.size
 
     def write_record(self, record: bytes | memoryview) -> None:
-        self.write_block(record, 1, record, record)
+        self.write_block(record, 1, bytes(record), bytes(record))
 
     def write_block(
-        self,
-        records: bytes | bytearray | memoryview,
-        rows: int,
-        first: bytes | memoryview,
-        last: bytes | memoryview,
+        self, records: bytes | bytearray | memoryview, rows: int, first_key: object, last_key: object
     ) -> None:
-        """Compress ``rows`` whole records at once: one zlib call and one hash update per block, not per row."""
+        """Compress ``rows`` whole records at once: one zlib call and one hash update per block, not per row.
+
+        ``first_key``/``last_key``: the keys of the block's first and last records (see WrittenFile)."""
         self._gzip.write(records)
-        if self._first is None:
-            self._first = bytes(first)
-        self._last = last
+        if self.rows == 0:
+            self._first = first_key
+        self._last = last_key
         self.rows += rows
 
     def close(self) -> WrittenFile:
         self._gzip.close()
         self._raw.close()
-        last = bytes(self._last) if self._last is not None else None
         return WrittenFile(
-            self._path, self._batch, self.rows, self._hashing.size, self._hashing.sha256, self._first, last
+            self._path,
+            self._batch,
+            self.rows,
+            self._hashing.size,
+            self._hashing.sha256,
+            self._first,
+            self._last,
         )
 
 
@@ -160,6 +163,10 @@ class CsvBatchSplitter:
     size roll is checked after each block. Each file repeats the header. An empty table
     still yields one header-only file, so the loader creates (and, in later write modes,
     empties) the target table from a run that staged no rows.
+
+    Memory: a record of ``block_bytes`` or more is compressed as it arrives, never copied into
+    the block buffer, and no record is kept once written: ``record_key(header, record)`` reads
+    what the caller needs of each block's first and last record (by default the record itself).
     """
 
     def __init__(
@@ -172,8 +179,10 @@ class CsvBatchSplitter:
         compresslevel: int = CSV_GZIP_LEVEL,
         max_bytes: int | None = None,
         block_bytes: int = CSV_BLOCK_BYTES,
+        record_key: Callable[[bytes, bytes], object] | None = None,
     ) -> None:
         self._batch_rows = batch_rows
+        self._record_key = record_key
         self._max_bytes = max_bytes
         self._block_bytes = block_bytes
         self._path_for_batch = path_for_batch
@@ -205,6 +214,14 @@ class CsvBatchSplitter:
         if self._header is None:
             self._header = bytes(data)
             return len(data)
+        if len(data) >= self._block_bytes:
+            # A large record is its own block, compressed from the caller's bytes (no copy).
+            self._flush_block()
+            self._block_first = self._block_last = data
+            self._buffered_rows = 1
+            self._flush_block(data)
+            self._after_block()
+            return len(data)
         if not self._buffered_rows:
             self._block_first = data
         self._buffer += data
@@ -215,14 +232,16 @@ class CsvBatchSplitter:
             self._finish_file()
         elif len(self._buffer) >= self._block_bytes:
             self._flush_block()
-            current = self._current
-            if (
-                self._max_bytes is not None
-                and current is not None
-                and current.compressed_bytes >= self._max_bytes
-            ):
-                self._finish_file()
+            self._after_block()
         return len(data)
+
+    def _after_block(self) -> None:
+        """Cut the file when it is full (batch_rows) or big enough (max_bytes)."""
+        current = self._current
+        if current is None:
+            return
+        if self._room <= 0 or (self._max_bytes is not None and current.compressed_bytes >= self._max_bytes):
+            self._finish_file()
 
     def finish(self) -> None:
         """Flush the last partial file, after COPY has returned."""
@@ -240,16 +259,26 @@ class CsvBatchSplitter:
             self._path_for_batch(batch), batch, self._header, compresslevel=self._compresslevel
         )
 
-    def _flush_block(self) -> None:
+    def _key(self, record: bytes) -> object:
+        assert self._header is not None
+        return record if self._record_key is None else self._record_key(self._header, record)
+
+    def _flush_block(self, records: bytes | None = None) -> None:
+        """Write the buffered block (or ``records``, one record passed through) to the current file."""
         if not self._buffered_rows:
             return
         if self._current is None:
             self._current = self._open_file()
-        self._current.write_block(self._buffer, self._buffered_rows, self._block_first, self._block_last)
+        first_key = self._key(self._block_first) if self._current.rows == 0 else None
+        last_key = self._key(self._block_last)
+        self._current.write_block(
+            self._buffer if records is None else records, self._buffered_rows, first_key, last_key
+        )
         self._flushed_rows += self._buffered_rows
         self._room -= self._buffered_rows
         self._buffer = bytearray()
         self._buffered_rows = 0
+        self._block_first = self._block_last = b""  # keep no record once it is written
 
     def _finish_file(self) -> None:
         assert self._current is not None
@@ -324,20 +353,23 @@ SINK_BUFFER_BYTES = 64 * 1024
 class CopyPipe:
     """COPY output written on one thread, read as a byte stream on another (Arrow's CSV reader).
 
-    The writer side is a COPY sink (``write`` once per record) that buffers records into
-    blocks of ``block_bytes`` and queues at most ``max_blocks`` of them, so memory stays
-    bounded when the reader is slower than PostgreSQL. ``close`` ends the stream (or marks
-    it failed: the reader then raises instead of seeing a clean end); ``abandon`` lets the
-    reader stop early: the writer's next ``write`` raises ``PipeAbandonedError``, which
-    aborts the COPY.
+    The writer side is a COPY sink that buffers whole records into blocks of about
+    ``block_bytes`` and queues at most ``max_blocks * block_bytes`` of them (or one block of any
+    size when the queue is empty), so memory stays bounded when the reader is slower than
+    PostgreSQL. Every block ends at a record boundary and ``read`` hands out whole blocks, even
+    one larger than asked for (a record bigger than ``block_bytes``): Arrow's streaming CSV reader
+    refuses a record that spans more than two of its reads, and accepts a read larger than its
+    block size. ``close`` ends the stream (or marks it failed: the reader then raises instead of
+    seeing a clean end); ``abandon`` lets the reader stop early: the writer's next ``write``
+    raises ``PipeAbandonedError``, which aborts the COPY.
     """
 
     def __init__(self, *, block_bytes: int = CSV_BLOCK_BYTES, max_blocks: int = 4) -> None:
         self._block_bytes = block_bytes
-        self._max_blocks = max_blocks
+        self._max_queued_bytes = block_bytes * max_blocks
         self._buffer = bytearray()
         self._blocks: deque[bytes] = deque()
-        self._reading: memoryview = memoryview(b"")
+        self._queued_bytes = 0
         self._changed = threading.Condition()
         self._ended = False
         self._failed = False
@@ -352,34 +384,51 @@ class CopyPipe:
 
         psycopg2 calls ``write`` once per record while holding the GIL; through
         ``io.BufferedWriter`` that call never enters Python, and ``write`` below runs once
-        per block. Call ``flush`` after the COPY returns, then ``close``.
+        per block. BufferedWriter passes on whole records only (what it holds is flushed before
+        a record that does not fit, and a record larger than its buffer goes on directly).
+        Call ``flush`` after the COPY returns, then ``close``.
         """
         return io.BufferedWriter(_PipeBlockSink(self), buffer_size=SINK_BUFFER_BYTES)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Take whole records (one or more)."""
         if self._ended:
             raise PipeAbandonedError("the stream has ended")
+        size = len(data)
+        if size >= self._block_bytes:
+            # A large record is its own block: copied once (the caller's buffer is reused), never
+            # accumulated into the buffer first.
+            if self._buffer:
+                self._push(bytes(self._buffer))
+                self._buffer = bytearray()
+            self._push(bytes(data))
+            return size
         self._buffer += data
         if len(self._buffer) >= self._block_bytes:
-            self._push()
-        return len(data)
+            self._push(bytes(self._buffer))
+            self._buffer = bytearray()
+        return size
 
-    def _push(self) -> None:
-        block = bytes(self._buffer)
-        self._buffer = bytearray()
+    def _push(self, block: bytes) -> None:
         with self._changed:
-            while len(self._blocks) >= self._max_blocks and not self.abandoned:
+            while (
+                self._blocks
+                and self._queued_bytes + len(block) > self._max_queued_bytes
+                and not self.abandoned
+            ):
                 self._changed.wait()
             if self.abandoned:
                 raise PipeAbandonedError("the reader stopped")
             self._blocks.append(block)
+            self._queued_bytes += len(block)
             self.bytes_written += len(block)
             self._changed.notify_all()
 
     def close(self, *, failed: bool = False) -> None:
         """End the stream after the last record (or, ``failed``, after an error)."""
         if not failed and self._buffer:
-            self._push()
+            self._push(bytes(self._buffer))
+            self._buffer = bytearray()
         with self._changed:
             self._ended = True
             self._failed = failed
@@ -391,25 +440,25 @@ class CopyPipe:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        if not self._reading:
-            with self._changed:
-                while not self._blocks and not self._ended and not self.abandoned:
-                    self._changed.wait()
-                if self._failed:
-                    raise PipeAbandonedError("the COPY feeding this stream failed")
-                if not self._blocks:
-                    return b""
-                self._reading = memoryview(self._blocks.popleft())
-                self._changed.notify_all()
-        size = len(self._reading) if size is None or size < 0 else size
-        chunk, self._reading = self._reading[:size], self._reading[size:]
-        return bytes(chunk)
+        """The next whole block (``size`` is not a limit: see the class docstring); b"" at the end."""
+        with self._changed:
+            while not self._blocks and not self._ended and not self.abandoned:
+                self._changed.wait()
+            if self._failed:
+                raise PipeAbandonedError("the COPY feeding this stream failed")
+            if not self._blocks:
+                return b""
+            block = self._blocks.popleft()
+            self._queued_bytes -= len(block)
+            self._changed.notify_all()
+            return block
 
     def abandon(self) -> None:
         """The reader stops: release the writer (its next write raises) and drop what is queued."""
         with self._changed:
             self.abandoned = True
             self._blocks.clear()
+            self._queued_bytes = 0
             self._changed.notify_all()
 
 
@@ -475,6 +524,10 @@ def _hex_to_binary(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.array([None if v is None else bytes.fromhex(v) for v in values.to_pylist()], pa.binary())
 
 
+# Kinds whose values have no fixed size (a single value can be hundreds of MB).
+_UNBOUNDED_KINDS = frozenset({ValueKind.TEXT, ValueKind.JSON, ValueKind.BINARY})
+
+
 class ParquetWriter:
     """Write one Parquet file; each ``write_rows`` call becomes one row group."""
 
@@ -487,7 +540,15 @@ class ParquetWriter:
         # Python (through a Python file object, the writes and their hashing were ~7% of the
         # Parquet path's main thread). The file is hashed once, read back, when it is closed.
         self._raw = pa.OSFile(str(path), "wb")
-        self._writer = pq.ParquetWriter(self._raw, self._schema, compression=PARQUET_COMPRESSION)
+        self._writer = pq.ParquetWriter(
+            self._raw,
+            self._schema,
+            compression=PARQUET_COMPRESSION,
+            # No min/max statistics for text and binary: nothing reads them from a staging file, and
+            # for a large value they cost several copies of it (two 100 MB values: ~450 MB of peak
+            # RSS, docs/performance.md).
+            write_statistics=[c.name for c in self._columns if c.kind not in _UNBOUNDED_KINDS],
+        )
         self.rows = 0
 
     def write_rows(self, rows: Sequence[Sequence[Any]]) -> None:

@@ -19,6 +19,7 @@ bounded chunks) remains for callers that want Python values.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -247,8 +248,9 @@ class _ValueRule:
     # Values are sql.Literal (psycopg2's own quoting), not %s parameters: a '%' in a column
     # name would be read as a placeholder once parameters are passed.
     condition: sql.Composable
-    # The value the ``clamp`` policy stages instead (NULL where nothing is nearer).
-    clamped: sql.Composable
+    # The value the ``clamp`` policy stages instead (NULL where nothing is nearer); None where no
+    # value would be an honest stand-in (a cut-off text is a silent change): refused under clamp too.
+    clamped: sql.Composable | None
 
 
 _NULL = sql.SQL("NULL")
@@ -268,10 +270,72 @@ _BEYOND_MAX_YEAR: Mapping[ValueKind, str] = {
 }
 
 
+# Snowflake's largest values (docs.snowflake.com, "New maximum size limits for database objects",
+# bundle 2025_03): VARCHAR and VARIANT 128 MB, BINARY 64 MB, but a BINARY column declared without a
+# length (as pgsnow declares bytea, and as existing tables' BINARY columns cannot be widened) holds
+# 8 MB. Text columns are declared VARCHAR(134217728) (pgsnow.typemap).
+MAX_VARCHAR_BYTES = 134_217_728
+MAX_VARIANT_BYTES = 134_217_728
+MAX_BINARY_BYTES = 8_388_608
+# A JSON value's text is at most this many times its stored (possibly compressed) size: LZ4's
+# best ratio is about 255x and escaping can grow a string up to 6x. Only values stored larger than
+# MAX_VARIANT_BYTES / this are written out as text to be measured: the scan stays cheap.
+_JSON_TEXT_PER_STORED_BYTE = 1536
+
+
+# Types staged as text whose text is short by construction: never checked for size.
+_SHORT_TEXT_TYPES = ("uuid", "inet", "cidr", "macaddr", "money", "interval", "time with time zone", "name")
+_DECLARED_LENGTH = re.compile(r"\((\d+)\)$")
+
+
+def _text_may_exceed(base_type: str, limit: int) -> bool:
+    """Whether a value of this text-like type can be longer than ``limit`` bytes (4 per character)."""
+    if base_type.startswith(_SHORT_TEXT_TYPES):
+        return False
+    declared = _DECLARED_LENGTH.search(base_type)
+    return declared is None or int(declared.group(1)) * 4 > limit
+
+
+def _size_rule(col: Column, ident: sql.Identifier) -> _ValueRule | None:
+    """A value longer than its Snowflake column can hold: refused by default, NULL under ``null``,
+    and refused under ``clamp`` too (nothing shorter is the same value)."""
+    if col.kind is ValueKind.TEXT and _text_may_exceed(col.base_type, MAX_VARCHAR_BYTES):
+        # octet_length of a text value reads its stored length, without reading the value.
+        return _ValueRule(
+            col.name,
+            f"a value over {MAX_VARCHAR_BYTES} bytes (Snowflake's largest VARCHAR)",
+            sql.SQL("octet_length({}::text) > {}").format(ident, sql.Literal(MAX_VARCHAR_BYTES)),
+            None,
+        )
+    if col.kind is ValueKind.BINARY:
+        return _ValueRule(
+            col.name,
+            f"a value over {MAX_BINARY_BYTES} bytes (Snowflake's BINARY column)",
+            sql.SQL("octet_length({}) > {}").format(ident, sql.Literal(MAX_BINARY_BYTES)),
+            None,
+        )
+    if col.kind is ValueKind.JSON:
+        return _ValueRule(
+            col.name,
+            f"a document over {MAX_VARIANT_BYTES} bytes as JSON text (Snowflake's largest VARIANT)",
+            sql.SQL("CASE WHEN pg_column_size({}) > {} THEN octet_length({}) > {} ELSE false END").format(
+                ident,
+                sql.Literal(MAX_VARIANT_BYTES // _JSON_TEXT_PER_STORED_BYTE),
+                _json_text(col, ident),
+                sql.Literal(MAX_VARIANT_BYTES),
+            ),
+            None,
+        )
+    return None
+
+
 def _value_rules(schema: TableSchema) -> list[_ValueRule]:
     rules: list[_ValueRule] = []
     for col in schema.columns:
         ident = sql.Identifier(col.name)
+        size_rule = _size_rule(col, ident)
+        if size_rule is not None:
+            rules.append(size_rule)
         if col.kind is ValueKind.DECIMAL:
             rules.append(
                 _ValueRule(
@@ -342,16 +406,23 @@ def policy_expression(col: Column, schema: TableSchema, policy: ValuePolicy) -> 
     """The column as staged under the table's value policy (``fail`` stages it unchanged).
 
     ``null`` stages NULL for a value Snowflake cannot hold, ``clamp`` the nearest value it can
-    (NULL for numeric NaN); both are explicit, per-table choices (docs/type-mapping.md).
+    (NULL for numeric NaN; a value too long has none: ``check_values_fit`` refuses it under clamp
+    too); both are explicit, per-table choices (docs/type-mapping.md).
     """
     ident = sql.Identifier(col.name)
     if policy is ValuePolicy.FAIL:
         return ident
-    rules = [r for r in _value_rules(schema) if r.column == col.name]
+    rules = [
+        r
+        for r in _value_rules(schema)
+        if r.column == col.name and (policy is ValuePolicy.NULL or r.clamped is not None)
+    ]
     if not rules:
         return ident
     branches = sql.SQL(" ").join(
-        sql.SQL("WHEN {} THEN {}").format(r.condition, _NULL if policy is ValuePolicy.NULL else r.clamped)
+        sql.SQL("WHEN {} THEN {}").format(
+            r.condition, _NULL if policy is ValuePolicy.NULL or r.clamped is None else r.clamped
+        )
         for r in rules
     )
     return sql.SQL("(CASE {} ELSE {} END)").format(branches, ident)
@@ -364,14 +435,21 @@ def check_values_fit(
     params: Sequence[Any] = (),
     *,
     columns: Collection[str] | None = None,
+    policy: ValuePolicy = ValuePolicy.FAIL,
 ) -> None:
     """Fail before staging when a value cannot be staged exactly (never round, never clamp).
 
     One scan finds the first offending row over every rule at once (within ``where`` when
     given: the run's or the chunk's range); the error names the table, the column, the
-    problem and the row's primary key (or ctid without one).
+    problem and the row's primary key (or ctid without one). Only ``columns`` are checked when
+    given (the policy stages the others' values), plus, under ``clamp``, every rule that has no
+    clamped value (a value too long for its column).
     """
-    rules = [r for r in _value_rules(schema) if columns is None or r.column in columns]
+    rules = [
+        r
+        for r in _value_rules(schema)
+        if columns is None or r.column in columns or (policy is ValuePolicy.CLAMP and r.clamped is None)
+    ]
     if not rules:
         return
     row_id: sql.Composable
@@ -407,7 +485,11 @@ def check_values_fit(
     raise PermanentError(
         f"column {rule.column!r} of {schema.table.qualified} has {rule.problem} at {where_text}; "
         "Snowflake cannot hold it exactly, so the table is not extracted "
-        "(or set the table's value_policy to null or clamp)",
+        + (
+            "(or set the table's value_policy to null or clamp)"
+            if rule.clamped is not None
+            else "(or set the table's value_policy to null to stage NULL in its place)"
+        ),
         table=schema.table.qualified,
     )
 

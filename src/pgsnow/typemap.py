@@ -67,9 +67,9 @@ def map_pg_type(base_type: str) -> SnowflakeType:
     if t in {"real", "double precision"}:
         return SnowflakeType(ValueKind.FLOAT, "FLOAT")
     if t == "text" or t.startswith(("character varying", "character", "bpchar", "name", "citext")):
-        return SnowflakeType(ValueKind.TEXT, "VARCHAR")
+        return SnowflakeType(ValueKind.TEXT, "VARCHAR(134217728)")
     if t in {"uuid", "inet", "cidr", "macaddr", "money", "interval", "time with time zone", "xml"}:
-        return SnowflakeType(ValueKind.TEXT, "VARCHAR")
+        return SnowflakeType(ValueKind.TEXT, "VARCHAR(134217728)")
     if t == "boolean":
         return SnowflakeType(ValueKind.BOOLEAN, "BOOLEAN")
     if t == "date":

@@ -452,7 +452,7 @@ def test_manifest_columns_types_and_primary_key(staged_kinds: StagedKinds) -> No
     assert (enum_column.pg_type.endswith("mood"), enum_column.base_type, enum_column.snowflake_type) == (
         True,
         "text",
-        "VARCHAR",
+        "VARCHAR(134217728)",
     )
     domain_column = by_name[f"c{CELL_IDS.index('domain-over-numeric')}"]
     assert (

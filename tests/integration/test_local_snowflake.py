@@ -135,6 +135,31 @@ def test_csv_keeps_null_empty_and_backslash_n_apart_with_quotes_newlines_and_uni
     ]
 
 
+LENGTH_CASES = [
+    pytest.param("VARCHAR(5)", "$2", "abcdef", "abcde", id="varchar-declared-length-in-characters"),
+    pytest.param("VARCHAR(2)", "$2", "żół", "żó", id="varchar-length-counts-characters-not-bytes"),
+    pytest.param(
+        "BINARY", "TO_BINARY($2, 'HEX')", "ab" * (8_388_608 + 1), "ab" * 8_388_608, id="binary-over-8mb"
+    ),
+]
+
+
+@pytest.mark.parametrize(("column_type", "select", "too_long", "fits"), LENGTH_CASES)
+def test_a_value_longer_than_its_column_is_refused_never_cut(
+    conn: Any, s3: Any, column_type: str, select: str, too_long: str, fits: str
+) -> None:
+    # Given a column with a length and a file with a value that fits and one that does not
+    table = unique("LENGTHS")
+    conn.cursor().execute(f'CREATE TABLE "{table}" ("ID" NUMBER(38,0), "V" {column_type})')
+    key_dir = f"lengths/{table.lower()}/"
+    put_csv(s3, f"{STAGE_PREFIX}/{key_dir}a.csv.gz", f"id,v\n1,{fits}\n2,{too_long}\n")
+    # When it is copied (ON_ERROR = ABORT_STATEMENT), then the statement fails naming the problem
+    with pytest.raises(ProgrammingError, match="too long and would be truncated"):
+        rows(conn, copy_csv_sql(table, ["ID", "V"], ["$1", select], key_dir, ["a.csv.gz"]))
+    # And nothing was loaded, nothing cut short
+    assert rows(conn, f'SELECT COUNT(*) FROM "{table}"') == [(0,)]
+
+
 @pytest.mark.parametrize(
     ("null_if", "expected"),
     [

@@ -70,11 +70,18 @@ def test_a_new_command_is_one_registrar_function() -> None:
     assert args.run(args) == 0
 
 
-def test_report_lines_are_aligned() -> None:
-    lines = format_report([("shop.customers", 5003, 5003, True), ("shop.order_lines", 200000, 199999, False)])
+def test_report_lines_are_aligned_and_give_the_reason_unless_ok() -> None:
+    lines = format_report(
+        [
+            ("shop.customers", 5003, 5003, "OK", "all rows and cells match"),
+            ("shop.order_lines", 200000, 199999, "MISMATCH", "1 missing from Snowflake"),
+            ("shop.bad", None, None, "FAILED", "replicating: column 'd' has an infinite date/time"),
+        ]
+    )
     assert lines == [
         "shop.customers      5003    5003  OK",
-        "shop.order_lines  200000  199999  MISMATCH",
+        "shop.order_lines  200000  199999  MISMATCH  1 missing from Snowflake",
+        "shop.bad               -       -  FAILED    replicating: column 'd' has an infinite date/time",
     ]
     assert format_report([]) == []
 

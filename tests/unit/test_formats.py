@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pgsnow.csv_records import csv_fields_at, parse_csv_record
 from pgsnow.formats import (
     CopyPipe,
     CsvBatchSplitter,
@@ -223,7 +224,7 @@ def test_csv_blocks_never_cross_a_batch_cut(tmp_path: Path, block_bytes: int, ba
     for written in files:
         mine = records[position : position + written.rows]
         assert gzip.decompress(written.path.read_bytes()) == HEADER + b"".join(mine)
-        assert (written.first_record, written.last_record) == (mine[0], mine[-1])
+        assert (written.first_key, written.last_key) == (mine[0], mine[-1])
         position += written.rows
     assert splitter.rows == 10 and splitter.header == HEADER
 
@@ -320,6 +321,36 @@ def test_copy_pipe_stops_the_other_side(stop: str) -> None:
         # And what a buffered sink still holds can never reach the ended stream
         with pytest.raises(PipeAbandonedError):
             pipe.write(b"3\n")
+
+
+def test_copy_pipe_feeds_arrow_a_record_many_times_its_block_size() -> None:
+    import threading
+
+    # Given records around one whose text is 40 blocks long (Arrow's reader refuses a record that
+    # spans more than two of its reads, so the pipe hands it over whole)
+    block = 1024
+    columns = [column("id", "integer", nullable=False), column("body", "text")]
+    big = "x" * (40 * block)
+    records = [b'1,"a"\n', f'2,"{big}"\n'.encode(), b'3,"b"\n']
+    pipe = CopyPipe(block_bytes=block, max_blocks=2)
+
+    def produce() -> None:
+        sink = pipe.record_sink()
+        for record in records:
+            sink.write(record)
+        sink.flush()
+        pipe.close()
+
+    writer = threading.Thread(target=produce)
+    writer.start()
+    # When Arrow parses the stream with a block size far below the record's
+    reader = open_arrow_csv(pipe, columns, block_bytes=block)
+    assert reader is not None
+    table = reader.read_all()
+    writer.join()
+    # Then every record arrives whole
+    assert table.column(0).to_pylist() == [1, 2, 3]
+    assert table.column(1).to_pylist() == ["a", big, "b"]
 
 
 def read_arrow(data: bytes, columns: list[Column], trailing: int = 0) -> pa.Table:
@@ -427,3 +458,44 @@ def test_parquet_compressed_bytes_grow_with_each_row_group_and_end_at_the_file_s
     assert sizes == sorted(set(sizes)) and written.bytes > sizes[-1]
     assert pq.ParquetFile(written.path).num_row_groups == 3
     assert (written.rows, written.bytes) == (9, written.path.stat().st_size)
+
+
+CSV_FIELD_CASES = [
+    pytest.param(b"1,abc,\n", [0], ["1"], id="first-unquoted"),
+    pytest.param(b"1,abc,\n", [2], [""], id="last-empty-before-newline"),
+    pytest.param(b'7,"a,b\nc",9\n', [2, 0], ["9", "7"], id="after-a-quoted-comma-and-newline"),
+    pytest.param(b'"x""y",2\n', [0], ['x"y'], id="escaped-quote"),
+    pytest.param(b'1,"' + b'""' * 1000 + b'",42\r\n', [2], ["42"], id="after-many-escapes-crlf"),
+    pytest.param('"café 🐘",2\n'.encode(), [0, 1], ["café 🐘", "2"], id="utf8"),
+]
+
+
+@pytest.mark.parametrize(("record", "positions", "expected"), CSV_FIELD_CASES)
+def test_csv_fields_at_reads_only_the_wanted_fields(
+    record: bytes, positions: list[int], expected: list[str]
+) -> None:
+    assert csv_fields_at(record, positions) == expected
+    # the same fields the full parser reads
+    full = parse_csv_record(record.decode("utf-8"))
+    assert [full[p] for p in positions] == expected
+
+
+def test_a_record_larger_than_a_block_is_written_whole_and_only_its_key_is_kept(tmp_path: Path) -> None:
+    # Given a splitter with 1 KB blocks, keeping each record's first field as its key
+    files: list[WrittenFile] = []
+    splitter = CsvBatchSplitter(
+        batch_rows=10,
+        path_for_batch=lambda n: tmp_path / f"b{n}.csv.gz",
+        on_file=files.append,
+        block_bytes=1024,
+        record_key=lambda _header, record: tuple(csv_fields_at(record, [0])),
+    )
+    big = b'2,"' + b"x" * 100_000 + b'"\n'
+    # When a small record, one of 100 blocks and another small one arrive
+    for data in [HEADER, b'1,"a"\n', big, b'3,"b"\n']:
+        splitter.write(data)
+    splitter.finish()
+    # Then one file holds them all, in order, with the first and last keys
+    assert len(files) == 1
+    assert gzip.decompress(files[0].path.read_bytes()) == HEADER + b'1,"a"\n' + big + b'3,"b"\n'
+    assert (files[0].rows, files[0].first_key, files[0].last_key) == (3, ("1",), ("3",))

@@ -183,7 +183,8 @@ def test_csv_reader_reads_text_only_and_keeps_quoted_empty_strings() -> None:
 
     assert sql == (
         "read_csv('s3://b/k.csv.gz', all_varchar = true, header = false, skip = 1, delim = ',', quote = '\"', "
-        "escape = '\"', allow_quoted_nulls = false, nullstr = '', compression = 'gzip', new_line = '\\n')"
+        "escape = '\"', allow_quoted_nulls = false, nullstr = '', compression = 'gzip', new_line = '\\n', "
+        "max_line_size = 272629760, buffer_size = 272629760)"
     )
 
 

@@ -120,7 +120,7 @@ def test_copy_into_parquet_matches_the_documented_shape() -> None:
         pytest.param("integer", "$1", '$1:"c"::NUMBER(38,0)', id="integer"),
         pytest.param("numeric(12,2)", "$1", '$1:"c"::NUMBER(12,2)', id="decimal"),
         pytest.param("double precision", "$1", '$1:"c"::FLOAT', id="float"),
-        pytest.param("text", "$1", '$1:"c"::VARCHAR', id="text"),
+        pytest.param("text", "$1", '$1:"c"::VARCHAR(134217728)', id="text"),
         pytest.param("boolean", "$1", '$1:"c"::BOOLEAN', id="boolean"),
         pytest.param("date", "$1", '$1:"c"::DATE', id="date"),
         pytest.param("time without time zone", "$1", '$1:"c"::TIME(6)', id="time"),

@@ -28,8 +28,7 @@ from pgsnow.typemap import ValueKind, map_pg_type
 
 DEFAULT_CHUNK_ROWS = 10_000
 _MAX_SHOWN_CHARS = 80
-# PostgreSQL types that map to TEXT but whose Python value is not already the
-# text the extractor stages (uuid, inet, interval...): select them as ::text.
+# PostgreSQL character types: ordered by their own value, the others (uuid, inet...) by their text.
 _CHARACTER_TYPES = ("text", "character varying", "character", "bpchar", "name", "citext")
 
 
@@ -193,7 +192,8 @@ def _pg_select_list(columns: Sequence[ComparedColumn]) -> sql.Composed:
         ident = sql.Identifier(column.name)
         if column.kind is ValueKind.JSON and column.base_type.endswith("[]"):
             items.append(sql.SQL("to_jsonb({})::text").format(ident))
-        elif column.kind is ValueKind.JSON or (column.kind is ValueKind.TEXT and not column.is_character):
+        elif column.kind in {ValueKind.JSON, ValueKind.TEXT}:
+            # As staged: ``char(n)::text`` drops the blank padding (docs/type-mapping.md), as verify does.
             items.append(sql.SQL("{}::text").format(ident))
         else:
             items.append(ident)

@@ -15,15 +15,19 @@ stack's settings are put into this process's environment while it runs.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pgsnow.config import Component
 from pgsnow.demo.compare import TableComparison, compare_table
 from pgsnow.demo.dataset import SAMPLE_TABLES, create_sample_shop
-from pgsnow.errors import ConfigError
+from pgsnow.errors import ConfigError, PgSnowError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat
 from pgsnow.local.stack import (
@@ -33,6 +37,7 @@ from pgsnow.local.stack import (
     load_function_handler,
     start_stack,
 )
+from pgsnow.observability import SERVICE
 from pgsnow.verify import TableVerification, verify_table
 
 ProgressCallback = Callable[[str], None]
@@ -43,6 +48,76 @@ DEMO_SCHEMA = "shop"
 
 def _quiet(_message: str) -> None:
     return None
+
+
+class TableStatus(StrEnum):
+    OK = "OK"  # replicated, and every row and cell matches
+    MISMATCH = "MISMATCH"  # replicated, but the copy differs from the source
+    FAILED = "FAILED"  # could not be replicated or compared (the reason says why)
+
+
+@dataclass(frozen=True)
+class DemoTableResult:
+    """One table's outcome: its status, row counts where known, and a one-line reason."""
+
+    table: TableRef
+    status: TableStatus
+    source_rows: int | None
+    snowflake_rows: int | None
+    detail: str
+    verification: TableVerification | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is TableStatus.OK
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line: pgsnow's own message, or the exception's type and first line."""
+    if isinstance(exc, PgSnowError):
+        text = exc.message
+    else:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return " ".join(text.split())
+
+
+class _FunctionErrors(logging.Handler):
+    """The functions' ERROR records while one table replicates: the loader reports a file it could
+    not load only in its log (and by leaving the message on the queue)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
+@contextmanager
+def _function_errors() -> Iterator[_FunctionErrors]:
+    functions = logging.getLogger(SERVICE)
+    collected = _FunctionErrors()
+    functions.addHandler(collected)
+    try:
+        yield collected
+    finally:
+        functions.removeHandler(collected)
+
+
+def _outcome(comparison: TableComparison, verification: TableVerification | None) -> DemoTableResult:
+    """The comparison and (when run) pgsnow verify's check, as one status."""
+    if not comparison.ok:
+        status = TableStatus.FAILED if comparison.detail.startswith("cannot read") else TableStatus.MISMATCH
+        detail = comparison.detail
+    elif verification is not None and not verification.ok:
+        status = TableStatus.FAILED if verification.error else TableStatus.MISMATCH
+        detail = f"verify: {verification.error or verification.summary()}"
+    else:
+        status, detail = TableStatus.OK, comparison.detail
+    return DemoTableResult(
+        comparison.table, status, comparison.source_rows, comparison.snowflake_rows, detail, verification
+    )
 
 
 def list_schema_tables(dsn: str, schema: str) -> list[TableRef]:
@@ -90,6 +165,10 @@ def _prepare_source(
     return admin_dsn, found
 
 
+class LoaderFailedError(Exception):
+    """The loader left at least one of the table's files unloaded (on the queue, then the DLQ)."""
+
+
 def replicate_table(stack: LocalStack, table: TableRef, file_format: FileFormat, dispatcher: Any) -> None:
     """Extract ``table``, let the queue deliver its files to the loader, then run cleanup."""
     from pgsnow.extract import extract_table
@@ -107,7 +186,11 @@ def replicate_table(stack: LocalStack, table: TableRef, file_format: FileFormat,
         )
     finally:
         pg_conn.close()
-    dispatcher.run_until_idle()
+    with _function_errors() as errors:
+        delivered = dispatcher.run_until_idle()
+    if delivered.failed:
+        reason = errors.messages[0] if errors.messages else "see the loader's log (--verbose)"
+        raise LoaderFailedError(f"the loader could not load {table.qualified}: {reason}")
     cleanup = load_function_handler("cleanup")
     context = LambdaContext(
         function_name="pgsnow-cleanup",
@@ -127,13 +210,14 @@ def run_demo(
     data_dir: Path,
     progress: ProgressCallback | None = None,
     scale: float = 1.0,
-    verifications: list[TableVerification] | None = None,
+    verify: bool = False,
     storage_access: str = "integration",
-) -> list[TableComparison]:
+) -> list[DemoTableResult]:
     """Replicate each table through the local pipeline and compare it with its source.
 
-    When ``verifications`` is given, each table is also checked by ``pgsnow.verify`` (row
-    hashes computed in each database) and its result appended there.
+    A table that cannot be replicated or compared is reported FAILED with its reason and the
+    others go on. With ``verify``, each table is also checked by ``pgsnow.verify`` (row hashes
+    computed in each database), and its result is part of the table's status.
     """
     from pgsnow.local.dispatcher import SqsDispatcher
     from pgsnow.postgres import connect
@@ -160,7 +244,7 @@ def run_demo(
         stack.pg_dsn = source_dsn
         stack.env["PGSNOW_PG_DSN"] = source_dsn
         stack.env["PGSNOW_TABLES"] = ",".join(t.qualified for t in chosen)
-        results: list[TableComparison] = []
+        results: list[DemoTableResult] = []
         # The handlers read this stack's settings and run as their own template roles.
         with stack.handlers():
             dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
@@ -169,17 +253,52 @@ def run_demo(
             try:
                 for table in chosen:
                     started = time.monotonic()
-                    report(f"replicating {table.qualified} ({chosen_format.value})")
-                    replicate_table(stack, table, chosen_format, dispatcher)
-                    report(f"comparing {table.qualified}")
-                    results.append(compare_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE))
-                    if verifications is not None:
-                        report(f"verifying {table.qualified}")
-                        verifications.append(verify_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE))
-                    report(f"{table.qualified} done in {time.monotonic() - started:.1f}s")
+                    result = _demo_table(
+                        stack,
+                        table,
+                        file_format=chosen_format,
+                        dispatcher=dispatcher,
+                        pg_conn=pg_conn,
+                        sf_conn=sf_conn,
+                        verify=verify,
+                        report=report,
+                    )
+                    results.append(result)
+                    report(f"{table.qualified} {result.status.value} in {time.monotonic() - started:.1f}s")
             finally:
                 pg_conn.close()
                 sf_conn.close()
         return results
     finally:
         stack.stop()
+
+
+def _demo_table(
+    stack: LocalStack,
+    table: TableRef,
+    *,
+    file_format: FileFormat,
+    dispatcher: Any,
+    pg_conn: Any,
+    sf_conn: Any,
+    verify: bool,
+    report: ProgressCallback,
+) -> DemoTableResult:
+    """One table replicated, compared and (``verify``) verified; any failure is its FAILED result."""
+    step = "replicating"
+    try:
+        report(f"replicating {table.qualified} ({file_format.value})")
+        replicate_table(stack, table, file_format, dispatcher)
+        step = "comparing"
+        report(f"comparing {table.qualified}")
+        comparison = compare_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE)
+        verification = None
+        if verify:
+            step = "verifying"
+            report(f"verifying {table.qualified}")
+            verification = verify_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE)
+        return _outcome(comparison, verification)
+    except Exception as exc:  # one table's failure, whatever it is, must not stop the others
+        if not pg_conn.closed:
+            pg_conn.rollback()  # a failed comparison may leave its transaction aborted
+        return DemoTableResult(table, TableStatus.FAILED, None, None, f"{step}: {one_line(exc)}")

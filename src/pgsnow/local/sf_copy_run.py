@@ -77,6 +77,7 @@ class TargetColumn:
     name: str
     type: SqlType
     nullable: bool
+    max_chars: int | None = None  # a VARCHAR column's declared length (fakesnow's record of it)
 
 
 @dataclass(frozen=True)
@@ -206,8 +207,41 @@ def describe_target(
             errno=_NOT_FOUND_ERRNO,
             sqlstate="42S02",
         )
-    columns = tuple(TargetColumn(str(r[0]), duck_type(str(r[1])), bool(r[2])) for r in rows)
+    lengths = dict(
+        duck.execute(
+            "SELECT ext_column_name, ext_character_maximum_length "
+            "FROM _fs_global._fs_information_schema._fs_columns_ext "
+            "WHERE ext_table_catalog = ? AND ext_table_schema = ? AND ext_table_name = ?",
+            [catalog, table_schema, name],
+        ).fetchall()
+    )
+    columns = tuple(
+        TargetColumn(str(r[0]), duck_type(str(r[1])), bool(r[2]), lengths.get(str(r[0]))) for r in rows
+    )
     return TargetTable(catalog, table_schema, name, columns)
+
+
+# Snowflake's largest values ("New maximum size limits for database objects", bundle 2025_03):
+# VARCHAR and VARIANT 128 MB; BINARY 64 MB when declared so, 8 MB for a BINARY column declared
+# without a length. A VARCHAR without a length holds 16,777,216 characters.
+MAX_VALUE_BYTES = 134_217_728
+DEFAULT_VARCHAR_CHARS = 16_777_216
+# The length of a BINARY column is not recorded here: every one is held to the default's 8 MB,
+# stricter than Snowflake for one declared longer, never looser.
+MAX_BINARY_BYTES = 8_388_608
+
+
+def _too_long_sql(column: TargetColumn, value_sql: str) -> str | None:
+    """The condition under which a converted value is longer than ``column`` holds in Snowflake."""
+    family = column.type.family
+    if family == TypeFamily.TEXT:
+        chars = column.max_chars or DEFAULT_VARCHAR_CHARS
+        return f"(length({value_sql}) > {chars} OR strlen({value_sql}) > {MAX_VALUE_BYTES})"
+    if family == TypeFamily.VARIANT:
+        return f"strlen(CAST({value_sql} AS VARCHAR)) > {MAX_VALUE_BYTES}"
+    if family == TypeFamily.BINARY:
+        return f"octet_length({value_sql}) > {MAX_BINARY_BYTES}"
+    return None
 
 
 def _pick_columns(table: TargetTable, names: tuple[str, ...] | None) -> tuple[TargetColumn, ...]:
@@ -306,6 +340,8 @@ def _failure_message(family: TypeFamily, value: str | None, kind: str) -> str:
     if kind == "null":
         return "NULL result in a non-nullable column"
     shown = "" if value is None else value
+    if kind == "length":
+        return f"String '{shown}...' is too long and would be truncated"
     messages = {
         TypeFamily.NUMBER: f"Numeric value '{shown}' is not recognized",
         TypeFamily.FLOAT: f"Numeric value '{shown}' is not recognized",
@@ -399,6 +435,18 @@ def _read_file(
             )
         else:
             checks.append(("FALSE", "NULL", "conversion"))
+    # Numbered after the conversion checks: index - len(columns) is the column.
+    for column, value_sql in zip(columns, converted, strict=True):
+        too_long = _too_long_sql(column, value_sql)
+        checks.append(
+            ("FALSE", "NULL", "length")
+            if too_long is None
+            else (
+                f"({value_sql}) IS NOT NULL AND {too_long}",
+                f"left(CAST(({value_sql}) AS VARCHAR), 20)",
+                "length",
+            )
+        )
     null_checks = [
         (i, f"({sql}) IS NULL")
         for i, (column, sql) in enumerate(zip(columns, converted, strict=True))
@@ -428,8 +476,8 @@ def _read_file(
     if bad_rows.num_rows:
         first = bad_rows.slice(0, 1).to_pylist()[0]
         index = int(first[BAD_COLUMN])
-        kind = "null" if index < 0 else "conversion"
-        column_index = -index - 1 if index < 0 else index
+        kind = "null" if index < 0 else checks[index][2]
+        column_index = -index - 1 if index < 0 else index % len(columns)
         row_number = int(first[ROW_NUMBER])
         line = row_number + (statement.csv.skip_header if statement.file_type == FileType.CSV else 0)
         outcome.errors_seen = bad_rows.num_rows

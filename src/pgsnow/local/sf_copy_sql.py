@@ -571,6 +571,9 @@ _DUCK_COMPRESSION = {"AUTO": "auto", "GZIP": "gzip", "NONE": "none", "ZSTD": "zs
 NEVER_NULL_MARKER = "\x01pgsnow-not-null\x01"
 
 
+CSV_MAX_LINE_BYTES = 260 * 1024 * 1024
+
+
 def csv_reader_sql(url: str, options: CsvOptions) -> str:
     """``read_csv(...)`` reading every field as VARCHAR, so no value passes through a guessed type.
 
@@ -596,6 +599,10 @@ def csv_reader_sql(url: str, options: CsvOptions) -> str:
         "nullstr = " + (duck_string("") if options.empty_field_as_null else duck_string(NEVER_NULL_MARKER)),
         f"compression = {duck_string(_DUCK_COMPRESSION[options.compression])}",
         "new_line = '\\n'",
+        # DuckDB refuses a line over 2 MB by default; Snowflake takes values up to 128 MB. A line
+        # may hold two of them here (stricter than Snowflake for more, never looser).
+        f"max_line_size = {CSV_MAX_LINE_BYTES}",
+        f"buffer_size = {CSV_MAX_LINE_BYTES}",
         # No null_padding: DuckDB then rejects newlines inside quoted fields. A row with a
         # different number of fields is reported as a parse error of its file.
     ]

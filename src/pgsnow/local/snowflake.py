@@ -39,11 +39,13 @@ import datetime
 import gzip
 import json
 import logging
+import os
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message
 
+from pgsnow.errors import ConfigError
 from pgsnow.local.duckdb_setup import load_httpfs
 from pgsnow.local.keypair import INVALID_JWT_CODE, INVALID_JWT_MESSAGE, PublicKeys
 from pgsnow.local.sf_access import (
@@ -145,6 +148,7 @@ _TABLE_EXT_TABLES = (
 )
 S3_SECRET_NAME = "pgsnow_local_s3"  # noqa: S105 - a DuckDB object name, not a secret
 STARTUP_TIMEOUT_SECONDS = 30.0
+UNUSED_S3_ENDPOINT = "http://127.0.0.1:9"  # discard port: for a server that reads no stage
 
 
 @dataclass(frozen=True)
@@ -1050,6 +1054,111 @@ def _login_name(name: str | None) -> str | None:
 # the running server
 
 
+def local_connect_kwargs(
+    host: str,
+    port: int,
+    database: str | None = None,
+    schema: str | None = None,
+    *,
+    user: str = LOCAL_USER,
+    private_key: bytes | None = None,
+) -> dict[str, Any]:
+    """Connector arguments for the local Snowflake at ``host:port``; with ``private_key`` (DER
+    PKCS#8) a key-pair login instead of a password."""
+    credentials: dict[str, Any] = (
+        {"password": LOCAL_PASSWORD}
+        if private_key is None
+        else {"private_key": private_key, "authenticator": "SNOWFLAKE_JWT"}
+    )
+    kwargs: dict[str, Any] = {
+        "account": LOCAL_ACCOUNT,
+        "user": user,
+        **credentials,
+        "host": host,
+        "port": port,
+        "protocol": "http",
+        # No telemetry uploads, and fail fast rather than retry against a loopback server.
+        "session_parameters": {"CLIENT_OUT_OF_BAND_TELEMETRY_ENABLED": False},
+        "network_timeout": 30,
+        "login_timeout": 30,
+    }
+    if database is not None:
+        kwargs["database"] = database
+    if schema is not None:
+        kwargs["schema"] = schema
+    return kwargs
+
+
+# A server with a data_dir records where it listens in this file there, so another process (``pgsnow
+# local sql`` while ``pgsnow local up`` runs) talks to it instead of opening the DuckDB files, which
+# the server holds locked.
+SERVER_RECORD_FILE = "server.json"
+
+
+def _write_server_record(data_dir: Path, host: str, port: int) -> None:
+    record = {"pid": os.getpid(), "host": host, "port": port}
+    temporary = data_dir / f".{SERVER_RECORD_FILE}.{os.getpid()}"
+    temporary.write_text(json.dumps(record), encoding="utf-8")
+    temporary.replace(data_dir / SERVER_RECORD_FILE)
+
+
+def _remove_server_record(data_dir: Path, port: int) -> None:
+    """Remove the record if it is still this server's (another may have started since)."""
+    path = data_dir / SERVER_RECORD_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("pid") == os.getpid() and record.get("port") == port:
+            path.unlink()
+    except (OSError, ValueError):
+        return
+
+
+def running_server(data_dir: Path) -> tuple[str, int] | None:
+    """Where the local Snowflake serving ``data_dir`` listens, if one is running (its process alive
+    and its port answering); None otherwise, including for a record left by a process that died."""
+    try:
+        record = json.loads((data_dir / SERVER_RECORD_FILE).read_text(encoding="utf-8"))
+        pid, host, port = int(record["pid"]), str(record["host"]), int(record["port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, owned by another user
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return host, port
+    except OSError:
+        return None
+
+
+@contextmanager
+def open_local_snowflake(data_dir: Path, database: str | None = None) -> Iterator[dict[str, Any]]:
+    """Connector arguments for the local Snowflake persisted in ``data_dir``: the running server's when
+    one serves it (``pgsnow local up``), else a server started here on its files for the duration.
+
+    ConfigError when ``data_dir`` holds no local Snowflake, or when its files are locked by a process
+    that serves no recorded address (``start_local_snowflake``)."""
+    if not data_dir.is_dir():
+        raise ConfigError(
+            [
+                f"no local Snowflake in {data_dir} (run `pgsnow local up` or `pgsnow demo` first, or pass --data-dir)"
+            ]
+        )
+    found = running_server(data_dir)
+    if found is not None:
+        yield local_connect_kwargs(*found, database=database)
+        return
+    # Plain queries read only the persisted tables; no S3 endpoint is needed, so none is given a real one.
+    local = start_local_snowflake(s3_endpoint_url=UNUSED_S3_ENDPOINT, data_dir=data_dir)
+    try:
+        yield local.connect_kwargs(database=database)
+    finally:
+        local.stop()
+
+
 @dataclass(frozen=True)
 class LocalSnowflake:
     """A running local Snowflake; connect with ``snowflake.connector.connect(**connect_kwargs())``."""
@@ -1070,28 +1179,9 @@ class LocalSnowflake:
         private_key: bytes | None = None,
     ) -> dict[str, Any]:
         """Connector arguments; with ``private_key`` (DER PKCS#8) a key-pair login instead of a password."""
-        credentials: dict[str, Any] = (
-            {"password": LOCAL_PASSWORD}
-            if private_key is None
-            else {"private_key": private_key, "authenticator": "SNOWFLAKE_JWT"}
+        return local_connect_kwargs(
+            self.host, self.port, database, schema, user=user, private_key=private_key
         )
-        kwargs: dict[str, Any] = {
-            "account": LOCAL_ACCOUNT,
-            "user": user,
-            **credentials,
-            "host": self.host,
-            "port": self.port,
-            "protocol": "http",
-            # No telemetry uploads, and fail fast rather than retry against a loopback server.
-            "session_parameters": {"CLIENT_OUT_OF_BAND_TELEMETRY_ENABLED": False},
-            "network_timeout": 30,
-            "login_timeout": 30,
-        }
-        if database is not None:
-            kwargs["database"] = database
-        if schema is not None:
-            kwargs["schema"] = schema
-        return kwargs
 
     @property
     def public_keys(self) -> PublicKeys:
@@ -1117,6 +1207,7 @@ class LocalSnowflake:
         duck = self._state.fs.duck_conn
         if self.data_dir is not None:
             duck.execute("CHECKPOINT")
+            _remove_server_record(self.data_dir, self.port)
         duck.close()
 
 
@@ -1139,7 +1230,14 @@ def start_local_snowflake(
     """
     s3 = S3Settings(s3_endpoint_url, aws_access_key_id, aws_secret_access_key, region)
     access = StageAccess(LOCAL_ACCOUNT, s3_endpoint_url, region, snowflake_aws_identity)
-    fs = build_fakesnow(s3, data_dir, shared_secret=snowflake_aws_identity is None)
+    try:
+        fs = build_fakesnow(s3, data_dir, shared_secret=snowflake_aws_identity is None)
+    except duckdb.IOException as exc:
+        # Another process (a running `pgsnow local up`, say) holds the database files.
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            [f"the local Snowflake in {data_dir} is in use by another process: {first_line}"]
+        ) from exc
     state = LocalSnowflakeState(fs, data_dir, access, PublicKeys(LOCAL_ACCOUNT))
     host = "127.0.0.1"
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -1159,4 +1257,6 @@ def start_local_snowflake(
             raise RuntimeError(f"local Snowflake did not start on {host}:{bound_port}")
         time.sleep(0.02)
     logger.info("local Snowflake listening on %s:%s (data_dir=%s)", host, bound_port, data_dir)
+    if data_dir is not None:
+        _write_server_record(data_dir, host, bound_port)
     return LocalSnowflake(host, bound_port, data_dir, server, thread, state)
