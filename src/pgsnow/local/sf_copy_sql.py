@@ -135,6 +135,7 @@ class TypeFamily(StrEnum):
     TIMESTAMP_TZ = "TIMESTAMP_TZ"
     VARIANT = "VARIANT"
     BINARY = "BINARY"
+    VECTOR = "VECTOR"  # VECTOR(FLOAT|INT, n), stored by DuckDB as FLOAT[n] / INTEGER[n]
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,39 @@ def snowflake_type(data_type: exp.DataType) -> SqlType:
         return SqlType(TypeFamily.VARIANT, "JSON")
     if kind in {t.BINARY, t.VARBINARY}:
         return SqlType(TypeFamily.BINARY, "BLOB")
+    if kind == t.VECTOR:
+        return vector_type(data_type)
     raise CopySyntaxError(f"cast to {data_type.sql(dialect='snowflake')} is not supported in a local COPY")
+
+
+# Snowflake's VECTOR: 32-bit INT or FLOAT elements, dimension 1..4096 (docs: "Vector data types").
+MAX_VECTOR_DIMENSION = 4096
+_DUCK_VECTOR = re.compile(r"^(FLOAT|INTEGER)\[(\d+)\]$", re.IGNORECASE)
+
+
+def vector_type(data_type: exp.DataType) -> SqlType:
+    """``VECTOR(FLOAT, n)`` / ``VECTOR(INT, n)`` as sqlglot parsed it; DuckDB stores FLOAT[n] / INTEGER[n]."""
+    element = next((p for p in data_type.expressions if isinstance(p, exp.DataType)), None)
+    size = next((p for p in data_type.expressions if isinstance(p, exp.DataTypeParam)), None)
+    if element is None or size is None or not str(size.this.this).isdigit():
+        raise CopySyntaxError("VECTOR needs an element type and a dimension: VECTOR(FLOAT, n)")
+    dimension = int(str(size.this.this))
+    if not 1 <= dimension <= MAX_VECTOR_DIMENSION:
+        raise CopySyntaxError(f"VECTOR dimension {dimension} is outside 1..{MAX_VECTOR_DIMENSION}")
+    t = exp.DataType.Type
+    # Snowflake's FLOAT parses as DOUBLE; inside VECTOR it means 32-bit floats.
+    if element.this in {t.DOUBLE, t.FLOAT}:
+        return SqlType(TypeFamily.VECTOR, f"FLOAT[{dimension}]")
+    if element.this in {t.INT, t.BIGINT}:
+        return SqlType(TypeFamily.VECTOR, f"INTEGER[{dimension}]")
+    raise CopySyntaxError(f"VECTOR elements are INT or FLOAT, not {element.sql(dialect='snowflake')}")
+
+
+def vector_dimension(duck: str) -> int:
+    match = _DUCK_VECTOR.match(duck)
+    if match is None:
+        raise ValueError(f"not a vector storage type: {duck!r}")
+    return int(match.group(2))
 
 
 _DUCK_FAMILIES: tuple[tuple[str, TypeFamily], ...] = (
@@ -282,6 +315,8 @@ _DUCK_FAMILIES: tuple[tuple[str, TypeFamily], ...] = (
 def duck_type(type_text: str) -> SqlType:
     """The family of a DuckDB column type as ``DESCRIBE``/``duckdb_columns()`` prints it."""
     upper = type_text.upper()
+    if _DUCK_VECTOR.match(upper):
+        return SqlType(TypeFamily.VECTOR, upper)
     for prefix, family in _DUCK_FAMILIES:
         if upper == prefix or upper.startswith((prefix + "(", prefix + "_")):
             return SqlType(family, type_text)
@@ -660,9 +695,32 @@ def value_to_type_sql(value_sql: str, source: SqlType, target: SqlType) -> str:
             f"(CASE WHEN json_type({value_sql}) = 'VARCHAR' THEN json_extract_string({value_sql}, '$') "
             f"ELSE CAST({value_sql} AS VARCHAR) END)"
         )
+    if target.family == TypeFamily.VECTOR:
+        return _to_vector_sql(value_sql, source, target)
     if source.duck == target.duck:
         return value_sql
     return f"TRY_CAST({value_sql} AS {target.duck})"
+
+
+def _to_vector_sql(value_sql: str, source: SqlType, target: SqlType) -> str:
+    """An ARRAY (VARIANT) cast to VECTOR as Snowflake casts it: exactly ``n`` numbers, none NULL,
+    each fitting the element type; anything else is NULL here, reported as a conversion error
+    (a wrong length is never truncated or padded)."""
+    if source.family == TypeFamily.VECTOR:
+        return value_sql if source.duck == target.duck else "NULL"
+    if source.family != TypeFamily.VARIANT:
+        return "NULL"  # Snowflake casts only an ARRAY (or a VECTOR) to a VECTOR
+    dimension = vector_dimension(target.duck)
+    element = target.duck.split("[")[0]
+    numbers = f"TRY_CAST({value_sql} AS DOUBLE[])"
+    elements = f"TRY_CAST({numbers} AS {element}[])"  # NULL elements where a number does not fit
+    # DuckDB's CASE cannot return a fixed-size ARRAY: the checked LIST is cast after it.
+    return (
+        f"CAST((CASE WHEN json_type({value_sql}) = 'ARRAY' AND json_array_length({value_sql}) = {dimension} "
+        f"AND len(list_filter(json_extract({value_sql}, '$[*]'), e -> json_type(e) NOT IN ('UBIGINT', 'BIGINT', 'DOUBLE'))) = 0 "
+        f"AND list_count({elements}) = {dimension} "
+        f"THEN {elements} END) AS {target.duck})"
+    )
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message
 
+from pgsnow.local import sf_extension_types
 from pgsnow.local.duckdb_setup import load_httpfs
 from pgsnow.local.keypair import INVALID_JWT_CODE, INVALID_JWT_MESSAGE, PublicKeys
 from pgsnow.local.sf_access import (
@@ -216,6 +217,9 @@ def build_fakesnow(s3: S3Settings, data_dir: Path | None, *, shared_secret: bool
     if data_dir is not None:
         persist_global_catalog(fs.duck_conn, data_dir)
         attach_existing_databases(fs.duck_conn, data_dir)
+    # Snowflake's VECTOR as DuckDB's fixed-size ARRAY, reported as VECTOR (sf_extension_types).
+    sf_extension_types.install()
+    fs.duck_conn.execute(sf_extension_types.columns_view_sql())
     create_access_catalog(fs.duck_conn)
     return fs
 
