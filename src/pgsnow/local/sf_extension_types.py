@@ -49,7 +49,7 @@ def install() -> None:
     current = DuckDB.Generator.datatype_sql
     if getattr(current, _INSTALLED_MARKER, False):
         return
-    DuckDB.Generator.datatype_sql = _with_vectors(current)  # type: ignore[method-assign]
+    DuckDB.Generator.datatype_sql = _with_vectors(current)  # type: ignore[method-assign,assignment]
 
 
 # The one line added to fakesnow's DATA_TYPE mapping, and where it goes.
