@@ -160,7 +160,9 @@ def test_verify_calls_replicated_vectors_equal_and_finds_a_changed_element(
     vector_pipeline: PipelineHarness, replicated: dict[FileFormat, TableRef], file_format: FileFormat
 ) -> None:
     table = replicated[file_format]
-    assert vector_pipeline.verify(table).equal
+    result = vector_pipeline.verify(table)
+    assert result.ok, result
+    assert result.source_rows == result.target_rows == len(ROWS)
     target = quote_qualified(SNOWFLAKE_DATABASE, table.snowflake_schema, table.snowflake_table)
     with vector_pipeline.sf_conn.cursor() as cur:
         # the nearest float4 above 0.1 in place of 0.1: one ulp, still found
@@ -168,8 +170,10 @@ def test_verify_calls_replicated_vectors_equal_and_finds_a_changed_element(
             f'UPDATE {target} SET "EMBEDDING" = [0.10000001, -2.5, 3]::VECTOR(FLOAT, 3) WHERE "ID" = 1'
         )
     try:
-        assert not vector_pipeline.verify(table).equal
+        changed = vector_pipeline.verify(table)
+        assert not changed.ok
+        assert changed.different == ["1"], changed
     finally:
         with vector_pipeline.sf_conn.cursor() as cur:
             cur.execute(f'UPDATE {target} SET "EMBEDDING" = [0.1, -2.5, 3]::VECTOR(FLOAT, 3) WHERE "ID" = 1')
-    assert vector_pipeline.verify(table).equal
+    assert vector_pipeline.verify(table).ok
