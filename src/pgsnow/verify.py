@@ -338,6 +338,9 @@ def pg_canonical(column: Column, value: sql.Composable | None = None) -> sql.Com
             return sql.SQL("encode({}, 'hex')").format(x)
         case ValueKind.JSON | ValueKind.VECTOR:
             return x  # pg_source_value already made it canonical
+        case ValueKind.GEOMETRY | ValueKind.GEOGRAPHY:
+            # The SRID and the exact 2D WKB (little-endian), as Snowflake's ST_SRID and ST_ASWKB give them.
+            return sql.SQL("ST_SRID({0})::text || ':' || encode(ST_AsBinary({0}, 'NDR'), 'hex')").format(x)
         case _:
             return sql.SQL("{}::text").format(x)  # text, and the types staged as their text
 
@@ -373,6 +376,8 @@ def sf_canonical(column: Column, value: str | None = None) -> str:
             return f"LOWER(HEX_ENCODE({x}))"
         case ValueKind.JSON | ValueKind.VECTOR:
             return x  # sf_source_value already made it canonical
+        case ValueKind.GEOMETRY | ValueKind.GEOGRAPHY:
+            return f"CAST(ST_SRID({x}) AS VARCHAR) || ':' || LOWER(HEX_ENCODE(ST_ASWKB({x})))"
         case _:
             return x
 

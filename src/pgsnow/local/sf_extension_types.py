@@ -1,18 +1,25 @@
-"""Snowflake's VECTOR type in the local Snowflake (fakesnow on DuckDB).
+"""Snowflake's VECTOR, GEOMETRY and GEOGRAPHY types in the local Snowflake (fakesnow on DuckDB).
 
 fakesnow parses Snowflake SQL with sqlglot and writes DuckDB SQL with sqlglot's DuckDB generator,
-which spells ``VECTOR(FLOAT, 3)`` as ``VECTOR(DOUBLE, 3)``: no DuckDB type. DuckDB's fixed-size
-ARRAY is the faithful store (32-bit elements, a fixed length that every value must have), so:
+which spells ``VECTOR(FLOAT, 3)`` as ``VECTOR(DOUBLE, 3)`` (no DuckDB type) and keeps GEOMETRY
+and GEOGRAPHY (DuckDB's GEOMETRY keeps no per-value SRID; GEOGRAPHY is no DuckDB type). So:
 
-* ``VECTOR(FLOAT, n)`` becomes ``FLOAT[n]`` and ``VECTOR(INT, n)`` becomes ``INTEGER[n]`` wherever
-  fakesnow writes a type (CREATE TABLE, ALTER TABLE ... ADD COLUMN, casts), by wrapping the
-  DuckDB generator's ``datatype_sql`` (``install``, idempotent, process-wide: only the local
-  Snowflake writes DuckDB SQL with sqlglot in pgsnow);
-* ``INFORMATION_SCHEMA.COLUMNS.DATA_TYPE`` says ``VECTOR`` for those columns, as Snowflake does
-  (``columns_view_sql``: fakesnow's view with one more case, created or replaced at start-up).
+* ``VECTOR(FLOAT, n)`` becomes ``FLOAT[n]`` and ``VECTOR(INT, n)`` becomes ``INTEGER[n]`` (DuckDB's
+  fixed-size ARRAY: 32-bit elements, a length every value must have); ``GEOMETRY`` and
+  ``GEOGRAPHY`` become a struct of the SRID and the 2D WKB (``sf_copy_sql.GEOMETRY_STORAGE``,
+  ``GEOGRAPHY_STORAGE``), wherever fakesnow writes a type (CREATE TABLE, ALTER TABLE ... ADD
+  COLUMN), by wrapping the DuckDB generator's ``datatype_sql`` (``install``, idempotent,
+  process-wide: only the local Snowflake writes DuckDB SQL with sqlglot in pgsnow);
+* ``INFORMATION_SCHEMA.COLUMNS.DATA_TYPE`` says ``VECTOR``, ``GEOMETRY`` or ``GEOGRAPHY`` for those
+  columns, as Snowflake does (``columns_view_sql``: fakesnow's view with three more cases,
+  created or replaced at start-up);
+* each session gets ``ST_SRID(g)`` and ``ST_ASWKB(g)`` / ``ST_ASBINARY(g)`` over the stored
+  struct (``SESSION_MACROS``: temporary macros on the session's DuckDB connection).
 
-Loading a VECTOR goes through pgsnow's own COPY (``sf_copy_sql``: an ARRAY cast to the VECTOR,
-exactly n numbers). docs/snowflake-compatibility.md lists these translations.
+Loading goes through pgsnow's own COPY (``sf_copy_sql``: an ARRAY cast to the VECTOR, exactly n
+numbers; TO_GEOMETRY/TO_GEOGRAPHY of EWKB hex with Snowflake's refusals). A bare VECTOR or
+geospatial column cannot be SELECTed locally (fakesnow has no result type for it): cast a VECTOR to
+ARRAY, read a geometry with ST_SRID/ST_ASWKB. docs/snowflake-compatibility.md lists all of this.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from fakesnow import info_schema
 from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
 
-from pgsnow.local.sf_copy_sql import CopySyntaxError, vector_type
+from pgsnow.local.sf_copy_sql import GEOGRAPHY_STORAGE, GEOMETRY_STORAGE, CopySyntaxError, vector_type
 
 _INSTALLED_MARKER = "_pgsnow_vector_types"
 
@@ -38,6 +45,10 @@ def _with_vectors(datatype_sql: Callable[[Any, exp.DataType], str]) -> Callable[
                 # Snowflake refuses the type at compile time; DuckDB gets a type it refuses too.
                 generator.unsupported(str(error))
                 return "INVALID_VECTOR_TYPE"
+        if expression.this == exp.DataType.Type.GEOMETRY:
+            return GEOMETRY_STORAGE
+        if expression.this == exp.DataType.Type.GEOGRAPHY:
+            return GEOGRAPHY_STORAGE
         return datatype_sql(generator, expression)
 
     setattr(datatype_sql_with_vectors, _INSTALLED_MARKER, True)
@@ -52,16 +63,36 @@ def install() -> None:
     DuckDB.Generator.datatype_sql = _with_vectors(current)  # type: ignore[method-assign,assignment]
 
 
-# The one line added to fakesnow's DATA_TYPE mapping, and where it goes.
+# The lines added to fakesnow's DATA_TYPE mapping, and where they go.
 _JSON_CASE = "when columns.data_type='JSON' then 'VARIANT'"
-_VECTOR_CASE = "when regexp_full_match(columns.data_type, '(FLOAT|INTEGER)\\[[0-9]+\\]') then 'VECTOR'"
+_EXTENSION_CASES = (
+    "when regexp_full_match(columns.data_type, '(FLOAT|INTEGER)\\[[0-9]+\\]') then 'VECTOR'\n"
+    f"     when columns.data_type='{GEOMETRY_STORAGE}' then 'GEOMETRY'\n"
+    f"     when columns.data_type='{GEOGRAPHY_STORAGE}' then 'GEOGRAPHY'"
+)
 
 
 def columns_view_sql() -> str:
-    """fakesnow's global INFORMATION_SCHEMA.COLUMNS view, DATA_TYPE ``VECTOR`` for vector columns."""
+    """fakesnow's global INFORMATION_SCHEMA.COLUMNS view, with VECTOR/GEOMETRY/GEOGRAPHY DATA_TYPEs."""
     original = info_schema.SQL_CREATE_GLOBAL_INFORMATION_SCHEMA_COLUMNS_VIEW
     if _JSON_CASE not in original:
         raise RuntimeError("fakesnow's INFORMATION_SCHEMA.COLUMNS view changed; update sf_extension_types")
     return original.replace("create view if not exists", "create or replace view", 1).replace(
-        _JSON_CASE, f"{_JSON_CASE}\n     {_VECTOR_CASE}", 1
+        _JSON_CASE, f"{_JSON_CASE}\n     {_EXTENSION_CASES}", 1
     )
+
+
+# Snowflake's accessors over the stored struct (SRID, plain 2D WKB). Temporary macros shadow the
+# spatial extension's functions of the same names in the session only; pgsnow's COPY runs on
+# connections of its own and keeps spatial's.
+SESSION_MACROS = (
+    "CREATE OR REPLACE TEMP MACRO st_srid(g) AS struct_extract_at(g, 1)",
+    "CREATE OR REPLACE TEMP MACRO st_aswkb(g) AS struct_extract_at(g, 2)",
+    "CREATE OR REPLACE TEMP MACRO st_asbinary(g) AS struct_extract_at(g, 2)",
+)
+
+
+def prepare_session(duck: Any) -> None:
+    """Give a session's DuckDB connection the geospatial accessors (``SESSION_MACROS``)."""
+    for statement in SESSION_MACROS:
+        duck.execute(statement)
