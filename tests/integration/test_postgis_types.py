@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from psycopg2 import sql
 
+from pgsnow.demo.compare import compare_table
 from pgsnow.demo.pipeline import replicate_table
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef, quote_qualified
@@ -246,3 +247,16 @@ def target_cells_of(harness: PipelineHarness, table: TableRef) -> list[tuple[Any
             f'SELECT "ID", ST_SRID("G"), LOWER(HEX_ENCODE(ST_ASWKB("G"))) FROM {target} ORDER BY "ID"'
         )
         return [(int(r[0]), None if r[1] is None else int(r[1]), r[2]) for r in cur.fetchall()]
+
+
+@pytest.mark.parametrize("file_format", [FileFormat.CSV, FileFormat.PARQUET], ids=lambda f: f.value)
+def test_the_demo_comparison_finds_every_cell_equal(
+    postgis: PipelineHarness, replicated: dict[FileFormat, TableRef], file_format: FileFormat
+) -> None:
+    pg_conn = connect(postgis.source_dsn)
+    try:
+        comparison = compare_table(pg_conn, postgis.sf_conn, replicated[file_format], SNOWFLAKE_DATABASE)
+    finally:
+        pg_conn.close()
+    assert comparison.ok, comparison.detail
+    assert comparison.source_rows == comparison.snowflake_rows == len(ROWS)

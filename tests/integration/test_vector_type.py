@@ -19,6 +19,7 @@ import pytest
 from conftest import pipeline_harness
 from psycopg2 import sql
 
+from pgsnow.demo.compare import compare_table
 from pgsnow.demo.pipeline import replicate_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat
@@ -177,3 +178,18 @@ def test_verify_calls_replicated_vectors_equal_and_finds_a_changed_element(
         with vector_pipeline.sf_conn.cursor() as cur:
             cur.execute(f'UPDATE {target} SET "EMBEDDING" = [0.1, -2.5, 3]::VECTOR(FLOAT, 3) WHERE "ID" = 1')
     assert vector_pipeline.verify(table).ok
+
+
+@pytest.mark.parametrize("file_format", [FileFormat.CSV, FileFormat.PARQUET], ids=lambda f: f.value)
+def test_the_demo_comparison_finds_every_cell_equal(
+    vector_pipeline: PipelineHarness, replicated: dict[FileFormat, TableRef], file_format: FileFormat
+) -> None:
+    pg_conn = connect(vector_pipeline.source_dsn)
+    try:
+        comparison = compare_table(
+            pg_conn, vector_pipeline.sf_conn, replicated[file_format], SNOWFLAKE_DATABASE
+        )
+    finally:
+        pg_conn.close()
+    assert comparison.ok, comparison.detail
+    assert comparison.source_rows == comparison.snowflake_rows == len(ROWS)
