@@ -25,6 +25,7 @@ from pgsnow.keys import FileFormat
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, load_function_handler
 from pgsnow.postgres import connect, describe_table
+from pgsnow.runtime import reset_runtime
 
 if TYPE_CHECKING:
     from conftest import PipelineHarness
@@ -164,6 +165,13 @@ def test_every_spatial_cell_arrives_exactly_with_its_srid(
         assert (json.loads(shapes) if shapes is not None else None) == (
             json.loads(expected_shapes) if expected_shapes is not None else None
         ), key
+    with postgis.sf_conn.cursor() as cur:  # loaded by the COPY
+        cur.execute(
+            f"SELECT COUNT(*) FROM {quote_qualified(SNOWFLAKE_DATABASE, 'INFORMATION_SCHEMA', 'LOAD_HISTORY')} "
+            "WHERE FILE_NAME LIKE %s",  # the COPY loads a merge work table: found by the file's path
+            (f"%/{table.schema}/{table.table}/%",),
+        )
+        assert cur.fetchone() == (1,)
     # the SRIDs themselves, not only their agreement: kept as PostgreSQL has them
     assert [target[k][0] for k in (1, 2, 3, 4, 5)] == [4326, 0, 0, 2056, None]
     assert target[1][2] == 3857 and target[1][4] == 4326 and target[1][6] == 4326
@@ -260,3 +268,44 @@ def test_the_demo_comparison_finds_every_cell_equal(
         pg_conn.close()
     assert comparison.ok, comparison.detail
     assert comparison.source_rows == comparison.snowflake_rows == len(ROWS)
+
+
+def test_the_insert_load_method_converts_geometries_like_the_copy(
+    postgis: PipelineHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LOAD_METHOD=insert binds each staged text and converts it with TO_GEOMETRY/TO_GEOGRAPHY in
+    # the INSERT, as the COPY does: the same SRIDs and WKB arrive.
+    table = postgis.table("spatial_inserted")
+    postgis.create_table(table, SPATIAL_DDL)
+    for row in ROWS:
+        postgis.run_sql(
+            sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s::geometry[])").format(
+                sql.Identifier(table.schema, table.table)
+            ),
+            row,
+        )
+    stack = postgis.stack
+    dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
+    monkeypatch.setenv("LOAD_METHOD", "insert")
+    reset_runtime()
+    try:
+        replicate_table(stack, table, FileFormat.CSV, dispatcher)
+    finally:
+        monkeypatch.delenv("LOAD_METHOD")
+        reset_runtime()
+    with postgis.sf_conn.cursor() as cur:  # inserted, not copied: no COPY load history for it
+        cur.execute(
+            f"SELECT COUNT(*) FROM {quote_qualified(SNOWFLAKE_DATABASE, 'INFORMATION_SCHEMA', 'LOAD_HISTORY')} "
+            "WHERE FILE_NAME LIKE %s",  # the COPY loads a merge work table: found by the file's path
+            (f"%/{table.schema}/{table.table}/%",),
+        )
+        assert cur.fetchone() == (0,)
+    assert postgis.ledger_keys(table)  # and recorded as loaded
+    source = source_cells(postgis, table)
+    target = target_cells(postgis, table)
+    assert sorted(target) == sorted(source)
+    for key, expected in source.items():
+        assert [
+            None if v is None else int(v) if i % 2 == 0 else v for i, v in enumerate(target[key][:-1])
+        ] == list(expected[:-1]), key
+    assert postgis.verify(table).ok

@@ -31,7 +31,13 @@ from fakesnow import info_schema
 from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
 
-from pgsnow.local.sf_copy_sql import GEOGRAPHY_STORAGE, GEOMETRY_STORAGE, CopySyntaxError, vector_type
+from pgsnow.local.sf_copy_sql import (
+    GEOGRAPHY_STORAGE,
+    GEOMETRY_STORAGE,
+    CopySyntaxError,
+    geospatial_from_ewkb_hex_sql,
+    vector_type,
+)
 
 _INSTALLED_MARKER = "_pgsnow_vector_types"
 
@@ -55,12 +61,36 @@ def _with_vectors(datatype_sql: Callable[[Any, exp.DataType], str]) -> Callable[
     return datatype_sql_with_vectors
 
 
+def _with_geospatial_casts(cast_sql: Callable[..., str]) -> Callable[..., str]:
+    """``TO_GEOMETRY(x)`` / ``TO_GEOGRAPHY(x)`` (sqlglot: a cast) as the COPY converts them, with
+    Snowflake's refusals raised as an error (the INSERT load method goes through fakesnow)."""
+
+    def cast_sql_with_geospatial(generator: Any, expression: exp.Cast, safe_prefix: str | None = None) -> str:
+        target = expression.to.this if isinstance(expression.to, exp.DataType) else None
+        if target in {exp.DataType.Type.GEOMETRY, exp.DataType.Type.GEOGRAPHY}:
+            geography = target == exp.DataType.Type.GEOGRAPHY
+            text = f"CAST({generator.sql(expression, 'this')} AS VARCHAR)"
+            value = geospatial_from_ewkb_hex_sql(text, geography=geography)
+            name = "TO_GEOGRAPHY" if geography else "TO_GEOMETRY"
+            return (
+                f"(CASE WHEN {text} IS NOT NULL AND {value} IS NULL "
+                f"THEN error('{name}: not a 2D, valid EWKB hex shape Snowflake holds: ' || {text}) "
+                f"ELSE {value} END)"
+            )
+        return cast_sql(generator, expression, safe_prefix)
+
+    setattr(cast_sql_with_geospatial, _INSTALLED_MARKER, True)
+    return cast_sql_with_geospatial
+
+
 def install() -> None:
-    """Make sqlglot's DuckDB generator write Snowflake's VECTOR as DuckDB's fixed-size ARRAY."""
+    """Make sqlglot's DuckDB generator write Snowflake's VECTOR as DuckDB's fixed-size ARRAY, the
+    geospatial types as their stored struct, and TO_GEOMETRY/TO_GEOGRAPHY as their conversion."""
     current = DuckDB.Generator.datatype_sql
     if getattr(current, _INSTALLED_MARKER, False):
         return
     DuckDB.Generator.datatype_sql = _with_vectors(current)  # type: ignore[method-assign,assignment]
+    DuckDB.Generator.cast_sql = _with_geospatial_casts(DuckDB.Generator.cast_sql)  # type: ignore[method-assign]
 
 
 # The lines added to fakesnow's DATA_TYPE mapping, and where they go.
