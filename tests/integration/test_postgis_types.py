@@ -309,3 +309,21 @@ def test_the_insert_load_method_converts_geometries_like_the_copy(
             None if v is None else int(v) if i % 2 == 0 else v for i, v in enumerate(target[key][:-1])
         ] == list(expected[:-1]), key
     assert postgis.verify(table).ok
+
+
+def test_a_second_run_merges_into_the_same_column_types(
+    postgis: PipelineHarness, replicated: dict[FileFormat, TableRef]
+) -> None:
+    # The existing table's INFORMATION_SCHEMA types are compared with the source's (schema
+    # evolution) before loading again: the same types, no ALTER, no error; a merge run goes
+    # through a work table of the same types and keeps one row per key.
+    table = replicated[FileFormat.CSV]
+    stack = postgis.stack
+    dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
+    options = json.dumps({f"{table.schema}.{table.table}": {"write_mode": "merge"}})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(stack.env, "PGSNOW_TABLE_OPTIONS", options)
+        replicate_table(stack, table, FileFormat.PARQUET, dispatcher)
+    assert postgis.target_count(table) == len(ROWS)
+    assert len(postgis.ledger_keys(table)) == 2
+    assert postgis.verify(table).ok

@@ -193,3 +193,21 @@ def test_the_demo_comparison_finds_every_cell_equal(
         pg_conn.close()
     assert comparison.ok, comparison.detail
     assert comparison.source_rows == comparison.snowflake_rows == len(ROWS)
+
+
+def test_a_second_run_merges_into_the_same_column_types(
+    vector_pipeline: PipelineHarness, replicated: dict[FileFormat, TableRef]
+) -> None:
+    # The existing table's INFORMATION_SCHEMA types are compared with the source's (schema
+    # evolution) before loading again: the same types, no ALTER, no error; a merge run goes
+    # through a work table of the same types and keeps one row per key.
+    table = replicated[FileFormat.CSV]
+    stack = vector_pipeline.stack
+    dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
+    options = json.dumps({f"{table.schema}.{table.table}": {"write_mode": "merge"}})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(stack.env, "PGSNOW_TABLE_OPTIONS", options)
+        replicate_table(stack, table, FileFormat.PARQUET, dispatcher)
+    assert vector_pipeline.target_count(table) == len(ROWS)
+    assert len(vector_pipeline.ledger_keys(table)) == 2
+    assert vector_pipeline.verify(table).ok
