@@ -304,3 +304,9 @@ def test_session_accessors_read_the_stored_struct(duck: duckdb.DuckDBPyConnectio
         "0101000000000000000000F83F0000000000000240",
     )
     session.close()
+
+
+def test_a_raw_field_never_loads_into_a_vector_column(duck: duckdb.DuckDBPyConnection) -> None:
+    # COPY without the ARRAY cast (e.g. a hand-dropped file): Snowflake cannot load a VECTOR
+    # directly from a file, so even a well-formed array is the row's conversion error locally.
+    assert run_csv_item(duck, FieldRef(1), "[1,2,3]", VECTOR_3) is None
