@@ -10,23 +10,28 @@ against it. Every cell Snowflake holds is compared with PostgreSQL's value eleme
 
 from __future__ import annotations
 
+import gzip
 import json
 import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import snowflake.connector.errors
 from conftest import pipeline_harness
 from psycopg2 import sql
 
+from pgsnow.config import Component
 from pgsnow.demo.compare import compare_table
 from pgsnow.demo.pipeline import replicate_table
 from pgsnow.identifiers import TableRef, quote_qualified
-from pgsnow.keys import FileFormat
+from pgsnow.keys import FileFormat, data_key, parse_data_key
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.postgres import LocalPostgres, start_embedded_postgres
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, load_function_handler
 from pgsnow.postgres import connect, describe_table
+from pgsnow.snowflake import LoadColumn, build_copy_into
+from pgsnow.typemap import ValueKind
 
 if TYPE_CHECKING:
     from conftest import PipelineHarness
@@ -211,3 +216,41 @@ def test_a_second_run_merges_into_the_same_column_types(
     assert vector_pipeline.target_count(table) == len(ROWS)
     assert len(vector_pipeline.ledger_keys(table)) == 2
     assert vector_pipeline.verify(table).ok
+
+
+@pytest.mark.parametrize(
+    ("staged_text", "why"),
+    [("[1,2,3,4]", "one too many"), ("[1,2]", "one too few"), ('[1,"x",3]', "not a number")],
+    ids=["longer", "shorter", "string-element"],
+)
+def test_the_loaders_copy_refuses_a_vector_of_another_dimension(
+    vector_pipeline: PipelineHarness, replicated: dict[FileFormat, TableRef], staged_text: str, why: str
+) -> None:
+    # A staged array that does not fit VECTOR(FLOAT, 3) (a file made by hand; pgvector itself
+    # enforces the dimension) fails the loader's own COPY text: never truncated, padded or skipped.
+    # (``replicated``: the loader has created its stage by now.)
+    settings = vector_pipeline.settings(Component.LOADER)
+    table = vector_pipeline.table(f"vectors_{why.replace(' ', '_')}")
+    target = quote_qualified(SNOWFLAKE_DATABASE, table.snowflake_schema, table.snowflake_table)
+    with vector_pipeline.sf_conn.cursor() as cur:
+        cur.execute(f'CREATE TABLE {target} ("ID" NUMBER(38,0), "EMBEDDING" VECTOR(FLOAT, 3))')
+    key = data_key(settings.prefix, table, 1, "20261206T120000000000Z", FileFormat.CSV)
+    body = f'id,embedding\n1,"[0.5,1,2]"\n2,"{staged_text.replace(chr(34), chr(34) * 2)}"\n'
+    vector_pipeline.s3().put_object(Bucket=vector_pipeline.bucket, Key=key, Body=gzip.compress(body.encode()))
+    copy_sql = build_copy_into(
+        database=SNOWFLAKE_DATABASE,
+        control_schema=settings.snowflake.control_schema,
+        stage=settings.snowflake.stage,
+        staged=parse_data_key(key, settings.prefix),
+        columns=[
+            LoadColumn("id", "ID", ValueKind.INTEGER, "NUMBER(38,0)"),
+            LoadColumn("embedding", "EMBEDDING", ValueKind.VECTOR, "VECTOR(FLOAT, 3)"),
+        ],
+    )
+    with vector_pipeline.sf_conn.cursor() as cur:
+        with pytest.raises(
+            snowflake.connector.errors.ProgrammingError, match=r"(?s)cannot be converted.*\"EMBEDDING\":2"
+        ):
+            cur.execute(copy_sql)
+        cur.execute(f"SELECT COUNT(*) FROM {target}")
+        assert cur.fetchone() == (0,)  # ABORT_STATEMENT: not even the good row
