@@ -107,7 +107,7 @@ def map_extension_type(t: str) -> SnowflakeType | None:
     """pgvector and PostGIS types (``t`` is ``map_pg_type``'s normalised spelling); None for others.
 
     * ``vector(n)``, n <= 4096: ``VECTOR(FLOAT, n)`` (pgvector stores float4, Snowflake's VECTOR
-      FLOAT is float4 too: exact). ``precision`` carries n.
+      FLOAT is float4 too: exact); ``vector_dimension`` reads n back.
     * ``vector`` without a dimension, or above Snowflake's 4096, and ``halfvec``: a VARIANT array
       (their text is a JSON array), never a truncated vector.
     * ``sparsevec``: its text (``{1:0.5,3:2}/5``) in a VARCHAR.

@@ -114,7 +114,7 @@ def pg_source_value(column: Column) -> sql.Composable:
         )
     # The JSON the extractor stages: arrays as JSON; json (not jsonb) as jsonb, duplicate keys last-wins.
     document = sql.SQL("to_jsonb({})" if column.base_type.endswith("[]") else "{}::jsonb").format(ident)
-    if column.base_type.startswith(("vector", "halfvec")):
+    if column.base_type.startswith(("vector", "halfvec")) and not column.base_type.endswith("[]"):
         document = sql.SQL("{}::text::jsonb").format(ident)  # staged as its text, a JSON array
     return sql.SQL("md5({})").format(pg_canonical_json(document))
 

@@ -38,14 +38,17 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.integration
 
-VECTOR_DDL = "id integer PRIMARY KEY, embedding vector(3) NOT NULL, maybe vector(2), unbounded vector, wide vector(4097)"
-# pgserver's pgvector is 0.6.2: no halfvec or sparsevec yet (their mapping: tests/unit/test_typemap_extensions.py).
+VECTOR_DDL = (
+    "id integer PRIMARY KEY, embedding vector(3) NOT NULL, maybe vector(2), unbounded vector, wide vector(4097), "
+    "many vector(2)[]"
+)
+# pgserver's pgvector is 0.6.2: no halfvec or sparsevec yet (their mapping: tests/unit/test_vector_spatial_types.py).
 # Values chosen to test float4 exactly: shortest texts that are not exact binary fractions, the
 # largest and smallest normal float4, a subnormal, negative zero, many significant digits.
 ROWS = [
-    (1, "[0.1,-2.5,3]", "[1,2]", "[1,2,3,4]", None),
-    (2, "[3.4028235e+38,-1.1754944e-38,1e-45]", None, None, None),
-    (3, "[-0,0.33333334,1.2345679]", "[100000000,-7e-7]", "[0.25]", None),
+    (1, "[0.1,-2.5,3]", "[1,2]", "[1,2,3,4]", None, '{"[1,2]","[0.5,-1e-7]"}'),
+    (2, "[3.4028235e+38,-1.1754944e-38,1e-45]", None, None, None, "{}"),
+    (3, "[-0,0.33333334,1.2345679]", "[100000000,-7e-7]", "[0.25]", None, None),
 ]
 
 
@@ -83,7 +86,7 @@ def replicated(vector_pipeline: PipelineHarness) -> dict[FileFormat, TableRef]:
         vector_pipeline.create_table(table, VECTOR_DDL)
         for row in ROWS:
             vector_pipeline.run_sql(
-                sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s)").format(
+                sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s)").format(
                     sql.Identifier(table.schema, table.table)
                 ),
                 row,
@@ -99,7 +102,7 @@ def source_vectors(harness: PipelineHarness, table: TableRef) -> dict[int, tuple
         cur.execute(
             sql.SQL(
                 "SELECT id, embedding::real[]::float8[], maybe::real[]::float8[], unbounded::text, "
-                "wide::text FROM {} ORDER BY id"
+                "wide::text, to_jsonb(many)::text FROM {} ORDER BY id"
             ).format(sql.Identifier(table.schema, table.table))
         )
         return {row[0]: row[1:] for row in cur.fetchall()}
@@ -109,7 +112,7 @@ def target_rows(harness: PipelineHarness, table: TableRef) -> dict[int, tuple[An
     target = quote_qualified(SNOWFLAKE_DATABASE, table.snowflake_schema, table.snowflake_table)
     with harness.sf_conn.cursor() as cur:
         cur.execute(
-            'SELECT "ID", "EMBEDDING"::ARRAY, "MAYBE"::ARRAY, "UNBOUNDED", "WIDE" '
+            'SELECT "ID", "EMBEDDING"::ARRAY, "MAYBE"::ARRAY, "UNBOUNDED", "WIDE", "MANY" '
             f'FROM {target} ORDER BY "ID"'
         )
         return {int(row[0]): row[1:] for row in cur.fetchall()}
@@ -131,6 +134,7 @@ def test_vector_columns_map_to_vector_float_or_a_documented_fallback(
         ("maybe", "vector", "VECTOR(FLOAT, 2)"),
         ("unbounded", "json", "VARIANT"),  # no dimension: no VECTOR type to create
         ("wide", "json", "VARIANT"),  # beyond Snowflake's 4096
+        ("many", "json", "VARIANT"),  # an array of vectors: a VARIANT array of their texts
     ]
 
 
@@ -149,8 +153,8 @@ def test_every_vector_cell_arrives_exactly(
             (table.snowflake_schema, table.snowflake_table, "EMBEDDING"),
         )
         assert cur.fetchall() == [("VECTOR",)]
-    for key, (embedding, maybe, unbounded, wide) in source.items():
-        got_embedding, got_maybe, got_unbounded, got_wide = target[key]
+    for key, (embedding, maybe, unbounded, wide, many) in source.items():
+        got_embedding, got_maybe, got_unbounded, got_wide, got_many = target[key]
         # element-wise as float4: every element is exactly PostgreSQL's stored float4
         assert json.loads(got_embedding) == embedding, key
         assert [float32(x) for x in json.loads(got_embedding)] == embedding, key
@@ -159,6 +163,9 @@ def test_every_vector_cell_arrives_exactly(
             json.loads(unbounded) if unbounded is not None else None
         ), key
         assert got_wide is None and wide is None
+        assert (json.loads(got_many) if got_many is not None else None) == (
+            json.loads(many) if many is not None else None
+        ), key
 
 
 @pytest.mark.parametrize("file_format", [FileFormat.CSV, FileFormat.PARQUET], ids=lambda f: f.value)
