@@ -285,7 +285,7 @@ def test_fakesnow_writes_the_storage_types() -> None:
     )
 
 
-def test_information_schema_names_the_snowflake_types(duck: duckdb.DuckDBPyConnection) -> None:
+def test_information_schema_names_the_snowflake_types() -> None:
     view = sf_extension_types.columns_view_sql()
     assert view.startswith("\ncreate or replace view _fs_global._fs_information_schema._fs_columns")
     assert "then 'VECTOR'" in view and "then 'GEOMETRY'" in view and "then 'GEOGRAPHY'" in view
