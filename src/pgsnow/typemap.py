@@ -28,7 +28,7 @@ class ValueKind(StrEnum):
     TIMESTAMPTZ = "timestamptz"  # an instant, staged in UTC
     JSON = "json"  # json/jsonb/arrays, staged as JSON text, loaded as VARIANT
     BINARY = "binary"  # bytea, hex in CSV, raw bytes in Parquet
-    # Extension types (see map_extension_type): staged as text in both formats.
+    # Extension types (pgsnow.extension_types): staged as text in both formats.
     VECTOR = "vector"  # pgvector vector(n), staged as its JSON array text
     GEOMETRY = "geometry"  # PostGIS geometry, staged as EWKB hex (SRID kept)
     GEOGRAPHY = "geography"  # PostGIS geography, staged as EWKB hex (SRID 4326)
@@ -56,8 +56,11 @@ def map_pg_type(base_type: str) -> SnowflakeType:
     Domains are resolved to their base type by the caller; enums arrive as ``text``.
     """
     t = base_type.strip().lower().replace(", ", ",")
-    if (extension := map_extension_type(t)) is not None:
-        return extension
+    # pgvector and PostGIS first; imported here because pgsnow.extension_types imports this module.
+    from pgsnow.extension_types import map_extension_type
+
+    if (vector_or_spatial := map_extension_type(t)) is not None:
+        return vector_or_spatial
     if t.endswith("[]"):
         return SnowflakeType(ValueKind.JSON, "VARIANT")
     if t in {"smallint", "integer", "bigint"}:
@@ -91,48 +94,3 @@ def map_pg_type(base_type: str) -> SnowflakeType:
     if t == "bytea":
         return SnowflakeType(ValueKind.BINARY, "BINARY")
     raise PermanentError(f"PostgreSQL type {base_type!r} is not in pgsnow's type contract yet")
-
-
-# --- extension types: pgvector and PostGIS ---------------------------------------------------------
-
-# Snowflake's VECTOR holds at most 4096 elements (docs: "Vector data types").
-SNOWFLAKE_MAX_VECTOR_DIMENSION = 4096
-
-_VECTOR = re.compile(r"^vector\((\d+)\)$")
-# format_type() spells PostGIS typmods geometry(PointZ,4326) / geography(Point,4326).
-_SPATIAL = re.compile(r"^(geometry|geography)(\(.*\))?$")
-
-
-def map_extension_type(t: str) -> SnowflakeType | None:
-    """pgvector and PostGIS types (``t`` is ``map_pg_type``'s normalised spelling); None for others.
-
-    * ``vector(n)``, n <= 4096: ``VECTOR(FLOAT, n)`` (pgvector stores float4, Snowflake's VECTOR
-      FLOAT is float4 too: exact); ``vector_dimension`` reads n back.
-    * ``vector`` without a dimension, or above Snowflake's 4096, and ``halfvec``: a VARIANT array
-      (their text is a JSON array), never a truncated vector.
-    * ``sparsevec``: its text (``{1:0.5,3:2}/5``) in a VARCHAR.
-    * ``geometry`` / ``geography`` with any typmod: ``GEOMETRY`` / ``GEOGRAPHY``.
-    Arrays of these stay with the generic array rule (VARIANT of their text forms).
-    """
-    if t.endswith("[]"):
-        return None
-    if m := _VECTOR.match(t):
-        dimension = int(m.group(1))
-        if dimension <= SNOWFLAKE_MAX_VECTOR_DIMENSION:
-            return SnowflakeType(ValueKind.VECTOR, f"VECTOR(FLOAT, {dimension})")
-        return SnowflakeType(ValueKind.JSON, "VARIANT")
-    if t in {"vector", "halfvec"} or t.startswith("halfvec("):
-        return SnowflakeType(ValueKind.JSON, "VARIANT")
-    if t == "sparsevec" or t.startswith("sparsevec("):
-        return SnowflakeType(ValueKind.TEXT, "VARCHAR")
-    if m := _SPATIAL.match(t):
-        if m.group(1) == "geometry":
-            return SnowflakeType(ValueKind.GEOMETRY, "GEOMETRY")
-        return SnowflakeType(ValueKind.GEOGRAPHY, "GEOGRAPHY")
-    return None
-
-
-def vector_dimension(snowflake_type: str) -> int | None:
-    """n of ``VECTOR(FLOAT, n)`` (as in a manifest), None for any other type."""
-    m = re.match(r"^VECTOR\(\s*FLOAT\s*,\s*(\d+)\s*\)$", snowflake_type.strip(), re.IGNORECASE)
-    return int(m.group(1)) if m else None

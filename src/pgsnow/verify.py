@@ -105,18 +105,28 @@ def pg_source_value(column: Column) -> sql.Composable:
     the MD5 of the canonical JSON text)."""
     if not json_compared(column):
         return pg_canonical(column, _pg_value(column))
+    if (vector_document := _pgvector_json_document(column)) is not None:
+        return sql.SQL("md5({})").format(pg_canonical_json(vector_document))
     # Qualified by the inner SELECT's table alias: the canonical-JSON subquery has columns of its own.
     ident = sql.Identifier(SOURCE_ALIAS, column.name)
-    if column.kind is ValueKind.VECTOR:
-        # pgvector's float4 elements as doubles: what Snowflake's VECTOR(FLOAT, n)::ARRAY holds.
-        return sql.SQL("md5({})").format(
-            pg_canonical_json(sql.SQL("to_jsonb({}::real[]::float8[])").format(ident))
-        )
     # The JSON the extractor stages: arrays as JSON; json (not jsonb) as jsonb, duplicate keys last-wins.
     document = sql.SQL("to_jsonb({})" if column.base_type.endswith("[]") else "{}::jsonb").format(ident)
-    if column.base_type.startswith(("vector", "halfvec")) and not column.base_type.endswith("[]"):
-        document = sql.SQL("{}::text::jsonb").format(ident)  # staged as its text, a JSON array
     return sql.SQL("md5({})").format(pg_canonical_json(document))
+
+
+def _pgvector_json_document(column: Column) -> sql.Composable | None:
+    """The JSON document of a pgvector column as Snowflake holds it; None for any other column.
+
+    ``vector(n)`` (a VECTOR): its float4 elements as doubles, what ``VECTOR(FLOAT, n)::ARRAY``
+    holds. ``vector`` without a dimension (or wider than 4096) and ``halfvec`` (a VARIANT): the
+    JSON array that is their text. Arrays of them follow the generic array rule.
+    """
+    ident = sql.Identifier(SOURCE_ALIAS, column.name)
+    if column.kind is ValueKind.VECTOR:
+        return sql.SQL("to_jsonb({}::real[]::float8[])").format(ident)
+    if column.base_type.startswith(("vector", "halfvec")) and not column.base_type.endswith("[]"):
+        return sql.SQL("{}::text::jsonb").format(ident)
+    return None
 
 
 def sf_source_value(column: Column, json_function: str = JSON_FUNCTION) -> str:

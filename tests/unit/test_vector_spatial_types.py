@@ -31,7 +31,7 @@ from pgsnow.local.sf_copy_sql import (
 from pgsnow.manifest import Column
 from pgsnow.schema_evolution import ExistingColumn, plan_table_changes
 from pgsnow.snowflake import LoadColumn, build_insert_rows, load_columns_from_table
-from pgsnow.typemap import ValueKind, map_pg_type, vector_dimension
+from pgsnow.typemap import ValueKind, map_pg_type
 
 # --- the type contract ---------------------------------------------------------------------------
 
@@ -57,12 +57,6 @@ from pgsnow.typemap import ValueKind, map_pg_type, vector_dimension
 def test_extension_types_map(pg_type: str, kind: ValueKind, snowflake_type: str) -> None:
     mapped = map_pg_type(pg_type)
     assert (mapped.kind, mapped.sql) == (kind, snowflake_type)
-
-
-def test_vector_dimension_is_read_back_from_the_snowflake_type() -> None:
-    assert vector_dimension("VECTOR(FLOAT, 3)") == 3
-    assert vector_dimension("vector(float,4096)") == 4096
-    assert vector_dimension("VARIANT") is None
 
 
 def test_insert_method_converts_like_the_copy() -> None:
