@@ -399,6 +399,48 @@ def _value_rules(schema: TableSchema) -> list[_ValueRule]:
                     sql.SQL("{}::time").format(sql.Literal("23:59:59.999999")),
                 )
             )
+        rules += _spatial_value_rules(col)
+    return rules
+
+
+_SPATIAL_KINDS = frozenset({ValueKind.GEOMETRY, ValueKind.GEOGRAPHY})
+# Extension types staged as their own text output: vector '[1,2,3]', geometry/geography EWKB hex.
+_TEXT_OUTPUT_KINDS = frozenset({ValueKind.VECTOR, *_SPATIAL_KINDS})
+
+
+def _spatial_value_rules(col: Column) -> list[_ValueRule]:
+    """PostGIS values Snowflake cannot hold as they are; the policies stage NULL for them.
+
+    Snowflake's GEOMETRY and GEOGRAPHY are 2D ("altitude currently isn't supported"), refuse
+    invalid shapes unless told to allow them, and GEOGRAPHY is WGS 84 (SRID 4326) only.
+    """
+    if col.kind not in _SPATIAL_KINDS:
+        return []
+    shape = sql.SQL("{}::geometry").format(sql.Identifier(col.name))
+    rules = [
+        _ValueRule(
+            col.name,
+            "a geometry with Z or M coordinates (Snowflake's geospatial types are 2D)",
+            sql.SQL("ST_NDims({}) > 2").format(shape),
+            _NULL,
+        ),
+        _ValueRule(
+            col.name,
+            "an invalid shape (ST_IsValid is false; Snowflake refuses invalid shapes)",
+            # ST_IsValidDetail, not ST_IsValid: the same test without a NOTICE per bad row.
+            sql.SQL("NOT (ST_IsValidDetail({})).valid").format(shape),
+            _NULL,
+        ),
+    ]
+    if col.kind is ValueKind.GEOGRAPHY:
+        rules.append(
+            _ValueRule(
+                col.name,
+                "a geography whose SRID is not 4326 (Snowflake's GEOGRAPHY is WGS 84 only)",
+                sql.SQL("ST_SRID({}) <> 4326").format(sql.Identifier(col.name)),
+                _NULL,
+            )
+        )
     return rules
 
 
@@ -545,8 +587,8 @@ def _typed_expression(col: Column, source: sql.Composable) -> sql.Composable:
     """One column as a value psycopg2 turns into the Python type the Parquet writer expects."""
     if col.kind is ValueKind.JSON:
         return _json_text(col, source)
-    if col.kind is ValueKind.TEXT:
-        return sql.SQL("{}::text").format(source)  # enums, uuid, inet, interval... as text
+    if col.kind is ValueKind.TEXT or col.kind in _TEXT_OUTPUT_KINDS:
+        return sql.SQL("{}::text").format(source)  # enums, uuid, inet, interval, vector, EWKB... as text
     return source
 
 

@@ -70,6 +70,9 @@ class TableChanges:
 
 
 def _parse(type_text: str) -> tuple[str, int | None, int | None]:
+    if type_text.strip().upper().startswith("VECTOR("):
+        # VECTOR(FLOAT, n): INFORMATION_SCHEMA says VECTOR; a changed n fails at the COPY's cast.
+        return "VECTOR", None, None
     match = _TYPE.match(type_text)
     if not match:
         return type_text.upper(), None, None

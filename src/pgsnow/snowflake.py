@@ -536,6 +536,8 @@ def build_insert_rows(target: tuple[str, str, str], columns: Sequence[LoadColumn
 
 
 def _insert_expression(column: LoadColumn, value: str) -> str:
+    if (extension := _extension_type_expression(column, value)) is not None:
+        return extension
     if column.kind is ValueKind.JSON:
         return f"PARSE_JSON({value})"
     if column.kind is ValueKind.BINARY:
@@ -621,6 +623,8 @@ _KIND_BY_DATA_TYPE: Mapping[str, ValueKind] = {
     "TIMESTAMP_LTZ": ValueKind.TIMESTAMPTZ,
     "FLOAT": ValueKind.FLOAT,
     "NUMBER": ValueKind.DECIMAL,
+    "GEOMETRY": ValueKind.GEOMETRY,
+    "GEOGRAPHY": ValueKind.GEOGRAPHY,
 }
 
 
@@ -647,8 +651,28 @@ CSV_FILE_FORMAT = (
 )
 
 
+def _extension_type_expression(column: LoadColumn, text: str) -> str | None:
+    """The staged text of a vector or PostGIS value as its Snowflake value; None for other kinds.
+
+    Snowflake loads no VECTOR column directly from a file: the documented route is an ARRAY cast
+    to the VECTOR (the array's length must equal the dimension, or the cast fails: never a
+    silent truncation). Geometries are staged as EWKB hex, which TO_GEOMETRY/TO_GEOGRAPHY read
+    with the SRID the EWKB carries.
+    """
+    match column.kind:
+        case ValueKind.VECTOR:
+            return f"PARSE_JSON({text})::ARRAY::{column.snowflake_type}"
+        case ValueKind.GEOMETRY:
+            return f"TO_GEOMETRY({text})"
+        case ValueKind.GEOGRAPHY:
+            return f"TO_GEOGRAPHY({text})"
+    return None
+
+
 def _csv_select_expression(position: int, column: LoadColumn) -> str:
     value = f"${position}"
+    if (extension := _extension_type_expression(column, value)) is not None:
+        return extension
     if column.kind is ValueKind.JSON:
         return f"PARSE_JSON({value})"
     if column.kind is ValueKind.BINARY:
@@ -658,6 +682,8 @@ def _csv_select_expression(position: int, column: LoadColumn) -> str:
 
 def _parquet_select_expression(column: LoadColumn) -> str:
     value = f"$1:{quote_ident(column.source_name)}"
+    if (extension := _extension_type_expression(column, f"{value}::VARCHAR")) is not None:
+        return extension
     if column.kind is ValueKind.JSON:
         return f"PARSE_JSON({value}::VARCHAR)"
     return f"{value}::{column.snowflake_type}"

@@ -28,6 +28,10 @@ class ValueKind(StrEnum):
     TIMESTAMPTZ = "timestamptz"  # an instant, staged in UTC
     JSON = "json"  # json/jsonb/arrays, staged as JSON text, loaded as VARIANT
     BINARY = "binary"  # bytea, hex in CSV, raw bytes in Parquet
+    # Extension types (pgsnow.extension_types): staged as text in both formats.
+    VECTOR = "vector"  # pgvector vector(n), staged as its JSON array text
+    GEOMETRY = "geometry"  # PostGIS geometry, staged as EWKB hex (SRID kept)
+    GEOGRAPHY = "geography"  # PostGIS geography, staged as EWKB hex (SRID 4326)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,11 @@ def map_pg_type(base_type: str) -> SnowflakeType:
     Domains are resolved to their base type by the caller; enums arrive as ``text``.
     """
     t = base_type.strip().lower().replace(", ", ",")
+    # pgvector and PostGIS first; imported here because pgsnow.extension_types imports this module.
+    from pgsnow.extension_types import map_extension_type
+
+    if (vector_or_spatial := map_extension_type(t)) is not None:
+        return vector_or_spatial
     if t.endswith("[]"):
         return SnowflakeType(ValueKind.JSON, "VARIANT")
     if t in {"smallint", "integer", "bigint"}:

@@ -90,16 +90,43 @@ def _pg_value(column: Column) -> sql.Composable:
     return ident
 
 
+# Kinds compared through the canonical-JSON text: JSON documents, and vectors as the JSON array of
+# their elements (float4 widened to double on both sides, so 15 significant digits tell every
+# float4 apart: the comparison is exact).
+_JSON_COMPARED = frozenset({ValueKind.JSON, ValueKind.VECTOR})
+
+
+def json_compared(column: Column) -> bool:
+    return column.kind in _JSON_COMPARED
+
+
 def pg_source_value(column: Column) -> sql.Composable:
     """What the inner SELECT projects for ``column`` in PostgreSQL: its canonical text (for JSON,
     the MD5 of the canonical JSON text)."""
-    if column.kind is not ValueKind.JSON:
+    if not json_compared(column):
         return pg_canonical(column, _pg_value(column))
+    if (vector_document := _pgvector_json_document(column)) is not None:
+        return sql.SQL("md5({})").format(pg_canonical_json(vector_document))
     # Qualified by the inner SELECT's table alias: the canonical-JSON subquery has columns of its own.
     ident = sql.Identifier(SOURCE_ALIAS, column.name)
     # The JSON the extractor stages: arrays as JSON; json (not jsonb) as jsonb, duplicate keys last-wins.
     document = sql.SQL("to_jsonb({})" if column.base_type.endswith("[]") else "{}::jsonb").format(ident)
     return sql.SQL("md5({})").format(pg_canonical_json(document))
+
+
+def _pgvector_json_document(column: Column) -> sql.Composable | None:
+    """The JSON document of a pgvector column as Snowflake holds it; None for any other column.
+
+    ``vector(n)`` (a VECTOR): its float4 elements as doubles, what ``VECTOR(FLOAT, n)::ARRAY``
+    holds. ``vector`` without a dimension (or wider than 4096) and ``halfvec`` (a VARIANT): the
+    JSON array that is their text. Arrays of them follow the generic array rule.
+    """
+    ident = sql.Identifier(SOURCE_ALIAS, column.name)
+    if column.kind is ValueKind.VECTOR:
+        return sql.SQL("to_jsonb({}::real[]::float8[])").format(ident)
+    if column.base_type.startswith(("vector", "halfvec")) and not column.base_type.endswith("[]"):
+        return sql.SQL("{}::text::jsonb").format(ident)
+    return None
 
 
 def sf_source_value(column: Column, json_function: str = JSON_FUNCTION) -> str:
@@ -110,8 +137,10 @@ def sf_source_value(column: Column, json_function: str = JSON_FUNCTION) -> str:
     ``json_function`` is the (qualified) name of the canonical-JSON UDF (``sf_create_json_function``).
     """
     ident = quote_ident(column.snowflake_name)
-    if column.kind is not ValueKind.JSON:
+    if not json_compared(column):
         return sf_canonical(column, ident)
+    if column.kind is ValueKind.VECTOR:
+        ident = f"{ident}::ARRAY"  # a VECTOR casts to the ARRAY of its elements
     # TO_JSON, not the VARIANT itself: a Python UDF receives a VARIANT's decimals as strings, so
     # 1.5 and "1.5" would look alike. JSON null stays 'null'; SQL NULL stays NULL (the UDF is STRICT).
     return f"MD5({json_function}(TO_JSON({ident})))"
@@ -296,7 +325,7 @@ def _pg_calendar(x: sql.Composable, pattern: str, first_day: str, suffix: str = 
 def pg_canonical(column: Column, value: sql.Composable | None = None) -> sql.Composable:
     """The column's canonical text in PostgreSQL (NULL stays NULL), from its source value."""
     if value is None:
-        value = pg_source_value(column) if column.kind is ValueKind.JSON else _pg_value(column)
+        value = pg_source_value(column) if json_compared(column) else _pg_value(column)
     x = value
     match column.kind:
         case ValueKind.INTEGER:
@@ -317,8 +346,11 @@ def pg_canonical(column: Column, value: sql.Composable | None = None) -> sql.Com
             return _pg_calendar(x, "YYYY-MM-DD HH24:MI:SS.US", "'0001-01-01 00:00:00+00'::timestamptz", "Z")
         case ValueKind.BINARY:
             return sql.SQL("encode({}, 'hex')").format(x)
-        case ValueKind.JSON:
+        case ValueKind.JSON | ValueKind.VECTOR:
             return x  # pg_source_value already made it canonical
+        case ValueKind.GEOMETRY | ValueKind.GEOGRAPHY:
+            # The SRID and the exact 2D WKB (little-endian), as Snowflake's ST_SRID and ST_ASWKB give them.
+            return sql.SQL("ST_SRID({0})::text || ':' || encode(ST_AsBinary({0}, 'NDR'), 'hex')").format(x)
         case _:
             return sql.SQL("{}::text").format(x)  # text, and the types staged as their text
 
@@ -326,9 +358,7 @@ def pg_canonical(column: Column, value: sql.Composable | None = None) -> sql.Com
 def sf_canonical(column: Column, value: str | None = None) -> str:
     """The column's canonical text in Snowflake (NULL stays NULL), from its source value."""
     if value is None:
-        value = (
-            sf_source_value(column) if column.kind is ValueKind.JSON else quote_ident(column.snowflake_name)
-        )
+        value = sf_source_value(column) if json_compared(column) else quote_ident(column.snowflake_name)
     x = value
     match column.kind:
         case ValueKind.INTEGER:
@@ -354,8 +384,10 @@ def sf_canonical(column: Column, value: str | None = None) -> str:
             )
         case ValueKind.BINARY:
             return f"LOWER(HEX_ENCODE({x}))"
-        case ValueKind.JSON:
+        case ValueKind.JSON | ValueKind.VECTOR:
             return x  # sf_source_value already made it canonical
+        case ValueKind.GEOMETRY | ValueKind.GEOGRAPHY:
+            return f"CAST(ST_SRID({x}) AS VARCHAR) || ':' || LOWER(HEX_ENCODE(ST_ASWKB({x})))"
         case _:
             return x
 
@@ -494,7 +526,7 @@ class VerifyPlan:
 
     @property
     def has_json(self) -> bool:
-        return any(c.kind is ValueKind.JSON for c in self.columns)
+        return any(json_compared(c) for c in self.columns)
 
     @property
     def key_columns(self) -> tuple[Column, ...]:

@@ -252,11 +252,14 @@ class PipelineHarness:
 
 
 @contextmanager
-def pipeline_harness(name: str, data_dir: Path, **stack_options: Any) -> Iterator[PipelineHarness]:
+def pipeline_harness(
+    name: str, data_dir: Path, *, source_admin_dsn: str | None = None, **stack_options: Any
+) -> Iterator[PipelineHarness]:
     """A source schema ``{name}_<hex>``, a local stack started with ``stack_options`` whose
-    handlers run as their roles, and a Snowflake session on it; all ended afterwards."""
+    handlers run as their roles, and a Snowflake session on it; all ended afterwards.
+    ``source_admin_dsn`` names another PostgreSQL server than the local one for the source."""
     with (
-        new_source_schema(name) as (source_dsn, schema),
+        new_source_schema(name, source_admin_dsn) as (source_dsn, schema),
         autocommit_connection(source_dsn) as setup_conn,
         running_stack(
             source_dsn,

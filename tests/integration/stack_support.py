@@ -31,7 +31,7 @@ from psycopg2.extensions import connection as PgConnection
 
 from pgsnow.config import postgres_env
 from pgsnow.local.aws import LocalAws, start_local_aws
-from pgsnow.local.postgres import create_database, start_local_postgres
+from pgsnow.local.postgres import LocalPostgres, create_database, start_local_postgres
 from pgsnow.local.stack import LocalStack, start_stack
 from pgsnow.postgres import connect
 
@@ -77,9 +77,13 @@ def autocommit_connection(dsn: str) -> Iterator[PgConnection]:
 
 
 @contextmanager
-def new_source_schema(prefix: str) -> Iterator[tuple[str, str]]:
-    """(DSN of database ``test``, schema ``{prefix}_<8 hex>``, created); the schema is dropped afterwards."""
-    admin = start_local_postgres(environ={})
+def new_source_schema(prefix: str, admin_dsn: str | None = None) -> Iterator[tuple[str, str]]:
+    """(DSN of database ``test``, schema ``{prefix}_<8 hex>``, created); the schema is dropped afterwards.
+
+    The server is the local one (``start_local_postgres``), or the one ``admin_dsn`` names (the
+    embedded server a module started for an extension only it has).
+    """
+    admin = LocalPostgres(dsn=admin_dsn, embedded=False) if admin_dsn else start_local_postgres(environ={})
     dsn = create_database(admin.dsn, SOURCE_DATABASE)  # kept if it exists
     schema = unique_name(f"{prefix}_")
     try:

@@ -129,6 +129,16 @@ def test_copy_into_parquet_matches_the_documented_shape() -> None:
         pytest.param("jsonb", "PARSE_JSON($1)", 'PARSE_JSON($1:"c"::VARCHAR)', id="json"),
         pytest.param("integer[]", "PARSE_JSON($1)", 'PARSE_JSON($1:"c"::VARCHAR)', id="array-as-json"),
         pytest.param("bytea", "TO_BINARY($1, 'HEX')", '$1:"c"::BINARY', id="binary"),
+        pytest.param(
+            "vector(3)",
+            "PARSE_JSON($1)::ARRAY::VECTOR(FLOAT, 3)",
+            'PARSE_JSON($1:"c"::VARCHAR)::ARRAY::VECTOR(FLOAT, 3)',
+            id="vector",
+        ),
+        pytest.param("geometry", "TO_GEOMETRY($1)", 'TO_GEOMETRY($1:"c"::VARCHAR)', id="geometry"),
+        pytest.param(
+            "geography(Point,4326)", "TO_GEOGRAPHY($1)", 'TO_GEOGRAPHY($1:"c"::VARCHAR)', id="geography"
+        ),
     ],
 )
 def test_select_expression_per_value_kind(pg_type: str, csv_expression: str, parquet_expression: str) -> None:

@@ -5,13 +5,16 @@ join, so memory stays bounded by the chunk size and a missing or extra row
 does not shift every later comparison. Each value is first normalised to a
 canonical form chosen by its column's value kind (``pgsnow.typemap``):
 decimals compare exactly, timestamptz values as UTC instants, JSON as parsed
-documents (JSON ``null`` is not SQL NULL), bytes as bytes, and NaN equals NaN.
+documents (JSON ``null`` is not SQL NULL), bytes as bytes, and NaN equals NaN;
+vectors element by element as 32-bit floats, geometries as their SRID and exact
+2D WKB.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -162,6 +165,12 @@ def _canonical_bytes(value: Any) -> Any:
     return bytes(value)
 
 
+def _canonical_vector(value: Any) -> tuple[float, ...]:
+    """A vector's elements as the float4 values they are (a JSON array text, or a list of floats)."""
+    elements = json.loads(value) if isinstance(value, str) else value
+    return tuple(struct.unpack("<f", struct.pack("<f", float(e)))[0] for e in elements)
+
+
 _CANONICAL: dict[ValueKind, Callable[[Any], Any]] = {
     ValueKind.INTEGER: int,
     ValueKind.DECIMAL: lambda v: Decimal(str(v)) if isinstance(v, float) else Decimal(v),
@@ -174,7 +183,11 @@ _CANONICAL: dict[ValueKind, Callable[[Any], Any]] = {
     ValueKind.TIMESTAMPTZ: _canonical_instant,
     ValueKind.JSON: _parse_json,
     ValueKind.BINARY: _canonical_bytes,
+    ValueKind.VECTOR: _canonical_vector,
+    ValueKind.GEOMETRY: str,  # 'srid:wkb hex', the same text from both sides
+    ValueKind.GEOGRAPHY: str,
 }
+_SPATIAL = (ValueKind.GEOMETRY, ValueKind.GEOGRAPHY)
 
 
 def canonical_value(kind: ValueKind, value: Any) -> Any:
@@ -195,6 +208,12 @@ def _pg_select_list(columns: Sequence[ComparedColumn]) -> sql.Composed:
         elif column.kind in {ValueKind.JSON, ValueKind.TEXT}:
             # As staged: ``char(n)::text`` drops the blank padding (docs/type-mapping.md), as verify does.
             items.append(sql.SQL("{}::text").format(ident))
+        elif column.kind is ValueKind.VECTOR:
+            items.append(sql.SQL("{}::real[]").format(ident))
+        elif column.kind in _SPATIAL:
+            items.append(
+                sql.SQL("ST_SRID({0})::text || ':' || encode(ST_AsBinary({0}, 'NDR'), 'hex')").format(ident)
+            )
         else:
             items.append(ident)
     return sql.SQL(", ").join(items)
@@ -218,7 +237,8 @@ def _ordering_columns(shape: TableShape) -> tuple[list[ComparedColumn], bool]:
     by_name = {c.name: c for c in shape.columns}
     if shape.primary_key:
         return [by_name[name] for name in shape.primary_key], True
-    orderable = [c for c in shape.columns if c.kind not in {ValueKind.JSON, ValueKind.FLOAT}]
+    unorderable = {ValueKind.JSON, ValueKind.FLOAT, ValueKind.VECTOR, *_SPATIAL}
+    orderable = [c for c in shape.columns if c.kind not in unorderable]
     return orderable, False
 
 
@@ -245,7 +265,7 @@ def _stream_snowflake(
     sf_conn: SnowflakeConnection, table: TableRef, sf_database: str, shape: TableShape, chunk_rows: int
 ) -> Iterator[tuple[Any, ...]]:
     ordering, _ = _ordering_columns(shape)
-    select_items = [quote_ident(c.snowflake_name) for c in shape.columns]
+    select_items = [_sf_select_item(c) for c in shape.columns]
     order_items = [f"{quote_ident(c.snowflake_name)} NULLS LAST" for c in ordering]
     query = (
         f"SELECT {', '.join(select_items)} "
@@ -261,6 +281,15 @@ def _stream_snowflake(
                 yield tuple(canonical_value(kind, value) for kind, value in zip(kinds, row, strict=True))
     finally:
         cur.close()
+
+
+def _sf_select_item(column: ComparedColumn) -> str:
+    ident = quote_ident(column.snowflake_name)
+    if column.kind is ValueKind.VECTOR:
+        return f"{ident}::ARRAY"  # a VECTOR is read as the ARRAY of its elements
+    if column.kind in _SPATIAL:
+        return f"CAST(ST_SRID({ident}) AS VARCHAR) || ':' || LOWER(HEX_ENCODE(ST_ASWKB({ident})))"
+    return ident
 
 
 def _shown(value: Any) -> str:

@@ -135,6 +135,16 @@ class TypeFamily(StrEnum):
     TIMESTAMP_TZ = "TIMESTAMP_TZ"
     VARIANT = "VARIANT"
     BINARY = "BINARY"
+    VECTOR = "VECTOR"  # VECTOR(FLOAT|INT, n), stored by DuckDB as FLOAT[n] / INTEGER[n]
+    GEOMETRY = "GEOMETRY"  # stored as GEOMETRY_STORAGE: the SRID and the 2D WKB
+    GEOGRAPHY = "GEOGRAPHY"  # stored as GEOGRAPHY_STORAGE: SRID 4326 and the 2D WKB
+
+
+# DuckDB's GEOMETRY keeps no per-value SRID, and Snowflake's GEOMETRY does (ST_SRID): the local
+# Snowflake stores a geospatial value as its SRID and its plain 2D WKB. The first field's name says
+# which Snowflake type the column is (INFORMATION_SCHEMA, sf_extension_types).
+GEOMETRY_STORAGE = "STRUCT(geometry_srid INTEGER, wkb BLOB)"
+GEOGRAPHY_STORAGE = "STRUCT(geography_srid INTEGER, wkb BLOB)"
 
 
 @dataclass(frozen=True)
@@ -251,7 +261,43 @@ def snowflake_type(data_type: exp.DataType) -> SqlType:
         return SqlType(TypeFamily.VARIANT, "JSON")
     if kind in {t.BINARY, t.VARBINARY}:
         return SqlType(TypeFamily.BINARY, "BLOB")
+    if kind == t.VECTOR:
+        return vector_type(data_type)
+    if kind == t.GEOMETRY:
+        return SqlType(TypeFamily.GEOMETRY, GEOMETRY_STORAGE)
+    if kind == t.GEOGRAPHY:
+        return SqlType(TypeFamily.GEOGRAPHY, GEOGRAPHY_STORAGE)
     raise CopySyntaxError(f"cast to {data_type.sql(dialect='snowflake')} is not supported in a local COPY")
+
+
+# Snowflake's VECTOR: 32-bit INT or FLOAT elements, dimension 1..4096 (docs: "Vector data types").
+MAX_VECTOR_DIMENSION = 4096
+_DUCK_VECTOR = re.compile(r"^(FLOAT|INTEGER)\[(\d+)\]$", re.IGNORECASE)
+
+
+def vector_type(data_type: exp.DataType) -> SqlType:
+    """``VECTOR(FLOAT, n)`` / ``VECTOR(INT, n)`` as sqlglot parsed it; DuckDB stores FLOAT[n] / INTEGER[n]."""
+    element = next((p for p in data_type.expressions if isinstance(p, exp.DataType)), None)
+    size = next((p for p in data_type.expressions if isinstance(p, exp.DataTypeParam)), None)
+    if element is None or size is None or not str(size.this.this).isdigit():
+        raise CopySyntaxError("VECTOR needs an element type and a dimension: VECTOR(FLOAT, n)")
+    dimension = int(str(size.this.this))
+    if not 1 <= dimension <= MAX_VECTOR_DIMENSION:
+        raise CopySyntaxError(f"VECTOR dimension {dimension} is outside 1..{MAX_VECTOR_DIMENSION}")
+    t = exp.DataType.Type
+    # Snowflake's FLOAT parses as DOUBLE; inside VECTOR it means 32-bit floats.
+    if element.this in {t.DOUBLE, t.FLOAT}:
+        return SqlType(TypeFamily.VECTOR, f"FLOAT[{dimension}]")
+    if element.this in {t.INT, t.BIGINT}:
+        return SqlType(TypeFamily.VECTOR, f"INTEGER[{dimension}]")
+    raise CopySyntaxError(f"VECTOR elements are INT or FLOAT, not {element.sql(dialect='snowflake')}")
+
+
+def vector_dimension(duck: str) -> int:
+    match = _DUCK_VECTOR.match(duck)
+    if match is None:
+        raise ValueError(f"not a vector storage type: {duck!r}")
+    return int(match.group(2))
 
 
 _DUCK_FAMILIES: tuple[tuple[str, TypeFamily], ...] = (
@@ -282,6 +328,12 @@ _DUCK_FAMILIES: tuple[tuple[str, TypeFamily], ...] = (
 def duck_type(type_text: str) -> SqlType:
     """The family of a DuckDB column type as ``DESCRIBE``/``duckdb_columns()`` prints it."""
     upper = type_text.upper()
+    if _DUCK_VECTOR.match(upper):
+        return SqlType(TypeFamily.VECTOR, upper)
+    if upper == GEOMETRY_STORAGE.upper():
+        return SqlType(TypeFamily.GEOMETRY, GEOMETRY_STORAGE)
+    if upper == GEOGRAPHY_STORAGE.upper():
+        return SqlType(TypeFamily.GEOGRAPHY, GEOGRAPHY_STORAGE)
     for prefix, family in _DUCK_FAMILIES:
         if upper == prefix or upper.startswith((prefix + "(", prefix + "_")):
             return SqlType(family, type_text)
@@ -643,6 +695,12 @@ def text_to_type_sql(text_sql: str, target: SqlType) -> str:
         return f"(CASE WHEN json_valid({text_sql}) THEN CAST({text_sql} AS JSON) END)"
     if family == TypeFamily.BINARY:
         return f"(CASE WHEN regexp_full_match({text_sql}, '([0-9A-Fa-f]{{2}})*') THEN unhex({text_sql}) END)"
+    if family in {TypeFamily.GEOMETRY, TypeFamily.GEOGRAPHY}:
+        return geospatial_from_ewkb_hex_sql(text_sql, geography=family == TypeFamily.GEOGRAPHY)
+    if family == TypeFamily.VECTOR:
+        # Snowflake loads no VECTOR from a file field directly ("Vector data types": load an
+        # ARRAY, then cast): every such value is a conversion error.
+        return f"CAST(NULL AS {target.duck})"
     if family == TypeFamily.NUMBER:
         return f"TRY_CAST(trim({text_sql}) AS {target.duck})"
     if family == TypeFamily.FLOAT:
@@ -667,9 +725,83 @@ def value_to_type_sql(value_sql: str, source: SqlType, target: SqlType) -> str:
             f"(CASE WHEN json_type({value_sql}) = 'VARCHAR' THEN json_extract_string({value_sql}, '$') "
             f"ELSE CAST({value_sql} AS VARCHAR) END)"
         )
+    if target.family == TypeFamily.VECTOR:
+        return _to_vector_sql(value_sql, source, target)
     if source.duck == target.duck:
         return value_sql
     return f"TRY_CAST({value_sql} AS {target.duck})"
+
+
+def _to_vector_sql(value_sql: str, source: SqlType, target: SqlType) -> str:
+    """An ARRAY (VARIANT) cast to VECTOR as Snowflake casts it: exactly ``n`` numbers, none NULL,
+    each fitting the element type; anything else is NULL here, reported as a conversion error
+    (a wrong length is never truncated or padded)."""
+    if source.family == TypeFamily.VECTOR:
+        return value_sql if source.duck == target.duck else "NULL"
+    if source.family != TypeFamily.VARIANT:
+        return "NULL"  # Snowflake casts only an ARRAY (or a VECTOR) to a VECTOR
+    dimension = vector_dimension(target.duck)
+    element = target.duck.split("[")[0]
+    numbers = f"TRY_CAST({value_sql} AS DOUBLE[])"
+    elements = f"TRY_CAST({numbers} AS {element}[])"  # NULL elements where a number does not fit
+    # DuckDB's CASE cannot return a fixed-size ARRAY: the checked LIST is cast after it.
+    return (
+        f"CAST((CASE WHEN json_type({value_sql}) = 'ARRAY' AND json_array_length({value_sql}) = {dimension} "
+        f"AND len(list_filter(json_extract({value_sql}, '$[*]'), e -> json_type(e) NOT IN ('UBIGINT', 'BIGINT', 'DOUBLE'))) = 0 "
+        f"AND list_count({elements}) = {dimension} "
+        f"THEN {elements} END) AS {target.duck})"
+    )
+
+
+# Snowflake stores coordinates with 14 decimal places and rounds longer ones; the local Snowflake
+# refuses them instead (stricter): a coordinate whose shortest text has more decimals, or an exponent.
+_TOO_PRECISE_COORDINATE = r"\.[0-9]{15,}|[eE]-"
+
+
+def geospatial_from_ewkb_hex_sql(text_sql: str, *, geography: bool) -> str:
+    """TO_GEOMETRY / TO_GEOGRAPHY of (E)WKB hex text, as the local Snowflake's stored value.
+
+    NULL (a conversion error) for anything Snowflake would refuse, or that the local Snowflake
+    cannot read: not little-endian (E)WKB hex (WKT and GeoJSON are not read locally), Z or M
+    coordinates (Snowflake's types are 2D), an invalid shape (ST_IsValid), a coordinate with more
+    than 14 decimal places; for GEOGRAPHY also an SRID other than 4326 (WKB without one is 4326)
+    and a longitude/latitude outside -180..180/-90..90. Needs DuckDB's spatial extension.
+    """
+    h = f"upper({text_sql})"
+    # The type word's high byte (hex digits 9-10) holds EWKB's flags: 0x20 SRID, 0x40 M, 0x80 Z.
+    flags = f"CAST('0x' || substr({h}, 9, 2) AS INTEGER)"
+    # Its low bytes: the OGC type 1..7 (ISO Z/M codes such as 1001 are refused too).
+    code = f"CAST('0x' || substr({h}, 7, 2) || substr({h}, 5, 2) || substr({h}, 3, 2) AS INTEGER)"
+    srid_word = f"CAST('0x' || substr({h}, 17, 2) || substr({h}, 15, 2) || substr({h}, 13, 2) || substr({h}, 11, 2) AS BIGINT)"
+    srid = f"(CASE WHEN {flags} = 32 THEN {srid_word} ELSE {4326 if geography else 0} END)"
+    plain_hex = (
+        f"(CASE WHEN {flags} = 32 THEN '01' || substr({h}, 3, 6) || '00' || substr({h}, 19) ELSE {h} END)"
+    )
+    shape = f"TRY(ST_GeomFromWKB(unhex({plain_hex})))"
+    checks = [
+        f"regexp_full_match({h}, '01([0-9A-F]{{2}}){{4,}}')",
+        f"{flags} IN (0, 32)",
+        f"{code} BETWEEN 1 AND 7",
+        f"{srid} BETWEEN 0 AND 2147483647",
+        f"{shape} IS NOT NULL",
+        f"ST_IsValid({shape})",
+        f"NOT regexp_matches(ST_AsText({shape}), '{_TOO_PRECISE_COORDINATE}')",
+    ]
+    if geography:
+        checks += [
+            f"{srid} = 4326",
+            f"COALESCE(ST_XMin({shape}) >= -180 AND ST_XMax({shape}) <= 180 "
+            f"AND ST_YMin({shape}) >= -90 AND ST_YMax({shape}) <= 90, TRUE)",
+        ]
+    field = "geography_srid" if geography else "geometry_srid"
+    # Each check only runs when the ones before it held (CASE, not AND: DuckDB may reorder an AND).
+    condition = "TRUE"
+    for check in reversed(checks):
+        condition = f"(CASE WHEN {check} THEN {condition} ELSE FALSE END)"
+    return (
+        f"(CASE WHEN {condition} THEN "
+        f"struct_pack({field} := CAST({srid} AS INTEGER), wkb := unhex({plain_hex})) END)"
+    )
 
 
 @dataclass(frozen=True)

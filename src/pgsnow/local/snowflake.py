@@ -67,7 +67,8 @@ from starlette.routing import Route
 from starlette.types import Message
 
 from pgsnow.errors import ConfigError
-from pgsnow.local.duckdb_setup import load_httpfs
+from pgsnow.local import sf_extension_types
+from pgsnow.local.duckdb_setup import load_httpfs, load_spatial
 from pgsnow.local.keypair import INVALID_JWT_CODE, INVALID_JWT_MESSAGE, PublicKeys
 from pgsnow.local.sf_access import (
     CREDENTIALS_WITH_INTEGRATION,
@@ -220,6 +221,10 @@ def build_fakesnow(s3: S3Settings, data_dir: Path | None, *, shared_secret: bool
     if data_dir is not None:
         persist_global_catalog(fs.duck_conn, data_dir)
         attach_existing_databases(fs.duck_conn, data_dir)
+    # Snowflake's VECTOR, GEOMETRY and GEOGRAPHY on DuckDB (sf_extension_types); spatial from PyPI.
+    load_spatial(fs.duck_conn)
+    sf_extension_types.install()
+    fs.duck_conn.execute(sf_extension_types.columns_view_sql())
     create_access_catalog(fs.duck_conn)
     return fs
 
@@ -294,6 +299,8 @@ class LocalSnowflakeState:
     session_parameters: dict[str, dict[str, str]] = field(default_factory=dict)
     session_functions: dict[str, SessionFunctions] = field(default_factory=dict)
     temporary_stages: dict[str, SessionStages] = field(default_factory=dict)
+    # Sessions whose DuckDB connection has the geospatial accessors (sf_extension_types).
+    prepared_sessions: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def intercept(
@@ -987,6 +994,9 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
             return passed_on
         body_json = await _read_json(request)
         sql_text = body_json.get("sqlText", "")
+        if token not in state.prepared_sessions:
+            await run_in_threadpool(sf_extension_types.prepare_session, conn._duck_conn)
+            state.prepared_sessions.add(token)
         if not body_json.get("bindings"):
             try:
                 replacement = await run_in_threadpool(
@@ -1011,6 +1021,7 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
                 state.tokens.discard(token)
                 state.session_parameters.pop(token, None)
                 state.session_functions.pop(token, None)
+                state.prepared_sessions.discard(token)
                 # The session's temporary stages end with it, as in Snowflake.
                 state.temporary_stages.pop(token, None)
         ended: Response = await fakesnow_server.session(request)
