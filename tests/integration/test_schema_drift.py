@@ -21,7 +21,7 @@ from psycopg2 import sql
 
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef, quote_qualified
-from pgsnow.keys import table_prefix
+from pgsnow.keys import FileFormat, table_prefix
 from pgsnow.local.stack import SNOWFLAKE_DATABASE
 from pgsnow.manifest import RunState
 from pgsnow.staging import get_manifest
@@ -196,7 +196,7 @@ def replicate(pipeline: PipelineHarness, table: TableRef) -> Any:
         "PGSNOW_TABLES": table.qualified,
         "PGSNOW_TABLE_OPTIONS": json.dumps({table.qualified: {"write_mode": "merge"}}),
     }
-    manifest = pipeline.extract(table, **env)
+    manifest = pipeline.extract(table, FileFormat.CSV, **env)
     recorder, dispatcher = pipeline.loader()
     dispatcher.run_until_idle()
     assert [d.s3_keys() for d in recorder.deliveries if d.failed] == []
