@@ -630,7 +630,7 @@ def _dropped_file_columns(loader: _Loader, staged: StagedObject) -> list[LoadCol
     if existing:
         if staged.file_format is FileFormat.PARQUET:
             # COPY reads Parquet columns by name ($1:"name"); the loader ships no Parquet reader.
-            return load_columns_from_table([(c.name, c.data_type) for c in existing])
+            return _table_load_columns(existing)
         header = read_csv_header(loader.s3, loader.settings.bucket, staged)
         return columns_for_csv_header(staged, header, existing)
     if not loader.settings.load.allow_create_for_dropped_files:
@@ -653,6 +653,16 @@ def _dropped_file_columns(loader: _Loader, staged: StagedObject) -> list[LoadCol
     return [LoadColumn.from_manifest(c) for c in columns]
 
 
+def _table_load_columns(existing: Sequence[ExistingColumn]) -> list[LoadColumn]:
+    """The table's columns as COPY loads them. A NUMBER keeps its precision and scale: a Parquet
+    value is cast to the column's own type (``::NUMBER`` alone would be scale 0 and round)."""
+    columns = load_columns_from_table([(c.name, c.data_type) for c in existing])
+    return [
+        replace(loaded, snowflake_type=column.type_text) if loaded.kind is ValueKind.DECIMAL else loaded
+        for column, loaded in zip(existing, columns, strict=True)
+    ]
+
+
 def columns_for_csv_header(
     staged: StagedObject, header: Sequence[str], existing: Sequence[ExistingColumn]
 ) -> list[LoadColumn]:
@@ -664,13 +674,7 @@ def columns_for_csv_header(
     put in the wrong column); a column the header leaves out loads as NULL, unless it is NOT NULL.
     """
     context = {"table": staged.table.qualified, "s3_key": staged.key}
-    loadable = dict(
-        zip(
-            (c.name for c in existing),
-            load_columns_from_table([(c.name, c.data_type) for c in existing]),
-            strict=True,
-        )
-    )
+    loadable = dict(zip((c.name for c in existing), _table_load_columns(existing), strict=True))
     chosen: list[LoadColumn] = []
     unknown: list[str] = []
     named: dict[str, str] = {}
