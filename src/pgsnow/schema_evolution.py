@@ -84,8 +84,9 @@ class ExistingColumn:
         family = _FAMILY.get(self.data_type.upper())
         if family == "NUMBER":
             return f"NUMBER({self.precision or 38},{self.scale or 0})"
-        if family == "TEXT" and self.length and self.length < MAX_VARCHAR:
-            return f"VARCHAR({self.length})"
+        if family == "TEXT":
+            # INFORMATION_SCHEMA says TEXT; the DDL that made it (and a reader) says VARCHAR.
+            return f"VARCHAR({self.length})" if self.length and self.length < MAX_VARCHAR else "VARCHAR"
         return self.data_type.upper()
 
 

@@ -281,3 +281,44 @@ def test_schema_drift_between_two_runs(pipeline: PipelineHarness, name: str) -> 
     if drift.verified:
         result = pipeline.verify(table)
         assert result.ok, result.summary()
+
+
+def test_a_table_changed_by_hand_is_refused_by_the_loader(
+    pipeline: PipelineHarness, every_log_record: pytest.LogCaptureFixture
+) -> None:
+    """The loader checks the run against the real table, not only against the last run: a column
+    someone re-created by hand as VARCHAR cannot take NUMBER(10,2), so the file is refused naming
+    the column and both types, nothing loads, and the message is dead-lettered."""
+    # Given a replicated table whose AMOUNT column was re-created by hand in Snowflake as VARCHAR
+    table = pipeline.table(f"drift_by_hand_{uuid.uuid4().hex[:4]}")
+    pipeline.create_table(table, "id integer PRIMARY KEY, amount numeric(10,2)", "VALUES (1, 1.25)")
+    replicate(pipeline, table)
+    target = quote_qualified(SNOWFLAKE_DATABASE, table.snowflake_schema, table.snowflake_table)
+    with pipeline.sf_conn.cursor() as cur:
+        cur.execute(f'CREATE OR REPLACE TABLE {target} ("ID" NUMBER(38,0) NOT NULL, "AMOUNT" VARCHAR)')
+        cur.execute(f"INSERT INTO {target} VALUES (1, 'one and a quarter')")
+
+    # When the next run is staged (its columns are the last run's) and delivered
+    manifest = pipeline.extract(
+        table,
+        FileFormat.CSV,
+        PGSNOW_TABLES=table.qualified,
+        PGSNOW_TABLE_OPTIONS=json.dumps({table.qualified: {"write_mode": "merge"}}),
+    )
+    recorder, dispatcher = pipeline.loader()
+    dispatcher.run_until_idle()
+
+    # Then the file failed on every delivery and was dead-lettered, naming the column and both types
+    key = manifest.files[0].key
+    assert recorder.for_key(key) and all(d.failed for d in recorder.for_key(key))
+    assert key in pipeline.dead_letter_keys()
+    refusals = [
+        r.getMessage() for r in every_log_record.records if "incompatible schema change" in r.getMessage()
+    ]
+    assert refusals, "the loader logs why it refused"
+    assert all(
+        "column AMOUNT" in m and "VARCHAR" in m and "NUMBER(10,2)" in m and "nothing was loaded" in m
+        for m in refusals
+    ), refusals
+    # And the table is as it was left
+    assert select_rows(pipeline, table, "*") == [(1, "one and a quarter")]
