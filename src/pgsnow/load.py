@@ -722,7 +722,8 @@ def read_csv_header(s3: S3Client, bucket: str, staged: StagedObject) -> list[str
         if staged.gzip:
             # Only the start of the stream: the rest of the file is never downloaded.
             body = zlib.decompressobj(wbits=31).decompress(body, HEADER_READ_BYTES)
-        first_line = body.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8")
+        # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first name.
+        first_line = body.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8-sig")
     except (zlib.error, UnicodeDecodeError) as exc:
         raise PermanentError(f"the CSV file's header row cannot be read: {exc}", s3_key=staged.key) from exc
     header = parse_csv_record(first_line)

@@ -77,9 +77,9 @@ def drop_file(pipeline: PipelineHarness, table: TableRef, file_name: str, body: 
         ),
         pytest.param(
             "Mixed.Csv",
-            "id,code\n2,c2\n",
+            "\ufeffid,code\n2,c2\n",
             [(2, None, None, "c2")],
-            id="nullable-columns-left-out-load-as-null",
+            id="nullable-columns-left-out-load-as-null-byte-order-mark-ignored",
         ),
     ],
 )
