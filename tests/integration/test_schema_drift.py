@@ -322,3 +322,36 @@ def test_a_table_changed_by_hand_is_refused_by_the_loader(
     ), refusals
     # And the table is as it was left
     assert select_rows(pipeline, table, "*") == [(1, "one and a quarter")]
+
+
+def test_a_refused_change_is_taken_by_one_replace_run(pipeline: PipelineHarness) -> None:
+    """The recipe every refusal names: one run with write_mode=replace rebuilds the table with
+    the new type; the table's own write mode then works again."""
+    # Given a replicated table whose timestamp column became timestamptz (refused)
+    table = pipeline.table(f"drift_replace_{uuid.uuid4().hex[:4]}")
+    target = sql.Identifier(table.schema, table.table)
+    pipeline.create_table(table, "id integer PRIMARY KEY, at timestamp", "VALUES (1, '2024-01-01 12:00:00')")
+    replicate(pipeline, table)
+    pipeline.run_sql(sql.SQL("ALTER TABLE {} ALTER COLUMN at TYPE timestamptz").format(target))
+    with pytest.raises(PermanentError, match="write_mode=replace"):
+        replicate(pipeline, table)
+
+    # When one run replaces the table, and the next merges again
+    manifest = pipeline.extract(
+        table,
+        FileFormat.CSV,
+        PGSNOW_TABLES=table.qualified,
+        PGSNOW_TABLE_OPTIONS=json.dumps({table.qualified: {"write_mode": "replace"}}),
+    )
+    recorder, dispatcher = pipeline.loader()
+    dispatcher.run_until_idle()
+    assert [d for d in recorder.deliveries if d.failed] == []
+    pipeline.run_sql(sql.SQL("INSERT INTO {} VALUES (2, '2024-01-02 12:00:00+00')").format(target))
+    replicate(pipeline, table)
+
+    # Then Snowflake's column is TIMESTAMP_TZ and holds exactly the source
+    assert manifest.state is RunState.STAGED
+    assert target_columns(pipeline, table)["AT"][0] == "TIMESTAMP_TZ"
+    result = pipeline.verify(table)
+    assert result.ok, result.summary()
+    assert result.target_rows == 2
