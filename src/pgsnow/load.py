@@ -94,6 +94,7 @@ if TYPE_CHECKING:
     from snowflake.connector import SnowflakeConnection
 
 _MISSING_S3_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+PGSNOW_COLUMN_PREFIX = "_PGSNOW_"  # pgsnow's own target columns (run id, soft delete): never a source's
 APPLIED_MARK_PREFIX = f"{CONTROL_PREFIX}/applied"  # ledger key marking a run's swap/deletes as done
 
 
@@ -190,6 +191,9 @@ class _Loader:
     tables_ready: set[tuple[str, str, str]] = field(default_factory=set)
     pipes_ready: set[str] = field(default_factory=set)
     run_id_columns_ready: set[tuple[str, str, str]] = field(default_factory=set)
+    # Tables with a column the run does not send (the source dropped it): a pipe's COPY lists the
+    # table's columns by position, so their files load with COPY (ensure_table fills this).
+    tables_with_unsent_columns: set[tuple[str, str, str]] = field(default_factory=set)
 
     @property
     def control_schema(self) -> str:
@@ -618,6 +622,8 @@ def ensure_table(
             logger.info("making a column nullable (DROP NOT NULL)", extra={**context, "column": name})
             _execute(loader.sf_conn, build_drop_not_null(target, name))
         altered = not changes.empty
+        if any(not name.startswith(PGSNOW_COLUMN_PREFIX) for name in changes.dropped):
+            loader.tables_with_unsent_columns.add(target)
     loader.tables_ready.add(target)
     return altered
 
@@ -816,10 +822,13 @@ def _copy_group(
         copy_target = work_table
     # A pipe's COPY has the run's columns in the run's order; a hand-dropped file has its own
     # (its header's), so it loads with COPY like any other file.
+    # So does a run that leaves out a column of the table (a pipe made before the source dropped it
+    # would put the run's values into the wrong columns).
     through_snowpipe = (
         loader.settings.load.method is LoadMethod.SNOWPIPE
         and write_mode is WriteMode.APPEND
         and manifest is not None
+        and copy_target not in loader.tables_with_unsent_columns
     )
     if not through_snowpipe:
         _ensure_temporary_stage(loader)  # DDL: before the group's transaction
