@@ -5,7 +5,10 @@ lies under the staging prefix, has no empty or ``..`` parts, and names an
 allowlisted table. Anything else is a PermanentError: retrying cannot make a
 bad key good, and the message must end in the dead-letter queue, not be dropped.
 ``s3:TestEvent`` messages (sent when the notification is configured) carry no
-records and are acknowledged with nothing to do.
+records and are acknowledged with nothing to do. So is an object under the prefix that is
+not a data file (``notes.txt``): the notification covers the whole staging prefix, because
+S3's suffix filters are case-sensitive and ``FILE.CSV.GZ`` must load too; such an object is
+logged as ignored, not dead-lettered.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pgsnow.errors import PermanentError, PgSnowError
 from pgsnow.identifiers import TableAllowlist
-from pgsnow.keys import StagedObject, decode_event_key, parse_data_key
+from pgsnow.keys import NotADataFileError, StagedObject, decode_event_key, parse_data_key
+from pgsnow.observability import logger
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
@@ -66,10 +70,14 @@ def parse_s3_event_body(
     records = document.get("Records")
     if not isinstance(records, list) or not records:
         raise PermanentError("SQS message body is not an S3 event notification: no Records[]")
-    return [_parse_record(r, bucket=bucket, prefix=prefix, allowlist=allowlist) for r in records]
+    parsed = [_parse_record(r, bucket=bucket, prefix=prefix, allowlist=allowlist) for r in records]
+    return [created for created in parsed if created is not None]
 
 
-def _parse_record(record: Any, *, bucket: str, prefix: str, allowlist: TableAllowlist) -> S3ObjectCreated:
+def _parse_record(
+    record: Any, *, bucket: str, prefix: str, allowlist: TableAllowlist
+) -> S3ObjectCreated | None:
+    """The record's staged file; None for an object under the prefix that is not a data file."""
     if not isinstance(record, dict):
         raise PermanentError("S3 event record is not an object")
     event_name = record.get("eventName")
@@ -97,6 +105,9 @@ def _parse_record(record: Any, *, bucket: str, prefix: str, allowlist: TableAllo
     try:
         staged = parse_data_key(key, prefix)
         allowlist.check(staged.table)
+    except NotADataFileError as exc:
+        logger.warning(f"ignored: {exc.message}", extra={"s3_key": key})
+        return None
     except PermanentError as exc:
         exc.s3_key = exc.s3_key or key
         raise

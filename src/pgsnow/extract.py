@@ -44,7 +44,15 @@ from pgsnow.checkpoint import (
     StateStore,
     Watermark,
 )
-from pgsnow.config import DeleteMode, ExtractMode, Settings, StagedFormat, TableOptions, ValuePolicy
+from pgsnow.config import (
+    DeleteMode,
+    ExtractMode,
+    Settings,
+    StagedFormat,
+    TableOptions,
+    ValuePolicy,
+    WriteMode,
+)
 from pgsnow.csv_records import csv_fields_at, parse_csv_record
 from pgsnow.errors import PermanentError, PgSnowError
 from pgsnow.formats import (
@@ -56,7 +64,7 @@ from pgsnow.formats import (
 )
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, new_run_id
-from pgsnow.manifest import RunManifest, RunState, StagedFile
+from pgsnow.manifest import Column, RunManifest, RunState, StagedFile
 from pgsnow.observability import logger
 from pgsnow.postgres import (
     Connection,
@@ -71,6 +79,7 @@ from pgsnow.postgres import (
     next_chunk_end,
     read_safe_point,
 )
+from pgsnow.schema_evolution import existing_from_published, plan_table_changes
 from pgsnow.staging import get_manifest, key_list_key, put_data_file, put_manifest
 from pgsnow.typemap import ValueKind
 
@@ -655,6 +664,7 @@ def extract_table(
                     file_format=file_format,
                     started_at=_iso(started_at),
                 )
+                check_schema_drift(store, table, options, manifest.columns)
             else:
                 run, manifest = _resume_run(
                     settings=settings,
@@ -759,6 +769,64 @@ def extract_table(
         },
     )
     return staged
+
+
+def check_schema_drift(
+    store: StateStore, table: TableRef, options: TableOptions, columns: Sequence[Column]
+) -> None:
+    """Before anything is staged: the run's columns against those of the table's last staged run.
+
+    A change Snowflake's table cannot take (pgsnow.schema_evolution) is a PermanentError naming
+    the column and both types; the run is then marked failed with nothing staged. Columns
+    dropped, added (a rename is both) or changed are logged. A replace run loads into a new
+    table, which takes any change, so it is only logged.
+    """
+    published = store.load_published_columns(table)
+    if published is None:
+        return
+    context = {"table": table.qualified, "previous_run_id": published.run_id}
+    existing = [existing_from_published(c) for c in published.columns]
+    if options.write_mode is WriteMode.REPLACE:
+        sent = {c.snowflake_name for c in columns}
+        before = {c.name for c in existing}
+        if sent != before:
+            logger.info(
+                "the source's columns changed; the replace run rebuilds the table with them",
+                extra={**context, "added": sorted(sent - before), "dropped": sorted(before - sent)},
+            )
+        return
+    try:
+        changes = plan_table_changes(table.qualified, existing, columns)
+    except PermanentError as exc:
+        exc.message += "; nothing was staged"
+        raise
+    for name in changes.dropped:
+        logger.warning(
+            "a column of the last run is no longer in the source: it stays in Snowflake, "
+            "nullable, and is no longer filled",
+            extra={**context, "column": name},
+        )
+    for column in changes.added:
+        logger.info("a new source column will be added", extra={**context, "column": column.snowflake_name})
+    if changes.dropped and changes.added:
+        logger.info(
+            "a renamed column shows as a dropped column and an added one",
+            extra={
+                **context,
+                "dropped": list(changes.dropped),
+                "added": [c.snowflake_name for c in changes.added],
+            },
+        )
+    for column in changes.widened:
+        logger.info(
+            "a source column's type widened",
+            extra={**context, "column": column.snowflake_name, "type": column.snowflake_type},
+        )
+    for name in changes.kept_nullable:
+        logger.info(
+            "a source column became NOT NULL; its Snowflake column stays nullable",
+            extra={**context, "column": name},
+        )
 
 
 def _run_filter(

@@ -34,7 +34,13 @@ class FileFormat(StrEnum):
         return "csv.gz" if self is FileFormat.CSV else "parquet"
 
 
-# Extensions the loader accepts, including hand-dropped files (plain CSV too).
+class NotADataFileError(PermanentError):
+    """A key under the staging prefix whose extension is not a data file's (the notification
+    covers the whole prefix, because S3's suffix filters are case-sensitive)."""
+
+
+# Extensions the loader accepts, including hand-dropped files (plain CSV too), in any case
+# (FILE.CSV.GZ is a .csv.gz file).
 _EXTENSIONS: dict[str, tuple[FileFormat, bool]] = {
     ".csv.gz": (FileFormat.CSV, True),
     ".csv": (FileFormat.CSV, False),
@@ -109,8 +115,9 @@ def parse_data_key(key: str, prefix: str) -> StagedObject:
     lowered = file_name.lower()
     ext = next((e for e in _EXTENSIONS if lowered.endswith(e) and len(file_name) > len(e)), None)
     if ext is None:
-        raise PermanentError(
-            "unsupported file type: staged files must end in .csv.gz, .csv or .parquet", s3_key=key
+        raise NotADataFileError(
+            "unsupported file type: staged files must end in .csv.gz, .csv or .parquet (in any case)",
+            s3_key=key,
         )
     file_format, gz = _EXTENSIONS[ext]
     stem = file_name[: -len(ext)]

@@ -35,7 +35,7 @@ from snowflake.connector.errors import Error as SnowflakeDriverError
 from pgsnow.config import DeleteMode, LoadMethod, Settings, WriteMode
 from pgsnow.csv_records import parse_csv_record
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
-from pgsnow.identifiers import TableRef
+from pgsnow.identifiers import TableRef, snowflake_name
 from pgsnow.keys import CONTROL_PREFIX, FileFormat, StagedObject, is_run_id, manifest_key
 from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
 from pgsnow.observability import logger
@@ -61,6 +61,7 @@ from pgsnow.snowflake import (
     build_create_table,
     build_create_temporary_stage,
     build_create_work_table,
+    build_drop_not_null,
     build_drop_table,
     build_insert_rows,
     build_mark_submitted,
@@ -73,7 +74,6 @@ from pgsnow.snowflake import (
     build_select_ledger_entry,
     build_select_loaded_keys,
     build_select_newer_runs,
-    build_select_table_columns,
     build_select_table_comment,
     build_set_table_comment,
     build_swap_with,
@@ -94,6 +94,7 @@ if TYPE_CHECKING:
     from snowflake.connector import SnowflakeConnection
 
 _MISSING_S3_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+PGSNOW_COLUMN_PREFIX = "_PGSNOW_"  # pgsnow's own target columns (run id, soft delete): never a source's
 APPLIED_MARK_PREFIX = f"{CONTROL_PREFIX}/applied"  # ledger key marking a run's swap/deletes as done
 
 
@@ -190,6 +191,9 @@ class _Loader:
     tables_ready: set[tuple[str, str, str]] = field(default_factory=set)
     pipes_ready: set[str] = field(default_factory=set)
     run_id_columns_ready: set[tuple[str, str, str]] = field(default_factory=set)
+    # Tables with a column the run does not send (the source dropped it): a pipe's COPY lists the
+    # table's columns by position, so their files load with COPY (ensure_table fills this).
+    tables_with_unsent_columns: set[tuple[str, str, str]] = field(default_factory=set)
 
     @property
     def control_schema(self) -> str:
@@ -572,8 +576,9 @@ def _existing_columns(loader: _Loader, target: tuple[str, str, str]) -> list[Exi
             None if precision is None else int(precision),
             None if scale is None else int(scale),
             None if length is None else int(length),
+            str(is_nullable).upper() != "NO",
         )
-        for name, data_type, precision, scale, length in rows
+        for name, data_type, precision, scale, length, is_nullable in rows
     ]
 
 
@@ -596,26 +601,44 @@ def ensure_table(
         else:
             _execute(loader.sf_conn, build_create_shadow_table(target, columns))
     else:
-        changes = plan_table_changes(table.qualified, existing, columns)
+        try:
+            changes = plan_table_changes(table.qualified, existing, columns)
+        except PermanentError as exc:
+            exc.message += "; nothing was loaded"
+            raise
+        context = {"table": table.qualified}
         for column in changes.added:
-            logger.info("adding a new source column", extra={"table": table.qualified, "column": column.name})
+            logger.info("adding a new source column", extra={**context, "column": column.snowflake_name})
             _execute(loader.sf_conn, build_add_column(target, column))
         for column in changes.widened:
-            logger.info("widening a column", extra={"table": table.qualified, "column": column.name})
+            logger.info(
+                "widening a column",
+                extra={**context, "column": column.snowflake_name, "type": column.snowflake_type},
+            )
             _execute(loader.sf_conn, build_widen_column(target, column))
-        altered = bool(changes.added or changes.widened)
+        for name in changes.relaxed:
+            # NOT NULL in the table, but the run sends no value (the source dropped the column) or
+            # a nullable one (the source dropped NOT NULL): every load would fail otherwise.
+            logger.info("making a column nullable (DROP NOT NULL)", extra={**context, "column": name})
+            _execute(loader.sf_conn, build_drop_not_null(target, name))
+        altered = not changes.empty
+        if any(not name.startswith(PGSNOW_COLUMN_PREFIX) for name in changes.dropped):
+            loader.tables_with_unsent_columns.add(target)
     loader.tables_ready.add(target)
     return altered
 
 
 def _dropped_file_columns(loader: _Loader, staged: StagedObject) -> list[LoadColumn]:
-    """A file without a run: the existing table's columns, or a new all-VARCHAR table from a CSV header."""
+    """A file without a run: the existing table's columns (a CSV's matched by its header's names),
+    or a new all-VARCHAR table from a CSV header."""
     database, table = loader.database, staged.table
-    rows = _execute(
-        loader.sf_conn, *build_select_table_columns(database, table.snowflake_schema, table.snowflake_table)
-    )
-    if rows:
-        return load_columns_from_table([(str(name), str(data_type)) for name, data_type in rows])
+    existing = _existing_columns(loader, _target(loader, table))
+    if existing:
+        if staged.file_format is FileFormat.PARQUET:
+            # COPY reads Parquet columns by name ($1:"name"); the loader ships no Parquet reader.
+            return _table_load_columns(existing)
+        header = read_csv_header(loader.s3, loader.settings.bucket, staged)
+        return columns_for_csv_header(staged, header, existing)
     if not loader.settings.load.allow_create_for_dropped_files:
         raise PermanentError(
             "a file without a pgsnow run id can only load into an existing table, and "
@@ -636,15 +659,79 @@ def _dropped_file_columns(loader: _Loader, staged: StagedObject) -> list[LoadCol
     return [LoadColumn.from_manifest(c) for c in columns]
 
 
+def _table_load_columns(existing: Sequence[ExistingColumn]) -> list[LoadColumn]:
+    """The table's columns as COPY loads them. A NUMBER keeps its precision and scale: a Parquet
+    value is cast to the column's own type (``::NUMBER`` alone would be scale 0 and round)."""
+    columns = load_columns_from_table([(c.name, c.data_type) for c in existing])
+    return [
+        replace(loaded, snowflake_type=column.type_text) if loaded.kind is ValueKind.DECIMAL else loaded
+        for column, loaded in zip(existing, columns, strict=True)
+    ]
+
+
+def columns_for_csv_header(
+    staged: StagedObject, header: Sequence[str], existing: Sequence[ExistingColumn]
+) -> list[LoadColumn]:
+    """The table's columns in the order a hand-dropped CSV's header names them.
+
+    A header name matches the column it names under the naming policy (``order_id`` and
+    ``ORDER_ID`` both name ``ORDER_ID``; ``Note`` names only ``"Note"``), in any order. A name the
+    table does not have is refused (nothing is loaded, rather than a value silently dropped or
+    put in the wrong column); a column the header leaves out loads as NULL, unless it is NOT NULL.
+    """
+    context = {"table": staged.table.qualified, "s3_key": staged.key}
+    loadable = dict(zip((c.name for c in existing), _table_load_columns(existing), strict=True))
+    chosen: list[LoadColumn] = []
+    unknown: list[str] = []
+    named: dict[str, str] = {}
+    for field_name in header:
+        target = snowflake_name(field_name)
+        if target not in loadable:
+            unknown.append(field_name)
+            continue
+        if target in named:
+            raise PermanentError(
+                f"the CSV header names column {target} twice ({named[target]!r} and {field_name!r}); "
+                "nothing was loaded",
+                **context,
+            )
+        named[target] = field_name
+        chosen.append(replace(loadable[target], source_name=field_name))
+    if unknown:
+        raise PermanentError(
+            "the CSV header names columns the table does not have: "
+            + ", ".join(repr(name) for name in unknown)
+            + f" (the table has {', '.join(loadable)}); nothing was loaded",
+            **context,
+        )
+    required = [c.name for c in existing if c.name not in named and not c.nullable]
+    if required:
+        raise PermanentError(
+            f"the CSV header leaves out NOT NULL columns {', '.join(required)}; nothing was loaded",
+            **context,
+        )
+    return chosen
+
+
+HEADER_READ_BYTES = 1024 * 1024  # a header row is read from the file's first MiB (ranged GET)
+
+
 def read_csv_header(s3: S3Client, bucket: str, staged: StagedObject) -> list[str]:
     """The header row of a staged CSV (gzip or plain), read from the first bytes only."""
     try:
-        body = s3.get_object(Bucket=bucket, Key=staged.key, Range="bytes=0-1048575")["Body"].read()
+        body = s3.get_object(Bucket=bucket, Key=staged.key, Range=f"bytes=0-{HEADER_READ_BYTES - 1}")[
+            "Body"
+        ].read()
     except (ClientError, BotoCoreError) as exc:
         raise classify_s3_error(exc, s3_key=staged.key) from exc
-    if staged.gzip:
-        body = zlib.decompressobj(wbits=31).decompress(body)
-    first_line = body.decode("utf-8", errors="strict").splitlines()[0] if body else ""
+    try:
+        if staged.gzip:
+            # Only the start of the stream: the rest of the file is never downloaded.
+            body = zlib.decompressobj(wbits=31).decompress(body, HEADER_READ_BYTES)
+        # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first name.
+        first_line = body.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8-sig")
+    except (zlib.error, UnicodeDecodeError) as exc:
+        raise PermanentError(f"the CSV file's header row cannot be read: {exc}", s3_key=staged.key) from exc
     header = parse_csv_record(first_line)
     if not header or any(not name for name in header):
         raise PermanentError("the CSV file has no usable header row", s3_key=staged.key)
@@ -733,7 +820,17 @@ def _copy_group(
         work_table = (database, control_schema, f"_PGSNOW_MERGE_{uuid.uuid4().hex[:16].upper()}")
         _execute(sf_conn, build_create_work_table(work_table, manifest.columns))
         copy_target = work_table
-    if loader.settings.load.method is not LoadMethod.SNOWPIPE:
+    # A pipe's COPY has the run's columns in the run's order; a hand-dropped file has its own
+    # (its header's), so it loads with COPY like any other file.
+    # So does a run that leaves out a column of the table (a pipe made before the source dropped it
+    # would put the run's values into the wrong columns).
+    through_snowpipe = (
+        loader.settings.load.method is LoadMethod.SNOWPIPE
+        and write_mode is WriteMode.APPEND
+        and manifest is not None
+        and copy_target not in loader.tables_with_unsent_columns
+    )
+    if not through_snowpipe:
         _ensure_temporary_stage(loader)  # DDL: before the group's transaction
     _execute(
         sf_conn,
@@ -743,7 +840,7 @@ def _copy_group(
             s3_key=first.key if len(present) == 1 else f"{len(present)} files",
         ),
     )
-    if loader.settings.load.method is LoadMethod.SNOWPIPE and write_mode is WriteMode.APPEND:
+    if through_snowpipe:
         outcomes = _load_through_snowpipe(loader, present, columns, started, redefine_pipe=table_altered)
         if manifest is not None and deletes is not DeleteMode.NONE:
             outcomes = _with_run_outcome(outcomes, finish_run_if_complete(loader, table, manifest.run_id))

@@ -360,9 +360,11 @@ def build_select_loaded_keys(database: str, control_schema: str, keys: Sequence[
 
 
 def build_select_column_types(database: str, schema: str, table: str) -> Statement:
-    """An existing table's columns with precision/scale/length, for schema evolution."""
+    """An existing table's columns with precision/scale/length and nullability ('YES'/'NO'),
+    for schema evolution and hand-dropped files."""
     sql = (
-        'SELECT "COLUMN_NAME", "DATA_TYPE", "NUMERIC_PRECISION", "NUMERIC_SCALE", "CHARACTER_MAXIMUM_LENGTH"\n'
+        'SELECT "COLUMN_NAME", "DATA_TYPE", "NUMERIC_PRECISION", "NUMERIC_SCALE", "CHARACTER_MAXIMUM_LENGTH", '
+        '"IS_NULLABLE"\n'
         f'FROM {quote_ident(database)}."INFORMATION_SCHEMA"."COLUMNS"\n'
         'WHERE "TABLE_SCHEMA" = %s AND "TABLE_NAME" = %s\n'
         'ORDER BY "ORDINAL_POSITION"'
@@ -374,6 +376,11 @@ def build_add_column(table: tuple[str, str, str], column: Column) -> str:
     """A new source column; always nullable, because existing rows have no value for it."""
     target = quote_qualified(*table)
     return f"ALTER TABLE {target} ADD COLUMN {quote_ident(column.snowflake_name)} {column.snowflake_type}"
+
+
+def build_drop_not_null(table: tuple[str, str, str], column_name: str) -> str:
+    """Make a NOT NULL column nullable: the source dropped it, or dropped its NOT NULL."""
+    return f"ALTER TABLE {quote_qualified(*table)} ALTER COLUMN {quote_ident(column_name)} DROP NOT NULL"
 
 
 def build_widen_column(table: tuple[str, str, str], column: Column) -> str:

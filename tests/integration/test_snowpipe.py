@@ -37,11 +37,13 @@ from test_load import (  # fixtures and staging helpers shared with the base loa
 
 from pgsnow.config import LoadMethod, Settings
 from pgsnow.errors import PermanentError, RetryableError
-from pgsnow.keys import FileFormat, data_key, parse_data_key
+from pgsnow.identifiers import TableRef, quote_qualified
+from pgsnow.keys import FileFormat, data_key, manifest_key, parse_data_key
 from pgsnow.load import LoadStatus, load_staged_files
 from pgsnow.local.aws import LocalAws
 from pgsnow.local.snowflake import LocalSnowflake
 from pgsnow.local.snowpipe import LocalSnowpipe, start_local_snowpipe
+from pgsnow.manifest import Column, RunManifest, RunState
 from pgsnow.snowpipe import (
     SnowpipeClient,
     private_key_pem,
@@ -49,6 +51,7 @@ from pgsnow.snowpipe import (
     snowpipe_client_from_settings,
     snowpipe_endpoint,
 )
+from pgsnow.typemap import map_pg_type
 
 pytestmark = pytest.mark.integration
 
@@ -270,3 +273,55 @@ def test_a_file_snowpipe_fails_is_a_permanent_error_naming_the_reason(
     assert "not-a-number" in failed.value.message or "ORDER_ID" in failed.value.message.upper()
     assert [row[7] for row in ledger_rows(sf_conn, pipe_settings)] == [False]
     assert order_count(sf_conn, pipe_settings) == 0
+
+
+def test_a_run_without_a_column_the_source_dropped_loads_its_values_into_their_own_columns(
+    pipe_settings: Settings, s3: Any, sf_conn: Any, local_aws: LocalAws
+) -> None:
+    """The table's pipe was made when the source still had a column; its COPY lists the table's
+    columns by position. A later run without that column loads with COPY (the ledger's
+    transaction, exactly once) so each value lands in its own column, not the next one's."""
+    # Given a table loaded through its pipe while the source had id, gone, note
+    table = TableRef("public", f"pipe_drift_{uuid.uuid4().hex[:6]}")
+    client = client_for(pipe_settings, local_aws)
+
+    def stage_run(run_id: str, names: list[str], rows: list[tuple[Any, ...]]) -> Any:
+        types = {"id": "bigint", "gone": "text", "note": "text"}
+        columns = tuple(
+            Column.from_types(n, types[n], types[n], map_pg_type(types[n]), n != "id") for n in names
+        )
+        manifest = RunManifest(
+            run_id=run_id,
+            table=table,
+            mode="full",
+            file_format=FileFormat.CSV,
+            columns=columns,
+            primary_key=("id",),
+            state=RunState.EXTRACTING,
+            started_at="2026-11-25T12:00:00Z",
+        )
+        s3.put_object(
+            Bucket=pipe_settings.bucket, Key=manifest_key(table, run_id), Body=manifest.to_json().encode()
+        )
+        key = data_key(pipe_settings.prefix, table, 1, run_id, FileFormat.CSV)
+        put_staged_file(
+            s3, pipe_settings, key, csv_gz_bytes(rows, header=names), rows=len(rows), run_id=run_id
+        )
+        return parse_data_key(key, pipe_settings.prefix)
+
+    first = stage_run("20261125T120000000000Z", ["id", "gone", "note"], [(1, "g1", "one")])
+    load_staged_files(settings=pipe_settings, sf_conn=sf_conn, s3=s3, objects=[first], snowpipe=client)
+
+    # When a run of the source without "gone" is loaded
+    second = stage_run("20261126T120000000000Z", ["id", "note"], [(2, "two")])
+    results = load_staged_files(
+        settings=pipe_settings, sf_conn=sf_conn, s3=s3, objects=[second], snowpipe=client
+    )
+
+    # Then "two" is in NOTE, and GONE is NULL for the new row
+    assert [(r.status, r.rows) for r in results] == [(LoadStatus.LOADED, 1)]
+    target = quote_qualified(pipe_settings.snowflake.database or "", "PUBLIC", table.snowflake_table)
+    assert query(sf_conn, f'SELECT "ID", "GONE", "NOTE" FROM {target} ORDER BY "ID"') == [
+        (1, "g1", "one"),
+        (2, None, "two"),
+    ]

@@ -208,12 +208,6 @@ def test_star_allowlist_accepts_any_table() -> None:
             id="too-deep",
         ),
         pytest.param(
-            s3_body("staging/public/orders/file.txt"),
-            PermanentError,
-            "unsupported file type",
-            id="unsupported-extension",
-        ),
-        pytest.param(
             s3_body(f"staging/public/customers/public_customers_batch1_{RUN}.csv.gz"),
             UnsafeIdentifierError,
             "not in the configured allowlist",
@@ -227,6 +221,31 @@ def test_bad_messages_are_permanent_errors(body: str, error_type: type[Exception
 
     assert message_part in str(caught.value)
     assert not getattr(caught.value, "retryable", True)
+
+
+def test_an_object_that_is_not_a_data_file_is_ignored_not_dead_lettered() -> None:
+    # The notification covers the whole prefix (S3's suffix filters are case-sensitive)
+    assert (
+        parse_s3_event_body(
+            s3_body("staging/public/orders/notes.txt"), bucket=BUCKET, prefix=PREFIX, allowlist=ALLOW_ORDERS
+        )
+        == []
+    )
+
+
+@pytest.mark.parametrize(
+    ("file_name", "gzip"),
+    [
+        pytest.param("EXPORT.CSV.GZ", True, id="upper-case-csv-gz"),
+        pytest.param("export.Csv", False, id="mixed-case-csv"),
+        pytest.param("PART-0.PARQUET", False, id="upper-case-parquet"),
+    ],
+)
+def test_extensions_match_in_any_case(file_name: str, gzip: bool) -> None:
+    (created,) = parse_s3_event_body(
+        s3_body(f"staging/public/orders/{file_name}"), bucket=BUCKET, prefix=PREFIX, allowlist=ALLOW_ORDERS
+    )
+    assert (created.staged.file_name, created.staged.gzip, created.staged.run_id) == (file_name, gzip, None)
 
 
 def test_rejected_key_is_named_in_the_error() -> None:

@@ -80,7 +80,6 @@ FUNCTION_ENV_VAR_NAMES = {
 }
 STACK_ID = f"arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/pgsnow-dev/4f9d2c1a-7b3e-11ef-9c2d-0a1b2c3d4e5f"
 BUCKET_NAME = "pgsnow-snowflake-stage-dev-4f9d2c1a"
-DATA_SUFFIXES = {".csv.gz", ".csv", ".parquet"}
 CUSTOMERS_TABLE = TableRef("public", "customers")
 
 
@@ -358,29 +357,29 @@ def test_archived_files_expire_only_when_archiving_is_on(sam_template: dict[str,
     assert otherwise == {"Ref": "AWS::NoValue"}
 
 
-def queue_notification_filters(cfn: dict[str, Any]) -> list[tuple[str, str]]:
-    """(prefix, suffix) of each QueueConfiguration, with the prefix parameter resolved."""
+def queue_notification_filters(cfn: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(prefix, suffix or None) of each QueueConfiguration, with the prefix parameter resolved."""
     configurations = properties(cfn, "StageBucket")["NotificationConfiguration"]["QueueConfigurations"]
     filters = []
     for configuration in configurations:
         assert configuration["Event"] == "s3:ObjectCreated:*"
         assert configuration["Queue"] == {"Fn::GetAtt": ["StageQueue", "Arn"]}
         rules = {r["Name"]: r["Value"] for r in configuration["Filter"]["S3Key"]["Rules"]}
-        assert set(rules) == {"prefix", "suffix"}
+        assert set(rules) <= {"prefix", "suffix"}
         prefix = resolve_sub(rules["prefix"], {"S3StagePrefix": PARAMETERS["S3StagePrefix"]})
-        filters.append((prefix, rules["suffix"]))
+        filters.append((prefix, rules.get("suffix")))
     return filters
 
 
-def test_notification_has_one_configuration_per_data_suffix(cfn: dict[str, Any]) -> None:
-    filters = queue_notification_filters(cfn)
-    assert sorted(suffix for _, suffix in filters) == sorted(DATA_SUFFIXES)
-    assert {prefix for prefix, _ in filters} == {"staging/"}
+def test_notification_covers_the_staging_prefix_without_a_case_sensitive_suffix(cfn: dict[str, Any]) -> None:
+    # S3 matches suffix filters case-sensitively: FILE.CSV.GZ must reach the loader, which decides
+    assert queue_notification_filters(cfn) == [("staging/", None)]
 
 
 def notifies(cfn: dict[str, Any], key: str) -> bool:
     return any(
-        key.startswith(prefix) and key.endswith(suffix) for prefix, suffix in queue_notification_filters(cfn)
+        key.startswith(prefix) and (suffix is None or key.endswith(suffix))
+        for prefix, suffix in queue_notification_filters(cfn)
     )
 
 
@@ -396,12 +395,15 @@ RUN_ID = "20261125T120000000000Z"
             data_key("staging", CUSTOMERS, 2, RUN_ID, FileFormat.PARQUET), True, id="extractor-parquet"
         ),
         pytest.param("staging/public/customers/dropped by hand.csv", True, id="hand-dropped-plain-csv"),
+        pytest.param("staging/public/customers/EXPORT.CSV.GZ", True, id="upper-case-extension"),
+        pytest.param("staging/public/customers/part-0.Parquet", True, id="mixed-case-extension"),
         pytest.param(manifest_key(CUSTOMERS, RUN_ID), False, id="manifest-json"),
-        pytest.param("staging/public/customers/notes.txt", False, id="other-suffix"),
         pytest.param("elsewhere/public/customers/x.csv.gz", False, id="outside-prefix"),
     ],
 )
-def test_notification_covers_data_files_only(cfn: dict[str, Any], key: str, expected: bool) -> None:
+def test_notification_covers_data_files_under_the_prefix(
+    cfn: dict[str, Any], key: str, expected: bool
+) -> None:
     assert notifies(cfn, key) is expected
 
 

@@ -65,11 +65,10 @@ class QueueNotificationRule:
         return entry
 
 
-# S3 allows one suffix per rule, so each data-file suffix the loader accepts
-# (pgsnow.keys: .csv.gz, .csv, .parquet) gets its own rule. Mirrors template.yaml.
-DEFAULT_QUEUE_NOTIFICATIONS: tuple[QueueNotificationRule, ...] = tuple(
-    QueueNotificationRule(events=("s3:ObjectCreated:*",), prefix="staging/", suffix=suffix)
-    for suffix in (".csv.gz", ".csv", ".parquet")
+# Every object under the staging prefix: S3's suffix filters are case-sensitive, and the loader
+# takes FILE.CSV.GZ too (pgsnow.keys decides, in any case). Mirrors template.yaml.
+DEFAULT_QUEUE_NOTIFICATIONS: tuple[QueueNotificationRule, ...] = (
+    QueueNotificationRule(events=("s3:ObjectCreated:*",), prefix="staging/", suffix=None),
 )
 
 
