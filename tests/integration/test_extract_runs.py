@@ -432,13 +432,17 @@ def test_two_concurrent_runs_one_proceeds_one_is_refused(
 
 POLICY_CASES = [
     pytest.param("numeric", "NaN", "null", None, id="null-numeric-nan"),
-    pytest.param("numeric", "1e30", "null", None, id="null-numeric-too-large"),
+    # 1e38 and more fit no NUMBER(38, s); the column's scale is chosen from the other values (none: 10)
+    pytest.param("numeric", "1e38", "null", None, id="null-numeric-too-large"),
     pytest.param("timestamp", "infinity", "null", None, id="null-timestamp-infinity"),
-    pytest.param("numeric", "1e30", "clamp", "9" * 28 + "." + "9" * 10, id="clamp-numeric-too-large"),
+    pytest.param("numeric", "1e38", "clamp", "9" * 28 + "." + "9" * 10, id="clamp-numeric-too-large"),
     pytest.param(
         "numeric", "-Infinity", "clamp", "-" + "9" * 28 + "." + "9" * 10, id="clamp-numeric-minus-inf"
     ),
-    pytest.param("numeric", "1.123456789012", "clamp", "1.1234567890", id="clamp-numeric-rounds-to-scale-10"),
+    # 39 significant digits: the chosen scale, 37, leaves the integer digit its room; rounded to it
+    pytest.param(
+        "numeric", "1." + "1" * 38, "clamp", "1." + "1" * 37, id="clamp-numeric-rounds-to-38-digits"
+    ),
     pytest.param("numeric", "NaN", "clamp", None, id="clamp-numeric-nan-is-null"),
     pytest.param(
         "timestamp", "infinity", "clamp", "9999-12-31 23:59:59.999999", id="clamp-timestamp-infinity"
