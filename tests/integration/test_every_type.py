@@ -20,6 +20,7 @@ import pytest
 from psycopg2 import sql
 
 from pgsnow.demo.compare import compare_table
+from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.keys import FileFormat
 from pgsnow.local.stack import SNOWFLAKE_DATABASE
@@ -298,3 +299,98 @@ def _snowflake_values(pipeline: PipelineHarness, table: TableRef) -> dict[str, t
         cur.execute(f'SELECT {", ".join(quote_ident(n.upper()) for n in names)} FROM {target} ORDER BY "ID"')
         rows = cur.fetchall()
     return {name: tuple(row[i] for row in rows) for i, name in enumerate(names)}
+
+
+# --- unbounded numeric: the scale comes from the data -------------------------------------------------
+
+RATIO = Decimal("0.14285714285714285714")  # numeric(10,2) 1.00 / 7: 20 digits after the point
+FINER = Decimal("0.1234567890123456789012345")  # 25 digits after the point
+
+
+def _held_numbers(pipeline: PipelineHarness, table: TableRef) -> dict[int, Decimal]:
+    target = quote_qualified(SNOWFLAKE_DATABASE, table.snowflake_schema, table.snowflake_table)
+    with pipeline.sf_conn.cursor() as cur:
+        cur.execute(f'SELECT "ID", "V" FROM {target}')
+        return {int(key): value for key, value in cur.fetchall()}
+
+
+def _snowflake_number_type(pipeline: PipelineHarness, table: TableRef) -> tuple[int, int]:
+    with pipeline.sf_conn.cursor() as cur:
+        cur.execute(
+            'SELECT "NUMERIC_PRECISION", "NUMERIC_SCALE" FROM '
+            f'{quote_ident(SNOWFLAKE_DATABASE)}."INFORMATION_SCHEMA"."COLUMNS" '
+            'WHERE "TABLE_SCHEMA" = %s AND "TABLE_NAME" = %s AND "COLUMN_NAME" = \'V\'',
+            (table.snowflake_schema, table.snowflake_table),
+        )
+        precision, scale = cur.fetchone()
+    return int(precision), int(scale)
+
+
+def _replicate(pipeline: PipelineHarness, table: TableRef, file_format: FileFormat, **options: str) -> Any:
+    manifest = pipeline.extract(
+        table,
+        file_format,
+        PGSNOW_TABLE_OPTIONS=json.dumps({table.qualified: {"write_mode": "merge", **options}}),
+    )
+    recorder, dispatcher = pipeline.loader()
+    dispatcher.run_until_idle()
+    assert [d for d in recorder.deliveries if d.failed] == []
+    return manifest
+
+
+@pytest.mark.parametrize("file_format", [FileFormat.CSV, FileFormat.PARQUET], ids=["csv", "parquet"])
+def test_unbounded_numeric_gets_its_scale_from_the_first_run_and_keeps_it(
+    pipeline: PipelineHarness, file_format: FileFormat
+) -> None:
+    """Expected: a computed ratio with 20 decimals loads exactly into the NUMBER(38,20) the first
+    run chose; a later run whose value needs scale 25 is refused by default (naming the key), is
+    rounded to the kept scale under clamp (and verify names that row), and a replace run, which
+    creates the table anew, chooses scale 25 and loads it exactly."""
+    # Given an unbounded numeric column holding numeric(10,2) 1.00 / 7
+    table = pipeline.table(f"ratio_{file_format.value}")
+    pipeline.create_table(table, "id integer PRIMARY KEY, v numeric", "VALUES (1, 1.00::numeric(10,2) / 7)")
+
+    # When its first run is replicated
+    first = _replicate(pipeline, table, file_format)
+
+    # Then the column is NUMBER(38,20) and holds the ratio exactly; verify agrees
+    assert [c.snowflake_type for c in first.columns if c.name == "v"] == ["NUMBER(38,20)"]
+    assert _snowflake_number_type(pipeline, table) == (38, 20)
+    assert _held_numbers(pipeline, table) == {1: RATIO}
+    assert pipeline.verify(table).ok
+
+    # Given a later row needing scale 25
+    pipeline.run_sql(
+        sql.SQL("INSERT INTO {} VALUES (2, %s)").format(sql.Identifier(table.schema, table.table)), (FINER,)
+    )
+
+    # When the next run extracts it with the default policy, it is refused, naming the key
+    with pytest.raises(PermanentError) as refused:
+        pipeline.extract(
+            table, file_format, PGSNOW_TABLE_OPTIONS=json.dumps({table.qualified: {"write_mode": "merge"}})
+        )
+    assert "digits beyond scale 20" in refused.value.message and "(id)=(2)" in refused.value.message
+    assert _held_numbers(pipeline, table) == {1: RATIO}
+
+    # When it runs under clamp, the value is rounded to the kept scale, and verify names that row
+    clamped = _replicate(pipeline, table, file_format, value_policy="clamp")
+    assert [c.snowflake_type for c in clamped.columns if c.name == "v"] == ["NUMBER(38,20)"]
+    assert _held_numbers(pipeline, table) == {1: RATIO, 2: round(FINER, 20)}
+    differing = pipeline.verify(table)
+    assert not differing.ok and differing.missing == [] and differing.extra == []
+    assert len(differing.different) == 1 and "2" in differing.different[0]
+
+    # When a replace run recreates the table, the scale is chosen anew and both values are exact
+    replaced = _replicate(pipeline, table, file_format, write_mode="replace")
+    assert [c.snowflake_type for c in replaced.columns if c.name == "v"] == ["NUMBER(38,25)"]
+    assert _snowflake_number_type(pipeline, table) == (38, 25)
+    assert _held_numbers(pipeline, table) == {1: RATIO, 2: FINER}
+    assert pipeline.verify(table).ok
+
+
+def test_unbounded_numeric_of_an_empty_first_run_gets_scale_10(pipeline: PipelineHarness) -> None:
+    """Expected: with no value to choose from, the documented default NUMBER(38,10)."""
+    table = pipeline.table("ratio_empty")
+    pipeline.create_table(table, "id integer PRIMARY KEY, v numeric")
+    manifest = pipeline.extract(table)
+    assert [c.snowflake_type for c in manifest.columns if c.name == "v"] == ["NUMBER(38,10)"]
