@@ -18,7 +18,7 @@ from typing import Any
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef, check_no_collisions, snowflake_name
 from pgsnow.keys import FileFormat
-from pgsnow.typemap import SnowflakeType, TypeShape, ValueKind
+from pgsnow.typemap import SnowflakeType, TypeShape, ValueKind, scale_from_data
 
 MANIFEST_VERSION = 1
 
@@ -54,8 +54,9 @@ class Column:
 
     @property
     def is_unbounded_numeric(self) -> bool:
-        """An unbounded ``numeric``: its scale is chosen from the data (docs/type-mapping.md)."""
-        return self.kind is ValueKind.DECIMAL and self.base_type == "numeric"
+        """An unbounded ``numeric`` (or one wider than 38 digits): its scale is chosen from the data
+        (docs/type-mapping.md)."""
+        return self.kind is ValueKind.DECIMAL and scale_from_data(self.base_type)
 
     @classmethod
     def from_types(cls, name: str, pg_type: str, base_type: str, sf: SnowflakeType, nullable: bool) -> Column:

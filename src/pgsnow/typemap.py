@@ -13,8 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from pgsnow.errors import PermanentError
-
 
 class ValueKind(StrEnum):
     """How a value is encoded in staged files; the loader converts from this."""
@@ -192,14 +190,11 @@ def map_pg_type(
         return SnowflakeType(ValueKind.JSON, "VARIANT", shape=TypeShape.COMPOSITE)
     if extension is not None:
         return _EXTENSION.get((extension, type_name or t), _FALLBACK)
+    if scale_from_data(t):
+        return unbounded_numeric_type(UNBOUNDED_NUMERIC_SCALE)
     if m := _NUMERIC.match(t):
         precision, scale = int(m.group(1)), int(m.group(2))
-        if precision > 38:
-            raise PermanentError(f"numeric({precision},{scale}) has more than Snowflake's 38 digits")
         return SnowflakeType(ValueKind.DECIMAL, f"NUMBER({precision},{scale})", precision, scale)
-    if t == "numeric":
-        p, s = UNBOUNDED_NUMERIC_PRECISION, UNBOUNDED_NUMERIC_SCALE
-        return SnowflakeType(ValueKind.DECIMAL, f"NUMBER({p},{s})", p, s)
     unmodified = _TYPMOD.sub("", t)
     if found := _BUILTIN.get(unmodified):
         return found
@@ -209,6 +204,16 @@ def map_pg_type(
 
 
 _FALLBACK = SnowflakeType(ValueKind.TEXT, "VARCHAR", shape=TypeShape.FALLBACK)
+
+
+def scale_from_data(base_type: str) -> bool:
+    """Unbounded ``numeric``, or ``numeric(p,s)`` wider than Snowflake's 38 digits: NUMBER(38, s)
+    with the scale chosen from the data (its values may well fit 38 digits)."""
+    t = base_type.strip().lower().replace(", ", ",")
+    if t == "numeric":
+        return True
+    m = _NUMERIC.match(t)
+    return m is not None and int(m.group(1)) > UNBOUNDED_NUMERIC_PRECISION
 
 
 def unbounded_numeric_type(scale: int) -> SnowflakeType:
