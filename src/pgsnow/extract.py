@@ -79,7 +79,6 @@ from pgsnow.postgres import (
     estimate_rows,
     next_chunk_end,
     read_safe_point,
-    type_warnings,
     with_numeric_scales,
 )
 from pgsnow.staging import get_manifest, key_list_key, put_data_file, put_manifest
@@ -805,7 +804,7 @@ def _start_run(
     schema = choose_numeric_scales(
         pg_conn, schema, condition, params, kept=_kept_numeric_scales(store, table, options)
     )
-    warnings = type_warnings(schema)
+    warnings = schema.warnings
     for warning in warnings:
         logger.warning(warning, extra={"run_id": run_id, "table": table.qualified, "reason": "type_fallback"})
     # Key and cursor values are what chunks resume from: they must stage unchanged under any policy.

@@ -147,6 +147,8 @@ class TableSchema:
     primary_key: tuple[str, ...]
     estimated_rows: int | None  # pg_class.reltuples; None when never analysed
     relkind: str = "r"  # pg_class.relkind: r table, p partitioned, v view, m matview, f foreign
+    # Columns whose type (or array element type) is not in the type contract, staged as text.
+    warnings: tuple[str, ...] = ()
 
     @property
     def has_ctid(self) -> bool:
@@ -190,6 +192,14 @@ SELECT a.attname,
        (SELECT x.extname FROM pg_catalog.pg_depend d
           JOIN pg_catalog.pg_extension x ON x.oid = d.refobjid
          WHERE d.classid = 'pg_catalog.pg_type'::regclass AND d.objid = b.typid
+           AND d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.deptype = 'e'
+         LIMIT 1),
+       -- an array's element, when it is a base type: its values are staged as to_jsonb renders them
+       CASE WHEN et.typtype = 'b' THEN pg_catalog.format_type(et.oid, NULL) END,
+       CASE WHEN et.typtype = 'b' THEN et.typname::text END,
+       (SELECT x.extname FROM pg_catalog.pg_depend d
+          JOIN pg_catalog.pg_extension x ON x.oid = d.refobjid
+         WHERE d.classid = 'pg_catalog.pg_type'::regclass AND d.objid = et.oid AND et.typtype = 'b'
            AND d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.deptype = 'e'
          LIMIT 1)
 FROM pg_catalog.pg_attribute a
@@ -236,28 +246,32 @@ def describe_table(conn: SupportsExecute, table: TableRef) -> TableSchema:
         raise PermanentError(f"table {table.qualified!r} has no columns", table=table.qualified)
     check_no_collisions((r[0] for r in rows), what="column", table=table.qualified)
     columns = []
-    for name, pg_type, base_type, nullable, type_name, typtype, extension in rows:
-        try:
-            snowflake_type = map_pg_type(base_type, type_name=type_name, typtype=typtype, extension=extension)
-        except PermanentError as exc:
-            raise PermanentError(f"column {name!r}: {exc.message}", table=table.qualified) from exc
+    warnings = []
+    for row in rows:
+        name, pg_type, base_type, nullable, type_name, typtype, extension = row[:7]
+        element_type, element_name, element_extension = row[7:]
+        snowflake_type = map_pg_type(base_type, type_name=type_name, typtype=typtype, extension=extension)
         columns.append(Column.from_types(name, pg_type, base_type, snowflake_type, bool(nullable)))
+        if snowflake_type.shape is TypeShape.FALLBACK:
+            warnings.append(
+                f"column {name!r} of {table.qualified} has type {base_type!r}, which is not in pgsnow's "
+                "type contract: it is staged as its PostgreSQL text output in a VARCHAR"
+            )
+        elif element_type is not None:
+            element = map_pg_type(element_type, type_name=element_name, extension=element_extension)
+            if element.shape is TypeShape.FALLBACK:
+                warnings.append(
+                    f"column {name!r} of {table.qualified} is an array of {element_type!r}, which is not "
+                    "in pgsnow's type contract: its elements are staged as their PostgreSQL text output "
+                    "in a VARIANT array"
+                )
     return TableSchema(
         table=table,
         columns=tuple(columns),
         primary_key=primary_key,
         estimated_rows=int(reltuples) if reltuples is not None and reltuples >= 0 else None,
         relkind=str(relkind),
-    )
-
-
-def type_warnings(schema: TableSchema) -> tuple[str, ...]:
-    """One warning per column whose type is not in the type contract (staged as its text output)."""
-    return tuple(
-        f"column {c.name!r} of {schema.table.qualified} has type {c.base_type!r}, which is not in "
-        "pgsnow's type contract: it is staged as its PostgreSQL text output in a VARCHAR"
-        for c in schema.columns
-        if c.shape is TypeShape.FALLBACK
+        warnings=tuple(warnings),
     )
 
 

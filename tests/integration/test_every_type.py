@@ -46,7 +46,7 @@ COLUMNS = f"""
     tsv_arr tsvector[], pt_arr point[], vbit_arr bit varying[],
     i4r int4range, i8r int8range, nr numrange, dr daterange, tsr tsrange, tstzr tstzrange,
     i4mr int4multirange, nmr nummultirange, dmr datemultirange, tstzmr tstzmultirange,
-    hs public.hstore, comp {{schema}}.{COMPOSITE}, unknown public.cube
+    hs public.hstore, comp {{schema}}.{COMPOSITE}, unknown public.cube, unknown_arr public.cube[]
 """
 
 # Row 1 ordinary values; row 2 the edges (empty ranges and multiranges, unbounded and infinite
@@ -64,7 +64,7 @@ VALUES
   '[2024-01-01 10:00+02,infinity)',
   '{[1,3),[5,7)}', '{[1.5,2.5]}', '{[2024-01-01,2024-02-01)}', '{[2024-01-01 00:00+00,2024-01-02 00:00+00)}',
   'a=>1, b=>NULL, ""=>"empty key"', ROW('label, "quoted"', 1.5, '2024-01-01 00:00+00', '[1,5)', '{x,y}'),
-  '(1,2,3)'),
+  '(1,2,3)', ARRAY['(1,2)'::public.cube, NULL]),
  (2, -32768, -99999999.99, -12345678.123456789012345678, 'NaN', '', '0001-01-01', '2024-10-27 01:00:00+00',
   'null', '\x',
   '', 'x:*', '', B'0000', B'', '(-1.5,0)', '{0,1,-2}', '[(1,1),(1,1)]', '(0,0),(0,0)', '((0,0),(1,1))',
@@ -72,10 +72,10 @@ VALUES
   '{}', '{}', '{}',
   'empty', '(,)', '(-1e30,1e-20]', '[-infinity,infinity]', '(,2024-01-01)', 'empty',
   '{}', '{(,)}', '{[2024-01-01,2024-01-02),[2024-01-05,)}', '{}',
-  '', ROW(NULL, NULL, NULL, NULL, NULL), '(1),(2)'),
+  '', ROW(NULL, NULL, NULL, NULL, NULL), '(1),(2)', '{}'),
  (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
   NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-  NULL, NULL, NULL, NULL, NULL, NULL, NULL)
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)
 """
 
 
@@ -176,6 +176,7 @@ EXPECTED: dict[str, tuple[Any, Any, Any]] = {
         None,
     ),
     "unknown": ("(1, 2, 3)", "(1),(2)", None),
+    "unknown_arr": (["(1, 2)", None], [], None),
 }
 
 SNOWFLAKE_TYPES = {
@@ -185,7 +186,7 @@ SNOWFLAKE_TYPES = {
     ),
     **dict.fromkeys(["o", "rc", "lsn", "mac8", "ch", "unknown"], "TEXT"),
     **dict.fromkeys(["tsv_arr", "pt_arr", "vbit_arr", "i4r", "i8r", "nr", "dr", "tsr", "tstzr"], "VARIANT"),
-    **dict.fromkeys(["i4mr", "nmr", "dmr", "tstzmr", "hs", "comp"], "VARIANT"),
+    **dict.fromkeys(["i4mr", "nmr", "dmr", "tstzmr", "hs", "comp", "unknown_arr"], "VARIANT"),
 }
 
 
@@ -247,14 +248,13 @@ def test_a_column_of_every_type_replicates_and_verifies(
     recorder, dispatcher = pipeline.loader()
     dispatcher.run_until_idle()
 
-    # Then the one type outside the contract is named in the manifest's warnings and in the logs
-    assert (
-        len(manifest.warnings) == 1
-        and "'unknown'" in manifest.warnings[0]
-        and "'cube'" in manifest.warnings[0]
-    )
+    # Then the type outside the contract (and the array of it) is named in the manifest's warnings
+    # and in the logs
+    assert len(manifest.warnings) == 2
+    assert "column 'unknown'" in manifest.warnings[0] and "'cube'" in manifest.warnings[0]
+    assert "column 'unknown_arr'" in manifest.warnings[1] and "array of 'cube'" in manifest.warnings[1]
     warned = {(r.name, r.levelno, r.getMessage()) for r in every_log_record.records}
-    assert (SERVICE, logging.WARNING, manifest.warnings[0]) in warned
+    assert {(SERVICE, logging.WARNING, w) for w in manifest.warnings} <= warned
     # and the unbounded numeric column got the scale its values need
     assert next(c for c in manifest.columns if c.name == "ratio").snowflake_type == "NUMBER(38,20)"
     # and every file loaded, and verify finds the copy identical
