@@ -147,6 +147,25 @@ _BUILTIN: Mapping[str, SnowflakeType] = {
     ),
 }
 
+# The same types by their short SQL spellings and catalog names (format_type() never prints
+# these, but callers naming a type by hand do: map_pg_type("timestamptz")).
+_BUILTIN_ALIASES: Mapping[str, str] = {
+    "int": "integer",
+    "int2": "smallint",
+    "int4": "integer",
+    "int8": "bigint",
+    "float4": "real",
+    "float8": "double precision",
+    "bool": "boolean",
+    "varchar": "character varying",
+    "char": "character",
+    "time": "time without time zone",
+    "timetz": "time with time zone",
+    "timestamp": "timestamp without time zone",
+    "timestamptz": "timestamp with time zone",
+    "varbit": "bit varying",
+}
+
 # Extension types, by (extension, type name). When the caller does not say which extension
 # owns a type (format_type() strings in tests), the name alone is looked up.
 _EXTENSION: Mapping[tuple[str, str], SnowflakeType] = {
@@ -196,7 +215,7 @@ def map_pg_type(
         precision, scale = int(m.group(1)), int(m.group(2))
         return SnowflakeType(ValueKind.DECIMAL, f"NUMBER({precision},{scale})", precision, scale)
     unmodified = _TYPMOD.sub("", t)
-    if found := _BUILTIN.get(unmodified):
+    if found := _BUILTIN.get(_BUILTIN_ALIASES.get(unmodified, unmodified)):
         return found
     if type_name is None and (found := _EXTENSION_BY_NAME.get(unmodified)):
         return found

@@ -206,3 +206,21 @@ def test_manifest_warnings_round_trip_and_older_manifests_have_none() -> None:
     older = json.loads(manifest.to_json())
     del older["warnings"]
     assert RunManifest.from_json(json.dumps(older)).warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("spelling", "same_as"),
+    [
+        ("time", "time without time zone"),
+        ("time(3)", "time without time zone"),
+        ("timestamptz", "timestamp with time zone"),
+        ("timestamp(6)", "timestamp without time zone"),
+        ("int", "integer"),
+        ("int8", "bigint"),
+        ("float8", "double precision"),
+        ("varchar(10)", "character varying"),
+        ("bool", "boolean"),
+    ],
+)
+def test_short_spellings_map_like_format_type_names(spelling: str, same_as: str) -> None:
+    assert map_pg_type(spelling) == map_pg_type(same_as)
