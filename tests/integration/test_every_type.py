@@ -4,8 +4,12 @@ extension type it does not), replicated in CSV and Parquet through the whole loc
 Each format's copy must satisfy ``pgsnow verify``, the demo's cell-by-cell comparison (every
 cell, read back through the connector), and this module's own expectations: what Snowflake holds
 for the new types, written out here by hand from docs/type-mapping.md, so a mapping that both
-sides got wrong the same way is still caught. The extensions (hstore, ltree, and cube, which the
-contract does not name: "an extension type installed later") come from PostgreSQL's contrib.
+sides got wrong the same way is still caught. The extension types (hstore, ltree, and cube, which
+the contract does not name: "an extension type installed later") come from PostgreSQL's contrib;
+the built-in types also run without them, so a server without contrib still proves those.
+
+The unbounded-numeric tests show the scale chosen from the data, kept by later runs, and chosen
+anew by a replace run.
 """
 
 from __future__ import annotations
