@@ -187,7 +187,8 @@ def _pg_select_list(columns: Sequence[ComparedColumn]) -> sql.Composed:
         ident = sql.Identifier(column.name)
         if column.kind is ValueKind.JSON and column.shape is not TypeShape.SCALAR:
             items.append(sql.SQL("({})::text").format(json_document(column.shape, ident)))
-        elif column.kind is ValueKind.JSON or (column.kind is ValueKind.TEXT and not column.is_character):
+        elif column.kind in {ValueKind.JSON, ValueKind.TEXT}:
+            # ::text as the extractor stages it: char(n) without its blank padding, other types' text
             items.append(sql.SQL("{}::text").format(ident))
         else:
             items.append(ident)
