@@ -296,6 +296,49 @@ def test_deadline_stops_after_each_file_and_continuations_finish_the_run_exactly
     assert StateStore(s3, bucket).current_lease(table) is None
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_continuations_keep_the_numeric_scale_the_run_chose(
+    admin: Any, schema_name: str, s3: Any, bucket: str, handler_env: Any, fmt: str
+) -> None:
+    # Given an unbounded numeric column of ratios with 20 decimals, staged over several invocations
+    table = new_table(admin, schema_name, "ratios", "id integer PRIMARY KEY, v numeric")
+    with admin.cursor() as cur:
+        cur.execute(
+            sql.SQL("INSERT INTO {} SELECT g, g::numeric(10,2) / 7 FROM generate_series(1, 9) g").format(
+                sql.Identifier(table.schema, table.table)
+            )
+        )
+    handler, module = handler_env(
+        table,
+        EXTRACT_CHUNK_ROWS="4",
+        EXTRACT_BATCH_ROWS="4",
+        EXTRACT_DEADLINE_MARGIN_S="60",
+        S3_FILE_FORMAT=fmt,
+    )
+    continuations: list[dict[str, str]] = []
+    module.continuation_invoker = continuations.append
+    try:
+        # When the run stops before its deadline after each file and its continuations resume it
+        results = [handler({"schema_name": table.schema, "table_name": table.table}, short_context(30))]
+        while continuations:
+            results.append(handler(continuations.pop(0), short_context(30)))
+    finally:
+        module.continuation_invoker = None
+
+    # Then every continuation resumed the same run with the scale its first invocation chose
+    assert len(results) > 2 and results[-1]["state"] == "staged"
+    manifest = get_manifest(s3, bucket, table, results[0]["run_id"])
+    assert [c.snowflake_type for c in manifest.columns if c.name == "v"] == ["NUMBER(38,20)"]
+    # and every value is staged exactly as PostgreSQL holds it
+    with admin.cursor() as cur:
+        cur.execute(
+            sql.SQL("SELECT v::text FROM {} ORDER BY id").format(sql.Identifier(table.schema, table.table))
+        )
+        source = [Decimal(v) for (v,) in cur.fetchall()]
+    assert max(-v.as_tuple().exponent for v in source) == 20  # type: ignore[operator]
+    assert [Decimal(str(r["v"])) for r in staged_rows(s3, bucket, manifest)] == source
+
+
 def test_interrupted_run_is_resumed_by_the_next_invocation_with_the_same_keys(
     admin: Any,
     schema_name: str,
