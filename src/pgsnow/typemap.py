@@ -167,7 +167,8 @@ _BUILTIN_ALIASES: Mapping[str, str] = {
 }
 
 # Extension types, by (extension, type name). When the caller does not say which extension
-# owns a type (format_type() strings in tests), the name alone is looked up.
+# owns a type (format_type() strings in tests), the name alone is looked up. A type whose
+# Snowflake type depends on its modifier (e.g. vector(3)) finds it in ``base_type``.
 _EXTENSION: Mapping[tuple[str, str], SnowflakeType] = {
     ("citext", "citext"): _TEXT,
     ("hstore", "hstore"): SnowflakeType(ValueKind.JSON, "VARIANT", shape=TypeShape.HSTORE),
@@ -182,7 +183,6 @@ TYPTYPE_BASE = "b"
 TYPTYPE_RANGE = "r"
 TYPTYPE_MULTIRANGE = "m"
 TYPTYPE_COMPOSITE = "c"
-TYPTYPE_PSEUDO = "p"
 
 
 def map_pg_type(
