@@ -61,8 +61,10 @@ class SnowflakeType:
 UNBOUNDED_NUMERIC_PRECISION = 38
 UNBOUNDED_NUMERIC_SCALE = 10
 
-_NUMERIC = re.compile(r"^numeric\((\d+),(\d+)\)$")
-_TYPMOD = re.compile(r"\(\d+(?:,\d+)?\)")
+# PostgreSQL 15+ also allows a negative scale (numeric(5,-2): multiples of 100) and a scale
+# above the precision (numeric(3,5): below 0.001).
+_NUMERIC = re.compile(r"^numeric\((\d+),(-?\d+)\)$")
+_TYPMOD = re.compile(r"\(\d+(?:,-?\d+)?\)")
 
 _INTEGER = SnowflakeType(ValueKind.INTEGER, "NUMBER(38,0)", 38, 0)
 _FLOAT = SnowflakeType(ValueKind.FLOAT, "FLOAT")
@@ -212,7 +214,7 @@ def map_pg_type(
     if scale_from_data(t):
         return unbounded_numeric_type(UNBOUNDED_NUMERIC_SCALE)
     if m := _NUMERIC.match(t):
-        precision, scale = int(m.group(1)), int(m.group(2))
+        precision, scale = _number_shape(int(m.group(1)), int(m.group(2)))
         return SnowflakeType(ValueKind.DECIMAL, f"NUMBER({precision},{scale})", precision, scale)
     unmodified = _TYPMOD.sub("", t)
     if found := _BUILTIN.get(_BUILTIN_ALIASES.get(unmodified, unmodified)):
@@ -225,6 +227,17 @@ def map_pg_type(
 _FALLBACK = SnowflakeType(ValueKind.TEXT, "VARCHAR", shape=TypeShape.FALLBACK)
 
 
+def _number_shape(precision: int, scale: int) -> tuple[int, int]:
+    """The NUMBER(p, s) that holds every value of numeric(precision, scale) exactly.
+
+    Snowflake wants 0 <= s <= p: a negative scale holds integers of precision - scale digits,
+    a scale above the precision needs that many digits after the point.
+    """
+    if scale < 0:
+        return precision - scale, 0
+    return max(precision, scale), scale
+
+
 def scale_from_data(base_type: str) -> bool:
     """Unbounded ``numeric``, or ``numeric(p,s)`` wider than Snowflake's 38 digits: NUMBER(38, s)
     with the scale chosen from the data (its values may well fit 38 digits)."""
@@ -232,7 +245,7 @@ def scale_from_data(base_type: str) -> bool:
     if t == "numeric":
         return True
     m = _NUMERIC.match(t)
-    return m is not None and int(m.group(1)) > UNBOUNDED_NUMERIC_PRECISION
+    return m is not None and _number_shape(int(m.group(1)), int(m.group(2)))[0] > UNBOUNDED_NUMERIC_PRECISION
 
 
 def unbounded_numeric_type(scale: int) -> SnowflakeType:

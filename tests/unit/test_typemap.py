@@ -29,6 +29,10 @@ BUILT_IN = [
     # scale chosen from the data at the table's first run (pgsnow.postgres.choose_numeric_scales)
     ("numeric", "numeric", (ValueKind.DECIMAL, "NUMBER(38,10)", TypeShape.SCALAR)),
     ("numeric(40,2)", "numeric", (ValueKind.DECIMAL, "NUMBER(38,10)", TypeShape.SCALAR)),
+    # PostgreSQL 15+: a negative scale holds integers, a scale above the precision small fractions
+    ("numeric(5,-2)", "numeric", (ValueKind.DECIMAL, "NUMBER(7,0)", TypeShape.SCALAR)),
+    ("numeric(3,5)", "numeric", (ValueKind.DECIMAL, "NUMBER(5,5)", TypeShape.SCALAR)),
+    ("numeric(38,-2)", "numeric", (ValueKind.DECIMAL, "NUMBER(38,10)", TypeShape.SCALAR)),
     ("real", "float4", (ValueKind.FLOAT, "FLOAT", TypeShape.SCALAR)),
     ("double precision", "float8", (ValueKind.FLOAT, "FLOAT", TypeShape.SCALAR)),
     ("boolean", "bool", (ValueKind.BOOLEAN, "BOOLEAN", TypeShape.SCALAR)),
@@ -171,6 +175,7 @@ def test_a_user_type_whose_name_starts_like_a_built_in_one_is_not_taken_for_it(b
 
 def test_scale_from_data_covers_unbounded_and_over_wide_numeric_only() -> None:
     assert scale_from_data("numeric") and scale_from_data("numeric(40, 2)")
+    assert scale_from_data("numeric(37,-2)")
     assert not scale_from_data("numeric(38,2)") and not scale_from_data("integer")
 
 
