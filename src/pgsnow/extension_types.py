@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from pgsnow.typemap import SnowflakeType, ValueKind
+from pgsnow.typemap import TEXT_COLUMN_LENGTH, SnowflakeType, ValueKind
 
 # Snowflake's VECTOR holds at most 4096 elements (docs: "Vector data types").
 SNOWFLAKE_MAX_VECTOR_DIMENSION = 4096
@@ -39,7 +39,7 @@ def map_extension_type(t: str) -> SnowflakeType | None:
     if t in {"vector", "halfvec"} or t.startswith("halfvec("):
         return SnowflakeType(ValueKind.JSON, "VARIANT")
     if t == "sparsevec" or t.startswith("sparsevec("):
-        return SnowflakeType(ValueKind.TEXT, "VARCHAR")
+        return SnowflakeType(ValueKind.TEXT, f"VARCHAR({TEXT_COLUMN_LENGTH})")
     if m := _SPATIAL.match(t):
         if m.group(1) == "geometry":
             return SnowflakeType(ValueKind.GEOMETRY, "GEOMETRY")

@@ -72,12 +72,14 @@ from pgsnow.postgres import (
     TableReader,
     TableSchema,
     check_values_fit,
+    choose_numeric_scales,
     classify_pg_error,
     csv_select,
     describe_table,
     estimate_rows,
     next_chunk_end,
     read_safe_point,
+    with_numeric_scales,
 )
 from pgsnow.schema_evolution import existing_from_published, plan_table_changes
 from pgsnow.staging import get_manifest, key_list_key, put_data_file, put_manifest
@@ -837,6 +839,17 @@ def _run_filter(
     return sql.SQL("{} >= %s").format(sql.Identifier(options.cursor_column)), (lower_cursor,)
 
 
+def _kept_numeric_scales(store: StateStore, table: TableRef, options: TableOptions) -> dict[str, int]:
+    """Scales the Snowflake table's NUMBER columns already have (Snowflake cannot change a column's
+    scale): from the table's last staged run, except for replace runs, which create a new table."""
+    if options.write_mode is WriteMode.REPLACE:
+        return {}
+    published = store.load_published_columns(table)
+    if published is None:
+        return {}
+    return {c.name: c.scale for c in published.columns if c.kind is ValueKind.DECIMAL and c.scale is not None}
+
+
 def _start_run(
     *,
     settings: Settings,
@@ -876,6 +889,12 @@ def _start_run(
     run_filter, filter_params = _run_filter(pg_conn, schema, options, lower_cursor)
     rows = RowRange(order_key, None, None, run_filter, filter_params)
     condition, params = rows.condition()
+    schema = choose_numeric_scales(
+        pg_conn, schema, condition, params, kept=_kept_numeric_scales(store, table, options)
+    )
+    warnings = schema.warnings
+    for warning in warnings:
+        logger.warning(warning, extra={"run_id": run_id, "table": table.qualified, "reason": "type_fallback"})
     # Key and cursor values are what chunks resume from: they must stage unchanged under any policy.
     check_values_fit(
         pg_conn,
@@ -911,6 +930,7 @@ def _start_run(
         watermark_before=watermark,
         write_mode=options.write_mode.value,
         deletes=options.deletes.value,
+        warnings=warnings,
     )
     run = _Run(
         settings,
@@ -955,7 +975,11 @@ def _resume_run(
     checkpoint: RunCheckpoint,
 ) -> tuple[_Run, RunManifest]:
     manifest = get_manifest(s3, settings.bucket, table, checkpoint.run_id)
-    schema = describe_table(pg_conn, table)
+    # The run staged its first files with the numeric scales it chose when it started.
+    schema = with_numeric_scales(
+        describe_table(pg_conn, table),
+        {c.name: c.scale for c in manifest.columns if c.is_unbounded_numeric and c.scale is not None},
+    )
     if schema.columns != manifest.columns or schema.primary_key != manifest.primary_key:
         raise PermanentError(
             f"the columns of {table.qualified} changed during run {checkpoint.run_id}; start a new run",

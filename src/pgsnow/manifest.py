@@ -18,7 +18,7 @@ from typing import Any
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef, check_no_collisions, snowflake_name
 from pgsnow.keys import FileFormat
-from pgsnow.typemap import SnowflakeType, ValueKind
+from pgsnow.typemap import SnowflakeType, TypeShape, ValueKind, scale_from_data
 
 MANIFEST_VERSION = 1
 
@@ -46,14 +46,21 @@ class Column:
     nullable: bool
     precision: int | None = None
     scale: int | None = None
+    shape: TypeShape = TypeShape.SCALAR  # how PostgreSQL builds the staged value (typemap.TypeShape)
 
     @property
     def snowflake_name(self) -> str:
         return snowflake_name(self.name)
 
+    @property
+    def is_unbounded_numeric(self) -> bool:
+        """An unbounded ``numeric`` (or one wider than 38 digits): its scale is chosen from the data
+        (docs/type-mapping.md)."""
+        return self.kind is ValueKind.DECIMAL and scale_from_data(self.base_type)
+
     @classmethod
     def from_types(cls, name: str, pg_type: str, base_type: str, sf: SnowflakeType, nullable: bool) -> Column:
-        return cls(name, pg_type, base_type, sf.kind, sf.sql, nullable, sf.precision, sf.scale)
+        return cls(name, pg_type, base_type, sf.kind, sf.sql, nullable, sf.precision, sf.scale, sf.shape)
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,9 @@ class RunManifest:
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     # Keys cleanup has claimed for removal (written before it deletes, so two cleanups never both do).
     cleaned: tuple[str, ...] = ()
+    # What the run staged in a way the user should know about, e.g. a column whose type is not in
+    # the type contract, staged as its text output (absent in manifests written before it existed).
+    warnings: tuple[str, ...] = ()
 
     @property
     def total_rows(self) -> int:
@@ -129,6 +139,7 @@ class RunManifest:
             "error": self.error,
             "timings": self.timings,
             "cleaned": list(self.cleaned),
+            "warnings": list(self.warnings),
         }
         return json.dumps(body, indent=2, sort_keys=False)
 
@@ -162,6 +173,7 @@ class RunManifest:
                 error=body.get("error"),
                 timings={str(k): float(v) for k, v in (body.get("timings") or {}).items()},
                 cleaned=tuple(str(k) for k in body.get("cleaned") or ()),
+                warnings=tuple(str(w) for w in body.get("warnings") or ()),
             )
         except PermanentError as exc:
             exc.s3_key = exc.s3_key or s3_key
@@ -171,8 +183,16 @@ class RunManifest:
 
 
 def column_to_json(column: Column) -> dict[str, Any]:
-    """A column as the manifest (and the table's published-columns state) writes it."""
-    return {**asdict(column), "kind": column.kind.value, "snowflake_name": column.snowflake_name}
+    """A column as the manifest (and the table's published-columns state) writes it.
+
+    ``shape`` is written only when it is not ``scalar``, so older readers' columns stay as they were.
+    """
+    body = {**asdict(column), "kind": column.kind.value, "snowflake_name": column.snowflake_name}
+    if column.shape is TypeShape.SCALAR:
+        del body["shape"]
+    else:
+        body["shape"] = column.shape.value
+    return body
 
 
 def column_from_json(body: dict[str, Any]) -> Column:
@@ -185,6 +205,7 @@ def column_from_json(body: dict[str, Any]) -> Column:
         nullable=bool(body["nullable"]),
         precision=body.get("precision"),
         scale=body.get("scale"),
+        shape=TypeShape(body.get("shape") or TypeShape.SCALAR),
     )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import psycopg2
@@ -32,7 +32,15 @@ from pgsnow.config import ValuePolicy
 from pgsnow.errors import PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef, check_no_collisions
 from pgsnow.manifest import Column
-from pgsnow.typemap import ValueKind, map_pg_type
+from pgsnow.pg_json import json_document
+from pgsnow.typemap import (
+    UNBOUNDED_NUMERIC_PRECISION,
+    UNBOUNDED_NUMERIC_SCALE,
+    TypeShape,
+    ValueKind,
+    map_pg_type,
+    unbounded_numeric_type,
+)
 
 Connection = psycopg2.extensions.connection
 
@@ -49,8 +57,6 @@ SESSION_SETTINGS: Mapping[str, str] = {
 
 # Snowflake DATE/TIMESTAMP hold years 1..9999; PostgreSQL also has BC years and infinity.
 MIN_YEAR, MAX_YEAR = 1, 9999
-# Unbounded numeric is staged as NUMBER(38,10): at most 28 integer digits.
-UNBOUNDED_NUMERIC_LIMIT = 10**28
 
 
 class SupportsExecute(Protocol):
@@ -142,6 +148,8 @@ class TableSchema:
     primary_key: tuple[str, ...]
     estimated_rows: int | None  # pg_class.reltuples; None when never analysed
     relkind: str = "r"  # pg_class.relkind: r table, p partitioned, v view, m matview, f foreign
+    # Columns whose type (or array element type) is not in the type contract, staged as text.
+    warnings: tuple[str, ...] = ()
 
     @property
     def has_ctid(self) -> bool:
@@ -178,7 +186,23 @@ SELECT a.attname,
        CASE WHEN bt.typtype = 'e' THEN 'text'
             WHEN et.typtype = 'e' THEN 'text[]'
             ELSE pg_catalog.format_type(b.typid, b.typmod) END,
-       NOT a.attnotnull
+       NOT a.attnotnull,
+       bt.typname,
+       CASE WHEN bt.typtype = 'e' THEN 'b' ELSE bt.typtype::text END,
+       -- the extension that owns the base type (citext, hstore, ltree...), NULL for built-in types
+       (SELECT x.extname FROM pg_catalog.pg_depend d
+          JOIN pg_catalog.pg_extension x ON x.oid = d.refobjid
+         WHERE d.classid = 'pg_catalog.pg_type'::regclass AND d.objid = b.typid
+           AND d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.deptype = 'e'
+         LIMIT 1),
+       -- an array's element, when it is a base type: its values are staged as to_jsonb renders them
+       CASE WHEN et.typtype = 'b' THEN pg_catalog.format_type(et.oid, NULL) END,
+       CASE WHEN et.typtype = 'b' THEN et.typname::text END,
+       (SELECT x.extname FROM pg_catalog.pg_depend d
+          JOIN pg_catalog.pg_extension x ON x.oid = d.refobjid
+         WHERE d.classid = 'pg_catalog.pg_type'::regclass AND d.objid = et.oid AND et.typtype = 'b'
+           AND d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.deptype = 'e'
+         LIMIT 1)
 FROM pg_catalog.pg_attribute a
 JOIN base b ON b.attnum = a.attnum
 JOIN pg_catalog.pg_type bt ON bt.oid = b.typid
@@ -223,19 +247,103 @@ def describe_table(conn: SupportsExecute, table: TableRef) -> TableSchema:
         raise PermanentError(f"table {table.qualified!r} has no columns", table=table.qualified)
     check_no_collisions((r[0] for r in rows), what="column", table=table.qualified)
     columns = []
-    for name, pg_type, base_type, nullable in rows:
-        try:
-            snowflake_type = map_pg_type(base_type)
-        except PermanentError as exc:
-            raise PermanentError(f"column {name!r}: {exc.message}", table=table.qualified) from exc
+    warnings = []
+    for row in rows:
+        name, pg_type, base_type, nullable, type_name, typtype, extension = row[:7]
+        element_type, element_name, element_extension = row[7:]
+        snowflake_type = map_pg_type(base_type, type_name=type_name, typtype=typtype, extension=extension)
         columns.append(Column.from_types(name, pg_type, base_type, snowflake_type, bool(nullable)))
+        if snowflake_type.shape is TypeShape.FALLBACK:
+            warnings.append(
+                f"column {name!r} of {table.qualified} has type {base_type!r}, which is not in pgsnow's "
+                "type contract: it is staged as its PostgreSQL text output in a VARCHAR"
+            )
+        elif element_type is not None:
+            element = map_pg_type(element_type, type_name=element_name, extension=element_extension)
+            if element.shape is TypeShape.FALLBACK:
+                warnings.append(
+                    f"column {name!r} of {table.qualified} is an array of {element_type!r}, which is not "
+                    "in pgsnow's type contract: its elements are staged as their PostgreSQL text output "
+                    "in a VARIANT array"
+                )
     return TableSchema(
         table=table,
         columns=tuple(columns),
         primary_key=primary_key,
         estimated_rows=int(reltuples) if reltuples is not None and reltuples >= 0 else None,
         relkind=str(relkind),
+        warnings=tuple(warnings),
     )
+
+
+# --- the scale of unbounded numeric columns ------------------------------------------------------
+
+
+def _staged_scale(col: Column) -> int:
+    return UNBOUNDED_NUMERIC_SCALE if col.scale is None else col.scale
+
+
+def with_numeric_scales(schema: TableSchema, scales: Mapping[str, int]) -> TableSchema:
+    """The schema with these unbounded numeric columns given these NUMBER(38, s) scales."""
+    columns = tuple(
+        replace(
+            c,
+            snowflake_type=(mapped := unbounded_numeric_type(scales[c.name])).sql,
+            precision=mapped.precision,
+            scale=mapped.scale,
+        )
+        if c.is_unbounded_numeric and c.name in scales
+        else c
+        for c in schema.columns
+    )
+    return replace(schema, columns=columns)
+
+
+def choose_numeric_scales(
+    conn: SupportsExecute,
+    schema: TableSchema,
+    where: sql.Composable | None = None,
+    params: Sequence[Any] = (),
+    *,
+    kept: Mapping[str, int] | None = None,
+) -> TableSchema:
+    """Give every unbounded numeric column its NUMBER(38, s) scale.
+
+    A column in ``kept`` keeps that scale (the Snowflake table was created with it, and
+    Snowflake cannot change a column's scale). Any other is chosen from the values the run
+    stages (``where``), in one scan: the most digits after the point any value needs (trailing
+    zeros do not count), at least UNBOUNDED_NUMERIC_SCALE, and at most what leaves room for
+    the largest value's integer digits (values of 1e38 or more cannot fit any NUMBER and are
+    left to the value rules). Without a value to choose from, UNBOUNDED_NUMERIC_SCALE.
+    """
+    kept = kept or {}
+    chosen = dict(kept)
+    measured = [c for c in schema.columns if c.is_unbounded_numeric and c.name not in kept]
+    if measured:
+        aggregates = []
+        for col in measured:
+            ident = sql.Identifier(col.name)
+            # NaN sorts above Infinity: this keeps the finite values below 1e38 only.
+            fits = sql.SQL("abs({}) < {}").format(ident, sql.Literal(10**UNBOUNDED_NUMERIC_PRECISION))
+            aggregates.append(sql.SQL("max(min_scale({})) FILTER (WHERE {})").format(ident, fits))
+            aggregates.append(
+                sql.SQL("max(length(trunc(abs({}))::text)) FILTER (WHERE {} AND abs({}) >= 1)").format(
+                    ident, fits, ident
+                )
+            )
+        query = sql.SQL("SELECT {} FROM {}").format(
+            sql.SQL(", ").join(aggregates), sql.Identifier(schema.table.schema, schema.table.table)
+        )
+        if where is not None:
+            query = sql.SQL("{} WHERE {}").format(query, where)
+        with conn.cursor() as cur:
+            cur.execute(query, tuple(params) or None)
+            found = cur.fetchone()
+        for index, col in enumerate(measured):
+            needed_scale, integer_digits = found[2 * index], found[2 * index + 1]
+            scale = max(UNBOUNDED_NUMERIC_SCALE, int(needed_scale or 0))
+            chosen[col.name] = min(scale, UNBOUNDED_NUMERIC_PRECISION - int(integer_digits or 0))
+    return with_numeric_scales(schema, chosen)
 
 
 # --- checking values Snowflake cannot hold ---------------------------------------------------------
@@ -254,8 +362,14 @@ class _ValueRule:
 
 
 _NULL = sql.SQL("NULL")
-# The greatest magnitude NUMBER(38,10) holds: 28 nines, the point, 10 nines.
-_UNBOUNDED_NUMERIC_MAX = "9" * 28 + "." + "9" * 10
+
+
+def _number_max(scale: int) -> str:
+    """The greatest magnitude NUMBER(38, scale) holds: 38 - scale nines, the point, scale nines."""
+    integer = "9" * (UNBOUNDED_NUMERIC_PRECISION - scale) or "0"
+    return integer + ("." + "9" * scale if scale else "")
+
+
 _CLAMP_RANGES: Mapping[ValueKind, tuple[str, str, str]] = {
     ValueKind.DATE: ("date", "0001-01-01", "9999-12-31"),
     ValueKind.TIMESTAMP: ("timestamp", "0001-01-01 00:00:00", "9999-12-31 23:59:59.999999"),
@@ -345,13 +459,17 @@ def _value_rules(schema: TableSchema) -> list[_ValueRule]:
                     _NULL,  # NaN has no nearest number
                 )
             )
-            if col.base_type == "numeric":
-                limit = sql.Literal(_UNBOUNDED_NUMERIC_MAX)
+            if col.is_unbounded_numeric:
+                scale = _staged_scale(col)
+                staged_as = f"NUMBER({UNBOUNDED_NUMERIC_PRECISION},{scale})"
+                integer_digits = UNBOUNDED_NUMERIC_PRECISION - scale
+                limit = sql.Literal(_number_max(scale))
                 rules.append(
                     _ValueRule(
                         col.name,
-                        "a value of 1e28 or more in magnitude (unbounded numeric is staged as NUMBER(38,10))",
-                        sql.SQL("abs({}) >= {}").format(ident, sql.Literal(UNBOUNDED_NUMERIC_LIMIT)),
+                        f"a value of 1e{integer_digits} or more in magnitude (this unbounded numeric "
+                        f"column is staged as {staged_as})",
+                        sql.SQL("abs({}) >= {}").format(ident, sql.Literal(10**integer_digits)),
                         sql.SQL("CASE WHEN {0} > 0 THEN {1}::numeric ELSE -{1}::numeric END").format(
                             ident, limit
                         ),
@@ -360,9 +478,10 @@ def _value_rules(schema: TableSchema) -> list[_ValueRule]:
                 rules.append(
                     _ValueRule(
                         col.name,
-                        "digits beyond scale 10 (unbounded numeric is staged as NUMBER(38,10); never rounded)",
-                        sql.SQL("{0} <> round({0}, {1})").format(ident, sql.Literal(10)),
-                        sql.SQL("round({}, {})").format(ident, sql.Literal(10)),
+                        f"digits beyond scale {scale} (this unbounded numeric column is staged as "
+                        f"{staged_as}, its scale chosen when the table was first created; never rounded)",
+                        sql.SQL("{0} <> round({0}, {1})").format(ident, sql.Literal(scale)),
+                        sql.SQL("round({}, {})").format(ident, sql.Literal(scale)),
                     )
                 )
         elif col.kind in _CLAMP_RANGES:
@@ -557,11 +676,12 @@ def _csv_expression(col: Column, source: sql.Composable) -> sql.Composable:
             ).format(source)
         case ValueKind.JSON:
             return _json_text(col, source)
-        case ValueKind.DECIMAL if col.base_type == "numeric":
-            # Unbounded numeric: trailing zeros past scale 10 (1.500000000000) are dropped;
+        case ValueKind.DECIMAL if col.is_unbounded_numeric:
+            # Unbounded numeric: trailing zeros past the column's scale (1.500000000000) are dropped;
             # check_values_fit (or the value policy) has made round() lose nothing.
-            return sql.SQL("(CASE WHEN scale({0}) > 10 THEN round({0}, 10) ELSE {0} END)::text").format(
-                source
+            scale = sql.Literal(_staged_scale(col))
+            return sql.SQL("(CASE WHEN scale({0}) > {1} THEN round({0}, {1}) ELSE {0} END)::text").format(
+                source, scale
             )
         case _:
             # integer, numeric (plain digits, never exponent), text-like, date/time in ISO style.
@@ -569,8 +689,8 @@ def _csv_expression(col: Column, source: sql.Composable) -> sql.Composable:
 
 
 def _json_text(col: Column, source: sql.Composable) -> sql.Composable:
-    if col.base_type.endswith("[]"):
-        return sql.SQL("to_jsonb({})::text").format(source)
+    if col.shape is not TypeShape.SCALAR:
+        return sql.SQL("({})::text").format(json_document(col.shape, source))
     if col.base_type == "json":
         # Staged as its jsonb text: Snowflake's VARIANT keeps neither key order nor spacing anyway,
         # but PARSE_JSON refuses duplicate keys and makes exponent-notation numbers doubles

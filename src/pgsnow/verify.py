@@ -33,6 +33,7 @@ from pgsnow.config import DEFAULT_CONTROL_SCHEMA
 from pgsnow.errors import PgSnowError, VerifyError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.manifest import Column, RunManifest
+from pgsnow.pg_json import json_document
 from pgsnow.typemap import ValueKind
 
 # Canonical row text: tokens joined by SEPARATOR. In a text or JSON token, ESCAPE and SEPARATOR
@@ -109,8 +110,9 @@ def pg_source_value(column: Column) -> sql.Composable:
         return sql.SQL("md5({})").format(pg_canonical_json(vector_document))
     # Qualified by the inner SELECT's table alias: the canonical-JSON subquery has columns of its own.
     ident = sql.Identifier(SOURCE_ALIAS, column.name)
-    # The JSON the extractor stages: arrays as JSON; json (not jsonb) as jsonb, duplicate keys last-wins.
-    document = sql.SQL("to_jsonb({})" if column.base_type.endswith("[]") else "{}::jsonb").format(ident)
+    # The JSON the extractor stages (pgsnow.pg_json): arrays, ranges, composites, hstore as JSON;
+    # json (not jsonb) as jsonb, duplicate keys last-wins.
+    document = json_document(column.shape, ident)
     return sql.SQL("md5({})").format(pg_canonical_json(document))
 
 
@@ -966,7 +968,13 @@ def verify_plan(
         if own_transaction:
             with pg_conn.cursor() as cur:
                 cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                cur.execute("SET LOCAL extra_float_digits = 1")  # real's shortest text (pg_source_value)
+                # The extraction session's settings: real's shortest text (pg_source_value); UTC, ISO
+                # dates and intervals, so text-form types and timestamps inside JSON documents (ranges,
+                # composites) read as they were staged.
+                from pgsnow.postgres import SESSION_SETTINGS
+
+                for name, value in SESSION_SETTINGS.items():
+                    cur.execute("SELECT set_config(%s, %s, true)", (name, value))
                 # The canonical-JSON subqueries' row estimates (a recursive walk per value) push the
                 # plan's cost past jit_above_cost: JIT compiled for seconds work that takes milliseconds.
                 cur.execute("SET LOCAL jit = off")

@@ -602,9 +602,17 @@ def test_allowlist_refusal_happens_before_any_sql(
 
 
 POLICY_CASES = [
-    pytest.param("numeric", "1.12345678901", "c", "digits beyond scale 10", id="unbounded-numeric-scale-11"),
-    pytest.param("numeric", "1e28", "c", "1e28 or more in magnitude", id="unbounded-numeric-too-large"),
-    pytest.param("numeric", "-1e30", "c", "1e28 or more in magnitude", id="unbounded-numeric-too-small"),
+    # 39 digits: more than NUMBER(38, s) holds at any scale (the chosen scale, 37, leaves its one integer digit)
+    pytest.param(
+        "numeric",
+        "1." + "1" * 38,
+        "c",
+        "digits beyond scale 37",
+        id="unbounded-numeric-39-significant-digits",
+    ),
+    # 1e38 and more fit no NUMBER: the scale is chosen from the other values (none: 10)
+    pytest.param("numeric", "1e38", "c", "1e28 or more in magnitude", id="unbounded-numeric-too-large"),
+    pytest.param("numeric", "-1e40", "c", "1e28 or more in magnitude", id="unbounded-numeric-too-small"),
     pytest.param("numeric", "NaN", "c", "numeric NaN", id="unbounded-numeric-nan"),
     pytest.param("numeric", "Infinity", "c", "1e28 or more in magnitude", id="unbounded-numeric-infinity"),
     pytest.param("numeric(10,2)", "NaN", "c", "numeric NaN", id="bounded-numeric-nan"),

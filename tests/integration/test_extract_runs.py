@@ -296,6 +296,49 @@ def test_deadline_stops_after_each_file_and_continuations_finish_the_run_exactly
     assert StateStore(s3, bucket).current_lease(table) is None
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_continuations_keep_the_numeric_scale_the_run_chose(
+    admin: Any, schema_name: str, s3: Any, bucket: str, handler_env: Any, fmt: str
+) -> None:
+    # Given an unbounded numeric column of ratios with 20 decimals, staged over several invocations
+    table = new_table(admin, schema_name, "ratios", "id integer PRIMARY KEY, v numeric")
+    with admin.cursor() as cur:
+        cur.execute(
+            sql.SQL("INSERT INTO {} SELECT g, g::numeric(10,2) / 7 FROM generate_series(1, 9) g").format(
+                sql.Identifier(table.schema, table.table)
+            )
+        )
+    handler, module = handler_env(
+        table,
+        EXTRACT_CHUNK_ROWS="4",
+        EXTRACT_BATCH_ROWS="4",
+        EXTRACT_DEADLINE_MARGIN_S="60",
+        S3_FILE_FORMAT=fmt,
+    )
+    continuations: list[dict[str, str]] = []
+    module.continuation_invoker = continuations.append
+    try:
+        # When the run stops before its deadline after each file and its continuations resume it
+        results = [handler({"schema_name": table.schema, "table_name": table.table}, short_context(30))]
+        while continuations:
+            results.append(handler(continuations.pop(0), short_context(30)))
+    finally:
+        module.continuation_invoker = None
+
+    # Then every continuation resumed the same run with the scale its first invocation chose
+    assert len(results) > 2 and results[-1]["state"] == "staged"
+    manifest = get_manifest(s3, bucket, table, results[0]["run_id"])
+    assert [c.snowflake_type for c in manifest.columns if c.name == "v"] == ["NUMBER(38,20)"]
+    # and every value is staged exactly as PostgreSQL holds it
+    with admin.cursor() as cur:
+        cur.execute(
+            sql.SQL("SELECT v::text FROM {} ORDER BY id").format(sql.Identifier(table.schema, table.table))
+        )
+        source = [Decimal(v) for (v,) in cur.fetchall()]
+    assert max(-v.as_tuple().exponent for v in source) == 20  # type: ignore[operator]
+    assert [Decimal(str(r["v"])) for r in staged_rows(s3, bucket, manifest)] == source
+
+
 def test_interrupted_run_is_resumed_by_the_next_invocation_with_the_same_keys(
     admin: Any,
     schema_name: str,
@@ -432,13 +475,17 @@ def test_two_concurrent_runs_one_proceeds_one_is_refused(
 
 POLICY_CASES = [
     pytest.param("numeric", "NaN", "null", None, id="null-numeric-nan"),
-    pytest.param("numeric", "1e30", "null", None, id="null-numeric-too-large"),
+    # 1e38 and more fit no NUMBER(38, s); the column's scale is chosen from the other values (none: 10)
+    pytest.param("numeric", "1e38", "null", None, id="null-numeric-too-large"),
     pytest.param("timestamp", "infinity", "null", None, id="null-timestamp-infinity"),
-    pytest.param("numeric", "1e30", "clamp", "9" * 28 + "." + "9" * 10, id="clamp-numeric-too-large"),
+    pytest.param("numeric", "1e38", "clamp", "9" * 28 + "." + "9" * 10, id="clamp-numeric-too-large"),
     pytest.param(
         "numeric", "-Infinity", "clamp", "-" + "9" * 28 + "." + "9" * 10, id="clamp-numeric-minus-inf"
     ),
-    pytest.param("numeric", "1.123456789012", "clamp", "1.1234567890", id="clamp-numeric-rounds-to-scale-10"),
+    # 39 significant digits: the chosen scale, 37, leaves the integer digit its room; rounded to it
+    pytest.param(
+        "numeric", "1." + "1" * 38, "clamp", "1." + "1" * 37, id="clamp-numeric-rounds-to-38-digits"
+    ),
     pytest.param("numeric", "NaN", "clamp", None, id="clamp-numeric-nan-is-null"),
     pytest.param(
         "timestamp", "infinity", "clamp", "9999-12-31 23:59:59.999999", id="clamp-timestamp-infinity"

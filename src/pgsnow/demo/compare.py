@@ -26,8 +26,10 @@ from psycopg2.extensions import connection as PgConnection
 from snowflake.connector import SnowflakeConnection
 from snowflake.connector.errors import ProgrammingError
 
+from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified, snowflake_name
-from pgsnow.typemap import ValueKind, map_pg_type
+from pgsnow.pg_json import json_document
+from pgsnow.typemap import TypeShape, ValueKind
 
 DEFAULT_CHUNK_ROWS = 10_000
 _MAX_SHOWN_CHARS = 80
@@ -67,6 +69,7 @@ class ComparedColumn:
     name: str  # PostgreSQL name, exact case
     base_type: str
     kind: ValueKind
+    shape: TypeShape = TypeShape.SCALAR
 
     @property
     def snowflake_name(self) -> str:
@@ -88,25 +91,16 @@ class TableShape:
 
 
 def read_table_shape(pg_conn: PgConnection, table: TableRef) -> TableShape:
-    """Columns (with domains and enums resolved to their base type) and the primary key."""
+    """Columns (with domains and enums resolved to their base type, typed as the extractor types
+    them) and the primary key."""
+    from pgsnow.postgres import describe_table
+
+    try:
+        described = describe_table(pg_conn, table)
+    except PermanentError as exc:
+        raise LookupError(f"table {table.qualified} not found in PostgreSQL: {exc.message}") from exc
+    columns = tuple(ComparedColumn(c.name, c.base_type, c.kind, c.shape) for c in described.columns)
     with pg_conn.cursor() as cur:
-        cur.execute(
-            """
-            SELECT a.attname,
-                   CASE t.typtype
-                        WHEN 'd' THEN format_type(t.typbasetype, t.typtypmod)
-                        WHEN 'e' THEN 'text'
-                        ELSE format_type(a.atttypid, a.atttypmod) END
-            FROM pg_attribute a
-            JOIN pg_type t ON t.oid = a.atttypid
-            JOIN pg_class c ON c.oid = a.attrelid
-            JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped
-            ORDER BY a.attnum
-            """,
-            (table.schema, table.table),
-        )
-        columns = tuple(ComparedColumn(name, base, map_pg_type(base).kind) for name, base in cur.fetchall())
         cur.execute(
             """
             SELECT a.attname
@@ -203,10 +197,10 @@ def _pg_select_list(columns: Sequence[ComparedColumn]) -> sql.Composed:
     items: list[sql.Composable] = []
     for column in columns:
         ident = sql.Identifier(column.name)
-        if column.kind is ValueKind.JSON and column.base_type.endswith("[]"):
-            items.append(sql.SQL("to_jsonb({})::text").format(ident))
+        if column.kind is ValueKind.JSON and column.shape is not TypeShape.SCALAR:
+            items.append(sql.SQL("({})::text").format(json_document(column.shape, ident)))
         elif column.kind in {ValueKind.JSON, ValueKind.TEXT}:
-            # As staged: ``char(n)::text`` drops the blank padding (docs/type-mapping.md), as verify does.
+            # ::text as the extractor stages it: char(n) without its blank padding, other types' text
             items.append(sql.SQL("{}::text").format(ident))
         elif column.kind is ValueKind.VECTOR:
             items.append(sql.SQL("{}::real[]").format(ident))
