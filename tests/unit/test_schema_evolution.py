@@ -13,7 +13,7 @@ from pgsnow.schema_evolution import (
     existing_from_published,
     plan_table_changes,
 )
-from pgsnow.typemap import map_pg_type
+from pgsnow.typemap import TEXT_COLUMN_LENGTH, map_pg_type
 
 pytestmark = pytest.mark.unit
 
@@ -191,5 +191,15 @@ def test_one_incompatible_column_refuses_the_whole_plan() -> None:
 
 def test_information_schema_spellings_are_one_family() -> None:
     # INFORMATION_SCHEMA says TEXT for VARCHAR and NUMBER with precision/scale apart
-    table = [ExistingColumn("N", "NUMBER", 38, 0, None), ExistingColumn("S", "TEXT", None, None, MAX_VARCHAR)]
+    table = [
+        ExistingColumn("N", "NUMBER", 38, 0, None),
+        ExistingColumn("S", "TEXT", None, None, TEXT_COLUMN_LENGTH),
+    ]
     assert plan_table_changes("public.t", table, [column("n", "bigint"), column("s", "text")]).empty
+
+
+def test_a_text_column_of_snowflakes_default_length_is_widened_to_the_largest() -> None:
+    # A table created before text columns were declared VARCHAR(134217728) holds 16 MB values
+    table = [ExistingColumn("S", "TEXT", None, None, MAX_VARCHAR)]
+    changes = plan_table_changes("public.t", table, [column("s", "text")])
+    assert [c.snowflake_type for c in changes.widened] == [f"VARCHAR({TEXT_COLUMN_LENGTH})"]

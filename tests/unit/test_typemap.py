@@ -12,12 +12,12 @@ import json
 import pytest
 
 from pgsnow.manifest import Column, column_from_json, column_to_json
-from pgsnow.typemap import TypeShape, ValueKind, map_pg_type, scale_from_data
+from pgsnow.typemap import TEXT_COLUMN_LENGTH, TypeShape, ValueKind, map_pg_type, scale_from_data
 
-TEXT = (ValueKind.TEXT, "VARCHAR", TypeShape.SCALAR)
+TEXT = (ValueKind.TEXT, f"VARCHAR({TEXT_COLUMN_LENGTH})", TypeShape.SCALAR)
 VARIANT = (ValueKind.JSON, "VARIANT", TypeShape.SCALAR)
 ARRAY = (ValueKind.JSON, "VARIANT", TypeShape.ARRAY)
-FALLBACK = (ValueKind.TEXT, "VARCHAR", TypeShape.FALLBACK)
+FALLBACK = (ValueKind.TEXT, f"VARCHAR({TEXT_COLUMN_LENGTH})", TypeShape.FALLBACK)
 
 # (format_type of the base type, typname, typtype, extension) -> (kind, Snowflake type, shape)
 BUILT_IN = [

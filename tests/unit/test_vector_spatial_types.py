@@ -44,7 +44,7 @@ from pgsnow.typemap import ValueKind, map_pg_type
         ("vector(4097)", ValueKind.JSON, "VARIANT"),  # beyond Snowflake's largest VECTOR
         ("vector", ValueKind.JSON, "VARIANT"),  # no dimension: no VECTOR type to create
         ("halfvec(8)", ValueKind.JSON, "VARIANT"),
-        ("sparsevec(5)", ValueKind.TEXT, "VARCHAR"),
+        ("sparsevec(5)", ValueKind.TEXT, "VARCHAR(134217728)"),
         ("vector(3)[]", ValueKind.JSON, "VARIANT"),
         ("geometry", ValueKind.GEOMETRY, "GEOMETRY"),
         ("geometry(Point,4326)", ValueKind.GEOMETRY, "GEOMETRY"),
