@@ -229,15 +229,7 @@ def select_rows(pipeline: PipelineHarness, table: TableRef, columns: str) -> lis
 # Unbounded numeric's scale is chosen from the data and kept from the table's first run (issue 12,
 # the type-mapping branch): until that lands the run is staged as NUMBER(38,10) and refused
 # (scale 2 -> 10). Strict: once it lands this case passes and the marker must go.
-NEEDS_KEPT_NUMERIC_SCALE = pytest.mark.xfail(
-    strict=True, reason="needs unbounded numeric to keep the table's scale (i12 types branch)"
-)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=NEEDS_KEPT_NUMERIC_SCALE) if n == "numeric-to-unbounded" else n for n in CASES],
-)
+@pytest.mark.parametrize("name", list(CASES))
 def test_schema_drift_between_two_runs(pipeline: PipelineHarness, name: str) -> None:
     drift = CASES[name]
     table = pipeline.table(f"drift_{name.replace('-', '_')}_{uuid.uuid4().hex[:4]}")
