@@ -87,18 +87,66 @@ class OnError(StrEnum):
 
 @dataclass(frozen=True)
 class TableOptions:
-    """Per-table replication options (``PGSNOW_TABLE_OPTIONS``); every table not listed gets the defaults."""
+    """Per-table replication options (``PGSNOW_TABLE_OPTIONS``); every table not listed gets the defaults.
+
+    ``write_mode`` None means the default for the mode (``default_write_mode``): the defaults
+    never duplicate a row, however often a table is run (docs/loading.md, "Write modes").
+    """
 
     mode: ExtractMode = ExtractMode.FULL
     cursor_column: str | None = None  # incremental: the column that grows on insert/update
     lookback_seconds: int = 0  # incremental: re-read this far behind the stored watermark
-    write_mode: WriteMode = WriteMode.APPEND
+    write_mode: WriteMode | None = None  # None: the mode's default (replace for full, merge for incremental)
     deletes: DeleteMode = DeleteMode.NONE
     value_policy: ValuePolicy = ValuePolicy.FAIL
     file_format: StagedFormat | None = None  # overrides S3_FILE_FORMAT for this table
+    allow_duplicates: bool = False  # accept append, which copies rows again on every run
+
+    @property
+    def effective_write_mode(self) -> WriteMode:
+        """The write mode chosen, or the mode's default when none was."""
+        return self.write_mode or default_write_mode(self.mode)
 
 
-_TABLE_OPTION_FIELDS = {
+def default_write_mode(mode: ExtractMode) -> WriteMode:
+    """What a run writes when the table's options choose no ``write_mode``.
+
+    A full run re-reads the whole table, so ``replace`` makes Snowflake equal to that snapshot,
+    deleted rows included (a merge would keep rows deleted in PostgreSQL); an incremental run
+    reads only changed rows plus the ones it re-reads at the watermark, so ``merge`` (on the
+    primary key, which incremental extraction requires) folds them in without a duplicate.
+    """
+    return WriteMode.REPLACE if mode is ExtractMode.FULL else WriteMode.MERGE
+
+
+def duplication_problem(options: TableOptions) -> str | None:
+    """Why these options would copy rows into Snowflake more than once, or None when they cannot.
+
+    Only ``append`` can: a full run appends every row again on each run (and the extractor runs
+    on a schedule), an incremental run appends again the rows it re-reads at the watermark
+    (``cursor >= watermark``, so rows at the boundary are read by two runs) and within the lookback.
+    ``allow_duplicates`` is the explicit way to want that anyway.
+    """
+    if options.effective_write_mode is not WriteMode.APPEND or options.allow_duplicates:
+        return None
+    if options.mode is ExtractMode.FULL:
+        why = "every full run appends every row again, so the second run (e.g. the next scheduled one) duplicates the table"
+        choose = 'choose write_mode "replace" (or "merge" on the primary key), or leave write_mode unset'
+    else:
+        reread = (
+            f"the rows within lookback_seconds={options.lookback_seconds} and at the watermark"
+            if options.lookback_seconds
+            else "the rows at the watermark (the next run reads cursor >= watermark)"
+        )
+        why = f"every incremental run reads {reread} again, and append copies them a second time"
+        choose = 'choose write_mode "merge" (on the primary key), or leave write_mode unset'
+    return (
+        f"write_mode append with mode {options.mode.value} duplicates rows: {why}; {choose}, "
+        'or set "allow_duplicates": true to accept the duplicates'
+    )
+
+
+_TABLE_OPTION_FIELDS: dict[str, type] = {
     "mode": ExtractMode,
     "cursor_column": str,
     "lookback_seconds": int,
@@ -106,6 +154,7 @@ _TABLE_OPTION_FIELDS = {
     "deletes": DeleteMode,
     "value_policy": ValuePolicy,
     "file_format": StagedFormat,
+    "allow_duplicates": bool,
 }
 
 
@@ -139,7 +188,11 @@ def parse_table_options(text: str, problems: list[str]) -> dict[TableRef, TableO
                 )
                 continue
             try:
-                if kind is int:
+                if kind is bool:
+                    if not isinstance(value, bool):
+                        raise ValueError(value)
+                    values[key] = value
+                elif kind is int:
                     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                         raise ValueError(value)
                     values[key] = value
@@ -152,13 +205,15 @@ def parse_table_options(text: str, problems: list[str]) -> dict[TableRef, TableO
             except ValueError:
                 allowed = (
                     ", ".join(e.value for e in kind)
-                    if isinstance(kind, type) and issubclass(kind, StrEnum)
-                    else kind.__name__
+                    if issubclass(kind, StrEnum)
+                    else ("true or false" if kind is bool else kind.__name__)
                 )
                 problems.append(f"{where}: {key} must be {allowed}, got {value!r}")
         table_options = TableOptions(**values)
         if table_options.mode is ExtractMode.INCREMENTAL and not table_options.cursor_column:
             problems.append(f"{where}: incremental mode needs cursor_column")
+        if (duplication := duplication_problem(table_options)) is not None:
+            problems.append(f"{where}: {duplication}")
         options[table] = table_options
     return options
 

@@ -203,10 +203,47 @@ def _cursor_column(schema: TableSchema, options: TableOptions) -> str:
         )
     if not schema.primary_key:
         raise PermanentError(
-            f"incremental extraction of {schema.table.qualified} needs a primary key (the keyset tie-breaker)",
+            f"incremental extraction of {schema.table.qualified} needs a primary key (the keyset tie-breaker)"
+            + (
+                f"; a {_RELATION_KINDS[schema.relkind]} has none: use mode full (replace, the default)"
+                if schema.relkind in _KEYLESS_RELATIONS
+                else ""
+            ),
             table=schema.table.qualified,
         )
     return name
+
+
+_RELATION_KINDS = {
+    "r": "table",
+    "p": "partitioned table",
+    "v": "view",
+    "m": "materialized view",
+    "f": "foreign table",
+}
+_KEYLESS_RELATIONS = {"v", "m", "f"}  # PostgreSQL cannot declare a primary key on these
+
+
+def resolve_write_mode(schema: TableSchema, options: TableOptions) -> WriteMode:
+    """The run's write mode (the table's choice, or its mode's default), refused before anything is
+    staged when it cannot work on this table: merge and deletes match rows by the primary key."""
+    write_mode = options.effective_write_mode
+    table = schema.table.qualified
+    kind = _RELATION_KINDS.get(schema.relkind, "relation")
+    if write_mode is WriteMode.MERGE and not schema.primary_key:
+        chosen = "chosen" if options.write_mode is not None else "the default of incremental mode"
+        raise PermanentError(
+            f"write_mode merge ({chosen}) needs a primary key to match rows by, and the {kind} {table} "
+            'has none: use write_mode "replace" (the default of mode full), or add a primary key',
+            table=table,
+        )
+    if options.deletes is not DeleteMode.NONE and not schema.primary_key:
+        raise PermanentError(
+            f"deletes={options.deletes.value} needs a primary key to find deleted rows, and the {kind} "
+            f'{table} has none: use write_mode "replace" (a full run then reflects deleted rows)',
+            table=table,
+        )
+    return write_mode
 
 
 def _scalar(conn: Connection, query: sql.Composable, params: Sequence[Any]) -> str:
@@ -767,6 +804,7 @@ def extract_table(
             "rows": staged.total_rows,
             "bytes": sum(f.bytes for f in staged.files),
             "files": len(staged.files),
+            "write_mode": staged.write_mode,
             "duration_ms": round((time.monotonic() - started) * 1000),
         },
     )
@@ -788,7 +826,7 @@ def check_schema_drift(
         return
     context = {"table": table.qualified, "previous_run_id": published.run_id}
     existing = [existing_from_published(c) for c in published.columns]
-    if options.write_mode is WriteMode.REPLACE:
+    if options.effective_write_mode is WriteMode.REPLACE:
         sent = {c.snowflake_name for c in columns}
         before = {c.name for c in existing}
         if sent != before:
@@ -842,7 +880,7 @@ def _run_filter(
 def _kept_numeric_scales(store: StateStore, table: TableRef, options: TableOptions) -> dict[str, int]:
     """Scales the Snowflake table's NUMBER columns already have (Snowflake cannot change a column's
     scale): from the table's last staged run, except for replace runs, which create a new table."""
-    if options.write_mode is WriteMode.REPLACE:
+    if options.effective_write_mode is WriteMode.REPLACE:
         return {}
     published = store.load_published_columns(table)
     if published is None:
@@ -886,6 +924,7 @@ def _start_run(
             lower_cursor = _lower_cursor(
                 pg_conn, schema.column(cursor).kind, watermark, options.lookback_seconds
             )
+    write_mode = resolve_write_mode(schema, options)
     run_filter, filter_params = _run_filter(pg_conn, schema, options, lower_cursor)
     rows = RowRange(order_key, None, None, run_filter, filter_params)
     condition, params = rows.condition()
@@ -928,7 +967,7 @@ def _start_run(
         started_at=started_at,
         cursor_column=options.cursor_column if incremental else None,
         watermark_before=watermark,
-        write_mode=options.write_mode.value,
+        write_mode=write_mode.value,
         deletes=options.deletes.value,
         warnings=warnings,
     )
@@ -956,6 +995,7 @@ def _start_run(
             "table": table.qualified,
             "file_format": chosen.value,
             "mode": options.mode.value,
+            "write_mode": write_mode.value,
         },
     )
     return run, manifest

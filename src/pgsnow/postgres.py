@@ -138,6 +138,33 @@ def classify_pg_error(
     return PermanentError(message, table=table, run_id=run_id, sqlstate=sqlstate)
 
 
+# --- choosing tables --------------------------------------------------------------------------------
+
+# What selecting a schema replicates: ordinary tables and partitioned tables' roots. Left out,
+# because their rows already arrive through a table that is selected (PostgreSQL reads a parent
+# with its children unless told ONLY): partitions (relispartition) and children of legacy
+# inheritance (a pg_inherits row). Views, materialized views and foreign tables hold no rows of
+# their own to keep in step; each of these is replicated only when named (docs/extraction.md).
+_SCHEMA_TABLES_SQL = """
+SELECT c.relname
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s
+  AND c.relkind IN ('r', 'p')
+  AND NOT c.relispartition
+  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid)
+ORDER BY c.relname
+"""
+
+
+def list_schema_tables(conn: SupportsExecute, schema: str) -> list[TableRef]:
+    """The tables that replicating ``schema`` means: each row of the schema once, through the
+    table it was inserted into or the root of that table's partitions or inheritance tree."""
+    with conn.cursor() as cur:
+        cur.execute(_SCHEMA_TABLES_SQL, (schema,))
+        return [TableRef(schema, name) for (name,) in cur.fetchall()]
+
+
 # --- describing a table ---------------------------------------------------------------------------
 
 
@@ -154,6 +181,11 @@ class TableSchema:
     @property
     def has_ctid(self) -> bool:
         return self.relkind in {"r", "p", "m"}
+
+    @property
+    def is_partitioned(self) -> bool:
+        """A partitioned table's root: its rows live in its partitions, whose ctids may repeat."""
+        return self.relkind == "p"
 
     def column(self, name: str) -> Column:
         return next(c for c in self.columns if c.name == name)
@@ -616,8 +648,11 @@ def check_values_fit(
     row_id: sql.Composable
     if schema.primary_key:
         row_id = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in schema.primary_key)
+    elif schema.is_partitioned:
+        # A ctid is unique only within one partition: name the partition with it.
+        row_id = sql.SQL("tableoid::regclass::text || ' ctid ' || ctid::text")
     elif schema.has_ctid:
-        row_id = sql.SQL("ctid::text")
+        row_id = sql.SQL("'ctid ' || ctid::text")
     else:
         row_id = sql.SQL("NULL::text")  # a view without a key: no way to point at the row
     flags = sql.SQL(", ").join(sql.SQL("coalesce({}, false)").format(r.condition) for r in rules)
@@ -641,7 +676,7 @@ def check_values_fit(
     where_text = (
         f"primary key ({', '.join(schema.primary_key)})=({', '.join(str(v) for v in key_values)})"
         if schema.primary_key
-        else (f"ctid {key_values[0]}" if schema.has_ctid else "a row")
+        else (f"{key_values[0]}" if schema.has_ctid else "a row")
     )
     raise PermanentError(
         f"column {rule.column!r} of {schema.table.qualified} has {rule.problem} at {where_text}; "

@@ -121,22 +121,15 @@ def _outcome(comparison: TableComparison, verification: TableVerification | None
 
 
 def list_schema_tables(dsn: str, schema: str) -> list[TableRef]:
-    """The ordinary and partitioned tables of ``schema``, by name."""
+    """The tables replicating ``schema`` means (``pgsnow.postgres.list_schema_tables``)."""
     from pgsnow.postgres import connect
+    from pgsnow.postgres import list_schema_tables as tables_of_schema
 
     conn = connect(dsn)
     try:
-        with conn.cursor() as cur:
-            cur.execute(
-                """
-                SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND NOT c.relispartition
-                ORDER BY c.relname
-                """,
-                (schema,),
-            )
-            return [TableRef(schema, name) for (name,) in cur.fetchall()]
+        return tables_of_schema(conn, schema)
     finally:
+        conn.rollback()
         conn.close()
 
 
