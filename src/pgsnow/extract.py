@@ -186,6 +186,13 @@ class _Run:
 def _cursor_column(schema: TableSchema, options: TableOptions) -> str:
     name = options.cursor_column
     assert name is not None  # config refuses incremental without cursor_column
+    if schema.relkind in _KEYLESS_RELATIONS:
+        raise PermanentError(
+            f"incremental extraction of {schema.table.qualified} needs a primary key (the keyset "
+            f"tie-breaker and the merge key); a {_RELATION_KINDS[schema.relkind]} has none: "
+            "use mode full (replace, the default)",
+            table=schema.table.qualified,
+        )
     column = next((c for c in schema.columns if c.name == name), None)
     where = f"{schema.table.qualified}.{name}"
     if column is None:
@@ -203,12 +210,7 @@ def _cursor_column(schema: TableSchema, options: TableOptions) -> str:
         )
     if not schema.primary_key:
         raise PermanentError(
-            f"incremental extraction of {schema.table.qualified} needs a primary key (the keyset tie-breaker)"
-            + (
-                f"; a {_RELATION_KINDS[schema.relkind]} has none: use mode full (replace, the default)"
-                if schema.relkind in _KEYLESS_RELATIONS
-                else ""
-            ),
+            f"incremental extraction of {schema.table.qualified} needs a primary key (the keyset tie-breaker)",
             table=schema.table.qualified,
         )
     return name
