@@ -36,7 +36,7 @@ from stack_support import (
 from pgsnow.config import Component, Settings
 from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
-from pgsnow.keys import FileFormat
+from pgsnow.keys import CONTROL_PREFIX, FileFormat
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, StorageAccess, load_function_handler
 from pgsnow.manifest import RunManifest
@@ -170,6 +170,16 @@ class PipelineHarness:
             pg_conn.close()
 
     def ledger_keys(self, table: TableRef) -> list[str]:
+        """The staged files the ledger records as loaded for ``table``. A replace run's or deletes
+        run's outcome mark (``applied_mark_key``, under ``_pgsnow/applied/``) is no file: see
+        ``applied_marks``."""
+        return [key for key in self._loaded_ledger_keys(table) if not key.startswith(f"{CONTROL_PREFIX}/")]
+
+    def applied_marks(self, table: TableRef) -> list[str]:
+        """The ledger's marks of ``table``'s runs whose swap or deletes were applied (or superseded)."""
+        return [key for key in self._loaded_ledger_keys(table) if key.startswith(f"{CONTROL_PREFIX}/")]
+
+    def _loaded_ledger_keys(self, table: TableRef) -> list[str]:
         ledger = quote_qualified(SNOWFLAKE_DATABASE, "PGSNOW", LEDGER_TABLE)
         with self.sf_conn.cursor() as cur:
             cur.execute(

@@ -35,10 +35,13 @@ GOOD_COLUMNS = "id integer PRIMARY KEY, note text, amount numeric(10, 2)"
 GOOD_ROWS = "SELECT g, 'row ' || g, g + 0.25 FROM generate_series(1, {n}) g"
 
 
-def staged_pair(pipeline: PipelineHarness, name: str, rows: int = 10) -> tuple[TableRef, Any]:
+def staged_pair(
+    pipeline: PipelineHarness, name: str, rows: int = 10, options: dict[str, Any] | None = None
+) -> tuple[TableRef, Any]:
     table = pipeline.table(name)
     pipeline.create_table(table, GOOD_COLUMNS, GOOD_ROWS.format(n=rows))
-    return table, pipeline.extract(table, EXTRACT_BATCH_ROWS=str(rows // 2))
+    env = {"PGSNOW_TABLE_OPTIONS": json.dumps({table.qualified: options})} if options else {}
+    return table, pipeline.extract(table, EXTRACT_BATCH_ROWS=str(rows // 2), **env)
 
 
 def s3_event_body(bucket: str, key: str) -> str:
@@ -225,8 +228,10 @@ def test_manifest_listing_a_missing_file_leaves_the_run_open_and_verify_names_th
     """Expected: a file listed by the manifest but gone from S3 before loading fails permanently
     ("no longer exists and was never loaded") and is dead-lettered; the run never becomes
     ``loaded``; verify reports exactly that file's rows as missing."""
-    # Given a run of two files of five rows, the second deleted before its notification is handled
-    table, manifest = staged_pair(pipeline, "missing_file")
+    # Given a run of two files of five rows, the second deleted before its notification is handled.
+    # The run merges, so each loaded file's rows show in the target at once (a replace run, the
+    # full mode's default, would keep the target unchanged until every listed file is loaded).
+    table, manifest = staged_pair(pipeline, "missing_file", options={"write_mode": "merge"})
     first, second = manifest.files
     pipeline.s3().delete_object(Bucket=pipeline.bucket, Key=second.key)
     recorder, dispatcher = pipeline.loader()

@@ -25,6 +25,7 @@ from pgsnow.demo.compare import compare_table
 from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat, data_key
+from pgsnow.load import applied_mark_key
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack
 from pgsnow.manifest import RunManifest, RunState
@@ -106,6 +107,7 @@ def extract(stack: LocalStack, pg_conn: PgConnection, table: TableRef) -> RunMan
 
 
 def ledger_keys(sf_conn: Any, table: TableRef) -> list[str]:
+    """Every ledger key of ``table``: its loaded files, and the mark of each replace run swapped in."""
     ledger = quote_qualified(SNOWFLAKE_DATABASE, "PGSNOW", LEDGER_TABLE)
     with sf_conn.cursor() as cur:
         cur.execute(
@@ -178,7 +180,9 @@ def test_extracted_table_flows_through_the_queue_into_snowflake(
     assert staged_keys
     for key in staged_keys:
         assert [(d.receive_count, d.failed) for d in recorder.for_key(key)] == [(1, False)]
-    assert ledger_keys(sf_conn, table) == sorted(staged_keys)
+    # (and the mark of the run's swap: a full run replaces the table by default)
+    assert manifest.write_mode == "replace"
+    assert ledger_keys(sf_conn, table) == sorted([*staged_keys, applied_mark_key(table, manifest.run_id)])
     # And Snowflake holds exactly the source rows, cell by cell (NULL is not '')
     comparison = compare_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE)
     assert comparison.ok, comparison.detail
@@ -230,7 +234,8 @@ def test_failed_copy_is_redelivered_then_dead_lettered_while_the_good_file_loads
     assert queue_depth(stack) == (0, 0)
     # And the good file loaded once; the bad one left no rows and no ledger entry
     assert [(d.receive_count, d.failed) for d in recorder.for_key(good.key)] == [(1, False)]
-    assert ledger_keys(sf_conn, table) == [good.key]
+    # (the run is complete with the file its manifest lists, so its table was swapped in)
+    assert ledger_keys(sf_conn, table) == sorted([good.key, applied_mark_key(table, manifest.run_id)])
     comparison = compare_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE)
     assert comparison.ok, comparison.detail
     assert snowflake_row_count(sf_conn, table) == len(PEOPLE_ROWS)
@@ -295,7 +300,7 @@ def test_redelivered_notification_loads_nothing_twice(
         (first.body, False),
     ]
     assert snowflake_row_count(sf_conn, table) == len(PEOPLE_ROWS)
-    assert ledger_keys(sf_conn, table) == [good.key]
+    assert ledger_keys(sf_conn, table) == sorted([good.key, applied_mark_key(table, manifest.run_id)])
     comparison = compare_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE)
     assert comparison.ok, comparison.detail
     assert queue_depth(stack) == (0, 0)
