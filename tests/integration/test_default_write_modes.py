@@ -17,14 +17,13 @@ import pytest
 from psycopg2 import sql
 
 from pgsnow.demo.dataset import create_sample_shop
-from pgsnow.demo.pipeline import run_demo
+from pgsnow.demo.pipeline import TableStatus, run_demo
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat
 from pgsnow.local.postgres import create_database, start_local_postgres
 from pgsnow.manifest import RunManifest
 from pgsnow.postgres import connect
-from pgsnow.verify import TableVerification
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
     from conftest import PipelineHarness
@@ -48,20 +47,27 @@ def source_count(dsn: str, table: TableRef) -> int:
     return int(row[0])
 
 
-def run_demo_on(dsn: str, data_dir: Path) -> list[tuple[str, int, int, bool, bool]]:
+def run_demo_on(dsn: str, data_dir: Path) -> list[tuple[str, int | None, int | None, bool, bool]]:
     """``pgsnow demo --pg-dsn ... --schema shop`` with default settings: per table (name, source rows,
-    Snowflake rows, compared OK, verify OK)."""
-    verifications: list[TableVerification] = []
+    Snowflake rows, status OK, verify OK)."""
     results = run_demo(
         pg_dsn=dsn,
         tables=None,
         schema=DEMO_SCHEMA,
         file_format="csv",
         data_dir=data_dir,
-        verifications=verifications,
+        verify=True,
     )
-    verified = {v.table: v.ok for v in verifications}
-    return [(r.table.qualified, r.source_rows, r.snowflake_rows, r.ok, verified[r.table]) for r in results]
+    return [
+        (
+            r.table.qualified,
+            r.source_rows,
+            r.snowflake_rows,
+            r.status is TableStatus.OK,
+            r.verification is not None and r.verification.ok,
+        )
+        for r in results
+    ]
 
 
 def test_the_demo_run_three_times_on_one_data_dir_is_ok_each_time(tmp_path: Path) -> None:
