@@ -34,6 +34,7 @@ from stack_support import (
 )
 
 from pgsnow.config import Component, Settings
+from pgsnow.demo.pipeline import replicate_table
 from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import CONTROL_PREFIX, FileFormat
@@ -135,6 +136,25 @@ class PipelineHarness:
         self.run_sql(sql.SQL("CREATE TABLE {} (" + columns_sql + ")").format(target))
         if rows_sql:
             self.run_sql(sql.SQL("INSERT INTO {} " + rows_sql).format(target))
+
+    def replicate_in_each_format(
+        self, name: str, columns_sql: str, insert: sql.Composable, rows: list[tuple[Any, ...]]
+    ) -> dict[FileFormat, TableRef]:
+        """One table per staged format (``{name}_csv``, ``{name}_parquet``), created with
+        ``columns_sql``, filled with ``rows`` through ``insert`` (``{}`` is the table), and
+        replicated as the demo does: extracted, delivered by the queue to the loader, cleaned."""
+        dispatcher = SqsDispatcher(
+            self.stack.aws, self.stack.resources.queue_url, load_function_handler("loader")
+        )
+        tables = {}
+        for file_format in (FileFormat.CSV, FileFormat.PARQUET):
+            table = self.table(f"{name}_{file_format.value}")
+            self.create_table(table, columns_sql)
+            for row in rows:
+                self.run_sql(insert.format(sql.Identifier(table.schema, table.table)), row)
+            replicate_table(self.stack, table, file_format, dispatcher)
+            tables[file_format] = table
+        return tables
 
     def settings(self, component: Component = Component.EXTRACTOR, **env: str) -> Settings:
         return Settings.from_env({**self.stack.env, **env}, component=component)

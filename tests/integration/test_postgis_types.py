@@ -84,22 +84,9 @@ def postgis(pipeline: PipelineHarness) -> PipelineHarness:
 
 @pytest.fixture(scope="module")
 def replicated(postgis: PipelineHarness) -> dict[FileFormat, TableRef]:
-    stack = postgis.stack
-    dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
-    tables = {}
-    for file_format in (FileFormat.CSV, FileFormat.PARQUET):
-        table = postgis.table(f"spatial_{file_format.value}")
-        postgis.create_table(table, SPATIAL_DDL)
-        for row in ROWS:
-            postgis.run_sql(
-                sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s::geometry[])").format(
-                    sql.Identifier(table.schema, table.table)
-                ),
-                row,
-            )
-        replicate_table(stack, table, file_format, dispatcher)
-        tables[file_format] = table
-    return tables
+    return postgis.replicate_in_each_format(
+        "spatial", SPATIAL_DDL, sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s::geometry[])"), ROWS
+    )
 
 
 SPATIAL_COLUMNS = ("shape", "located", "place", "area")

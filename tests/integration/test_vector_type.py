@@ -80,22 +80,9 @@ def vector_pipeline(
 
 @pytest.fixture(scope="module")
 def replicated(vector_pipeline: PipelineHarness) -> dict[FileFormat, TableRef]:
-    stack = vector_pipeline.stack
-    dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
-    tables = {}
-    for file_format in (FileFormat.CSV, FileFormat.PARQUET):
-        table = vector_pipeline.table(f"vectors_{file_format.value}")
-        vector_pipeline.create_table(table, VECTOR_DDL)
-        for row in ROWS:
-            vector_pipeline.run_sql(
-                sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s)").format(
-                    sql.Identifier(table.schema, table.table)
-                ),
-                row,
-            )
-        replicate_table(stack, table, file_format, dispatcher)
-        tables[file_format] = table
-    return tables
+    return vector_pipeline.replicate_in_each_format(
+        "vectors", VECTOR_DDL, sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s)"), ROWS
+    )
 
 
 def source_vectors(harness: PipelineHarness, table: TableRef) -> dict[int, tuple[Any, ...]]:
