@@ -29,7 +29,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pgsnow.errors import PermanentError, RetryableError
+from pgsnow.errors import PermanentError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX, FileFormat
 from pgsnow.manifest import (  # the manifest's own encodings of files and columns
@@ -213,14 +213,10 @@ class Watermark:
     run_id: str
 
 
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
 def _precondition_failed(exc: ClientError) -> bool:
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     # 409 ConditionalRequestConflict: a concurrent conditional write on the same key won.
-    return _error_code(exc) in {"PreconditionFailed", "ConditionalRequestConflict"} or status in {412, 409}
+    return aws_error_code(exc) in {"PreconditionFailed", "ConditionalRequestConflict"} or status in {412, 409}
 
 
 class StateStore:
@@ -237,7 +233,7 @@ class StateStore:
         try:
             response = self._s3.get_object(Bucket=self._bucket, Key=key)
         except ClientError as exc:
-            if _error_code(exc) in {"NoSuchKey", "404"}:
+            if aws_error_code(exc) in {"NoSuchKey", "404"}:
                 return None
             raise classify_s3_error(exc, s3_key=key) from exc
         except BotoCoreError as exc:
@@ -340,7 +336,7 @@ class StateStore:
         try:
             self._s3.delete_object(Bucket=self._bucket, Key=lease_key(lease.table), IfMatch=lease.etag)
         except ClientError as exc:
-            if _precondition_failed(exc) or _error_code(exc) in {"NoSuchKey", "404"}:
+            if _precondition_failed(exc) or aws_error_code(exc) in {"NoSuchKey", "404"}:
                 return
             raise classify_s3_error(exc, s3_key=lease_key(lease.table)) from exc
         except BotoCoreError as exc:

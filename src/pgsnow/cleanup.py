@@ -46,7 +46,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pgsnow.config import CleanupMode, Settings
-from pgsnow.errors import ConfigError, RetryableError
+from pgsnow.errors import ConfigError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX, manifest_key, normalise_prefix
 from pgsnow.manifest import META_SHA256, RunManifest, RunState, StagedFile
@@ -146,11 +146,6 @@ def ledger_rows(sf_conn: Any, settings: Settings, keys: Sequence[str]) -> dict[s
     return found
 
 
-def loaded_checksums(sf_conn: Any, settings: Settings, keys: Sequence[str]) -> dict[str, str | None]:
-    """Map each key the ledger records as loaded to the SHA-256 it recorded."""
-    return {key: row.sha256 for key, row in ledger_rows(sf_conn, settings, keys).items()}
-
-
 def loaded_files(manifest: RunManifest, ledger: dict[str, LedgerRow]) -> list[StagedFile]:
     """The manifest's files the ledger shows loaded with the checksum the manifest lists.
 
@@ -181,7 +176,7 @@ def read_manifest_for_update(s3: Any, bucket: str, table: TableRef, run_id: str)
     try:
         response = s3.get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if _code(exc) in _MISSING_CODES:
+        if aws_error_code(exc) in _MISSING_CODES:
             return None
         raise classify_s3_error(exc, s3_key=key) from exc
     except BotoCoreError as exc:
@@ -208,7 +203,7 @@ def write_manifest_if_unchanged(s3: Any, bucket: str, base: VersionedManifest, u
             IfMatch=base.etag,
         )
     except ClientError as exc:
-        if _code(exc) in _CONDITION_FAILED_CODES:
+        if aws_error_code(exc) in _CONDITION_FAILED_CODES:
             return False
         raise classify_s3_error(exc, s3_key=key) from exc
     except BotoCoreError as exc:
@@ -287,7 +282,7 @@ def remove_loaded_file(
         )
         return int(ours[0].get("Size", 0))
     except ClientError as exc:
-        if _code(exc) in _MISSING_CODES:
+        if aws_error_code(exc) in _MISSING_CODES:
             return None
         raise classify_s3_error(exc, s3_key=key) from exc
     except BotoCoreError as exc:
@@ -303,10 +298,6 @@ def _remove_unversioned(s3: Any, bucket: str, key: str, ledger: LedgerRow, archi
         s3.copy({"Bucket": bucket, "Key": key}, bucket, f"{archive}/{key}")
     s3.delete_object(Bucket=bucket, Key=key)
     return int(head.get("ContentLength", 0))
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 # --------------------------------------------------------------------------- one run

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pgsnow.errors import PermanentError, PgSnowError, RetryableError
+from pgsnow.errors import PermanentError, PgSnowError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.verify import DEFAULT_MAX_KEYS, VerifyReport, verify_tables
@@ -153,7 +153,7 @@ def _aws_read(what: str, read: Callable[[], T]) -> T:
     try:
         return read()
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code") or type(exc).__name__
+        code = aws_error_code(exc) or type(exc).__name__
         raise PermanentError(f"cannot read {what}: {code}") from exc
     except BotoCoreError as exc:
         raise RetryableError(f"cannot read {what}: {type(exc).__name__}") from exc

@@ -11,7 +11,10 @@ attributes so structured logs can show them without parsing the message.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
 
 
 class PgSnowError(Exception):
@@ -76,3 +79,8 @@ class UnsafeIdentifierError(PermanentError):
 
 class VerifyError(PermanentError):
     """``pgsnow verify`` cannot compare a table: the comparison did not run (not a difference)."""
+
+
+def aws_error_code(exc: ClientError) -> str:
+    """The error code of a failed AWS call (``NoSuchKey``, ``PreconditionFailed``, ...); '' if none."""
+    return str(exc.response.get("Error", {}).get("Code", "") or "")

@@ -86,7 +86,6 @@ from pgsnow.staging import get_manifest, key_list_key, put_data_file, put_manife
 from pgsnow.typemap import ValueKind
 
 AUTO_PARQUET_ABOVE_ROWS = 100_000
-FULL_MODE = "full"
 # Rows per Parquet row group (held in Arrow until written): bounds memory. On the benchmark's
 # 2M-row table 20K rows peaked at 207 MB RSS, 50K at 246 MB, at the same speed.
 PARQUET_CHUNK_ROWS = 20_000

@@ -34,7 +34,7 @@ from snowflake.connector.errors import Error as SnowflakeDriverError
 
 from pgsnow.config import DeleteMode, LoadMethod, Settings, WriteMode
 from pgsnow.csv_records import parse_csv_record
-from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
+from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef, snowflake_name
 from pgsnow.keys import CONTROL_PREFIX, FileFormat, StagedObject, is_run_id, manifest_key
 from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
@@ -440,7 +440,7 @@ def head_staged_object(s3: S3Client, bucket: str, staged: StagedObject) -> Objec
     try:
         response = s3.head_object(Bucket=bucket, Key=staged.key)
     except ClientError as exc:
-        if _s3_code(exc) in _MISSING_S3_CODES:
+        if aws_error_code(exc) in _MISSING_S3_CODES:
             return None
         raise classify_s3_error(exc, s3_key=staged.key) from exc
     except BotoCoreError as exc:
@@ -488,10 +488,6 @@ def read_run_manifest(s3: S3Client, bucket: str, table: TableRef, run_id: str) -
             run_id=run_id,
         )
     return manifest
-
-
-def _s3_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 # --------------------------------------------------------------------------- Snowflake

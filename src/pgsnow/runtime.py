@@ -22,7 +22,7 @@ from typing import Any
 import boto3
 
 from pgsnow.config import Component, Settings
-from pgsnow.errors import PermanentError, RetryableError
+from pgsnow.errors import PermanentError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef
 
 _RETRYABLE_SECRET_ERRORS = frozenset(
@@ -40,7 +40,7 @@ def read_secret_json(secrets_client: Any, secret_arn: str) -> dict[str, Any]:
     try:
         response = secrets_client.get_secret_value(SecretId=secret_arn)
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
+        code = aws_error_code(exc)
         message = f"cannot read secret {secret_arn}: {code or 'error'} ({exc.response.get('Error', {}).get('Message', '')})"
         if code in _RETRYABLE_SECRET_ERRORS:
             raise RetryableError(message) from exc

@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pgsnow.config import SnowflakeSettings
-from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
+from pgsnow.config import OnError, SnowflakeSettings
+from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified, snowflake_name
 from pgsnow.keys import FileFormat, StagedObject
 from pgsnow.manifest import Column
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 PARAMSTYLE = "pyformat"
 LEDGER_TABLE = "LOAD_LEDGER"
 MAX_FILES_PER_COPY = 1000  # Snowflake's limit for FILES = (...)
-ON_ERROR_VALUES = ("ABORT_STATEMENT", "SKIP_FILE", "CONTINUE")
 
 # Characters a stage sub-path may hold without quoting; anything else is moved into FILES.
 _PLAIN_PATH_PART = re.compile(r"^[A-Za-z0-9_$.\-]+$")
@@ -107,7 +106,7 @@ def read_key_pair_secret(client: SecretsManagerClient, secret_arn: str) -> dict[
     try:
         text = client.get_secret_value(SecretId=secret_arn)["SecretString"]
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
+        code = aws_error_code(exc)
         if code in {"ResourceNotFoundException", "AccessDeniedException", "InvalidRequestException"}:
             raise PermanentError(f"cannot read the Snowflake secret: {code}") from exc
         raise RetryableError(f"reading the Snowflake secret failed: {code or exc}") from exc
@@ -868,8 +867,10 @@ def build_copy_into(
             raise PermanentError("unsafe staged file name", s3_key=item.key)
         if (item.table, item.file_format, item.gzip) != (first.table, first.file_format, first.gzip):
             raise PermanentError("one COPY loads files of one table and one format", s3_key=item.key)
-    if on_error not in ON_ERROR_VALUES:
-        raise ConfigError([f"ON_ERROR must be one of {', '.join(ON_ERROR_VALUES)}, got {on_error!r}"])
+    if on_error not in {e.value for e in OnError}:
+        raise ConfigError(
+            [f"ON_ERROR must be one of {', '.join(e.value for e in OnError)}, got {on_error!r}"]
+        )
     target_name = (
         quote_qualified(*target)
         if target

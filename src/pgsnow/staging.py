@@ -13,7 +13,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pgsnow.errors import PermanentError, PgSnowError, RetryableError
+from pgsnow.errors import PermanentError, PgSnowError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import KEY_LISTS_PREFIX, FileFormat, manifest_key
 from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, RunManifest
@@ -43,7 +43,7 @@ def classify_s3_error(exc: ClientError | BotoCoreError, *, s3_key: str | None = 
     """Throttling, timeouts and 5xx are retryable; denied access or a missing bucket is not."""
     if isinstance(exc, BotoCoreError):
         return RetryableError(f"S3 request failed: {exc}", s3_key=s3_key)
-    code = str(exc.response.get("Error", {}).get("Code", ""))
+    code = aws_error_code(exc)
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     if code in _RETRYABLE_S3_CODES or status >= 500:
         return RetryableError(f"S3 {code or status}: {exc}", s3_key=s3_key)
@@ -122,7 +122,7 @@ def get_manifest(s3: Any, bucket: str, table: TableRef, run_id: str) -> RunManif
     try:
         response = s3.get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+        if aws_error_code(exc) in {"NoSuchKey", "404"}:
             raise ManifestNotFoundError(
                 "no manifest for this run", table=table.qualified, s3_key=key, run_id=run_id
             ) from exc
