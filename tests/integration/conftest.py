@@ -34,6 +34,7 @@ from stack_support import (
 )
 
 from pgsnow.config import Component, Settings
+from pgsnow.demo.compare import TableComparison, compare_table
 from pgsnow.demo.pipeline import replicate_table
 from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
@@ -155,6 +156,34 @@ class PipelineHarness:
             replicate_table(self.stack, table, file_format, dispatcher)
             tables[file_format] = table
         return tables
+
+    def replicate(self, table: TableRef, options: dict[str, Any] | None = None) -> RunManifest:
+        """Extract ``table`` in CSV (with these table options, or the defaults), let the queue
+        deliver its files to the real loader, and require that no delivery failed."""
+        env = {"PGSNOW_TABLE_OPTIONS": json.dumps({table.qualified: options})} if options is not None else {}
+        manifest = self.extract(table, FileFormat.CSV, **env)
+        recorder, dispatcher = self.loader()
+        dispatcher.run_until_idle()
+        assert [d for d in recorder.deliveries if d.failed] == []
+        return manifest
+
+    def merge_again_in_parquet(self, table: TableRef) -> None:
+        """Replicate an already replicated table once more, merging, in Parquet (the demo's path)."""
+        dispatcher = SqsDispatcher(
+            self.stack.aws, self.stack.resources.queue_url, load_function_handler("loader")
+        )
+        options = json.dumps({table.qualified: {"write_mode": "merge"}})
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(self.stack.env, "PGSNOW_TABLE_OPTIONS", options)
+            replicate_table(self.stack, table, FileFormat.PARQUET, dispatcher)
+
+    def compare_cells(self, table: TableRef) -> TableComparison:
+        """The demo's independent cell-by-cell comparison of the source with Snowflake."""
+        pg_conn = connect(self.source_dsn)
+        try:
+            return compare_table(pg_conn, self.sf_conn, table, SNOWFLAKE_DATABASE)
+        finally:
+            pg_conn.close()
 
     def settings(self, component: Component = Component.EXTRACTOR, **env: str) -> Settings:
         return Settings.from_env({**self.stack.env, **env}, component=component)

@@ -20,9 +20,7 @@ from pgsnow.demo.dataset import create_sample_shop
 from pgsnow.demo.pipeline import TableStatus, run_demo
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import FileFormat
 from pgsnow.local.postgres import create_database, start_local_postgres
-from pgsnow.manifest import RunManifest
 from pgsnow.postgres import connect
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
@@ -131,18 +129,6 @@ def test_the_demo_run_three_times_on_one_data_dir_is_ok_each_time(tmp_path: Path
 # --------------------------------------------------------------------------- the pipeline, mode by mode
 
 
-def replicate(
-    pipeline: PipelineHarness, table: TableRef, options: dict[str, object] | None = None
-) -> RunManifest:
-    """Extract ``table`` (with these table options, or the defaults) and let the loader drain the queue."""
-    env = {"PGSNOW_TABLE_OPTIONS": json.dumps({table.qualified: options})} if options is not None else {}
-    manifest = pipeline.extract(table, FileFormat.CSV, **env)
-    recorder, dispatcher = pipeline.loader()
-    dispatcher.run_until_idle()
-    assert [d for d in recorder.deliveries if d.failed] == []
-    return manifest
-
-
 def assert_equal(pipeline: PipelineHarness, table: TableRef) -> None:
     result = pipeline.verify(table)
     assert result.ok, result.to_dict()
@@ -157,12 +143,12 @@ def test_a_full_run_of_a_keyed_table_replaces_by_default_so_deleted_rows_go(
     pipeline.create_table(
         table, "id integer PRIMARY KEY, name text", "SELECT i, 'name ' || i FROM generate_series(1, 40) AS i"
     )
-    manifest = replicate(pipeline, table)
+    manifest = pipeline.replicate(table)
     assert manifest.write_mode == "replace"
     assert_equal(pipeline, table)
 
     # When it runs again unchanged, then after a delete and an update
-    replicate(pipeline, table)
+    pipeline.replicate(table)
     assert_equal(pipeline, table)
     pipeline.run_sql(
         sql.SQL("DELETE FROM {} WHERE id > 30").format(sql.Identifier(table.schema, table.table))
@@ -172,7 +158,7 @@ def test_a_full_run_of_a_keyed_table_replaces_by_default_so_deleted_rows_go(
             sql.Identifier(table.schema, table.table)
         )
     )
-    replicate(pipeline, table)
+    pipeline.replicate(table)
 
     # Then Snowflake equals PostgreSQL every time: 40 rows, never 80; then 30
     assert_equal(pipeline, table)
@@ -190,13 +176,13 @@ def test_a_full_run_of_a_table_without_key_replaces_by_default(pipeline: Pipelin
     )
 
     # When it is replicated twice with default options, then once more after a delete
-    first = replicate(pipeline, table)
-    replicate(pipeline, table)
+    first = pipeline.replicate(table)
+    pipeline.replicate(table)
     assert_equal(pipeline, table)
     pipeline.run_sql(
         sql.SQL("DELETE FROM {} WHERE amount > 10").format(sql.Identifier(table.schema, table.table))
     )
-    replicate(pipeline, table)
+    pipeline.replicate(table)
 
     # Then each run replaced the table: it holds the source rows, the source's own repeats included
     assert first.write_mode == "replace"
@@ -219,14 +205,14 @@ def test_an_incremental_run_merges_by_default_so_rows_read_again_are_not_doubled
     options = {"mode": "incremental", "cursor_column": "updated_at", "lookback_seconds": 3600}
 
     # When it runs, runs again unchanged, then again after an update and an insert
-    first = replicate(pipeline, table, options)
-    second = replicate(pipeline, table, options)
+    first = pipeline.replicate(table, options)
+    second = pipeline.replicate(table, options)
     assert_equal(pipeline, table)
     pipeline.run_sql(
         sql.SQL("UPDATE {} SET name = 'updated', updated_at = now() WHERE id <= 3").format(target)
     )
     pipeline.run_sql(sql.SQL("INSERT INTO {} (id, name) VALUES (26, 'new')").format(target))
-    third = replicate(pipeline, table, options)
+    third = pipeline.replicate(table, options)
 
     # Then every run merged: the rows read again replaced themselves, the update and insert arrived
     assert {m.write_mode for m in (first, second, third)} == {"merge"}
@@ -244,8 +230,8 @@ def test_append_chosen_with_allow_duplicates_appends_every_run(pipeline: Pipelin
     options = {"write_mode": "append", "allow_duplicates": True}
 
     # When it runs twice
-    first = replicate(pipeline, table, options)
-    replicate(pipeline, table, options)
+    first = pipeline.replicate(table, options)
+    pipeline.replicate(table, options)
 
     # Then append did what it says: every run's rows were added
     assert first.write_mode == "append"

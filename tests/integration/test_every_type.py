@@ -24,13 +24,11 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from pgsnow.demo.compare import compare_table
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.keys import FileFormat
 from pgsnow.local.stack import SNOWFLAKE_DATABASE
 from pgsnow.observability import SERVICE
-from pgsnow.postgres import connect
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
     from conftest import PipelineHarness
@@ -462,11 +460,7 @@ def test_a_column_of_every_type_replicates_and_verifies(
     assert result.ok, result.summary()
     assert (result.source_rows, result.target_rows) == (3, 3)
     # and every cell compares equal read back through the connector
-    pg_conn = connect(pipeline.source_dsn)
-    try:
-        cells = compare_table(pg_conn, pipeline.sf_conn, table, SNOWFLAKE_DATABASE)
-    finally:
-        pg_conn.close()
+    cells = pipeline.compare_cells(table)
     assert cells.ok, cells.detail
     assert (cells.source_rows, cells.snowflake_rows) == (3, 3)
     # and Snowflake's columns have the documented types and hold the documented values

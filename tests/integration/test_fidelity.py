@@ -16,7 +16,6 @@ import pytest
 from test_datasets import dataset_script, load_sql_file
 
 from pgsnow.config import Component
-from pgsnow.demo.compare import compare_table
 from pgsnow.demo.pipeline import list_schema_tables
 from pgsnow.errors import PermanentError
 from pgsnow.extract import extract_table
@@ -108,11 +107,7 @@ def test_edge_values_round_trip_cell_exact(pipeline: PipelineHarness, file_forma
     assert result.ok, result.summary()
     assert (result.source_rows, result.target_rows) == (5, 5)
     # and every cell compares equal read back through the connector (exact floats, parsed JSON)
-    pg_conn = connect(pipeline.source_dsn)
-    try:
-        cells = compare_table(pg_conn, pipeline.sf_conn, table, SNOWFLAKE_DATABASE)
-    finally:
-        pg_conn.close()
+    cells = pipeline.compare_cells(table)
     assert cells.ok, cells.detail
     assert (cells.source_rows, cells.snowflake_rows) == (5, 5)
 

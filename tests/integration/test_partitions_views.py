@@ -16,9 +16,7 @@ from psycopg2 import sql
 
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef, quote_qualified
-from pgsnow.keys import FileFormat
 from pgsnow.local.stack import SNOWFLAKE_DATABASE
-from pgsnow.manifest import RunManifest
 from pgsnow.postgres import connect, list_schema_tables
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
@@ -61,17 +59,6 @@ def relations(pipeline: PipelineHarness) -> dict[str, TableRef]:
     for statement in statements:
         pipeline.run_sql(sql.SQL(statement).format(s=schema))
     return {role: pipeline.table(name) for role, name in names.items()}
-
-
-def replicate(
-    pipeline: PipelineHarness, table: TableRef, options: dict[str, Any] | None = None
-) -> RunManifest:
-    env = {"PGSNOW_TABLE_OPTIONS": json.dumps({table.qualified: options})} if options is not None else {}
-    manifest = pipeline.extract(table, FileFormat.CSV, **env)
-    recorder, dispatcher = pipeline.loader()
-    dispatcher.run_until_idle()
-    assert [d for d in recorder.deliveries if d.failed] == []
-    return manifest
 
 
 def source_count(pipeline: PipelineHarness, table: TableRef) -> int:
@@ -126,7 +113,7 @@ def test_a_selected_schema_replicates_each_row_once_through_the_roots(
         conn.close()
 
     # When each selected table is replicated with default options
-    manifests = [replicate(pipeline, table) for table in selected]
+    manifests = [pipeline.replicate(table) for table in selected]
 
     # Then the root holds every partition's rows and the parent its child's, each equal to
     # PostgreSQL's reading of it, and no partition, child or view became a table of its own
@@ -153,7 +140,7 @@ def test_a_partition_attached_and_another_detached_between_runs(
         "FROM generate_series(1, 20) AS i",
     ):
         pipeline.run_sql(sql.SQL(statement).format(s=schema))
-    replicate(pipeline, root)
+    pipeline.replicate(root)
     assert_equal(pipeline, root)
 
     # When a filled table is attached as a new partition and partition b is detached
@@ -164,7 +151,7 @@ def test_a_partition_attached_and_another_detached_between_runs(
         "ALTER TABLE {s}.sensor DETACH PARTITION {s}.sensor_b",
     ):
         pipeline.run_sql(sql.SQL(statement).format(s=schema))
-    replicate(pipeline, root)
+    pipeline.replicate(root)
 
     # Then Snowflake holds the root as it reads now: a's and c's rows, none of b's
     assert_equal(pipeline, root)
@@ -176,7 +163,7 @@ def test_a_partition_attached_and_another_detached_between_runs(
         "ALTER TABLE {s}.sensor DETACH PARTITION {s}.sensor_a",
     ):
         pipeline.run_sql(sql.SQL(statement).format(s=schema))
-    replicate(pipeline, root)
+    pipeline.replicate(root)
 
     # Then it follows again
     assert_equal(pipeline, root)
@@ -187,7 +174,7 @@ def test_a_named_partition_replicates_on_its_own(
     pipeline: PipelineHarness, relations: dict[str, TableRef]
 ) -> None:
     # When a partition is named
-    manifest = replicate(pipeline, relations["readings_eu"])
+    manifest = pipeline.replicate(relations["readings_eu"])
 
     # Then it becomes its own table holding the partition's rows only
     assert manifest.write_mode == "replace"
@@ -201,7 +188,7 @@ def test_a_named_view_replicates_full_and_replaced(
 ) -> None:
     # Given a view (or materialized view) named on its own, replicated with the defaults
     view = relations[role]
-    first = replicate(pipeline, view)
+    first = pipeline.replicate(view)
     assert (first.mode, first.write_mode, first.primary_key) == ("full", "replace", ())
     assert_equal(pipeline, view)
 
@@ -217,7 +204,7 @@ def test_a_named_view_replicates_full_and_replaced(
         pipeline.run_sql(
             sql.SQL("REFRESH MATERIALIZED VIEW {}").format(sql.Identifier(view.schema, view.table))
         )
-    replicate(pipeline, view)
+    pipeline.replicate(view)
 
     # Then Snowflake holds what the view reads now, not two copies
     assert_equal(pipeline, view)

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from psycopg2 import sql
 
-from pgsnow.demo.compare import compare_table
 from pgsnow.demo.pipeline import replicate_table
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef, quote_qualified
@@ -248,11 +247,7 @@ def target_cells_of(harness: PipelineHarness, table: TableRef) -> list[tuple[Any
 def test_the_demo_comparison_finds_every_cell_equal(
     postgis: PipelineHarness, replicated: dict[FileFormat, TableRef], file_format: FileFormat
 ) -> None:
-    pg_conn = connect(postgis.source_dsn)
-    try:
-        comparison = compare_table(pg_conn, postgis.sf_conn, replicated[file_format], SNOWFLAKE_DATABASE)
-    finally:
-        pg_conn.close()
+    comparison = postgis.compare_cells(replicated[file_format])
     assert comparison.ok, comparison.detail
     assert comparison.source_rows == comparison.snowflake_rows == len(ROWS)
 
@@ -305,12 +300,7 @@ def test_a_second_run_merges_into_the_same_column_types(
     # evolution) before loading again: the same types, no ALTER, no error; a merge run goes
     # through a work table of the same types and keeps one row per key.
     table = replicated[FileFormat.CSV]
-    stack = postgis.stack
-    dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
-    options = json.dumps({f"{table.schema}.{table.table}": {"write_mode": "merge"}})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(stack.env, "PGSNOW_TABLE_OPTIONS", options)
-        replicate_table(stack, table, FileFormat.PARQUET, dispatcher)
+    postgis.merge_again_in_parquet(table)
     assert postgis.target_count(table) == len(ROWS)
     assert len(postgis.ledger_keys(table)) == 2
     assert postgis.verify(table).ok

@@ -22,13 +22,10 @@ from conftest import pipeline_harness
 from psycopg2 import sql
 
 from pgsnow.config import Component
-from pgsnow.demo.compare import compare_table
-from pgsnow.demo.pipeline import replicate_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat, data_key, parse_data_key
-from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.postgres import LocalPostgres, start_embedded_postgres
-from pgsnow.local.stack import SNOWFLAKE_DATABASE, load_function_handler
+from pgsnow.local.stack import SNOWFLAKE_DATABASE
 from pgsnow.postgres import connect, describe_table
 from pgsnow.snowflake import LoadColumn, build_copy_into
 from pgsnow.typemap import ValueKind
@@ -187,13 +184,7 @@ def test_verify_calls_replicated_vectors_equal_and_finds_a_changed_element(
 def test_the_demo_comparison_finds_every_cell_equal(
     vector_pipeline: PipelineHarness, replicated: dict[FileFormat, TableRef], file_format: FileFormat
 ) -> None:
-    pg_conn = connect(vector_pipeline.source_dsn)
-    try:
-        comparison = compare_table(
-            pg_conn, vector_pipeline.sf_conn, replicated[file_format], SNOWFLAKE_DATABASE
-        )
-    finally:
-        pg_conn.close()
+    comparison = vector_pipeline.compare_cells(replicated[file_format])
     assert comparison.ok, comparison.detail
     assert comparison.source_rows == comparison.snowflake_rows == len(ROWS)
 
@@ -205,12 +196,7 @@ def test_a_second_run_merges_into_the_same_column_types(
     # evolution) before loading again: the same types, no ALTER, no error; a merge run goes
     # through a work table of the same types and keeps one row per key.
     table = replicated[FileFormat.CSV]
-    stack = vector_pipeline.stack
-    dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
-    options = json.dumps({f"{table.schema}.{table.table}": {"write_mode": "merge"}})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(stack.env, "PGSNOW_TABLE_OPTIONS", options)
-        replicate_table(stack, table, FileFormat.PARQUET, dispatcher)
+    vector_pipeline.merge_again_in_parquet(table)
     assert vector_pipeline.target_count(table) == len(ROWS)
     assert len(vector_pipeline.ledger_keys(table)) == 2
     assert vector_pipeline.verify(table).ok
