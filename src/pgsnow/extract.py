@@ -690,6 +690,9 @@ def extract_table(
             return get_manifest(s3, settings.bucket, table, run_id)
         with tempfile.TemporaryDirectory(prefix="pgsnow-") as work_dir:
             if checkpoint is None:
+                # The last staged run's columns: what the table's NUMBER scales are, and what
+                # this run's columns are checked against (one read for both).
+                published = store.load_published_columns(table)
                 run, manifest = _start_run(
                     settings=settings,
                     s3=s3,
@@ -703,8 +706,9 @@ def extract_table(
                     run_id=run_id,
                     file_format=file_format,
                     started_at=_iso(started_at),
+                    published=published,
                 )
-                check_schema_drift(store, table, options, manifest.columns)
+                check_schema_drift(published, table, options, manifest.columns)
             else:
                 run, manifest = _resume_run(
                     settings=settings,
@@ -813,7 +817,7 @@ def extract_table(
 
 
 def check_schema_drift(
-    store: StateStore, table: TableRef, options: TableOptions, columns: Sequence[Column]
+    published: PublishedColumns | None, table: TableRef, options: TableOptions, columns: Sequence[Column]
 ) -> None:
     """Before anything is staged: the run's columns against those of the table's last staged run.
 
@@ -822,7 +826,6 @@ def check_schema_drift(
     dropped, added (a rename is both) or changed are logged. A replace run loads into a new
     table, which takes any change, so it is only logged.
     """
-    published = store.load_published_columns(table)
     if published is None:
         return
     context = {"table": table.qualified, "previous_run_id": published.run_id}
@@ -878,12 +881,11 @@ def _run_filter(
     return sql.SQL("{} >= %s").format(sql.Identifier(options.cursor_column)), (lower_cursor,)
 
 
-def _kept_numeric_scales(store: StateStore, table: TableRef, options: TableOptions) -> dict[str, int]:
+def _kept_numeric_scales(published: PublishedColumns | None, options: TableOptions) -> dict[str, int]:
     """Scales the Snowflake table's NUMBER columns already have (Snowflake cannot change a column's
     scale): from the table's last staged run, except for replace runs, which create a new table."""
     if options.effective_write_mode is WriteMode.REPLACE:
         return {}
-    published = store.load_published_columns(table)
     if published is None:
         return {}
     return {c.name: c.scale for c in published.columns if c.kind is ValueKind.DECIMAL and c.scale is not None}
@@ -903,6 +905,7 @@ def _start_run(
     run_id: str,
     file_format: FileFormat | None,
     started_at: str,
+    published: PublishedColumns | None,
 ) -> tuple[_Run, RunManifest]:
     incremental = options.mode is ExtractMode.INCREMENTAL
     # Before the snapshot: every transaction it cannot see started after this point or is listed now.
@@ -930,7 +933,7 @@ def _start_run(
     rows = RowRange(order_key, None, None, run_filter, filter_params)
     condition, params = rows.condition()
     schema = choose_numeric_scales(
-        pg_conn, schema, condition, params, kept=_kept_numeric_scales(store, table, options)
+        pg_conn, schema, condition, params, kept=_kept_numeric_scales(published, options)
     )
     warnings = schema.warnings
     for warning in warnings:
