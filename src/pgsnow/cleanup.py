@@ -51,7 +51,7 @@ from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX, manifest_key, normalise_prefix
 from pgsnow.manifest import META_SHA256, RunManifest, RunState, StagedFile
 from pgsnow.observability import logger
-from pgsnow.snowflake import ledger_name
+from pgsnow.snowflake.table_sql import ledger_name
 from pgsnow.staging import MANIFEST_CONTENT_TYPE, classify_s3_error
 
 # Snowflake caps the number of expressions in an IN list; stay well below it.

@@ -35,7 +35,7 @@ def run_status_command(args: argparse.Namespace) -> int:
 
     from pgsnow.config import Component, Settings
     from pgsnow.errors import ConfigError
-    from pgsnow.snowflake import connect
+    from pgsnow.snowflake.connection import connect
     from pgsnow.status import collect_status
 
     settings = Settings.from_env(component=Component.LOCAL)

@@ -82,7 +82,7 @@ def _verify_locally(args: argparse.Namespace) -> VerifyReport:
     from pgsnow.local.snowflake import open_local_snowflake
     from pgsnow.local.stack import SNOWFLAKE_DATABASE
     from pgsnow.postgres import connect
-    from pgsnow.snowflake import PARAMSTYLE
+    from pgsnow.snowflake.sql_text import PARAMSTYLE
 
     _progress("starting PostgreSQL")
     postgres = start_local_postgres(args.pg_dsn, args.data_dir / "pgdata")
@@ -111,7 +111,7 @@ def _verify_from_env(args: argparse.Namespace) -> VerifyReport:
     from pgsnow.errors import ConfigError
     from pgsnow.postgres import connect
     from pgsnow.runtime import postgres_dsn
-    from pgsnow.snowflake import connect as snowflake_connect
+    from pgsnow.snowflake.connection import connect as snowflake_connect
 
     settings = Settings.from_env(component=Component.LOADER)
     tables: list[TableRef] = args.tables or sorted(settings.tables.tables)

@@ -41,32 +41,38 @@ from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, Column, RunMani
 from pgsnow.observability import logger
 from pgsnow.schema_evolution import ExistingColumn, plan_table_changes
 from pgsnow.setup_sql import pipe_name
-from pgsnow.snowflake import (
+from pgsnow.snowflake.error_classifier import classify_snowflake_error
+from pgsnow.snowflake.load_sql import (
     MAX_FILES_PER_COPY,
     AwsCredentials,
     CredentialsSource,
-    LedgerClaim,
     LoadColumn,
     UrlSource,
     aws_credentials_from,
+    build_copy_into,
+    build_create_temporary_stage,
+    build_insert_rows,
+    build_query_tag,
+    build_table_pipe,
+    load_columns_from_table,
+    stage_file_path,
+)
+from pgsnow.snowflake.table_sql import (
+    LedgerClaim,
     build_add_column,
     build_add_run_id_column,
     build_add_soft_delete_column,
     build_apply_deletes,
     build_claim_file,
-    build_copy_into,
     build_create_ledger,
     build_create_schema,
     build_create_shadow_table,
     build_create_table,
-    build_create_temporary_stage,
     build_create_work_table,
     build_drop_not_null,
     build_drop_table,
-    build_insert_rows,
     build_mark_submitted,
     build_merge_from,
-    build_query_tag,
     build_record_load,
     build_rename_table,
     build_select_column_types,
@@ -77,13 +83,9 @@ from pgsnow.snowflake import (
     build_select_table_comment,
     build_set_table_comment,
     build_swap_with,
-    build_table_pipe,
     build_upgrade_ledger,
     build_widen_column,
-    classify_snowflake_error,
-    load_columns_from_table,
     replace_run_tag,
-    stage_file_path,
 )
 from pgsnow.snowpipe import PipeFileReport, SnowpipeClient, qualified_pipe_name, snowpipe_client_from_settings
 from pgsnow.staging import ManifestNotFoundError, classify_s3_error, get_manifest

@@ -114,7 +114,7 @@ class Runtime:
 
     def snowflake(self) -> Any:
         """One Snowflake connection per container, reopened if it was closed."""
-        from pgsnow.snowflake import connect
+        from pgsnow.snowflake.connection import connect
 
         if self._snowflake is None or self._snowflake.is_closed():
             self._snowflake = connect(self.settings.snowflake, secrets_client=self._secrets_if_needed())

@@ -215,8 +215,8 @@ def snowpipe_client_from_settings(
     secrets_client: SecretsManagerClient | None = None,
     confirm_timeout_s: float = DEFAULT_CONFIRM_TIMEOUT_S,
 ) -> SnowpipeClient:
-    """A client signing with the private key of the Snowflake secret (as ``pgsnow.snowflake.connect`` reads it)."""
-    from pgsnow.snowflake import read_key_pair_secret
+    """A client signing with the private key of the Snowflake secret (as ``pgsnow.snowflake.connection.connect`` reads it)."""
+    from pgsnow.snowflake.connection import read_key_pair_secret
 
     if not settings.secret_arn:
         raise ConfigError(["LOAD_METHOD=snowpipe needs SNOWFLAKE_SECRET_ARN (key-pair auth)"])

@@ -78,7 +78,7 @@ def settings(deployment: Deployment) -> Settings:
 
 @pytest.fixture(scope="session")
 def snowflake_conn(deployment: Deployment, settings: Settings) -> Iterator[Any]:
-    from pgsnow.snowflake import connect
+    from pgsnow.snowflake.connection import connect
 
     conn = connect(settings.snowflake, secrets_client=deployment.client("secretsmanager"))
     yield conn

@@ -44,7 +44,7 @@ from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, StorageAccess, lo
 from pgsnow.manifest import RunManifest
 from pgsnow.observability import SERVICE
 from pgsnow.postgres import connect
-from pgsnow.snowflake import LEDGER_TABLE
+from pgsnow.snowflake.table_sql import LEDGER_TABLE
 from pgsnow.verify import TableVerification, prepare_snowflake_session, verify_table
 
 

@@ -35,7 +35,7 @@ from pgsnow.config import Component, Settings
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack
 from pgsnow.manifest import RunManifest, RunState
-from pgsnow.snowflake import LEDGER_TABLE
+from pgsnow.snowflake.table_sql import LEDGER_TABLE
 from pgsnow.staging import get_manifest, put_manifest
 
 pytestmark = pytest.mark.integration

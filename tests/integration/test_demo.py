@@ -23,7 +23,7 @@ from pgsnow.demo.dataset import SAMPLE_TABLES, create_sample_shop
 from pgsnow.demo.pipeline import run_demo
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.local.postgres import create_database, start_local_postgres
-from pgsnow.snowflake import PARAMSTYLE
+from pgsnow.snowflake.sql_text import PARAMSTYLE
 from pgsnow.typemap import ValueKind, map_pg_type
 
 pytestmark = pytest.mark.integration

@@ -29,7 +29,7 @@ from pgsnow.errors import RetryableError
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, load_function_handler
 from pgsnow.manifest import RunState
 from pgsnow.runtime import Runtime
-from pgsnow.snowflake import connect as sf_connect
+from pgsnow.snowflake.connection import connect as sf_connect
 from pgsnow.staging import get_manifest
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py

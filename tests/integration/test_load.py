@@ -31,7 +31,8 @@ from pgsnow.local.aws import LocalAws, create_staging_resources, start_local_aws
 from pgsnow.local.snowflake import LocalSnowflake, start_local_snowflake
 from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
 from pgsnow.runtime import Runtime
-from pgsnow.snowflake import build_create_schema, build_create_stage
+from pgsnow.snowflake.load_sql import build_create_stage
+from pgsnow.snowflake.table_sql import build_create_schema
 from pgsnow.typemap import map_pg_type
 
 pytestmark = pytest.mark.integration

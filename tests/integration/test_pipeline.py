@@ -29,7 +29,7 @@ from pgsnow.load import applied_mark_key
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack
 from pgsnow.manifest import RunManifest, RunState
-from pgsnow.snowflake import LEDGER_TABLE
+from pgsnow.snowflake.table_sql import LEDGER_TABLE
 from pgsnow.staging import get_manifest, put_data_file
 
 if TYPE_CHECKING:  # the fixture's types, from this directory's conftest.py

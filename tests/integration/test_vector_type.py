@@ -27,7 +27,7 @@ from pgsnow.keys import FileFormat, data_key, parse_data_key
 from pgsnow.local.postgres import LocalPostgres, start_embedded_postgres
 from pgsnow.local.stack import SNOWFLAKE_DATABASE
 from pgsnow.postgres import connect, describe_table
-from pgsnow.snowflake import LoadColumn, build_copy_into
+from pgsnow.snowflake.load_sql import LoadColumn, build_copy_into
 from pgsnow.typemap import ValueKind
 
 if TYPE_CHECKING:

@@ -11,31 +11,34 @@ from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableErr
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, StagedObject, parse_data_key
 from pgsnow.manifest import Column
-from pgsnow.snowflake import (
+from pgsnow.snowflake.connection import connection_kwargs
+from pgsnow.snowflake.error_classifier import classify_snowflake_error, redact_credentials
+from pgsnow.snowflake.load_sql import (
     AwsCredentials,
-    LedgerClaim,
     LoadColumn,
     UrlSource,
     aws_credentials_from,
+    build_copy_into,
+    build_create_file_format,
+    build_create_stage,
+    build_create_temporary_stage,
+    build_query_tag,
+    build_table_pipe,
+    load_columns_from_table,
+)
+from pgsnow.snowflake.sql_text import placeholder_list, string_literal
+from pgsnow.snowflake.table_sql import (
+    LedgerClaim,
     build_add_run_id_column,
     build_claim_file,
-    build_copy_into,
     build_create_ledger,
     build_create_schema,
-    build_create_stage,
     build_create_table,
-    build_create_temporary_stage,
     build_merge_from,
-    build_query_tag,
     build_record_load,
     build_select_ledger_entry,
     build_select_newer_runs,
     build_select_table_columns,
-    classify_snowflake_error,
-    connection_kwargs,
-    load_columns_from_table,
-    redact_credentials,
-    string_literal,
 )
 from pgsnow.typemap import ValueKind, map_pg_type
 
@@ -112,6 +115,99 @@ def test_copy_into_parquet_matches_the_documented_shape() -> None:
         "  FILE_FORMAT = (TYPE = PARQUET)\n"
         "  ON_ERROR = ABORT_STATEMENT FORCE = TRUE"
     )
+
+
+@pytest.mark.parametrize(
+    ("name_files", "force", "files_line", "last_line"),
+    [
+        pytest.param(
+            True, True, "  FILES = ('hand.csv')\n", "  ON_ERROR = ABORT_STATEMENT FORCE = TRUE", id="loader"
+        ),
+        pytest.param(False, True, "", "  ON_ERROR = ABORT_STATEMENT FORCE = TRUE", id="no-files"),
+        pytest.param(True, False, "  FILES = ('hand.csv')\n", "  ON_ERROR = ABORT_STATEMENT", id="no-force"),
+        pytest.param(False, False, "", "  ON_ERROR = ABORT_STATEMENT", id="pipe-shape"),
+    ],
+)
+def test_copy_into_names_files_and_forces_only_when_asked(
+    name_files: bool, force: bool, files_line: str, last_line: str
+) -> None:
+    staged = parse_data_key("staging/public/orders/hand.csv", "staging")
+
+    sql = build_copy_into(
+        database="DB",
+        control_schema="PGSNOW",
+        stage="PGSNOW_STAGE",
+        staged=staged,
+        columns=[LoadColumn.from_manifest(ORDERS_COLUMNS[0])],
+        name_files=name_files,
+        force=force,
+    )
+
+    assert sql == (
+        'COPY INTO "DB"."PUBLIC"."ORDERS" ("ORDER_ID")\n'
+        '  FROM (SELECT $1 FROM @"DB"."PGSNOW"."PGSNOW_STAGE"/public/orders/)\n'
+        f"{files_line}"
+        "  FILE_FORMAT = (TYPE = CSV COMPRESSION = NONE FIELD_DELIMITER = ',' SKIP_HEADER = 1\n"
+        "                 FIELD_OPTIONALLY_ENCLOSED_BY = '\"' ESCAPE_UNENCLOSED_FIELD = NONE\n"
+        "                 NULL_IF = () EMPTY_FIELD_AS_NULL = TRUE)\n"
+        f"{last_line}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("replace", "create"),
+    [
+        pytest.param(False, "CREATE PIPE IF NOT EXISTS", id="kept"),
+        pytest.param(True, "CREATE OR REPLACE PIPE", id="redefined"),
+    ],
+)
+def test_table_pipe_is_the_loaders_copy_naming_no_files(replace: bool, create: str) -> None:
+    staged = parse_data_key(f"staging/public/orders/public_orders_batch2_{RUN}.parquet", "staging")
+
+    sql = build_table_pipe(
+        database="DB",
+        control_schema="PGSNOW",
+        stage="PGSNOW_STAGE",
+        pipe="PGSNOW_PIPE_PUBLIC_ORDERS",
+        staged=staged,
+        columns=[LoadColumn.from_manifest(c) for c in ORDERS_COLUMNS],
+        replace=replace,
+    )
+
+    assert sql == (
+        f'{create} "DB"."PGSNOW"."PGSNOW_PIPE_PUBLIC_ORDERS" AUTO_INGEST = FALSE AS\n'
+        'COPY INTO "DB"."PUBLIC"."ORDERS" ("ORDER_ID", "PAYLOAD", "BLOB")\n'
+        '  FROM (SELECT $1:"order_id"::NUMBER(38,0), PARSE_JSON($1:"payload"::VARCHAR), $1:"blob"::BINARY '
+        'FROM @"DB"."PGSNOW"."PGSNOW_STAGE"/public/orders/)\n'
+        "  FILE_FORMAT = (TYPE = PARQUET)\n"
+        "  ON_ERROR = ABORT_STATEMENT"
+    )
+
+
+def test_named_csv_file_format_has_the_copys_options_on_one_line() -> None:
+    sql = build_create_file_format("DB", "PGSNOW", "PGSNOW_CSV", FileFormat.CSV)
+
+    assert sql == (
+        'CREATE FILE FORMAT IF NOT EXISTS "DB"."PGSNOW"."PGSNOW_CSV" TYPE = CSV COMPRESSION = AUTO '
+        "FIELD_DELIMITER = ',' SKIP_HEADER = 1 FIELD_OPTIONALLY_ENCLOSED_BY = '\"' "
+        "ESCAPE_UNENCLOSED_FIELD = NONE NULL_IF = () EMPTY_FIELD_AS_NULL = TRUE"
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "placeholders"),
+    [
+        pytest.param(["a"], "%s", id="one"),
+        pytest.param(["a", "b", "c"], "%s, %s, %s", id="three"),
+    ],
+)
+def test_placeholder_list_has_one_placeholder_per_value(values: list[str], placeholders: str) -> None:
+    assert placeholder_list(values, empty_error="no keys") == placeholders
+
+
+def test_placeholder_list_refuses_no_values() -> None:
+    with pytest.raises(PermanentError, match="no keys to look up"):
+        placeholder_list([], empty_error="no keys to look up")
 
 
 @pytest.mark.parametrize(

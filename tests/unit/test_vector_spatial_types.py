@@ -30,7 +30,7 @@ from pgsnow.local.sf_copy_sql import (
 )
 from pgsnow.manifest import Column
 from pgsnow.schema_evolution import ExistingColumn, plan_table_changes
-from pgsnow.snowflake import LoadColumn, build_insert_rows, load_columns_from_table
+from pgsnow.snowflake.load_sql import LoadColumn, build_insert_rows, load_columns_from_table
 from pgsnow.typemap import ValueKind, map_pg_type
 
 # --- the type contract ---------------------------------------------------------------------------

@@ -90,7 +90,7 @@ class LocalStack:
         return Settings.from_env(self.env, component=component)
 
     def snowflake_connection(self) -> Any:
-        from pgsnow.snowflake import connect
+        from pgsnow.snowflake.connection import connect
 
         return connect(self.settings(Component.LOADER).snowflake)
 
@@ -182,7 +182,7 @@ def create_snowflake_objects(sf_conn: Any, settings: Settings) -> None:
     The stage is replaced on every start: one kept in ``data_dir`` from an earlier start may name
     another bucket or no integration. The credentials method needs no permanent stage: the
     loader's temporary stage hides any left from an earlier start, in its own session."""
-    from pgsnow.snowflake import build_create_stage
+    from pgsnow.snowflake.load_sql import build_create_stage
 
     database = settings.snowflake.database or SNOWFLAKE_DATABASE
     control = settings.snowflake.control_schema
@@ -225,7 +225,7 @@ def create_storage_integration(
     Returns the integration's name."""
     from pgsnow.local.iam import create_storage_role, expected_storage_role_arn
     from pgsnow.setup_sql import SetupOptions, build_setup_steps
-    from pgsnow.snowflake import string_literal
+    from pgsnow.snowflake.sql_text import string_literal
 
     role_arn = expected_storage_role_arn(aws, resources, template_path=template_path, params=parameters)
     options = SetupOptions(

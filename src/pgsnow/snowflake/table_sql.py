@@ -1,0 +1,379 @@
+"""SQL for target tables: schema and table DDL, column look-ups, schema evolution and the write
+modes (work and shadow tables, MERGE, swap, deletes); at the end, the load ledger's statements
+(moving to ``pgsnow.ledger``).
+
+Pure functions: each shape is read and unit-tested as text (tests/unit/test_snowflake_sql.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pgsnow.errors import PermanentError
+from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
+from pgsnow.manifest import Column
+from pgsnow.snowflake.sql_text import Statement, string_literal
+
+
+def build_create_schema(database: str, schema: str) -> str:
+    return f"CREATE SCHEMA IF NOT EXISTS {quote_qualified(database, schema)}"
+
+
+def build_create_table(database: str, columns: Sequence[Column], table: TableRef) -> str:
+    """CREATE TABLE IF NOT EXISTS from the manifest's columns, NOT NULL where the source is."""
+    if not columns:
+        raise PermanentError("cannot create a table without columns", table=table.qualified)
+    column_defs = ",\n  ".join(
+        f"{quote_ident(c.snowflake_name)} {c.snowflake_type}{'' if c.nullable else ' NOT NULL'}"
+        for c in columns
+    )
+    target = quote_qualified(database, table.snowflake_schema, table.snowflake_table)
+    return f"CREATE TABLE IF NOT EXISTS {target} (\n  {column_defs}\n)"
+
+
+def build_select_table_columns(database: str, schema: str, table: str) -> Statement:
+    """Columns of an existing target table, in order (for hand-dropped files without a manifest)."""
+    sql = (
+        'SELECT "COLUMN_NAME", "DATA_TYPE"\n'
+        f'FROM {quote_ident(database)}."INFORMATION_SCHEMA"."COLUMNS"\n'
+        'WHERE "TABLE_SCHEMA" = %s AND "TABLE_NAME" = %s\n'
+        'ORDER BY "ORDINAL_POSITION"'
+    )
+    return sql, (schema, table)
+
+
+# --------------------------------------------------------------------------- schema evolution
+
+
+def build_select_column_types(database: str, schema: str, table: str) -> Statement:
+    """An existing table's columns with precision/scale/length and nullability ('YES'/'NO'),
+    for schema evolution and hand-dropped files."""
+    sql = (
+        'SELECT "COLUMN_NAME", "DATA_TYPE", "NUMERIC_PRECISION", "NUMERIC_SCALE", "CHARACTER_MAXIMUM_LENGTH", '
+        '"IS_NULLABLE"\n'
+        f'FROM {quote_ident(database)}."INFORMATION_SCHEMA"."COLUMNS"\n'
+        'WHERE "TABLE_SCHEMA" = %s AND "TABLE_NAME" = %s\n'
+        'ORDER BY "ORDINAL_POSITION"'
+    )
+    return sql, (schema, table)
+
+
+def build_add_column(table: tuple[str, str, str], column: Column) -> str:
+    """A new source column; always nullable, because existing rows have no value for it."""
+    target = quote_qualified(*table)
+    return f"ALTER TABLE {target} ADD COLUMN {quote_ident(column.snowflake_name)} {column.snowflake_type}"
+
+
+def build_drop_not_null(table: tuple[str, str, str], column_name: str) -> str:
+    """Make a NOT NULL column nullable: the source dropped it, or dropped its NOT NULL."""
+    return f"ALTER TABLE {quote_qualified(*table)} ALTER COLUMN {quote_ident(column_name)} DROP NOT NULL"
+
+
+def build_widen_column(table: tuple[str, str, str], column: Column) -> str:
+    target = quote_qualified(*table)
+    return (
+        f"ALTER TABLE {target} ALTER COLUMN {quote_ident(column.snowflake_name)} "
+        f"SET DATA TYPE {column.snowflake_type}"
+    )
+
+
+# --------------------------------------------------------------------------- write modes
+
+
+def build_create_work_table(target: tuple[str, str, str], columns: Sequence[Column]) -> str:
+    """A transient table with the target's columns (no NOT NULL: a work table only stages rows).
+
+    Transient, not temporary: it is fully qualified in the control schema, and the name is
+    unique per load, so concurrent loaders never share one.
+    """
+    column_defs = ", ".join(f"{quote_ident(c.snowflake_name)} {c.snowflake_type}" for c in columns)
+    return f"CREATE OR REPLACE TRANSIENT TABLE {quote_qualified(*target)} ({column_defs})"
+
+
+def build_create_shadow_table(shadow: tuple[str, str, str], columns: Sequence[Column]) -> str:
+    """The new table a replace run loads into, swapped with the target when the run is complete."""
+    column_defs = ", ".join(
+        f"{quote_ident(c.snowflake_name)} {c.snowflake_type}{'' if c.nullable else ' NOT NULL'}"
+        for c in columns
+    )
+    return f"CREATE TABLE IF NOT EXISTS {quote_qualified(*shadow)} ({column_defs})"
+
+
+def build_drop_table(table: tuple[str, str, str]) -> str:
+    return f"DROP TABLE IF EXISTS {quote_qualified(*table)}"
+
+
+RUN_ID_COLUMN = "_PGSNOW_RUN_ID"  # merge targets without a cursor column: the run that wrote the row
+
+
+def build_add_run_id_column(target: tuple[str, str, str]) -> str:
+    return f"ALTER TABLE {quote_qualified(*target)} ADD COLUMN IF NOT EXISTS {quote_ident(RUN_ID_COLUMN)} VARCHAR"
+
+
+def build_merge_from(
+    *,
+    target: tuple[str, str, str],
+    source: tuple[str, str, str],
+    columns: Sequence[Column],
+    primary_key: Sequence[str],
+    cursor_column: str | None,
+    run_id: str | None = None,
+) -> Statement:
+    """One MERGE of a work table into the target: newest row per key wins.
+
+    The work table is de-duplicated by primary key keeping the highest cursor value; with a
+    cursor an existing row is only overwritten by a row at least as new, so an older run
+    delivered late cannot roll a row back. Without a cursor the run id (a UTC start time, so
+    runs sort by age) plays that part: the target keeps it per row in RUN_ID_COLUMN (see
+    ``build_add_run_id_column``), and a row is only overwritten by a run at least as new.
+    """
+    if not primary_key:
+        raise PermanentError("merge needs a primary key", table=".".join(target))
+    by_name = {c.name: c for c in columns}
+    missing = [
+        name for name in (*primary_key, *([cursor_column] if cursor_column else [])) if name not in by_name
+    ]
+    if missing:
+        raise PermanentError(f"merge key/cursor column(s) not in the manifest: {', '.join(missing)}")
+    keys = [quote_ident(by_name[name].snowflake_name) for name in primary_key]
+    cursor = quote_ident(by_name[cursor_column].snowflake_name) if cursor_column else None
+    run_guard = cursor is None and run_id is not None
+    order = f"{cursor} DESC NULLS LAST" if cursor else keys[0]
+    names = [quote_ident(c.snowflake_name) for c in columns]
+    written = [*names, quote_ident(RUN_ID_COLUMN)] if run_guard else names
+    on = " AND ".join(f'"TARGET".{k} = "SOURCE".{k}' for k in keys)
+    updates = ", ".join(f'{n} = "SOURCE".{n}' for n in written if n not in keys)
+    newest = cursor if cursor else (quote_ident(RUN_ID_COLUMN) if run_guard else None)
+    newer = f' AND ("TARGET".{newest} IS NULL OR "SOURCE".{newest} >= "TARGET".{newest})' if newest else ""
+    source_values = ", ".join('"SOURCE".' + n for n in written)
+    matched = f"WHEN MATCHED{newer} THEN UPDATE SET {updates}\n" if updates else ""
+    run_value = f", %s AS {quote_ident(RUN_ID_COLUMN)}" if run_guard else ""
+    statement = (
+        f'MERGE INTO {quote_qualified(*target)} AS "TARGET"\n'
+        f"USING (SELECT *{run_value} FROM {quote_qualified(*source)}\n"
+        f'       QUALIFY ROW_NUMBER() OVER (PARTITION BY {", ".join(keys)} ORDER BY {order}) = 1) AS "SOURCE"\n'
+        f"ON {on}\n"
+        f"{matched}"
+        f"WHEN NOT MATCHED THEN INSERT ({', '.join(written)})\n"
+        f"VALUES ({source_values})"
+    )
+    return statement, ((run_id,) if run_guard else ())
+
+
+def build_swap_with(table: tuple[str, str, str], other: tuple[str, str, str]) -> str:
+    """Atomically exchange two tables: readers see the old table or the new one, never a mix."""
+    return f"ALTER TABLE {quote_qualified(*table)} SWAP WITH {quote_qualified(*other)}"
+
+
+def replace_run_tag(run_id: str) -> str:
+    """The comment a replace run's shadow table carries into the target when they are swapped."""
+    return f"pgsnow replace run {run_id}"
+
+
+def build_set_table_comment(table: tuple[str, str, str], comment: str) -> str:
+    return f"ALTER TABLE {quote_qualified(*table)} SET COMMENT = {string_literal(comment)}"
+
+
+def build_select_table_comment(database: str, schema: str, table: str) -> Statement:
+    """The table's comment: SWAP WITH exchanges it with the rest of the table's metadata."""
+    sql = (
+        f'SELECT "COMMENT" FROM {quote_ident(database)}."INFORMATION_SCHEMA"."TABLES"\n'
+        'WHERE "TABLE_SCHEMA" = %s AND "TABLE_NAME" = %s'
+    )
+    return sql, (schema, table)
+
+
+def build_rename_table(table: tuple[str, str, str], new: tuple[str, str, str]) -> str:
+    return f"ALTER TABLE {quote_qualified(*table)} RENAME TO {quote_qualified(*new)}"
+
+
+SOFT_DELETE_COLUMN = "_PGSNOW_DELETED_AT"
+
+
+def build_add_soft_delete_column(target: tuple[str, str, str]) -> str:
+    return (
+        f"ALTER TABLE {quote_qualified(*target)} ADD COLUMN IF NOT EXISTS "
+        f"{quote_ident(SOFT_DELETE_COLUMN)} TIMESTAMP_TZ(6)"
+    )
+
+
+def build_apply_deletes(
+    *, target: tuple[str, str, str], keys_table: tuple[str, str, str], key_columns: Sequence[str], soft: bool
+) -> str:
+    """Delete (or mark deleted) the target rows whose primary key is not in the run's full key list."""
+    if not key_columns:
+        raise PermanentError("deletes need a primary key", table=".".join(target))
+    match = " AND ".join(f'"KEYS".{quote_ident(k)} = "TARGET".{quote_ident(k)}' for k in key_columns)
+    gone = f'NOT EXISTS (SELECT 1 FROM {quote_qualified(*keys_table)} AS "KEYS" WHERE {match})'
+    if soft:
+        column = quote_ident(SOFT_DELETE_COLUMN)
+        return (
+            f'UPDATE {quote_qualified(*target)} AS "TARGET" SET {column} = CURRENT_TIMESTAMP()\n'
+            f'WHERE "TARGET".{column} IS NULL AND {gone}'
+        )
+    return f'DELETE FROM {quote_qualified(*target)} AS "TARGET"\nWHERE {gone}'
+
+
+# --- ledger (moving to pgsnow.ledger)
+
+
+LEDGER_TABLE = "LOAD_LEDGER"
+
+
+def ledger_name(database: str, control_schema: str) -> str:
+    return quote_qualified(database, control_schema, LEDGER_TABLE)
+
+
+def build_create_ledger(database: str, control_schema: str) -> str:
+    """The load ledger: one row per S3 key loaded, written in the same transaction as its COPY.
+
+    schema_name/table_name are the PostgreSQL (source) names, as in the key.
+    """
+    return (
+        f"CREATE TABLE IF NOT EXISTS {ledger_name(database, control_schema)} (\n"
+        '  "S3_KEY" VARCHAR NOT NULL,\n'
+        '  "ETAG" VARCHAR,\n'
+        '  "SHA256" VARCHAR,\n'
+        '  "RUN_ID" VARCHAR,\n'
+        '  "SCHEMA_NAME" VARCHAR NOT NULL,\n'
+        '  "TABLE_NAME" VARCHAR NOT NULL,\n'
+        '  "ROWS_LOADED" NUMBER(38,0),\n'
+        '  "LOADED_AT" TIMESTAMP_TZ(6),\n'
+        '  PRIMARY KEY ("S3_KEY")\n'
+        ")"
+    )
+
+
+@dataclass(frozen=True)
+class LedgerClaim:
+    s3_key: str
+    etag: str | None
+    sha256: str | None
+    run_id: str | None
+    schema_name: str
+    table_name: str
+
+
+def build_claim_file(database: str, control_schema: str, claim: LedgerClaim) -> Statement:
+    """Insert the key's ledger row unless it exists. The MERGE locks the ledger, so a concurrent
+    delivery of the same key waits for this transaction and then finds the row.
+
+    WHEN MATCHED rewrites the row unchanged: it takes the existing row's lock too.
+    """
+    sql = (
+        f'MERGE INTO {ledger_name(database, control_schema)} AS "LEDGER"\n'
+        'USING (SELECT %s AS "S3_KEY", %s AS "ETAG", %s AS "SHA256", %s AS "RUN_ID", '
+        '%s AS "SCHEMA_NAME", %s AS "TABLE_NAME") AS "CLAIM"\n'
+        'ON "LEDGER"."S3_KEY" = "CLAIM"."S3_KEY"\n'
+        'WHEN MATCHED THEN UPDATE SET "S3_KEY" = "LEDGER"."S3_KEY"\n'
+        'WHEN NOT MATCHED THEN INSERT ("S3_KEY", "ETAG", "SHA256", "RUN_ID", "SCHEMA_NAME", "TABLE_NAME")\n'
+        'VALUES ("CLAIM"."S3_KEY", "CLAIM"."ETAG", "CLAIM"."SHA256", "CLAIM"."RUN_ID", '
+        '"CLAIM"."SCHEMA_NAME", "CLAIM"."TABLE_NAME")'
+    )
+    params = (claim.s3_key, claim.etag, claim.sha256, claim.run_id, claim.schema_name, claim.table_name)
+    return sql, params
+
+
+def build_select_ledger_entry(database: str, control_schema: str, s3_key: str) -> Statement:
+    """The key's ledger row: ETAG, SHA256, ROWS_LOADED, LOADED_AT (NULL until loaded), STATUS."""
+    sql = (
+        'SELECT "ETAG", "SHA256", "ROWS_LOADED", "LOADED_AT", "STATUS"\n'
+        f'FROM {ledger_name(database, control_schema)} WHERE "S3_KEY" = %s'
+    )
+    return sql, (s3_key,)
+
+
+def build_select_newer_runs(
+    database: str,
+    control_schema: str,
+    *,
+    schema_name: str,
+    table_name: str,
+    run_id: str,
+    applied_only: bool,
+) -> Statement:
+    """Runs of the table newer than ``run_id`` that the ledger holds as loaded (or, with
+    ``applied_only``, as applied: a replace run's swap, a run's deletes).
+
+    Run ids are UTC start times of one fixed width, so comparing the text compares the times.
+    schema_name/table_name are the PostgreSQL (source) names, as the ledger keeps them.
+    """
+    applied = " AND \"STATUS\" = 'APPLIED'" if applied_only else ""
+    sql = (
+        f'SELECT DISTINCT "RUN_ID" FROM {ledger_name(database, control_schema)}\n'
+        'WHERE "SCHEMA_NAME" = %s AND "TABLE_NAME" = %s AND "RUN_ID" > %s AND "LOADED_AT" IS NOT NULL'
+        f"{applied}"
+    )
+    return sql, (schema_name, table_name, run_id)
+
+
+def build_upgrade_ledger(database: str, control_schema: str) -> list[str]:
+    """Columns added to the ledger after its first version (a ledger created earlier gains them)."""
+    ledger = ledger_name(database, control_schema)
+    return [
+        f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "STATUS" VARCHAR',
+        f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "ERRORS_SEEN" NUMBER(38,0)',
+        f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "FIRST_ERROR" VARCHAR',
+        # LOAD_METHOD=snowpipe: when the file was first submitted (insertFiles), so a later
+        # attempt can find an earlier submission's outcome with loadHistoryScan.
+        f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "SUBMITTED_AT" TIMESTAMP_TZ(6)',
+    ]
+
+
+def build_mark_submitted(database: str, control_schema: str, keys: Sequence[str]) -> Statement:
+    """Record that these keys were (or are about to be) submitted to Snowpipe; the first time is kept."""
+    if not keys:
+        raise PermanentError("no keys to mark")
+    placeholders = ", ".join(["%s"] * len(keys))
+    sql = (
+        f"UPDATE {ledger_name(database, control_schema)}\n"
+        'SET "SUBMITTED_AT" = COALESCE("SUBMITTED_AT", CURRENT_TIMESTAMP()), "STATUS" = \'SUBMITTED\'\n'
+        f'WHERE "LOADED_AT" IS NULL AND "S3_KEY" IN ({placeholders})'
+    )
+    return sql, tuple(keys)
+
+
+def build_select_earliest_submission(database: str, control_schema: str, keys: Sequence[str]) -> Statement:
+    """The earliest submission time of these keys (NULL when none was submitted before)."""
+    if not keys:
+        raise PermanentError("no keys to look up")
+    placeholders = ", ".join(["%s"] * len(keys))
+    sql = (
+        'SELECT MIN("SUBMITTED_AT")\n'
+        f'FROM {ledger_name(database, control_schema)} WHERE "S3_KEY" IN ({placeholders})'
+    )
+    return sql, tuple(keys)
+
+
+def build_record_load(
+    database: str,
+    control_schema: str,
+    s3_key: str,
+    rows_loaded: int,
+    *,
+    status: str = "LOADED",
+    errors_seen: int = 0,
+    first_error: str | None = None,
+) -> Statement:
+    """Mark the key loaded. ``status`` is LOADED, or PARTIALLY_LOADED (ON_ERROR = CONTINUE
+    rejected some rows: the file is done, and the ledger says what was left out)."""
+    sql = (
+        f"UPDATE {ledger_name(database, control_schema)}\n"
+        'SET "ROWS_LOADED" = %s, "LOADED_AT" = CURRENT_TIMESTAMP(), "STATUS" = %s, '
+        '"ERRORS_SEEN" = %s, "FIRST_ERROR" = %s\n'
+        'WHERE "S3_KEY" = %s'
+    )
+    return sql, (rows_loaded, status, errors_seen, first_error, s3_key)
+
+
+def build_select_loaded_keys(database: str, control_schema: str, keys: Sequence[str]) -> Statement:
+    """Which of these keys the ledger holds as loaded (a run's completeness check)."""
+    if not keys:
+        raise PermanentError("no keys to look up")
+    placeholders = ", ".join(["%s"] * len(keys))
+    sql = (
+        f'SELECT "S3_KEY" FROM {ledger_name(database, control_schema)}\n'
+        f'WHERE "LOADED_AT" IS NOT NULL AND "S3_KEY" IN ({placeholders})'
+    )
+    return sql, tuple(keys)
