@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -98,25 +98,16 @@ def iso_utc(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+@dataclass(kw_only=True, eq=False)  # compared by identity, like the connection it stands for
 class SnowpipeClient:
     """insertFiles / insertReport / loadHistoryScan through the SDK, errors sorted retryable vs permanent."""
 
-    def __init__(
-        self,
-        *,
-        account: str,
-        user: str,
-        private_key_pem: str,
-        endpoint: SnowpipeEndpoint,
-        confirm_timeout_s: float = DEFAULT_CONFIRM_TIMEOUT_S,
-        poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
-    ) -> None:
-        self.account = account
-        self.user = user
-        self._private_key_pem = private_key_pem
-        self.endpoint = endpoint
-        self.confirm_timeout_s = confirm_timeout_s
-        self.poll_interval_s = poll_interval_s
+    account: str
+    user: str
+    private_key_pem: str = field(repr=False)  # signs the JWT: never in a log line
+    endpoint: SnowpipeEndpoint
+    confirm_timeout_s: float = DEFAULT_CONFIRM_TIMEOUT_S
+    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
 
     def _manager(self, pipe: str) -> SimpleIngestManager:
         from snowflake.ingest import SimpleIngestManager
@@ -125,7 +116,7 @@ class SnowpipeClient:
             account=self.account,
             user=self.user,
             pipe=pipe,
-            private_key=self._private_key_pem,
+            private_key=self.private_key_pem,
             scheme=self.endpoint.scheme,
             host=self.endpoint.host,
             port=self.endpoint.port,

@@ -390,14 +390,23 @@ def _extension_type_expression(column: LoadColumn, text: str) -> str | None:
 
 
 def _csv_select_expression(position: int, column: LoadColumn) -> str:
-    value = f"${position}"
-    if (extension := _extension_type_expression(column, value)) is not None:
+    return _from_csv_text(column, f"${position}", cast=False)
+
+
+def _from_csv_text(column: LoadColumn, text: str, *, cast: bool) -> str:
+    """The column's value from the text of its CSV field (the COPY's ``$n``, INSERT's bound value).
+
+    JSON, binary and the extension types need a function; for the other kinds a COPY converts
+    the text into the target column itself, while INSERT's ``SELECT ... FROM VALUES`` has only
+    text and needs the ``cast``.
+    """
+    if (extension := _extension_type_expression(column, text)) is not None:
         return extension
     if column.kind is ValueKind.JSON:
-        return f"PARSE_JSON({value})"
+        return f"PARSE_JSON({text})"
     if column.kind is ValueKind.BINARY:
-        return f"TO_BINARY({value}, 'HEX')"
-    return value
+        return f"TO_BINARY({text}, 'HEX')"
+    return f"CAST({text} AS {column.snowflake_type})" if cast else text
 
 
 def _parquet_select_expression(column: LoadColumn) -> str:
@@ -474,17 +483,7 @@ def build_insert_rows(target: tuple[str, str, str], columns: Sequence[LoadColumn
     """
     names = ", ".join(quote_ident(c.snowflake_name) for c in columns)
     values = ", ".join(
-        _insert_expression(c, quote_ident(f"COLUMN{i}")) for i, c in enumerate(columns, start=1)
+        _from_csv_text(c, quote_ident(f"COLUMN{i}"), cast=True) for i, c in enumerate(columns, start=1)
     )
     placeholders = placeholder_list(columns, empty_error="no columns to insert")
     return f"INSERT INTO {quote_qualified(*target)} ({names})\nSELECT {values}\nFROM VALUES ({placeholders})"
-
-
-def _insert_expression(column: LoadColumn, value: str) -> str:
-    if (extension := _extension_type_expression(column, value)) is not None:
-        return extension
-    if column.kind is ValueKind.JSON:
-        return f"PARSE_JSON({value})"
-    if column.kind is ValueKind.BINARY:
-        return f"TO_BINARY({value}, 'HEX')"
-    return f"CAST({value} AS {column.snowflake_type})"
