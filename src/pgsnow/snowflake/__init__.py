@@ -3,10 +3,10 @@
 - ``connection``: ``connect`` and the connector arguments (key pair from Secrets Manager, or a
   password locally).
 - ``sql_text``: what every builder shares: the one paramstyle, its placeholders, string literals.
-- ``table_sql``: target tables: DDL, schema evolution, the write modes (MERGE, swap, deletes),
-  column look-ups, the session's query tag; and the load ledger's statements.
-- ``load_sql``: reading staged files: stages, stage credentials, COPY, Snowpipe pipes, and the
-  INSERT of ``LOAD_METHOD=insert``, each value converted the same way.
+- ``table_sql``: target tables: DDL, column look-ups, schema evolution, the write modes (MERGE,
+  swap, deletes); and the load ledger's statements (moving to ``pgsnow.ledger``).
+- ``load_sql``: reading staged files: stages, stage credentials, COPY, Snowpipe pipes, the INSERT
+  of ``LOAD_METHOD=insert`` (each value converted the same way), and the session's query tag.
 - ``error_classifier``: ``classify_snowflake_error`` (retryable or permanent) and
   ``redact_credentials``.
 
