@@ -111,6 +111,10 @@ class RunStore:
         self._bucket = bucket
         self._clock = clock
 
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
     # --------------------------------------------------------------------- one GET, one PUT
 
     def _get(self, key: str) -> _StoredObject | None:
