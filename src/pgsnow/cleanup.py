@@ -18,8 +18,8 @@ the loader to call after a file loads.
 
 Two cleanups at once: before removing anything, a cleanup records the keys it is
 about to remove in the manifest's ``cleaned`` list with a conditional write
-(``If-Match`` on the manifest's ETag, and on a versioned bucket a check that its
-version is the first one written after the version it read). Only the writer that
+(``If-Match`` on the manifest's ETag: ``pgsnow.runs.RunStore.write_manifest_if_unchanged``,
+atomic in S3). Only the writer that
 wins removes the files; the other re-reads the manifest and finds nothing left to
 do. A crash between the claim and the removal leaves loaded files that the orphan
 sweeper (``pgsnow.sweeper``) removes later.
@@ -45,20 +45,19 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pgsnow.config import CleanupMode, Settings
-from pgsnow.errors import ConfigError, RetryableError, aws_error_code
+from pgsnow.errors import ConfigError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX, normalise_prefix
 from pgsnow.manifest import META_SHA256, RunManifest, RunState, StagedFile
 from pgsnow.observability import logger
 from pgsnow.runs import RunStore
 from pgsnow.snowflake import ledger_name
-from pgsnow.staging import classify_s3_error
+from pgsnow.staging import raise_unless_missing
 
 # Snowflake caps the number of expressions in an IN list; stay well below it.
 _LEDGER_QUERY_CHUNK = 500
 # How often a cleanup re-reads a manifest another writer changed under it before giving up.
 _CLAIM_ATTEMPTS = 5
-_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchVersion"})
 
 
 @dataclass
@@ -225,12 +224,9 @@ def remove_loaded_file(
             Delete={"Objects": [{"Key": key, "VersionId": v["VersionId"]} for v in ours], "Quiet": True},
         )
         return int(ours[0].get("Size", 0))
-    except ClientError as exc:
-        if aws_error_code(exc) in _MISSING_CODES:
-            return None
-        raise classify_s3_error(exc, s3_key=key) from exc
-    except BotoCoreError as exc:
-        raise classify_s3_error(exc, s3_key=key) from exc
+    except (ClientError, BotoCoreError) as exc:
+        raise_unless_missing(exc, s3_key=key)
+        return None
 
 
 def _remove_unversioned(s3: Any, bucket: str, key: str, ledger: LedgerRow, archive: str | None) -> int | None:

@@ -32,6 +32,7 @@ MANIFESTS_PREFIX = f"{CONTROL_PREFIX}/manifests/"
 KEY_LISTS_PREFIX = f"{CONTROL_PREFIX}/keys"
 ORPHAN_REPORTS_PREFIX = f"{CONTROL_PREFIX}/reports/orphans/"
 _RUN_ID = re.compile(r"^\d{8}T\d{12}Z$")
+_RUN_ID_FORMAT = "%Y%m%dT%H%M%S%fZ"
 
 
 class FileFormat(StrEnum):
@@ -60,7 +61,12 @@ _EXTENSIONS: dict[str, tuple[FileFormat, bool]] = {
 def new_run_id(now: datetime | None = None) -> str:
     """A sortable, unique-per-table run id: the UTC start time to the microsecond."""
     moment = (now or datetime.now(UTC)).astimezone(UTC)
-    return moment.strftime("%Y%m%dT%H%M%S%fZ")
+    return moment.strftime(_RUN_ID_FORMAT)
+
+
+def run_started_at(run_id: str) -> datetime:
+    """When the run started: its id read back."""
+    return datetime.strptime(run_id, _RUN_ID_FORMAT).replace(tzinfo=UTC)
 
 
 def is_run_id(text: str) -> bool:

@@ -67,13 +67,12 @@ from pgsnow.keys import (
     watermark_key,
 )
 from pgsnow.manifest import RunManifest
-from pgsnow.staging import classify_s3_error, put_data_file
+from pgsnow.staging import classify_s3_error, put_data_file, raise_unless_missing
 
 JSON_CONTENT_TYPE = "application/json"
 # S3's answers to a conditional write that lost: the object changed, or a concurrent write is in flight.
 _CONDITION_FAILED_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 _CONDITION_FAILED_STATUSES = frozenset({412, 409})
-_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchVersion"})
 
 
 class ManifestNotFoundError(PermanentError):
@@ -122,12 +121,9 @@ class RunStore:
         try:
             response = self._s3.get_object(Bucket=self._bucket, Key=key)
             body = response["Body"].read()
-        except ClientError as exc:
-            if aws_error_code(exc) in _MISSING_CODES:
-                return None
-            raise classify_s3_error(exc, s3_key=key) from exc
-        except BotoCoreError as exc:
-            raise classify_s3_error(exc, s3_key=key) from exc
+        except (ClientError, BotoCoreError) as exc:
+            raise_unless_missing(exc, s3_key=key)
+            return None
         version = response.get("VersionId")
         return _StoredObject(
             body,
@@ -329,9 +325,8 @@ class RunStore:
         try:
             self._s3.delete_object(Bucket=self._bucket, Key=key, IfMatch=lease.etag)
         except ClientError as exc:
-            if _condition_failed(exc) or aws_error_code(exc) in _MISSING_CODES:
-                return
-            raise classify_s3_error(exc, s3_key=key) from exc
+            if not _condition_failed(exc):  # taken over meanwhile: not ours to delete
+                raise_unless_missing(exc, s3_key=key)
         except BotoCoreError as exc:
             raise classify_s3_error(exc, s3_key=key) from exc
 

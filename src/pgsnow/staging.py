@@ -21,6 +21,8 @@ from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256
 CSV_CONTENT_TYPE = "text/csv; charset=utf-8"
 PARQUET_CONTENT_TYPE = "application/vnd.apache.parquet"
 
+# S3's answers for a key (or version) that is not there.
+MISSING_OBJECT_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchVersion"})
 _RETRYABLE_S3_CODES = {
     "SlowDown",
     "Throttling",
@@ -43,6 +45,16 @@ def classify_s3_error(exc: ClientError | BotoCoreError, *, s3_key: str | None = 
     if code in _RETRYABLE_S3_CODES or status >= 500:
         return RetryableError(f"S3 {code or status}: {exc}", s3_key=s3_key)
     return PermanentError(f"S3 {code or status}: {exc}", s3_key=s3_key)
+
+
+def is_missing_object(exc: ClientError | BotoCoreError) -> bool:
+    return isinstance(exc, ClientError) and aws_error_code(exc) in MISSING_OBJECT_CODES
+
+
+def raise_unless_missing(exc: ClientError | BotoCoreError, *, s3_key: str) -> None:
+    """Return when S3 answered that the object is not there; otherwise raise the classified error."""
+    if not is_missing_object(exc):
+        raise classify_s3_error(exc, s3_key=s3_key) from exc
 
 
 def data_file_metadata(*, run_id: str, batch: int, rows: int, sha256: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ from urllib.parse import unquote_plus
 from pgsnow.cleanup import ledger_rows, loaded_files
 from pgsnow.config import Settings
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import table_prefix
+from pgsnow.keys import run_started_at, table_prefix
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.runs import RunStore
 
@@ -138,10 +138,6 @@ def read_dead_letters(sqs: Any, dlq_url: str) -> DeadLetters:
     return DeadLetters(count=max(count, len(seen)), keys=keys)
 
 
-def _run_started(run_id: str) -> datetime:
-    return datetime.strptime(run_id, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC)
-
-
 def table_status(
     *,
     settings: Settings,
@@ -169,7 +165,7 @@ def table_status(
     if last_loaded is None:
         earlier = islice(runs, _LOADED_RUN_LOOKBACK - 1)
         last_loaded = next((m for m in earlier if m.state is RunState.LOADED), None)
-    lag = None if last_loaded is None else int((now - _run_started(last_loaded.run_id)).total_seconds())
+    lag = None if last_loaded is None else int((now - run_started_at(last_loaded.run_id)).total_seconds())
     watermark = None
     if last_loaded is not None:
         watermark = last_loaded.watermark_after or last_loaded.watermark_before
