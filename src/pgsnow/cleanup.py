@@ -18,8 +18,8 @@ the loader to call after a file loads.
 
 Two cleanups at once: before removing anything, a cleanup records the keys it is
 about to remove in the manifest's ``cleaned`` list with a conditional write
-(``If-Match`` on the manifest's ETag, and on a versioned bucket a check that its
-version is the first one written after the version it read). Only the writer that
+(``If-Match`` on the manifest's ETag: ``pgsnow.runs.RunStore.write_manifest_if_unchanged``,
+atomic in S3). Only the writer that
 wins removes the files; the other re-reads the manifest and finds nothing left to
 do. A crash between the claim and the removal leaves loaded files that the orphan
 sweeper (``pgsnow.sweeper``) removes later.
@@ -40,27 +40,24 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pgsnow.config import CleanupMode, Settings
-from pgsnow.errors import ConfigError, RetryableError, aws_error_code
+from pgsnow.errors import ConfigError, RetryableError
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import CONTROL_PREFIX, manifest_key, normalise_prefix
+from pgsnow.keys import CONTROL_PREFIX, normalise_prefix
 from pgsnow.manifest import META_SHA256, RunManifest, RunState, StagedFile
 from pgsnow.observability import logger
+from pgsnow.runs import RunStore
 from pgsnow.snowflake.table_sql import ledger_name
-from pgsnow.staging import MANIFEST_CONTENT_TYPE, classify_s3_error
+from pgsnow.staging import raise_unless_missing
 
 # Snowflake caps the number of expressions in an IN list; stay well below it.
 _LEDGER_QUERY_CHUNK = 500
 # How often a cleanup re-reads a manifest another writer changed under it before giving up.
 _CLAIM_ATTEMPTS = 5
-# S3's answers to a conditional write that lost: the object changed, or a concurrent write is in flight.
-_CONDITION_FAILED_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
-_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchVersion"})
 
 
 @dataclass
@@ -159,60 +156,6 @@ def loaded_files(manifest: RunManifest, ledger: dict[str, LedgerRow]) -> list[St
     ]
 
 
-# --------------------------------------------------------------------------- manifests, conditionally
-
-
-@dataclass(frozen=True)
-class VersionedManifest:
-    manifest: RunManifest
-    etag: str
-    version_id: str | None  # None on an unversioned bucket
-    last_modified: datetime | None = None
-
-
-def read_manifest_for_update(s3: Any, bucket: str, table: TableRef, run_id: str) -> VersionedManifest | None:
-    """The run's manifest with the ETag (and version) a conditional rewrite needs; None if gone."""
-    key = manifest_key(table, run_id)
-    try:
-        response = s3.get_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if aws_error_code(exc) in _MISSING_CODES:
-            return None
-        raise classify_s3_error(exc, s3_key=key) from exc
-    except BotoCoreError as exc:
-        raise classify_s3_error(exc, s3_key=key) from exc
-    manifest = RunManifest.from_json(response["Body"].read(), s3_key=key)
-    version = response.get("VersionId")
-    return VersionedManifest(
-        manifest,
-        str(response["ETag"]),
-        None if version in (None, "null") else version,
-        response.get("LastModified"),
-    )
-
-
-def write_manifest_if_unchanged(s3: Any, bucket: str, base: VersionedManifest, updated: RunManifest) -> bool:
-    """Replace the manifest only if it is still ``base``; False when another writer got there first."""
-    key = manifest_key(updated.table, updated.run_id)
-    try:
-        s3.put_object(
-            Bucket=bucket,
-            Key=key,
-            Body=updated.to_json().encode("utf-8"),
-            ContentType=MANIFEST_CONTENT_TYPE,
-            IfMatch=base.etag,
-        )
-    except ClientError as exc:
-        if aws_error_code(exc) in _CONDITION_FAILED_CODES:
-            return False
-        raise classify_s3_error(exc, s3_key=key) from exc
-    except BotoCoreError as exc:
-        raise classify_s3_error(exc, s3_key=key) from exc
-    # S3 applies If-Match atomically: of two writers with the same base, exactly one gets here
-    # (the local stack's moto server is made atomic too, in pgsnow.local.moto_server).
-    return True
-
-
 # --------------------------------------------------------------------------- removing one file
 
 
@@ -281,12 +224,9 @@ def remove_loaded_file(
             Delete={"Objects": [{"Key": key, "VersionId": v["VersionId"]} for v in ours], "Quiet": True},
         )
         return int(ours[0].get("Size", 0))
-    except ClientError as exc:
-        if aws_error_code(exc) in _MISSING_CODES:
-            return None
-        raise classify_s3_error(exc, s3_key=key) from exc
-    except BotoCoreError as exc:
-        raise classify_s3_error(exc, s3_key=key) from exc
+    except (ClientError, BotoCoreError) as exc:
+        raise_unless_missing(exc, s3_key=key)
+        return None
 
 
 def _remove_unversioned(s3: Any, bucket: str, key: str, ledger: LedgerRow, archive: str | None) -> int | None:
@@ -313,9 +253,10 @@ def settle_run(
 ) -> CleanupResult:
     """Mark the run loaded when all its files are; with ``remove``, claim and remove what the mode allows."""
     bucket = settings.bucket
+    store = RunStore(s3, bucket)
     archive = archive_root(settings) if remove else None
     for _attempt in range(_CLAIM_ATTEMPTS):
-        base = read_manifest_for_update(s3, bucket, table, run_id)
+        base = store.read_manifest_for_update(table, run_id)
         if base is None:
             return CleanupResult(table.qualified, run_id, RunState.FAILED, 0, 0)
         manifest = base.manifest
@@ -337,7 +278,7 @@ def settle_run(
         if not to_remove and new_state is manifest.state:
             return result
         updated = manifest.with_state(new_state, cleaned=manifest.cleaned + tuple(f.key for f in to_remove))
-        if not write_manifest_if_unchanged(s3, bucket, base, updated):
+        if not store.write_manifest_if_unchanged(base, updated):
             continue  # another cleanup (or the loader) changed the manifest: decide again from its version
         result.state = new_state
         if to_remove:
@@ -387,26 +328,6 @@ def mark_run_complete_if_loaded(
 # --------------------------------------------------------------------------- every run
 
 
-def iter_manifests(s3: Any, bucket: str, tables: Iterable[TableRef] | None = None) -> Iterable[RunManifest]:
-    """Every run manifest in the bucket (or for the given tables), oldest run first per table."""
-    prefixes = (
-        [f"{CONTROL_PREFIX}/manifests/{t.schema}/{t.table}/" for t in tables]
-        if tables is not None
-        else [f"{CONTROL_PREFIX}/manifests/"]
-    )
-    paginator = s3.get_paginator("list_objects_v2")
-    for prefix in prefixes:
-        keys = sorted(
-            obj["Key"]
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
-            for obj in page.get("Contents", [])
-            if obj["Key"].endswith(".json")
-        )
-        for key in keys:
-            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-            yield RunManifest.from_json(body, s3_key=key)
-
-
 def needs_cleanup(settings: Settings, manifest: RunManifest) -> bool:
     """A staged run (maybe complete now), or a loaded one whose files the mode removes and are not yet claimed."""
     if manifest.state is RunState.STAGED:
@@ -425,7 +346,7 @@ def cleanup_pending_runs(
     started = time.monotonic()
     results = [
         cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=m)
-        for m in iter_manifests(s3, settings.bucket, tables)
+        for m in RunStore(s3, settings.bucket).iter_manifests(tables)
         if needs_cleanup(settings, m)
     ]
     logger.info(

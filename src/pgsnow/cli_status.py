@@ -9,15 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pgsnow.errors import PgSnowError
-from pgsnow.identifiers import TableRef
-
-
-def _table(text: str) -> TableRef:
-    try:
-        return TableRef.parse(text)
-    except PgSnowError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from exc
+from pgsnow.cli_arguments import table_argument
 
 
 def add_status_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,7 +17,7 @@ def add_status_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         "status",
         help="per table: last run, state, files staged/loaded/failed, rows, watermark, lag; and the DLQ",
     )
-    parser.add_argument("table", nargs="?", type=_table, help="schema.table (default: every table)")
+    parser.add_argument("table", nargs="?", type=table_argument, help="schema.table (default: every table)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=run_status_command)
 

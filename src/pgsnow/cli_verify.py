@@ -13,12 +13,16 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from pgsnow.errors import PermanentError, PgSnowError, RetryableError, aws_error_code
+from pgsnow.cli_arguments import table_argument
+from pgsnow.errors import PermanentError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.verify import DEFAULT_MAX_KEYS, VerifyReport, verify_tables
+
+if TYPE_CHECKING:
+    from pgsnow.runs import RunStore
 
 DEMO_SCHEMA = "shop"
 DEFAULT_DATA_DIR = Path(".pgsnow")  # as the other commands
@@ -30,13 +34,6 @@ def _progress(message: str) -> None:
     print(f"... {message}", file=sys.stderr, flush=True)
 
 
-def _table(text: str) -> TableRef:
-    try:
-        return TableRef.parse(text)
-    except PgSnowError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from exc
-
-
 def add_verify_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "verify",
@@ -45,7 +42,10 @@ def add_verify_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         "pulled) and list the keys that are missing, extra or different.",
     )
     parser.add_argument(
-        "tables", nargs="*", type=_table, help="schema.table (default: the demo's tables, or PGSNOW_TABLES)"
+        "tables",
+        nargs="*",
+        type=table_argument,
+        help="schema.table (default: the demo's tables, or PGSNOW_TABLES)",
     )
     parser.add_argument("--json", type=Path, dest="json_file", help="write the JSON report to this file")
     parser.add_argument("--pg-dsn", help="PostgreSQL to read (default: the local server, demo database)")
@@ -110,6 +110,7 @@ def _verify_from_env(args: argparse.Namespace) -> VerifyReport:
     from pgsnow.config import Component, Settings
     from pgsnow.errors import ConfigError
     from pgsnow.postgres import connect
+    from pgsnow.runs import RunStore
     from pgsnow.runtime import postgres_dsn
     from pgsnow.snowflake.connection import connect as snowflake_connect
 
@@ -122,7 +123,7 @@ def _verify_from_env(args: argparse.Namespace) -> VerifyReport:
         raise ConfigError(["SNOWFLAKE_DATABASE is needed to verify"])
     manifests = _aws_read(
         f"the run manifests in bucket {settings.bucket}",
-        lambda: latest_manifests(boto3.Session().client("s3"), settings.bucket, tables),
+        lambda: latest_manifests(RunStore(boto3.Session().client("s3"), settings.bucket), tables),
     )
     # read_secret_json reports an unreadable secret itself; this also covers creating the client
     # (no region configured, say), which happens before it.
@@ -159,27 +160,17 @@ def _aws_read(what: str, read: Callable[[], T]) -> T:
         raise RetryableError(f"cannot read {what}: {type(exc).__name__}") from exc
 
 
-def latest_manifests(s3: Any, bucket: str, tables: list[TableRef]) -> dict[TableRef, RunManifest]:
+def latest_manifests(store: RunStore, tables: list[TableRef]) -> dict[TableRef, RunManifest]:
     """Each table's newest loaded run manifest, when that run has a watermark (an incremental run).
 
     An older run's watermark is never used: once a newer run has loaded (a full reload, say, after
     the table left incremental mode), bounding the comparison by the old watermark would leave
     every row the newer run brought out of it.
     """
-    from pgsnow.keys import manifest_key
-
     found: dict[TableRef, RunManifest] = {}
     for table in tables:
-        prefix = manifest_key(table, "x").rsplit("/", 1)[0] + "/"
-        keys: list[str] = []
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys.extend(item["Key"] for item in page.get("Contents", []))
-        # run ids are UTC start times, so the newest key sorts last
-        for key in sorted(keys, reverse=True):
-            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-            manifest = RunManifest.from_json(body, s3_key=key)
-            if manifest.state is RunState.LOADED:
-                if manifest.watermark_after is not None:
-                    found[table] = manifest
-                break
+        runs = store.manifests_newest_first(table)
+        newest_loaded = next((m for m in runs if m.state is RunState.LOADED), None)
+        if newest_loaded is not None and newest_loaded.watermark_after is not None:
+            found[table] = newest_loaded
     return found

@@ -41,7 +41,6 @@ from pgsnow.checkpoint import (
     LeaseLostError,
     PublishedColumns,
     RunCheckpoint,
-    StateStore,
     Watermark,
 )
 from pgsnow.config import (
@@ -81,8 +80,9 @@ from pgsnow.postgres import (
     read_safe_point,
     with_numeric_scales,
 )
+from pgsnow.runs import RunStore
 from pgsnow.schema_evolution import existing_from_published, plan_table_changes
-from pgsnow.staging import get_manifest, key_list_key, put_data_file, put_manifest
+from pgsnow.staging import put_data_file
 from pgsnow.typemap import ValueKind
 
 AUTO_PARQUET_ABOVE_ROWS = 100_000
@@ -155,7 +155,7 @@ class _Run:
 
     settings: Settings
     s3: Any
-    store: StateStore
+    store: RunStore
     pg_conn: Connection
     table: TableRef
     options: TableOptions
@@ -625,17 +625,7 @@ def _stage_key_list(run: _Run) -> StagedFile:
         )
     splitter.finish()
     written = writer[0]
-    key = key_list_key(run.table, run.run_id)
-    put_data_file(
-        run.s3,
-        run.settings.bucket,
-        key,
-        path,
-        run_id=run.run_id,
-        batch=0,
-        rows=written.rows,
-        sha256=written.sha256,
-    )
+    key = run.store.put_key_list(run.table, run.run_id, path, rows=written.rows, sha256=written.sha256)
     path.unlink(missing_ok=True)
     return StagedFile(key, 0, written.rows, written.bytes, written.sha256, FileFormat.CSV)
 
@@ -671,7 +661,7 @@ def extract_table(
     started_at = now()
     started = time.monotonic()
     deadline = Deadline(remaining_ms, settings.extract.deadline_margin_s)
-    store = StateStore(s3, settings.bucket, clock=clock)
+    store = RunStore(s3, settings.bucket, clock=clock)
     lease = store.acquire_lease(
         table,
         run_id=run_id or new_run_id(started_at),
@@ -687,7 +677,7 @@ def extract_table(
         checkpoint = store.load_checkpoint(table, run_id)
         if checkpoint is not None and checkpoint.state != RunState.EXTRACTING.value:
             store.release_lease(lease)  # a duplicate continuation of a finished run: nothing to do
-            return get_manifest(s3, settings.bucket, table, run_id)
+            return store.get_manifest(table, run_id)
         with tempfile.TemporaryDirectory(prefix="pgsnow-") as work_dir:
             if checkpoint is None:
                 # The last staged run's columns: what the table's NUMBER scales are, and what
@@ -749,7 +739,7 @@ def extract_table(
                 key_list=key_list,
                 timings=timings,
             )
-            put_manifest(s3, settings.bucket, staged)
+            store.put_manifest(staged)
             # The watermark moves only once the run's manifest says staged.
             if manifest.cursor_column and watermark_after is not None:
                 store.save_watermark(table, Watermark(manifest.cursor_column, watermark_after, run_id))
@@ -895,7 +885,7 @@ def _start_run(
     *,
     settings: Settings,
     s3: Any,
-    store: StateStore,
+    store: RunStore,
     pg_conn: Connection,
     table: TableRef,
     options: TableOptions,
@@ -991,7 +981,7 @@ def _start_run(
         filter_params,
     )
     run.save(checkpoint)
-    put_manifest(s3, settings.bucket, manifest)
+    store.put_manifest(manifest)
     logger.info(
         "extracting",
         extra={
@@ -1009,7 +999,7 @@ def _resume_run(
     *,
     settings: Settings,
     s3: Any,
-    store: StateStore,
+    store: RunStore,
     pg_conn: Connection,
     table: TableRef,
     options: TableOptions,
@@ -1018,7 +1008,7 @@ def _resume_run(
     work_dir: Path,
     checkpoint: RunCheckpoint,
 ) -> tuple[_Run, RunManifest]:
-    manifest = get_manifest(s3, settings.bucket, table, checkpoint.run_id)
+    manifest = store.get_manifest(table, checkpoint.run_id)
     # The run staged its first files with the numeric scales it chose when it started.
     schema = with_numeric_scales(
         describe_table(pg_conn, table),
@@ -1113,7 +1103,7 @@ def _end_snapshot(pg_conn: Connection) -> None:
 def _record_failure(
     *,
     s3: Any,
-    store: StateStore,
+    store: RunStore,
     bucket: str,
     manifest: RunManifest | None,
     run: _Run | None,
@@ -1136,7 +1126,7 @@ def _record_failure(
             failed = manifest.with_state(
                 RunState.FAILED, files=files, finished_at=_iso(now()), error=str(error).splitlines()[0][:500]
             )
-            put_manifest(s3, bucket, failed)
+            store.put_manifest(failed)
             if run is not None:
                 store.save_checkpoint(run.checkpoint.evolve(state=RunState.FAILED.value))
         store.release_lease(current_lease)

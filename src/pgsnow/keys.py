@@ -5,7 +5,14 @@ Data files: ``{prefix}/{schema}/{table}/{schema}_{table}_batch{N}_{run_id}.{ext}
 to the same key and a retried upload overwrites identical content.
 
 Manifests and other control objects live under ``_pgsnow/`` at the bucket root,
-outside the staging prefix, so the loader's notification never sees them.
+outside the staging prefix, so the loader's notification never sees them. This module is the
+only one that builds their keys; ``pgsnow.runs`` is the only one that reads and writes them:
+
+* ``_pgsnow/manifests/{schema}/{table}/{run_id}.json``: a run's manifest;
+* ``_pgsnow/state/{schema}/{table}/``: ``lease.json``, ``runs/{run_id}.json`` (checkpoints),
+  ``watermark.json``, ``columns.json``;
+* ``_pgsnow/keys/{schema}/{table}/{run_id}.csv.gz``: a run's full primary-key list (deletes);
+* ``_pgsnow/reports/orphans/{timestamp}.json``: the orphan sweeper's reports.
 """
 
 from __future__ import annotations
@@ -20,9 +27,12 @@ from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef
 
 CONTROL_PREFIX = "_pgsnow"
+MANIFESTS_PREFIX = f"{CONTROL_PREFIX}/manifests/"
 # A run's full primary-key list (deletes): a control object, read by Snowflake through its URL.
 KEY_LISTS_PREFIX = f"{CONTROL_PREFIX}/keys"
+ORPHAN_REPORTS_PREFIX = f"{CONTROL_PREFIX}/reports/orphans/"
 _RUN_ID = re.compile(r"^\d{8}T\d{12}Z$")
+_RUN_ID_FORMAT = "%Y%m%dT%H%M%S%fZ"
 
 
 class FileFormat(StrEnum):
@@ -51,7 +61,12 @@ _EXTENSIONS: dict[str, tuple[FileFormat, bool]] = {
 def new_run_id(now: datetime | None = None) -> str:
     """A sortable, unique-per-table run id: the UTC start time to the microsecond."""
     moment = (now or datetime.now(UTC)).astimezone(UTC)
-    return moment.strftime("%Y%m%dT%H%M%S%fZ")
+    return moment.strftime(_RUN_ID_FORMAT)
+
+
+def run_started_at(run_id: str) -> datetime:
+    """When the run started: its id read back."""
+    return datetime.strptime(run_id, _RUN_ID_FORMAT).replace(tzinfo=UTC)
 
 
 def is_run_id(text: str) -> bool:
@@ -74,12 +89,46 @@ def table_prefix(prefix: str, table: TableRef) -> str:
     return f"{normalise_prefix(prefix)}/{table.schema}/{table.table}/"
 
 
-def manifest_key(table: TableRef, run_id: str) -> str:
-    return f"{CONTROL_PREFIX}/manifests/{table.schema}/{table.table}/{run_id}.json"
-
-
 def manifests_prefix(table: TableRef) -> str:
-    return f"{CONTROL_PREFIX}/manifests/{table.schema}/{table.table}/"
+    return f"{MANIFESTS_PREFIX}{table.schema}/{table.table}/"
+
+
+def manifest_key(table: TableRef, run_id: str) -> str:
+    return f"{manifests_prefix(table)}{run_id}.json"
+
+
+def state_prefix(table: TableRef) -> str:
+    return f"{CONTROL_PREFIX}/state/{table.schema}/{table.table}/"
+
+
+def lease_key(table: TableRef) -> str:
+    return state_prefix(table) + "lease.json"
+
+
+def checkpoint_key(table: TableRef, run_id: str) -> str:
+    return state_prefix(table) + f"runs/{run_id}.json"
+
+
+def watermark_key(table: TableRef) -> str:
+    return state_prefix(table) + "watermark.json"
+
+
+def published_columns_key(table: TableRef) -> str:
+    return state_prefix(table) + "columns.json"
+
+
+def key_list_key(table: TableRef, run_id: str) -> str:
+    """Where a run's full primary-key list goes (outside the staging prefix: never loaded as data).
+
+    Snowflake reads it by URL, so the storage integration's allowed locations
+    (``setup_sql.allowed_locations``) and the template's SnowflakeStorageRole cover
+    ``KEY_LISTS_PREFIX`` too.
+    """
+    return f"{KEY_LISTS_PREFIX}/{table.schema}/{table.table}/{run_id}.csv.gz"
+
+
+def orphan_report_key(report_id: str) -> str:
+    return f"{ORPHAN_REPORTS_PREFIX}{report_id}.json"
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from pgsnow.identifiers import TableRef, snowflake_name
 from pgsnow.keys import CONTROL_PREFIX, FileFormat, StagedObject, is_run_id, manifest_key
 from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
 from pgsnow.observability import logger
+from pgsnow.runs import ManifestNotFoundError, RunStore
 from pgsnow.schema_evolution import ExistingColumn, plan_table_changes
 from pgsnow.setup_sql import pipe_name
 from pgsnow.snowflake.error_classifier import classify_snowflake_error
@@ -88,7 +89,7 @@ from pgsnow.snowflake.table_sql import (
     replace_run_tag,
 )
 from pgsnow.snowpipe import PipeFileReport, SnowpipeClient, qualified_pipe_name, snowpipe_client_from_settings
-from pgsnow.staging import ManifestNotFoundError, classify_s3_error, get_manifest
+from pgsnow.staging import classify_s3_error
 from pgsnow.typemap import ValueKind
 
 if TYPE_CHECKING:
@@ -475,7 +476,7 @@ def head_staged_object(s3: S3Client, bucket: str, staged: StagedObject) -> Objec
 def read_run_manifest(s3: S3Client, bucket: str, table: TableRef, run_id: str) -> RunManifest:
     """The run's manifest. Missing means the extractor has not written it yet: retry later."""
     try:
-        manifest = get_manifest(s3, bucket, table, run_id)
+        manifest = RunStore(s3, bucket).get_manifest(table, run_id)
     except ManifestNotFoundError as exc:
         raise RetryableError(
             "the run's manifest is not in the bucket (yet)",

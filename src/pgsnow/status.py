@@ -13,16 +13,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any
 from urllib.parse import unquote_plus
 
 from pgsnow.cleanup import ledger_rows, loaded_files
 from pgsnow.config import Settings
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import CONTROL_PREFIX, manifests_prefix
+from pgsnow.keys import run_started_at, table_prefix
 from pgsnow.manifest import RunManifest, RunState
+from pgsnow.runs import RunStore
 
-MANIFESTS_ROOT = f"{CONTROL_PREFIX}/manifests/"
 _DLQ_PEEK_LIMIT = 200  # messages: enough to name what is stuck without draining a flooded queue
 _LOADED_RUN_LOOKBACK = 50  # runs read back from the newest to find the last fully loaded one
 
@@ -33,7 +34,7 @@ class DeadLetters:
     keys: list[str]  # S3 keys named by the messages read (at most _DLQ_PEEK_LIMIT messages)
 
     def keys_for(self, table: TableRef, prefix: str) -> set[str]:
-        root = f"{prefix}/{table.schema}/{table.table}/"
+        root = table_prefix(prefix, table)
         return {k for k in self.keys if k.startswith(root)}
 
 
@@ -137,44 +138,6 @@ def read_dead_letters(sqs: Any, dlq_url: str) -> DeadLetters:
     return DeadLetters(count=max(count, len(seen)), keys=keys)
 
 
-def tables_with_manifests(s3: Any, bucket: str) -> list[TableRef]:
-    """Every (schema, table) that has a manifest folder."""
-    paginator = s3.get_paginator("list_objects_v2")
-    tables = []
-    for schema_page in paginator.paginate(Bucket=bucket, Prefix=MANIFESTS_ROOT, Delimiter="/"):
-        for schema_prefix in schema_page.get("CommonPrefixes", []):
-            for table_page in paginator.paginate(
-                Bucket=bucket, Prefix=schema_prefix["Prefix"], Delimiter="/"
-            ):
-                for table_prefix in table_page.get("CommonPrefixes", []):
-                    schema, table = table_prefix["Prefix"][len(MANIFESTS_ROOT) :].rstrip("/").split("/", 1)
-                    tables.append(TableRef(schema, table))
-    return sorted(tables, key=lambda t: (t.schema, t.table))
-
-
-def _run_ids_newest_first(s3: Any, bucket: str, table: TableRef) -> list[str]:
-    prefix = manifests_prefix(table)
-    paginator = s3.get_paginator("list_objects_v2")
-    return sorted(
-        (
-            obj["Key"][len(prefix) : -len(".json")]
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
-            for obj in page.get("Contents", [])
-            if obj["Key"].endswith(".json")
-        ),
-        reverse=True,
-    )
-
-
-def _read(s3: Any, bucket: str, table: TableRef, run_id: str) -> RunManifest:
-    key = f"{manifests_prefix(table)}{run_id}.json"
-    return RunManifest.from_json(s3.get_object(Bucket=bucket, Key=key)["Body"].read(), s3_key=key)
-
-
-def _run_started(run_id: str) -> datetime:
-    return datetime.strptime(run_id, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC)
-
-
 def table_status(
     *,
     settings: Settings,
@@ -184,10 +147,10 @@ def table_status(
     dead_letters: DeadLetters | None,
     now: datetime,
 ) -> TableStatus:
-    run_ids = _run_ids_newest_first(s3, settings.bucket, table)
-    if not run_ids:
+    runs = RunStore(s3, settings.bucket).manifests_newest_first(table)
+    last = next(runs, None)
+    if last is None:
         return TableStatus(table.qualified, None, "never run", 0, 0, 0, 0, 0, None, None, None)
-    last = _read(s3, settings.bucket, table, run_ids[0])
     ledger = ledger_rows(sf_conn, settings, [f.key for f in last.files])
     loaded = loaded_files(last, ledger)
     dead = dead_letters.keys_for(table, settings.prefix) if dead_letters else set()
@@ -199,13 +162,10 @@ def table_status(
         state = RunState.LOADED.value
 
     last_loaded: RunManifest | None = last if state == RunState.LOADED.value else None
-    for run_id in run_ids[1:_LOADED_RUN_LOOKBACK]:
-        if last_loaded is not None:
-            break
-        candidate = _read(s3, settings.bucket, table, run_id)
-        if candidate.state is RunState.LOADED:
-            last_loaded = candidate
-    lag = None if last_loaded is None else int((now - _run_started(last_loaded.run_id)).total_seconds())
+    if last_loaded is None:
+        earlier = islice(runs, _LOADED_RUN_LOOKBACK - 1)
+        last_loaded = next((m for m in earlier if m.state is RunState.LOADED), None)
+    lag = None if last_loaded is None else int((now - run_started_at(last_loaded.run_id)).total_seconds())
     watermark = None
     if last_loaded is not None:
         watermark = last_loaded.watermark_after or last_loaded.watermark_before
@@ -242,7 +202,7 @@ def collect_status(
     dead_letters = None
     if sqs is not None and settings.cleanup.dlq_url:
         dead_letters = read_dead_letters(sqs, settings.cleanup.dlq_url)
-    tables = [table] if table is not None else tables_with_manifests(s3, settings.bucket)
+    tables = [table] if table is not None else RunStore(s3, settings.bucket).tables_with_manifests()
     return StatusReport(
         tables=[
             table_status(

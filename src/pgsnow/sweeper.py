@@ -36,17 +36,16 @@ from pgsnow.cleanup import (
     archive_root,
     bucket_is_versioned,
     ledger_rows,
-    read_manifest_for_update,
     remove_loaded_file,
 )
 from pgsnow.config import CleanupMode, Settings
 from pgsnow.errors import ConfigError, PermanentError
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import CONTROL_PREFIX, StagedObject, new_run_id, parse_data_key, table_prefix
+from pgsnow.keys import StagedObject, new_run_id, parse_data_key, table_prefix
 from pgsnow.observability import logger
-from pgsnow.staging import MANIFEST_CONTENT_TYPE, classify_s3_error
+from pgsnow.runs import RunStore
+from pgsnow.staging import classify_s3_error
 
-ORPHAN_REPORT_PREFIX = f"{CONTROL_PREFIX}/reports/orphans/"
 TAG_REENQUEUED_AT = "pgsnow-reenqueued-at"
 TAG_ABANDONED_AT = "pgsnow-abandoned-at"
 SWEEPER_CONFIGURATION_ID = "pgsnow-orphan-sweeper"
@@ -279,7 +278,7 @@ def _remove_loaded_leftover(
     if staged is None or settings.cleanup_mode is CleanupMode.NEVER:
         return
     if staged.run_id is not None:
-        current = read_manifest_for_update(s3, settings.bucket, staged.table, staged.run_id)
+        current = RunStore(s3, settings.bucket).read_manifest_for_update(staged.table, staged.run_id)
         if current is not None and staged.key not in current.manifest.cleaned:
             return  # cleanup's rules decide (after_all waits for the whole run)
         claimed_at = current.last_modified if current is not None else None
@@ -381,17 +380,10 @@ def _remove_abandoned(
 
 
 def _write_report(s3: Any, bucket: str, result: SweepResult, now: datetime) -> str:
-    key = f"{ORPHAN_REPORT_PREFIX}{new_run_id(now)}.json"
-    body = {
+    report = {
         "generated_at": _iso(now),
         "summary": result.as_dict(),
         "per_table": {table: dict(counts) for table, counts in result.counts_by_table().items()},
         "orphans": [o.as_dict() for o in result.orphans],
     }
-    s3.put_object(
-        Bucket=bucket,
-        Key=key,
-        Body=json.dumps(body, indent=2).encode("utf-8"),
-        ContentType=MANIFEST_CONTENT_TYPE,
-    )
-    return key
+    return RunStore(s3, bucket).put_orphan_report(new_run_id(now), report)

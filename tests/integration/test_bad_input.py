@@ -24,7 +24,8 @@ from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key
 from pgsnow.manifest import RunState
-from pgsnow.staging import get_manifest, put_data_file
+from pgsnow.runs import RunStore
+from pgsnow.staging import put_data_file
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
     from conftest import PipelineHarness
@@ -243,7 +244,9 @@ def test_manifest_listing_a_missing_file_leaves_the_run_open_and_verify_names_th
     assert [d.failed for d in recorder.for_key(second.key)] == [True, True]
     assert second.key in pipeline.dead_letter_keys()
     assert pipeline.ledger_keys(table) == [first.key]
-    assert get_manifest(pipeline.s3(), pipeline.bucket, table, manifest.run_id).state is RunState.STAGED
+    assert (
+        RunStore(pipeline.s3(), pipeline.bucket).get_manifest(table, manifest.run_id).state is RunState.STAGED
+    )
     result = pipeline.verify(table)
     assert not result.ok
     assert sorted(int(k) for k in result.missing) == [6, 7, 8, 9, 10]

@@ -35,8 +35,8 @@ from pgsnow.config import Component, Settings
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack
 from pgsnow.manifest import RunManifest, RunState
+from pgsnow.runs import RunStore
 from pgsnow.snowflake.table_sql import LEDGER_TABLE
-from pgsnow.staging import get_manifest, put_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def delete_markers(s3: Any, bucket: str, key: str) -> int:
 
 
 def manifest_state(s3: Any, bucket: str, manifest: RunManifest) -> RunState:
-    return get_manifest(s3, bucket, manifest.table, manifest.run_id).state
+    return RunStore(s3, bucket).get_manifest(manifest.table, manifest.run_id).state
 
 
 # --------------------------------------------------------------------------- tests
@@ -183,7 +183,7 @@ def test_run_still_extracting_is_never_touched(
     keys = [f.key for f in staged.files]
     load_keys(stack, sf_conn, keys)
     extracting = staged.with_state(RunState.EXTRACTING, finished_at=None)
-    put_manifest(s3, stack.resources.bucket, extracting)
+    RunStore(s3, stack.resources.bucket).put_manifest(extracting)
     settings = mode_settings(stack, mode)
 
     # When cleanup runs on that run directly, and as the scheduled pass over the table
@@ -194,7 +194,7 @@ def test_run_still_extracting_is_never_touched(
     assert (direct.state, direct.deleted_keys) == (RunState.EXTRACTING, [])
     assert scheduled == []  # the pass only takes staged runs
     assert existing(s3, settings.bucket, keys) == keys
-    assert get_manifest(s3, settings.bucket, table, staged.run_id) == extracting
+    assert RunStore(s3, settings.bucket).get_manifest(table, staged.run_id) == extracting
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ from pgsnow.identifiers import TableRef
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import LocalStack
 from pgsnow.manifest import RunState
-from pgsnow.staging import get_manifest
+from pgsnow.runs import RunStore
 from pgsnow.sweeper import TAG_ABANDONED_AT, TAG_REENQUEUED_AT, OrphanStatus, SweepResult, sweep_orphans
 
 pytestmark = pytest.mark.integration
@@ -88,7 +88,7 @@ def test_removal_leaves_no_loaded_version_behind_the_marker(
     # Then no data version of any key remains, each key has one delete marker, and the claim is recorded
     assert sorted(result.deleted_keys) == sorted(keys)
     assert [versions(s3, settings.bucket, key) for key in keys] == [(0, 1)] * FILES_PER_RUN
-    assert sorted(get_manifest(s3, settings.bucket, table, manifest.run_id).cleaned) == sorted(keys)
+    assert sorted(RunStore(s3, settings.bucket).get_manifest(table, manifest.run_id).cleaned) == sorted(keys)
 
 
 def test_newer_content_under_a_loaded_key_is_kept(
@@ -191,7 +191,7 @@ def test_mark_run_complete_if_loaded_moves_state_only(
 
     # Then the run is staged, then loaded, and no file was removed by the check
     assert (before, after) == (RunState.STAGED, RunState.LOADED)
-    assert get_manifest(s3, settings.bucket, table, manifest.run_id).state is RunState.LOADED
+    assert RunStore(s3, settings.bucket).get_manifest(table, manifest.run_id).state is RunState.LOADED
     assert all(exists(s3, settings.bucket, k) for k in keys)
 
     # And a later cleanup pass still removes the files of the now loaded run
@@ -241,7 +241,9 @@ def test_concurrent_cleanup_passes_remove_each_file_once(
     assert errors == []
     assert sorted(k for r in results for k in r.deleted_keys) == sorted(keys)
     assert [versions(s3, settings.bucket, k) for k in keys] == [(0, 1)] * len(keys)
-    assert {get_manifest(s3, settings.bucket, table, m.run_id).state for m in manifests} == {RunState.LOADED}
+    assert {RunStore(s3, settings.bucket).get_manifest(table, m.run_id).state for m in manifests} == {
+        RunState.LOADED
+    }
 
 
 # --------------------------------------------------------------------------- the sweeper
@@ -355,7 +357,7 @@ def test_orphan_that_cannot_load_is_abandoned_reported_then_removed_after_retent
     assert past_retention.deleted_keys == [bad]
     assert not exists(s3, settings.bucket, bad)
     assert [exists(s3, settings.bucket, k) for k in keys[:2]] == [True, True]
-    assert get_manifest(s3, settings.bucket, table, manifest.run_id).state is RunState.STAGED
+    assert RunStore(s3, settings.bucket).get_manifest(table, manifest.run_id).state is RunState.STAGED
 
 
 def test_abandoned_tag_is_set_once(

@@ -49,8 +49,8 @@ from pgsnow.local.dispatcher import LambdaContext
 from pgsnow.local.stack import load_function_handler
 from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, RunManifest, RunState
 from pgsnow.postgres import classify_pg_error, connect, describe_table
+from pgsnow.runs import RunStore
 from pgsnow.runtime import reset_runtime
-from pgsnow.staging import get_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -555,7 +555,7 @@ def test_batches_manifest_and_object_metadata(
     extracting = by_state[RunState.EXTRACTING]
     assert extracting.files == () and extracting.finished_at is None
     assert extracting.columns == manifest.columns and extracting.primary_key == ("id",)
-    assert get_manifest(s3, bucket, table, run_id) == manifest
+    assert RunStore(s3, bucket).get_manifest(table, run_id) == manifest
     assert manifest.finished_at is not None
 
 
@@ -832,7 +832,7 @@ def test_handler_stages_a_table_using_the_secret(
 
     # Then it returns a summary matching the staged manifest
     for summary in (first, second):
-        manifest = get_manifest(s3, bucket, table, summary["run_id"])
+        manifest = RunStore(s3, bucket).get_manifest(table, summary["run_id"])
         assert summary == {
             "run_id": manifest.run_id,
             "table": table.qualified,
@@ -925,7 +925,7 @@ def test_failure_mid_run_marks_the_manifest_failed(
         run_id,
         view.qualified,
     )
-    failed = get_manifest(s3, bucket, view, run_id)
+    failed = RunStore(s3, bucket).get_manifest(view, run_id)
     assert failed.state is RunState.FAILED and failed.finished_at is not None
     assert [f.rows for f in failed.files] == [1, 1]
     assert pg_conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE

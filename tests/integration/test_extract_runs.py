@@ -36,19 +36,19 @@ from stack_support import (  # noqa: F401 - fixtures, registered by importing th
     schema_name,
 )
 
-from pgsnow.checkpoint import RunInProgressError, StateStore, lease_key
+from pgsnow.checkpoint import RunInProgressError
 from pgsnow.config import Component, Settings
 from pgsnow.errors import RetryableError, UnsafeIdentifierError
 from pgsnow.extract import FILES_PER_CHUNK, extract_table
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import FileFormat
+from pgsnow.keys import FileFormat, lease_key
 from pgsnow.local.aws import LocalAws
 from pgsnow.local.dispatcher import LambdaContext
 from pgsnow.local.stack import load_function_handler
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.postgres import connect
+from pgsnow.runs import RunStore
 from pgsnow.runtime import reset_runtime
-from pgsnow.staging import get_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -271,7 +271,7 @@ def test_deadline_stops_after_each_file_and_continuations_finish_the_run_exactly
     run_id = results[0]["run_id"]
     assert all(r["run_id"] == run_id for r in results)
     assert [r["state"] for r in results] == ["extracting"] * (len(results) - 1) + ["staged"]
-    manifest = get_manifest(s3, bucket, table, run_id)
+    manifest = RunStore(s3, bucket).get_manifest(table, run_id)
     # chunks 0..2 hold 10, 10, 3 rows: files of 4, 4, 2 | 4, 4, 2 | 3, at batch chunk * 10000 + n
     assert [f.rows for f in manifest.files] == [4, 4, 2, 4, 4, 2, 3]
     assert [f.batch for f in manifest.files] == [
@@ -293,7 +293,7 @@ def test_deadline_stops_after_each_file_and_continuations_finish_the_run_exactly
     listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/")["KeyCount"]
     assert listed == len(manifest.files)
     # And the lease is gone: the table is free for the next run
-    assert StateStore(s3, bucket).current_lease(table) is None
+    assert RunStore(s3, bucket).current_lease(table) is None
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
@@ -327,7 +327,7 @@ def test_continuations_keep_the_numeric_scale_the_run_chose(
 
     # Then every continuation resumed the same run with the scale its first invocation chose
     assert len(results) > 2 and results[-1]["state"] == "staged"
-    manifest = get_manifest(s3, bucket, table, results[0]["run_id"])
+    manifest = RunStore(s3, bucket).get_manifest(table, results[0]["run_id"])
     assert [c.snowflake_type for c in manifest.columns if c.name == "v"] == ["NUMBER(38,20)"]
     # and every value is staged exactly as PostgreSQL holds it
     with admin.cursor() as cur:
@@ -375,9 +375,9 @@ def test_interrupted_run_is_resumed_by_the_next_invocation_with_the_same_keys(
         extract_table(settings=settings, pg_conn=pg_conn, s3=s3, table=table)
 
     # Then its manifest is still extracting (resumable), with a handed-off lease naming the run
-    lease = StateStore(s3, bucket).current_lease(table)
+    lease = RunStore(s3, bucket).current_lease(table)
     assert lease is not None and lease.owner is None
-    assert get_manifest(s3, bucket, table, lease.run_id).state is RunState.EXTRACTING
+    assert RunStore(s3, bucket).get_manifest(table, lease.run_id).state is RunState.EXTRACTING
 
     # When the next scheduled invocation (no run id) runs
     monkeypatch.setattr(extract_module, "put_data_file", real_put)
@@ -405,7 +405,7 @@ def test_run_whose_holder_died_is_resumed_after_the_lease_expires(
     settings = settings_for(bucket, pg_dsn, table, EXTRACT_BATCH_ROWS="5", EXTRACT_DEADLINE_MARGIN_S="60")
     stopped = extract_table(settings=settings, pg_conn=pg_conn, s3=s3, table=table, remaining_ms=lambda: 1000)
     assert stopped.state is RunState.EXTRACTING and len(stopped.files) == 1
-    store = StateStore(s3, bucket)
+    store = RunStore(s3, bucket)
     handed = store.current_lease(table)
     assert handed is not None
     store.renew_lease(store._rewrite_lease(handed, owner="dead-invocation", ttl_s=600), ttl_s=600)
@@ -609,7 +609,7 @@ def test_a_staged_run_publishes_its_columns_for_the_next_run(
     # Given a table extracted once
     table = new_table(admin, schema_name, "shape", "id integer PRIMARY KEY, price numeric(10,2) NOT NULL")
     settings = settings_for(bucket, pg_dsn, table)
-    store = StateStore(s3, bucket)
+    store = RunStore(s3, bucket)
     assert store.load_published_columns(table) is None
     first = extract_table(settings=settings, pg_conn=pg_conn, s3=s3, table=table)
 

@@ -28,9 +28,9 @@ from pgsnow.config import Component
 from pgsnow.errors import RetryableError
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, load_function_handler
 from pgsnow.manifest import RunState
+from pgsnow.runs import RunStore
 from pgsnow.runtime import Runtime
 from pgsnow.snowflake.connection import connect as sf_connect
-from pgsnow.staging import get_manifest
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
     from conftest import PipelineHarness
@@ -646,7 +646,7 @@ def test_cleanup_running_while_a_retry_of_the_same_run_loads_deletes_nothing_unl
     # Then it removed only the loaded file and left the run open
     assert [sorted(r.deleted_keys) for r in before] == [[first_file.key]]
     s3.head_object(Bucket=pipeline.bucket, Key=second_file.key)  # still there
-    assert get_manifest(s3, pipeline.bucket, table, manifest.run_id).state is not RunState.LOADED
+    assert RunStore(s3, pipeline.bucket).get_manifest(table, manifest.run_id).state is not RunState.LOADED
 
     # When the retry is delivered while cleanup passes keep running on their own session
     cleanup_conn = sf_connect(settings.snowflake)
@@ -677,7 +677,7 @@ def test_cleanup_running_while_a_retry_of_the_same_run_loads_deletes_nothing_unl
     assert [(d.receive_count, d.failed) for d in recorder.for_key(second_file.key)] == [(1, False)]
     assert sorted(pipeline.ledger_keys(table)) == sorted([first_file.key, second_file.key])
     assert passes, "cleanup ran at least once during the retry"
-    assert get_manifest(s3, pipeline.bucket, table, manifest.run_id).state is RunState.LOADED
+    assert RunStore(s3, pipeline.bucket).get_manifest(table, manifest.run_id).state is RunState.LOADED
     removed = {k for r in [*before, *passes, *final] for k in r.deleted_keys}
     assert removed == {first_file.key, second_file.key}
     assert_verified(pipeline, table, 10)

@@ -25,11 +25,12 @@ import snowflake.connector
 from pgsnow.config import Component, Settings
 from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import FileFormat, data_key, manifest_key, parse_data_key
+from pgsnow.keys import FileFormat, data_key, parse_data_key
 from pgsnow.load import LoadStatus, load_staged_files
 from pgsnow.local.aws import LocalAws, create_staging_resources, start_local_aws
 from pgsnow.local.snowflake import LocalSnowflake, start_local_snowflake
 from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
+from pgsnow.runs import RunStore
 from pgsnow.runtime import Runtime
 from pgsnow.snowflake.load_sql import build_create_stage
 from pgsnow.snowflake.table_sql import build_create_schema
@@ -225,7 +226,7 @@ def put_run_manifest(s3: Any, settings: Settings, table: TableRef = ORDERS, run_
         state=RunState.EXTRACTING,
         started_at="2026-11-25T12:00:00Z",
     )
-    s3.put_object(Bucket=settings.bucket, Key=manifest_key(table, run_id), Body=manifest.to_json().encode())
+    RunStore(s3, settings.bucket).put_manifest(manifest)
 
 
 def query(sf_conn: Any, sql: str, params: tuple[Any, ...] | None = None) -> list[tuple[Any, ...]]:

@@ -26,11 +26,11 @@ from test_load import (  # fixtures and staging helpers shared with the base loa
 )
 
 from pgsnow.config import Settings
-from pgsnow.keys import FileFormat, data_key, manifest_key, parse_data_key
+from pgsnow.keys import FileFormat, data_key, key_list_key, parse_data_key
 from pgsnow.load import LoadStatus, RunOutcome, applied_mark_key, load_staged_files
 from pgsnow.manifest import RunManifest, RunState, StagedFile
+from pgsnow.runs import RunStore
 from pgsnow.snowflake.table_sql import SOFT_DELETE_COLUMN
-from pgsnow.staging import key_list_key
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def stage_run(s3: Any, settings: Settings, run_id: str, order_ids: list[int], de
             keys_key, 0, len(order_ids), len(keys_body), hashlib.sha256(keys_body).hexdigest(), FileFormat.CSV
         ),
     )
-    s3.put_object(Bucket=settings.bucket, Key=manifest_key(ORDERS, run_id), Body=manifest.to_json().encode())
+    RunStore(s3, settings.bucket).put_manifest(manifest)
     return key
 
 
@@ -185,9 +185,8 @@ def test_a_key_list_older_than_a_loaded_file_of_a_newer_run_deletes_nothing(
     # order 3) is loaded while the newer run is still extracting (so it is not complete)
     older = parse_data_key(stage_run(s3, settings, RUN_1, [1, 2], "hard"), settings.prefix)
     newer = parse_data_key(stage_run(s3, settings, RUN_2, [2, 3], "hard"), settings.prefix)
-    manifest_body = s3.get_object(Bucket=settings.bucket, Key=manifest_key(ORDERS, RUN_2))["Body"].read()
-    extracting = RunManifest.from_json(manifest_body).with_state(RunState.EXTRACTING)
-    s3.put_object(Bucket=settings.bucket, Key=manifest_key(ORDERS, RUN_2), Body=extracting.to_json().encode())
+    runs = RunStore(s3, settings.bucket)
+    runs.put_manifest(runs.get_manifest(ORDERS, RUN_2).with_state(RunState.EXTRACTING))
     loaded = load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[newer])
 
     # When the older run's last file is delivered after it

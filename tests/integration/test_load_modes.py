@@ -30,9 +30,10 @@ from test_load import (  # fixtures and staging helpers shared with the base loa
 
 from pgsnow.config import OnError, Settings
 from pgsnow.errors import PermanentError
-from pgsnow.keys import FileFormat, data_key, manifest_key, parse_data_key
+from pgsnow.keys import FileFormat, data_key, parse_data_key
 from pgsnow.load import LoadStatus, RunOutcome, load_batch, load_staged_files
 from pgsnow.manifest import Column, RunManifest, RunState, StagedFile
+from pgsnow.runs import RunStore
 from pgsnow.typemap import map_pg_type
 
 pytestmark = pytest.mark.integration
@@ -65,7 +66,7 @@ def put_manifest(
         write_mode=write_mode,
         cursor_column=cursor_column,
     )
-    s3.put_object(Bucket=settings.bucket, Key=manifest_key(ORDERS, run_id), Body=manifest.to_json().encode())
+    RunStore(s3, settings.bucket).put_manifest(manifest)
 
 
 def stage(

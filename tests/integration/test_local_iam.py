@@ -48,8 +48,8 @@ from pgsnow.local.iam import (
 from pgsnow.local.stack import LocalStack, load_function_handler
 from pgsnow.manifest import RunState
 from pgsnow.postgres import connect
+from pgsnow.runs import RunStore
 from pgsnow.runtime import Runtime
-from pgsnow.staging import get_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -402,7 +402,9 @@ def test_loader_without_read_on_the_staging_prefix_loads_nothing(tmp_path: Path)
         # Then the loader fails it (S3 answers a refused HEAD with a bare 403) and the run stays
         # staged; the one message that succeeds is the s3:TestEvent sent when the notification was set
         assert (stats.delivered, stats.failed) == (2, 1)
-        settled = get_manifest(stack.aws.client("s3"), stack.resources.bucket, table, manifest.run_id)
+        settled = RunStore(stack.aws.client("s3"), stack.resources.bucket).get_manifest(
+            table, manifest.run_id
+        )
         assert settled.state is RunState.STAGED
 
 
@@ -430,7 +432,9 @@ def test_loader_marks_the_run_loaded_only_with_its_manifest_write(
         stats = deliver_to_loader(stack)
         # Then the file loads either way, and the manifest says loaded only when the loader may write it
         assert (stats.delivered, stats.failed) == (2, 0)  # the file and the s3:TestEvent
-        settled = get_manifest(stack.aws.client("s3"), stack.resources.bucket, table, manifest.run_id)
+        settled = RunStore(stack.aws.client("s3"), stack.resources.bucket).get_manifest(
+            table, manifest.run_id
+        )
         assert settled.state is expected_state
 
 

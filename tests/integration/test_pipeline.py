@@ -29,8 +29,9 @@ from pgsnow.load import applied_mark_key
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack
 from pgsnow.manifest import RunManifest, RunState
+from pgsnow.runs import RunStore
 from pgsnow.snowflake.table_sql import LEDGER_TABLE
-from pgsnow.staging import get_manifest, put_data_file
+from pgsnow.staging import put_data_file
 
 if TYPE_CHECKING:  # the fixture's types, from this directory's conftest.py
     from conftest import PipelineHarness, RecordingLoader
@@ -189,7 +190,7 @@ def test_extracted_table_flows_through_the_queue_into_snowflake(
     assert (comparison.source_rows, comparison.snowflake_rows) == (len(PEOPLE_ROWS), len(PEOPLE_ROWS))
     assert queue_depth(stack) == (0, 0)
     # And the loader marked the run complete as its last file loaded (no cleanup pass ran)
-    settled = get_manifest(stack.aws.client("s3"), stack.resources.bucket, table, manifest.run_id)
+    settled = RunStore(stack.aws.client("s3"), stack.resources.bucket).get_manifest(table, manifest.run_id)
     assert settled.state is RunState.LOADED
 
 

@@ -24,7 +24,7 @@ from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat, table_prefix
 from pgsnow.local.stack import SNOWFLAKE_DATABASE
 from pgsnow.manifest import RunState
-from pgsnow.staging import get_manifest
+from pgsnow.runs import RunStore
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
     from conftest import PipelineHarness
@@ -253,7 +253,7 @@ def test_schema_drift_between_two_runs(pipeline: PipelineHarness, name: str) -> 
         assert "nothing was staged" in message
         run_id = refused.value.run_id
         assert run_id is not None
-        assert get_manifest(pipeline.s3(), pipeline.bucket, table, run_id).state is RunState.FAILED
+        assert RunStore(pipeline.s3(), pipeline.bucket).get_manifest(table, run_id).state is RunState.FAILED
         listed = pipeline.s3().list_objects_v2(
             Bucket=pipeline.bucket, Prefix=table_prefix(pipeline.prefix, table)
         )

@@ -38,12 +38,13 @@ from test_load import (  # fixtures and staging helpers shared with the base loa
 from pgsnow.config import LoadMethod, Settings
 from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.identifiers import TableRef, quote_qualified
-from pgsnow.keys import FileFormat, data_key, manifest_key, parse_data_key
+from pgsnow.keys import FileFormat, data_key, parse_data_key
 from pgsnow.load import LoadStatus, load_staged_files
 from pgsnow.local.aws import LocalAws
 from pgsnow.local.snowflake import LocalSnowflake
 from pgsnow.local.snowpipe import LocalSnowpipe, start_local_snowpipe
 from pgsnow.manifest import Column, RunManifest, RunState
+from pgsnow.runs import RunStore
 from pgsnow.snowpipe import (
     SnowpipeClient,
     private_key_pem,
@@ -300,9 +301,7 @@ def test_a_run_without_a_column_the_source_dropped_loads_its_values_into_their_o
             state=RunState.EXTRACTING,
             started_at="2026-11-25T12:00:00Z",
         )
-        s3.put_object(
-            Bucket=pipe_settings.bucket, Key=manifest_key(table, run_id), Body=manifest.to_json().encode()
-        )
+        RunStore(s3, pipe_settings.bucket).put_manifest(manifest)
         key = data_key(pipe_settings.prefix, table, 1, run_id, FileFormat.CSV)
         put_staged_file(
             s3, pipe_settings, key, csv_gz_bytes(rows, header=names), rows=len(rows), run_id=run_id

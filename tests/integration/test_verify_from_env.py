@@ -26,9 +26,10 @@ from psycopg2 import sql
 from stack_support import postgres_secret_arn
 
 from pgsnow.identifiers import TableRef, quote_qualified
-from pgsnow.keys import FileFormat, manifest_key
+from pgsnow.keys import FileFormat
 from pgsnow.local.stack import SNOWFLAKE_DATABASE
 from pgsnow.manifest import RunManifest, RunState
+from pgsnow.runs import RunStore
 from pgsnow.snowpipe import private_key_pem
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
@@ -185,8 +186,7 @@ def test_incremental_table_is_verified_up_to_its_latest_manifest_watermark(
     pipeline.create_table(table, EVENTS_COLUMNS, EVENTS_ROWS.format(n=20))
     options = json.dumps({table.qualified: {"mode": "incremental", "cursor_column": "changed_at"}})
     manifest = replicate(pipeline, table, PGSNOW_TABLE_OPTIONS=options)
-    stored = pipeline.s3().get_object(Bucket=pipeline.bucket, Key=manifest_key(table, manifest.run_id))
-    latest = RunManifest.from_json(stored["Body"].read())
+    latest = RunStore(pipeline.s3(), pipeline.bucket).get_manifest(table, manifest.run_id)
     assert latest.state is RunState.LOADED
     assert latest.watermark_after is not None and latest.watermark_after.startswith("2024-01-01")
     # ... and a row committed after the run, beyond the watermark, that Snowflake has not got

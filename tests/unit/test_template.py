@@ -28,8 +28,7 @@ from samtranslator.yaml_helper import yaml_parse
 
 from pgsnow.config import CleanupMode, Component, LoadMethod, OnError, Settings, StagedFormat
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import FileFormat, data_key, manifest_key
-from pgsnow.staging import key_list_key
+from pgsnow.keys import FileFormat, data_key, key_list_key, manifest_key
 
 pytestmark = pytest.mark.unit
 

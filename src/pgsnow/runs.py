@@ -1,0 +1,374 @@
+"""The run store: every object a run keeps under ``_pgsnow/`` in the staging bucket.
+
+``RunStore`` is the only code that reads, lists and (conditionally) writes these objects;
+their keys come from ``pgsnow.keys`` (the layout is described there). One GET and one PUT
+serve them all: a GET returns the body with the ETag (and version) a conditional rewrite
+needs, a conditional PUT (``If-Match: <etag>`` or ``If-None-Match: *``) answers ``None``
+when another writer got there first. S3 applies both atomically, so of two writers with the
+same base exactly one wins (the local stack's moto server is made atomic too, in
+``pgsnow.local.moto_server``). Every other S3 failure becomes a classified PgSnowError
+(``staging.classify_s3_error``) naming the key.
+
+What it keeps:
+
+* **Run manifests** (``pgsnow.manifest.RunManifest``), one per (table, run): written by the
+  extractor, read by the loader, settled by cleanup with ``write_manifest_if_unchanged``
+  (the state ``loaded`` and the ``cleaned`` list), listed in run order (run ids are UTC start
+  times, so key order is run order) by cleanup, ``pgsnow status`` and ``pgsnow verify``.
+* **The extraction lease** (``lease.json``): who may extract the table now. Created with
+  ``If-None-Match: *`` and renewed, handed off or released with ``If-Match``, so two runs for
+  the same table can never both hold it. A holder that dies leaves a lease that expires; the
+  next invocation takes it over (again with ``If-Match``) and resumes the unfinished run.
+* **Run checkpoints** (``runs/{run_id}.json``): the chunks a run finished, the chunk in
+  progress and what the run decided at its start (``pgsnow.checkpoint.RunCheckpoint``). Only
+  the lease holder writes it.
+* **The watermark** (``watermark.json``): the incremental cursor value the next run starts
+  from; advanced only after the run's manifest is ``staged``.
+* **Published columns** (``columns.json``): the columns of the table's last staged run,
+  written with its manifest; the next run compares its own columns with these (schema drift,
+  the scale an unbounded ``numeric`` column was given).
+* **Key lists** (deletes: a run's full primary-key list, read by Snowflake by URL) and the
+  orphan sweeper's **reports**.
+
+docs/extraction.md describes the lease and checkpoint protocol, docs/cleanup.md the settling.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from pgsnow.checkpoint import (
+    Lease,
+    LeaseLostError,
+    PublishedColumns,
+    RunCheckpoint,
+    RunInProgressError,
+    Watermark,
+)
+from pgsnow.errors import PermanentError, aws_error_code
+from pgsnow.identifiers import TableRef
+from pgsnow.keys import (
+    MANIFESTS_PREFIX,
+    checkpoint_key,
+    key_list_key,
+    lease_key,
+    manifest_key,
+    manifests_prefix,
+    orphan_report_key,
+    published_columns_key,
+    watermark_key,
+)
+from pgsnow.manifest import RunManifest
+from pgsnow.staging import classify_s3_error, put_data_file, raise_unless_missing
+
+JSON_CONTENT_TYPE = "application/json"
+# S3's answers to a conditional write that lost: the object changed, or a concurrent write is in flight.
+_CONDITION_FAILED_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+_CONDITION_FAILED_STATUSES = frozenset({412, 409})
+
+
+class ManifestNotFoundError(PermanentError):
+    """No manifest object for this (table, run)."""
+
+
+@dataclass(frozen=True)
+class VersionedManifest:
+    """A manifest as read, with what a conditional rewrite of it needs."""
+
+    manifest: RunManifest
+    etag: str
+    version_id: str | None  # None on an unversioned bucket
+    last_modified: datetime | None = None
+
+
+@dataclass(frozen=True)
+class _StoredObject:
+    body: bytes
+    etag: str
+    version_id: str | None
+    last_modified: datetime | None
+
+
+def _condition_failed(exc: ClientError) -> bool:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return aws_error_code(exc) in _CONDITION_FAILED_CODES or status in _CONDITION_FAILED_STATUSES
+
+
+class RunStore:
+    """The ``_pgsnow/`` objects of one staging bucket (see the module docstring)."""
+
+    def __init__(self, s3: Any, bucket: str, *, clock: Callable[[], float] = time.time) -> None:
+        self._s3 = s3
+        self._bucket = bucket
+        self._clock = clock
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    # --------------------------------------------------------------------- one GET, one PUT
+
+    def _get(self, key: str) -> _StoredObject | None:
+        """The object with its ETag and version; None when there is none."""
+        try:
+            response = self._s3.get_object(Bucket=self._bucket, Key=key)
+            body = response["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            raise_unless_missing(exc, s3_key=key)
+            return None
+        version = response.get("VersionId")
+        return _StoredObject(
+            body,
+            str(response["ETag"]),
+            None if version in (None, "null") else version,
+            response.get("LastModified"),
+        )
+
+    def _put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_match: str | None = None,
+        if_absent: bool = False,
+        run_id: str | None = None,
+    ) -> str | None:
+        """PUT a JSON object, optionally only if it is still ``if_match`` (an ETag) or absent.
+
+        Returns the new ETag, or None when the condition failed (another writer got there first).
+        """
+        condition = {"IfMatch": if_match} if if_match is not None else {}
+        if if_absent:
+            condition["IfNoneMatch"] = "*"
+        try:
+            response = self._s3.put_object(
+                Bucket=self._bucket, Key=key, Body=body, ContentType=JSON_CONTENT_TYPE, **condition
+            )
+        except ClientError as exc:
+            if condition and _condition_failed(exc):
+                return None
+            error = classify_s3_error(exc, s3_key=key)
+            error.run_id = run_id
+            raise error from exc
+        except BotoCoreError as exc:
+            error = classify_s3_error(exc, s3_key=key)
+            error.run_id = run_id
+            raise error from exc
+        return str(response["ETag"])
+
+    def _list_keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix``, sorted. A failed listing raises botocore's error as it is:
+        the CLI reports it by its AWS code (no such bucket, access denied)."""
+        paginator = self._s3.get_paginator("list_objects_v2")
+        return sorted(
+            obj["Key"]
+            for page in paginator.paginate(Bucket=self._bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])
+        )
+
+    # --------------------------------------------------------------------- run manifests
+
+    def put_manifest(self, manifest: RunManifest) -> str:
+        """Write (or overwrite) a run's manifest; returns its key."""
+        key = manifest_key(manifest.table, manifest.run_id)
+        self._put(key, manifest.to_json().encode("utf-8"), run_id=manifest.run_id)
+        return key
+
+    def get_manifest(self, table: TableRef, run_id: str) -> RunManifest:
+        """Read a run's manifest; ManifestNotFoundError (naming its key) when there is none."""
+        found = self.read_manifest_for_update(table, run_id)
+        if found is None:
+            raise ManifestNotFoundError(
+                "no manifest for this run",
+                table=table.qualified,
+                s3_key=manifest_key(table, run_id),
+                run_id=run_id,
+            )
+        return found.manifest
+
+    def read_manifest_for_update(self, table: TableRef, run_id: str) -> VersionedManifest | None:
+        """The run's manifest with the ETag (and version) a conditional rewrite needs; None if gone."""
+        key = manifest_key(table, run_id)
+        found = self._get(key)
+        if found is None:
+            return None
+        manifest = RunManifest.from_json(found.body, s3_key=key)
+        return VersionedManifest(manifest, found.etag, found.version_id, found.last_modified)
+
+    def write_manifest_if_unchanged(self, base: VersionedManifest, updated: RunManifest) -> bool:
+        """Replace the manifest only if it is still ``base``; False when another writer got there first."""
+        key = manifest_key(updated.table, updated.run_id)
+        etag = self._put(key, updated.to_json().encode("utf-8"), if_match=base.etag, run_id=updated.run_id)
+        return etag is not None
+
+    def run_ids(self, table: TableRef) -> list[str]:
+        """The table's runs that have a manifest, oldest first."""
+        prefix = manifests_prefix(table)
+        return [
+            key.removeprefix(prefix).removesuffix(".json")
+            for key in self._list_keys(prefix)
+            if key.endswith(".json")
+        ]
+
+    def manifests_newest_first(self, table: TableRef) -> Iterator[RunManifest]:
+        """The table's manifests from its newest run back, each read only when asked for."""
+        for run_id in reversed(self.run_ids(table)):
+            found = self.read_manifest_for_update(table, run_id)
+            if found is not None:  # None: removed since the listing
+                yield found.manifest
+
+    def iter_manifests(self, tables: Iterable[TableRef] | None = None) -> Iterator[RunManifest]:
+        """Every run manifest in the bucket (or of the given tables), oldest run first per table."""
+        prefixes = [manifests_prefix(t) for t in tables] if tables is not None else [MANIFESTS_PREFIX]
+        for prefix in prefixes:
+            for key in self._list_keys(prefix):
+                found = self._get(key) if key.endswith(".json") else None
+                if found is not None:  # None: removed since the listing
+                    yield RunManifest.from_json(found.body, s3_key=key)
+
+    def tables_with_manifests(self) -> list[TableRef]:
+        """Every (schema, table) that has a manifest folder."""
+        paginator = self._s3.get_paginator("list_objects_v2")
+        tables = []
+        for schema_page in paginator.paginate(Bucket=self._bucket, Prefix=MANIFESTS_PREFIX, Delimiter="/"):
+            for schema_prefix in schema_page.get("CommonPrefixes", []):
+                for table_page in paginator.paginate(
+                    Bucket=self._bucket, Prefix=schema_prefix["Prefix"], Delimiter="/"
+                ):
+                    for table_prefix in table_page.get("CommonPrefixes", []):
+                        folder = table_prefix["Prefix"].removeprefix(MANIFESTS_PREFIX).rstrip("/")
+                        schema, table = folder.split("/", 1)
+                        tables.append(TableRef(schema, table))
+        return sorted(tables, key=lambda t: (t.schema, t.table))
+
+    # --------------------------------------------------------------------- the extraction lease
+
+    def current_lease(self, table: TableRef) -> Lease | None:
+        found = self._get(lease_key(table))
+        if found is None:
+            return None
+        return Lease.from_json(table, found.body, etag=found.etag)
+
+    def acquire_lease(self, table: TableRef, *, run_id: str, owner: str, ttl_s: float, resume: bool) -> Lease:
+        """Take the table's lease for ``run_id`` (a new run) or, with ``resume``, for the run it names.
+
+        Succeeds when there is no lease, when the lease expired (its holder died: its run is
+        resumed), or when it was handed off (``owner`` None) and ``resume`` is set or it names
+        ``run_id``. Otherwise raises RunInProgressError: another invocation is extracting the table.
+        """
+        expires_at = self._clock() + ttl_s
+        key = lease_key(table)
+        fresh = Lease(table, run_id, owner, expires_at, "")
+        etag = self._put(key, fresh.body(), if_absent=True)
+        if etag is not None:
+            return replace(fresh, etag=etag)
+        current = self.current_lease(table)  # a lease exists: see whose
+        if current is None:  # released in between: try once more from scratch
+            etag = self._put(key, fresh.body(), if_absent=True)
+            if etag is None:
+                raise RunInProgressError(
+                    f"run in progress for {table.qualified}", table=table.qualified, s3_key=key
+                )
+            return replace(fresh, etag=etag)
+        expired = current.expires_at <= self._clock()
+        handed_off = current.owner is None and (resume or current.run_id == run_id)
+        if not (expired or handed_off):
+            raise RunInProgressError(
+                f"run in progress for {table.qualified}: run {current.run_id} holds the extraction lease "
+                f"for {max(0.0, current.expires_at - self._clock()):.0f} more seconds",
+                table=table.qualified,
+                run_id=current.run_id,
+                s3_key=key,
+            )
+        # Taking over continues the run the lease names: its checkpoint says where it stopped.
+        taken = Lease(table, current.run_id, owner, expires_at, "")
+        etag = self._put(key, taken.body(), if_match=current.etag)
+        if etag is None:
+            raise RunInProgressError(
+                f"run in progress for {table.qualified}: another invocation took the lease first",
+                table=table.qualified,
+                run_id=current.run_id,
+                s3_key=key,
+            )
+        return replace(taken, etag=etag)
+
+    def renew_lease(self, lease: Lease, *, ttl_s: float) -> Lease:
+        """Extend the lease; LeaseLostError if it is no longer ours."""
+        return self._rewrite_lease(lease, owner=lease.owner, ttl_s=ttl_s)
+
+    def hand_off_lease(self, lease: Lease, *, ttl_s: float) -> Lease:
+        """Leave the lease to the run's continuation: no owner, so the next invocation resuming it may take it."""
+        return self._rewrite_lease(lease, owner=None, ttl_s=ttl_s)
+
+    def _rewrite_lease(self, lease: Lease, *, owner: str | None, ttl_s: float) -> Lease:
+        renewed = replace(lease, owner=owner, expires_at=self._clock() + ttl_s)
+        etag = self._put(lease_key(lease.table), renewed.body(), if_match=lease.etag)
+        if etag is None:
+            raise LeaseLostError(
+                f"the extraction lease of {lease.table.qualified} was taken over; stopping",
+                table=lease.table.qualified,
+                run_id=lease.run_id,
+            )
+        return replace(renewed, etag=etag)
+
+    def release_lease(self, lease: Lease) -> None:
+        """Delete the lease if it is still ours (a lease taken over meanwhile is left alone)."""
+        key = lease_key(lease.table)
+        try:
+            self._s3.delete_object(Bucket=self._bucket, Key=key, IfMatch=lease.etag)
+        except ClientError as exc:
+            if not _condition_failed(exc):  # taken over meanwhile: not ours to delete
+                raise_unless_missing(exc, s3_key=key)
+        except BotoCoreError as exc:
+            raise classify_s3_error(exc, s3_key=key) from exc
+
+    # --------------------------------------------------------------------- checkpoints, watermarks, columns
+
+    def load_checkpoint(self, table: TableRef, run_id: str) -> RunCheckpoint | None:
+        key = checkpoint_key(table, run_id)
+        found = self._get(key)
+        return None if found is None else RunCheckpoint.from_json(found.body, s3_key=key)
+
+    def save_checkpoint(self, checkpoint: RunCheckpoint) -> None:
+        key = checkpoint_key(checkpoint.table, checkpoint.run_id)
+        self._put(key, checkpoint.to_json().encode(), run_id=checkpoint.run_id)
+
+    def load_watermark(self, table: TableRef) -> Watermark | None:
+        found = self._get(watermark_key(table))
+        if found is None:
+            return None
+        return Watermark.from_json(found.body)
+
+    def save_watermark(self, table: TableRef, watermark: Watermark) -> None:
+        self._put(watermark_key(table), watermark.to_json(), run_id=watermark.run_id)
+
+    def load_published_columns(self, table: TableRef) -> PublishedColumns | None:
+        """The columns of the table's last staged run; None before its first."""
+        key = published_columns_key(table)
+        found = self._get(key)
+        return None if found is None else PublishedColumns.from_json(found.body, s3_key=key)
+
+    def save_published_columns(self, table: TableRef, published: PublishedColumns) -> None:
+        self._put(published_columns_key(table), published.to_json(), run_id=published.run_id)
+
+    # --------------------------------------------------------------------- key lists, reports
+
+    def put_key_list(self, table: TableRef, run_id: str, path: Path, *, rows: int, sha256: str) -> str:
+        """Upload a run's full primary-key list (gzip CSV, with a data file's metadata); returns its key."""
+        key = key_list_key(table, run_id)
+        put_data_file(self._s3, self._bucket, key, path, run_id=run_id, batch=0, rows=rows, sha256=sha256)
+        return key
+
+    def put_orphan_report(self, report_id: str, report: dict[str, Any]) -> str:
+        """Write one orphan sweeper pass's report; returns its key."""
+        key = orphan_report_key(report_id)
+        self._put(key, json.dumps(report, indent=2).encode("utf-8"))
+        return key
