@@ -21,7 +21,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pgsnow.errors import PermanentError
-from pgsnow.extract import extract_table
+from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import is_run_id, manifest_key
 from pgsnow.manifest import RunState

@@ -39,7 +39,8 @@ from stack_support import (  # noqa: F401 - fixtures, registered by importing th
 from pgsnow.checkpoint import RunInProgressError, StateStore, lease_key
 from pgsnow.config import Component, Settings
 from pgsnow.errors import RetryableError, UnsafeIdentifierError
-from pgsnow.extract import FILES_PER_CHUNK, extract_table
+from pgsnow.extract.files import FILES_PER_CHUNK
+from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat
 from pgsnow.local.aws import LocalAws
@@ -357,9 +358,9 @@ def test_interrupted_run_is_resumed_by_the_next_invocation_with_the_same_keys(
             )
         )
     settings = settings_for(bucket, pg_dsn, table, EXTRACT_CHUNK_ROWS="10", EXTRACT_BATCH_ROWS="5")
-    import pgsnow.extract as extract_module
+    import pgsnow.extract.files as extract_files
 
-    real_put = extract_module.put_data_file
+    real_put = extract_files.put_data_file
     calls = {"n": 0}
 
     def flaky_put(*args: Any, **kwargs: Any) -> None:
@@ -368,7 +369,7 @@ def test_interrupted_run_is_resumed_by_the_next_invocation_with_the_same_keys(
             raise RetryableError("S3 SlowDown (injected)")
         real_put(*args, **kwargs)
 
-    monkeypatch.setattr(extract_module, "put_data_file", flaky_put)
+    monkeypatch.setattr(extract_files, "put_data_file", flaky_put)
 
     # When the first invocation fails mid-run
     with pytest.raises(RetryableError):
@@ -380,7 +381,7 @@ def test_interrupted_run_is_resumed_by_the_next_invocation_with_the_same_keys(
     assert get_manifest(s3, bucket, table, lease.run_id).state is RunState.EXTRACTING
 
     # When the next scheduled invocation (no run id) runs
-    monkeypatch.setattr(extract_module, "put_data_file", real_put)
+    monkeypatch.setattr(extract_files, "put_data_file", real_put)
     manifest = extract_table(settings=settings, pg_conn=pg_conn, s3=s3, table=table)
 
     # Then it resumed the same run after the last checkpointed file, and the data is exactly the source
