@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import math
-import sys
 import time as time_module
 import uuid
 from collections.abc import Iterator
@@ -789,12 +788,8 @@ def extractor_handler(
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("PGSNOW_PG_DSN", raising=False)
-    reset_runtime()
-    handler = load_function_handler("extractor")
-    app_module = sys.modules[handler.__module__]
-    app_module.postgres_connections.reset()
-    yield handler, table
-    app_module.postgres_connections.reset()
+    reset_runtime()  # a new runtime: settings, clients and PostgreSQL connection from this environment
+    yield load_function_handler("extractor"), table
     reset_runtime()
 
 

@@ -13,7 +13,6 @@ import csv
 import gzip
 import io
 import json
-import sys
 import threading
 import time
 import uuid
@@ -48,7 +47,7 @@ from pgsnow.local.dispatcher import LambdaContext
 from pgsnow.local.stack import load_function_handler
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.postgres import connect
-from pgsnow.runtime import reset_runtime
+from pgsnow.runtime import extractor_runtime, reset_runtime
 from pgsnow.staging import get_manifest
 
 pytestmark = pytest.mark.integration
@@ -206,7 +205,8 @@ def test_incremental_run_reads_only_rows_at_or_after_the_watermark_minus_lookbac
 
 @pytest.fixture
 def handler_env(monkeypatch: pytest.MonkeyPatch, aws: LocalAws, bucket: str, pg_dsn: str) -> Iterator[Any]:
-    """Configure the real extractor handler for a table; yields a function that sets the env and loads it."""
+    """Configure the real extractor handler for a table; yields a function that sets the env and
+    returns the handler and its runtime."""
 
     def configure(table: TableRef, **env: str) -> Any:
         for name, value in {
@@ -219,11 +219,8 @@ def handler_env(monkeypatch: pytest.MonkeyPatch, aws: LocalAws, bucket: str, pg_
             **env,
         }.items():
             monkeypatch.setenv(name, value)
-        reset_runtime()
-        handler = load_function_handler("extractor")
-        module = sys.modules[handler.__module__]
-        module.postgres_connections.reset()
-        return handler, module
+        reset_runtime()  # a new runtime: settings, clients and PostgreSQL connection from this environment
+        return load_function_handler("extractor"), extractor_runtime()
 
     yield configure
     reset_runtime()
@@ -250,7 +247,7 @@ def test_deadline_stops_after_each_file_and_continuations_finish_the_run_exactly
                 sql.Identifier(table.schema, table.table)
             )
         )
-    handler, module = handler_env(
+    handler, runtime = handler_env(
         table,
         EXTRACT_CHUNK_ROWS="10",
         EXTRACT_BATCH_ROWS="4",
@@ -258,7 +255,7 @@ def test_deadline_stops_after_each_file_and_continuations_finish_the_run_exactly
         S3_FILE_FORMAT=fmt,
     )
     continuations: list[dict[str, str]] = []
-    module.continuation_invoker = continuations.append
+    runtime.continuation_invoker = continuations.append
     try:
         # When the schedule invokes it, and every continuation it asks for is invoked in turn
         event: dict[str, str] = {"schema_name": table.schema, "table_name": table.table}
@@ -266,7 +263,7 @@ def test_deadline_stops_after_each_file_and_continuations_finish_the_run_exactly
         while continuations:
             results.append(handler(continuations.pop(0), short_context(30)))
     finally:
-        module.continuation_invoker = None
+        runtime.continuation_invoker = None
 
     # Then each invocation staged one file and handed on; the last one staged the manifest
     run_id = results[0]["run_id"]
@@ -309,7 +306,7 @@ def test_continuations_keep_the_numeric_scale_the_run_chose(
                 sql.Identifier(table.schema, table.table)
             )
         )
-    handler, module = handler_env(
+    handler, runtime = handler_env(
         table,
         EXTRACT_CHUNK_ROWS="4",
         EXTRACT_BATCH_ROWS="4",
@@ -317,14 +314,14 @@ def test_continuations_keep_the_numeric_scale_the_run_chose(
         S3_FILE_FORMAT=fmt,
     )
     continuations: list[dict[str, str]] = []
-    module.continuation_invoker = continuations.append
+    runtime.continuation_invoker = continuations.append
     try:
         # When the run stops before its deadline after each file and its continuations resume it
         results = [handler({"schema_name": table.schema, "table_name": table.table}, short_context(30))]
         while continuations:
             results.append(handler(continuations.pop(0), short_context(30)))
     finally:
-        module.continuation_invoker = None
+        runtime.continuation_invoker = None
 
     # Then every continuation resumed the same run with the scale its first invocation chose
     assert len(results) > 2 and results[-1]["state"] == "staged"
