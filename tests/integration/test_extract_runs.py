@@ -47,7 +47,7 @@ from pgsnow.local.dispatcher import LambdaContext
 from pgsnow.local.stack import load_function_handler
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.postgres import connect
-from pgsnow.runtime import extractor_runtime, reset_runtime
+from pgsnow.runtime import Runtime, extractor_runtime, reset_runtime
 from pgsnow.staging import get_manifest
 
 pytestmark = pytest.mark.integration
@@ -235,6 +235,17 @@ def short_context(remaining_s: float) -> LambdaContext:
     )
 
 
+def invoke_with_continuations(handler: Any, runtime: Runtime, table: TableRef) -> list[dict[str, Any]]:
+    """The schedule's invocation for ``table``, then every continuation it asks for, in turn, each
+    with a context inside the deadline margin; their results in order."""
+    continuations: list[dict[str, str]] = []
+    runtime.continuation_invoker = continuations.append  # instead of lambda:InvokeFunction
+    results = [handler({"schema_name": table.schema, "table_name": table.table}, short_context(30))]
+    while continuations:
+        results.append(handler(continuations.pop(0), short_context(30)))
+    return results
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_deadline_stops_after_each_file_and_continuations_finish_the_run_exactly(
     admin: Any, schema_name: str, s3: Any, bucket: str, handler_env: Any, fmt: str
@@ -254,16 +265,8 @@ def test_deadline_stops_after_each_file_and_continuations_finish_the_run_exactly
         EXTRACT_DEADLINE_MARGIN_S="60",
         S3_FILE_FORMAT=fmt,
     )
-    continuations: list[dict[str, str]] = []
-    runtime.continuation_invoker = continuations.append
-    try:
-        # When the schedule invokes it, and every continuation it asks for is invoked in turn
-        event: dict[str, str] = {"schema_name": table.schema, "table_name": table.table}
-        results = [handler(event, short_context(30))]
-        while continuations:
-            results.append(handler(continuations.pop(0), short_context(30)))
-    finally:
-        runtime.continuation_invoker = None
+    # When the schedule invokes it, and every continuation it asks for is invoked in turn
+    results = invoke_with_continuations(handler, runtime, table)
 
     # Then each invocation staged one file and handed on; the last one staged the manifest
     run_id = results[0]["run_id"]
@@ -313,15 +316,8 @@ def test_continuations_keep_the_numeric_scale_the_run_chose(
         EXTRACT_DEADLINE_MARGIN_S="60",
         S3_FILE_FORMAT=fmt,
     )
-    continuations: list[dict[str, str]] = []
-    runtime.continuation_invoker = continuations.append
-    try:
-        # When the run stops before its deadline after each file and its continuations resume it
-        results = [handler({"schema_name": table.schema, "table_name": table.table}, short_context(30))]
-        while continuations:
-            results.append(handler(continuations.pop(0), short_context(30)))
-    finally:
-        runtime.continuation_invoker = None
+    # When the run stops before its deadline after each file and its continuations resume it
+    results = invoke_with_continuations(handler, runtime, table)
 
     # Then every continuation resumed the same run with the scale its first invocation chose
     assert len(results) > 2 and results[-1]["state"] == "staged"

@@ -148,7 +148,6 @@ class FileRecorder:
             key_range=key_range,
             cursor_range=cursor_range,
         )
-        run.uploaded.append(staged)
         chunk = run.checkpoint.in_progress
         assert chunk is not None
         chunk = ChunkRecord(

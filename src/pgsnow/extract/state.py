@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,6 @@ from psycopg2 import sql
 from pgsnow.checkpoint import Lease, RunCheckpoint, StateStore
 from pgsnow.config import Settings, TableOptions
 from pgsnow.identifiers import TableRef
-from pgsnow.manifest import StagedFile
 from pgsnow.postgres import Connection, RowRange, TableSchema
 
 # Without a Lambda context (CLI, tests) a lease lasts this long unless renewed.
@@ -39,7 +38,7 @@ class Deadline:
         return self.remaining_ms() / 1000 + 60  # a dead holder's lease outlives its deadline by a minute
 
 
-@dataclass(frozen=True)
+@dataclass
 class Invocation:
     """What this invocation works with before its run is opened (the lease it acquired)."""
 
@@ -55,25 +54,15 @@ class Invocation:
 
 
 @dataclass
-class ExtractionRun:
-    """What one invocation works with once its run is open (mutable: the checkpoint advances
-    file by file, and every save renews the lease)."""
+class ExtractionRun(Invocation):
+    """The invocation's open run (mutable: the checkpoint advances file by file, and every save
+    renews the lease)."""
 
-    settings: Settings
-    s3: Any
-    store: StateStore
-    pg_conn: Connection
-    table: TableRef
-    options: TableOptions
     schema: TableSchema
     checkpoint: RunCheckpoint
-    lease: Lease
-    deadline: Deadline
-    work_dir: Path
     run_filter: sql.Composable | None = None
     filter_params: tuple[Any, ...] = ()
     staged_this_invocation: int = 0
-    uploaded: list[StagedFile] = field(default_factory=list)
 
     @classmethod
     def open(
@@ -85,18 +74,11 @@ class ExtractionRun:
         filter_params: tuple[Any, ...],
     ) -> ExtractionRun:
         """The run of ``checkpoint``, saved (which renews the invocation's lease)."""
+        inherited = {f.name: getattr(invocation, f.name) for f in fields(Invocation)}
         run = cls(
-            settings=invocation.settings,
-            s3=invocation.s3,
-            store=invocation.store,
-            pg_conn=invocation.pg_conn,
-            table=invocation.table,
-            options=invocation.options,
+            **inherited,
             schema=schema,
             checkpoint=checkpoint,
-            lease=invocation.lease,
-            deadline=invocation.deadline,
-            work_dir=invocation.work_dir,
             run_filter=run_filter,
             filter_params=filter_params,
         )
