@@ -74,6 +74,17 @@ def new_table(admin: psycopg2.extensions.connection, schema_name: str, prefix: s
     return table
 
 
+def fill_table(admin: psycopg2.extensions.connection, table: TableRef, select_list: str, rows: int) -> None:
+    """Insert ``rows`` rows: ``SELECT {select_list} FROM generate_series(1, rows) g``."""
+    with admin.cursor() as cur:
+        cur.execute(
+            sql.SQL("INSERT INTO {} SELECT {} FROM generate_series(1, %s) g").format(
+                sql.Identifier(table.schema, table.table), sql.SQL(select_list)
+            ),
+            (rows,),
+        )
+
+
 def settings_for(bucket: str, pg_dsn: str, table: TableRef, **env: str) -> Settings:
     return Settings.from_env(
         {
@@ -216,6 +227,8 @@ def handler_env(monkeypatch: pytest.MonkeyPatch, aws: LocalAws, bucket: str, pg_
             "PGSNOW_TABLES": table.qualified,
             "PGSNOW_PG_DSN": pg_dsn,
             "AWS_LAMBDA_FUNCTION_NAME": "pgsnow-test-extractor",
+            # short_context(30) is then always inside the margin: each invocation stops after a file
+            "EXTRACT_DEADLINE_MARGIN_S": "60",
             **env,
         }.items():
             monkeypatch.setenv(name, value)
@@ -252,19 +265,8 @@ def test_deadline_stops_after_each_file_and_continuations_finish_the_run_exactly
 ) -> None:
     # Given 23 rows, chunks of 10 rows, files of 4 rows, and a context always inside the deadline margin
     table = new_table(admin, schema_name, "deadline", "id integer PRIMARY KEY, note text")
-    with admin.cursor() as cur:
-        cur.execute(
-            sql.SQL("INSERT INTO {} SELECT g, 'row ' || g FROM generate_series(1, 23) g").format(
-                sql.Identifier(table.schema, table.table)
-            )
-        )
-    handler, runtime = handler_env(
-        table,
-        EXTRACT_CHUNK_ROWS="10",
-        EXTRACT_BATCH_ROWS="4",
-        EXTRACT_DEADLINE_MARGIN_S="60",
-        S3_FILE_FORMAT=fmt,
-    )
+    fill_table(admin, table, "g, 'row ' || g", 23)
+    handler, runtime = handler_env(table, EXTRACT_CHUNK_ROWS="10", EXTRACT_BATCH_ROWS="4", S3_FILE_FORMAT=fmt)
     # When the schedule invokes it, and every continuation it asks for is invoked in turn
     results = invoke_with_continuations(handler, runtime, table)
 
@@ -303,19 +305,8 @@ def test_continuations_keep_the_numeric_scale_the_run_chose(
 ) -> None:
     # Given an unbounded numeric column of ratios with 20 decimals, staged over several invocations
     table = new_table(admin, schema_name, "ratios", "id integer PRIMARY KEY, v numeric")
-    with admin.cursor() as cur:
-        cur.execute(
-            sql.SQL("INSERT INTO {} SELECT g, g::numeric(10,2) / 7 FROM generate_series(1, 9) g").format(
-                sql.Identifier(table.schema, table.table)
-            )
-        )
-    handler, runtime = handler_env(
-        table,
-        EXTRACT_CHUNK_ROWS="4",
-        EXTRACT_BATCH_ROWS="4",
-        EXTRACT_DEADLINE_MARGIN_S="60",
-        S3_FILE_FORMAT=fmt,
-    )
+    fill_table(admin, table, "g, g::numeric(10,2) / 7", 9)
+    handler, runtime = handler_env(table, EXTRACT_CHUNK_ROWS="4", EXTRACT_BATCH_ROWS="4", S3_FILE_FORMAT=fmt)
     # When the run stops before its deadline after each file and its continuations resume it
     results = invoke_with_continuations(handler, runtime, table)
 
@@ -344,12 +335,7 @@ def test_interrupted_run_is_resumed_by_the_next_invocation_with_the_same_keys(
 ) -> None:
     # Given a 30-row table, chunks of 10, files of 5, and an S3 upload that fails transiently on the 4th file
     table = new_table(admin, schema_name, "interrupted", "id integer PRIMARY KEY, note text")
-    with admin.cursor() as cur:
-        cur.execute(
-            sql.SQL("INSERT INTO {} SELECT g, 'row ' || g FROM generate_series(1, 30) g").format(
-                sql.Identifier(table.schema, table.table)
-            )
-        )
+    fill_table(admin, table, "g, 'row ' || g", 30)
     settings = settings_for(bucket, pg_dsn, table, EXTRACT_CHUNK_ROWS="10", EXTRACT_BATCH_ROWS="5")
     import pgsnow.extract.files as extract_files
 
@@ -390,12 +376,7 @@ def test_run_whose_holder_died_is_resumed_after_the_lease_expires(
     # Given a run that stopped at the deadline after its first file and whose continuation never came,
     # its lease renewed by an owner that then died (not handed off)
     table = new_table(admin, schema_name, "died", "id integer PRIMARY KEY")
-    with admin.cursor() as cur:
-        cur.execute(
-            sql.SQL("INSERT INTO {} SELECT generate_series(1, 12)").format(
-                sql.Identifier(table.schema, table.table)
-            )
-        )
+    fill_table(admin, table, "g", 12)
     settings = settings_for(bucket, pg_dsn, table, EXTRACT_BATCH_ROWS="5", EXTRACT_DEADLINE_MARGIN_S="60")
     stopped = extract_table(settings=settings, pg_conn=pg_conn, s3=s3, table=table, remaining_ms=lambda: 1000)
     assert stopped.state is RunState.EXTRACTING and len(stopped.files) == 1
