@@ -185,12 +185,12 @@ def adbc_parquet(spec: Spec) -> Outcome:
 
 
 def _pgsnow(spec: Spec, file_format: str) -> Outcome:
-    """pgsnow.extract.extract_table, staging to the moto server over loopback HTTP."""
+    """pgsnow.extract.run.extract_table, staging to the moto server over loopback HTTP."""
     import boto3
     from botocore.config import Config
 
     from pgsnow.config import Component, Settings
-    from pgsnow.extract import extract_table
+    from pgsnow.extract.run import extract_table
     from pgsnow.identifiers import TableRef
     from pgsnow.keys import FileFormat
     from pgsnow.postgres import connect

@@ -2,7 +2,7 @@
 
 The table ``pgsnow_bench_large.values_<mb>`` has two rows: one with a ``<mb>`` MB text value,
 one with a ``<mb>`` MB jsonb document (an array of strings), and small values elsewhere. Each
-format is extracted once by ``pgsnow.extract.extract_table`` in a process of its own, staging
+format is extracted once by ``pgsnow.extract.run.extract_table`` in a process of its own, staging
 to a moto server (its own process, so the objects it keeps in memory are not counted). The
 child reports its ``VmHWM`` (peak RSS) and its RSS just before extracting (interpreter and
 imports); the difference is what the extraction itself needed. Results: docs/performance.md.
@@ -78,7 +78,7 @@ def extract_once(dsn: str, table_name: str, file_format: str) -> dict[str, objec
     import boto3
 
     from pgsnow.config import Component, Settings
-    from pgsnow.extract import extract_table
+    from pgsnow.extract.run import extract_table
     from pgsnow.identifiers import TableRef
     from pgsnow.keys import FileFormat
     from pgsnow.postgres import connect

@@ -13,7 +13,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pgsnow.cleanup import CleanupResult, cleanup_pending_runs
-from pgsnow.observability import logger, metrics, record_table_metric
+from pgsnow.observability import logger, record_table_metric
 from pgsnow.runtime import cleanup_runtime
 from pgsnow.sweeper import SweepResult, sweep_orphans
 
@@ -33,12 +33,12 @@ def record_metrics(results: list[CleanupResult], sweep: SweepResult) -> None:
         record_nonzero_metric("OrphansReenqueued", table, counts["reenqueued"])
         record_nonzero_metric("OrphansAbandoned", table, counts["abandoned"] + counts["unloadable"])
         record_nonzero_metric("OrphansDeleted", table, counts["deleted"])
-    metrics.add_metric(name="FilesDeleted", unit=MetricUnit.Count, value=len(sweep.deleted_keys))
-    metrics.add_metric(name="BytesDeleted", unit=MetricUnit.Bytes, value=sweep.deleted_bytes)
+    # The sweep's deletions are the pass's totals, with no table dimension.
+    record_table_metric("FilesDeleted", None, len(sweep.deleted_keys))
+    record_table_metric("BytesDeleted", None, sweep.deleted_bytes, MetricUnit.Bytes)
 
 
 @logger.inject_lambda_context(clear_state=True)
-@metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     runtime = cleanup_runtime()
     tables = runtime.tables_from_event(event)

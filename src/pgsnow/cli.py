@@ -286,7 +286,7 @@ def run_extract_command(args: argparse.Namespace) -> int:
     import boto3
 
     from pgsnow.config import Component, Settings
-    from pgsnow.extract import extract_table
+    from pgsnow.extract.run import extract_table
     from pgsnow.postgres import connect
     from pgsnow.runtime import postgres_dsn
 

@@ -15,15 +15,22 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 
 from pgsnow.config import Component, Settings
 from pgsnow.errors import PermanentError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef
+
+if TYPE_CHECKING:  # psycopg2 ships in the extractor's artifact only
+    from pgsnow.postgres import Connection
+
+# Continues an extraction run in a new invocation, given the extractor event that continues it.
+ContinuationInvoker = Callable[[dict[str, str]], None]
 
 _RETRYABLE_SECRET_ERRORS = frozenset(
     {"ThrottlingException", "InternalServiceError", "InternalServiceErrorException"}
@@ -92,6 +99,9 @@ class Runtime:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _snowflake: Any = field(default=None, repr=False)
     _snowpipe: Any = field(default=None, repr=False)
+    _postgres: Connection | None = field(default=None, repr=False)
+    # Replaced by the local stack and tests: a callable that runs the extractor handler in-process.
+    continuation_invoker: ContinuationInvoker | None = field(default=None, repr=False)
 
     def client(self, service: str) -> Any:
         """The cached client of ``service`` made from this function's session."""
@@ -119,6 +129,31 @@ class Runtime:
         if self._snowflake is None or self._snowflake.is_closed():
             self._snowflake = connect(self.settings.snowflake, secrets_client=self._secrets_if_needed())
         return self._snowflake
+
+    def postgres(self) -> Connection:
+        """One PostgreSQL connection per container, reopened if it was closed or broken."""
+        from pgsnow.postgres import connect
+
+        if self._postgres is None or self._postgres.closed:
+            self._postgres = connect(
+                self.postgres_dsn(), statement_timeout_ms=self.settings.postgres.statement_timeout_ms
+            )
+        return self._postgres
+
+    def invoke_continuation(self, payload: dict[str, str]) -> None:
+        """Continue an extraction run in a new invocation of this function: ``lambda:InvokeFunction``
+        with InvocationType=Event, or ``continuation_invoker`` where the local stack or a test set one."""
+        if self.continuation_invoker is not None:
+            self.continuation_invoker(payload)
+            return
+        function_name = self.settings.extract.function_name
+        if not function_name:
+            raise PermanentError(
+                "AWS_LAMBDA_FUNCTION_NAME is not set: cannot continue the run in a new invocation"
+            )
+        self.client("lambda").invoke(
+            FunctionName=function_name, InvocationType="Event", Payload=json.dumps(payload).encode()
+        )
 
     def snowpipe(self) -> Any:
         """LOAD_METHOD=snowpipe: one Snowpipe REST client per container (its key pair read from the

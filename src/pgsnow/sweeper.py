@@ -45,6 +45,7 @@ from pgsnow.keys import StagedObject, new_run_id, parse_data_key, table_prefix
 from pgsnow.observability import logger
 from pgsnow.runs import RunStore
 from pgsnow.staging import classify_s3_error
+from pgsnow.timestamps import utc_iso
 
 TAG_REENQUEUED_AT = "pgsnow-reenqueued-at"
 TAG_ABANDONED_AT = "pgsnow-abandoned-at"
@@ -150,10 +151,6 @@ def build_object_created_event(
             }
         ]
     }
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _parse_iso(text: str | None) -> datetime | None:
@@ -317,7 +314,7 @@ def _handle_orphan(
             table=staged.table.qualified if staged else None,
             run_id=staged.run_id if staged else None,
             size=size,
-            last_modified=_iso(obj["LastModified"]),
+            last_modified=utc_iso(obj["LastModified"], "seconds"),
             status=status,
             reenqueued_at=tags.get(TAG_REENQUEUED_AT),
             abandoned_at=tags.get(TAG_ABANDONED_AT),
@@ -325,13 +322,13 @@ def _handle_orphan(
 
     if staged is not None and reenqueued_at is None:
         _reenqueue(settings, s3, sqs, obj, now)
-        tags[TAG_REENQUEUED_AT] = _iso(now)
+        tags[TAG_REENQUEUED_AT] = utc_iso(now, "seconds")
         _put_tags(s3, bucket, key, tags)
         return orphan(OrphanStatus.REENQUEUED)
     if staged is not None and reenqueued_at is not None and reenqueued_at > now - age:
         return orphan(OrphanStatus.WAITING)
     if abandoned_at is None:
-        tags[TAG_ABANDONED_AT] = _iso(now)
+        tags[TAG_ABANDONED_AT] = utc_iso(now, "seconds")
         _put_tags(s3, bucket, key, tags)
         return orphan(OrphanStatus.ABANDONED if staged is not None else OrphanStatus.UNLOADABLE)
     if abandoned_at <= now - retention:
@@ -381,7 +378,7 @@ def _remove_abandoned(
 
 def _write_report(s3: Any, bucket: str, result: SweepResult, now: datetime) -> str:
     report = {
-        "generated_at": _iso(now),
+        "generated_at": utc_iso(now, "seconds"),
         "summary": result.as_dict(),
         "per_table": {table: dict(counts) for table, counts in result.counts_by_table().items()},
         "orphans": [o.as_dict() for o in result.orphans],

@@ -36,7 +36,7 @@ from stack_support import (
 from pgsnow.config import Component, Settings
 from pgsnow.demo.compare import TableComparison, compare_table
 from pgsnow.demo.pipeline import replicate_table
-from pgsnow.extract import extract_table
+from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import CONTROL_PREFIX, FileFormat
 from pgsnow.local.dispatcher import SqsDispatcher

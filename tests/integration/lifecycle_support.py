@@ -21,7 +21,7 @@ from psycopg2.extensions import connection as PgConnection
 from stack_support import autocommit_connection, new_source_schema, running_stack, snowflake_session
 
 from pgsnow.config import Component, Settings
-from pgsnow.extract import extract_table
+from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, parse_data_key
 from pgsnow.load import LoadStatus, load_staged_files

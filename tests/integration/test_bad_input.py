@@ -20,7 +20,7 @@ from psycopg2 import sql
 
 from pgsnow.config import Component, Settings
 from pgsnow.errors import ConfigError, UnsafeIdentifierError
-from pgsnow.extract import extract_table
+from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key
 from pgsnow.manifest import RunState

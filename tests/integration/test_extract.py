@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import math
-import sys
 import time as time_module
 import uuid
 from collections.abc import Iterator
@@ -41,7 +40,7 @@ from stack_support import (  # noqa: F401 - fixtures, registered by importing th
 
 from pgsnow.config import Component, Settings
 from pgsnow.errors import PermanentError, RetryableError, UnsafeIdentifierError
-from pgsnow.extract import extract_table
+from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, manifest_key, table_prefix
 from pgsnow.local.aws import LocalAws
@@ -789,12 +788,8 @@ def extractor_handler(
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("PGSNOW_PG_DSN", raising=False)
-    reset_runtime()
-    handler = load_function_handler("extractor")
-    app_module = sys.modules[handler.__module__]
-    app_module.postgres_connections.reset()
-    yield handler, table
-    app_module.postgres_connections.reset()
+    reset_runtime()  # a new runtime: settings, clients and PostgreSQL connection from this environment
+    yield load_function_handler("extractor"), table
     reset_runtime()
 
 
@@ -941,9 +936,9 @@ def test_parquet_chunks_that_straddle_batches(
     pg_conn: Any,
 ) -> None:
     # Given cursor chunks (3 rows) that do not divide the batch size (4 rows)
-    import pgsnow.extract as extract_module
+    import pgsnow.extract.parquet_stager as parquet_stager
 
-    monkeypatch.setattr(extract_module, "PARQUET_CHUNK_ROWS", 3)
+    monkeypatch.setattr(parquet_stager, "PARQUET_CHUNK_ROWS", 3)
     table = TableRef(schema_name, f"straddle_{uuid.uuid4().hex[:6]}")
     create_table(admin, table, "id integer PRIMARY KEY")
     insert_rows(admin, table, ["id"], [(i,) for i in range(1, 11)])

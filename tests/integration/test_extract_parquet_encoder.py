@@ -1,4 +1,4 @@
-"""Parquet file cuts while row groups are encoded on the encoder thread (extract._stage_chunk_parquet).
+"""Parquet file cuts while row groups are encoded on the encoder thread (extract.parquet_stager).
 
 The main thread slices the next row group before the encoder has finished the previous one;
 these tests pin that the cuts (by row count and by size) and the bytes are what a serial
@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from psycopg2 import sql
 
-import pgsnow.extract as extract_module
+import pgsnow.extract.parquet_stager as parquet_stager
 from pgsnow.config import Component, Settings, postgres_env
-from pgsnow.extract import extract_table
+from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat
 from pgsnow.local.aws import LocalAws, start_local_aws
@@ -115,7 +115,7 @@ def test_parquet_cuts_are_deterministic_while_groups_encode_in_the_background(
     expected_file_rows: list[int],
 ) -> None:
     # Given row groups of 2,000 rows, a 1 MB target size and the batch size of the case
-    monkeypatch.setattr(extract_module, "PARQUET_CHUNK_ROWS", GROUP_ROWS)
+    monkeypatch.setattr(parquet_stager, "PARQUET_CHUNK_ROWS", GROUP_ROWS)
 
     # When the table is extracted twice, by two runs into two buckets
     manifests = []

@@ -13,7 +13,6 @@ import csv
 import gzip
 import io
 import json
-import sys
 import threading
 import time
 import uuid
@@ -39,7 +38,8 @@ from stack_support import (  # noqa: F401 - fixtures, registered by importing th
 from pgsnow.checkpoint import RunInProgressError
 from pgsnow.config import Component, Settings
 from pgsnow.errors import RetryableError, UnsafeIdentifierError
-from pgsnow.extract import FILES_PER_CHUNK, extract_table
+from pgsnow.extract.files import FILES_PER_CHUNK
+from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, lease_key
 from pgsnow.local.aws import LocalAws
@@ -48,7 +48,7 @@ from pgsnow.local.stack import load_function_handler
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.postgres import connect
 from pgsnow.runs import RunStore
-from pgsnow.runtime import reset_runtime
+from pgsnow.runtime import Runtime, extractor_runtime, reset_runtime
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +72,17 @@ def new_table(admin: psycopg2.extensions.connection, schema_name: str, prefix: s
             )
         )
     return table
+
+
+def fill_table(admin: psycopg2.extensions.connection, table: TableRef, select_list: str, rows: int) -> None:
+    """Insert ``rows`` rows: ``SELECT {select_list} FROM generate_series(1, rows) g``."""
+    with admin.cursor() as cur:
+        cur.execute(
+            sql.SQL("INSERT INTO {} SELECT {} FROM generate_series(1, %s) g").format(
+                sql.Identifier(table.schema, table.table), sql.SQL(select_list)
+            ),
+            (rows,),
+        )
 
 
 def settings_for(bucket: str, pg_dsn: str, table: TableRef, **env: str) -> Settings:
@@ -205,7 +216,8 @@ def test_incremental_run_reads_only_rows_at_or_after_the_watermark_minus_lookbac
 
 @pytest.fixture
 def handler_env(monkeypatch: pytest.MonkeyPatch, aws: LocalAws, bucket: str, pg_dsn: str) -> Iterator[Any]:
-    """Configure the real extractor handler for a table; yields a function that sets the env and loads it."""
+    """Configure the real extractor handler for a table; yields a function that sets the env and
+    returns the handler and its runtime."""
 
     def configure(table: TableRef, **env: str) -> Any:
         for name, value in {
@@ -215,14 +227,13 @@ def handler_env(monkeypatch: pytest.MonkeyPatch, aws: LocalAws, bucket: str, pg_
             "PGSNOW_TABLES": table.qualified,
             "PGSNOW_PG_DSN": pg_dsn,
             "AWS_LAMBDA_FUNCTION_NAME": "pgsnow-test-extractor",
+            # short_context(30) is then always inside the margin: each invocation stops after a file
+            "EXTRACT_DEADLINE_MARGIN_S": "60",
             **env,
         }.items():
             monkeypatch.setenv(name, value)
-        reset_runtime()
-        handler = load_function_handler("extractor")
-        module = sys.modules[handler.__module__]
-        module.postgres_connections.reset()
-        return handler, module
+        reset_runtime()  # a new runtime: settings, clients and PostgreSQL connection from this environment
+        return load_function_handler("extractor"), extractor_runtime()
 
     yield configure
     reset_runtime()
@@ -237,35 +248,27 @@ def short_context(remaining_s: float) -> LambdaContext:
     )
 
 
+def invoke_with_continuations(handler: Any, runtime: Runtime, table: TableRef) -> list[dict[str, Any]]:
+    """The schedule's invocation for ``table``, then every continuation it asks for, in turn, each
+    with a context inside the deadline margin; their results in order."""
+    continuations: list[dict[str, str]] = []
+    runtime.continuation_invoker = continuations.append  # instead of lambda:InvokeFunction
+    results = [handler({"schema_name": table.schema, "table_name": table.table}, short_context(30))]
+    while continuations:
+        results.append(handler(continuations.pop(0), short_context(30)))
+    return results
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_deadline_stops_after_each_file_and_continuations_finish_the_run_exactly(
     admin: Any, schema_name: str, s3: Any, bucket: str, handler_env: Any, fmt: str
 ) -> None:
     # Given 23 rows, chunks of 10 rows, files of 4 rows, and a context always inside the deadline margin
     table = new_table(admin, schema_name, "deadline", "id integer PRIMARY KEY, note text")
-    with admin.cursor() as cur:
-        cur.execute(
-            sql.SQL("INSERT INTO {} SELECT g, 'row ' || g FROM generate_series(1, 23) g").format(
-                sql.Identifier(table.schema, table.table)
-            )
-        )
-    handler, module = handler_env(
-        table,
-        EXTRACT_CHUNK_ROWS="10",
-        EXTRACT_BATCH_ROWS="4",
-        EXTRACT_DEADLINE_MARGIN_S="60",
-        S3_FILE_FORMAT=fmt,
-    )
-    continuations: list[dict[str, str]] = []
-    module.continuation_invoker = continuations.append
-    try:
-        # When the schedule invokes it, and every continuation it asks for is invoked in turn
-        event: dict[str, str] = {"schema_name": table.schema, "table_name": table.table}
-        results = [handler(event, short_context(30))]
-        while continuations:
-            results.append(handler(continuations.pop(0), short_context(30)))
-    finally:
-        module.continuation_invoker = None
+    fill_table(admin, table, "g, 'row ' || g", 23)
+    handler, runtime = handler_env(table, EXTRACT_CHUNK_ROWS="10", EXTRACT_BATCH_ROWS="4", S3_FILE_FORMAT=fmt)
+    # When the schedule invokes it, and every continuation it asks for is invoked in turn
+    results = invoke_with_continuations(handler, runtime, table)
 
     # Then each invocation staged one file and handed on; the last one staged the manifest
     run_id = results[0]["run_id"]
@@ -302,28 +305,10 @@ def test_continuations_keep_the_numeric_scale_the_run_chose(
 ) -> None:
     # Given an unbounded numeric column of ratios with 20 decimals, staged over several invocations
     table = new_table(admin, schema_name, "ratios", "id integer PRIMARY KEY, v numeric")
-    with admin.cursor() as cur:
-        cur.execute(
-            sql.SQL("INSERT INTO {} SELECT g, g::numeric(10,2) / 7 FROM generate_series(1, 9) g").format(
-                sql.Identifier(table.schema, table.table)
-            )
-        )
-    handler, module = handler_env(
-        table,
-        EXTRACT_CHUNK_ROWS="4",
-        EXTRACT_BATCH_ROWS="4",
-        EXTRACT_DEADLINE_MARGIN_S="60",
-        S3_FILE_FORMAT=fmt,
-    )
-    continuations: list[dict[str, str]] = []
-    module.continuation_invoker = continuations.append
-    try:
-        # When the run stops before its deadline after each file and its continuations resume it
-        results = [handler({"schema_name": table.schema, "table_name": table.table}, short_context(30))]
-        while continuations:
-            results.append(handler(continuations.pop(0), short_context(30)))
-    finally:
-        module.continuation_invoker = None
+    fill_table(admin, table, "g, g::numeric(10,2) / 7", 9)
+    handler, runtime = handler_env(table, EXTRACT_CHUNK_ROWS="4", EXTRACT_BATCH_ROWS="4", S3_FILE_FORMAT=fmt)
+    # When the run stops before its deadline after each file and its continuations resume it
+    results = invoke_with_continuations(handler, runtime, table)
 
     # Then every continuation resumed the same run with the scale its first invocation chose
     assert len(results) > 2 and results[-1]["state"] == "staged"
@@ -350,16 +335,11 @@ def test_interrupted_run_is_resumed_by_the_next_invocation_with_the_same_keys(
 ) -> None:
     # Given a 30-row table, chunks of 10, files of 5, and an S3 upload that fails transiently on the 4th file
     table = new_table(admin, schema_name, "interrupted", "id integer PRIMARY KEY, note text")
-    with admin.cursor() as cur:
-        cur.execute(
-            sql.SQL("INSERT INTO {} SELECT g, 'row ' || g FROM generate_series(1, 30) g").format(
-                sql.Identifier(table.schema, table.table)
-            )
-        )
+    fill_table(admin, table, "g, 'row ' || g", 30)
     settings = settings_for(bucket, pg_dsn, table, EXTRACT_CHUNK_ROWS="10", EXTRACT_BATCH_ROWS="5")
-    import pgsnow.extract as extract_module
+    import pgsnow.extract.files as extract_files
 
-    real_put = extract_module.put_data_file
+    real_put = extract_files.put_data_file
     calls = {"n": 0}
 
     def flaky_put(*args: Any, **kwargs: Any) -> None:
@@ -368,7 +348,7 @@ def test_interrupted_run_is_resumed_by_the_next_invocation_with_the_same_keys(
             raise RetryableError("S3 SlowDown (injected)")
         real_put(*args, **kwargs)
 
-    monkeypatch.setattr(extract_module, "put_data_file", flaky_put)
+    monkeypatch.setattr(extract_files, "put_data_file", flaky_put)
 
     # When the first invocation fails mid-run
     with pytest.raises(RetryableError):
@@ -380,7 +360,7 @@ def test_interrupted_run_is_resumed_by_the_next_invocation_with_the_same_keys(
     assert RunStore(s3, bucket).get_manifest(table, lease.run_id).state is RunState.EXTRACTING
 
     # When the next scheduled invocation (no run id) runs
-    monkeypatch.setattr(extract_module, "put_data_file", real_put)
+    monkeypatch.setattr(extract_files, "put_data_file", real_put)
     manifest = extract_table(settings=settings, pg_conn=pg_conn, s3=s3, table=table)
 
     # Then it resumed the same run after the last checkpointed file, and the data is exactly the source
@@ -396,12 +376,7 @@ def test_run_whose_holder_died_is_resumed_after_the_lease_expires(
     # Given a run that stopped at the deadline after its first file and whose continuation never came,
     # its lease renewed by an owner that then died (not handed off)
     table = new_table(admin, schema_name, "died", "id integer PRIMARY KEY")
-    with admin.cursor() as cur:
-        cur.execute(
-            sql.SQL("INSERT INTO {} SELECT generate_series(1, 12)").format(
-                sql.Identifier(table.schema, table.table)
-            )
-        )
+    fill_table(admin, table, "g", 12)
     settings = settings_for(bucket, pg_dsn, table, EXTRACT_BATCH_ROWS="5", EXTRACT_DEADLINE_MARGIN_S="60")
     stopped = extract_table(settings=settings, pg_conn=pg_conn, s3=s3, table=table, remaining_ms=lambda: 1000)
     assert stopped.state is RunState.EXTRACTING and len(stopped.files) == 1

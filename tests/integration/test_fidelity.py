@@ -18,7 +18,7 @@ from test_datasets import dataset_script, load_sql_file
 from pgsnow.config import Component
 from pgsnow.demo.pipeline import list_schema_tables
 from pgsnow.errors import PermanentError
-from pgsnow.extract import extract_table
+from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat
 from pgsnow.local.postgres import create_database, start_local_postgres

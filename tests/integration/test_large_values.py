@@ -38,7 +38,7 @@ from stack_support import (  # noqa: F401 - fixtures, registered by importing th
 from pgsnow.config import Component, Settings
 from pgsnow.csv_records import csv_fields_at
 from pgsnow.errors import PermanentError
-from pgsnow.extract import extract_table
+from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat
 from pgsnow.local.aws import LocalAws

@@ -26,7 +26,7 @@ from stack_support import autocommit_connection, new_source_schema, running_stac
 
 from pgsnow.config import Component, Settings
 from pgsnow.errors import PermanentError, PgSnowError
-from pgsnow.extract import extract_table
+from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat
 from pgsnow.local.aws import (

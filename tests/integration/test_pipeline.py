@@ -22,7 +22,7 @@ from stack_support import MAX_RECEIVE_COUNT
 
 from pgsnow.config import Component
 from pgsnow.demo.compare import compare_table
-from pgsnow.extract import extract_table
+from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat, data_key
 from pgsnow.load import applied_mark_key

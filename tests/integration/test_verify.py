@@ -17,7 +17,7 @@ from psycopg2.extensions import connection as PgConnection
 
 from pgsnow.config import Component
 from pgsnow.demo.pipeline import replicate_table
-from pgsnow.extract import extract_table
+from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.keys import FileFormat
 from pgsnow.local.dispatcher import SqsDispatcher

@@ -35,3 +35,21 @@ def test_disabled_metrics_print_nothing(
     record_table_metric("RowsLoaded", "public.orders", 42)
 
     assert capsys.readouterr().out == ""
+
+
+def test_an_invocation_total_has_no_table_dimension_and_the_service_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The template sets POWERTOOLS_SERVICE_NAME: every metric carries it as a dimension.
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "pgsnow-test")
+    monkeypatch.delenv("POWERTOOLS_DEV", raising=False)
+
+    record_table_metric("FilesDeleted", None, 3)
+    record_table_metric("RowsExtracted", "public.orders", 7)
+
+    total, per_table = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert total["FilesDeleted"] == [3.0] and "table" not in total
+    assert total["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [["service"]]
+    assert total["service"] == "pgsnow-test"
+    assert per_table["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [["table", "service"]]

@@ -164,7 +164,7 @@ class LoaderFailedError(Exception):
 
 def replicate_table(stack: LocalStack, table: TableRef, file_format: FileFormat, dispatcher: Any) -> None:
     """Extract ``table``, let the queue deliver its files to the loader, then run cleanup."""
-    from pgsnow.extract import extract_table
+    from pgsnow.extract.run import extract_table
     from pgsnow.local.dispatcher import LambdaContext
     from pgsnow.postgres import connect
 

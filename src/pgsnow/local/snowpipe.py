@@ -44,16 +44,13 @@ from starlette.routing import Route
 from pgsnow.local.keypair import INVALID_JWT_CODE, INVALID_JWT_MESSAGE
 from pgsnow.local.sf_copy_sql import CopySyntaxError, parse_copy
 from pgsnow.local.snowflake import LOCAL_ACCOUNT, LocalSnowflake
+from pgsnow.timestamps import utc_iso
 
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_SECONDS = 30.0
 DEFAULT_RECENT_SECONDS = 600  # insertReport covers the last 10 minutes, like Snowpipe's
 PIPE_NOT_FOUND_CODE = "390404"
-
-
-def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def _parse_iso(text: str) -> dt.datetime:
@@ -83,8 +80,8 @@ class PipeEvent:
             "path": self.path,
             "stageLocation": self.stage_location,
             "fileSize": self.file_size,
-            "timeReceived": _iso(self.time_received),
-            "lastInsertTime": _iso(self.last_insert_time),
+            "timeReceived": utc_iso(self.time_received, "milliseconds"),
+            "lastInsertTime": utc_iso(self.last_insert_time, "milliseconds"),
             "rowsInserted": self.rows_inserted,
             "rowsParsed": self.rows_parsed,
             "errorsSeen": self.errors_seen,
@@ -216,8 +213,8 @@ class LocalSnowpipeState:
         return {
             "pipe": ".".join(pipe),
             "completeResult": "true",
-            "startTimeInclusive": _iso(start),
-            "endTimeExclusive": _iso(end or dt.datetime.now(dt.UTC)),
+            "startTimeInclusive": utc_iso(start, "milliseconds"),
+            "endTimeExclusive": utc_iso(end or dt.datetime.now(dt.UTC), "milliseconds"),
             "files": [e.as_json() for e in events],
         }
 
