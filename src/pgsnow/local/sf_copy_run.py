@@ -55,6 +55,13 @@ _CONVERSION_ERRNO, _CONVERSION_SQLSTATE = 100038, "22018"
 _NOT_FOUND_ERRNO, _NOT_FOUND_SQLSTATE = 2003, "02000"
 _REMOTE_FILE_ERRNO, _REMOTE_FILE_SQLSTATE = 91016, "22000"
 _COMPILE_ERRNO, _COMPILE_SQLSTATE = 2020, "21S01"
+
+
+def syntax_error(error: Exception) -> ProgrammingError:
+    """Snowflake's error for a statement it cannot compile (errno 1003), with the parser's reason."""
+    return ProgrammingError(msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000")
+
+
 _UNSUPPORTED_ERRNO, _UNSUPPORTED_SQLSTATE = 2019, "0A000"
 
 COPY_RESULT_COLUMNS = (
@@ -444,9 +451,7 @@ def _convert_columns(
                 parquet_columns=file_columns,
             )
         except CopySyntaxError as error:
-            raise ProgrammingError(
-                msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000"
-            ) from None
+            raise syntax_error(error) from None
         value_sql = convert_to_column_sql(compiled, column.type)
         converted.append(value_sql)
         families.append(

@@ -94,6 +94,7 @@ from pgsnow.local.sf_copy_run import (
     source_prefix,
     stage_storage_integration,
     stage_url,
+    syntax_error,
 )
 from pgsnow.local.sf_copy_sql import (
     CopyStatement,
@@ -324,9 +325,7 @@ class LocalSnowflakeState:
                 return access_sql
             stage = parse_create_stage(sql_text)
         except AccessSyntaxError as error:
-            raise ProgrammingError(
-                msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000"
-            ) from None
+            raise syntax_error(error) from None
         if stage:
             return _status_sql("") if describe_only else self._create_stage(token, conn, stage)
         if (temporary := self.temporary_stages.get(token)) and (
@@ -352,9 +351,7 @@ class LocalSnowflakeState:
         try:
             pipe = parse_create_pipe(sql_text)
         except CopySyntaxError as error:
-            raise ProgrammingError(
-                msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000"
-            ) from None
+            raise syntax_error(error) from None
         if pipe:
             return _status_sql("") if describe_only else self._create_pipe(conn, pipe)
         try:
@@ -362,9 +359,7 @@ class LocalSnowflakeState:
         except CopySyntaxError as error:
             if self._reads_internal_stage(conn, sql_text, self.temporary_stages.get(token)):
                 return None  # fakesnow's COPY from an internal stage, as before
-            raise ProgrammingError(
-                msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000"
-            ) from None
+            raise syntax_error(error) from None
         if statement is None:
             return None
         temporary = self.temporary_stages.get(token)
