@@ -293,162 +293,37 @@ class Settings:
     def from_env(
         cls, environ: Mapping[str, str] | None = None, component: Component = Component.LOCAL
     ) -> Settings:
-        env = os.environ if environ is None else environ
-        problems: list[str] = []
-
-        def get(name: str, default: str | None = None) -> str | None:
-            value = env.get(name)
-            return value.strip() if value is not None and value.strip() != "" else default
-
-        def require(name: str, *, needed_by: set[Component]) -> str | None:
-            value = get(name)
-            if value is None and component in needed_by:
-                problems.append(f"{name} is required for the {component.value}")
-            return value
-
-        def as_int(name: str, default: int, minimum: int) -> int:
-            raw = get(name)
-            if raw is None:
-                return default
-            try:
-                value = int(raw)
-            except ValueError:
-                problems.append(f"{name} must be an integer, got {raw!r}")
-                return default
-            if value < minimum:
-                problems.append(f"{name} must be >= {minimum}, got {value}")
-            return value
-
-        def as_enum(name: str, enum: type[E], default: E, aliases: Mapping[str, E]) -> E:
-            raw = (get(name) or default.value).lower()
-            if raw in aliases:
-                return aliases[raw]
-            try:
-                return enum(raw)
-            except ValueError:
-                allowed = sorted([e.value for e in enum] + list(aliases))
-                problems.append(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
-                return default
-
+        env = _EnvReader(os.environ if environ is None else environ, component)
         everyone = {Component.EXTRACTOR, Component.LOADER, Component.CLEANUP, Component.LOCAL}
-        bucket = require("S3_STAGE_BUCKET", needed_by=everyone) or ""
+        bucket = env.require("S3_STAGE_BUCKET", needed_by=everyone) or ""
         prefix = "staging"
         try:
-            prefix = normalise_prefix(get("S3_STAGE_PREFIX", "staging") or "staging")
+            prefix = normalise_prefix(env.get("S3_STAGE_PREFIX", "staging") or "staging")
         except PermanentError as exc:
-            problems.append(f"S3_STAGE_PREFIX: {exc.message}")
-        file_format = as_enum("S3_FILE_FORMAT", StagedFormat, StagedFormat.CSV, {})
-        cleanup_mode = as_enum("CLEANUP_S3_FILES", CleanupMode, CleanupMode.AFTER_ALL, _CLEANUP_ALIASES)
-
-        tables_text = get("PGSNOW_TABLES")
-        if tables_text is None and component is Component.EXTRACTOR:
-            problems.append(
-                "PGSNOW_TABLES (the table allowlist, e.g. public.customers,public.orders) is required"
-            )
-        tables = TableAllowlist([])
-        try:
-            tables = TableAllowlist.parse(tables_text or "")
-        except PermanentError as exc:
-            problems.append(f"PGSNOW_TABLES: {exc.message}")
-
-        batch_rows = as_int("EXTRACT_BATCH_ROWS", 100_000, 1)
-
-        pg_dsn, pg_secret = get("PGSNOW_PG_DSN"), get("PGSNOW_PG_SECRET_ARN")
-        if component is Component.EXTRACTOR and not (pg_dsn or pg_secret):
-            problems.append(
-                "PGSNOW_PG_SECRET_ARN (or PGSNOW_PG_DSN for local runs) is required for the extractor"
-            )
-        postgres = PostgresSettings(pg_dsn, pg_secret, as_int("PG_STATEMENT_TIMEOUT_MS", 0, 0))
-
-        sf_secret = get("SNOWFLAKE_SECRET_ARN")
-        sf_needed = {Component.LOADER}
-        account = get("SNOWFLAKE_ACCOUNT")
-        if component in sf_needed and not (sf_secret or account):
-            problems.append(
-                "SNOWFLAKE_SECRET_ARN (or SNOWFLAKE_ACCOUNT for local runs) is required for the loader"
-            )
-        database = require("SNOWFLAKE_DATABASE", needed_by=sf_needed)
-        port_raw = get("SNOWFLAKE_PORT")
-        port = None
-        if port_raw is not None:
-            port = as_int("SNOWFLAKE_PORT", 443, 1)
-        protocol = (get("SNOWFLAKE_PROTOCOL", "https") or "https").lower()
-        if protocol not in {"http", "https"}:
-            problems.append(f"SNOWFLAKE_PROTOCOL must be http or https, got {protocol!r}")
-        snowflake = SnowflakeSettings(
-            account=account,
-            user=get("SNOWFLAKE_USER"),
-            password=get("SNOWFLAKE_PASSWORD"),
-            secret_arn=sf_secret,
-            database=database,
-            warehouse=get("SNOWFLAKE_WAREHOUSE"),
-            role=get("SNOWFLAKE_ROLE"),
-            stage=get("SNOWFLAKE_STAGE", "PGSNOW_STAGE") or "PGSNOW_STAGE",
-            control_schema=get("SNOWFLAKE_CONTROL_SCHEMA", DEFAULT_CONTROL_SCHEMA) or DEFAULT_CONTROL_SCHEMA,
-            storage_integration=get("SNOWFLAKE_STORAGE_INTEGRATION"),
-            host=get("SNOWFLAKE_HOST"),
-            port=port,
-            protocol=protocol,
-        )
-
+            env.problems.append(f"S3_STAGE_PREFIX: {exc.message}")
+        file_format = env.as_enum("S3_FILE_FORMAT", StagedFormat, StagedFormat.CSV, {})
+        cleanup_mode = env.as_enum("CLEANUP_S3_FILES", CleanupMode, CleanupMode.AFTER_ALL, _CLEANUP_ALIASES)
+        tables = _read_tables(env)
+        batch_rows = env.as_int("EXTRACT_BATCH_ROWS", 100_000, 1)
+        postgres = _read_postgres(env)
+        snowflake = _read_snowflake(env)
         extract = ExtractSettings(
-            target_file_mb=as_int("EXTRACT_TARGET_FILE_MB", 128, 1),
-            chunk_rows=as_int("EXTRACT_CHUNK_ROWS", 1_000_000, 1),
-            deadline_margin_s=as_int("EXTRACT_DEADLINE_MARGIN_S", 60, 0),
-            function_name=get("AWS_LAMBDA_FUNCTION_NAME"),
+            target_file_mb=env.as_int("EXTRACT_TARGET_FILE_MB", 128, 1),
+            chunk_rows=env.as_int("EXTRACT_CHUNK_ROWS", 1_000_000, 1),
+            deadline_margin_s=env.as_int("EXTRACT_DEADLINE_MARGIN_S", 60, 0),
+            function_name=env.get("AWS_LAMBDA_FUNCTION_NAME"),
         )
-        load_method = as_enum("LOAD_METHOD", LoadMethod, LoadMethod.COPY, {})
-        raw_on_error = (get("LOAD_ON_ERROR") or OnError.ABORT_STATEMENT.value).upper()
-        on_error = OnError.ABORT_STATEMENT
-        try:
-            on_error = OnError(raw_on_error)
-        except ValueError:
-            problems.append(
-                f"LOAD_ON_ERROR must be one of {', '.join(e.value for e in OnError)}, got {raw_on_error!r}"
-            )
-        snowpipe_name = get("SNOWPIPE_NAME")
-        if load_method is LoadMethod.SNOWPIPE and component is Component.LOADER and not snowpipe_name:
-            problems.append("SNOWPIPE_NAME is required when LOAD_METHOD=snowpipe")
-        if (
-            load_method is LoadMethod.SNOWPIPE
-            and component is Component.LOADER
-            and not snowflake.storage_integration
-        ):
-            problems.append(
-                "LOAD_METHOD=snowpipe needs SNOWFLAKE_STORAGE_INTEGRATION: without an integration the stage "
-                "reads S3 with the loader's temporary AWS credentials, and Snowpipe loads after the loader "
-                "has returned, when those credentials may have expired"
-            )
-        load = LoadSettings(
-            method=load_method,
-            on_error=on_error,
-            insert_max_rows=as_int("LOAD_INSERT_MAX_ROWS", 10_000, 1),
-            snowpipe_name=snowpipe_name,
-            snowpipe_host=get("SNOWPIPE_HOST"),
-            allow_create_for_dropped_files=(
-                get("LOAD_CREATE_TABLES_FOR_DROPPED_FILES", "false") or ""
-            ).lower()
-            in {"1", "true", "yes"},
-        )
+        load = _read_load(env, snowflake)
         cleanup = CleanupSettings(
-            archive_prefix=get("CLEANUP_ARCHIVE_PREFIX"),
-            orphan_age_minutes=as_int("CLEANUP_ORPHAN_AGE_MINUTES", 60, 1),
-            retention_days=as_int("S3_STAGE_RETENTION_DAYS", 7, 1),
-            queue_url=get("LOADER_QUEUE_URL"),
-            dlq_url=get("LOADER_DLQ_URL"),
+            archive_prefix=env.get("CLEANUP_ARCHIVE_PREFIX"),
+            orphan_age_minutes=env.as_int("CLEANUP_ORPHAN_AGE_MINUTES", 60, 1),
+            retention_days=env.as_int("S3_STAGE_RETENTION_DAYS", 7, 1),
+            queue_url=env.get("LOADER_QUEUE_URL"),
+            dlq_url=env.get("LOADER_DLQ_URL"),
         )
-        table_options: dict[TableRef, TableOptions] = {}
-        if options_text := get("PGSNOW_TABLE_OPTIONS"):
-            table_options = parse_table_options(options_text, problems)
-            if not tables.allows_any:
-                for listed in table_options:
-                    if listed not in tables.tables:
-                        problems.append(
-                            f"PGSNOW_TABLE_OPTIONS names {listed.qualified}, which is not in PGSNOW_TABLES"
-                        )
-
-        if problems:
-            raise ConfigError(problems)
+        table_options = _read_table_options(env, tables)
+        if env.problems:
+            raise ConfigError(env.problems)
         return cls(
             component=component,
             bucket=bucket,
@@ -464,6 +339,150 @@ class Settings:
             cleanup=cleanup,
             table_options_by_name=table_options,
         )
+
+
+class _EnvReader:
+    """Typed reads of one environment for one component, collecting every problem."""
+
+    def __init__(self, env: Mapping[str, str], component: Component) -> None:
+        self.env = env
+        self.component = component
+        self.problems: list[str] = []
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        value = self.env.get(name)
+        return value.strip() if value is not None and value.strip() != "" else default
+
+    def require(self, name: str, *, needed_by: set[Component]) -> str | None:
+        value = self.get(name)
+        if value is None and self.component in needed_by:
+            self.problems.append(f"{name} is required for the {self.component.value}")
+        return value
+
+    def as_int(self, name: str, default: int, minimum: int) -> int:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self.problems.append(f"{name} must be an integer, got {raw!r}")
+            return default
+        if value < minimum:
+            self.problems.append(f"{name} must be >= {minimum}, got {value}")
+        return value
+
+    def as_enum(self, name: str, enum: type[E], default: E, aliases: Mapping[str, E]) -> E:
+        raw = (self.get(name) or default.value).lower()
+        if raw in aliases:
+            return aliases[raw]
+        try:
+            return enum(raw)
+        except ValueError:
+            allowed = sorted([e.value for e in enum] + list(aliases))
+            self.problems.append(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+            return default
+
+
+def _read_tables(env: _EnvReader) -> TableAllowlist:
+    tables_text = env.get("PGSNOW_TABLES")
+    if tables_text is None and env.component is Component.EXTRACTOR:
+        env.problems.append(
+            "PGSNOW_TABLES (the table allowlist, e.g. public.customers,public.orders) is required"
+        )
+    try:
+        return TableAllowlist.parse(tables_text or "")
+    except PermanentError as exc:
+        env.problems.append(f"PGSNOW_TABLES: {exc.message}")
+        return TableAllowlist([])
+
+
+def _read_postgres(env: _EnvReader) -> PostgresSettings:
+    pg_dsn, pg_secret = env.get("PGSNOW_PG_DSN"), env.get("PGSNOW_PG_SECRET_ARN")
+    if env.component is Component.EXTRACTOR and not (pg_dsn or pg_secret):
+        env.problems.append(
+            "PGSNOW_PG_SECRET_ARN (or PGSNOW_PG_DSN for local runs) is required for the extractor"
+        )
+    return PostgresSettings(pg_dsn, pg_secret, env.as_int("PG_STATEMENT_TIMEOUT_MS", 0, 0))
+
+
+def _read_snowflake(env: _EnvReader) -> SnowflakeSettings:
+    sf_secret = env.get("SNOWFLAKE_SECRET_ARN")
+    sf_needed = {Component.LOADER}
+    account = env.get("SNOWFLAKE_ACCOUNT")
+    if env.component in sf_needed and not (sf_secret or account):
+        env.problems.append(
+            "SNOWFLAKE_SECRET_ARN (or SNOWFLAKE_ACCOUNT for local runs) is required for the loader"
+        )
+    database = env.require("SNOWFLAKE_DATABASE", needed_by=sf_needed)
+    port = None
+    if env.get("SNOWFLAKE_PORT") is not None:
+        port = env.as_int("SNOWFLAKE_PORT", 443, 1)
+    protocol = (env.get("SNOWFLAKE_PROTOCOL", "https") or "https").lower()
+    if protocol not in {"http", "https"}:
+        env.problems.append(f"SNOWFLAKE_PROTOCOL must be http or https, got {protocol!r}")
+    return SnowflakeSettings(
+        account=account,
+        user=env.get("SNOWFLAKE_USER"),
+        password=env.get("SNOWFLAKE_PASSWORD"),
+        secret_arn=sf_secret,
+        database=database,
+        warehouse=env.get("SNOWFLAKE_WAREHOUSE"),
+        role=env.get("SNOWFLAKE_ROLE"),
+        stage=env.get("SNOWFLAKE_STAGE", "PGSNOW_STAGE") or "PGSNOW_STAGE",
+        control_schema=env.get("SNOWFLAKE_CONTROL_SCHEMA", DEFAULT_CONTROL_SCHEMA) or DEFAULT_CONTROL_SCHEMA,
+        storage_integration=env.get("SNOWFLAKE_STORAGE_INTEGRATION"),
+        host=env.get("SNOWFLAKE_HOST"),
+        port=port,
+        protocol=protocol,
+    )
+
+
+def _read_load(env: _EnvReader, snowflake: SnowflakeSettings) -> LoadSettings:
+    load_method = env.as_enum("LOAD_METHOD", LoadMethod, LoadMethod.COPY, {})
+    raw_on_error = (env.get("LOAD_ON_ERROR") or OnError.ABORT_STATEMENT.value).upper()
+    on_error = OnError.ABORT_STATEMENT
+    try:
+        on_error = OnError(raw_on_error)
+    except ValueError:
+        env.problems.append(
+            f"LOAD_ON_ERROR must be one of {', '.join(e.value for e in OnError)}, got {raw_on_error!r}"
+        )
+    snowpipe_name = env.get("SNOWPIPE_NAME")
+    snowpipe_loader = load_method is LoadMethod.SNOWPIPE and env.component is Component.LOADER
+    if snowpipe_loader and not snowpipe_name:
+        env.problems.append("SNOWPIPE_NAME is required when LOAD_METHOD=snowpipe")
+    if snowpipe_loader and not snowflake.storage_integration:
+        env.problems.append(
+            "LOAD_METHOD=snowpipe needs SNOWFLAKE_STORAGE_INTEGRATION: without an integration the stage "
+            "reads S3 with the loader's temporary AWS credentials, and Snowpipe loads after the loader "
+            "has returned, when those credentials may have expired"
+        )
+    return LoadSettings(
+        method=load_method,
+        on_error=on_error,
+        insert_max_rows=env.as_int("LOAD_INSERT_MAX_ROWS", 10_000, 1),
+        snowpipe_name=snowpipe_name,
+        snowpipe_host=env.get("SNOWPIPE_HOST"),
+        allow_create_for_dropped_files=(
+            env.get("LOAD_CREATE_TABLES_FOR_DROPPED_FILES", "false") or ""
+        ).lower()
+        in {"1", "true", "yes"},
+    )
+
+
+def _read_table_options(env: _EnvReader, tables: TableAllowlist) -> dict[TableRef, TableOptions]:
+    options_text = env.get("PGSNOW_TABLE_OPTIONS")
+    if not options_text:
+        return {}
+    table_options = parse_table_options(options_text, env.problems)
+    if not tables.allows_any:
+        for listed in table_options:
+            if listed not in tables.tables:
+                env.problems.append(
+                    f"PGSNOW_TABLE_OPTIONS names {listed.qualified}, which is not in PGSNOW_TABLES"
+                )
+    return table_options
 
 
 # libpq's own environment variables, mapped to DSN keywords (see the libpq docs, "Environment Variables").

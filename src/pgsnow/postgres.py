@@ -446,33 +446,25 @@ def _size_rule(col: Column, ident: sql.Identifier) -> _ValueRule | None:
     """A value longer than its Snowflake column can hold: refused by default, NULL under ``null``,
     and refused under ``clamp`` too (nothing shorter is the same value)."""
     if col.kind is ValueKind.TEXT and _text_may_exceed(col.base_type, MAX_VARCHAR_BYTES):
+        what = f"a value over {MAX_VARCHAR_BYTES} bytes (Snowflake's largest VARCHAR)"
         # octet_length of a text value reads its stored length, without reading the value.
-        return _ValueRule(
-            col.name,
-            f"a value over {MAX_VARCHAR_BYTES} bytes (Snowflake's largest VARCHAR)",
-            sql.SQL("octet_length({}::text) > {}").format(ident, sql.Literal(MAX_VARCHAR_BYTES)),
-            None,
+        too_long = sql.SQL("octet_length({}::text) > {}").format(ident, sql.Literal(MAX_VARCHAR_BYTES))
+    elif col.kind is ValueKind.BINARY:
+        what = f"a value over {MAX_BINARY_BYTES} bytes (Snowflake's BINARY column)"
+        too_long = sql.SQL("octet_length({}) > {}").format(ident, sql.Literal(MAX_BINARY_BYTES))
+    elif col.kind is ValueKind.JSON:
+        what = f"a document over {MAX_VARIANT_BYTES} bytes as JSON text (Snowflake's largest VARIANT)"
+        too_long = sql.SQL(
+            "CASE WHEN pg_column_size({}) > {} THEN octet_length({}) > {} ELSE false END"
+        ).format(
+            ident,
+            sql.Literal(MAX_VARIANT_BYTES // _JSON_TEXT_PER_STORED_BYTE),
+            _json_text(col, ident),
+            sql.Literal(MAX_VARIANT_BYTES),
         )
-    if col.kind is ValueKind.BINARY:
-        return _ValueRule(
-            col.name,
-            f"a value over {MAX_BINARY_BYTES} bytes (Snowflake's BINARY column)",
-            sql.SQL("octet_length({}) > {}").format(ident, sql.Literal(MAX_BINARY_BYTES)),
-            None,
-        )
-    if col.kind is ValueKind.JSON:
-        return _ValueRule(
-            col.name,
-            f"a document over {MAX_VARIANT_BYTES} bytes as JSON text (Snowflake's largest VARIANT)",
-            sql.SQL("CASE WHEN pg_column_size({}) > {} THEN octet_length({}) > {} ELSE false END").format(
-                ident,
-                sql.Literal(MAX_VARIANT_BYTES // _JSON_TEXT_PER_STORED_BYTE),
-                _json_text(col, ident),
-                sql.Literal(MAX_VARIANT_BYTES),
-            ),
-            None,
-        )
-    return None
+    else:
+        return None
+    return _ValueRule(col.name, what, too_long, None)
 
 
 def _value_rules(schema: TableSchema) -> list[_ValueRule]:

@@ -74,6 +74,57 @@ def build_table_pipe_copy(options: SetupOptions, table: TableRef) -> str:
 
 def build_setup_steps(options: SetupOptions) -> list[SetupStep]:
     """Every step, in the order to run them."""
+    _check_options(options)
+    db, ctl = options.database, options.schema
+    steps = [
+        *([] if _uses_credentials(options) else _integration_steps(options)),
+        *_database_and_stage_steps(options),
+        SetupStep(
+            "File formats",
+            "The options the loader's COPY gives inline, named for pipes and for people querying the stage.",
+            tuple(build_create_file_format(db, ctl, name, fmt) for fmt, name in FILE_FORMAT_NAMES.items()),
+        ),
+        SetupStep(
+            "Load ledger",
+            "One row per loaded S3 key, written in the same transaction as its COPY.",
+            (build_create_ledger(db, ctl),),
+        ),
+    ]
+    if options.load_method is LoadMethod.SNOWPIPE:
+        steps.append(
+            SetupStep(
+                "Pipes (LOAD_METHOD=snowpipe)",
+                "Run after the first load created each target table (a pipe checks its table exists).",
+                tuple(
+                    build_create_pipe(db, ctl, pipe_name(options.pipe, t), build_table_pipe_copy(options, t))
+                    for t in options.pipe_tables
+                ),
+            )
+        )
+    steps.append(
+        SetupStep(
+            "Role for the loader",
+            "Everything pgsnow does in Snowflake runs as this role.",
+            (f"CREATE ROLE IF NOT EXISTS {quote_ident(options.role)}",),
+        )
+    )
+    steps.append(
+        SetupStep(
+            "Grants",
+            "Least privilege: the loader creates and owns the target schemas and tables it loads.",
+            _grants(options),
+        )
+    )
+    steps.append(_user_step(options))
+    return steps
+
+
+def _uses_credentials(options: SetupOptions) -> bool:
+    """The credentials method: no storage integration; the loader's own temporary credentials."""
+    return not options.integration.strip()
+
+
+def _check_options(options: SetupOptions) -> None:
     problems = [
         f"{name} must not be empty"
         for name, value in (
@@ -85,23 +136,21 @@ def build_setup_steps(options: SetupOptions) -> list[SetupStep]:
     ]
     if options.load_method is LoadMethod.SNOWPIPE and not options.pipe_tables:
         problems.append("--load-method snowpipe needs --tables (one pipe per table)")
-    credentials_method = not options.integration.strip()
-    if options.load_method is LoadMethod.SNOWPIPE and credentials_method:
+    if options.load_method is LoadMethod.SNOWPIPE and _uses_credentials(options):
         problems.append(
             "--load-method snowpipe needs --integration: Snowpipe reads after the loader returned, when "
             "the loader's temporary credentials (the credentials method) may have expired"
         )
     if problems:
         raise ConfigError(problems)
-    prefix = normalise_prefix(options.prefix)
-    locations = ", ".join(string_literal(url) for url in allowed_locations(options.bucket, prefix))
-    db, ctl, role = options.database, options.schema, quote_ident(options.role)
-    integration = "" if credentials_method else quote_ident(options.integration)
-    stage = quote_qualified(db, ctl, options.stage)
-    ledger = quote_qualified(db, ctl, LEDGER_TABLE)
-    formats = [quote_qualified(db, ctl, name) for name in FILE_FORMAT_NAMES.values()]
 
-    integration_steps = [
+
+def _integration_steps(options: SetupOptions) -> list[SetupStep]:
+    locations = ", ".join(
+        string_literal(url) for url in allowed_locations(options.bucket, normalise_prefix(options.prefix))
+    )
+    integration = quote_ident(options.integration)
+    return [
         SetupStep(
             "Storage integration (ACCOUNTADMIN)",
             "Lets Snowflake read only the staging prefix and the run key lists, through the role the "
@@ -124,116 +173,89 @@ def build_setup_steps(options: SetupOptions) -> list[SetupStep]:
             (f"DESC INTEGRATION {integration}",),
         ),
     ]
-    database_and_stage_steps = [
+
+
+def _database_and_stage_steps(options: SetupOptions) -> list[SetupStep]:
+    db, ctl = options.database, options.schema
+    steps = [
         SetupStep(
             "Database and control schema",
             "The loader creates each target schema and table itself from the run manifest.",
             (f"CREATE DATABASE IF NOT EXISTS {quote_ident(db)}", build_create_schema(db, ctl)),
-        ),
-        SetupStep(
-            "External stage over the staging prefix",
-            "SNOWFLAKE_STAGE; the loader's COPY reads from it.",
-            (
-                build_create_stage(
-                    db,
-                    ctl,
-                    options.stage,
-                    bucket=options.bucket,
-                    prefix=prefix,
-                    storage_integration=options.integration,
-                ),
-            ),
-        ),
+        )
     ]
-    steps = [
-        *(integration_steps if not credentials_method else []),
-        *(
-            # The credentials method: each loader session creates its own TEMPORARY stage of this
-            # name with its own credentials; a permanent one could hold no credentials that last.
-            database_and_stage_steps[:1] if credentials_method else database_and_stage_steps
-        ),
-        SetupStep(
-            "File formats",
-            "The options the loader's COPY gives inline, named for pipes and for people querying the stage.",
-            tuple(build_create_file_format(db, ctl, name, fmt) for fmt, name in FILE_FORMAT_NAMES.items()),
-        ),
-        SetupStep(
-            "Load ledger",
-            "One row per loaded S3 key, written in the same transaction as its COPY.",
-            (build_create_ledger(db, ctl),),
-        ),
-    ]
-    pipes: list[str] = []
-    if options.load_method is LoadMethod.SNOWPIPE:
-        pipes = [quote_qualified(db, ctl, pipe_name(options.pipe, t)) for t in options.pipe_tables]
+    # The credentials method: each loader session creates its own TEMPORARY stage of this
+    # name with its own credentials; a permanent one could hold no credentials that last.
+    if not _uses_credentials(options):
+        stage = build_create_stage(
+            db,
+            ctl,
+            options.stage,
+            bucket=options.bucket,
+            prefix=normalise_prefix(options.prefix),
+            storage_integration=options.integration,
+        )
         steps.append(
             SetupStep(
-                "Pipes (LOAD_METHOD=snowpipe)",
-                "Run after the first load created each target table (a pipe checks its table exists).",
-                tuple(
-                    build_create_pipe(db, ctl, pipe_name(options.pipe, t), build_table_pipe_copy(options, t))
-                    for t in options.pipe_tables
-                ),
+                "External stage over the staging prefix",
+                "SNOWFLAKE_STAGE; the loader's COPY reads from it.",
+                (stage,),
             )
         )
-    steps.append(
-        SetupStep(
-            "Role for the loader",
-            "Everything pgsnow does in Snowflake runs as this role.",
-            (f"CREATE ROLE IF NOT EXISTS {role}",),
-        )
+    return steps
+
+
+def _grants(options: SetupOptions) -> tuple[str, ...]:
+    db, ctl, role = options.database, options.schema, quote_ident(options.role)
+    control = quote_qualified(db, ctl)
+    snowpipe = options.load_method is LoadMethod.SNOWPIPE
+    pipes = (
+        [quote_qualified(db, ctl, pipe_name(options.pipe, t)) for t in options.pipe_tables]
+        if snowpipe
+        else []
     )
-    grants = [
+    formats = [quote_qualified(db, ctl, name) for name in FILE_FORMAT_NAMES.values()]
+    return (
         f"GRANT USAGE ON WAREHOUSE {quote_ident(options.warehouse)} TO ROLE {role}",
         f"GRANT USAGE, CREATE SCHEMA ON DATABASE {quote_ident(db)} TO ROLE {role}",
         # CREATE TABLE: merge runs use transient work tables in the control schema.
         # CREATE FUNCTION: `pgsnow verify` compares JSON columns with a temporary UDF there.
-        f"GRANT USAGE, CREATE TABLE, CREATE FUNCTION ON SCHEMA {quote_qualified(db, ctl)} TO ROLE {role}",
+        f"GRANT USAGE, CREATE TABLE, CREATE FUNCTION ON SCHEMA {control} TO ROLE {role}",
         *(
             # The credentials method: the loader creates its session's temporary stage.
-            [f"GRANT CREATE STAGE ON SCHEMA {quote_qualified(db, ctl)} TO ROLE {role}"]
-            if credentials_method
+            [f"GRANT CREATE STAGE ON SCHEMA {control} TO ROLE {role}"]
+            if _uses_credentials(options)
             else [
-                f"GRANT USAGE ON INTEGRATION {integration} TO ROLE {role}",
-                f"GRANT USAGE ON STAGE {stage} TO ROLE {role}",
+                f"GRANT USAGE ON INTEGRATION {quote_ident(options.integration)} TO ROLE {role}",
+                f"GRANT USAGE ON STAGE {quote_qualified(db, ctl, options.stage)} TO ROLE {role}",
             ]
         ),
         *(f"GRANT USAGE ON FILE FORMAT {name} TO ROLE {role}" for name in formats),
         # Ownership: the loader adds ledger columns when pgsnow upgrades (build_upgrade_ledger).
-        f"GRANT OWNERSHIP ON TABLE {ledger} TO ROLE {role} COPY CURRENT GRANTS",
-        *(
-            # The loader creates a missing table's pipe itself (docs/loading.md).
-            [f"GRANT CREATE PIPE ON SCHEMA {quote_qualified(db, ctl)} TO ROLE {role}"]
-            if options.load_method is LoadMethod.SNOWPIPE
-            else []
-        ),
+        f"GRANT OWNERSHIP ON TABLE {quote_qualified(db, ctl, LEDGER_TABLE)} TO ROLE {role} COPY CURRENT GRANTS",
+        # The loader creates a missing table's pipe itself (docs/loading.md).
+        *([f"GRANT CREATE PIPE ON SCHEMA {control} TO ROLE {role}"] if snowpipe else []),
         *(f"GRANT OPERATE, MONITOR ON PIPE {pipe} TO ROLE {role}" for pipe in pipes),
-    ]
-    steps.append(
-        SetupStep(
-            "Grants",
-            "Least privilege: the loader creates and owns the target schemas and tables it loads.",
-            tuple(grants),
-        )
     )
-    user = quote_ident(options.user)
-    steps.append(
-        SetupStep(
-            "Key-pair user",
-            "Generate the key pair with openssl (docs/deploy.md); the private key goes into the "
-            "Snowflake secret in Secrets Manager, never here.",
-            (
-                f"CREATE USER IF NOT EXISTS {user}\n"
-                "  TYPE = SERVICE\n"
-                f"  DEFAULT_ROLE = {role}\n"
-                f"  DEFAULT_WAREHOUSE = {quote_ident(options.warehouse)}\n"
-                f"  DEFAULT_NAMESPACE = {string_literal(f'{db}.{ctl}')}\n"
-                f"  RSA_PUBLIC_KEY = {string_literal(PUBLIC_KEY_PLACEHOLDER)}",
-                f"GRANT ROLE {role} TO USER {user}",
-            ),
-        )
+
+
+def _user_step(options: SetupOptions) -> SetupStep:
+    user, role = quote_ident(options.user), quote_ident(options.role)
+    namespace = f"{options.database}.{options.schema}"
+    return SetupStep(
+        "Key-pair user",
+        "Generate the key pair with openssl (docs/deploy.md); the private key goes into the "
+        "Snowflake secret in Secrets Manager, never here.",
+        (
+            f"CREATE USER IF NOT EXISTS {user}\n"
+            "  TYPE = SERVICE\n"
+            f"  DEFAULT_ROLE = {role}\n"
+            f"  DEFAULT_WAREHOUSE = {quote_ident(options.warehouse)}\n"
+            f"  DEFAULT_NAMESPACE = {string_literal(namespace)}\n"
+            f"  RSA_PUBLIC_KEY = {string_literal(PUBLIC_KEY_PLACEHOLDER)}",
+            f"GRANT ROLE {role} TO USER {user}",
+        ),
     )
-    return steps
 
 
 def render_setup_sql(steps: Sequence[SetupStep]) -> str:

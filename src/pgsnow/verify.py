@@ -106,14 +106,17 @@ def pg_source_value(column: Column) -> sql.Composable:
     the MD5 of the canonical JSON text)."""
     if not json_compared(column):
         return pg_canonical(column, _pg_value(column))
+    return sql.SQL("md5({})").format(pg_canonical_json(pg_json_document(column)))
+
+
+def pg_json_document(column: Column) -> sql.Composable:
+    """The JSON document a JSON-compared column holds as Snowflake holds it, read from the table
+    aliased ``SOURCE_ALIAS`` (the canonical-JSON subquery has columns of its own)."""
     if (vector_document := _pgvector_json_document(column)) is not None:
-        return sql.SQL("md5({})").format(pg_canonical_json(vector_document))
-    # Qualified by the inner SELECT's table alias: the canonical-JSON subquery has columns of its own.
-    ident = sql.Identifier(SOURCE_ALIAS, column.name)
+        return vector_document
     # The JSON the extractor stages (pgsnow.pg_json): arrays, ranges, composites, hstore as JSON;
     # json (not jsonb) as jsonb, duplicate keys last-wins.
-    document = json_document(column.shape, ident)
-    return sql.SQL("md5({})").format(pg_canonical_json(document))
+    return json_document(column.shape, sql.Identifier(SOURCE_ALIAS, column.name))
 
 
 def _pgvector_json_document(column: Column) -> sql.Composable | None:
@@ -138,14 +141,20 @@ def sf_source_value(column: Column, json_function: str = JSON_FUNCTION) -> str:
     emulator picks some translations (HEX_ENCODE, TO_VARCHAR with a format) by the known type.
     ``json_function`` is the (qualified) name of the canonical-JSON UDF (``sf_create_json_function``).
     """
-    ident = quote_ident(column.snowflake_name)
     if not json_compared(column):
-        return sf_canonical(column, ident)
+        return sf_canonical(column, quote_ident(column.snowflake_name))
+    # JSON null stays 'null'; SQL NULL stays NULL (the UDF is STRICT).
+    return f"MD5({json_function}({sf_json_document(column)}))"
+
+
+def sf_json_document(column: Column) -> str:
+    """The JSON text of a JSON-compared column in Snowflake (see ``pg_json_document``)."""
+    ident = quote_ident(column.snowflake_name)
     if column.kind is ValueKind.VECTOR:
         ident = f"{ident}::ARRAY"  # a VECTOR casts to the ARRAY of its elements
     # TO_JSON, not the VARIANT itself: a Python UDF receives a VARIANT's decimals as strings, so
-    # 1.5 and "1.5" would look alike. JSON null stays 'null'; SQL NULL stays NULL (the UDF is STRICT).
-    return f"MD5({json_function}(TO_JSON({ident})))"
+    # 1.5 and "1.5" would look alike.
+    return f"TO_JSON({ident})"
 
 
 _PG_NUMBER_TEXT = "(pgsnow_walk.pgsnow_value #>> '{{}}')"
@@ -300,6 +309,12 @@ def _pg_trimmed_decimal(text: sql.Composable) -> sql.Composable:
 
 
 def _sf_trimmed_decimal(text: str) -> str:
+    # A leading zero first: the local emulator prints NUMBER(p,p) as '.00123' and '-.5' (Snowflake
+    # as '0.00123'), and '.00000' would trim to '' where PostgreSQL's '0.00000' trims to '0'.
+    text = (
+        f"CASE WHEN LEFT({text}, 1) = '.' THEN '0' || {text} "
+        f"WHEN LEFT({text}, 2) = '-.' THEN '-0' || SUBSTR({text}, 2) ELSE {text} END"
+    )
     return f"CASE WHEN POSITION('.' IN {text}) > 0 THEN RTRIM(RTRIM({text}, '0'), '.') ELSE {text} END"
 
 

@@ -260,7 +260,7 @@ DIFFERENCE_CASES = [
     pytest.param(
         f'UPDATE {CUSTOMERS} SET "PREFERENCES" = NULL WHERE "CUSTOMER_ID" = {MARK}',
         (1,),  # customer 1's preferences are JSON null
-        ["customer_id=1", "column preferences", "JSON null"],
+        ["customer_id=1", "column preferences", "postgres=':n'", "snowflake=None"],  # ':n': JSON null
         0,
         id="json-null-became-sql-null",
     ),

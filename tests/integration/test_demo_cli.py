@@ -98,6 +98,15 @@ DEMO_TABLES = [
         ),
         "OK",
     ),
+    # NUMBER(p,p): the local Snowflake prints 0.00123 as '.00123'; verify's canonical text is '0.00123'.
+    SchemaTable(
+        "fractions",
+        (
+            "CREATE TABLE demo_cli.fractions (id integer PRIMARY KEY, share numeric(5,5))",
+            "INSERT INTO demo_cli.fractions VALUES (1, 0.00123), (2, -0.5), (3, 0), (4, NULL)",
+        ),
+        "OK",
+    ),
 ]
 
 

@@ -60,12 +60,18 @@ def pg_text(composable: sql.Composable) -> str:
     return render(composable)
 
 
+SF_DECIMAL_TEXT = 'CAST("C" AS VARCHAR)'
+# '.5' (the local emulator's NUMBER(p,p) text) gets its leading zero before trailing zeros are trimmed.
+SF_LEADING_ZERO = (
+    f"CASE WHEN LEFT({SF_DECIMAL_TEXT}, 1) = '.' THEN '0' || {SF_DECIMAL_TEXT} "
+    f"WHEN LEFT({SF_DECIMAL_TEXT}, 2) = '-.' THEN '-0' || SUBSTR({SF_DECIMAL_TEXT}, 2) ELSE {SF_DECIMAL_TEXT} END"
+)
 CANONICAL_CASES = [
     pytest.param("integer", 'CAST("C" AS VARCHAR)', '"c"::text', id="integer"),
     pytest.param(
         "numeric(12,2)",
-        "CASE WHEN POSITION('.' IN CAST(\"C\" AS VARCHAR)) > 0 "
-        "THEN RTRIM(RTRIM(CAST(\"C\" AS VARCHAR), '0'), '.') ELSE CAST(\"C\" AS VARCHAR) END",
+        f"CASE WHEN POSITION('.' IN {SF_LEADING_ZERO}) > 0 "
+        f"THEN RTRIM(RTRIM({SF_LEADING_ZERO}, '0'), '.') ELSE {SF_LEADING_ZERO} END",
         "CASE WHEN position('.' IN \"c\"::text) > 0 THEN rtrim(rtrim(\"c\"::text, '0'), '.') ELSE \"c\"::text END",
         id="decimal-without-scale-padding",
     ),

@@ -183,12 +183,7 @@ class StageAccess:
         """Run CREATE STORAGE INTEGRATION on an autocommit DuckDB cursor; the status text."""
         duck.begin()
         try:
-            exists = (
-                duck.execute(
-                    f"SELECT 1 FROM {INTEGRATIONS_TABLE} WHERE name = ?", [statement.name]
-                ).fetchone()
-                is not None
-            )
+            exists = _integration_exists(duck, statement.name)
             if exists and statement.if_not_exists and not statement.replace:
                 duck.commit()
                 return f"{statement.name} already exists, statement succeeded."
@@ -239,12 +234,7 @@ class StageAccess:
         }
         duck.begin()
         try:
-            exists = (
-                duck.execute(
-                    f"SELECT 1 FROM {INTEGRATIONS_TABLE} WHERE name = ?", [statement.name]
-                ).fetchone()
-                is not None
-            )
+            exists = _integration_exists(duck, statement.name)
             if not exists and statement.if_exists:
                 duck.commit()
                 return ALTERED
@@ -399,3 +389,7 @@ class StageAccess:
                 yield
             finally:
                 reader.execute(f"DROP SECRET IF EXISTS {READ_SECRET_NAME}")
+
+
+def _integration_exists(duck: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return duck.execute(f"SELECT 1 FROM {INTEGRATIONS_TABLE} WHERE name = ?", [name]).fetchone() is not None

@@ -31,10 +31,9 @@ class CreateStorageIntegration:
     comment: str
 
 
-_KNOWN_INTEGRATION_PROPERTIES = frozenset(
+# What ALTER STORAGE INTEGRATION ... SET may change; CREATE also takes the type and provider.
+_ALTERABLE_PROPERTIES = frozenset(
     {
-        "TYPE",
-        "STORAGE_PROVIDER",
         "ENABLED",
         "STORAGE_AWS_ROLE_ARN",
         "STORAGE_AWS_EXTERNAL_ID",
@@ -43,6 +42,7 @@ _KNOWN_INTEGRATION_PROPERTIES = frozenset(
         "COMMENT",
     }
 )
+_KNOWN_INTEGRATION_PROPERTIES = _ALTERABLE_PROPERTIES | {"TYPE", "STORAGE_PROVIDER"}
 
 
 def _identifier_name(node: exp.Expression) -> str | None:
@@ -161,16 +161,6 @@ _SET_ITEM_NAME = re.compile(r"[\s,]*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*")
 _QUOTED = re.compile(r"'((?:[^']|'')*)'")
 _QUOTED_LIST = re.compile(r"\(\s*((?:'(?:[^']|'')*'\s*,?\s*)*)\)")
 _WORD = re.compile(r"[A-Za-z0-9_]+")
-_ALTERABLE_PROPERTIES = frozenset(
-    {
-        "ENABLED",
-        "STORAGE_AWS_ROLE_ARN",
-        "STORAGE_AWS_EXTERNAL_ID",
-        "STORAGE_ALLOWED_LOCATIONS",
-        "STORAGE_BLOCKED_LOCATIONS",
-        "COMMENT",
-    }
-)
 
 
 def _unquote(text: str) -> str:

@@ -26,7 +26,6 @@ from snowflake.connector.errors import ProgrammingError
 
 from pgsnow.local.sf_access import access_denied
 from pgsnow.local.sf_copy_sql import (
-    CompiledExpr,
     CopyStatement,
     CopySyntaxError,
     FieldRef,
@@ -56,6 +55,13 @@ _CONVERSION_ERRNO, _CONVERSION_SQLSTATE = 100038, "22018"
 _NOT_FOUND_ERRNO, _NOT_FOUND_SQLSTATE = 2003, "02000"
 _REMOTE_FILE_ERRNO, _REMOTE_FILE_SQLSTATE = 91016, "22000"
 _COMPILE_ERRNO, _COMPILE_SQLSTATE = 2020, "21S01"
+
+
+def syntax_error(error: Exception) -> ProgrammingError:
+    """Snowflake's error for a statement it cannot compile (errno 1003), with the parser's reason."""
+    return ProgrammingError(msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000")
+
+
 _UNSUPPORTED_ERRNO, _UNSUPPORTED_SQLSTATE = 2019, "0A000"
 
 COPY_RESULT_COLUMNS = (
@@ -356,6 +362,10 @@ def _failure_message(family: TypeFamily, value: str | None, kind: str) -> str:
     return messages.get(family, f"Value '{shown}' cannot be converted")
 
 
+# One check per converted value: (failure condition, failed value, reason).
+_ValueCheck = tuple[str, str, str]
+
+
 def _read_file(
     reader: duckdb.DuckDBPyConnection,
     statement: CopyStatement,
@@ -370,24 +380,8 @@ def _read_file(
         raise _remote_error(url, error) from None
     file_columns = {str(r[0]): duck_type(str(r[1])) for r in described}
     csv_columns = tuple(file_columns) if statement.file_type == FileType.CSV else ()
-
-    if (
-        statement.file_type == FileType.CSV
-        and statement.select is None
-        and statement.csv.error_on_column_count_mismatch
-        and len(csv_columns) != len(columns)
-    ):
-        return FileOutcome(
-            url=url,
-            status="LOAD_FAILED",
-            errors_seen=1,
-            first_error=f"Number of columns in file ({len(csv_columns)}) does not match that of the corresponding "
-            f"table ({len(columns)}), use file format option error_on_column_count_mismatch=false to ignore "
-            "this error",
-            first_error_line=statement.csv.skip_header + 1,
-            first_error_character=1,
-        )
-
+    if (mismatch := _column_count_mismatch(statement, columns, csv_columns, url)) is not None:
+        return mismatch
     items = _select_items(statement, columns, file_columns)
     if len(items) != len(columns):
         raise ProgrammingError(
@@ -396,46 +390,80 @@ def _read_file(
             errno=_COMPILE_ERRNO,
             sqlstate=_COMPILE_SQLSTATE,
         )
+    converted, checks, families = _convert_columns(statement, columns, items, csv_columns, file_columns)
+    try:
+        rows = reader.execute(_checked_rows_query(source, columns, converted, checks)).to_arrow_table()
+    except duckdb.Error as error:
+        raise _remote_error(url, error) from None
+    return _file_outcome(
+        rows, statement=statement, table=table, columns=columns, checks=checks, families=families, url=url
+    )
 
+
+def _column_count_mismatch(
+    statement: CopyStatement, columns: tuple[TargetColumn, ...], csv_columns: tuple[str, ...], url: str
+) -> FileOutcome | None:
+    """Snowflake's failure for a CSV file whose column count is not the table's, unless allowed."""
+    if (
+        statement.file_type != FileType.CSV
+        or statement.select is not None
+        or not statement.csv.error_on_column_count_mismatch
+        or len(csv_columns) == len(columns)
+    ):
+        return None
+    return FileOutcome(
+        url=url,
+        status="LOAD_FAILED",
+        errors_seen=1,
+        first_error=f"Number of columns in file ({len(csv_columns)}) does not match that of the corresponding "
+        f"table ({len(columns)}), use file format option error_on_column_count_mismatch=false to ignore "
+        "this error",
+        first_error_line=statement.csv.skip_header + 1,
+        first_error_character=1,
+    )
+
+
+def _convert_columns(
+    statement: CopyStatement,
+    columns: tuple[TargetColumn, ...],
+    items: list[SelectExpr | None],
+    csv_columns: tuple[str, ...],
+    file_columns: dict[str, SqlType],
+) -> tuple[list[str], list[_ValueCheck], list[TypeFamily]]:
+    """Each column's value converted to its type, the conversion and length checks (conversion
+    checks first: a check's index minus len(columns) is its column), and the type family a
+    conversion failure is reported in."""
     converted: list[str] = []
-    checks: list[tuple[str, str, str]] = []  # (failure condition, failed value, reason)
+    checks: list[_ValueCheck] = []
     families: list[TypeFamily] = []
     for column, item in zip(columns, items, strict=True):
         if item is None:
-            value_sql = f"CAST(NULL AS {column.type.duck})"
-            compiled: CompiledExpr | None = None
-        else:
-            try:
-                compiled = compile_select_expr(
-                    item,
-                    file_type=statement.file_type,
-                    csv_columns=csv_columns,
-                    csv=statement.csv,
-                    parquet_columns=file_columns,
-                )
-            except CopySyntaxError as error:
-                raise ProgrammingError(
-                    msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000"
-                ) from None
-            value_sql = convert_to_column_sql(compiled, column.type)
-        converted.append(value_sql)
-        conversion_family = (
-            compiled.type.family
-            if compiled is not None and compiled.type.family != TypeFamily.TEXT
-            else column.type.family
-        )
-        families.append(conversion_family)
-        if compiled is not None:
-            checks.append(
-                (
-                    f"({compiled.leaf_sql}) IS NOT NULL AND ({value_sql}) IS NULL",
-                    f"CAST(({compiled.leaf_sql}) AS VARCHAR)",
-                    "conversion",
-                )
-            )
-        else:
+            converted.append(f"CAST(NULL AS {column.type.duck})")
+            families.append(column.type.family)
             checks.append(("FALSE", "NULL", "conversion"))
-    # Numbered after the conversion checks: index - len(columns) is the column.
+            continue
+        try:
+            compiled = compile_select_expr(
+                item,
+                file_type=statement.file_type,
+                csv_columns=csv_columns,
+                csv=statement.csv,
+                parquet_columns=file_columns,
+            )
+        except CopySyntaxError as error:
+            raise syntax_error(error) from None
+        value_sql = convert_to_column_sql(compiled, column.type)
+        converted.append(value_sql)
+        families.append(
+            compiled.type.family if compiled.type.family != TypeFamily.TEXT else column.type.family
+        )
+        checks.append(
+            (
+                f"({compiled.leaf_sql}) IS NOT NULL AND ({value_sql}) IS NULL",
+                f"CAST(({compiled.leaf_sql}) AS VARCHAR)",
+                "conversion",
+            )
+        )
     for column, value_sql in zip(columns, converted, strict=True):
         too_long = _too_long_sql(column, value_sql)
         checks.append(
@@ -447,28 +475,43 @@ def _read_file(
                 "length",
             )
         )
+    return converted, checks, families
+
+
+def _checked_rows_query(
+    source: str, columns: tuple[TargetColumn, ...], converted: list[str], checks: list[_ValueCheck]
+) -> str:
+    """The file's rows converted, each with its row number and its first failed check (a check's
+    index, or -(column + 1) for a NULL in a NOT NULL column) and failed value."""
     null_checks = [
         (i, f"({sql}) IS NULL")
         for i, (column, sql) in enumerate(zip(columns, converted, strict=True))
         if not column.nullable
     ]
-
     bad_column_cases = " ".join(f"WHEN {cond} THEN {i}" for i, (cond, _, _) in enumerate(checks))
     bad_column_cases += " " + " ".join(f"WHEN {cond} THEN {-(i + 1)}" for i, cond in null_checks)
     bad_value_cases = " ".join(f"WHEN {cond} THEN {value}" for cond, value, _ in checks)
     select_list = ", ".join(f"{sql} AS {duck_ident(f'c{i}')}" for i, sql in enumerate(converted))
-    query = (
+    return (
         f"WITH src AS (SELECT *, row_number() OVER () AS {ROW_NUMBER} FROM {source} AS file_rows) "
         f"SELECT {select_list}, {ROW_NUMBER}, "
         f"CASE {bad_column_cases} END AS {BAD_COLUMN}, "
         f"CASE {bad_value_cases} END AS {BAD_VALUE} "
         f"FROM src ORDER BY {ROW_NUMBER}"
     )
-    try:
-        rows = reader.execute(query).to_arrow_table()
-    except duckdb.Error as error:
-        raise _remote_error(url, error) from None
 
+
+def _file_outcome(
+    rows: pa.Table,
+    *,
+    statement: CopyStatement,
+    table: TargetTable,
+    columns: tuple[TargetColumn, ...],
+    checks: list[_ValueCheck],
+    families: list[TypeFamily],
+    url: str,
+) -> FileOutcome:
+    """The rows that passed every check, and the first failure as Snowflake reports it."""
     bad_mask = pc.is_valid(rows.column(BAD_COLUMN))
     bad_rows = rows.filter(bad_mask)
     good_rows = rows.filter(pc.invert(bad_mask)).select([f"c{i}" for i in range(len(columns))])

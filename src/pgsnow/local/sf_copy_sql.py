@@ -530,17 +530,32 @@ def parse_copy(sql_text: str) -> CopyStatement | None:
     if len(sources) != 1:
         raise CopySyntaxError("COPY INTO needs exactly one source")
     source, select = _source(sources[0])
+    options = _CopyOptions(storage_integration=_credentials_integration(statement))
+    for param in statement.args.get("params") or []:
+        options.apply(param)
+    if select is not None and options.match_by != MatchByColumnName.NONE:
+        raise CopySyntaxError("MATCH_BY_COLUMN_NAME cannot be used with a COPY transformation")
+    return CopyStatement(
+        table=_object_name(target),
+        columns=columns,
+        source=source,
+        select=select,
+        files=options.files,
+        pattern=options.pattern,
+        file_type=options.file_type,
+        csv=options.csv,
+        on_error=options.on_error,
+        force=options.force,
+        match_by_column_name=options.match_by,
+        storage_integration=options.storage_integration,
+        credentials=credentials,
+    )
 
-    files: tuple[str, ...] | None = None
-    pattern: str | None = None
-    file_type = FileType.CSV
-    csv = CsvOptions()
-    on_error = OnError.ABORT_STATEMENT
-    force = False
-    match_by = MatchByColumnName.NONE
-    storage_integration: str | None = None
-    # Right after the source, sqlglot takes STORAGE_INTEGRATION into the COPY's Credentials node.
+
+def _credentials_integration(statement: exp.Copy) -> str | None:
+    """STORAGE_INTEGRATION right after the source: sqlglot takes it into the COPY's Credentials node."""
     given_credentials = statement.args.get("credentials")
+    storage_integration: str | None = None
     if isinstance(given_credentials, exp.Credentials):
         for arg, value in given_credentials.args.items():
             if value is None or value == []:
@@ -548,60 +563,72 @@ def parse_copy(sql_text: str) -> CopyStatement | None:
             if arg != "storage" or not isinstance(value, exp.Identifier | exp.Var):
                 raise CopySyntaxError(f"COPY option {arg.upper()} is not supported locally")
             storage_integration = resolve_identifier(value.name, quoted=bool(value.args.get("quoted")))
-    for param in statement.args.get("params") or []:
+    return storage_integration
+
+
+@dataclass
+class _CopyOptions:
+    """A COPY's options as parsed so far: Snowflake's defaults until the statement gives one."""
+
+    files: tuple[str, ...] | None = None
+    pattern: str | None = None
+    file_type: FileType = FileType.CSV
+    csv: CsvOptions = field(default_factory=CsvOptions)
+    on_error: OnError = OnError.ABORT_STATEMENT
+    force: bool = False
+    match_by: MatchByColumnName = MatchByColumnName.NONE
+    storage_integration: str | None = None
+
+    def apply(self, param: exp.Expression) -> None:
         name = param.name.upper()
         value = param.args.get("expression")
-        if name == "FILES":
-            assert value is not None
-            files = _string_list(value)
+        if name == "FILE_FORMAT":
+            self.file_type, self.csv = _file_format(list(param.expressions))
+        elif name == "STORAGE_INTEGRATION":
+            self.storage_integration = _integration_name(value)
+        elif name not in _VALUED_OPTIONS:
+            raise CopySyntaxError(f"COPY option {name} is not supported locally")
+        elif value is None:
+            raise AssertionError(f"COPY option {name} without a value")
+        elif name == "FILES":
+            self.files = _string_list(value)
         elif name == "PATTERN":
-            assert value is not None
-            pattern = _option_text(value)
-        elif name == "FILE_FORMAT":
-            file_type, csv = _file_format(list(param.expressions))
+            self.pattern = _option_text(value)
         elif name == "ON_ERROR":
-            assert value is not None
             text = _option_text(value).upper()
             if text not in OnError.__members__:
                 raise CopySyntaxError(f"ON_ERROR = {text} is not supported locally")
-            on_error = OnError(text)
+            self.on_error = OnError(text)
         elif name == "FORCE":
-            assert value is not None
-            force = _option_bool(name, value)
+            self.force = _option_bool(name, value)
         elif name == "MATCH_BY_COLUMN_NAME":
-            assert value is not None
-            match_by = MatchByColumnName(_option_text(value).upper())
-        elif name == "STORAGE_INTEGRATION":
-            if isinstance(value, exp.Identifier):
-                storage_integration = resolve_identifier(value.this, quoted=bool(value.args.get("quoted")))
-            elif isinstance(value, exp.Var | exp.Column):
-                storage_integration = resolve_identifier(value.name, quoted=False)
-            else:
-                raise CopySyntaxError("STORAGE_INTEGRATION takes an integration name")
-        elif name in {"PURGE", "RETURN_FAILED_ONLY", "LOAD_UNCERTAIN_FILES"}:
-            assert value is not None
-            if _option_bool(name, value):
-                raise CopySyntaxError(f"{name} = TRUE is not supported locally")
-        else:
-            raise CopySyntaxError(f"COPY option {name} is not supported locally")
+            self.match_by = MatchByColumnName(_option_text(value).upper())
+        elif _option_bool(name, value):  # PURGE, RETURN_FAILED_ONLY, LOAD_UNCERTAIN_FILES
+            raise CopySyntaxError(f"{name} = TRUE is not supported locally")
 
-    if select is not None and match_by != MatchByColumnName.NONE:
-        raise CopySyntaxError("MATCH_BY_COLUMN_NAME cannot be used with a COPY transformation")
-    return CopyStatement(
-        table=_object_name(target),
-        columns=columns,
-        source=source,
-        select=select,
-        files=files,
-        pattern=pattern,
-        file_type=file_type,
-        csv=csv,
-        on_error=on_error,
-        force=force,
-        match_by_column_name=match_by,
-        storage_integration=storage_integration,
-        credentials=credentials,
-    )
+
+# The options (besides FILE_FORMAT and STORAGE_INTEGRATION) the local COPY accepts; the last
+# three only as FALSE.
+_VALUED_OPTIONS = frozenset(
+    {
+        "FILES",
+        "PATTERN",
+        "ON_ERROR",
+        "FORCE",
+        "MATCH_BY_COLUMN_NAME",
+        "PURGE",
+        "RETURN_FAILED_ONLY",
+        "LOAD_UNCERTAIN_FILES",
+    }
+)
+
+
+def _integration_name(value: exp.Expression | None) -> str:
+    if isinstance(value, exp.Identifier):
+        return resolve_identifier(value.this, quoted=bool(value.args.get("quoted")))
+    if isinstance(value, exp.Var | exp.Column):
+        return resolve_identifier(value.name, quoted=False)
+    raise CopySyntaxError("STORAGE_INTEGRATION takes an integration name")
 
 
 # ---------------------------------------------------------------------------------------------

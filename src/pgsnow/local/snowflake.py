@@ -94,6 +94,7 @@ from pgsnow.local.sf_copy_run import (
     source_prefix,
     stage_storage_integration,
     stage_url,
+    syntax_error,
 )
 from pgsnow.local.sf_copy_sql import (
     CopyStatement,
@@ -324,9 +325,7 @@ class LocalSnowflakeState:
                 return access_sql
             stage = parse_create_stage(sql_text)
         except AccessSyntaxError as error:
-            raise ProgrammingError(
-                msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000"
-            ) from None
+            raise syntax_error(error) from None
         if stage:
             return _status_sql("") if describe_only else self._create_stage(token, conn, stage)
         if (temporary := self.temporary_stages.get(token)) and (
@@ -352,9 +351,7 @@ class LocalSnowflakeState:
         try:
             pipe = parse_create_pipe(sql_text)
         except CopySyntaxError as error:
-            raise ProgrammingError(
-                msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000"
-            ) from None
+            raise syntax_error(error) from None
         if pipe:
             return _status_sql("") if describe_only else self._create_pipe(conn, pipe)
         try:
@@ -362,9 +359,7 @@ class LocalSnowflakeState:
         except CopySyntaxError as error:
             if self._reads_internal_stage(conn, sql_text, self.temporary_stages.get(token)):
                 return None  # fakesnow's COPY from an internal stage, as before
-            raise ProgrammingError(
-                msg=f"SQL compilation error:\n{error}", errno=1003, sqlstate="42000"
-            ) from None
+            raise syntax_error(error) from None
         if statement is None:
             return None
         temporary = self.temporary_stages.get(token)
@@ -609,29 +604,17 @@ class LocalSnowflakeState:
             "PRIMARY KEY (database_name, schema_name, name))"
         )
         key = [catalog, schema, name]
-        where = "database_name = ? AND schema_name = ? AND name = ?"
-        duck.begin()
-        try:
-            exists = duck.execute(f"SELECT 1 FROM {PIPES_TABLE} WHERE {where}", key).fetchone() is not None
-            if exists and pipe.if_not_exists and not pipe.replace:
-                duck.commit()
-                return _status_sql(f"{name} already exists, statement succeeded.")
-            if exists and not pipe.replace:
-                raise ProgrammingError(
-                    msg=f"SQL compilation error:\nObject '{name}' already exists.",
-                    errno=2002,
-                    sqlstate="42710",
-                )
-            duck.execute(f"DELETE FROM {PIPES_TABLE} WHERE {where}", key)
+
+        def insert_pipe() -> None:
             duck.execute(
                 f"INSERT INTO {PIPES_TABLE} VALUES (?, ?, ?, ?, ?, ?)",
                 [*key, pipe.copy_sql, pipe.auto_ingest, datetime.datetime.now(datetime.UTC)],
             )
-            duck.commit()
-        except BaseException:
-            duck.rollback()
-            raise
-        return _status_sql(f"Pipe {name} successfully created.")
+
+        existing = _put_catalog_row(
+            duck, PIPES_TABLE, key, if_not_exists=pipe.if_not_exists, replace=pipe.replace, insert=insert_pipe
+        )
+        return existing or _status_sql(f"Pipe {name} successfully created.")
 
     def pipe_copy_sql(self, database: str, schema: str, name: str) -> str | None:
         """The COPY of a pipe created through this server, or None."""
@@ -672,20 +655,8 @@ class LocalSnowflakeState:
         if stage.temporary:
             return self._create_temporary_stage(token, (catalog, stage_schema, name), stage)
         key = [catalog, stage_schema, name]
-        where = "database_name = ? AND schema_name = ? AND name = ?"
-        duck.begin()
-        try:
-            exists = duck.execute(f"SELECT 1 FROM {STAGES_TABLE} WHERE {where}", key).fetchone() is not None
-            if exists and stage.if_not_exists and not stage.replace:
-                duck.commit()
-                return _status_sql(f"{name} already exists, statement succeeded.")
-            if exists and not stage.replace:
-                raise ProgrammingError(
-                    msg=f"SQL compilation error:\nObject '{name}' already exists.",
-                    errno=2002,
-                    sqlstate="42710",
-                )
-            duck.execute(f"DELETE FROM {STAGES_TABLE} WHERE {where}", key)
+
+        def insert_stage() -> None:
             duck.execute(
                 f"INSERT INTO {STAGES_TABLE} (created_on, name, database_name, schema_name, url, has_credentials, "
                 "has_encryption_key, owner, comment, region, type, cloud, notification_channel, "
@@ -703,11 +674,16 @@ class LocalSnowflakeState:
                 ],
             )
             self.access.store_stage_credentials(duck, key, stage.credentials)
-            duck.commit()
-        except BaseException:
-            duck.rollback()
-            raise
-        return _status_sql(f"Stage area {name} successfully created.")
+
+        existing = _put_catalog_row(
+            duck,
+            STAGES_TABLE,
+            key,
+            if_not_exists=stage.if_not_exists,
+            replace=stage.replace,
+            insert=insert_stage,
+        )
+        return existing or _status_sql(f"Stage area {name} successfully created.")
 
     def _create_temporary_stage(self, token: str, key: StageKey, stage: CreateStage) -> str:
         """Keep the stage in this session only; a permanent stage of that name is hidden, not replaced."""
@@ -938,12 +914,50 @@ def _token(request: Request) -> str | None:
     return None
 
 
-def build_app(state: LocalSnowflakeState) -> Starlette:
-    """fakesnow's routes, with pgsnow's login (our FakeSnow) and query extensions in front."""
+def _put_catalog_row(
+    duck: duckdb.DuckDBPyConnection,
+    table: str,
+    key: list[str],
+    *,
+    if_not_exists: bool,
+    replace: bool,
+    insert: Callable[[], None],
+) -> str | None:
+    """CREATE [OR REPLACE] <object> [IF NOT EXISTS] on a local catalog table, in one transaction:
+    the "already exists" status when the object exists and IF NOT EXISTS says to keep it, an error
+    when it exists and may not be replaced, else None once its old row is gone and ``insert`` ran."""
+    name = key[2]
+    where = "database_name = ? AND schema_name = ? AND name = ?"
+    duck.begin()
+    try:
+        exists = duck.execute(f"SELECT 1 FROM {table} WHERE {where}", key).fetchone() is not None
+        if exists and if_not_exists and not replace:
+            duck.commit()
+            return _status_sql(f"{name} already exists, statement succeeded.")
+        if exists and not replace:
+            raise ProgrammingError(
+                msg=f"SQL compilation error:\nObject '{name}' already exists.",
+                errno=2002,
+                sqlstate="42710",
+            )
+        duck.execute(f"DELETE FROM {table} WHERE {where}", key)
+        insert()
+        duck.commit()
+    except BaseException:
+        duck.rollback()
+        raise
+    return None
 
-    async def login(request: Request) -> Response:
+
+class _Endpoints:
+    """pgsnow's login (our FakeSnow), query extensions and session end, in front of fakesnow's."""
+
+    def __init__(self, state: LocalSnowflakeState) -> None:
+        self.state = state
+
+    async def login(self, request: Request) -> Response:
         body_json = await _read_json(request)
-        if not _login_accepted(state, body_json["data"]):
+        if not _login_accepted(self.state, body_json["data"]):
             # Snowflake answers a bad key-pair login with HTTP 200 and success false; the
             # connector raises DatabaseError(errno=390144) from it.
             return JSONResponse(
@@ -960,15 +974,15 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
         database = _login_name(request.query_params.get("databaseName"))
         schema = _login_name(request.query_params.get("schemaName"))
         conn = await run_in_threadpool(
-            state.fs.connect,
+            self.state.fs.connect,
             database,
             schema,
             nop_regexes=parameters.get("nop_regexes"),
             autocommit=autocommit,
         )
         token = secrets.token_urlsafe(32)
-        with state.lock:
-            state.tokens.add(token)
+        with self.state.lock:
+            self.state.tokens.add(token)
         fakesnow_server.sessions[token] = conn
         return JSONResponse(
             {
@@ -986,7 +1000,7 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
             }
         )
 
-    async def query(request: Request) -> Response:
+    async def query(self, request: Request) -> Response:
         token = _token(request)
         conn = fakesnow_server.sessions.get(token) if token else None
         if token is None or conn is None:
@@ -994,13 +1008,17 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
             return passed_on
         body_json = await _read_json(request)
         sql_text = body_json.get("sqlText", "")
-        if token not in state.prepared_sessions:
+        if token not in self.state.prepared_sessions:
             await run_in_threadpool(sf_extension_types.prepare_session, conn._duck_conn)
-            state.prepared_sessions.add(token)
+            self.state.prepared_sessions.add(token)
         if not body_json.get("bindings"):
             try:
                 replacement = await run_in_threadpool(
-                    state.intercept, token, conn, sql_text, describe_only=bool(body_json.get("describeOnly"))
+                    self.state.intercept,
+                    token,
+                    conn,
+                    sql_text,
+                    describe_only=bool(body_json.get("describeOnly")),
                 )
             except ProgrammingError as error:
                 logger.info("local snowflake statement failed: %s", error.msg)
@@ -1008,32 +1026,36 @@ def build_app(state: LocalSnowflakeState) -> Starlette:
             if replacement is not None:
                 body_json["sqlText"] = replacement
         if body_json.get("sqlText") == sql_text:
-            if functions := state.session_functions.get(token):
+            if functions := self.state.session_functions.get(token):
                 sql_text = functions.rewrite_calls(sql_text, conn.database, conn.schema)
             body_json["sqlText"] = rewrite_trim_characters(sql_text)
         answered: Response = await fakesnow_server.query_request(_with_body(request, body_json))
         return _with_zero_row_counts(answered)
 
-    async def session(request: Request) -> Response:
+    async def session(self, request: Request) -> Response:
         token = _token(request)
         if token and request.query_params.get("delete"):
-            with state.lock:
-                state.tokens.discard(token)
-                state.session_parameters.pop(token, None)
-                state.session_functions.pop(token, None)
-                state.prepared_sessions.discard(token)
+            with self.state.lock:
+                self.state.tokens.discard(token)
+                self.state.session_parameters.pop(token, None)
+                self.state.session_functions.pop(token, None)
+                self.state.prepared_sessions.discard(token)
                 # The session's temporary stages end with it, as in Snowflake.
-                state.temporary_stages.pop(token, None)
+                self.state.temporary_stages.pop(token, None)
         ended: Response = await fakesnow_server.session(request)
         return ended
 
+
+def build_app(state: LocalSnowflakeState) -> Starlette:
+    """fakesnow's routes, with pgsnow's login (our FakeSnow) and query extensions in front."""
+    endpoints = _Endpoints(state)
     passthrough: dict[str, Callable[[Request], Awaitable[Response] | Response]] = {
         route.path: route.endpoint for route in fakesnow_server.routes if isinstance(route, Route)
     }
     routes = [
-        Route("/session/v1/login-request", login, methods=["POST"]),
-        Route("/session", session, methods=["POST"]),
-        Route("/queries/v1/query-request", query, methods=["POST"]),
+        Route("/session/v1/login-request", endpoints.login, methods=["POST"]),
+        Route("/session", endpoints.session, methods=["POST"]),
+        Route("/queries/v1/query-request", endpoints.query, methods=["POST"]),
         Route("/queries/v1/abort-request", passthrough["/queries/v1/abort-request"], methods=["POST"]),
         Route("/monitoring/queries/{sfqid}", passthrough["/monitoring/queries/{sfqid}"], methods=["GET"]),
     ]
