@@ -17,11 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pgsnow.cli_arguments import table_argument, table_list_argument
 from pgsnow.cli_setup import add_snowflake_sql_command
 from pgsnow.cli_status import add_status_command
 from pgsnow.cli_verify import add_verify_command
 from pgsnow.errors import PermanentError, PgSnowError
-from pgsnow.identifiers import TableRef
 
 CommandRegistrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 DEFAULT_DATA_DIR = Path(".pgsnow")
@@ -29,20 +29,6 @@ DEFAULT_DATA_DIR = Path(".pgsnow")
 
 def _progress(message: str) -> None:
     print(f"... {message}", file=sys.stderr, flush=True)
-
-
-def _table_list(text: str) -> list[TableRef]:
-    try:
-        return [TableRef.parse(item) for item in text.split(",") if item.strip()]
-    except PgSnowError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from exc
-
-
-def _table(text: str) -> TableRef:
-    try:
-        return TableRef.parse(text)
-    except PgSnowError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from exc
 
 
 def _positive_float(text: str) -> float:
@@ -91,7 +77,9 @@ def add_demo_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     parser.add_argument("--pg-dsn", help="PostgreSQL to read (default: the local server or an embedded one)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--schema", help="replicate every table of this schema")
-    which.add_argument("--tables", type=_table_list, help="replicate these tables: schema.table,schema.table")
+    which.add_argument(
+        "--tables", type=table_list_argument, help="replicate these tables: schema.table,schema.table"
+    )
     parser.add_argument("--format", choices=["csv", "parquet"], default="csv", help="staged file format")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where local state is kept")
     parser.add_argument(
@@ -278,7 +266,7 @@ def add_extract_command(subparsers: argparse._SubParsersAction[argparse.Argument
     parser = subparsers.add_parser(
         "extract", help="stage one table to S3 once, configured by the environment (like the extractor)"
     )
-    parser.add_argument("table", type=_table, help="schema.table (must be in PGSNOW_TABLES)")
+    parser.add_argument("table", type=table_argument, help="schema.table (must be in PGSNOW_TABLES)")
     parser.set_defaults(run=run_extract_command)
 
 

@@ -14,3 +14,8 @@ def table_argument(text: str) -> TableRef:
         return TableRef.parse(text)
     except PgSnowError as exc:
         raise argparse.ArgumentTypeError(exc.message) from exc
+
+
+def table_list_argument(text: str) -> list[TableRef]:
+    """``schema.a,schema.b`` on the command line (empty items ignored)."""
+    return [table_argument(item) for item in text.split(",") if item.strip()]

@@ -5,17 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pgsnow.cli_arguments import table_list_argument
 from pgsnow.config import LoadMethod
-from pgsnow.errors import PgSnowError
-from pgsnow.identifiers import TableRef
 from pgsnow.setup_sql import SetupOptions, build_setup_steps, render_setup_sql
-
-
-def _table_list(text: str) -> list[TableRef]:
-    try:
-        return [TableRef.parse(item) for item in text.split(",") if item.strip()]
-    except PgSnowError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from exc
 
 
 def run_snowflake_sql(args: argparse.Namespace) -> int:
@@ -68,5 +60,7 @@ def add_snowflake_sql_command(subparsers: argparse._SubParsersAction[argparse.Ar
         "--load-method", choices=[m.value for m in LoadMethod], default=defaults.load_method.value
     )
     parser.add_argument("--pipe", default=defaults.pipe, help="pipe name prefix (snowpipe mode)")
-    parser.add_argument("--tables", type=_table_list, help="schema.table,... to create pipes for (snowpipe)")
+    parser.add_argument(
+        "--tables", type=table_list_argument, help="schema.table,... to create pipes for (snowpipe)"
+    )
     parser.set_defaults(run=run_snowflake_sql)

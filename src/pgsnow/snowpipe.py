@@ -23,6 +23,7 @@ from pgsnow.config import SnowflakeSettings
 from pgsnow.errors import ConfigError, PermanentError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.setup_sql import pipe_name
+from pgsnow.timestamps import utc_iso
 
 if TYPE_CHECKING:
     from mypy_boto3_secretsmanager import SecretsManagerClient
@@ -93,11 +94,6 @@ class PipeFileReport:
         )
 
 
-def iso_utc(moment: dt.datetime) -> str:
-    """ISO-8601 with milliseconds and Z, as loadHistoryScan takes it."""
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
 @dataclass(kw_only=True, eq=False)  # compared by identity, like the connection it stands for
 class SnowpipeClient:
     """insertFiles / insertReport / loadHistoryScan through the SDK, errors sorted retryable vs permanent."""
@@ -148,7 +144,9 @@ class SnowpipeClient:
             entries = list(_call(pipe, manager.get_history).get("files") or [])
             missing = [p for p in wanted if p not in found or not found[p].is_final]
             if missing and submitted_since is not None:
-                start = iso_utc(submitted_since - HISTORY_SCAN_SLACK)
+                start = utc_iso(
+                    submitted_since - HISTORY_SCAN_SLACK, "milliseconds"
+                )  # as loadHistoryScan takes it
                 scanned = _call(pipe, manager.get_history_range, start)
                 entries += list(scanned.get("files") or [])
             for entry in entries:

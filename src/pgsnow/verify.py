@@ -34,6 +34,7 @@ from pgsnow.errors import PgSnowError, VerifyError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.manifest import Column, RunManifest
 from pgsnow.pg_json import json_document
+from pgsnow.snowflake.sql_text import string_literal
 from pgsnow.typemap import ValueKind
 
 # Canonical row text: tokens joined by SEPARATOR. In a text or JSON token, ESCAPE and SEPARATOR
@@ -72,12 +73,6 @@ MAX_RANGE_SPARSENESS = 1024
 
 def _pg_literal(text: str) -> sql.Composable:
     return sql.Literal(text)
-
-
-def _sf_literal(text: str) -> str:
-    if "\\" in text:
-        raise ValueError("backslashes are escapes in Snowflake literals; verify SQL uses none")
-    return "'" + text.replace("'", "''") + "'"
 
 
 def _pg_value(column: Column) -> sql.Composable:
@@ -433,10 +428,10 @@ def sf_token(column: Column, value: str | None = None) -> str:
     text = source
     if _escaped(column.kind):
         text = (
-            f"REPLACE(REPLACE({text}, {_sf_literal(ESCAPE)}, {_sf_literal(ESCAPE + ESCAPE)}), "
-            f"{_sf_literal(SEPARATOR)}, {_sf_literal(ESCAPE + SEPARATOR)})"
+            f"REPLACE(REPLACE({text}, {string_literal(ESCAPE)}, {string_literal(ESCAPE + ESCAPE)}), "
+            f"{string_literal(SEPARATOR)}, {string_literal(ESCAPE + SEPARATOR)})"
         )
-    return f"COALESCE({text}, {_sf_literal(NULL_TOKEN)})"
+    return f"COALESCE({text}, {string_literal(NULL_TOKEN)})"
 
 
 def pg_row_text(columns: Sequence[Column], values: Sequence[sql.Composable] | None = None) -> sql.Composable:
@@ -448,7 +443,7 @@ def pg_row_text(columns: Sequence[Column], values: Sequence[sql.Composable] | No
 
 def sf_row_text(columns: Sequence[Column], values: Sequence[str] | None = None) -> str:
     refs = values if values is not None else [sf_source_value(c) for c in columns]
-    return f" || {_sf_literal(SEPARATOR)} || ".join(
+    return f" || {string_literal(SEPARATOR)} || ".join(
         sf_token(c, v) for c, v in zip(columns, refs, strict=True)
     )
 
