@@ -38,7 +38,7 @@ See docs/cleanup.md.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -49,13 +49,11 @@ from pgsnow.config import CleanupMode, Settings
 from pgsnow.errors import ConfigError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX, manifest_key, normalise_prefix
-from pgsnow.manifest import META_SHA256, RunManifest, RunState, StagedFile
+from pgsnow.ledger import LedgerRow, ledger_rows, loaded_files
+from pgsnow.manifest import META_SHA256, RunManifest, RunState
 from pgsnow.observability import logger
-from pgsnow.snowflake import ledger_name
 from pgsnow.staging import MANIFEST_CONTENT_TYPE, classify_s3_error
 
-# Snowflake caps the number of expressions in an IN list; stay well below it.
-_LEDGER_QUERY_CHUNK = 500
 # How often a cleanup re-reads a manifest another writer changed under it before giving up.
 _CLAIM_ATTEMPTS = 5
 # S3's answers to a conditional write that lost: the object changed, or a concurrent write is in flight.
@@ -85,78 +83,6 @@ class CleanupResult:
             "bytes_deleted": self.deleted_bytes,
             "archive_prefix": self.archive_prefix,
         }
-
-
-@dataclass(frozen=True)
-class LedgerRow:
-    """What the load ledger recorded for one loaded key."""
-
-    s3_key: str
-    etag: str | None
-    sha256: str | None
-    rows_loaded: int | None
-
-    def matches(self, *, sha256: str | None, etag: str | None) -> bool:
-        """Is this the content that was loaded? SHA-256 when both sides have one, else the ETag."""
-        if self.sha256 and sha256:
-            return self.sha256 == sha256
-        if self.etag and etag:
-            return self.etag == etag.strip('"')
-        # A ledger row without either checksum is from a loader that did not record them: trust the key.
-        return not self.sha256 and not self.etag
-
-
-# --------------------------------------------------------------------------- the ledger
-
-
-def build_ledger_lookup(database: str, control_schema: str, key_count: int) -> str:
-    """SELECT the loaded ledger rows for ``key_count`` bound keys (``%s`` placeholders, pyformat).
-
-    Only rows with LOADED_AT set count: the claim and the load commit together, so a
-    committed row without it cannot exist, but a reader must not rely on that.
-    """
-    placeholders = ", ".join(["%s"] * key_count)
-    return (
-        f'SELECT "S3_KEY", "ETAG", "SHA256", "ROWS_LOADED" FROM {ledger_name(database, control_schema)}\n'
-        f'WHERE "S3_KEY" IN ({placeholders}) AND "LOADED_AT" IS NOT NULL'
-    )
-
-
-def ledger_rows(sf_conn: Any, settings: Settings, keys: Sequence[str]) -> dict[str, LedgerRow]:
-    """The ledger's loaded row for each of ``keys`` it has one for."""
-    database = settings.snowflake.database
-    if database is None:
-        raise ConfigError(["SNOWFLAKE_DATABASE is needed to read the load ledger"])
-    found: dict[str, LedgerRow] = {}
-    if not keys:
-        return found
-    cursor = sf_conn.cursor()
-    try:
-        for start in range(0, len(keys), _LEDGER_QUERY_CHUNK):
-            chunk = list(keys[start : start + _LEDGER_QUERY_CHUNK])
-            cursor.execute(
-                build_ledger_lookup(database, settings.snowflake.control_schema, len(chunk)), chunk
-            )
-            for s3_key, etag, sha256, rows_loaded in cursor.fetchall():
-                found[s3_key] = LedgerRow(
-                    s3_key, etag, sha256, None if rows_loaded is None else int(rows_loaded)
-                )
-    finally:
-        cursor.close()
-    return found
-
-
-def loaded_files(manifest: RunManifest, ledger: dict[str, LedgerRow]) -> list[StagedFile]:
-    """The manifest's files the ledger shows loaded with the checksum the manifest lists.
-
-    A ledger row with another checksum means the object under that key is not the file we
-    listed: not ours to delete, and not proof that this run's file was loaded.
-    """
-    return [
-        f
-        for f in manifest.files
-        if f.key in ledger and (ledger[f.key].sha256 is None or ledger[f.key].sha256 == f.sha256)
-    ]
 
 
 # --------------------------------------------------------------------------- manifests, conditionally

@@ -82,6 +82,11 @@ def manifests_prefix(table: TableRef) -> str:
     return f"{CONTROL_PREFIX}/manifests/{table.schema}/{table.table}/"
 
 
+def applied_mark_key(table: TableRef, run_id: str) -> str:
+    """The ledger key that records what became of a complete run's swap or deletes (no S3 object)."""
+    return f"{CONTROL_PREFIX}/applied/{table.schema}/{table.table}/{run_id}"
+
+
 @dataclass(frozen=True)
 class StagedObject:
     """A data file key, parsed. ``run_id``/``batch`` are None for hand-dropped files."""

@@ -36,7 +36,8 @@ from pgsnow.config import DeleteMode, LoadMethod, Settings, WriteMode
 from pgsnow.csv_records import parse_csv_record
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef, snowflake_name
-from pgsnow.keys import CONTROL_PREFIX, FileFormat, StagedObject, is_run_id, manifest_key
+from pgsnow.keys import FileFormat, StagedObject, applied_mark_key, is_run_id, manifest_key
+from pgsnow.ledger import Ledger, LedgerClaim, LedgerRow
 from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.schema_evolution import ExistingColumn, plan_table_changes
@@ -45,7 +46,6 @@ from pgsnow.snowflake import (
     MAX_FILES_PER_COPY,
     AwsCredentials,
     CredentialsSource,
-    LedgerClaim,
     LoadColumn,
     UrlSource,
     aws_credentials_from,
@@ -53,9 +53,7 @@ from pgsnow.snowflake import (
     build_add_run_id_column,
     build_add_soft_delete_column,
     build_apply_deletes,
-    build_claim_file,
     build_copy_into,
-    build_create_ledger,
     build_create_schema,
     build_create_shadow_table,
     build_create_table,
@@ -64,21 +62,14 @@ from pgsnow.snowflake import (
     build_drop_not_null,
     build_drop_table,
     build_insert_rows,
-    build_mark_submitted,
     build_merge_from,
     build_query_tag,
-    build_record_load,
     build_rename_table,
     build_select_column_types,
-    build_select_earliest_submission,
-    build_select_ledger_entry,
-    build_select_loaded_keys,
-    build_select_newer_runs,
     build_select_table_comment,
     build_set_table_comment,
     build_swap_with,
     build_table_pipe,
-    build_upgrade_ledger,
     build_widen_column,
     classify_snowflake_error,
     load_columns_from_table,
@@ -95,12 +86,6 @@ if TYPE_CHECKING:
 
 _MISSING_S3_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 PGSNOW_COLUMN_PREFIX = "_PGSNOW_"  # pgsnow's own target columns (run id, soft delete): never a source's
-APPLIED_MARK_PREFIX = f"{CONTROL_PREFIX}/applied"  # ledger key marking a run's swap/deletes as done
-
-
-def applied_mark_key(table: TableRef, run_id: str) -> str:
-    """The ledger key that records what became of a complete run's swap or deletes."""
-    return f"{APPLIED_MARK_PREFIX}/{table.schema}/{table.table}/{run_id}"
 
 
 class LoadStatus(StrEnum):
@@ -164,15 +149,6 @@ class ObjectFacts:
     sha256: str | None
 
 
-@dataclass(frozen=True)
-class LedgerEntry:
-    etag: str | None
-    sha256: str | None
-    rows_loaded: int | None
-    is_loaded: bool
-    status: str | None = None
-
-
 @dataclass
 class _Loader:
     """One call's clients and what it has already done, so files from one run do it once."""
@@ -198,6 +174,10 @@ class _Loader:
     @property
     def control_schema(self) -> str:
         return self.settings.snowflake.control_schema
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(self.sf_conn, self.database, self.control_schema)
 
     def stage_credentials(self) -> AwsCredentials | None:
         """The credentials Snowflake reads S3 with, when pgsnow sends them (no integration)."""
@@ -335,7 +315,8 @@ def _load_group(loader: _Loader, group: list[StagedObject]) -> list[FileOutcome]
     s3_key = first.key if len(group) == 1 else None
     try:
         if not loader.ledger_ready:
-            ensure_ledger(loader.sf_conn, loader.database, loader.control_schema)
+            _execute(loader.sf_conn, build_create_schema(loader.database, loader.control_schema))
+            loader.ledger.create()
             loader.ledger_ready = True
         outcomes: dict[str, FileOutcome] = {}
         present: list[tuple[StagedObject, ObjectFacts]] = []
@@ -396,15 +377,15 @@ def _claim_file(
     Returns the ``already_loaded`` outcome when the ledger shows this content loaded, None when
     the file still has to be loaded; changed content under a loaded key is a PermanentError.
     """
-    database, control_schema = loader.database, loader.control_schema
-    claim = LedgerClaim(
-        staged.key, facts.etag, facts.sha256, facts.run_id, staged.table.schema, staged.table.table
+    loader.ledger.claim(
+        LedgerClaim(
+            staged.key, facts.etag, facts.sha256, facts.run_id, staged.table.schema, staged.table.table
+        )
     )
-    _execute(loader.sf_conn, *build_claim_file(database, control_schema, claim))
-    entry = _ledger_entry(loader.sf_conn, database, control_schema, staged.key)
-    if entry is None or not entry.is_loaded:
+    entry = loader.ledger.loaded_row(staged.key)
+    if entry is None:
         return None
-    if not _same_content(entry, facts):
+    if not entry.matches(sha256=facts.sha256, etag=facts.etag):
         raise PermanentError(
             "changed file under a loaded key: the key was loaded with other content "
             f"(etag {entry.etag}, sha256 {entry.sha256}); stage changed data under a new key",
@@ -423,13 +404,6 @@ def _claim_file(
 
 def _elapsed_ms(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
-
-
-def ensure_ledger(sf_conn: SnowflakeConnection, database: str, control_schema: str) -> None:
-    _execute(sf_conn, build_create_schema(database, control_schema))
-    _execute(sf_conn, build_create_ledger(database, control_schema))
-    for statement in build_upgrade_ledger(database, control_schema):
-        _execute(sf_conn, statement)
 
 
 # --------------------------------------------------------------------------- S3
@@ -739,8 +713,8 @@ def read_csv_header(s3: S3Client, bucket: str, staged: StagedObject) -> list[str
 
 def _outcome_for_missing_object(loader: _Loader, staged: StagedObject, started: float) -> FileOutcome:
     """A redelivered event for a file already loaded and cleaned up is fine; anything else is not."""
-    entry = _ledger_entry(loader.sf_conn, loader.database, loader.control_schema, staged.key)
-    if entry is not None and entry.is_loaded:
+    entry = loader.ledger.loaded_row(staged.key)
+    if entry is not None:
         result = LoadResult(
             staged.key,
             staged.table.qualified,
@@ -758,28 +732,6 @@ def _outcome_for_missing_object(loader: _Loader, staged: StagedObject, started: 
     )
     _log_failure(error, staged)
     return FileOutcome(staged, error=error)
-
-
-def _ledger_entry(
-    sf_conn: SnowflakeConnection, database: str, control_schema: str, key: str
-) -> LedgerEntry | None:
-    rows = _execute(sf_conn, *build_select_ledger_entry(database, control_schema, key))
-    if not rows:
-        return None
-    etag, sha256, rows_loaded, loaded_at, status = rows[0]
-    return LedgerEntry(
-        etag,
-        sha256,
-        None if rows_loaded is None else int(rows_loaded),
-        loaded_at is not None,
-        None if status is None else str(status),
-    )
-
-
-def _same_content(entry: LedgerEntry, facts: ObjectFacts) -> bool:
-    if entry.sha256 and facts.sha256:
-        return entry.sha256 == facts.sha256
-    return entry.etag == facts.etag
 
 
 # --------------------------------------------------------------------------- one group
@@ -910,7 +862,7 @@ def _copy_in_transaction(
     manifest: RunManifest | None,
     started: float,
 ) -> list[FileOutcome]:
-    sf_conn, database, control_schema = loader.sf_conn, loader.database, loader.control_schema
+    sf_conn = loader.sf_conn
     first = present[0][0]
     outcomes: list[FileOutcome] = []
     sf_conn.autocommit(False)
@@ -946,17 +898,12 @@ def _copy_in_transaction(
                     outcomes.append(FileOutcome(staged, error=file_check.error))
                     continue
                 status = "PARTIALLY_LOADED" if file_check.errors_seen else "LOADED"
-                _execute(
-                    sf_conn,
-                    *build_record_load(
-                        database,
-                        control_schema,
-                        staged.key,
-                        file_check.rows_loaded,
-                        status=status,
-                        errors_seen=file_check.errors_seen,
-                        first_error=file_check.first_error,
-                    ),
+                loader.ledger.record_load(
+                    staged.key,
+                    file_check.rows_loaded,
+                    status=status,
+                    errors_seen=file_check.errors_seen,
+                    first_error=file_check.first_error,
                 )
                 result = LoadResult(
                     staged.key,
@@ -1192,12 +1139,8 @@ def _load_through_snowpipe(
                 to_submit.append((staged, facts))
         if to_submit:
             keys = [staged.key for staged, _ in to_submit]
-            (first_submitted,) = _execute(
-                sf_conn, *build_select_earliest_submission(database, control_schema, keys)
-            )[0]
-            if isinstance(first_submitted, dt.datetime):
-                earliest = first_submitted
-            _execute(sf_conn, *build_mark_submitted(database, control_schema, keys))
+            earliest = loader.ledger.earliest_submission(keys)
+            loader.ledger.mark_submitted(keys)
         sf_conn.commit()
     except BaseException:
         _rollback_keeping_the_original_error(sf_conn)
@@ -1256,17 +1199,12 @@ def _record_snowpipe_report(
             **context,
         )
         return FileOutcome(staged, error=error)
-    _execute(
-        loader.sf_conn,
-        *build_record_load(
-            loader.database,
-            loader.control_schema,
-            staged.key,
-            report.rows_inserted,
-            status=report.status,
-            errors_seen=report.errors_seen if partial else 0,
-            first_error=report.first_error if partial else None,
-        ),
+    loader.ledger.record_load(
+        staged.key,
+        report.rows_inserted,
+        status=report.status,
+        errors_seen=report.errors_seen if partial else 0,
+        first_error=report.first_error if partial else None,
     )
     result = LoadResult(
         staged.key,
@@ -1362,21 +1300,15 @@ def finish_run_if_complete(loader: _Loader, table: TableRef, run_id: str) -> Run
     delete twice. A run older than a run the target already holds is SUPERSEDED, never applied:
     its key list would delete rows the newer run wrote (docs/loading.md).
     """
-    sf_conn, database, control_schema = loader.sf_conn, loader.database, loader.control_schema
     manifest = read_run_manifest(loader.s3, loader.settings.bucket, table, run_id)
     if manifest.state not in (RunState.STAGED, RunState.LOADED):
         return None
     keys = [f.key for f in manifest.files]
-    loaded = (
-        {str(row[0]) for row in _execute(sf_conn, *build_select_loaded_keys(database, control_schema, keys))}
-        if keys
-        else set()
-    )
-    if set(keys) - loaded:
+    if set(keys) - set(loader.ledger.loaded_rows(keys)):
         return None
     mark = applied_mark_key(table, run_id)
-    entry = _ledger_entry(sf_conn, database, control_schema, mark)
-    if entry is not None and entry.is_loaded:
+    entry = loader.ledger.loaded_row(mark)
+    if entry is not None:
         return _recorded_outcome(entry)
     if WriteMode(manifest.write_mode) is WriteMode.REPLACE:
         return _finish_replace_run(loader, manifest, mark)
@@ -1385,7 +1317,7 @@ def finish_run_if_complete(loader: _Loader, table: TableRef, run_id: str) -> Run
     return None
 
 
-def _recorded_outcome(entry: LedgerEntry) -> RunOutcome:
+def _recorded_outcome(entry: LedgerRow) -> RunOutcome:
     return RunOutcome.SUPERSEDED if entry.status == "SUPERSEDED" else RunOutcome.APPLIED
 
 
@@ -1394,38 +1326,18 @@ def _newer_run(loader: _Loader, table: TableRef, run_id: str, *, applied_only: b
 
     A ledger RUN_ID that is not a run id (object metadata of a hand-dropped file) is ignored.
     """
-    rows = _execute(
-        loader.sf_conn,
-        *build_select_newer_runs(
-            loader.database,
-            loader.control_schema,
-            schema_name=table.schema,
-            table_name=table.table,
-            run_id=run_id,
-            applied_only=applied_only,
-        ),
+    runs = loader.ledger.newer_runs(
+        schema_name=table.schema, table_name=table.table, run_id=run_id, applied_only=applied_only
     )
-    newer = sorted(str(row[0]) for row in rows if row[0] is not None and is_run_id(str(row[0])))
+    newer = sorted(run for run in runs if is_run_id(run))
     return newer[-1] if newer else None
 
 
 def _record_run_outcome(loader: _Loader, manifest: RunManifest, mark: str, outcome: RunOutcome) -> None:
     """Write the run's mark into the ledger (in the caller's transaction, if any)."""
     table = manifest.table
-    _execute(
-        loader.sf_conn,
-        *build_claim_file(
-            loader.database,
-            loader.control_schema,
-            LedgerClaim(mark, None, None, manifest.run_id, table.schema, table.table),
-        ),
-    )
-    _execute(
-        loader.sf_conn,
-        *build_record_load(
-            loader.database, loader.control_schema, mark, manifest.total_rows, status=outcome.value.upper()
-        ),
-    )
+    loader.ledger.claim(LedgerClaim(mark, None, None, manifest.run_id, table.schema, table.table))
+    loader.ledger.record_load(mark, manifest.total_rows, status=outcome.value.upper())
 
 
 def _log_superseded(manifest: RunManifest, newer: str) -> None:
@@ -1551,16 +1463,9 @@ def _apply_deletes_in_transaction(
 ) -> RunOutcome:
     sf_conn, database, control_schema = loader.sf_conn, loader.database, loader.control_schema
     table = manifest.table
-    _execute(
-        sf_conn,
-        *build_claim_file(
-            database,
-            control_schema,
-            LedgerClaim(mark, None, None, manifest.run_id, table.schema, table.table),
-        ),
-    )
-    entry = _ledger_entry(sf_conn, database, control_schema, mark)
-    if entry is not None and entry.is_loaded:
+    loader.ledger.claim(LedgerClaim(mark, None, None, manifest.run_id, table.schema, table.table))
+    entry = loader.ledger.loaded_row(mark)
+    if entry is not None:
         return _recorded_outcome(entry)  # another loader finished the run while we waited
     newer = _newer_run(loader, table, manifest.run_id, applied_only=False)
     if newer is not None:

@@ -15,10 +15,9 @@ from pgsnow.config import LoadMethod
 from pgsnow.errors import ConfigError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.keys import KEY_LISTS_PREFIX, FileFormat, normalise_prefix
+from pgsnow.ledger import LEDGER_TABLE, build_create_ledger
 from pgsnow.snowflake import (
-    LEDGER_TABLE,
     build_create_file_format,
-    build_create_ledger,
     build_create_pipe,
     build_create_schema,
     build_create_stage,

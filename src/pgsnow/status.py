@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
-from pgsnow.cleanup import ledger_rows, loaded_files
 from pgsnow.config import Settings
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX, manifests_prefix
+from pgsnow.ledger import ledger_rows, loaded_files
 from pgsnow.manifest import RunManifest, RunState
 
 MANIFESTS_ROOT = f"{CONTROL_PREFIX}/manifests/"

@@ -32,10 +32,8 @@ from urllib.parse import quote_plus
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pgsnow.cleanup import (
-    LedgerRow,
     archive_root,
     bucket_is_versioned,
-    ledger_rows,
     read_manifest_for_update,
     remove_loaded_file,
 )
@@ -43,6 +41,7 @@ from pgsnow.config import CleanupMode, Settings
 from pgsnow.errors import ConfigError, PermanentError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX, StagedObject, new_run_id, parse_data_key, table_prefix
+from pgsnow.ledger import LedgerRow, ledger_rows
 from pgsnow.observability import logger
 from pgsnow.staging import MANIFEST_CONTENT_TYPE, classify_s3_error
 

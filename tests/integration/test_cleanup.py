@@ -33,9 +33,9 @@ from stack_support import running_stack
 from pgsnow.cleanup import CleanupResult, cleanup_pending_runs, cleanup_run
 from pgsnow.config import Component, Settings
 from pgsnow.identifiers import TableRef, quote_qualified
+from pgsnow.ledger import LEDGER_TABLE
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack
 from pgsnow.manifest import RunManifest, RunState
-from pgsnow.snowflake import LEDGER_TABLE
 from pgsnow.staging import get_manifest, put_manifest
 
 pytestmark = pytest.mark.integration

@@ -24,12 +24,11 @@ from pgsnow.config import Component
 from pgsnow.demo.compare import compare_table
 from pgsnow.extract import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
-from pgsnow.keys import FileFormat, data_key
-from pgsnow.load import applied_mark_key
+from pgsnow.keys import FileFormat, applied_mark_key, data_key
+from pgsnow.ledger import LEDGER_TABLE
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack
 from pgsnow.manifest import RunManifest, RunState
-from pgsnow.snowflake import LEDGER_TABLE
 from pgsnow.staging import get_manifest, put_data_file
 
 if TYPE_CHECKING:  # the fixture's types, from this directory's conftest.py

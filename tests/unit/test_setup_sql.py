@@ -11,8 +11,9 @@ from pgsnow.config import LoadMethod
 from pgsnow.errors import ConfigError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key
+from pgsnow.ledger import build_create_ledger
 from pgsnow.setup_sql import SetupOptions, build_setup_steps, render_setup_sql
-from pgsnow.snowflake import build_create_ledger, build_create_stage
+from pgsnow.snowflake import build_create_stage
 from pgsnow.staging import key_list_key
 
 pytestmark = pytest.mark.unit
