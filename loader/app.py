@@ -20,7 +20,9 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pgsnow.errors import PgSnowError
 from pgsnow.events import BatchFiles, parse_sqs_batch
-from pgsnow.load import FileOutcome, LoadStatus, load_batch, settle_completed_runs
+from pgsnow.load.batch import load_batch
+from pgsnow.load.completion import settle_completed_runs
+from pgsnow.load.outcomes import FileOutcome, LoadStatus
 from pgsnow.observability import logger, record_table_metric
 from pgsnow.runtime import loader_runtime
 

@@ -26,7 +26,8 @@ from pgsnow.config import Component, Settings
 from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, manifest_key, parse_data_key
-from pgsnow.load import LoadStatus, load_staged_files
+from pgsnow.load.batch import load_staged_files
+from pgsnow.load.outcomes import LoadStatus
 from pgsnow.local.aws import LocalAws, create_staging_resources, start_local_aws
 from pgsnow.local.snowflake import LocalSnowflake, start_local_snowflake
 from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
@@ -553,3 +554,4 @@ def test_redelivery_after_cleanup_is_already_loaded(settings: Settings, s3: Any,
     # Then the loaded one is reported as already loaded, with its rows, and nothing changed
     assert [(r.status, r.rows) for r in results] == [(LoadStatus.ALREADY_LOADED, len(ORDER_ROWS))]
     assert order_count(sf_conn, settings) == len(ORDER_ROWS)
+

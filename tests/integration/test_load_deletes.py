@@ -27,7 +27,8 @@ from test_load import (  # fixtures and staging helpers shared with the base loa
 
 from pgsnow.config import Settings
 from pgsnow.keys import FileFormat, applied_mark_key, data_key, manifest_key, parse_data_key
-from pgsnow.load import LoadStatus, RunOutcome, load_staged_files
+from pgsnow.load.batch import load_staged_files
+from pgsnow.load.outcomes import LoadStatus, RunOutcome
 from pgsnow.manifest import RunManifest, RunState, StagedFile
 from pgsnow.snowflake import SOFT_DELETE_COLUMN
 from pgsnow.staging import key_list_key
