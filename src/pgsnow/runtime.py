@@ -17,13 +17,17 @@ import json
 import threading
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import boto3
 
 from pgsnow.config import Component, Settings
 from pgsnow.errors import PermanentError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef
+
+if TYPE_CHECKING:
+    from pgsnow.load.batch import Loader
+    from pgsnow.snowflake import CredentialsSource
 
 _RETRYABLE_SECRET_ERRORS = frozenset(
     {"ThrottlingException", "InternalServiceError", "InternalServiceErrorException"}
@@ -92,6 +96,7 @@ class Runtime:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _snowflake: Any = field(default=None, repr=False)
     _snowpipe: Any = field(default=None, repr=False)
+    _loader: Any = field(default=None, repr=False)
 
     def client(self, service: str) -> Any:
         """The cached client of ``service`` made from this function's session."""
@@ -133,6 +138,21 @@ class Runtime:
                 self.settings.snowflake, self.settings.load.snowpipe_host, secrets_client=self.secretsmanager
             )
         return self._snowpipe
+
+    def loader(self) -> Loader:
+        """The loader, built once per container: it remembers the tables it has prepared, so a
+        steady batch sends no DDL. Without a storage integration Snowflake reads S3 with the
+        credentials of this function's session (the credentials method)."""
+        from pgsnow.load.batch import Loader
+
+        if self._loader is None:
+            # boto3.Session has get_credentials(); its stubs type the result more narrowly than the Protocol.
+            session = cast("CredentialsSource", self.session)
+            built = Loader(self.settings, self.s3, credentials_source=session, snowpipe=self.snowpipe())
+            with self._lock:  # two threads may build one; both keep the first
+                if self._loader is None:
+                    self._loader = built
+        return cast("Loader", self._loader)
 
     def postgres_dsn(self) -> str:
         """``postgres_dsn`` with this function's Secrets Manager client."""

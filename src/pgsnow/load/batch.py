@@ -19,7 +19,7 @@ from snowflake.connector.errors import Error as SnowflakeDriverError
 from pgsnow.config import DeleteMode, LoadMethod, Settings, WriteMode
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError
 from pgsnow.keys import StagedObject
-from pgsnow.load.completion import RunCompletion
+from pgsnow.load.completion import RunCompletion, settle_completed_runs
 from pgsnow.load.copy import CopyJob, Present, already_loaded, log_failure
 from pgsnow.load.objects import head_staged_object, manifest_mismatch, read_run_manifest
 from pgsnow.load.outcomes import FileOutcome, LoadResult, RunOutcome
@@ -108,13 +108,27 @@ class Loader:
         self.ledger_ready = False
 
     def load(self, sf_conn: SnowflakeConnection, objects: Sequence[StagedObject]) -> list[FileOutcome]:
-        """Load every object, one COPY per (table, run) group; one outcome per object, in order."""
-        batch = _Batch(self, LoadSession(self.settings, self.database, sf_conn, self.s3))
+        """Load every object, one COPY per (table, run) group; one outcome per object, in order.
+        Then mark the runs the batch completed ``loaded``."""
+        session = LoadSession(self.settings, self.database, sf_conn, self.s3)
+        batch = _Batch(self, session)
         by_key: dict[str, FileOutcome] = {}
         for group in group_files(objects):
             for outcome in batch.load_group_or_each(group):
                 by_key[outcome.staged.key] = outcome
-        return [by_key[o.key] for o in objects]
+        outcomes = [by_key[o.key] for o in objects]
+        settle_completed_runs(settings=self.settings, sf_conn=sf_conn, s3=self.s3, outcomes=outcomes)
+        return outcomes
+
+    def forget(self, staged: StagedObject) -> None:
+        """After a failure that may mean someone changed or dropped the file's table (or the ledger,
+        or a pipe) underneath: prepare them again on the retry."""
+        targets = [self.tables.target(staged.table)]
+        if staged.run_id is not None:
+            targets.append(self.tables.shadow(staged.table, staged.run_id))
+        self.tables.forget(*targets)
+        self.pipes.forget()
+        self.ledger_ready = False
 
 
 @dataclass
@@ -164,10 +178,12 @@ class _Batch:
                 for outcome in self._copy_group(present, started):
                     outcomes[outcome.staged.key] = outcome
         except PgSnowError as exc:
+            self.loader.forget(first)
             # adds the group's context to our own error
             classify_snowflake_error(exc, table=first.table.qualified, s3_key=s3_key, run_id=first.run_id)
             raise
         except (SnowflakeDriverError, OSError) as exc:
+            self.loader.forget(first)
             raise classify_snowflake_error(
                 exc, table=first.table.qualified, s3_key=s3_key, run_id=first.run_id
             ) from exc
