@@ -223,6 +223,9 @@ def test_ledger_checksum_differing_from_the_manifest_keeps_the_file(
     ledger = quote_qualified(SNOWFLAKE_DATABASE, "PGSNOW", LEDGER_TABLE)
     with sf_conn.cursor() as cur:
         cur.execute(f'UPDATE {ledger} SET "SHA256" = %s WHERE "S3_KEY" = %s', ("0" * 64, mismatched))
+    # (the loader completed the run when its last file loaded: put it back to `staged`, as a loader
+    # whose manifest write was refused leaves it, so cleanup decides the run's completion)
+    put_manifest(s3, stack.resources.bucket, manifest)
     settings = mode_settings(stack, mode)
 
     # When cleanup runs

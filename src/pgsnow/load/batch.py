@@ -18,11 +18,12 @@ from snowflake.connector.errors import Error as SnowflakeDriverError
 
 from pgsnow.config import DeleteMode, LoadMethod, Settings, WriteMode
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError
+from pgsnow.identifiers import TableRef
 from pgsnow.keys import StagedObject
-from pgsnow.load.completion import RunCompletion, settle_completed_runs
+from pgsnow.load.completion import complete_run
 from pgsnow.load.copy import CopyJob, Present, already_loaded, log_failure
 from pgsnow.load.objects import head_staged_object, manifest_mismatch, read_run_manifest
-from pgsnow.load.outcomes import FileOutcome, LoadResult, RunOutcome
+from pgsnow.load.outcomes import FileOutcome, LoadResult
 from pgsnow.load.session import LoadSession
 from pgsnow.load.tables import Tables, Target
 from pgsnow.load.through_snowpipe import Pipes
@@ -33,7 +34,6 @@ from pgsnow.snowflake import (
     AwsCredentials,
     CredentialsSource,
     LoadColumn,
-    UrlSource,
     aws_credentials_from,
     build_create_schema,
     build_create_temporary_stage,
@@ -116,8 +116,37 @@ class Loader:
         for group in group_files(objects):
             for outcome in batch.load_group_or_each(group):
                 by_key[outcome.staged.key] = outcome
-        outcomes = [by_key[o.key] for o in objects]
-        settle_completed_runs(settings=self.settings, sf_conn=sf_conn, s3=self.s3, outcomes=outcomes)
+        return self._complete_runs(batch, [by_key[o.key] for o in objects])
+
+    def _complete_runs(self, batch: _Batch, outcomes: list[FileOutcome]) -> list[FileOutcome]:
+        """``complete_run`` once for each run the batch loaded a file of; the outcome of its swap or
+        deletes is reported on its files. A failed swap or deletes fails the run's files of this
+        batch, so their messages return to the queue and the next delivery applies it again."""
+        runs = sorted(
+            {(o.staged.table, o.staged.run_id) for o in outcomes if o.error is None and o.staged.run_id}
+        )
+        for table, run_id in runs:
+            try:
+                completed = complete_run(
+                    settings=self.settings,
+                    sf_conn=batch.session.sf_conn,
+                    s3=self.s3,
+                    table=table,
+                    run_id=run_id,
+                    credentials_source=self.credentials_source,
+                    tables=self.tables,
+                )
+            except (PgSnowError, SnowflakeDriverError, OSError) as exc:
+                failure = classify_snowflake_error(exc, table=table.qualified, run_id=run_id)
+                outcomes = _fail_run(outcomes, table, run_id, failure, applies=batch.applies(table, run_id))
+                continue
+            if completed.outcome is not None:
+                outcomes = [
+                    o.with_run_outcome(completed.outcome)
+                    if (o.staged.table, o.staged.run_id) == (table, run_id)
+                    else o
+                    for o in outcomes
+                ]
         return outcomes
 
     def forget(self, staged: StagedObject) -> None:
@@ -219,7 +248,6 @@ class _Batch:
         table, target = first.table, tables.target(first.table)
         manifest = None if first.run_id is None else self.manifest(first)
         write_mode = WriteMode.APPEND if manifest is None else WriteMode(manifest.write_mode)
-        deletes = DeleteMode.NONE if manifest is None else DeleteMode(manifest.deletes)
         copy_target, table_altered = target, False
         if manifest is None:
             columns = tables.dropped_file_columns(
@@ -258,20 +286,15 @@ class _Batch:
             )
         )
         if through_snowpipe:
-            outcomes = self.loader.pipes.load(session, present, columns, started, redefine_pipe=table_altered)
-        else:
-            outcomes = self._copy(
-                present,
-                columns=columns,
-                copy_target=copy_target,
-                target=target,
-                manifest=manifest,
-                started=started,
-            )
-        if manifest is not None and (write_mode is WriteMode.REPLACE or deletes is not DeleteMode.NONE):
-            run_outcome = self.completion().finish_run_if_complete(table, manifest.run_id)
-            outcomes = _with_run_outcome(outcomes, run_outcome)
-        return outcomes
+            return self.loader.pipes.load(session, present, columns, started, redefine_pipe=table_altered)
+        return self._copy(
+            present,
+            columns=columns,
+            copy_target=copy_target,
+            target=target,
+            manifest=manifest,
+            started=started,
+        )
 
     def _copy(
         self,
@@ -302,8 +325,13 @@ class _Batch:
             if work_table is not None:
                 session.execute(build_drop_table(work_table))
 
-    def completion(self) -> RunCompletion:
-        return RunCompletion(self.session, self.loader.tables, self.url_source)
+    def applies(self, table: TableRef, run_id: str) -> bool:
+        """Does completing this run swap a table in or delete rows (as its manifest says)?"""
+        manifest = self.manifests.get((table, run_id))
+        return manifest is not None and (
+            WriteMode(manifest.write_mode) is WriteMode.REPLACE
+            or DeleteMode(manifest.deletes) is not DeleteMode.NONE
+        )
 
     def stage_credentials(self) -> AwsCredentials | None:
         """The credentials Snowflake reads S3 with, when pgsnow sends them (no integration)."""
@@ -313,14 +341,6 @@ class _Batch:
         if self.aws_credentials is None:
             self.aws_credentials = aws_credentials_from(source)
         return self.aws_credentials
-
-    def url_source(self) -> UrlSource:
-        """How Snowflake reads an object outside the stage (the deletes key list)."""
-        settings = self.session.settings
-        integration = settings.snowflake.storage_integration
-        if integration:
-            return UrlSource(settings.bucket, storage_integration=integration)
-        return UrlSource(settings.bucket, credentials=self.stage_credentials())
 
     def _ensure_temporary_stage(self) -> None:
         """The credentials method: (re)create this session's temporary stage when the loader's AWS
@@ -361,11 +381,18 @@ def _for_file(exc: PgSnowError, staged: StagedObject, group_size: int) -> PgSnow
     return exc
 
 
-def _with_run_outcome(outcomes: list[FileOutcome], run_outcome: RunOutcome | None) -> list[FileOutcome]:
-    """Report the run's outcome on the results of the group that completed it."""
-    if run_outcome is None:
+def _fail_run(
+    outcomes: list[FileOutcome], table: TableRef, run_id: str, exc: PgSnowError, *, applies: bool
+) -> list[FileOutcome]:
+    """A run whose completion failed. Its swap or deletes must be applied by a later delivery, so
+    its files fail; a run with nothing to apply only waits for its ``loaded`` marker (the next
+    completion, or the cleanup pass, writes it), so its files stand."""
+    if not applies:
+        logger.warning(f"could not complete run: {exc.message}", extra=exc.context())
         return outcomes
-    return [o.with_run_outcome(run_outcome) for o in outcomes]
+    of_run = [o for o in outcomes if (o.staged.table, o.staged.run_id) == (table, run_id)]
+    log_failure(exc, of_run[0].staged)
+    return [FileOutcome(o.staged, error=exc) if o in of_run and o.error is None else o for o in outcomes]
 
 
 def load_batch(

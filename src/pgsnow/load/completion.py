@@ -1,29 +1,35 @@
-"""Run completion: once every file of a run is loaded, swap in a replace run's table or apply its
-deletes, exactly once (a ledger mark under ``keys.applied_mark_key`` records the outcome).
+"""Run completion, the one step (``complete_run``) that ends a run, for the loader (after each
+batch, once per run it touched) and the scheduled cleanup pass alike.
 
-A run older than a run the target already holds is SUPERSEDED, never applied: its key list would
-delete rows the newer run wrote (docs/loading.md).
+A run is complete when its manifest is ``staged`` (or ``loaded``) and the ledger holds every file
+it lists, with the listed checksum. Then, in this order: a replace run's shadow table is swapped
+in, or a run's deletes are applied, exactly once (the ledger mark ``keys.applied_mark_key``
+records the outcome, in the same transaction as the deletes); and only then is the manifest
+marked ``loaded`` (a conditional write), the one completion marker cleanup and ``pgsnow status``
+read. A run older than a run the target already holds is SUPERSEDED, never applied: its key list
+would delete rows the newer run wrote (docs/loading.md).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from pgsnow.cleanup import VersionedManifest, read_manifest_for_update, write_manifest_if_unchanged
 from pgsnow.config import DeleteMode, Settings, WriteMode
-from pgsnow.errors import PermanentError, PgSnowError
+from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, StagedObject, applied_mark_key, is_run_id
-from pgsnow.ledger import LedgerClaim, LedgerRow
-from pgsnow.load.objects import read_run_manifest
-from pgsnow.load.outcomes import FileOutcome, RunOutcome
-from pgsnow.load.session import LoadSession
+from pgsnow.ledger import LedgerClaim, LedgerRow, loaded_files
+from pgsnow.load.outcomes import RunOutcome
+from pgsnow.load.session import LoadSession, url_source_for
 from pgsnow.load.tables import Tables, Target, read_columns
 from pgsnow.manifest import Column, RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.snowflake import (
+    CredentialsSource,
     LoadColumn,
     UrlSource,
     build_add_soft_delete_column,
@@ -44,35 +50,111 @@ if TYPE_CHECKING:
     from snowflake.connector import SnowflakeConnection
 
 
+_WRITE_ATTEMPTS = 5  # how often a manifest another writer changed is read again
+
+
 @dataclass(frozen=True)
-class RunCompletion:
-    """Applies complete runs on one session; ``url_source`` says how Snowflake reads a key list."""
+class CompletedRun:
+    """What ``complete_run`` found and did. ``state`` is None when the run has no manifest."""
+
+    table: TableRef
+    run_id: str
+    state: RunState | None
+    files_total: int = 0
+    files_loaded: int = 0
+    outcome: RunOutcome | None = None  # a replace run's swap or a run's deletes
+
+
+def complete_run(
+    *,
+    settings: Settings,
+    sf_conn: SnowflakeConnection,
+    s3: S3Client,
+    table: TableRef,
+    run_id: str,
+    credentials_source: CredentialsSource | None = None,
+    tables: Tables | None = None,
+    swap: bool = True,
+) -> CompletedRun:
+    """Complete the run if all its files are loaded: apply its swap or deletes, then mark it ``loaded``.
+
+    Reads the manifest once per attempt (with the version its conditional write needs) and the
+    ledger once (every listed file and the run's mark). Safe to call concurrently and again: the
+    mark makes the apply happen once, and the state write is conditional. Without a storage
+    integration Snowflake reads the deletes key list with ``credentials_source``'s credentials.
+    ``tables``: the loader's prepared tables (forgotten when swapped). ``swap=False`` (the cleanup
+    pass) leaves a replace run's swap, and so its ``loaded`` marker, to the loader: a SWAP is DDL,
+    so unlike the deletes it cannot share the ledger claim's transaction, and two completions of
+    one replace run at the same moment could both swap.
+    """
+    if not settings.snowflake.database:
+        raise ConfigError(["SNOWFLAKE_DATABASE is needed to complete runs"])
+    session = LoadSession(settings, settings.snowflake.database, sf_conn, s3)
+    applier = _RunApplier(
+        session, tables or Tables(session.database), lambda: url_source_for(settings, credentials_source)
+    )
+    for _attempt in range(_WRITE_ATTEMPTS):
+        base = read_manifest_for_update(s3, settings.bucket, table, run_id)
+        if base is None:
+            return CompletedRun(table, run_id, None)
+        manifest = base.manifest
+        if manifest.state not in (RunState.STAGED, RunState.LOADED):
+            # `extracting`: the file list is not final yet; `failed`: its files stay for the sweeper.
+            return CompletedRun(table, run_id, manifest.state, len(manifest.files))
+        mark = applied_mark_key(table, run_id)
+        ledger = session.ledger.loaded_rows([*(f.key for f in manifest.files), mark])
+        loaded = len(loaded_files(manifest, ledger))
+        found = CompletedRun(table, run_id, manifest.state, len(manifest.files), loaded)
+        if loaded < len(manifest.files) or (not swap and _swap_pending(manifest, ledger.get(mark))):
+            return found
+        found = replace(found, outcome=applier.apply(manifest, ledger.get(mark)))
+        if manifest.state is RunState.LOADED:
+            return found
+        written = _mark_loaded(s3, settings.bucket, base)
+        if written is not False:
+            return found if written is None else replace(found, state=RunState.LOADED)
+        # Another writer (a cleanup's claim, or another completion) changed the manifest: read it again.
+    raise RetryableError(
+        f"the manifest kept changing during {_WRITE_ATTEMPTS} completion attempts",
+        table=table.qualified,
+        run_id=run_id,
+    )
+
+
+def _swap_pending(manifest: RunManifest, mark: LedgerRow | None) -> bool:
+    return WriteMode(manifest.write_mode) is WriteMode.REPLACE and mark is None
+
+
+def _mark_loaded(s3: S3Client, bucket: str, base: VersionedManifest) -> bool | None:
+    """Write state ``loaded`` if the manifest is still ``base``; None when S3 refused the write.
+
+    A refused write only delays the marker (the next completion, or the cleanup pass, writes it),
+    so it is logged, never a load failure.
+    """
+    try:
+        return write_manifest_if_unchanged(s3, bucket, base, base.manifest.with_state(RunState.LOADED))
+    except PgSnowError as exc:
+        logger.warning(f"could not mark the run loaded: {exc.message}", extra=exc.context())
+        return None
+
+
+@dataclass(frozen=True)
+class _RunApplier:
+    """Applies a complete run's swap or deletes on one session."""
 
     session: LoadSession
     tables: Tables
     url_source: Callable[[], UrlSource]
 
-    def finish_run_if_complete(self, table: TableRef, run_id: str) -> RunOutcome | None:
-        """Swap in a replace run's table or apply its deletes once the run is complete; None until then.
-
-        Complete means: the manifest (read again, not cached) is ``staged`` or ``loaded``, and every
-        file it lists is loaded in the ledger. A redelivered last file does not swap or delete twice.
-        """
-        session = self.session
-        manifest = read_run_manifest(session.s3, session.bucket, table, run_id)
-        if manifest.state not in (RunState.STAGED, RunState.LOADED):
-            return None
-        keys = [f.key for f in manifest.files]
-        if set(keys) - set(session.ledger.loaded_rows(keys)):
-            return None
-        mark = applied_mark_key(table, run_id)
-        entry = session.ledger.loaded_row(mark)
-        if entry is not None:
-            return _recorded_outcome(entry)
+    def apply(self, manifest: RunManifest, mark: LedgerRow | None) -> RunOutcome | None:
+        """The recorded outcome when the run's mark exists, else the swap or the deletes (if any)."""
+        if mark is not None:
+            return _recorded_outcome(mark)
+        mark_key = applied_mark_key(manifest.table, manifest.run_id)
         if WriteMode(manifest.write_mode) is WriteMode.REPLACE:
-            return self._finish_replace_run(manifest, mark)
+            return self._finish_replace_run(manifest, mark_key)
         if DeleteMode(manifest.deletes) is not DeleteMode.NONE:
-            return self._apply_deletes(manifest, mark)
+            return self._apply_deletes(manifest, mark_key)
         return None
 
     def _newer_run(self, table: TableRef, run_id: str, *, applied_only: bool) -> str | None:
@@ -253,29 +335,3 @@ def _log_superseded(manifest: RunManifest, newer: str) -> None:
         ),
         extra={"table": manifest.table.qualified, "run_id": manifest.run_id, "newer_run_id": newer},
     )
-
-
-def settle_completed_runs(
-    *, settings: Settings, sf_conn: SnowflakeConnection, s3: S3Client, outcomes: Sequence[FileOutcome]
-) -> dict[tuple[TableRef, str], str]:
-    """Mark each run that this batch may have finished as ``loaded`` (manifest state).
-
-    Run completion is what cleanup and ``pgsnow status`` read. The scheduled cleanup pass settles
-    runs too, so a failure here only delays it: it is logged, never turned into a load failure.
-    """
-    from pgsnow.cleanup import mark_run_complete_if_loaded
-
-    runs = {
-        (o.staged.table, o.staged.run_id) for o in outcomes if o.error is None and o.staged.run_id is not None
-    }
-    states: dict[tuple[TableRef, str], str] = {}
-    for table, run_id in sorted(runs):
-        try:
-            state = mark_run_complete_if_loaded(
-                settings=settings, s3=s3, sf_conn=sf_conn, table=table, run_id=run_id
-            )
-        except PgSnowError as exc:
-            logger.warning(f"could not settle run: {exc.message}", extra=exc.context())
-            continue
-        states[(table, run_id)] = state.value
-    return states

@@ -13,7 +13,13 @@ from snowflake.connector.errors import Error as SnowflakeDriverError
 from pgsnow.config import Settings
 from pgsnow.ledger import Ledger
 from pgsnow.observability import logger
-from pgsnow.snowflake import AwsCredentials, classify_snowflake_error
+from pgsnow.snowflake import (
+    AwsCredentials,
+    CredentialsSource,
+    UrlSource,
+    aws_credentials_from,
+    classify_snowflake_error,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -86,6 +92,16 @@ def execute_with_credentials(
     except (SnowflakeDriverError, OSError) as exc:
         failure = classify_snowflake_error(exc, secrets=credentials.secret_values)
     raise failure
+
+
+def url_source_for(settings: Settings, credentials_source: CredentialsSource | None) -> UrlSource:
+    """How Snowflake reads an object outside the stage (a run's deletes key list): through the
+    storage integration, else with the credentials of the caller's AWS session (none: the stage's)."""
+    integration = settings.snowflake.storage_integration
+    if integration:
+        return UrlSource(settings.bucket, storage_integration=integration)
+    credentials = None if credentials_source is None else aws_credentials_from(credentials_source)
+    return UrlSource(settings.bucket, credentials=credentials)
 
 
 @contextmanager
