@@ -43,7 +43,15 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     runtime = cleanup_runtime()
     tables = runtime.tables_from_event(event)
     sf_conn = runtime.snowflake()
-    results = cleanup_pending_runs(settings=runtime.settings, s3=runtime.s3, sf_conn=sf_conn, tables=tables)
+    # The function's own session: without a storage integration Snowflake reads a deletes key list
+    # with its credentials when the pass completes a run.
+    results = cleanup_pending_runs(
+        settings=runtime.settings,
+        s3=runtime.s3,
+        sf_conn=sf_conn,
+        tables=tables,
+        aws_credentials=runtime.session,
+    )
     sweep = sweep_orphans(
         settings=runtime.settings, s3=runtime.s3, sqs=runtime.sqs, sf_conn=sf_conn, tables=tables
     )

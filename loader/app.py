@@ -1,10 +1,10 @@
 """Loader Lambda: S3 ObjectCreated notifications (via SQS) -> COPY INTO Snowflake.
 
-The whole SQS batch is parsed first and its files are loaded together, grouped by target
-table and run (one COPY per group, see ``pgsnow.load``). Powertools' BatchProcessor then
-reports each record's own outcome: a record whose file failed (or whose body is not a valid
-notification) is listed in ``batchItemFailures`` and returns to the queue (after
-maxReceiveCount: the dead-letter queue), while the rest are deleted.
+The whole SQS batch is parsed first and its files are loaded together by the runtime's loader
+(one per container, ``pgsnow.load.batch.Loader``: grouped by target table and run, one COPY per
+group). Powertools' BatchProcessor then reports each record's own outcome: a record whose file
+failed (or whose body is not a valid notification) is listed in ``batchItemFailures`` and returns
+to the queue (after maxReceiveCount: the dead-letter queue), while the rest are deleted.
 An ``s3:TestEvent`` record has nothing to load and succeeds.
 """
 
@@ -20,7 +20,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pgsnow.errors import PgSnowError
 from pgsnow.events import BatchFiles, parse_sqs_batch
-from pgsnow.load import FileOutcome, LoadStatus, load_batch, settle_completed_runs
+from pgsnow.load.outcomes import FileOutcome, LoadStatus
 from pgsnow.observability import logger, record_table_metric
 from pgsnow.runtime import loader_runtime
 
@@ -52,21 +52,9 @@ def load_sqs_batch(records: list[SQSRecord]) -> BatchFiles:
     )
     staged = batch.all_staged()
     if staged:
-        sf_conn = runtime.snowflake()
-        # The loader's own session: without a storage integration Snowflake reads S3 with its
-        # credentials (the credentials method); ignored with an integration.
-        outcomes = load_batch(
-            settings=settings,
-            sf_conn=sf_conn,
-            s3=runtime.s3,
-            objects=staged,
-            aws_credentials=runtime.session,
-            snowpipe=runtime.snowpipe(),
-        )
-        for outcome in outcomes:
+        for outcome in runtime.loader().load(runtime.snowflake(), staged):
             batch.outcomes[outcome.staged.key] = outcome
             record_outcome_metrics(outcome)
-        settle_completed_runs(settings=settings, sf_conn=sf_conn, s3=runtime.s3, outcomes=outcomes)
     return batch
 
 

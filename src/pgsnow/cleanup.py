@@ -1,4 +1,4 @@
-"""Remove staged files once the load ledger shows them loaded; mark runs complete.
+"""Remove staged files once the load ledger shows them loaded; complete runs first.
 
 Cleanup never trusts a notification or a guess: a file is removed only when the
 Snowflake load ledger (written in the same transaction as its COPY) records
@@ -11,10 +11,12 @@ that exact key with the same checksum the manifest lists. Modes
 * ``after_all``: remove a run's files only when every file of its manifest is in
   the ledger (the specification's recommended mode).
 
-When every file of a ``staged`` manifest is loaded, the manifest moves to
-``loaded`` (whatever the mode), which is what later cleanup passes and
-``pgsnow status`` read. ``mark_run_complete_if_loaded`` does only that step, for
-the loader to call after a file loads.
+Each pass first completes the run with the loader's own step
+(``pgsnow.load.completion.complete_run``, whatever the mode): when every file of a
+``staged`` manifest is loaded, its deletes are applied, then the manifest moves to
+``loaded``, which is what later cleanup passes and ``pgsnow status`` read (a replace
+run's swap, and so its ``loaded``, is left to the loader). Cleanup itself decides
+only which files to remove.
 
 Two cleanups at once: before removing anything, a cleanup records the keys it is
 about to remove in the manifest's ``cleaned`` list with a conditional write
@@ -38,7 +40,7 @@ See docs/cleanup.md.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,14 +50,13 @@ from pgsnow.config import CleanupMode, Settings
 from pgsnow.errors import ConfigError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX, normalise_prefix
-from pgsnow.manifest import META_SHA256, RunManifest, RunState, StagedFile
+from pgsnow.ledger import LedgerRow, ledger_rows, loaded_files
+from pgsnow.manifest import META_SHA256, RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.runs import RunStore
-from pgsnow.snowflake.table_sql import ledger_name
+from pgsnow.snowflake.load_sql import CredentialsSource
 from pgsnow.staging import raise_unless_missing
 
-# Snowflake caps the number of expressions in an IN list; stay well below it.
-_LEDGER_QUERY_CHUNK = 500
 # How often a cleanup re-reads a manifest another writer changed under it before giving up.
 _CLAIM_ATTEMPTS = 5
 
@@ -82,78 +83,6 @@ class CleanupResult:
             "bytes_deleted": self.deleted_bytes,
             "archive_prefix": self.archive_prefix,
         }
-
-
-@dataclass(frozen=True)
-class LedgerRow:
-    """What the load ledger recorded for one loaded key."""
-
-    s3_key: str
-    etag: str | None
-    sha256: str | None
-    rows_loaded: int | None
-
-    def matches(self, *, sha256: str | None, etag: str | None) -> bool:
-        """Is this the content that was loaded? SHA-256 when both sides have one, else the ETag."""
-        if self.sha256 and sha256:
-            return self.sha256 == sha256
-        if self.etag and etag:
-            return self.etag == etag.strip('"')
-        # A ledger row without either checksum is from a loader that did not record them: trust the key.
-        return not self.sha256 and not self.etag
-
-
-# --------------------------------------------------------------------------- the ledger
-
-
-def build_ledger_lookup(database: str, control_schema: str, key_count: int) -> str:
-    """SELECT the loaded ledger rows for ``key_count`` bound keys (``%s`` placeholders, pyformat).
-
-    Only rows with LOADED_AT set count: the claim and the load commit together, so a
-    committed row without it cannot exist, but a reader must not rely on that.
-    """
-    placeholders = ", ".join(["%s"] * key_count)
-    return (
-        f'SELECT "S3_KEY", "ETAG", "SHA256", "ROWS_LOADED" FROM {ledger_name(database, control_schema)}\n'
-        f'WHERE "S3_KEY" IN ({placeholders}) AND "LOADED_AT" IS NOT NULL'
-    )
-
-
-def ledger_rows(sf_conn: Any, settings: Settings, keys: Sequence[str]) -> dict[str, LedgerRow]:
-    """The ledger's loaded row for each of ``keys`` it has one for."""
-    database = settings.snowflake.database
-    if database is None:
-        raise ConfigError(["SNOWFLAKE_DATABASE is needed to read the load ledger"])
-    found: dict[str, LedgerRow] = {}
-    if not keys:
-        return found
-    cursor = sf_conn.cursor()
-    try:
-        for start in range(0, len(keys), _LEDGER_QUERY_CHUNK):
-            chunk = list(keys[start : start + _LEDGER_QUERY_CHUNK])
-            cursor.execute(
-                build_ledger_lookup(database, settings.snowflake.control_schema, len(chunk)), chunk
-            )
-            for s3_key, etag, sha256, rows_loaded in cursor.fetchall():
-                found[s3_key] = LedgerRow(
-                    s3_key, etag, sha256, None if rows_loaded is None else int(rows_loaded)
-                )
-    finally:
-        cursor.close()
-    return found
-
-
-def loaded_files(manifest: RunManifest, ledger: dict[str, LedgerRow]) -> list[StagedFile]:
-    """The manifest's files the ledger shows loaded with the checksum the manifest lists.
-
-    A ledger row with another checksum means the object under that key is not the file we
-    listed: not ours to delete, and not proof that this run's file was loaded.
-    """
-    return [
-        f
-        for f in manifest.files
-        if f.key in ledger and (ledger[f.key].sha256 is None or ledger[f.key].sha256 == f.sha256)
-    ]
 
 
 # --------------------------------------------------------------------------- removing one file
@@ -248,49 +177,45 @@ def _wants_removal(settings: Settings, all_loaded: bool) -> bool:
     return mode is CleanupMode.AFTER_EACH or (mode is CleanupMode.AFTER_ALL and all_loaded)
 
 
-def settle_run(
-    *, settings: Settings, s3: Any, sf_conn: Any, table: TableRef, run_id: str, remove: bool
+def remove_loaded_files(
+    *, settings: Settings, s3: Any, sf_conn: Any, table: TableRef, run_id: str
 ) -> CleanupResult:
-    """Mark the run loaded when all its files are; with ``remove``, claim and remove what the mode allows."""
+    """Claim (in the manifest's ``cleaned`` list, a conditional write) and remove what the mode allows."""
     bucket = settings.bucket
     store = RunStore(s3, bucket)
-    archive = archive_root(settings) if remove else None
+    archive = archive_root(settings)
     for _attempt in range(_CLAIM_ATTEMPTS):
         base = store.read_manifest_for_update(table, run_id)
         if base is None:
             return CleanupResult(table.qualified, run_id, RunState.FAILED, 0, 0)
         manifest = base.manifest
-        result = CleanupResult(manifest.table.qualified, run_id, manifest.state, len(manifest.files), 0)
-        if manifest.state not in (RunState.STAGED, RunState.LOADED):
-            # `extracting`: the file list is not final yet; `failed`: its files stay for the sweeper.
-            return result
         ledger = ledger_rows(sf_conn, settings, [f.key for f in manifest.files])
         loaded = loaded_files(manifest, ledger)
-        result.files_loaded = len(loaded)
-        all_loaded = len(loaded) == len(manifest.files)
+        result = CleanupResult(
+            manifest.table.qualified, run_id, manifest.state, len(manifest.files), len(loaded)
+        )
         already_claimed = set(manifest.cleaned)
         to_remove = (
             [f for f in loaded if f.key not in already_claimed]
-            if remove and _wants_removal(settings, all_loaded)
+            if _wants_removal(settings, len(loaded) == len(manifest.files))
             else []
         )
-        new_state = RunState.LOADED if all_loaded else manifest.state
-        if not to_remove and new_state is manifest.state:
+        if not to_remove:
             return result
-        updated = manifest.with_state(new_state, cleaned=manifest.cleaned + tuple(f.key for f in to_remove))
+        updated = manifest.with_state(
+            manifest.state, cleaned=manifest.cleaned + tuple(f.key for f in to_remove)
+        )
         if not store.write_manifest_if_unchanged(base, updated):
             continue  # another cleanup (or the loader) changed the manifest: decide again from its version
-        result.state = new_state
-        if to_remove:
-            versioned = bucket_is_versioned(s3, bucket)
-            result.archive_prefix = archive
-            for staged in to_remove:
-                removed = remove_loaded_file(
-                    s3, bucket, staged.key, ledger[staged.key], versioned=versioned, archive=archive
-                )
-                if removed is not None:
-                    result.deleted_keys.append(staged.key)
-                    result.deleted_bytes += staged.bytes
+        versioned = bucket_is_versioned(s3, bucket)
+        result.archive_prefix = archive
+        for staged in to_remove:
+            removed = remove_loaded_file(
+                s3, bucket, staged.key, ledger[staged.key], versioned=versioned, archive=archive
+            )
+            if removed is not None:
+                result.deleted_keys.append(staged.key)
+                result.deleted_bytes += staged.bytes
         logger.info("cleanup pass", extra=result.as_dict())
         return result
     raise RetryableError(
@@ -300,29 +225,47 @@ def settle_run(
     )
 
 
-def cleanup_run(*, settings: Settings, s3: Any, sf_conn: Any, manifest: RunManifest) -> CleanupResult:
-    """Apply the cleanup mode to one run (read afresh from the bucket); mark it loaded when all its files are."""
-    return settle_run(
-        settings=settings,
-        s3=s3,
-        sf_conn=sf_conn,
-        table=manifest.table,
-        run_id=manifest.run_id,
-        remove=settings.cleanup_mode is not CleanupMode.NEVER,
-    )
+def cleanup_run(
+    *,
+    settings: Settings,
+    s3: Any,
+    sf_conn: Any,
+    manifest: RunManifest,
+    aws_credentials: CredentialsSource | None = None,
+) -> CleanupResult:
+    """Complete the run (read afresh from the bucket) if all its files are loaded, then apply the
+    cleanup mode to its files.
 
-
-def mark_run_complete_if_loaded(
-    *, settings: Settings, s3: Any, sf_conn: Any, table: TableRef, run_id: str
-) -> RunState:
-    """Move a ``staged`` run to ``loaded`` if the ledger shows every file; returns the run's state.
-
-    Removes nothing, so the loader can call it after each file it loads; cleanup still decides
-    what to delete. Safe to call concurrently (the state write is conditional).
+    Completion is the loader's own step (``pgsnow.load.completion.complete_run``: a run's deletes,
+    then state ``loaded``), so a run whose last file loaded before its manifest said ``staged`` is
+    completed here. A replace run's swap is left to the loader (``swap=False``). ``aws_credentials``:
+    this function's AWS session, whose credentials Snowflake reads a deletes key list with when
+    there is no storage integration.
     """
-    return settle_run(
-        settings=settings, s3=s3, sf_conn=sf_conn, table=table, run_id=run_id, remove=False
-    ).state
+    # Imported here: the loader's completion reads manifests through this module.
+    from pgsnow.load.completion import complete_run
+
+    table, run_id = manifest.table, manifest.run_id
+    completed = complete_run(
+        settings=settings,
+        sf_conn=sf_conn,
+        s3=s3,
+        table=table,
+        run_id=run_id,
+        credentials_source=aws_credentials,
+        swap=False,
+    )
+    if completed.state is None:
+        return CleanupResult(table.qualified, run_id, RunState.FAILED, 0, 0)
+    if settings.cleanup_mode is CleanupMode.NEVER or completed.state not in (
+        RunState.STAGED,
+        RunState.LOADED,
+    ):
+        # `extracting`: the file list is not final yet; `failed`: its files stay for the sweeper.
+        return CleanupResult(
+            table.qualified, run_id, completed.state, completed.files_total, completed.files_loaded
+        )
+    return remove_loaded_files(settings=settings, s3=s3, sf_conn=sf_conn, table=table, run_id=run_id)
 
 
 # --------------------------------------------------------------------------- every run
@@ -340,12 +283,17 @@ def needs_cleanup(settings: Settings, manifest: RunManifest) -> bool:
 
 
 def cleanup_pending_runs(
-    *, settings: Settings, s3: Any, sf_conn: Any, tables: Iterable[TableRef] | None = None
+    *,
+    settings: Settings,
+    s3: Any,
+    sf_conn: Any,
+    tables: Iterable[TableRef] | None = None,
+    aws_credentials: CredentialsSource | None = None,
 ) -> list[CleanupResult]:
     """One cleanup pass over every run that may have work left (the scheduled cleanup function's job)."""
     started = time.monotonic()
     results = [
-        cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=m)
+        cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=m, aws_credentials=aws_credentials)
         for m in RunStore(s3, settings.bucket).iter_manifests(tables)
         if needs_cleanup(settings, m)
     ]

@@ -158,7 +158,7 @@ class _ResultLike(Protocol):
 
 
 class FileOutcomeLike(Protocol):
-    """``pgsnow.load.FileOutcome`` (events does not import the loader)."""
+    """``pgsnow.load.outcomes.FileOutcome`` (events does not import the loader)."""
 
     @property
     def error(self) -> PgSnowError | None: ...

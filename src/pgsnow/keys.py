@@ -131,6 +131,11 @@ def orphan_report_key(report_id: str) -> str:
     return f"{ORPHAN_REPORTS_PREFIX}{report_id}.json"
 
 
+def applied_mark_key(table: TableRef, run_id: str) -> str:
+    """The ledger key that records what became of a complete run's swap or deletes (no S3 object)."""
+    return f"{CONTROL_PREFIX}/applied/{table.schema}/{table.table}/{run_id}"
+
+
 @dataclass(frozen=True)
 class StagedObject:
     """A data file key, parsed. ``run_id``/``batch`` are None for hand-dropped files."""

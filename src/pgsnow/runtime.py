@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import boto3
 
@@ -27,7 +27,9 @@ from pgsnow.errors import PermanentError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef
 
 if TYPE_CHECKING:  # psycopg2 ships in the extractor's artifact only
+    from pgsnow.load.batch import Loader
     from pgsnow.postgres import Connection
+    from pgsnow.snowflake.load_sql import CredentialsSource
 
 # Continues an extraction run in a new invocation, given the extractor event that continues it.
 ContinuationInvoker = Callable[[dict[str, str]], None]
@@ -102,6 +104,7 @@ class Runtime:
     _postgres: Connection | None = field(default=None, repr=False)
     # Replaced by the local stack and tests: a callable that runs the extractor handler in-process.
     continuation_invoker: ContinuationInvoker | None = field(default=None, repr=False)
+    _loader: Any = field(default=None, repr=False)
 
     def client(self, service: str) -> Any:
         """The cached client of ``service`` made from this function's session."""
@@ -168,6 +171,21 @@ class Runtime:
                 self.settings.snowflake, self.settings.load.snowpipe_host, secrets_client=self.secretsmanager
             )
         return self._snowpipe
+
+    def loader(self) -> Loader:
+        """The loader, built once per container: it remembers the tables it has prepared, so a
+        steady batch sends no DDL. Without a storage integration Snowflake reads S3 with the
+        credentials of this function's session (the credentials method)."""
+        from pgsnow.load.batch import Loader
+
+        if self._loader is None:
+            # boto3.Session has get_credentials(); its stubs type the result more narrowly than the Protocol.
+            session = cast("CredentialsSource", self.session)
+            built = Loader(self.settings, self.s3, credentials_source=session, snowpipe=self.snowpipe())
+            with self._lock:  # two threads may build one; both keep the first
+                if self._loader is None:
+                    self._loader = built
+        return cast("Loader", self._loader)
 
     def postgres_dsn(self) -> str:
         """``postgres_dsn`` with this function's Secrets Manager client."""

@@ -15,9 +15,10 @@ from pgsnow.config import LoadMethod
 from pgsnow.errors import ConfigError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.keys import KEY_LISTS_PREFIX, FileFormat, normalise_prefix
+from pgsnow.ledger import LEDGER_TABLE, build_create_ledger
 from pgsnow.snowflake.load_sql import build_create_file_format, build_create_pipe, build_create_stage
 from pgsnow.snowflake.sql_text import string_literal
-from pgsnow.snowflake.table_sql import LEDGER_TABLE, build_create_ledger, build_create_schema
+from pgsnow.snowflake.table_sql import build_create_schema
 
 PUBLIC_KEY_PLACEHOLDER = "<contents of rsa_key.pub without the BEGIN/END lines>"
 FILE_FORMAT_NAMES = {FileFormat.CSV: "PGSNOW_CSV", FileFormat.PARQUET: "PGSNOW_PARQUET"}

@@ -17,10 +17,10 @@ from itertools import islice
 from typing import Any
 from urllib.parse import unquote_plus
 
-from pgsnow.cleanup import ledger_rows, loaded_files
 from pgsnow.config import Settings
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import run_started_at, table_prefix
+from pgsnow.ledger import ledger_rows, loaded_files
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.runs import RunStore
 

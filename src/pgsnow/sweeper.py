@@ -32,16 +32,15 @@ from urllib.parse import quote_plus
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pgsnow.cleanup import (
-    LedgerRow,
     archive_root,
     bucket_is_versioned,
-    ledger_rows,
     remove_loaded_file,
 )
 from pgsnow.config import CleanupMode, Settings
 from pgsnow.errors import ConfigError, PermanentError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import StagedObject, new_run_id, parse_data_key, table_prefix
+from pgsnow.ledger import LedgerRow, ledger_rows
 from pgsnow.observability import logger
 from pgsnow.runs import RunStore
 from pgsnow.staging import classify_s3_error

@@ -17,7 +17,7 @@ import pytest
 from pgsnow.config import Settings
 from pgsnow.identifiers import quote_qualified
 from pgsnow.keys import parse_data_key
-from pgsnow.snowflake.table_sql import LEDGER_TABLE
+from pgsnow.ledger import LEDGER_TABLE
 
 pytestmark = pytest.mark.e2e
 

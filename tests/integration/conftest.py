@@ -39,12 +39,12 @@ from pgsnow.demo.pipeline import replicate_table
 from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import CONTROL_PREFIX, FileFormat
+from pgsnow.ledger import LEDGER_TABLE
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, StorageAccess, load_function_handler
 from pgsnow.manifest import RunManifest
 from pgsnow.observability import SERVICE
 from pgsnow.postgres import connect
-from pgsnow.snowflake.table_sql import LEDGER_TABLE
 from pgsnow.verify import TableVerification, prepare_snowflake_session, verify_table
 
 

@@ -24,7 +24,8 @@ from pgsnow.config import Component, Settings
 from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, parse_data_key
-from pgsnow.load import LoadStatus, load_staged_files
+from pgsnow.load.batch import load_staged_files
+from pgsnow.load.outcomes import LoadStatus
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import LocalStack, load_function_handler
 from pgsnow.manifest import RunManifest

@@ -33,10 +33,10 @@ from stack_support import running_stack
 from pgsnow.cleanup import CleanupResult, cleanup_pending_runs, cleanup_run
 from pgsnow.config import Component, Settings
 from pgsnow.identifiers import TableRef, quote_qualified
+from pgsnow.ledger import LEDGER_TABLE
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.runs import RunStore
-from pgsnow.snowflake.table_sql import LEDGER_TABLE
 
 pytestmark = pytest.mark.integration
 
@@ -223,6 +223,9 @@ def test_ledger_checksum_differing_from_the_manifest_keeps_the_file(
     ledger = quote_qualified(SNOWFLAKE_DATABASE, "PGSNOW", LEDGER_TABLE)
     with sf_conn.cursor() as cur:
         cur.execute(f'UPDATE {ledger} SET "SHA256" = %s WHERE "S3_KEY" = %s', ("0" * 64, mismatched))
+    # (the loader completed the run when its last file loaded: put it back to `staged`, as a loader
+    # whose manifest write was refused leaves it, so cleanup decides the run's completion)
+    RunStore(s3, stack.resources.bucket).put_manifest(manifest)
     settings = mode_settings(stack, mode)
 
     # When cleanup runs

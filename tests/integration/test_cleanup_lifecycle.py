@@ -41,10 +41,11 @@ from lifecycle_support import (  # noqa: F401 - fixtures, registered by importin
 )
 from psycopg2.extensions import connection as PgConnection
 
-from pgsnow.cleanup import CleanupResult, cleanup_pending_runs, cleanup_run, mark_run_complete_if_loaded
+from pgsnow.cleanup import CleanupResult, cleanup_pending_runs, cleanup_run
 from pgsnow.config import Component
 from pgsnow.errors import ConfigError
 from pgsnow.identifiers import TableRef
+from pgsnow.load.completion import complete_run
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import LocalStack
 from pgsnow.manifest import RunState
@@ -163,7 +164,7 @@ def test_archive_prefix_inside_staging_or_control_is_refused(
     assert all(exists(s3, settings.bucket, k) for k in keys)
 
 
-def test_mark_run_complete_if_loaded_moves_state_only(
+def test_complete_run_moves_state_only(
     stack: LocalStack,
     pg_conn: PgConnection,
     sf_conn: Any,
@@ -185,9 +186,9 @@ def test_mark_run_complete_if_loaded_moves_state_only(
     }
 
     # When the completion check runs before and after the last file loads
-    before = mark_run_complete_if_loaded(**args)
+    before = complete_run(**args).state
     load_keys(stack, sf_conn, keys[2:])
-    after = mark_run_complete_if_loaded(**args)
+    after = complete_run(**args).state
 
     # Then the run is staged, then loaded, and no file was removed by the check
     assert (before, after) == (RunState.STAGED, RunState.LOADED)

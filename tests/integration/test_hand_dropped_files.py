@@ -23,7 +23,7 @@ from pgsnow.config import Component
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import parse_data_key
-from pgsnow.load import load_staged_files
+from pgsnow.load.batch import load_staged_files
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
     from conftest import PipelineHarness

@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -21,12 +22,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import snowflake.connector
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from snowflake.connector.cursor import SnowflakeCursor
 
 from pgsnow.config import Component, Settings
 from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, parse_data_key
-from pgsnow.load import LoadStatus, load_staged_files
+from pgsnow.load.batch import load_staged_files
+from pgsnow.load.outcomes import LoadStatus
 from pgsnow.local.aws import LocalAws, create_staging_resources, start_local_aws
 from pgsnow.local.snowflake import LocalSnowflake, start_local_snowflake
 from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
@@ -554,4 +558,81 @@ def test_redelivery_after_cleanup_is_already_loaded(settings: Settings, s3: Any,
 
     # Then the loaded one is reported as already loaded, with its rows, and nothing changed
     assert [(r.status, r.rows) for r in results] == [(LoadStatus.ALREADY_LOADED, len(ORDER_ROWS))]
+    assert order_count(sf_conn, settings) == len(ORDER_ROWS)
+
+
+# --------------------------------------------------------------------------- a steady batch
+
+# DDL; ALTER SESSION (the query tag, autocommit) changes no object, so it is not counted.
+PREPARATION = re.compile(r"\s*(CREATE|DROP|ALTER\s+(?!SESSION\b))", re.IGNORECASE)
+
+
+def sqs_record_for(settings: Settings, key: str) -> SQSRecord:
+    """The SQS message S3's notification of ``key`` becomes."""
+    body = {
+        "Records": [
+            {
+                "eventSource": "aws:s3",
+                "eventName": "ObjectCreated:Put",
+                "s3": {"bucket": {"name": settings.bucket}, "object": {"key": key}},
+            }
+        ]
+    }
+    return SQSRecord({"messageId": uuid.uuid4().hex, "body": json.dumps(body), "attributes": {}})
+
+
+def test_a_steady_batch_sends_no_ddl_and_no_column_lookup(
+    settings: Settings, s3: Any, sf_conn: Any, local_aws: LocalAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the loader handler's runtime (one per container), which loaded a first batch of a run
+    app = import_loader_app()
+    runtime = Runtime(settings=settings, session=local_aws.admin_session(), _snowflake=sf_conn)
+    monkeypatch.setattr(app, "loader_runtime", lambda: runtime)
+    put_run_manifest(s3, settings)
+    keys = [data_key(settings.prefix, ORDERS, batch, RUN, FileFormat.CSV) for batch in (1, 2, 3)]
+    for key in keys:
+        put_staged_file(s3, settings, key, csv_gz_bytes(ORDER_ROWS), rows=len(ORDER_ROWS))
+    first = app.load_sqs_batch([sqs_record_for(settings, keys[0])])
+    assert [o.error for o in first.outcomes.values()] == [None]
+
+    # When a second batch brings new files of the same table and run, every statement the real
+    # connector sends is recorded
+    statements: list[str] = []
+    execute = SnowflakeCursor.execute
+
+    def recording_execute(cursor: SnowflakeCursor, command: str, *args: Any, **kwargs: Any) -> Any:
+        statements.append(command)
+        return execute(cursor, command, *args, **kwargs)
+
+    monkeypatch.setattr(SnowflakeCursor, "execute", recording_execute)
+    second = app.load_sqs_batch([sqs_record_for(settings, key) for key in keys[1:]])
+
+    # Then both files load, with a COPY and no DDL (CREATE/ALTER/DROP) or column look-up
+    assert [o.result.status for o in second.outcomes.values() if o.result] == [LoadStatus.LOADED] * 2
+    assert any(s.startswith("COPY INTO") for s in statements)
+    preparation = [s for s in statements if PREPARATION.match(s) or "INFORMATION_SCHEMA" in s]
+    assert preparation == []
+    assert order_count(sf_conn, settings) == 3 * len(ORDER_ROWS)
+
+
+def test_a_table_dropped_by_hand_is_prepared_again_on_the_retry(
+    settings: Settings, s3: Any, sf_conn: Any, local_aws: LocalAws
+) -> None:
+    # Given a runtime's loader that prepared the orders table for a first batch
+    runtime = Runtime(settings=settings, session=local_aws.admin_session(), _snowflake=sf_conn)
+    put_run_manifest(s3, settings)
+    keys = [data_key(settings.prefix, ORDERS, batch, RUN, FileFormat.CSV) for batch in (1, 2)]
+    for key in keys:
+        put_staged_file(s3, settings, key, csv_gz_bytes(ORDER_ROWS), rows=len(ORDER_ROWS))
+    loader = runtime.loader()
+    loader.load(sf_conn, [parse_data_key(keys[0], settings.prefix)])
+
+    # When someone drops the table, and the next file's load fails and is retried
+    query(sf_conn, f"DROP TABLE {orders_sql(settings)}")
+    (failed,) = loader.load(sf_conn, [parse_data_key(keys[1], settings.prefix)])
+    (retried,) = loader.load(sf_conn, [parse_data_key(keys[1], settings.prefix)])
+
+    # Then the failure returns the file to the queue, and the retry creates the table and loads it
+    assert failed.error is not None
+    assert retried.result is not None and retried.result.status is LoadStatus.LOADED
     assert order_count(sf_conn, settings) == len(ORDER_ROWS)

@@ -32,7 +32,8 @@ from test_load_deletes import RUN_1, RUN_2, stage_run
 from pgsnow.config import Settings
 from pgsnow.errors import PgSnowError
 from pgsnow.keys import key_list_key, parse_data_key
-from pgsnow.load import LoadStatus, RunOutcome, load_staged_files
+from pgsnow.load.batch import load_staged_files
+from pgsnow.load.outcomes import LoadStatus, RunOutcome
 from pgsnow.local.aws import LocalAws
 
 pytestmark = pytest.mark.integration

@@ -5,6 +5,7 @@ nothing else changes. Against moto and the local Snowflake over HTTP."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any
 
@@ -25,9 +26,11 @@ from test_load import (  # fixtures and staging helpers shared with the base loa
     sf_conn,  # noqa: F401 - fixture
 )
 
-from pgsnow.config import Settings
-from pgsnow.keys import FileFormat, data_key, key_list_key, parse_data_key
-from pgsnow.load import LoadStatus, RunOutcome, applied_mark_key, load_staged_files
+from pgsnow.cleanup import cleanup_pending_runs
+from pgsnow.config import CleanupMode, Settings
+from pgsnow.keys import FileFormat, applied_mark_key, data_key, key_list_key, parse_data_key
+from pgsnow.load.batch import load_staged_files
+from pgsnow.load.outcomes import LoadStatus, RunOutcome
 from pgsnow.manifest import RunManifest, RunState, StagedFile
 from pgsnow.runs import RunStore
 from pgsnow.snowflake.table_sql import SOFT_DELETE_COLUMN
@@ -39,7 +42,14 @@ RUN_2 = "20261126T120000000000Z"
 ROW_BY_ID = {row[0]: row for row in ORDER_ROWS}
 
 
-def stage_run(s3: Any, settings: Settings, run_id: str, order_ids: list[int], deletes: str) -> str:
+def stage_run(
+    s3: Any,
+    settings: Settings,
+    run_id: str,
+    order_ids: list[int],
+    deletes: str,
+    state: RunState = RunState.STAGED,
+) -> str:
     """A complete (staged) run: one data file with these orders, its full key list, its manifest."""
     rows = [ROW_BY_ID[i] for i in order_ids]
     key = data_key(settings.prefix, ORDERS, 1, run_id, FileFormat.CSV)
@@ -55,7 +65,7 @@ def stage_run(s3: Any, settings: Settings, run_id: str, order_ids: list[int], de
         file_format=FileFormat.CSV,
         columns=manifest_columns(),
         primary_key=("order_id",),
-        state=RunState.STAGED,
+        state=state,
         started_at="2026-11-25T12:00:00Z",
         files=(StagedFile(key, 1, len(rows), len(body), hashlib.sha256(body).hexdigest(), FileFormat.CSV),),
         write_mode="merge",
@@ -104,6 +114,39 @@ def test_a_key_gone_from_the_source_is_deleted_after_the_run_completes(
             f'SELECT "ORDER_ID", "{SOFT_DELETE_COLUMN}" IS NOT NULL FROM {orders_sql(settings)} ORDER BY "ORDER_ID"',
         )
         assert flags == [(1, False), (2, True), (3, False)]
+
+
+def test_deletes_of_a_run_whose_last_file_loaded_before_its_manifest_was_staged_are_applied_by_cleanup(
+    settings: Settings, s3: Any, sf_conn: Any
+) -> None:
+    # Given orders 1, 2 and 3 loaded, then a run without order 2 whose only file loaded while its
+    # manifest still said `extracting` (the notification beat the extractor's last write)
+    first = stage_run(s3, settings, RUN_1, [1, 2, 3], "hard")
+    load_staged_files(
+        settings=settings, sf_conn=sf_conn, s3=s3, objects=[parse_data_key(first, settings.prefix)]
+    )
+    second = parse_data_key(
+        stage_run(s3, settings, RUN_2, [1, 3], "hard", RunState.EXTRACTING), settings.prefix
+    )
+    loaded = load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[second])
+    assert [(r.status, r.run_outcome) for r in loaded] == [(LoadStatus.LOADED, None)]
+    assert [row[0] for row in snapshot(sf_conn, settings)] == ["1", "2", "3"]
+    stage_run(s3, settings, RUN_2, [1, 3], "hard")  # the extractor's `staged` write
+
+    # When the scheduled cleanup pass runs (in a mode that removes no file)
+    keep_files = dataclasses.replace(settings, cleanup_mode=CleanupMode.NEVER)
+    results = cleanup_pending_runs(settings=keep_files, s3=s3, sf_conn=sf_conn, tables=[ORDERS])
+
+    # Then it completed the run: order 2 is deleted, the mark says applied, and only then is the
+    # run marked loaded
+    assert [(r.run_id, r.state) for r in results] == [(RUN_2, RunState.LOADED)]
+    assert [row[0] for row in snapshot(sf_conn, settings)] == ["1", "3"]
+    assert ledger_status(sf_conn, settings, applied_mark_key(ORDERS, RUN_2)) == [("APPLIED", RUN_2)]
+    assert RunStore(s3, settings.bucket).get_manifest(ORDERS, RUN_2).state is RunState.LOADED
+
+    # And a redelivered file of the run deletes nothing again and reports the recorded outcome
+    again = load_staged_files(settings=settings, sf_conn=sf_conn, s3=s3, objects=[second])
+    assert [(r.status, r.run_outcome) for r in again] == [(LoadStatus.ALREADY_LOADED, RunOutcome.APPLIED)]
 
 
 def test_deletes_are_applied_once_when_the_last_file_is_delivered_again(

@@ -30,7 +30,9 @@ from test_load import (  # fixtures and staging helpers shared with the base loa
 
 from pgsnow.config import LoadMethod, Settings
 from pgsnow.keys import FileFormat, data_key, parse_data_key
-from pgsnow.load import LoadStatus, load_staged_files, parse_csv_records
+from pgsnow.load.batch import load_staged_files
+from pgsnow.load.insert import parse_csv_records
+from pgsnow.load.outcomes import LoadStatus
 
 pytestmark = pytest.mark.integration
 

@@ -31,7 +31,8 @@ from test_load import (  # fixtures and staging helpers shared with the base loa
 from pgsnow.config import OnError, Settings
 from pgsnow.errors import PermanentError
 from pgsnow.keys import FileFormat, data_key, parse_data_key
-from pgsnow.load import LoadStatus, RunOutcome, load_batch, load_staged_files
+from pgsnow.load.batch import load_batch, load_staged_files
+from pgsnow.load.outcomes import LoadStatus, RunOutcome
 from pgsnow.manifest import Column, RunManifest, RunState, StagedFile
 from pgsnow.runs import RunStore
 from pgsnow.typemap import map_pg_type

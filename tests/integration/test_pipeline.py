@@ -24,13 +24,12 @@ from pgsnow.config import Component
 from pgsnow.demo.compare import compare_table
 from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
-from pgsnow.keys import FileFormat, data_key
-from pgsnow.load import applied_mark_key
+from pgsnow.keys import FileFormat, applied_mark_key, data_key
+from pgsnow.ledger import LEDGER_TABLE
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.runs import RunStore
-from pgsnow.snowflake.table_sql import LEDGER_TABLE
 from pgsnow.staging import put_data_file
 
 if TYPE_CHECKING:  # the fixture's types, from this directory's conftest.py

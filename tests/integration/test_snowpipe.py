@@ -39,7 +39,8 @@ from pgsnow.config import LoadMethod, Settings
 from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat, data_key, parse_data_key
-from pgsnow.load import LoadStatus, load_staged_files
+from pgsnow.load.batch import load_staged_files
+from pgsnow.load.outcomes import LoadStatus
 from pgsnow.local.aws import LocalAws
 from pgsnow.local.snowflake import LocalSnowflake
 from pgsnow.local.snowpipe import LocalSnowpipe, start_local_snowpipe

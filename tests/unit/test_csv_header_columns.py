@@ -6,7 +6,7 @@ import pytest
 
 from pgsnow.errors import PermanentError
 from pgsnow.keys import parse_data_key
-from pgsnow.load import columns_for_csv_header
+from pgsnow.load.tables import columns_for_csv_header
 from pgsnow.schema_evolution import ExistingColumn
 from pgsnow.typemap import ValueKind
 

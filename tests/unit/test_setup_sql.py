@@ -11,9 +11,9 @@ from pgsnow.config import LoadMethod
 from pgsnow.errors import ConfigError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, key_list_key
+from pgsnow.ledger import build_create_ledger
 from pgsnow.setup_sql import SetupOptions, build_setup_steps, render_setup_sql
 from pgsnow.snowflake.load_sql import build_create_stage
-from pgsnow.snowflake.table_sql import build_create_ledger
 
 pytestmark = pytest.mark.unit
 

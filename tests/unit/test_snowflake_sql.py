@@ -28,16 +28,10 @@ from pgsnow.snowflake.load_sql import (
 )
 from pgsnow.snowflake.sql_text import placeholder_list, string_literal
 from pgsnow.snowflake.table_sql import (
-    LedgerClaim,
     build_add_run_id_column,
-    build_claim_file,
-    build_create_ledger,
     build_create_schema,
     build_create_table,
     build_merge_from,
-    build_record_load,
-    build_select_ledger_entry,
-    build_select_newer_runs,
     build_select_table_columns,
 )
 from pgsnow.typemap import ValueKind, map_pg_type
@@ -332,42 +326,6 @@ def test_create_schema_quotes_names() -> None:
     assert build_create_schema("D b", 'S"x') == 'CREATE SCHEMA IF NOT EXISTS "D b"."S""x"'
 
 
-def test_ledger_statements() -> None:
-    claim = LedgerClaim("staging/public/orders/f.csv.gz", "etag1", "abc", RUN, "public", "orders")
-
-    create = build_create_ledger("DB", "PGSNOW")
-    claim_sql, claim_params = build_claim_file("DB", "PGSNOW", claim)
-    select_sql, select_params = build_select_ledger_entry("DB", "PGSNOW", claim.s3_key)
-    record_sql, record_params = build_record_load("DB", "PGSNOW", claim.s3_key, 42)
-
-    assert create.startswith('CREATE TABLE IF NOT EXISTS "DB"."PGSNOW"."LOAD_LEDGER" (')
-    for name in (
-        "S3_KEY",
-        "ETAG",
-        "SHA256",
-        "RUN_ID",
-        "SCHEMA_NAME",
-        "TABLE_NAME",
-        "ROWS_LOADED",
-        "LOADED_AT",
-    ):
-        assert f'"{name}"' in create
-    assert claim_sql.startswith('MERGE INTO "DB"."PGSNOW"."LOAD_LEDGER" AS "LEDGER"')
-    assert "WHEN NOT MATCHED THEN INSERT" in claim_sql
-    assert 'WHEN MATCHED THEN UPDATE SET "S3_KEY" = "LEDGER"."S3_KEY"' in claim_sql
-    assert claim_sql.count("%s") == len(claim_params) == 6
-    assert claim_params == (claim.s3_key, "etag1", "abc", RUN, "public", "orders")
-    assert select_params == (claim.s3_key,)
-    assert select_sql.count("%s") == 1
-    assert select_sql.startswith('SELECT "ETAG", "SHA256", "ROWS_LOADED", "LOADED_AT", "STATUS"')
-    # The ledger records the file's status (LOADED or PARTIALLY_LOADED) and what was rejected.
-    assert record_params == (42, "LOADED", 0, None, claim.s3_key)
-    assert record_sql.count("%s") == 5
-    # No value ever appears in the text: every one is bound.
-    for sql in (claim_sql, select_sql, record_sql):
-        assert claim.s3_key not in sql
-
-
 def test_select_table_columns_binds_the_names() -> None:
     sql, params = build_select_table_columns("DB", "PUBLIC", "it's")
 
@@ -593,25 +551,6 @@ def test_merge_with_a_cursor_needs_no_run_column() -> None:
         'WHEN MATCHED AND ("TARGET"."UPDATED_AT" IS NULL OR "SOURCE"."UPDATED_AT" >= "TARGET"."UPDATED_AT")'
         in statement
     )
-
-
-@pytest.mark.parametrize(
-    ("applied_only", "status_filter"),
-    [
-        pytest.param(False, "", id="any-loaded-file-or-mark"),
-        pytest.param(True, " AND \"STATUS\" = 'APPLIED'", id="applied-marks-only"),
-    ],
-)
-def test_select_newer_runs_binds_the_table_and_the_run(applied_only: bool, status_filter: str) -> None:
-    sql, params = build_select_newer_runs(
-        "D b", "PGSNOW", schema_name="public", table_name="Order's", run_id=RUN, applied_only=applied_only
-    )
-    assert sql == (
-        'SELECT DISTINCT "RUN_ID" FROM "D b"."PGSNOW"."LOAD_LEDGER"\n'
-        'WHERE "SCHEMA_NAME" = %s AND "TABLE_NAME" = %s AND "RUN_ID" > %s AND "LOADED_AT" IS NOT NULL'
-        f"{status_filter}"
-    )
-    assert params == ("public", "Order's", RUN)
 
 
 # --------------------------------------------------------------------------- credentials method

@@ -965,7 +965,7 @@ def test_samconfig_schedules_only_allowlisted_tables(environment: str) -> None:
 
 
 def test_loader_writes_only_run_manifests(cfn: dict[str, Any]) -> None:
-    # The loader marks a run loaded (pgsnow.cleanup.mark_run_complete_if_loaded); nothing else it may write.
+    # The loader marks a run loaded (pgsnow.load.completion.complete_run); nothing else it may write.
     writes = [
         s["Resource"]
         for role, s in iam_statements(cfn)

@@ -1,0 +1,127 @@
+"""S3 facts about staged files and run manifests: HEAD, the manifest check, a CSV header."""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from pgsnow.csv_records import parse_csv_record
+from pgsnow.errors import PermanentError, RetryableError, aws_error_code
+from pgsnow.identifiers import TableRef
+from pgsnow.keys import StagedObject, manifest_key
+from pgsnow.load.outcomes import ObjectFacts
+from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, RunManifest
+from pgsnow.runs import ManifestNotFoundError, RunStore
+from pgsnow.staging import classify_s3_error
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+_MISSING_S3_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+HEADER_READ_BYTES = 1024 * 1024  # a header row is read from the file's first MiB (ranged GET)
+
+
+def head_staged_object(s3: S3Client, bucket: str, staged: StagedObject) -> ObjectFacts | None:
+    """The object's ETag, size and pgsnow metadata; None when the object does not exist."""
+    try:
+        response = s3.head_object(Bucket=bucket, Key=staged.key)
+    except ClientError as exc:
+        if aws_error_code(exc) in _MISSING_S3_CODES:
+            return None
+        raise classify_s3_error(exc, s3_key=staged.key) from exc
+    except BotoCoreError as exc:
+        raise classify_s3_error(exc, s3_key=staged.key) from exc
+    metadata = {k.lower(): v for k, v in response.get("Metadata", {}).items()}
+    rows_text = metadata.get(META_ROWS)
+    rows: int | None = None
+    if rows_text is not None:
+        if not rows_text.strip().isdigit():
+            raise PermanentError(
+                f"object metadata {META_ROWS}={rows_text!r} is not a row count", s3_key=staged.key
+            )
+        rows = int(rows_text)
+    meta_run_id = metadata.get(META_RUN_ID)
+    if staged.run_id and meta_run_id and meta_run_id != staged.run_id:
+        raise PermanentError(
+            f"object metadata {META_RUN_ID}={meta_run_id!r} does not match the key's run id",
+            s3_key=staged.key,
+            run_id=staged.run_id,
+        )
+    return ObjectFacts(
+        etag=str(response.get("ETag", "")).strip('"'),
+        size=int(response.get("ContentLength", 0)),
+        run_id=meta_run_id or staged.run_id,
+        rows=rows,
+        sha256=metadata.get(META_SHA256),
+    )
+
+
+def read_run_manifest(s3: S3Client, bucket: str, table: TableRef, run_id: str) -> RunManifest:
+    """The run's manifest. Missing means the extractor has not written it yet: retry later."""
+    try:
+        manifest = RunStore(s3, bucket).get_manifest(table, run_id)
+    except ManifestNotFoundError as exc:
+        raise RetryableError(
+            "the run's manifest is not in the bucket (yet)",
+            table=table.qualified,
+            s3_key=exc.s3_key,
+            run_id=run_id,
+        ) from exc
+    if manifest.table != table or manifest.run_id != run_id:
+        raise PermanentError(
+            f"manifest is for {manifest.table.qualified} run {manifest.run_id}",
+            s3_key=manifest_key(table, run_id),
+            run_id=run_id,
+        )
+    return manifest
+
+
+def manifest_mismatch(
+    manifest: RunManifest, staged: StagedObject, facts: ObjectFacts
+) -> PermanentError | None:
+    """A file its run's manifest lists must be the file the extractor wrote: same size, same SHA-256.
+
+    The loader never downloads data files (COPY reads them in Snowflake), so the check is
+    against what S3 reports: the size and the checksum the extractor stored as object
+    metadata. An object overwritten by hand under a listed key loses or changes both.
+    """
+    listed = manifest.file_for_key(staged.key)
+    if listed is None:
+        return None  # still extracting: the manifest lists files only once the run is staged
+    problems = []
+    if facts.sha256 != listed.sha256:
+        problems.append(f"{META_SHA256} is {facts.sha256!r}, the manifest says {listed.sha256!r}")
+    if facts.size != listed.bytes:
+        problems.append(f"size is {facts.size} bytes, the manifest says {listed.bytes}")
+    if not problems:
+        return None
+    return PermanentError(
+        "staged file does not match its run's manifest: " + "; ".join(problems),
+        table=staged.table.qualified,
+        s3_key=staged.key,
+        run_id=staged.run_id,
+    )
+
+
+def read_csv_header(s3: S3Client, bucket: str, staged: StagedObject) -> list[str]:
+    """The header row of a staged CSV (gzip or plain), read from the first bytes only."""
+    try:
+        body = s3.get_object(Bucket=bucket, Key=staged.key, Range=f"bytes=0-{HEADER_READ_BYTES - 1}")[
+            "Body"
+        ].read()
+    except (ClientError, BotoCoreError) as exc:
+        raise classify_s3_error(exc, s3_key=staged.key) from exc
+    try:
+        if staged.gzip:
+            # Only the start of the stream: the rest of the file is never downloaded.
+            body = zlib.decompressobj(wbits=31).decompress(body, HEADER_READ_BYTES)
+        # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first name.
+        first_line = body.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8-sig")
+    except (zlib.error, UnicodeDecodeError) as exc:
+        raise PermanentError(f"the CSV file's header row cannot be read: {exc}", s3_key=staged.key) from exc
+    header = parse_csv_record(first_line)
+    if not header or any(not name for name in header):
+        raise PermanentError("the CSV file has no usable header row", s3_key=staged.key)
+    return header
