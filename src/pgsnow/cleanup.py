@@ -51,6 +51,7 @@ from pgsnow.errors import ConfigError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX, normalise_prefix
 from pgsnow.ledger import LedgerRow, ledger_rows, loaded_files
+from pgsnow.load.completion import complete_run
 from pgsnow.manifest import META_SHA256, RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.runs import RunStore
@@ -242,9 +243,6 @@ def cleanup_run(
     this function's AWS session, whose credentials Snowflake reads a deletes key list with when
     there is no storage integration.
     """
-    # Imported here: the loader's completion reads manifests through this module.
-    from pgsnow.load.completion import complete_run
-
     table, run_id = manifest.table, manifest.run_id
     completed = complete_run(
         settings=settings,
