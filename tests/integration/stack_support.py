@@ -8,10 +8,7 @@ Each is a context manager, so a module's fixture is a ``with`` and a ``yield``:
 * ``running_stack(...)``: ``start_stack`` with a bucket name of its own (moto keeps one state per
   process), optionally with its environment in place for the function handlers;
 * ``snowflake_session(stack)``: a connection to the stack's local Snowflake.
-
-The extractor suites, which need only PostgreSQL and a moto server, share fixtures below the
-building blocks (``pg_dsn``, ``admin``, ``schema_name``, ``aws``, ``s3``, ``pg_conn``): a module
-registers them by importing them.
+* ``new_bucket(s3, prefix)``: a bucket no other test uses.
 """
 
 from __future__ import annotations
@@ -25,12 +22,9 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
-import pytest
 from psycopg2 import sql
 from psycopg2.extensions import connection as PgConnection
 
-from pgsnow.config import postgres_env
-from pgsnow.local.aws import LocalAws, start_local_aws
 from pgsnow.local.postgres import LocalPostgres, create_database, start_local_postgres
 from pgsnow.local.stack import LocalStack, start_stack
 from pgsnow.postgres import connect
@@ -137,55 +131,6 @@ def snowflake_session(stack: LocalStack) -> Iterator[Any]:
         yield conn
     finally:
         conn.close()
-
-
-# --------------------------------------------------------------------------- extractor suites' fixtures
-
-
-@pytest.fixture(scope="module")
-def pg_dsn() -> str:
-    """PGSNOW_PG_DSN when set (read through pgsnow.config), else the loopback server's test database."""
-    return postgres_env().get("PGSNOW_PG_DSN") or PG_DSN_DEFAULT
-
-
-@pytest.fixture(scope="module")
-def admin(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
-    conn = psycopg2.connect(pg_dsn)
-    conn.autocommit = True
-    yield conn
-    conn.close()
-
-
-@pytest.fixture(scope="module")
-def schema_name(admin: psycopg2.extensions.connection, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A schema of the module's own, ``pgsnow_<module without test_>_<10 hex>``, dropped afterwards."""
-    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
-    name = unique_name(f"pgsnow_{module}_", 10)
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    yield name
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
-
-
-@pytest.fixture(scope="module")
-def aws() -> Iterator[LocalAws]:
-    local = start_local_aws()
-    yield local
-    local.stop()
-
-
-@pytest.fixture(scope="module")
-def s3(aws: LocalAws) -> Any:
-    return aws.client("s3")
-
-
-@pytest.fixture
-def pg_conn(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
-    """The extractor's connection (not autocommit: a run reads one snapshot)."""
-    conn = connect(pg_dsn)
-    yield conn
-    conn.close()
 
 
 def new_bucket(s3: Any, prefix: str, *, versioned: bool = False) -> str:

@@ -33,7 +33,7 @@ from pgsnow.snowflake import LEDGER_TABLE
 from pgsnow.staging import get_manifest, put_data_file
 
 if TYPE_CHECKING:  # the fixture's types, from this directory's conftest.py
-    from conftest import PipelineHarness, RecordingLoader
+    from pipeline_support import PipelineHarness, RecordingLoader
 
 pytestmark = pytest.mark.integration
 

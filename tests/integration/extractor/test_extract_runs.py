@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - fixtures imported from stack_support are parameters by the same name
 """Incremental, chunked and resumable extraction against real servers (PostgreSQL on loopback, moto over HTTP).
 
 Covers issue 3's done-when cases: a late-committing transaction's rows arrive in the next run;
@@ -26,15 +25,7 @@ import psycopg2.extensions
 import pyarrow.parquet as pq
 import pytest
 from psycopg2 import sql
-from stack_support import (  # noqa: F401 - fixtures, registered by importing them
-    admin,
-    aws,
-    new_bucket,
-    pg_conn,
-    pg_dsn,
-    s3,
-    schema_name,
-)
+from stack_support import new_bucket
 
 from pgsnow.checkpoint import RunInProgressError, StateStore, lease_key
 from pgsnow.config import Component, Settings
