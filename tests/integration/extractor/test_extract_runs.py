@@ -132,7 +132,7 @@ def test_late_committing_transaction_is_captured_by_the_next_run(
                     sql.Identifier(table.schema, table.table)
                 )
             )  # updated_at = now() = this transaction's start, before the rows below
-        time.sleep(0.05)
+        time.sleep(0.05)  # wall clock is the subject: the rows below get a later now() than the late one
         with admin.cursor() as cur:
             cur.execute(
                 sql.SQL("INSERT INTO {} (id, note) SELECT g, 'n' || g FROM generate_series(1, 5) g").format(
