@@ -1,9 +1,10 @@
 """Shared fixtures for the suites that run the whole pipeline: test_faults, test_bad_input,
 test_fidelity, test_pipeline, test_verify and test_verify_from_env, among others.
 
-``pipeline`` is one local stack per test module (the local PostgreSQL, a moto server over
-HTTP, the local Snowflake spoken to by the real connector) with a source schema of its own
-in database ``test``, dropped afterwards. Its queue has a one-second visibility timeout and a
+``pipeline`` is one local stack per test process (the local PostgreSQL, a moto server over
+HTTP, the local Snowflake spoken to by the real connector), ``pipeline_stack``, seen by each
+module through a source schema of its own in database ``test`` (dropped afterwards) and with its
+queues drained of what earlier modules left. Its queue has a one-second visibility timeout and a
 maxReceiveCount of two, so a failing message reaches the dead-letter queue within seconds
 through SQS's own redrive. The harness is in pipeline_support.py; the building blocks (schema,
 stack, connections) are in stack_support.py, for modules that need a stack set up differently.
@@ -21,17 +22,35 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pipeline_support import PipelineHarness, pipeline_harness
+from pipeline_support import PipelineHarness, harness_on_stack, pipeline_harness
+from stack_support import MAX_RECEIVE_COUNT, VISIBILITY_TIMEOUT_S, running_stack, source_database
 
-from pgsnow.local.stack import SNOWFLAKE_DATABASE, StorageAccess
+from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, StorageAccess
 from pgsnow.observability import SERVICE
 from pgsnow.verify import prepare_snowflake_session
 
 
+@pytest.fixture(scope="session")
+def pipeline_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """The local stack of every module's ``pipeline`` in this test process (one per xdist worker):
+    starting one takes seconds, and modules keep apart by their own source schema."""
+    with (
+        source_database() as source_dsn,
+        running_stack(
+            source_dsn,
+            tmp_path_factory.mktemp("proof"),
+            "pgsnow-proof",
+            visibility_timeout=VISIBILITY_TIMEOUT_S,
+            max_receive_count=MAX_RECEIVE_COUNT,
+        ) as local,
+    ):
+        yield local
+
+
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineHarness]:
-    """One local stack and one source schema per module; the handlers read this stack's environment."""
-    with pipeline_harness("pgsnow_proof", tmp_path_factory.mktemp("proof")) as harness:
+def pipeline(pipeline_stack: LocalStack) -> Iterator[PipelineHarness]:
+    """The shared stack with one source schema per module; the handlers read the stack's environment."""
+    with harness_on_stack(pipeline_stack, "pgsnow_proof") as harness:
         yield harness
 
 
@@ -40,9 +59,13 @@ def pipeline_by_storage_access(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PipelineHarness]:
     """``pipeline``, once with a storage integration (Snowflake reads S3 as the template's storage
-    role, within the integration's allowed locations) and once with the credentials method (the
-    loader's own temporary credentials in a temporary stage)."""
+    role, within the integration's allowed locations: the shared stack is started so) and once
+    with the credentials method (the loader's own temporary credentials in a temporary stage)."""
     access: StorageAccess = request.param
+    if access is StorageAccess.INTEGRATION:
+        with harness_on_stack(request.getfixturevalue("pipeline_stack"), "pgsnow_integration") as harness:
+            yield harness
+        return
     with pipeline_harness(
         f"pgsnow_{access.value}", tmp_path_factory.mktemp(access.value), storage_access=access
     ) as harness:

@@ -6,6 +6,7 @@ delivery and its verdict written down."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from stack_support import (
     autocommit_connection,
     new_source_schema,
     running_stack,
+    schema_in,
     snowflake_session,
 )
 
@@ -269,6 +271,36 @@ class PipelineHarness:
             keys += [unquote_plus(r["s3"]["object"]["key"]) for r in document.get("Records", []) if "s3" in r]
         return keys
 
+    def drain_queues(self, max_seconds: float = 60) -> None:
+        """Delete every message of the loader queue and its dead-letter queue, waiting for those in
+        flight (a redelivery pending its visibility timeout) to come back first."""
+        sqs = self.sqs()
+        deadline = time.monotonic() + max_seconds
+        for queue_url in (self.stack.resources.queue_url, self.stack.resources.dlq_url):
+            while True:
+                messages = sqs.receive_message(
+                    QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0
+                ).get("Messages", [])
+                for message in messages:
+                    sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+                if messages:
+                    continue
+                if not self._queued(queue_url):
+                    break
+                assert time.monotonic() < deadline, f"{queue_url} still has messages in flight"
+                time.sleep(0.1)  # a poll: in-flight messages come back when their visibility timeout ends
+
+    def _queued(self, queue_url: str) -> int:
+        attributes = self.sqs().get_queue_attributes(
+            QueueUrl=queue_url,
+            AttributeNames=[
+                "ApproximateNumberOfMessages",
+                "ApproximateNumberOfMessagesNotVisible",
+                "ApproximateNumberOfMessagesDelayed",
+            ],
+        )["Attributes"]
+        return sum(int(value) for value in attributes.values())
+
     def receive_notifications(
         self, table: TableRef, expected: int, max_polls: int = 20
     ) -> list[dict[str, Any]]:
@@ -299,6 +331,23 @@ class PipelineHarness:
     def send_bodies(self, bodies: list[str]) -> None:
         for body in bodies:
             self.sqs().send_message(QueueUrl=self.stack.resources.queue_url, MessageBody=body)
+
+
+@contextmanager
+def harness_on_stack(stack: LocalStack, name: str) -> Iterator[PipelineHarness]:
+    """A running ``stack`` shared with other modules, seen as a module's own: a source schema
+    ``{name}_<hex>`` in its database (so the module's tables, Snowflake schema and S3 keys are
+    its own too), its environment in place for the handlers, a Snowflake session, and its queues
+    drained first of any message an earlier module left."""
+    with (
+        schema_in(stack.pg_dsn, name) as schema,
+        autocommit_connection(stack.pg_dsn) as setup_conn,
+        stack.handlers(),
+        snowflake_session(stack) as sf_conn,
+    ):
+        harness = PipelineHarness(stack, stack.pg_dsn, schema, setup_conn, sf_conn)
+        harness.drain_queues()
+        yield harness
 
 
 @contextmanager

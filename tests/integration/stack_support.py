@@ -3,7 +3,8 @@
 Each is a context manager, so a module's fixture is a ``with`` and a ``yield``:
 
 * ``new_source_schema(prefix)``: a schema of the module's own in database ``test`` on the local
-  PostgreSQL, dropped (CASCADE) afterwards;
+  PostgreSQL, dropped (CASCADE) afterwards (``source_database`` and ``schema_in`` are its two
+  halves, for a database shared by a session and a schema per module);
 * ``autocommit_connection(dsn)``: for DDL and source writes (never left idle in transaction);
 * ``running_stack(...)``: ``start_stack`` with a bucket name of its own (moto keeps one state per
   process), optionally with its environment in place for the function handlers;
@@ -71,26 +72,38 @@ def autocommit_connection(dsn: str) -> Iterator[PgConnection]:
 
 
 @contextmanager
-def new_source_schema(prefix: str, admin_dsn: str | None = None) -> Iterator[tuple[str, str]]:
-    """(DSN of database ``test``, schema ``{prefix}_<8 hex>``, created); the schema is dropped afterwards.
-
-    The server is the local one (``start_local_postgres``), or the one ``admin_dsn`` names (the
-    embedded server a module started for an extension only it has).
-    """
+def source_database(admin_dsn: str | None = None) -> Iterator[str]:
+    """The DSN of database ``test`` (created if missing) on the local PostgreSQL server
+    (``start_local_postgres``: the loopback server, or the embedded one it falls back to), or on
+    the server ``admin_dsn`` names (the embedded server a module started for an extension only it
+    has). A server started for it is released afterwards."""
     admin = LocalPostgres(dsn=admin_dsn, embedded=False) if admin_dsn else start_local_postgres(environ={})
-    dsn = create_database(admin.dsn, SOURCE_DATABASE)  # kept if it exists
-    schema = unique_name(f"{prefix}_")
     try:
-        with autocommit_connection(dsn) as conn:
-            with conn.cursor() as cur:
-                cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-            try:
-                yield dsn, schema
-            finally:
-                with conn.cursor() as cur:
-                    cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+        yield create_database(admin.dsn, SOURCE_DATABASE)  # kept if it exists
     finally:
         admin.stop()
+
+
+@contextmanager
+def schema_in(dsn: str, prefix: str) -> Iterator[str]:
+    """A schema ``{prefix}_<8 hex>`` created in ``dsn``'s database and dropped (CASCADE) afterwards."""
+    schema = unique_name(f"{prefix}_")
+    with autocommit_connection(dsn) as conn:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        try:
+            yield schema
+        finally:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+@contextmanager
+def new_source_schema(prefix: str, admin_dsn: str | None = None) -> Iterator[tuple[str, str]]:
+    """(DSN of database ``test``, schema ``{prefix}_<8 hex>``, created) on the server
+    ``source_database`` picks; the schema is dropped afterwards."""
+    with source_database(admin_dsn) as dsn, schema_in(dsn, prefix) as schema:
+        yield dsn, schema
 
 
 @contextmanager

@@ -44,8 +44,9 @@ def schema_name(admin: psycopg2.extensions.connection, request: pytest.FixtureRe
         cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def aws() -> Iterator[LocalAws]:
+    """One moto server per test process: each test stages into a bucket of its own (``new_bucket``)."""
     local = start_local_aws()
     yield local
     local.stop()

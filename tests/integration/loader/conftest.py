@@ -1,6 +1,7 @@
-"""Fixtures of the loader suites (test_load*, test_snowpipe): a moto server and the local
-Snowflake server, and per test a bucket and a Snowflake database of its own (``settings``), so
-tests share the servers and nothing else. Staging helpers are in load_support.py."""
+"""Fixtures of the loader suites (test_load*, test_snowpipe): one moto server and one local
+Snowflake server per test process (one per xdist worker), and per test a bucket and a Snowflake
+database of its own (``settings``), so tests share the servers and nothing else. Staging helpers
+are in load_support.py."""
 
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ from pgsnow.local.snowflake import LocalSnowflake, start_local_snowflake
 from pgsnow.snowflake import build_create_schema, build_create_stage
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_aws() -> Iterator[LocalAws]:
     aws = start_local_aws()
     yield aws
     aws.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_snowflake(local_aws: LocalAws) -> Iterator[LocalSnowflake]:
     server = start_local_snowflake(
         s3_endpoint_url=local_aws.endpoint_url,
