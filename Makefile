@@ -22,8 +22,12 @@ venv: $(BIN)/.installed ## Create the virtualenv and install pgsnow with its loc
 demo: venv ## Start the local stack, create the sample shop, replicate every table, report OK/MISMATCH/FAILED
 	$(BIN)/pgsnow demo $(DEMO_ARGS)
 
-test: venv ## Run the unit and integration tests against real servers on loopback
-	$(BIN)/pytest $(PYTEST_ARGS)
+# xdist workers (one per core by default); each keeps a test module on one worker (--dist loadfile),
+# so a module's stack is started once. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= auto
+
+test: venv ## Run the unit and integration tests against real servers on loopback, in parallel; print the slowest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 lint: venv ## ruff and mypy
 	$(BIN)/ruff check src tests extractor loader cleanup bench

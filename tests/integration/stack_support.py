@@ -3,15 +3,13 @@
 Each is a context manager, so a module's fixture is a ``with`` and a ``yield``:
 
 * ``new_source_schema(prefix)``: a schema of the module's own in database ``test`` on the local
-  PostgreSQL, dropped (CASCADE) afterwards;
+  PostgreSQL, dropped (CASCADE) afterwards (``source_database`` and ``schema_in`` are its two
+  halves, for a database shared by a session and a schema per module);
 * ``autocommit_connection(dsn)``: for DDL and source writes (never left idle in transaction);
 * ``running_stack(...)``: ``start_stack`` with a bucket name of its own (moto keeps one state per
   process), optionally with its environment in place for the function handlers;
 * ``snowflake_session(stack)``: a connection to the stack's local Snowflake.
-
-The extractor suites, which need only PostgreSQL and a moto server, share fixtures below the
-building blocks (``pg_dsn``, ``admin``, ``schema_name``, ``aws``, ``s3``, ``pg_conn``): a module
-registers them by importing them.
+* ``new_bucket(s3, prefix)``: a bucket no other test uses.
 """
 
 from __future__ import annotations
@@ -25,12 +23,9 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
-import pytest
 from psycopg2 import sql
 from psycopg2.extensions import connection as PgConnection
 
-from pgsnow.config import postgres_env
-from pgsnow.local.aws import LocalAws, start_local_aws
 from pgsnow.local.postgres import LocalPostgres, create_database, start_local_postgres
 from pgsnow.local.stack import LocalStack, start_stack
 from pgsnow.postgres import connect
@@ -77,26 +72,38 @@ def autocommit_connection(dsn: str) -> Iterator[PgConnection]:
 
 
 @contextmanager
-def new_source_schema(prefix: str, admin_dsn: str | None = None) -> Iterator[tuple[str, str]]:
-    """(DSN of database ``test``, schema ``{prefix}_<8 hex>``, created); the schema is dropped afterwards.
-
-    The server is the local one (``start_local_postgres``), or the one ``admin_dsn`` names (the
-    embedded server a module started for an extension only it has).
-    """
+def source_database(admin_dsn: str | None = None) -> Iterator[str]:
+    """The DSN of database ``test`` (created if missing) on the local PostgreSQL server
+    (``start_local_postgres``: the loopback server, or the embedded one it falls back to), or on
+    the server ``admin_dsn`` names (the embedded server a module started for an extension only it
+    has). A server started for it is released afterwards."""
     admin = LocalPostgres(dsn=admin_dsn, embedded=False) if admin_dsn else start_local_postgres(environ={})
-    dsn = create_database(admin.dsn, SOURCE_DATABASE)  # kept if it exists
-    schema = unique_name(f"{prefix}_")
     try:
-        with autocommit_connection(dsn) as conn:
-            with conn.cursor() as cur:
-                cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-            try:
-                yield dsn, schema
-            finally:
-                with conn.cursor() as cur:
-                    cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+        yield create_database(admin.dsn, SOURCE_DATABASE)  # kept if it exists
     finally:
         admin.stop()
+
+
+@contextmanager
+def schema_in(dsn: str, prefix: str) -> Iterator[str]:
+    """A schema ``{prefix}_<8 hex>`` created in ``dsn``'s database and dropped (CASCADE) afterwards."""
+    schema = unique_name(f"{prefix}_")
+    with autocommit_connection(dsn) as conn:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        try:
+            yield schema
+        finally:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+@contextmanager
+def new_source_schema(prefix: str, admin_dsn: str | None = None) -> Iterator[tuple[str, str]]:
+    """(DSN of database ``test``, schema ``{prefix}_<8 hex>``, created) on the server
+    ``source_database`` picks; the schema is dropped afterwards."""
+    with source_database(admin_dsn) as dsn, schema_in(dsn, prefix) as schema:
+        yield dsn, schema
 
 
 @contextmanager
@@ -137,55 +144,6 @@ def snowflake_session(stack: LocalStack) -> Iterator[Any]:
         yield conn
     finally:
         conn.close()
-
-
-# --------------------------------------------------------------------------- extractor suites' fixtures
-
-
-@pytest.fixture(scope="module")
-def pg_dsn() -> str:
-    """PGSNOW_PG_DSN when set (read through pgsnow.config), else the loopback server's test database."""
-    return postgres_env().get("PGSNOW_PG_DSN") or PG_DSN_DEFAULT
-
-
-@pytest.fixture(scope="module")
-def admin(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
-    conn = psycopg2.connect(pg_dsn)
-    conn.autocommit = True
-    yield conn
-    conn.close()
-
-
-@pytest.fixture(scope="module")
-def schema_name(admin: psycopg2.extensions.connection, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A schema of the module's own, ``pgsnow_<module without test_>_<10 hex>``, dropped afterwards."""
-    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
-    name = unique_name(f"pgsnow_{module}_", 10)
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    yield name
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
-
-
-@pytest.fixture(scope="module")
-def aws() -> Iterator[LocalAws]:
-    local = start_local_aws()
-    yield local
-    local.stop()
-
-
-@pytest.fixture(scope="module")
-def s3(aws: LocalAws) -> Any:
-    return aws.client("s3")
-
-
-@pytest.fixture
-def pg_conn(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
-    """The extractor's connection (not autocommit: a run reads one snapshot)."""
-    conn = connect(pg_dsn)
-    yield conn
-    conn.close()
 
 
 def new_bucket(s3: Any, prefix: str, *, versioned: bool = False) -> str:

@@ -28,7 +28,7 @@ from pgsnow.runs import RunStore
 from pgsnow.staging import put_data_file
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
-    from conftest import PipelineHarness
+    from pipeline_support import PipelineHarness
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,7 @@ from pgsnow.local.postgres import create_database, start_local_postgres
 from pgsnow.postgres import connect
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
-    from conftest import PipelineHarness
+    from pipeline_support import PipelineHarness
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from pgsnow.local.stack import SNOWFLAKE_DATABASE
 from pgsnow.observability import SERVICE
 
 if TYPE_CHECKING:  # the fixtures' types, from this directory's conftest.py
-    from conftest import PipelineHarness, RecordingLoader
+    from pipeline_support import PipelineHarness, RecordingLoader
 
 pytestmark = pytest.mark.integration
 

@@ -33,7 +33,7 @@ from pgsnow.runtime import Runtime
 from pgsnow.snowflake.connection import connect as sf_connect
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
-    from conftest import PipelineHarness
+    from pipeline_support import PipelineHarness
 
 pytestmark = pytest.mark.integration
 
@@ -566,7 +566,7 @@ def test_rows_written_while_an_incremental_run_pages_are_captured_by_the_next_ru
     late = psycopg2.connect(pipeline.source_dsn)
     with late.cursor() as cur:
         cur.execute(sql.SQL("INSERT INTO {} (id, note) VALUES (500, 'late commit')").format(target))
-    time.sleep(0.05)
+    time.sleep(0.05)  # wall clock is the subject: rows written from here on get a later now()
     s3 = pipeline.function_s3(Component.EXTRACTOR)
     writes = {"done": False}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
-from test_datasets import dataset_script, load_sql_file
+from dataset_support import dataset_script, load_sql_file
 
 from pgsnow.config import Component
 from pgsnow.demo.pipeline import list_schema_tables
@@ -28,7 +28,7 @@ from pgsnow.postgres import connect
 from pgsnow.verify import TableVerification, verify_table
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
-    from conftest import PipelineHarness
+    from pipeline_support import PipelineHarness
 
 pytestmark = pytest.mark.integration
 

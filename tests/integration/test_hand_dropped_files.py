@@ -26,7 +26,7 @@ from pgsnow.keys import parse_data_key
 from pgsnow.load.batch import load_staged_files
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
-    from conftest import PipelineHarness
+    from pipeline_support import PipelineHarness
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from pgsnow.local.stack import SNOWFLAKE_DATABASE
 from pgsnow.postgres import connect, list_schema_tables
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
-    from conftest import PipelineHarness
+    from pipeline_support import PipelineHarness
 
 pytestmark = pytest.mark.integration
 

@@ -33,7 +33,7 @@ from pgsnow.runs import RunStore
 from pgsnow.staging import put_data_file
 
 if TYPE_CHECKING:  # the fixture's types, from this directory's conftest.py
-    from conftest import PipelineHarness, RecordingLoader
+    from pipeline_support import PipelineHarness, RecordingLoader
 
 pytestmark = pytest.mark.integration
 

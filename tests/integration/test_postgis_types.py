@@ -27,7 +27,7 @@ from pgsnow.postgres import connect, describe_table
 from pgsnow.runtime import reset_runtime
 
 if TYPE_CHECKING:
-    from conftest import PipelineHarness
+    from pipeline_support import PipelineHarness
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,7 @@ from pgsnow.manifest import RunState
 from pgsnow.runs import RunStore
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
-    from conftest import PipelineHarness
+    from pipeline_support import PipelineHarness
 
 pytestmark = pytest.mark.integration
 

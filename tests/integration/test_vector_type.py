@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import snowflake.connector.errors
-from conftest import pipeline_harness
+from pipeline_support import pipeline_harness
 from psycopg2 import sql
 
 from pgsnow.config import Component
@@ -31,7 +31,7 @@ from pgsnow.snowflake.load_sql import LoadColumn, build_copy_into
 from pgsnow.typemap import ValueKind
 
 if TYPE_CHECKING:
-    from conftest import PipelineHarness
+    from pipeline_support import PipelineHarness
 
 pytestmark = pytest.mark.integration
 

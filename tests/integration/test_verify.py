@@ -26,7 +26,7 @@ from pgsnow.postgres import connect
 from pgsnow.verify import LEAF_ROWS, ROOT_BUCKETS, verify_table
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
-    from conftest import PipelineHarness
+    from pipeline_support import PipelineHarness
 
 pytestmark = pytest.mark.integration
 

@@ -33,7 +33,7 @@ from pgsnow.runs import RunStore
 from pgsnow.snowpipe import private_key_pem
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
-    from conftest import PipelineHarness
+    from pipeline_support import PipelineHarness
 
 pytestmark = pytest.mark.integration
 

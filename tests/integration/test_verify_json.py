@@ -36,7 +36,7 @@ from pgsnow.verify import (
 )
 
 if TYPE_CHECKING:
-    from conftest import PipelineHarness
+    from pipeline_support import PipelineHarness
 
 pytestmark = pytest.mark.integration
 

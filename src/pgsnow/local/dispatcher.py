@@ -131,12 +131,13 @@ class SqsDispatcher:
 
     # -- one poll, one invocation -------------------------------------------------------
 
-    def run_once(self) -> DispatchStats:
-        """Receive once; if anything came back, invoke the handler once and settle the batch."""
+    def run_once(self, wait_seconds: int | None = None) -> DispatchStats:
+        """Receive once (long polling up to ``wait_seconds``, default the dispatcher's); if anything
+        came back, invoke the handler once and settle the batch."""
         messages = self._sqs.receive_message(
             QueueUrl=self.queue_url,
             MaxNumberOfMessages=self.batch_size,
-            WaitTimeSeconds=self.wait_seconds,
+            WaitTimeSeconds=self.wait_seconds if wait_seconds is None else wait_seconds,
             MessageSystemAttributeNames=["All"],
             MessageAttributeNames=["All"],
         ).get("Messages", [])
@@ -241,14 +242,21 @@ class SqsDispatcher:
         A poll counts as idle only if nothing was received *and* no message is in flight
         (waiting out a visibility timeout), so failed messages are followed through their
         redeliveries to the dead-letter queue before this returns.
+
+        A poll long-polls (``wait_seconds``) only while messages are in flight, to return as soon
+        as one becomes visible again. With nothing in flight it does not wait: the local queue
+        holds a notification from the moment its object is written, so an empty receive is an
+        answer, and waiting would only add ``idle_polls`` times ``wait_seconds`` to every drain.
         """
         total = DispatchStats()
         deadline = time.monotonic() + max_seconds
         idle = 0
+        in_flight = self._in_flight()
         while idle < idle_polls and time.monotonic() < deadline:
-            stats = self.run_once()
+            stats = self.run_once(wait_seconds=self.wait_seconds if in_flight else 0)
             total.add(stats)
-            idle = idle + 1 if stats.delivered == 0 and self._in_flight() == 0 else 0
+            in_flight = self._in_flight()
+            idle = idle + 1 if stats.delivered == 0 and in_flight == 0 else 0
         return total
 
     def _in_flight(self) -> int:

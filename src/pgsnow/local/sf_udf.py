@@ -14,6 +14,7 @@ arguments and results; anything else is refused with a clear error rather than r
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,8 @@ from duckdb.sqltypes import BIGINT, BOOLEAN, DOUBLE, VARCHAR, DuckDBPyType
 
 from pgsnow.local.sf_table_sql import split_name
 
+# Numbers the DuckDB functions registered by every session of every server in this process.
+_REGISTRATIONS = itertools.count(1)
 _IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
 _NAME = rf"{_IDENT}(?:\s*\.\s*{_IDENT}){{0,2}}"
 _CREATE_FUNCTION = re.compile(
@@ -113,7 +116,6 @@ class SessionFunctions:
     """The temporary functions one session created: full name -> the name registered in DuckDB."""
 
     names: dict[tuple[str, str, str], str] = field(default_factory=dict)
-    created: int = 0
 
     def create(
         self,
@@ -151,10 +153,10 @@ class SessionFunctions:
                 return f"Function {bare} already exists, statement succeeded."
             if not statement.replace:
                 raise UdfError(f"Function '{bare}' already exists.")
-        # DuckDB keeps a registered name in its catalog even after remove_function, so each
-        # creation gets its own internal name and calls are rewritten to the newest one.
-        self.created += 1
-        internal = f"PGSNOW_UDF_{self.created}_{re.sub(r'[^A-Za-z0-9_]', '_', bare)}"
+        # DuckDB keeps a registered name in its catalog even after remove_function, and the
+        # sessions of one server share its DuckDB catalog, so each creation gets an internal name
+        # no other session has taken, and calls are rewritten to the newest one.
+        internal = f"PGSNOW_UDF_{next(_REGISTRATIONS)}_{re.sub(r'[^A-Za-z0-9_]', '_', bare)}"
         try:
             duck.create_function(
                 internal,

@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - pytest fixtures imported from test_load are parameters by the same name
 """The credentials method (no storage integration): Snowflake reads S3 with the loader's own
 temporary AWS credentials, through a temporary stage of the loader's session and in the key
 list's COPY. Against moto and the local Snowflake over HTTP, through the real connector.
@@ -17,17 +16,14 @@ from typing import Any
 
 import pytest
 from botocore.credentials import Credentials
-from test_load import (  # fixtures and staging helpers shared with the base loader tests
+from load_support import (
     ORDERS,
-    local_aws,  # noqa: F401 - fixture
-    local_snowflake,  # noqa: F401 - fixture
+    RUN_1,
+    RUN_2,
     orders_sql,
     query,
-    s3,  # noqa: F401 - fixture
-    settings,  # noqa: F401 - fixture
-    sf_conn,  # noqa: F401 - fixture
+    stage_run,
 )
-from test_load_deletes import RUN_1, RUN_2, stage_run
 
 from pgsnow.config import Settings
 from pgsnow.errors import PgSnowError

@@ -16,26 +16,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from lifecycle_support import (  # noqa: F401 - fixtures, registered by importing them
+from lifecycle_support import (
     FILES_PER_RUN,
     ORPHAN_AGE_MINUTES,
     RETENTION_DAYS,
-    cleanup_s3,
-    cleanup_sqs,
     corrupt,
-    dispatcher,
     drain,
     exists,
     load_keys,
-    pg_conn,
-    s3,
     settings_with,
-    sf_conn,
-    source_schema,
-    sqs,
-    stack,
     stage_run,
-    table,
     tags,
     versions,
 )

@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - pytest fixtures imported from test_load are parameters by the same name
 """LOAD_METHOD=insert: small CSV files are INSERTed with bound values in the ledger transaction,
 cell-exact like the COPY path, against moto and the local Snowflake over HTTP."""
 
@@ -9,23 +8,18 @@ import json
 from typing import Any
 
 import pytest
-from test_load import (  # fixtures and staging helpers shared with the base loader tests
+from load_support import (
     ORDER_COLUMNS,
     ORDER_ROWS,
     ORDERS,
     csv_gz_bytes,
     ledger_rows,
-    local_aws,  # noqa: F401 - fixture
-    local_snowflake,  # noqa: F401 - fixture
     order_count,
     orders_sql,
     parquet_bytes,
     put_run_manifest,
     put_staged_file,
     query,
-    s3,  # noqa: F401 - fixture
-    settings,  # noqa: F401 - fixture
-    sf_conn,  # noqa: F401 - fixture
 )
 
 from pgsnow.config import LoadMethod, Settings

@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - fixtures imported from stack_support are parameters by the same name
 """The extractor against real servers: PostgreSQL on loopback and a moto S3 server over HTTP.
 
 Every staged file is read back (gzip + an RFC 4180 reader that keeps NULL apart from '',
@@ -27,16 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from psycopg2 import sql
-from stack_support import (  # noqa: F401 - fixtures, registered by importing them
-    admin,
-    aws,
-    new_bucket,
-    pg_conn,
-    pg_dsn,
-    postgres_secret_arn,
-    s3,
-    schema_name,
-)
+from stack_support import new_bucket, postgres_secret_arn
 
 from pgsnow.config import Component, Settings
 from pgsnow.errors import PermanentError, RetryableError, UnsafeIdentifierError

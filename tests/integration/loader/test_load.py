@@ -3,258 +3,49 @@ Snowflake server spoken to by the real snowflake-connector-python."""
 
 from __future__ import annotations
 
-import datetime as dt
-import gzip
 import hashlib
 import importlib.util
-import io
 import json
 import re
 import uuid
-from collections.abc import Iterator
-from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 from urllib.parse import unquote_plus
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import snowflake.connector
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from load_support import (
+    ORDER_COLUMNS,
+    ORDER_ROWS,
+    ORDERS,
+    RUN,
+    csv_gz_bytes,
+    ledger_rows,
+    order_count,
+    orders_sql,
+    parquet_bytes,
+    put_run_manifest,
+    put_staged_file,
+    query,
+)
 from snowflake.connector.cursor import SnowflakeCursor
 
 from pgsnow.config import Component, Settings
 from pgsnow.errors import PermanentError, RetryableError
-from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, parse_data_key
 from pgsnow.load.batch import load_staged_files
 from pgsnow.load.outcomes import LoadStatus
-from pgsnow.local.aws import LocalAws, create_staging_resources, start_local_aws
-from pgsnow.local.snowflake import LocalSnowflake, start_local_snowflake
-from pgsnow.manifest import META_BATCH, META_ROWS, META_RUN_ID, META_SHA256, Column, RunManifest, RunState
-from pgsnow.runs import RunStore
+from pgsnow.local.aws import LocalAws, create_staging_resources
+from pgsnow.local.snowflake import LocalSnowflake
 from pgsnow.runtime import Runtime
 from pgsnow.snowflake.load_sql import build_create_stage
 from pgsnow.snowflake.table_sql import build_create_schema
-from pgsnow.typemap import map_pg_type
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-RUN = "20261125T120000000000Z"
-ORDERS = TableRef("public", "orders")
-
-# (name, PostgreSQL type, nullable): one column per value kind.
-ORDER_COLUMNS = [
-    ("order_id", "bigint", False),
-    ("amount", "numeric(12,2)", True),
-    ("ratio", "double precision", True),
-    ("note", "text", True),
-    ("paid", "boolean", True),
-    ("order_day", "date", True),
-    ("order_time", "time without time zone", True),
-    ("created", "timestamp without time zone", True),
-    ("created_tz", "timestamp with time zone", True),
-    ("payload", "jsonb", True),
-    ("blob", "bytea", True),
-]
-
-# Python values per row, in ORDER_COLUMNS order; None is NULL.
-ORDER_ROWS: list[tuple[Any, ...]] = [
-    (
-        1,
-        Decimal("12.34"),
-        0.1,
-        'comma, "quote" and\nnewline é',
-        True,
-        dt.date(2026, 11, 25),
-        dt.time(12, 30, 45, 123456),
-        dt.datetime(2026, 11, 25, 12, 0, 0, 1),
-        dt.datetime(2026, 11, 25, 11, 0, 0, 500000, tzinfo=dt.UTC),
-        {"a": [1, 2], "b": "x"},
-        b"\x00\xffpg",
-    ),
-    (2, None, None, None, None, None, None, None, None, None, None),
-    (3, Decimal("-0.01"), -2.5e10, "", False, dt.date(1999, 1, 1), dt.time(0, 0), None, None, [], b""),
-]
-
-
-def manifest_columns() -> tuple[Column, ...]:
-    return tuple(Column.from_types(n, t, t, map_pg_type(t), nullable) for n, t, nullable in ORDER_COLUMNS)
-
-
-# --------------------------------------------------------------------------- encoding per docs/architecture.md
-
-
-def csv_field(value: Any) -> str:
-    if value is None:
-        return ""  # NULL is an unquoted empty field
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, bytes):
-        text = value.hex()
-    elif isinstance(value, dt.datetime) and value.tzinfo is not None:
-        text = value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    elif isinstance(value, dt.datetime):
-        text = value.isoformat(sep=" ")
-    elif isinstance(value, dt.date | dt.time | Decimal):
-        text = str(value)
-    elif isinstance(value, float):
-        text = repr(value)
-    elif isinstance(value, dict | list):
-        text = json.dumps(value)
-    else:
-        text = str(value)
-    return '"' + text.replace('"', '""') + '"'  # quoted, so an empty string is ""
-
-
-def csv_gz_bytes(rows: list[tuple[Any, ...]], header: list[str] | None = None) -> bytes:
-    names = header or [n for n, _, _ in ORDER_COLUMNS]
-    lines = [",".join(names)] + [",".join(csv_field(v) for v in row) for row in rows]
-    return gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), mtime=0)
-
-
-def parquet_bytes(rows: list[tuple[Any, ...]]) -> bytes:
-    types = [
-        pa.int64(),
-        pa.decimal128(12, 2),
-        pa.float64(),
-        pa.string(),
-        pa.bool_(),
-        pa.date32(),
-        pa.time64("us"),
-        pa.timestamp("us"),
-        pa.timestamp("us", tz="UTC"),
-        pa.string(),
-        pa.binary(),
-    ]
-    columns = list(zip(*rows, strict=True))
-    arrays = []
-    for (name, _, _), arrow_type, values in zip(ORDER_COLUMNS, types, columns, strict=True):
-        encoded = tuple(None if v is None else json.dumps(v) for v in values) if name == "payload" else values
-        arrays.append(pa.array(encoded, type=arrow_type))
-    table = pa.Table.from_arrays(arrays, names=[n for n, _, _ in ORDER_COLUMNS])
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def local_aws() -> Iterator[LocalAws]:
-    aws = start_local_aws()
-    yield aws
-    aws.stop()
-
-
-@pytest.fixture(scope="module")
-def local_snowflake(local_aws: LocalAws) -> Iterator[LocalSnowflake]:
-    server = start_local_snowflake(
-        s3_endpoint_url=local_aws.endpoint_url,
-        aws_access_key_id=local_aws.access_key_id,
-        aws_secret_access_key=local_aws.secret_access_key,
-    )
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def settings(local_aws: LocalAws) -> Settings:
-    """Loader settings for a fresh bucket and database, so tests share nothing."""
-    suffix = uuid.uuid4().hex[:10]
-    bucket = f"pgsnow-load-{suffix}"
-    local_aws.client("s3").create_bucket(Bucket=bucket)
-    env = {
-        "S3_STAGE_BUCKET": bucket,
-        "S3_STAGE_PREFIX": "staging",
-        "PGSNOW_TABLES": "*",
-        "SNOWFLAKE_ACCOUNT": "local",
-        "SNOWFLAKE_USER": "pgsnow",
-        "SNOWFLAKE_PASSWORD": "local",
-        "SNOWFLAKE_DATABASE": f"DB_{suffix.upper()}",
-    }
-    return Settings.from_env(env, component=Component.LOADER)
-
-
-@pytest.fixture
-def s3(local_aws: LocalAws) -> Any:
-    return local_aws.client("s3")
-
-
-@pytest.fixture
-def sf_conn(local_snowflake: LocalSnowflake, settings: Settings) -> Iterator[Any]:
-    """A connection to the settings' database, with the control schema and the stage in place."""
-    database = settings.snowflake.database
-    assert database is not None
-    conn = snowflake.connector.connect(**local_snowflake.connect_kwargs(database=database, schema="PUBLIC"))
-    control = settings.snowflake.control_schema
-    with conn.cursor() as cursor:
-        cursor.execute(build_create_schema(database, control))
-        cursor.execute(
-            build_create_stage(
-                database,
-                control,
-                settings.snowflake.stage,
-                bucket=settings.bucket,
-                prefix=settings.prefix,
-                storage_integration=None,
-            )
-        )
-    yield conn
-    conn.close()
-
-
-def put_staged_file(
-    s3: Any, settings: Settings, key: str, body: bytes, *, rows: int | None, run_id: str | None = RUN
-) -> None:
-    metadata = {META_SHA256: hashlib.sha256(body).hexdigest()}
-    if run_id is not None:
-        metadata |= {META_RUN_ID: run_id, META_BATCH: "1"}
-    if rows is not None:
-        metadata[META_ROWS] = str(rows)
-    s3.put_object(Bucket=settings.bucket, Key=key, Body=body, Metadata=metadata)
-
-
-def put_run_manifest(s3: Any, settings: Settings, table: TableRef = ORDERS, run_id: str = RUN) -> None:
-    manifest = RunManifest(
-        run_id=run_id,
-        table=table,
-        mode="full",
-        file_format=FileFormat.CSV,
-        columns=manifest_columns(),
-        primary_key=("order_id",),
-        state=RunState.EXTRACTING,
-        started_at="2026-11-25T12:00:00Z",
-    )
-    RunStore(s3, settings.bucket).put_manifest(manifest)
-
-
-def query(sf_conn: Any, sql: str, params: tuple[Any, ...] | None = None) -> list[tuple[Any, ...]]:
-    with sf_conn.cursor() as cursor:
-        cursor.execute(sql, params)
-        return list(cursor.fetchall())
-
-
-def orders_sql(settings: Settings) -> str:
-    return f'"{settings.snowflake.database}"."PUBLIC"."ORDERS"'
-
-
-def ledger_rows(sf_conn: Any, settings: Settings) -> list[tuple[Any, ...]]:
-    ledger = f'"{settings.snowflake.database}"."PGSNOW"."LOAD_LEDGER"'
-    return query(
-        sf_conn,
-        f'SELECT "S3_KEY", "ETAG", "SHA256", "RUN_ID", "SCHEMA_NAME", "TABLE_NAME", "ROWS_LOADED", '
-        f'"LOADED_AT" IS NOT NULL FROM {ledger} ORDER BY "S3_KEY"',
-    )
-
-
-def order_count(sf_conn: Any, settings: Settings) -> int:
-    return int(query(sf_conn, f"SELECT COUNT(*) FROM {orders_sql(settings)}")[0][0])
-
+REPO = Path(__file__).resolve().parents[3]
 
 # --------------------------------------------------------------------------- tests
 

@@ -15,22 +15,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from lifecycle_support import (  # noqa: F401 - fixtures, registered by importing them
+from lifecycle_support import (
     FILES_PER_RUN,
-    cleanup_s3,
     corrupt,
-    dispatcher,
     drain,
     exists,
-    pg_conn,
-    s3,
     settings_with,
-    sf_conn,
-    source_schema,
-    sqs,
-    stack,
     stage_run,
-    table,
 )
 from psycopg2.extensions import connection as PgConnection
 

@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - fixtures imported from stack_support are parameters by the same name
 """Incremental, chunked and resumable extraction against real servers (PostgreSQL on loopback, moto over HTTP).
 
 Covers issue 3's done-when cases: a late-committing transaction's rows arrive in the next run;
@@ -25,15 +24,7 @@ import psycopg2.extensions
 import pyarrow.parquet as pq
 import pytest
 from psycopg2 import sql
-from stack_support import (  # noqa: F401 - fixtures, registered by importing them
-    admin,
-    aws,
-    new_bucket,
-    pg_conn,
-    pg_dsn,
-    s3,
-    schema_name,
-)
+from stack_support import new_bucket
 
 from pgsnow.checkpoint import RunInProgressError
 from pgsnow.config import Component, Settings
@@ -152,7 +143,7 @@ def test_late_committing_transaction_is_captured_by_the_next_run(
                     sql.Identifier(table.schema, table.table)
                 )
             )  # updated_at = now() = this transaction's start, before the rows below
-        time.sleep(0.05)
+        time.sleep(0.05)  # wall clock is the subject: the rows below get a later now() than the late one
         with admin.cursor() as cur:
             cur.execute(
                 sql.SQL("INSERT INTO {} (id, note) SELECT g, 'n' || g FROM generate_series(1, 5) g").format(

@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - pytest fixtures imported from test_load are parameters by the same name
 """Loader: exactly-once across redelivery and table recreation, grouped COPY, merge, replace,
 schema evolution and ON_ERROR, against moto and the local Snowflake over HTTP."""
 
@@ -10,22 +9,17 @@ import threading
 from typing import Any
 
 import pytest
-from test_load import (  # fixtures and staging helpers shared with the base loader tests
+from load_support import (
     ORDER_COLUMNS,
     ORDER_ROWS,
     ORDERS,
     csv_gz_bytes,
     ledger_rows,
-    local_aws,  # noqa: F401 - fixture
-    local_snowflake,  # noqa: F401 - fixture
     manifest_columns,
     order_count,
     orders_sql,
     put_staged_file,
     query,
-    s3,  # noqa: F401 - fixture
-    settings,  # noqa: F401 - fixture
-    sf_conn,  # noqa: F401 - fixture
 )
 
 from pgsnow.config import OnError, Settings

@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - fixtures imported from stack_support are parameters by the same name
 """Very large values: they stage intact in both formats with bounded memory, and a value larger than
 its Snowflake column follows the table's value policy (refused with its key by default).
 
@@ -25,15 +24,7 @@ import psycopg2.extensions
 import pyarrow.parquet as pq
 import pytest
 from psycopg2 import sql
-from stack_support import (  # noqa: F401 - fixtures, registered by importing them
-    admin,
-    aws,
-    new_bucket,
-    pg_conn,
-    pg_dsn,
-    s3,
-    schema_name,
-)
+from stack_support import new_bucket
 
 from pgsnow.config import Component, Settings
 from pgsnow.csv_records import csv_fields_at

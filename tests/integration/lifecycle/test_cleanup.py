@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - fixtures imported from lifecycle_support are parameters by the same name
 """Cleanup modes against real servers: files staged by the real extractor from the local
 PostgreSQL, loaded by the real loader into the local Snowflake (its load ledger), and
 deleted (or kept) in a moto S3 bucket by ``pgsnow.cleanup``.
@@ -15,17 +14,11 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from lifecycle_support import (  # noqa: F401 - fixtures, registered by importing them
+from lifecycle_support import (
     FILES_PER_RUN,
     ROWS_PER_FILE,
-    cleanup_s3,
     load_keys,
-    pg_conn,
-    s3,
-    sf_conn,
-    source_schema,
     stage_run,
-    table,
 )
 from psycopg2.extensions import connection as PgConnection
 from stack_support import running_stack

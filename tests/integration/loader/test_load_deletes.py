@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - pytest fixtures imported from test_load are parameters by the same name
 """Deletes from the run's full key list: once a run is complete, target rows whose primary key
 is gone from the source are deleted (hard) or flagged in "_PGSNOW_DELETED_AT" (soft), and
 nothing else changes. Against moto and the local Snowflake over HTTP."""
@@ -6,76 +5,29 @@ nothing else changes. Against moto and the local Snowflake over HTTP."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any
 
 import pytest
-from test_load import (  # fixtures and staging helpers shared with the base loader tests
+from load_support import (
     ORDER_COLUMNS,
-    ORDER_ROWS,
     ORDERS,
-    csv_gz_bytes,
-    local_aws,  # noqa: F401 - fixture
-    local_snowflake,  # noqa: F401 - fixture
-    manifest_columns,
+    RUN_1,
+    RUN_2,
     orders_sql,
-    put_staged_file,
     query,
-    s3,  # noqa: F401 - fixture
-    settings,  # noqa: F401 - fixture
-    sf_conn,  # noqa: F401 - fixture
+    stage_run,
 )
 
 from pgsnow.cleanup import cleanup_pending_runs
 from pgsnow.config import CleanupMode, Settings
-from pgsnow.keys import FileFormat, applied_mark_key, data_key, key_list_key, parse_data_key
+from pgsnow.keys import applied_mark_key, parse_data_key
 from pgsnow.load.batch import load_staged_files
 from pgsnow.load.outcomes import LoadStatus, RunOutcome
-from pgsnow.manifest import RunManifest, RunState, StagedFile
+from pgsnow.manifest import RunState
 from pgsnow.runs import RunStore
 from pgsnow.snowflake.table_sql import SOFT_DELETE_COLUMN
 
 pytestmark = pytest.mark.integration
-
-RUN_1 = "20261125T120000000000Z"
-RUN_2 = "20261126T120000000000Z"
-ROW_BY_ID = {row[0]: row for row in ORDER_ROWS}
-
-
-def stage_run(
-    s3: Any,
-    settings: Settings,
-    run_id: str,
-    order_ids: list[int],
-    deletes: str,
-    state: RunState = RunState.STAGED,
-) -> str:
-    """A complete (staged) run: one data file with these orders, its full key list, its manifest."""
-    rows = [ROW_BY_ID[i] for i in order_ids]
-    key = data_key(settings.prefix, ORDERS, 1, run_id, FileFormat.CSV)
-    body = csv_gz_bytes(rows)
-    put_staged_file(s3, settings, key, body, rows=len(rows), run_id=run_id)
-    keys_body = csv_gz_bytes([(i,) for i in order_ids], header=["order_id"])
-    keys_key = key_list_key(ORDERS, run_id)
-    s3.put_object(Bucket=settings.bucket, Key=keys_key, Body=keys_body)
-    manifest = RunManifest(
-        run_id=run_id,
-        table=ORDERS,
-        mode="full",
-        file_format=FileFormat.CSV,
-        columns=manifest_columns(),
-        primary_key=("order_id",),
-        state=state,
-        started_at="2026-11-25T12:00:00Z",
-        files=(StagedFile(key, 1, len(rows), len(body), hashlib.sha256(body).hexdigest(), FileFormat.CSV),),
-        write_mode="merge",
-        deletes=deletes,
-        key_list=StagedFile(
-            keys_key, 0, len(order_ids), len(keys_body), hashlib.sha256(keys_body).hexdigest(), FileFormat.CSV
-        ),
-    )
-    RunStore(s3, settings.bucket).put_manifest(manifest)
-    return key
 
 
 def snapshot(sf_conn: Any, settings: Settings) -> list[tuple[Any, ...]]:

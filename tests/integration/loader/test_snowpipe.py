@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - pytest fixtures imported from test_load are parameters by the same name
 """LOAD_METHOD=snowpipe end to end: the real snowflake-ingest SDK against the local Snowpipe
 REST endpoint (JWT verified), which runs the pipe's COPY on the local Snowflake over moto."""
 
@@ -14,26 +13,21 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from snowflake.ingest import SimpleIngestManager
-from snowflake.ingest.error import IngestResponseError
-from snowflake.ingest.simple_ingest_manager import StagedFile
-from test_load import (  # fixtures and staging helpers shared with the base loader tests
+from load_support import (
     ORDER_COLUMNS,
     ORDER_ROWS,
     ORDERS,
     csv_gz_bytes,
     ledger_rows,
-    local_aws,  # noqa: F401 - fixture
-    local_snowflake,  # noqa: F401 - fixture
     order_count,
     orders_sql,
     put_run_manifest,
     put_staged_file,
     query,
-    s3,  # noqa: F401 - fixture
-    settings,  # noqa: F401 - fixture
-    sf_conn,  # noqa: F401 - fixture
 )
+from snowflake.ingest import SimpleIngestManager
+from snowflake.ingest.error import IngestResponseError
+from snowflake.ingest.simple_ingest_manager import StagedFile
 
 from pgsnow.config import LoadMethod, Settings
 from pgsnow.errors import PermanentError, RetryableError
