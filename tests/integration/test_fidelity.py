@@ -16,6 +16,7 @@ import pytest
 from dataset_support import dataset_script, load_sql_file
 
 from pgsnow.config import Component
+from pgsnow.demo.compare import TableComparison, compare_table
 from pgsnow.demo.pipeline import list_schema_tables
 from pgsnow.errors import PermanentError
 from pgsnow.extract.run import extract_table
@@ -161,7 +162,9 @@ def test_unrepresentable_values_arrive_as_null_under_the_null_policy(
 # Northwind and Chinook (read from ../shared/datasets or PGSNOW_DATASETS_DIR; not shipped with
 # pgsnow) are loaded once per module into their own databases, then every table of each goes
 # through the pipeline in both formats and in the merge and replace write modes. The targets are
-# dropped before each case, so each case is a first load of its own.
+# dropped before each case, so each case is a first load of its own. Each copy is checked by
+# ``pgsnow verify`` and by the demo's cell-by-cell comparison, so one replication serves both
+# checks (they were once two modules replicating the same datasets twice).
 
 DATASET_SCHEMA = "public"
 
@@ -236,6 +239,15 @@ def _verify_all(pipeline: PipelineHarness, dataset: LoadedDataset) -> list[Table
         pg_conn.close()
 
 
+def _compare_all(pipeline: PipelineHarness, dataset: LoadedDataset) -> list[TableComparison]:
+    """The demo's cell-by-cell comparison of every table (exact floats, the first differing cell)."""
+    pg_conn = connect(dataset.dsn)
+    try:
+        return [compare_table(pg_conn, pipeline.sf_conn, t, SNOWFLAKE_DATABASE) for t in dataset.tables]
+    finally:
+        pg_conn.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("write_mode", ["merge", "replace"])
 @pytest.mark.parametrize("file_format", [FileFormat.CSV, FileFormat.PARQUET], ids=["csv", "parquet"])
@@ -253,8 +265,9 @@ def test_dataset_replicates_and_verify_passes_for_every_table(
     file_format: FileFormat,
     write_mode: str,
 ) -> None:
-    """Expected: every table of the dataset arrives with every row (verify passes per table), in
-    the format and write mode asked for, with no failed delivery."""
+    """Expected: every table of the dataset arrives with every row (verify passes per table, and
+    every cell compares equal read back through the connector), in the format and write mode
+    asked for, with no failed delivery."""
     # Given the dataset in PostgreSQL and none of its tables in Snowflake
     dataset = datasets[name]
     _drop_targets(pipeline, dataset.tables)
@@ -270,3 +283,9 @@ def test_dataset_replicates_and_verify_passes_for_every_table(
     assert not failures, "\n".join(failures)
     assert all(r.keyed for r in results), "every table of these datasets has a primary key"
     assert sum(r.source_rows for r in results) > 0
+    # and every cell of every table compares equal read back through the connector
+    cells = _compare_all(pipeline, dataset)
+    assert [c.table for c in cells] == dataset.tables
+    mismatches = [f"{c.table}: {c.detail}" for c in cells if not c.ok]
+    assert not mismatches, "\n".join(mismatches)
+    assert [c.source_rows for c in cells] == [c.snowflake_rows for c in cells] == [r.source_rows for r in results]
