@@ -163,10 +163,15 @@ def test_unrepresentable_values_arrive_as_null_under_the_null_policy(
 # pgsnow) are loaded once per module into their own databases, then every table of each goes
 # through the pipeline in both formats and in the merge and replace write modes. The targets are
 # dropped before each case, so each case is a first load of its own. Each copy is checked by
-# ``pgsnow verify`` and by the demo's cell-by-cell comparison, so one replication serves both
-# checks (they were once two modules replicating the same datasets twice).
+# ``pgsnow verify``; the copies the demo itself makes of these datasets (a full run of a keyed
+# table replaces by default) are checked by its cell-by-cell comparison too, on the same
+# replication (they were once a module of their own that replicated the datasets again).
 
 DATASET_SCHEMA = "public"
+# (dataset, format, write mode) of the copies also compared cell by cell, as ``pgsnow demo
+# --schema public`` compares them: Northwind in CSV, Chinook in Parquet. The comparison reads every
+# cell back (a few seconds a dataset), so the other copies are left to verify.
+COMPARED_CELL_BY_CELL = {("northwind", FileFormat.CSV, "replace"), ("chinook", FileFormat.PARQUET, "replace")}
 
 
 @dataclass(frozen=True)
@@ -265,9 +270,9 @@ def test_dataset_replicates_and_verify_passes_for_every_table(
     file_format: FileFormat,
     write_mode: str,
 ) -> None:
-    """Expected: every table of the dataset arrives with every row (verify passes per table, and
-    every cell compares equal read back through the connector), in the format and write mode
-    asked for, with no failed delivery."""
+    """Expected: every table of the dataset arrives with every row (verify passes per table; in
+    the demo's copies every cell compares equal read back through the connector too), in the
+    format and write mode asked for, with no failed delivery."""
     # Given the dataset in PostgreSQL and none of its tables in Snowflake
     dataset = datasets[name]
     _drop_targets(pipeline, dataset.tables)
@@ -283,9 +288,15 @@ def test_dataset_replicates_and_verify_passes_for_every_table(
     assert not failures, "\n".join(failures)
     assert all(r.keyed for r in results), "every table of these datasets has a primary key"
     assert sum(r.source_rows for r in results) > 0
-    # and every cell of every table compares equal read back through the connector
+    if (name, file_format, write_mode) not in COMPARED_CELL_BY_CELL:
+        return
+    # and in the demo's copies every cell of every table compares equal read back through the connector
     cells = _compare_all(pipeline, dataset)
     assert [c.table for c in cells] == dataset.tables
     mismatches = [f"{c.table}: {c.detail}" for c in cells if not c.ok]
     assert not mismatches, "\n".join(mismatches)
-    assert [c.source_rows for c in cells] == [c.snowflake_rows for c in cells] == [r.source_rows for r in results]
+    assert (
+        [c.source_rows for c in cells]
+        == [c.snowflake_rows for c in cells]
+        == [r.source_rows for r in results]
+    )
