@@ -326,7 +326,8 @@ def start_local_snowpipe(
     """Serve Snowpipe REST on 127.0.0.1 (port 0: any free port), loading into ``snowflake``."""
     state = LocalSnowpipeState(snowflake, account)
     host = "127.0.0.1"
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, so asyncio sets TCP_NODELAY on each accepted connection (see local/snowflake.py)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
     bound_port = int(listener.getsockname()[1])
