@@ -9,6 +9,9 @@ maxReceiveCount of two, so a failing message reaches the dead-letter queue withi
 through SQS's own redrive. The harness is in pipeline_support.py; the building blocks (schema,
 stack, connections) are in stack_support.py, for modules that need a stack set up differently.
 
+``aws`` is the one moto server of a test process for the modules that need moto alone (the
+loader and extractor suites, test_dispatcher, test_local_aws, test_local_iam, test_runs, ...).
+
 The loader, extractor and lifecycle suites have their own conftest.py in their directories;
 other modules keep their own fixtures. The names here are distinct from theirs so nothing is
 overridden by accident.
@@ -25,9 +28,20 @@ import pytest
 from pipeline_support import PipelineHarness, harness_on_stack, pipeline_harness
 from stack_support import MAX_RECEIVE_COUNT, VISIBILITY_TIMEOUT_S, running_stack, source_database
 
+from pgsnow.local.aws import LocalAws, start_local_aws
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, StorageAccess
 from pgsnow.observability import SERVICE
 from pgsnow.verify import prepare_snowflake_session
+
+
+@pytest.fixture(scope="session")
+def aws() -> Iterator[LocalAws]:
+    """One moto server per test process (one per xdist worker) for every module that needs moto
+    alone: starting one takes a second or two, and each test keeps to buckets, queues and users
+    of its own (``new_bucket``, unique names)."""
+    local = start_local_aws()
+    yield local
+    local.stop()
 
 
 @pytest.fixture(scope="session")

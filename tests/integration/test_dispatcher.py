@@ -6,27 +6,20 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
 import pytest
 
-from pgsnow.local.aws import LocalAws, create_staging_resources, start_local_aws
+from pgsnow.local.aws import LocalAws, create_staging_resources
 from pgsnow.local.dispatcher import DispatchStats, SqsDispatcher
 
 pytestmark = pytest.mark.integration
 
 VISIBILITY_TIMEOUT_S = 1
 MAX_RECEIVE_COUNT = 3
-
-
-@pytest.fixture(scope="module")
-def aws() -> Iterator[LocalAws]:
-    local = start_local_aws()
-    yield local
-    local.stop()
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pgsnow.config import Component, Settings, postgres_env
 from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat
-from pgsnow.local.aws import LocalAws, start_local_aws
+from pgsnow.local.aws import LocalAws
 from pgsnow.postgres import connect
 
 pytestmark = pytest.mark.integration
@@ -66,10 +66,8 @@ def table(pg_dsn: str) -> Iterator[TableRef]:
 
 
 @pytest.fixture(scope="module")
-def s3() -> Iterator[Any]:
-    local: LocalAws = start_local_aws()
-    yield local.client("s3")
-    local.stop()
+def s3(aws: LocalAws) -> Any:
+    return aws.client("s3")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
@@ -20,18 +19,10 @@ from pgsnow.local.aws import (
     StagingResources,
     create_staging_resources,
     notification_rules_from_template,
-    start_local_aws,
 )
 from pgsnow.runtime import read_secret_json
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def aws() -> Iterator[LocalAws]:
-    local = start_local_aws()
-    yield local
-    local.stop()
 
 
 @pytest.fixture

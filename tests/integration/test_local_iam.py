@@ -34,7 +34,6 @@ from pgsnow.local.aws import (
     LocalAws,
     StagingResources,
     create_staging_resources,
-    start_local_aws,
 )
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.iam import (
@@ -59,13 +58,6 @@ STATE_KEY = "_pgsnow/state/public/orders/lease.json"
 
 
 # --------------------------------------------------------------------------- moto and roles only
-
-
-@pytest.fixture(scope="module")
-def aws() -> Iterator[LocalAws]:
-    local = start_local_aws()
-    yield local
-    local.stop()
 
 
 @pytest.fixture(scope="module")

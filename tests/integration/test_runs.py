@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,7 +13,7 @@ from pgsnow.checkpoint import LeaseLostError, RunInProgressError
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, manifest_key
-from pgsnow.local.aws import LocalAws, start_local_aws
+from pgsnow.local.aws import LocalAws
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.runs import ManifestNotFoundError, RunStore
 
@@ -25,13 +24,6 @@ ORDERS = TableRef("public", "orders")
 ORDERS_ARCHIVE = TableRef("public", "orders_archive")
 OTHER_SCHEMA = TableRef("sales", "orders")
 RUNS = ["20261125T120000000000Z", "20261126T120000000000Z", "20261127T120000000000Z"]
-
-
-@pytest.fixture(scope="module")
-def aws() -> Iterator[LocalAws]:
-    local = start_local_aws()
-    yield local
-    local.stop()
 
 
 @pytest.fixture

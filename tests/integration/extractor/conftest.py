@@ -1,6 +1,7 @@
 """Fixtures of the extractor suites (test_extract, test_extract_runs, test_large_values), which
 need only PostgreSQL and a moto server: the source DSN, an autocommit ``admin`` connection, a
-schema of the module's own, the moto server and its S3 client, and the extractor's connection."""
+schema of the module's own, the S3 client of the process's moto server (``aws``, from
+tests/integration/conftest.py), and the extractor's connection."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from psycopg2 import sql
 from stack_support import PG_DSN_DEFAULT, unique_name
 
 from pgsnow.config import postgres_env
-from pgsnow.local.aws import LocalAws, start_local_aws
+from pgsnow.local.aws import LocalAws
 from pgsnow.postgres import connect
 
 
@@ -42,14 +43,6 @@ def schema_name(admin: psycopg2.extensions.connection, request: pytest.FixtureRe
     yield name
     with admin.cursor() as cur:
         cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
-
-
-@pytest.fixture(scope="session")
-def aws() -> Iterator[LocalAws]:
-    """One moto server per test process: each test stages into a bucket of its own (``new_bucket``)."""
-    local = start_local_aws()
-    yield local
-    local.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Fixtures of the loader suites (test_load*, test_snowpipe): one moto server and one local
-Snowflake server per test process (one per xdist worker), and per test a bucket and a Snowflake
+"""Fixtures of the loader suites (test_load*, test_snowpipe): one local Snowflake server per test
+process (one per xdist worker), reading the process's one moto server (``aws``, from
+tests/integration/conftest.py), and per test a bucket and a Snowflake
 database of its own (``settings``), so tests share the servers and nothing else. Staging helpers
 are in load_support.py."""
 
@@ -13,36 +14,29 @@ import pytest
 import snowflake.connector
 
 from pgsnow.config import Component, Settings
-from pgsnow.local.aws import LocalAws, start_local_aws
+from pgsnow.local.aws import LocalAws
 from pgsnow.local.snowflake import LocalSnowflake, start_local_snowflake
 from pgsnow.snowflake.load_sql import build_create_stage
 from pgsnow.snowflake.table_sql import build_create_schema
 
 
 @pytest.fixture(scope="session")
-def local_aws() -> Iterator[LocalAws]:
-    aws = start_local_aws()
-    yield aws
-    aws.stop()
-
-
-@pytest.fixture(scope="session")
-def local_snowflake(local_aws: LocalAws) -> Iterator[LocalSnowflake]:
+def local_snowflake(aws: LocalAws) -> Iterator[LocalSnowflake]:
     server = start_local_snowflake(
-        s3_endpoint_url=local_aws.endpoint_url,
-        aws_access_key_id=local_aws.access_key_id,
-        aws_secret_access_key=local_aws.secret_access_key,
+        s3_endpoint_url=aws.endpoint_url,
+        aws_access_key_id=aws.access_key_id,
+        aws_secret_access_key=aws.secret_access_key,
     )
     yield server
     server.stop()
 
 
 @pytest.fixture
-def settings(local_aws: LocalAws) -> Settings:
+def settings(aws: LocalAws) -> Settings:
     """Loader settings for a fresh bucket and database, so tests share nothing."""
     suffix = uuid.uuid4().hex[:10]
     bucket = f"pgsnow-load-{suffix}"
-    local_aws.client("s3").create_bucket(Bucket=bucket)
+    aws.client("s3").create_bucket(Bucket=bucket)
     env = {
         "S3_STAGE_BUCKET": bucket,
         "S3_STAGE_PREFIX": "staging",
@@ -56,8 +50,8 @@ def settings(local_aws: LocalAws) -> Settings:
 
 
 @pytest.fixture
-def s3(local_aws: LocalAws) -> Any:
-    return local_aws.client("s3")
+def s3(aws: LocalAws) -> Any:
+    return aws.client("s3")
 
 
 @pytest.fixture

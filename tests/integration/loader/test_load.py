@@ -246,12 +246,12 @@ class FakeLambdaContext:
 
 
 def test_handler_fails_exactly_the_bad_record(
-    local_aws: LocalAws, local_snowflake: LocalSnowflake, monkeypatch: pytest.MonkeyPatch
+    aws: LocalAws, local_snowflake: LocalSnowflake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given the staging bucket with its S3 -> SQS notification, a run manifest, and two staged
     # files: one good, one with a bad NUMBER value
     suffix = uuid.uuid4().hex[:10]
-    resources = create_staging_resources(local_aws, bucket=f"pgsnow-handler-{suffix}")
+    resources = create_staging_resources(aws, bucket=f"pgsnow-handler-{suffix}")
     env = {
         "S3_STAGE_BUCKET": resources.bucket,
         "PGSNOW_TABLES": "public.orders",
@@ -261,7 +261,7 @@ def test_handler_fails_exactly_the_bad_record(
         "SNOWFLAKE_DATABASE": f"DB_{suffix.upper()}",
     }
     settings = Settings.from_env(env, component=Component.LOADER)
-    s3 = local_aws.client("s3")
+    s3 = aws.client("s3")
     conn = snowflake.connector.connect(
         **local_snowflake.connect_kwargs(database=settings.snowflake.database or "", schema="PUBLIC")
     )
@@ -282,7 +282,7 @@ def test_handler_fails_exactly_the_bad_record(
     bad_key = data_key(settings.prefix, ORDERS, 2, RUN, FileFormat.CSV)
     put_staged_file(s3, settings, good_key, csv_gz_bytes(ORDER_ROWS), rows=len(ORDER_ROWS))
     put_staged_file(s3, settings, bad_key, csv_gz_bytes([(4, "oops", *ORDER_ROWS[0][2:])]), rows=1)
-    sqs = local_aws.client("sqs")
+    sqs = aws.client("sqs")
     messages: list[dict[str, Any]] = []
     for _ in range(5):
         received = sqs.receive_message(
@@ -304,7 +304,7 @@ def test_handler_fails_exactly_the_bad_record(
                 "md5OfBody": m["MD5OfBody"],
                 "eventSource": "aws:sqs",
                 "eventSourceARN": resources.queue_arn,
-                "awsRegion": local_aws.region,
+                "awsRegion": aws.region,
             }
             for m in messages
         ]
@@ -318,7 +318,7 @@ def test_handler_fails_exactly_the_bad_record(
     monkeypatch.setattr(
         app,
         "loader_runtime",
-        lambda: Runtime(settings=settings, session=local_aws.admin_session(), _snowflake=conn),
+        lambda: Runtime(settings=settings, session=aws.admin_session(), _snowflake=conn),
     )
 
     # When the handler gets the batch
@@ -373,11 +373,11 @@ def sqs_record_for(settings: Settings, key: str) -> SQSRecord:
 
 
 def test_a_steady_batch_sends_no_ddl_and_no_column_lookup(
-    settings: Settings, s3: Any, sf_conn: Any, local_aws: LocalAws, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, s3: Any, sf_conn: Any, aws: LocalAws, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given the loader handler's runtime (one per container), which loaded a first batch of a run
     app = import_loader_app()
-    runtime = Runtime(settings=settings, session=local_aws.admin_session(), _snowflake=sf_conn)
+    runtime = Runtime(settings=settings, session=aws.admin_session(), _snowflake=sf_conn)
     monkeypatch.setattr(app, "loader_runtime", lambda: runtime)
     put_run_manifest(s3, settings)
     keys = [data_key(settings.prefix, ORDERS, batch, RUN, FileFormat.CSV) for batch in (1, 2, 3)]
@@ -407,10 +407,10 @@ def test_a_steady_batch_sends_no_ddl_and_no_column_lookup(
 
 
 def test_a_table_dropped_by_hand_is_prepared_again_on_the_retry(
-    settings: Settings, s3: Any, sf_conn: Any, local_aws: LocalAws
+    settings: Settings, s3: Any, sf_conn: Any, aws: LocalAws
 ) -> None:
     # Given a runtime's loader that prepared the orders table for a first batch
-    runtime = Runtime(settings=settings, session=local_aws.admin_session(), _snowflake=sf_conn)
+    runtime = Runtime(settings=settings, session=aws.admin_session(), _snowflake=sf_conn)
     put_run_manifest(s3, settings)
     keys = [data_key(settings.prefix, ORDERS, batch, RUN, FileFormat.CSV) for batch in (1, 2)]
     for key in keys:

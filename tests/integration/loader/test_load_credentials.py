@@ -91,10 +91,10 @@ class LoaderSession:
         return self.credentials
 
 
-def temporary_credentials(local_aws: LocalAws) -> Credentials:
+def temporary_credentials(aws: LocalAws) -> Credentials:
     """Real temporary credentials from the local STS (key id, secret key and session token),
     new ones on each call, as a refresh of the loader role's session gives."""
-    issued = local_aws.client("sts").assume_role(
+    issued = aws.client("sts").assume_role(
         RoleArn="arn:aws:iam::123456789012:role/pgsnow-test-loader",
         RoleSessionName=f"loader-{uuid.uuid4().hex[:12]}",
         DurationSeconds=900,
@@ -103,8 +103,8 @@ def temporary_credentials(local_aws: LocalAws) -> Credentials:
 
 
 @pytest.fixture
-def loader_session(local_aws: LocalAws) -> LoaderSession:
-    return LoaderSession(temporary_credentials(local_aws))
+def loader_session(aws: LocalAws) -> LoaderSession:
+    return LoaderSession(temporary_credentials(aws))
 
 
 def order_ids(sf_conn: Any, settings: Settings) -> list[int]:
@@ -123,7 +123,7 @@ def credentials_clause(credentials: Credentials) -> str:
 
 
 def test_loads_through_a_temporary_stage_with_the_loaders_credentials(
-    settings: Settings, s3: Any, sf_conn: Any, loader_session: LoaderSession, local_aws: LocalAws
+    settings: Settings, s3: Any, sf_conn: Any, loader_session: LoaderSession, aws: LocalAws
 ) -> None:
     # Given no storage integration, a first run with orders 1, 2 and 3, and the loader's credentials
     assert not settings.snowflake.storage_integration
@@ -170,7 +170,7 @@ def test_loads_through_a_temporary_stage_with_the_loaders_credentials(
 
     # When the loader's credentials are refreshed and a third run loads
     recording.statements.clear()
-    loader_session.credentials = temporary_credentials(local_aws)
+    loader_session.credentials = temporary_credentials(aws)
     third = parse_data_key(stage_run(s3, settings, RUN_3, [1, 2, 3], "hard"), settings.prefix)
     load_staged_files(
         settings=settings, sf_conn=recording, s3=s3, objects=[third], aws_credentials=loader_session

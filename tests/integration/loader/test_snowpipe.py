@@ -84,11 +84,11 @@ def registered_key(local_snowpipe: LocalSnowpipe) -> rsa.RSAPrivateKey:
 
 @pytest.fixture
 def pipe_settings(
-    settings: Settings, local_aws: LocalAws, local_snowpipe: LocalSnowpipe, registered_key: rsa.RSAPrivateKey
+    settings: Settings, aws: LocalAws, local_snowpipe: LocalSnowpipe, registered_key: rsa.RSAPrivateKey
 ) -> Settings:
     """LOAD_METHOD=snowpipe against the local endpoint, the private key in a Secrets Manager secret."""
     secret = {"account": ACCOUNT, "user": USER, "private_key": private_key_pem(registered_key)}
-    arn = local_aws.client("secretsmanager").create_secret(
+    arn = aws.client("secretsmanager").create_secret(
         Name=f"pgsnow/snowflake-{uuid.uuid4().hex[:8]}", SecretString=json.dumps(secret)
     )["ARN"]
     load = dataclasses.replace(
@@ -99,11 +99,11 @@ def pipe_settings(
     )
 
 
-def client_for(settings: Settings, local_aws: LocalAws, confirm_timeout_s: float = 30.0) -> SnowpipeClient:
+def client_for(settings: Settings, aws: LocalAws, confirm_timeout_s: float = 30.0) -> SnowpipeClient:
     client = snowpipe_client_from_settings(
         settings.snowflake,
         settings.load.snowpipe_host,
-        secrets_client=local_aws.client("secretsmanager"),
+        secrets_client=aws.client("secretsmanager"),
         confirm_timeout_s=confirm_timeout_s,
     )
     client.poll_interval_s = 0.1
@@ -126,13 +126,13 @@ def pipe_events(local_snowpipe: LocalSnowpipe, settings: Settings) -> list[Any]:
 
 
 def test_a_file_loads_through_snowpipe_once_and_cell_exact(
-    pipe_settings: Settings, s3: Any, sf_conn: Any, local_aws: LocalAws, local_snowpipe: LocalSnowpipe
+    pipe_settings: Settings, s3: Any, sf_conn: Any, aws: LocalAws, local_snowpipe: LocalSnowpipe
 ) -> None:
     # Given a staged file of a run
     put_run_manifest(s3, pipe_settings)
     key = stage_orders(s3, pipe_settings, ORDER_ROWS)
     staged = parse_data_key(key, pipe_settings.prefix)
-    client = client_for(pipe_settings, local_aws)
+    client = client_for(pipe_settings, aws)
 
     # When the loader submits it to the table's pipe, and the same notification arrives again
     first = load_staged_files(
@@ -163,7 +163,7 @@ def test_a_file_loads_through_snowpipe_once_and_cell_exact(
 
 
 def test_a_wrong_key_is_refused_with_401_and_nothing_loads(
-    pipe_settings: Settings, s3: Any, sf_conn: Any, local_aws: LocalAws, local_snowpipe: LocalSnowpipe
+    pipe_settings: Settings, s3: Any, sf_conn: Any, aws: LocalAws, local_snowpipe: LocalSnowpipe
 ) -> None:
     # Given a pipe that exists (a first file loaded with the registered key) and a second file
     put_run_manifest(s3, pipe_settings)
@@ -173,7 +173,7 @@ def test_a_wrong_key_is_refused_with_401_and_nothing_loads(
         sf_conn=sf_conn,
         s3=s3,
         objects=[parse_data_key(first_key, pipe_settings.prefix)],
-        snowpipe=client_for(pipe_settings, local_aws),
+        snowpipe=client_for(pipe_settings, aws),
     )
     second = parse_data_key(stage_orders(s3, pipe_settings, ORDER_ROWS[1:], batch=2), pipe_settings.prefix)
     assert pipe_settings.snowflake.database
@@ -206,7 +206,7 @@ def test_a_wrong_key_is_refused_with_401_and_nothing_loads(
 
 
 def test_an_unconfirmed_file_is_retried_and_loads_once(
-    pipe_settings: Settings, s3: Any, sf_conn: Any, local_aws: LocalAws, local_snowpipe: LocalSnowpipe
+    pipe_settings: Settings, s3: Any, sf_conn: Any, aws: LocalAws, local_snowpipe: LocalSnowpipe
 ) -> None:
     # Given a Snowpipe that accepts files but has not loaded them yet
     put_run_manifest(s3, pipe_settings)
@@ -220,7 +220,7 @@ def test_an_unconfirmed_file_is_retried_and_loads_once(
                 sf_conn=sf_conn,
                 s3=s3,
                 objects=[staged],
-                snowpipe=client_for(pipe_settings, local_aws, confirm_timeout_s=0.5),
+                snowpipe=client_for(pipe_settings, aws, confirm_timeout_s=0.5),
             )
         # Then nothing is recorded as loaded (the message returns to the queue)
         assert [row[6:] for row in ledger_rows(sf_conn, pipe_settings)] == [(None, False)]
@@ -236,7 +236,7 @@ def test_an_unconfirmed_file_is_retried_and_loads_once(
         sf_conn=sf_conn,
         s3=s3,
         objects=[staged],
-        snowpipe=client_for(pipe_settings, local_aws),
+        snowpipe=client_for(pipe_settings, aws),
     )
 
     # Then the earlier submission's load is confirmed and recorded; the rows are there once
@@ -247,7 +247,7 @@ def test_an_unconfirmed_file_is_retried_and_loads_once(
 
 
 def test_a_file_snowpipe_fails_is_a_permanent_error_naming_the_reason(
-    pipe_settings: Settings, s3: Any, sf_conn: Any, local_aws: LocalAws
+    pipe_settings: Settings, s3: Any, sf_conn: Any, aws: LocalAws
 ) -> None:
     # Given a staged file whose order_id is not a number
     put_run_manifest(s3, pipe_settings)
@@ -261,7 +261,7 @@ def test_a_file_snowpipe_fails_is_a_permanent_error_naming_the_reason(
             sf_conn=sf_conn,
             s3=s3,
             objects=[staged],
-            snowpipe=client_for(pipe_settings, local_aws),
+            snowpipe=client_for(pipe_settings, aws),
         )
 
     # Then the error names the file and Snowflake's reason, and the ledger does not hold it as loaded
@@ -272,14 +272,14 @@ def test_a_file_snowpipe_fails_is_a_permanent_error_naming_the_reason(
 
 
 def test_a_run_without_a_column_the_source_dropped_loads_its_values_into_their_own_columns(
-    pipe_settings: Settings, s3: Any, sf_conn: Any, local_aws: LocalAws
+    pipe_settings: Settings, s3: Any, sf_conn: Any, aws: LocalAws
 ) -> None:
     """The table's pipe was made when the source still had a column; its COPY lists the table's
     columns by position. A later run without that column loads with COPY (the ledger's
     transaction, exactly once) so each value lands in its own column, not the next one's."""
     # Given a table loaded through its pipe while the source had id, gone, note
     table = TableRef("public", f"pipe_drift_{uuid.uuid4().hex[:6]}")
-    client = client_for(pipe_settings, local_aws)
+    client = client_for(pipe_settings, aws)
 
     def stage_run(run_id: str, names: list[str], rows: list[tuple[Any, ...]]) -> Any:
         types = {"id": "bigint", "gone": "text", "note": "text"}
