@@ -15,6 +15,7 @@ Each is a context manager, so a module's fixture is a ``with`` and a ``yield``:
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -30,7 +31,12 @@ from pgsnow.local.postgres import LocalPostgres, create_database, start_local_po
 from pgsnow.local.stack import LocalStack, start_stack
 from pgsnow.postgres import connect
 
-SOURCE_DATABASE = "test"
+# One source database per xdist worker: the extractor's safe point counts every transaction open in
+# its database (pgsnow.postgres.read_safe_point), so another worker's open transaction in a shared
+# database would hold a run's watermark back, and a test that checks the watermark would see it.
+SOURCE_DATABASE = (
+    f"test_{os.environ['PYTEST_XDIST_WORKER']}" if "PYTEST_XDIST_WORKER" in os.environ else "test"
+)
 PG_DSN_DEFAULT = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 # conftest's ``pipeline`` queue: a failing message is dead-lettered within seconds by SQS's own redrive.
 VISIBILITY_TIMEOUT_S = 1

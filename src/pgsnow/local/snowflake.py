@@ -67,7 +67,7 @@ from starlette.routing import Route
 from starlette.types import Message
 
 from pgsnow.errors import ConfigError
-from pgsnow.local import sf_extension_types
+from pgsnow.local import sf_extension_types, sf_transform_once
 from pgsnow.local.duckdb_setup import load_httpfs, load_spatial
 from pgsnow.local.keypair import INVALID_JWT_CODE, INVALID_JWT_MESSAGE, PublicKeys
 from pgsnow.local.sf_access import (
@@ -225,6 +225,7 @@ def build_fakesnow(s3: S3Settings, data_dir: Path | None, *, shared_secret: bool
     # Snowflake's VECTOR, GEOMETRY and GEOGRAPHY on DuckDB (sf_extension_types); spatial from PyPI.
     load_spatial(fs.duck_conn)
     sf_extension_types.install()
+    sf_transform_once.install()  # one copy of each statement per rewrite, not one per pass
     fs.duck_conn.execute(sf_extension_types.columns_view_sql())
     create_access_catalog(fs.duck_conn)
     return fs

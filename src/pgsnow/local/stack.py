@@ -26,11 +26,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgsnow.config import Component, Settings
 from pgsnow.errors import ConfigError
 from pgsnow.identifiers import quote_ident, quote_qualified
+
+if TYPE_CHECKING:  # the servers' modules are imported when a stack starts
+    from pgsnow.local.aws import LocalAws, StagingResources
+    from pgsnow.local.iam import FunctionRole
+    from pgsnow.local.snowflake import LocalSnowflake
+    from pgsnow.local.snowpipe import LocalSnowpipe
 
 ProgressCallback = Callable[[str], None]
 
@@ -295,12 +301,7 @@ def start_stack(
     the roles depend on (e.g. ``CleanupArchivePrefix``), over the stack's own
     (``pgsnow.local.iam.stack_parameters``).
     """
-    from pgsnow.local.aws import create_staging_resources, start_local_aws
-    from pgsnow.local.iam import create_function_roles, create_snowflake_user, role_session, stack_parameters
     from pgsnow.local.postgres import start_local_postgres
-    from pgsnow.local.sf_access import SnowflakeAwsIdentity
-    from pgsnow.local.snowflake import start_local_snowflake
-    from pgsnow.local.snowpipe import start_local_snowpipe
 
     stoppers: list[Callable[[], None]] = []
     try:
@@ -308,40 +309,17 @@ def start_stack(
         progress("starting PostgreSQL")
         postgres = start_local_postgres(pg_dsn, data_dir / "pgdata")
         stoppers.append(postgres.stop)
-        progress("starting the moto server (S3, SQS, IAM enforced)")
-        aws = start_local_aws()
-        stoppers.append(aws.stop)
-        resources = create_staging_resources(
-            aws,
+        aws_side = _start_aws_side(
+            stoppers,
+            progress,
             bucket=bucket,
-            prefix=DEFAULT_PREFIX,
             visibility_timeout=visibility_timeout,
             max_receive_count=max_receive_count,
             template_path=template_path,
+            template_parameters=template_parameters,
         )
-        progress("creating the functions' roles from the template")
-        parameters = stack_parameters(resources, **(template_parameters or {}))
-        roles = create_function_roles(aws, resources, template_path=template_path, parameters=parameters)
-        sessions = {
-            component: role_session(aws, role.arn, f"pgsnow-local-{component.value}")
-            for component, role in roles.items()
-        }
-        progress("starting the local Snowflake (it reads S3 only as its stages allow)")
-        # Snowflake's own AWS principal: the IAM user a storage integration reports, which may
-        # only assume roles that trust it.
-        snowflake_user = create_snowflake_user(aws)
-        snowflake = start_local_snowflake(
-            s3_endpoint_url=aws.endpoint_url,
-            region=aws.region,
-            data_dir=data_dir / "snowflake",
-            snowflake_aws_identity=SnowflakeAwsIdentity(
-                snowflake_user.arn, snowflake_user.access_key_id, snowflake_user.secret_access_key
-            ),
-        )
-        stoppers.append(snowflake.stop)
-        progress("starting the local Snowpipe REST endpoint")
-        snowpipe = start_local_snowpipe(snowflake)
-        stoppers.append(snowpipe.stop)
+        aws, resources = aws_side.aws, aws_side.resources
+        snowflake, snowpipe = _start_snowflake_side(stoppers, progress, aws, data_dir)
         env = stack_environment(
             pg_dsn=postgres.dsn,
             aws=aws,
@@ -353,28 +331,131 @@ def start_stack(
         )
         # LOAD_METHOD=snowpipe reaches the local endpoint here (it also needs SNOWPIPE_NAME and a key).
         env["SNOWPIPE_HOST"] = snowpipe.url
-        stack = LocalStack(postgres.dsn, aws, resources, snowflake, env, stoppers, snowpipe, roles, sessions)
-        sf_conn = stack.snowflake_connection()
-        try:
-            if storage_access is StorageAccess.INTEGRATION:
-                progress("creating the storage integration and the role it assumes")
-                env["SNOWFLAKE_STORAGE_INTEGRATION"] = create_storage_integration(
-                    sf_conn,
-                    aws,
-                    resources,
-                    template_path=template_path,
-                    parameters=parameters,
-                    allowed_locations=None
-                    if storage_allowed_prefixes is None
-                    else [f"s3://{resources.bucket}/{prefix}" for prefix in storage_allowed_prefixes],
-                )
-            else:
-                env["SNOWFLAKE_STORAGE_INTEGRATION"] = ""
-            create_snowflake_objects(sf_conn, stack.settings(Component.LOADER))
-        finally:
-            sf_conn.close()
+        stack = LocalStack(
+            postgres.dsn,
+            aws,
+            resources,
+            snowflake,
+            env,
+            stoppers,
+            snowpipe,
+            aws_side.roles,
+            aws_side.sessions,
+        )
+        _prepare_snowflake(
+            stack,
+            progress,
+            storage_access=storage_access,
+            storage_allowed_prefixes=storage_allowed_prefixes,
+            template_path=template_path,
+            parameters=aws_side.parameters,
+        )
         return stack
     except BaseException:
         for stop in reversed(stoppers):
             stop()
         raise
+
+
+@dataclass(frozen=True)
+class _AwsSide:
+    aws: LocalAws
+    resources: StagingResources
+    parameters: dict[str, str]
+    roles: dict[Component, FunctionRole]
+    sessions: dict[Component, Any]
+
+
+def _start_aws_side(
+    stoppers: list[Callable[[], None]],
+    progress: ProgressCallback,
+    *,
+    bucket: str,
+    visibility_timeout: int,
+    max_receive_count: int,
+    template_path: Path | None,
+    template_parameters: Mapping[str, str] | None,
+) -> _AwsSide:
+    """The moto server, the staging resources the template declares, and the functions' roles."""
+    from pgsnow.local.aws import create_staging_resources, start_local_aws
+    from pgsnow.local.iam import create_function_roles, role_session, stack_parameters
+
+    progress("starting the moto server (S3, SQS, IAM enforced)")
+    aws = start_local_aws()
+    stoppers.append(aws.stop)
+    resources = create_staging_resources(
+        aws,
+        bucket=bucket,
+        prefix=DEFAULT_PREFIX,
+        visibility_timeout=visibility_timeout,
+        max_receive_count=max_receive_count,
+        template_path=template_path,
+    )
+    progress("creating the functions' roles from the template")
+    parameters = stack_parameters(resources, **(template_parameters or {}))
+    roles = create_function_roles(aws, resources, template_path=template_path, parameters=parameters)
+    sessions = {
+        component: role_session(aws, role.arn, f"pgsnow-local-{component.value}")
+        for component, role in roles.items()
+    }
+    return _AwsSide(aws, resources, parameters, roles, sessions)
+
+
+def _start_snowflake_side(
+    stoppers: list[Callable[[], None]], progress: ProgressCallback, aws: LocalAws, data_dir: Path
+) -> tuple[LocalSnowflake, LocalSnowpipe]:
+    """The local Snowflake, reading S3 as Snowflake's own AWS principal, and its Snowpipe endpoint."""
+    from pgsnow.local.iam import create_snowflake_user
+    from pgsnow.local.sf_access import SnowflakeAwsIdentity
+    from pgsnow.local.snowflake import start_local_snowflake
+    from pgsnow.local.snowpipe import start_local_snowpipe
+
+    progress("starting the local Snowflake (it reads S3 only as its stages allow)")
+    # Snowflake's own AWS principal: the IAM user a storage integration reports, which may
+    # only assume roles that trust it.
+    snowflake_user = create_snowflake_user(aws)
+    snowflake = start_local_snowflake(
+        s3_endpoint_url=aws.endpoint_url,
+        region=aws.region,
+        data_dir=data_dir / "snowflake",
+        snowflake_aws_identity=SnowflakeAwsIdentity(
+            snowflake_user.arn, snowflake_user.access_key_id, snowflake_user.secret_access_key
+        ),
+    )
+    stoppers.append(snowflake.stop)
+    progress("starting the local Snowpipe REST endpoint")
+    snowpipe = start_local_snowpipe(snowflake)
+    stoppers.append(snowpipe.stop)
+    return snowflake, snowpipe
+
+
+def _prepare_snowflake(
+    stack: LocalStack,
+    progress: ProgressCallback,
+    *,
+    storage_access: StorageAccess,
+    storage_allowed_prefixes: Sequence[str] | None,
+    template_path: Path | None,
+    parameters: dict[str, str],
+) -> None:
+    """The storage integration (or none, for the credentials method) and the loader's objects."""
+    env, aws, resources = stack.env, stack.aws, stack.resources
+    sf_conn = stack.snowflake_connection()
+    try:
+        if storage_access is StorageAccess.INTEGRATION:
+            progress("creating the storage integration and the role it assumes")
+            env["SNOWFLAKE_STORAGE_INTEGRATION"] = create_storage_integration(
+                sf_conn,
+                aws,
+                resources,
+                template_path=template_path,
+                parameters=parameters,
+                allowed_locations=None
+                if storage_allowed_prefixes is None
+                else [f"s3://{resources.bucket}/{prefix}" for prefix in storage_allowed_prefixes],
+            )
+        else:
+            env["SNOWFLAKE_STORAGE_INTEGRATION"] = ""
+        create_snowflake_objects(sf_conn, stack.settings(Component.LOADER))
+    finally:
+        sf_conn.close()
