@@ -292,9 +292,8 @@ def start_stack(
 
     The local Snowflake reads S3 only as Snowflake would: through the storage integration and
     the template's storage role (``storage_access=INTEGRATION``, allowed locations as ``pgsnow
-    snowflake-sql`` prints them unless ``storage_allowed_prefixes``, key prefixes in the stack's
-    bucket, replace them), or with the
-    loader's own temporary credentials (``CREDENTIALS``, no integration).
+    snowflake-sql`` prints them unless ``storage_allowed_prefixes`` in the bucket replace them),
+    or with the loader's own temporary credentials (``CREDENTIALS``, no integration).
 
     The bucket notification and the functions' roles come from ``template_path`` (default: the
     repository's ``template.yaml``); ``template_parameters`` are deploy-time parameter values
