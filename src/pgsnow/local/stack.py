@@ -296,9 +296,8 @@ def start_stack(
     or with the loader's own temporary credentials (``CREDENTIALS``, no integration).
 
     The bucket notification and the functions' roles come from ``template_path`` (default: the
-    repository's ``template.yaml``); ``template_parameters`` are deploy-time parameter values
-    the roles depend on (e.g. ``CleanupArchivePrefix``), over the stack's own
-    (``pgsnow.local.iam.stack_parameters``).
+    repository's ``template.yaml``); ``template_parameters`` are deploy-time parameter values the
+    roles depend on (e.g. ``CleanupArchivePrefix``), over ``pgsnow.local.iam.stack_parameters``.
     """
     from pgsnow.local.postgres import start_local_postgres
 
