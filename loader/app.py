@@ -10,6 +10,7 @@ An ``s3:TestEvent`` record has nothing to load and succeeds.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -20,6 +21,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pgsnow.errors import PgSnowError
 from pgsnow.events import BatchFiles, parse_sqs_batch
+from pgsnow.keys import is_run_id, run_started_at
 from pgsnow.load.outcomes import FileOutcome, LoadStatus
 from pgsnow.observability import logger, record_table_metric
 from pgsnow.runtime import loader_runtime
@@ -39,6 +41,11 @@ def record_outcome_metrics(outcome: FileOutcome) -> None:
     record_table_metric("FilesLoaded", result.table, 1)
     record_table_metric("RowsLoaded", result.table, result.rows)
     record_table_metric("CopyDuration", result.table, result.duration_ms, MetricUnit.Milliseconds)
+    run_id = outcome.staged.run_id
+    if run_id is not None and is_run_id(run_id):
+        # How old the loaded rows are: the run read them at its start (a hand-dropped file has no run).
+        lag = datetime.now(UTC) - run_started_at(run_id)
+        record_table_metric("ReplicationLag", result.table, max(lag.total_seconds(), 0.0), MetricUnit.Seconds)
     if result.errors_seen:
         record_table_metric("RowsRejected", result.table, result.errors_seen)
 

@@ -8,6 +8,7 @@ would actually be deployed, and cross-check the template against pgsnow's own co
 
 from __future__ import annotations
 
+import ast
 import copy
 import fnmatch
 import json
@@ -1038,3 +1039,91 @@ def test_function_roles_have_only_the_templates_own_and_aws_managed_policies(
         "AWSLambdaVPCAccessExecutionRole",
         "AWSLambdaSQSQueueExecutionRole",
     }
+
+
+# --------------------------------------------------------------------------- the dashboard
+
+SEARCH = re.compile(
+    r"^SEARCH\('\{(?P<dimensions>[^}]*)\} MetricName=\"(?P<name>[A-Za-z]+)\"', '(?P<stat>[A-Za-z]+)', 300\)$"
+)
+
+
+def emitted_metrics() -> dict[str, set[bool]]:
+    """Every metric the functions record, by name, and whether it carries the ``table`` dimension
+    (True; False: an invocation total; a name may be recorded both ways): each ``record_table_metric("Name", table, ...)`` call in src/
+    and the handlers, and each call of a handler's wrapper of it (``record_nonzero_metric``)."""
+    sources = [
+        *(REPO / "src").rglob("*.py"),
+        *(REPO / name / "app.py" for name in ("extractor", "loader", "cleanup")),
+    ]
+    emitted: dict[str, set[bool]] = {}
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) in ("record_table_metric", "record_nonzero_metric")
+                and isinstance(node.args[0], ast.Constant)  # a wrapper forwarding its own name is skipped
+            ):
+                continue
+            table = node.args[1]
+            with_table = not (isinstance(table, ast.Constant) and table.value is None)
+            emitted.setdefault(node.args[0].value, set()).add(with_table)
+    assert {"RowsExtracted", "RowsLoaded", "FilesDeleted"} <= set(emitted)  # the scan finds the calls
+    return emitted
+
+
+def dashboard_metrics(cfn: dict[str, Any]) -> list[list[Any]]:
+    (dashboard,) = resources_of_type(cfn, "AWS::CloudWatch::Dashboard").values()
+    body = json.loads(evaluate(dashboard["Properties"]["DashboardBody"]))
+    return [metric for widget in body["widgets"] for metric in widget["properties"]["metrics"]]
+
+
+def test_every_dashboard_search_names_a_metric_the_code_emits_with_its_dimensions(
+    cfn: dict[str, Any],
+) -> None:
+    emitted = emitted_metrics()
+    searches = [m[0]["expression"] for m in dashboard_metrics(cfn) if isinstance(m[0], dict)]
+    assert searches
+    for expression in searches:
+        match = SEARCH.match(expression)
+        assert match is not None, expression
+        namespace, *dimensions = match["dimensions"].split(",")
+        # Powertools' namespace and service are the template's AppName (POWERTOOLS_* in Globals).
+        assert namespace == PARAMETERS["AppName"]
+        assert match["name"] in emitted, f"the code never records {match['name']}"
+        assert (dimensions == ["service", "table"]) in emitted[match["name"]], expression
+        assert dimensions in (["service", "table"], ["service"]), expression
+
+
+def test_dashboard_aws_metrics_name_this_stacks_function_and_queues(cfn: dict[str, Any]) -> None:
+    aws_metrics = [m for m in dashboard_metrics(cfn) if not isinstance(m[0], dict)]
+    own = {
+        ("AWS/Lambda", "FunctionName"): {evaluate({"Ref": "ExtractorFunction"})},
+        ("AWS/SQS", "QueueName"): {
+            evaluate({"Fn::GetAtt": ["StageQueue", "QueueName"]}),
+            evaluate({"Fn::GetAtt": ["StageDeadLetterQueue", "QueueName"]}),
+        },
+    }
+    assert {(m[0], m[1]) for m in aws_metrics} == {
+        ("AWS/Lambda", "Duration"),
+        ("AWS/SQS", "ApproximateNumberOfMessagesVisible"),
+        ("AWS/SQS", "ApproximateAgeOfOldestMessage"),
+    }
+    for namespace, _name, dimension, value, *_options in aws_metrics:
+        assert value in own[(namespace, dimension)]
+
+
+def test_dashboard_shows_what_operations_needs(cfn: dict[str, Any]) -> None:
+    names = {
+        SEARCH.match(m[0]["expression"])["name"] for m in dashboard_metrics(cfn) if isinstance(m[0], dict)
+    }  # type: ignore[index]
+    assert {
+        "RowsExtracted",
+        "RowsLoaded",
+        "FilesStaged",
+        "FilesLoaded",
+        "FilesFailed",
+        "ReplicationLag",
+        "CopyDuration",
+        "RowsRejected",
+    } <= names
