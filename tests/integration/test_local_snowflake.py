@@ -510,3 +510,19 @@ def test_statements_we_do_not_handle_are_fakesnow_as_is(conn: Any) -> None:
     )
     assert rows(conn, f'SELECT "ID", "V" FROM "{table}"') == [(1, "b")]
     cursor.execute("ALTER SESSION SET QUOTED_IDENTIFIERS_IGNORE_CASE = FALSE")
+
+
+def test_query_history_lists_each_statement_as_the_client_sent_it(local: LocalSnowflake, conn: Any) -> None:
+    table = unique("HISTORY")
+    mark = local.history.mark()
+    rows(conn, f"CREATE TABLE {table} (ID INT)")
+    rows(conn, f"INSERT INTO {table} VALUES (%s)" % 1)
+    conn.autocommit(False)
+    rows(conn, f"INSERT INTO {table} VALUES (2)")
+    conn.commit()
+    conn.autocommit(True)
+    sent = [s.sql_text for s in local.history.since(mark)]
+    assert sent[:2] == [f"CREATE TABLE {table} (ID INT)", f"INSERT INTO {table} VALUES (1)"]
+    assert f"INSERT INTO {table} VALUES (2)" in sent
+    assert sum(1 for text in sent if text.strip().upper() == "COMMIT") == 1
+    assert rows(conn, f"SELECT COUNT(*) FROM {table}") == [(2,)]

@@ -289,6 +289,40 @@ def _status_sql(message: str) -> str:
 # the extensions
 
 
+@dataclass(frozen=True)
+class ExecutedStatement:
+    """One statement a session sent, as the client sent it (before any local translation)."""
+
+    session: str
+    sql_text: str
+    bound: bool  # the statement came with bind values
+
+
+class QueryHistory:
+    """Every statement the server received, in order: what Snowflake's QUERY_HISTORY would list.
+
+    Tests and ``make bench-load`` count statements and transactions from it (``since`` a mark),
+    so what is counted is what a Snowflake account would have been sent and billed for.
+    """
+
+    def __init__(self) -> None:
+        self._statements: list[ExecutedStatement] = []
+        self._lock = threading.Lock()
+
+    def record(self, statement: ExecutedStatement) -> None:
+        with self._lock:
+            self._statements.append(statement)
+
+    def mark(self) -> int:
+        """A position to count from (``since(mark)``)."""
+        with self._lock:
+            return len(self._statements)
+
+    def since(self, mark: int = 0) -> list[ExecutedStatement]:
+        with self._lock:
+            return list(self._statements[mark:])
+
+
 @dataclass
 class LocalSnowflakeState:
     """What one running local Snowflake shares between requests."""
@@ -304,6 +338,7 @@ class LocalSnowflakeState:
     # Sessions whose DuckDB connection has the geospatial accessors (sf_extension_types).
     prepared_sessions: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    history: QueryHistory = field(default_factory=QueryHistory)
 
     def intercept(
         self, token: str, conn: FakeSnowflakeConnection, sql_text: str, *, describe_only: bool
@@ -1009,6 +1044,8 @@ class _Endpoints:
             return passed_on
         body_json = await _read_json(request)
         sql_text = body_json.get("sqlText", "")
+        if not body_json.get("describeOnly"):
+            self.state.history.record(ExecutedStatement(token, sql_text, bool(body_json.get("bindings"))))
         if token not in self.state.prepared_sessions:
             await run_in_threadpool(sf_extension_types.prepare_session, conn._duck_conn)
             self.state.prepared_sessions.add(token)
@@ -1216,6 +1253,11 @@ class LocalSnowflake:
         return local_connect_kwargs(
             self.host, self.port, database, schema, user=user, private_key=private_key
         )
+
+    @property
+    def history(self) -> QueryHistory:
+        """Every statement the server received (what ``QUERY_HISTORY`` would list), in order."""
+        return self._state.history
 
     @property
     def public_keys(self) -> PublicKeys:
