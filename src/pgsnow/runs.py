@@ -27,6 +27,12 @@ What it keeps:
 * **Published columns** (``columns.json``): the columns of the table's last staged run,
   written with its manifest; the next run compares its own columns with these (schema drift,
   the scale an unbounded ``numeric`` column was given).
+* **The pending-run index** (``pending/{schema}/{table}/{run_id}``): one small marker per run
+  that may still have cleanup work, written (if absent) *before* each manifest write of a run
+  that has not failed, so no staged run is ever unindexed; listed (versions and all) by the
+  cleanup pass instead of every manifest, and removed by it, by VersionId (no delete marker
+  accumulates under the prefix), once the run is settled. ``pending-index.json`` records when
+  a pass first built the index from the manifests of a bucket that had none (docs/cleanup.md).
 * **Key lists** (deletes: a run's full primary-key list, read by Snowflake by URL) and the
   orphan sweeper's **reports**.
 
@@ -39,7 +45,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,22 +63,30 @@ from pgsnow.errors import PermanentError, aws_error_code
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import (
     MANIFESTS_PREFIX,
+    PENDING_INDEX_KEY,
+    PENDING_PREFIX,
     checkpoint_key,
     key_list_key,
     lease_key,
     manifest_key,
     manifests_prefix,
     orphan_report_key,
+    parse_pending_key,
+    pending_key,
+    pending_prefix,
     published_columns_key,
     watermark_key,
 )
-from pgsnow.manifest import RunManifest
+from pgsnow.manifest import RunManifest, RunState
 from pgsnow.staging import classify_s3_error, put_data_file, raise_unless_missing
+from pgsnow.timestamps import utc_iso
 
 JSON_CONTENT_TYPE = "application/json"
 # S3's answers to a conditional write that lost: the object changed, or a concurrent write is in flight.
 _CONDITION_FAILED_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 _CONDITION_FAILED_STATUSES = frozenset({412, 409})
+_DELETE_BATCH = 1000  # DeleteObjects takes at most this many (key, version) entries
+PENDING_INDEX_VERSION = 1
 
 
 class ManifestNotFoundError(PermanentError):
@@ -87,6 +101,17 @@ class VersionedManifest:
     etag: str
     version_id: str | None  # None on an unversioned bucket
     last_modified: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PendingRun:
+    """A pending-run marker as listed: its run, when it was written, and every version of it
+    (removed by VersionId, so no delete marker is left under the prefix)."""
+
+    table: TableRef
+    run_id: str
+    marked_at: datetime
+    version_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -174,10 +199,26 @@ class RunStore:
             for obj in page.get("Contents", [])
         )
 
+    def _list_objects(self, prefix: str) -> list[tuple[str, datetime]]:
+        """(key, LastModified) of every object under ``prefix``, sorted by key."""
+        paginator = self._s3.get_paginator("list_objects_v2")
+        return sorted(
+            (obj["Key"], obj["LastModified"])
+            for page in paginator.paginate(Bucket=self._bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])
+        )
+
     # --------------------------------------------------------------------- run manifests
 
     def put_manifest(self, manifest: RunManifest) -> str:
-        """Write (or overwrite) a run's manifest; returns its key."""
+        """Write (or overwrite) a run's manifest; returns its key.
+
+        A run that has not failed is first marked pending (if it is not already), so cleanup's
+        index holds every run before its manifest can say ``staged``. A failed run keeps the
+        marker its first manifest write left: cleanup removes it (its files are the sweeper's).
+        """
+        if manifest.state is not RunState.FAILED:
+            self.mark_pending(manifest.table, manifest.run_id)
         key = manifest_key(manifest.table, manifest.run_id)
         self._put(key, manifest.to_json().encode("utf-8"), run_id=manifest.run_id)
         return key
@@ -225,12 +266,22 @@ class RunStore:
             if found is not None:  # None: removed since the listing
                 yield found.manifest
 
-    def iter_manifests(self, tables: Iterable[TableRef] | None = None) -> Iterator[RunManifest]:
-        """Every run manifest in the bucket (or of the given tables), oldest run first per table."""
+    def iter_manifests(
+        self, tables: Iterable[TableRef] | None = None, *, modified_since: datetime | None = None
+    ) -> Iterator[RunManifest]:
+        """Every run manifest in the bucket (or of the given tables), oldest run first per table.
+
+        ``modified_since``: only those written at or after it (the listing says when; the others
+        are listed, not read).
+        """
         prefixes = [manifests_prefix(t) for t in tables] if tables is not None else [MANIFESTS_PREFIX]
         for prefix in prefixes:
-            for key in self._list_keys(prefix):
-                found = self._get(key) if key.endswith(".json") else None
+            for key, last_modified in self._list_objects(prefix):
+                if not key.endswith(".json") or (
+                    modified_since is not None and last_modified < modified_since
+                ):
+                    continue
+                found = self._get(key)
                 if found is not None:  # None: removed since the listing
                     yield RunManifest.from_json(found.body, s3_key=key)
 
@@ -248,6 +299,84 @@ class RunStore:
                         schema, table = folder.split("/", 1)
                         tables.append(TableRef(schema, table))
         return sorted(tables, key=lambda t: (t.schema, t.table))
+
+    # --------------------------------------------------------------------- the pending-run index
+
+    def mark_pending(self, table: TableRef, run_id: str) -> None:
+        """Mark the run pending, unless it already is (``If-None-Match``: one version per marker,
+        written when the run started)."""
+        body = json.dumps({"schema": table.schema, "table": table.table, "run_id": run_id}).encode("utf-8")
+        self._put(pending_key(table, run_id), body, if_absent=True, run_id=run_id)
+
+    def pending_runs(self, tables: Iterable[TableRef] | None = None) -> list[PendingRun]:
+        """Every run marked pending (of the given tables), in key order: one LIST per 1,000 markers.
+
+        Listed with their versions, so a marker can be removed for good (by VersionId). A key
+        whose newest entry is a delete marker (removed by hand) is not pending.
+        """
+        prefixes = [pending_prefix(t) for t in tables] if tables is not None else [PENDING_PREFIX]
+        paginator = self._s3.get_paginator("list_object_versions")
+        entries: dict[str, list[dict[str, Any]]] = {}
+        for prefix in prefixes:
+            for page in paginator.paginate(Bucket=self._bucket, Prefix=prefix):
+                for version in page.get("Versions", []):
+                    entries.setdefault(version["Key"], []).append(version)
+                for marker in page.get("DeleteMarkers", []):
+                    entries.setdefault(marker["Key"], []).append({**marker, "_delete_marker": True})
+        runs = []
+        for key in sorted(entries):
+            parsed = parse_pending_key(key)
+            latest = next((e for e in entries[key] if e.get("IsLatest")), None)
+            if parsed is None or latest is None or latest.get("_delete_marker"):
+                continue
+            version_ids = tuple(str(e.get("VersionId") or "null") for e in entries[key])
+            runs.append(PendingRun(parsed[0], parsed[1], latest["LastModified"], version_ids))
+        return runs
+
+    def remove_pending(self, runs: Iterable[PendingRun]) -> list[str]:
+        """Remove these markers, every listed version (a version written since stays: its run was
+        marked again). One request per 1,000 versions; returns the keys S3 refused."""
+        objects: list[dict[str, str]] = []
+        for run in runs:
+            key = pending_key(run.table, run.run_id)
+            for version_id in run.version_ids:
+                # "null": the bucket is not versioned (a plain delete removes the object)
+                objects.append(
+                    {"Key": key} if version_id == "null" else {"Key": key, "VersionId": version_id}
+                )
+        refused: list[str] = []
+        for start in range(0, len(objects), _DELETE_BATCH):
+            batch = objects[start : start + _DELETE_BATCH]
+            try:
+                response = self._s3.delete_objects(
+                    Bucket=self._bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise classify_s3_error(exc, s3_key=batch[0]["Key"]) from exc
+            refused.extend(str(error.get("Key")) for error in response.get("Errors", []))
+        return sorted(set(refused))
+
+    def pending_index_built_at(self) -> datetime | None:
+        """When a cleanup pass first built the pending-run index from the manifests; None before."""
+        found = self._get(PENDING_INDEX_KEY)
+        if found is None:
+            return None
+        try:
+            body = json.loads(found.body)
+            return datetime.fromisoformat(str(body["built_at"]).replace("Z", "+00:00"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PermanentError(
+                f"malformed pending-run index record: {exc!r}", s3_key=PENDING_INDEX_KEY
+            ) from exc
+
+    def record_pending_index_built(self) -> None:
+        """Record (once: ``If-None-Match``) that the pending-run index holds every run with work."""
+        body = {"format_version": PENDING_INDEX_VERSION, "built_at": utc_iso(self.now())}
+        self._put(PENDING_INDEX_KEY, json.dumps(body).encode("utf-8"), if_absent=True)
+
+    def now(self) -> datetime:
+        """The store's clock, as a UTC datetime (to compare with S3's LastModified)."""
+        return datetime.fromtimestamp(self._clock(), UTC)
 
     # --------------------------------------------------------------------- the extraction lease
 
