@@ -314,8 +314,10 @@ def needs_cleanup(settings: Settings, manifest: RunManifest) -> bool:
 
 def is_settled(settings: Settings, manifest: RunManifest) -> bool:
     """Nothing is left for any pass: failed (its files are the sweeper's), or loaded with no file the
-    mode removes left unclaimed. Neither state goes back: a failed run is never resumed, and only
-    completion writes ``loaded``, after the extractor's last write."""
+    mode removes left unclaimed. Only completion writes ``loaded``, after the extractor's last
+    write; a run whose manifest is written again after ``failed`` (resumed, when the extractor
+    stopped before its checkpoint said so) is marked again first, and the pass removes only the
+    marker versions it listed."""
     if manifest.state is RunState.FAILED:
         return True
     return manifest.state is RunState.LOADED and not needs_cleanup(settings, manifest)
@@ -338,7 +340,7 @@ def index_pending_runs(settings: Settings, store: RunStore, tables: Iterable[Tab
     marked = 0
     for manifest in store.iter_manifests(tables, modified_since=since):
         if manifest.state is RunState.EXTRACTING or needs_cleanup(settings, manifest):
-            store.mark_pending(manifest.table, manifest.run_id)
+            store.mark_pending(manifest.table, manifest.run_id, if_absent=True)
             marked += 1
     if tables is None and built_at is None:
         store.record_pending_index_built()

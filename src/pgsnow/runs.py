@@ -14,7 +14,8 @@ What it keeps:
 * **Run manifests** (``pgsnow.manifest.RunManifest``), one per (table, run): written by the
   extractor, read by the loader, settled by cleanup with ``write_manifest_if_unchanged``
   (the state ``loaded`` and the ``cleaned`` list), listed in run order (run ids are UTC start
-  times, so key order is run order) by cleanup, ``pgsnow status`` and ``pgsnow verify``.
+  times, so key order is run order) by ``pgsnow status`` and ``pgsnow verify`` (and by cleanup
+  only to build the pending-run index of a bucket that has none).
 * **The extraction lease** (``lease.json``): who may extract the table now. Created with
   ``If-None-Match: *`` and renewed, handed off or released with ``If-Match``, so two runs for
   the same table can never both hold it. A holder that dies leaves a lease that expires; the
@@ -28,10 +29,11 @@ What it keeps:
   written with its manifest; the next run compares its own columns with these (schema drift,
   the scale an unbounded ``numeric`` column was given).
 * **The pending-run index** (``pending/{schema}/{table}/{run_id}``): one small marker per run
-  that may still have cleanup work, written (if absent) *before* each manifest write of a run
-  that has not failed, so no staged run is ever unindexed; listed (versions and all) by the
-  cleanup pass instead of every manifest, and removed by it, by VersionId (no delete marker
-  accumulates under the prefix), once the run is settled. ``pending-index.json`` records when
+  that may still have cleanup work, written *before* each manifest write of a run that has not
+  failed, so no staged run is ever unindexed; listed (versions and all) by the cleanup pass
+  instead of every manifest, and removed by it once the run is settled: by the VersionIds it
+  listed, so no delete marker accumulates under the prefix, and a marker written since (its run
+  wrote its manifest again) stays. ``pending-index.json`` records when
   a pass first built the index from the manifests of a bucket that had none (docs/cleanup.md).
 * **Key lists** (deletes: a run's full primary-key list, read by Snowflake by URL) and the
   orphan sweeper's **reports**.
@@ -213,9 +215,9 @@ class RunStore:
     def put_manifest(self, manifest: RunManifest) -> str:
         """Write (or overwrite) a run's manifest; returns its key.
 
-        A run that has not failed is first marked pending (if it is not already), so cleanup's
-        index holds every run before its manifest can say ``staged``. A failed run keeps the
-        marker its first manifest write left: cleanup removes it (its files are the sweeper's).
+        A run that has not failed is first marked pending, so cleanup's index holds every run
+        before its manifest can say ``staged``. A failed run keeps the marker its first manifest
+        write left: cleanup removes it (its files are the sweeper's).
         """
         if manifest.state is not RunState.FAILED:
             self.mark_pending(manifest.table, manifest.run_id)
@@ -302,14 +304,15 @@ class RunStore:
 
     # --------------------------------------------------------------------- the pending-run index
 
-    def mark_pending(self, table: TableRef, run_id: str) -> None:
-        """Mark the run pending, unless it already is (``If-None-Match``: one version per marker,
-        written when the run started)."""
+    def mark_pending(self, table: TableRef, run_id: str, *, if_absent: bool = False) -> None:
+        """Mark the run pending (again: a new version). Unconditional by default, so a cleanup pass
+        that read an older state of the run and removes the versions it listed leaves this one;
+        ``if_absent`` (indexing existing manifests) adds no version to a marker that exists."""
         body = json.dumps({"schema": table.schema, "table": table.table, "run_id": run_id}).encode("utf-8")
-        self._put(pending_key(table, run_id), body, if_absent=True, run_id=run_id)
+        self._put(pending_key(table, run_id), body, if_absent=if_absent, run_id=run_id)
 
     def pending_runs(self, tables: Iterable[TableRef] | None = None) -> list[PendingRun]:
-        """Every run marked pending (of the given tables), in key order: one LIST per 1,000 markers.
+        """Every run marked pending (of the given tables), in key order: one LIST per 1,000 versions.
 
         Listed with their versions, so a marker can be removed for good (by VersionId). A key
         whose newest entry is a delete marker (removed by hand) is not pending.

@@ -8,6 +8,7 @@ each page of a listing included), Snowflake statements with the local server's q
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -192,10 +193,9 @@ def test_marker_is_written_before_the_first_manifest(
     marker, manifest_at = pending_key(table, manifest.run_id), manifest_key(table, manifest.run_id)
     assert marker in puts
     assert puts.index(marker) < puts.index(manifest_at)
-    # (each manifest write marks the run if it is not yet: the staged one finds the marker, so it
-    # has one version, written when the run started)
+    # (each manifest write of the run marks it again: extracting, then staged)
     assert puts.count(marker) == 2
-    assert versions(s3, stack.resources.bucket, marker) == (1, 0)
+    assert versions(s3, stack.resources.bucket, marker) == (2, 0)
     assert pending_run_ids(s3, stack.resources.bucket, [table]) == [manifest.run_id]
 
     # (tidy: load and settle it, so the whole-bucket passes of this module start from nothing pending)
@@ -295,6 +295,26 @@ def test_marker_without_manifest_is_removed_only_once_old(
     assert pending_run_ids(s3, bucket, [table]) == []
 
 
+def test_removing_listed_markers_keeps_a_marker_written_since(
+    stack: LocalStack, s3: Any, table: TableRef
+) -> None:
+    store = RunStore(s3, stack.resources.bucket)
+    # Given a pass that listed a run's marker (and then read a settled manifest)
+    run_id = new_run_id()
+    store.mark_pending(table, run_id)
+    listed = store.pending_runs([table])
+
+    # When the extractor marks the run again before the pass removes what it listed
+    store.mark_pending(table, run_id)
+    assert store.remove_pending(listed) == []
+
+    # Then the run is still pending: only the versions the pass listed went, and no delete marker was left
+    assert pending_run_ids(s3, stack.resources.bucket, [table]) == [run_id]
+    assert versions(s3, stack.resources.bucket, pending_key(table, run_id)) == (1, 0)
+    store.remove_pending(store.pending_runs([table]))
+    assert versions(s3, stack.resources.bucket, pending_key(table, run_id)) == (0, 0)
+
+
 # --------------------------------------------------------------------------- the upgrade
 
 
@@ -381,6 +401,8 @@ def test_pass_touches_only_the_pending_runs(
     print(f"wrote {SETTLED_RUNS} settled manifests in {seconds:.1f} s")
     second = loaded_runs(stack, pg_conn, sf_conn, table, 3)
     results, calls, statements = clean_pass(stack, cleanup_s3, sf_conn)
+    print(f"the pass: {len(calls)} S3 requests, {statements} Snowflake statements")
+    print(sorted(collections.Counter(c.operation for c in calls).items()))
 
     # Then each pass cleaned its three runs completely, and nothing is pending
     for runs, found in ((first, results_alone), (second, results)):
