@@ -149,26 +149,19 @@ class Runtime:
         return current
 
     def send_range_messages(self, bodies: list[dict[str, Any]]) -> None:
-        """Send a parallel run's range messages to EXTRACT_RANGE_QUEUE_URL (ten per request); a
-        message SQS did not take is a RetryableError (the run's next invocation sends it again)."""
+        """Send a parallel run's range messages to EXTRACT_RANGE_QUEUE_URL, one SendMessage each
+        (IAM knows no SendMessageBatch action; the local moto server checks one by that name). A
+        failure is a RetryableError: the run's next invocation sends its unfinished ranges again."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         queue_url = self.settings.extract.range_queue_url
         if not queue_url:
             raise PermanentError("EXTRACT_RANGE_QUEUE_URL is not set: cannot send a run's ranges")
-        for start in range(0, len(bodies), 10):
-            entries = [
-                {"Id": str(n), "MessageBody": json.dumps(body, sort_keys=True)}
-                for n, body in enumerate(bodies[start : start + 10])
-            ]
+        for body in bodies:
             try:
-                failed = self.sqs.send_message_batch(QueueUrl=queue_url, Entries=entries).get("Failed") or []
+                self.sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(body, sort_keys=True))
             except (ClientError, BotoCoreError) as exc:
-                raise RetryableError(f"cannot send range messages to {queue_url}: {exc}") from exc
-            if failed:
-                raise RetryableError(
-                    f"SQS did not take {len(failed)} range message(s): {failed[0].get('Code')}"
-                )
+                raise RetryableError(f"cannot send a range message to {queue_url}: {exc}") from exc
 
     def fan_out(self) -> FanOut | None:
         """What hands large runs to the range workers; None when EXTRACT_MAX_WORKERS is 1 or the
