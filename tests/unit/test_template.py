@@ -706,7 +706,9 @@ def test_range_queue_outlives_an_extractor_invocation_and_dead_letters(cfn: dict
     assert queue["SqsManagedSseEnabled"] is True
     assert properties(cfn, "ExtractRangeDeadLetterQueue")["SqsManagedSseEnabled"] is True
     env = properties(cfn, "ExtractorFunction")["Environment"]["Variables"]
-    assert env["EXTRACT_RANGE_QUEUE_URL"] == {"Fn::If": ["ParallelExtraction", {"Ref": "ExtractRangeQueue"}, ""]}
+    assert env["EXTRACT_RANGE_QUEUE_URL"] == {
+        "Fn::If": ["ParallelExtraction", {"Ref": "ExtractRangeQueue"}, ""]
+    }
     assert env["EXTRACT_MAX_WORKERS"] == {"Ref": "ExtractMaxWorkers"}
 
 
