@@ -500,10 +500,16 @@ def render_markdown(
 
 
 def _run_parallel(
-    args: argparse.Namespace, table: BenchTable, workers: list[int], work_dir: Path, common: dict[str, Any]
+    args: argparse.Namespace,
+    table: BenchTable,
+    workers: list[int],
+    work_dir: Path,
+    common: dict[str, Any],
+    aws_env: dict[str, str],
 ) -> list[ParallelMeasurement]:
-    """The main table extracted by one worker, then by each count of range workers (bench/parallel.py)."""
-    env = {**os.environ, "POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_METRICS_DISABLED": "true"}
+    """The main table extracted by one worker, then by each count of range workers (bench/parallel.py),
+    with the moto server's administrator keys (IAM is enforced there)."""
+    env = {**os.environ, **aws_env, "POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_METRICS_DISABLED": "true"}
     if common.get("pgsnow_src") is not None:
         env["PYTHONPATH"] = str(common["pgsnow_src"])
     warm_cache(args.dsn, table)
@@ -584,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(_results_table([measured])[-1], flush=True)
             worker_counts = [int(n) for n in args.parallel_workers.split(",") if n.strip()]
             if worker_counts:
-                parallel = _run_parallel(args, table, worker_counts, work_dir, common)
+                parallel = _run_parallel(args, table, worker_counts, work_dir, common, aws.env())
             if scale_table is not None:
                 warm_cache(args.dsn, scale_table)
                 for contender in [c for c in contenders if c in PGSNOW_CONTENDERS]:
