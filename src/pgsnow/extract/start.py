@@ -130,6 +130,7 @@ def check_rows_fit(pg_conn: Connection, schema: TableSchema, rows: RowRange, opt
     """Every value of ``rows`` fits Snowflake (policy ``fail``). Whatever the policy, key and cursor
     values must: they are what chunks resume from, so they must stage unchanged."""
     condition, params = rows.condition()
+    bounded = rows.after is not None or rows.through is not None
     check_values_fit(
         pg_conn,
         schema,
@@ -137,6 +138,8 @@ def check_rows_fit(pg_conn: Connection, schema: TableSchema, rows: RowRange, opt
         params,
         columns=None if options.value_policy is ValuePolicy.FAIL else rows.order_key,
         policy=options.value_policy,
+        # A chunk or a range: read it along the key's index, not the whole table.
+        order_key=rows.order_key if bounded else (),
     )
 
 
