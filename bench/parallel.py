@@ -17,6 +17,7 @@ run's staged manifest.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import subprocess
@@ -141,14 +142,16 @@ def _settings(spec: dict[str, Any], workers: int) -> Any:
     )
 
 
-def _s3(spec: dict[str, Any]) -> Any:
+@functools.cache
+def _s3(endpoint: str) -> Any:
+    """One client per process, as a warm Lambda container keeps one."""
     import boto3
     from botocore.config import Config
 
     # Keys from the environment: the moto server's administrator's (bench/run.py passes them).
     return boto3.client(
         "s3",
-        endpoint_url=spec["s3_endpoint"],
+        endpoint_url=endpoint,
         region_name="us-east-1",
         config=Config(s3={"addressing_style": "path"}),
     )
@@ -165,7 +168,7 @@ def _extract_one_range(spec: dict[str, Any], run_id: str, index: int) -> dict[st
         result = extract_range(
             settings=_settings(spec, spec["workers"]),
             pg_conn=conn,
-            s3=_s3(spec),
+            s3=_s3(spec["s3_endpoint"]),
             table=TableRef(spec["schema"], spec["table"]),
             run_id=run_id,
             index=index,
@@ -198,7 +201,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         manifest = extract_table(
             settings=_settings(spec, workers),
             pg_conn=conn,
-            s3=_s3(spec),
+            s3=_s3(spec["s3_endpoint"]),
             table=table,
             file_format=FileFormat(spec["file_format"]),
             fan_out=fan_out,
@@ -213,7 +216,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "bytes": sum(f.bytes for f in manifest.files),
     }
     if bodies:
-        # Forked before any connection of ours is open; each worker opens its own.
+        # Forked with no connection of ours open: each worker opens its own.
+        _s3.cache_clear()
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             done = pool.starmap(
                 _extract_one_range, [(spec, body["run_id"], body["range"]) for body in bodies], chunksize=1

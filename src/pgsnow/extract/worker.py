@@ -215,10 +215,14 @@ class _Worker:
 
     def finish_if_last(self) -> RunManifest | None:
         """Finish the run if every range is staged and this worker wins the table's lease."""
-        ranges = [self.store.load_checkpoint(self.table, self.run_id, r.index) for r in self.main.ranges]
-        staged = [c for c in ranges if c is not None and c.state == RunState.STAGED.value]
-        if len(staged) < len(ranges):
-            return None
+        # Last range first, stopping at the first one not staged: ranges are sent in key order,
+        # so a worker that is not the last one usually stops after a read or two.
+        staged: list[RunCheckpoint] = []
+        for span in reversed(self.main.ranges):
+            checkpoint = self.store.load_checkpoint(self.table, self.run_id, span.index)
+            if checkpoint is None or checkpoint.state != RunState.STAGED.value:
+                return None
+            staged.insert(0, checkpoint)
         lease = self.store.take_over_from_ranges(
             self.table, self.run_id, owner=self.owner, ttl_s=self.deadline.lease_ttl_s()
         )
@@ -253,7 +257,7 @@ class _Worker:
                 "table": self.table.qualified,
                 "rows": result.total_rows,
                 "files": len(result.files),
-                "ranges": len(ranges),
+                "ranges": len(staged),
                 "write_mode": result.write_mode,
             },
         )
