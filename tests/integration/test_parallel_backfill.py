@@ -36,11 +36,11 @@ if TYPE_CHECKING:  # the fixture's type, from this directory's conftest.py
 pytestmark = pytest.mark.integration
 
 ROWS = 600
-# About four ranges of 150 rows, each of three chunks and several files: small, so the suite stays fast.
+# About four ranges of 150 rows, each of two chunks of two files: small, so the suite stays fast.
 PARALLEL = {
     "EXTRACT_RANGE_ROWS": "150",
-    "EXTRACT_CHUNK_ROWS": "60",
-    "EXTRACT_BATCH_ROWS": "25",
+    "EXTRACT_CHUNK_ROWS": "75",
+    "EXTRACT_BATCH_ROWS": "50",
     "S3_FILE_FORMAT": "csv",
 }
 COLUMNS = (
@@ -343,3 +343,37 @@ def test_a_small_table_stays_single_worker(pipeline: PipelineHarness, parallel_e
     )["Attributes"]
     assert attributes["ApproximateNumberOfMessages"] == "0"
     assert FileFormat(result["file_format"]) is FileFormat.CSV
+
+
+def test_a_value_snowflake_cannot_hold_fails_the_whole_run_and_frees_the_table(
+    pipeline: PipelineHarness, parallel_env: dict[str, str]
+) -> None:
+    # Given a planned parallel run, and then a value Snowflake cannot hold in its last range
+    # (the plan reads no rows: each range checks its own values in its own snapshot)
+    table = create_analysed(pipeline, "failing_items")
+    planned = plan_run(table)
+    pipeline.run_sql(f'UPDATE "{table.schema}"."{table.table}" SET amount = \'NaN\' WHERE id = {ROWS - 1}')
+    # When the workers extract the ranges, and a failed range comes back after a second
+    # (not the template's 90 minutes)
+    sqs = pipeline.sqs()
+    queue_url = pipeline.stack.resources.range_queue_url
+    sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"VisibilityTimeout": "1"})
+    try:
+        stats = range_workers_for(pipeline.stack, load_function_handler("extractor")).run_until_idle()
+    finally:
+        sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"VisibilityTimeout": "5400"})
+    # Then the range that met it failed, and with it the run: its manifest says why, the table's
+    # lease is free for the next run, and the failed range's redelivery found the run over
+    assert stats.failed >= 1
+    manifest = staged_manifest(pipeline, table, planned["run_id"])
+    assert manifest.state is RunState.FAILED
+    assert manifest.error is not None and "NaN" in manifest.error
+    assert RunStore(pipeline.s3(), pipeline.bucket).current_lease(table) is None
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+    assert (
+        attributes["ApproximateNumberOfMessages"],
+        attributes["ApproximateNumberOfMessagesNotVisible"],
+    ) == (
+        "0",
+        "0",
+    )

@@ -288,6 +288,11 @@ class _Worker:
         try:
             if isinstance(error, LeaseLostError):
                 return
+            # Every checkpoint save renewed the lease: its latest version is the one to rewrite.
+            current = self.store.current_lease(self.table, run_id=self.run_id, range_index=lease.range_index)
+            if current is None or current.owner != self.owner:
+                return  # taken over meanwhile: not ours to hand off or release
+            lease = current
             if isinstance(error, PgSnowError) and error.retryable:
                 self.store.hand_off_lease(lease, ttl_s=0)
                 logger.warning("range interrupted; the next delivery resumes it", extra=context)
