@@ -671,7 +671,12 @@ def test_cleanup_reenqueues_to_the_loader_queue_and_reads_the_dead_letter_queue(
 # ---------------------------------------------------------------- parallel backfill
 
 
-RANGE_RESOURCES = ("ExtractRangeQueue", "ExtractRangeDeadLetterQueue", "ExtractRangeEventSource")
+RANGE_RESOURCES = (
+    "ExtractRangeQueue",
+    "ExtractRangeDeadLetterQueue",
+    "ExtractRangeEventSource",
+    "ExtractRangeDeadLetterQueueDepthAlarm",
+)
 
 
 def test_parallel_backfill_exists_only_above_one_worker(sam_template: dict[str, Any]) -> None:
@@ -749,6 +754,12 @@ def test_extractor_may_send_and_consume_only_the_range_queue(cfn: dict[str, Any]
             "ApproximateNumberOfMessagesVisible",
             {"Fn::GetAtt": ["StageDeadLetterQueue", "QueueName"]},
             id="dlq-depth",
+        ),
+        pytest.param(
+            "AWS/SQS",
+            "ApproximateNumberOfMessagesVisible",
+            {"Fn::GetAtt": ["ExtractRangeDeadLetterQueue", "QueueName"]},
+            id="range-dlq-depth",
         ),
         pytest.param(
             "AWS/SQS",
