@@ -205,6 +205,7 @@ def _interrupt(_signal: int, _frame: object) -> None:
 
 def run_local_up(args: argparse.Namespace) -> int:
     from pgsnow.local.dispatcher import SqsDispatcher
+    from pgsnow.local.range_workers import range_workers_for
     from pgsnow.local.stack import StorageAccess, load_function_handler, start_stack
 
     quiet_function_logs(verbose=True)  # the loader's log is what `local up` shows, on stderr
@@ -221,6 +222,9 @@ def run_local_up(args: argparse.Namespace) -> int:
         with stack.handlers():
             dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
             dispatcher.start()
+            # Parallel backfill: the range queue, delivered to concurrent extractor invocations.
+            range_workers = range_workers_for(stack, load_function_handler("extractor"))
+            range_workers.start()
             try:
                 for line in describe_stack(stack):
                     print(line)
@@ -229,6 +233,7 @@ def run_local_up(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 print("stopping", file=sys.stderr)
             finally:
+                range_workers.stop()
                 dispatcher.stop()
     finally:
         stack.stop()

@@ -10,7 +10,8 @@ only one that builds their keys; ``pgsnow.runs`` is the only one that reads and 
 
 * ``_pgsnow/manifests/{schema}/{table}/{run_id}.json``: a run's manifest;
 * ``_pgsnow/state/{schema}/{table}/``: ``lease.json``, ``runs/{run_id}.json`` (checkpoints),
-  ``watermark.json``, ``columns.json``;
+  ``watermark.json``, ``columns.json``; a parallel run's ranges under ``runs/{run_id}/ranges/``
+  (``{n}.json`` checkpoints, ``{n}.lease.json`` leases);
 * ``_pgsnow/keys/{schema}/{table}/{run_id}.csv.gz``: a run's full primary-key list (deletes);
 * ``_pgsnow/reports/orphans/{timestamp}.json``: the orphan sweeper's reports;
 * ``_pgsnow/pending/{schema}/{table}/{run_id}``: the pending-run index, one marker per run that
@@ -113,6 +114,16 @@ def lease_key(table: TableRef) -> str:
 
 def checkpoint_key(table: TableRef, run_id: str) -> str:
     return state_prefix(table) + f"runs/{run_id}.json"
+
+
+def range_checkpoint_key(table: TableRef, run_id: str, index: int) -> str:
+    """The checkpoint of range ``index`` of a parallel run (written by that range's lease holder)."""
+    return state_prefix(table) + f"runs/{run_id}/ranges/{index}.json"
+
+
+def range_lease_key(table: TableRef, run_id: str, index: int) -> str:
+    """Who extracts range ``index`` of a parallel run now (one worker per range)."""
+    return state_prefix(table) + f"runs/{run_id}/ranges/{index}.lease.json"
 
 
 def watermark_key(table: TableRef) -> str:

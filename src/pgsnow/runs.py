@@ -23,6 +23,12 @@ What it keeps:
 * **Run checkpoints** (``runs/{run_id}.json``): the chunks a run finished, the chunk in
   progress and what the run decided at its start (``pgsnow.checkpoint.RunCheckpoint``). Only
   the lease holder writes it.
+* **Parallel runs' ranges**: each key range of a parallel run has its own checkpoint and its own
+  lease (``runs/{run_id}/ranges/{n}.json`` and ``.lease.json``), so one worker at a time extracts
+  a range and resumes it after its last staged file. Meanwhile the table's lease names the run
+  with the owner ``RANGES_OWNER``: every worker extends it (``extend_ranges_lease``), and the
+  worker that finishes the last range takes it over (``take_over_from_ranges``, ``If-Match``:
+  exactly one does) to finish the run.
 * **The watermark** (``watermark.json``): the incremental cursor value the next run starts
   from; advanced only after the run's manifest is ``staged``.
 * **Published columns** (``columns.json``): the columns of the table's last staged run,
@@ -54,6 +60,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pgsnow.checkpoint import (
+    RANGES_OWNER,
     Lease,
     LeaseLostError,
     PublishedColumns,
@@ -77,6 +84,8 @@ from pgsnow.keys import (
     pending_key,
     pending_prefix,
     published_columns_key,
+    range_checkpoint_key,
+    range_lease_key,
     watermark_key,
 )
 from pgsnow.manifest import RunManifest, RunState
@@ -383,26 +392,45 @@ class RunStore:
 
     # --------------------------------------------------------------------- the extraction lease
 
-    def current_lease(self, table: TableRef) -> Lease | None:
-        found = self._get(lease_key(table))
+    @staticmethod
+    def _lease_key(table: TableRef, run_id: str, range_index: int | None) -> str:
+        return lease_key(table) if range_index is None else range_lease_key(table, run_id, range_index)
+
+    def current_lease(
+        self, table: TableRef, *, run_id: str = "", range_index: int | None = None
+    ) -> Lease | None:
+        """The table's lease, or with ``range_index`` the lease of that range of run ``run_id``."""
+        found = self._get(self._lease_key(table, run_id, range_index))
         if found is None:
             return None
-        return Lease.from_json(table, found.body, etag=found.etag)
+        return Lease.from_json(table, found.body, etag=found.etag, range_index=range_index)
 
-    def acquire_lease(self, table: TableRef, *, run_id: str, owner: str, ttl_s: float, resume: bool) -> Lease:
-        """Take the table's lease for ``run_id`` (a new run) or, with ``resume``, for the run it names.
+    def acquire_lease(
+        self,
+        table: TableRef,
+        *,
+        run_id: str,
+        owner: str,
+        ttl_s: float,
+        resume: bool,
+        range_index: int | None = None,
+    ) -> Lease:
+        """Take the table's lease for ``run_id`` (a new run) or, with ``resume``, for the run it names;
+        with ``range_index``, the lease of that range of run ``run_id`` instead.
 
         Succeeds when there is no lease, when the lease expired (its holder died: its run is
         resumed), or when it was handed off (``owner`` None) and ``resume`` is set or it names
         ``run_id``. Otherwise raises RunInProgressError: another invocation is extracting the table.
         """
         expires_at = self._clock() + ttl_s
-        key = lease_key(table)
-        fresh = Lease(table, run_id, owner, expires_at, "")
+        key = self._lease_key(table, run_id, range_index)
+        fresh = Lease(table, run_id, owner, expires_at, "", range_index)
         etag = self._put(key, fresh.body(), if_absent=True)
         if etag is not None:
             return replace(fresh, etag=etag)
-        current = self.current_lease(table)  # a lease exists: see whose
+        current = self.current_lease(
+            table, run_id=run_id, range_index=range_index
+        )  # a lease exists: see whose
         if current is None:  # released in between: try once more from scratch
             etag = self._put(key, fresh.body(), if_absent=True)
             if etag is None:
@@ -421,7 +449,7 @@ class RunStore:
                 s3_key=key,
             )
         # Taking over continues the run the lease names: its checkpoint says where it stopped.
-        taken = Lease(table, current.run_id, owner, expires_at, "")
+        taken = Lease(table, current.run_id, owner, expires_at, "", range_index)
         etag = self._put(key, taken.body(), if_match=current.etag)
         if etag is None:
             raise RunInProgressError(
@@ -440,9 +468,51 @@ class RunStore:
         """Leave the lease to the run's continuation: no owner, so the next invocation resuming it may take it."""
         return self._rewrite_lease(lease, owner=None, ttl_s=ttl_s)
 
+    def hand_to_ranges(self, lease: Lease, *, ttl_s: float) -> Lease:
+        """A parallel run's planner leaves the table's lease to the run's range workers
+        (owner ``RANGES_OWNER``): other runs of the table stay refused until the run ends."""
+        return self._rewrite_lease(lease, owner=RANGES_OWNER, ttl_s=ttl_s)
+
+    def extend_ranges_lease(self, table: TableRef, run_id: str, *, ttl_s: float) -> None:
+        """A range worker keeps its parallel run's table lease alive (when less than half of
+        ``ttl_s`` is left). Several workers may try at once: losing the conditional write means
+        another one just extended it. LeaseLostError when the lease no longer names the run (it
+        failed, or expired and another run took the table)."""
+        current = self.current_lease(table)
+        if current is None or current.run_id != run_id:
+            raise LeaseLostError(
+                f"run {run_id} no longer holds the extraction lease of {table.qualified}",
+                table=table.qualified,
+                run_id=run_id,
+            )
+        if current.owner != RANGES_OWNER or current.expires_at - self._clock() > ttl_s / 2:
+            return  # the run's finisher holds it, or it has time left
+        self._put(
+            lease_key(table),
+            replace(current, expires_at=self._clock() + ttl_s).body(),
+            if_match=current.etag,
+            run_id=run_id,
+        )
+
+    def take_over_from_ranges(
+        self, table: TableRef, run_id: str, *, owner: str, ttl_s: float
+    ) -> Lease | None:
+        """The table's lease for ``owner`` to finish parallel run ``run_id``, if it is still its
+        ranges' (or it expired: the last finisher died); None when another invocation has it."""
+        current = self.current_lease(table)
+        if current is None or current.run_id != run_id:
+            return None
+        if current.owner != RANGES_OWNER and current.expires_at > self._clock():
+            return None
+        taken = Lease(table, run_id, owner, self._clock() + ttl_s, "")
+        etag = self._put(lease_key(table), taken.body(), if_match=current.etag, run_id=run_id)
+        return None if etag is None else replace(taken, etag=etag)
+
     def _rewrite_lease(self, lease: Lease, *, owner: str | None, ttl_s: float) -> Lease:
         renewed = replace(lease, owner=owner, expires_at=self._clock() + ttl_s)
-        etag = self._put(lease_key(lease.table), renewed.body(), if_match=lease.etag)
+        etag = self._put(
+            self._lease_key(lease.table, lease.run_id, lease.range_index), renewed.body(), if_match=lease.etag
+        )
         if etag is None:
             raise LeaseLostError(
                 f"the extraction lease of {lease.table.qualified} was taken over; stopping",
@@ -453,7 +523,7 @@ class RunStore:
 
     def release_lease(self, lease: Lease) -> None:
         """Delete the lease if it is still ours (a lease taken over meanwhile is left alone)."""
-        key = lease_key(lease.table)
+        key = self._lease_key(lease.table, lease.run_id, lease.range_index)
         try:
             self._s3.delete_object(Bucket=self._bucket, Key=key, IfMatch=lease.etag)
         except ClientError as exc:
@@ -464,13 +534,24 @@ class RunStore:
 
     # --------------------------------------------------------------------- checkpoints, watermarks, columns
 
-    def load_checkpoint(self, table: TableRef, run_id: str) -> RunCheckpoint | None:
-        key = checkpoint_key(table, run_id)
+    def load_checkpoint(
+        self, table: TableRef, run_id: str, range_index: int | None = None
+    ) -> RunCheckpoint | None:
+        """The run's checkpoint, or with ``range_index`` that range's; None when there is none yet."""
+        key = (
+            checkpoint_key(table, run_id)
+            if range_index is None
+            else range_checkpoint_key(table, run_id, range_index)
+        )
         found = self._get(key)
         return None if found is None else RunCheckpoint.from_json(found.body, s3_key=key)
 
     def save_checkpoint(self, checkpoint: RunCheckpoint) -> None:
-        key = checkpoint_key(checkpoint.table, checkpoint.run_id)
+        """Write the run's checkpoint, or its range's when ``checkpoint.range`` is set."""
+        if checkpoint.range is None:
+            key = checkpoint_key(checkpoint.table, checkpoint.run_id)
+        else:
+            key = range_checkpoint_key(checkpoint.table, checkpoint.run_id, checkpoint.range.index)
         self._put(key, checkpoint.to_json().encode(), run_id=checkpoint.run_id)
 
     def load_watermark(self, table: TableRef) -> Watermark | None:
