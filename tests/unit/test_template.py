@@ -683,11 +683,12 @@ def test_parallel_backfill_exists_only_above_one_worker(sam_template: dict[str, 
     # Given the condition that creates the range queue and the extractor's event source
     condition = sam_template["Conditions"]["ParallelExtraction"]
     assert condition == {"Fn::Not": [{"Fn::Equals": [{"Ref": "ExtractMaxWorkers"}, 1]}]}
-    # Then every range resource is created under it, and one worker (the default) creates none
+    # Then every range resource is created under it (one worker creates none), and by default a
+    # large table is read by at most four workers at once
     for name in RANGE_RESOURCES:
         assert sam_template["Resources"][name]["Condition"] == "ParallelExtraction"
     spec = sam_template["Parameters"]["ExtractMaxWorkers"]
-    assert spec["Default"] == 1
+    assert spec["Default"] == 4
     # MaximumConcurrency accepts 2..1000: 1 never reaches the mapping, and 1000 is the ceiling
     assert (spec["MinValue"], spec["MaxValue"]) == (1, 1000)
 
