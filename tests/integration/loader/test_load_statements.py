@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -82,9 +82,21 @@ def load_and_count(
     return local_snowflake.history.since(mark)
 
 
+@pytest.fixture
+def patient_conn(local_snowflake: LocalSnowflake, settings: Settings, sf_conn: Any) -> Iterator[Any]:
+    """A session that waits for a long statement: the local Snowflake answers a COPY only when it
+    has read every file (~0.2 s each from moto; longer on a busy machine), where Snowflake would
+    answer "in progress" and the connector poll. The default 60 s socket timeout would give up."""
+    kwargs = local_snowflake.connect_kwargs(database=settings.snowflake.database, schema="PUBLIC")
+    conn = snowflake.connector.connect(**{**kwargs, "network_timeout": 900, "socket_timeout": 900})
+    yield conn
+    conn.close()
+
+
 def test_a_batch_costs_statements_per_table_never_per_file(
-    local_snowflake: LocalSnowflake, settings: Settings, s3: Any, sf_conn: Any
+    local_snowflake: LocalSnowflake, settings: Settings, s3: Any, patient_conn: Any
 ) -> None:
+    sf_conn = patient_conn
     # Given three tables of one run each, already loaded once by this loader (tables and ledgers made)
     for table in TABLES:
         put_run_manifest(s3, settings, table, RUN)
