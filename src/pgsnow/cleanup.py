@@ -210,7 +210,7 @@ def remove_loaded_files(
         if base is None:
             return CleanupResult(table.qualified, run_id, RunState.FAILED, 0, 0, settled=True)
         manifest = base.manifest
-        ledger = ledger_rows(sf_conn, settings, [f.key for f in manifest.files])
+        ledger = ledger_rows(sf_conn, settings, {table: [f.key for f in manifest.files]})
         loaded = loaded_files(manifest, ledger)
         result = CleanupResult(
             manifest.table.qualified,
