@@ -1,7 +1,7 @@
 """One chunk's rows as Parquet files: COPY CSV on a thread -> Arrow's CSV parser -> row groups.
 
-Files are cut at exactly ``batch_rows`` rows (and after a row group once they reach the
-target size), like the CSV path; a file's row groups depend only on its first row, so a
+Files are cut after the row group that makes them reach the target size (or at exactly
+``batch_rows`` rows when EXTRACT_BATCH_ROWS caps them), like the CSV path; a file's row groups depend only on its first row, so a
 retried file has the same bytes. Each row group is encoded on an encoder thread while
 the next one is parsed (both run in Arrow without the GIL); one group at a time, in order.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from pgsnow.checkpoint import ChunkRecord
-from pgsnow.extract.files import FileRecorder, batch_number
+from pgsnow.extract.files import FileRecorder, batch_number, file_row_cap
 from pgsnow.extract.state import ExtractionRun
 from pgsnow.formats import CopyPipe, ParquetWriter, open_arrow_csv
 from pgsnow.keys import FileFormat
@@ -63,7 +63,7 @@ class ParquetChunkStager:
         self.chunk = chunk
         self.allow_empty = allow_empty
         self.recorder = FileRecorder(run, FileFormat.PARQUET, chunk.index)
-        self.batch_rows = run.settings.batch_rows
+        self.batch_rows = file_row_cap(run.settings)
         self.max_bytes = run.settings.extract.target_file_mb * 1024 * 1024
         self.order_key = run.checkpoint.order_key
         self.width = len(run.schema.columns)

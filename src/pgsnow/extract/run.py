@@ -20,6 +20,7 @@ from pgsnow.checkpoint import ChunkRecord, Lease, LeaseLostError, PublishedColum
 from pgsnow.config import DeleteMode, Settings
 from pgsnow.errors import PgSnowError
 from pgsnow.extract.csv_stager import stage_chunk_csv
+from pgsnow.extract.files import chunk_rows_for
 from pgsnow.extract.key_list import stage_key_list
 from pgsnow.extract.parquet_stager import stage_chunk_parquet
 from pgsnow.extract.schema_drift import check_schema_drift
@@ -133,9 +134,7 @@ def _stage_chunks(run: ExtractionRun) -> bool:
             after = run.checkpoint.next_after
             through = None
             if run.checkpoint.order_key:
-                through = next_chunk_end(
-                    run.pg_conn, run.schema, run.rows(after, None), run.settings.extract.chunk_rows
-                )
+                through = next_chunk_end(run.pg_conn, run.schema, run.rows(after, None), chunk_rows_for(run))
                 if through is None and index > 0:
                     return True
             chunk = ChunkRecord(index, after, through)
