@@ -35,6 +35,9 @@ class Spec:
     s3_endpoint: str | None = None  # the moto server (pgsnow contenders stage to S3)
     bucket: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # pgsnow settings over the defaults
+    # The moto server's administrator keys (it enforces IAM: pgsnow.local.aws)
+    s3_access_key_id: str = "testing"
+    s3_secret_access_key: str = "testing"
 
 
 @dataclass
@@ -211,8 +214,8 @@ def _pgsnow(spec: Spec, file_format: str) -> Outcome:
         "s3",
         endpoint_url=spec.s3_endpoint,
         region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
+        aws_access_key_id=spec.s3_access_key_id,
+        aws_secret_access_key=spec.s3_secret_access_key,
         config=Config(s3={"addressing_style": "path"}),
     )
     started = time.perf_counter()

@@ -104,6 +104,7 @@ def run_contender(
     s3: Any,
     s3_endpoint: str,
     work_dir: Path,
+    s3_keys: tuple[str, str] = ("testing", "testing"),
     pgsnow_src: Path | None = None,
     wrapper: list[str] | None = None,
     cprofile: Path | None = None,
@@ -123,6 +124,8 @@ def run_contender(
         "s3_endpoint": s3_endpoint,
         "bucket": BENCH_BUCKET,
         "env": env or {},
+        "s3_access_key_id": s3_keys[0],
+        "s3_secret_access_key": s3_keys[1],
     }
     spec_path.write_text(json.dumps(spec))
     command = [_python_for(contender, bench_python), str(BENCH_DIR / "contenders.py"), contender]
@@ -252,6 +255,7 @@ def profile_pgsnow(
     work_dir: Path,
     pgsnow_src: Path | None,
     top: int,
+    s3_keys: tuple[str, str] = ("testing", "testing"),
 ) -> str:
     """Where a pgsnow contender's time goes: py-spy when it can attach, else cProfile."""
     py_spy = Path(bench_python).with_name("py-spy")
@@ -260,6 +264,7 @@ def profile_pgsnow(
         "bench_python": bench_python,
         "s3": s3,
         "s3_endpoint": s3_endpoint,
+        "s3_keys": s3_keys,
         "work_dir": work_dir,
         "pgsnow_src": pgsnow_src,
     }
@@ -645,7 +650,13 @@ def main(argv: list[str] | None = None) -> int:
     aws = start_local_aws()
     s3 = aws.client("s3")
     s3.create_bucket(Bucket=BENCH_BUCKET)
-    common = {"dsn": args.dsn, "bench_python": args.bench_python, "s3": s3, "s3_endpoint": aws.endpoint_url}
+    common = {
+        "dsn": args.dsn,
+        "bench_python": args.bench_python,
+        "s3": s3,
+        "s3_endpoint": aws.endpoint_url,
+        "s3_keys": (aws.access_key_id, aws.secret_access_key),
+    }
     main_results: dict[str, Measurement] = {}
     scale_results: dict[str, Measurement] = {}
     file_results: list[Measurement] = []
