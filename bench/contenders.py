@@ -34,6 +34,10 @@ class Spec:
     out_dir: str
     s3_endpoint: str | None = None  # the moto server (pgsnow contenders stage to S3)
     bucket: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # pgsnow settings over the defaults
+    # The moto server's administrator keys (it enforces IAM: pgsnow.local.aws)
+    s3_access_key_id: str = "testing"
+    s3_secret_access_key: str = "testing"
 
 
 @dataclass
@@ -202,6 +206,7 @@ def _pgsnow(spec: Spec, file_format: str) -> Outcome:
             "S3_FILE_FORMAT": file_format,
             "PGSNOW_TABLES": f"{spec.schema}.{spec.table}",
             "PGSNOW_PG_DSN": spec.dsn,
+            **spec.env,
         },
         component=Component.EXTRACTOR,
     )
@@ -209,8 +214,8 @@ def _pgsnow(spec: Spec, file_format: str) -> Outcome:
         "s3",
         endpoint_url=spec.s3_endpoint,
         region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
+        aws_access_key_id=spec.s3_access_key_id,
+        aws_secret_access_key=spec.s3_secret_access_key,
         config=Config(s3={"addressing_style": "path"}),
     )
     started = time.perf_counter()
@@ -233,6 +238,10 @@ def _pgsnow(spec: Spec, file_format: str) -> Outcome:
         seconds=seconds,
         details={
             "batch_rows": settings.batch_rows,
+            "target_file_mb": settings.extract.target_file_mb,
+            "file_bytes": [f.bytes for f in manifest.files],  # in key order: the last is the rest
+            "file_chunks": [f.chunk for f in manifest.files],
+            "chunks": len({f.chunk for f in manifest.files}),
             "pgsnow_from": str(Path(extract_table.__code__.co_filename)),
         },
     )

@@ -1,11 +1,13 @@
 """Extraction benchmark: pgsnow against the practical limits and dlt, side by side in one run.
 
-    .venv/bin/python bench/run.py [--rows 2000000] [--scale-rows 400000] [--profile]
+    .venv/bin/python bench/run.py [--rows 2000000] [--scale-rows 400000] [--files-rows 6000000] [--profile]
 
 Generates (or reuses) the deterministic table ``pgsnow_bench.mixed_<rows>`` (bench/datagen.py),
 starts a moto server on loopback in this process, then runs every contender in its own
 process (bench/contenders.py) and reads its peak RSS from ``wait4``. Third-party contenders
 run with the bench virtualenv's Python (``--bench-python``), pgsnow's with the project's.
+The file-size runs stage a bigger table with pgsnow at several EXTRACT_TARGET_FILE_MB (the
+default among them) and report the files' sizes and the peak RSS at each (issue 14).
 Writes ``bench/results/latest.json`` and ``latest.md`` (the table docs/performance.md quotes).
 This is a measurement, never a pass/fail test: the targets are reported, not asserted.
 """
@@ -18,6 +20,7 @@ import os
 import platform
 import pstats
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +54,9 @@ ALL_CONTENDERS = (
 )
 RSS_LIMIT_MB = 256
 SCALE_LIMIT = 1.2
+# The seed's staged files are 100-250 MB compressed; pgsnow's default target is 128 MB.
+FILE_RANGE_MB = (100, 250)
+DEFAULT_TARGET_FILE_MB = 128
 REPEAT_ONLY_BELOW_S = 30.0
 
 
@@ -99,9 +105,11 @@ def run_contender(
     s3: Any,
     s3_endpoint: str,
     work_dir: Path,
+    s3_keys: tuple[str, str] = ("testing", "testing"),
     pgsnow_src: Path | None = None,
     wrapper: list[str] | None = None,
     cprofile: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Measurement:
     """Run one contender in its own process; its peak RSS is that process's (tree's) own."""
     out_dir = work_dir / contender
@@ -116,6 +124,9 @@ def run_contender(
         "out_dir": str(out_dir),
         "s3_endpoint": s3_endpoint,
         "bucket": BENCH_BUCKET,
+        "env": env or {},
+        "s3_access_key_id": s3_keys[0],
+        "s3_secret_access_key": s3_keys[1],
     }
     spec_path.write_text(json.dumps(spec))
     command = [_python_for(contender, bench_python), str(BENCH_DIR / "contenders.py"), contender]
@@ -245,6 +256,7 @@ def profile_pgsnow(
     work_dir: Path,
     pgsnow_src: Path | None,
     top: int,
+    s3_keys: tuple[str, str] = ("testing", "testing"),
 ) -> str:
     """Where a pgsnow contender's time goes: py-spy when it can attach, else cProfile."""
     py_spy = Path(bench_python).with_name("py-spy")
@@ -253,6 +265,7 @@ def profile_pgsnow(
         "bench_python": bench_python,
         "s3": s3,
         "s3_endpoint": s3_endpoint,
+        "s3_keys": s3_keys,
         "work_dir": work_dir,
         "pgsnow_src": pgsnow_src,
     }
@@ -416,10 +429,86 @@ def _ratio(results: dict[str, Measurement], numerator: str, denominator: str) ->
     return a.rows_per_s / b.rows_per_s
 
 
+def file_mb(m: Measurement) -> tuple[list[float], list[float]]:
+    """(MB of the files cut by size, MB of each chunk's last file): a chunk's end cuts its last
+    file wherever the rows run out, so those are only as big as what was left."""
+    sizes = m.details.get("file_bytes", [])
+    chunks = m.details.get("file_chunks", [])
+    by_size, last = [], []
+    for index, (size, chunk) in enumerate(zip(sizes, chunks, strict=True)):
+        is_last = index + 1 == len(sizes) or chunks[index + 1] != chunk
+        (last if is_last else by_size).append(size / 2**20)
+    return by_size, last
+
+
+def file_targets(files: list[Measurement]) -> list[tuple[str, str, str, bool | None]]:
+    """Issue 14's targets: default files in the seed's range, RSS under the limit and flat as
+    files grow."""
+    checks: list[tuple[str, str, str, bool | None]] = []
+    low, high = FILE_RANGE_MB
+    for name in PGSNOW_CONTENDERS:
+        runs = [m for m in files if m.contender == name and m.ok]
+        default = [m for m in runs if m.details.get("target_file_mb") == DEFAULT_TARGET_FILE_MB]
+        if default:
+            by_size, _ = file_mb(default[0])
+            if by_size:
+                measured = f"{min(by_size):.0f}-{max(by_size):.0f} MB ({len(by_size)} files)"
+                met = low <= min(by_size) and max(by_size) <= high
+            else:
+                measured, met = "no file reached the target (table too small)", False
+            checks.append((f"{name} default files (cut by size)", f"{low}-{high} MB", measured, met))
+        if runs:
+            peak = max(runs, key=lambda m: m.peak_rss_mb)
+            checks.append(
+                (
+                    f"{name} peak RSS, files of {', '.join(str(m.details.get('target_file_mb')) for m in runs)} MB",
+                    f"<= {RSS_LIMIT_MB} MB",
+                    f"{peak.peak_rss_mb:.0f} MB (at {peak.details.get('target_file_mb')} MB)",
+                    peak.peak_rss_mb <= RSS_LIMIT_MB,
+                )
+            )
+            smallest = min(runs, key=lambda m: m.details.get("target_file_mb", 0))
+            largest = max(runs, key=lambda m: m.details.get("target_file_mb", 0))
+            if smallest is not largest:
+                growth = largest.peak_rss_mb / smallest.peak_rss_mb
+                checks.append(
+                    (
+                        f"{name} RSS with {largest.details.get('target_file_mb')} MB / "
+                        f"{smallest.details.get('target_file_mb')} MB files",
+                        f"<= {SCALE_LIMIT}x",
+                        f"{growth:.2f}x ({largest.peak_rss_mb:.0f} / {smallest.peak_rss_mb:.0f} MB)",
+                        growth <= SCALE_LIMIT,
+                    )
+                )
+    return checks
+
+
+def _files_table(files: list[Measurement]) -> list[str]:
+    lines = [
+        "| contender | table rows | target MB | chunks | files | cut by size: min / median / max MB "
+        "| each chunk's last file MB | peak RSS MB | seconds |",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|",
+    ]
+    for m in files:
+        target = m.details.get("target_file_mb", "?")
+        if not m.ok:
+            lines.append(f"| {m.contender} | {m.table_rows:,} | {target} | failed: {m.error} | | | | | |")
+            continue
+        by_size, last = file_mb(m)
+        spread = (
+            f"{min(by_size):.1f} / {statistics.median(by_size):.1f} / {max(by_size):.1f}" if by_size else "-"
+        )
+        lines.append(
+            f"| {m.contender} | {m.table_rows:,} | {target} | {m.details.get('chunks', '?')} | {m.files} | "
+            f"{spread} | {', '.join(f'{x:.1f}' for x in last)} | {m.peak_rss_mb:.0f} | {m.seconds:.1f} |"
+        )
+    return lines
+
+
 def targets(
-    main: dict[str, Measurement], scale: dict[str, Measurement]
+    main: dict[str, Measurement], scale: dict[str, Measurement], files: list[Measurement] | None = None
 ) -> list[tuple[str, str, str, bool | None]]:
-    """(target, required, measured, met) for every target of issue 3; met None = not measured."""
+    """(target, required, measured, met) for every target of issues 3 and 14; met None = not measured."""
     checks: list[tuple[str, str, str, bool | None]] = []
 
     def ratio_check(label: str, numerator: str, denominator: str, required: float) -> None:
@@ -452,7 +541,7 @@ def targets(
                     growth <= SCALE_LIMIT,
                 )
             )
-    return checks
+    return checks + file_targets(files or [])
 
 
 def _results_table(measurements: list[Measurement]) -> list[str]:
@@ -475,6 +564,7 @@ def _results_table(measurements: list[Measurement]) -> list[str]:
 def render_markdown(
     main: dict[str, Measurement],
     scale: dict[str, Measurement],
+    files: list[Measurement],
     table: BenchTable,
     machine: dict[str, str],
     versions: dict[str, str],
@@ -486,10 +576,19 @@ def render_markdown(
         "",
         *_results_table(list(main.values()) + list(scale.values())),
         "",
-        "| target (issue 3) | required | measured | met |",
+    ]
+    if files:
+        lines += [
+            "File sizes (issue 14): pgsnow at each EXTRACT_TARGET_FILE_MB.",
+            "",
+            *_files_table(files),
+            "",
+        ]
+    lines += [
+        "| target (issues 3, 14) | required | measured | met |",
         "|---|---|---|---|",
     ]
-    for label, required, measured, met in targets(main, scale):
+    for label, required, measured, met in targets(main, scale, files):
         verdict = "not measured" if met is None else ("yes" if met else "**no**")
         lines.append(f"| {label} | {required} | {measured} | {verdict} |")
     lines += ["", "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in machine.items()]]
@@ -534,6 +633,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale-rows", type=int, default=400_000, help="rows of the memory-scaling table (0: skip)"
     )
+    parser.add_argument(
+        "--files-rows",
+        type=int,
+        default=6_000_000,
+        help="rows of the file-size table, staged by pgsnow at each --file-targets (0: skip)",
+    )
+    parser.add_argument(
+        "--file-targets",
+        default=f"10,64,{DEFAULT_TARGET_FILE_MB}",
+        help=f"EXTRACT_TARGET_FILE_MB values for the file-size runs ({DEFAULT_TARGET_FILE_MB}: the default, unset)",
+    )
     parser.add_argument("--repeat", type=int, default=2, help="runs per contender; the best time is kept")
     parser.add_argument("--dsn", default=DEFAULT_DSN, help="PostgreSQL to generate and read the table in")
     parser.add_argument("--contenders", default=",".join(ALL_CONTENDERS), help="comma-separated subset")
@@ -571,12 +681,21 @@ def main(argv: list[str] | None = None) -> int:
     pgsnow_ref = args.pgsnow_ref if args.pgsnow_ref == "worktree" else _resolve_commit(args.pgsnow_ref)
     table = ensure_table(args.dsn, args.rows)
     scale_table = ensure_table(args.dsn, args.scale_rows) if args.scale_rows else None
+    files_table = ensure_table(args.dsn, args.files_rows) if args.files_rows else None
+    file_target_mbs = [int(t) for t in args.file_targets.split(",") if t.strip()]
     aws = start_local_aws()
     s3 = aws.client("s3")
     s3.create_bucket(Bucket=BENCH_BUCKET)
-    common = {"dsn": args.dsn, "bench_python": args.bench_python, "s3": s3, "s3_endpoint": aws.endpoint_url}
+    common = {
+        "dsn": args.dsn,
+        "bench_python": args.bench_python,
+        "s3": s3,
+        "s3_endpoint": aws.endpoint_url,
+        "s3_keys": (aws.access_key_id, aws.secret_access_key),
+    }
     main_results: dict[str, Measurement] = {}
     scale_results: dict[str, Measurement] = {}
+    file_results: list[Measurement] = []
     profiles: list[tuple[str, str]] = []  # (contender, report)
     parallel: list[ParallelMeasurement] = []
     try:
@@ -597,6 +716,19 @@ def main(argv: list[str] | None = None) -> int:
                     measured = run_repeated(contender, scale_table, args.repeat, work_dir=work_dir, **common)
                     scale_results[contender] = measured
                     print(_results_table([measured])[-1], flush=True)
+            if files_table is not None:
+                warm_cache(args.dsn, files_table)
+                for contender in [c for c in contenders if c in PGSNOW_CONTENDERS]:
+                    for target_mb in file_target_mbs:
+                        # The default target is left unset: what a deployment gets.
+                        env = (
+                            {}
+                            if target_mb == DEFAULT_TARGET_FILE_MB
+                            else {"EXTRACT_TARGET_FILE_MB": str(target_mb)}
+                        )
+                        measured = run_contender(contender, files_table, work_dir=work_dir, env=env, **common)
+                        file_results.append(measured)
+                        print(_files_table([measured])[-1], flush=True)
             if args.profile:
                 for contender in [c for c in contenders if c in PGSNOW_CONTENDERS]:
                     profile = profile_pgsnow(
@@ -609,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render_markdown(
         main_results,
         scale_results,
+        file_results,
         table,
         _machine(load_at_start),
         _versions(args.bench_python, args.dsn, pgsnow_ref),
@@ -622,9 +755,10 @@ def main(argv: list[str] | None = None) -> int:
         "table": asdict(table),
         "results": [asdict(m) | {"rows_per_s": m.rows_per_s} for m in main_results.values()],
         "scale_results": [asdict(m) | {"rows_per_s": m.rows_per_s} for m in scale_results.values()],
+        "file_results": [asdict(m) for m in file_results],
         "targets": [
             {"target": t, "required": r, "measured": v, "met": met}
-            for t, r, v, met in targets(main_results, scale_results)
+            for t, r, v, met in targets(main_results, scale_results, file_results)
         ],
         "parallel": [asdict(m) | {"rows_per_s": m.rows_per_s} for m in parallel],
     }

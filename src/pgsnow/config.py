@@ -242,10 +242,17 @@ class SnowflakeSettings:
     protocol: str
 
 
+# A staged file's size is bounded by the extractor's /tmp (two files are on disk at once: one
+# uploading, one being written; Lambda's ephemeral storage is at most 10,240 MB).
+MAX_TARGET_FILE_MB = 4096
+# A chunk's n-th file is batch ``chunk * 10000 + n`` (pgsnow.extract.files): at most 9999 files.
+MAX_FILES_PER_CHUNK = 9_999
+
+
 @dataclass(frozen=True)
 class ExtractSettings:
-    target_file_mb: int  # roll staged files at about this compressed size
-    chunk_rows: int  # rows per checkpointed primary-key chunk
+    target_file_mb: int  # cut staged files once they reach this compressed size
+    chunk_rows: int | None  # rows per checkpointed key-range chunk; None: sized by bytes
     deadline_margin_s: int  # stop cleanly this long before the Lambda deadline
     function_name: str | None = None  # the runtime's AWS_LAMBDA_FUNCTION_NAME: continuations invoke it
     # Parallel backfill (docs/extraction.md): a full run of a table estimated above two ranges is
@@ -288,10 +295,10 @@ class Settings:
     file_format: StagedFormat
     cleanup_mode: CleanupMode
     tables: TableAllowlist
-    batch_rows: int
+    batch_rows: int | None  # EXTRACT_BATCH_ROWS: an optional row cap per staged file (None: off)
     postgres: PostgresSettings
     snowflake: SnowflakeSettings
-    extract: ExtractSettings = ExtractSettings(128, 1_000_000, 60)
+    extract: ExtractSettings = ExtractSettings(128, None, 60)
     load: LoadSettings = LoadSettings(LoadMethod.COPY, OnError.ABORT_STATEMENT, 10_000, None, None, False)
     cleanup: CleanupSettings = CleanupSettings(None, 60, 7, None, None)
     table_options_by_name: Mapping[TableRef, TableOptions] = field(default_factory=dict)
@@ -315,18 +322,9 @@ class Settings:
         file_format = env.as_enum("S3_FILE_FORMAT", StagedFormat, StagedFormat.CSV, {})
         cleanup_mode = env.as_enum("CLEANUP_S3_FILES", CleanupMode, CleanupMode.AFTER_ALL, _CLEANUP_ALIASES)
         tables = _read_tables(env)
-        batch_rows = env.as_int("EXTRACT_BATCH_ROWS", 100_000, 1)
+        batch_rows, extract = _read_extract(env)
         postgres = _read_postgres(env)
         snowflake = _read_snowflake(env)
-        extract = ExtractSettings(
-            target_file_mb=env.as_int("EXTRACT_TARGET_FILE_MB", 128, 1),
-            chunk_rows=env.as_int("EXTRACT_CHUNK_ROWS", 1_000_000, 1),
-            deadline_margin_s=env.as_int("EXTRACT_DEADLINE_MARGIN_S", 60, 0),
-            function_name=env.get("AWS_LAMBDA_FUNCTION_NAME"),
-            max_workers=env.as_int("EXTRACT_MAX_WORKERS", 1, 1),
-            range_rows=env.as_int("EXTRACT_RANGE_ROWS", 5_000_000, 1),
-            range_queue_url=env.get("EXTRACT_RANGE_QUEUE_URL"),
-        )
         load = _read_load(env, snowflake)
         cleanup = CleanupSettings(
             archive_prefix=env.get("CLEANUP_ARCHIVE_PREFIX"),
@@ -409,6 +407,39 @@ def _read_tables(env: _EnvReader) -> TableAllowlist:
     except PermanentError as exc:
         env.problems.append(f"PGSNOW_TABLES: {exc.message}")
         return TableAllowlist([])
+
+
+def _read_extract(env: _EnvReader) -> tuple[int | None, ExtractSettings]:
+    """The file row cap (EXTRACT_BATCH_ROWS) and the extract settings; 0 or unset means off
+    (files cut by size only) and chunks sized by bytes (pgsnow.extract.files.chunk_rows_for)."""
+    target_mb = env.as_int("EXTRACT_TARGET_FILE_MB", 128, 1)
+    if target_mb > MAX_TARGET_FILE_MB:
+        env.problems.append(
+            f"EXTRACT_TARGET_FILE_MB must be <= {MAX_TARGET_FILE_MB} (two files of that size are on "
+            f"the extractor's disk at once), got {target_mb}"
+        )
+    batch_rows = env.as_int("EXTRACT_BATCH_ROWS", 0, 0) or None
+    chunk_rows = env.as_int("EXTRACT_CHUNK_ROWS", 0, 0) or None
+    if (
+        batch_rows is not None
+        and chunk_rows is not None
+        and -(-chunk_rows // batch_rows) > MAX_FILES_PER_CHUNK
+    ):
+        env.problems.append(
+            f"EXTRACT_CHUNK_ROWS {chunk_rows} / EXTRACT_BATCH_ROWS {batch_rows} would cut a chunk into more "
+            f"than {MAX_FILES_PER_CHUNK} files: raise EXTRACT_BATCH_ROWS (or set it to 0) or lower "
+            "EXTRACT_CHUNK_ROWS"
+        )
+    extract = ExtractSettings(
+        target_file_mb=target_mb,
+        chunk_rows=chunk_rows,
+        deadline_margin_s=env.as_int("EXTRACT_DEADLINE_MARGIN_S", 60, 0),
+        function_name=env.get("AWS_LAMBDA_FUNCTION_NAME"),
+        max_workers=env.as_int("EXTRACT_MAX_WORKERS", 1, 1),
+        range_rows=env.as_int("EXTRACT_RANGE_ROWS", 5_000_000, 1),
+        range_queue_url=env.get("EXTRACT_RANGE_QUEUE_URL"),
+    )
+    return batch_rows, extract
 
 
 def _read_postgres(env: _EnvReader) -> PostgresSettings:

@@ -892,6 +892,30 @@ def estimate_rows(conn: SupportsExecute, schema: TableSchema, rows: RowRange) ->
     return int(plan[0]["Plan"]["Plan Rows"])
 
 
+# A relation's bytes on disk (heap + TOAST) and rows, its partitions' included (a partitioned
+# root holds none itself; pg_partition_tree lists nothing for a plain table, hence the UNION).
+_ROW_BYTES_SQL = """
+WITH t AS (
+    SELECT c.oid FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = %s AND c.relname = %s
+)
+SELECT sum(pg_catalog.pg_table_size(c.oid))::float8, sum(greatest(c.reltuples, 0))::float8
+  FROM pg_catalog.pg_class c
+ WHERE c.oid IN (SELECT oid FROM t UNION SELECT p.relid FROM t, pg_catalog.pg_partition_tree(t.oid) p)
+"""
+
+
+def estimate_row_bytes(conn: SupportsExecute, table: TableRef) -> float | None:
+    """Bytes per row on disk from the statistics (no scan); None when never analysed or empty."""
+    with conn.cursor() as cur:
+        cur.execute(_ROW_BYTES_SQL, (table.schema, table.table))
+        found = cur.fetchone()
+    if found is None or not found[0] or not found[1]:
+        return None
+    return float(found[0]) / float(found[1])
+
+
 @dataclass(frozen=True)
 class SafePoint:
     """The latest moment below which no still-invisible transaction can have written a row."""

@@ -27,7 +27,16 @@ from samtranslator.parser.parser import Parser
 from samtranslator.translator.translator import Translator
 from samtranslator.yaml_helper import yaml_parse
 
-from pgsnow.config import CleanupMode, Component, LoadMethod, OnError, Settings, StagedFormat
+from pgsnow.config import (
+    MAX_TARGET_FILE_MB,
+    CleanupMode,
+    Component,
+    LoadMethod,
+    OnError,
+    Settings,
+    StagedFormat,
+)
+from pgsnow.extract.parquet_stager import PARQUET_GROUP_BYTES
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, key_list_key, manifest_key
 
@@ -71,6 +80,7 @@ ENV_VAR_NAMES = {
 FUNCTION_ENV_VAR_NAMES = {
     "ExtractorFunction": {
         "EXTRACT_TARGET_FILE_MB",
+        "EXTRACT_BATCH_ROWS",
         "EXTRACT_CHUNK_ROWS",
         "EXTRACT_DEADLINE_MARGIN_S",
         "EXTRACT_MAX_WORKERS",
@@ -546,6 +556,36 @@ def test_function_environment_satisfies_settings(
         )
     if function == "LoaderFunction":
         assert (settings.load.method.value, settings.load.on_error.value) == ("copy", "ABORT_STATEMENT")
+    if function == "ExtractorFunction":
+        # Files cut by size at 128 MB, no row cap, chunks sized by bytes: what the defaults say
+        assert settings.extract.target_file_mb == 128
+        assert settings.batch_rows is None
+        assert settings.extract.chunk_rows is None
+
+
+@pytest.mark.parametrize(
+    ("parameter", "variable"),
+    [
+        pytest.param("ExtractTargetFileMb", "EXTRACT_TARGET_FILE_MB", id="target-file-mb"),
+        pytest.param("ExtractBatchRows", "EXTRACT_BATCH_ROWS", id="row-cap"),
+        pytest.param("ExtractChunkRows", "EXTRACT_CHUNK_ROWS", id="chunk-rows"),
+    ],
+)
+def test_extract_sizes_are_parameters(cfn: dict[str, Any], parameter: str, variable: str) -> None:
+    variables = properties(cfn, "ExtractorFunction")["Environment"]["Variables"]
+    assert variables[variable] == {"Ref": parameter}
+
+
+def test_extractor_disk_holds_two_of_the_largest_files(sam_template: dict[str, Any]) -> None:
+    # Given the largest target the template allows, and a file's overshoot past it (one Parquet
+    # row group at most: a CSV block is 1 MB)
+    largest_mb = int(sam_template["Parameters"]["ExtractTargetFileMb"]["MaxValue"])
+    overshoot_mb = PARQUET_GROUP_BYTES // 2**20
+    # Then /tmp holds the file being uploaded and the one being written, and the limit is one
+    # pgsnow.config accepts too
+    storage = sam_template["Resources"]["ExtractorFunction"]["Properties"]["EphemeralStorage"]["Size"]
+    assert storage >= 2 * (largest_mb + overshoot_mb)
+    assert largest_mb <= MAX_TARGET_FILE_MB
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pgsnow.checkpoint import ChunkRecord
 from pgsnow.errors import PermanentError
 from pgsnow.extract.csv_stager import stage_chunk_csv
+from pgsnow.extract.files import chunk_rows_for
 from pgsnow.extract.parquet_stager import stage_chunk_parquet
 from pgsnow.extract.start import check_rows_fit
 from pgsnow.extract.state import ExtractionRun, StopForDeadline
@@ -47,9 +48,7 @@ def stage_chunks(run: ExtractionRun) -> bool:
             after = run.checkpoint.next_after
             through = end
             if run.checkpoint.order_key:
-                through = next_chunk_end(
-                    run.pg_conn, run.schema, run.rows(after, end), run.settings.extract.chunk_rows
-                )
+                through = next_chunk_end(run.pg_conn, run.schema, run.rows(after, end), chunk_rows_for(run))
                 if through is None:
                     if done > 0 or first_index > 0:
                         return True

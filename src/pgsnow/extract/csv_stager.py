@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pgsnow.checkpoint import ChunkRecord
-from pgsnow.extract.files import FileRecorder, batch_number
+from pgsnow.extract.files import FileRecorder, batch_number, file_row_cap
 from pgsnow.extract.state import ExtractionRun
 from pgsnow.formats import CsvBatchSplitter, WrittenFile
 from pgsnow.keys import FileFormat
@@ -11,7 +11,7 @@ from pgsnow.postgres import TableReader
 
 
 def stage_chunk_csv(run: ExtractionRun, chunk: ChunkRecord, allow_empty: bool) -> None:
-    """COPY the chunk's rows as CSV, cut into gzip files of ``batch_rows`` rows (or the target size)."""
+    """COPY the chunk's rows as CSV, cut into gzip files at the target size (or the row cap, when set)."""
     recorder = FileRecorder(run, FileFormat.CSV, chunk.index)
 
     def on_file(written: WrittenFile) -> None:
@@ -22,7 +22,7 @@ def stage_chunk_csv(run: ExtractionRun, chunk: ChunkRecord, allow_empty: bool) -
             recorder.record(written, None, None)  # a header-only file
 
     splitter = CsvBatchSplitter(
-        batch_rows=run.settings.batch_rows,
+        batch_rows=file_row_cap(run.settings),
         path_for_batch=lambda batch: run.work_dir / f"batch{batch}.csv.gz",
         on_file=on_file,
         first_batch=batch_number(chunk.index, len(chunk.files) + 1),

@@ -1,18 +1,26 @@
-"""Each finished data file: uploaded, recorded in the run's checkpoint, in order (``FileRecorder``).
+"""Each finished data file: uploaded, recorded in the run's checkpoint, in order (``FileRecorder``);
+how big files and chunks are (``file_row_cap``, ``chunk_rows_for``).
 
 A file's key is fixed by its run and batch number, and batch numbers by the chunk and the file's
 place in it, so a resumed run stages every file under the key it would have had.
+
+Files are cut by size: once a file reaches EXTRACT_TARGET_FILE_MB compressed (checked after
+each CSV block or Parquet row group, so a file ends at most one of those over the target),
+or at EXTRACT_BATCH_ROWS rows when that optional cap is set. A chunk's end also ends its last
+file, so chunks are sized to hold several target-sized files (``CHUNK_FILES``): only one
+file in that many is short.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from pgsnow.checkpoint import ChunkRecord
-from pgsnow.config import ExtractMode
+from pgsnow.config import MAX_FILES_PER_CHUNK, ExtractMode, Settings
 from pgsnow.csv_records import csv_fields_at, parse_csv_record
 from pgsnow.errors import PermanentError
 from pgsnow.extract.state import ExtractionRun, StopForDeadline
@@ -20,11 +28,57 @@ from pgsnow.formats import WrittenFile
 from pgsnow.keys import FileFormat, data_key
 from pgsnow.manifest import StagedFile
 from pgsnow.observability import logger
+from pgsnow.postgres import estimate_row_bytes
 from pgsnow.staging import put_data_file
 from pgsnow.typemap import ValueKind
 
 # Batch numbers are chunk * FILES_PER_CHUNK + n: a chunk may hold up to 9999 files.
-FILES_PER_CHUNK = 10_000
+FILES_PER_CHUNK = MAX_FILES_PER_CHUNK + 1
+# No row cap (EXTRACT_BATCH_ROWS unset or 0): a file is cut by size alone.
+NO_ROW_CAP = 2**62
+# A chunk sized by bytes is meant to hold this many target-sized files. Its last file is cut
+# short by the chunk's end, so more files per chunk means fewer short files; fewer means a
+# retried or parallel unit of work stays small (8 x 128 MB = 1 GB of staged data).
+CHUNK_FILES = 8
+# Staged (compressed) bytes per row, guessed from PostgreSQL's bytes on disk per row before a run
+# has staged a file: on the benchmark's table gzip CSV is 0.36x of it and Parquet 0.31x. Guessing
+# low makes the first chunk larger (more files in it), never its files shorter.
+STAGED_PER_DISK_BYTE = 0.25
+# Chunk rows when nothing tells the row size (a view, a table never analysed).
+FALLBACK_CHUNK_ROWS = 1_000_000
+
+
+def file_row_cap(settings: Settings) -> int:
+    """Rows after which a file is cut whatever its size (EXTRACT_BATCH_ROWS; off by default)."""
+    return settings.batch_rows or NO_ROW_CAP
+
+
+def chunk_rows_for(run: ExtractionRun) -> int:
+    """Rows of the run's next chunk: EXTRACT_CHUNK_ROWS when set, else about ``CHUNK_FILES``
+    target-sized files' worth.
+
+    The row size is the run's own staged bytes per row once it has staged a file (exact for
+    this table and format), before that PostgreSQL's bytes on disk per row scaled by
+    ``STAGED_PER_DISK_BYTE``. The chunk's end is stored before it is read, so a retried chunk
+    keeps its range whatever a later estimate would say.
+    """
+    settings = run.settings
+    if settings.extract.chunk_rows is not None:
+        return settings.extract.chunk_rows
+    staged = [f for f in run.checkpoint.files if f.rows > 0]
+    row_bytes: float | None
+    if staged:
+        row_bytes = sum(f.bytes for f in staged) / sum(f.rows for f in staged)
+    else:
+        on_disk = estimate_row_bytes(run.pg_conn, run.table)
+        row_bytes = on_disk * STAGED_PER_DISK_BYTE if on_disk else None
+    rows = FALLBACK_CHUNK_ROWS
+    if row_bytes:
+        target = settings.extract.target_file_mb * 1024 * 1024
+        rows = max(1, math.ceil(CHUNK_FILES * target / row_bytes))
+    if settings.batch_rows is not None:
+        rows = min(rows, CHUNK_FILES * settings.batch_rows)
+    return rows
 
 
 def batch_number(chunk: int, file_in_chunk: int) -> int:
@@ -32,7 +86,7 @@ def batch_number(chunk: int, file_in_chunk: int) -> int:
     if not 1 <= file_in_chunk < FILES_PER_CHUNK:
         raise PermanentError(
             f"chunk {chunk} would need more than {FILES_PER_CHUNK - 1} files: "
-            "lower EXTRACT_CHUNK_ROWS or raise EXTRACT_TARGET_FILE_MB / EXTRACT_BATCH_ROWS"
+            "set EXTRACT_CHUNK_ROWS lower (or 0: sized by bytes) or raise EXTRACT_TARGET_FILE_MB / EXTRACT_BATCH_ROWS"
         )
     return chunk * FILES_PER_CHUNK + file_in_chunk
 

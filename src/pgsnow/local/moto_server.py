@@ -205,7 +205,7 @@ def list_versions_under_prefix_only() -> None:
         prefix = kwargs.get("prefix") or (args[3] if len(args) > 3 else "") or ""
         if not prefix:
             return original(self, bucket_name, *args, **kwargs)
-        return original(_BackendReadingPrefix(self, prefix), bucket_name, *args, **kwargs)
+        return original(_BackendReadingPrefix(self, prefix), bucket_name, *args, **kwargs)  # type: ignore[arg-type]
 
     list_object_versions._pgsnow_prefixed = True  # type: ignore[attr-defined]
     S3Backend.list_object_versions = list_object_versions  # type: ignore[method-assign]
@@ -217,7 +217,7 @@ SEED_OBJECTS_PATH = "/_pgsnow/seed-objects"
 def serve_seed_objects_route() -> None:
     """``POST /_pgsnow/seed-objects`` with ``{"bucket": ..., "objects": [[key, text], ...]}``
     writes the objects into the default account's S3 backend (tests only; see the module docstring)."""
-    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.core.models import DEFAULT_ACCOUNT_ID
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication
     from moto.s3.models import s3_backends
 
