@@ -268,21 +268,7 @@ class SqsDispatcher:
 
     def record(self, message: dict[str, Any]) -> dict[str, Any]:
         """One SQS message as a record of Lambda's SQS event."""
-        attributes = message.get("Attributes", {})
-        return {
-            "messageId": message["MessageId"],
-            "receiptHandle": message["ReceiptHandle"],
-            "body": message["Body"],
-            "attributes": {name: attributes[name] for name in _RECORD_ATTRIBUTES if name in attributes},
-            "messageAttributes": {
-                name: _message_attribute(value)
-                for name, value in message.get("MessageAttributes", {}).items()
-            },
-            "md5OfBody": message["MD5OfBody"],
-            "eventSource": "aws:sqs",
-            "eventSourceARN": self._queue_arn,
-            "awsRegion": self.aws.region,
-        }
+        return lambda_sqs_record(message, queue_arn=self._queue_arn, region=self.aws.region)
 
     def context(self) -> LambdaContext:
         return LambdaContext(
@@ -354,6 +340,24 @@ class SqsDispatcher:
                     "polling the queue failed", extra={"error": type(exc).__name__, "detail": str(exc)}
                 )
                 self._stop.wait(1.0)
+
+
+def lambda_sqs_record(message: dict[str, Any], *, queue_arn: str, region: str) -> dict[str, Any]:
+    """One message as ReceiveMessage returns it, as a record of Lambda's SQS event."""
+    attributes = message.get("Attributes", {})
+    return {
+        "messageId": message["MessageId"],
+        "receiptHandle": message["ReceiptHandle"],
+        "body": message["Body"],
+        "attributes": {name: attributes[name] for name in _RECORD_ATTRIBUTES if name in attributes},
+        "messageAttributes": {
+            name: _message_attribute(value) for name, value in message.get("MessageAttributes", {}).items()
+        },
+        "md5OfBody": message["MD5OfBody"],
+        "eventSource": "aws:sqs",
+        "eventSourceARN": queue_arn,
+        "awsRegion": region,
+    }
 
 
 def check_batching(batch_size: int, batching_window_s: int) -> None:
