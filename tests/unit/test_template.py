@@ -39,7 +39,7 @@ from pgsnow.local.dispatcher import (
     check_batching,
     lambda_sqs_record,
 )
-from pgsnow.local.stack import LOADER_BATCH_SIZE, LOADER_BATCHING_WINDOW_S
+from pgsnow.local.stack import LOADER_BATCH_SIZE, LOADER_BATCHING_WINDOW_S, LOADER_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
 
@@ -509,10 +509,13 @@ def test_loader_batching_parameters_stay_within_lambdas_limits(sam_template: dic
         check_batching(size, window["MaxValue"])
 
 
-def test_local_stack_batches_as_the_template_deploys(sam_template: dict[str, Any]) -> None:
+def test_local_stack_batches_as_the_template_deploys(
+    cfn: dict[str, Any], sam_template: dict[str, Any]
+) -> None:
     parameters = sam_template["Parameters"]
     assert parameters["LoaderBatchSize"]["Default"] == LOADER_BATCH_SIZE
     assert parameters["LoaderBatchingWindowSeconds"]["Default"] == LOADER_BATCHING_WINDOW_S
+    assert properties(cfn, "LoaderFunction")["Timeout"] == LOADER_TIMEOUT_S
 
 
 def largest_notification_record() -> dict[str, Any]:

@@ -44,10 +44,12 @@ ProgressCallback = Callable[[str], None]
 DEFAULT_BUCKET = "pgsnow-local"
 DEFAULT_PREFIX = "staging"
 SNOWFLAKE_DATABASE = "PGSNOW_DEMO"
-# The loader's event source as the template deploys it by default (its LoaderBatchSize and
-# LoaderBatchingWindowSeconds; tests/unit/test_template.py checks they agree).
+# The loader's event source and timeout as the template deploys them by default (its
+# LoaderBatchSize, LoaderBatchingWindowSeconds and the loader's Timeout;
+# tests/unit/test_template.py checks they agree).
 LOADER_BATCH_SIZE = 900
 LOADER_BATCHING_WINDOW_S = 60
+LOADER_TIMEOUT_S = 900
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -122,6 +124,7 @@ class LocalStack:
             handler or load_function_handler("loader"),
             batch_size=batch_size,
             batching_window_s=batching_window_s,
+            function_timeout_s=LOADER_TIMEOUT_S,
         )
 
     def stop(self) -> None:
