@@ -219,7 +219,7 @@ def run_local_up(args: argparse.Namespace) -> int:
     from pgsnow.local.dispatcher import check_batching
     from pgsnow.local.stack import LOADER_BATCH_SIZE, LOADER_BATCHING_WINDOW_S, StorageAccess, start_stack
 
-    batch_size = args.loader_batch_size or LOADER_BATCH_SIZE
+    batch_size = LOADER_BATCH_SIZE if args.loader_batch_size is None else args.loader_batch_size
     window = LOADER_BATCHING_WINDOW_S if args.loader_batching_window is None else args.loader_batching_window
     try:
         check_batching(batch_size, window)
