@@ -302,7 +302,8 @@ def run_scenario(
         files_visible=len(latencies),
         seconds=round(seconds, 1),
     )
-    per = 1000 / scenario.files
+    # Per 1,000 files loaded (a run cut short by --timeout loaded fewer than it staged).
+    per = 1000 / max(1, len(latencies))
     result.per_1000_files = {
         "statements": round(result.statements * per, 1),
         "transactions": round(result.transactions * per, 1),
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=LOADER_BATCH_SIZE)
     parser.add_argument("--batching-window", type=int, default=LOADER_BATCHING_WINDOW_S)
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between visibility polls")
-    parser.add_argument("--timeout", type=float, default=1800, help="per scenario")
+    parser.add_argument("--timeout", type=float, default=3600, help="per scenario, in seconds")
     parser.add_argument("--pg-dsn", help="PostgreSQL for the stack (default: the local one)")
     parser.add_argument("--output", type=Path, default=RESULTS / "load-latest.json")
     parser.add_argument("--verbose", action="store_true", help="the loader's info logs, on stderr")

@@ -35,6 +35,7 @@ REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))  # a script directory, not a package: datagen sits beside us
 
 from datagen import BenchTable, ensure_table  # noqa: E402
+from parallel import ParallelMeasurement, render_parallel, run_parallel  # noqa: E402
 
 DEFAULT_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 BENCH_BUCKET = "pgsnow-bench"
@@ -498,6 +499,35 @@ def render_markdown(
     return "\n".join(lines) + "\n"
 
 
+def _run_parallel(
+    args: argparse.Namespace,
+    table: BenchTable,
+    workers: list[int],
+    work_dir: Path,
+    common: dict[str, Any],
+    aws_env: dict[str, str],
+) -> list[ParallelMeasurement]:
+    """The main table extracted by one worker, then by each count of range workers (bench/parallel.py),
+    with the moto server's administrator keys (IAM is enforced there)."""
+    env = {**os.environ, **aws_env, "POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_METRICS_DISABLED": "true"}
+    if common.get("pgsnow_src") is not None:
+        env["PYTHONPATH"] = str(common["pgsnow_src"])
+    warm_cache(args.dsn, table)
+    return run_parallel(
+        table.schema,
+        table.name,
+        expected_rows=table.rows,
+        dsn=args.dsn,
+        s3_endpoint=common["s3_endpoint"],
+        bucket=BENCH_BUCKET,
+        work_dir=work_dir,
+        workers=workers,
+        range_rows=args.range_rows,
+        env=env,
+        empty_bucket=lambda: _empty_bucket(common["s3"]),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows of the main table")
@@ -522,6 +552,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--top", type=int, default=15, help="hotspots to list in the profile")
     parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
+    parser.add_argument(
+        "--parallel-workers",
+        default="1,2,4",
+        help="parallel backfill: worker counts to run next to the single worker ('' to skip)",
+    )
+    parser.add_argument("--range-rows", type=int, default=250_000, help="parallel backfill: rows per range")
     args = parser.parse_args(argv)
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     unknown = set(contenders) - set(ALL_CONTENDERS)
@@ -542,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     main_results: dict[str, Measurement] = {}
     scale_results: dict[str, Measurement] = {}
     profiles: list[tuple[str, str]] = []  # (contender, report)
+    parallel: list[ParallelMeasurement] = []
     try:
         with tempfile.TemporaryDirectory(prefix="pgsnow-bench-") as tmp:
             work_dir = Path(tmp)
@@ -551,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
                 measured = run_repeated(contender, table, args.repeat, work_dir=work_dir, **common)
                 main_results[contender] = measured
                 print(_results_table([measured])[-1], flush=True)
+            worker_counts = [int(n) for n in args.parallel_workers.split(",") if n.strip()]
+            if worker_counts:
+                parallel = _run_parallel(args, table, worker_counts, work_dir, common, aws.env())
             if scale_table is not None:
                 warm_cache(args.dsn, scale_table)
                 for contender in [c for c in contenders if c in PGSNOW_CONTENDERS]:
@@ -574,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         _versions(args.bench_python, args.dsn, pgsnow_ref),
         profiles,
     )
+    if parallel:
+        markdown += "\n" + "\n".join(render_parallel(parallel, parallel[0])) + "\n"
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "latest.md").write_text(markdown)
     payload = {
@@ -584,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
             {"target": t, "required": r, "measured": v, "met": met}
             for t, r, v, met in targets(main_results, scale_results)
         ],
+        "parallel": [asdict(m) | {"rows_per_s": m.rows_per_s} for m in parallel],
     }
     (args.results_dir / "latest.json").write_text(json.dumps(payload, indent=2) + "\n")
     print()

@@ -7,6 +7,12 @@ must be in PGSNOW_TABLES; failures propagate to Lambda's retry and error metrics
 When the deadline nears, the run stops after its current file and this function invokes
 itself asynchronously with ``{"schema_name", "table_name", "run_id"}`` to continue it
 (docs/extraction.md), through ``Runtime.invoke_continuation``.
+
+Parallel backfill (EXTRACT_MAX_WORKERS > 1): a large run is split into key ranges, one message
+each on the range queue, whose SQS event source invokes this function for one range at a time
+(``{"Records": [...]}`` with ``{"schema_name", "table_name", "run_id", "range"}`` bodies). A
+range stopped by the deadline is sent to the queue again; an error fails the message, which
+SQS redelivers after its visibility timeout (then the dead-letter queue).
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pgsnow.errors import PermanentError
+from pgsnow.events import RangeRequest, is_sqs_event, parse_range_event
 from pgsnow.extract.run import extract_table
+from pgsnow.extract.worker import RangeOutcome, extract_range
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import is_run_id, manifest_key
 from pgsnow.manifest import RunState
@@ -58,10 +66,18 @@ class ExtractRequest:
 
 @logger.inject_lambda_context(clear_state=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    request = ExtractRequest.from_event(event)
     runtime = extractor_runtime()
+    if is_sqs_event(event):
+        return {
+            "ranges": [
+                _extract_range(request, context)
+                for request in parse_range_event(event, runtime.settings.tables)
+            ]
+        }
+    request = ExtractRequest.from_event(event)
     # The allowlist is checked here (and again in extract_table) before any connection or SQL.
     runtime.settings.tables.check(request.table)
+    fan_out = runtime.fan_out()
     manifest = extract_table(
         settings=runtime.settings,
         pg_conn=runtime.postgres(),
@@ -70,8 +86,10 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         run_id=request.run_id,
         remaining_ms=context.get_remaining_time_in_millis,
         owner=getattr(context, "aws_request_id", None),
+        fan_out=fan_out,
     )
-    if manifest.state is RunState.EXTRACTING:
+    handed_to_ranges = fan_out is not None and manifest.run_id in fan_out.dispatched
+    if manifest.state is RunState.EXTRACTING and not handed_to_ranges:
         # Stopped before the deadline with everything so far checkpointed: continue in a new invocation.
         runtime.invoke_continuation(request.continuation(manifest.run_id))
     table = manifest.table.qualified
@@ -89,4 +107,34 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         "bytes": staged_bytes,
         "bucket": runtime.settings.bucket,
         "manifest_key": manifest_key(manifest.table, manifest.run_id),
+    }
+
+
+def _extract_range(request: RangeRequest, context: LambdaContext) -> dict[str, Any]:
+    runtime = extractor_runtime()
+    result = extract_range(
+        settings=runtime.settings,
+        pg_conn=runtime.postgres(),
+        s3=runtime.s3,
+        table=request.table,
+        run_id=request.run_id,
+        index=request.index,
+        remaining_ms=context.get_remaining_time_in_millis,
+        owner=getattr(context, "aws_request_id", None),
+    )
+    if result.outcome is RangeOutcome.STOPPED:
+        # Checkpointed before the deadline: the range continues in the next delivery.
+        runtime.send_range_messages([request.body()])
+    table = request.table.qualified
+    record_table_metric("RowsExtracted", table, result.rows)
+    record_table_metric("BytesStaged", table, result.bytes, MetricUnit.Bytes)
+    record_table_metric("FilesStaged", table, result.files)
+    return {
+        "run_id": result.run_id,
+        "table": table,
+        "range": result.index,
+        "outcome": result.outcome.value,
+        "files": result.files,
+        "rows": result.rows,
+        "state": result.manifest.state.value if result.manifest is not None else None,
     }

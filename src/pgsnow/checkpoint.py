@@ -4,10 +4,13 @@ published columns, with their JSON forms.
 ``pgsnow.runs.RunStore`` reads and writes them under ``_pgsnow/state/{schema}/{table}/`` and
 describes the protocol (docs/extraction.md too):
 
-* ``Lease``: who may extract the table now (``lease.json``, written conditionally);
+* ``Lease``: who may extract the table now (``lease.json``, written conditionally), or one range
+  of a parallel run (``runs/{run_id}/ranges/{n}.lease.json``);
 * ``RunCheckpoint``: the chunks a run finished with their files, the chunk in progress (its
   fixed key range), and what the run decided at its start (file format, watermark before, safe
-  point) (``runs/{run_id}.json``);
+  point) (``runs/{run_id}.json``); a parallel run's checkpoint lists its key ranges
+  (``RangeRecord``), and each range has a checkpoint of its own, a ``RunCheckpoint`` with ``range``
+  set (``runs/{run_id}/ranges/{n}.json``);
 * ``Watermark``: the incremental cursor value the next run starts from (``watermark.json``);
 * ``PublishedColumns``: the columns (with their Snowflake types) of the table's last staged run
   (``columns.json``).
@@ -66,6 +69,12 @@ class LeaseLostError(RetryableError):
     """The lease changed under its holder (it expired and was taken over): stop writing."""
 
 
+# The owner a parallel run's table lease names while its ranges are extracted: no single
+# invocation holds it; every range worker extends it, and the worker that finishes the run's
+# last range takes it over (conditionally: exactly one does) to finish the run.
+RANGES_OWNER = "parallel-ranges"
+
+
 @dataclass(frozen=True)
 class Lease:
     table: TableRef
@@ -73,6 +82,7 @@ class Lease:
     owner: str | None  # None: handed off, free for the run's continuation (or anyone resuming it)
     expires_at: float  # epoch seconds
     etag: str
+    range_index: int | None = None  # the lease of one range of a parallel run, not the table's
 
     def body(self) -> bytes:
         return json.dumps(
@@ -80,9 +90,36 @@ class Lease:
         ).encode()
 
     @classmethod
-    def from_json(cls, table: TableRef, text: bytes, *, etag: str) -> Lease:
+    def from_json(cls, table: TableRef, text: bytes, *, etag: str, range_index: int | None = None) -> Lease:
         body = json.loads(text)
-        return cls(table, str(body["run_id"]), body.get("owner"), float(body["expires_at"]), etag)
+        return cls(
+            table, str(body["run_id"]), body.get("owner"), float(body["expires_at"]), etag, range_index
+        )
+
+
+@dataclass(frozen=True)
+class RangeRecord:
+    """One key range of a parallel run: ``after < order key <= through`` (None: open end), fixed
+    when the run is planned and extracted by one worker at a time."""
+
+    index: int
+    after: tuple[str, ...] | None
+    through: tuple[str, ...] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "after": list(self.after) if self.after is not None else None,
+            "through": list(self.through) if self.through is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> RangeRecord:
+        return cls(int(body["index"]), _key(body.get("after")), _key(body.get("through")))
+
+
+def _key(value: Any) -> tuple[str, ...] | None:
+    return tuple(str(v) for v in value) if value is not None else None
 
 
 @dataclass(frozen=True)
@@ -106,15 +143,12 @@ class ChunkRecord:
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> ChunkRecord:
-        def key(value: Any) -> tuple[str, ...] | None:
-            return tuple(str(v) for v in value) if value is not None else None
-
         return cls(
             index=int(body["index"]),
-            after=key(body.get("after")),
-            through=key(body.get("through")),
+            after=_key(body.get("after")),
+            through=_key(body.get("through")),
             files=tuple(_file_from_json(f) for f in body.get("files", [])),
-            resume_after=key(body.get("resume_after")),
+            resume_after=_key(body.get("resume_after")),
         )
 
 
@@ -133,6 +167,8 @@ class RunCheckpoint:
     in_progress: ChunkRecord | None = None  # fixed before its first file is written
     invocations: int = 1
     timings: dict[str, float] = field(default_factory=dict)
+    ranges: tuple[RangeRecord, ...] = ()  # a parallel run: its key ranges, each extracted by a worker
+    range: RangeRecord | None = None  # the checkpoint of one range of a parallel run
 
     @property
     def files(self) -> tuple[StagedFile, ...]:
@@ -142,7 +178,9 @@ class RunCheckpoint:
 
     @property
     def next_after(self) -> tuple[str, ...] | None:
-        return self.finished[-1].through if self.finished else None
+        if self.finished:
+            return self.finished[-1].through
+        return self.range.after if self.range is not None else None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -161,6 +199,8 @@ class RunCheckpoint:
                 "in_progress": self.in_progress.to_json() if self.in_progress else None,
                 "invocations": self.invocations,
                 "timings": self.timings,
+                "ranges": [r.to_json() for r in self.ranges],
+                "range": self.range.to_json() if self.range is not None else None,
             },
             indent=1,
         )
@@ -185,6 +225,8 @@ class RunCheckpoint:
                 in_progress=ChunkRecord.from_json(body["in_progress"]) if body.get("in_progress") else None,
                 invocations=int(body.get("invocations", 1)),
                 timings={str(k): float(v) for k, v in (body.get("timings") or {}).items()},
+                ranges=tuple(RangeRecord.from_json(r) for r in body.get("ranges") or []),
+                range=RangeRecord.from_json(body["range"]) if body.get("range") else None,
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise PermanentError(f"malformed checkpoint: {exc!r}", s3_key=s3_key) from exc

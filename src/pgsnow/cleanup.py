@@ -11,6 +11,13 @@ that exact key with the same checksum the manifest lists. Modes
 * ``after_all``: remove a run's files only when every file of its manifest is in
   the ledger (the specification's recommended mode).
 
+A pass reads only runs that may still have work: it lists the pending-run index
+(``_pgsnow/pending/``, one marker per run, written before the run's first manifest by
+``RunStore.put_manifest``), never every manifest, and removes a run's marker once the run is
+settled (``is_settled``: failed, or loaded with nothing left to remove). A bucket written by a
+release without the index gets it once, from a full listing (``index_pending_runs``). So a
+pass costs what is pending, not what exists.
+
 Each pass first completes the run with the loader's own step
 (``pgsnow.load.completion.complete_run``, whatever the mode): when every file of a
 ``staged`` manifest is loaded, its deletes are applied, then the manifest moves to
@@ -40,8 +47,9 @@ See docs/cleanup.md.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -54,12 +62,22 @@ from pgsnow.ledger import LedgerRow, ledger_rows, loaded_files
 from pgsnow.load.completion import complete_run
 from pgsnow.manifest import META_SHA256, RunManifest, RunState
 from pgsnow.observability import logger
-from pgsnow.runs import RunStore
+from pgsnow.runs import PendingRun, RunStore
 from pgsnow.snowflake.load_sql import CredentialsSource
 from pgsnow.staging import raise_unless_missing
 
 # How often a cleanup re-reads a manifest another writer changed under it before giving up.
 _CLAIM_ATTEMPTS = 5
+# For this long after a pass first built the pending-run index, passes also index manifests
+# written since (listed, not read): an extractor of the previous release, which marks nothing,
+# may still start a run while the stack is being updated (a Lambda runs at most 15 minutes).
+INDEX_SETTLING = timedelta(hours=1)
+# Slack between S3's LastModified and this function's clock.
+_CLOCK_SLACK = timedelta(minutes=5)
+# A marker whose run has no manifest is removed once this old: the extractor marks a run just
+# before writing its first manifest, so a younger one may be about to get it (a run resumed
+# later marks itself again); an older one stopped there, or its manifest expired.
+MARKER_WITHOUT_MANIFEST_AGE = timedelta(hours=1)
 
 
 @dataclass
@@ -72,6 +90,8 @@ class CleanupResult:
     deleted_keys: list[str] = field(default_factory=list)
     deleted_bytes: int = 0
     archive_prefix: str | None = None  # set when files were copied there before removal
+    # Nothing is left for a later pass (``is_settled``): the pass removes the run's pending marker.
+    settled: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -188,12 +208,17 @@ def remove_loaded_files(
     for _attempt in range(_CLAIM_ATTEMPTS):
         base = store.read_manifest_for_update(table, run_id)
         if base is None:
-            return CleanupResult(table.qualified, run_id, RunState.FAILED, 0, 0)
+            return CleanupResult(table.qualified, run_id, RunState.FAILED, 0, 0, settled=True)
         manifest = base.manifest
-        ledger = ledger_rows(sf_conn, settings, [f.key for f in manifest.files])
+        ledger = ledger_rows(sf_conn, settings, {table: [f.key for f in manifest.files]})
         loaded = loaded_files(manifest, ledger)
         result = CleanupResult(
-            manifest.table.qualified, run_id, manifest.state, len(manifest.files), len(loaded)
+            manifest.table.qualified,
+            run_id,
+            manifest.state,
+            len(manifest.files),
+            len(loaded),
+            settled=is_settled(settings, manifest),
         )
         already_claimed = set(manifest.cleaned)
         to_remove = (
@@ -208,6 +233,7 @@ def remove_loaded_files(
         )
         if not store.write_manifest_if_unchanged(base, updated):
             continue  # another cleanup (or the loader) changed the manifest: decide again from its version
+        result.settled = is_settled(settings, updated)  # a claimed file left behind is the sweeper's
         versioned = bucket_is_versioned(s3, bucket)
         result.archive_prefix = archive
         for staged in to_remove:
@@ -253,15 +279,21 @@ def cleanup_run(
         credentials_source=aws_credentials,
         swap=False,
     )
-    if completed.state is None:
-        return CleanupResult(table.qualified, run_id, RunState.FAILED, 0, 0)
+    if completed.state is None:  # the manifest is gone: nothing is left to do
+        return CleanupResult(table.qualified, run_id, RunState.FAILED, 0, 0, settled=True)
     if settings.cleanup_mode is CleanupMode.NEVER or completed.state not in (
         RunState.STAGED,
         RunState.LOADED,
     ):
         # `extracting`: the file list is not final yet; `failed`: its files stay for the sweeper.
         return CleanupResult(
-            table.qualified, run_id, completed.state, completed.files_total, completed.files_loaded
+            table.qualified,
+            run_id,
+            completed.state,
+            completed.files_total,
+            completed.files_loaded,
+            settled=completed.state is RunState.FAILED
+            or (completed.state is RunState.LOADED and settings.cleanup_mode is CleanupMode.NEVER),
         )
     return remove_loaded_files(settings=settings, s3=s3, sf_conn=sf_conn, table=table, run_id=run_id)
 
@@ -280,6 +312,71 @@ def needs_cleanup(settings: Settings, manifest: RunManifest) -> bool:
     )
 
 
+def is_settled(settings: Settings, manifest: RunManifest) -> bool:
+    """Nothing is left for any pass: failed (its files are the sweeper's), or loaded with no file the
+    mode removes left unclaimed. Only completion writes ``loaded``, after the extractor's last
+    write; a run whose manifest is written again after ``failed`` (resumed, when the extractor
+    stopped before its checkpoint said so) is marked again first, and the pass removes only the
+    marker versions it listed."""
+    if manifest.state is RunState.FAILED:
+        return True
+    return manifest.state is RunState.LOADED and not needs_cleanup(settings, manifest)
+
+
+def index_pending_runs(settings: Settings, store: RunStore, tables: Iterable[TableRef] | None = None) -> int:
+    """Mark pending every run with work whose manifest a release without the index wrote; how many.
+
+    The upgrade path, a no-op once the index is settled: the first whole-bucket pass on a bucket
+    with no index record lists and reads every manifest (what every pass cost before), marks the
+    runs still ``extracting`` or with work left, and records the index as built
+    (``_pgsnow/pending-index.json``). For ``INDEX_SETTLING`` after that, passes list the manifests
+    again but read only those written since (an extractor of the previous release may still be
+    running). A pass for given tables before the record exists indexes only those tables.
+    """
+    built_at = store.pending_index_built_at()
+    if built_at is not None and store.now() - built_at >= INDEX_SETTLING:
+        return 0
+    since = None if built_at is None else built_at - _CLOCK_SLACK
+    marked = 0
+    for manifest in store.iter_manifests(tables, modified_since=since):
+        if manifest.state is RunState.EXTRACTING or needs_cleanup(settings, manifest):
+            store.mark_pending(manifest.table, manifest.run_id, if_absent=True)
+            marked += 1
+    if tables is None and built_at is None:
+        store.record_pending_index_built()
+    logger.info(
+        "pending-run index built" if built_at is None else "pending-run index settling",
+        extra={"runs": marked, "tables": None if tables is None else [t.qualified for t in tables]},
+    )
+    return marked
+
+
+def _clean_pending_run(
+    *,
+    settings: Settings,
+    store: RunStore,
+    s3: Any,
+    sf_conn: Any,
+    pending: PendingRun,
+    aws_credentials: CredentialsSource | None,
+) -> tuple[CleanupResult | None, bool]:
+    """The run's cleanup (None when it had nothing to do), and whether its marker may go."""
+    found = store.read_manifest_for_update(pending.table, pending.run_id)
+    if found is None:
+        return None, store.now() - pending.marked_at >= MARKER_WITHOUT_MANIFEST_AGE
+    manifest = found.manifest
+    if not needs_cleanup(settings, manifest):
+        return None, is_settled(settings, manifest)
+    result = cleanup_run(
+        settings=settings,
+        s3=s3,
+        sf_conn=sf_conn,
+        manifest=manifest,
+        aws_credentials=aws_credentials,
+    )
+    return result, result.settled
+
+
 def cleanup_pending_runs(
     *,
     settings: Settings,
@@ -287,18 +384,46 @@ def cleanup_pending_runs(
     sf_conn: Any,
     tables: Iterable[TableRef] | None = None,
     aws_credentials: CredentialsSource | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> list[CleanupResult]:
-    """One cleanup pass over every run that may have work left (the scheduled cleanup function's job)."""
+    """One cleanup pass over every run that may have work left (the scheduled cleanup function's job).
+
+    Reads the pending-run index (one LIST per 1,000 pending runs), each pending run's manifest, and
+    cleans those with work; then removes the markers of runs now settled (one request per 1,000).
+    ``clock``: the time the pass compares the index's and markers' ages with.
+    """
     started = time.monotonic()
-    results = [
-        cleanup_run(settings=settings, s3=s3, sf_conn=sf_conn, manifest=m, aws_credentials=aws_credentials)
-        for m in RunStore(s3, settings.bucket).iter_manifests(tables)
-        if needs_cleanup(settings, m)
-    ]
+    tables = list(tables) if tables is not None else None
+    store = RunStore(s3, settings.bucket, clock=clock)
+    index_pending_runs(settings, store, tables)
+    pending = store.pending_runs(tables)
+    results: list[CleanupResult] = []
+    settled: list[PendingRun] = []
+    for run in pending:
+        result, done = _clean_pending_run(
+            settings=settings,
+            store=store,
+            s3=s3,
+            sf_conn=sf_conn,
+            pending=run,
+            aws_credentials=aws_credentials,
+        )
+        if result is not None:
+            results.append(result)
+        if done:
+            settled.append(run)
+    refused = store.remove_pending(settled)
+    if refused:
+        # The runs stay indexed (a later pass reads them again): cost, not correctness.
+        logger.error(
+            "could not remove pending-run markers", extra={"runs": len(refused), "s3_key": refused[0]}
+        )
     logger.info(
         "cleanup finished",
         extra={
             "runs": len(results),
+            "pending": len(pending),
+            "settled": len(settled),
             "files_deleted": sum(len(r.deleted_keys) for r in results),
             "bytes": sum(r.deleted_bytes for r in results),
             "duration_ms": int((time.monotonic() - started) * 1000),

@@ -217,7 +217,14 @@ def _interrupt(_signal: int, _frame: object) -> None:
 
 def run_local_up(args: argparse.Namespace) -> int:
     from pgsnow.local.dispatcher import check_batching
-    from pgsnow.local.stack import LOADER_BATCH_SIZE, LOADER_BATCHING_WINDOW_S, StorageAccess, start_stack
+    from pgsnow.local.range_workers import range_workers_for
+    from pgsnow.local.stack import (
+        LOADER_BATCH_SIZE,
+        LOADER_BATCHING_WINDOW_S,
+        StorageAccess,
+        load_function_handler,
+        start_stack,
+    )
 
     batch_size = LOADER_BATCH_SIZE if args.loader_batch_size is None else args.loader_batch_size
     window = LOADER_BATCHING_WINDOW_S if args.loader_batching_window is None else args.loader_batching_window
@@ -240,6 +247,9 @@ def run_local_up(args: argparse.Namespace) -> int:
         with stack.handlers():
             dispatcher = stack.loader_dispatcher(batch_size=batch_size, batching_window_s=window)
             dispatcher.start()
+            # Parallel backfill: the range queue, delivered to concurrent extractor invocations.
+            range_workers = range_workers_for(stack, load_function_handler("extractor"))
+            range_workers.start()
             try:
                 for line in describe_stack(stack):
                     print(line)
@@ -248,6 +258,7 @@ def run_local_up(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 print("stopping", file=sys.stderr)
             finally:
+                range_workers.stop()
                 dispatcher.stop()
     finally:
         stack.stop()

@@ -248,6 +248,17 @@ class ExtractSettings:
     chunk_rows: int  # rows per checkpointed primary-key chunk
     deadline_margin_s: int  # stop cleanly this long before the Lambda deadline
     function_name: str | None = None  # the runtime's AWS_LAMBDA_FUNCTION_NAME: continuations invoke it
+    # Parallel backfill (docs/extraction.md): a full run of a table estimated above two ranges is
+    # split into key ranges of about range_rows rows, one SQS message each on range_queue_url,
+    # extracted by up to max_workers concurrent invocations (the event source's MaximumConcurrency).
+    max_workers: int = 1
+    range_rows: int = 5_000_000
+    range_queue_url: str | None = None
+
+    @property
+    def parallel(self) -> bool:
+        """Whether runs may be split into ranges for concurrent workers."""
+        return self.max_workers > 1 and bool(self.range_queue_url)
 
 
 @dataclass(frozen=True)
@@ -312,6 +323,9 @@ class Settings:
             chunk_rows=env.as_int("EXTRACT_CHUNK_ROWS", 1_000_000, 1),
             deadline_margin_s=env.as_int("EXTRACT_DEADLINE_MARGIN_S", 60, 0),
             function_name=env.get("AWS_LAMBDA_FUNCTION_NAME"),
+            max_workers=env.as_int("EXTRACT_MAX_WORKERS", 1, 1),
+            range_rows=env.as_int("EXTRACT_RANGE_ROWS", 5_000_000, 1),
+            range_queue_url=env.get("EXTRACT_RANGE_QUEUE_URL"),
         )
         load = _read_load(env, snowflake)
         cleanup = CleanupSettings(

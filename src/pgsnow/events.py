@@ -9,6 +9,10 @@ records and are acknowledged with nothing to do. So is an object under the prefi
 not a data file (``notes.txt``): the notification covers the whole staging prefix, because
 S3's suffix filters are case-sensitive and ``FILE.CSV.GZ`` must load too; such an object is
 logged as ignored, not dead-lettered.
+
+The extractor's range queue (parallel backfill) delivers one range of a parallel run per
+message: ``parse_range_event`` reads them into ``RangeRequest`` (``is_sqs_event`` tells such an
+event from a direct invocation).
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pgsnow.errors import PermanentError, PgSnowError
-from pgsnow.identifiers import TableAllowlist
-from pgsnow.keys import NotADataFileError, StagedObject, decode_event_key, parse_data_key
+from pgsnow.identifiers import TableAllowlist, TableRef
+from pgsnow.keys import NotADataFileError, StagedObject, decode_event_key, is_run_id, parse_data_key
 from pgsnow.observability import logger
 
 if TYPE_CHECKING:
@@ -180,3 +184,61 @@ def parse_sqs_batch(
         except PermanentError as exc:
             batch.parse_errors[record.message_id] = exc
     return batch
+
+
+@dataclass(frozen=True)
+class RangeRequest:
+    """One range of a parallel run to extract, as the range queue delivers it."""
+
+    table: TableRef
+    run_id: str
+    index: int
+    message_id: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The message body that asks for this range again."""
+        return {
+            "schema_name": self.table.schema,
+            "table_name": self.table.table,
+            "run_id": self.run_id,
+            "range": self.index,
+        }
+
+
+def is_sqs_event(event: Any) -> bool:
+    """An event of an SQS event source (``Records`` of ``aws:sqs`` records)."""
+    records = event.get("Records") if isinstance(event, dict) else None
+    return (
+        isinstance(records, list)
+        and bool(records)
+        and all(isinstance(r, dict) and r.get("eventSource") == "aws:sqs" for r in records)
+    )
+
+
+def parse_range_event(event: dict[str, Any], allowlist: TableAllowlist) -> list[RangeRequest]:
+    """Every range an SQS event of the range queue asks for, its table checked against the allowlist."""
+    return [
+        parse_range_body(r.get("body"), allowlist, message_id=r.get("messageId")) for r in event["Records"]
+    ]
+
+
+def parse_range_body(body: Any, allowlist: TableAllowlist, *, message_id: str | None = None) -> RangeRequest:
+    try:
+        document = json.loads(body) if isinstance(body, str) else None
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise PermanentError(f"range message body is not a JSON object: {str(body)[:80]!r}")
+    schema, table, run_id, index = (
+        document.get("schema_name"),
+        document.get("table_name"),
+        document.get("run_id"),
+        document.get("range"),
+    )
+    if not isinstance(schema, str) or not isinstance(table, str) or not schema or not table:
+        raise PermanentError('range message must carry non-empty strings "schema_name" and "table_name"')
+    if not isinstance(run_id, str) or not is_run_id(run_id):
+        raise PermanentError(f"range message run_id must look like 20260101T000000000000Z, got {run_id!r}")
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise PermanentError(f"range message range must be a non-negative integer, got {index!r}")
+    return RangeRequest(allowlist.check(TableRef(schema, table)), run_id, index, message_id)

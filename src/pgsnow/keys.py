@@ -10,9 +10,14 @@ only one that builds their keys; ``pgsnow.runs`` is the only one that reads and 
 
 * ``_pgsnow/manifests/{schema}/{table}/{run_id}.json``: a run's manifest;
 * ``_pgsnow/state/{schema}/{table}/``: ``lease.json``, ``runs/{run_id}.json`` (checkpoints),
-  ``watermark.json``, ``columns.json``;
+  ``watermark.json``, ``columns.json``; a parallel run's ranges under ``runs/{run_id}/ranges/``
+  (``{n}.json`` checkpoints, ``{n}.lease.json`` leases);
 * ``_pgsnow/keys/{schema}/{table}/{run_id}.csv.gz``: a run's full primary-key list (deletes);
-* ``_pgsnow/reports/orphans/{timestamp}.json``: the orphan sweeper's reports.
+* ``_pgsnow/reports/orphans/{timestamp}.json``: the orphan sweeper's reports;
+* ``_pgsnow/pending/{schema}/{table}/{run_id}``: the pending-run index, one marker per run that
+  may still have cleanup work (the cleanup pass lists these, never every manifest), and
+  ``_pgsnow/pending-index.json``: when the index was first built from the manifests (outside
+  ``_pgsnow/pending/``, so listing the markers never returns it).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ MANIFESTS_PREFIX = f"{CONTROL_PREFIX}/manifests/"
 # A run's full primary-key list (deletes): a control object, read by Snowflake through its URL.
 KEY_LISTS_PREFIX = f"{CONTROL_PREFIX}/keys"
 ORPHAN_REPORTS_PREFIX = f"{CONTROL_PREFIX}/reports/orphans/"
+PENDING_PREFIX = f"{CONTROL_PREFIX}/pending/"
+PENDING_INDEX_KEY = f"{CONTROL_PREFIX}/pending-index.json"
 _RUN_ID = re.compile(r"^\d{8}T\d{12}Z$")
 _RUN_ID_FORMAT = "%Y%m%dT%H%M%S%fZ"
 
@@ -109,6 +116,16 @@ def checkpoint_key(table: TableRef, run_id: str) -> str:
     return state_prefix(table) + f"runs/{run_id}.json"
 
 
+def range_checkpoint_key(table: TableRef, run_id: str, index: int) -> str:
+    """The checkpoint of range ``index`` of a parallel run (written by that range's lease holder)."""
+    return state_prefix(table) + f"runs/{run_id}/ranges/{index}.json"
+
+
+def range_lease_key(table: TableRef, run_id: str, index: int) -> str:
+    """Who extracts range ``index`` of a parallel run now (one worker per range)."""
+    return state_prefix(table) + f"runs/{run_id}/ranges/{index}.lease.json"
+
+
 def watermark_key(table: TableRef) -> str:
     return state_prefix(table) + "watermark.json"
 
@@ -129,6 +146,26 @@ def key_list_key(table: TableRef, run_id: str) -> str:
 
 def orphan_report_key(report_id: str) -> str:
     return f"{ORPHAN_REPORTS_PREFIX}{report_id}.json"
+
+
+def pending_prefix(table: TableRef) -> str:
+    return f"{PENDING_PREFIX}{table.schema}/{table.table}/"
+
+
+def pending_key(table: TableRef, run_id: str) -> str:
+    """The pending-run marker of a run that may still have cleanup work."""
+    return f"{pending_prefix(table)}{run_id}"
+
+
+def parse_pending_key(key: str) -> tuple[TableRef, str] | None:
+    """(table, run id) of a pending-run marker key; None for any other key."""
+    parts = key.removeprefix(PENDING_PREFIX).split("/") if key.startswith(PENDING_PREFIX) else []
+    if len(parts) != 3 or not is_run_id(parts[2]):
+        return None
+    try:
+        return TableRef(parts[0], parts[1]), parts[2]
+    except PermanentError:
+        return None
 
 
 def applied_mark_key(table: TableRef, run_id: str) -> str:

@@ -1,31 +1,64 @@
-"""The load ledger (``LOAD_LEDGER``): the only code that reads or writes it.
+"""The load ledger: the only code that reads or writes it.
 
-One row per S3 key pgsnow loaded (and one per complete run whose swap or deletes it decided,
-under ``keys.applied_mark_key``). A file's row is claimed and recorded in the same Snowflake
+One ledger table per target table (``LOAD_LEDGER__<SCHEMA>__<TABLE>`` in the control schema), so
+loads into different tables never wait on a common lock (docs/loading.md, "Locks"). One row per
+S3 key pgsnow loaded into that table (and one per complete run whose swap or deletes it decided,
+under ``keys.applied_mark_key``). A group's rows are claimed and recorded in the same Snowflake
 transaction as its COPY, so a key is either loaded and recorded, or neither. This module never
 commits: every statement runs in the caller's transaction (or autocommits outside one).
 
+A group of files costs a fixed number of statements, whatever its size: one claim (a MERGE over
+a ``VALUES`` list of every key), one look-up, one record (an UPDATE from a ``VALUES`` list).
+
+Before pgsnow kept one ledger per table, every table shared ``LOAD_LEDGER``. A table's ledger
+adopts that table's rows from it when the ledger is created (``Ledger.create``), and readers
+that must not create anything (status, the sweeper, cleanup) read the old ledger while a
+table's own does not exist yet, so a key loaded before the upgrade is still known as loaded.
+
 ``Ledger`` runs the statements on a connection; the ``build_*`` functions are the SQL, pure and
-unit-tested as text. Values are always bound; an IN list gets one placeholder per key
-(``_in_list``), at most ``LOOKUP_CHUNK`` keys per statement.
+unit-tested as text. Values are always bound; an IN list or a VALUES list gets one placeholder
+per value, at most ``LOOKUP_CHUNK`` keys (``VALUES_CHUNK`` rows) per statement.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from pgsnow.config import Settings
-from pgsnow.errors import ConfigError
-from pgsnow.identifiers import quote_qualified
+from pgsnow.errors import ConfigError, PermanentError
+from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
+from pgsnow.keys import parse_data_key
 from pgsnow.manifest import RunManifest, StagedFile
-from pgsnow.snowflake.sql_text import Statement, placeholder_list
+from pgsnow.snowflake.sql_text import PLACEHOLDER, Statement, placeholder_list
 
-LEDGER_TABLE = "LOAD_LEDGER"
+LEDGER_PREFIX = "LOAD_LEDGER__"
+# The one ledger every table shared before pgsnow kept one per table: read only, to adopt its rows.
+LEGACY_LEDGER_TABLE = "LOAD_LEDGER"
+MAX_IDENTIFIER_LENGTH = 255  # Snowflake's limit on an identifier
 # Snowflake caps the number of expressions in an IN list; stay well below it.
 LOOKUP_CHUNK = 500
+# Rows per claim or record statement: a COPY's group (MAX_FILES_PER_COPY) in one statement;
+# Snowflake's VALUES clause takes up to 16,384 rows.
+VALUES_CHUNK = 1000
+
+# Every column of a table's ledger (the legacy ledger gained the last five by ALTER TABLE).
+LEDGER_COLUMNS = (
+    "S3_KEY",
+    "ETAG",
+    "SHA256",
+    "RUN_ID",
+    "SCHEMA_NAME",
+    "TABLE_NAME",
+    "ROWS_LOADED",
+    "LOADED_AT",
+    "STATUS",
+    "ERRORS_SEEN",
+    "FIRST_ERROR",
+    "SUBMITTED_AT",
+)
 
 
 @dataclass(frozen=True)
@@ -58,11 +91,39 @@ class LedgerClaim:
     table_name: str
 
 
+@dataclass(frozen=True)
+class LedgerRecord:
+    """A loaded key's result. ``status`` is LOADED, or PARTIALLY_LOADED (ON_ERROR = CONTINUE
+    rejected some rows: the file is done, and the ledger says what was left out); a run's mark
+    records APPLIED or SUPERSEDED."""
+
+    s3_key: str
+    rows_loaded: int
+    status: str = "LOADED"
+    errors_seen: int = 0
+    first_error: str | None = None
+
+
 # --------------------------------------------------------------------------- SQL
 
 
-def ledger_name(database: str, control_schema: str) -> str:
-    return quote_qualified(database, control_schema, LEDGER_TABLE)
+def ledger_table(table: TableRef) -> str:
+    """The name of ``table``'s ledger: its source schema and name (as the S3 key has them) in upper
+    case, capped at Snowflake's identifier length.
+
+    Two tables whose names meet here (``public.Orders`` and ``public.orders``, ``a__b.c`` and
+    ``a.b__c``, or two very long names) share one ledger: still correct (a row is found by its
+    S3 key, a run's by its source schema and table), they only share its lock.
+    """
+    return f"{LEDGER_PREFIX}{table.schema.upper()}__{table.table.upper()}"[:MAX_IDENTIFIER_LENGTH]
+
+
+def ledger_name(database: str, control_schema: str, table: TableRef) -> str:
+    return quote_qualified(database, control_schema, ledger_table(table))
+
+
+def legacy_ledger_name(database: str, control_schema: str) -> str:
+    return quote_qualified(database, control_schema, LEGACY_LEDGER_TABLE)
 
 
 def _in_list(keys: Sequence[str]) -> str:
@@ -70,13 +131,26 @@ def _in_list(keys: Sequence[str]) -> str:
     return placeholder_list(keys, empty_error="no keys to look up")
 
 
-def build_create_ledger(database: str, control_schema: str) -> str:
-    """The load ledger: one row per S3 key loaded, written in the same transaction as its COPY.
+def _values_rows(count: int, width: int, *, empty_error: str) -> str:
+    """``(%s, %s), (%s, %s)``: a VALUES list of ``count`` rows of ``width`` bound placeholders."""
+    if count == 0:
+        raise PermanentError(empty_error)
+    row = "(" + ", ".join([PLACEHOLDER] * width) + ")"
+    return ", ".join([row] * count)
+
+
+def _column_list(names: Iterable[str], alias: str | None = None) -> str:
+    prefix = "" if alias is None else f"{quote_ident(alias)}."
+    return ", ".join(f"{prefix}{quote_ident(name)}" for name in names)
+
+
+def build_create_ledger(database: str, control_schema: str, table: TableRef) -> str:
+    """A table's load ledger: one row per S3 key loaded, written in the same transaction as its COPY.
 
     schema_name/table_name are the PostgreSQL (source) names, as in the key.
     """
     return (
-        f"CREATE TABLE IF NOT EXISTS {ledger_name(database, control_schema)} (\n"
+        f"CREATE TABLE IF NOT EXISTS {ledger_name(database, control_schema, table)} (\n"
         '  "S3_KEY" VARCHAR NOT NULL,\n'
         '  "ETAG" VARCHAR,\n'
         '  "SHA256" VARCHAR,\n'
@@ -85,52 +159,87 @@ def build_create_ledger(database: str, control_schema: str) -> str:
         '  "TABLE_NAME" VARCHAR NOT NULL,\n'
         '  "ROWS_LOADED" NUMBER(38,0),\n'
         '  "LOADED_AT" TIMESTAMP_TZ(6),\n'
+        '  "STATUS" VARCHAR,\n'
+        '  "ERRORS_SEEN" NUMBER(38,0),\n'
+        '  "FIRST_ERROR" VARCHAR,\n'
+        # LOAD_METHOD=snowpipe: when the file was first submitted (insertFiles), so a later
+        # attempt can find an earlier submission's outcome with loadHistoryScan.
+        '  "SUBMITTED_AT" TIMESTAMP_TZ(6),\n'
         '  PRIMARY KEY ("S3_KEY")\n'
         ")"
     )
 
 
-def build_upgrade_ledger(database: str, control_schema: str) -> list[str]:
-    """Columns added to the ledger after its first version (a ledger created earlier gains them)."""
-    ledger = ledger_name(database, control_schema)
-    return [
-        f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "STATUS" VARCHAR',
-        f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "ERRORS_SEEN" NUMBER(38,0)',
-        f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "FIRST_ERROR" VARCHAR',
-        # LOAD_METHOD=snowpipe: when the file was first submitted (insertFiles), so a later
-        # attempt can find an earlier submission's outcome with loadHistoryScan.
-        f'ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS "SUBMITTED_AT" TIMESTAMP_TZ(6)',
-    ]
+def build_select_ledger_tables(database: str, control_schema: str) -> Statement:
+    """The control schema's ledger tables (a table's own and the legacy one) with their columns."""
+    sql = (
+        'SELECT "TABLE_NAME", "COLUMN_NAME"\n'
+        f"FROM {quote_ident(database)}.INFORMATION_SCHEMA.COLUMNS\n"
+        """WHERE "TABLE_SCHEMA" = %s AND ("TABLE_NAME" = %s OR STARTSWITH("TABLE_NAME", %s))"""
+    )
+    return sql, (control_schema, LEGACY_LEDGER_TABLE, LEDGER_PREFIX)
 
 
-def build_claim_file(database: str, control_schema: str, claim: LedgerClaim) -> Statement:
-    """Insert the key's ledger row unless it exists. The MERGE locks the ledger, so a concurrent
-    delivery of the same key waits for this transaction and then finds the row.
+def build_adopt_legacy_rows(
+    database: str, control_schema: str, table: TableRef, columns: Sequence[str]
+) -> Statement:
+    """Copy ``table``'s rows from the legacy shared ledger into its own, each key once (idempotent:
+    a key the table's ledger already has is left as it is). ``columns``: those both ledgers have."""
+    names = _column_list(columns)
+    sql = (
+        f"INSERT INTO {ledger_name(database, control_schema, table)} ({names})\n"
+        f'SELECT {_column_list(columns, "OLD")} FROM {legacy_ledger_name(database, control_schema)} AS "OLD"\n'
+        'WHERE "OLD"."SCHEMA_NAME" = %s AND "OLD"."TABLE_NAME" = %s\n'
+        f'AND NOT EXISTS (SELECT 1 FROM {ledger_name(database, control_schema, table)} AS "NEW" '
+        'WHERE "NEW"."S3_KEY" = "OLD"."S3_KEY")'
+    )
+    return sql, (table.schema, table.table)
 
-    WHEN MATCHED rewrites the row unchanged: it takes the existing row's lock too.
+
+def build_claim_files(
+    database: str, control_schema: str, table: TableRef, claims: Sequence[LedgerClaim]
+) -> Statement:
+    """Insert each key's ledger row unless it exists: ONE statement for a group's keys.
+
+    The MERGE writes the table's ledger, which holds its lock until the transaction ends, so a
+    concurrent delivery of any of these keys waits for this transaction and then finds the rows.
+    WHEN MATCHED rewrites the row unchanged, so the statement writes even when every key exists.
     """
     sql = (
-        f'MERGE INTO {ledger_name(database, control_schema)} AS "LEDGER"\n'
-        'USING (SELECT %s AS "S3_KEY", %s AS "ETAG", %s AS "SHA256", %s AS "RUN_ID", '
-        '%s AS "SCHEMA_NAME", %s AS "TABLE_NAME") AS "CLAIM"\n'
+        f'MERGE INTO {ledger_name(database, control_schema, table)} AS "LEDGER"\n'
+        'USING (SELECT "S3_KEY", "ETAG", "SHA256", "RUN_ID", "SCHEMA_NAME", "TABLE_NAME"\n'
+        f"  FROM (VALUES {_values_rows(len(claims), 6, empty_error='no keys to claim')})\n"
+        '  AS "CLAIM" ("S3_KEY", "ETAG", "SHA256", "RUN_ID", "SCHEMA_NAME", "TABLE_NAME")) AS "CLAIM"\n'
         'ON "LEDGER"."S3_KEY" = "CLAIM"."S3_KEY"\n'
         'WHEN MATCHED THEN UPDATE SET "S3_KEY" = "LEDGER"."S3_KEY"\n'
         'WHEN NOT MATCHED THEN INSERT ("S3_KEY", "ETAG", "SHA256", "RUN_ID", "SCHEMA_NAME", "TABLE_NAME")\n'
         'VALUES ("CLAIM"."S3_KEY", "CLAIM"."ETAG", "CLAIM"."SHA256", "CLAIM"."RUN_ID", '
         '"CLAIM"."SCHEMA_NAME", "CLAIM"."TABLE_NAME")'
     )
-    params = (claim.s3_key, claim.etag, claim.sha256, claim.run_id, claim.schema_name, claim.table_name)
+    params = tuple(
+        value
+        for claim in claims
+        for value in (
+            claim.s3_key,
+            claim.etag,
+            claim.sha256,
+            claim.run_id,
+            claim.schema_name,
+            claim.table_name,
+        )
+    )
     return sql, params
 
 
-def build_select_loaded(database: str, control_schema: str, keys: Sequence[str]) -> Statement:
-    """The loaded rows of these keys (the one look-up: a file's, a run's files', cleanup's).
+def build_select_loaded(ledger: str, keys: Sequence[str]) -> Statement:
+    """The loaded rows of these keys (the one look-up: a group's, a run's files', cleanup's).
 
     Only rows with LOADED_AT set count: a claimed row is loaded only once its load recorded it.
+    ``ledger``: the ledger to read, quoted (``ledger_name``, or the legacy one's).
     """
     sql = (
         'SELECT "S3_KEY", "ETAG", "SHA256", "ROWS_LOADED", "STATUS"\n'
-        f"FROM {ledger_name(database, control_schema)}\n"
+        f"FROM {ledger}\n"
         f'WHERE "S3_KEY" IN ({_in_list(keys)}) AND "LOADED_AT" IS NOT NULL'
     )
     return sql, tuple(keys)
@@ -139,9 +248,8 @@ def build_select_loaded(database: str, control_schema: str, keys: Sequence[str])
 def build_select_newer_runs(
     database: str,
     control_schema: str,
+    table: TableRef,
     *,
-    schema_name: str,
-    table_name: str,
     run_id: str,
     applied_only: bool,
 ) -> Statement:
@@ -149,157 +257,242 @@ def build_select_newer_runs(
     ``applied_only``, as applied: a replace run's swap, a run's deletes).
 
     Run ids are UTC start times of one fixed width, so comparing the text compares the times.
-    schema_name/table_name are the PostgreSQL (source) names, as the ledger keeps them.
+    The source schema and table are compared too: two tables may share a ledger (``ledger_table``).
     """
     applied = " AND \"STATUS\" = 'APPLIED'" if applied_only else ""
     sql = (
-        f'SELECT DISTINCT "RUN_ID" FROM {ledger_name(database, control_schema)}\n'
+        f'SELECT DISTINCT "RUN_ID" FROM {ledger_name(database, control_schema, table)}\n'
         'WHERE "SCHEMA_NAME" = %s AND "TABLE_NAME" = %s AND "RUN_ID" > %s AND "LOADED_AT" IS NOT NULL'
         f"{applied}"
     )
-    return sql, (schema_name, table_name, run_id)
+    return sql, (table.schema, table.table, run_id)
 
 
-def build_mark_submitted(database: str, control_schema: str, keys: Sequence[str]) -> Statement:
+def build_mark_submitted(
+    database: str, control_schema: str, table: TableRef, keys: Sequence[str]
+) -> Statement:
     """Record that these keys were (or are about to be) submitted to Snowpipe; the first time is kept."""
     sql = (
-        f"UPDATE {ledger_name(database, control_schema)}\n"
+        f"UPDATE {ledger_name(database, control_schema, table)}\n"
         'SET "SUBMITTED_AT" = COALESCE("SUBMITTED_AT", CURRENT_TIMESTAMP()), "STATUS" = \'SUBMITTED\'\n'
         f'WHERE "LOADED_AT" IS NULL AND "S3_KEY" IN ({_in_list(keys)})'
     )
     return sql, tuple(keys)
 
 
-def build_select_earliest_submission(database: str, control_schema: str, keys: Sequence[str]) -> Statement:
+def build_select_earliest_submission(
+    database: str, control_schema: str, table: TableRef, keys: Sequence[str]
+) -> Statement:
     """The earliest submission time of these keys (NULL when none was submitted before)."""
     sql = (
         'SELECT MIN("SUBMITTED_AT")\n'
-        f'FROM {ledger_name(database, control_schema)} WHERE "S3_KEY" IN ({_in_list(keys)})'
+        f'FROM {ledger_name(database, control_schema, table)} WHERE "S3_KEY" IN ({_in_list(keys)})'
     )
     return sql, tuple(keys)
 
 
-def build_record_load(
-    database: str,
-    control_schema: str,
-    s3_key: str,
-    rows_loaded: int,
-    *,
-    status: str = "LOADED",
-    errors_seen: int = 0,
-    first_error: str | None = None,
+def build_record_loads(
+    database: str, control_schema: str, table: TableRef, records: Sequence[LedgerRecord]
 ) -> Statement:
-    """Mark the key loaded. ``status`` is LOADED, or PARTIALLY_LOADED (ON_ERROR = CONTINUE
-    rejected some rows: the file is done, and the ledger says what was left out)."""
+    """Mark these keys loaded, each with its own result: ONE statement for a group's files.
+
+    The VALUES columns are cast, so a list whose rows are all NULL in a column still has its type.
+    """
     sql = (
-        f"UPDATE {ledger_name(database, control_schema)}\n"
-        'SET "ROWS_LOADED" = %s, "LOADED_AT" = CURRENT_TIMESTAMP(), "STATUS" = %s, '
-        '"ERRORS_SEEN" = %s, "FIRST_ERROR" = %s\n'
-        'WHERE "S3_KEY" = %s'
+        f'UPDATE {ledger_name(database, control_schema, table)} AS "LEDGER"\n'
+        'SET "ROWS_LOADED" = "DONE"."ROWS_LOADED", "LOADED_AT" = CURRENT_TIMESTAMP(), '
+        '"STATUS" = "DONE"."STATUS", "ERRORS_SEEN" = "DONE"."ERRORS_SEEN", "FIRST_ERROR" = "DONE"."FIRST_ERROR"\n'
+        'FROM (SELECT CAST("S3_KEY" AS VARCHAR) AS "S3_KEY", CAST("ROWS_LOADED" AS NUMBER(38,0)) AS "ROWS_LOADED", '
+        'CAST("STATUS" AS VARCHAR) AS "STATUS", CAST("ERRORS_SEEN" AS NUMBER(38,0)) AS "ERRORS_SEEN", '
+        'CAST("FIRST_ERROR" AS VARCHAR) AS "FIRST_ERROR"\n'
+        f"  FROM (VALUES {_values_rows(len(records), 5, empty_error='no loads to record')})\n"
+        '  AS "DONE" ("S3_KEY", "ROWS_LOADED", "STATUS", "ERRORS_SEEN", "FIRST_ERROR")) AS "DONE"\n'
+        'WHERE "LEDGER"."S3_KEY" = "DONE"."S3_KEY"'
     )
-    return sql, (rows_loaded, status, errors_seen, first_error, s3_key)
+    params = tuple(
+        value
+        for record in records
+        for value in (
+            record.s3_key,
+            record.rows_loaded,
+            record.status,
+            record.errors_seen,
+            record.first_error,
+        )
+    )
+    return sql, params
 
 
 # --------------------------------------------------------------------------- executing
 
 
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    return (items[start : start + size] for start in range(0, len(items), size))
+
+
+def _execute(sf_conn: Any, statement: Statement | str) -> list[tuple[Any, ...]]:
+    sql, params = (statement, None) if isinstance(statement, str) else statement
+    with sf_conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        return [tuple(row) for row in cursor.fetchall()]
+
+
+def _select_loaded(sf_conn: Any, statement: Statement) -> dict[str, LedgerRow]:
+    return {
+        str(s3_key): LedgerRow(
+            str(s3_key),
+            etag,
+            sha256,
+            None if rows_loaded is None else int(rows_loaded),
+            None if status is None else str(status),
+        )
+        for s3_key, etag, sha256, rows_loaded, status in _execute(sf_conn, statement)
+    }
+
+
+def _ledger_columns(sf_conn: Any, database: str, control_schema: str) -> dict[str, set[str]]:
+    """Each ledger table of the control schema (legacy included) with its columns."""
+    found: dict[str, set[str]] = {}
+    for table_name, column_name in _execute(sf_conn, build_select_ledger_tables(database, control_schema)):
+        found.setdefault(str(table_name), set()).add(str(column_name))
+    return found
+
+
 @dataclass(frozen=True)
 class Ledger:
-    """The ledger of one database, read and written on ``sf_conn`` in the caller's transaction."""
+    """One table's ledger, read and written on ``sf_conn`` in the caller's transaction."""
 
     sf_conn: Any
     database: str
     control_schema: str
+    table: TableRef
 
     @classmethod
-    def of(cls, sf_conn: Any, settings: Settings) -> Ledger:
-        database = settings.snowflake.database
-        if database is None:
-            raise ConfigError(["SNOWFLAKE_DATABASE is needed to read the load ledger"])
-        return cls(sf_conn, database, settings.snowflake.control_schema)
+    def of(cls, sf_conn: Any, settings: Settings, table: TableRef) -> Ledger:
+        return cls(sf_conn, _database(settings), settings.snowflake.control_schema, table)
+
+    @property
+    def name(self) -> str:
+        return ledger_name(self.database, self.control_schema, self.table)
 
     def _execute(self, statement: Statement | str) -> list[tuple[Any, ...]]:
-        sql, params = (statement, None) if isinstance(statement, str) else statement
-        with self.sf_conn.cursor() as cursor:
-            cursor.execute(sql, params)
-            return [tuple(row) for row in cursor.fetchall()]
+        return _execute(self.sf_conn, statement)
 
     def create(self) -> None:
-        """The ledger table, with every column a later pgsnow added (DDL: commits)."""
-        self._execute(build_create_ledger(self.database, self.control_schema))
-        for statement in build_upgrade_ledger(self.database, self.control_schema):
-            self._execute(statement)
+        """The table's ledger (DDL: commits), holding every row the legacy shared ledger has for the
+        table. Copying is idempotent: a key the table's ledger already has keeps its row."""
+        self._execute(build_create_ledger(self.database, self.control_schema, self.table))
+        legacy = _ledger_columns(self.sf_conn, self.database, self.control_schema).get(LEGACY_LEDGER_TABLE)
+        if legacy:
+            shared = [name for name in LEDGER_COLUMNS if name in legacy]
+            self._execute(build_adopt_legacy_rows(self.database, self.control_schema, self.table, shared))
 
-    def claim(self, claim: LedgerClaim) -> None:
-        self._execute(build_claim_file(self.database, self.control_schema, claim))
+    def claim(self, claims: Sequence[LedgerClaim]) -> None:
+        for chunk in _chunks(claims, VALUES_CHUNK):
+            self._execute(build_claim_files(self.database, self.control_schema, self.table, chunk))
 
-    def record_load(
-        self,
-        s3_key: str,
-        rows_loaded: int,
-        *,
-        status: str = "LOADED",
-        errors_seen: int = 0,
-        first_error: str | None = None,
-    ) -> None:
-        self._execute(
-            build_record_load(
-                self.database,
-                self.control_schema,
-                s3_key,
-                rows_loaded,
-                status=status,
-                errors_seen=errors_seen,
-                first_error=first_error,
-            )
-        )
+    def record_loads(self, records: Sequence[LedgerRecord]) -> None:
+        for chunk in _chunks(records, VALUES_CHUNK):
+            self._execute(build_record_loads(self.database, self.control_schema, self.table, chunk))
 
     def loaded_rows(self, keys: Sequence[str]) -> dict[str, LedgerRow]:
         """The loaded row of each of ``keys`` the ledger has one for."""
         found: dict[str, LedgerRow] = {}
-        for start in range(0, len(keys), LOOKUP_CHUNK):
-            chunk = keys[start : start + LOOKUP_CHUNK]
-            for s3_key, etag, sha256, rows_loaded, status in self._execute(
-                build_select_loaded(self.database, self.control_schema, chunk)
-            ):
-                found[str(s3_key)] = LedgerRow(
-                    str(s3_key),
-                    etag,
-                    sha256,
-                    None if rows_loaded is None else int(rows_loaded),
-                    None if status is None else str(status),
-                )
+        for chunk in _chunks(keys, LOOKUP_CHUNK):
+            found.update(_select_loaded(self.sf_conn, build_select_loaded(self.name, chunk)))
         return found
 
     def loaded_row(self, key: str) -> LedgerRow | None:
         return self.loaded_rows([key]).get(key)
 
-    def newer_runs(self, *, schema_name: str, table_name: str, run_id: str, applied_only: bool) -> list[str]:
+    def newer_runs(self, *, run_id: str, applied_only: bool) -> list[str]:
         rows = self._execute(
             build_select_newer_runs(
-                self.database,
-                self.control_schema,
-                schema_name=schema_name,
-                table_name=table_name,
-                run_id=run_id,
-                applied_only=applied_only,
+                self.database, self.control_schema, self.table, run_id=run_id, applied_only=applied_only
             )
         )
         return [str(row[0]) for row in rows if row[0] is not None]
 
     def mark_submitted(self, keys: Sequence[str]) -> None:
-        self._execute(build_mark_submitted(self.database, self.control_schema, keys))
+        for chunk in _chunks(keys, LOOKUP_CHUNK):
+            self._execute(build_mark_submitted(self.database, self.control_schema, self.table, chunk))
 
     def earliest_submission(self, keys: Sequence[str]) -> dt.datetime | None:
-        (first,) = self._execute(build_select_earliest_submission(self.database, self.control_schema, keys))[
-            0
+        times = [
+            first
+            for chunk in _chunks(keys, LOOKUP_CHUNK)
+            for (first,) in self._execute(
+                build_select_earliest_submission(self.database, self.control_schema, self.table, chunk)
+            )
+            if isinstance(first, dt.datetime)
         ]
-        return first if isinstance(first, dt.datetime) else None
+        return min(times) if times else None
 
 
-def ledger_rows(sf_conn: Any, settings: Settings, keys: Sequence[str]) -> dict[str, LedgerRow]:
-    """The ledger's loaded row for each of ``keys`` it has one for."""
-    return Ledger.of(sf_conn, settings).loaded_rows(keys)
+@dataclass
+class Ledgers:
+    """The table ledgers this process created (one per target table): created once per
+    container, like the prepared tables, so a steady batch sends no DDL for them."""
+
+    ready: set[tuple[str, str, TableRef]] = field(default_factory=set)
+
+    def ensure(self, ledger: Ledger) -> Ledger:
+        key = (ledger.database, ledger.control_schema, ledger.table)
+        if key not in self.ready:
+            ledger.create()
+            self.ready.add(key)
+        return ledger
+
+    def forget(self, table: TableRef) -> None:
+        """Create the table's ledger again when next used (a failure may mean it was dropped)."""
+        self.ready = {key for key in self.ready if key[2] != table}
+
+
+def _database(settings: Settings) -> str:
+    database = settings.snowflake.database
+    if database is None:
+        raise ConfigError(["SNOWFLAKE_DATABASE is needed to read the load ledger"])
+    return database
+
+
+def ledger_rows(
+    sf_conn: Any, settings: Settings, keys_by_table: Mapping[TableRef, Sequence[str]]
+) -> dict[str, LedgerRow]:
+    """The loaded row of each key the ledger of its table has one for; creates nothing.
+
+    For readers outside the loader (cleanup, the sweeper, ``pgsnow status``): a table whose own
+    ledger does not exist yet (no load since the upgrade to per-table ledgers) is read from the
+    legacy shared ledger, if that exists.
+    """
+    database, control_schema = _database(settings), settings.snowflake.control_schema
+    wanted = {table: list(keys) for table, keys in keys_by_table.items() if keys}
+    if not wanted:
+        return {}
+    existing = _ledger_columns(sf_conn, database, control_schema)
+    found: dict[str, LedgerRow] = {}
+    for table, keys in wanted.items():
+        if ledger_table(table) in existing:
+            source = ledger_name(database, control_schema, table)
+        elif LEGACY_LEDGER_TABLE in existing:
+            source = legacy_ledger_name(database, control_schema)
+        else:
+            continue
+        for chunk in _chunks(keys, LOOKUP_CHUNK):
+            found.update(_select_loaded(sf_conn, build_select_loaded(source, chunk)))
+    return found
+
+
+def keys_by_table(keys: Iterable[str], prefix: str) -> dict[TableRef, list[str]]:
+    """Staged data file keys grouped by the table whose ledger would hold them. A key that is no
+    data key of the prefix is left out: the loader never loads one, so no ledger has it."""
+    grouped: dict[TableRef, list[str]] = {}
+    for key in keys:
+        try:
+            table = parse_data_key(key, prefix).table
+        except PermanentError:
+            continue
+        grouped.setdefault(table, []).append(key)
+    return grouped
 
 
 def loaded_files(manifest: RunManifest, ledger: dict[str, LedgerRow]) -> list[StagedFile]:

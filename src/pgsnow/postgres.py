@@ -621,8 +621,12 @@ def check_values_fit(
     *,
     columns: Collection[str] | None = None,
     policy: ValuePolicy = ValuePolicy.FAIL,
+    order_key: Sequence[str] = (),
 ) -> None:
     """Fail before staging when a value cannot be staged exactly (never round, never clamp).
+
+    ``order_key``: ``where`` bounds a key range; the scan then follows that key's index over the
+    range (``ORDER BY`` it), where a plain ``LIMIT 1`` lets PostgreSQL read the whole table.
 
     One scan finds the first offending row over every rule at once (within ``where`` when
     given: the run's or the chunk's range); the error names the table, the column, the
@@ -651,11 +655,12 @@ def check_values_fit(
     any_flag = sql.SQL(" OR ").join(sql.SQL("({})").format(r.condition) for r in rules)
     if where is not None:
         any_flag = sql.SQL("({}) AND ({})").format(where, any_flag)
-    query = sql.SQL("SELECT {row_id}, {flags} FROM {table} WHERE {any_flag} LIMIT 1").format(
+    query = sql.SQL("SELECT {row_id}, {flags} FROM {table} WHERE {any_flag}{order} LIMIT 1").format(
         row_id=row_id,
         flags=flags,
         table=sql.Identifier(schema.table.schema, schema.table.table),
         any_flag=any_flag,
+        order=sql.SQL(" ORDER BY {}").format(_order_by(schema, order_key)) if order_key else sql.SQL(""),
     )
     with conn.cursor() as cur:
         cur.execute(query, tuple(params) or None)

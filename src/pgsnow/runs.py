@@ -14,7 +14,8 @@ What it keeps:
 * **Run manifests** (``pgsnow.manifest.RunManifest``), one per (table, run): written by the
   extractor, read by the loader, settled by cleanup with ``write_manifest_if_unchanged``
   (the state ``loaded`` and the ``cleaned`` list), listed in run order (run ids are UTC start
-  times, so key order is run order) by cleanup, ``pgsnow status`` and ``pgsnow verify``.
+  times, so key order is run order) by ``pgsnow status`` and ``pgsnow verify`` (and by cleanup
+  only to build the pending-run index of a bucket that has none).
 * **The extraction lease** (``lease.json``): who may extract the table now. Created with
   ``If-None-Match: *`` and renewed, handed off or released with ``If-Match``, so two runs for
   the same table can never both hold it. A holder that dies leaves a lease that expires; the
@@ -22,11 +23,24 @@ What it keeps:
 * **Run checkpoints** (``runs/{run_id}.json``): the chunks a run finished, the chunk in
   progress and what the run decided at its start (``pgsnow.checkpoint.RunCheckpoint``). Only
   the lease holder writes it.
+* **Parallel runs' ranges**: each key range of a parallel run has its own checkpoint and its own
+  lease (``runs/{run_id}/ranges/{n}.json`` and ``.lease.json``), so one worker at a time extracts
+  a range and resumes it after its last staged file. Meanwhile the table's lease names the run
+  with the owner ``RANGES_OWNER``: every worker extends it (``extend_ranges_lease``), and the
+  worker that finishes the last range takes it over (``take_over_from_ranges``, ``If-Match``:
+  exactly one does) to finish the run.
 * **The watermark** (``watermark.json``): the incremental cursor value the next run starts
   from; advanced only after the run's manifest is ``staged``.
 * **Published columns** (``columns.json``): the columns of the table's last staged run,
   written with its manifest; the next run compares its own columns with these (schema drift,
   the scale an unbounded ``numeric`` column was given).
+* **The pending-run index** (``pending/{schema}/{table}/{run_id}``): one small marker per run
+  that may still have cleanup work, written *before* each manifest write of a run that has not
+  failed, so no staged run is ever unindexed; listed (versions and all) by the cleanup pass
+  instead of every manifest, and removed by it once the run is settled: by the VersionIds it
+  listed, so no delete marker accumulates under the prefix, and a marker written since (its run
+  wrote its manifest again) stays. ``pending-index.json`` records when
+  a pass first built the index from the manifests of a bucket that had none (docs/cleanup.md).
 * **Key lists** (deletes: a run's full primary-key list, read by Snowflake by URL) and the
   orphan sweeper's **reports**.
 
@@ -39,13 +53,14 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pgsnow.checkpoint import (
+    RANGES_OWNER,
     Lease,
     LeaseLostError,
     PublishedColumns,
@@ -57,22 +72,32 @@ from pgsnow.errors import PermanentError, aws_error_code
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import (
     MANIFESTS_PREFIX,
+    PENDING_INDEX_KEY,
+    PENDING_PREFIX,
     checkpoint_key,
     key_list_key,
     lease_key,
     manifest_key,
     manifests_prefix,
     orphan_report_key,
+    parse_pending_key,
+    pending_key,
+    pending_prefix,
     published_columns_key,
+    range_checkpoint_key,
+    range_lease_key,
     watermark_key,
 )
-from pgsnow.manifest import RunManifest
+from pgsnow.manifest import RunManifest, RunState
 from pgsnow.staging import classify_s3_error, put_data_file, raise_unless_missing
+from pgsnow.timestamps import utc_iso
 
 JSON_CONTENT_TYPE = "application/json"
 # S3's answers to a conditional write that lost: the object changed, or a concurrent write is in flight.
 _CONDITION_FAILED_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 _CONDITION_FAILED_STATUSES = frozenset({412, 409})
+_DELETE_BATCH = 1000  # DeleteObjects takes at most this many (key, version) entries
+PENDING_INDEX_VERSION = 1
 
 
 class ManifestNotFoundError(PermanentError):
@@ -87,6 +112,17 @@ class VersionedManifest:
     etag: str
     version_id: str | None  # None on an unversioned bucket
     last_modified: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PendingRun:
+    """A pending-run marker as listed: its run, when it was written, and every version of it
+    (removed by VersionId, so no delete marker is left under the prefix)."""
+
+    table: TableRef
+    run_id: str
+    marked_at: datetime
+    version_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -174,10 +210,26 @@ class RunStore:
             for obj in page.get("Contents", [])
         )
 
+    def _list_objects(self, prefix: str) -> list[tuple[str, datetime]]:
+        """(key, LastModified) of every object under ``prefix``, sorted by key."""
+        paginator = self._s3.get_paginator("list_objects_v2")
+        return sorted(
+            (obj["Key"], obj["LastModified"])
+            for page in paginator.paginate(Bucket=self._bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])
+        )
+
     # --------------------------------------------------------------------- run manifests
 
     def put_manifest(self, manifest: RunManifest) -> str:
-        """Write (or overwrite) a run's manifest; returns its key."""
+        """Write (or overwrite) a run's manifest; returns its key.
+
+        A run that has not failed is first marked pending, so cleanup's index holds every run
+        before its manifest can say ``staged``. A failed run keeps the marker its first manifest
+        write left: cleanup removes it (its files are the sweeper's).
+        """
+        if manifest.state is not RunState.FAILED:
+            self.mark_pending(manifest.table, manifest.run_id)
         key = manifest_key(manifest.table, manifest.run_id)
         self._put(key, manifest.to_json().encode("utf-8"), run_id=manifest.run_id)
         return key
@@ -225,12 +277,22 @@ class RunStore:
             if found is not None:  # None: removed since the listing
                 yield found.manifest
 
-    def iter_manifests(self, tables: Iterable[TableRef] | None = None) -> Iterator[RunManifest]:
-        """Every run manifest in the bucket (or of the given tables), oldest run first per table."""
+    def iter_manifests(
+        self, tables: Iterable[TableRef] | None = None, *, modified_since: datetime | None = None
+    ) -> Iterator[RunManifest]:
+        """Every run manifest in the bucket (or of the given tables), oldest run first per table.
+
+        ``modified_since``: only those written at or after it (the listing says when; the others
+        are listed, not read).
+        """
         prefixes = [manifests_prefix(t) for t in tables] if tables is not None else [MANIFESTS_PREFIX]
         for prefix in prefixes:
-            for key in self._list_keys(prefix):
-                found = self._get(key) if key.endswith(".json") else None
+            for key, last_modified in self._list_objects(prefix):
+                if not key.endswith(".json") or (
+                    modified_since is not None and last_modified < modified_since
+                ):
+                    continue
+                found = self._get(key)
                 if found is not None:  # None: removed since the listing
                     yield RunManifest.from_json(found.body, s3_key=key)
 
@@ -249,28 +311,126 @@ class RunStore:
                         tables.append(TableRef(schema, table))
         return sorted(tables, key=lambda t: (t.schema, t.table))
 
-    # --------------------------------------------------------------------- the extraction lease
+    # --------------------------------------------------------------------- the pending-run index
 
-    def current_lease(self, table: TableRef) -> Lease | None:
-        found = self._get(lease_key(table))
+    def mark_pending(self, table: TableRef, run_id: str, *, if_absent: bool = False) -> None:
+        """Mark the run pending (again: a new version). Unconditional by default, so a cleanup pass
+        that read an older state of the run and removes the versions it listed leaves this one;
+        ``if_absent`` (indexing existing manifests) adds no version to a marker that exists."""
+        body = json.dumps({"schema": table.schema, "table": table.table, "run_id": run_id}).encode("utf-8")
+        self._put(pending_key(table, run_id), body, if_absent=if_absent, run_id=run_id)
+
+    def pending_runs(self, tables: Iterable[TableRef] | None = None) -> list[PendingRun]:
+        """Every run marked pending (of the given tables), in key order: one LIST per 1,000 versions.
+
+        Listed with their versions, so a marker can be removed for good (by VersionId). A key
+        whose newest entry is a delete marker (removed by hand) is not pending.
+        """
+        prefixes = [pending_prefix(t) for t in tables] if tables is not None else [PENDING_PREFIX]
+        paginator = self._s3.get_paginator("list_object_versions")
+        entries: dict[str, list[dict[str, Any]]] = {}
+        for prefix in prefixes:
+            for page in paginator.paginate(Bucket=self._bucket, Prefix=prefix):
+                for version in page.get("Versions", []):
+                    entries.setdefault(version["Key"], []).append(version)
+                for marker in page.get("DeleteMarkers", []):
+                    entries.setdefault(marker["Key"], []).append({**marker, "_delete_marker": True})
+        runs = []
+        for key in sorted(entries):
+            parsed = parse_pending_key(key)
+            latest = next((e for e in entries[key] if e.get("IsLatest")), None)
+            if parsed is None or latest is None or latest.get("_delete_marker"):
+                continue
+            version_ids = tuple(str(e.get("VersionId") or "null") for e in entries[key])
+            runs.append(PendingRun(parsed[0], parsed[1], latest["LastModified"], version_ids))
+        return runs
+
+    def remove_pending(self, runs: Iterable[PendingRun]) -> list[str]:
+        """Remove these markers, every listed version (a version written since stays: its run was
+        marked again). One request per 1,000 versions; returns the keys S3 refused."""
+        objects: list[dict[str, str]] = []
+        for run in runs:
+            key = pending_key(run.table, run.run_id)
+            for version_id in run.version_ids:
+                # "null": the bucket is not versioned (a plain delete removes the object)
+                objects.append(
+                    {"Key": key} if version_id == "null" else {"Key": key, "VersionId": version_id}
+                )
+        refused: list[str] = []
+        for start in range(0, len(objects), _DELETE_BATCH):
+            batch = objects[start : start + _DELETE_BATCH]
+            try:
+                response = self._s3.delete_objects(
+                    Bucket=self._bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise classify_s3_error(exc, s3_key=batch[0]["Key"]) from exc
+            refused.extend(str(error.get("Key")) for error in response.get("Errors", []))
+        return sorted(set(refused))
+
+    def pending_index_built_at(self) -> datetime | None:
+        """When a cleanup pass first built the pending-run index from the manifests; None before."""
+        found = self._get(PENDING_INDEX_KEY)
         if found is None:
             return None
-        return Lease.from_json(table, found.body, etag=found.etag)
+        try:
+            body = json.loads(found.body)
+            return datetime.fromisoformat(str(body["built_at"]).replace("Z", "+00:00"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PermanentError(
+                f"malformed pending-run index record: {exc!r}", s3_key=PENDING_INDEX_KEY
+            ) from exc
 
-    def acquire_lease(self, table: TableRef, *, run_id: str, owner: str, ttl_s: float, resume: bool) -> Lease:
-        """Take the table's lease for ``run_id`` (a new run) or, with ``resume``, for the run it names.
+    def record_pending_index_built(self) -> None:
+        """Record (once: ``If-None-Match``) that the pending-run index holds every run with work."""
+        body = {"format_version": PENDING_INDEX_VERSION, "built_at": utc_iso(self.now())}
+        self._put(PENDING_INDEX_KEY, json.dumps(body).encode("utf-8"), if_absent=True)
+
+    def now(self) -> datetime:
+        """The store's clock, as a UTC datetime (to compare with S3's LastModified)."""
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+    # --------------------------------------------------------------------- the extraction lease
+
+    @staticmethod
+    def _lease_key(table: TableRef, run_id: str, range_index: int | None) -> str:
+        return lease_key(table) if range_index is None else range_lease_key(table, run_id, range_index)
+
+    def current_lease(
+        self, table: TableRef, *, run_id: str = "", range_index: int | None = None
+    ) -> Lease | None:
+        """The table's lease, or with ``range_index`` the lease of that range of run ``run_id``."""
+        found = self._get(self._lease_key(table, run_id, range_index))
+        if found is None:
+            return None
+        return Lease.from_json(table, found.body, etag=found.etag, range_index=range_index)
+
+    def acquire_lease(
+        self,
+        table: TableRef,
+        *,
+        run_id: str,
+        owner: str,
+        ttl_s: float,
+        resume: bool,
+        range_index: int | None = None,
+    ) -> Lease:
+        """Take the table's lease for ``run_id`` (a new run) or, with ``resume``, for the run it names;
+        with ``range_index``, the lease of that range of run ``run_id`` instead.
 
         Succeeds when there is no lease, when the lease expired (its holder died: its run is
         resumed), or when it was handed off (``owner`` None) and ``resume`` is set or it names
         ``run_id``. Otherwise raises RunInProgressError: another invocation is extracting the table.
         """
         expires_at = self._clock() + ttl_s
-        key = lease_key(table)
-        fresh = Lease(table, run_id, owner, expires_at, "")
+        key = self._lease_key(table, run_id, range_index)
+        fresh = Lease(table, run_id, owner, expires_at, "", range_index)
         etag = self._put(key, fresh.body(), if_absent=True)
         if etag is not None:
             return replace(fresh, etag=etag)
-        current = self.current_lease(table)  # a lease exists: see whose
+        current = self.current_lease(
+            table, run_id=run_id, range_index=range_index
+        )  # a lease exists: see whose
         if current is None:  # released in between: try once more from scratch
             etag = self._put(key, fresh.body(), if_absent=True)
             if etag is None:
@@ -289,7 +449,7 @@ class RunStore:
                 s3_key=key,
             )
         # Taking over continues the run the lease names: its checkpoint says where it stopped.
-        taken = Lease(table, current.run_id, owner, expires_at, "")
+        taken = Lease(table, current.run_id, owner, expires_at, "", range_index)
         etag = self._put(key, taken.body(), if_match=current.etag)
         if etag is None:
             raise RunInProgressError(
@@ -308,9 +468,51 @@ class RunStore:
         """Leave the lease to the run's continuation: no owner, so the next invocation resuming it may take it."""
         return self._rewrite_lease(lease, owner=None, ttl_s=ttl_s)
 
+    def hand_to_ranges(self, lease: Lease, *, ttl_s: float) -> Lease:
+        """A parallel run's planner leaves the table's lease to the run's range workers
+        (owner ``RANGES_OWNER``): other runs of the table stay refused until the run ends."""
+        return self._rewrite_lease(lease, owner=RANGES_OWNER, ttl_s=ttl_s)
+
+    def extend_ranges_lease(self, table: TableRef, run_id: str, *, ttl_s: float) -> None:
+        """A range worker keeps its parallel run's table lease alive (when less than half of
+        ``ttl_s`` is left). Several workers may try at once: losing the conditional write means
+        another one just extended it. LeaseLostError when the lease no longer names the run (it
+        failed, or expired and another run took the table)."""
+        current = self.current_lease(table)
+        if current is None or current.run_id != run_id:
+            raise LeaseLostError(
+                f"run {run_id} no longer holds the extraction lease of {table.qualified}",
+                table=table.qualified,
+                run_id=run_id,
+            )
+        if current.owner != RANGES_OWNER or current.expires_at - self._clock() > ttl_s / 2:
+            return  # the run's finisher holds it, or it has time left
+        self._put(
+            lease_key(table),
+            replace(current, expires_at=self._clock() + ttl_s).body(),
+            if_match=current.etag,
+            run_id=run_id,
+        )
+
+    def take_over_from_ranges(
+        self, table: TableRef, run_id: str, *, owner: str, ttl_s: float
+    ) -> Lease | None:
+        """The table's lease for ``owner`` to finish parallel run ``run_id``, if it is still its
+        ranges' (or it expired: the last finisher died); None when another invocation has it."""
+        current = self.current_lease(table)
+        if current is None or current.run_id != run_id:
+            return None
+        if current.owner != RANGES_OWNER and current.expires_at > self._clock():
+            return None
+        taken = Lease(table, run_id, owner, self._clock() + ttl_s, "")
+        etag = self._put(lease_key(table), taken.body(), if_match=current.etag, run_id=run_id)
+        return None if etag is None else replace(taken, etag=etag)
+
     def _rewrite_lease(self, lease: Lease, *, owner: str | None, ttl_s: float) -> Lease:
         renewed = replace(lease, owner=owner, expires_at=self._clock() + ttl_s)
-        etag = self._put(lease_key(lease.table), renewed.body(), if_match=lease.etag)
+        etag = self._put(
+            self._lease_key(lease.table, lease.run_id, lease.range_index), renewed.body(), if_match=lease.etag
+        )
         if etag is None:
             raise LeaseLostError(
                 f"the extraction lease of {lease.table.qualified} was taken over; stopping",
@@ -321,7 +523,7 @@ class RunStore:
 
     def release_lease(self, lease: Lease) -> None:
         """Delete the lease if it is still ours (a lease taken over meanwhile is left alone)."""
-        key = lease_key(lease.table)
+        key = self._lease_key(lease.table, lease.run_id, lease.range_index)
         try:
             self._s3.delete_object(Bucket=self._bucket, Key=key, IfMatch=lease.etag)
         except ClientError as exc:
@@ -332,13 +534,24 @@ class RunStore:
 
     # --------------------------------------------------------------------- checkpoints, watermarks, columns
 
-    def load_checkpoint(self, table: TableRef, run_id: str) -> RunCheckpoint | None:
-        key = checkpoint_key(table, run_id)
+    def load_checkpoint(
+        self, table: TableRef, run_id: str, range_index: int | None = None
+    ) -> RunCheckpoint | None:
+        """The run's checkpoint, or with ``range_index`` that range's; None when there is none yet."""
+        key = (
+            checkpoint_key(table, run_id)
+            if range_index is None
+            else range_checkpoint_key(table, run_id, range_index)
+        )
         found = self._get(key)
         return None if found is None else RunCheckpoint.from_json(found.body, s3_key=key)
 
     def save_checkpoint(self, checkpoint: RunCheckpoint) -> None:
-        key = checkpoint_key(checkpoint.table, checkpoint.run_id)
+        """Write the run's checkpoint, or its range's when ``checkpoint.range`` is set."""
+        if checkpoint.range is None:
+            key = checkpoint_key(checkpoint.table, checkpoint.run_id)
+        else:
+            key = range_checkpoint_key(checkpoint.table, checkpoint.run_id, checkpoint.range.index)
         self._put(key, checkpoint.to_json().encode(), run_id=checkpoint.run_id)
 
     def load_watermark(self, table: TableRef) -> Watermark | None:

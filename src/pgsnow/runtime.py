@@ -27,6 +27,7 @@ from pgsnow.errors import PermanentError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef
 
 if TYPE_CHECKING:  # psycopg2 ships in the extractor's artifact only
+    from pgsnow.extract.ranges import FanOut
     from pgsnow.load.batch import Loader
     from pgsnow.postgres import Connection
     from pgsnow.snowflake.load_sql import CredentialsSource
@@ -101,7 +102,9 @@ class Runtime:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _snowflake: Any = field(default=None, repr=False)
     _snowpipe: Any = field(default=None, repr=False)
-    _postgres: Connection | None = field(default=None, repr=False)
+    # One PostgreSQL connection per thread: deployed a container runs one invocation at a time;
+    # the local stack runs concurrent extractor invocations (range workers) on threads.
+    _threads: threading.local = field(default_factory=threading.local, repr=False)
     # Replaced by the local stack and tests: a callable that runs the extractor handler in-process.
     continuation_invoker: ContinuationInvoker | None = field(default=None, repr=False)
     _loader: Any = field(default=None, repr=False)
@@ -137,11 +140,35 @@ class Runtime:
         """One PostgreSQL connection per container, reopened if it was closed or broken."""
         from pgsnow.postgres import connect
 
-        if self._postgres is None or self._postgres.closed:
-            self._postgres = connect(
+        current: Connection | None = getattr(self._threads, "postgres", None)
+        if current is None or current.closed:
+            current = connect(
                 self.postgres_dsn(), statement_timeout_ms=self.settings.postgres.statement_timeout_ms
             )
-        return self._postgres
+            self._threads.postgres = current
+        return current
+
+    def send_range_messages(self, bodies: list[dict[str, Any]]) -> None:
+        """Send a parallel run's range messages to EXTRACT_RANGE_QUEUE_URL, one SendMessage each
+        (IAM knows no SendMessageBatch action; the local moto server checks one by that name). A
+        failure is a RetryableError: the run's next invocation sends its unfinished ranges again."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        queue_url = self.settings.extract.range_queue_url
+        if not queue_url:
+            raise PermanentError("EXTRACT_RANGE_QUEUE_URL is not set: cannot send a run's ranges")
+        for body in bodies:
+            try:
+                self.sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(body, sort_keys=True))
+            except (ClientError, BotoCoreError) as exc:
+                raise RetryableError(f"cannot send a range message to {queue_url}: {exc}") from exc
+
+    def fan_out(self) -> FanOut | None:
+        """What hands large runs to the range workers; None when EXTRACT_MAX_WORKERS is 1 or the
+        range queue is not configured (runs stay single-worker)."""
+        from pgsnow.extract.ranges import FanOut
+
+        return FanOut(self.send_range_messages) if self.settings.extract.parallel else None
 
     def invoke_continuation(self, payload: dict[str, str]) -> None:
         """Continue an extraction run in a new invocation of this function: ``lambda:InvokeFunction``

@@ -2,7 +2,7 @@
 
 Each step is a ``SetupStep`` (a title, why it is there, its statements). Every identifier goes
 through ``quote_ident``; the few values written into SQL (URLs, the role ARN, the public key
-placeholder) go through ``string_literal``. The stage, file formats, ledger and pipes come from
+placeholder) go through ``string_literal``. The stage, file formats and pipes come from
 ``pgsnow.snowflake``, so the SQL printed here is the SQL the loader expects.
 """
 
@@ -15,7 +15,6 @@ from pgsnow.config import LoadMethod
 from pgsnow.errors import ConfigError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.keys import KEY_LISTS_PREFIX, FileFormat, normalise_prefix
-from pgsnow.ledger import LEDGER_TABLE, build_create_ledger
 from pgsnow.snowflake.load_sql import build_create_file_format, build_create_pipe, build_create_stage
 from pgsnow.snowflake.sql_text import string_literal
 from pgsnow.snowflake.table_sql import build_create_schema
@@ -84,11 +83,6 @@ def build_setup_steps(options: SetupOptions) -> list[SetupStep]:
             "File formats",
             "The options the loader's COPY gives inline, named for pipes and for people querying the stage.",
             tuple(build_create_file_format(db, ctl, name, fmt) for fmt, name in FILE_FORMAT_NAMES.items()),
-        ),
-        SetupStep(
-            "Load ledger",
-            "One row per loaded S3 key, written in the same transaction as its COPY.",
-            (build_create_ledger(db, ctl),),
         ),
     ]
     if options.load_method is LoadMethod.SNOWPIPE:
@@ -219,7 +213,8 @@ def _grants(options: SetupOptions) -> tuple[str, ...]:
     return (
         f"GRANT USAGE ON WAREHOUSE {quote_ident(options.warehouse)} TO ROLE {role}",
         f"GRANT USAGE, CREATE SCHEMA ON DATABASE {quote_ident(db)} TO ROLE {role}",
-        # CREATE TABLE: merge runs use transient work tables in the control schema.
+        # CREATE TABLE: the loader creates each target table's load ledger (pgsnow.ledger) in the
+        # control schema, and merge runs use transient work tables there.
         # CREATE FUNCTION: `pgsnow verify` compares JSON columns with a temporary UDF there.
         f"GRANT USAGE, CREATE TABLE, CREATE FUNCTION ON SCHEMA {control} TO ROLE {role}",
         *(
@@ -232,8 +227,6 @@ def _grants(options: SetupOptions) -> tuple[str, ...]:
             ]
         ),
         *(f"GRANT USAGE ON FILE FORMAT {name} TO ROLE {role}" for name in formats),
-        # Ownership: the loader adds ledger columns when pgsnow upgrades (build_upgrade_ledger).
-        f"GRANT OWNERSHIP ON TABLE {quote_qualified(db, ctl, LEDGER_TABLE)} TO ROLE {role} COPY CURRENT GRANTS",
         # The loader creates a missing table's pipe itself (docs/loading.md).
         *([f"GRANT CREATE PIPE ON SCHEMA {control} TO ROLE {role}"] if snowpipe else []),
         *(f"GRANT OPERATE, MONITOR ON PIPE {pipe} TO ROLE {role}" for pipe in pipes),

@@ -151,7 +151,7 @@ def table_status(
     last = next(runs, None)
     if last is None:
         return TableStatus(table.qualified, None, "never run", 0, 0, 0, 0, 0, None, None, None)
-    ledger = ledger_rows(sf_conn, settings, [f.key for f in last.files])
+    ledger = ledger_rows(sf_conn, settings, {table: [f.key for f in last.files]})
     loaded = loaded_files(last, ledger)
     dead = dead_letters.keys_for(table, settings.prefix) if dead_letters else set()
     failed = [f for f in last.files if f.key in dead and f not in loaded]

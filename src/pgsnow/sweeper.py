@@ -40,7 +40,7 @@ from pgsnow.config import CleanupMode, Settings
 from pgsnow.errors import ConfigError, PermanentError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import StagedObject, new_run_id, parse_data_key, table_prefix
-from pgsnow.ledger import LedgerRow, ledger_rows
+from pgsnow.ledger import LedgerRow, keys_by_table, ledger_rows
 from pgsnow.observability import logger
 from pgsnow.runs import RunStore
 from pgsnow.staging import classify_s3_error
@@ -213,7 +213,7 @@ def sweep_orphans(
     result.scanned = len(old)
     if not old:
         return result
-    ledger = ledger_rows(sf_conn, settings, [obj["Key"] for obj in old])
+    ledger = ledger_rows(sf_conn, settings, keys_by_table([obj["Key"] for obj in old], settings.prefix))
     versioned = bucket_is_versioned(s3, bucket)
     archive = archive_root(settings)
     try:

@@ -15,9 +15,8 @@ from urllib.parse import quote_plus
 import pytest
 
 from pgsnow.config import Settings
-from pgsnow.identifiers import quote_qualified
 from pgsnow.keys import parse_data_key
-from pgsnow.ledger import LEDGER_TABLE
+from pgsnow.ledger import ledger_name
 
 pytestmark = pytest.mark.e2e
 
@@ -85,8 +84,11 @@ def ledger_rows(conn: Any, settings: Settings, keys: list[str]) -> dict[str, int
     """S3 key -> rows loaded, for the keys the ledger holds."""
     if not keys:
         return {}
-    ledger = quote_qualified(
-        settings.snowflake.database or "", settings.snowflake.control_schema, LEDGER_TABLE
+    # Every key is the deployment table's: its ledger (pgsnow.ledger names it).
+    ledger = ledger_name(
+        settings.snowflake.database or "",
+        settings.snowflake.control_schema,
+        parse_data_key(keys[0], settings.prefix).table,
     )
     placeholders = ", ".join(["%s"] * len(keys))
     cursor = conn.cursor()
@@ -128,7 +130,7 @@ def extraction(deployment: Any) -> dict[str, Any]:
 
 
 def test_extracted_run_is_loaded_with_every_row(
-    extraction: dict[str, Any], snowflake_conn: Any, settings: Settings
+    deployment: Any, extraction: dict[str, Any], snowflake_conn: Any, settings: Settings
 ) -> None:
     # Given a run the extractor staged (the cleanup may already have removed loaded files)
     assert extraction["state"] in {"staged", "loaded"}
@@ -140,8 +142,8 @@ def test_extracted_run_is_loaded_with_every_row(
         assert set(loaded) == set(keys)
     assert extraction["files"] >= 1
     manifest_rows = extraction["rows"]
-    ledger = quote_qualified(
-        settings.snowflake.database or "", settings.snowflake.control_schema, LEDGER_TABLE
+    ledger = ledger_name(
+        settings.snowflake.database or "", settings.snowflake.control_schema, deployment.table
     )
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     while True:

@@ -33,7 +33,7 @@ from pgsnow.demo.pipeline import replicate_table
 from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import CONTROL_PREFIX, FileFormat
-from pgsnow.ledger import LEDGER_TABLE
+from pgsnow.ledger import ledger_name
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack, load_function_handler
 from pgsnow.manifest import RunManifest
@@ -222,7 +222,7 @@ class PipelineHarness:
         return [key for key in self._loaded_ledger_keys(table) if key.startswith(f"{CONTROL_PREFIX}/")]
 
     def _loaded_ledger_keys(self, table: TableRef) -> list[str]:
-        ledger = quote_qualified(SNOWFLAKE_DATABASE, "PGSNOW", LEDGER_TABLE)
+        ledger = ledger_name(SNOWFLAKE_DATABASE, "PGSNOW", table)
         with self.sf_conn.cursor() as cur:
             cur.execute(
                 f'SELECT "S3_KEY" FROM {ledger} WHERE "SCHEMA_NAME" = %s AND "TABLE_NAME" = %s '

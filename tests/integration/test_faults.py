@@ -26,6 +26,7 @@ import pgsnow.runtime
 from pgsnow.cleanup import cleanup_pending_runs
 from pgsnow.config import Component
 from pgsnow.errors import RetryableError
+from pgsnow.ledger import ledger_name
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, load_function_handler
 from pgsnow.manifest import RunState
 from pgsnow.runs import RunStore
@@ -415,7 +416,7 @@ def test_older_incremental_run_with_deletes_delivered_after_a_newer_one_deletes_
 
 
 def pipeline_ledger_statuses(pipeline: PipelineHarness, table: Any) -> list[tuple[str, str]]:
-    ledger = f'"{SNOWFLAKE_DATABASE}"."PGSNOW"."LOAD_LEDGER"'
+    ledger = ledger_name(SNOWFLAKE_DATABASE, "PGSNOW", table)
     with pipeline.sf_conn.cursor() as cur:
         cur.execute(
             f'SELECT "S3_KEY", "STATUS" FROM {ledger} WHERE "SCHEMA_NAME" = %s AND "TABLE_NAME" = %s',

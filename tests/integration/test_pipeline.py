@@ -25,7 +25,7 @@ from pgsnow.demo.compare import compare_table
 from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef, quote_qualified
 from pgsnow.keys import FileFormat, applied_mark_key, data_key
-from pgsnow.ledger import LEDGER_TABLE
+from pgsnow.ledger import ledger_name
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack
 from pgsnow.manifest import RunManifest, RunState
@@ -108,7 +108,7 @@ def extract(stack: LocalStack, pg_conn: PgConnection, table: TableRef) -> RunMan
 
 def ledger_keys(sf_conn: Any, table: TableRef) -> list[str]:
     """Every ledger key of ``table``: its loaded files, and the mark of each replace run swapped in."""
-    ledger = quote_qualified(SNOWFLAKE_DATABASE, "PGSNOW", LEDGER_TABLE)
+    ledger = ledger_name(SNOWFLAKE_DATABASE, "PGSNOW", table)
     with sf_conn.cursor() as cur:
         cur.execute(
             f'SELECT "S3_KEY" FROM {ledger} WHERE "SCHEMA_NAME" = %s AND "TABLE_NAME" = %s ORDER BY "S3_KEY"',

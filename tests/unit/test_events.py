@@ -8,7 +8,7 @@ import pytest
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from pgsnow.errors import PermanentError, UnsafeIdentifierError
-from pgsnow.events import parse_s3_event_body, parse_sqs_record
+from pgsnow.events import RangeRequest, is_sqs_event, parse_range_event, parse_s3_event_body, parse_sqs_record
 from pgsnow.identifiers import TableAllowlist, TableRef
 from pgsnow.keys import FileFormat
 
@@ -255,3 +255,73 @@ def test_rejected_key_is_named_in_the_error() -> None:
         parse_s3_event_body(s3_body(key), bucket=BUCKET, prefix=PREFIX, allowlist=ALLOW_ORDERS)
 
     assert caught.value.s3_key == key
+
+
+# --------------------------------------------------------------------------- the extractor's range queue
+
+RANGE_ALLOW = TableAllowlist.parse("public.orders")
+
+
+def range_event(*bodies: Any) -> dict[str, Any]:
+    return {
+        "Records": [
+            {
+                "messageId": f"m{n}",
+                "eventSource": "aws:sqs",
+                "body": body if isinstance(body, str) else json.dumps(body),
+            }
+            for n, body in enumerate(bodies)
+        ]
+    }
+
+
+def test_range_message_round_trips() -> None:
+    request = RangeRequest(TableRef("public", "orders"), RUN, 3)
+    (parsed,) = parse_range_event(range_event(request.body()), RANGE_ALLOW)
+    assert (parsed.table, parsed.run_id, parsed.index, parsed.message_id) == (request.table, RUN, 3, "m0")
+
+
+@pytest.mark.parametrize(
+    ("event", "sqs"),
+    [
+        pytest.param(range_event({"x": 1}), True, id="sqs-records"),
+        pytest.param({"schema_name": "public", "table_name": "orders"}, False, id="direct-invocation"),
+        pytest.param({"Records": []}, False, id="no-records"),
+        pytest.param({"Records": [{"eventSource": "aws:s3"}]}, False, id="s3-records"),
+    ],
+)
+def test_sqs_events_are_told_from_direct_invocations(event: dict[str, Any], sqs: bool) -> None:
+    assert is_sqs_event(event) is sqs
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        pytest.param("not json", "not a JSON object", id="not-json"),
+        pytest.param({"schema_name": "public", "run_id": RUN, "range": 0}, "table_name", id="no-table"),
+        pytest.param(
+            {"schema_name": "public", "table_name": "orders", "run_id": "yesterday", "range": 0},
+            "run_id",
+            id="bad-run",
+        ),
+        pytest.param(
+            {"schema_name": "public", "table_name": "orders", "run_id": RUN, "range": -1},
+            "non-negative",
+            id="negative",
+        ),
+        pytest.param(
+            {"schema_name": "public", "table_name": "orders", "run_id": RUN, "range": True},
+            "non-negative",
+            id="bool",
+        ),
+    ],
+)
+def test_malformed_range_messages_are_permanent(body: Any, error: str) -> None:
+    with pytest.raises(PermanentError, match=error):
+        parse_range_event(range_event(body), RANGE_ALLOW)
+
+
+def test_range_message_for_a_table_outside_the_allowlist_is_refused() -> None:
+    body = RangeRequest(TableRef("public", "secrets"), RUN, 0).body()
+    with pytest.raises(UnsafeIdentifierError):
+        parse_range_event(range_event(body), RANGE_ALLOW)

@@ -22,6 +22,10 @@ RESOURCES = StagingResources(
     dlq_url="http://127.0.0.1:5000/123456789012/pgsnow-local-bucket-loader-dlq",
     dlq_arn="arn:aws:sqs:us-east-1:123456789012:pgsnow-local-bucket-loader-dlq",
     prefix="landing",
+    range_queue_url="http://127.0.0.1:5000/123456789012/pgsnow-local-bucket-ranges",
+    range_queue_arn="arn:aws:sqs:us-east-1:123456789012:pgsnow-local-bucket-ranges",
+    range_dlq_url="http://127.0.0.1:5000/123456789012/pgsnow-local-bucket-ranges-dlq",
+    range_dlq_arn="arn:aws:sqs:us-east-1:123456789012:pgsnow-local-bucket-ranges-dlq",
 )
 BUCKET_ARN = "arn:aws:s3:::pgsnow-local-bucket"
 
@@ -58,6 +62,9 @@ def test_resources_name_the_stacks_bucket_prefix_and_queues() -> None:
     assert extractor["ContinuePastTheDeadline"]["Resource"] == (
         "arn:aws:lambda:us-east-1:123456789012:function:pgsnow-local-extractor"
     )
+    range_statements = [s for s in extractor.values() if RESOURCES.range_queue_arn in json.dumps(s)]
+    assert range_statements, "the extractor sends and consumes its range queue (parallel backfill)"
+    assert all(s["Resource"] == RESOURCES.range_queue_arn for s in range_statements)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent, SQSEvent
 
-from pgsnow.events import parse_s3_event_body
+from pgsnow.events import is_sqs_event, parse_range_event, parse_s3_event_body
 from pgsnow.identifiers import TableAllowlist, TableRef
 from pgsnow.keys import FileFormat
 
@@ -80,3 +80,19 @@ def test_s3_test_event_has_no_records() -> None:
     (record,) = SQSEvent(load_event("loader_sqs_s3_test_event.json")).records
     assert json.loads(record.body)["Event"] == "s3:TestEvent"
     assert parse_s3_event_body(record.body, bucket=BUCKET, prefix=PREFIX, allowlist=ALLOWLIST) == []
+
+
+def test_extractor_range_message_is_an_sqs_event_of_the_range_queue() -> None:
+    # Given the range queue's SQS event (parallel backfill), as the event source delivers it
+    event = load_event("extractor_sqs_range.json")
+    (record,) = SQSEvent(event).records
+    assert record.md5_of_body == hashlib.md5(record.body.encode()).hexdigest()
+    assert record.event_source_arn == "arn:aws:sqs:us-east-1:123456789012:pgsnow-dev-extract-ranges"
+    # Then the extractor reads it as one range of one allowlisted table's run
+    assert is_sqs_event(event)
+    (request,) = parse_range_event(event, ALLOWLIST)
+    assert (request.table, request.run_id, request.index) == (
+        TableRef("public", "orders"),
+        "20261207T050000000000Z",
+        2,
+    )

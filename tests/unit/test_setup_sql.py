@@ -11,7 +11,6 @@ from pgsnow.config import LoadMethod
 from pgsnow.errors import ConfigError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, key_list_key
-from pgsnow.ledger import build_create_ledger
 from pgsnow.setup_sql import SetupOptions, build_setup_steps, render_setup_sql
 from pgsnow.snowflake.load_sql import build_create_stage
 
@@ -54,7 +53,6 @@ def test_statements_come_in_run_order() -> None:
             r"^CREATE SCHEMA",
             r"^CREATE STAGE",
             r"^CREATE FILE FORMAT",
-            r"LOAD_LEDGER\" \(",
             r"^CREATE ROLE",
             r"^GRANT USAGE ON WAREHOUSE",
             r"^CREATE USER",
@@ -102,7 +100,7 @@ def test_desc_integration_step_names_both_template_parameters() -> None:
     assert "SnowflakeExternalId" in step.note
 
 
-def test_stage_and_ledger_are_the_loaders_own_sql() -> None:
+def test_stage_is_the_loaders_own_sql_and_the_loader_makes_the_ledgers() -> None:
     all_statements = statements(options())
     assert (
         build_create_stage(
@@ -115,7 +113,8 @@ def test_stage_and_ledger_are_the_loaders_own_sql() -> None:
         )
         in all_statements
     )
-    assert build_create_ledger("PGSNOW_DEV", "PGSNOW") in all_statements
+    # The loader creates each table's ledger itself (pgsnow.ledger): the setup creates none.
+    assert not any("LOAD_LEDGER" in statement for statement in all_statements)
 
 
 @pytest.mark.parametrize(
@@ -195,7 +194,7 @@ def test_cli_prints_the_script(capsys: pytest.CaptureFixture[str]) -> None:
     # Then it prints every step, numbered, each statement terminated
     out = capsys.readouterr().out
     assert exit_code == 0
-    assert re.findall(r"^-- (\d+)\. ", out, flags=re.MULTILINE) == [str(n) for n in range(1, 11)]
+    assert re.findall(r"^-- (\d+)\. ", out, flags=re.MULTILINE) == [str(n) for n in range(1, 10)]
     assert 'CREATE STORAGE INTEGRATION IF NOT EXISTS "PGSNOW_DEV_S3"' in out
     assert 'CREATE PIPE IF NOT EXISTS "PGSNOW_DEV"."PGSNOW"."PGSNOW_PIPE_PUBLIC_ORDERS"' in out
     assert 'GRANT ROLE "PGSNOW_LOADER" TO USER "PGSNOW_SVC";' in out

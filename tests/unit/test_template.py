@@ -79,7 +79,14 @@ ENV_VAR_NAMES = {
 }
 # What each function reads beyond the shared variables (pgsnow.config.Settings.from_env).
 FUNCTION_ENV_VAR_NAMES = {
-    "ExtractorFunction": {"EXTRACT_TARGET_FILE_MB", "EXTRACT_CHUNK_ROWS", "EXTRACT_DEADLINE_MARGIN_S"},
+    "ExtractorFunction": {
+        "EXTRACT_TARGET_FILE_MB",
+        "EXTRACT_CHUNK_ROWS",
+        "EXTRACT_DEADLINE_MARGIN_S",
+        "EXTRACT_MAX_WORKERS",
+        "EXTRACT_RANGE_ROWS",
+        "EXTRACT_RANGE_QUEUE_URL",
+    },
     "LoaderFunction": {"LOAD_METHOD", "LOAD_ON_ERROR", "SNOWPIPE_NAME"},
     "CleanupFunction": {
         "CLEANUP_ARCHIVE_PREFIX",
@@ -779,6 +786,80 @@ def test_cleanup_reenqueues_to_the_loader_queue_and_reads_the_dead_letter_queue(
     }
 
 
+# ---------------------------------------------------------------- parallel backfill
+
+
+RANGE_RESOURCES = (
+    "ExtractRangeQueue",
+    "ExtractRangeDeadLetterQueue",
+    "ExtractRangeEventSource",
+    "ExtractRangeDeadLetterQueueDepthAlarm",
+)
+
+
+def test_parallel_backfill_exists_only_above_one_worker(sam_template: dict[str, Any]) -> None:
+    # Given the condition that creates the range queue and the extractor's event source
+    condition = sam_template["Conditions"]["ParallelExtraction"]
+    assert condition == {"Fn::Not": [{"Fn::Equals": [{"Ref": "ExtractMaxWorkers"}, 1]}]}
+    # Then every range resource is created under it (one worker creates none), and by default a
+    # large table is read by at most four workers at once
+    for name in RANGE_RESOURCES:
+        assert sam_template["Resources"][name]["Condition"] == "ParallelExtraction"
+    spec = sam_template["Parameters"]["ExtractMaxWorkers"]
+    assert spec["Default"] == 4
+    # MaximumConcurrency accepts 2..1000: 1 never reaches the mapping, and 1000 is the ceiling
+    assert (spec["MinValue"], spec["MaxValue"]) == (1, 1000)
+
+
+def test_range_workers_are_bounded_by_the_parameter(cfn: dict[str, Any]) -> None:
+    mapping = properties(cfn, "ExtractRangeEventSource")
+    assert mapping["FunctionName"] == {"Ref": "ExtractorFunction"}
+    assert mapping["EventSourceArn"] == {"Fn::GetAtt": ["ExtractRangeQueue", "Arn"]}
+    assert mapping["BatchSize"] == 1  # one range per invocation: each has its deadline to itself
+    assert mapping["ScalingConfig"] == {"MaximumConcurrency": {"Ref": "ExtractMaxWorkers"}}
+
+
+def test_range_queue_outlives_an_extractor_invocation_and_dead_letters(cfn: dict[str, Any]) -> None:
+    queue = properties(cfn, "ExtractRangeQueue")
+    timeout = properties(cfn, "ExtractorFunction")["Timeout"]
+    # Lambda's advice for SQS sources: a visibility timeout of at least six function timeouts
+    assert queue["VisibilityTimeout"] >= 6 * timeout
+    assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {
+        "Fn::GetAtt": ["ExtractRangeDeadLetterQueue", "Arn"]
+    }
+    assert queue["SqsManagedSseEnabled"] is True
+    assert properties(cfn, "ExtractRangeDeadLetterQueue")["SqsManagedSseEnabled"] is True
+    env = properties(cfn, "ExtractorFunction")["Environment"]["Variables"]
+    assert env["EXTRACT_RANGE_QUEUE_URL"] == {
+        "Fn::If": ["ParallelExtraction", {"Ref": "ExtractRangeQueue"}, ""]
+    }
+    assert env["EXTRACT_MAX_WORKERS"] == {"Ref": "ExtractMaxWorkers"}
+
+
+def test_extractor_may_send_and_consume_only_the_range_queue(cfn: dict[str, Any]) -> None:
+    # Given every SQS statement of the extractor's role, by resource
+    sqs: dict[str, set[str]] = {}
+    for role, statement in iam_statements(cfn):
+        actions = as_list(statement["Action"])
+        if role == "ExtractorFunctionRole" and any(a.startswith("sqs:") for a in actions):
+            sqs.setdefault(str(evaluate(statement["Resource"])), set()).update(actions)
+    # Then it sends range messages and its event source consumes them, on that queue only
+    assert sqs == {
+        "arn:ExtractRangeQueue:Arn": {"sqs:SendMessage"}
+        | {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"},
+        "arn:FailedInvocationQueue:Arn": {"sqs:SendMessage"},  # SAM's grant for DeadLetterQueue
+    }
+    # And only when the range queue exists
+    role = properties(cfn, "ExtractorFunctionRole")
+    conditional = [
+        s["Fn::If"][0]
+        for p in role["Policies"]
+        for s in p["PolicyDocument"]["Statement"]
+        if "Fn::If" in s and "ExtractRangeQueue" in json.dumps(s)
+    ]
+    assert conditional == ["ParallelExtraction", "ParallelExtraction"]
+
+
 # ---------------------------------------------------------------- alarms
 
 
@@ -792,6 +873,12 @@ def test_cleanup_reenqueues_to_the_loader_queue_and_reads_the_dead_letter_queue(
             "ApproximateNumberOfMessagesVisible",
             {"Fn::GetAtt": ["StageDeadLetterQueue", "QueueName"]},
             id="dlq-depth",
+        ),
+        pytest.param(
+            "AWS/SQS",
+            "ApproximateNumberOfMessagesVisible",
+            {"Fn::GetAtt": ["ExtractRangeDeadLetterQueue", "QueueName"]},
+            id="range-dlq-depth",
         ),
         pytest.param(
             "AWS/SQS",

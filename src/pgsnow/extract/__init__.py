@@ -20,6 +20,12 @@ One file per job:
 - ``start``: opening a run: a new one (its plan, checkpoint and manifest ``extracting``) or
   one left unfinished (resumed from its checkpoint).
 - ``plan``: what a new run chooses before anything is staged: file format and write mode.
+- ``chunks``: chunk after chunk, to the end of the run or of one range of a parallel run.
+- ``finish``: a run whose chunks are all staged: key list, manifest ``staged``, watermark, lease.
+- ``ranges``: parallel backfill: a large run's key ranges from the table's statistics, and
+  ``FanOut``, which sends one message per range to the range queue.
+- ``worker``: one range of a parallel run, under its own lease and checkpoint; the worker that
+  stages the last range finishes the run.
 - ``state``: what one invocation works with (``Invocation``, ``ExtractionRun``) and its
   ``Deadline``.
 - ``watermark``: incremental runs: the cursor column, the run's lower bound, the watermark after.

@@ -1,6 +1,12 @@
 """A run's lifecycle: ``extract_table`` takes the table's lease, starts or resumes the run, stages
 chunk after chunk, and ends it ``staged`` (watermark and published columns saved), handed on
-(``extracting``: the deadline is near) or ``failed``; it frees the lease in every case."""
+(``extracting``: the deadline is near) or ``failed``; it frees the lease in every case.
+
+A run split into key ranges (``fan_out``, docs/extraction.md "Parallel backfill") is handed on
+to the range workers instead: the table's lease passes to the run's ranges and one message per
+unfinished range is sent; the worker that stages the last range finishes the run
+(``pgsnow.extract.worker``). Without ``fan_out`` (the CLI) such a run's ranges are extracted
+here, one after another."""
 
 from __future__ import annotations
 
@@ -16,21 +22,21 @@ from typing import Any
 
 import psycopg2
 
-from pgsnow.checkpoint import ChunkRecord, Lease, LeaseLostError, PublishedColumns, Watermark
-from pgsnow.config import DeleteMode, Settings
+from pgsnow.checkpoint import Lease, LeaseLostError
+from pgsnow.config import Settings
 from pgsnow.errors import PgSnowError
-from pgsnow.extract.csv_stager import stage_chunk_csv
-from pgsnow.extract.key_list import stage_key_list
-from pgsnow.extract.parquet_stager import stage_chunk_parquet
+from pgsnow.extract.chunks import stage_chunks
+from pgsnow.extract.finish import finish_run
+from pgsnow.extract.ranges import FanOut
 from pgsnow.extract.schema_drift import check_schema_drift
-from pgsnow.extract.start import check_rows_fit, resume_run, start_run
-from pgsnow.extract.state import Deadline, ExtractionRun, Invocation, StopForDeadline
-from pgsnow.extract.watermark import watermark_after
+from pgsnow.extract.start import resume_run, start_run
+from pgsnow.extract.state import Deadline, ExtractionRun, Invocation, StopForDeadline, end_snapshot
+from pgsnow.extract.worker import RangeOutcome, extract_range
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, new_run_id
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.observability import logger
-from pgsnow.postgres import Connection, classify_pg_error, next_chunk_end
+from pgsnow.postgres import Connection, classify_pg_error
 from pgsnow.runs import RunStore
 from pgsnow.timestamps import utc_iso
 
@@ -47,8 +53,14 @@ def extract_table(
     remaining_ms: Callable[[], int] | None = None,
     owner: str | None = None,
     clock: Callable[[], float] = time.time,
+    fan_out: FanOut | None = None,
 ) -> RunManifest:
     """Stage ``table`` (or continue run ``run_id``) and return its manifest.
+
+    With ``fan_out``, a new run reading the whole table of a large table is split into key
+    ranges, sent to the workers, and returned ``extracting`` (``fan_out.dispatched`` names it).
+    A run already split (a parallel run whose workers all stopped) is handed to the workers
+    again with ``fan_out``; without, its ranges are extracted here one after another.
 
     The manifest is ``staged`` when the run is complete, or still ``extracting`` when the
     invocation stopped because ``remaining_ms()`` fell below the deadline margin: the caller
@@ -95,65 +107,70 @@ def extract_table(
                         file_format=file_format,
                         started_at=utc_iso(started_at),
                         published=published,
+                        range_rows=settings.extract.range_rows if fan_out is not None else None,
                     )
                     check_schema_drift(published, table, options, attempt.manifest.columns)
                 else:
                     attempt.run, attempt.manifest = resume_run(invocation, checkpoint)
-                result = _run_to_its_end(attempt.run, attempt.manifest, started, now)
+                if attempt.run.checkpoint.ranges:
+                    attempt.run.lease = store.hand_to_ranges(attempt.run.lease, ttl_s=deadline.lease_ttl_s())
+                    pending = _unstaged_ranges(store, attempt.run)
+                    if fan_out is not None:
+                        fan_out.send(table, lease.run_id, pending)
+                        return attempt.manifest
+                else:
+                    result = _run_to_its_end(attempt.run, attempt.manifest, started, now)
+                    pending = None
     finally:
-        _end_snapshot(pg_conn)
+        end_snapshot(pg_conn)
+    if pending is not None:
+        # No workers to send the ranges to: extract them here, one after another.
+        for index in pending:
+            outcome = extract_range(
+                settings=settings,
+                pg_conn=pg_conn,
+                s3=s3,
+                table=table,
+                run_id=lease.run_id,
+                index=index,
+                now=now,
+                remaining_ms=remaining_ms,
+                owner=lease.owner,
+                clock=clock,
+            )
+            if outcome.outcome is RangeOutcome.STOPPED:
+                break
+            if outcome.manifest is not None:
+                return outcome.manifest
+        return store.get_manifest(table, lease.run_id)
     if result.state is RunState.STAGED:
         _log_staged(result, started)
     return result
+
+
+def _unstaged_ranges(store: RunStore, run: ExtractionRun) -> list[int]:
+    """The ranges still to stage; when none is (the finisher died), the last range, whose
+    delivery then finishes the run."""
+    ranges = run.checkpoint.ranges
+    pending = []
+    for span in ranges:
+        checkpoint = store.load_checkpoint(run.table, run.run_id, span.index)
+        if checkpoint is None or checkpoint.state != RunState.STAGED.value:
+            pending.append(span.index)
+    return pending or [ranges[-1].index]
 
 
 def _run_to_its_end(
     run: ExtractionRun, manifest: RunManifest, started: float, now: Callable[[], datetime]
 ) -> RunManifest:
     """Stage the rest of the run: ``staged`` when done, ``extracting`` when the deadline stopped it."""
-    complete = _stage_chunks(run)
+    complete = stage_chunks(run)
     elapsed = time.monotonic() - started
     timings = dict(run.checkpoint.timings)
     timings["extract_s"] = round(timings.get("extract_s", 0.0) + elapsed, 3)
     if not complete:
         return _hand_on(run, manifest, timings)
-    return _finish(run, manifest, timings, now)
-
-
-def _stage_chunks(run: ExtractionRun) -> bool:
-    """Stage chunk after chunk; False when stopped for the deadline (the checkpoint says where)."""
-    stage = stage_chunk_csv if run.checkpoint.file_format is FileFormat.CSV else stage_chunk_parquet
-    resumed = run.checkpoint.invocations > 1
-    while True:
-        chunk = run.checkpoint.in_progress
-        if chunk is None:
-            if run.staged_this_invocation > 0 and run.deadline.near():
-                return False
-            index = len(run.checkpoint.finished)
-            after = run.checkpoint.next_after
-            through = None
-            if run.checkpoint.order_key:
-                through = next_chunk_end(
-                    run.pg_conn, run.schema, run.rows(after, None), run.settings.extract.chunk_rows
-                )
-                if through is None and index > 0:
-                    return True
-            chunk = ChunkRecord(index, after, through)
-            run.save(run.checkpoint.evolve(in_progress=chunk))
-        if resumed:
-            # A later snapshot than the one checked at the run's start: check this chunk's rows again.
-            rows = run.rows(chunk.resume_after or chunk.after, chunk.through)
-            check_rows_fit(run.pg_conn, run.schema, rows, run.options)
-        allow_empty = chunk.index == 0 and not chunk.files
-        try:
-            stage(run, chunk, allow_empty)
-        except StopForDeadline:
-            return False
-        finished = run.checkpoint.in_progress
-        assert finished is not None
-        run.save(run.checkpoint.evolve(finished=(*run.checkpoint.finished, finished), in_progress=None))
-        if finished.through is None:
-            return True
+    return finish_run(run, manifest, timings, now)
 
 
 def _hand_on(run: ExtractionRun, manifest: RunManifest, timings: dict[str, float]) -> RunManifest:
@@ -165,37 +182,6 @@ def _hand_on(run: ExtractionRun, manifest: RunManifest, timings: dict[str, float
         extra={"run_id": run.run_id, "table": run.table.qualified, "files": len(run.checkpoint.files)},
     )
     return manifest.with_state(RunState.EXTRACTING, files=run.checkpoint.files, timings=timings)
-
-
-def _finish(
-    run: ExtractionRun, manifest: RunManifest, timings: dict[str, float], now: Callable[[], datetime]
-) -> RunManifest:
-    """Every chunk staged: the key list (deletes), manifest ``staged``, then watermark, published
-    columns and checkpoint, and the table is free."""
-    options, store = run.options, run.store
-    key_list = stage_key_list(run) if options.deletes is not DeleteMode.NONE else None
-    cursor_kind = (
-        run.schema.column(options.cursor_column).kind
-        if manifest.cursor_column and options.cursor_column
-        else None
-    )
-    after = watermark_after(run.pg_conn, run.checkpoint, cursor_kind) if cursor_kind is not None else None
-    staged = manifest.with_state(
-        RunState.STAGED,
-        files=run.checkpoint.files,
-        finished_at=utc_iso(now()),
-        watermark_after=after,
-        key_list=key_list,
-        timings=timings,
-    )
-    store.put_manifest(staged)
-    # The watermark moves only once the run's manifest says staged.
-    if manifest.cursor_column and after is not None:
-        store.save_watermark(run.table, Watermark(manifest.cursor_column, after, run.run_id))
-    store.save_published_columns(run.table, PublishedColumns(run.run_id, manifest.columns))
-    store.save_checkpoint(run.checkpoint.evolve(state=RunState.STAGED.value, timings=timings))
-    store.release_lease(run.lease)
-    return staged
 
 
 def _log_staged(staged: RunManifest, started: float) -> None:
@@ -211,17 +197,6 @@ def _log_staged(staged: RunManifest, started: float) -> None:
             "duration_ms": round((time.monotonic() - started) * 1000),
         },
     )
-
-
-def _end_snapshot(pg_conn: Connection) -> None:
-    """Close the read-only transaction; a broken connection is the caller's to replace."""
-    if pg_conn.closed:
-        return
-    try:
-        pg_conn.rollback()
-    except psycopg2.Error:
-        logger.warning("could not end the PostgreSQL transaction; the connection will be replaced")
-        pg_conn.close()
 
 
 @dataclass

@@ -1,12 +1,17 @@
 """Opening a run: a new one (its plan, checkpoint and manifest ``extracting``), or one left
-unfinished, resumed from its checkpoint with the columns it started with."""
+unfinished, resumed from its checkpoint with the columns it started with.
+
+A new run that may fan out (``range_rows`` given) and reads the whole table (mode full, or an
+incremental table's backfill) is split into key ranges here (``pgsnow.extract.ranges``); its
+values are then checked range by range, by the workers, rather than all at once here."""
 
 from __future__ import annotations
 
-from pgsnow.checkpoint import PublishedColumns, RunCheckpoint
+from pgsnow.checkpoint import PublishedColumns, RangeRecord, RunCheckpoint
 from pgsnow.config import ExtractMode, TableOptions, ValuePolicy
 from pgsnow.errors import PermanentError
 from pgsnow.extract.plan import choose_file_format, resolve_write_mode
+from pgsnow.extract.ranges import plan_ranges
 from pgsnow.extract.schema_drift import kept_numeric_scales
 from pgsnow.extract.state import ExtractionRun, Invocation
 from pgsnow.extract.watermark import run_bounds, run_filter
@@ -34,8 +39,11 @@ def start_run(
     file_format: FileFormat | None,
     started_at: str,
     published: PublishedColumns | None,
+    range_rows: int | None = None,
 ) -> tuple[ExtractionRun, RunManifest]:
-    """A new run of the invocation's table: planned, checkpointed, its manifest ``extracting``."""
+    """A new run of the invocation's table: planned, checkpointed, its manifest ``extracting``.
+    With ``range_rows``, a run reading the whole table may be split into key ranges
+    (``checkpoint.ranges``) for concurrent workers."""
     settings, table, options, pg_conn = (
         invocation.settings,
         invocation.table,
@@ -55,7 +63,11 @@ def start_run(
     )
     for warning in schema.warnings:
         logger.warning(warning, extra={"run_id": run_id, "table": table.qualified, "reason": "type_fallback"})
-    check_rows_fit(pg_conn, schema, rows, options)
+    ranges: tuple[RangeRecord, ...] = ()
+    if range_rows is not None and bounds.lower_cursor is None:
+        ranges = plan_ranges(pg_conn, schema, bounds.order_key, range_rows)
+    if not ranges:  # a parallel run's workers check each range's values in their own snapshots
+        check_rows_fit(pg_conn, schema, rows, options)
     chosen = file_format or choose_file_format(
         options.file_format or settings.file_format, estimate_rows(pg_conn, schema, rows)
     )
@@ -68,6 +80,7 @@ def start_run(
         watermark_before=bounds.watermark,
         lower_cursor=bounds.lower_cursor,
         safe_point=safe_point.moment if safe_point else None,
+        ranges=ranges,
     )
     manifest = RunManifest(
         run_id=run_id,
@@ -94,6 +107,7 @@ def start_run(
             "file_format": chosen.value,
             "mode": options.mode.value,
             "write_mode": write_mode.value,
+            "ranges": len(ranges),
         },
     )
     return run, manifest
@@ -116,6 +130,7 @@ def check_rows_fit(pg_conn: Connection, schema: TableSchema, rows: RowRange, opt
     """Every value of ``rows`` fits Snowflake (policy ``fail``). Whatever the policy, key and cursor
     values must: they are what chunks resume from, so they must stage unchanged."""
     condition, params = rows.condition()
+    bounded = rows.after is not None or rows.through is not None
     check_values_fit(
         pg_conn,
         schema,
@@ -123,23 +138,32 @@ def check_rows_fit(pg_conn: Connection, schema: TableSchema, rows: RowRange, opt
         params,
         columns=None if options.value_policy is ValuePolicy.FAIL else rows.order_key,
         policy=options.value_policy,
+        # A chunk or a range: read it along the key's index, not the whole table.
+        order_key=rows.order_key if bounded else (),
     )
 
 
-def resume_run(invocation: Invocation, checkpoint: RunCheckpoint) -> tuple[ExtractionRun, RunManifest]:
-    """The unfinished run of ``checkpoint``, refused when the table's columns changed since."""
-    table, pg_conn = invocation.table, invocation.pg_conn
-    manifest = invocation.store.get_manifest(table, checkpoint.run_id)
-    # The run staged its first files with the numeric scales it chose when it started.
+def schema_as_started(invocation: Invocation, manifest: RunManifest) -> TableSchema:
+    """The table as the run of ``manifest`` started it (with the numeric scales it chose: its first
+    files were staged with them); PermanentError when its columns changed since."""
+    table = invocation.table
     schema = with_numeric_scales(
-        describe_table(pg_conn, table),
+        describe_table(invocation.pg_conn, table),
         {c.name: c.scale for c in manifest.columns if c.is_unbounded_numeric and c.scale is not None},
     )
     if schema.columns != manifest.columns or schema.primary_key != manifest.primary_key:
         raise PermanentError(
-            f"the columns of {table.qualified} changed during run {checkpoint.run_id}; start a new run",
+            f"the columns of {table.qualified} changed during run {manifest.run_id}; start a new run",
             table=table.qualified,
         )
+    return schema
+
+
+def resume_run(invocation: Invocation, checkpoint: RunCheckpoint) -> tuple[ExtractionRun, RunManifest]:
+    """The unfinished run of ``checkpoint``, refused when the table's columns changed since."""
+    table = invocation.table
+    manifest = invocation.store.get_manifest(table, checkpoint.run_id)
+    schema = schema_as_started(invocation, manifest)
     row_filter, filter_params = run_filter(invocation.options, checkpoint.lower_cursor)
     resumed = checkpoint.evolve(invocations=checkpoint.invocations + 1)
     run = ExtractionRun.open(invocation, schema, resumed, row_filter, filter_params)

@@ -7,11 +7,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 from psycopg2 import sql
 
 from pgsnow.checkpoint import Lease, RunCheckpoint
 from pgsnow.config import Settings, TableOptions
 from pgsnow.identifiers import TableRef
+from pgsnow.observability import logger
 from pgsnow.postgres import Connection, RowRange, TableSchema
 from pgsnow.runs import RunStore
 
@@ -97,3 +99,14 @@ class ExtractionRun(Invocation):
         self.checkpoint = checkpoint
         self.store.save_checkpoint(checkpoint)
         self.lease = self.store.renew_lease(self.lease, ttl_s=self.deadline.lease_ttl_s())
+
+
+def end_snapshot(pg_conn: Connection) -> None:
+    """Close the read-only transaction; a broken connection is the caller's to replace."""
+    if pg_conn.closed:
+        return
+    try:
+        pg_conn.rollback()
+    except psycopg2.Error:
+        logger.warning("could not end the PostgreSQL transaction; the connection will be replaced")
+        pg_conn.close()

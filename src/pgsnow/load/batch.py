@@ -103,7 +103,7 @@ class Loader:
         self.credentials_source = credentials_source
         self.tables = Tables(self.database)
         self.pipes = Pipes(settings, snowpipe)
-        self.ledger_ready = False
+        self.control_schema_ready = False
 
     def load(self, sf_conn: SnowflakeConnection, objects: Sequence[StagedObject]) -> list[FileOutcome]:
         """Load every object, one COPY per (table, run) group; one outcome per object, in order.
@@ -154,8 +154,9 @@ class Loader:
         if staged.run_id is not None:
             targets.append(self.tables.shadow(staged.table, staged.run_id))
         self.tables.forget(*targets)
+        self.tables.ledgers.forget(staged.table)
         self.pipes.forget()
-        self.ledger_ready = False
+        self.control_schema_ready = False
 
 
 @dataclass
@@ -185,10 +186,11 @@ class _Batch:
         first = group[0]
         s3_key = first.key if len(group) == 1 else None
         try:
-            if not self.loader.ledger_ready:
+            if not self.loader.control_schema_ready:
                 self.session.execute(build_create_schema(self.session.database, self.session.control_schema))
-                self.session.ledger.create()
-                self.loader.ledger_ready = True
+                self.loader.control_schema_ready = True
+            # The table's own ledger (DDL: before the group's transaction), once per container.
+            self.loader.tables.ledgers.ensure(self.session.ledger(first.table))
             outcomes: dict[str, FileOutcome] = {}
             present: Present = []
             for staged in group:
@@ -227,7 +229,7 @@ class _Batch:
 
     def _outcome_for_missing_object(self, staged: StagedObject, started: float) -> FileOutcome:
         """A redelivered event for a file already loaded and cleaned up is fine; anything else is not."""
-        entry = self.session.ledger.loaded_row(staged.key)
+        entry = self.session.ledger(staged.table).loaded_row(staged.key)
         if entry is not None:
             return already_loaded(staged, entry.rows_loaded, started)
         error = PermanentError(

@@ -21,7 +21,7 @@ from pgsnow.config import DeleteMode, Settings, WriteMode
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, StagedObject, applied_mark_key, is_run_id
-from pgsnow.ledger import LedgerClaim, LedgerRow, loaded_files
+from pgsnow.ledger import Ledger, LedgerClaim, LedgerRecord, LedgerRow, loaded_files
 from pgsnow.load.outcomes import RunOutcome
 from pgsnow.load.session import LoadSession, url_source_for
 from pgsnow.load.tables import Tables, Target, read_columns
@@ -100,7 +100,7 @@ def complete_run(
             # `extracting`: the file list is not final yet; `failed`: its files stay for the sweeper.
             return CompletedRun(table, run_id, manifest.state, len(manifest.files))
         mark = applied_mark_key(table, run_id)
-        ledger = session.ledger.loaded_rows([*(f.key for f in manifest.files), mark])
+        ledger = applier.ledger(table).loaded_rows([*(f.key for f in manifest.files), mark])
         loaded = len(loaded_files(manifest, ledger))
         found = CompletedRun(table, run_id, manifest.state, len(manifest.files), loaded)
         if loaded < len(manifest.files) or (not swap and _swap_pending(manifest, ledger.get(mark))):
@@ -144,6 +144,10 @@ class _RunApplier:
     tables: Tables
     url_source: Callable[[], UrlSource]
 
+    def ledger(self, table: TableRef) -> Ledger:
+        """The table's ledger, created (with the legacy ledger's rows) once per ``tables``."""
+        return self.tables.ledgers.ensure(self.session.ledger(table))
+
     def apply(self, manifest: RunManifest, mark: LedgerRow | None) -> RunOutcome | None:
         """The recorded outcome when the run's mark exists, else the swap or the deletes (if any)."""
         if mark is not None:
@@ -160,17 +164,16 @@ class _RunApplier:
 
         A ledger RUN_ID that is not a run id (object metadata of a hand-dropped file) is ignored.
         """
-        runs = self.session.ledger.newer_runs(
-            schema_name=table.schema, table_name=table.table, run_id=run_id, applied_only=applied_only
-        )
+        runs = self.ledger(table).newer_runs(run_id=run_id, applied_only=applied_only)
         newer = sorted(run for run in runs if is_run_id(run))
         return newer[-1] if newer else None
 
     def _record_run_outcome(self, manifest: RunManifest, mark: str, outcome: RunOutcome) -> None:
         """Write the run's mark into the ledger (in the caller's transaction, if any)."""
         table = manifest.table
-        self.session.ledger.claim(LedgerClaim(mark, None, None, manifest.run_id, table.schema, table.table))
-        self.session.ledger.record_load(mark, manifest.total_rows, status=outcome.value.upper())
+        ledger = self.session.ledger(table)  # ensured by complete_run, before any transaction
+        ledger.claim([LedgerClaim(mark, None, None, manifest.run_id, table.schema, table.table)])
+        ledger.record_loads([LedgerRecord(mark, manifest.total_rows, status=outcome.value.upper())])
 
     def _finish_replace_run(self, manifest: RunManifest, mark: str) -> RunOutcome:
         """Swap the run's shadow table in, unless a newer replace run was swapped in already.
@@ -219,8 +222,8 @@ class _RunApplier:
         """Delete (hard) or mark (soft) target rows whose key is not in the run's full key list.
 
         One transaction claims the run's mark, checks that no newer run of the table has reached the
-        target, applies the key list and records the outcome. The claim is a MERGE on the ledger,
-        which every load of a file also begins with, so a concurrent load of a newer run's file
+        target, applies the key list and records the outcome. The claim is a MERGE on the table's
+        ledger, which every load of a file of the table also begins with, so a concurrent load of a newer run's file
         either commits before this check (and is seen: SUPERSEDED) or waits until the deletes are
         committed (and its rows then land after them).
         """
@@ -268,8 +271,9 @@ class _RunApplier:
         soft: bool,
     ) -> RunOutcome:
         session, table = self.session, manifest.table
-        session.ledger.claim(LedgerClaim(mark, None, None, manifest.run_id, table.schema, table.table))
-        entry = session.ledger.loaded_row(mark)
+        ledger = session.ledger(table)  # ensured by complete_run: no DDL inside the transaction
+        ledger.claim([LedgerClaim(mark, None, None, manifest.run_id, table.schema, table.table)])
+        entry = ledger.loaded_row(mark)
         if entry is not None:
             return _recorded_outcome(entry)  # another loader finished the run while we waited
         newer = self._newer_run(table, manifest.run_id, applied_only=False)

@@ -1,6 +1,7 @@
-"""One group's COPY (and MERGE) transaction: claim every file in the ledger, load, check what
-COPY reports against each file's row count, record, commit. A file is loaded and recorded, or
-neither."""
+"""One group's COPY (and MERGE) transaction: claim every file in its table's ledger, load, check
+what COPY reports against each file's row count, record, commit. A file is loaded and recorded,
+or neither. The group costs the same statements whatever its size (docs/loading.md): the claim,
+the look-up, the COPY (a merge run's MERGE), the record, the COMMIT."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from pgsnow.errors import PermanentError, PgSnowError
 from pgsnow.keys import StagedObject
-from pgsnow.ledger import LedgerClaim
+from pgsnow.ledger import LedgerClaim, LedgerRecord
 from pgsnow.load.insert import insert_file, is_insertable
 from pgsnow.load.outcomes import FileOutcome, LoadResult, LoadStatus, ObjectFacts
 from pgsnow.load.session import LoadSession
@@ -44,30 +45,40 @@ def already_loaded(staged: StagedObject, rows: int | None, started: float) -> Fi
     return FileOutcome(staged, result=result)
 
 
-def claim_file(
-    session: LoadSession, staged: StagedObject, facts: ObjectFacts, started: float
-) -> FileOutcome | None:
-    """Claim the key in the ledger (inside the caller's transaction).
+def claim_files(
+    session: LoadSession, present: Present, started: float
+) -> tuple[dict[str, FileOutcome], Present]:
+    """Claim the group's keys in its table's ledger (inside the caller's transaction): one MERGE
+    for every key, one look-up of those already loaded.
 
-    Returns the ``already_loaded`` outcome when the ledger shows this content loaded, None when
-    the file still has to be loaded; changed content under a loaded key is a PermanentError.
+    Returns the ``already_loaded`` outcomes of files the ledger shows loaded with this content, and
+    the files still to load; changed content under a loaded key is a PermanentError (the group
+    then loads file by file, so only that file fails).
     """
-    ledger = session.ledger
+    table = present[0][0].table
+    ledger = session.ledger(table)
     ledger.claim(
-        LedgerClaim(
-            staged.key, facts.etag, facts.sha256, facts.run_id, staged.table.schema, staged.table.table
-        )
+        [
+            LedgerClaim(staged.key, facts.etag, facts.sha256, facts.run_id, table.schema, table.table)
+            for staged, facts in present
+        ]
     )
-    entry = ledger.loaded_row(staged.key)
-    if entry is None:
-        return None
-    if not entry.matches(sha256=facts.sha256, etag=facts.etag):
-        raise PermanentError(
-            "changed file under a loaded key: the key was loaded with other content "
-            f"(etag {entry.etag}, sha256 {entry.sha256}); stage changed data under a new key",
-            s3_key=staged.key,
-        )
-    return already_loaded(staged, entry.rows_loaded, started)
+    loaded = ledger.loaded_rows([staged.key for staged, _ in present])
+    done: dict[str, FileOutcome] = {}
+    to_load: Present = []
+    for staged, facts in present:
+        entry = loaded.get(staged.key)
+        if entry is None:
+            to_load.append((staged, facts))
+            continue
+        if not entry.matches(sha256=facts.sha256, etag=facts.etag):
+            raise PermanentError(
+                "changed file under a loaded key: the key was loaded with other content "
+                f"(etag {entry.etag}, sha256 {entry.sha256}); stage changed data under a new key",
+                s3_key=staged.key,
+            )
+        done[staged.key] = already_loaded(staged, entry.rows_loaded, started)
+    return done, to_load
 
 
 @dataclass(frozen=True)
@@ -85,14 +96,9 @@ class CopyJob:
 
     def run(self) -> list[FileOutcome]:
         """Claim, COPY (and MERGE), record and commit the group's files in ONE transaction."""
-        outcomes: list[FileOutcome] = []
         with self.session.transaction():
-            to_load: Present = []
-            for staged, facts in self.present:
-                if (done := claim_file(self.session, staged, facts, self.started)) is not None:
-                    outcomes.append(done)
-                else:
-                    to_load.append((staged, facts))
+            done, to_load = claim_files(self.session, self.present, self.started)
+            outcomes = list(done.values())
             if to_load:
                 outcomes += self._load(to_load)
         _log_outcomes(outcomes)
@@ -117,32 +123,25 @@ class CopyJob:
                     run_id=self.manifest.run_id,
                 )
             )
-        return [
-            self._record(staged, file_check, copy_ms)
+        outcomes = [
+            _outcome(staged, file_check, copy_ms)
             for (staged, _), file_check in zip(to_load, checked, strict=True)
         ]
-
-    def _record(self, staged: StagedObject, file_check: FileCheck, copy_ms: int) -> FileOutcome:
-        if file_check.error is not None:
-            return FileOutcome(staged, error=file_check.error)
-        self.session.ledger.record_load(
-            staged.key,
-            file_check.rows_loaded,
-            status="PARTIALLY_LOADED" if file_check.errors_seen else "LOADED",
-            errors_seen=file_check.errors_seen,
-            first_error=file_check.first_error,
-        )
-        result = LoadResult(
-            staged.key,
-            staged.table.qualified,
-            LoadStatus.PARTIALLY_LOADED if file_check.errors_seen else LoadStatus.LOADED,
-            file_check.rows_loaded,
-            copy_ms,
-            staged.run_id,
-            file_check.errors_seen,
-            file_check.first_error,
-        )
-        return FileOutcome(staged, result=result)
+        # One statement records every loaded file of the group (a file COPY skipped stays claimed only).
+        records = [
+            LedgerRecord(
+                o.result.key,
+                o.result.rows,
+                status="PARTIALLY_LOADED" if o.result.errors_seen else "LOADED",
+                errors_seen=o.result.errors_seen,
+                first_error=o.result.first_error,
+            )
+            for o in outcomes
+            if o.result is not None
+        ]
+        if records:
+            self.session.ledger(to_load[0][0].table).record_loads(records)
+        return outcomes
 
     def _insert_or_copy(self, to_load: Present) -> list[dict[str, Any]]:
         """Load the files (in the caller's transaction); one COPY-shaped result row per file."""
@@ -172,6 +171,22 @@ class CopyJob:
             )
             result_rows += session.execute_dicts(copy_sql)
         return result_rows
+
+
+def _outcome(staged: StagedObject, file_check: FileCheck, copy_ms: int) -> FileOutcome:
+    if file_check.error is not None:
+        return FileOutcome(staged, error=file_check.error)
+    result = LoadResult(
+        staged.key,
+        staged.table.qualified,
+        LoadStatus.PARTIALLY_LOADED if file_check.errors_seen else LoadStatus.LOADED,
+        file_check.rows_loaded,
+        copy_ms,
+        staged.run_id,
+        file_check.errors_seen,
+        file_check.first_error,
+    )
+    return FileOutcome(staged, result=result)
 
 
 def _log_outcomes(outcomes: Sequence[FileOutcome]) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from snowflake.connector.errors import Error as SnowflakeDriverError
 
 from pgsnow.config import Settings
+from pgsnow.identifiers import TableRef
 from pgsnow.ledger import Ledger
 from pgsnow.observability import logger
 from pgsnow.snowflake.error_classifier import classify_snowflake_error
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LoadSession:
-    """What one batch talks to: the settings, the Snowflake connection, S3, the ledger."""
+    """What one batch talks to: the settings, the Snowflake connection, S3, the tables' ledgers."""
 
     settings: Settings
     database: str
@@ -38,9 +39,9 @@ class LoadSession:
     def bucket(self) -> str:
         return self.settings.bucket
 
-    @property
-    def ledger(self) -> Ledger:
-        return Ledger(self.sf_conn, self.database, self.control_schema)
+    def ledger(self, table: TableRef) -> Ledger:
+        """``table``'s ledger (the caller makes sure it exists: ``ledger.Ledgers.ensure``)."""
+        return Ledger(self.sf_conn, self.database, self.control_schema, table)
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         return execute(self.sf_conn, sql, params)

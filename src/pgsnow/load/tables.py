@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef, snowflake_name
 from pgsnow.keys import FileFormat, StagedObject
+from pgsnow.ledger import Ledgers
 from pgsnow.load.objects import read_csv_header
 from pgsnow.load.session import execute
 from pgsnow.manifest import Column
@@ -67,6 +68,7 @@ class Tables:
         # Tables with a column the run does not send (the source dropped it): a pipe's COPY lists the
         # table's columns by position, so their files load with COPY (``prepare`` fills this).
         self.with_unsent_columns: set[Target] = set()
+        self.ledgers = Ledgers()  # the tables' load ledgers this loader created
 
     def target(self, table: TableRef) -> Target:
         return (self.database, table.snowflake_schema, table.snowflake_table)

@@ -16,7 +16,8 @@ from collections.abc import Iterable, Sequence
 from pgsnow.config import Settings
 from pgsnow.errors import ConfigError, PermanentError
 from pgsnow.keys import StagedObject
-from pgsnow.load.copy import Present, claim_file, elapsed_ms, log_failure
+from pgsnow.ledger import LedgerRecord
+from pgsnow.load.copy import Present, claim_files, elapsed_ms, log_failure
 from pgsnow.load.outcomes import FileOutcome, LoadResult, LoadStatus, ObjectFacts
 from pgsnow.load.session import LoadSession
 from pgsnow.manifest import META_ROWS
@@ -82,19 +83,14 @@ class Pipes:
     ) -> list[FileOutcome]:
         """Claim, submit (insertFiles), confirm (insertReport/loadHistoryScan), then record."""
         pipe = self.ensure(session, present[0][0], columns, redefine=redefine_pipe)
-        outcomes: dict[str, FileOutcome] = {}
-        to_submit: Present = []
+        ledger = session.ledger(present[0][0].table)
         earliest: dt.datetime | None = None
         with session.transaction():
-            for staged, facts in present:
-                if (done := claim_file(session, staged, facts, started)) is not None:
-                    outcomes[staged.key] = done
-                else:
-                    to_submit.append((staged, facts))
+            outcomes, to_submit = claim_files(session, present, started)
             if to_submit:
                 keys = [staged.key for staged, _ in to_submit]
-                earliest = session.ledger.earliest_submission(keys)
-                session.ledger.mark_submitted(keys)
+                earliest = ledger.earliest_submission(keys)
+                ledger.mark_submitted(keys)
         if to_submit:
             outcomes.update(self._submit_and_record(session, pipe, to_submit, earliest, started))
         _log_pipe_outcomes(outcomes.values())
@@ -117,15 +113,29 @@ class Pipes:
         client.submit(pipe, [(paths[staged.key], facts.size) for staged, facts in to_submit])
         reports = client.confirm(pipe, paths.values(), submitted_since=earliest)
         load_ms = elapsed_ms(started)
-        with session.transaction():
-            return {
-                staged.key: _record_report(session, staged, facts, reports[paths[staged.key]], load_ms)
-                for staged, facts in to_submit
-            }
+        outcomes = {
+            staged.key: _report_outcome(staged, facts, reports[paths[staged.key]], load_ms)
+            for staged, facts in to_submit
+        }
+        records = [
+            LedgerRecord(
+                o.result.key,
+                o.result.rows,
+                status="PARTIALLY_LOADED" if o.result.status is LoadStatus.PARTIALLY_LOADED else "LOADED",
+                errors_seen=o.result.errors_seen,
+                first_error=o.result.first_error,
+            )
+            for o in outcomes.values()
+            if o.result is not None
+        ]
+        if records:
+            with session.transaction():
+                session.ledger(to_submit[0][0].table).record_loads(records)
+        return outcomes
 
 
-def _record_report(
-    session: LoadSession, staged: StagedObject, facts: ObjectFacts, report: PipeFileReport, load_ms: int
+def _report_outcome(
+    staged: StagedObject, facts: ObjectFacts, report: PipeFileReport, load_ms: int
 ) -> FileOutcome:
     context = {"s3_key": staged.key, "table": staged.table.qualified, "run_id": staged.run_id}
     if report.status == "LOAD_FAILED":
@@ -140,13 +150,6 @@ def _record_report(
             **context,
         )
         return FileOutcome(staged, error=error)
-    session.ledger.record_load(
-        staged.key,
-        report.rows_inserted,
-        status=report.status,
-        errors_seen=report.errors_seen if partial else 0,
-        first_error=report.first_error if partial else None,
-    )
     result = LoadResult(
         staged.key,
         staged.table.qualified,

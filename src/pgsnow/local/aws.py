@@ -248,6 +248,11 @@ def _create_admin(endpoint_url: str, region: str) -> tuple[str, str, str]:
     return user_arn, str(key["AccessKeyId"]), str(key["SecretAccessKey"])
 
 
+# The template's ExtractRangeQueue: six extractor timeouts, so a range is redelivered only when
+# its worker died, never while it is still extracting.
+RANGE_VISIBILITY_TIMEOUT_S = 5400
+
+
 @dataclass(frozen=True)
 class StagingResources:
     bucket: str
@@ -258,6 +263,11 @@ class StagingResources:
     prefix: str
     notification_rules: tuple[QueueNotificationRule, ...] = ()
     notification_source: str = "default"  # "template:<path>" or "default"
+    # The extractor's range queue (parallel backfill) and its dead-letter queue.
+    range_queue_url: str = ""
+    range_queue_arn: str = ""
+    range_dlq_url: str = ""
+    range_dlq_arn: str = ""
 
 
 def create_staging_resources(
@@ -297,6 +307,17 @@ def create_staging_resources(
     queue_arn = _queue_arn(sqs, queue_url)
     sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"Policy": _queue_policy(queue_arn, bucket)})
 
+    range_dlq_url = sqs.create_queue(QueueName=f"{bucket}-extract-ranges-dlq")["QueueUrl"]
+    range_dlq_arn = _queue_arn(sqs, range_dlq_url)
+    range_redrive = {"deadLetterTargetArn": range_dlq_arn, "maxReceiveCount": str(max_receive_count)}
+    range_queue_url = sqs.create_queue(
+        QueueName=f"{bucket}-extract-ranges",
+        Attributes={
+            "VisibilityTimeout": str(RANGE_VISIBILITY_TIMEOUT_S),
+            "RedrivePolicy": json.dumps(range_redrive),
+        },
+    )["QueueUrl"]
+
     s3.put_bucket_notification_configuration(
         Bucket=bucket,
         NotificationConfiguration={
@@ -314,6 +335,10 @@ def create_staging_resources(
         prefix=prefix,
         notification_rules=rules,
         notification_source=source,
+        range_queue_url=range_queue_url,
+        range_queue_arn=_queue_arn(sqs, range_queue_url),
+        range_dlq_url=range_dlq_url,
+        range_dlq_arn=range_dlq_arn,
     )
 
 

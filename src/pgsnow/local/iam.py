@@ -114,6 +114,18 @@ def template_resolver(
                 "StageDeadLetterQueue.QueueName": resources.dlq_url.rsplit("/", 1)[-1],
             }
         )
+        if resources.range_queue_url:
+            references.update(
+                ExtractRangeQueue=resources.range_queue_url,
+                ExtractRangeDeadLetterQueue=resources.range_dlq_url,
+            )
+            attributes.update(
+                {
+                    "ExtractRangeQueue.Arn": resources.range_queue_arn,
+                    "ExtractRangeQueue.QueueName": resources.range_queue_url.rsplit("/", 1)[-1],
+                    "ExtractRangeDeadLetterQueue.Arn": resources.range_dlq_arn,
+                }
+            )
     return TemplateResolver(references, attributes=attributes, conditions=template.get("Conditions") or {})
 
 

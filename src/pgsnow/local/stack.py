@@ -51,6 +51,8 @@ LOADER_BATCH_SIZE = 900
 LOADER_BATCHING_WINDOW_S = 60
 LOADER_TIMEOUT_S = 900
 REPO_ROOT = Path(__file__).resolve().parents[3]
+# Concurrent extractor invocations for parallel backfill (the template's ExtractMaxWorkers).
+LOCAL_EXTRACT_WORKERS = 2
 
 
 def _quiet(_message: str) -> None:
@@ -314,6 +316,7 @@ def start_stack(
     template_parameters: Mapping[str, str] | None = None,
     storage_access: StorageAccess = StorageAccess.INTEGRATION,
     storage_allowed_prefixes: Sequence[str] | None = None,
+    extract_workers: int = LOCAL_EXTRACT_WORKERS,
 ) -> LocalStack:
     """Start every local server and create the AWS and Snowflake objects; ``stop()`` ends them.
 
@@ -325,6 +328,9 @@ def start_stack(
     The bucket notification and the functions' roles come from ``template_path`` (default: the
     repository's ``template.yaml``); ``template_parameters`` are deploy-time parameter values the
     roles depend on (e.g. ``CleanupArchivePrefix``), over ``pgsnow.local.iam.stack_parameters``.
+    ``extract_workers`` is the template's ExtractMaxWorkers: above 1, large runs are split into
+    ranges sent to the range queue, which ``pgsnow.local.range_workers`` delivers to that many
+    concurrent extractor invocations.
     """
     from pgsnow.local.postgres import start_local_postgres
 
@@ -341,7 +347,7 @@ def start_stack(
             visibility_timeout=visibility_timeout,
             max_receive_count=max_receive_count,
             template_path=template_path,
-            template_parameters=template_parameters,
+            template_parameters={"ExtractMaxWorkers": str(extract_workers), **(template_parameters or {})},
         )
         aws, resources = aws_side.aws, aws_side.resources
         snowflake, snowpipe = _start_snowflake_side(stoppers, progress, aws, data_dir)
@@ -356,6 +362,10 @@ def start_stack(
         )
         # LOAD_METHOD=snowpipe reaches the local endpoint here (it also needs SNOWPIPE_NAME and a key).
         env["SNOWPIPE_HOST"] = snowpipe.url
+        # As the template sets them: the range queue exists (and the role may use it) above one worker.
+        workers = int(aws_side.parameters.get("ExtractMaxWorkers", "1"))
+        env["EXTRACT_MAX_WORKERS"] = str(workers)
+        env["EXTRACT_RANGE_QUEUE_URL"] = resources.range_queue_url if workers > 1 else ""
         stack = LocalStack(
             postgres.dsn,
             aws,

@@ -25,8 +25,8 @@ from stack_support import running_stack
 
 from pgsnow.cleanup import CleanupResult, cleanup_pending_runs, cleanup_run
 from pgsnow.config import Component, Settings
-from pgsnow.identifiers import TableRef, quote_qualified
-from pgsnow.ledger import LEDGER_TABLE
+from pgsnow.identifiers import TableRef
+from pgsnow.ledger import ledger_name
 from pgsnow.local.stack import SNOWFLAKE_DATABASE, LocalStack
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.runs import RunStore
@@ -213,7 +213,7 @@ def test_ledger_checksum_differing_from_the_manifest_keeps_the_file(
     keys = [f.key for f in manifest.files]
     load_keys(stack, sf_conn, keys)
     mismatched = keys[1]
-    ledger = quote_qualified(SNOWFLAKE_DATABASE, "PGSNOW", LEDGER_TABLE)
+    ledger = ledger_name(SNOWFLAKE_DATABASE, "PGSNOW", table)
     with sf_conn.cursor() as cur:
         cur.execute(f'UPDATE {ledger} SET "SHA256" = %s WHERE "S3_KEY" = %s', ("0" * 64, mismatched))
     # (the loader completed the run when its last file loaded: put it back to `staged`, as a loader

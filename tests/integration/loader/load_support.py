@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from pgsnow.config import Settings
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, key_list_key
+from pgsnow.ledger import ledger_name
 from pgsnow.manifest import (
     META_BATCH,
     META_ROWS,
@@ -163,8 +164,13 @@ def orders_sql(settings: Settings) -> str:
     return f'"{settings.snowflake.database}"."PUBLIC"."ORDERS"'
 
 
-def ledger_rows(sf_conn: Any, settings: Settings) -> list[tuple[Any, ...]]:
-    ledger = f'"{settings.snowflake.database}"."PGSNOW"."LOAD_LEDGER"'
+def ledger_sql(settings: Settings, table: TableRef = ORDERS) -> str:
+    """The table's load ledger, quoted (pgsnow.ledger names it)."""
+    return ledger_name(settings.snowflake.database or "", settings.snowflake.control_schema, table)
+
+
+def ledger_rows(sf_conn: Any, settings: Settings, table: TableRef = ORDERS) -> list[tuple[Any, ...]]:
+    ledger = ledger_sql(settings, table)
     return query(
         sf_conn,
         f'SELECT "S3_KEY", "ETAG", "SHA256", "RUN_ID", "SCHEMA_NAME", "TABLE_NAME", "ROWS_LOADED", '

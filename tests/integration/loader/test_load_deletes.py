@@ -13,6 +13,7 @@ from load_support import (
     ORDERS,
     RUN_1,
     RUN_2,
+    ledger_sql,
     orders_sql,
     query,
     stage_run,
@@ -132,7 +133,7 @@ def test_deletes_are_applied_once_when_the_last_file_is_delivered_again(
 
 
 def ledger_status(sf_conn: Any, settings: Settings, key: str) -> list[tuple[Any, ...]]:
-    ledger = f'"{settings.snowflake.database}"."PGSNOW"."LOAD_LEDGER"'
+    ledger = ledger_sql(settings)
     return query(sf_conn, f'SELECT "STATUS", "RUN_ID" FROM {ledger} WHERE "S3_KEY" = %s', (key,))
 
 

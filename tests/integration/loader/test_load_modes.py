@@ -15,6 +15,7 @@ from load_support import (
     ORDERS,
     csv_gz_bytes,
     ledger_rows,
+    ledger_sql,
     manifest_columns,
     order_count,
     orders_sql,
@@ -177,7 +178,7 @@ def test_on_error_never_hides_rejected_rows(
     assert outcome.result is not None
     assert (outcome.result.status, outcome.result.rows, outcome.result.errors_seen) == (expected_status, 1, 1)
     assert outcome.result.first_error
-    ledger = f'"{settings.snowflake.database}"."PGSNOW"."LOAD_LEDGER"'
+    ledger = ledger_sql(settings)
     assert query(sf_conn, f'SELECT "STATUS", "ROWS_LOADED", "ERRORS_SEEN" FROM {ledger}') == [
         ("PARTIALLY_LOADED", 1, 1)
     ]
