@@ -15,7 +15,7 @@ to the moment its rows are visible in the target table (polled every ``--poll`` 
 each value is late by up to one poll). Nothing here asserts a time; the targets (files per COPY
 for a backfill, MERGE per table per batch) are printed as met or not met.
 
-    .venv/bin/python bench/load.py [--files 2000] [--tables 4] [--baseline-files 300]
+    .venv/bin/python bench/load.py [--files 2000] [--tables 4] [--baseline-files 200]
 """
 
 from __future__ import annotations
