@@ -45,6 +45,9 @@ bench: venv ## Benchmark extraction vs COPY|gzip, ADBC and dlt (BENCH_ARGS="--ro
 bench-verify: venv ## What comparing JSON columns costs pgsnow verify, against a plain read (docs/performance.md)
 	$(BIN)/python bench/verify_json.py $(BENCH_VERIFY_ARGS)
 
+bench-load: venv ## Load-side benchmark: the batched event source vs one COPY per file (BENCH_LOAD_ARGS="--files 500")
+	$(BIN)/python bench/load.py $(BENCH_LOAD_ARGS)
+
 include build/lambda.mk
 
-.PHONY: help venv demo test lint bench bench-verify
+.PHONY: help venv demo test lint bench bench-verify bench-load

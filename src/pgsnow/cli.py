@@ -21,7 +21,7 @@ from pgsnow.cli_arguments import table_argument, table_list_argument
 from pgsnow.cli_setup import add_snowflake_sql_command
 from pgsnow.cli_status import add_status_command
 from pgsnow.cli_verify import add_verify_command
-from pgsnow.errors import PermanentError, PgSnowError
+from pgsnow.errors import ConfigError, PermanentError, PgSnowError
 
 CommandRegistrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 DEFAULT_DATA_DIR = Path(".pgsnow")
@@ -152,6 +152,18 @@ def add_local_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     up.add_argument("--pg-dsn")
     _add_storage_access(up)
+    up.add_argument(
+        "--loader-batch-size",
+        type=int,
+        default=None,
+        help="notifications per loader invocation (default: the template's LoaderBatchSize)",
+    )
+    up.add_argument(
+        "--loader-batching-window",
+        type=int,
+        default=None,
+        help="seconds the loader's event source gathers a batch (default: LoaderBatchingWindowSeconds)",
+    )
     up.set_defaults(run=run_local_up)
 
     query = local_commands.add_parser(
@@ -204,9 +216,22 @@ def _interrupt(_signal: int, _frame: object) -> None:
 
 
 def run_local_up(args: argparse.Namespace) -> int:
-    from pgsnow.local.dispatcher import SqsDispatcher
+    from pgsnow.local.dispatcher import check_batching
     from pgsnow.local.range_workers import range_workers_for
-    from pgsnow.local.stack import StorageAccess, load_function_handler, start_stack
+    from pgsnow.local.stack import (
+        LOADER_BATCH_SIZE,
+        LOADER_BATCHING_WINDOW_S,
+        StorageAccess,
+        load_function_handler,
+        start_stack,
+    )
+
+    batch_size = LOADER_BATCH_SIZE if args.loader_batch_size is None else args.loader_batch_size
+    window = LOADER_BATCHING_WINDOW_S if args.loader_batching_window is None else args.loader_batching_window
+    try:
+        check_batching(batch_size, window)
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from exc
 
     quiet_function_logs(verbose=True)  # the loader's log is what `local up` shows, on stderr
     # `kill` (SIGTERM) stops the stack as Ctrl-C does: servers stopped, files flushed and unlocked.
@@ -220,7 +245,7 @@ def run_local_up(args: argparse.Namespace) -> int:
     try:
         # Each function's handler runs as its own template role (pgsnow.local.iam).
         with stack.handlers():
-            dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
+            dispatcher = stack.loader_dispatcher(batch_size=batch_size, batching_window_s=window)
             dispatcher.start()
             # Parallel backfill: the range queue, delivered to concurrent extractor invocations.
             range_workers = range_workers_for(stack, load_function_handler("extractor"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from urllib.parse import unquote_plus
 import pytest
 
 from pgsnow.local.aws import LocalAws, create_staging_resources
-from pgsnow.local.dispatcher import DispatchStats, SqsDispatcher
+from pgsnow.local.dispatcher import MAX_PAYLOAD_BYTES, DispatchStats, SqsDispatcher
 
 pytestmark = pytest.mark.integration
 
@@ -338,3 +339,115 @@ def test_s3_upload_reaches_the_handler_as_an_s3_event(aws: LocalAws) -> None:
     assert record["eventSource"] == "aws:s3"
     assert record["s3"]["bucket"]["name"] == staging.bucket
     assert unquote_plus(record["s3"]["object"]["key"]) == key
+
+
+def hold_for(aws: LocalAws, queue_url: str, seconds: int) -> None:
+    """A visibility timeout longer than the batching window, as Lambda's advice asks: a message
+    received early in the window must stay invisible until the batch is settled."""
+    aws.client("sqs").set_queue_attributes(QueueUrl=queue_url, Attributes={"VisibilityTimeout": str(seconds)})
+
+
+def send_many(aws: LocalAws, queue_url: str, bodies: list[str]) -> None:
+    sqs = aws.client("sqs")
+    for start in range(0, len(bodies), 10):
+        entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(bodies[start : start + 10])]
+        assert not sqs.send_message_batch(QueueUrl=queue_url, Entries=entries).get("Failed")
+
+
+def test_a_batch_above_ten_is_gathered_over_several_receives(aws: LocalAws, queues: Queues) -> None:
+    # Given 30 messages and a batch size of 23 (SQS returns at most 10 per receive)
+    hold_for(aws, queues.url, 60)
+    send_many(aws, queues.url, [f"m{i:02}" for i in range(30)])
+    handler = RecordingHandler()
+    dispatcher = SqsDispatcher(aws, queues.url, handler, batch_size=23, batching_window_s=30, wait_seconds=0)
+
+    # When one batch is dispatched, then the queue drained
+    first = dispatcher.run_once()
+    rest = dispatcher.run_until_idle(max_seconds=30)
+
+    # Then the first invocation got exactly 23 messages, the drain the other 7, each once
+    assert first == DispatchStats(invocations=1, delivered=23, failed=0, succeeded=23)
+    assert [len(event["Records"]) for event in handler.events] == [23, 7]
+    assert sorted(handler.bodies()) == [f"m{i:02}" for i in range(30)]
+    assert rest.delivered == 7
+    assert queue_counts(aws, queues.url) == (0, 0)
+
+
+def test_the_batching_window_gathers_messages_sent_during_it(aws: LocalAws, queues: Queues) -> None:
+    # Given two messages now and a sender that adds three more a second later
+    hold_for(aws, queues.url, 60)
+    send_many(aws, queues.url, ["early-1", "early-2"])
+    handler = RecordingHandler()
+    dispatcher = SqsDispatcher(aws, queues.url, handler, batch_size=100, batching_window_s=4, wait_seconds=0)
+    late = threading.Timer(1.0, send_many, args=(aws, queues.url, ["late-1", "late-2", "late-3"]))
+
+    # When one batch is dispatched with a 4-second window
+    late.start()
+    try:
+        stats = dispatcher.run_once()
+    finally:
+        late.join()
+
+    # Then the one invocation holds the messages sent before and during the window
+    assert stats == DispatchStats(invocations=1, delivered=5, failed=0, succeeded=5)
+    (event,) = handler.events
+    assert sorted(record["body"] for record in event["Records"]) == [
+        "early-1",
+        "early-2",
+        "late-1",
+        "late-2",
+        "late-3",
+    ]
+
+
+def test_a_batch_is_cut_before_the_payload_passes_six_mb(aws: LocalAws, queues: Queues) -> None:
+    # Given 30 messages of 240 KB (7 MB together) and a batch size that would take them all
+    hold_for(aws, queues.url, 60)
+    bodies = [f"{i:02}" + "x" * (240 * 1024) for i in range(30)]
+    send(aws, queues.url, bodies)  # one by one: a SendMessageBatch request is limited to 1 MB
+    handler = RecordingHandler()
+    dispatcher = SqsDispatcher(
+        aws, queues.url, handler, batch_size=1000, batching_window_s=30, wait_seconds=0
+    )
+
+    # When the queue is drained
+    stats = dispatcher.run_until_idle(max_seconds=60)
+
+    # Then each event fits Lambda's 6 MB payload, the first is full (one more record would not
+    # fit), and every message was delivered once, on its first receive: the ones that did not fit
+    # waited for the next batch without going back to the queue
+    sizes = [len(json.dumps(event).encode()) for event in handler.events]
+    assert all(size <= MAX_PAYLOAD_BYTES for size in sizes)
+    first, second = handler.events
+    one_more = {"Records": first["Records"] + second["Records"][:1]}
+    assert len(json.dumps(one_more).encode()) > MAX_PAYLOAD_BYTES
+    assert sorted(handler.bodies()) == sorted(bodies)
+    assert {r["attributes"]["ApproximateReceiveCount"] for e in handler.events for r in e["Records"]} == {"1"}
+    assert (stats.invocations, stats.delivered, stats.succeeded) == (2, 30, 30)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "window", "accepted"),
+    [
+        pytest.param(10, 0, True, id="ten-without-window"),
+        pytest.param(11, 0, False, id="above-ten-needs-a-window"),
+        pytest.param(11, 1, True, id="above-ten-with-a-window"),
+        pytest.param(10_000, 300, True, id="lambdas-maximums"),
+        pytest.param(10_001, 1, False, id="batch-above-10000"),
+        pytest.param(0, 0, False, id="empty-batch"),
+        pytest.param(10, 301, False, id="window-above-300"),
+    ],
+)
+def test_batching_follows_lambdas_limits(
+    aws: LocalAws, queues: Queues, batch_size: int, window: int, accepted: bool
+) -> None:
+    def build() -> SqsDispatcher:
+        return SqsDispatcher(
+            aws, queues.url, RecordingHandler(), batch_size=batch_size, batching_window_s=window
+        )
+
+    if accepted:
+        assert (build().batch_size, build().batching_window_s) == (batch_size, window)
+    else:
+        with pytest.raises(ValueError, match="batch"):
+            build()

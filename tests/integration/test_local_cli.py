@@ -65,7 +65,18 @@ class RunningStack:
 def local_up(tmp_path: Path) -> Iterator[RunningStack]:
     """``pgsnow local up`` in its own process, once it says the loader is listening."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "pgsnow.cli", "local", "up", "--data-dir", str(tmp_path / "stack")],
+        # A one-second batching window: the template's default (60 s) would only make the test wait.
+        [
+            sys.executable,
+            "-m",
+            "pgsnow.cli",
+            "local",
+            "up",
+            "--data-dir",
+            str(tmp_path / "stack"),
+            "--loader-batching-window",
+            "1",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pgsnow.cli import COMMANDS, build_parser, format_report, run_demo_command
+from pgsnow.cli import COMMANDS, build_parser, format_report, main, run_demo_command
 from pgsnow.identifiers import TableRef
 
 pytestmark = pytest.mark.unit
@@ -88,3 +88,22 @@ def test_report_lines_are_aligned_and_give_the_reason_unless_ok() -> None:
 
 def test_demo_command_is_wired_to_run_demo() -> None:
     assert build_parser().parse_args(["demo"]).run is run_demo_command
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(
+            ["--loader-batch-size", "20", "--loader-batching-window", "0"], id="above-ten-without-window"
+        ),
+        pytest.param(["--loader-batch-size", "10001"], id="batch-above-lambdas-maximum"),
+        pytest.param(["--loader-batching-window", "301"], id="window-above-lambdas-maximum"),
+    ],
+)
+def test_local_up_refuses_batching_lambda_would_refuse(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The check comes before any server starts, so nothing is started here.
+    assert main(["local", "up", "--data-dir", str(tmp_path), *argv]) == 2
+    assert "batch" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -17,9 +17,11 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_plus, unquote_plus
 
 import boto3
 import pytest
@@ -39,6 +41,14 @@ from pgsnow.config import (
 from pgsnow.extract.parquet_stager import PARQUET_GROUP_BYTES
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, key_list_key, manifest_key
+from pgsnow.local.dispatcher import (
+    MAX_BATCH_SIZE,
+    MAX_BATCHING_WINDOW_S,
+    MAX_PAYLOAD_BYTES,
+    check_batching,
+    lambda_sqs_record,
+)
+from pgsnow.local.stack import LOADER_BATCH_SIZE, LOADER_BATCHING_WINDOW_S, LOADER_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
 
@@ -480,16 +490,124 @@ def test_queues_are_encrypted(cfn: dict[str, Any], queue: str) -> None:
     assert properties(cfn, queue)["SqsManagedSseEnabled"] is True
 
 
-def test_visibility_timeout_is_at_least_six_loader_timeouts(cfn: dict[str, Any]) -> None:
+def test_visibility_timeout_is_six_loader_timeouts_plus_the_longest_batching_window(
+    cfn: dict[str, Any], sam_template: dict[str, Any]
+) -> None:
+    # Lambda's advice: six function timeouts, plus the batching window a message may spend
+    # received (invisible) while its batch fills - the longest window the parameter allows.
     loader_timeout = properties(cfn, "LoaderFunction")["Timeout"]
-    assert properties(cfn, "StageQueue")["VisibilityTimeout"] >= 6 * loader_timeout
+    longest_window = sam_template["Parameters"]["LoaderBatchingWindowSeconds"]["MaxValue"]
+    assert properties(cfn, "StageQueue")["VisibilityTimeout"] >= 6 * loader_timeout + longest_window
+    assert loader_timeout <= 900  # Lambda's maximum
+
+
+def loader_event_source(cfn: dict[str, Any]) -> dict[str, Any]:
+    mappings = resources_of_type(cfn, "AWS::Lambda::EventSourceMapping").values()
+    (mapping,) = [m for m in mappings if m["Properties"]["FunctionName"] == {"Ref": "LoaderFunction"}]
+    properties: dict[str, Any] = mapping["Properties"]
+    return properties
+
+
+def test_loader_batching_comes_from_its_parameters(cfn: dict[str, Any]) -> None:
+    event_source = loader_event_source(cfn)
+    assert event_source["BatchSize"] == {"Ref": "LoaderBatchSize"}
+    assert event_source["MaximumBatchingWindowInSeconds"] == {"Ref": "LoaderBatchingWindowSeconds"}
+
+
+def test_loader_batching_parameters_stay_within_lambdas_limits(sam_template: dict[str, Any]) -> None:
+    # Lambda, standard queue: BatchSize 1..10,000, above 10 only with a window of at least 1 s;
+    # MaximumBatchingWindowInSeconds 0..300. A window of at least 1 s makes every size valid.
+    batch = sam_template["Parameters"]["LoaderBatchSize"]
+    window = sam_template["Parameters"]["LoaderBatchingWindowSeconds"]
+    assert (batch["Type"], batch["MinValue"], batch["MaxValue"]) == ("Number", 1, MAX_BATCH_SIZE)
+    assert (window["Type"], window["MinValue"], window["MaxValue"]) == ("Number", 1, MAX_BATCHING_WINDOW_S)
+    for size in (batch["MinValue"], batch["Default"], batch["MaxValue"]):
+        check_batching(size, window["MinValue"])
+        check_batching(size, window["MaxValue"])
+
+
+def test_local_stack_batches_as_the_template_deploys(
+    cfn: dict[str, Any], sam_template: dict[str, Any]
+) -> None:
+    parameters = sam_template["Parameters"]
+    assert parameters["LoaderBatchSize"]["Default"] == LOADER_BATCH_SIZE
+    assert parameters["LoaderBatchingWindowSeconds"]["Default"] == LOADER_BATCHING_WINDOW_S
+    assert properties(cfn, "LoaderFunction")["Timeout"] == LOADER_TIMEOUT_S
+
+
+def largest_notification_record() -> dict[str, Any]:
+    """The largest record of the loader's event one staged file's notification can make, as Lambda
+    delivers it: an S3 ObjectCreated event (a 1,024-byte key of 3-byte characters, URL-encoded to
+    3,072 characters, and every other field at its longest) in an SQS record."""
+    key = quote_plus("\u20ac" * 341 + "x")  # 1,024 bytes of UTF-8
+    bucket = "b" * 63
+    s3_event = {
+        "Records": [
+            {
+                "eventVersion": "2.1",
+                "eventSource": "aws:s3",
+                "awsRegion": "ap-southeast-4",
+                "eventTime": "2026-12-07T04:36:10.123Z",
+                "eventName": "ObjectCreated:CompleteMultipartUpload",
+                "userIdentity": {"principalId": "AWS:AROA" + "X" * 17 + ":" + "s" * 64},
+                "requestParameters": {"sourceIPAddress": "f" * 39},
+                "responseElements": {"x-amz-request-id": "R" * 16, "x-amz-id-2": "i" * 128},
+                "s3": {
+                    "s3SchemaVersion": "1.0",
+                    "configurationId": "c" * 255,
+                    "bucket": {
+                        "name": bucket,
+                        "ownerIdentity": {"principalId": "A" * 14},
+                        "arn": f"arn:aws-us-gov:s3:::{bucket}",
+                    },
+                    "object": {
+                        "key": key,
+                        "size": 5 * 1024**4,
+                        "eTag": "e" * 32 + "-10000",
+                        "versionId": "v" * 32,
+                        "sequencer": "0" * 18,
+                    },
+                },
+            }
+        ]
+    }
+    assert len(unquote_plus(key).encode()) == 1024
+    queue_name = f"{'a' * 20}-{'e' * 12}-stage"
+    message = {
+        "MessageId": str(uuid.UUID(int=0)),
+        "ReceiptHandle": "h" * 1024,
+        "Body": json.dumps(s3_event, separators=(",", ":")),  # S3 sends compact JSON
+        "MD5OfBody": "0" * 32,
+        "Attributes": {
+            "ApproximateReceiveCount": "5",
+            "SentTimestamp": "1" * 13,
+            "SenderId": "AROA" + "X" * 17 + ":" + "s" * 64,
+            "ApproximateFirstReceiveTimestamp": "1" * 13,
+            "AWSTraceHeader": "t" * 256,
+        },
+    }
+    arn = f"arn:aws-us-gov:sqs:ap-southeast-4:{ACCOUNT}:{queue_name}"
+    return lambda_sqs_record(message, queue_arn=arn, region="ap-southeast-4")
+
+
+def test_default_batch_fits_lambdas_payload_with_the_largest_records(
+    cfn: dict[str, Any], sam_template: dict[str, Any]
+) -> None:
+    # Given the largest record a staged file's notification makes
+    record = largest_notification_record()
+    record_bytes = len(json.dumps(record).encode())
+    # When the default batch is made of such records
+    batch = sam_template["Parameters"]["LoaderBatchSize"]["Default"]
+    event_bytes = len(json.dumps({"Records": [record] * batch}).encode())
+    # Then it stays under the 6 MB invocation payload, so the default is never cut short by size
+    assert 6_000 < record_bytes < 7_000  # about 6.3 KB: 3 KB of key, 1 KB of receipt handle
+    assert event_bytes <= MAX_PAYLOAD_BYTES
 
 
 def test_loader_reports_partial_batch_failures_from_the_stage_queue(cfn: dict[str, Any]) -> None:
-    mappings = resources_of_type(cfn, "AWS::Lambda::EventSourceMapping").values()
-    (mapping,) = [m for m in mappings if m["Properties"]["FunctionName"] == {"Ref": "LoaderFunction"}]
-    assert mapping["Properties"]["EventSourceArn"] == {"Fn::GetAtt": ["StageQueue", "Arn"]}
-    assert mapping["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    event_source = loader_event_source(cfn)
+    assert event_source["EventSourceArn"] == {"Fn::GetAtt": ["StageQueue", "Arn"]}
+    assert event_source["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
 
 
 # ---------------------------------------------------------------- functions

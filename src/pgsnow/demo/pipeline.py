@@ -212,7 +212,6 @@ def run_demo(
     others go on. With ``verify``, each table is also checked by ``pgsnow.verify`` (row hashes
     computed in each database), and its result is part of the table's status.
     """
-    from pgsnow.local.dispatcher import SqsDispatcher
     from pgsnow.postgres import connect
 
     report = progress or _quiet
@@ -240,7 +239,8 @@ def run_demo(
         results: list[DemoTableResult] = []
         # The handlers read this stack's settings and run as their own template roles.
         with stack.handlers():
-            dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
+            # Batches as the deployed event source makes them; each drain closes its window early.
+            dispatcher = stack.loader_dispatcher()
             sf_conn = stack.snowflake_connection()
             pg_conn = connect(source_dsn)
             try:

@@ -1,8 +1,15 @@
 """Deliver SQS messages to a Lambda handler the way Lambda's SQS event source mapping does.
 
-One ``run_once()`` is one poll of the queue and, if messages came back, one invocation with
-an event shaped exactly like Lambda's (``Records`` of ``aws:sqs`` records) and a context
-object with the attributes handlers use. What happens next follows Lambda:
+One ``run_once()`` gathers one batch and, if it holds messages, makes one invocation with an
+event shaped exactly like Lambda's (``Records`` of ``aws:sqs`` records) and a context object
+with the attributes handlers use. A batch is gathered as Lambda's poller gathers it: receive
+after receive (SQS returns at most 10 messages each) until the batch holds ``batch_size``
+messages (at most 10,000), the batching window (``batching_window_s``, at most 300 s, counted
+from the start of the poll as Lambda counts it from the end of the previous invocation) has
+elapsed, or the next message would take the event past Lambda's 6 MB invocation payload; a
+message that would not fit waits, still received and invisible, for the next batch. With the
+defaults (10 messages, no window) that is one receive, as for a mapping without a window.
+What happens after the invocation follows Lambda:
 
 * the handler returns normally, without ReportBatchItemFailures: every message is deleted;
 * with ReportBatchItemFailures, the messages listed in ``batchItemFailures`` are kept and
@@ -38,6 +45,13 @@ Handler = Callable[[dict[str, Any], Any], dict[str, Any] | None]
 
 LOCAL_ACCOUNT_ID = "123456789012"  # moto's default account
 MAX_RECEIVE_BATCH = 10  # SQS returns at most 10 messages per receive
+# Lambda's limits for an SQS event source on a standard queue: BatchSize up to 10,000 (above 10
+# only with a batching window of at least 1 s), MaximumBatchingWindowInSeconds up to 300.
+MAX_BATCH_SIZE = 10_000
+MAX_BATCHING_WINDOW_S = 300
+# Lambda's synchronous invocation payload limit (6 MB): a batch is cut before it would pass it.
+MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
+_EVENT_ENVELOPE = len(json.dumps({"Records": []}))
 # System attributes Lambda copies into each record when SQS returns them.
 _RECORD_ATTRIBUTES = (
     "ApproximateReceiveCount",
@@ -100,19 +114,20 @@ class SqsDispatcher:
         queue_url: str,
         handler: Handler,
         *,
-        batch_size: int = 10,
+        batch_size: int = MAX_RECEIVE_BATCH,
+        batching_window_s: int = 0,
         wait_seconds: int = 1,
         function_timeout_s: int = 60,
         report_batch_item_failures: bool = True,
         function_name: str = "pgsnow-loader",
         memory_limit_in_mb: int = 1024,
     ) -> None:
-        if not 1 <= batch_size <= MAX_RECEIVE_BATCH:
-            raise ValueError(f"batch_size must be 1..{MAX_RECEIVE_BATCH}, got {batch_size}")
+        check_batching(batch_size, batching_window_s)
         self.aws = aws
         self.queue_url = queue_url
         self.handler = handler
         self.batch_size = batch_size
+        self.batching_window_s = batching_window_s
         self.wait_seconds = wait_seconds
         self.function_timeout_s = function_timeout_s
         self.report_batch_item_failures = report_batch_item_failures
@@ -128,25 +143,68 @@ class SqsDispatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # Received messages that did not fit the last batch's payload: the next batch starts with them.
+        self._held: list[dict[str, Any]] = []
 
-    # -- one poll, one invocation -------------------------------------------------------
+    # -- one batch, one invocation ------------------------------------------------------
 
-    def run_once(self, wait_seconds: int | None = None) -> DispatchStats:
-        """Receive once (long polling up to ``wait_seconds``, default the dispatcher's); if anything
-        came back, invoke the handler once and settle the batch."""
-        messages = self._sqs.receive_message(
-            QueueUrl=self.queue_url,
-            MaxNumberOfMessages=self.batch_size,
-            WaitTimeSeconds=self.wait_seconds if wait_seconds is None else wait_seconds,
-            MessageSystemAttributeNames=["All"],
-            MessageAttributeNames=["All"],
-        ).get("Messages", [])
+    def run_once(self, wait_seconds: int | None = None, *, close_when_empty: bool = False) -> DispatchStats:
+        """Gather one batch (the first receive long-polls up to ``wait_seconds``, default the
+        dispatcher's); if it holds anything, invoke the handler once and settle the batch.
+
+        ``close_when_empty`` ends the batching window at the first receive that finds nothing: for
+        a drain, where nothing more is being sent, so waiting out the window would invoke with
+        the same messages, only later."""
+        messages = self.gather(self.wait_seconds if wait_seconds is None else wait_seconds, close_when_empty)
         stats = DispatchStats()
         if messages:
             stats = self._invoke(messages)
         with self._lock:
             self.stats.add(stats)
         return stats
+
+    def gather(self, wait_seconds: int, close_when_empty: bool = False) -> list[dict[str, Any]]:
+        """One batch of received messages, cut by size, window or payload as Lambda cuts it."""
+        window_ends = time.monotonic() + self.batching_window_s
+        batch: list[dict[str, Any]] = []
+        payload = _EVENT_ENVELOPE
+        pending, self._held = self._held, []
+        first = True
+        while len(batch) < self.batch_size:
+            if not pending:
+                remaining = window_ends - time.monotonic()
+                if not first and (remaining <= 0 or self._stop.is_set()):
+                    break
+                # Inside the window each receive waits at most a second, so the window's end and
+                # stop() are honoured within a second.
+                wait = wait_seconds if first else min(1, max(0, int(remaining)))
+                pending = self._receive(min(MAX_RECEIVE_BATCH, self.batch_size - len(batch)), wait)
+                first = False
+                if not pending:
+                    if close_when_empty or (not batch and self.batching_window_s == 0):
+                        break
+                    if wait == 0:  # a short poll found nothing: do not spin on the endpoint
+                        time.sleep(min(0.05, max(0.0, remaining)))
+                    continue
+            message = pending.pop(0)
+            size = len(json.dumps(self.record(message)).encode()) + (2 if batch else 0)  # ", "
+            if payload + size > MAX_PAYLOAD_BYTES:
+                pending.insert(0, message)
+                break
+            batch.append(message)
+            payload += size
+        self._held = pending  # still invisible to other consumers: they wait for the next batch
+        return batch
+
+    def _receive(self, count: int, wait_seconds: int) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = self._sqs.receive_message(
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=count,
+            WaitTimeSeconds=wait_seconds,
+            MessageSystemAttributeNames=["All"],
+            MessageAttributeNames=["All"],
+        ).get("Messages", [])
+        return messages
 
     def _invoke(self, messages: list[dict[str, Any]]) -> DispatchStats:
         event = {"Records": [self.record(message) for message in messages]}
@@ -210,21 +268,7 @@ class SqsDispatcher:
 
     def record(self, message: dict[str, Any]) -> dict[str, Any]:
         """One SQS message as a record of Lambda's SQS event."""
-        attributes = message.get("Attributes", {})
-        return {
-            "messageId": message["MessageId"],
-            "receiptHandle": message["ReceiptHandle"],
-            "body": message["Body"],
-            "attributes": {name: attributes[name] for name in _RECORD_ATTRIBUTES if name in attributes},
-            "messageAttributes": {
-                name: _message_attribute(value)
-                for name, value in message.get("MessageAttributes", {}).items()
-            },
-            "md5OfBody": message["MD5OfBody"],
-            "eventSource": "aws:sqs",
-            "eventSourceARN": self._queue_arn,
-            "awsRegion": self.aws.region,
-        }
+        return lambda_sqs_record(message, queue_arn=self._queue_arn, region=self.aws.region)
 
     def context(self) -> LambdaContext:
         return LambdaContext(
@@ -247,13 +291,14 @@ class SqsDispatcher:
         as one becomes visible again. With nothing in flight it does not wait: the local queue
         holds a notification from the moment its object is written, so an empty receive is an
         answer, and waiting would only add ``idle_polls`` times ``wait_seconds`` to every drain.
+        For the same reason a drain closes a batch's window at its first empty receive.
         """
         total = DispatchStats()
         deadline = time.monotonic() + max_seconds
         idle = 0
         in_flight = self._in_flight()
         while idle < idle_polls and time.monotonic() < deadline:
-            stats = self.run_once(wait_seconds=self.wait_seconds if in_flight else 0)
+            stats = self.run_once(wait_seconds=self.wait_seconds if in_flight else 0, close_when_empty=True)
             total.add(stats)
             in_flight = self._in_flight()
             idle = idle + 1 if stats.delivered == 0 and in_flight == 0 else 0
@@ -295,6 +340,34 @@ class SqsDispatcher:
                     "polling the queue failed", extra={"error": type(exc).__name__, "detail": str(exc)}
                 )
                 self._stop.wait(1.0)
+
+
+def lambda_sqs_record(message: dict[str, Any], *, queue_arn: str, region: str) -> dict[str, Any]:
+    """One message as ReceiveMessage returns it, as a record of Lambda's SQS event."""
+    attributes = message.get("Attributes", {})
+    return {
+        "messageId": message["MessageId"],
+        "receiptHandle": message["ReceiptHandle"],
+        "body": message["Body"],
+        "attributes": {name: attributes[name] for name in _RECORD_ATTRIBUTES if name in attributes},
+        "messageAttributes": {
+            name: _message_attribute(value) for name, value in message.get("MessageAttributes", {}).items()
+        },
+        "md5OfBody": message["MD5OfBody"],
+        "eventSource": "aws:sqs",
+        "eventSourceARN": queue_arn,
+        "awsRegion": region,
+    }
+
+
+def check_batching(batch_size: int, batching_window_s: int) -> None:
+    """Lambda's rules for an SQS event source's BatchSize and MaximumBatchingWindowInSeconds."""
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size must be 1..{MAX_BATCH_SIZE}, got {batch_size}")
+    if not 0 <= batching_window_s <= MAX_BATCHING_WINDOW_S:
+        raise ValueError(f"batching_window_s must be 0..{MAX_BATCHING_WINDOW_S}, got {batching_window_s}")
+    if batch_size > MAX_RECEIVE_BATCH and batching_window_s < 1:
+        raise ValueError(f"a batch_size above {MAX_RECEIVE_BATCH} needs a batching window of at least 1 s")
 
 
 def _message_attribute(value: dict[str, Any]) -> dict[str, Any]:

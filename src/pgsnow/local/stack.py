@@ -34,6 +34,7 @@ from pgsnow.identifiers import quote_ident, quote_qualified
 
 if TYPE_CHECKING:  # the servers' modules are imported when a stack starts
     from pgsnow.local.aws import LocalAws, StagingResources
+    from pgsnow.local.dispatcher import SqsDispatcher
     from pgsnow.local.iam import FunctionRole
     from pgsnow.local.snowflake import LocalSnowflake
     from pgsnow.local.snowpipe import LocalSnowpipe
@@ -43,6 +44,12 @@ ProgressCallback = Callable[[str], None]
 DEFAULT_BUCKET = "pgsnow-local"
 DEFAULT_PREFIX = "staging"
 SNOWFLAKE_DATABASE = "PGSNOW_DEMO"
+# The loader's event source and timeout as the template deploys them by default (its
+# LoaderBatchSize, LoaderBatchingWindowSeconds and the loader's Timeout;
+# tests/unit/test_template.py checks they agree).
+LOADER_BATCH_SIZE = 900
+LOADER_BATCHING_WINDOW_S = 60
+LOADER_TIMEOUT_S = 900
 REPO_ROOT = Path(__file__).resolve().parents[3]
 # Concurrent extractor invocations for parallel backfill (the template's ExtractMaxWorkers).
 LOCAL_EXTRACT_WORKERS = 2
@@ -101,6 +108,26 @@ class LocalStack:
         from pgsnow.snowflake.connection import connect
 
         return connect(self.settings(Component.LOADER).snowflake)
+
+    def loader_dispatcher(
+        self,
+        *,
+        batch_size: int = LOADER_BATCH_SIZE,
+        batching_window_s: int = LOADER_BATCHING_WINDOW_S,
+        handler: Callable[[dict[str, Any], Any], Any] | None = None,
+    ) -> SqsDispatcher:
+        """Lambda's SQS poller for the loader (default: this repository's loader handler), batching
+        as the template's event source does unless told otherwise."""
+        from pgsnow.local.dispatcher import SqsDispatcher
+
+        return SqsDispatcher(
+            self.aws,
+            self.resources.queue_url,
+            handler or load_function_handler("loader"),
+            batch_size=batch_size,
+            batching_window_s=batching_window_s,
+            function_timeout_s=LOADER_TIMEOUT_S,
+        )
 
     def stop(self) -> None:
         while self._stoppers:
