@@ -60,6 +60,7 @@ from pgsnow.identifiers import TableRef
 from pgsnow.keys import CONTROL_PREFIX, normalise_prefix
 from pgsnow.ledger import LedgerRow, ledger_rows, loaded_files
 from pgsnow.load.completion import complete_run
+from pgsnow.load.tables import Tables
 from pgsnow.manifest import META_SHA256, RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.runs import PendingRun, RunStore
@@ -199,9 +200,18 @@ def _wants_removal(settings: Settings, all_loaded: bool) -> bool:
 
 
 def remove_loaded_files(
-    *, settings: Settings, s3: Any, sf_conn: Any, table: TableRef, run_id: str
+    *,
+    settings: Settings,
+    s3: Any,
+    sf_conn: Any,
+    table: TableRef,
+    run_id: str,
+    versioned: bool | None = None,
 ) -> CleanupResult:
-    """Claim (in the manifest's ``cleaned`` list, a conditional write) and remove what the mode allows."""
+    """Claim (in the manifest's ``cleaned`` list, a conditional write) and remove what the mode allows.
+
+    ``versioned``: whether the bucket keeps versions, when the caller already asked (once per pass).
+    """
     bucket = settings.bucket
     store = RunStore(s3, bucket)
     archive = archive_root(settings)
@@ -234,7 +244,8 @@ def remove_loaded_files(
         if not store.write_manifest_if_unchanged(base, updated):
             continue  # another cleanup (or the loader) changed the manifest: decide again from its version
         result.settled = is_settled(settings, updated)  # a claimed file left behind is the sweeper's
-        versioned = bucket_is_versioned(s3, bucket)
+        if versioned is None:
+            versioned = bucket_is_versioned(s3, bucket)
         result.archive_prefix = archive
         for staged in to_remove:
             removed = remove_loaded_file(
@@ -259,6 +270,8 @@ def cleanup_run(
     sf_conn: Any,
     manifest: RunManifest,
     aws_credentials: CredentialsSource | None = None,
+    prepared: Tables | None = None,
+    versioned: bool | None = None,
 ) -> CleanupResult:
     """Complete the run (read afresh from the bucket) if all its files are loaded, then apply the
     cleanup mode to its files.
@@ -267,7 +280,9 @@ def cleanup_run(
     then state ``loaded``), so a run whose last file loaded before its manifest said ``staged`` is
     completed here. A replace run's swap is left to the loader (``swap=False``). ``aws_credentials``:
     this function's AWS session, whose credentials Snowflake reads a deletes key list with when
-    there is no storage integration.
+    there is no storage integration. ``prepared``: the pass's memory of the tables and ledgers it
+    has prepared (so a table's ledger is made ready once per pass, not once per run);
+    ``versioned``: the bucket's versioning, asked once per pass.
     """
     table, run_id = manifest.table, manifest.run_id
     completed = complete_run(
@@ -277,6 +292,7 @@ def cleanup_run(
         table=table,
         run_id=run_id,
         credentials_source=aws_credentials,
+        tables=prepared,
         swap=False,
     )
     if completed.state is None:  # the manifest is gone: nothing is left to do
@@ -295,7 +311,9 @@ def cleanup_run(
             settled=completed.state is RunState.FAILED
             or (completed.state is RunState.LOADED and settings.cleanup_mode is CleanupMode.NEVER),
         )
-    return remove_loaded_files(settings=settings, s3=s3, sf_conn=sf_conn, table=table, run_id=run_id)
+    return remove_loaded_files(
+        settings=settings, s3=s3, sf_conn=sf_conn, table=table, run_id=run_id, versioned=versioned
+    )
 
 
 # --------------------------------------------------------------------------- every run
@@ -359,6 +377,8 @@ def _clean_pending_run(
     sf_conn: Any,
     pending: PendingRun,
     aws_credentials: CredentialsSource | None,
+    prepared: Tables | None,
+    versioned: bool,
 ) -> tuple[CleanupResult | None, bool]:
     """The run's cleanup (None when it had nothing to do), and whether its marker may go."""
     found = store.read_manifest_for_update(pending.table, pending.run_id)
@@ -373,6 +393,8 @@ def _clean_pending_run(
         sf_conn=sf_conn,
         manifest=manifest,
         aws_credentials=aws_credentials,
+        prepared=prepared,
+        versioned=versioned,
     )
     return result, result.settled
 
@@ -397,6 +419,9 @@ def cleanup_pending_runs(
     store = RunStore(s3, settings.bucket, clock=clock)
     index_pending_runs(settings, store, tables)
     pending = store.pending_runs(tables)
+    database = settings.snowflake.database
+    prepared = Tables(database) if database else None
+    versioned = bool(pending) and bucket_is_versioned(s3, settings.bucket)
     results: list[CleanupResult] = []
     settled: list[PendingRun] = []
     for run in pending:
@@ -407,6 +432,8 @@ def cleanup_pending_runs(
             sf_conn=sf_conn,
             pending=run,
             aws_credentials=aws_credentials,
+            prepared=prepared,
+            versioned=versioned,
         )
         if result is not None:
             results.append(result)

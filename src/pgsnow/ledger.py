@@ -29,7 +29,7 @@ from typing import Any
 
 from pgsnow.config import Settings
 from pgsnow.errors import ConfigError, PermanentError
-from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
+from pgsnow.identifiers import MAX_IDENTIFIER_LENGTH, TableRef, quote_ident, quote_qualified
 from pgsnow.keys import parse_data_key
 from pgsnow.manifest import RunManifest, StagedFile
 from pgsnow.snowflake.sql_text import PLACEHOLDER, Statement, placeholder_list
@@ -37,7 +37,6 @@ from pgsnow.snowflake.sql_text import PLACEHOLDER, Statement, placeholder_list
 LEDGER_PREFIX = "LOAD_LEDGER__"
 # The one ledger every table shared before pgsnow kept one per table: read only, to adopt its rows.
 LEGACY_LEDGER_TABLE = "LOAD_LEDGER"
-MAX_IDENTIFIER_LENGTH = 255  # Snowflake's limit on an identifier
 # Snowflake caps the number of expressions in an IN list; stay well below it.
 LOOKUP_CHUNK = 500
 # Rows per claim or record statement: a COPY's group (MAX_FILES_PER_COPY) in one statement;

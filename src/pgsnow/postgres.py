@@ -892,8 +892,9 @@ def estimate_rows(conn: SupportsExecute, schema: TableSchema, rows: RowRange) ->
     return int(plan[0]["Plan"]["Plan Rows"])
 
 
-# A relation's bytes on disk (heap + TOAST) and rows, its partitions' included (a partitioned
-# root holds none itself; pg_partition_tree lists nothing for a plain table, hence the UNION).
+# A relation's bytes on disk (heap + TOAST) and rows, summed over its leaf partitions (a
+# partitioned root holds none itself; pg_partition_tree lists nothing for a plain table, hence
+# the UNION).
 _ROW_BYTES_SQL = """
 WITH t AS (
     SELECT c.oid FROM pg_catalog.pg_class c
@@ -903,6 +904,8 @@ WITH t AS (
 SELECT sum(pg_catalog.pg_table_size(c.oid))::float8, sum(greatest(c.reltuples, 0))::float8
   FROM pg_catalog.pg_class c
  WHERE c.oid IN (SELECT oid FROM t UNION SELECT p.relid FROM t, pg_catalog.pg_partition_tree(t.oid) p)
+   -- leaves only: an analysed partitioned parent (PostgreSQL 14+) counts its partitions' rows too
+   AND c.relkind NOT IN ('p', 'I')
 """
 
 

@@ -19,7 +19,8 @@ from pgsnow.extract.state import ExtractionRun, StopForDeadline
 from pgsnow.keys import FileFormat
 from pgsnow.postgres import next_chunk_end
 
-# A range may hold up to this many chunks (batch numbers are chunk * 10000 + n).
+# A range may hold up to this many chunks: range r's chunk n is chunk r * 100000 + n (its files'
+# batch numbers then follow pgsnow.extract.files.batch_number).
 CHUNKS_PER_RANGE = 100_000
 
 

@@ -30,7 +30,7 @@ from pgsnow.extract.finish import finish_run
 from pgsnow.extract.ranges import FanOut
 from pgsnow.extract.schema_drift import check_schema_drift
 from pgsnow.extract.start import resume_run, start_run
-from pgsnow.extract.state import Deadline, ExtractionRun, Invocation, StopForDeadline, end_snapshot
+from pgsnow.extract.state import Deadline, ExtractionRun, Invocation, end_snapshot
 from pgsnow.extract.worker import RangeOutcome, extract_range
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, new_run_id
@@ -114,7 +114,12 @@ def extract_table(
                     attempt.run, attempt.manifest = resume_run(invocation, checkpoint)
                 if attempt.run.checkpoint.ranges:
                     attempt.run.lease = store.hand_to_ranges(attempt.run.lease, ttl_s=deadline.lease_ttl_s())
-                    pending = _unstaged_ranges(store, attempt.run)
+                    # A run planned just now has no range staged: only a resumed one reads their checkpoints.
+                    pending = (
+                        [span.index for span in attempt.run.checkpoint.ranges]
+                        if checkpoint is None
+                        else _unstaged_ranges(store, attempt.run)
+                    )
                     if fan_out is not None:
                         fan_out.send(table, lease.run_id, pending)
                         return attempt.manifest
@@ -217,8 +222,6 @@ class _Attempt:
         else (disk full, an Arrow conversion) unchanged."""
         try:
             yield
-        except StopForDeadline:  # pragma: no cover - caught inside _stage_chunks
-            raise
         except Exception as exc:
             error = self._as_run_error(exc)
             self._record_failure(error)

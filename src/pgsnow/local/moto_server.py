@@ -202,7 +202,7 @@ def list_versions_under_prefix_only() -> None:
 
     @functools.wraps(original)
     def list_object_versions(self: Any, bucket_name: str, *args: Any, **kwargs: Any) -> Any:
-        prefix = kwargs.get("prefix") or (args[3] if len(args) > 3 else "") or ""
+        prefix = kwargs.get("prefix")  # moto's S3Response passes every argument by keyword
         if not prefix:
             return original(self, bucket_name, *args, **kwargs)
         return original(_BackendReadingPrefix(self, prefix), bucket_name, *args, **kwargs)  # type: ignore[arg-type]

@@ -49,13 +49,6 @@ class RangeWorkers:
             for _ in range(workers)
         ]
 
-    @property
-    def stats(self) -> DispatchStats:
-        total = DispatchStats()
-        for dispatcher in self.dispatchers:
-            total.add(dispatcher.stats)
-        return total
-
     def run_until_idle(self, max_seconds: float = 600) -> DispatchStats:
         """Every worker polls until the queue is empty and nothing is in flight; returns the totals."""
         results: list[DispatchStats] = []
