@@ -51,6 +51,7 @@ _CLEANUP_ALIASES = {"true": CleanupMode.AFTER_ALL, "false": CleanupMode.NEVER}
 class ExtractMode(StrEnum):
     FULL = "full"
     INCREMENTAL = "incremental"
+    CDC = "cdc"  # change capture from the publication's logical replication slot (docs/change-capture.md)
 
 
 class WriteMode(StrEnum):
@@ -63,6 +64,20 @@ class DeleteMode(StrEnum):
     NONE = "none"
     HARD = "hard"
     SOFT = "soft"
+
+
+class TruncateMode(StrEnum):
+    """What a change-capture table does with a TRUNCATE in PostgreSQL (docs/change-capture.md)."""
+
+    APPLY = "apply"  # empty the Snowflake table (hard deletes) or mark every row deleted (soft)
+    REFUSE = "refuse"  # stop applying the table's changes with an error naming the TRUNCATE
+
+
+class HeartbeatMethod(StrEnum):
+    """How each change-capture run puts a marker into the WAL (docs/change-capture.md)."""
+
+    MESSAGE = "message"  # pg_logical_emit_message (PostgreSQL 14+)
+    TABLE = "table"  # an UPDATE of a heartbeat table in the publication (older servers)
 
 
 class ValuePolicy(StrEnum):
@@ -101,6 +116,7 @@ class TableOptions:
     value_policy: ValuePolicy = ValuePolicy.FAIL
     file_format: StagedFormat | None = None  # overrides S3_FILE_FORMAT for this table
     allow_duplicates: bool = False  # accept append, which copies rows again on every run
+    truncate: TruncateMode = TruncateMode.APPLY  # cdc: what a TRUNCATE in PostgreSQL does
 
     @property
     def effective_write_mode(self) -> WriteMode:
@@ -117,6 +133,24 @@ def default_write_mode(mode: ExtractMode) -> WriteMode:
     primary key, which incremental extraction requires) folds them in without a duplicate.
     """
     return WriteMode.REPLACE if mode is ExtractMode.FULL else WriteMode.MERGE
+
+
+def cdc_problem(options: TableOptions) -> str | None:
+    """Why options cannot go with ``mode: cdc``, or None.
+
+    A change-capture table is written by its changes, applied by primary key (newest first), after a
+    full snapshot that replaces the table: no write mode applies, and its deletes are applied,
+    hard (the default) or soft.
+    """
+    if options.mode is not ExtractMode.CDC:
+        return None
+    if options.write_mode is not None:
+        return "mode cdc applies each change by primary key: leave write_mode unset"
+    if options.deletes is DeleteMode.NONE:
+        return 'mode cdc applies deletes: choose deletes "hard" (the default) or "soft"'
+    if options.cursor_column or options.lookback_seconds:
+        return "cursor_column and lookback_seconds are for mode incremental, not cdc"
+    return None
 
 
 def duplication_problem(options: TableOptions) -> str | None:
@@ -155,6 +189,7 @@ _TABLE_OPTION_FIELDS: dict[str, type] = {
     "value_policy": ValuePolicy,
     "file_format": StagedFormat,
     "allow_duplicates": bool,
+    "truncate": TruncateMode,
 }
 
 
@@ -209,7 +244,11 @@ def parse_table_options(text: str, problems: list[str]) -> dict[TableRef, TableO
                     else ("true or false" if kind is bool else kind.__name__)
                 )
                 problems.append(f"{where}: {key} must be {allowed}, got {value!r}")
+        if values.get("mode") is ExtractMode.CDC and "deletes" not in values:
+            values["deletes"] = DeleteMode.HARD  # a change-capture table mirrors deletes unless told otherwise
         table_options = TableOptions(**values)
+        if (cdc := cdc_problem(table_options)) is not None:
+            problems.append(f"{where}: {cdc}")
         if table_options.mode is ExtractMode.INCREMENTAL and not table_options.cursor_column:
             problems.append(f"{where}: incremental mode needs cursor_column")
         if (duplication := duplication_problem(table_options)) is not None:
@@ -269,6 +308,18 @@ class ExtractSettings:
 
 
 @dataclass(frozen=True)
+class CdcSettings:
+    """Change capture from one publication through one logical replication slot (docs/change-capture.md)."""
+
+    publication: str = "pgsnow"  # CDC_PUBLICATION
+    slot: str = "pgsnow"  # CDC_SLOT: the slot's one consumer is the change-capture function
+    max_bytes: int = 512 * 1024 * 1024  # CDC_MAX_MB: stop draining once this much change data is read
+    heartbeat: HeartbeatMethod = HeartbeatMethod.MESSAGE  # CDC_HEARTBEAT
+    heartbeat_table: str = "public.pgsnow_heartbeat"  # CDC_HEARTBEAT_TABLE (heartbeat "table")
+    snapshot_wait_s: int = 300  # CDC_SNAPSHOT_WAIT_S: longest wait for older transactions before a snapshot
+
+
+@dataclass(frozen=True)
 class LoadSettings:
     method: LoadMethod
     on_error: OnError
@@ -302,6 +353,7 @@ class Settings:
     load: LoadSettings = LoadSettings(LoadMethod.COPY, OnError.ABORT_STATEMENT, 10_000, None, None, False)
     cleanup: CleanupSettings = CleanupSettings(None, 60, 7, None, None)
     table_options_by_name: Mapping[TableRef, TableOptions] = field(default_factory=dict)
+    cdc: CdcSettings = CdcSettings()
 
     def table_options(self, table: TableRef) -> TableOptions:
         """The table's options, or the defaults when PGSNOW_TABLE_OPTIONS does not list it."""
@@ -334,6 +386,7 @@ class Settings:
             dlq_url=env.get("LOADER_DLQ_URL"),
         )
         table_options = _read_table_options(env, tables)
+        cdc = _read_cdc(env)
         if env.problems:
             raise ConfigError(env.problems)
         return cls(
@@ -350,6 +403,7 @@ class Settings:
             load=load,
             cleanup=cleanup,
             table_options_by_name=table_options,
+            cdc=cdc,
         )
 
 
@@ -440,6 +494,18 @@ def _read_extract(env: _EnvReader) -> tuple[int | None, ExtractSettings]:
         range_queue_url=env.get("EXTRACT_RANGE_QUEUE_URL"),
     )
     return batch_rows, extract
+
+
+def _read_cdc(env: _EnvReader) -> CdcSettings:
+    defaults = CdcSettings()
+    return CdcSettings(
+        publication=env.get("CDC_PUBLICATION", defaults.publication) or defaults.publication,
+        slot=env.get("CDC_SLOT", defaults.slot) or defaults.slot,
+        max_bytes=env.as_int("CDC_MAX_MB", defaults.max_bytes // (1024 * 1024), 1) * 1024 * 1024,
+        heartbeat=env.as_enum("CDC_HEARTBEAT", HeartbeatMethod, defaults.heartbeat, {}),
+        heartbeat_table=env.get("CDC_HEARTBEAT_TABLE", defaults.heartbeat_table) or defaults.heartbeat_table,
+        snapshot_wait_s=env.as_int("CDC_SNAPSHOT_WAIT_S", defaults.snapshot_wait_s, 0),
+    )
 
 
 def _read_postgres(env: _EnvReader) -> PostgresSettings:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from pgsnow.changes import ChangeRange
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef, check_no_collisions, snowflake_name
 from pgsnow.keys import FileFormat
@@ -104,6 +105,9 @@ class RunManifest:
     # What the run staged in a way the user should know about, e.g. a column whose type is not in
     # the type contract, staged as its text output (absent in manifests written before it existed).
     warnings: tuple[str, ...] = ()
+    # Change capture (pgsnow.changes): a change run's place in the slot's stream, or the position a
+    # change-capture table's snapshot is complete through. None for other runs.
+    changes: ChangeRange | None = None
 
     @property
     def total_rows(self) -> int:
@@ -141,6 +145,8 @@ class RunManifest:
             "cleaned": list(self.cleaned),
             "warnings": list(self.warnings),
         }
+        if self.changes is not None:
+            body["changes"] = self.changes.to_json()
         return json.dumps(body, indent=2, sort_keys=False)
 
     @classmethod
@@ -174,6 +180,7 @@ class RunManifest:
                 timings={str(k): float(v) for k, v in (body.get("timings") or {}).items()},
                 cleaned=tuple(str(k) for k in body.get("cleaned") or ()),
                 warnings=tuple(str(w) for w in body.get("warnings") or ()),
+                changes=ChangeRange.from_json(body["changes"]) if body.get("changes") else None,
             )
         except PermanentError as exc:
             exc.s3_key = exc.s3_key or s3_key
