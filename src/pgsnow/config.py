@@ -245,7 +245,9 @@ def parse_table_options(text: str, problems: list[str]) -> dict[TableRef, TableO
                 )
                 problems.append(f"{where}: {key} must be {allowed}, got {value!r}")
         if values.get("mode") is ExtractMode.CDC and "deletes" not in values:
-            values["deletes"] = DeleteMode.HARD  # a change-capture table mirrors deletes unless told otherwise
+            values["deletes"] = (
+                DeleteMode.HARD
+            )  # a change-capture table mirrors deletes unless told otherwise
         table_options = TableOptions(**values)
         if (cdc := cdc_problem(table_options)) is not None:
             problems.append(f"{where}: {cdc}")

@@ -34,6 +34,19 @@ from pgsnow.observability import SERVICE
 from pgsnow.verify import prepare_snowflake_session
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Change capture needs wal_level = logical: switch the machine's cluster over (and restart it)
+    once, in the controlling process, before any worker connects (the embedded server starts with it)."""
+    if hasattr(config, "workerinput"):
+        return
+    from stack_support import PG_DSN_DEFAULT
+
+    from pgsnow.local.postgres import ensure_logical_decoding, server_answers
+
+    if server_answers(PG_DSN_DEFAULT):
+        ensure_logical_decoding(PG_DSN_DEFAULT)
+
+
 @pytest.fixture(scope="session")
 def aws() -> Iterator[LocalAws]:
     """One moto server per test process (one per xdist worker) for every module that needs moto

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
+import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +103,65 @@ def start_embedded_postgres(data_dir: Path | None = None) -> LocalPostgres:
     return LocalPostgres(dsn=dsn, embedded=True, _server=server)
 
 
+LOGICAL_WAL_SETTINGS = {"wal_level": "logical", "max_replication_slots": "20", "max_wal_senders": "20"}
+_CLUSTER_CONFIG = re.compile(r"^/etc/postgresql/(?P<version>[^/]+)/(?P<cluster>[^/]+)/postgresql\.conf$")
+
+
+def wal_level(dsn: str) -> str:
+    connection = psycopg2.connect(dsn, connect_timeout=CONNECT_TIMEOUT_S)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW wal_level")
+            return str(cursor.fetchone()[0])
+    finally:
+        connection.close()
+
+
+def ensure_logical_decoding(dsn: str, *, restart_timeout_s: float = 60) -> bool:
+    """Make the server at ``dsn`` run with ``wal_level = logical`` (change capture needs it).
+
+    A server already at ``logical`` is left alone (False). A Debian cluster (``pg_ctlcluster``) gets
+    ``ALTER SYSTEM`` and a restart, and True is returned once it answers again; any other server is
+    a ConfigError saying what to set, because restarting a server we do not manage is not ours to do.
+    """
+    if wal_level(dsn) == "logical":
+        return False
+    connection = psycopg2.connect(dsn, connect_timeout=CONNECT_TIMEOUT_S)
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW config_file")
+            config_file = str(cursor.fetchone()[0])
+            cluster = _CLUSTER_CONFIG.match(config_file)
+            if cluster is None or shutil.which("pg_ctlcluster") is None:
+                raise ConfigError(
+                    [
+                        f"PostgreSQL at {_describe(dsn)} runs with wal_level = replica; change capture needs "
+                        "wal_level = logical: set it (ALTER SYSTEM SET wal_level = logical) and restart the server"
+                    ]
+                )
+            for name, value in LOGICAL_WAL_SETTINGS.items():
+                cursor.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
+                )
+    finally:
+        connection.close()
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", cluster["version"], cluster["cluster"], "restart"],
+        check=True,
+        capture_output=True,
+        timeout=restart_timeout_s,
+    )
+    deadline = time.monotonic() + restart_timeout_s
+    while _connect_problem(dsn) is not None:
+        if time.monotonic() > deadline:
+            raise ConfigError([f"PostgreSQL at {_describe(dsn)} did not come back after its restart"])
+        time.sleep(0.5)
+    if wal_level(dsn) != "logical":
+        raise ConfigError([f"PostgreSQL at {_describe(dsn)} restarted but wal_level is still not logical"])
+    return True
+
+
 def create_database(admin_dsn: str, name: str, *, drop_existing: bool = False) -> str:
     """Create database ``name`` (kept if it exists, unless ``drop_existing``); return its DSN."""
     connection = psycopg2.connect(admin_dsn, connect_timeout=CONNECT_TIMEOUT_S)
@@ -128,6 +190,10 @@ def _configured_dsn(dsn: str | None, env: Mapping[str, str]) -> tuple[str | None
         names = ", ".join(sorted(name for name in LIBPQ_ENV_KEYWORDS if name in env))
         return make_dsn(**libpq), f"the libpq environment ({names})"
     return None, "the built-in default"
+
+
+def server_answers(dsn: str) -> bool:
+    return _connect_problem(dsn) is None
 
 
 def _connect_problem(dsn: str) -> str | None:
