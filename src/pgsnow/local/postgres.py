@@ -112,7 +112,8 @@ def wal_level(dsn: str) -> str:
     try:
         with connection.cursor() as cursor:
             cursor.execute("SHOW wal_level")
-            return str(cursor.fetchone()[0])
+            row = cursor.fetchone()
+            return str(row[0]) if row else ""
     finally:
         connection.close()
 
@@ -131,7 +132,8 @@ def ensure_logical_decoding(dsn: str, *, restart_timeout_s: float = 60) -> bool:
         connection.autocommit = True
         with connection.cursor() as cursor:
             cursor.execute("SHOW config_file")
-            config_file = str(cursor.fetchone()[0])
+            row = cursor.fetchone()
+            config_file = str(row[0]) if row else ""
             cluster = _CLUSTER_CONFIG.match(config_file)
             if cluster is None or shutil.which("pg_ctlcluster") is None:
                 raise ConfigError(
