@@ -29,7 +29,7 @@ import psycopg2
 from pgsnow.changes import ChangeRange
 from pgsnow.checkpoint import Lease, LeaseLostError
 from pgsnow.config import ExtractMode, Settings
-from pgsnow.errors import PermanentError, PgSnowError
+from pgsnow.errors import PermanentError, PgSnowError, RetryableError
 from pgsnow.extract.chunks import stage_chunks
 from pgsnow.extract.finish import finish_run
 from pgsnow.extract.plan import run_options
@@ -109,13 +109,8 @@ def extract_table(
                     settings, s3, store, pg_conn, table, options, lease, deadline, Path(work_dir)
                 )
                 if checkpoint is None:
-                    if configured.mode is ExtractMode.CDC and snapshot is None:
-                        raise PermanentError(
-                            f"{table.qualified} is in mode cdc: its one run is the snapshot its enrollment "
-                            "starts (the extractor function's invocation, pgsnow.cdc.enroll.snapshot_table); "
-                            "a full run outside it would roll back the changes applied since",
-                            table=table.qualified,
-                        )
+                    if configured.mode is ExtractMode.CDC:
+                        _check_snapshot_run(table, lease.run_id, run_id, snapshot)
                     # The last staged run's columns: what the table's NUMBER scales are, and what
                     # this run's columns are checked against (one read for both).
                     published = store.load_published_columns(table)
@@ -170,6 +165,27 @@ def extract_table(
     if result.state is RunState.STAGED:
         _log_staged(result, started)
     return result
+
+
+def _check_snapshot_run(
+    table: TableRef, run_id: str, enrolled_run_id: str | None, snapshot: ChangeRange | None
+) -> None:
+    """A change-capture table's new run must be the snapshot its enrollment names."""
+    if snapshot is None:
+        raise PermanentError(
+            f"{table.qualified} is in mode cdc: its one run is the snapshot its enrollment starts "
+            "(the extractor function's invocation, pgsnow.cdc.enroll.snapshot_table); a full run "
+            "outside it would roll back the changes applied since",
+            table=table.qualified,
+        )
+    if run_id != enrolled_run_id:
+        # The lease named a run of its dead holder that never checkpointed: not the enrolled one.
+        raise RetryableError(
+            f"{table.qualified}: took over the lease of run {run_id}, which is not the enrolled snapshot "
+            f"{enrolled_run_id}; the lease is released and the next invocation starts the snapshot",
+            table=table.qualified,
+            run_id=run_id,
+        )
 
 
 def _unstaged_ranges(store: RunStore, run: ExtractionRun) -> list[int]:
