@@ -60,7 +60,15 @@ __all__ = [
 # milliseconds), then at most this long.
 _MAX_POLL_S = 1.0
 _FIRST_POLL_S = 0.05
-_XID_MODULUS = 2**32  # pg_stat_activity.backend_xid is the low 32 bits of the xid8 in a snapshot
+# Kept from the invocation's remaining time after the wait: enough to record the enrollment and
+# hand the snapshot to a continuation.
+_ENROLL_RESERVE_S = 10.0
+# The transactions that hold an xid now: each holds the lock on its own xid from its first write
+# until after it has left the proc array (so until every later snapshot sees its outcome), prepared
+# ones included (pid NULL). pg_locks shows every role's locks. Not pg_current_snapshot(): its xmax is
+# the newest completed xid + 1, so a transaction that took an xid after that one is running but is
+# neither listed in it nor below its xmax.
+_HELD_XIDS = "FROM pg_locks l WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted"
 
 
 @dataclass(frozen=True)
@@ -204,10 +212,11 @@ def enroll_position(
         _check_publication(pg_conn, cdc.publication, table)
         _check_slot(pg_conn, cdc.slot, table)
         position = parse_lsn(str(_one(pg_conn, "SELECT pg_current_wal_lsn()::text")))
-        # Its own transaction, so its snapshot is taken after S was read (in S's statement the
-        # snapshot would come first, and a transaction beginning and committing in between would
-        # be neither in its list nor waited for).
-        running = str(_one(pg_conn, "SELECT pg_current_snapshot()::text"))
+        # Listed after S was read: a transaction whose commit record precedes S holds its xid's lock
+        # until it has left the proc array, so it is listed unless every snapshot already sees it.
+        running: list[str] = _one(
+            pg_conn, f"SELECT coalesce(array_agg(l.transactionid::text), '{{}}') {_HELD_XIDS}"
+        )
         _wait_for_transactions(
             pg_conn,
             table,
@@ -276,10 +285,12 @@ def _snapshot_state(store: RunStore, enrollment: Enrollment) -> RunState | None:
 
 
 def _wait_limit_s(settings: Settings, remaining_ms: Callable[[], int] | None) -> float:
-    """CDC_SNAPSHOT_WAIT_S, or less when the invocation's deadline comes first."""
+    """CDC_SNAPSHOT_WAIT_S, or less when the invocation's deadline comes first. Not the extraction's
+    deadline margin: once the enrollment is recorded, a run that starts near the deadline stops at
+    once and its continuation takes the snapshot."""
     limit = float(settings.cdc.snapshot_wait_s)
     if remaining_ms is not None:
-        limit = min(limit, max(0.0, remaining_ms() / 1000 - settings.extract.deadline_margin_s))
+        limit = min(limit, max(0.0, remaining_ms() / 1000 - _ENROLL_RESERVE_S))
     return limit
 
 
@@ -357,21 +368,18 @@ def _check_slot(pg_conn: Connection, slot: str, table: TableRef) -> None:
 def _wait_for_transactions(
     pg_conn: Connection,
     table: TableRef,
-    running: str,
+    running: list[str],
     *,
     position: int,
     limit_s: float,
     sleep: Callable[[float], None],
     monotonic: Callable[[], float],
 ) -> None:
-    """Until every transaction of ``running`` (a pg_snapshot taken after S was read) has ended:
-    then the oldest transaction still running is at or past that snapshot's xmax."""
+    """Until every transaction of ``running`` (xids listed after S was read) has ended."""
     started = monotonic()
     pause = _FIRST_POLL_S
-    while not _one(
-        pg_conn,
-        "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= pg_snapshot_xmax(%s::pg_snapshot)",
-        (running,),
+    while running and _one(
+        pg_conn, f"SELECT count(*) {_HELD_XIDS} AND l.transactionid::text = ANY(%s)", (running,)
     ):
         waited = monotonic() - started
         if waited >= limit_s:
@@ -386,27 +394,28 @@ def _wait_for_transactions(
         pause = min(pause * 2, _MAX_POLL_S)
 
 
-def _oldest_blocker(pg_conn: Connection, running: str) -> str:
-    """The oldest transaction of ``running`` still in progress, named by its backend (or its
-    prepared transaction's gid)."""
+def _oldest_blocker(pg_conn: Connection, running: list[str]) -> str:
+    """The oldest transaction of ``running`` still open, named by its backend (or its prepared
+    transaction's gid)."""
     with pg_conn.cursor() as cur:
         cur.execute(
-            "SELECT x::text, a.pid, extract(epoch FROM clock_timestamp() - a.xact_start)::bigint,"
-            "       a.state, p.gid"
-            " FROM unnest(pg_snapshot_xip(%s::pg_snapshot)) AS x"
-            " LEFT JOIN pg_stat_activity a ON a.backend_xid::text = (x::text::numeric %% %s)::text"
-            " LEFT JOIN pg_prepared_xacts p ON p.transaction::text = (x::text::numeric %% %s)::text"
-            " WHERE pg_xact_status(x) = 'in progress'"
-            " ORDER BY x LIMIT 1",
-            (running, _XID_MODULUS, _XID_MODULUS),
+            "SELECT l.transactionid::text, l.pid,"
+            "       extract(epoch FROM clock_timestamp() - a.xact_start)::bigint, a.state, p.gid"
+            " FROM pg_locks l"
+            " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+            " LEFT JOIN pg_prepared_xacts p ON p.transaction = l.transactionid"
+            " WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted"
+            " AND l.transactionid::text = ANY(%s)"
+            " ORDER BY age(l.transactionid) DESC LIMIT 1",
+            (running,),
         )
         row = cur.fetchone()
     end_snapshot(pg_conn)
     if row is None:
         return "a transaction"  # it ended just now
     xid, pid, age_s, state, gid = row
-    if pid is not None:
-        return f"transaction {xid} of backend pid {pid} (open {age_s} s, {state})"
     if gid is not None:
         return f"prepared transaction {gid!r} (xid {xid}): COMMIT PREPARED or ROLLBACK PREPARED it"
-    return f"transaction {xid} (its backend is not visible to this role: grant pg_read_all_stats)"
+    if age_s is not None:
+        return f"transaction {xid} of backend pid {pid} (open {age_s} s, {state})"
+    return f"transaction {xid} of backend pid {pid} (its details are hidden from this role: grant pg_read_all_stats)"
