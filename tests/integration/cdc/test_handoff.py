@@ -26,7 +26,6 @@ from cdc_support import change_capture_source
 from pipeline_support import PipelineHarness
 from psycopg2 import sql
 
-from pgsnow.cdc.drain import drain_slot
 from pgsnow.cdc.enroll import snapshot_table
 from pgsnow.changes import parse_lsn
 from pgsnow.config import Component
@@ -39,8 +38,8 @@ from pgsnow.runtime import reset_runtime
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SEED_ROWS = 400
-CHUNK_ROWS = 25  # 16+ chunks: the snapshot spans many reads, each in its own snapshot
+SEED_ROWS = 200
+CHUNK_ROWS = 20  # 10+ chunks: the snapshot spans many reads, each in its own snapshot
 
 
 def big_value(rng: random.Random) -> str:
@@ -95,7 +94,7 @@ class Writer:
                     self.last_lsn = parse_lsn(cur.fetchone()[0])
                     conn.commit()
                 self.committed += 1
-                self.stop.wait(0.002)
+                self.stop.wait(0.02)  # slower than the snapshot reads, or its last chunk is never reached
         except BaseException as exc:  # reported by the test, which joins the thread
             self.error = exc
         finally:
@@ -158,6 +157,8 @@ def test_snapshot_and_stream_converge_under_concurrent_writes(
 
 
 def _converge(pipeline: PipelineHarness, table: TableRef, env: dict[str, str], slot: str) -> None:
+    from pgsnow.cdc.drain import drain_slot  # branch cdc-drain
+
     settings = pipeline.settings(Component.EXTRACTOR, **env)
     s3 = pipeline.function_s3(Component.EXTRACTOR)
     store = RunStore(pipeline.s3(), pipeline.bucket)
@@ -179,7 +180,7 @@ def _converge(pipeline: PipelineHarness, table: TableRef, env: dict[str, str], s
                 s3=s3,
                 table=table,
                 run_id=run_id,
-                remaining_ms=StopsAfter(4),
+                remaining_ms=StopsAfter(8),
             )
             invocations += 1
             assert isinstance(outcome, RunManifest)
@@ -189,7 +190,7 @@ def _converge(pipeline: PipelineHarness, table: TableRef, env: dict[str, str], s
             if outcome.state is RunState.STAGED:
                 break
             run_id = outcome.run_id
-            assert invocations < 200
+            assert invocations < 100
         written_during_snapshot = writing.committed - written_at_start
         for _ in range(3):  # the stream goes on after the snapshot is staged and loaded
             drain_slot(settings, dsn=pipeline.source_dsn, s3=s3)
