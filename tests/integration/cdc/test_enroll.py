@@ -30,6 +30,7 @@ from stack_support import PG_DSN_DEFAULT, new_bucket, unique_name
 
 from pgsnow.cdc.enroll import SnapshotStaged, reset_enrollment, snapshot_table
 from pgsnow.changes import ChangeRange, parse_lsn
+from pgsnow.cli import main as cli_main
 from pgsnow.config import Component, Settings, postgres_env
 from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.extract.run import extract_table
@@ -411,3 +412,28 @@ def test_refusals_name_what_is_missing(
             settings=cdc_settings(bucket, pg_dsn, orders, no_slot), pg_conn=pg_conn, s3=s3, table=orders
         )
     assert store.read_enrollment(orders) is None
+
+
+def test_pgsnow_extract_enrolls_a_cdc_table_then_reports_its_snapshot(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    aws: LocalAws,
+    s3: Any,
+    bucket: str,
+    pg_dsn: str,
+    orders: TableRef,
+    source: ChangeCaptureSource,
+) -> None:
+    # Given the CLI's environment for a cdc table
+    for name, value in {**aws.env(), **cdc_env(bucket, pg_dsn, orders, source)}.items():
+        monkeypatch.setenv(name, value)
+    # When `pgsnow extract` runs twice
+    assert cli_main(["extract", orders.qualified]) == 0
+    first = capsys.readouterr().out
+    assert cli_main(["extract", orders.qualified]) == 0
+    second = capsys.readouterr().out
+    # Then the first enrolls the table and stages its snapshot, the second reports it
+    stored = RunStore(s3, bucket).read_enrollment(orders)
+    assert stored is not None
+    assert f"run {stored.enrollment.snapshot_run_id}: " in first and "23 rows" in first
+    assert json.loads(second)["snapshot_run_id"] == stored.enrollment.snapshot_run_id
