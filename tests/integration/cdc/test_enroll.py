@@ -366,7 +366,7 @@ def test_enrollment_gives_up_past_the_wait_naming_the_open_transaction(
     assert isinstance(staged, RunManifest) and staged.state is RunState.STAGED
 
 
-def test_reset_enrollment_takes_a_new_snapshot_at_a_new_position(
+def test_reset_enrollment_enrolls_again_with_a_new_snapshot(
     pg_conn: Any, s3: Any, bucket: str, pg_dsn: str, orders: TableRef, source: ChangeCaptureSource
 ) -> None:
     # Given a table whose snapshot is staged
