@@ -6,11 +6,11 @@ schedule); ``snapshot_table`` decides what that invocation does:
 
 1. **Not enrolled** (or its snapshot failed): enroll it. Check the table is in the publication
    and the slot exists and is not invalidated; read ``S = pg_current_wal_lsn()``; then wait until
-   every transaction that was running when S was read has ended (bounded by
-   ``CDC_SNAPSHOT_WAIT_S``, past which a RetryableError names the oldest one). A transaction is
-   committed in the WAL before it leaves the proc array, so without the wait a snapshot taken
-   just after S could miss a change whose commit precedes S, and the stream (changes after S)
-   would not bring it either. Then record the enrollment (``RunStore.write_enrollment``: the
+   every transaction that held an xid when S was read has ended (their xid locks in ``pg_locks``;
+   bounded by ``CDC_SNAPSHOT_WAIT_S``, past which a RetryableError names the oldest one). A
+   transaction is committed in the WAL before it leaves the proc array, so without the wait a
+   snapshot taken just after S could miss a change whose commit precedes S, and the stream
+   (changes after S) would not bring it either. Then record the enrollment (``RunStore.write_enrollment``: the
    slot, S, the snapshot's run id; conditional, so of two invocations enrolling at once one
    wins) and start the snapshot: the table's full run (chunked, resumable, parallel), replace,
    every manifest carrying ``ChangeRange(slot, S, S, snapshot_lsn=S)``.
@@ -123,7 +123,8 @@ def snapshot_table(
         raise PermanentError(
             f"{table.qualified} was enrolled through slot {stored.enrollment.slot!r}, but CDC_SLOT is "
             f"{settings.cdc.slot!r}: its changes since the snapshot are in the other slot; re-snapshot it "
-            f"with `pgsnow cdc resnapshot --table {table.qualified}`",
+            "through the new one (forget its enrollment and applied position: docs/change-capture.md, "
+            "`pgsnow cdc resnapshot`)",
             table=table.qualified,
         )
     if stored is not None and run_id is None:
