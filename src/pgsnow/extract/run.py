@@ -27,7 +27,7 @@ from typing import Any
 import psycopg2
 
 from pgsnow.changes import ChangeRange
-from pgsnow.checkpoint import Lease, LeaseLostError
+from pgsnow.checkpoint import Lease, LeaseLostError, RunCheckpoint
 from pgsnow.config import ExtractMode, Settings
 from pgsnow.errors import PermanentError, PgSnowError, RetryableError
 from pgsnow.extract.chunks import stage_chunks
@@ -125,6 +125,10 @@ def extract_table(
                     )
                     check_schema_drift(published, table, options, attempt.manifest.columns)
                 else:
+                    # Known before resuming, so a run that cannot resume (its columns changed) is
+                    # marked failed and the table's next run starts afresh (a cdc table: enrolled again).
+                    attempt.checkpoint = checkpoint
+                    attempt.manifest = store.get_manifest(table, lease.run_id)
                     attempt.run, attempt.manifest = resume_run(invocation, checkpoint)
                 if attempt.run.checkpoint.ranges:
                     attempt.run.lease = store.hand_to_ranges(attempt.run.lease, ttl_s=deadline.lease_ttl_s())
@@ -248,6 +252,7 @@ class _Attempt:
     lease: Lease
     now: Callable[[], datetime]
     run: ExtractionRun | None = None
+    checkpoint: RunCheckpoint | None = None  # a resumed run's, before it is open
     manifest: RunManifest | None = None
 
     @contextmanager
@@ -286,7 +291,8 @@ class _Attempt:
                 logger.warning("extraction interrupted; the next invocation resumes the run", extra=context)
                 return
             if manifest is not None:
-                files = run.checkpoint.files if run is not None else ()
+                checkpoint = run.checkpoint if run is not None else self.checkpoint
+                files = checkpoint.files if checkpoint is not None else ()
                 failed = manifest.with_state(
                     RunState.FAILED,
                     files=files,
@@ -294,8 +300,8 @@ class _Attempt:
                     error=str(error).splitlines()[0][:500],
                 )
                 self.store.put_manifest(failed)
-                if run is not None:
-                    self.store.save_checkpoint(run.checkpoint.evolve(state=RunState.FAILED.value))
+                if checkpoint is not None:
+                    self.store.save_checkpoint(checkpoint.evolve(state=RunState.FAILED.value))
             self.store.release_lease(current_lease)
         except PgSnowError as put_error:
             logger.warning("could not record the failure", extra={**context, "put_error": put_error.message})

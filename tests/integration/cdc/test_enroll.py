@@ -437,3 +437,37 @@ def test_pgsnow_extract_enrolls_a_cdc_table_then_reports_its_snapshot(
     assert stored is not None
     assert f"run {stored.enrollment.snapshot_run_id}: " in first and "23 rows" in first
     assert json.loads(second)["snapshot_run_id"] == stored.enrollment.snapshot_run_id
+
+
+def test_a_failed_snapshot_is_enrolled_again(
+    admin: Any, pg_conn: Any, s3: Any, bucket: str, pg_dsn: str, orders: TableRef, source: ChangeCaptureSource
+) -> None:
+    # Given a snapshot stopped at the deadline, then a column added: its continuation fails for good
+    settings = cdc_settings(bucket, pg_dsn, orders, source, EXTRACT_CHUNK_ROWS="8", EXTRACT_BATCH_ROWS="4")
+    store = RunStore(s3, bucket)
+    first = snapshot_table(
+        settings=settings, pg_conn=pg_conn, s3=s3, table=orders, remaining_ms=StopsAfterFiles(4)
+    )
+    assert isinstance(first, RunManifest) and first.state is RunState.EXTRACTING
+    with admin.cursor() as cur:
+        cur.execute(
+            sql.SQL("ALTER TABLE {} ADD COLUMN amount numeric DEFAULT 1").format(
+                sql.Identifier(orders.schema, orders.table)
+            )
+        )
+    with pytest.raises(PermanentError, match="changed during run"):
+        snapshot_table(settings=settings, pg_conn=pg_conn, s3=s3, table=orders)
+    failed = store.read_enrollment(orders)
+    assert failed is not None and failed.enrollment.snapshot_run_id == first.run_id
+    assert store.get_manifest(orders, first.run_id).state is RunState.FAILED
+
+    # When the table is invoked again
+    staged = snapshot_table(settings=settings, pg_conn=pg_conn, s3=s3, table=orders)
+
+    # Then it is enrolled again (a new snapshot run, S not before the old one) and staged
+    again = store.read_enrollment(orders)
+    assert again is not None and isinstance(staged, RunManifest) and staged.state is RunState.STAGED
+    assert again.enrollment.snapshot_run_id == staged.run_id != first.run_id
+    assert again.enrollment.snapshot_lsn >= failed.enrollment.snapshot_lsn
+    assert staged.changes is not None and staged.changes.snapshot_lsn == again.enrollment.snapshot_lsn
+    assert staged_ids(s3, bucket, staged) == list(range(1, 24))
