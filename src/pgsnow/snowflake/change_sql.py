@@ -218,7 +218,7 @@ class ChangeMerge:
             ident = quote_ident(column.snowflake_name)
             values.append(
                 f'FIRST_VALUE({ident}) OVER (PARTITION BY {keys}, "_PGSNOW_G{i}" ORDER BY {order}) AS "_PGSNOW_V{i}", '
-                f'"_PGSNOW_G{i}" = 0 AS "_PGSNOW_K{i}"'
+                f'("_PGSNOW_G{i}" = 0) AS "_PGSNOW_K{i}"'
             )
         inner = ", ".join(["*", *groups])
         outer = ", ".join(["*", *values])
@@ -282,20 +282,40 @@ def build_fill_moved_rows(merge: ChangeMerge) -> Statement:
 def build_merge_changes(merge: ChangeMerge) -> Statement:
     """The newest change per key by (LSN, seq) into the target: D deletes (hard) or marks the row
     deleted at the commit time (soft); I and U upsert (soft: and clear the mark). A column the
-    change left unchanged takes its filled value, or keeps the target's."""
-    source_sql, params = merge.filled_changes(newest_only=True)
-    keys = set(merge.keys)
+    change left unchanged takes its filled value, or keeps the target's.
+
+    Every value is resolved in the source (which joins the target for the kept values), so the
+    WHEN clauses only copy source columns.
+    """
+    newest_sql, params = merge.filled_changes(newest_only=True)
+    current = [
+        merge.value(c, "NEWEST", '"CURRENT".' + quote_ident(c.snowflake_name)) + f' AS "_PGSNOW_R{i}"'
+        for i, c in enumerate(merge.columns)
+    ]
+    if merge.soft:
+        current.append(f'COALESCE("CURRENT".{DELETED_AT}, "NEWEST".{COMMITTED_AT}) AS "_PGSNOW_DELETE_AT"')
+    source_sql = (
+        f'SELECT "NEWEST".{OP}, {", ".join(current)}\n'
+        f'  FROM ({newest_sql}) AS "NEWEST"\n'
+        f'  LEFT JOIN {quote_qualified(*merge.target)} AS "CURRENT" ON {merge.key_match("CURRENT", "NEWEST")}'
+    )
+    key_names = set(merge.primary_key)
+    resolved = {c.name: f'"SOURCE"."_PGSNOW_R{i}"' for i, c in enumerate(merge.columns)}
+    key_match = " AND ".join(
+        f'"TARGET".{quote_ident(merge.by_name[name].snowflake_name)} '
+        f"{'IS NOT DISTINCT FROM' if merge.by_name[name].nullable else '='} {resolved[name]}"
+        for name in merge.primary_key
+    )
     updates = [
-        f"{quote_ident(c.snowflake_name)} = "
-        + merge.value(c, "SOURCE", f'"TARGET".{quote_ident(c.snowflake_name)}')
+        f"{quote_ident(c.snowflake_name)} = {resolved[c.name]}"
         for c in merge.columns
-        if quote_ident(c.snowflake_name) not in keys
+        if c.name not in key_names
     ]
     names = [quote_ident(c.snowflake_name) for c in merge.columns]
-    values = [merge.value(c, "SOURCE", None) for c in merge.columns]
+    values = [resolved[c.name] for c in merge.columns]
     delete = f"WHEN MATCHED AND \"SOURCE\".{OP} = '{Operation.DELETE.value}' THEN "
     if merge.soft:
-        delete += f'UPDATE SET {DELETED_AT} = COALESCE("TARGET".{DELETED_AT}, "SOURCE".{COMMITTED_AT})'
+        delete += f'UPDATE SET {DELETED_AT} = "SOURCE"."_PGSNOW_DELETE_AT"'
         updates.append(f"{DELETED_AT} = NULL")
         names.append(DELETED_AT)
         values.append("NULL")
@@ -306,7 +326,7 @@ def build_merge_changes(merge: ChangeMerge) -> Statement:
     sql = (
         f'MERGE INTO {quote_qualified(*merge.target)} AS "TARGET"\n'
         f'USING ({source_sql}) AS "SOURCE"\n'
-        f"ON {merge.key_match('TARGET', 'SOURCE')}\n"
+        f"ON {key_match}\n"
         f"{delete}\n"
         f"{matched}"
         f"WHEN NOT MATCHED AND {upsert} THEN INSERT ({', '.join(names)})\n"
