@@ -37,7 +37,12 @@ pytestmark = pytest.mark.integration
 
 ITEMS = TableRef("public", "items")
 SLOT = "pgsnow_test"
-ITEM_COLUMNS = [("id", "bigint", False), ("name", "text", True), ("doc", "text", True), ("qty", "integer", True)]
+ITEM_COLUMNS = [
+    ("id", "bigint", False),
+    ("name", "text", True),
+    ("doc", "text", True),
+    ("qty", "integer", True),
+]
 SNAPSHOT_LSN = 1000
 COMMITTED = dt.datetime(2026, 12, 7, 8, 0, 0, tzinfo=dt.UTC)
 _run_numbers = itertools.count(1)
@@ -45,7 +50,8 @@ _run_numbers = itertools.count(1)
 
 def columns(extra: list[tuple[str, str, bool]] | None = None) -> tuple[Column, ...]:
     return tuple(
-        Column.from_types(n, t, t, map_pg_type(t), nullable) for n, t, nullable in [*ITEM_COLUMNS, *(extra or [])]
+        Column.from_types(n, t, t, map_pg_type(t), nullable)
+        for n, t, nullable in [*ITEM_COLUMNS, *(extra or [])]
     )
 
 
@@ -192,7 +198,10 @@ class Source:
 
     def rows(self, *extra: str) -> list[tuple[Any, ...]]:
         names = ", ".join(f'"{n}"' for n in ("ID", "NAME", "DOC", "QTY", *extra))
-        return [tuple(r) for r in query(self.sf_conn, f'SELECT {names} FROM {items_sql(self.settings)} ORDER BY "ID"')]
+        return [
+            tuple(r)
+            for r in query(self.sf_conn, f'SELECT {names} FROM {items_sql(self.settings)} ORDER BY "ID"')
+        ]
 
     def position(self) -> AppliedPosition | None:
         db = self.settings.snowflake.database
@@ -247,4 +256,232 @@ def test_insert_update_delete_in_one_run_and_unchanged_toast_keeps_the_target_va
     assert [r.status for r in results] == [LoadStatus.LOADED]
     assert source.rows() == [(1, "uno", BIG, 11), (3, "three", None, 30), (5, "cinco", "doc5", 55)]
     assert source.position() == AppliedPosition(1500, run.run_id)
-    assert RunStore(source.s3, source.settings.bucket).get_manifest(ITEMS, run.run_id).state is RunState.LOADED
+    assert (
+        RunStore(source.s3, source.settings.bucket).get_manifest(ITEMS, run.run_id).state is RunState.LOADED
+    )
+
+
+def test_soft_deletes_mark_the_row_with_the_commit_time_and_a_reinsert_clears_it(
+    settings: Settings, s3: Any, sf_conn: Any
+) -> None:
+    source = Source(s3, with_options(settings, deletes=DeleteMode.SOFT), sf_conn, deletes="soft")
+    source.snapshot(SNAPSHOT_ROWS)
+    run = source.stage(
+        [
+            change("D", 1100, 1, (2, None, None, None)),
+            change("D", 1100, 2, (3, None, None, None)),
+            change("I", 1200, 1, (3, "three again", "d3", 33)),
+        ],
+        end_lsn=1200,
+    )
+    source.deliver(run)
+    rows = query(
+        sf_conn,
+        f'SELECT "ID", "NAME", TO_VARCHAR("{SOFT_DELETE_COLUMN}") FROM {items_sql(settings)} ORDER BY "ID"',
+    )
+    deleted_at = (COMMITTED + dt.timedelta(seconds=1100)).strftime("%Y-%m-%d %H:%M:%S")
+    assert [(r[0], r[1], r[2] is not None) for r in rows] == [
+        (1, "one", False),
+        (2, "two", True),
+        (3, "three again", False),
+    ]
+    assert str(rows[1][2]).startswith(deleted_at)
+
+
+def test_a_primary_key_move_deletes_the_old_key_and_keeps_its_unchanged_toast_value(source: Source) -> None:
+    source.snapshot(SNAPSHOT_ROWS)
+    # UPDATE items SET id = 7, name = 'moved' WHERE id = 1 (doc, TOASTed, unchanged); then an
+    # update of 2 and a move of 2 to 8 in a later transaction of the same run: 8 takes doc from
+    # that earlier change of key 2, not from the target
+    run = source.stage(
+        [
+            change("D", 1100, 1, (1, None, None, None)),
+            change("U", 1100, 2, (7, "moved", None, 10), unchanged=("doc",), moved=True),
+            change("U", 1200, 1, (2, "two", "doc2 new", 21)),
+            change("D", 1300, 1, (2, None, None, None)),
+            change("U", 1300, 2, (8, "eight", None, 21), unchanged=("doc",), moved=True),
+        ],
+        end_lsn=1300,
+    )
+    source.deliver(run)
+    assert source.rows() == [(3, "three", None, 30), (7, "moved", BIG, 10), (8, "eight", "doc2 new", 21)]
+
+
+@pytest.mark.parametrize("deletes", ["hard", "soft"])
+def test_truncate_applies_and_only_later_changes_count(
+    settings: Settings, s3: Any, sf_conn: Any, deletes: str
+) -> None:
+    source = Source(s3, with_options(settings, deletes=DeleteMode(deletes)), sf_conn, deletes=deletes)
+    source.snapshot(SNAPSHOT_ROWS)
+    run = source.stage(
+        [
+            change("U", 1100, 1, (1, "before", None, 1), unchanged=("doc",)),
+            change("T", 1200, 1, (None, None, None, None)),
+            change("I", 1300, 1, (9, "nine", "d9", 90)),
+        ],
+        end_lsn=1300,
+    )
+    source.deliver(run)
+    if deletes == "hard":
+        assert source.rows() == [(9, "nine", "d9", 90)]
+    else:
+        flags = query(
+            sf_conn,
+            f'SELECT "ID", "NAME", "{SOFT_DELETE_COLUMN}" IS NOT NULL FROM {items_sql(settings)} ORDER BY "ID"',
+        )
+        # the update before the TRUNCATE is not applied: the truncate removed the row anyway
+        assert [tuple(r) for r in flags] == [
+            (1, "one", True),
+            (2, "two", True),
+            (3, "three", True),
+            (9, "nine", False),
+        ]
+
+
+def test_truncate_refused_applies_nothing_and_names_the_lsn(
+    settings: Settings, s3: Any, sf_conn: Any
+) -> None:
+    source = Source(
+        s3, with_options(settings, truncate=TruncateMode.REFUSE, deletes=DeleteMode.HARD), sf_conn
+    )
+    source.snapshot(SNAPSHOT_ROWS)
+    before = source.position()
+    run = source.stage(
+        [change("U", 1100, 1, (1, "x", "y", 1)), change("T", 1200, 3, (None, None, None, None))], end_lsn=1200
+    )
+    with pytest.raises(PermanentError) as raised:
+        source.deliver(run)
+    assert "public.items" in raised.value.message and "LSN 1200" in raised.value.message
+    assert source.rows() == [(1, "one", BIG, 10), (2, "two", "doc2", 20), (3, "three", None, 30)]
+    assert source.position() == before
+
+
+def test_a_run_delivered_twice_applies_once_and_a_replayed_overlapping_run_applies_only_newer_changes(
+    source: Source,
+) -> None:
+    source.snapshot(SNAPSHOT_ROWS)
+    first = source.stage([change("U", 1100, 1, (1, "a", "doc a", 1))], end_lsn=1100)
+    source.deliver(first)
+    # A later direct UPDATE of the target shows whether a redelivery writes again
+    query(source.sf_conn, f'UPDATE {items_sql(source.settings)} SET "QTY" = 99 WHERE "ID" = 1')
+    again = source.deliver(first)
+    assert [r.status for r in again] == [LoadStatus.ALREADY_LOADED]
+    assert source.rows()[0] == (1, "a", "doc a", 99)
+
+    # A drain that died before confirming re-reads from an older position: its run overlaps the
+    # applied one (after 1000 <= applied 1100 < end 1300); only the changes after 1100 apply
+    replay = source.stage(
+        [
+            change("U", 1100, 1, (1, "a", "doc a", 1)),
+            change("U", 1300, 1, (2, "b", None, 2), unchanged=("doc",)),
+        ],
+        end_lsn=1300,
+        after_lsn=1000,
+    )
+    source.deliver(replay)
+    assert source.rows()[:2] == [(1, "a", "doc a", 99), (2, "b", "doc2", 2)]
+    assert source.position() == AppliedPosition(1300, replay.run_id)
+
+
+def test_runs_delivered_out_of_order_wait_for_their_predecessor_then_apply_in_order(source: Source) -> None:
+    source.snapshot(SNAPSHOT_ROWS)
+    first_changes = [change("U", 1100, 1, (1, "first", "d", 1))]
+    first = source.stage(first_changes, end_lsn=1100, upload=False)  # manifest written, file not yet
+    second = source.stage([change("U", 1200, 1, (1, "second", None, 2), unchanged=("doc",))], end_lsn=1200)
+
+    # The second run's file arrives first: nothing is applied, the file waits
+    waiting = source.deliver(second)
+    assert [r.status for r in waiting] == [LoadStatus.WAITING]
+    assert source.rows()[0] == (1, "one", BIG, 10)
+
+    # The first run's file arrives: both apply, in order (the second's unchanged doc is the first's)
+    source.upload(first, first_changes)
+    loaded = source.deliver(first)
+    assert [r.status for r in loaded] == [LoadStatus.LOADED]
+    assert source.rows()[0] == (1, "second", "d", 2)
+    assert source.position() == AppliedPosition(1200, second.run_id)
+    store = RunStore(source.s3, source.settings.bucket)
+    assert store.get_manifest(ITEMS, second.run_id).state is RunState.LOADED
+
+
+def test_change_runs_staged_before_the_snapshot_wait_for_it(source: Source) -> None:
+    # Given a change run whose file arrives before the table's snapshot is loaded
+    run = source.stage([change("U", 1100, 1, (2, "later", "d2", 2))], end_lsn=1100)
+    assert [r.status for r in source.deliver(run)] == [LoadStatus.WAITING]
+    # When the snapshot is loaded, it is applied from the snapshot's LSN
+    source.snapshot(SNAPSHOT_ROWS)
+    assert source.rows()[1] == (2, "later", "d2", 2)
+    assert source.position() == AppliedPosition(1100, run.run_id)
+
+
+def test_the_loader_dying_mid_apply_applies_nothing_and_redelivery_applies_once(
+    source: Source, local_snowflake: LocalSnowflake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source.snapshot(SNAPSHOT_ROWS)
+    run = source.stage(
+        [
+            change("I", 1100, 1, (4, "four", "d4", 4)),
+            change("U", 1100, 2, (1, "uno", None, 11), unchanged=("doc",)),
+        ],
+        end_lsn=1100,
+    )
+    real_merge = change_sql.build_merge_changes
+
+    def failing_statement(merge: change_sql.ChangeMerge) -> tuple[str, tuple[Any, ...]]:
+        return 'SELECT * FROM "NO_SUCH_TABLE_MID_APPLY"', ()
+
+    monkeypatch.setattr("pgsnow.load.changes.build_merge_changes", failing_statement)
+    with pytest.raises(PermanentError):
+        source.deliver(run)
+    assert source.rows() == [(1, "one", BIG, 10), (2, "two", "doc2", 20), (3, "three", None, 30)]
+    assert source.position() is not None and source.position().lsn == SNAPSHOT_LSN  # type: ignore[union-attr]
+
+    monkeypatch.setattr("pgsnow.load.changes.build_merge_changes", real_merge)
+    mark = local_snowflake.history.mark()
+    assert [r.status for r in source.deliver(run)] == [LoadStatus.LOADED]
+    statements = local_snowflake.history.since(mark)
+    assert [r.status for r in source.deliver(run)] == [LoadStatus.ALREADY_LOADED]
+    assert source.rows() == [
+        (1, "uno", BIG, 11),
+        (2, "two", "doc2", 20),
+        (3, "three", None, 30),
+        (4, "four", "d4", 4),
+    ]
+    print(
+        f"statements for one applied change run after a failure (delivery, apply, completion): {len(statements)}"
+    )
+
+    # The steady state: the next run of the table, on a loader that prepared everything before
+    steady = source.stage([change("U", 1200, 1, (4, "four!", None, 5), unchanged=("doc",))], end_lsn=1200)
+    mark = local_snowflake.history.mark()
+    source.deliver(steady)
+    statements = local_snowflake.history.since(mark)
+    print(f"statements for one applied change run, steady state: {len(statements)}")
+    for statement in statements:
+        print("  ", statement.sql_text.split("\n")[0][:100])
+    assert source.rows()[-1] == (4, "four!", "d4", 5)
+
+
+def test_a_run_with_a_new_column_adds_it(source: Source) -> None:
+    source.snapshot(SNAPSHOT_ROWS)
+    extra = [("color", "text", True)]
+    run = source.stage(
+        [
+            change("U", 1100, 1, (1, "one", None, 10, "red"), unchanged=("doc",)),
+            change("I", 1100, 2, (6, "six", "d6", 6, "blue")),
+        ],
+        end_lsn=1100,
+        extra=extra,
+        file_format=FileFormat.PARQUET,
+    )
+    source.deliver(run)
+    assert source.rows("COLOR") == [
+        (1, "one", BIG, 10, "red"),
+        (2, "two", "doc2", 20, None),
+        (3, "three", None, 30, None),
+        (6, "six", "d6", 6, "blue"),
+    ]
+    # An older-shaped run (without the new column) still applies by name and leaves it alone
+    older = source.stage([change("U", 1200, 1, (6, "six!", "d6", 7))], end_lsn=1200)
+    source.deliver(older)
+    assert source.rows("COLOR")[-1] == (6, "six!", "d6", 7, "blue")
