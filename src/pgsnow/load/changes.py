@@ -136,9 +136,10 @@ class ChangeApplier:
         if missing:
             if later:
                 logger.warning(
-                    "change run abandoned (a file never arrived and a later run exists): skipped",
+                    "change run abandoned (a file never arrived and a later run exists): marked failed",
                     extra={**context, "missing": missing[:5]},
                 )
+                self._mark_failed(manifest, f"abandoned: {len(missing)} file(s) never arrived")
                 return ChangeRunResult(run_id, ChangeRunState.SKIPPED, {}, "abandoned"), position
             return self._waiting(run_id, "a file of the run is not in S3 yet", context), position
         applied = apply_change_run(self.session, self.tables, manifest, present, position)
@@ -154,6 +155,14 @@ class ChangeApplier:
     def _waiting(self, run_id: str, reason: str, context: dict[str, object]) -> ChangeRunResult:
         logger.warning(f"change run waits: {reason}", extra=context)
         return ChangeRunResult(run_id, ChangeRunState.WAITING, {}, reason)
+
+    def _mark_failed(self, manifest: RunManifest, error: str) -> None:
+        """A run a later run superseded: ``failed`` (its files stay for the sweeper), written only
+        if the manifest did not change meanwhile (a lost write is only a later retry)."""
+        store = RunStore(self.session.s3, self.session.bucket)
+        base = store.read_manifest_for_update(manifest.table, manifest.run_id)
+        if base is not None and base.manifest.state is RunState.STAGED:
+            store.write_manifest_if_unchanged(base, base.manifest.with_state(RunState.FAILED, error=error))
 
     def _present_files(self, manifest: RunManifest) -> tuple[Present, list[str]]:
         present: Present = []

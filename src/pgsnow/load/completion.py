@@ -111,7 +111,9 @@ def complete_run(
             and manifest.changes is not None
             and manifest.changes.is_snapshot
         ):
-            applier.start_change_capture(manifest, credentials_source)
+            # The cleanup pass (swap=False) sets the position only: its session may have no stage
+            # to COPY change files through; the next change file's event applies them.
+            applier.start_change_capture(manifest, credentials_source, catch_up=swap)
         if manifest.state is RunState.LOADED:
             return found
         written = _mark_loaded(store, base)
@@ -168,14 +170,14 @@ class _RunApplier:
         return None
 
     def start_change_capture(
-        self, manifest: RunManifest, credentials_source: CredentialsSource | None
+        self, manifest: RunManifest, credentials_source: CredentialsSource | None, *, catch_up: bool
     ) -> None:
         """A change-capture table's snapshot is in: its changes apply from the snapshot's LSN.
 
         The applied position is set to (snapshot LSN, this run) unless it is already at or past
         it (this completion ran before, and change runs may have been applied since); a
         re-snapshot removes the position first (``Ledger.forget_applied_position``). Then the
-        table's waiting change runs are applied (load.changes).
+        table's waiting change runs are applied (load.changes) when ``catch_up``.
         """
         from pgsnow.load.changes import ChangeApplier  # load.changes completes runs through this module
 
@@ -197,6 +199,8 @@ class _RunApplier:
                     "with pgsnow cdc resnapshot (which resets the position first)",
                     extra={"table": table.qualified, "run_id": manifest.run_id, "applied_lsn": current.lsn},
                 )
+        if not catch_up:
+            return
         settings = self.session.settings
 
         def complete(run_table: TableRef, run_id: str) -> object:

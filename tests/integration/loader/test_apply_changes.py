@@ -25,7 +25,11 @@ from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, parse_data_key
 from pgsnow.ledger import AppliedPosition, Ledger
 from pgsnow.load.batch import load_batch
+from pgsnow.load.changes import apply_change_run
+from pgsnow.load.objects import head_staged_object
 from pgsnow.load.outcomes import LoadStatus
+from pgsnow.load.session import LoadSession
+from pgsnow.load.tables import Tables
 from pgsnow.local.snowflake import LocalSnowflake
 from pgsnow.manifest import Column, RunManifest, RunState, StagedFile
 from pgsnow.runs import RunStore
@@ -485,3 +489,41 @@ def test_a_run_with_a_new_column_adds_it(source: Source) -> None:
     older = source.stage([change("U", 1200, 1, (6, "six!", "d6", 7))], end_lsn=1200)
     source.deliver(older)
     assert source.rows("COLOR")[-1] == (6, "six!", "d6", 7, "blue")
+
+
+def test_two_loaders_applying_the_same_run_apply_it_once(source: Source) -> None:
+    # Given two loaders that both read the table's position at the snapshot
+    source.snapshot(SNAPSHOT_ROWS)
+    stale = source.position()
+    assert stale is not None
+    run = source.stage([change("U", 1100, 1, (3, "three", "d3", 31))], end_lsn=1100)
+
+    # When one applies the run, then the other tries to apply it from the position it read
+    source.deliver(run)
+    query(source.sf_conn, f'UPDATE {items_sql(source.settings)} SET "QTY" = 0 WHERE "ID" = 3')
+    settings = source.settings
+    assert settings.snowflake.database is not None
+    session = LoadSession(settings, settings.snowflake.database, source.sf_conn, source.s3)
+    staged = parse_data_key(run.files[0].key, settings.prefix)
+    facts = head_staged_object(source.s3, settings.bucket, staged)
+    assert facts is not None
+    lost = apply_change_run(session, Tables(settings.snowflake.database), run, [(staged, facts)], stale)
+
+    # Then the second apply rolled back (the compare-and-set lost), changing nothing
+    assert lost is None
+    assert source.rows()[2] == (3, "three", "d3", 0)
+    assert source.position() == AppliedPosition(1100, run.run_id)
+    ledger = Ledger(source.sf_conn, settings.snowflake.database, settings.snowflake.control_schema, ITEMS)
+    assert ledger.advance(stale, AppliedPosition(1200, "X")) is False
+
+
+def test_a_run_whose_file_never_arrived_is_skipped_once_a_later_run_exists(source: Source) -> None:
+    source.snapshot(SNAPSHOT_ROWS)
+    # A drain died after the manifest and before its file; the retry re-drained the same changes
+    abandoned = source.stage([change("U", 1100, 1, (1, "lost", "x", 0))], end_lsn=1100, upload=False)
+    retry = source.stage([change("U", 1100, 1, (1, "kept", "y", 1))], end_lsn=1150, after_lsn=SNAPSHOT_LSN)
+    source.deliver(retry)
+    assert source.rows()[0] == (1, "kept", "y", 1)
+    store = RunStore(source.s3, source.settings.bucket)
+    assert store.get_manifest(ITEMS, abandoned.run_id).state is RunState.FAILED
+    assert store.get_manifest(ITEMS, retry.run_id).state is RunState.LOADED
