@@ -5,8 +5,9 @@ snapshot) runs: it reads the table's applied position (``pgsnow.ledger``) and go
 table's change runs oldest first. A run whose changes are all at or before the position is
 settled (its files recorded with 0 rows, so the run completes and cleanup removes them); a run
 whose ``after_lsn`` is past the position waits for its predecessor (logged); a run with a file
-not in S3 yet waits for that file's own event, unless a later run exists (then it was abandoned
-by a drain that died, and is skipped: its changes are in the later run); any other run is
+not in S3 yet waits for that file's own event, unless a later run starts at or before the position
+(then a drain died before finishing it and re-drained its changes: it is marked failed and
+skipped); any other run is
 applied by ``apply_change_run`` in ONE Snowflake transaction: claim its files in the ledger,
 COPY them into a work table, apply its last TRUNCATE, fill moved rows' unchanged values, MERGE
 the newest change per key, move the applied position (compare-and-set), record the files,
@@ -103,14 +104,33 @@ class ChangeApplier:
             manifest = None if found is None else found.manifest
             if manifest is None or not is_change_run(manifest) or manifest.state is RunState.LOADED:
                 continue
-            result, position = self._one_run(manifest, position, later=index + 1 < len(run_ids))
+            later = run_ids[index + 1 :]
+
+            def replaced(at: AppliedPosition, later: list[str] = later) -> bool:
+                return self._replaced(table, later, at)
+
+            result, position = self._one_run(manifest, position, replaced=replaced)
             results.append(result)
             if result.state is ChangeRunState.WAITING:
                 break
         return results
 
+    def _replaced(self, table: TableRef, later_run_ids: list[str], position: AppliedPosition) -> bool:
+        """Is there a later change run that applies from ``position`` without the one before it?
+        (A drain that died before its state was written re-drains the same changes into a new run
+        from the same ``after_lsn``.)"""
+        store = RunStore(self.session.s3, self.session.bucket)
+        for run_id in later_run_ids:
+            found = store.read_manifest_for_update(table, run_id)
+            manifest = None if found is None else found.manifest
+            if is_change_run(manifest) and manifest is not None and manifest.state is not RunState.FAILED:
+                assert manifest.changes is not None
+                if manifest.changes.after_lsn <= position.lsn:
+                    return True
+        return False
+
     def _one_run(
-        self, manifest: RunManifest, position: AppliedPosition, *, later: bool
+        self, manifest: RunManifest, position: AppliedPosition, *, replaced: Callable[[AppliedPosition], bool]
     ) -> tuple[ChangeRunResult, AppliedPosition]:
         assert manifest.changes is not None
         table, run_id, changes = manifest.table, manifest.run_id, manifest.changes
@@ -134,9 +154,10 @@ class ChangeApplier:
             return self._waiting(run_id, "a preceding change run is missing", context), position
         present, missing = self._present_files(manifest)
         if missing:
-            if later:
+            if replaced(position):
                 logger.warning(
-                    "change run abandoned (a file never arrived and a later run exists): marked failed",
+                    "change run abandoned (a file never arrived and a later run re-drained its changes): "
+                    "marked failed",
                     extra={**context, "missing": missing[:5]},
                 )
                 self._mark_failed(manifest, f"abandoned: {len(missing)} file(s) never arrived")
@@ -147,7 +168,7 @@ class ChangeApplier:
             current = self.ledger(table).applied_position()
             if current is None:
                 return self._waiting(run_id, "the applied position was removed", context), position
-            return self._one_run(manifest, current, later=later)
+            return self._one_run(manifest, current, replaced=replaced)
         new_position, rows = applied
         self.complete(table, run_id)
         return ChangeRunResult(run_id, ChangeRunState.APPLIED, rows), new_position
@@ -315,8 +336,13 @@ def _apply_in_transaction(
         soft=soft,
         unchanged_lists=unchanged,
     )
-    if moved and merge.filled:
-        session.execute(*build_fill_moved_rows(merge))
+    filled = 0
+    while merge.filled and filled < moved:
+        # One pass per move of the longest chain of moves of one row in the run (usually one).
+        count = session.execute_count(*build_fill_moved_rows(merge))
+        if count == 0:
+            break
+        filled += count
     session.execute(*build_merge_changes(merge))
     new = AppliedPosition(manifest.changes.end_lsn, manifest.run_id)
     if not ledger.advance(position, new):

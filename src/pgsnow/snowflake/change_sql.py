@@ -101,7 +101,7 @@ class ChangeScope:
 def build_inspect_changes(work: Target, applied_lsn: int) -> Statement:
     """What the run holds after the applied position, in one look: the last TRUNCATE (``T``,
     LSN, seq), each distinct ``_pgsnow_unchanged`` list (``U``, its text) and the number of key
-    moves (``M``, count)."""
+    moves that left a column unchanged (``M``, count)."""
     table = quote_qualified(*work)
     sql = (
         'SELECT "FOUND", "LSN", "SEQ", "UNCHANGED" FROM (\n'
@@ -114,7 +114,7 @@ def build_inspect_changes(work: Target, applied_lsn: int) -> Statement:
         f"  FROM {table} WHERE {UNCHANGED} IS NOT NULL AND {LSN} > %s\n"
         "  UNION ALL\n"
         f"  SELECT '{FOUND_MOVED}', COUNT(*), CAST(NULL AS NUMBER(38,0)), CAST(NULL AS VARCHAR)\n"
-        f"  FROM {table} WHERE {KEY_MOVED} AND {LSN} > %s\n"
+        f"  FROM {table} WHERE {KEY_MOVED} AND {UNCHANGED} IS NOT NULL AND {LSN} > %s\n"
         ")"
     )
     return sql, (applied_lsn, applied_lsn, applied_lsn)
@@ -196,10 +196,11 @@ class ChangeMerge:
         )
         return sql, texts
 
-    def filled_changes(self, *, newest_only: bool) -> Statement:
+    def filled_changes(self, *, newest_only: bool, pending_moves: bool = False) -> Statement:
         """The scope's changes with every filled column's value (``_PGSNOW_V{i}``) and whether the
         target's value is kept (``_PGSNOW_K{i}``, no change of the run carried it); with
-        ``newest_only`` the newest change per key only."""
+        ``newest_only`` the newest change per key only; with ``pending_moves``, ``_PGSNOW_PENDING``
+        is 1 from a key's moved change whose unchanged values are not filled yet on."""
         table = quote_qualified(*self.work)
         keys = ", ".join(self.keys)
         order = f"{LSN}, {SEQ}"
@@ -219,6 +220,11 @@ class ChangeMerge:
             values.append(
                 f'FIRST_VALUE({ident}) OVER (PARTITION BY {keys}, "_PGSNOW_G{i}" ORDER BY {order}) AS "_PGSNOW_V{i}", '
                 f'("_PGSNOW_G{i}" = 0) AS "_PGSNOW_K{i}"'
+            )
+        if pending_moves:
+            groups.append(
+                f"MAX(IFF({KEY_MOVED} AND {UNCHANGED} IS NOT NULL, 1, 0)) OVER (PARTITION BY {keys} "
+                f'ORDER BY {order} ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS "_PGSNOW_PENDING"'
             )
         inner = ", ".join(["*", *groups])
         outer = ", ".join(["*", *values])
@@ -247,10 +253,14 @@ def build_fill_moved_rows(merge: ChangeMerge) -> Statement:
     """A moved row (``_pgsnow_key_moved``, the U right after the D of its old key) takes the values
     it left unchanged from its old key: the old key's newest earlier change in the run that
     carried them, else the old key's target row. Its unchanged list is then cleared, so the
-    MERGE sees it as a change that carried every column."""
+    MERGE sees it as a change that carried every column.
+
+    A row moved again in the same run (old key itself the new key of an earlier move) is filled
+    only once the earlier move is: the caller repeats the statement while it fills rows
+    (one pass per move of the longest chain)."""
     if not merge.filled:
         raise PermanentError("no unchanged column to fill", table=".".join(merge.target))
-    filled_sql, filled_params = merge.filled_changes(newest_only=False)
+    filled_sql, filled_params = merge.filled_changes(newest_only=False, pending_moves=True)
     old_values = ", ".join(
         merge.value(c, "OLD", '"TARGET".' + quote_ident(c.snowflake_name)) + f' AS "_PGSNOW_O{i}"'
         for i, c in enumerate(merge.filled)
@@ -272,7 +282,7 @@ def build_fill_moved_rows(merge: ChangeMerge) -> Statement:
         f'FROM (SELECT "OLD".{LSN}, "OLD".{SEQ}, {old_values}\n'
         f'      FROM ({filled_sql}) AS "OLD"\n'
         f'      LEFT JOIN {quote_qualified(*merge.target)} AS "TARGET" ON {merge.key_match("TARGET", "OLD")}\n'
-        f'      WHERE "OLD".{OP} = \'{Operation.DELETE.value}\') AS "OLD"\n'
+        f'      WHERE "OLD".{OP} = \'{Operation.DELETE.value}\' AND "OLD"."_PGSNOW_PENDING" = 0) AS "OLD"\n'
         f'WHERE "MOVED".{KEY_MOVED} AND "MOVED".{UNCHANGED} IS NOT NULL AND {scope_sql}\n'
         f'AND "MOVED".{LSN} = "OLD".{LSN} AND "MOVED".{SEQ} = "OLD".{SEQ} + 1'
     )

@@ -527,3 +527,18 @@ def test_a_run_whose_file_never_arrived_is_skipped_once_a_later_run_exists(sourc
     store = RunStore(source.s3, source.settings.bucket)
     assert store.get_manifest(ITEMS, abandoned.run_id).state is RunState.FAILED
     assert store.get_manifest(ITEMS, retry.run_id).state is RunState.LOADED
+
+
+def test_a_row_moved_twice_in_one_run_keeps_its_unchanged_toast_value(source: Source) -> None:
+    source.snapshot(SNAPSHOT_ROWS)
+    run = source.stage(
+        [
+            change("D", 1100, 1, (1, None, None, None)),
+            change("U", 1100, 2, (7, "seven", None, 10), unchanged=("doc",), moved=True),
+            change("D", 1200, 1, (7, None, None, None)),
+            change("U", 1200, 2, (8, "eight", None, 10), unchanged=("doc",), moved=True),
+        ],
+        end_lsn=1200,
+    )
+    source.deliver(run)
+    assert source.rows() == [(2, "two", "doc2", 20), (3, "three", None, 30), (8, "eight", BIG, 10)]
