@@ -127,11 +127,12 @@ def test_merge_takes_the_newest_change_per_key_and_deletes_hard() -> None:
 
 def test_merge_soft_marks_deletes_with_the_commit_time_and_an_upsert_clears_the_mark() -> None:
     sql, _ = build_merge_changes(merge(soft=True))
+    assert '"NEWEST"."_PGSNOW_COMMITTED_AT" AS "_PGSNOW_DELETE_AT"' in sql
     assert (
-        'COALESCE("CURRENT"."_PGSNOW_DELETED_AT", "NEWEST"."_PGSNOW_COMMITTED_AT") AS "_PGSNOW_DELETE_AT"'
-        in sql
-    )
-    assert 'THEN UPDATE SET "_PGSNOW_DELETED_AT" = "SOURCE"."_PGSNOW_DELETE_AT"' in sql
+        'WHEN MATCHED AND "SOURCE"."_PGSNOW_OP" = \'D\' AND "TARGET"."_PGSNOW_DELETED_AT" IS NULL '
+        'THEN UPDATE SET "_PGSNOW_DELETED_AT" = "SOURCE"."_PGSNOW_DELETE_AT"'
+    ) in sql
+    assert "LEFT JOIN" not in sql  # no unchanged column: the target is not joined
     assert '"DOC" = "SOURCE"."_PGSNOW_R2", "_PGSNOW_DELETED_AT" = NULL' in sql
     assert 'VALUES ("SOURCE"."_PGSNOW_R0", "SOURCE"."_PGSNOW_R1", "SOURCE"."_PGSNOW_R2", NULL)' in sql
 
@@ -183,6 +184,7 @@ def test_a_table_without_a_key_is_refused_and_nullable_key_columns_match_null() 
     assert (
         'WHEN MATCHED AND "SOURCE"."_PGSNOW_OP" <> \'D\'' not in sql
     )  # every column is key: nothing to update
+    assert "LEFT JOIN" not in sql  # duplicate rows never join one change twice
 
 
 def test_the_applied_position_is_one_reserved_ledger_row_moved_by_compare_and_set() -> None:

@@ -294,8 +294,9 @@ def build_merge_changes(merge: ChangeMerge) -> Statement:
     deleted at the commit time (soft); I and U upsert (soft: and clear the mark). A column the
     change left unchanged takes its filled value, or keeps the target's.
 
-    Every value is resolved in the source (which joins the target for the kept values), so the
-    WHEN clauses only copy source columns.
+    Every value is resolved in the source (which joins the target for the kept values, only when
+    a column was left unchanged: never for a key of every column, whose duplicate rows would
+    otherwise join one change twice), so the WHEN clauses only copy source columns.
     """
     newest_sql, params = merge.filled_changes(newest_only=True)
     current = [
@@ -303,12 +304,14 @@ def build_merge_changes(merge: ChangeMerge) -> Statement:
         for i, c in enumerate(merge.columns)
     ]
     if merge.soft:
-        current.append(f'COALESCE("CURRENT".{DELETED_AT}, "NEWEST".{COMMITTED_AT}) AS "_PGSNOW_DELETE_AT"')
-    source_sql = (
-        f'SELECT "NEWEST".{OP}, {", ".join(current)}\n'
-        f'  FROM ({newest_sql}) AS "NEWEST"\n'
-        f'  LEFT JOIN {quote_qualified(*merge.target)} AS "CURRENT" ON {merge.key_match("CURRENT", "NEWEST")}'
+        current.append(f'"NEWEST".{COMMITTED_AT} AS "_PGSNOW_DELETE_AT"')
+    join = (
+        f'\n  LEFT JOIN {quote_qualified(*merge.target)} AS "CURRENT" ON {merge.key_match("CURRENT", "NEWEST")}'
+        if merge.filled
+        else ""
     )
+    source_sql = f'SELECT "NEWEST".{OP}, {", ".join(current)}\n  FROM ({newest_sql}) AS "NEWEST"{join}'
+
     key_names = set(merge.primary_key)
     resolved = {c.name: f'"SOURCE"."_PGSNOW_R{i}"' for i, c in enumerate(merge.columns)}
     key_match = " AND ".join(
@@ -323,14 +326,17 @@ def build_merge_changes(merge: ChangeMerge) -> Statement:
     ]
     names = [quote_ident(c.snowflake_name) for c in merge.columns]
     values = [resolved[c.name] for c in merge.columns]
-    delete = f"WHEN MATCHED AND \"SOURCE\".{OP} = '{Operation.DELETE.value}' THEN "
+    delete = f"WHEN MATCHED AND \"SOURCE\".{OP} = '{Operation.DELETE.value}'"
     if merge.soft:
-        delete += f'UPDATE SET {DELETED_AT} = "SOURCE"."_PGSNOW_DELETE_AT"'
+        # A row deleted already keeps its first deletion time (the clause does not match it).
+        delete += (
+            f' AND "TARGET".{DELETED_AT} IS NULL THEN UPDATE SET {DELETED_AT} = "SOURCE"."_PGSNOW_DELETE_AT"'
+        )
         updates.append(f"{DELETED_AT} = NULL")
         names.append(DELETED_AT)
         values.append("NULL")
     else:
-        delete += "DELETE"
+        delete += " THEN DELETE"
     upsert = f"\"SOURCE\".{OP} <> '{Operation.DELETE.value}'"
     matched = f"WHEN MATCHED AND {upsert} THEN UPDATE SET {', '.join(updates)}\n" if updates else ""
     sql = (

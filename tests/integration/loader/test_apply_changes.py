@@ -128,6 +128,7 @@ class Source:
     sf_conn: Any
     deletes: str = "hard"
     last_end: int = SNAPSHOT_LSN
+    key: tuple[str, ...] = ("id",)
 
     def snapshot(self, rows: list[tuple[Any, ...]], file_format: FileFormat = FileFormat.CSV) -> list[Any]:
         run_id = new_run_id()
@@ -139,7 +140,7 @@ class Source:
             mode="full",
             file_format=file_format,
             columns=columns(),
-            primary_key=("id",),
+            primary_key=self.key,
             state=RunState.STAGED,
             started_at="2026-12-07T08:00:00Z",
             files=(staged,),
@@ -170,7 +171,7 @@ class Source:
             mode="cdc",
             file_format=file_format,
             columns=data,
-            primary_key=("id",),
+            primary_key=self.key,
             state=RunState.STAGED,
             started_at="2026-12-07T08:00:00Z",
             files=files,
@@ -542,3 +543,23 @@ def test_a_row_moved_twice_in_one_run_keeps_its_unchanged_toast_value(source: So
     )
     source.deliver(run)
     assert source.rows() == [(2, "two", "doc2", 20), (3, "three", None, 30), (8, "eight", BIG, 10)]
+
+
+def test_a_table_without_a_primary_key_is_keyed_by_every_column(
+    settings: Settings, s3: Any, sf_conn: Any
+) -> None:
+    # REPLICA IDENTITY FULL: a delete carries the whole old row, an update is a move of the row
+    source = Source(
+        s3, with_options(settings, deletes=DeleteMode.HARD), sf_conn, key=("id", "name", "doc", "qty")
+    )
+    source.snapshot(SNAPSHOT_ROWS)
+    run = source.stage(
+        [
+            change("D", 1100, 1, (3, "three", None, 30)),  # NULL in a key column still matches
+            change("D", 1200, 1, (2, "two", "doc2", 20)),
+            change("U", 1200, 2, (2, "two", "doc2", 22), moved=True),
+        ],
+        end_lsn=1200,
+    )
+    source.deliver(run)
+    assert source.rows() == [(1, "one", BIG, 10), (2, "two", "doc2", 22)]
