@@ -210,7 +210,13 @@ class ChangeApplier:
                     for f in manifest.files
                 ]
             )
-            ledger.record_loads([LedgerRecord(f.key, 0, status=SETTLED_STATUS) for f in manifest.files])
+            # A file another loader recorded (it applied the run) keeps its record.
+            loaded = ledger.loaded_rows([f.key for f in manifest.files])
+            settled = [
+                LedgerRecord(f.key, 0, status=SETTLED_STATUS) for f in manifest.files if f.key not in loaded
+            ]
+            if settled:
+                ledger.record_loads(settled)
         logger.info(
             "change run settled: its changes were applied already",
             extra={"table": table.qualified, "run_id": manifest.run_id},

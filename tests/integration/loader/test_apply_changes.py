@@ -387,6 +387,16 @@ def test_a_run_delivered_twice_applies_once_and_a_replayed_overlapping_run_appli
     assert source.rows()[:2] == [(1, "a", "doc a", 99), (2, "b", "doc2", 2)]
     assert source.position() == AppliedPosition(1300, replay.run_id)
 
+    # A run wholly behind the position changes nothing: its file is settled with 0 rows, the run
+    # is marked loaded (so cleanup removes it)
+    behind = source.stage([change("U", 1300, 1, (2, "old", "old", 0))], end_lsn=1300, after_lsn=1100)
+    assert [(r.status, r.rows) for r in source.deliver(behind)] == [(LoadStatus.ALREADY_LOADED, 0)]
+    assert source.rows()[1] == (2, "b", "doc2", 2)
+    assert (
+        RunStore(source.s3, source.settings.bucket).get_manifest(ITEMS, behind.run_id).state
+        is RunState.LOADED
+    )
+
 
 def test_runs_delivered_out_of_order_wait_for_their_predecessor_then_apply_in_order(source: Source) -> None:
     source.snapshot(SNAPSHOT_ROWS)
