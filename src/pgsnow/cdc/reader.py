@@ -384,7 +384,8 @@ class ReplicationSession:
         self.slot = slot
         self.publication = publication
         self.start_lsn = start_lsn
-        self.messages = 0  # messages received so far by ``read`` (a progress measure)
+        self.messages = 0  # messages received so far by ``read`` (progress measures)
+        self.changes_read = 0  # of which insert, update, delete and truncate messages, of any table
         self._connection = connection
         self._cursor = cursor
         self._control = control  # a normal connection, to read the slot's row
@@ -448,10 +449,13 @@ class ReplicationSession:
                 bytes_read += len(payload)
                 message = decode_message(payload)
                 if isinstance(message, Insert):
+                    self.changes_read += 1
                     state.insert(message)
                 elif isinstance(message, Update):
+                    self.changes_read += 1
                     state.update(message)
                 elif isinstance(message, Delete):
+                    self.changes_read += 1
                     state.delete(message)
                 elif isinstance(message, Begin):
                     state.begin(message)
@@ -463,6 +467,7 @@ class ReplicationSession:
                 elif isinstance(message, Relation):
                     state.relation(message)
                 elif isinstance(message, Truncate):
+                    self.changes_read += 1
                     state.truncate(message)
                 elif (
                     isinstance(message, LogicalMessage)
