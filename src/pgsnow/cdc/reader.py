@@ -425,6 +425,7 @@ class ReplicationSession:
         cursor = self._cursor
         bytes_read = 0
         last_heartbeat: str | None = None
+        heartbeat_reached = 0  # the LSN of the heartbeat that ends the read, once received
         stop_reason = ""
         end_lsn = self.start_lsn
         try:
@@ -461,6 +462,9 @@ class ReplicationSession:
                     state.begin(message)
                 elif isinstance(message, Commit):
                     state.commit(message)
+                    if heartbeat_reached:
+                        stop_reason, end_lsn = "heartbeat", max(heartbeat_reached, state.last_commit_end)
+                        break
                     if bytes_read >= max_bytes:
                         stop_reason, end_lsn = "bytes", state.last_commit_end
                         break
@@ -476,9 +480,12 @@ class ReplicationSession:
                 ):
                     last_heartbeat = message.content.decode(errors="replace")
                     if heartbeat_lsn is not None and message.lsn >= heartbeat_lsn:
-                        stop_reason = "heartbeat"
-                        end_lsn = max(message.lsn, state.last_commit_end)
-                        break
+                        heartbeat_reached = message.lsn
+                        # Protocol 1 sends a transaction whole at its commit, so a non-transactional
+                        # message arrives between transactions; were one inside, stop at its commit.
+                        if not state.in_transaction:
+                            stop_reason, end_lsn = "heartbeat", max(message.lsn, state.last_commit_end)
+                            break
                 # Origin and Type messages describe nothing the spill needs.
             segments = state.finish()
         except BaseException:
