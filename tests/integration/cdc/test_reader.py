@@ -578,3 +578,30 @@ def test_a_300_mb_transaction_spills_with_bounded_memory(source: tuple[str, str]
     assert result["file_bytes"] > 300 * 2**20
     assert result["peak_kb"] <= 256 * 1024
     assert result["peak_kb"] - result["before_kb"] <= 64 * 1024
+
+
+def test_replica_identity_full_update_and_delete_carry_the_old_row(
+    source: tuple[str, str], tmp_path: Path
+) -> None:
+    """Under REPLICA IDENTITY FULL every column is part of the identity: an update that changes a
+    value is the old row's D then the new row's U (key moved), and a delete carries the whole row."""
+    dsn, schema = source
+    execute(dsn, sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(items(schema)))
+    with change_capture_source(dsn, [(schema, "items")]) as src:
+        execute(
+            dsn,
+            sql.SQL("INSERT INTO {} VALUES (1, 'a', NULL, 1)").format(items(schema)),
+            sql.SQL("UPDATE {} SET n = 2 WHERE id = 1").format(items(schema)),
+            sql.SQL("UPDATE {} SET n = n WHERE id = 1").format(items(schema)),  # changes nothing
+            sql.SQL("DELETE FROM {} WHERE id = 1").format(items(schema)),
+        )
+        stream = read(src, [TableRef(schema, "items")], tmp_path, heartbeat_lsn=heartbeat(dsn))
+    [segment] = stream.segments
+    assert segment.relation.replica_identity == "f"
+    assert short(spilled(dsn, segment)) == [
+        ("I", 1, False, None, "1", "a", None, "1"),
+        ("D", 1, False, None, "1", "a", None, "1"),
+        ("U", 2, True, None, "1", "a", None, "2"),
+        ("U", 1, False, None, "1", "a", None, "2"),
+        ("D", 1, False, None, "1", "a", None, "2"),
+    ]
