@@ -66,6 +66,7 @@ from __future__ import annotations
 import contextlib
 import select
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,11 @@ REPLICATION_SESSION_OPTIONS = (
 STATUS_INTERVAL_S = 3600
 # How long an idle wait for the next message lasts at most before the deadline is checked again.
 _IDLE_WAIT_S = 1.0
-_WRITE_BUFFER_BYTES = 1 << 20
+# Spill files open at once, each with its write buffer: memory and file descriptors (Lambda allows
+# 1,024) stay bounded whatever the number of tables; the least recently opened file is closed first
+# and reopened where it was left when its table has rows again.
+MAX_OPEN_SPILL_FILES = 64
+_WRITE_BUFFER_BYTES = 256 * 1024
 _OBJECT_IN_USE = "55006"
 _UNDEFINED_OBJECT = "42704"
 
@@ -168,8 +173,8 @@ class _SpillWriter:
     """One segment's spill file: rows appended as they arrive, cut back to the last commit on demand."""
 
     __slots__ = (
-        "_file",
         "committed",
+        "file",
         "first",
         "last",
         "path",
@@ -184,7 +189,7 @@ class _SpillWriter:
         self.table = table
         self.relation = relation
         self.path = path
-        self._file: IO[bytes] = path.open("wb", buffering=_WRITE_BUFFER_BYTES)
+        self.file: IO[bytes] | None = None  # open while in _StreamState.open_files
         self.written = 0  # bytes written (through the buffer)
         self.committed = 0  # bytes of whole committed transactions
         self.rows = 0  # committed rows
@@ -194,7 +199,7 @@ class _SpillWriter:
 
     def write(self, line: str) -> None:
         data = line.encode()
-        self._file.write(data)
+        self.file.write(data)  # type: ignore[union-attr]  # _StreamState.writer opened it
         self.written += len(data)
         self.pending += 1
 
@@ -206,16 +211,26 @@ class _SpillWriter:
             self.first = commit_lsn
         self.last = commit_lsn
 
+    def open(self) -> None:
+        """Create the file, or reopen it at the end of what was written (it was closed for others)."""
+        self.file = self.path.open("r+b" if self.written else "wb", buffering=_WRITE_BUFFER_BYTES)
+        self.file.seek(self.written)
+
     def discard_pending(self) -> None:
         """Cut the file back to its last committed transaction."""
-        self._file.flush()
-        self._file.truncate(self.committed)
-        self._file.seek(self.committed)
+        if self.file is None:
+            self.open()
+        assert self.file is not None
+        self.file.flush()
+        self.file.truncate(self.committed)
+        self.file.seek(self.committed)
         self.written = self.committed
         self.pending = 0
 
     def close(self) -> None:
-        self._file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def result(self) -> SpilledChanges:
         return SpilledChanges(self.table, self.relation, self.path, self.rows, self.first, self.last)
@@ -231,6 +246,7 @@ class _StreamState:
         self.wanted: dict[int, TableRef | None] = {}
         self.current: dict[int, _SpillWriter] = {}  # by relation oid: the segment rows go to
         self.segments: list[_SpillWriter] = []
+        self.open_files: deque[_SpillWriter] = deque()  # writers with an open file, oldest first
         self.touched: dict[int, _SpillWriter] = {}  # segments written in the transaction (by id)
         self.in_transaction = False
         self.commit_lsn = 0
@@ -264,6 +280,11 @@ class _StreamState:
             writer = _SpillWriter(table, self.relations[oid], path)
             self.segments.append(writer)
             self.current[oid] = writer
+        if writer.file is None:
+            if len(self.open_files) >= MAX_OPEN_SPILL_FILES:
+                self.open_files.popleft().close()
+            writer.open()
+            self.open_files.append(writer)
         self.touched[id(writer)] = writer
         return writer
 

@@ -21,6 +21,7 @@ from cdc_support import ChangeCaptureSource, change_capture_source
 from psycopg2 import sql
 from stack_support import new_source_schema
 
+from pgsnow.cdc import reader
 from pgsnow.cdc.protocol import (
     UNCHANGED,
     Begin,
@@ -605,3 +606,33 @@ def test_replica_identity_full_update_and_delete_carry_the_old_row(
         ("U", 1, False, None, "1", "a", None, "2"),
         ("D", 1, False, None, "1", "a", None, "2"),
     ]
+
+
+def test_more_tables_than_open_spill_files(
+    source: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spill files are closed and reopened when more tables have rows than files may be open."""
+    dsn, schema = source
+    monkeypatch.setattr(reader, "MAX_OPEN_SPILL_FILES", 2)
+    names = ["items", "t2", "t3"]
+    for name in names[1:]:
+        execute(dsn, sql.SQL("CREATE TABLE {} (id integer PRIMARY KEY)").format(sql.Identifier(schema, name)))
+    with change_capture_source(dsn, [(schema, name) for name in names]) as src:
+        conn = psycopg2.connect(dsn)
+        with conn, conn.cursor() as cur:  # one transaction, the tables' rows interleaved
+            for i in range(1, 4):
+                cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, 'x', NULL, 0)").format(items(schema)), (i,))
+                for name in names[1:]:
+                    cur.execute(
+                        sql.SQL("INSERT INTO {} VALUES (%s)").format(sql.Identifier(schema, name)), (i,)
+                    )
+        conn.close()
+        execute(dsn, sql.SQL("INSERT INTO {} VALUES (4)").format(sql.Identifier(schema, "t2")))
+        stream = read(src, [TableRef(schema, name) for name in names], tmp_path, heartbeat_lsn=heartbeat(dsn))
+    by_table = {s.table.table: s for s in stream.segments}
+    assert sorted(by_table) == sorted(names)
+    for name in names:
+        rows = spilled(dsn, by_table[name])
+        expected = ["1", "2", "3", "4"] if name == "t2" else ["1", "2", "3"]
+        assert [r["id"] for r in rows] == expected
+        assert [r["_pgsnow_seq"] for r in rows][:3] == [names.index(name) + 1 + 3 * k for k in range(3)]
