@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import select
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -82,13 +83,13 @@ from pgsnow.cdc.protocol import (
     Begin,
     Commit,
     Delete,
-    Insert,
     LogicalMessage,
     Relation,
     Truncate,
     TupleValues,
     Update,
     decode_message,
+    tuple_csv,
 )
 from pgsnow.changes import format_lsn, parse_lsn, unchanged_text
 from pgsnow.errors import PermanentError, RetryableError
@@ -125,6 +126,7 @@ _IDLE_WAIT_S = 1.0
 # and reopened where it was left when its table has rows again.
 MAX_OPEN_SPILL_FILES = 64
 _WRITE_BUFFER_BYTES = 256 * 1024
+_u32 = struct.Struct("!I").unpack_from
 _OBJECT_IN_USE = "55006"
 _UNDEFINED_OBJECT = "42704"
 
@@ -197,8 +199,7 @@ class _SpillWriter:
         self.first = 0
         self.last = 0
 
-    def write(self, line: str) -> None:
-        data = line.encode()
+    def write(self, data: bytes) -> None:
         self.file.write(data)  # type: ignore[union-attr]  # _StreamState.writer opened it
         self.written += len(data)
         self.pending += 1
@@ -250,8 +251,8 @@ class _StreamState:
         self.touched: dict[int, _SpillWriter] = {}  # segments written in the transaction (by id)
         self.in_transaction = False
         self.commit_lsn = 0
-        self.head = ""  # ",<commit lsn>," for the rows of the transaction in progress
-        self.committed_at = ""
+        self.head = b""  # b",<commit lsn>," for the rows of the transaction in progress
+        self.committed_at = b""
         self.seq = 0
         self.transactions = 0
         self.changes = 0
@@ -293,8 +294,8 @@ class _StreamState:
     def begin(self, message: Begin) -> None:
         self.in_transaction = True
         self.commit_lsn = message.final_lsn
-        self.head = f",{message.final_lsn},"
-        self.committed_at = message.commit_time.isoformat()
+        self.head = b",%d," % message.final_lsn
+        self.committed_at = message.commit_time.isoformat().encode()
         self.seq = 0
 
     def commit(self, message: Commit) -> None:
@@ -322,28 +323,51 @@ class _StreamState:
 
     # --- rows ---
 
-    def _row(self, writer: _SpillWriter, op: str, values: TupleValues, moved: bool = False) -> None:
+    def write_row(
+        self,
+        writer: _SpillWriter,
+        op: bytes,
+        fields: bytes,
+        count: int,
+        *,
+        unchanged: list[int] | None = None,
+        moved: bool = False,
+    ) -> None:
+        """One spill row: the change columns, then ``fields`` (``count`` CSV fields of the table)."""
         columns = writer.relation.columns
-        if len(values) != len(columns):
+        if count != len(columns):
             raise PermanentError(
-                f"pgoutput sent {len(values)} values for {len(columns)} columns",
-                table=writer.table.qualified,
+                f"pgoutput sent {count} values for {len(columns)} columns", table=writer.table.qualified
             )
         self.seq += 1
-        unchanged = ""
-        if UNCHANGED in values:
-            text = unchanged_text(c.name for c, v in zip(columns, values, strict=True) if v is UNCHANGED)
-            unchanged = _quoted(text) if text else ""
-        fields = ",".join([_quoted(v) if v.__class__ is str else "" for v in values])
+        names = b""
+        if unchanged:
+            text = unchanged_text(columns[i].name for i in unchanged)
+            names = _quoted(text).encode() if text else b""
         writer.write(
-            f"{op}{self.head}{self.seq},{self.committed_at},{unchanged},{'true' if moved else 'false'},{fields}\n"
+            b"%s%s%d,%s,%s,%s,%s\n"
+            % (op, self.head, self.seq, self.committed_at, names, b"true" if moved else b"false", fields)
         )
         self.pending_changes += 1
 
-    def insert(self, message: Insert) -> None:
-        writer = self.writer(message.relation_oid)
+    def _values_row(self, writer: _SpillWriter, op: bytes, values: TupleValues, moved: bool = False) -> None:
+        fields = ",".join([_quoted(v) if v.__class__ is str else "" for v in values])
+        unchanged = [i for i, v in enumerate(values) if v is UNCHANGED] or None
+        self.write_row(writer, op, fields.encode(), len(values), unchanged=unchanged, moved=moved)
+
+    def insert_payload(self, payload: bytes) -> None:
+        """An insert, from its payload straight to the spill (the hot path: no message object)."""
+        writer = self.writer(_u32(payload, 1)[0])
         if writer is not None:
-            self._row(writer, "I", message.new)
+            fields, count, unchanged, _ = tuple_csv(payload, 6)
+            self.write_row(writer, b"I", fields, count, unchanged=unchanged)
+
+    def update_payload(self, payload: bytes) -> None:
+        """An update without an old key or row (its identity did not change), straight to the spill."""
+        writer = self.writer(_u32(payload, 1)[0])
+        if writer is not None:
+            fields, count, unchanged, _ = tuple_csv(payload, 6)
+            self.write_row(writer, b"U", fields, count, unchanged=unchanged)
 
     def update(self, message: Update) -> None:
         writer = self.writer(message.relation_oid)
@@ -356,10 +380,10 @@ class _StreamState:
                 value = new[index]
                 if column.is_key and value is not UNCHANGED and value != old[index]:
                     # The row's identity changed: the old key goes, the new one arrives (pgsnow.changes).
-                    self._row(writer, "D", old)
-                    self._row(writer, "U", new, moved=True)
+                    self._values_row(writer, b"D", old)
+                    self._values_row(writer, b"U", new, moved=True)
                     return
-        self._row(writer, "U", message.new)
+        self._values_row(writer, b"U", message.new)
 
     def delete(self, message: Delete) -> None:
         writer = self.writer(message.relation_oid)
@@ -368,13 +392,14 @@ class _StreamState:
         old = message.key if message.key is not None else message.old
         if old is None:  # the decoder never returns one without either
             raise PermanentError("pgoutput delete without an old key", table=writer.table.qualified)
-        self._row(writer, "D", old)
+        self._values_row(writer, b"D", old)
 
     def truncate(self, message: Truncate) -> None:
         for oid in message.relation_oids:
             writer = self.writer(oid)
             if writer is not None:
-                self._row(writer, "T", (None,) * len(writer.relation.columns))
+                count = len(writer.relation.columns)
+                self.write_row(writer, b"T", b"," * (count - 1) if count else b"", count)
 
     def finish(self) -> tuple[SpilledChanges, ...]:
         results = []
@@ -469,11 +494,22 @@ class ReplicationSession:
                 self.messages += 1
                 payload = received.payload
                 bytes_read += len(payload)
-                message = decode_message(payload)
-                if isinstance(message, Insert):
+                tag = payload[0] if payload else 0
+                # Inserts and updates that keep their identity, the bulk of a stream: payload to spill.
+                if tag in (0x49, 0x55) and payload[5:6] == b"N":  # 'I' or 'U', then the new tuple
                     self.changes_read += 1
-                    state.insert(message)
-                elif isinstance(message, Update):
+                    try:
+                        if tag == 0x49:
+                            state.insert_payload(payload)
+                        else:
+                            state.update_payload(payload)
+                    except (struct.error, IndexError) as exc:
+                        raise PermanentError(
+                            f"pgoutput message of {len(payload)} bytes is malformed: {exc}"
+                        ) from exc
+                    continue
+                message = decode_message(payload)
+                if isinstance(message, Update):
                     self.changes_read += 1
                     state.update(message)
                 elif isinstance(message, Delete):
@@ -622,6 +658,7 @@ def open_stream(dsn: str, *, slot: str, publication: str) -> ReplicationSession:
                 dsn,
                 connection_factory=psycopg2.extras.LogicalReplicationConnection,
                 application_name=f"{APPLICATION_NAME}-cdc",
+                client_encoding="UTF8",  # the server converts text values to it: the spill is UTF-8
                 options=REPLICATION_SESSION_OPTIONS,
             )
             cursor = connection.cursor()
