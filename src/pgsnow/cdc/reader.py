@@ -38,9 +38,11 @@ columns, as pgoutput's text output:
 
 A ``Relation`` message with a different column list (schema drift) starts a new segment for the
 table; ``DrainedStream.segments`` are in the order they were started, so a table's segments are
-in commit order. Tables not in ``tables`` are skipped. Rows go to disk as they arrive (one
-buffered writer per segment); nothing per transaction is kept in memory but counters and file
-offsets, so memory is bounded whatever the transaction size.
+in commit order. Tables not in ``tables`` are skipped. Rows go to disk as they arrive (a buffered
+file per segment, at most ``MAX_OPEN_SPILL_FILES`` open at once); nothing per transaction is kept in
+memory but counters and file offsets, so memory is bounded whatever the transaction size and the
+number of tables. Inserts and updates that keep their identity go from the payload's bytes to the
+spill without decoding their text (``protocol.tuple_csv``); the rest through ``decode_message``.
 
 **Never confirming.** The reader never sends a flush position: the drain confirms ``end_lsn``
 (``ReplicationSession.confirm``) only after the staged files and manifests are durable in S3.
@@ -179,6 +181,7 @@ class _SpillWriter:
         "file",
         "first",
         "last",
+        "ncolumns",
         "path",
         "pending",
         "relation",
@@ -190,6 +193,7 @@ class _SpillWriter:
     def __init__(self, table: TableRef, relation: Relation, path: Path) -> None:
         self.table = table
         self.relation = relation
+        self.ncolumns = len(relation.columns)
         self.path = path
         self.file: IO[bytes] | None = None  # open while in _StreamState.open_files
         self.written = 0  # bytes written (through the buffer)
@@ -355,19 +359,28 @@ class _StreamState:
         unchanged = [i for i, v in enumerate(values) if v is UNCHANGED] or None
         self.write_row(writer, op, fields.encode(), len(values), unchanged=unchanged, moved=moved)
 
-    def insert_payload(self, payload: bytes) -> None:
-        """An insert, from its payload straight to the spill (the hot path: no message object)."""
-        writer = self.writer(_u32(payload, 1)[0])
-        if writer is not None:
-            fields, count, unchanged, _ = tuple_csv(payload, 6)
-            self.write_row(writer, b"I", fields, count, unchanged=unchanged)
-
-    def update_payload(self, payload: bytes) -> None:
-        """An update without an old key or row (its identity did not change), straight to the spill."""
-        writer = self.writer(_u32(payload, 1)[0])
-        if writer is not None:
-            fields, count, unchanged, _ = tuple_csv(payload, 6)
-            self.write_row(writer, b"U", fields, count, unchanged=unchanged)
+    def new_tuple_payload(self, op: bytes, payload: bytes) -> None:
+        """An insert, or an update that kept its identity (no old key or row): from the payload's
+        bytes straight to the spill. The hot path of a stream, so it is one call per row: no message
+        object, the common case written inline (what ``write_row`` does)."""
+        oid = _u32(payload, 1)[0]
+        writer = self.current.get(oid)
+        if writer is None or writer.file is None:
+            writer = self.writer(oid)
+            if writer is None:
+                return
+        if not writer.pending:  # its first row of the transaction: commit or discard it with the rest
+            self.touched[id(writer)] = writer
+        fields, count, unchanged, _ = tuple_csv(payload, 6)
+        if unchanged or count != writer.ncolumns:
+            self.write_row(writer, op, fields, count, unchanged=unchanged)
+            return
+        self.seq += 1
+        data = b"%s%s%d,%s,,false,%s\n" % (op, self.head, self.seq, self.committed_at, fields)
+        writer.file.write(data)  # type: ignore[union-attr]  # open: checked above
+        writer.written += len(data)
+        writer.pending += 1
+        self.pending_changes += 1
 
     def update(self, message: Update) -> None:
         writer = self.writer(message.relation_oid)
@@ -499,10 +512,7 @@ class ReplicationSession:
                 if tag in (0x49, 0x55) and payload[5:6] == b"N":  # 'I' or 'U', then the new tuple
                     self.changes_read += 1
                     try:
-                        if tag == 0x49:
-                            state.insert_payload(payload)
-                        else:
-                            state.update_payload(payload)
+                        state.new_tuple_payload(b"I" if tag == 0x49 else b"U", payload)
                     except (struct.error, IndexError) as exc:
                         raise PermanentError(
                             f"pgoutput message of {len(payload)} bytes is malformed: {exc}"
