@@ -43,7 +43,9 @@ def run_status_command(args: argparse.Namespace) -> int:
     # The slot's section reads pg_replication_slots: only when a table has mode cdc.
     pg_conn: Any = None
     if cdc_tables(settings):
-        pg_conn = connect_postgres(postgres_dsn(settings, session.client("secretsmanager")))
+        pg_conn = connect_postgres(
+            postgres_dsn(settings, None if settings.postgres.dsn else session.client("secretsmanager"))
+        )
     sf_conn: Any = connect(settings.snowflake)
     try:
         report = collect_status(
