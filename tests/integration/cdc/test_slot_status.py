@@ -4,9 +4,12 @@ and the drain's state object in a moto bucket; a dropped slot is refused with th
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
+import psycopg2
+import psycopg2.extras
 import pytest
 from cdc_support import ChangeCaptureSource, change_capture_source, drop_change_capture_source
 from psycopg2 import sql
@@ -123,6 +126,42 @@ def test_status_shows_the_slot_with_the_drain_state(
     text = "\n".join(report.format_lines())
     assert f"slot {source.slot}: INACTIVE" in text and "lag                   2m00s" in text
     assert json.loads(report.to_json())["slots"][0]["lag_seconds"] == 120
+
+
+def test_a_held_slot_is_active_with_its_consumer(
+    source: ChangeCaptureSource, table: TableRef, aws: LocalAws, bucket: str
+) -> None:
+    # Given a replication connection streaming the slot (as a drain does)
+    replication = psycopg2.connect(
+        source.dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection
+    )
+    try:
+        with replication.cursor() as stream:
+            stream.start_replication(
+                slot_name=source.slot,
+                decode=False,
+                options={"proto_version": "1", "publication_names": source.publication},
+            )
+            # When status reads the slot (the walsender marks it active once it starts streaming)
+            with autocommit_connection(source.dsn) as conn:
+                health = slot_health(conn, source.slot)
+                for _ in range(3000):  # bounded: a broken stream fails the assertion below, not a hang
+                    if health.active:
+                        break
+                    stream.read_message()  # lets the server finish starting the stream
+                    time.sleep(0.01)
+                    health = slot_health(conn, source.slot)
+                [status] = collect_slot_statuses(
+                    settings=settings_for(bucket, table, source.slot),
+                    s3=aws.client("s3"),
+                    pg_conn=conn,
+                    now=NOW,
+                )
+    finally:
+        replication.close()
+    # Then it is held, by a walsender, and shown OK
+    assert health.active and health.active_pid is not None
+    assert status.state == "OK" and status.active
 
 
 def test_status_without_a_drain_state_still_shows_the_slot(
