@@ -221,6 +221,12 @@ def _check(options: PostgresSetupOptions) -> None:
         problems.append(
             'no table has mode "cdc": name them with --tables or in PGSNOW_TABLE_OPTIONS (docs/change-capture.md)'
         )
+    if options.identities is not None:
+        problems += [
+            f"{t.qualified} is not in this database (check PGSNOW_TABLES and PGSNOW_TABLE_OPTIONS)"
+            for t, identity in sorted(options.identities.items(), key=lambda item: _order(item[0]))
+            if not identity.exists
+        ]
     if problems:
         raise ConfigError(problems)
 
@@ -269,9 +275,6 @@ def _replica_identity_step(options: PostgresSetupOptions) -> PostgresSetupStep:
                 + render_composable(_full_identity(table))
                 + ";"
             )
-            continue
-        if not identity.exists:
-            comments.append(f"{name}: NOT FOUND in this database (check PGSNOW_TABLES)")
             continue
         if identity.replica_identity == "f":
             comments.append(f"{name}: REPLICA IDENTITY FULL (already)")

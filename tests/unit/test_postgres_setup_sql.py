@@ -116,7 +116,6 @@ def test_without_a_catalog_every_table_gets_the_advice_and_no_statement() -> Non
             "shop.orders: REPLICA IDENTITY NOTHING",
             'ALTER TABLE "shop"."orders" REPLICA IDENTITY DEFAULT',
         ),
-        (TableIdentity(ORDERS, exists=False), "shop.orders: NOT FOUND", None),
         (
             TableIdentity(
                 ORDERS,
@@ -129,7 +128,7 @@ def test_without_a_catalog_every_table_gets_the_advice_and_no_statement() -> Non
             'ALTER TABLE "shop"."orders_2026" REPLICA IDENTITY FULL',
         ),
     ],
-    ids=["primary-key", "no-key-full", "already-full", "nothing-with-key", "missing", "partition-leaf"],
+    ids=["primary-key", "no-key-full", "already-full", "nothing-with-key", "partition-leaf"],
 )
 def test_replica_identity_advice_follows_the_catalog(
     identity: TableIdentity, expected_comment: str, expected_statement: str | None
@@ -182,6 +181,12 @@ def test_names_and_values_are_quoted() -> None:
 )
 def test_render_without_a_connection(composable: sql.Composable, expected: str) -> None:
     assert render_composable(composable) == expected
+
+
+def test_a_table_missing_from_the_catalog_is_a_config_error() -> None:
+    setup = options(tables=[ORDERS], identities={ORDERS: TableIdentity(ORDERS, exists=False)})
+    with pytest.raises(ConfigError, match=r"shop\.orders is not in this database"):
+        build_postgres_setup(setup)
 
 
 def test_no_cdc_table_is_a_config_error() -> None:
