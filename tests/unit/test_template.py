@@ -1493,3 +1493,15 @@ def test_slot_parameter_follows_postgresqls_slot_name_rule(sam_template: dict[st
     pattern = sam_template["Parameters"]["CdcSlot"]["AllowedPattern"]
     assert re.fullmatch(pattern, "pgsnow_prod_1")
     assert not re.fullmatch(pattern, "Pgsnow-prod")
+
+
+def test_the_drain_state_never_expires(cfn: dict[str, Any]) -> None:
+    # _pgsnow/cdc/{slot}/state.json chains each table's change runs (after_lsn = its last end):
+    # no lifecycle rule may expire it, whatever the retention parameters say.
+    rules = properties(cfn, "StageBucket")["LifecycleConfiguration"]["Rules"]
+    prefixes = []
+    for rule in rules:
+        arms = rule["Fn::If"][1:] if "Fn::If" in rule else [rule]
+        prefixes += [arm.get("Prefix") for arm in arms if isinstance(arm, dict) and "ExpirationInDays" in arm]
+    as_text = [p["Fn::Sub"] if isinstance(p, dict) else p for p in prefixes if p is not None]
+    assert as_text and not [p for p in as_text if "_pgsnow/cdc/".startswith(p) or p.startswith("_pgsnow/cdc")]
