@@ -27,7 +27,7 @@ def run_status_command(args: argparse.Namespace) -> int:
     import boto3
 
     from pgsnow.config import Component, Settings
-    from pgsnow.errors import ConfigError
+    from pgsnow.errors import ConfigError, PgSnowError
     from pgsnow.postgres import connect as connect_postgres
     from pgsnow.postgres_setup import cdc_tables
     from pgsnow.runtime import postgres_dsn
@@ -40,12 +40,17 @@ def run_status_command(args: argparse.Namespace) -> int:
     # A session of its own reads the credentials in the environment now; boto3's default session
     # would keep the ones it found first in this process.
     session = boto3.Session()
-    # The slot's section reads pg_replication_slots: only when a table has mode cdc.
+    # The slot's section reads pg_replication_slots: only when a table has mode cdc. A database
+    # out of reach shows the slot UNKNOWN with the reason; the rest of the report still stands.
     pg_conn: Any = None
+    pg_error: str | None = None
     if cdc_tables(settings):
-        pg_conn = connect_postgres(
-            postgres_dsn(settings, None if settings.postgres.dsn else session.client("secretsmanager"))
-        )
+        try:
+            pg_conn = connect_postgres(
+                postgres_dsn(settings, None if settings.postgres.dsn else session.client("secretsmanager"))
+            )
+        except PgSnowError as exc:
+            pg_error = exc.message
     sf_conn: Any = connect(settings.snowflake)
     try:
         report = collect_status(
@@ -55,6 +60,7 @@ def run_status_command(args: argparse.Namespace) -> int:
             sf_conn=sf_conn,
             table=args.table,
             pg_conn=pg_conn,
+            pg_error=pg_error,
         )
     finally:
         sf_conn.close()

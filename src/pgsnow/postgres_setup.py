@@ -104,7 +104,8 @@ def build_postgres_setup(options: PostgresSetupOptions) -> list[PostgresSetupSte
         PostgresSetupStep(
             "Replication slot",
             "The slot keeps every change from now on until pgsnow confirms it (only after the change "
-            "files and their manifest are in S3). Watch its retained WAL (pgsnow status, the "
+            "files and their manifest are in S3). Creating it waits for the transactions running at that "
+            "moment to end. Watch its retained WAL (pgsnow status, the "
             "RetainedWalBytes alarm); drop it (pg_drop_replication_slot) if change capture is retired, "
             "or it pins WAL forever.",
             (

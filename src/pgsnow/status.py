@@ -72,7 +72,7 @@ class SlotStatus:
     """A change-capture slot: the server's view and the drain's state object's."""
 
     slot: str
-    state: str  # OK | INACTIVE (no drain holds it now: normal between runs) | AT RISK | LOST
+    state: str  # OK | INACTIVE (no drain holds it now: normal between runs) | AT RISK | LOST | UNKNOWN
     active: bool
     wal_status: str | None
     retained_wal_bytes: int | None
@@ -135,6 +135,11 @@ class StatusReport:
 def format_slot_lines(slot: SlotStatus) -> list[str]:
     """The slot's section of the text report."""
     lines = [f"slot {slot.slot}: {slot.state}"]
+    if slot.state == "UNKNOWN":
+        lines.append(f"  {slot.error}")
+        lines.append(f"  confirmed LSN (drain state)  {slot.confirmed_lsn or '-'}")
+        lines.append(f"  since confirmation           {format_lag(slot.seconds_since_confirmation)}")
+        return lines
     if slot.state == "LOST":
         lines.append(f"  {slot.error}")
         lines.append(f"  re-snapshot its tables: {slot.resnapshot_command}")
@@ -353,12 +358,33 @@ def _age(iso: str | None, now: datetime) -> int | None:
     return max(0, int((now - then).total_seconds()))
 
 
-def collect_slot_statuses(*, settings: Settings, s3: Any, pg_conn: Any, now: datetime) -> list[SlotStatus]:
-    """The change-capture slot (CDC_SLOT) when any table has mode cdc; [] otherwise."""
+def collect_slot_statuses(
+    *, settings: Settings, s3: Any, pg_conn: Any, now: datetime, pg_error: str | None = None
+) -> list[SlotStatus]:
+    """The change-capture slot (CDC_SLOT) when any table has mode cdc; [] otherwise. With
+    ``pg_error`` (PostgreSQL could not be reached) the slot is shown UNKNOWN with that reason."""
     tables = cdc_tables(settings)
     if not tables:
         return []
     slot = settings.cdc.slot
+    if pg_error is not None:
+        state = read_drain_state(s3, settings.bucket, slot)
+        confirmed_at = _text(state, "confirmed_at")
+        return [
+            SlotStatus(
+                slot=slot,
+                state="UNKNOWN",
+                active=False,
+                wal_status=None,
+                retained_wal_bytes=None,
+                confirmed_lsn=_text(state, "confirmed_lsn"),
+                confirmed_at=confirmed_at,
+                seconds_since_confirmation=_age(confirmed_at, now),
+                lag_seconds=None,
+                tables=[t.qualified for t in tables],
+                error=f"PostgreSQL not reachable: {pg_error}",
+            )
+        ]
     return [
         slot_status(
             health=slot_health(pg_conn, slot),
@@ -378,6 +404,7 @@ def collect_status(
     table: TableRef | None = None,
     now: datetime | None = None,
     pg_conn: Any | None = None,
+    pg_error: str | None = None,
 ) -> StatusReport:
     """The status of one table, or of every table with a manifest, plus the dead-letter queue and,
     given a PostgreSQL connection, the change-capture slot."""
@@ -395,6 +422,6 @@ def collect_status(
         ],
         dead_letters=dead_letters,
         slots=[]
-        if pg_conn is None
-        else collect_slot_statuses(settings=settings, s3=s3, pg_conn=pg_conn, now=now),
+        if pg_conn is None and pg_error is None
+        else collect_slot_statuses(settings=settings, s3=s3, pg_conn=pg_conn, now=now, pg_error=pg_error),
     )

@@ -193,3 +193,20 @@ def test_a_dropped_slot_is_lost_refused_and_shown_with_the_resnapshot_command(
     assert status.state == "LOST" and status.resnapshot_command == command
     assert command == f"pgsnow cdc resnapshot --slot {source.slot} --tables {table.qualified}"
     assert f"re-snapshot its tables: {command}" in "\n".join(StatusReport(slots=[status]).format_lines())
+
+
+def test_an_unreachable_database_shows_the_slot_unknown_from_the_drain_state(
+    table: TableRef, aws: LocalAws, bucket: str
+) -> None:
+    s3 = aws.client("s3")
+    state = {"confirmed_lsn": "0/5000", "confirmed_at": "2026-12-07T07:59:00Z"}
+    s3.put_object(Bucket=bucket, Key=drain_state_key("lost_db_slot"), Body=json.dumps(state).encode())
+    [status] = collect_slot_statuses(
+        settings=settings_for(bucket, table, "lost_db_slot"), s3=s3, pg_conn=None, now=NOW, pg_error="refused"
+    )
+    assert (status.state, status.confirmed_lsn, status.seconds_since_confirmation) == (
+        "UNKNOWN",
+        "0/5000",
+        60,
+    )
+    assert "PostgreSQL not reachable: refused" in "\n".join(StatusReport(slots=[status]).format_lines())
