@@ -8,4 +8,6 @@ One file per job:
 - ``reader``: ``open_stream`` / ``read_changes``: stream the slot from its confirmed position to
   per-table spill files (PostgreSQL COPY CSV), cut at a commit, never confirming a position itself;
   ``ReplicationSession.confirm`` is how the drain confirms once the staged files are durable.
+- ``slot``: the slot's health (retained WAL, confirmed position, lost or missing) and the
+  re-snapshot command a lost slot needs.
 """
