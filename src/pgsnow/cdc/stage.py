@@ -2,7 +2,7 @@
 
 The reader spills pgoutput's text values (``pgsnow.cdc.reader.SpilledChanges``). Their staged form
 must be exactly what a full run would stage for the same values, so they are not converted in
-Python: each segment is COPYed into a TEMP table of the relation's column types
+Python: a table's segments are COPYed into a TEMP table of the newest relation's column types
 (``format_type(type_oid, type_modifier)``, as pgoutput described them), after the change columns
 (``pgsnow.changes.CHANGE_COLUMNS``), and read back out with the extractor's own select builders
 (``csv_select`` / ``arrow_csv_select`` through ``TableReader``), the table's value policy and
@@ -28,7 +28,15 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from pgsnow.changes import CHANGE_COLUMN_TYPES, CHANGE_COLUMNS, LSN_COLUMN, SEQ_COLUMN
+from pgsnow.changes import (
+    CHANGE_COLUMN_TYPES,
+    CHANGE_COLUMNS,
+    LSN_COLUMN,
+    OP_COLUMN,
+    SEQ_COLUMN,
+    UNCHANGED_COLUMN,
+    unchanged_text,
+)
 from pgsnow.config import ValuePolicy
 from pgsnow.errors import PermanentError
 from pgsnow.formats import CsvBatchSplitter, ParquetWriter, WrittenFile, open_arrow_csv
@@ -102,7 +110,7 @@ class LocalChangeFile:
 
 @dataclass(frozen=True)
 class StagedSegment:
-    """One segment's local files and what its manifest says about them."""
+    """One table's local change files of a run and what its manifest says about them."""
 
     table: TableRef
     columns: tuple[Column, ...]  # the table's data columns (the files carry CHANGE_COLUMNS first)
@@ -130,9 +138,9 @@ def connect_for_staging(dsn: str, *, statement_timeout_ms: int = 0) -> Connectio
     return conn
 
 
-def stage_segment(
+def stage_table(
     pg_conn: Connection,
-    segment: SpilledSegment,
+    segments: Sequence[SpilledSegment],
     *,
     run_id: str,
     prefix: str,
@@ -140,23 +148,29 @@ def stage_segment(
     value_policy: ValuePolicy,
     target_file_mb: int,
     work_dir: Path,
-    first_batch: int = 1,
     batch_rows: int | None = None,
     kept_scales: Mapping[str, int] | None = None,
     source_nullable: Mapping[str, bool] | None = None,
 ) -> StagedSegment:
-    """Stage one segment's changes as local files (nothing is uploaded).
+    """Stage one table's segments of a run (in stream order) as local files; nothing is uploaded.
 
-    Batches are numbered from ``first_batch`` (a table's later segments in the same run continue
-    after the earlier ones, so keys never collide). ``kept_scales``: NUMBER scales the Snowflake
-    table already has for unbounded numeric columns. ``source_nullable``: the columns'
-    nullability in the source table (the temp table's columns are all nullable; a column the
-    source no longer has is nullable). Raises PermanentError naming the table when a value
-    cannot be staged under the value policy.
+    All of them are staged in the newest relation's columns, so one manifest describes the run's
+    files: a segment spilled under an older column list (a column was added, dropped or retyped
+    mid-run) is COPYed into a temp table of its own types first and then inserted into the newest
+    shape: a column it lacks is NULL and, on its updates, listed in ``_pgsnow_unchanged`` (the
+    change did not touch it: the target keeps its value); a column since dropped is left out; a
+    retyped column is cast by PostgreSQL (a value the new type cannot take is a PermanentError).
+
+    ``kept_scales``: NUMBER scales the Snowflake table already has for unbounded numeric columns.
+    ``source_nullable``: the columns' nullability in the source table (the temp table's columns
+    are all nullable; a column the source no longer has is nullable). Raises PermanentError
+    naming the table when a value cannot be staged under the value policy.
     """
-    table = segment.table
-    relation_columns = list(segment.relation.columns)
-    clash = sorted({c.name for c in relation_columns} & set(CHANGE_COLUMNS))
+    if not segments:
+        raise ValueError("stage_table needs at least one segment")
+    table = segments[-1].table
+    relation_columns = list(segments[-1].relation.columns)
+    clash = sorted({c.name for s in segments for c in s.relation.columns} & set(CHANGE_COLUMNS))
     if clash:
         raise PermanentError(
             f"{table.qualified} has columns named like pgsnow's change columns ({', '.join(clash)}): "
@@ -164,17 +178,18 @@ def stage_segment(
             table=table.qualified,
         )
     temp_name = f"pgsnow_changes_{uuid.uuid4().hex[:16]}"
+    out_dir = work_dir / temp_name  # tables of one run stage side by side: batch numbers repeat
+    out_dir.mkdir(parents=True)
     started = time.monotonic()
     try:
         with pg_conn.cursor() as cur:
             temp_schema = _create_temp_table(cur, temp_name, relation_columns)
-            with segment.path.open("rb") as spill:
-                cur.copy_expert(
-                    sql.SQL("COPY {} FROM STDIN WITH (FORMAT csv, ENCODING 'UTF8')").format(
-                        sql.Identifier(temp_schema, temp_name)
-                    ),
-                    spill,
-                )
+            target = sql.Identifier(temp_schema, temp_name)
+            for segment in segments:
+                if _shape(segment.relation.columns) == _shape(relation_columns):
+                    _copy_spill(cur, target, segment.path)
+                else:
+                    _insert_older_segment(cur, target, segment, relation_columns)
         schema = describe_table(pg_conn, TableRef(temp_schema, temp_name))
         schema = choose_numeric_scales(pg_conn, schema, kept=kept_scales)
         # Key values must stage unchanged whatever the policy: they are what the loader matches on.
@@ -199,12 +214,10 @@ def stage_segment(
         cap = batch_rows or NO_ROW_CAP
         if file_format is FileFormat.PARQUET:
             written = _write_parquet(
-                reader, rows, schema, work_dir=work_dir, first_batch=first_batch, max_bytes=max_bytes, cap=cap
+                reader, rows, schema, work_dir=out_dir, first_batch=1, max_bytes=max_bytes, cap=cap
             )
         else:
-            written = _write_csv(
-                reader, rows, work_dir=work_dir, first_batch=first_batch, max_bytes=max_bytes, cap=cap
-            )
+            written = _write_csv(reader, rows, work_dir=out_dir, first_batch=1, max_bytes=max_bytes, cap=cap)
     except psycopg2.Error as exc:
         raise classify_pg_error(exc, table=table.qualified) from exc
     finally:
@@ -240,6 +253,52 @@ def stage_segment(
         },
     )
     return staged
+
+
+def _shape(columns: Sequence[SpilledColumn]) -> list[tuple[str, int, int]]:
+    return [(c.name, c.type_oid, c.type_modifier) for c in columns]
+
+
+def _copy_spill(cur: Any, target: sql.Identifier, path: Path) -> None:
+    with path.open("rb") as spill:
+        cur.copy_expert(
+            sql.SQL("COPY {} FROM STDIN WITH (FORMAT csv, ENCODING 'UTF8')").format(target), spill
+        )
+
+
+def _insert_older_segment(
+    cur: Any, target: sql.Identifier, segment: SpilledSegment, newest: Sequence[SpilledColumn]
+) -> None:
+    """A segment spilled under an older column list, brought into the newest shape (``stage_table``)."""
+    older = list(segment.relation.columns)
+    older_name = f"pgsnow_changes_{uuid.uuid4().hex[:16]}"
+    _create_temp_table(cur, older_name, older)
+    source = sql.Identifier(older_name)
+    _copy_spill(cur, source, segment.path)
+    older_names = {c.name for c in older}
+    common = [c.name for c in newest if c.name in older_names]
+    missing = [c.name for c in newest if c.name not in older_names]
+    unchanged: sql.Composable = sql.Identifier(UNCHANGED_COLUMN)
+    if missing:
+        # jsonb || keeps the listed names and appends the missing ones (their text is pgsnow's JSON array).
+        unchanged = sql.SQL(
+            "CASE WHEN {op} = 'U' THEN (coalesce({u}::jsonb, '[]'::jsonb) || {missing}::jsonb)::text ELSE {u} END"
+        ).format(
+            op=sql.Identifier(OP_COLUMN),
+            u=sql.Identifier(UNCHANGED_COLUMN),
+            missing=sql.Literal(unchanged_text(missing)),
+        )
+    selected = [unchanged if name == UNCHANGED_COLUMN else sql.Identifier(name) for name in CHANGE_COLUMNS]
+    selected += [sql.Identifier(name) for name in common]
+    cur.execute(
+        sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(
+            target,
+            sql.SQL(", ").join(sql.Identifier(n) for n in (*CHANGE_COLUMNS, *common)),
+            sql.SQL(", ").join(selected),
+            source,
+        )
+    )
+    cur.execute(sql.SQL("DROP TABLE {}").format(source))
 
 
 def _without_pk(schema: TableSchema) -> TableSchema:

@@ -14,10 +14,18 @@ from typing import Any
 import psycopg2.extensions
 import pyarrow.parquet as pq
 import pytest
-from drain_support import HandSegment, read_csv_object, relation_of, run_sql, write_spill
+from drain_support import (
+    HandColumn,
+    HandRelation,
+    HandSegment,
+    read_csv_object,
+    relation_of,
+    run_sql,
+    write_spill,
+)
 from psycopg2 import sql
 
-from pgsnow.cdc.stage import connect_for_staging, stage_segment, upload_files
+from pgsnow.cdc.stage import connect_for_staging, stage_table, upload_files
 from pgsnow.changes import CHANGE_COLUMNS
 from pgsnow.config import ValuePolicy
 from pgsnow.errors import PermanentError
@@ -80,12 +88,14 @@ SPILL = [
 ]
 
 
-def stage(pg_dsn: str, segment: HandSegment, tmp_path: Path, file_format: FileFormat, **options: Any) -> Any:
+def stage(
+    pg_dsn: str, segments: list[HandSegment], tmp_path: Path, file_format: FileFormat, **options: Any
+) -> Any:
     conn = connect_for_staging(pg_dsn)
     try:
-        return stage_segment(
+        return stage_table(
             conn,
-            segment,
+            segments,
             run_id=RUN_ID,
             prefix=PREFIX,
             file_format=file_format,
@@ -118,7 +128,7 @@ def test_stage_csv_from_a_spill_file(
     # Given a spill of inserts, an update with an unchanged TOAST column and a delete (out of order on disk)
     segment = hand_segment(admin, typed_table, tmp_path, [SPILL[2], SPILL[0], SPILL[3], SPILL[1]])
     # When it is staged as CSV and uploaded
-    staged = stage(pg_dsn, segment, tmp_path, FileFormat.CSV)
+    staged = stage(pg_dsn, [segment], tmp_path, FileFormat.CSV)
     upload_files(s3, bucket, staged.files, run_id=RUN_ID)
     # Then one file holds the change columns then the table's, in (lsn, seq) order, in the type contract
     assert [c.name for c in staged.columns] == ["id", "note", "amount", "at", "raw", "doc", "flag"]
@@ -205,9 +215,9 @@ def test_stage_parquet_from_a_spill_file(
     tmp_path: Path,
 ) -> None:
     segment = hand_segment(admin, typed_table, tmp_path, SPILL)
-    staged = stage(pg_dsn, segment, tmp_path, FileFormat.PARQUET, first_batch=7)
+    staged = stage(pg_dsn, [segment], tmp_path, FileFormat.PARQUET)
     upload_files(s3, bucket, staged.files, run_id=RUN_ID)
-    assert [f.key for f in staged.files] == [data_key(PREFIX, typed_table, 7, RUN_ID, FileFormat.PARQUET)]
+    assert [f.key for f in staged.files] == [data_key(PREFIX, typed_table, 1, RUN_ID, FileFormat.PARQUET)]
     table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=staged.files[0].key)["Body"].read()))
     assert table.column_names == [*CHANGE_COLUMNS, "id", "note", "amount", "at", "raw", "doc", "flag"]
     rows = table.to_pylist()
@@ -251,7 +261,7 @@ def test_files_are_cut_at_the_target_size(
     # CSV is cut by size (after each 1 MB block); Parquet after the row group that reaches the target
     # (20K rows here: one group), so it is cut by the row cap, as a full run's files are.
     for file_format, options in ((FileFormat.CSV, {}), (FileFormat.PARQUET, {"batch_rows": 2500})):
-        staged = stage(pg_dsn, segment, tmp_path, file_format, target_file_mb=1, **options)
+        staged = stage(pg_dsn, [segment], tmp_path, file_format, target_file_mb=1, **options)
         assert len(staged.files) >= 3  # ~3.6 MB of gzipped hex (random bytes) at 1 MB per file
         assert sum(f.written.rows for f in staged.files) == 6000
         assert [f.written.batch for f in staged.files] == list(range(1, len(staged.files) + 1))
@@ -270,6 +280,51 @@ def test_a_value_snowflake_cannot_hold_names_the_table(
     rows: list[list[str | None]] = [["I", "5", "1", "2026-12-07 08:00:00+00", None, "f", "1", "NaN"]]
     segment = hand_segment(admin, table, tmp_path, rows)
     with pytest.raises(PermanentError, match=f"{schema_name}.floats"):
-        stage(pg_dsn, segment, tmp_path, FileFormat.CSV)
-    staged = stage(pg_dsn, segment, tmp_path, FileFormat.CSV, value_policy=ValuePolicy.NULL)
+        stage(pg_dsn, [segment], tmp_path, FileFormat.CSV)
+    staged = stage(pg_dsn, [segment], tmp_path, FileFormat.CSV, value_policy=ValuePolicy.NULL)
     assert staged.files[0].written.rows == 1
+
+
+def test_older_segments_are_staged_in_the_newest_columns(
+    admin: psycopg2.extensions.connection, schema_name: str, pg_dsn: str, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    # Given a table whose column "extra" was added and "gone" dropped mid-run: an older segment
+    # spilled as (id, gone, note) and the newest as (id, note, extra)
+    table = TableRef(schema_name, "drifted")
+    run_sql(
+        admin,
+        sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, note text, extra int)").format(
+            sql.Identifier(table.schema, table.table)
+        ),
+    )
+    newest = relation_of(admin, table)
+    by_name = {c.name: c for c in newest.columns}
+    older = HandRelation((by_name["id"], HandColumn("gone", 25, -1, False), by_name["note"]))
+    old_path, new_path = tmp_path / "old.csv", tmp_path / "new.csv"
+    at = "2026-12-07 08:00:00+00"
+    write_spill(
+        old_path,
+        [
+            ["I", "10", "1", at, None, "f", "1", "dropped", "a"],
+            ["U", "20", "1", at, None, "f", "1", "dropped", "b"],
+            ["U", "20", "2", at, '["note"]', "f", "1", "dropped", None],
+        ],
+    )
+    write_spill(new_path, [["U", "20", "3", at, None, "f", "1", "c", "7"]])
+    segments = [
+        HandSegment(table, older, old_path, 3, 10, 20),
+        HandSegment(table, newest, new_path, 1, 20, 20),
+    ]
+    # When both are staged as one table's files
+    staged = stage(pg_dsn, segments, tmp_path, FileFormat.CSV)
+    upload_files(s3, bucket, staged.files, run_id=RUN_ID)
+    # Then one file in the newest columns: the older updates mark "extra" unchanged, "gone" is left out
+    assert [c.name for c in staged.columns] == ["id", "note", "extra"]
+    records = read_csv_object(s3, bucket, staged.files[0].key)
+    assert records[0][len(CHANGE_COLUMNS) :] == ["id", "note", "extra"]
+    assert [(r[0], r[2], r[4], r[6:]) for r in records[1:]] == [
+        ("I", "1", None, ["1", "a", None]),
+        ("U", "1", '["extra"]', ["1", "b", None]),
+        ("U", "2", '["note", "extra"]', ["1", None, None]),
+        ("U", "3", None, ["1", "c", "7"]),
+    ]
