@@ -1,0 +1,11 @@
+"""Change capture: draining a logical replication slot into staged change files (docs/change-capture.md).
+
+The change-capture contract (change columns, LSNs, how runs chain) is ``pgsnow.changes``.
+
+One file per job:
+
+- ``protocol``: ``decode_message``, a decoder for pgoutput (protocol version 1) messages.
+- ``reader``: ``open_stream`` / ``read_changes``: stream the slot from its confirmed position to
+  per-table spill files (PostgreSQL COPY CSV), cut at a commit, never confirming a position itself;
+  ``ReplicationSession.confirm`` is how the drain confirms once the staged files are durable.
+"""
