@@ -129,22 +129,30 @@ def read_slot(conn: Connection, slot: str) -> SlotStatus | None:
     )
 
 
-def check_slot(conn: Connection, slot: str, tables: Sequence[TableRef]) -> SlotStatus:
-    """The slot, refused when it is missing or invalidated (its changes since the last run are gone)."""
-    status = read_slot(conn, slot)
+def slot_problem(status: SlotStatus | None, slot: str, tables: Sequence[TableRef]) -> str | None:
+    """Why the slot cannot be drained (missing, or invalidated: the changes it held are gone), or None."""
     names = ", ".join(t.qualified for t in tables) or "none configured"
     command = RESNAPSHOT_COMMAND.format(slot=slot)
     if status is None:
-        raise PermanentError(
+        return (
             f"replication slot {slot!r} does not exist (dropped, or lost in a failover): create it with the "
             f"statements `pgsnow postgres-sql` prints, then re-snapshot its tables ({names}) with `{command}`"
         )
     if status.wal_status == "lost" or status.invalidation_reason:
         why = status.invalidation_reason or "wal_status lost"
-        raise PermanentError(
+        return (
             f"replication slot {slot!r} was invalidated ({why}, e.g. by max_slot_wal_keep_size): the changes "
             f"it held are gone; re-snapshot its tables ({names}) with `{command}`"
         )
+    return None
+
+
+def check_slot(conn: Connection, slot: str, tables: Sequence[TableRef]) -> SlotStatus:
+    """The slot, refused (PermanentError) when it is missing or invalidated."""
+    status = read_slot(conn, slot)
+    problem = slot_problem(status, slot, tables)
+    if problem is not None or status is None:
+        raise PermanentError(problem or f"replication slot {slot!r} does not exist")
     return status
 
 
@@ -167,7 +175,9 @@ def emit_heartbeat(conn: Connection, settings: Settings, run_id: str, at: dateti
                 (run_id, at),
             )
             cur.execute("SELECT pg_current_wal_lsn()::text")
-        return parse_lsn(str(cur.fetchone()[0]))
+        found = cur.fetchone()
+    assert found is not None  # a SELECT of one expression returns one row
+    return parse_lsn(str(found[0]))
 
 
 def retained_wal_bytes(conn: Connection, slot: str) -> int | None:
@@ -202,11 +212,13 @@ def drain_slot(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     work_dir: Path | None = None,
     before_confirm: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
     """Drain ``settings.cdc.slot`` once (module docstring); returns the outcome (also logged).
 
     ``before_confirm`` is called after the state is written and before the slot is confirmed
-    (the fault tests' seam: raising there is dying before the confirmation). Raises
+    (the fault tests' seam: raising there is dying before the confirmation); ``clock`` is the
+    reader's deadline clock (``time.monotonic``; a test's own cuts a read where it wants). Raises
     PermanentError for a missing/invalidated slot or data Snowflake cannot hold, RetryableError
     for transient failures; either way nothing is confirmed and the next run replays.
     """
@@ -240,6 +252,7 @@ def drain_slot(
                 scratch=Path(scratch),
                 now=now,
                 before_confirm=before_confirm,
+                clock=clock,
             )
     finally:
         control.close()
@@ -267,6 +280,7 @@ def _drain(
     scratch: Path,
     now: Callable[[], datetime],
     before_confirm: Callable[[], None] | None,
+    clock: Callable[[], float],
 ) -> dict[str, Any]:
     from pgsnow.cdc.reader import SlotBusyError, open_stream
 
@@ -288,6 +302,7 @@ def _drain(
                 deadline=deadline,
                 spill_dir=spill_dir,
                 heartbeat_prefix=HEARTBEAT_PREFIX,
+                clock=clock,
             )
         except SlotBusyError:
             logger.info(
@@ -299,7 +314,17 @@ def _drain(
             replace(state, last_run_id=run_id, last_run_finished=False), run_id=run_id
         )
         staged = _stage_and_upload(
-            settings, dsn, s3, store, session, stream, state, run_id, started_at, scratch, now
+            settings,
+            dsn=dsn,
+            s3=s3,
+            store=store,
+            session=session,
+            stream=stream,
+            state=state,
+            run_id=run_id,
+            started_at=started_at,
+            scratch=scratch,
+            now=now,
         )
         ends = {table.qualified: stream.end_lsn for table in staged}
         state = store.save_drain_state(

@@ -4,6 +4,7 @@ spilled segments, spill files, and staged CSV read back with NULL apart from ''.
 from __future__ import annotations
 
 import gzip
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,11 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from pgsnow.changes import parse_lsn
+from pgsnow.config import Component, Settings
 from pgsnow.identifiers import TableRef
+from pgsnow.manifest import RunManifest
+from pgsnow.runs import RunStore
 
 
 def run_sql(
@@ -107,3 +112,41 @@ def read_csv_object(s3: Any, bucket: str, key: str) -> list[list[str | None]]:
     """A staged CSV.gz object's records, header first."""
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     return parse_csv_keeping_nulls(gzip.decompress(body).decode("utf-8"))
+
+
+def cdc_settings(
+    bucket: str, dsn: str, source: Any, tables: list[TableRef], *, fmt: str = "csv", **env: str
+) -> Settings:
+    """Extractor settings for change capture of ``tables`` through ``source`` (cdc_support)."""
+    options = {t.qualified: {"mode": "cdc"} for t in tables}
+    return Settings.from_env(
+        {
+            "S3_STAGE_BUCKET": bucket,
+            "S3_STAGE_PREFIX": "staging",
+            "PGSNOW_TABLES": ",".join(t.qualified for t in tables),
+            "PGSNOW_TABLE_OPTIONS": json.dumps(options),
+            "PGSNOW_PG_DSN": dsn,
+            "S3_FILE_FORMAT": fmt,
+            "CDC_SLOT": source.slot,
+            "CDC_PUBLICATION": source.publication,
+            **env,
+        },
+        Component.EXTRACTOR,
+    )
+
+
+def slot_position(admin: psycopg2.extensions.connection, slot: str) -> tuple[int, int]:
+    """(confirmed_flush_lsn, retained WAL bytes) of the slot."""
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT confirmed_flush_lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
+            "FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        )
+        confirmed, retained = cur.fetchone()
+    return parse_lsn(confirmed), int(retained)
+
+
+def cdc_manifests(store: RunStore, table: TableRef) -> list[RunManifest]:
+    """The table's manifests, oldest first."""
+    return [store.get_manifest(table, run_id) for run_id in store.run_ids(table)]
