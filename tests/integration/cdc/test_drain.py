@@ -7,6 +7,9 @@ on a real slot of the test's own (``cdc_support.change_capture_source``).
 from __future__ import annotations
 
 import io
+import json
+import sys
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -29,7 +32,7 @@ from drain_support import (
     write_spill,
 )
 from psycopg2 import sql
-from stack_support import unique_name
+from stack_support import postgres_secret_arn, unique_name
 
 from pgsnow.cdc.drain import SlotStatus, drain_slot, slot_problem
 from pgsnow.cdc.reader import open_stream
@@ -39,8 +42,12 @@ from pgsnow.config import ValuePolicy
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key
+from pgsnow.local.aws import LocalAws
+from pgsnow.local.dispatcher import LambdaContext
+from pgsnow.local.stack import load_function_handler
 from pgsnow.manifest import RunState
 from pgsnow.runs import RunStore
+from pgsnow.runtime import reset_runtime
 
 pytestmark = pytest.mark.integration
 
@@ -538,3 +545,47 @@ def test_an_invalidated_slot_names_the_resnapshot_command(
     else:
         assert found is not None and problem in found and "pgsnow cdc resnapshot --slot s1" in found
         assert "public.t" in found
+
+
+def test_the_change_capture_handler_drains_on_a_schedule_event(
+    admin: psycopg2.extensions.connection,
+    aws: LocalAws,
+    pg_dsn: str,
+    s3: Any,
+    bucket: str,
+    shop: tuple[TableRef, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table, source = shop
+    run_sql(
+        admin, sql.SQL("INSERT INTO {} VALUES (7, 'x', 1)").format(sql.Identifier(table.schema, table.table))
+    )
+    for name, value in {
+        **aws.env(),
+        "S3_STAGE_BUCKET": bucket,
+        "PGSNOW_TABLES": table.qualified,
+        "PGSNOW_TABLE_OPTIONS": json.dumps({table.qualified: {"mode": "cdc"}}),
+        "PGSNOW_PG_SECRET_ARN": postgres_secret_arn(aws.client("secretsmanager"), pg_dsn),
+        "CDC_SLOT": source.slot,
+        "CDC_PUBLICATION": source.publication,
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("PGSNOW_PG_DSN", raising=False)
+    reset_runtime()
+    try:
+        load_function_handler("extractor")
+        handler = sys.modules["pgsnow_function_extractor_app"].change_capture_handler
+        event = json.loads(
+            (Path(__file__).resolve().parents[3] / "events" / "change_capture.json").read_text()
+        )
+        context = LambdaContext(
+            function_name="pgsnow-test-change-capture",
+            invoked_function_arn="arn:aws:lambda:us-east-1:123456789012:function:pgsnow-test-change-capture",
+            memory_limit_in_mb=1024,
+            deadline_monotonic=time.monotonic() + 900,
+        )
+        outcome = handler(event, context)
+    finally:
+        reset_runtime()
+    assert outcome["tables"] == {table.qualified: 1} and outcome["confirmed"]
+    assert slot_position(admin, source.slot)[0] == parse_lsn(outcome["end_lsn"])
