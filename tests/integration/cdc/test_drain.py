@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,14 @@ from pgsnow.cdc.reader import open_stream
 from pgsnow.cdc.stage import connect_for_staging, stage_table, upload_files
 from pgsnow.changes import CHANGE_COLUMNS, parse_lsn
 from pgsnow.config import ValuePolicy
-from pgsnow.errors import PermanentError
+from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key
 from pgsnow.local.aws import LocalAws
 from pgsnow.local.dispatcher import LambdaContext
 from pgsnow.local.stack import load_function_handler
 from pgsnow.manifest import RunState
-from pgsnow.runs import RunStore
+from pgsnow.runs import DrainState, RunStore
 from pgsnow.runtime import reset_runtime
 
 pytestmark = pytest.mark.integration
@@ -589,3 +590,31 @@ def test_the_change_capture_handler_drains_on_a_schedule_event(
         reset_runtime()
     assert outcome["tables"] == {table.qualified: 1} and outcome["confirmed"]
     assert slot_position(admin, source.slot)[0] == parse_lsn(outcome["end_lsn"])
+
+
+def test_the_drain_state_round_trips_and_refuses_a_second_writer(s3: Any, bucket: str) -> None:
+    store = RunStore(s3, bucket)
+    assert store.load_drain_state("pgsnow_state_test") is None
+    # Given a state written the first time (absent before) and read back
+    first = store.save_drain_state(
+        DrainState("pgsnow_state_test", 2**32 + 5, "20261207T080000000000Z", False, {"public.t": 7})
+    )
+    loaded = store.load_drain_state("pgsnow_state_test")
+    assert loaded is not None
+    assert (loaded.confirmed_lsn, loaded.last_run_id, loaded.last_run_finished, loaded.tables) == (
+        2**32 + 5,
+        "20261207T080000000000Z",
+        False,
+        {"public.t": 7},
+    )
+    body = json.loads(
+        s3.get_object(Bucket=bucket, Key="_pgsnow/cdc/pgsnow_state_test/state.json")["Body"].read()
+    )
+    assert body["confirmed_lsn"] == "1/5" and body["tables"] == {"public.t": "0/7"}
+    # When another writer saves over it, a save from the older read is refused
+    store.save_drain_state(replace(loaded, last_run_finished=True))
+    with pytest.raises(RetryableError, match="changed by another invocation"):
+        store.save_drain_state(replace(first, confirmed_lsn=9))
+    # And a name that is not a slot name never becomes a key
+    with pytest.raises(PermanentError, match="not a replication slot name"):
+        store.load_drain_state("../escape")
