@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -61,6 +62,8 @@ HEARTBEAT_PREFIX = "pgsnow.heartbeat"
 NO_DEADLINE_S = 365 * 24 * 3600.0
 RESNAPSHOT_COMMAND = "pgsnow cdc resnapshot --slot {slot}"
 SKIPPED_BUSY = {"skipped": "slot busy"}
+# How often the replication connection answers the server while the run stages and uploads.
+KEEP_ALIVE_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -309,35 +312,19 @@ def _drain(
                 "slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id}
             )
             return dict(SKIPPED_BUSY)
-        state = _repair(store, settings, tables, run_id, stream.start_lsn)
-        state = store.save_drain_state(
-            replace(state, last_run_id=run_id, last_run_finished=False), run_id=run_id
-        )
-        staged = _stage_and_upload(
-            settings,
-            dsn=dsn,
-            s3=s3,
-            store=store,
-            session=session,
-            stream=stream,
-            state=state,
-            run_id=run_id,
-            started_at=started_at,
-            scratch=scratch,
-            now=now,
-        )
-        ends = {table.qualified: stream.end_lsn for table in staged}
-        state = store.save_drain_state(
-            replace(
-                state,
-                confirmed_lsn=stream.end_lsn,
-                last_run_finished=True,
-                tables={**state.tables, **ends},
-                last_heartbeat=stream.last_heartbeat or state.last_heartbeat,
-                confirmed_at=utc_iso(now()),
-            ),
-            run_id=run_id,
-        )
+        with KeptAlive(session):
+            staged = _make_durable(
+                settings,
+                dsn=dsn,
+                s3=s3,
+                store=store,
+                stream=stream,
+                run_id=run_id,
+                started_at=started_at,
+                scratch=scratch,
+                now=now,
+                tables=tables,
+            )
         if before_confirm is not None:
             before_confirm()
         # Only now: every file, manifest and the state are durable in S3.
@@ -345,6 +332,82 @@ def _drain(
     finally:
         session.close()
     return _report(control, settings, run_id=run_id, stream=stream, staged=staged, finished=now())
+
+
+class KeptAlive:
+    """Answers the walsender every ``every_s`` seconds (a status update that moves nothing) from a
+    thread while the run stages and uploads: the server ends a replication connection that has not
+    replied for wal_sender_timeout (60 s by default), counted from the last reply *while reading*,
+    and staging one large table can take longer than that. A failed keep-alive is raised on exit."""
+
+    def __init__(self, session: ReplicationSession, every_s: float = KEEP_ALIVE_EVERY_S) -> None:
+        self._session = session
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, name="pgsnow-keep-alive", daemon=True)
+
+    def __enter__(self) -> KeptAlive:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._failure and exc_info[0] is None:
+            raise self._failure[0]
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._session.keep_alive()
+            except BaseException as exc:  # the connection is gone: the confirmation would fail too
+                self._failure.append(exc)
+                return
+            if self._stop.wait(self._every_s):
+                return
+
+
+def _make_durable(
+    settings: Settings,
+    *,
+    dsn: str,
+    s3: Any,
+    store: RunStore,
+    stream: DrainedStream,
+    run_id: str,
+    started_at: datetime,
+    scratch: Path,
+    now: Callable[[], datetime],
+    tables: list[TableRef],
+) -> dict[TableRef, StagedSegment]:
+    """Steps 4-7: repair, state started, stage, manifests then files, state finished."""
+    state = _repair(store, settings, tables, run_id, stream.start_lsn)
+    state = store.save_drain_state(replace(state, last_run_id=run_id, last_run_finished=False), run_id=run_id)
+    staged = _stage_and_upload(
+        settings,
+        dsn=dsn,
+        s3=s3,
+        store=store,
+        stream=stream,
+        state=state,
+        run_id=run_id,
+        started_at=started_at,
+        scratch=scratch,
+        now=now,
+    )
+    state = store.save_drain_state(
+        replace(
+            state,
+            confirmed_lsn=stream.end_lsn,
+            last_run_finished=True,
+            tables={**state.tables, **{table.qualified: stream.end_lsn for table in staged}},
+            last_heartbeat=stream.last_heartbeat or state.last_heartbeat,
+            confirmed_at=utc_iso(now()),
+        ),
+        run_id=run_id,
+    )
+    return staged
 
 
 def _repair(
@@ -409,7 +472,6 @@ def _stage_and_upload(
     dsn: str,
     s3: Any,
     store: RunStore,
-    session: ReplicationSession,
     stream: DrainedStream,
     state: DrainState,
     run_id: str,
@@ -447,7 +509,6 @@ def _stage_and_upload(
                 kept_scales=kept,
                 source_nullable=nullable,
             )
-            session.keep_alive()  # staging a large table can outlast wal_sender_timeout
             staged[table] = result
             changes = ChangeRange(
                 slot=settings.cdc.slot,
@@ -480,7 +541,7 @@ def _stage_and_upload(
         # The manifest first: any file's S3 event then finds it, complete.
         store.put_manifest(manifest)
         result = staged[manifest.table]
-        upload_files(s3, settings.bucket, result.files, run_id=run_id, keep_alive=session.keep_alive)
+        upload_files(s3, settings.bucket, result.files, run_id=run_id)
         _publish_columns(store, manifest)
     return staged
 
