@@ -8,4 +8,8 @@ One file per job:
 - ``reader``: ``open_stream`` / ``read_changes``: stream the slot from its confirmed position to
   per-table spill files (PostgreSQL COPY CSV), cut at a commit, never confirming a position itself;
   ``ReplicationSession.confirm`` is how the drain confirms once the staged files are durable.
+- ``stage``: ``stage_table``: a table's spilled segments → local change files in the type contract
+  (through a temp table and the full runs' select builders); ``upload_files``.
+- ``drain``: ``drain_slot``: one scheduled run (slot check, heartbeat, read, repair of a run that
+  died before confirming, stage, manifest before files, drain state, then confirm); docs/extraction.md.
 """
