@@ -510,6 +510,8 @@ def _stage_and_upload(
                 source_nullable=nullable,
             )
             staged[table] = result
+            for segment in segments:  # staged: its spill is no longer needed (Lambda's /tmp is finite)
+                segment.path.unlink(missing_ok=True)
             changes = ChangeRange(
                 slot=settings.cdc.slot,
                 after_lsn=state.tables.get(table.qualified, 0),
