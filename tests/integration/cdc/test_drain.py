@@ -618,3 +618,36 @@ def test_the_drain_state_round_trips_and_refuses_a_second_writer(s3: Any, bucket
     # And a name that is not a slot name never becomes a key
     with pytest.raises(PermanentError, match="not a replication slot name"):
         store.load_drain_state("../escape")
+
+
+def test_the_byte_budget_cuts_at_a_commit_and_the_next_run_goes_on(
+    admin: psycopg2.extensions.connection,
+    pg_dsn: str,
+    s3: Any,
+    bucket: str,
+    shop: tuple[TableRef, Any],
+) -> None:
+    table, source = shop
+    ident = sql.Identifier(table.schema, table.table)
+    settings = cdc_settings(bucket, pg_dsn, source, [table], CDC_MAX_MB="1")
+    store = RunStore(s3, bucket)
+    # Given three transactions of ~0.6 MB of change data each
+    for batch in range(3):
+        run_sql(
+            admin,
+            sql.SQL("INSERT INTO {} SELECT g, repeat('x', 600), 1 FROM generate_series(%s, %s) g").format(
+                ident
+            ),
+            (batch * 1000 + 1, batch * 1000 + 1000),
+        )
+    # When the budget (1 MB) is reached, the run stops at that commit: two whole transactions
+    cut = drain_slot(settings, dsn=pg_dsn, s3=s3)
+    assert cut["stop_reason"] == "bytes" and cut["transactions"] == 2 and cut["changes"] == 2000
+    assert slot_position(admin, source.slot)[0] == parse_lsn(cut["end_lsn"])
+    # And the next run reads the third and then its heartbeat, chained after the first
+    rest = drain_slot(settings, dsn=pg_dsn, s3=s3)
+    assert rest["stop_reason"] == "heartbeat" and rest["changes"] == 1000
+    first, second = cdc_manifests(store, table)
+    assert first.changes is not None and second.changes is not None
+    assert second.changes.after_lsn == first.changes.end_lsn
+    assert first.total_rows + second.total_rows == 3000
