@@ -472,18 +472,31 @@ def test_a_hundred_idle_runs_keep_the_slot_moving(
     table, source = shop
     settings = cdc_settings(bucket, pg_dsn, source, [table])
     confirmed, _ = slot_position(admin, source.slot)
+    restart_before = restart_lsn(admin, source.slot)
     retained_seen = []
-    for _ in range(100):
+    for run in range(100):
+        if run == 50:
+            # The slot's restart_lsn moves to a running-transactions record it has decoded (the server
+            # logs one every 15 s when busy, and at a checkpoint): make one now rather than wait.
+            run_sql(admin, "CHECKPOINT")
         outcome = drain_slot(settings, dsn=pg_dsn, s3=s3)
         now_confirmed, retained = slot_position(admin, source.slot)
         assert now_confirmed > confirmed  # every run, idle or not, advances the slot
         assert now_confirmed == parse_lsn(outcome["end_lsn"])
         confirmed = now_confirmed
         retained_seen.append(retained)
-    # Retained WAL stays bounded: it does not grow with the number of runs (other tests' WAL in the
-    # same cluster may add some, but never the 100 runs' own heartbeats piling up behind the slot).
-    assert max(retained_seen[50:]) < 64 * 1024 * 1024
+    # The WAL the slot keeps is released as it goes (its restart_lsn moves), so retained WAL stays
+    # bounded: on this machine ~1 MB, at most ~3 MB, over 100 idle runs. Other tests write WAL into
+    # the same cluster (and a long transaction of theirs holds restart_lsn back while it runs), so the
+    # bound asserted is loose: somewhere in the last 50 runs the slot held less than 16 MB.
+    assert restart_lsn(admin, source.slot) > restart_before
     assert min(retained_seen[50:]) <= 16 * 1024 * 1024
+
+
+def restart_lsn(admin: psycopg2.extensions.connection, slot: str) -> int:
+    with admin.cursor() as cur:
+        cur.execute("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+        return parse_lsn(cur.fetchone()[0])
 
 
 def test_two_invocations_at_once_one_drains_the_other_skips(
