@@ -34,12 +34,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg2
 from aws_lambda_powertools.metrics import MetricUnit
 from psycopg2 import sql
 
+from pgsnow.cdc.reader import (
+    HEARTBEAT_PREFIX,
+    DrainedStream,
+    ReplicationSession,
+    SlotBusyError,
+    SpilledChanges,
+    open_stream,
+)
 from pgsnow.cdc.stage import StagedSegment, connect_for_staging, stage_table, upload_files
 from pgsnow.changes import ChangeRange, format_lsn, parse_lsn
 from pgsnow.config import ExtractMode, HeartbeatMethod, Settings, WriteMode
@@ -54,10 +62,6 @@ from pgsnow.postgres import Connection, classify_pg_error, connect, describe_tab
 from pgsnow.runs import DrainState, RunStore
 from pgsnow.timestamps import utc_iso
 
-if TYPE_CHECKING:
-    from pgsnow.cdc.reader import DrainedStream, ReplicationSession, SpilledChanges
-
-HEARTBEAT_PREFIX = "pgsnow.heartbeat"
 # Without a Lambda deadline (CLI, tests) a run reads until its heartbeat or byte budget.
 NO_DEADLINE_S = 365 * 24 * 3600.0
 RESNAPSHOT_COMMAND = "pgsnow cdc resnapshot --slot {slot}"
@@ -251,7 +255,7 @@ def drain_slot(
                 run_id=run_id,
                 started_at=started_at,
                 heartbeat_lsn=heartbeat_lsn,
-                deadline=_deadline(settings, remaining_ms),
+                deadline=_deadline(settings, remaining_ms, clock),
                 scratch=Path(scratch),
                 now=now,
                 before_confirm=before_confirm,
@@ -263,10 +267,14 @@ def drain_slot(
     return outcome
 
 
-def _deadline(settings: Settings, remaining_ms: Callable[[], int] | None) -> float:
+def _deadline(
+    settings: Settings, remaining_ms: Callable[[], int] | None, clock: Callable[[], float]
+) -> float:
+    """When reading must stop (on ``clock``): the Lambda's deadline less the margin that staging and
+    uploading what was read needs (EXTRACT_DEADLINE_MARGIN_S)."""
     if remaining_ms is None:
-        return time.monotonic() + NO_DEADLINE_S
-    return time.monotonic() + remaining_ms() / 1000 - settings.extract.deadline_margin_s
+        return clock() + NO_DEADLINE_S
+    return clock() + remaining_ms() / 1000 - settings.extract.deadline_margin_s
 
 
 def _drain(
@@ -285,8 +293,6 @@ def _drain(
     before_confirm: Callable[[], None] | None,
     clock: Callable[[], float],
 ) -> dict[str, Any]:
-    from pgsnow.cdc.reader import SlotBusyError, open_stream
-
     slot = settings.cdc.slot
     store = RunStore(s3, settings.bucket)
     spill_dir = scratch / "spill"
