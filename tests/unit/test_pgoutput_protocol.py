@@ -23,6 +23,7 @@ from pgsnow.cdc.protocol import (
     TypeMessage,
     Update,
     decode_message,
+    tuple_csv,
 )
 from pgsnow.errors import PermanentError
 
@@ -180,3 +181,20 @@ def test_binary_value_is_refused_naming_it() -> None:
 def test_malformed_messages_are_permanent_errors(payload: bytes, match: str) -> None:
     with pytest.raises(PermanentError, match=match):
         decode_message(payload)
+
+
+def test_tuple_csv_writes_copy_csv_fields_from_the_raw_bytes() -> None:
+    part = tuple_data(1, None, "", 'say "hi",\nbye', UNCHANGED, "žluť")
+    payload = b"I" + struct.pack("!I", 1) + b"N" + part + b"trailing"
+    fields, count, unchanged, end = tuple_csv(payload, 6)
+    # NULL and unchanged: unquoted empty; "" quoted; quotes doubled; UTF-8 bytes as sent.
+    assert fields == b'"1",,"","say ""hi"",\nbye",,"\xc5\xbelu\xc5\xa5"'
+    assert (count, unchanged, payload[end:]) == (6, [4], b"trailing")
+    assert tuple_csv(b"\x00\x00", 0) == (b"", 0, None, 2)
+
+
+def test_tuple_csv_refuses_binary_and_short_values() -> None:
+    with pytest.raises(PermanentError, match="binary value \\(column 1\\)"):
+        tuple_csv(tuple_data(b"\x01"), 0)
+    with pytest.raises(PermanentError, match="cut short"):
+        tuple_csv(struct.pack("!h", 1) + b"t" + struct.pack("!i", 10) + b"abc", 0)

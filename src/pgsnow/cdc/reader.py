@@ -38,9 +38,11 @@ columns, as pgoutput's text output:
 
 A ``Relation`` message with a different column list (schema drift) starts a new segment for the
 table; ``DrainedStream.segments`` are in the order they were started, so a table's segments are
-in commit order. Tables not in ``tables`` are skipped. Rows go to disk as they arrive (one
-buffered writer per segment); nothing per transaction is kept in memory but counters and file
-offsets, so memory is bounded whatever the transaction size.
+in commit order. Tables not in ``tables`` are skipped. Rows go to disk as they arrive (a buffered
+file per segment, at most ``MAX_OPEN_SPILL_FILES`` open at once); nothing per transaction is kept in
+memory but counters and file offsets, so memory is bounded whatever the transaction size and the
+number of tables. Inserts and updates that keep their identity go from the payload's bytes to the
+spill without decoding their text (``protocol.tuple_csv``); the rest through ``decode_message``.
 
 **Never confirming.** The reader never sends a flush position: the drain confirms ``end_lsn``
 (``ReplicationSession.confirm``) only after the staged files and manifests are durable in S3.
@@ -65,7 +67,9 @@ from __future__ import annotations
 
 import contextlib
 import select
+import struct
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,13 +85,13 @@ from pgsnow.cdc.protocol import (
     Begin,
     Commit,
     Delete,
-    Insert,
     LogicalMessage,
     Relation,
     Truncate,
     TupleValues,
     Update,
     decode_message,
+    tuple_csv,
 )
 from pgsnow.changes import format_lsn, parse_lsn, unchanged_text
 from pgsnow.errors import PermanentError, RetryableError
@@ -119,7 +123,12 @@ REPLICATION_SESSION_OPTIONS = (
 STATUS_INTERVAL_S = 3600
 # How long an idle wait for the next message lasts at most before the deadline is checked again.
 _IDLE_WAIT_S = 1.0
-_WRITE_BUFFER_BYTES = 1 << 20
+# Spill files open at once, each with its write buffer: memory and file descriptors (Lambda allows
+# 1,024) stay bounded whatever the number of tables; the least recently opened file is closed first
+# and reopened where it was left when its table has rows again.
+MAX_OPEN_SPILL_FILES = 64
+_WRITE_BUFFER_BYTES = 256 * 1024
+_u32 = struct.Struct("!I").unpack_from
 _OBJECT_IN_USE = "55006"
 _UNDEFINED_OBJECT = "42704"
 
@@ -168,10 +177,11 @@ class _SpillWriter:
     """One segment's spill file: rows appended as they arrive, cut back to the last commit on demand."""
 
     __slots__ = (
-        "_file",
         "committed",
+        "file",
         "first",
         "last",
+        "ncolumns",
         "path",
         "pending",
         "relation",
@@ -183,8 +193,9 @@ class _SpillWriter:
     def __init__(self, table: TableRef, relation: Relation, path: Path) -> None:
         self.table = table
         self.relation = relation
+        self.ncolumns = len(relation.columns)
         self.path = path
-        self._file: IO[bytes] = path.open("wb", buffering=_WRITE_BUFFER_BYTES)
+        self.file: IO[bytes] | None = None  # open while in _StreamState.open_files
         self.written = 0  # bytes written (through the buffer)
         self.committed = 0  # bytes of whole committed transactions
         self.rows = 0  # committed rows
@@ -192,9 +203,8 @@ class _SpillWriter:
         self.first = 0
         self.last = 0
 
-    def write(self, line: str) -> None:
-        data = line.encode()
-        self._file.write(data)
+    def write(self, data: bytes) -> None:
+        self.file.write(data)  # type: ignore[union-attr]  # _StreamState.writer opened it
         self.written += len(data)
         self.pending += 1
 
@@ -206,16 +216,26 @@ class _SpillWriter:
             self.first = commit_lsn
         self.last = commit_lsn
 
+    def open(self) -> None:
+        """Create the file, or reopen it at the end of what was written (it was closed for others)."""
+        self.file = self.path.open("r+b" if self.written else "wb", buffering=_WRITE_BUFFER_BYTES)
+        self.file.seek(self.written)
+
     def discard_pending(self) -> None:
         """Cut the file back to its last committed transaction."""
-        self._file.flush()
-        self._file.truncate(self.committed)
-        self._file.seek(self.committed)
+        if self.file is None:
+            self.open()
+        assert self.file is not None
+        self.file.flush()
+        self.file.truncate(self.committed)
+        self.file.seek(self.committed)
         self.written = self.committed
         self.pending = 0
 
     def close(self) -> None:
-        self._file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def result(self) -> SpilledChanges:
         return SpilledChanges(self.table, self.relation, self.path, self.rows, self.first, self.last)
@@ -231,11 +251,12 @@ class _StreamState:
         self.wanted: dict[int, TableRef | None] = {}
         self.current: dict[int, _SpillWriter] = {}  # by relation oid: the segment rows go to
         self.segments: list[_SpillWriter] = []
+        self.open_files: deque[_SpillWriter] = deque()  # writers with an open file, oldest first
         self.touched: dict[int, _SpillWriter] = {}  # segments written in the transaction (by id)
         self.in_transaction = False
         self.commit_lsn = 0
-        self.head = ""  # ",<commit lsn>," for the rows of the transaction in progress
-        self.committed_at = ""
+        self.head = b""  # b",<commit lsn>," for the rows of the transaction in progress
+        self.committed_at = b""
         self.seq = 0
         self.transactions = 0
         self.changes = 0
@@ -264,6 +285,11 @@ class _StreamState:
             writer = _SpillWriter(table, self.relations[oid], path)
             self.segments.append(writer)
             self.current[oid] = writer
+        if writer.file is None:
+            if len(self.open_files) >= MAX_OPEN_SPILL_FILES:
+                self.open_files.popleft().close()
+            writer.open()
+            self.open_files.append(writer)
         self.touched[id(writer)] = writer
         return writer
 
@@ -272,8 +298,8 @@ class _StreamState:
     def begin(self, message: Begin) -> None:
         self.in_transaction = True
         self.commit_lsn = message.final_lsn
-        self.head = f",{message.final_lsn},"
-        self.committed_at = message.commit_time.isoformat()
+        self.head = b",%d," % message.final_lsn
+        self.committed_at = message.commit_time.isoformat().encode()
         self.seq = 0
 
     def commit(self, message: Commit) -> None:
@@ -301,28 +327,60 @@ class _StreamState:
 
     # --- rows ---
 
-    def _row(self, writer: _SpillWriter, op: str, values: TupleValues, moved: bool = False) -> None:
+    def write_row(
+        self,
+        writer: _SpillWriter,
+        op: bytes,
+        fields: bytes,
+        count: int,
+        *,
+        unchanged: list[int] | None = None,
+        moved: bool = False,
+    ) -> None:
+        """One spill row: the change columns, then ``fields`` (``count`` CSV fields of the table)."""
         columns = writer.relation.columns
-        if len(values) != len(columns):
+        if count != len(columns):
             raise PermanentError(
-                f"pgoutput sent {len(values)} values for {len(columns)} columns",
-                table=writer.table.qualified,
+                f"pgoutput sent {count} values for {len(columns)} columns", table=writer.table.qualified
             )
         self.seq += 1
-        unchanged = ""
-        if UNCHANGED in values:
-            text = unchanged_text(c.name for c, v in zip(columns, values, strict=True) if v is UNCHANGED)
-            unchanged = _quoted(text) if text else ""
-        fields = ",".join([_quoted(v) if v.__class__ is str else "" for v in values])
+        names = b""
+        if unchanged:
+            text = unchanged_text(columns[i].name for i in unchanged)
+            names = _quoted(text).encode() if text else b""
         writer.write(
-            f"{op}{self.head}{self.seq},{self.committed_at},{unchanged},{'true' if moved else 'false'},{fields}\n"
+            b"%s%s%d,%s,%s,%s,%s\n"
+            % (op, self.head, self.seq, self.committed_at, names, b"true" if moved else b"false", fields)
         )
         self.pending_changes += 1
 
-    def insert(self, message: Insert) -> None:
-        writer = self.writer(message.relation_oid)
-        if writer is not None:
-            self._row(writer, "I", message.new)
+    def _values_row(self, writer: _SpillWriter, op: bytes, values: TupleValues, moved: bool = False) -> None:
+        fields = ",".join([_quoted(v) if v.__class__ is str else "" for v in values])
+        unchanged = [i for i, v in enumerate(values) if v is UNCHANGED] or None
+        self.write_row(writer, op, fields.encode(), len(values), unchanged=unchanged, moved=moved)
+
+    def new_tuple_payload(self, op: bytes, payload: bytes) -> None:
+        """An insert, or an update that kept its identity (no old key or row): from the payload's
+        bytes straight to the spill. The hot path of a stream, so it is one call per row: no message
+        object, the common case written inline (what ``write_row`` does)."""
+        oid = _u32(payload, 1)[0]
+        writer = self.current.get(oid)
+        if writer is None or writer.file is None:
+            writer = self.writer(oid)
+            if writer is None:
+                return
+        if not writer.pending:  # its first row of the transaction: commit or discard it with the rest
+            self.touched[id(writer)] = writer
+        fields, count, unchanged, _ = tuple_csv(payload, 6)
+        if unchanged or count != writer.ncolumns:
+            self.write_row(writer, op, fields, count, unchanged=unchanged)
+            return
+        self.seq += 1
+        data = b"%s%s%d,%s,,false,%s\n" % (op, self.head, self.seq, self.committed_at, fields)
+        writer.file.write(data)  # type: ignore[union-attr]  # open: checked above
+        writer.written += len(data)
+        writer.pending += 1
+        self.pending_changes += 1
 
     def update(self, message: Update) -> None:
         writer = self.writer(message.relation_oid)
@@ -335,10 +393,10 @@ class _StreamState:
                 value = new[index]
                 if column.is_key and value is not UNCHANGED and value != old[index]:
                     # The row's identity changed: the old key goes, the new one arrives (pgsnow.changes).
-                    self._row(writer, "D", old)
-                    self._row(writer, "U", new, moved=True)
+                    self._values_row(writer, b"D", old)
+                    self._values_row(writer, b"U", new, moved=True)
                     return
-        self._row(writer, "U", message.new)
+        self._values_row(writer, b"U", message.new)
 
     def delete(self, message: Delete) -> None:
         writer = self.writer(message.relation_oid)
@@ -347,13 +405,14 @@ class _StreamState:
         old = message.key if message.key is not None else message.old
         if old is None:  # the decoder never returns one without either
             raise PermanentError("pgoutput delete without an old key", table=writer.table.qualified)
-        self._row(writer, "D", old)
+        self._values_row(writer, b"D", old)
 
     def truncate(self, message: Truncate) -> None:
         for oid in message.relation_oids:
             writer = self.writer(oid)
             if writer is not None:
-                self._row(writer, "T", (None,) * len(writer.relation.columns))
+                count = len(writer.relation.columns)
+                self.write_row(writer, b"T", b"," * (count - 1) if count else b"", count)
 
     def finish(self) -> tuple[SpilledChanges, ...]:
         results = []
@@ -384,7 +443,8 @@ class ReplicationSession:
         self.slot = slot
         self.publication = publication
         self.start_lsn = start_lsn
-        self.messages = 0  # messages received so far by ``read`` (a progress measure)
+        self.messages = 0  # messages received so far by ``read`` (progress measures)
+        self.changes_read = 0  # of which insert, update, delete and truncate messages, of any table
         self._connection = connection
         self._cursor = cursor
         self._control = control  # a normal connection, to read the slot's row
@@ -424,6 +484,7 @@ class ReplicationSession:
         cursor = self._cursor
         bytes_read = 0
         last_heartbeat: str | None = None
+        heartbeat_reached = 0  # the LSN of the heartbeat that ends the read, once received
         stop_reason = ""
         end_lsn = self.start_lsn
         try:
@@ -446,23 +507,38 @@ class ReplicationSession:
                 self.messages += 1
                 payload = received.payload
                 bytes_read += len(payload)
+                tag = payload[0] if payload else 0
+                # Inserts and updates that keep their identity, the bulk of a stream: payload to spill.
+                if tag in (0x49, 0x55) and payload[5:6] == b"N":  # 'I' or 'U', then the new tuple
+                    self.changes_read += 1
+                    try:
+                        state.new_tuple_payload(b"I" if tag == 0x49 else b"U", payload)
+                    except (struct.error, IndexError) as exc:
+                        raise PermanentError(
+                            f"pgoutput message of {len(payload)} bytes is malformed: {exc}"
+                        ) from exc
+                    continue
                 message = decode_message(payload)
-                if isinstance(message, Insert):
-                    state.insert(message)
-                elif isinstance(message, Update):
+                if isinstance(message, Update):
+                    self.changes_read += 1
                     state.update(message)
                 elif isinstance(message, Delete):
+                    self.changes_read += 1
                     state.delete(message)
                 elif isinstance(message, Begin):
                     state.begin(message)
                 elif isinstance(message, Commit):
                     state.commit(message)
+                    if heartbeat_reached:
+                        stop_reason, end_lsn = "heartbeat", max(heartbeat_reached, state.last_commit_end)
+                        break
                     if bytes_read >= max_bytes:
                         stop_reason, end_lsn = "bytes", state.last_commit_end
                         break
                 elif isinstance(message, Relation):
                     state.relation(message)
                 elif isinstance(message, Truncate):
+                    self.changes_read += 1
                     state.truncate(message)
                 elif (
                     isinstance(message, LogicalMessage)
@@ -471,9 +547,12 @@ class ReplicationSession:
                 ):
                     last_heartbeat = message.content.decode(errors="replace")
                     if heartbeat_lsn is not None and message.lsn >= heartbeat_lsn:
-                        stop_reason = "heartbeat"
-                        end_lsn = max(message.lsn, state.last_commit_end)
-                        break
+                        heartbeat_reached = message.lsn
+                        # Protocol 1 sends a transaction whole at its commit, so a non-transactional
+                        # message arrives between transactions; were one inside, stop at its commit.
+                        if not state.in_transaction:
+                            stop_reason, end_lsn = "heartbeat", max(message.lsn, state.last_commit_end)
+                            break
                 # Origin and Type messages describe nothing the spill needs.
             segments = state.finish()
         except BaseException:
@@ -589,6 +668,7 @@ def open_stream(dsn: str, *, slot: str, publication: str) -> ReplicationSession:
                 dsn,
                 connection_factory=psycopg2.extras.LogicalReplicationConnection,
                 application_name=f"{APPLICATION_NAME}-cdc",
+                client_encoding="UTF8",  # the server converts text values to it: the spill is UTF-8
                 options=REPLICATION_SESSION_OPTIONS,
             )
             cursor = connection.cursor()
