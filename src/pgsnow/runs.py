@@ -149,7 +149,8 @@ class DrainState:
     last_run_id: str | None = None
     last_run_finished: bool = True  # False: that run died before confirming (its manifests are superseded)
     tables: dict[str, int] = field(default_factory=dict)  # "schema.table" -> its last change run's end_lsn
-    last_heartbeat: str | None = None  # the last heartbeat message the slot delivered (its JSON text)
+    # The last heartbeat message the slot delivered ({"run_id", "at"}; JSON text here, an object in S3).
+    last_heartbeat: str | None = None
     confirmed_at: str | None = None  # when the position was last confirmed (UTC ISO-8601)
     etag: str | None = None  # the stored object's ETag (not written): the base of the next save
 
@@ -160,7 +161,7 @@ class DrainState:
             "last_run_id": self.last_run_id,
             "last_run_finished": self.last_run_finished,
             "tables": {name: format_lsn(lsn) for name, lsn in sorted(self.tables.items())},
-            "last_heartbeat": self.last_heartbeat,
+            "last_heartbeat": _json_value(self.last_heartbeat),
             "confirmed_at": self.confirmed_at,
         }
         return json.dumps(body, indent=2).encode("utf-8")
@@ -175,12 +176,28 @@ class DrainState:
                 last_run_id=body.get("last_run_id"),
                 last_run_finished=bool(body.get("last_run_finished", True)),
                 tables={str(k): parse_lsn(str(v)) for k, v in (body.get("tables") or {}).items()},
-                last_heartbeat=body.get("last_heartbeat"),
+                last_heartbeat=_json_text(body.get("last_heartbeat")),
                 confirmed_at=body.get("confirmed_at"),
                 etag=etag,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise PermanentError(f"unreadable drain state: {exc}", s3_key=s3_key) from exc
+
+
+def _json_value(text: str | None) -> Any:
+    """A heartbeat's JSON text as the value it holds (``pgsnow status`` reads its ``at``)."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _json_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _condition_failed(exc: ClientError) -> bool:

@@ -435,6 +435,12 @@ def test_a_run_stages_changes_then_confirms(
     assert state is not None
     assert state.confirmed_lsn == confirmed and state.last_run_finished
     assert state.tables == {table.qualified: confirmed}
+    # (stored as pgsnow status reads it: pg_lsn text, the heartbeat an object with its time)
+    body = json.loads(
+        s3.get_object(Bucket=bucket, Key=f"_pgsnow/cdc/{source.slot}/state.json")["Body"].read()
+    )
+    assert body["confirmed_lsn"] == outcome["end_lsn"] and body["confirmed_at"]
+    assert body["last_heartbeat"]["run_id"] == outcome["run_id"] and body["last_heartbeat"]["at"]
 
 
 def test_runs_chain_and_idle_runs_advance_the_slot(
