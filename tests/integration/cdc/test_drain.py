@@ -670,3 +670,35 @@ def test_the_byte_budget_cuts_at_a_commit_and_the_next_run_goes_on(
     assert first.changes is not None and second.changes is not None
     assert second.changes.after_lsn == first.changes.end_lsn
     assert first.total_rows + second.total_rows == 3000
+
+
+def test_toast_key_moves_and_truncates_reach_the_change_file(
+    admin: psycopg2.extensions.connection,
+    pg_dsn: str,
+    s3: Any,
+    bucket: str,
+    shop: tuple[TableRef, Any],
+) -> None:
+    table, source = shop
+    ident = sql.Identifier(table.schema, table.table)
+    settings = cdc_settings(bucket, pg_dsn, source, [table])
+    # Given a large TOASTed value, an update of another column, a primary-key move and a truncate
+    run_sql(admin, sql.SQL("ALTER TABLE {} ALTER COLUMN name SET STORAGE EXTERNAL").format(ident))
+    big = "".join(f"{i:08d}" for i in range(4000))  # 32 KB, stored out of line uncompressed
+    run_sql(admin, sql.SQL("INSERT INTO {} VALUES (1, %s, 1)").format(ident), (big,))
+    run_sql(admin, sql.SQL("UPDATE {} SET price = 2 WHERE id = 1").format(ident))
+    run_sql(admin, sql.SQL("UPDATE {} SET id = 5 WHERE id = 1").format(ident))
+    run_sql(admin, sql.SQL("TRUNCATE {}").format(ident))
+    outcome = drain_slot(settings, dsn=pg_dsn, s3=s3)
+    (manifest,) = cdc_manifests(RunStore(s3, bucket), table)
+    records = read_csv_object(s3, bucket, manifest.files[0].key)
+    rows = [(r[0], r[4], r[5], r[6], None if r[7] is None else len(r[7]), r[8]) for r in records[1:]]
+    # Then the file says which values were not sent (kept by the loader), the move as D + U, the truncate as T
+    assert rows == [
+        ("I", None, "false", "1", 32000, "1.00"),
+        ("U", '["name"]', "false", "1", None, "2.00"),
+        ("D", None, "false", "1", None, None),
+        ("U", '["name"]', "true", "5", None, "2.00"),
+        ("T", None, "false", None, None, None),
+    ]
+    assert outcome["changes"] == 5
