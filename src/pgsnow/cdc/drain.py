@@ -66,6 +66,8 @@ from pgsnow.timestamps import utc_iso
 NO_DEADLINE_S = 365 * 24 * 3600.0
 RESNAPSHOT_COMMAND = "pgsnow cdc resnapshot --slot {slot}"
 SKIPPED_BUSY = {"skipped": "slot busy"}
+# CDC_HEARTBEAT=table: the longest a run reads (``_deadline``).
+HEARTBEAT_TABLE_WINDOW_S = 60.0
 # How often the replication connection answers the server while the run stages and uploads.
 KEEP_ALIVE_EVERY_S = 10.0
 
@@ -220,12 +222,14 @@ def drain_slot(
     work_dir: Path | None = None,
     before_confirm: Callable[[], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    heartbeat_table_window_s: float = HEARTBEAT_TABLE_WINDOW_S,
 ) -> dict[str, Any]:
     """Drain ``settings.cdc.slot`` once (module docstring); returns the outcome (also logged).
 
     ``before_confirm`` is called after the state is written and before the slot is confirmed
     (the fault tests' seam: raising there is dying before the confirmation); ``clock`` is the
-    reader's deadline clock (``time.monotonic``; a test's own cuts a read where it wants). Raises
+    reader's deadline clock (``time.monotonic``; a test's own cuts a read where it wants);
+    ``heartbeat_table_window_s`` bounds a read with CDC_HEARTBEAT=table (``_deadline``). Raises
     PermanentError for a missing/invalidated slot or data Snowflake cannot hold, RetryableError
     for transient failures; either way nothing is confirmed and the next run replays.
     """
@@ -255,7 +259,7 @@ def drain_slot(
                 run_id=run_id,
                 started_at=started_at,
                 heartbeat_lsn=heartbeat_lsn,
-                deadline=_deadline(settings, remaining_ms, clock),
+                deadline=_deadline(settings, remaining_ms, clock, heartbeat_table_window_s),
                 scratch=Path(scratch),
                 now=now,
                 before_confirm=before_confirm,
@@ -268,13 +272,24 @@ def drain_slot(
 
 
 def _deadline(
-    settings: Settings, remaining_ms: Callable[[], int] | None, clock: Callable[[], float]
+    settings: Settings,
+    remaining_ms: Callable[[], int] | None,
+    clock: Callable[[], float],
+    heartbeat_table_window_s: float,
 ) -> float:
     """When reading must stop (on ``clock``): the Lambda's deadline less the margin that staging and
-    uploading what was read needs (EXTRACT_DEADLINE_MARGIN_S)."""
-    if remaining_ms is None:
-        return clock() + NO_DEADLINE_S
-    return clock() + remaining_ms() / 1000 - settings.extract.deadline_margin_s
+    uploading what was read needs (EXTRACT_DEADLINE_MARGIN_S).
+
+    A table heartbeat is a transaction, not a message, and the reader stops only at a heartbeat
+    *message*: reading is then bounded by ``heartbeat_table_window_s`` as well, and ends at the
+    last whole commit received by then (the heartbeat's own, once the slot has caught up), so every
+    run still ends and advances the slot."""
+    end = (
+        NO_DEADLINE_S if remaining_ms is None else remaining_ms() / 1000 - settings.extract.deadline_margin_s
+    )
+    if settings.cdc.heartbeat is HeartbeatMethod.TABLE:
+        end = min(end, heartbeat_table_window_s)
+    return clock() + end
 
 
 def _drain(

@@ -702,3 +702,48 @@ def test_toast_key_moves_and_truncates_reach_the_change_file(
         ("T", None, "false", None, None, None),
     ]
     assert outcome["changes"] == 5
+
+
+def test_a_table_heartbeat_advances_the_slot_for_servers_without_messages(
+    admin: psycopg2.extensions.connection,
+    schema_name: str,
+    pg_dsn: str,
+    s3: Any,
+    bucket: str,
+) -> None:
+    # Given CDC_HEARTBEAT=table (PostgreSQL < 14): a heartbeat table in the publication
+    table = TableRef(schema_name, unique_name("items_", 6))
+    heartbeat = TableRef(schema_name, unique_name("heartbeat_", 6))
+    run_sql(
+        admin,
+        sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, name text)").format(
+            sql.Identifier(*table_parts(table))
+        ),
+    )
+    run_sql(
+        admin,
+        sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, run_id text, beat_at timestamptz)").format(
+            sql.Identifier(*table_parts(heartbeat))
+        ),
+    )
+    with change_capture_source(admin.dsn, [table_parts(table), table_parts(heartbeat)]) as source:
+        settings = cdc_settings(
+            bucket, pg_dsn, source, [table], CDC_HEARTBEAT="table", CDC_HEARTBEAT_TABLE=heartbeat.qualified
+        )
+        run_sql(admin, sql.SQL("INSERT INTO {} VALUES (1, 'a')").format(sql.Identifier(*table_parts(table))))
+        before, _ = slot_position(admin, source.slot)
+        # When runs drain (each reads for at most the window, here 2 s)
+        first = drain_slot(settings, dsn=pg_dsn, s3=s3, heartbeat_table_window_s=2)
+        second = drain_slot(settings, dsn=pg_dsn, s3=s3, heartbeat_table_window_s=2)
+        # Then the change is staged, the heartbeat row is not (not a CDC table), and the slot moves each run
+        assert first["tables"] == {table.qualified: 1} and first["stop_reason"] == "deadline"
+        assert second["changes"] == 0
+        after_first = parse_lsn(first["end_lsn"])
+        assert before < after_first < parse_lsn(second["end_lsn"]) == slot_position(admin, source.slot)[0]
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("SELECT run_id FROM {}").format(sql.Identifier(*table_parts(heartbeat))))
+            assert cur.fetchall() == [(second["run_id"],)]
+
+
+def table_parts(table: TableRef) -> tuple[str, str]:
+    return table.schema, table.table
