@@ -535,7 +535,10 @@ def _stage_and_upload(
                 segment.path.unlink(missing_ok=True)
             changes = ChangeRange(
                 slot=settings.cdc.slot,
-                after_lsn=state.tables.get(table.qualified, 0),
+                # The table's previous change run's end; lower only when the slot went back further
+                # (a server crash loses positions confirmed since its last checkpoint): the run
+                # then holds every change after its start, and says so.
+                after_lsn=min(state.tables.get(table.qualified, 0), stream.start_lsn),
                 end_lsn=stream.end_lsn,
                 first_commit_lsn=segments[0].first_commit_lsn,
                 last_commit_lsn=segments[-1].last_commit_lsn,
