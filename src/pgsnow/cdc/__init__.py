@@ -10,4 +10,8 @@ One file per job:
   ``ReplicationSession.confirm`` is how the drain confirms once the staged files are durable.
 - ``slot``: the slot's health (retained WAL, confirmed position, lost or missing) and the
   re-snapshot command a lost slot needs.
+- ``stage``: ``stage_table``: a table's spilled segments → local change files in the type contract
+  (through a temp table and the full runs' select builders); ``upload_files``.
+- ``drain``: ``drain_slot``: one scheduled run (slot check, heartbeat, read, repair of a run that
+  died before confirming, stage, manifest before files, drain state, then confirm); docs/extraction.md.
 """
