@@ -66,8 +66,6 @@ from pgsnow.timestamps import utc_iso
 NO_DEADLINE_S = 365 * 24 * 3600.0
 RESNAPSHOT_COMMAND = "pgsnow cdc resnapshot --slot {slot}"
 SKIPPED_BUSY = {"skipped": "slot busy"}
-# CDC_HEARTBEAT=table: the longest a run reads (``_deadline``).
-HEARTBEAT_TABLE_WINDOW_S = 60.0
 # How often the replication connection answers the server while the run stages and uploads.
 KEEP_ALIVE_EVERY_S = 10.0
 
@@ -165,17 +163,34 @@ def check_slot(conn: Connection, slot: str, tables: Sequence[TableRef]) -> SlotS
     return status
 
 
-def emit_heartbeat(conn: Connection, settings: Settings, run_id: str, at: datetime) -> int:
-    """Write this run's heartbeat; its LSN is the run's end bound."""
+@dataclass(frozen=True)
+class HeartbeatBound:
+    """Where this run's read ends: at the heartbeat message at ``lsn`` (and its commit), or, for a
+    heartbeat table, at the first commit at or after ``lsn`` (``at_commit``)."""
+
+    lsn: int
+    at_commit: bool = False
+
+
+def emit_heartbeat(conn: Connection, settings: Settings, run_id: str, at: datetime) -> HeartbeatBound:
+    """Write this run's heartbeat; its position is the run's end bound."""
     content = json.dumps({"run_id": run_id, "at": utc_iso(at)}, separators=(",", ":"))
     with conn.cursor() as cur:
         if settings.cdc.heartbeat is HeartbeatMethod.MESSAGE:
-            # Non-transactional: written (and decoded) at once, whatever else the session does.
-            cur.execute("SELECT pg_logical_emit_message(false, %s, %s)::text", (HEARTBEAT_PREFIX, content))
-        else:
-            # PostgreSQL < 14 has no logical messages in pgoutput: a row of a table in the publication
-            # (one row, id 1) is updated, and the WAL position after its commit is the bound.
-            heartbeat = TableRef.parse(settings.cdc.heartbeat_table)
+            # Transactional: its commit flushes the WAL at once, so the walsender sends it right away
+            # (a non-transactional message waits for the WAL writer's next flush, up to about
+            # 3 x wal_writer_delay on an idle server, and may not be sent within a short read).
+            cur.execute("SELECT pg_logical_emit_message(true, %s, %s)::text", (HEARTBEAT_PREFIX, content))
+            found = cur.fetchone()
+            assert found is not None  # a SELECT of one expression returns one row
+            return HeartbeatBound(parse_lsn(str(found[0])))
+        # PostgreSQL < 14 has no logical messages in pgoutput: a row of a table in the publication
+        # (one row, id 1) is updated. The WAL position read inside its transaction, before the commit,
+        # precedes that commit, so the first commit at or after it ends the read: by then every
+        # transaction that committed before the heartbeat has been received.
+        heartbeat = TableRef.parse(settings.cdc.heartbeat_table)
+        cur.execute("BEGIN")
+        try:
             cur.execute(
                 sql.SQL(
                     "INSERT INTO {} (id, run_id, beat_at) VALUES (1, %s, %s) "
@@ -183,10 +198,14 @@ def emit_heartbeat(conn: Connection, settings: Settings, run_id: str, at: dateti
                 ).format(sql.Identifier(heartbeat.schema, heartbeat.table)),
                 (run_id, at),
             )
-            cur.execute("SELECT pg_current_wal_lsn()::text")
-        found = cur.fetchone()
+            cur.execute("SELECT pg_current_wal_insert_lsn()::text")
+            found = cur.fetchone()
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
     assert found is not None  # a SELECT of one expression returns one row
-    return parse_lsn(str(found[0]))
+    return HeartbeatBound(parse_lsn(str(found[0])), at_commit=True)
 
 
 def retained_wal_bytes(conn: Connection, slot: str) -> int | None:
@@ -222,14 +241,12 @@ def drain_slot(
     work_dir: Path | None = None,
     before_confirm: Callable[[], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
-    heartbeat_table_window_s: float = HEARTBEAT_TABLE_WINDOW_S,
 ) -> dict[str, Any]:
     """Drain ``settings.cdc.slot`` once (module docstring); returns the outcome (also logged).
 
     ``before_confirm`` is called after the state is written and before the slot is confirmed
     (the fault tests' seam: raising there is dying before the confirmation); ``clock`` is the
-    reader's deadline clock (``time.monotonic``; a test's own cuts a read where it wants);
-    ``heartbeat_table_window_s`` bounds a read with CDC_HEARTBEAT=table (``_deadline``). Raises
+    reader's deadline clock (``time.monotonic``; a test's own cuts a read where it wants). Raises
     PermanentError for a missing/invalidated slot or data Snowflake cannot hold, RetryableError
     for transient failures; either way nothing is confirmed and the next run replays.
     """
@@ -246,7 +263,7 @@ def drain_slot(
                     "slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id}
                 )
                 return dict(SKIPPED_BUSY)
-            heartbeat_lsn = emit_heartbeat(control, settings, run_id, started_at)
+            heartbeat = emit_heartbeat(control, settings, run_id, started_at)
         except psycopg2.Error as exc:
             raise classify_pg_error(exc, run_id=run_id) from exc
         with tempfile.TemporaryDirectory(prefix="pgsnow-cdc-", dir=work_dir) as scratch:
@@ -258,8 +275,8 @@ def drain_slot(
                 tables=tables,
                 run_id=run_id,
                 started_at=started_at,
-                heartbeat_lsn=heartbeat_lsn,
-                deadline=_deadline(settings, remaining_ms, clock, heartbeat_table_window_s),
+                heartbeat=heartbeat,
+                deadline=_deadline(settings, remaining_ms, clock),
                 scratch=Path(scratch),
                 now=now,
                 before_confirm=before_confirm,
@@ -272,23 +289,13 @@ def drain_slot(
 
 
 def _deadline(
-    settings: Settings,
-    remaining_ms: Callable[[], int] | None,
-    clock: Callable[[], float],
-    heartbeat_table_window_s: float,
+    settings: Settings, remaining_ms: Callable[[], int] | None, clock: Callable[[], float]
 ) -> float:
     """When reading must stop (on ``clock``): the Lambda's deadline less the margin that staging and
-    uploading what was read needs (EXTRACT_DEADLINE_MARGIN_S).
-
-    A table heartbeat is a transaction, not a message, and the reader stops only at a heartbeat
-    *message*: reading is then bounded by ``heartbeat_table_window_s`` as well, and ends at the
-    last whole commit received by then (the heartbeat's own, once the slot has caught up), so every
-    run still ends and advances the slot."""
+    uploading what was read needs (EXTRACT_DEADLINE_MARGIN_S)."""
     end = (
         NO_DEADLINE_S if remaining_ms is None else remaining_ms() / 1000 - settings.extract.deadline_margin_s
     )
-    if settings.cdc.heartbeat is HeartbeatMethod.TABLE:
-        end = min(end, heartbeat_table_window_s)
     return clock() + end
 
 
@@ -301,7 +308,7 @@ def _drain(
     tables: list[TableRef],
     run_id: str,
     started_at: datetime,
-    heartbeat_lsn: int,
+    heartbeat: HeartbeatBound,
     deadline: float,
     scratch: Path,
     now: Callable[[], datetime],
@@ -320,7 +327,8 @@ def _drain(
     try:
         try:
             stream = session.read(
-                heartbeat_lsn=heartbeat_lsn,
+                heartbeat_lsn=None if heartbeat.at_commit else heartbeat.lsn,
+                heartbeat_commit_lsn=heartbeat.lsn if heartbeat.at_commit else None,
                 tables=tables,
                 max_bytes=settings.cdc.max_bytes,
                 deadline=deadline,

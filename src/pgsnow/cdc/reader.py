@@ -112,6 +112,8 @@ __all__ = [
 ]
 
 HEARTBEAT_PREFIX = "pgsnow.heartbeat"
+# How long closing a session waits for the server to release the slot (``ReplicationSession.close``).
+RELEASE_WAIT_S = 10.0
 
 # Session settings of the walsender, which runs the output functions: stable text for every type,
 # parsed back by PostgreSQL itself when the drain converts the spilled values to the type contract.
@@ -458,10 +460,33 @@ class ReplicationSession:
     ) -> None:
         self.close()
 
-    def close(self) -> None:
-        for resource in (self._cursor, self._connection, self._control):
+    def close(self, *, release_wait_s: float = RELEASE_WAIT_S) -> None:
+        """Close the stream, then wait (bounded) until the server has let go of the slot: the
+        walsender exits a moment after the connection closes, and until it has, the slot still
+        shows active, so the next scheduled run would take it for another consumer and skip."""
+        walsender: int | None = None
+        with contextlib.suppress(psycopg2.Error):
+            walsender = self._connection.get_backend_pid()
+        for resource in (self._cursor, self._connection):
             with contextlib.suppress(psycopg2.Error):
                 resource.close()
+        try:
+            deadline = time.monotonic() + release_wait_s
+            while walsender is not None and time.monotonic() < deadline:
+                with self._control.cursor() as cur:
+                    cur.execute(
+                        "SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+                        (self.slot,),
+                    )
+                    found = cur.fetchone()
+                if found is None or found[0] != walsender:
+                    break
+                time.sleep(0.02)
+        except psycopg2.Error:
+            pass  # the control connection is gone too: nothing to wait with
+        finally:
+            with contextlib.suppress(psycopg2.Error):
+                self._control.close()
 
     def read(
         self,
@@ -473,9 +498,13 @@ class ReplicationSession:
         spill_dir: Path,
         heartbeat_prefix: str = HEARTBEAT_PREFIX,
         clock: Callable[[], float] = time.monotonic,
+        heartbeat_commit_lsn: int | None = None,
     ) -> DrainedStream:
         """Read the stream into ``spill_dir`` until the heartbeat, the byte budget or the deadline
-        (``clock()`` is ``time.monotonic`` unless a test passes its own; see the module docstring)."""
+        (``clock()`` is ``time.monotonic`` unless a test passes its own; see the module docstring).
+
+        ``heartbeat_commit_lsn``: a heartbeat *table* (CDC_HEARTBEAT=table) ends the read at the first
+        commit at or after this position (taken inside the heartbeat's transaction, before it committed)."""
         if self._read:
             raise PermanentError("a replication session is read once; open a new one to read again")
         self._read = True
@@ -532,6 +561,11 @@ class ReplicationSession:
                     if heartbeat_reached:
                         stop_reason, end_lsn = "heartbeat", max(heartbeat_reached, state.last_commit_end)
                         break
+                    if heartbeat_commit_lsn is not None and message.commit_lsn >= heartbeat_commit_lsn:
+                        # A heartbeat table's row (CDC_HEARTBEAT=table): its transaction commits at or
+                        # after the bound, and every transaction that committed before it is received.
+                        stop_reason, end_lsn = "heartbeat", state.last_commit_end
+                        break
                     if bytes_read >= max_bytes:
                         stop_reason, end_lsn = "bytes", state.last_commit_end
                         break
@@ -540,16 +574,13 @@ class ReplicationSession:
                 elif isinstance(message, Truncate):
                     self.changes_read += 1
                     state.truncate(message)
-                elif (
-                    isinstance(message, LogicalMessage)
-                    and not message.transactional
-                    and message.prefix == heartbeat_prefix
-                ):
+                elif isinstance(message, LogicalMessage) and message.prefix == heartbeat_prefix:
                     last_heartbeat = message.content.decode(errors="replace")
                     if heartbeat_lsn is not None and message.lsn >= heartbeat_lsn:
                         heartbeat_reached = message.lsn
-                        # Protocol 1 sends a transaction whole at its commit, so a non-transactional
-                        # message arrives between transactions; were one inside, stop at its commit.
+                        # The drain's heartbeat is transactional (its commit flushes the WAL at once, so
+                        # the walsender sends it without waiting for the WAL writer): stop at its commit.
+                        # A non-transactional one arrives between transactions and ends the read here.
                         if not state.in_transaction:
                             stop_reason, end_lsn = "heartbeat", max(message.lsn, state.last_commit_end)
                             break
@@ -724,6 +755,7 @@ def read_changes(
     deadline: float,
     spill_dir: Path,
     heartbeat_prefix: str = HEARTBEAT_PREFIX,
+    heartbeat_commit_lsn: int | None = None,
 ) -> DrainedStream:
     """Open the stream, read it once, close it without confirming (tests, and a dry read)."""
     with open_stream(dsn, slot=slot, publication=publication) as session:
@@ -734,4 +766,5 @@ def read_changes(
             deadline=deadline,
             spill_dir=spill_dir,
             heartbeat_prefix=heartbeat_prefix,
+            heartbeat_commit_lsn=heartbeat_commit_lsn,
         )

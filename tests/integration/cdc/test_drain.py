@@ -732,11 +732,11 @@ def test_a_table_heartbeat_advances_the_slot_for_servers_without_messages(
         )
         run_sql(admin, sql.SQL("INSERT INTO {} VALUES (1, 'a')").format(sql.Identifier(*table_parts(table))))
         before, _ = slot_position(admin, source.slot)
-        # When runs drain (each reads for at most the window, here 2 s)
-        first = drain_slot(settings, dsn=pg_dsn, s3=s3, heartbeat_table_window_s=2)
-        second = drain_slot(settings, dsn=pg_dsn, s3=s3, heartbeat_table_window_s=2)
+        # When runs drain (each ends at the commit of its own heartbeat row)
+        first = drain_slot(settings, dsn=pg_dsn, s3=s3)
+        second = drain_slot(settings, dsn=pg_dsn, s3=s3)
         # Then the change is staged, the heartbeat row is not (not a CDC table), and the slot moves each run
-        assert first["tables"] == {table.qualified: 1} and first["stop_reason"] == "deadline"
+        assert first["tables"] == {table.qualified: 1} and first["stop_reason"] == "heartbeat"
         assert second["changes"] == 0
         after_first = parse_lsn(first["end_lsn"])
         assert before < after_first < parse_lsn(second["end_lsn"]) == slot_position(admin, source.slot)[0]
