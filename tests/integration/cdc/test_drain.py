@@ -659,9 +659,10 @@ def test_the_byte_budget_cuts_at_a_commit_and_the_next_run_goes_on(
             ),
             (batch * 1000 + 1, batch * 1000 + 1000),
         )
-    # When the budget (1 MB) is reached, the run stops at that commit: two whole transactions
+    # When the budget (1 MB) is reached, the run stops at that commit: two whole transactions (their
+    # changes; the transaction count also takes in other tests' heartbeats, which reach every slot)
     cut = drain_slot(settings, dsn=pg_dsn, s3=s3)
-    assert cut["stop_reason"] == "bytes" and cut["transactions"] == 2 and cut["changes"] == 2000
+    assert cut["stop_reason"] == "bytes" and cut["changes"] == 2000
     assert slot_position(admin, source.slot)[0] == parse_lsn(cut["end_lsn"])
     # And the next run reads the third and then its heartbeat, chained after the first
     rest = drain_slot(settings, dsn=pg_dsn, s3=s3)
