@@ -29,12 +29,13 @@ from psycopg2.extensions import STATUS_READY
 from psycopg2.extensions import connection as PgConnection
 
 from pgsnow import canonical_json
-from pgsnow.config import DEFAULT_CONTROL_SCHEMA
+from pgsnow.config import DEFAULT_CONTROL_SCHEMA, DeleteMode
 from pgsnow.errors import PgSnowError, VerifyError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.manifest import Column, RunManifest
 from pgsnow.pg_json import json_document
 from pgsnow.snowflake.sql_text import string_literal
+from pgsnow.snowflake.table_sql import SOFT_DELETE_COLUMN
 from pgsnow.typemap import ValueKind
 
 # Canonical row text: tokens joined by SEPARATOR. In a text or JSON token, ESCAPE and SEPARATOR
@@ -535,6 +536,9 @@ class VerifyPlan:
     primary_key: tuple[str, ...]
     watermark: Watermark | None = None
     sf_control_schema: str = DEFAULT_CONTROL_SCHEMA  # where the canonical-JSON UDF is created
+    # Soft deletes (deletes "soft"): a row marked deleted in Snowflake is one PostgreSQL no longer
+    # has, so only rows whose deletion mark is NULL are compared.
+    soft_deleted: bool = False
 
     @property
     def has_json(self) -> bool:
@@ -684,11 +688,17 @@ def _sf_table(plan: VerifyPlan) -> str:
 
 
 def _sf_watermark(plan: VerifyPlan) -> tuple[list[str], list[Any]]:
+    """The Snowflake rows compared: under the watermark, and not marked deleted (soft deletes)."""
+    conditions: list[str] = []
+    params: list[Any] = []
+    if plan.soft_deleted:
+        conditions.append(f"{quote_ident(SOFT_DELETE_COLUMN)} IS NULL")
     column = plan.watermark_column
-    if column is None:
-        return [], []
-    ident = quote_ident(column.snowflake_name)
-    return [f"({ident} IS NULL OR {ident} <= %s)"], [plan.watermark_value()]
+    if column is not None:
+        ident = quote_ident(column.snowflake_name)
+        conditions.append(f"({ident} IS NULL OR {ident} <= %s)")
+        params.append(plan.watermark_value())
+    return conditions, params
 
 
 def _sf_source(plan: VerifyPlan, region: Region | None) -> tuple[str, tuple[Any, ...]]:
@@ -1095,6 +1105,7 @@ def plan_from_postgres(
             manifest.primary_key,
             Watermark.from_manifest(manifest),
             sf_control_schema=sf_control_schema,
+            soft_deleted=manifest.deletes == DeleteMode.SOFT.value,
         )
     from pgsnow.postgres import describe_table
 

@@ -6,6 +6,8 @@ servers; here each shape is pinned down as text, so a change to the canonical fo
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from psycopg2 import sql
 
@@ -207,6 +209,19 @@ def test_watermark_bounds_every_statement_on_both_sides() -> None:
     rows_query, rows_params = sf_rows_query(plan, KeyRange(1, 9))
     assert rows_params == ("2024-01-01T00:00:00Z", 1, 9)
     assert '"ID" BETWEEN %s AND %s' in rows_query
+
+
+def test_soft_deleted_rows_are_left_out_on_the_snowflake_side_only() -> None:
+    plan = replace(PLAN, soft_deleted=True)
+    query, params = sf_count_query(plan)
+    assert query.endswith('WHERE TRUE AND "_PGSNOW_DELETED_AT" IS NULL')
+    assert params == ()
+    for statement in (
+        sf_rows_query(plan, KeyRange(1, 9)),
+        sf_bucket_query(plan, Split(KeyRange(1, 9), width=3)),
+    ):
+        assert '"_PGSNOW_DELETED_AT" IS NULL' in statement[0]
+    assert "DELETED" not in pg_text(pg_count_query(plan)[0]).upper()
 
 
 def test_range_buckets_use_an_exact_integer_quotient() -> None:
