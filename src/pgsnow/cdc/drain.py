@@ -2,11 +2,11 @@
 
 ``drain_slot`` is the whole run (docs/extraction.md, "Change capture runs"):
 
-1. **Check the slot** (``pg_replication_slots``): missing or invalidated (``wal_status = 'lost'``,
-   or ``invalidation_reason`` on PostgreSQL 16+) is a PermanentError naming the slot and the
-   command that re-snapshots its tables; nothing restarts from zero silently. A slot another
+1. **Check the slot** (``pgsnow.cdc.slot.check_slot``): missing or invalidated (``wal_status =
+   'lost'``, or ``invalidation_reason`` on PostgreSQL 16+) is ``SlotLostError`` (permanent) naming the
+   tables and the command that re-snapshots them; nothing restarts from zero silently. A slot another
    consumer holds (``active``) ends the run cleanly: ``{"skipped": "slot busy"}``.
-2. **Heartbeat**: ``pg_logical_emit_message(false, 'pgsnow.heartbeat', {run_id, at})`` (or, with
+2. **Heartbeat**: ``pg_logical_emit_message(true, 'pgsnow.heartbeat', {run_id, at})`` (or, with
    CDC_HEARTBEAT=table, an upsert of CDC_HEARTBEAT_TABLE's one row, for PostgreSQL < 14). Its LSN
    is the run's end bound, and every run writes one, so an idle publication's slot still advances.
 3. **Read** the slot (``pgsnow.cdc.reader``) up to the heartbeat, CDC_MAX_MB (at a commit) or the
@@ -30,7 +30,7 @@ import json
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +48,7 @@ from pgsnow.cdc.reader import (
     SpilledChanges,
     open_stream,
 )
+from pgsnow.cdc.slot import check_slot, resnapshot_command, slot_health
 from pgsnow.cdc.stage import StagedSegment, connect_for_staging, stage_table, upload_files
 from pgsnow.changes import ChangeRange, format_lsn, parse_lsn
 from pgsnow.config import ExtractMode, HeartbeatMethod, Settings, WriteMode
@@ -64,22 +65,9 @@ from pgsnow.timestamps import utc_iso
 
 # Without a Lambda deadline (CLI, tests) a run reads until its heartbeat or byte budget.
 NO_DEADLINE_S = 365 * 24 * 3600.0
-RESNAPSHOT_COMMAND = "pgsnow cdc resnapshot --slot {slot}"
 SKIPPED_BUSY = {"skipped": "slot busy"}
 # How often the replication connection answers the server while the run stages and uploads.
 KEEP_ALIVE_EVERY_S = 10.0
-
-
-@dataclass(frozen=True)
-class SlotStatus:
-    """The slot's row of ``pg_replication_slots`` (read as JSON, so PostgreSQL 16's columns come along)."""
-
-    name: str
-    active: bool
-    wal_status: str | None
-    invalidation_reason: str | None
-    confirmed_flush_lsn: int | None
-    restart_lsn: int | None
 
 
 def cdc_tables(settings: Settings) -> list[TableRef]:
@@ -108,59 +96,6 @@ def connect_control(dsn: str) -> Connection:
     conn = connect(dsn)
     conn.set_session(readonly=False, autocommit=True)
     return conn
-
-
-def read_slot(conn: Connection, slot: str) -> SlotStatus | None:
-    """The slot's status; None when there is no such slot."""
-    # ``to_jsonb(s)`` rather than named columns: invalidation_reason exists on PostgreSQL 16+ only.
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT to_jsonb(s) FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = %s", (slot,)
-        )
-        found = cur.fetchone()
-    if found is None:
-        return None
-    row = found[0] if isinstance(found[0], dict) else json.loads(found[0])
-
-    def lsn(name: str) -> int | None:
-        value = row.get(name)
-        return None if value is None else parse_lsn(str(value))
-
-    return SlotStatus(
-        name=slot,
-        active=bool(row.get("active")),
-        wal_status=row.get("wal_status"),
-        invalidation_reason=row.get("invalidation_reason") or row.get("conflicting_reason"),
-        confirmed_flush_lsn=lsn("confirmed_flush_lsn"),
-        restart_lsn=lsn("restart_lsn"),
-    )
-
-
-def slot_problem(status: SlotStatus | None, slot: str, tables: Sequence[TableRef]) -> str | None:
-    """Why the slot cannot be drained (missing, or invalidated: the changes it held are gone), or None."""
-    names = ", ".join(t.qualified for t in tables) or "none configured"
-    command = RESNAPSHOT_COMMAND.format(slot=slot)
-    if status is None:
-        return (
-            f"replication slot {slot!r} does not exist (dropped, or lost in a failover): create it with the "
-            f"statements `pgsnow postgres-sql` prints, then re-snapshot its tables ({names}) with `{command}`"
-        )
-    if status.wal_status == "lost" or status.invalidation_reason:
-        why = status.invalidation_reason or "wal_status lost"
-        return (
-            f"replication slot {slot!r} was invalidated ({why}, e.g. by max_slot_wal_keep_size): the changes "
-            f"it held are gone; re-snapshot its tables ({names}) with `{command}`"
-        )
-    return None
-
-
-def check_slot(conn: Connection, slot: str, tables: Sequence[TableRef]) -> SlotStatus:
-    """The slot, refused (PermanentError) when it is missing or invalidated."""
-    status = read_slot(conn, slot)
-    problem = slot_problem(status, slot, tables)
-    if problem is not None or status is None:
-        raise PermanentError(problem or f"replication slot {slot!r} does not exist")
-    return status
 
 
 @dataclass(frozen=True)
@@ -208,18 +143,6 @@ def emit_heartbeat(conn: Connection, settings: Settings, run_id: str, at: dateti
     return HeartbeatBound(parse_lsn(str(found[0])), at_commit=True)
 
 
-def retained_wal_bytes(conn: Connection, slot: str) -> int | None:
-    """WAL the slot keeps on the server: from its restart_lsn to the current position."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
-            "FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
-            (slot,),
-        )
-        found = cur.fetchone()
-    return None if found is None or found[0] is None else int(found[0])
-
-
 def heartbeat_lag_s(last_heartbeat: str | None, now: datetime) -> float | None:
     """Seconds from the newest heartbeat the slot delivered to now: how far the drain runs behind."""
     if not last_heartbeat:
@@ -257,8 +180,8 @@ def drain_slot(
     control = connect_control(dsn)
     try:
         try:
-            status = check_slot(control, slot, tables)
-            if status.active:
+            health = check_slot(control, slot, tables)
+            if health.active:
                 logger.info(
                     "slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id}
                 )
@@ -320,7 +243,7 @@ def _drain(
     spill_dir = scratch / "spill"
     spill_dir.mkdir()
     try:
-        session = open_stream(dsn, slot=slot, publication=settings.cdc.publication)
+        session = open_stream(dsn, slot=slot, publication=settings.cdc.publication, tables=tables)
     except SlotBusyError:
         logger.info("slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id})
         return dict(SKIPPED_BUSY)
@@ -451,7 +374,7 @@ def _repair(
     if start_lsn > state.confirmed_lsn:
         logger.warning(
             "the slot is ahead of the position pgsnow confirmed: something else consumed or advanced it; "
-            f"changes in between may be missing: re-snapshot with `{RESNAPSHOT_COMMAND.format(slot=slot)}`",
+            f"changes in between may be missing: re-snapshot with `{resnapshot_command(slot, tables)}`",
             extra={
                 "slot": slot,
                 "run_id": run_id,
@@ -608,8 +531,9 @@ def _report(
     finished: datetime,
 ) -> dict[str, Any]:
     slot = settings.cdc.slot
-    status = read_slot(control, slot)
-    confirmed = status is not None and (status.confirmed_flush_lsn or 0) >= stream.end_lsn
+    # One read of the slot's row: whether the confirmation reached it, and the WAL it still pins.
+    health = slot_health(control, slot)
+    confirmed = (health.confirmed_flush_lsn or 0) >= stream.end_lsn
     if not confirmed:
         logger.warning(
             "the slot's confirmed position did not reach the run's end: the next run replays these changes",
@@ -618,11 +542,11 @@ def _report(
                 "run_id": run_id,
                 "end_lsn": format_lsn(stream.end_lsn),
                 "confirmed_flush_lsn": None
-                if status is None or status.confirmed_flush_lsn is None
-                else format_lsn(status.confirmed_flush_lsn),
+                if health.confirmed_flush_lsn is None
+                else format_lsn(health.confirmed_flush_lsn),
             },
         )
-    retained = retained_wal_bytes(control, slot)
+    retained = health.retained_wal_bytes
     lag = heartbeat_lag_s(stream.last_heartbeat, finished)
     per_table = {t.qualified: s.rows for t, s in staged.items()}
     files = sum(len(s.files) for s in staged.values())
