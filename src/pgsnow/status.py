@@ -24,6 +24,7 @@ from itertools import islice
 from typing import Any
 from urllib.parse import unquote_plus
 
+from pgsnow.cdc.drain import heartbeat_lag_s
 from pgsnow.cdc.slot import SlotHealth, resnapshot_command, slot_health
 from pgsnow.changes import format_lsn
 from pgsnow.config import Settings
@@ -295,7 +296,7 @@ def slot_status(
             error=health.problem,
         )
     confirmed_at = None if state is None else state.confirmed_at
-    heartbeat_at = None if state is None else _heartbeat_at(state.last_heartbeat)
+    lag = None if state is None else heartbeat_lag_s(state.last_heartbeat, now)
     error = None
     if (
         state is not None
@@ -322,22 +323,10 @@ def slot_status(
         confirmed_lsn=None if health.confirmed_flush_lsn is None else format_lsn(health.confirmed_flush_lsn),
         confirmed_at=confirmed_at,
         seconds_since_confirmation=_age(confirmed_at, now),
-        lag_seconds=_age(heartbeat_at, now),
+        lag_seconds=None if lag is None else max(0, int(lag)),
         tables=names,
         error=error,
     )
-
-
-def _heartbeat_at(last_heartbeat: str | None) -> str | None:
-    """The ``at`` of the drain state's last heartbeat (JSON text ``{run_id, at}``), or None."""
-    if not last_heartbeat:
-        return None
-    try:
-        value = json.loads(last_heartbeat)
-    except ValueError:
-        return None
-    at = value.get("at") if isinstance(value, dict) else None
-    return at if isinstance(at, str) and at else None
 
 
 def _age(iso: str | None, now: datetime) -> int | None:

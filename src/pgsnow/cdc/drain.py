@@ -48,7 +48,7 @@ from pgsnow.cdc.reader import (
     SpilledChanges,
     open_stream,
 )
-from pgsnow.cdc.slot import check_slot, resnapshot_command, slot_health
+from pgsnow.cdc.slot import SlotHealth, SlotLostError, check_slot, resnapshot_command, slot_health
 from pgsnow.cdc.stage import StagedSegment, connect_for_staging, stage_table, upload_files
 from pgsnow.changes import ChangeRange, format_lsn, parse_lsn
 from pgsnow.config import ExtractMode, HeartbeatMethod, Settings, WriteMode
@@ -60,6 +60,7 @@ from pgsnow.keys import new_run_id
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.observability import logger, record_table_metric
 from pgsnow.postgres import Connection, classify_pg_error, connect, describe_table
+from pgsnow.postgres_setup import cdc_tables
 from pgsnow.runs import DrainState, RunStore
 from pgsnow.timestamps import utc_iso
 
@@ -68,26 +69,6 @@ NO_DEADLINE_S = 365 * 24 * 3600.0
 SKIPPED_BUSY = {"skipped": "slot busy"}
 # How often the replication connection answers the server while the run stages and uploads.
 KEEP_ALIVE_EVERY_S = 10.0
-
-
-def cdc_tables(settings: Settings) -> list[TableRef]:
-    """The allowlisted tables whose options say ``mode: cdc``, in name order."""
-    return sorted(
-        (
-            t
-            for t, o in settings.table_options_by_name.items()
-            if o.mode is ExtractMode.CDC and _allowed(settings, t)
-        ),
-        key=lambda t: (t.schema, t.table),
-    )
-
-
-def _allowed(settings: Settings, table: TableRef) -> bool:
-    try:
-        settings.tables.check(table)
-    except PermanentError:
-        return False
-    return True
 
 
 def connect_control(dsn: str) -> Connection:
@@ -144,13 +125,18 @@ def emit_heartbeat(conn: Connection, settings: Settings, run_id: str, at: dateti
 
 
 def heartbeat_lag_s(last_heartbeat: str | None, now: datetime) -> float | None:
-    """Seconds from the newest heartbeat the slot delivered to now: how far the drain runs behind."""
+    """Seconds from the newest heartbeat the slot delivered (its ``at``, as ``emit_heartbeat`` wrote
+    it; the drain state's ``last_heartbeat``) to now: how far the drain runs behind. None when there
+    is none or it cannot be read (``pgsnow status`` shows what it can). The run's outcome and metric
+    and ``pgsnow status`` all measure it here."""
     if not last_heartbeat:
         return None
     try:
         at = datetime.fromisoformat(str(json.loads(last_heartbeat)["at"]).replace("Z", "+00:00"))
     except (ValueError, KeyError, TypeError):
         return None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)  # utc_iso writes an offset; a time without one is UTC too
     return round((now - at).total_seconds(), 3)
 
 
@@ -179,8 +165,8 @@ def drain_slot(
     run_id = new_run_id(started_at)
     control = connect_control(dsn)
     try:
+        health = _checked_slot(control, slot, tables, run_id)
         try:
-            health = check_slot(control, slot, tables)
             if health.active:
                 logger.info(
                     "slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id}
@@ -205,10 +191,28 @@ def drain_slot(
                 before_confirm=before_confirm,
                 clock=clock,
             )
+    except SlotLostError:
+        # The reader's checks (before and after it takes the slot, and at the confirmation) too.
+        _report_lost(slot, run_id)
+        raise
     finally:
         control.close()
     logger.info("change capture run", extra=outcome)
     return outcome
+
+
+def _checked_slot(control: Connection, slot: str, tables: list[TableRef], run_id: str) -> SlotHealth:
+    try:
+        return check_slot(control, slot, tables)
+    except psycopg2.Error as exc:
+        raise classify_pg_error(exc, run_id=run_id) from exc
+
+
+def _report_lost(slot: str, run_id: str) -> None:
+    """The SlotLost metric (1) that the SlotLostAlarm watches: the run's error alone would only
+    count as one more failed run, but a lost slot needs a person (``pgsnow cdc resnapshot``)."""
+    logger.error("the change-capture slot is lost", extra={"slot": slot, "run_id": run_id})
+    record_table_metric("SlotLost", None, 1)
 
 
 def _deadline(

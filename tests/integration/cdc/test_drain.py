@@ -536,14 +536,26 @@ def test_two_invocations_at_once_one_drains_the_other_skips(
         assert drain_slot(settings, dsn=pg_dsn, s3=s3) == {"skipped": "slot busy"}
 
 
-def test_a_missing_slot_is_a_permanent_error_with_the_resnapshot_command(
-    pg_dsn: str, s3: Any, bucket: str, shop: tuple[TableRef, Any]
+def test_a_missing_slot_is_a_permanent_error_with_the_resnapshot_command_and_the_slot_lost_metric(
+    pg_dsn: str,
+    s3: Any,
+    bucket: str,
+    shop: tuple[TableRef, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     table, source = shop
     settings = cdc_settings(bucket, pg_dsn, source, [table], CDC_SLOT="pgsnow_no_such_slot")
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    monkeypatch.delenv("POWERTOOLS_DEV", raising=False)
+    capsys.readouterr()
     with pytest.raises(SlotLostError, match="pgsnow cdc resnapshot --slot pgsnow_no_such_slot") as raised:
         drain_slot(settings, dsn=pg_dsn, s3=s3)
     assert table.qualified in str(raised.value) and not raised.value.retryable
+    # The SlotLost metric the SlotLostAlarm watches (EMF on stdout, as CloudWatch receives it)
+    documents = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    names = [d["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"] for d in documents]
+    assert names == ["SlotLost"] and documents[0]["SlotLost"] == [1.0]
 
 
 def test_the_change_capture_handler_drains_on_a_schedule_event(
