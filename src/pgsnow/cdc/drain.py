@@ -394,7 +394,11 @@ def _repair(
         "the previous change capture run died before confirming; its changes are re-read",
         extra={"slot": slot, "run_id": run_id, "superseded_run_id": dead, "tables": sorted(restored)},
     )
-    return replace(state, confirmed_lsn=start_lsn, tables={**state.tables, **restored})
+    # Only the tables the state still chains: a table without an entry chains from 0 anyway (a dead
+    # run's after_lsn of a table the state did not have is 0), and one whose entry `pgsnow cdc
+    # resnapshot` dropped must start a new chain, not continue the dead run's across the gap.
+    chained = {name: lsn for name, lsn in restored.items() if name in state.tables}
+    return replace(state, confirmed_lsn=start_lsn, tables={**state.tables, **chained})
 
 
 def supersede_run(

@@ -191,3 +191,34 @@ def test_reset_change_chains_without_a_drain_state_writes_nothing(
     store = RunStore(s3, bucket)
     assert reset_change_chains(store, source.slot, [table]) is None
     assert store.load_drain_state(source.slot) is None
+
+
+class Died(Exception):
+    """The drain's process dying before it confirmed (the fault tests' seam)."""
+
+
+def die() -> None:
+    raise Died
+
+
+def test_a_reset_chain_stays_reset_when_the_next_run_repairs_a_run_that_died(
+    source: ChangeCaptureSource, table: TableRef, settings: Settings, s3: Any, bucket: str
+) -> None:
+    ident = sql.Identifier(table.schema, table.table)
+    store = RunStore(s3, bucket)
+    with autocommit_connection(source.dsn) as conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("INSERT INTO {} (id) VALUES (1)").format(ident))
+        drain_slot(settings, dsn=source.dsn, s3=s3)  # the table's chain starts
+        # Given a run that staged the table's changes (chained on the first run) and died unconfirmed
+        cur.execute(sql.SQL("INSERT INTO {} (id) VALUES (2)").format(ident))
+        with pytest.raises(Died):
+            drain_slot(settings, dsn=source.dsn, s3=s3, before_confirm=die)
+    first, dead = cdc_manifests(store, table)
+    assert dead.changes is not None and first.changes is not None
+    assert dead.changes.after_lsn == first.changes.end_lsn > 0
+    # When the table's chain is reset (pgsnow cdc resnapshot) and the next run repairs the dead one
+    reset_change_chains(store, source.slot, [table])
+    drain_slot(settings, dsn=source.dsn, s3=s3)
+    # Then the re-read run starts a new chain rather than the dead run's
+    _, _, new = cdc_manifests(store, table)
+    assert new.changes is not None and new.changes.after_lsn == 0
