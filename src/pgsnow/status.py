@@ -12,7 +12,7 @@ WAL it retains, the position confirmed to it, how long ago that was and how far 
 staged changes are (from the drain's state object, ``_pgsnow/cdc/{slot}/state.json``, read through
 its owner ``RunStore.load_drain_state``), whether a
 drain holds it now, and its ``wal_status``. A lost slot shows ``LOST`` and the command that
-re-snapshots its tables (docs/change-capture.md, "Status and alarms").
+re-snapshots its tables (docs/change-capture.md, "Operations").
 """
 
 from __future__ import annotations
