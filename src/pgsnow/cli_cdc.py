@@ -5,10 +5,12 @@ changes with it that nothing can read again; the drain refuses it (``pgsnow.cdc.
 instead of silently starting a new slot after the gap. This command is the way out, for the
 tables of that slot (docs/change-capture.md, "A lost slot"), in this order:
 
-1. forget each table's enrollment and the position its changes were applied through, so from now
-   on the loader applies none of its change runs and the drain none of its changes until the
-   table's new snapshot is in (done first: a drain run between a new slot and a forgotten
-   position would chain changes onto the old position, across the gap);
+1. forget each table's enrollment, the position its changes were applied through (its ledger,
+   ``Ledger.forget_applied_position``) and its change chain (its entry in the slot's drain state,
+   ``RunStore``), so from now on the loader applies none of its change runs and the drain none of
+   its changes until the table's new snapshot is in, and its next change run starts a new chain
+   (done first: a drain run between a new slot and a forgotten position would chain changes onto
+   the old position, across the gap);
 2. drop the lost slot if the server still lists it, and create it again (``pgoutput``);
 3. start each table's snapshot: the extractor's ordinary full run, which enrolls the table at a
    position of the new slot and hands over to its changes (docs/guarantees.md, "Change capture").
@@ -19,14 +21,18 @@ Without ``--execute`` it prints the plan and changes nothing.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from pgsnow.cli_arguments import table_list_argument
 from pgsnow.identifiers import TableRef
+
+if TYPE_CHECKING:
+    from pgsnow.config import Settings
+    from pgsnow.runs import DrainState, RunStore
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,8 @@ def resnapshot_steps(
 
     steps = [
         ResnapshotStep(
-            f"{t.qualified}: forget its enrollment and the position its changes were applied through"
+            f"{t.qualified}: forget its enrollment, the position its changes were applied through "
+            "and its change chain"
         )
         for t in tables
     ]
@@ -159,7 +166,11 @@ def run_resnapshot_command(args: argparse.Namespace) -> int:
         if not args.execute:
             return 0
         forget_positions(
-            settings=settings, tables=tables, s3=session.client("s3"), sf_conn_factory=connect_snowflake
+            settings=settings,
+            slot=args.slot,
+            tables=tables,
+            s3=session.client("s3"),
+            sf_conn_factory=connect_snowflake,
         )
         recreate_slot(pg_conn, args.slot, drop_first=health.exists)
     finally:
@@ -178,26 +189,49 @@ def run_resnapshot_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def forget_positions(*, settings: Any, tables: Sequence[TableRef], s3: Any, sf_conn_factory: Any) -> None:
-    """Forget each table's enrollment (the handoff's, in the bucket) and applied position (its ledger)."""
-    import importlib
-
-    from pgsnow.ledger import Ledger
+def forget_positions(
+    *, settings: Settings, slot: str, tables: Sequence[TableRef], s3: Any, sf_conn_factory: Any
+) -> None:
+    """Forget each table's enrollment (the hand-off's, in the bucket), applied position (its
+    ledger) and change chain (the slot's drain state)."""
     from pgsnow.runs import RunStore
 
-    # pgsnow.cdc.enroll (enrollment) and Ledger.forget_applied_position (apply) come from the
-    # change-capture work merged alongside this command; looked up at run time so this module
-    # type-checks on its own. Replace with direct calls once both are in.
+    # pgsnow.cdc.enroll (the snapshot hand-off) is written alongside this command: looked up at run
+    # time so this module type-checks on its own. Replace with a direct call once it is merged.
     enroll = importlib.import_module("pgsnow.cdc.enroll")
     store = RunStore(s3, settings.bucket)
     sf_conn = sf_conn_factory(settings.snowflake)
     try:
         for table in tables:
             enroll.reset_enrollment(store, table)
-            operator.methodcaller("forget_applied_position")(Ledger.of(sf_conn, settings, table))
+            forget_applied_positions(sf_conn, settings, [table])
             print(f"{table.qualified}: enrollment and applied position forgotten")
     finally:
         sf_conn.close()
+    if reset_change_chains(store, slot, tables) is not None:
+        print(f"slot {slot}: the change chains of {', '.join(t.qualified for t in tables)} reset")
+
+
+def forget_applied_positions(sf_conn: Any, settings: Settings, tables: Sequence[TableRef]) -> None:
+    """Remove each table's applied position from its ledger: the loader applies none of its change
+    runs until its next snapshot is loaded and sets the position again."""
+    from pgsnow.ledger import Ledger
+
+    for table in tables:
+        Ledger.of(sf_conn, settings, table).forget_applied_position()
+
+
+def reset_change_chains(store: RunStore, slot: str, tables: Sequence[TableRef]) -> DrainState | None:
+    """Drop ``tables``' entries from ``slot``'s drain state (their last change run's end), so the
+    drain's next change run of each starts a new chain (``after_lsn`` 0) rather than chaining onto
+    a position of the lost slot. Returns the saved state; None when the slot has no drain state.
+    A drain writing the state meanwhile makes the save fail (RetryableError): run the command again."""
+    state = store.load_drain_state(slot)
+    if state is None:
+        return None
+    forgotten = {t.qualified for t in tables}
+    kept = {name: lsn for name, lsn in state.tables.items() if name not in forgotten}
+    return store.save_drain_state(replace(state, tables=kept))
 
 
 def recreate_slot(pg_conn: Any, slot: str, *, drop_first: bool) -> None:

@@ -9,9 +9,10 @@ The dead-letter queue is read without consuming it (messages received with visib
 
 When a table has ``mode: cdc``, the report also has the change-capture slot (``CDC_SLOT``): the
 WAL it retains, the position confirmed to it, how long ago that was and how far behind the
-staged changes are (from the drain's state object, ``_pgsnow/cdc/{slot}/state.json``), whether a
+staged changes are (from the drain's state object, ``_pgsnow/cdc/{slot}/state.json``, read through
+its owner ``RunStore.load_drain_state``), whether a
 drain holds it now, and its ``wal_status``. A lost slot shows ``LOST`` and the command that
-re-snapshots its tables (docs/change-capture.md, "Status and alarms").
+re-snapshots its tables (docs/change-capture.md, "Operations").
 """
 
 from __future__ import annotations
@@ -23,19 +24,18 @@ from itertools import islice
 from typing import Any
 from urllib.parse import unquote_plus
 
-from botocore.exceptions import BotoCoreError, ClientError
-
+from pgsnow.cdc.drain import heartbeat_lag_s
 from pgsnow.cdc.slot import SlotHealth, resnapshot_command, slot_health
-from pgsnow.changes import format_lsn, parse_lsn
+from pgsnow.changes import format_lsn
 from pgsnow.config import Settings
-from pgsnow.errors import PgSnowError
+from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import run_started_at, table_prefix
 from pgsnow.ledger import ledger_rows, loaded_files
 from pgsnow.manifest import RunManifest, RunState
+from pgsnow.observability import logger
 from pgsnow.postgres_setup import cdc_tables
-from pgsnow.runs import RunStore
-from pgsnow.staging import raise_unless_missing
+from pgsnow.runs import DrainState, RunStore
 
 _DLQ_PEEK_LIMIT = 200  # messages: enough to name what is stuck without draining a flooded queue
 _LOADED_RUN_LOOKBACK = 50  # runs read back from the newest to find the last fully loaded one
@@ -261,30 +261,20 @@ def table_status(
     )
 
 
-def drain_state_key(slot: str) -> str:
-    """The drain's state object of ``slot`` (written by the drain through RunStore)."""
-    return f"_pgsnow/cdc/{slot}/state.json"
-
-
-def read_drain_state(s3: Any, bucket: str, slot: str) -> dict[str, Any] | None:
-    """The drain's state object, or None when there is none (no run yet) or it is not an object.
-
-    Read tolerantly: status must show what it can while the drain's format grows."""
-    key = drain_state_key(slot)
+def read_drain_state(store: RunStore, slot: str) -> DrainState | None:
+    """The drain's state object (``RunStore.load_drain_state``, its one owner), or None when there
+    is none (no run yet) or it cannot be read: status shows what it can rather than fail."""
     try:
-        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except (ClientError, BotoCoreError) as exc:
-        raise_unless_missing(exc, s3_key=key)
+        return store.load_drain_state(slot)
+    except PermanentError as exc:
+        logger.warning(
+            "the drain state is unreadable; the slot is shown without it", extra={"error": str(exc)}
+        )
         return None
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def slot_status(
-    *, health: SlotHealth, state: dict[str, Any] | None, tables: list[TableRef], now: datetime
+    *, health: SlotHealth, state: DrainState | None, tables: list[TableRef], now: datetime
 ) -> SlotStatus:
     """Combine the server's view of the slot with the drain's state object."""
     names = [t.qualified for t in tables]
@@ -298,26 +288,25 @@ def slot_status(
             confirmed_lsn=None
             if health.confirmed_flush_lsn is None
             else format_lsn(health.confirmed_flush_lsn),
-            confirmed_at=_text(state, "confirmed_at"),
-            seconds_since_confirmation=_age(_text(state, "confirmed_at"), now),
+            confirmed_at=None if state is None else state.confirmed_at,
+            seconds_since_confirmation=_age(None if state is None else state.confirmed_at, now),
             lag_seconds=None,
             tables=names,
             resnapshot_command=resnapshot_command(health.slot, tables),
             error=health.problem,
         )
-    confirmed_at = _text(state, "confirmed_at")
-    heartbeat = state.get("last_heartbeat") if state else None
-    heartbeat_at = heartbeat.get("at") if isinstance(heartbeat, dict) else None
+    confirmed_at = None if state is None else state.confirmed_at
+    lag = None if state is None else heartbeat_lag_s(state.last_heartbeat, now)
     error = None
-    state_lsn = _text(state, "confirmed_lsn")
-    if state_lsn and health.confirmed_flush_lsn is not None:
-        try:
-            if parse_lsn(state_lsn) > health.confirmed_flush_lsn:
-                error = (
-                    f"the drain staged through {state_lsn} but has not confirmed it yet (the next run will)"
-                )
-        except PgSnowError:
-            error = f"the drain state's confirmed_lsn {state_lsn!r} is not an LSN"
+    if (
+        state is not None
+        and health.confirmed_flush_lsn is not None
+        and state.confirmed_lsn > health.confirmed_flush_lsn
+    ):
+        error = (
+            f"the drain staged through {format_lsn(state.confirmed_lsn)} but has not confirmed it yet "
+            "(the next run will)"
+        )
     if health.wal_status == "unreserved":
         label = "AT RISK"
         error = (
@@ -334,15 +323,10 @@ def slot_status(
         confirmed_lsn=None if health.confirmed_flush_lsn is None else format_lsn(health.confirmed_flush_lsn),
         confirmed_at=confirmed_at,
         seconds_since_confirmation=_age(confirmed_at, now),
-        lag_seconds=_age(heartbeat_at if isinstance(heartbeat_at, str) else None, now),
+        lag_seconds=None if lag is None else max(0, int(lag)),
         tables=names,
         error=error,
     )
-
-
-def _text(state: dict[str, Any] | None, name: str) -> str | None:
-    value = state.get(name) if state else None
-    return value if isinstance(value, str) and value else None
 
 
 def _age(iso: str | None, now: datetime) -> int | None:
@@ -367,9 +351,10 @@ def collect_slot_statuses(
     if not tables:
         return []
     slot = settings.cdc.slot
+    store = RunStore(s3, settings.bucket)
     if pg_error is not None:
-        state = read_drain_state(s3, settings.bucket, slot)
-        confirmed_at = _text(state, "confirmed_at")
+        state = read_drain_state(store, slot)
+        confirmed_at = None if state is None else state.confirmed_at
         return [
             SlotStatus(
                 slot=slot,
@@ -377,7 +362,7 @@ def collect_slot_statuses(
                 active=False,
                 wal_status=None,
                 retained_wal_bytes=None,
-                confirmed_lsn=_text(state, "confirmed_lsn"),
+                confirmed_lsn=None if state is None else format_lsn(state.confirmed_lsn),
                 confirmed_at=confirmed_at,
                 seconds_since_confirmation=_age(confirmed_at, now),
                 lag_seconds=None,
@@ -388,7 +373,7 @@ def collect_slot_statuses(
     return [
         slot_status(
             health=slot_health(pg_conn, slot),
-            state=read_drain_state(s3, settings.bucket, slot),
+            state=read_drain_state(store, slot),
             tables=tables,
             now=now,
         )

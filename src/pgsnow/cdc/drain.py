@@ -2,11 +2,11 @@
 
 ``drain_slot`` is the whole run (docs/extraction.md, "Change capture runs"):
 
-1. **Check the slot** (``pg_replication_slots``): missing or invalidated (``wal_status = 'lost'``,
-   or ``invalidation_reason`` on PostgreSQL 16+) is a PermanentError naming the slot and the
-   command that re-snapshots its tables; nothing restarts from zero silently. A slot another
+1. **Check the slot** (``pgsnow.cdc.slot.check_slot``): missing or invalidated (``wal_status =
+   'lost'``, or ``invalidation_reason`` on PostgreSQL 16+) is ``SlotLostError`` (permanent) naming the
+   tables and the command that re-snapshots them; nothing restarts from zero silently. A slot another
    consumer holds (``active``) ends the run cleanly: ``{"skipped": "slot busy"}``.
-2. **Heartbeat**: ``pg_logical_emit_message(false, 'pgsnow.heartbeat', {run_id, at})`` (or, with
+2. **Heartbeat**: ``pg_logical_emit_message(true, 'pgsnow.heartbeat', {run_id, at})`` (or, with
    CDC_HEARTBEAT=table, an upsert of CDC_HEARTBEAT_TABLE's one row, for PostgreSQL < 14). Its LSN
    is the run's end bound, and every run writes one, so an idle publication's slot still advances.
 3. **Read** the slot (``pgsnow.cdc.reader``) up to the heartbeat, CDC_MAX_MB (at a commit) or the
@@ -30,7 +30,7 @@ import json
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +48,7 @@ from pgsnow.cdc.reader import (
     SpilledChanges,
     open_stream,
 )
+from pgsnow.cdc.slot import SlotHealth, SlotLostError, check_slot, resnapshot_command, slot_health
 from pgsnow.cdc.stage import StagedSegment, connect_for_staging, stage_table, upload_files
 from pgsnow.changes import ChangeRange, format_lsn, parse_lsn
 from pgsnow.config import ExtractMode, HeartbeatMethod, Settings, WriteMode
@@ -59,47 +60,15 @@ from pgsnow.keys import new_run_id
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.observability import logger, record_table_metric
 from pgsnow.postgres import Connection, classify_pg_error, connect, describe_table
+from pgsnow.postgres_setup import cdc_tables
 from pgsnow.runs import DrainState, RunStore
 from pgsnow.timestamps import utc_iso
 
 # Without a Lambda deadline (CLI, tests) a run reads until its heartbeat or byte budget.
 NO_DEADLINE_S = 365 * 24 * 3600.0
-RESNAPSHOT_COMMAND = "pgsnow cdc resnapshot --slot {slot}"
 SKIPPED_BUSY = {"skipped": "slot busy"}
 # How often the replication connection answers the server while the run stages and uploads.
 KEEP_ALIVE_EVERY_S = 10.0
-
-
-@dataclass(frozen=True)
-class SlotStatus:
-    """The slot's row of ``pg_replication_slots`` (read as JSON, so PostgreSQL 16's columns come along)."""
-
-    name: str
-    active: bool
-    wal_status: str | None
-    invalidation_reason: str | None
-    confirmed_flush_lsn: int | None
-    restart_lsn: int | None
-
-
-def cdc_tables(settings: Settings) -> list[TableRef]:
-    """The allowlisted tables whose options say ``mode: cdc``, in name order."""
-    return sorted(
-        (
-            t
-            for t, o in settings.table_options_by_name.items()
-            if o.mode is ExtractMode.CDC and _allowed(settings, t)
-        ),
-        key=lambda t: (t.schema, t.table),
-    )
-
-
-def _allowed(settings: Settings, table: TableRef) -> bool:
-    try:
-        settings.tables.check(table)
-    except PermanentError:
-        return False
-    return True
 
 
 def connect_control(dsn: str) -> Connection:
@@ -108,59 +77,6 @@ def connect_control(dsn: str) -> Connection:
     conn = connect(dsn)
     conn.set_session(readonly=False, autocommit=True)
     return conn
-
-
-def read_slot(conn: Connection, slot: str) -> SlotStatus | None:
-    """The slot's status; None when there is no such slot."""
-    # ``to_jsonb(s)`` rather than named columns: invalidation_reason exists on PostgreSQL 16+ only.
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT to_jsonb(s) FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = %s", (slot,)
-        )
-        found = cur.fetchone()
-    if found is None:
-        return None
-    row = found[0] if isinstance(found[0], dict) else json.loads(found[0])
-
-    def lsn(name: str) -> int | None:
-        value = row.get(name)
-        return None if value is None else parse_lsn(str(value))
-
-    return SlotStatus(
-        name=slot,
-        active=bool(row.get("active")),
-        wal_status=row.get("wal_status"),
-        invalidation_reason=row.get("invalidation_reason") or row.get("conflicting_reason"),
-        confirmed_flush_lsn=lsn("confirmed_flush_lsn"),
-        restart_lsn=lsn("restart_lsn"),
-    )
-
-
-def slot_problem(status: SlotStatus | None, slot: str, tables: Sequence[TableRef]) -> str | None:
-    """Why the slot cannot be drained (missing, or invalidated: the changes it held are gone), or None."""
-    names = ", ".join(t.qualified for t in tables) or "none configured"
-    command = RESNAPSHOT_COMMAND.format(slot=slot)
-    if status is None:
-        return (
-            f"replication slot {slot!r} does not exist (dropped, or lost in a failover): create it with the "
-            f"statements `pgsnow postgres-sql` prints, then re-snapshot its tables ({names}) with `{command}`"
-        )
-    if status.wal_status == "lost" or status.invalidation_reason:
-        why = status.invalidation_reason or "wal_status lost"
-        return (
-            f"replication slot {slot!r} was invalidated ({why}, e.g. by max_slot_wal_keep_size): the changes "
-            f"it held are gone; re-snapshot its tables ({names}) with `{command}`"
-        )
-    return None
-
-
-def check_slot(conn: Connection, slot: str, tables: Sequence[TableRef]) -> SlotStatus:
-    """The slot, refused (PermanentError) when it is missing or invalidated."""
-    status = read_slot(conn, slot)
-    problem = slot_problem(status, slot, tables)
-    if problem is not None or status is None:
-        raise PermanentError(problem or f"replication slot {slot!r} does not exist")
-    return status
 
 
 @dataclass(frozen=True)
@@ -208,26 +124,19 @@ def emit_heartbeat(conn: Connection, settings: Settings, run_id: str, at: dateti
     return HeartbeatBound(parse_lsn(str(found[0])), at_commit=True)
 
 
-def retained_wal_bytes(conn: Connection, slot: str) -> int | None:
-    """WAL the slot keeps on the server: from its restart_lsn to the current position."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
-            "FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
-            (slot,),
-        )
-        found = cur.fetchone()
-    return None if found is None or found[0] is None else int(found[0])
-
-
 def heartbeat_lag_s(last_heartbeat: str | None, now: datetime) -> float | None:
-    """Seconds from the newest heartbeat the slot delivered to now: how far the drain runs behind."""
+    """Seconds from the newest heartbeat the slot delivered (its ``at``, as ``emit_heartbeat`` wrote
+    it; the drain state's ``last_heartbeat``) to now: how far the drain runs behind. None when there
+    is none or it cannot be read (``pgsnow status`` shows what it can). The run's outcome and metric
+    and ``pgsnow status`` all measure it here."""
     if not last_heartbeat:
         return None
     try:
         at = datetime.fromisoformat(str(json.loads(last_heartbeat)["at"]).replace("Z", "+00:00"))
     except (ValueError, KeyError, TypeError):
         return None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)  # utc_iso writes an offset; a time without one is UTC too
     return round((now - at).total_seconds(), 3)
 
 
@@ -256,9 +165,9 @@ def drain_slot(
     run_id = new_run_id(started_at)
     control = connect_control(dsn)
     try:
+        health = _checked_slot(control, slot, tables, run_id)
         try:
-            status = check_slot(control, slot, tables)
-            if status.active:
+            if health.active:
                 logger.info(
                     "slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id}
                 )
@@ -282,10 +191,28 @@ def drain_slot(
                 before_confirm=before_confirm,
                 clock=clock,
             )
+    except SlotLostError:
+        # The reader's checks (before and after it takes the slot, and at the confirmation) too.
+        _report_lost(slot, run_id)
+        raise
     finally:
         control.close()
     logger.info("change capture run", extra=outcome)
     return outcome
+
+
+def _checked_slot(control: Connection, slot: str, tables: list[TableRef], run_id: str) -> SlotHealth:
+    try:
+        return check_slot(control, slot, tables)
+    except psycopg2.Error as exc:
+        raise classify_pg_error(exc, run_id=run_id) from exc
+
+
+def _report_lost(slot: str, run_id: str) -> None:
+    """The SlotLost metric (1) that the SlotLostAlarm watches: the run's error alone would only
+    count as one more failed run, but a lost slot needs a person (``pgsnow cdc resnapshot``)."""
+    logger.error("the change-capture slot is lost", extra={"slot": slot, "run_id": run_id})
+    record_table_metric("SlotLost", None, 1)
 
 
 def _deadline(
@@ -320,7 +247,7 @@ def _drain(
     spill_dir = scratch / "spill"
     spill_dir.mkdir()
     try:
-        session = open_stream(dsn, slot=slot, publication=settings.cdc.publication)
+        session = open_stream(dsn, slot=slot, publication=settings.cdc.publication, tables=tables)
     except SlotBusyError:
         logger.info("slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id})
         return dict(SKIPPED_BUSY)
@@ -451,7 +378,7 @@ def _repair(
     if start_lsn > state.confirmed_lsn:
         logger.warning(
             "the slot is ahead of the position pgsnow confirmed: something else consumed or advanced it; "
-            f"changes in between may be missing: re-snapshot with `{RESNAPSHOT_COMMAND.format(slot=slot)}`",
+            f"changes in between may be missing: re-snapshot with `{resnapshot_command(slot, tables)}`",
             extra={
                 "slot": slot,
                 "run_id": run_id,
@@ -467,7 +394,11 @@ def _repair(
         "the previous change capture run died before confirming; its changes are re-read",
         extra={"slot": slot, "run_id": run_id, "superseded_run_id": dead, "tables": sorted(restored)},
     )
-    return replace(state, confirmed_lsn=start_lsn, tables={**state.tables, **restored})
+    # Only the tables the state still chains: a table without an entry chains from 0 anyway (a dead
+    # run's after_lsn of a table the state did not have is 0), and one whose entry `pgsnow cdc
+    # resnapshot` dropped must start a new chain, not continue the dead run's across the gap.
+    chained = {name: lsn for name, lsn in restored.items() if name in state.tables}
+    return replace(state, confirmed_lsn=start_lsn, tables={**state.tables, **chained})
 
 
 def supersede_run(
@@ -608,8 +539,9 @@ def _report(
     finished: datetime,
 ) -> dict[str, Any]:
     slot = settings.cdc.slot
-    status = read_slot(control, slot)
-    confirmed = status is not None and (status.confirmed_flush_lsn or 0) >= stream.end_lsn
+    # One read of the slot's row: whether the confirmation reached it, and the WAL it still pins.
+    health = slot_health(control, slot)
+    confirmed = (health.confirmed_flush_lsn or 0) >= stream.end_lsn
     if not confirmed:
         logger.warning(
             "the slot's confirmed position did not reach the run's end: the next run replays these changes",
@@ -618,11 +550,11 @@ def _report(
                 "run_id": run_id,
                 "end_lsn": format_lsn(stream.end_lsn),
                 "confirmed_flush_lsn": None
-                if status is None or status.confirmed_flush_lsn is None
-                else format_lsn(status.confirmed_flush_lsn),
+                if health.confirmed_flush_lsn is None
+                else format_lsn(health.confirmed_flush_lsn),
             },
         )
-    retained = retained_wal_bytes(control, slot)
+    retained = health.retained_wal_bytes
     lag = heartbeat_lag_s(stream.last_heartbeat, finished)
     per_table = {t.qualified: s.rows for t, s in staged.items()}
     files = sum(len(s.files) for s in staged.values())

@@ -211,15 +211,20 @@ def _tuple_data(buf: bytes, pos: int) -> tuple[TupleValues, int]:
         elif kind == 0x75:  # 'u'
             append(UNCHANGED)
             pos += 1
-        elif kind == 0x62:  # 'b'
-            raise PermanentError(
-                f"pgoutput sent a binary value (column {index + 1}); the drain asks for text values only"
-            )
         else:
-            raise PermanentError(f"pgoutput tuple data: unknown value kind {kind:#x} (column {index + 1})")
+            raise _value_kind_error(kind, index)
     if pos > len(buf):
         raise PermanentError("pgoutput tuple data is cut short")
     return tuple(values), pos
+
+
+def _value_kind_error(kind: int, index: int) -> PermanentError:
+    """The refusal of a TupleData value that is neither text, NULL nor unchanged TOAST (both readers)."""
+    if kind == 0x62:  # 'b': only sent when binary output is asked for, which the drain never does
+        return PermanentError(
+            f"pgoutput sent a binary value (column {index + 1}); the drain asks for text values only"
+        )
+    return PermanentError(f"pgoutput tuple data: unknown value kind {kind:#x} (column {index + 1})")
 
 
 def tuple_csv(buf: bytes, pos: int) -> tuple[bytes, int, list[int] | None, int]:
@@ -251,12 +256,8 @@ def tuple_csv(buf: bytes, pos: int) -> tuple[bytes, int, list[int] | None, int]:
             if unchanged is None:
                 unchanged = []
             unchanged.append(index)
-        elif kind == 0x62:  # 'b'
-            raise PermanentError(
-                f"pgoutput sent a binary value (column {index + 1}); the drain asks for text values only"
-            )
         else:
-            raise PermanentError(f"pgoutput tuple data: unknown value kind {kind:#x} (column {index + 1})")
+            raise _value_kind_error(kind, index)
     if pos > len(buf):
         raise PermanentError("pgoutput tuple data is cut short")
     return b",".join(fields), count, unchanged, pos

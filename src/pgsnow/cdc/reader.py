@@ -59,8 +59,10 @@ connection alive while reading; ``keep_alive`` sends a status update without mov
 the drain's staging phase (past ``wal_sender_timeout``).
 
 Errors: the slot active (another consumer; sqlstate 55006) is ``SlotBusyError`` (retryable: the
-next scheduled run will try again); the slot missing is ``SlotMissingError`` and an invalidated
-slot ``SlotLostError`` (permanent: the affected tables need a new snapshot).
+next scheduled run will try again); the slot missing or invalidated is ``pgsnow.cdc.slot``'s
+``SlotLostError`` (permanent, naming the command that re-snapshots the affected tables), and a slot
+that is not pgoutput's or is of another database a PermanentError (``pgsnow.cdc.slot.check_slot``,
+the one owner of the slot's row).
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ from pgsnow.cdc.protocol import (
     decode_message,
     tuple_csv,
 )
-from pgsnow.changes import format_lsn, parse_lsn, unchanged_text
+from pgsnow.cdc.slot import SlotHealth, SlotLostError, check_slot, slot_health
+from pgsnow.changes import format_lsn, unchanged_text
 from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.observability import logger
@@ -104,8 +107,6 @@ __all__ = [
     "DrainedStream",
     "ReplicationSession",
     "SlotBusyError",
-    "SlotLostError",
-    "SlotMissingError",
     "SpilledChanges",
     "open_stream",
     "read_changes",
@@ -137,14 +138,6 @@ _UNDEFINED_OBJECT = "42704"
 
 class SlotBusyError(RetryableError):
     """The slot is active: another consumer is reading it (one consumer at a time)."""
-
-
-class SlotMissingError(PermanentError):
-    """The replication slot does not exist (or is not a pgoutput slot of this database)."""
-
-
-class SlotLostError(SlotMissingError):
-    """The slot was invalidated (``max_slot_wal_keep_size``): the WAL it needed is gone."""
 
 
 @dataclass(frozen=True)
@@ -440,10 +433,19 @@ class ReplicationSession:
     """
 
     def __init__(
-        self, *, slot: str, publication: str, connection: Any, cursor: Any, control: Any, start_lsn: int
+        self,
+        *,
+        slot: str,
+        publication: str,
+        connection: Any,
+        cursor: Any,
+        control: Any,
+        start_lsn: int,
+        tables: Collection[TableRef] = (),
     ) -> None:
         self.slot = slot
         self.publication = publication
+        self.tables = tuple(tables)  # named by SlotLostError should the slot be lost meanwhile
         self.start_lsn = start_lsn
         self.messages = 0  # messages received so far by ``read`` (progress measures)
         self.changes_read = 0  # of which insert, update, delete and truncate messages, of any table
@@ -473,13 +475,7 @@ class ReplicationSession:
         try:
             deadline = time.monotonic() + release_wait_s
             while walsender is not None and time.monotonic() < deadline:
-                with self._control.cursor() as cur:
-                    cur.execute(
-                        "SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
-                        (self.slot,),
-                    )
-                    found = cur.fetchone()
-                if found is None or found[0] != walsender:
+                if slot_health(self._control, self.slot).active_pid != walsender:
                     break
                 time.sleep(0.02)
         except psycopg2.Error:
@@ -636,7 +632,7 @@ class ReplicationSession:
             raise classify_pg_error(exc) from exc
         give_up = time.monotonic() + wait_s
         while True:
-            confirmed = _slot_row(self._control, self.slot)["confirmed_flush_lsn"]
+            confirmed = _confirmed_lsn(_checked_slot(self._control, self.slot, self.tables), self.tables)
             if confirmed >= lsn:
                 return int(confirmed)
             if time.monotonic() >= give_up:
@@ -646,36 +642,19 @@ class ReplicationSession:
             time.sleep(0.05)
 
 
-def _slot_row(conn: Any, slot: str) -> dict[str, Any]:
+def _checked_slot(conn: Any, slot: str, tables: Collection[TableRef]) -> SlotHealth:
+    """``pgsnow.cdc.slot.check_slot``, with the connection's errors classified."""
     try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT s.plugin, s.slot_type, s.database, s.active_pid, s.confirmed_flush_lsn::text, "
-                "s.wal_status, current_database() FROM pg_replication_slots s WHERE s.slot_name = %s",
-                (slot,),
-            )
-            row = cur.fetchone()
+        return check_slot(conn, slot, tables)
     except psycopg2.Error as exc:
         raise classify_pg_error(exc) from exc
-    if row is None:
-        raise SlotMissingError(
-            f"replication slot {slot!r} does not exist: create it (and the publication) with the "
-            "statements `pgsnow postgres-sql` prints"
-        )
-    plugin, slot_type, database, active_pid, confirmed, wal_status, current = row
-    if slot_type != "logical" or plugin != "pgoutput":
-        raise SlotMissingError(f"replication slot {slot!r} is a {slot_type} slot of {plugin!r}, not pgoutput")
-    if database != current:
-        raise SlotMissingError(
-            f"replication slot {slot!r} belongs to database {database!r}, not {current!r}: "
-            "connect to the slot's database"
-        )
-    if wal_status == "lost" or confirmed is None:
-        raise SlotLostError(
-            f"replication slot {slot!r} was invalidated (the WAL it needed is gone, "
-            "max_slot_wal_keep_size): drop and recreate it and re-snapshot its tables"
-        )
-    return {"active_pid": active_pid, "confirmed_flush_lsn": parse_lsn(confirmed)}
+
+
+def _confirmed_lsn(health: SlotHealth, tables: Collection[TableRef]) -> int:
+    # check_slot refuses a logical slot without a confirmed position as lost: this is the type's guard.
+    if health.confirmed_flush_lsn is None:
+        raise SlotLostError(health, tables)
+    return health.confirmed_flush_lsn
 
 
 def _publication_names(publication: str) -> str:
@@ -683,8 +662,11 @@ def _publication_names(publication: str) -> str:
     return '"' + publication.replace('"', '""') + '"'
 
 
-def open_stream(dsn: str, *, slot: str, publication: str) -> ReplicationSession:
-    """Start streaming ``slot`` (pgoutput, protocol 1) from its confirmed position."""
+def open_stream(
+    dsn: str, *, slot: str, publication: str, tables: Collection[TableRef] = ()
+) -> ReplicationSession:
+    """Start streaming ``slot`` (pgoutput, protocol 1) from its confirmed position. ``tables`` (the
+    slot's CDC tables) are named, with the command that re-snapshots them, should the slot be lost."""
     try:
         control = psycopg2.connect(dsn, application_name=APPLICATION_NAME)
         control.autocommit = True
@@ -692,7 +674,7 @@ def open_stream(dsn: str, *, slot: str, publication: str) -> ReplicationSession:
         raise classify_pg_error(exc) from exc
     connection = cursor = None
     try:
-        if _slot_row(control, slot)["active_pid"] is not None:
+        if _checked_slot(control, slot, tables).active_pid is not None:
             raise SlotBusyError(f"replication slot {slot!r} is active: another consumer is reading it")
         try:
             connection = psycopg2.connect(
@@ -720,14 +702,11 @@ def open_stream(dsn: str, *, slot: str, publication: str) -> ReplicationSession:
                     f"replication slot {slot!r} is active: another consumer is reading it", sqlstate=code
                 ) from exc
             if code == _UNDEFINED_OBJECT:
-                raise SlotMissingError(
-                    f"replication slot {slot!r} does not exist: create it with the statements "
-                    "`pgsnow postgres-sql` prints",
-                    sqlstate=code,
-                ) from exc
+                # Dropped between the check and the start (a failover, an operator).
+                raise SlotLostError(SlotHealth(slot=slot, exists=False), tables) from exc
             raise classify_pg_error(exc) from exc
         # The slot is ours now, so its confirmed position cannot move but by us: read it back.
-        start_lsn = _slot_row(control, slot)["confirmed_flush_lsn"]
+        start_lsn = _confirmed_lsn(_checked_slot(control, slot, tables), tables)
     except BaseException:
         for resource in (cursor, connection, control):
             if resource is not None:
@@ -741,6 +720,7 @@ def open_stream(dsn: str, *, slot: str, publication: str) -> ReplicationSession:
         cursor=cursor,
         control=control,
         start_lsn=start_lsn,
+        tables=tables,
     )
 
 
@@ -758,7 +738,7 @@ def read_changes(
     heartbeat_commit_lsn: int | None = None,
 ) -> DrainedStream:
     """Open the stream, read it once, close it without confirming (tests, and a dry read)."""
-    with open_stream(dsn, slot=slot, publication=publication) as session:
+    with open_stream(dsn, slot=slot, publication=publication, tables=tables) as session:
         return session.read(
             heartbeat_lsn=heartbeat_lsn,
             tables=tables,

@@ -35,8 +35,9 @@ from drain_support import (
 from psycopg2 import sql
 from stack_support import postgres_secret_arn, unique_name
 
-from pgsnow.cdc.drain import SlotStatus, drain_slot, slot_problem
+from pgsnow.cdc.drain import drain_slot
 from pgsnow.cdc.reader import open_stream
+from pgsnow.cdc.slot import SlotLostError
 from pgsnow.cdc.stage import connect_for_staging, stage_table, upload_files
 from pgsnow.changes import CHANGE_COLUMNS, parse_lsn
 from pgsnow.config import ValuePolicy
@@ -535,36 +536,26 @@ def test_two_invocations_at_once_one_drains_the_other_skips(
         assert drain_slot(settings, dsn=pg_dsn, s3=s3) == {"skipped": "slot busy"}
 
 
-def test_a_missing_slot_is_a_permanent_error_with_the_resnapshot_command(
-    pg_dsn: str, s3: Any, bucket: str, shop: tuple[TableRef, Any]
+def test_a_missing_slot_is_a_permanent_error_with_the_resnapshot_command_and_the_slot_lost_metric(
+    pg_dsn: str,
+    s3: Any,
+    bucket: str,
+    shop: tuple[TableRef, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     table, source = shop
     settings = cdc_settings(bucket, pg_dsn, source, [table], CDC_SLOT="pgsnow_no_such_slot")
-    with pytest.raises(PermanentError, match="pgsnow cdc resnapshot --slot pgsnow_no_such_slot") as raised:
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    monkeypatch.delenv("POWERTOOLS_DEV", raising=False)
+    capsys.readouterr()
+    with pytest.raises(SlotLostError, match="pgsnow cdc resnapshot --slot pgsnow_no_such_slot") as raised:
         drain_slot(settings, dsn=pg_dsn, s3=s3)
-    assert table.qualified in str(raised.value)
-
-
-@pytest.mark.parametrize(
-    ("wal_status", "reason", "problem"),
-    [
-        pytest.param("reserved", None, None, id="healthy"),
-        pytest.param("lost", None, "wal_status lost", id="lost-pg15"),
-        pytest.param("lost", "wal_removed", "wal_removed", id="invalidated-pg16"),
-    ],
-)
-def test_an_invalidated_slot_names_the_resnapshot_command(
-    wal_status: str, reason: str | None, problem: str | None
-) -> None:
-    # An invalidated slot cannot be made here without changing the server's settings: the decision is
-    # tested on the status the catalog would show.
-    status = SlotStatus("s1", False, wal_status, reason, 100, 50)
-    found = slot_problem(status, "s1", [TableRef("public", "t")])
-    if problem is None:
-        assert found is None
-    else:
-        assert found is not None and problem in found and "pgsnow cdc resnapshot --slot s1" in found
-        assert "public.t" in found
+    assert table.qualified in str(raised.value) and not raised.value.retryable
+    # The SlotLost metric the SlotLostAlarm watches (EMF on stdout, as CloudWatch receives it)
+    documents = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    names = [d["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"] for d in documents]
+    assert names == ["SlotLost"] and documents[0]["SlotLost"] == [1.0]
 
 
 def test_the_change_capture_handler_drains_on_a_schedule_event(

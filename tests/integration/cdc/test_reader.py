@@ -38,11 +38,11 @@ from pgsnow.cdc.protocol import (
 from pgsnow.cdc.reader import (
     DrainedStream,
     SlotBusyError,
-    SlotMissingError,
     SpilledChanges,
     open_stream,
     read_changes,
 )
+from pgsnow.cdc.slot import SlotLostError
 from pgsnow.changes import CHANGE_COLUMN_TYPES, CHANGE_COLUMNS, parse_lsn
 from pgsnow.identifiers import TableRef
 
@@ -420,9 +420,16 @@ def test_one_consumer_at_a_time(source: tuple[str, str]) -> None:
 
 def test_missing_slot_names_the_slot_and_the_setup_command(source: tuple[str, str]) -> None:
     dsn, _ = source
-    with pytest.raises(SlotMissingError, match=r"pgsnow_no_such_slot.*pgsnow postgres-sql") as caught:
-        open_stream(dsn, slot="pgsnow_no_such_slot", publication="pgsnow_no_such_publication")
+    with pytest.raises(SlotLostError, match=r"pgsnow_no_such_slot.*pgsnow postgres-sql") as caught:
+        open_stream(
+            dsn,
+            slot="pgsnow_no_such_slot",
+            publication="pgsnow_no_such_publication",
+            tables=[TableRef("shop", "orders")],
+        )
     assert not caught.value.retryable
+    # The one SlotLostError of pgsnow.cdc.slot: the tables and the command that re-snapshots them.
+    assert "pgsnow cdc resnapshot --slot pgsnow_no_such_slot --tables shop.orders" in str(caught.value)
 
 
 def test_decoder_on_bytes_a_real_slot_produced(source: tuple[str, str]) -> None:

@@ -1,22 +1,33 @@
 """``pgsnow cdc resnapshot`` against the local server: the plan for a dropped slot, the refusal of a
-healthy one, and the slot re-created as pgoutput. (Forgetting enrollments and applied positions
-belongs to the handoff and apply work; it is exercised where they are.)"""
+healthy one, the slot re-created as pgoutput, and what ``--execute`` forgets: the table's applied
+position in its ledger (the local Snowflake, through the real connector) and its change chain in the
+slot's drain state (moto S3), after which the drain's next run of the table starts a new chain.
+(Forgetting the enrollment belongs to the hand-off work, pgsnow.cdc.enroll; it is exercised there.)"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import snowflake.connector
 from cdc_support import ChangeCaptureSource, change_capture_source, drop_change_capture_source
+from drain_support import cdc_manifests, cdc_settings
 from psycopg2 import sql
 from stack_support import PG_DSN_DEFAULT, autocommit_connection, unique_name
 
+from pgsnow.cdc.drain import drain_slot
 from pgsnow.cdc.slot import slot_health
 from pgsnow.cli import main
-from pgsnow.cli_cdc import recreate_slot
-from pgsnow.config import postgres_env
+from pgsnow.cli_cdc import forget_applied_positions, recreate_slot, reset_change_chains
+from pgsnow.config import Settings, postgres_env
 from pgsnow.identifiers import TableRef
+from pgsnow.ledger import AppliedPosition, Ledger
+from pgsnow.local.aws import LocalAws
+from pgsnow.local.snowflake import LocalSnowflake, start_local_snowflake
+from pgsnow.runs import DrainState, RunStore
+from pgsnow.snowflake.table_sql import build_create_schema
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +74,8 @@ def test_plan_for_a_dropped_slot_changes_nothing(
     # Then it names the tables' steps in order, and nothing was created
     lines = [line.strip() for line in out.splitlines()]
     forget = lines.index(
-        f"1. {table.qualified}: forget its enrollment and the position its changes were applied through"
+        f"1. {table.qualified}: forget its enrollment, the position its changes were applied through "
+        "and its change chain"
     )
     create = lines.index(f"2. create the slot {source.slot} again")
     snapshot = lines.index(f"3. {table.qualified}: start its snapshot")
@@ -92,3 +104,121 @@ def test_the_slot_is_created_again_as_pgoutput(source: ChangeCaptureSource) -> N
         health = slot_health(conn, source.slot)
     # (the fixture drops it again afterwards)
     assert health.exists and health.plugin == "pgoutput" and not health.lost
+
+
+@pytest.fixture(scope="module")
+def local_snowflake(aws: LocalAws) -> Iterator[LocalSnowflake]:
+    server = start_local_snowflake(
+        s3_endpoint_url=aws.endpoint_url,
+        aws_access_key_id=aws.access_key_id,
+        aws_secret_access_key=aws.secret_access_key,
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(bucket: str, source: ChangeCaptureSource, table: TableRef) -> Settings:
+    """Change capture of ``table`` through the test's slot, with a Snowflake database of its own."""
+    return cdc_settings(
+        bucket,
+        source.dsn,
+        source,
+        [table],
+        SNOWFLAKE_ACCOUNT="local",
+        SNOWFLAKE_USER="pgsnow",
+        SNOWFLAKE_PASSWORD="local",
+        SNOWFLAKE_DATABASE=unique_name("DB_RESNAP_").upper(),
+    )
+
+
+@pytest.fixture
+def sf_conn(local_snowflake: LocalSnowflake, settings: Settings) -> Iterator[Any]:
+    database = settings.snowflake.database
+    assert database is not None
+    conn = snowflake.connector.connect(**local_snowflake.connect_kwargs(database=database, schema="PUBLIC"))
+    with conn.cursor() as cursor:
+        cursor.execute(build_create_schema(database, settings.snowflake.control_schema))
+    yield conn
+    conn.close()
+
+
+def test_execute_forgets_the_applied_position_and_the_change_chain_of_the_affected_tables_only(
+    source: ChangeCaptureSource, table: TableRef, settings: Settings, sf_conn: Any, s3: Any, bucket: str
+) -> None:
+    # Given the table and another one applied through positions of the lost slot, and the slot's
+    # drain state chaining both tables' change runs from there
+    other = TableRef(table.schema, "not_resnapshotted")
+    for name, lsn in ((table, 0x7000), (other, 0x6000)):
+        ledger = Ledger.of(sf_conn, settings, name)
+        ledger.create()
+        assert ledger.advance(None, AppliedPosition(lsn, "20261207T000000Z-old"))
+    store = RunStore(s3, bucket)
+    store.save_drain_state(
+        DrainState(
+            slot=source.slot,
+            confirmed_lsn=0xFFFF_FFFF_0000,  # far ahead: without the reset the next run chains from its start
+            tables={table.qualified: 0xFFFF_FFFF_0000, other.qualified: 0x6000},
+        )
+    )
+    # When resnapshot --execute forgets the table's positions
+    forget_applied_positions(sf_conn, settings, [table])
+    saved = reset_change_chains(store, source.slot, [table])
+    # Then the loader has no position for it (it applies nothing until the new snapshot sets one),
+    # the other table keeps its own, and the drain state keeps everything but the table's chain
+    assert Ledger.of(sf_conn, settings, table).applied_position() is None
+    assert Ledger.of(sf_conn, settings, other).applied_position() == AppliedPosition(
+        0x6000, "20261207T000000Z-old"
+    )
+    assert saved is not None
+    state = store.load_drain_state(source.slot)
+    assert state is not None and state.tables == {other.qualified: 0x6000}
+    assert state.confirmed_lsn == 0xFFFF_FFFF_0000
+    # And the drain's next run of the table starts a new chain (after_lsn 0, "first run")
+    with autocommit_connection(source.dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("INSERT INTO {} (id) VALUES (1)").format(sql.Identifier(table.schema, table.table))
+        )
+    outcome = drain_slot(settings, dsn=source.dsn, s3=s3)
+    assert outcome["tables"] == {table.qualified: 1}
+    (manifest,) = cdc_manifests(store, table)
+    assert manifest.changes is not None and manifest.changes.after_lsn == 0
+
+
+def test_reset_change_chains_without_a_drain_state_writes_nothing(
+    source: ChangeCaptureSource, table: TableRef, s3: Any, bucket: str
+) -> None:
+    store = RunStore(s3, bucket)
+    assert reset_change_chains(store, source.slot, [table]) is None
+    assert store.load_drain_state(source.slot) is None
+
+
+class Died(Exception):
+    """The drain's process dying before it confirmed (the fault tests' seam)."""
+
+
+def die() -> None:
+    raise Died
+
+
+def test_a_reset_chain_stays_reset_when_the_next_run_repairs_a_run_that_died(
+    source: ChangeCaptureSource, table: TableRef, settings: Settings, s3: Any, bucket: str
+) -> None:
+    ident = sql.Identifier(table.schema, table.table)
+    store = RunStore(s3, bucket)
+    with autocommit_connection(source.dsn) as conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("INSERT INTO {} (id) VALUES (1)").format(ident))
+        drain_slot(settings, dsn=source.dsn, s3=s3)  # the table's chain starts
+        # Given a run that staged the table's changes (chained on the first run) and died unconfirmed
+        cur.execute(sql.SQL("INSERT INTO {} (id) VALUES (2)").format(ident))
+        with pytest.raises(Died):
+            drain_slot(settings, dsn=source.dsn, s3=s3, before_confirm=die)
+    first, dead = cdc_manifests(store, table)
+    assert dead.changes is not None and first.changes is not None
+    assert dead.changes.after_lsn == first.changes.end_lsn > 0
+    # When the table's chain is reset (pgsnow cdc resnapshot) and the next run repairs the dead one
+    reset_change_chains(store, source.slot, [table])
+    drain_slot(settings, dsn=source.dsn, s3=s3)
+    # Then the re-read run starts a new chain rather than the dead run's
+    _, _, new = cdc_manifests(store, table)
+    assert new.changes is not None and new.changes.after_lsn == 0

@@ -19,8 +19,10 @@ from pgsnow.cdc.slot import SlotLostError, check_slot, resnapshot_command, slot_
 from pgsnow.changes import format_lsn
 from pgsnow.config import Settings, postgres_env
 from pgsnow.identifiers import TableRef
+from pgsnow.keys import drain_state_key
 from pgsnow.local.aws import LocalAws
-from pgsnow.status import StatusReport, collect_slot_statuses, drain_state_key
+from pgsnow.runs import DrainState, RunStore
+from pgsnow.status import StatusReport, collect_slot_statuses
 
 pytestmark = pytest.mark.integration
 
@@ -100,14 +102,14 @@ def test_status_shows_the_slot_with_the_drain_state(
 ) -> None:
     # Given the drain's state object (confirmed 90 s before NOW, heartbeat from 120 s before)
     s3 = aws.client("s3")
-    state = {
-        "confirmed_lsn": "0/0",
-        "confirmed_at": "2026-12-07T07:58:30+00:00",
-        "last_heartbeat": {"at": "2026-12-07T07:58:00Z", "lsn": "0/0"},
-        "tables": {},
-        "future_field": [1, 2],
-    }
-    s3.put_object(Bucket=bucket, Key=drain_state_key(source.slot), Body=json.dumps(state).encode())
+    RunStore(s3, bucket).save_drain_state(
+        DrainState(
+            slot=source.slot,
+            confirmed_lsn=0,
+            confirmed_at="2026-12-07T07:58:30+00:00",
+            last_heartbeat=json.dumps({"run_id": "r", "at": "2026-12-07T07:58:00Z"}),
+        )
+    )
     settings = settings_for(bucket, table, source.slot)
     # When status reads the slot
     with autocommit_connection(source.dsn) as conn:
@@ -174,6 +176,20 @@ def test_status_without_a_drain_state_still_shows_the_slot(
     assert status.state == "INACTIVE" and status.confirmed_at is None and status.lag_seconds is None
 
 
+def test_an_unreadable_drain_state_still_shows_the_slot(
+    source: ChangeCaptureSource, table: TableRef, aws: LocalAws, bucket: str
+) -> None:
+    # Given a drain state object that is not one (written by hand, or truncated)
+    s3 = aws.client("s3")
+    s3.put_object(Bucket=bucket, Key=drain_state_key(source.slot), Body=b"{not json")
+    # When status reads it through RunStore, the slot is still shown, from the server alone
+    with autocommit_connection(source.dsn) as conn:
+        [status] = collect_slot_statuses(
+            settings=settings_for(bucket, table, source.slot), s3=s3, pg_conn=conn, now=NOW
+        )
+    assert status.state == "INACTIVE" and status.confirmed_lsn is not None and status.confirmed_at is None
+
+
 def test_a_dropped_slot_is_lost_refused_and_shown_with_the_resnapshot_command(
     source: ChangeCaptureSource, table: TableRef, aws: LocalAws, bucket: str
 ) -> None:
@@ -199,8 +215,9 @@ def test_an_unreachable_database_shows_the_slot_unknown_from_the_drain_state(
     table: TableRef, aws: LocalAws, bucket: str
 ) -> None:
     s3 = aws.client("s3")
-    state = {"confirmed_lsn": "0/5000", "confirmed_at": "2026-12-07T07:59:00Z"}
-    s3.put_object(Bucket=bucket, Key=drain_state_key("lost_db_slot"), Body=json.dumps(state).encode())
+    RunStore(s3, bucket).save_drain_state(
+        DrainState(slot="lost_db_slot", confirmed_lsn=0x5000, confirmed_at="2026-12-07T07:59:00Z")
+    )
     [status] = collect_slot_statuses(
         settings=settings_for(bucket, table, "lost_db_slot"), s3=s3, pg_conn=None, now=NOW, pg_error="refused"
     )
