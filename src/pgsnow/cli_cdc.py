@@ -21,7 +21,6 @@ Without ``--execute`` it prints the plan and changes nothing.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -194,16 +193,14 @@ def forget_positions(
 ) -> None:
     """Forget each table's enrollment (the hand-off's, in the bucket), applied position (its
     ledger) and change chain (the slot's drain state)."""
+    from pgsnow.cdc.enroll import reset_enrollment
     from pgsnow.runs import RunStore
 
-    # pgsnow.cdc.enroll (the snapshot hand-off) is written alongside this command: looked up at run
-    # time so this module type-checks on its own. Replace with a direct call once it is merged.
-    enroll = importlib.import_module("pgsnow.cdc.enroll")
     store = RunStore(s3, settings.bucket)
     sf_conn = sf_conn_factory(settings.snowflake)
     try:
         for table in tables:
-            enroll.reset_enrollment(store, table)
+            reset_enrollment(store, table)
             forget_applied_positions(sf_conn, settings, [table])
             print(f"{table.qualified}: enrollment and applied position forgotten")
     finally:

@@ -2,7 +2,7 @@
 healthy one, the slot re-created as pgoutput, and what ``--execute`` forgets: the table's applied
 position in its ledger (the local Snowflake, through the real connector) and its change chain in the
 slot's drain state (moto S3), after which the drain's next run of the table starts a new chain.
-(Forgetting the enrollment belongs to the hand-off work, pgsnow.cdc.enroll; it is exercised there.)"""
+(Forgetting the enrollment is pgsnow.cdc.enroll.reset_enrollment; the test of --execute checks it too.)"""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ from stack_support import PG_DSN_DEFAULT, autocommit_connection, unique_name
 from pgsnow.cdc.drain import drain_slot
 from pgsnow.cdc.slot import slot_health
 from pgsnow.cli import main
-from pgsnow.cli_cdc import forget_applied_positions, recreate_slot, reset_change_chains
+from pgsnow.cli_cdc import forget_positions, recreate_slot, reset_change_chains
 from pgsnow.config import Settings, postgres_env
 from pgsnow.identifiers import TableRef
 from pgsnow.ledger import AppliedPosition, Ledger
 from pgsnow.local.aws import LocalAws
 from pgsnow.local.snowflake import LocalSnowflake, start_local_snowflake
-from pgsnow.runs import DrainState, RunStore
+from pgsnow.runs import DrainState, Enrollment, RunStore
 from pgsnow.snowflake.table_sql import build_create_schema
 
 pytestmark = pytest.mark.integration
@@ -143,8 +143,14 @@ def sf_conn(local_snowflake: LocalSnowflake, settings: Settings) -> Iterator[Any
     conn.close()
 
 
-def test_execute_forgets_the_applied_position_and_the_change_chain_of_the_affected_tables_only(
-    source: ChangeCaptureSource, table: TableRef, settings: Settings, sf_conn: Any, s3: Any, bucket: str
+def test_execute_forgets_the_enrollment_applied_position_and_change_chain_of_the_affected_tables_only(
+    source: ChangeCaptureSource,
+    table: TableRef,
+    settings: Settings,
+    sf_conn: Any,
+    s3: Any,
+    bucket: str,
+    local_snowflake: LocalSnowflake,
 ) -> None:
     # Given the table and another one applied through positions of the lost slot, and the slot's
     # drain state chaining both tables' change runs from there
@@ -161,11 +167,26 @@ def test_execute_forgets_the_applied_position_and_the_change_chain_of_the_affect
             tables={table.qualified: 0xFFFF_FFFF_0000, other.qualified: 0x6000},
         )
     )
+    for name in (table, other):
+        assert store.write_enrollment(
+            Enrollment(name, source.slot, 0x5000, "2026-12-07T00:00:00Z", "20261207T000000000000Z"),
+            replacing=None,
+        )
     # When resnapshot --execute forgets the table's positions
-    forget_applied_positions(sf_conn, settings, [table])
-    saved = reset_change_chains(store, source.slot, [table])
-    # Then the loader has no position for it (it applies nothing until the new snapshot sets one),
-    # the other table keeps its own, and the drain state keeps everything but the table's chain
+    forget_positions(
+        settings=settings,
+        slot=source.slot,
+        tables=[table],
+        s3=s3,
+        sf_conn_factory=lambda _: snowflake.connector.connect(
+            **local_snowflake.connect_kwargs(database=settings.snowflake.database, schema="PUBLIC")
+        ),
+    )
+    saved = store.load_drain_state(source.slot)
+    # Then the table is no longer enrolled (its next invocation takes a new snapshot) and the loader
+    # has no position for it (it applies nothing until the new snapshot sets one); the other table
+    # keeps its enrollment and position, and the drain state keeps everything but the table's chain
+    assert store.read_enrollment(table) is None and store.read_enrollment(other) is not None
     assert Ledger.of(sf_conn, settings, table).applied_position() is None
     assert Ledger.of(sf_conn, settings, other).applied_position() == AppliedPosition(
         0x6000, "20261207T000000Z-old"
