@@ -480,24 +480,21 @@ def test_a_hundred_idle_runs_keep_the_slot_moving(
     settings = cdc_settings(bucket, pg_dsn, source, [table])
     confirmed, _ = slot_position(admin, source.slot)
     restart_before = restart_lsn(admin, source.slot)
-    retained_seen = []
     for run in range(100):
         if run == 50:
             # The slot's restart_lsn moves to a running-transactions record it has decoded (the server
             # logs one every 15 s when busy, and at a checkpoint): make one now rather than wait.
             run_sql(admin, "CHECKPOINT")
         outcome = drain_slot(settings, dsn=pg_dsn, s3=s3)
-        now_confirmed, retained = slot_position(admin, source.slot)
+        now_confirmed, _ = slot_position(admin, source.slot)
         assert now_confirmed > confirmed  # every run, idle or not, advances the slot
         assert now_confirmed == parse_lsn(outcome["end_lsn"])
         confirmed = now_confirmed
-        retained_seen.append(retained)
     # The WAL the slot keeps is released as it goes: its restart_lsn moves (alone on this machine the
     # slot kept ~1 MB, at most ~3 MB, over 100 idle runs). How far it can move is the server's rule,
     # not the drain's: the oldest transaction running anywhere in the cluster holds it back, and other
     # tests run long ones at the same time, so no byte bound is asserted here.
     assert restart_lsn(admin, source.slot) > restart_before
-    assert retained_seen  # (kept for the failure message: the retained WAL after each run)
 
 
 def restart_lsn(admin: psycopg2.extensions.connection, slot: str) -> int:
