@@ -75,7 +75,7 @@ def build_postgres_setup(options: PostgresSetupOptions) -> list[PostgresSetupSte
     published = _published_tables(options)
     steps = [_server_step(options), _replica_identity_step(options)]
     if options.heartbeat is HeartbeatMethod.TABLE:
-        steps.append(_heartbeat_table_step(options))
+        steps.append(heartbeat_table_step(options))
     steps.append(
         PostgresSetupStep(
             "Publication (as the tables' owner)",
@@ -309,7 +309,7 @@ def _replica_identity_step(options: PostgresSetupOptions) -> PostgresSetupStep:
     )
 
 
-def _heartbeat_table_step(options: PostgresSetupOptions) -> PostgresSetupStep:
+def heartbeat_table_step(options: PostgresSetupOptions) -> PostgresSetupStep:
     table = _table_identifier(options.heartbeat_table)
     return PostgresSetupStep(
         "Heartbeat table (CDC_HEARTBEAT=table)",

@@ -100,8 +100,8 @@ def emit_heartbeat(conn: Connection, settings: Settings, run_id: str, at: dateti
             found = cur.fetchone()
             assert found is not None  # a SELECT of one expression returns one row
             return HeartbeatBound(parse_lsn(str(found[0])))
-        # PostgreSQL < 14 has no logical messages in pgoutput: a row of a table in the publication
-        # (one row, id 1) is updated. The WAL position read inside its transaction, before the commit,
+        # PostgreSQL < 14 has no logical messages in pgoutput: the slot's row of the heartbeat table
+        # (in the publication; `pgsnow postgres-sql` creates it, keyed by slot) is written. The WAL position read inside its transaction, before the commit,
         # precedes that commit, so the first commit at or after it ends the read: by then every
         # transaction that committed before the heartbeat has been received.
         heartbeat = TableRef.parse(settings.cdc.heartbeat_table)
@@ -109,10 +109,10 @@ def emit_heartbeat(conn: Connection, settings: Settings, run_id: str, at: dateti
         try:
             cur.execute(
                 sql.SQL(
-                    "INSERT INTO {} (id, run_id, beat_at) VALUES (1, %s, %s) "
-                    "ON CONFLICT (id) DO UPDATE SET run_id = EXCLUDED.run_id, beat_at = EXCLUDED.beat_at"
+                    "INSERT INTO {} (slot, beat_at, run_id) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (slot) DO UPDATE SET beat_at = EXCLUDED.beat_at, run_id = EXCLUDED.run_id"
                 ).format(sql.Identifier(heartbeat.schema, heartbeat.table)),
-                (run_id, at),
+                (settings.cdc.slot, at, run_id),
             )
             cur.execute("SELECT pg_current_wal_insert_lsn()::text")
             found = cur.fetchone()

@@ -40,7 +40,7 @@ from pgsnow.cdc.reader import open_stream
 from pgsnow.cdc.slot import SlotLostError
 from pgsnow.cdc.stage import connect_for_staging, stage_table, upload_files
 from pgsnow.changes import CHANGE_COLUMNS, parse_lsn
-from pgsnow.config import ValuePolicy
+from pgsnow.config import HeartbeatMethod, ValuePolicy
 from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key
@@ -48,6 +48,7 @@ from pgsnow.local.aws import LocalAws
 from pgsnow.local.dispatcher import LambdaContext
 from pgsnow.local.stack import load_function_handler
 from pgsnow.manifest import RunState
+from pgsnow.postgres_setup import PostgresSetupOptions, heartbeat_table_step
 from pgsnow.runs import DrainState, RunStore
 from pgsnow.runtime import reset_runtime
 
@@ -711,9 +712,16 @@ def test_a_table_heartbeat_advances_the_slot_for_servers_without_messages(
     )
     run_sql(
         admin,
-        sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, run_id text, beat_at timestamptz)").format(
-            sql.Identifier(*table_parts(heartbeat))
-        ),
+        # the table `pgsnow postgres-sql` creates for CDC_HEARTBEAT=table
+        heartbeat_table_step(
+            PostgresSetupOptions(
+                publication="unused",
+                slot="unused",
+                tables=(table,),
+                heartbeat=HeartbeatMethod.TABLE,
+                heartbeat_table=heartbeat,
+            )
+        ).statements[0],
     )
     with change_capture_source(admin.dsn, [table_parts(table), table_parts(heartbeat)]) as source:
         settings = cdc_settings(
