@@ -48,12 +48,16 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
+from pgsnow.demo.workload import KINDS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 DLT_SOURCES_MIRROR = Path("/work/.mirror/dlt-hub+verified-sources/repo")
 DLT_SOURCE_PATH = "sources/pg_replication"
 BENCH_DATABASE = "pgsnow_bench_cdc"
 SCHEMA = "shop"
+# The workload's kinds of change without those pgoutput sends unchanged TOASTed values in.
+NO_UNCHANGED_TOAST = tuple(k for k in KINDS if k not in ("keep_toast", "move_customer_key"))
 TARGETS = {"vs_pg_recvlogical": 0.5, "vs_dlt": 5.0, "drain_peak_rss_mb": 256}
 
 
@@ -119,14 +123,13 @@ def run_pg_recvlogical(dsn: str, slot: str, publication: str, end_lsn: str, chan
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         return Contender("pg_recvlogical", error=f"exit {done.returncode}: {done.stderr.strip()[:300]}")
     return Contender(
         "pg_recvlogical",
         seconds=seconds,
         changes_per_s=changes / seconds,
-        detail={"command": " ".join(command[:1] + command[3:]), "children_max_rss_kb": usage.ru_maxrss},
+        detail={"command": " ".join(command[:1] + command[3:])},
     )
 
 
@@ -217,6 +220,19 @@ def drain_child(end_lsn: str) -> int:
     return 0
 
 
+def dsn_url(dsn: str) -> str:
+    """A libpq DSN as the URL dlt's credentials parse (``postgresql://user:password@host:port/db``)."""
+    from urllib.parse import quote
+
+    parts = psycopg2.extensions.parse_dsn(dsn)
+    user = quote(parts.get("user", "postgres"), safe="")
+    password = f":{quote(parts['password'], safe='')}" if parts.get("password") else ""
+    return (
+        f"postgresql://{user}{password}@{parts.get('host', '127.0.0.1')}:{parts.get('port', '5432')}"
+        f"/{quote(parts.get('dbname', 'postgres'), safe='')}"
+    )
+
+
 def run_dlt(
     dsn: str, slot: str, publication: str, changes: int, dlt_python: Path, workdir: Path
 ) -> Contender:
@@ -271,19 +287,29 @@ def run_dlt(
         str(dlt_python),
         str(child),
         "--dsn",
-        dsn,
+        dsn_url(dsn),
         "--slot",
         slot,
         "--publication",
         publication,
-        "--duckdb",
-        str(workdir / "dlt.duckdb"),
+        "--destination",
+        "filesystem",
+        "--target",
+        str(workdir / "files"),
         "--pipelines-dir",
         str(workdir / "pipelines"),
     ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False, cwd=workdir)
     if done.returncode != 0:
-        return Contender("dlt pg_replication", error=f"exit {done.returncode}: {done.stderr.strip()[-800:]}")
+        log = Path(tempfile.gettempdir()) / f"{workdir.name}-dlt.log"
+        log.write_text(done.stderr)
+        causes = [
+            line.strip() for line in done.stderr.splitlines() if "exception:" in line or "Error:" in line
+        ]
+        return Contender(
+            "dlt pg_replication",
+            error=f"exit {done.returncode}: {' | '.join(causes[-3:]) or done.stderr.strip()[-400:]} (log: {log})",
+        )
     report = json.loads(done.stdout.strip().splitlines()[-1])
     return Contender(
         "dlt pg_replication",
@@ -293,7 +319,9 @@ def run_dlt(
         detail={
             "verified_sources_commit": commit,
             "dlt": report.get("dlt_version"),
-            "rows_loaded": report.get("rows"),
+            "rows_loaded": sum(report.get("rows", {}).values()),
+            "rows_by_table": report.get("rows"),
+            "destination": "filesystem (JSONL)",
         },
     )
 
@@ -398,12 +426,95 @@ def measure_latency(
     }
 
 
+# ----------------------------------------------------------------------------- throughput
+
+
+def throughput_phase(
+    stack: Any,
+    dsn: str,
+    publication: str,
+    *,
+    phase: str,
+    kinds: tuple[str, ...],
+    names: tuple[str, ...],
+    args: argparse.Namespace,
+    workdir: Path,
+    progress: Any,
+) -> dict[str, Any]:
+    """One workload in a slot per contender (created together, so they hold the same changes)."""
+    from pgsnow.demo.dataset import SAMPLE_TABLES, create_sample_shop
+    from pgsnow.demo.pipeline import drop_change_capture_source
+    from pgsnow.demo.workload import Workload
+    from pgsnow.identifiers import TableRef
+
+    tag = f"{len(phase)}_{os.getpid()}_{int(time.time())}"
+    slots = {name: f"pgsnow_bench_{name}_{tag}" for name in names}
+    contenders: list[Contender] = []
+    tables = [TableRef(SCHEMA, name) for name in SAMPLE_TABLES]
+    # Each phase starts from the same shop (recreated, so the publication is too).
+    progress(f"{phase}: creating the sample shop (scale {args.scale})")
+    create_sample_shop(dsn, SCHEMA, scale=args.scale)
+    autocommit(
+        dsn,
+        sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)").format(
+            sql.Identifier(publication),
+            sql.SQL(", ").join(sql.Identifier(t.schema, t.table) for t in tables),
+        ),
+    )
+    try:
+        for slot in slots.values():  # nothing is written between them: the same changes in each
+            autocommit(dsn, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        progress(f"{phase}: workload of {args.transactions} transactions")
+        counts = Workload(dsn, SCHEMA, rate=1e9, max_transactions=args.transactions, kinds=kinds).run(3600)
+        end_lsn = str(fetch_one(dsn, "SELECT pg_current_wal_lsn()::text"))
+        first = next(iter(slots.values()))
+        wal_bytes = int(
+            fetch_one(
+                dsn,
+                "SELECT pg_wal_lsn_diff(%s::pg_lsn, restart_lsn) FROM pg_replication_slots WHERE slot_name = %s",
+                (end_lsn, first),
+            )
+        )
+        progress(f"{phase}: {counts.changes} changes, {wal_bytes / 2**20:.0f} MB of WAL")
+        for name, slot in slots.items():
+            progress(f"{phase}: {name}")
+            if name == "recv":
+                contender = run_pg_recvlogical(dsn, slot, publication, end_lsn, counts.changes)
+            elif name == "pgsnow":
+                contender = run_pgsnow(stack, slot, publication, end_lsn, counts.changes)
+            else:
+                contender = run_dlt(
+                    dsn, slot, publication, counts.changes, args.dlt_python, workdir / f"dlt-{tag}"
+                )
+            progress(f"{phase}: {name}: {contender.changes_per_s or 0:.0f} changes/s {contender.error or ''}")
+            contenders.append(contender)
+    finally:
+        for slot in slots.values():
+            drop_change_capture_source(dsn, publication, slot)
+    by_name = {c.name: c for c in contenders}
+    ours = by_name.get("pgsnow")
+
+    def ratio(other: str) -> float | None:
+        theirs = by_name.get(other)
+        if ours is None or theirs is None or not ours.changes_per_s or not theirs.changes_per_s:
+            return None
+        return round(ours.changes_per_s / theirs.changes_per_s, 2)
+
+    return {
+        "phase": phase,
+        "kinds": list(kinds),
+        "workload": {**counts.as_dict(), "wal_bytes": wal_bytes, "end_lsn": end_lsn},
+        "contenders": [asdict(c) for c in contenders],
+        "ratios": {"vs_pg_recvlogical": ratio("pg_recvlogical"), "vs_dlt": ratio("dlt pg_replication")},
+    }
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=float, default=0.02, help="sample shop size before the workload")
+    parser.add_argument("--scale", type=float, default=0.2, help="sample shop size before the workload")
     parser.add_argument("--transactions", type=int, default=2000, help="workload transactions in the slots")
     parser.add_argument("--latency-minutes", type=float, default=4.0, help="0 skips the delay measurement")
     parser.add_argument(
@@ -421,9 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         return drain_child(args.end_lsn)
 
     from pgsnow.cli import quiet_function_logs
-    from pgsnow.demo.dataset import SAMPLE_TABLES, create_sample_shop
+    from pgsnow.demo.dataset import SAMPLE_TABLES
     from pgsnow.demo.pipeline import drop_change_capture_source
-    from pgsnow.demo.workload import Workload
     from pgsnow.identifiers import TableRef
     from pgsnow.local.postgres import create_database
     from pgsnow.local.stack import start_stack
@@ -437,14 +547,11 @@ def main(argv: list[str] | None = None) -> int:
     stack = start_stack(pg_dsn=args.pg_dsn, data_dir=workdir / "stack", progress=progress)
     suffix = f"{os.getpid()}"
     publication = f"pgsnow_bench_pub_{suffix}"
-    slots = {name: f"pgsnow_bench_{name}_{suffix}" for name in ("pgsnow", "recv", "dlt")}
     dsn = create_database(stack.pg_dsn, BENCH_DATABASE, drop_existing=True)
     tables = [TableRef(SCHEMA, name) for name in SAMPLE_TABLES]
-    contenders: list[Contender] = []
+    phases: list[dict[str, Any]] = []
     latency: dict[str, Any] = {}
     try:
-        progress(f"creating the sample shop (scale {args.scale})")
-        create_sample_shop(dsn, SCHEMA, scale=args.scale)
         server_version = str(fetch_one(dsn, "SHOW server_version"))
         stack.pg_dsn = dsn
         stack.env.update(
@@ -454,40 +561,25 @@ def main(argv: list[str] | None = None) -> int:
                 "PGSNOW_TABLE_OPTIONS": json.dumps({t.qualified: {"mode": "cdc"} for t in tables}),
             }
         )
-        autocommit(
-            dsn,
-            sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)").format(
-                sql.Identifier(publication),
-                sql.SQL(", ").join(sql.Identifier(t.schema, t.table) for t in tables),
-            ),
-        )
-        for slot in slots.values():  # nothing is written between them: the same changes in each
-            autocommit(dsn, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-        progress(f"workload: {args.transactions} transactions")
-        workload = Workload(dsn, SCHEMA, rate=1e9, max_transactions=args.transactions)
-        counts = workload.run(seconds=3600)
-        end_lsn = str(fetch_one(dsn, "SELECT pg_current_wal_lsn()::text"))
-        wal_bytes = int(
-            fetch_one(
-                dsn,
-                "SELECT pg_wal_lsn_diff(%s::pg_lsn, restart_lsn) FROM pg_replication_slots WHERE slot_name = %s",
-                (end_lsn, slots["recv"]),
+        for phase, kinds, names in (
+            ("full workload", KINDS, ("recv", "pgsnow", "dlt")),
+            # dlt's pg_replication stops at the first unchanged TOASTed value (a ValueError in its
+            # schema_types._to_dlt_val); so that it has a rate at all, the same again without them.
+            ("without unchanged TOAST", NO_UNCHANGED_TOAST, ("recv", "pgsnow", "dlt")),
+        ):
+            phases.append(
+                throughput_phase(
+                    stack,
+                    dsn,
+                    publication,
+                    phase=phase,
+                    kinds=kinds,
+                    names=names,
+                    args=args,
+                    workdir=workdir,
+                    progress=progress,
+                )
             )
-        )
-        progress(f"{counts.changes} changes, {wal_bytes / 2**20:.0f} MB of WAL; pg_recvlogical")
-        contenders.append(run_pg_recvlogical(dsn, slots["recv"], publication, end_lsn, counts.changes))
-        progress("pgsnow drain")
-        contenders.append(run_pgsnow(stack, slots["pgsnow"], publication, end_lsn, counts.changes))
-        progress("dlt pg_replication")
-        contenders.append(
-            run_dlt(dsn, slots["dlt"], publication, counts.changes, args.dlt_python, workdir / "dlt")
-        )
-        for contender in contenders:
-            progress(
-                f"{contender.name}: {contender.changes_per_s or 0:.0f} changes/s {contender.error or ''}"
-            )
-        for slot in slots.values():  # before the delay measurement: they would pin its WAL
-            drop_change_capture_source(dsn, publication, slot)
         if args.latency_minutes > 0:
             progress(
                 f"commit-to-visible delay: {args.latency_minutes} min, change capture every {args.interval:g} s"
@@ -506,30 +598,21 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # reported, not hidden: the throughput results still stand
                 latency = {"error": f"{type(exc).__name__}: {exc}"[:800]}
     finally:
-        for slot in slots.values():
-            drop_change_capture_source(dsn, publication, slot)
+        drop_change_capture_source(dsn, publication, f"pgsnow_bench_none_{suffix}")
         stack.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    by_name = {c.name: c for c in contenders}
-    ours = by_name.get("pgsnow")
-
-    def ratio(other: str) -> float | None:
-        theirs = by_name.get(other)
-        if ours is None or theirs is None or not ours.changes_per_s or not theirs.changes_per_s:
-            return None
-        return round(ours.changes_per_s / theirs.changes_per_s, 2)
-
     commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout.strip()
     result = {
         "run_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "postgres": server_version},
-        "workload": {**counts.as_dict(), "wal_bytes": wal_bytes, "end_lsn": end_lsn},
-        "contenders": [asdict(c) for c in contenders],
-        "ratios": {"vs_pg_recvlogical": ratio("pg_recvlogical"), "vs_dlt": ratio("dlt pg_replication")},
+        "phases": phases,
         "targets": TARGETS,
         "latency": latency,
     }

@@ -1,7 +1,8 @@
-"""Child of bench/cdc.py, run by the dlt virtualenv's Python: dlt's pg_replication source, one slot, into DuckDB.
+"""Child of bench/cdc.py, run by the dlt virtualenv's Python: dlt's pg_replication source, one slot.
 
 ``pg_replication`` (dlt-hub/verified-sources) is importable from PYTHONPATH, where bench/cdc.py
-put its files for this run. Prints one JSON line: seconds (pipeline.run), rows loaded, peak RSS.
+put its files for this run. The destination is DuckDB or the local filesystem (JSONL). Prints one
+JSON line: seconds (pipeline.run), rows normalized per table, peak RSS.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import resource
 import time
 
 import dlt
-import duckdb
 from dlt.sources.credentials import ConnectionStringCredentials
 from pg_replication import replication_resource  # type: ignore[import-not-found]
 
@@ -22,27 +22,30 @@ def main() -> None:
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--slot", required=True)
     parser.add_argument("--publication", required=True)
-    parser.add_argument("--duckdb", required=True)
+    parser.add_argument("--destination", choices=["duckdb", "filesystem"], default="filesystem")
+    parser.add_argument(
+        "--target", required=True, help="DuckDB file, or the filesystem destination's directory"
+    )
     parser.add_argument("--pipelines-dir", required=True)
     args = parser.parse_args()
     credentials = ConnectionStringCredentials(args.dsn)
     changes = replication_resource(slot_name=args.slot, pub_name=args.publication, credentials=credentials)
     pipeline = dlt.pipeline(
         pipeline_name="bench_cdc",
-        destination=dlt.destinations.duckdb(args.duckdb),
+        destination=dlt.destinations.duckdb(args.target)
+        if args.destination == "duckdb"
+        else dlt.destinations.filesystem(f"file://{args.target}"),
         dataset_name="shop_changes",
         pipelines_dir=args.pipelines_dir,
     )
     started = time.perf_counter()
     pipeline.run(changes)
     seconds = time.perf_counter() - started
-    rows = 0
-    with duckdb.connect(args.duckdb) as db:
-        for (table,) in db.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'shop_changes' "
-            "AND table_name NOT LIKE '\\_dlt%' ESCAPE '\\'"
-        ).fetchall():
-            rows += db.execute(f'SELECT count(*) FROM shop_changes."{table}"').fetchone()[0]
+    trace = pipeline.last_trace
+    normalized = trace.last_normalize_info if trace is not None else None
+    rows = {
+        k: v for k, v in (normalized.row_counts if normalized else {}).items() if not k.startswith("_dlt")
+    }
     print(
         json.dumps(
             {
