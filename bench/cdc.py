@@ -52,7 +52,12 @@ from pgsnow.demo.workload import KINDS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
-DLT_SOURCES_MIRROR = Path("/work/.mirror/dlt-hub+verified-sources/repo")
+# A git directory (bare mirror or a checkout's .git) of github.com/dlt-hub/verified-sources.
+DLT_SOURCES_MIRROR = Path(
+    os.environ.get("DLT_VERIFIED_SOURCES", "/work/.mirror/dlt-hub+verified-sources/repo")
+)
+if (DLT_SOURCES_MIRROR / ".git").is_dir():  # a checkout: its git directory
+    DLT_SOURCES_MIRROR = DLT_SOURCES_MIRROR / ".git"
 DLT_SOURCE_PATH = "sources/pg_replication"
 BENCH_DATABASE = "pgsnow_bench_cdc"
 SCHEMA = "shop"
@@ -241,7 +246,7 @@ def run_dlt(
         return Contender(
             "dlt pg_replication", error=f"no dlt virtualenv at {dlt_python} (make bench-cdc creates one)"
         )
-    if not (DLT_SOURCES_MIRROR / "HEAD").exists() and not (DLT_SOURCES_MIRROR / ".git").exists():
+    if not (DLT_SOURCES_MIRROR / "HEAD").exists():
         return Contender(
             "dlt pg_replication", error=f"no mirror of dlt-hub/verified-sources at {DLT_SOURCES_MIRROR}"
         )

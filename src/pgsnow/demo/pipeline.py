@@ -49,6 +49,7 @@ from pgsnow.verify import TableVerification, verify_table
 ProgressCallback = Callable[[str], None]
 
 DEMO_DATABASE = "pgsnow_demo"  # the PostgreSQL database the sample shop goes into
+DEMO_CDC_DATABASE = "pgsnow_demo_cdc"  # demo --cdc's own, so a plain demo never drops its tables
 DEMO_SCHEMA = "shop"
 
 
@@ -147,13 +148,14 @@ def _prepare_source(
     use_sample: bool,
     scale: float,
     progress: ProgressCallback,
+    database: str = DEMO_DATABASE,
 ) -> tuple[str, list[TableRef]]:
     """The DSN and tables to replicate, creating the sample shop when nothing was named."""
     if use_sample:
         from pgsnow.local.postgres import create_database
 
-        dsn = create_database(admin_dsn, DEMO_DATABASE)
-        progress(f"creating the sample shop (scale {scale}) in database {DEMO_DATABASE}")
+        dsn = create_database(admin_dsn, database)
+        progress(f"creating the sample shop (scale {scale}) in database {database}")
         create_sample_shop(dsn, DEMO_SCHEMA, scale=scale, progress=progress)
         return dsn, [TableRef(DEMO_SCHEMA, name) for name in SAMPLE_TABLES]
     if tables:
@@ -419,7 +421,13 @@ def run_cdc_demo(
     source_dsn: str | None = None
     try:
         source_dsn, chosen = _prepare_source(
-            admin_dsn=stack.pg_dsn, tables=None, schema=None, use_sample=True, scale=scale, progress=report
+            admin_dsn=stack.pg_dsn,
+            tables=None,
+            schema=None,
+            use_sample=True,
+            scale=scale,
+            progress=report,
+            database=DEMO_CDC_DATABASE,
         )
         stack.pg_dsn = source_dsn
         stack.env.update(
