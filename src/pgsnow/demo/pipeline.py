@@ -448,7 +448,7 @@ def run_cdc_demo(
             for table in chosen:
                 report(f"enrolling {table.qualified} and loading its snapshot")
                 try:
-                    replicate_table(stack, table, chosen_format, dispatcher)
+                    snapshot_table(stack, table, dispatcher)
                 except Exception as exc:  # the table is reported FAILED, the others go on
                     failed[table] = f"snapshot: {one_line(exc)}"
             workload = Workload(source_dsn, DEMO_SCHEMA, rate=rate)
@@ -479,6 +479,46 @@ def run_cdc_demo(
                 drop_change_capture_source(source_dsn, publication, slot)
         finally:
             stack.stop()
+
+
+SNAPSHOT_MAX_INVOCATIONS = 100
+
+
+def snapshot_table(stack: LocalStack, table: TableRef, dispatcher: Any) -> dict[str, Any]:
+    """A mode-cdc table's first extractor invocations, as its schedule makes them: the first
+    enrolls the table and starts its snapshot (a full run), continuations and range workers
+    finish it, the loader loads it; returns the last invocation's result. Call inside
+    ``stack.handlers()``."""
+    from pgsnow.local.dispatcher import LambdaContext
+    from pgsnow.local.range_workers import range_workers_for
+    from pgsnow.runtime import extractor_runtime
+
+    handler = load_function_handler("extractor")
+    continuations: list[dict[str, Any]] = []
+    # Lambda would start a continuation as a new asynchronous invocation; here it waits its turn.
+    extractor_runtime().continuation_invoker = continuations.append
+    event: dict[str, Any] = {"schema_name": table.schema, "table_name": table.table}
+    result: dict[str, Any] = {}
+    for _ in range(SNAPSHOT_MAX_INVOCATIONS):
+        context = LambdaContext(
+            function_name="pgsnow-extractor",
+            invoked_function_arn="arn:aws:lambda:us-east-1:123456789012:function:pgsnow-extractor",
+            memory_limit_in_mb=2048,
+            deadline_monotonic=time.monotonic() + 900,
+        )
+        result = dict(handler(event, context))
+        if not continuations:
+            break
+        event = continuations.pop(0)
+    else:
+        raise LoaderFailedError(
+            f"the snapshot of {table.qualified} did not finish in {SNAPSHOT_MAX_INVOCATIONS} invocations"
+        )
+    if stack.env.get("EXTRACT_RANGE_QUEUE_URL"):
+        # A large table's snapshot is split into ranges for concurrent extractor invocations.
+        range_workers_for(stack, handler).run_until_idle()
+    _load_staged(dispatcher)
+    return result
 
 
 def _outcome_line(outcome: dict[str, Any]) -> str:
