@@ -23,7 +23,7 @@ CHECKOV := $(CHECKOV_VENV)/bin/checkov
 AWS_REGION ?= us-east-1
 SAM_ENV := SAM_CLI_TELEMETRY=0 AWS_DEFAULT_REGION=$(AWS_REGION) AWS_REGION=$(AWS_REGION)
 SAM_BUILD_DIR ?= .aws-sam/build
-LAMBDA_FUNCTIONS := ExtractorFunction LoaderFunction CleanupFunction
+LAMBDA_FUNCTIONS := ExtractorFunction LoaderFunction CleanupFunction ChangeCaptureFunction
 
 LAMBDA_PYTHON_VERSION := 3.12
 LAMBDA_PLATFORM := manylinux2014_x86_64
@@ -64,6 +64,10 @@ build-LoaderFunction:
 
 build-CleanupFunction:
 	$(call build_lambda_artifact,cleanup)
+
+# The change-capture function is the extractor's artifact with another handler (template.yaml).
+build-ChangeCaptureFunction:
+	$(call build_lambda_artifact,extractor)
 
 $(TOOLS_BIN)/sam:
 	$(PYTHON) -m venv "$(LAMBDA_ROOT)/$(TOOLS)"
@@ -106,4 +110,5 @@ else
 	@echo "no python$(LAMBDA_PYTHON_VERSION) on this host: artifact import check skipped"
 endif
 
-.PHONY: tools validate checkov build build-ExtractorFunction build-LoaderFunction build-CleanupFunction
+.PHONY: tools validate checkov build build-ExtractorFunction build-LoaderFunction build-CleanupFunction \
+	build-ChangeCaptureFunction

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pgsnow.cli_arguments import table_argument, table_list_argument
-from pgsnow.cli_setup import add_snowflake_sql_command
+from pgsnow.cli_cdc import add_cdc_commands
+from pgsnow.cli_setup import add_postgres_sql_command, add_snowflake_sql_command
 from pgsnow.cli_status import add_status_command
 from pgsnow.cli_verify import add_verify_command
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError
@@ -384,6 +385,8 @@ COMMANDS: list[CommandRegistrar] = [
     add_extract_command,
     add_status_command,
     add_snowflake_sql_command,
+    add_postgres_sql_command,
+    add_cdc_commands,
     add_verify_command,
 ]
 

@@ -29,6 +29,9 @@ class Component(StrEnum):
     EXTRACTOR = "extractor"
     LOADER = "loader"
     CLEANUP = "cleanup"
+    CHANGE_CAPTURE = (
+        "change_capture"  # drains the replication slot (pgsnow.cdc; template ChangeCaptureFunction)
+    )
     LOCAL = "local"  # CLI tools that may touch every part
 
 
@@ -366,7 +369,13 @@ class Settings:
         cls, environ: Mapping[str, str] | None = None, component: Component = Component.LOCAL
     ) -> Settings:
         env = _EnvReader(os.environ if environ is None else environ, component)
-        everyone = {Component.EXTRACTOR, Component.LOADER, Component.CLEANUP, Component.LOCAL}
+        everyone = {
+            Component.EXTRACTOR,
+            Component.LOADER,
+            Component.CLEANUP,
+            Component.CHANGE_CAPTURE,
+            Component.LOCAL,
+        }
         bucket = env.require("S3_STAGE_BUCKET", needed_by=everyone) or ""
         prefix = "staging"
         try:

@@ -6,6 +6,12 @@ run's data is). The state shown is the manifest's, except that a ``staged`` run 
 file in the dead-letter queue shows ``failed`` (it will not finish on its own) and one whose
 files are all in the ledger shows ``loaded`` even before cleanup has rewritten its manifest.
 The dead-letter queue is read without consuming it (messages received with visibility 0).
+
+When a table has ``mode: cdc``, the report also has the change-capture slot (``CDC_SLOT``): the
+WAL it retains, the position confirmed to it, how long ago that was and how far behind the
+staged changes are (from the drain's state object, ``_pgsnow/cdc/{slot}/state.json``), whether a
+drain holds it now, and its ``wal_status``. A lost slot shows ``LOST`` and the command that
+re-snapshots its tables (docs/change-capture.md, "Status and alarms").
 """
 
 from __future__ import annotations
@@ -17,12 +23,19 @@ from itertools import islice
 from typing import Any
 from urllib.parse import unquote_plus
 
+from botocore.exceptions import BotoCoreError, ClientError
+
+from pgsnow.cdc.slot import SlotHealth, resnapshot_command, slot_health
+from pgsnow.changes import format_lsn, parse_lsn
 from pgsnow.config import Settings
+from pgsnow.errors import PgSnowError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import run_started_at, table_prefix
 from pgsnow.ledger import ledger_rows, loaded_files
 from pgsnow.manifest import RunManifest, RunState
+from pgsnow.postgres_setup import cdc_tables
 from pgsnow.runs import RunStore
+from pgsnow.staging import raise_unless_missing
 
 _DLQ_PEEK_LIMIT = 200  # messages: enough to name what is stuck without draining a flooded queue
 _LOADED_RUN_LOOKBACK = 50  # runs read back from the newest to find the last fully loaded one
@@ -54,15 +67,35 @@ class TableStatus:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class SlotStatus:
+    """A change-capture slot: the server's view and the drain's state object's."""
+
+    slot: str
+    state: str  # OK | INACTIVE (no drain holds it now: normal between runs) | AT RISK | LOST | UNKNOWN
+    active: bool
+    wal_status: str | None
+    retained_wal_bytes: int | None
+    confirmed_lsn: str | None  # the slot's confirmed_flush_lsn (X/Y)
+    confirmed_at: str | None  # when the drain last confirmed (its state object), ISO 8601
+    seconds_since_confirmation: int | None
+    lag_seconds: int | None  # age of the newest heartbeat the drain staged through
+    tables: list[str]
+    resnapshot_command: str | None = None  # set when LOST
+    error: str | None = None
+
+
 @dataclass
 class StatusReport:
     tables: list[TableStatus] = field(default_factory=list)
     dead_letters: DeadLetters | None = None
+    slots: list[SlotStatus] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "tables": [asdict(t) for t in self.tables],
             "dead_letter_queue": asdict(self.dead_letters) if self.dead_letters else None,
+            "slots": [asdict(s) for s in self.slots],
         }
 
     def to_json(self) -> str:
@@ -93,7 +126,47 @@ class StatusReport:
             lines.append("")
             lines.append(f"dead-letter queue: {self.dead_letters.count} message(s)")
             lines.extend(f"  {key}" for key in self.dead_letters.keys)
+        for slot in self.slots:
+            lines.append("")
+            lines.extend(format_slot_lines(slot))
         return lines
+
+
+def format_slot_lines(slot: SlotStatus) -> list[str]:
+    """The slot's section of the text report."""
+    lines = [f"slot {slot.slot}: {slot.state}"]
+    if slot.state == "UNKNOWN":
+        lines.append(f"  {slot.error}")
+        lines.append(f"  confirmed LSN (drain state)  {slot.confirmed_lsn or '-'}")
+        lines.append(f"  since confirmation           {format_lag(slot.seconds_since_confirmation)}")
+        return lines
+    if slot.state == "LOST":
+        lines.append(f"  {slot.error}")
+        lines.append(f"  re-snapshot its tables: {slot.resnapshot_command}")
+        return lines
+    lines += [
+        f"  retained WAL          {format_bytes(slot.retained_wal_bytes)}",
+        f"  confirmed LSN         {slot.confirmed_lsn or '-'}",
+        f"  since confirmation    {format_lag(slot.seconds_since_confirmation)}",
+        f"  lag                   {format_lag(slot.lag_seconds)}",
+        f"  active                {'yes' if slot.active else 'no'}",
+        f"  wal_status            {slot.wal_status or '-'}",
+        f"  tables                {', '.join(slot.tables) or '-'}",
+    ]
+    if slot.error:
+        lines.append(f"  {slot.error}")
+    return lines
+
+
+def format_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{count} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{count} B"
 
 
 def format_lag(seconds: int | None) -> str:
@@ -188,6 +261,140 @@ def table_status(
     )
 
 
+def drain_state_key(slot: str) -> str:
+    """The drain's state object of ``slot`` (written by the drain through RunStore)."""
+    return f"_pgsnow/cdc/{slot}/state.json"
+
+
+def read_drain_state(s3: Any, bucket: str, slot: str) -> dict[str, Any] | None:
+    """The drain's state object, or None when there is none (no run yet) or it is not an object.
+
+    Read tolerantly: status must show what it can while the drain's format grows."""
+    key = drain_state_key(slot)
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except (ClientError, BotoCoreError) as exc:
+        raise_unless_missing(exc, s3_key=key)
+        return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def slot_status(
+    *, health: SlotHealth, state: dict[str, Any] | None, tables: list[TableRef], now: datetime
+) -> SlotStatus:
+    """Combine the server's view of the slot with the drain's state object."""
+    names = [t.qualified for t in tables]
+    if health.lost:
+        return SlotStatus(
+            slot=health.slot,
+            state="LOST",
+            active=health.active,
+            wal_status=health.wal_status,
+            retained_wal_bytes=health.retained_wal_bytes,
+            confirmed_lsn=None
+            if health.confirmed_flush_lsn is None
+            else format_lsn(health.confirmed_flush_lsn),
+            confirmed_at=_text(state, "confirmed_at"),
+            seconds_since_confirmation=_age(_text(state, "confirmed_at"), now),
+            lag_seconds=None,
+            tables=names,
+            resnapshot_command=resnapshot_command(health.slot, tables),
+            error=health.problem,
+        )
+    confirmed_at = _text(state, "confirmed_at")
+    heartbeat = state.get("last_heartbeat") if state else None
+    heartbeat_at = heartbeat.get("at") if isinstance(heartbeat, dict) else None
+    error = None
+    state_lsn = _text(state, "confirmed_lsn")
+    if state_lsn and health.confirmed_flush_lsn is not None:
+        try:
+            if parse_lsn(state_lsn) > health.confirmed_flush_lsn:
+                error = (
+                    f"the drain staged through {state_lsn} but has not confirmed it yet (the next run will)"
+                )
+        except PgSnowError:
+            error = f"the drain state's confirmed_lsn {state_lsn!r} is not an LSN"
+    if health.wal_status == "unreserved":
+        label = "AT RISK"
+        error = (
+            "the slot retains more WAL than max_wal_size/max_slot_wal_keep_size keep: it will be invalidated"
+        )
+    else:
+        label = "OK" if health.active else "INACTIVE"
+    return SlotStatus(
+        slot=health.slot,
+        state=label,
+        active=health.active,
+        wal_status=health.wal_status,
+        retained_wal_bytes=health.retained_wal_bytes,
+        confirmed_lsn=None if health.confirmed_flush_lsn is None else format_lsn(health.confirmed_flush_lsn),
+        confirmed_at=confirmed_at,
+        seconds_since_confirmation=_age(confirmed_at, now),
+        lag_seconds=_age(heartbeat_at if isinstance(heartbeat_at, str) else None, now),
+        tables=names,
+        error=error,
+    )
+
+
+def _text(state: dict[str, Any] | None, name: str) -> str | None:
+    value = state.get(name) if state else None
+    return value if isinstance(value, str) and value else None
+
+
+def _age(iso: str | None, now: datetime) -> int | None:
+    """Whole seconds from an ISO 8601 time to ``now`` (None when absent or unreadable)."""
+    if iso is None:
+        return None
+    try:
+        then = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    return max(0, int((now - then).total_seconds()))
+
+
+def collect_slot_statuses(
+    *, settings: Settings, s3: Any, pg_conn: Any, now: datetime, pg_error: str | None = None
+) -> list[SlotStatus]:
+    """The change-capture slot (CDC_SLOT) when any table has mode cdc; [] otherwise. With
+    ``pg_error`` (PostgreSQL could not be reached) the slot is shown UNKNOWN with that reason."""
+    tables = cdc_tables(settings)
+    if not tables:
+        return []
+    slot = settings.cdc.slot
+    if pg_error is not None:
+        state = read_drain_state(s3, settings.bucket, slot)
+        confirmed_at = _text(state, "confirmed_at")
+        return [
+            SlotStatus(
+                slot=slot,
+                state="UNKNOWN",
+                active=False,
+                wal_status=None,
+                retained_wal_bytes=None,
+                confirmed_lsn=_text(state, "confirmed_lsn"),
+                confirmed_at=confirmed_at,
+                seconds_since_confirmation=_age(confirmed_at, now),
+                lag_seconds=None,
+                tables=[t.qualified for t in tables],
+                error=f"PostgreSQL not reachable: {pg_error}",
+            )
+        ]
+    return [
+        slot_status(
+            health=slot_health(pg_conn, slot),
+            state=read_drain_state(s3, settings.bucket, slot),
+            tables=tables,
+            now=now,
+        )
+    ]
+
+
 def collect_status(
     *,
     settings: Settings,
@@ -196,8 +403,11 @@ def collect_status(
     sf_conn: Any,
     table: TableRef | None = None,
     now: datetime | None = None,
+    pg_conn: Any | None = None,
+    pg_error: str | None = None,
 ) -> StatusReport:
-    """The status of one table, or of every table with a manifest, plus the dead-letter queue."""
+    """The status of one table, or of every table with a manifest, plus the dead-letter queue and,
+    given a PostgreSQL connection, the change-capture slot."""
     now = now or datetime.now(UTC)
     dead_letters = None
     if sqs is not None and settings.cleanup.dlq_url:
@@ -211,4 +421,7 @@ def collect_status(
             for t in tables
         ],
         dead_letters=dead_letters,
+        slots=[]
+        if pg_conn is None and pg_error is None
+        else collect_slot_statuses(settings=settings, s3=s3, pg_conn=pg_conn, now=now, pg_error=pg_error),
     )

@@ -134,6 +134,23 @@ def test_roles_carry_the_templates_statements(roles: dict[Component, FunctionRol
         pytest.param(Component.CLEANUP, "get-version", STAGED_KEY, True, id="cleanup-reads-versions"),
         pytest.param(Component.CLEANUP, "delete-objects", STAGED_KEY, True, id="cleanup-deletes-in-bulk"),
         pytest.param(Component.LOADER, "delete-objects", STAGED_KEY, False, id="loader-cannot-bulk-delete"),
+        pytest.param(Component.CHANGE_CAPTURE, "put", STAGED_KEY, True, id="change-capture-stages"),
+        pytest.param(
+            Component.CHANGE_CAPTURE,
+            "put",
+            "_pgsnow/cdc/pgsnow/state.json",
+            True,
+            id="change-capture-drain-state",
+        ),
+        pytest.param(
+            Component.CHANGE_CAPTURE, "put", MANIFEST_KEY, True, id="change-capture-writes-manifest"
+        ),
+        pytest.param(
+            Component.CHANGE_CAPTURE, "delete", STAGED_KEY, False, id="change-capture-cannot-delete"
+        ),
+        pytest.param(
+            Component.CHANGE_CAPTURE, "put", "elsewhere/x.csv", False, id="change-capture-only-its-prefixes"
+        ),
     ],
 )
 def test_each_role_may_do_what_the_template_allows_and_nothing_else(

@@ -121,6 +121,52 @@ def test_embedded_server_starts_and_answers(embedded: LocalPostgres) -> None:
 
 
 @pytest.mark.slow
+def test_embedded_server_runs_with_logical_decoding(embedded: LocalPostgres) -> None:
+    # Given the embedded server (a new data directory: pgserver's initdb defaults to wal_level replica)
+    slot = f"pgsnow_test_slot_{uuid.uuid4().hex[:8]}"
+    publication = f"pgsnow_test_pub_{uuid.uuid4().hex[:8]}"
+    connection = psycopg2.connect(embedded.dsn)
+    connection.autocommit = True  # a slot cannot be created in a transaction that wrote
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW wal_level")
+        level = cursor.fetchone()
+        # Then a pgoutput slot can be created and decoded from (both dropped again)
+        cursor.execute(sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(sql.Identifier(publication)))
+        cursor.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        try:
+            cursor.execute(
+                "SELECT pg_logical_emit_message(true, 'pgsnow.heartbeat', 'x')"
+            )  # committed: flushed
+            cursor.execute(
+                "SELECT data FROM pg_logical_slot_get_binary_changes(%s, NULL, NULL, 'proto_version', '1', "
+                "'publication_names', %s, 'messages', 'true')",
+                (slot, publication),
+            )
+            decoded = [bytes(row[0]) for row in cursor.fetchall()]
+        finally:
+            cursor.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            cursor.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
+    connection.close()
+    assert level == ("logical",)
+    assert any(b"pgsnow.heartbeat" in message for message in decoded)
+
+
+@pytest.mark.slow
+def test_embedded_server_stays_logical_when_started_again(
+    embedded: LocalPostgres, embedded_data_dir: Path
+) -> None:
+    # When the running embedded server's data directory is started again (reused, not restarted)
+    again = start_embedded_postgres(embedded_data_dir)
+    with psycopg2.connect(again.dsn) as connection, connection.cursor() as cursor:
+        cursor.execute("SHOW wal_level")
+        level = cursor.fetchone()
+        cursor.execute("SELECT pg_postmaster_start_time() < now()")
+    connection.close()
+    assert level == ("logical",)
+    assert again.dsn == embedded.dsn
+
+
+@pytest.mark.slow
 def test_unreachable_default_falls_back_to_the_embedded_server(
     embedded: LocalPostgres, embedded_data_dir: Path
 ) -> None:

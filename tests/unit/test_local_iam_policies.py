@@ -40,7 +40,9 @@ def by_sid(found: tuple[dict[str, Any], ...]) -> dict[str, dict[str, Any]]:
     return {str(s["Sid"]): s for s in found}
 
 
-@pytest.mark.parametrize("component", [Component.EXTRACTOR, Component.LOADER, Component.CLEANUP])
+@pytest.mark.parametrize(
+    "component", [Component.EXTRACTOR, Component.LOADER, Component.CLEANUP, Component.CHANGE_CAPTURE]
+)
 def test_every_intrinsic_is_resolved(component: Component) -> None:
     text = json.dumps(statements(component))
     for leftover in ("Fn::", '"Ref"', "${", "AWS::"):

@@ -71,6 +71,7 @@ PARAMETERS = {
     "SnowflakeExternalId": "AB12345_SFCRole=2_abcdefghijklmnopqrstuvwxyz0=",
 }
 FUNCTIONS = ("ExtractorFunction", "LoaderFunction", "CleanupFunction")
+CHANGE_CAPTURE = "ChangeCaptureFunction"  # conditional (ChangeCaptureEnabled); tested on its own below
 ENV_VAR_NAMES = {
     "S3_STAGE_BUCKET",
     "S3_STAGE_PREFIX",
@@ -219,7 +220,7 @@ def cfn(expanded_template: dict[str, Any]) -> dict[str, Any]:
     """The CloudFormation the SAM transform produces, computed offline."""
     # Like `sam package`: local CodeUri folders become S3 locations before the transform.
     packaged = copy.deepcopy(expanded_template)
-    for function in FUNCTIONS:
+    for function in (*FUNCTIONS, CHANGE_CAPTURE):
         code_uri = packaged["Resources"][function]["Properties"]["CodeUri"]
         packaged["Resources"][function]["Properties"]["CodeUri"] = f"s3://artifacts/{code_uri.strip('/')}.zip"
     translator = Translator(
@@ -977,6 +978,7 @@ def test_no_wildcard_resource_in_inline_policies(cfn: dict[str, Any]) -> None:
     ("role", "secret_parameter"),
     [
         pytest.param("ExtractorFunctionRole", "PostgresSecretArn", id="extractor-postgres"),
+        pytest.param("ChangeCaptureFunctionRole", "PostgresSecretArn", id="change-capture-postgres"),
         pytest.param("LoaderFunctionRole", "SnowflakeSecretArn", id="loader-snowflake"),
         pytest.param("CleanupFunctionRole", "SnowflakeSecretArn", id="cleanup-snowflake"),
     ],
@@ -1224,6 +1226,7 @@ def test_loader_writes_only_run_manifests(cfn: dict[str, Any]) -> None:
     ("role", "prefixes"),
     [
         pytest.param("ExtractorFunctionRole", ["${S3StagePrefix}/*", "_pgsnow/*"], id="extractor"),
+        pytest.param("ChangeCaptureFunctionRole", ["${S3StagePrefix}/*", "_pgsnow/*"], id="change-capture"),
         pytest.param("LoaderFunctionRole", ["${S3StagePrefix}/*", "_pgsnow/*"], id="loader"),
         pytest.param("CleanupFunctionRole", ["${S3StagePrefix}/*", "_pgsnow/*"], id="cleanup"),
         pytest.param("SnowflakeStorageRole", ["${S3StagePrefix}/*", "_pgsnow/keys/*"], id="snowflake"),
@@ -1372,3 +1375,133 @@ def test_dashboard_shows_what_operations_needs(cfn: dict[str, Any]) -> None:
         "CopyDuration",
         "RowsRejected",
     } <= names
+
+
+# --------------------------------------------------------------------------- change capture
+
+
+def test_change_capture_function_is_the_extractors_artifact_with_its_own_handler(
+    cfn: dict[str, Any], sam_template: dict[str, Any]
+) -> None:
+    source = sam_template["Resources"][CHANGE_CAPTURE]
+    extractor = sam_template["Resources"]["ExtractorFunction"]
+    # Same code and build (one artifact, `make build-ChangeCaptureFunction` builds the extractor's)
+    assert source["Properties"]["CodeUri"] == extractor["Properties"]["CodeUri"]
+    assert source["Metadata"]["BuildMethod"] == "makefile"
+    makefile = (REPO / "build" / "lambda.mk").read_text()
+    assert "build-ChangeCaptureFunction:\n\t$(call build_lambda_artifact,extractor)" in makefile
+    props = properties(cfn, CHANGE_CAPTURE)
+    assert props["Handler"] == "app.change_capture_handler"
+    # The slot has one consumer
+    assert props["ReservedConcurrentExecutions"] == 1
+    assert props["Timeout"] == 900
+    # Same network and secret as the extractor
+    assert props["VpcConfig"] == properties(cfn, "ExtractorFunction")["VpcConfig"]
+    assert cfn["Resources"][CHANGE_CAPTURE]["Condition"] == "ChangeCaptureOn"
+
+
+def test_change_capture_disk_holds_twice_the_largest_budget(sam_template: dict[str, Any]) -> None:
+    # Given the largest change budget the template allows (raw changes spilled, then staged files)
+    largest_mb = int(sam_template["Parameters"]["CdcMaxMb"]["MaxValue"])
+    storage = sam_template["Resources"][CHANGE_CAPTURE]["Properties"]["EphemeralStorage"]["Size"]
+    # Then /tmp holds both, and Lambda allows that much
+    assert 2 * largest_mb <= storage <= 10240
+
+
+def test_change_capture_environment_satisfies_settings(
+    cfn: dict[str, Any], sam_template: dict[str, Any]
+) -> None:
+    parameters = {
+        **deployed_parameters(sam_template),
+        "CdcSlot": "shop_slot",
+        "CdcPublication": "shop_pub",
+        "CdcMaxMb": "256",
+    }
+    environment = {
+        name: str(evaluate(raw, parameters))
+        for name, raw in properties(cfn, CHANGE_CAPTURE)["Environment"]["Variables"].items()
+    }
+    settings = Settings.from_env(environment, component=Component.EXTRACTOR)
+    assert (settings.cdc.slot, settings.cdc.publication) == ("shop_slot", "shop_pub")
+    assert settings.cdc.max_bytes == 256 * 2**20
+    assert settings.postgres.secret_arn == PARAMETERS["PostgresSecretArn"]
+    assert settings.bucket == BUCKET_NAME
+
+
+def test_change_capture_runs_on_its_schedule_only_when_enabled(cfn: dict[str, Any]) -> None:
+    rules = {
+        name: rule
+        for name, rule in resources_of_type(cfn, "AWS::Events::Rule").items()
+        if rule["Properties"]["Targets"][0]["Arn"] == {"Fn::GetAtt": [CHANGE_CAPTURE, "Arn"]}
+    }
+    (rule,) = rules.values()
+    assert rule["Properties"]["ScheduleExpression"] == {"Ref": "ChangeCaptureSchedule"}
+    assert rule["Condition"] == "ChangeCaptureOn"
+
+
+@pytest.mark.parametrize(
+    ("metric", "threshold", "operator"),
+    [
+        pytest.param("RetainedWalBytes", {"Ref": "RetainedWalAlarmBytes"}, "GreaterThanThreshold", id="wal"),
+        pytest.param("SlotLost", 1, "GreaterThanOrEqualToThreshold", id="slot-lost"),
+    ],
+)
+def test_change_capture_alarms_watch_what_the_drain_emits(
+    cfn: dict[str, Any], metric: str, threshold: Any, operator: str
+) -> None:
+    (alarm,) = [
+        a
+        for a in resources_of_type(cfn, "AWS::CloudWatch::Alarm").values()
+        if a["Properties"]["MetricName"] == metric
+    ]
+    props = alarm["Properties"]
+    # Powertools' namespace and service dimension are the AppName (POWERTOOLS_* in Globals); the
+    # drain records these per invocation (record_table_metric with table None)
+    assert props["Namespace"] == {"Ref": "AppName"}
+    assert props["Dimensions"] == [{"Name": "service", "Value": {"Ref": "AppName"}}]
+    assert (props["Threshold"], props["ComparisonOperator"]) == (threshold, operator)
+    assert alarm["Condition"] == "ChangeCaptureOn"
+    assert props["AlarmActions"] == {
+        "Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopic"}], {"Ref": "AWS::NoValue"}]
+    }
+
+
+def test_change_capture_errors_alarm(cfn: dict[str, Any]) -> None:
+    (alarm,) = [
+        a
+        for a in resources_of_type(cfn, "AWS::CloudWatch::Alarm").values()
+        if a["Properties"]["MetricName"] == "Errors"
+        and a["Properties"]["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": CHANGE_CAPTURE}}]
+    ]
+    assert alarm["Condition"] == "ChangeCaptureOn"
+
+
+def test_change_capture_writes_like_the_extractor_and_deletes_nothing(cfn: dict[str, Any]) -> None:
+    role = f"{CHANGE_CAPTURE}Role"
+    granted = {a for name, s in iam_statements(cfn) if name == role for a in as_list(s["Action"])}
+    assert {"s3:PutObject", "s3:GetObject", "s3:ListBucket", "secretsmanager:GetSecretValue"} <= granted
+    assert not {a for a in granted if "Delete" in a}
+    writes = [
+        [r["Fn::Sub"] for r in s["Resource"]]
+        for name, s in iam_statements(cfn)
+        if name == role and "s3:PutObject" in as_list(s["Action"])
+    ]
+    assert writes == [["${StageBucket.Arn}/${S3StagePrefix}/*", "${StageBucket.Arn}/_pgsnow/*"]]
+
+
+def test_slot_parameter_follows_postgresqls_slot_name_rule(sam_template: dict[str, Any]) -> None:
+    pattern = sam_template["Parameters"]["CdcSlot"]["AllowedPattern"]
+    assert re.fullmatch(pattern, "pgsnow_prod_1")
+    assert not re.fullmatch(pattern, "Pgsnow-prod")
+
+
+def test_the_drain_state_never_expires(cfn: dict[str, Any]) -> None:
+    # _pgsnow/cdc/{slot}/state.json chains each table's change runs (after_lsn = its last end):
+    # no lifecycle rule may expire it, whatever the retention parameters say.
+    rules = properties(cfn, "StageBucket")["LifecycleConfiguration"]["Rules"]
+    prefixes = []
+    for rule in rules:
+        arms = rule["Fn::If"][1:] if "Fn::If" in rule else [rule]
+        prefixes += [arm.get("Prefix") for arm in arms if isinstance(arm, dict) and "ExpirationInDays" in arm]
+    as_text = [p["Fn::Sub"] if isinstance(p, dict) else p for p in prefixes if p is not None]
+    assert as_text and not [p for p in as_text if "_pgsnow/cdc/".startswith(p) or p.startswith("_pgsnow/cdc")]

@@ -46,6 +46,9 @@ FUNCTION_RESOURCES: Mapping[Component, str] = {
     Component.EXTRACTOR: "ExtractorFunction",
     Component.LOADER: "LoaderFunction",
     Component.CLEANUP: "CleanupFunction",
+    # Conditional in the template (ChangeCaptureEnabled); locally its role always exists, so the
+    # drain runs under the template's permissions whenever a test or `pgsnow demo --cdc` runs it.
+    Component.CHANGE_CAPTURE: "ChangeCaptureFunction",
 }
 STORAGE_ROLE_RESOURCE = "SnowflakeStorageRole"
 # moto's one account; a deployment's AWS::AccountId.

@@ -12,6 +12,9 @@ Only the built-in default falls back to the embedded server. A server someone *c
 (1-3) that does not answer is a ConfigError: silently replicating from a different, empty
 database would be worse than stopping.
 
+The embedded server runs with ``wal_level = logical`` (change capture): a new data directory's
+server is given the setting and restarted once on its first start.
+
 The embedded server listens on a Unix socket only (no TCP port), so its DSN is
 ``host=<socket dir> port=5432 user=postgres dbname=postgres``. PostgreSQL refuses to run as
 root; when we are root, pgserver runs it as a system user ``pgserver`` (created with
@@ -28,7 +31,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +103,52 @@ def start_embedded_postgres(data_dir: Path | None = None) -> LocalPostgres:
     problem = _connect_problem(dsn)
     if problem is not None:
         raise ConfigError([f"embedded PostgreSQL in {data_dir} started but does not answer: {problem}"])
+    if wal_level(dsn) != "logical":
+        _restart_with_logical_decoding(server, data_dir, dsn)
     return LocalPostgres(dsn=dsn, embedded=True, _server=server)
+
+
+def _restart_with_logical_decoding(server: Any, data_dir: Path, dsn: str, timeout_s: float = 60) -> None:
+    """Give an embedded server ``LOGICAL_WAL_SETTINGS`` and restart it (once per data directory:
+    ``ALTER SYSTEM`` keeps them in its postgresql.auto.conf).
+
+    pgserver has no way to pass settings before its first start, so it is restarted with its own
+    ``pg_ctl``, which reuses the start's options (socket directory, no TCP) from postmaster.opts.
+    pgserver stops the server at exit only if the process it recorded still runs, so its record
+    is replaced by the restarted postmaster's."""
+    from pgserver import _commands
+    from pgserver.utils import PostmasterInfo
+
+    # pgserver builds its command wrappers at import time (one per binary), invisible to mypy.
+    pg_ctl: Callable[..., str] = vars(_commands)["pg_ctl"]
+
+    connection = psycopg2.connect(dsn, connect_timeout=CONNECT_TIMEOUT_S)
+    try:
+        connection.autocommit = True  # ALTER SYSTEM cannot run in a transaction
+        with connection.cursor() as cursor:
+            for name, value in LOGICAL_WAL_SETTINGS.items():
+                cursor.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
+                )
+    finally:
+        connection.close()
+    pg_ctl(["-w", "-m", "fast", "restart"], pgdata=data_dir, user=server.system_user, timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = PostmasterInfo.read_from_pgdata(data_dir)
+        if (
+            info is not None
+            and info.is_running()
+            and info.status == "ready"
+            and _connect_problem(dsn) is None
+        ):
+            break
+        if time.monotonic() > deadline:
+            raise ConfigError([f"embedded PostgreSQL in {data_dir} did not come back after its restart"])
+        time.sleep(0.2)
+    server._postmaster_info = info
+    if wal_level(dsn) != "logical":
+        raise ConfigError([f"embedded PostgreSQL in {data_dir} restarted but wal_level is still not logical"])
 
 
 LOGICAL_WAL_SETTINGS = {"wal_level": "logical", "max_replication_slots": "20", "max_wal_senders": "20"}

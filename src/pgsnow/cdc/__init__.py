@@ -1,0 +1,1 @@
+"""Change capture (docs/change-capture.md): ``slot`` reads the replication slot's health."""
