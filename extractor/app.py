@@ -13,6 +13,12 @@ each on the range queue, whose SQS event source invokes this function for one ra
 (``{"Records": [...]}`` with ``{"schema_name", "table_name", "run_id", "range"}`` bodies). A
 range stopped by the deadline is sent to the queue again; an error fails the message, which
 SQS redelivers after its visibility timeout (then the dead-letter queue).
+
+``change_capture_handler`` is the second entry point, of the change-capture function
+(``ChangeCaptureFunction``: the same code, reserved concurrency 1, on a schedule): each invocation
+drains the CDC_SLOT replication slot once (``pgsnow.cdc.drain.drain_slot``); the schedule's event
+carries nothing it needs. A concurrent invocation that finds the slot busy returns
+``{"skipped": "slot busy"}``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from pgsnow.cdc.drain import drain_slot
 from pgsnow.errors import PermanentError
 from pgsnow.events import RangeRequest, is_sqs_event, parse_range_event
 from pgsnow.extract.run import extract_table
@@ -138,3 +145,15 @@ def _extract_range(request: RangeRequest, context: LambdaContext) -> dict[str, A
         "rows": result.rows,
         "state": result.manifest.state.value if result.manifest is not None else None,
     }
+
+
+@logger.inject_lambda_context(clear_state=True)
+def change_capture_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """One change-capture run (the event, a schedule's, is not read)."""
+    runtime = extractor_runtime()
+    return drain_slot(
+        runtime.settings,
+        dsn=runtime.postgres_dsn(),
+        s3=runtime.s3,
+        remaining_ms=context.get_remaining_time_in_millis,
+    )

@@ -13,6 +13,8 @@ only one that builds their keys; ``pgsnow.runs`` is the only one that reads and 
   ``watermark.json``, ``columns.json``; a parallel run's ranges under ``runs/{run_id}/ranges/``
   (``{n}.json`` checkpoints, ``{n}.lease.json`` leases);
 * ``_pgsnow/keys/{schema}/{table}/{run_id}.csv.gz``: a run's full primary-key list (deletes);
+* ``_pgsnow/cdc/{slot}/state.json``: a replication slot's drain state (the change-capture runs:
+  confirmed position, last run, each table's last change-run end; ``pgsnow.runs.DrainState``);
 * ``_pgsnow/reports/orphans/{timestamp}.json``: the orphan sweeper's reports;
 * ``_pgsnow/pending/{schema}/{table}/{run_id}``: the pending-run index, one marker per run that
   may still have cleanup work (the cleanup pass lists these, never every manifest), and
@@ -142,6 +144,18 @@ def key_list_key(table: TableRef, run_id: str) -> str:
     ``KEY_LISTS_PREFIX`` too.
     """
     return f"{KEY_LISTS_PREFIX}/{table.schema}/{table.table}/{run_id}.csv.gz"
+
+
+CDC_PREFIX = f"{CONTROL_PREFIX}/cdc/"
+# PostgreSQL's own rule for replication slot names: lower-case letters, digits and underscores.
+_SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
+
+
+def drain_state_key(slot: str) -> str:
+    """Where the change-capture runs of ``slot`` keep their state (one object per slot)."""
+    if not _SLOT_NAME.match(slot):
+        raise PermanentError(f"{slot!r} is not a replication slot name (lower-case letters, digits, _)")
+    return f"{CDC_PREFIX}{slot}/state.json"
 
 
 def orphan_report_key(report_id: str) -> str:

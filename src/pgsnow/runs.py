@@ -41,6 +41,10 @@ What it keeps:
   listed, so no delete marker accumulates under the prefix, and a marker written since (its run
   wrote its manifest again) stays. ``pending-index.json`` records when
   a pass first built the index from the manifests of a bucket that had none (docs/cleanup.md).
+* **Drain states** (``cdc/{slot}/state.json``, ``DrainState``): per replication slot, the position
+  its change-capture runs confirmed, the last run and whether it finished, and each table's last
+  change-run end (the next run's ``ChangeRange.after_lsn``). Written with ``If-Match`` (or
+  ``If-None-Match: *`` the first time): the slot has one consumer, and a second writer is refused.
 * **Key lists** (deletes: a run's full primary-key list, read by Snowflake by URL) and the
   orphan sweeper's **reports**.
 
@@ -52,13 +56,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from pgsnow.changes import format_lsn, parse_lsn
 from pgsnow.checkpoint import (
     RANGES_OWNER,
     Lease,
@@ -68,13 +73,14 @@ from pgsnow.checkpoint import (
     RunInProgressError,
     Watermark,
 )
-from pgsnow.errors import PermanentError, aws_error_code
+from pgsnow.errors import PermanentError, RetryableError, aws_error_code
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import (
     MANIFESTS_PREFIX,
     PENDING_INDEX_KEY,
     PENDING_PREFIX,
     checkpoint_key,
+    drain_state_key,
     key_list_key,
     lease_key,
     manifest_key,
@@ -131,6 +137,67 @@ class _StoredObject:
     etag: str
     version_id: str | None
     last_modified: datetime | None
+
+
+@dataclass(frozen=True)
+class DrainState:
+    """What a slot's change-capture runs keep between invocations (docs/extraction.md, "Change
+    capture runs"). LSNs are integers here and ``pg_lsn`` text in the object."""
+
+    slot: str
+    confirmed_lsn: int  # the position the last finished run confirmed to the slot (0: none yet)
+    last_run_id: str | None = None
+    last_run_finished: bool = True  # False: that run died before confirming (its manifests are superseded)
+    tables: dict[str, int] = field(default_factory=dict)  # "schema.table" -> its last change run's end_lsn
+    # The last heartbeat message the slot delivered ({"run_id", "at"}; JSON text here, an object in S3).
+    last_heartbeat: str | None = None
+    confirmed_at: str | None = None  # when the position was last confirmed (UTC ISO-8601)
+    etag: str | None = None  # the stored object's ETag (not written): the base of the next save
+
+    def to_json(self) -> bytes:
+        body = {
+            "slot": self.slot,
+            "confirmed_lsn": format_lsn(self.confirmed_lsn),
+            "last_run_id": self.last_run_id,
+            "last_run_finished": self.last_run_finished,
+            "tables": {name: format_lsn(lsn) for name, lsn in sorted(self.tables.items())},
+            "last_heartbeat": _json_value(self.last_heartbeat),
+            "confirmed_at": self.confirmed_at,
+        }
+        return json.dumps(body, indent=2).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, text: bytes, *, etag: str | None, s3_key: str) -> DrainState:
+        try:
+            body = json.loads(text)
+            return cls(
+                slot=str(body["slot"]),
+                confirmed_lsn=parse_lsn(str(body["confirmed_lsn"])),
+                last_run_id=body.get("last_run_id"),
+                last_run_finished=bool(body.get("last_run_finished", True)),
+                tables={str(k): parse_lsn(str(v)) for k, v in (body.get("tables") or {}).items()},
+                last_heartbeat=_json_text(body.get("last_heartbeat")),
+                confirmed_at=body.get("confirmed_at"),
+                etag=etag,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PermanentError(f"unreadable drain state: {exc}", s3_key=s3_key) from exc
+
+
+def _json_value(text: str | None) -> Any:
+    """A heartbeat's JSON text as the value it holds (``pgsnow status`` reads its ``at``)."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _json_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _condition_failed(exc: ClientError) -> bool:
@@ -571,6 +638,30 @@ class RunStore:
 
     def save_published_columns(self, table: TableRef, published: PublishedColumns) -> None:
         self._put(published_columns_key(table), published.to_json(), run_id=published.run_id)
+
+    # --------------------------------------------------------------------- drain states (cdc)
+
+    def load_drain_state(self, slot: str) -> DrainState | None:
+        """The slot's drain state (with the ETag a save needs); None before its first run."""
+        key = drain_state_key(slot)
+        found = self._get(key)
+        return None if found is None else DrainState.from_json(found.body, etag=found.etag, s3_key=key)
+
+    def save_drain_state(self, state: DrainState, *, run_id: str | None = None) -> DrainState:
+        """Write ``state`` over the object it was read as (``state.etag``; absent when None); returns
+        it with its new ETag. RetryableError when another writer changed it since: a second consumer
+        of the slot, which must not interleave its state with this one's."""
+        key = drain_state_key(state.slot)
+        etag = self._put(
+            key, state.to_json(), if_match=state.etag, if_absent=state.etag is None, run_id=run_id
+        )
+        if etag is None:
+            raise RetryableError(
+                f"the drain state of slot {state.slot!r} was changed by another invocation",
+                s3_key=key,
+                run_id=run_id,
+            )
+        return replace(state, etag=etag)
 
     # --------------------------------------------------------------------- key lists, reports
 

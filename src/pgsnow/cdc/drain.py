@@ -1,0 +1,643 @@
+"""One scheduled change-capture run: drain the slot to a bound, stage, make it durable, then confirm.
+
+``drain_slot`` is the whole run (docs/extraction.md, "Change capture runs"):
+
+1. **Check the slot** (``pg_replication_slots``): missing or invalidated (``wal_status = 'lost'``,
+   or ``invalidation_reason`` on PostgreSQL 16+) is a PermanentError naming the slot and the
+   command that re-snapshots its tables; nothing restarts from zero silently. A slot another
+   consumer holds (``active``) ends the run cleanly: ``{"skipped": "slot busy"}``.
+2. **Heartbeat**: ``pg_logical_emit_message(false, 'pgsnow.heartbeat', {run_id, at})`` (or, with
+   CDC_HEARTBEAT=table, an upsert of CDC_HEARTBEAT_TABLE's one row, for PostgreSQL < 14). Its LSN
+   is the run's end bound, and every run writes one, so an idle publication's slot still advances.
+3. **Read** the slot (``pgsnow.cdc.reader``) up to the heartbeat, CDC_MAX_MB (at a commit) or the
+   deadline (the Lambda's remaining time less EXTRACT_DEADLINE_MARGIN_S, which leaves the time to
+   stage and upload), into per-table spill files.
+4. **Repair** what a previous run left: a run that did not finish, or finished its S3 work but
+   never got its confirmation to the slot (the slot's position is behind the state's), is
+   superseded: its manifests that were not loaded are marked ``failed`` and this run re-stages the
+   same changes with the same ``after_lsn``. Then the state records this run, unfinished.
+5. **Stage** each table's segments (``pgsnow.cdc.stage``) to local files; write each table's
+   manifest (mode ``cdc``, ``staged``, complete file list, ``ChangeRange``) **before** its files.
+6. **Upload** the files, answering the server's keep-alives meanwhile without moving the position.
+7. **State**: confirmed position, finished, each table's last end.
+8. **Only then confirm** the end to the slot; then check that the slot's ``confirmed_flush_lsn``
+   reached it (a lost confirmation only makes the next run replay, never lose).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+from aws_lambda_powertools.metrics import MetricUnit
+from psycopg2 import sql
+
+from pgsnow.cdc.reader import (
+    HEARTBEAT_PREFIX,
+    DrainedStream,
+    ReplicationSession,
+    SlotBusyError,
+    SpilledChanges,
+    open_stream,
+)
+from pgsnow.cdc.stage import StagedSegment, connect_for_staging, stage_table, upload_files
+from pgsnow.changes import ChangeRange, format_lsn, parse_lsn
+from pgsnow.config import ExtractMode, HeartbeatMethod, Settings, WriteMode
+from pgsnow.errors import PermanentError
+from pgsnow.extract.plan import choose_file_format
+from pgsnow.extract.schema_drift import kept_numeric_scales
+from pgsnow.identifiers import TableRef
+from pgsnow.keys import new_run_id
+from pgsnow.manifest import RunManifest, RunState
+from pgsnow.observability import logger, record_table_metric
+from pgsnow.postgres import Connection, classify_pg_error, connect, describe_table
+from pgsnow.runs import DrainState, RunStore
+from pgsnow.timestamps import utc_iso
+
+# Without a Lambda deadline (CLI, tests) a run reads until its heartbeat or byte budget.
+NO_DEADLINE_S = 365 * 24 * 3600.0
+RESNAPSHOT_COMMAND = "pgsnow cdc resnapshot --slot {slot}"
+SKIPPED_BUSY = {"skipped": "slot busy"}
+# CDC_HEARTBEAT=table: the longest a run reads (``_deadline``).
+HEARTBEAT_TABLE_WINDOW_S = 60.0
+# How often the replication connection answers the server while the run stages and uploads.
+KEEP_ALIVE_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    """The slot's row of ``pg_replication_slots`` (read as JSON, so PostgreSQL 16's columns come along)."""
+
+    name: str
+    active: bool
+    wal_status: str | None
+    invalidation_reason: str | None
+    confirmed_flush_lsn: int | None
+    restart_lsn: int | None
+
+
+def cdc_tables(settings: Settings) -> list[TableRef]:
+    """The allowlisted tables whose options say ``mode: cdc``, in name order."""
+    return sorted(
+        (
+            t
+            for t, o in settings.table_options_by_name.items()
+            if o.mode is ExtractMode.CDC and _allowed(settings, t)
+        ),
+        key=lambda t: (t.schema, t.table),
+    )
+
+
+def _allowed(settings: Settings, table: TableRef) -> bool:
+    try:
+        settings.tables.check(table)
+    except PermanentError:
+        return False
+    return True
+
+
+def connect_control(dsn: str) -> Connection:
+    """An autocommit connection (the extractor's session settings) for the slot's catalog rows and
+    the heartbeat, which must commit at once."""
+    conn = connect(dsn)
+    conn.set_session(readonly=False, autocommit=True)
+    return conn
+
+
+def read_slot(conn: Connection, slot: str) -> SlotStatus | None:
+    """The slot's status; None when there is no such slot."""
+    # ``to_jsonb(s)`` rather than named columns: invalidation_reason exists on PostgreSQL 16+ only.
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT to_jsonb(s) FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = %s", (slot,)
+        )
+        found = cur.fetchone()
+    if found is None:
+        return None
+    row = found[0] if isinstance(found[0], dict) else json.loads(found[0])
+
+    def lsn(name: str) -> int | None:
+        value = row.get(name)
+        return None if value is None else parse_lsn(str(value))
+
+    return SlotStatus(
+        name=slot,
+        active=bool(row.get("active")),
+        wal_status=row.get("wal_status"),
+        invalidation_reason=row.get("invalidation_reason") or row.get("conflicting_reason"),
+        confirmed_flush_lsn=lsn("confirmed_flush_lsn"),
+        restart_lsn=lsn("restart_lsn"),
+    )
+
+
+def slot_problem(status: SlotStatus | None, slot: str, tables: Sequence[TableRef]) -> str | None:
+    """Why the slot cannot be drained (missing, or invalidated: the changes it held are gone), or None."""
+    names = ", ".join(t.qualified for t in tables) or "none configured"
+    command = RESNAPSHOT_COMMAND.format(slot=slot)
+    if status is None:
+        return (
+            f"replication slot {slot!r} does not exist (dropped, or lost in a failover): create it with the "
+            f"statements `pgsnow postgres-sql` prints, then re-snapshot its tables ({names}) with `{command}`"
+        )
+    if status.wal_status == "lost" or status.invalidation_reason:
+        why = status.invalidation_reason or "wal_status lost"
+        return (
+            f"replication slot {slot!r} was invalidated ({why}, e.g. by max_slot_wal_keep_size): the changes "
+            f"it held are gone; re-snapshot its tables ({names}) with `{command}`"
+        )
+    return None
+
+
+def check_slot(conn: Connection, slot: str, tables: Sequence[TableRef]) -> SlotStatus:
+    """The slot, refused (PermanentError) when it is missing or invalidated."""
+    status = read_slot(conn, slot)
+    problem = slot_problem(status, slot, tables)
+    if problem is not None or status is None:
+        raise PermanentError(problem or f"replication slot {slot!r} does not exist")
+    return status
+
+
+def emit_heartbeat(conn: Connection, settings: Settings, run_id: str, at: datetime) -> int:
+    """Write this run's heartbeat; its LSN is the run's end bound."""
+    content = json.dumps({"run_id": run_id, "at": utc_iso(at)}, separators=(",", ":"))
+    with conn.cursor() as cur:
+        if settings.cdc.heartbeat is HeartbeatMethod.MESSAGE:
+            # Non-transactional: written (and decoded) at once, whatever else the session does.
+            cur.execute("SELECT pg_logical_emit_message(false, %s, %s)::text", (HEARTBEAT_PREFIX, content))
+        else:
+            # PostgreSQL < 14 has no logical messages in pgoutput: a row of a table in the publication
+            # (one row, id 1) is updated, and the WAL position after its commit is the bound.
+            heartbeat = TableRef.parse(settings.cdc.heartbeat_table)
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {} (id, run_id, beat_at) VALUES (1, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET run_id = EXCLUDED.run_id, beat_at = EXCLUDED.beat_at"
+                ).format(sql.Identifier(heartbeat.schema, heartbeat.table)),
+                (run_id, at),
+            )
+            cur.execute("SELECT pg_current_wal_lsn()::text")
+        found = cur.fetchone()
+    assert found is not None  # a SELECT of one expression returns one row
+    return parse_lsn(str(found[0]))
+
+
+def retained_wal_bytes(conn: Connection, slot: str) -> int | None:
+    """WAL the slot keeps on the server: from its restart_lsn to the current position."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
+            "FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        )
+        found = cur.fetchone()
+    return None if found is None or found[0] is None else int(found[0])
+
+
+def heartbeat_lag_s(last_heartbeat: str | None, now: datetime) -> float | None:
+    """Seconds from the newest heartbeat the slot delivered to now: how far the drain runs behind."""
+    if not last_heartbeat:
+        return None
+    try:
+        at = datetime.fromisoformat(str(json.loads(last_heartbeat)["at"]).replace("Z", "+00:00"))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return round((now - at).total_seconds(), 3)
+
+
+def drain_slot(
+    settings: Settings,
+    *,
+    dsn: str,
+    s3: Any,
+    remaining_ms: Callable[[], int] | None = None,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    work_dir: Path | None = None,
+    before_confirm: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    heartbeat_table_window_s: float = HEARTBEAT_TABLE_WINDOW_S,
+) -> dict[str, Any]:
+    """Drain ``settings.cdc.slot`` once (module docstring); returns the outcome (also logged).
+
+    ``before_confirm`` is called after the state is written and before the slot is confirmed
+    (the fault tests' seam: raising there is dying before the confirmation); ``clock`` is the
+    reader's deadline clock (``time.monotonic``; a test's own cuts a read where it wants);
+    ``heartbeat_table_window_s`` bounds a read with CDC_HEARTBEAT=table (``_deadline``). Raises
+    PermanentError for a missing/invalidated slot or data Snowflake cannot hold, RetryableError
+    for transient failures; either way nothing is confirmed and the next run replays.
+    """
+    slot = settings.cdc.slot
+    tables = cdc_tables(settings)
+    started_at = now()
+    run_id = new_run_id(started_at)
+    control = connect_control(dsn)
+    try:
+        try:
+            status = check_slot(control, slot, tables)
+            if status.active:
+                logger.info(
+                    "slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id}
+                )
+                return dict(SKIPPED_BUSY)
+            heartbeat_lsn = emit_heartbeat(control, settings, run_id, started_at)
+        except psycopg2.Error as exc:
+            raise classify_pg_error(exc, run_id=run_id) from exc
+        with tempfile.TemporaryDirectory(prefix="pgsnow-cdc-", dir=work_dir) as scratch:
+            outcome = _drain(
+                settings,
+                dsn=dsn,
+                s3=s3,
+                control=control,
+                tables=tables,
+                run_id=run_id,
+                started_at=started_at,
+                heartbeat_lsn=heartbeat_lsn,
+                deadline=_deadline(settings, remaining_ms, clock, heartbeat_table_window_s),
+                scratch=Path(scratch),
+                now=now,
+                before_confirm=before_confirm,
+                clock=clock,
+            )
+    finally:
+        control.close()
+    logger.info("change capture run", extra=outcome)
+    return outcome
+
+
+def _deadline(
+    settings: Settings,
+    remaining_ms: Callable[[], int] | None,
+    clock: Callable[[], float],
+    heartbeat_table_window_s: float,
+) -> float:
+    """When reading must stop (on ``clock``): the Lambda's deadline less the margin that staging and
+    uploading what was read needs (EXTRACT_DEADLINE_MARGIN_S).
+
+    A table heartbeat is a transaction, not a message, and the reader stops only at a heartbeat
+    *message*: reading is then bounded by ``heartbeat_table_window_s`` as well, and ends at the
+    last whole commit received by then (the heartbeat's own, once the slot has caught up), so every
+    run still ends and advances the slot."""
+    end = (
+        NO_DEADLINE_S if remaining_ms is None else remaining_ms() / 1000 - settings.extract.deadline_margin_s
+    )
+    if settings.cdc.heartbeat is HeartbeatMethod.TABLE:
+        end = min(end, heartbeat_table_window_s)
+    return clock() + end
+
+
+def _drain(
+    settings: Settings,
+    *,
+    dsn: str,
+    s3: Any,
+    control: Connection,
+    tables: list[TableRef],
+    run_id: str,
+    started_at: datetime,
+    heartbeat_lsn: int,
+    deadline: float,
+    scratch: Path,
+    now: Callable[[], datetime],
+    before_confirm: Callable[[], None] | None,
+    clock: Callable[[], float],
+) -> dict[str, Any]:
+    slot = settings.cdc.slot
+    store = RunStore(s3, settings.bucket)
+    spill_dir = scratch / "spill"
+    spill_dir.mkdir()
+    try:
+        session = open_stream(dsn, slot=slot, publication=settings.cdc.publication)
+    except SlotBusyError:
+        logger.info("slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id})
+        return dict(SKIPPED_BUSY)
+    try:
+        try:
+            stream = session.read(
+                heartbeat_lsn=heartbeat_lsn,
+                tables=tables,
+                max_bytes=settings.cdc.max_bytes,
+                deadline=deadline,
+                spill_dir=spill_dir,
+                heartbeat_prefix=HEARTBEAT_PREFIX,
+                clock=clock,
+            )
+        except SlotBusyError:
+            logger.info(
+                "slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id}
+            )
+            return dict(SKIPPED_BUSY)
+        with KeptAlive(session):
+            staged = _make_durable(
+                settings,
+                dsn=dsn,
+                s3=s3,
+                store=store,
+                stream=stream,
+                run_id=run_id,
+                started_at=started_at,
+                scratch=scratch,
+                now=now,
+                tables=tables,
+            )
+        if before_confirm is not None:
+            before_confirm()
+        # Only now: every file, manifest and the state are durable in S3.
+        session.confirm(stream.end_lsn)
+    finally:
+        session.close()
+    return _report(control, settings, run_id=run_id, stream=stream, staged=staged, finished=now())
+
+
+class KeptAlive:
+    """Answers the walsender every ``every_s`` seconds (a status update that moves nothing) from a
+    thread while the run stages and uploads: the server ends a replication connection that has not
+    replied for wal_sender_timeout (60 s by default), counted from the last reply *while reading*,
+    and staging one large table can take longer than that. A failed keep-alive is raised on exit."""
+
+    def __init__(self, session: ReplicationSession, every_s: float = KEEP_ALIVE_EVERY_S) -> None:
+        self._session = session
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, name="pgsnow-keep-alive", daemon=True)
+
+    def __enter__(self) -> KeptAlive:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._failure and exc_info[0] is None:
+            raise self._failure[0]
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._session.keep_alive()
+            except BaseException as exc:  # the connection is gone: the confirmation would fail too
+                self._failure.append(exc)
+                return
+            if self._stop.wait(self._every_s):
+                return
+
+
+def _make_durable(
+    settings: Settings,
+    *,
+    dsn: str,
+    s3: Any,
+    store: RunStore,
+    stream: DrainedStream,
+    run_id: str,
+    started_at: datetime,
+    scratch: Path,
+    now: Callable[[], datetime],
+    tables: list[TableRef],
+) -> dict[TableRef, StagedSegment]:
+    """Steps 4-7: repair, state started, stage, manifests then files, state finished."""
+    state = _repair(store, settings, tables, run_id, stream.start_lsn)
+    state = store.save_drain_state(replace(state, last_run_id=run_id, last_run_finished=False), run_id=run_id)
+    staged = _stage_and_upload(
+        settings,
+        dsn=dsn,
+        s3=s3,
+        store=store,
+        stream=stream,
+        state=state,
+        run_id=run_id,
+        started_at=started_at,
+        scratch=scratch,
+        now=now,
+    )
+    state = store.save_drain_state(
+        replace(
+            state,
+            confirmed_lsn=stream.end_lsn,
+            last_run_finished=True,
+            tables={**state.tables, **{table.qualified: stream.end_lsn for table in staged}},
+            last_heartbeat=stream.last_heartbeat or state.last_heartbeat,
+            confirmed_at=utc_iso(now()),
+        ),
+        run_id=run_id,
+    )
+    return staged
+
+
+def _repair(
+    store: RunStore, settings: Settings, tables: list[TableRef], run_id: str, start_lsn: int
+) -> DrainState:
+    """The slot's drain state, with a previous run that never got its position confirmed undone."""
+    slot = settings.cdc.slot
+    state = store.load_drain_state(slot)
+    if state is None:
+        return DrainState(slot=slot, confirmed_lsn=start_lsn)
+    lost_confirmation = state.last_run_finished and start_lsn < state.confirmed_lsn
+    if start_lsn > state.confirmed_lsn:
+        logger.warning(
+            "the slot is ahead of the position pgsnow confirmed: something else consumed or advanced it; "
+            f"changes in between may be missing: re-snapshot with `{RESNAPSHOT_COMMAND.format(slot=slot)}`",
+            extra={
+                "slot": slot,
+                "run_id": run_id,
+                "confirmed_lsn": format_lsn(state.confirmed_lsn),
+                "slot_lsn": format_lsn(start_lsn),
+            },
+        )
+    if state.last_run_id is None or (state.last_run_finished and not lost_confirmation):
+        return state
+    dead = state.last_run_id
+    restored = supersede_run(store, slot, tables, dead, run_id)
+    logger.warning(
+        "the previous change capture run died before confirming; its changes are re-read",
+        extra={"slot": slot, "run_id": run_id, "superseded_run_id": dead, "tables": sorted(restored)},
+    )
+    return replace(state, confirmed_lsn=start_lsn, tables={**state.tables, **restored})
+
+
+def supersede_run(
+    store: RunStore, slot: str, tables: list[TableRef], dead_run_id: str, run_id: str
+) -> dict[str, int]:
+    """Mark the manifests of ``dead_run_id`` (a run that died before confirming) ``failed`` unless
+    already loaded; returns each of its tables' ``after_lsn`` (where the re-read run chains from)."""
+    restored: dict[str, int] = {}
+    error = f"superseded: the run died before confirming; run {run_id} re-read its changes"
+    for table in tables:
+        base = store.read_manifest_for_update(table, dead_run_id)
+        if base is None or base.manifest.changes is None or base.manifest.changes.slot != slot:
+            continue
+        restored[table.qualified] = base.manifest.changes.after_lsn
+        if base.manifest.state in {RunState.LOADED, RunState.FAILED}:
+            continue  # a loaded run's changes are applied; the re-read run's are then a no-op up to its end
+        failed = base.manifest.with_state(
+            RunState.FAILED, error=error, finished_at=utc_iso(datetime.now(UTC))
+        )
+        if not store.write_manifest_if_unchanged(base, failed):
+            logger.warning(
+                "the superseded run's manifest changed meanwhile (the loader settled it); left as it is",
+                extra={"table": table.qualified, "run_id": dead_run_id},
+            )
+    return restored
+
+
+def _stage_and_upload(
+    settings: Settings,
+    *,
+    dsn: str,
+    s3: Any,
+    store: RunStore,
+    stream: DrainedStream,
+    state: DrainState,
+    run_id: str,
+    started_at: datetime,
+    scratch: Path,
+    now: Callable[[], datetime],
+) -> dict[TableRef, StagedSegment]:
+    """Stage every table's segments locally, then per table its manifest and its files."""
+    by_table: dict[TableRef, list[SpilledChanges]] = {}
+    for segment in stream.segments:
+        by_table.setdefault(segment.table, []).append(segment)
+    staged: dict[TableRef, StagedSegment] = {}
+    manifests: list[RunManifest] = []
+    pg_conn = connect_for_staging(dsn, statement_timeout_ms=settings.postgres.statement_timeout_ms)
+    try:
+        for table, segments in by_table.items():
+            options = settings.table_options(table)
+            published = store.load_published_columns(table)
+            kept = kept_numeric_scales(published, options)
+            nullable = _source_nullable(pg_conn, table)
+            # auto: as full runs decide, by rows (here: the run's changes of the table).
+            file_format = choose_file_format(
+                options.file_format or settings.file_format, sum(s.rows for s in segments)
+            )
+            result = stage_table(
+                pg_conn,
+                segments,
+                run_id=run_id,
+                prefix=settings.prefix,
+                file_format=file_format,
+                value_policy=options.value_policy,
+                target_file_mb=settings.extract.target_file_mb,
+                work_dir=scratch,
+                batch_rows=settings.batch_rows,
+                kept_scales=kept,
+                source_nullable=nullable,
+            )
+            staged[table] = result
+            for segment in segments:  # staged: its spill is no longer needed (Lambda's /tmp is finite)
+                segment.path.unlink(missing_ok=True)
+            changes = ChangeRange(
+                slot=settings.cdc.slot,
+                # The table's previous change run's end; lower only when the slot went back further
+                # (a server crash loses positions confirmed since its last checkpoint): the run
+                # then holds every change after its start, and says so.
+                after_lsn=min(state.tables.get(table.qualified, 0), stream.start_lsn),
+                end_lsn=stream.end_lsn,
+                first_commit_lsn=segments[0].first_commit_lsn,
+                last_commit_lsn=segments[-1].last_commit_lsn,
+            )
+            manifests.append(
+                RunManifest(
+                    run_id=run_id,
+                    table=table,
+                    mode=ExtractMode.CDC.value,
+                    file_format=file_format,
+                    columns=result.columns,
+                    primary_key=result.primary_key,
+                    state=RunState.STAGED,
+                    started_at=utc_iso(started_at),
+                    finished_at=utc_iso(now()),
+                    files=tuple(f.staged_file() for f in result.files),
+                    write_mode=WriteMode.MERGE.value,
+                    deletes=options.deletes.value,
+                    warnings=result.warnings,
+                    changes=changes,
+                )
+            )
+    finally:
+        pg_conn.close()
+    for manifest in manifests:
+        # The manifest first: any file's S3 event then finds it, complete.
+        store.put_manifest(manifest)
+        result = staged[manifest.table]
+        upload_files(s3, settings.bucket, result.files, run_id=run_id)
+        _publish_columns(store, manifest)
+    return staged
+
+
+def _source_nullable(pg_conn: Connection, table: TableRef) -> dict[str, bool]:
+    """The source table's columns' nullability now; empty when it is gone (dropped since)."""
+    try:
+        return {c.name: c.nullable for c in describe_table(pg_conn, table).columns}
+    except PermanentError:
+        return {}
+    finally:
+        pg_conn.rollback()
+
+
+def _publish_columns(store: RunStore, manifest: RunManifest) -> None:
+    """The run's columns become the table's published ones: the NUMBER scale given to an unbounded
+    numeric column is then kept by the next runs (Snowflake cannot change it)."""
+    from pgsnow.checkpoint import PublishedColumns
+
+    store.save_published_columns(manifest.table, PublishedColumns(manifest.run_id, manifest.columns))
+
+
+def _report(
+    control: Connection,
+    settings: Settings,
+    *,
+    run_id: str,
+    stream: DrainedStream,
+    staged: dict[TableRef, StagedSegment],
+    finished: datetime,
+) -> dict[str, Any]:
+    slot = settings.cdc.slot
+    status = read_slot(control, slot)
+    confirmed = status is not None and (status.confirmed_flush_lsn or 0) >= stream.end_lsn
+    if not confirmed:
+        logger.warning(
+            "the slot's confirmed position did not reach the run's end: the next run replays these changes",
+            extra={
+                "slot": slot,
+                "run_id": run_id,
+                "end_lsn": format_lsn(stream.end_lsn),
+                "confirmed_flush_lsn": None
+                if status is None or status.confirmed_flush_lsn is None
+                else format_lsn(status.confirmed_flush_lsn),
+            },
+        )
+    retained = retained_wal_bytes(control, slot)
+    lag = heartbeat_lag_s(stream.last_heartbeat, finished)
+    per_table = {t.qualified: s.rows for t, s in staged.items()}
+    files = sum(len(s.files) for s in staged.values())
+    staged_bytes = sum(s.bytes for s in staged.values())
+    for table, result in staged.items():
+        record_table_metric("ChangesStaged", table.qualified, result.rows)
+        record_table_metric("ChangeBytesStaged", table.qualified, result.bytes, MetricUnit.Bytes)
+    if retained is not None:
+        record_table_metric("RetainedWalBytes", None, retained, MetricUnit.Bytes)
+    if lag is not None:
+        record_table_metric("ReplicationLagSeconds", None, lag, MetricUnit.Seconds)
+    return {
+        "slot": slot,
+        "run_id": run_id,
+        "start_lsn": format_lsn(stream.start_lsn),
+        "end_lsn": format_lsn(stream.end_lsn),
+        "stop_reason": stream.stop_reason,
+        "transactions": stream.transactions,
+        "changes": stream.changes,
+        "tables": per_table,
+        "files": files,
+        "bytes": staged_bytes,
+        "confirmed": confirmed,
+        "retained_wal_bytes": retained,
+        "heartbeat_lag_s": lag,
+    }

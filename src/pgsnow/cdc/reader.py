@@ -1,0 +1,737 @@
+"""Stream a logical replication slot into per-table spill files, with bounded memory, confirming nothing.
+
+``open_stream(dsn, slot=..., publication=...)`` connects as a replication client (psycopg2's
+``LogicalReplicationConnection``), checks the slot, and starts ``pgoutput`` (protocol 1, text
+values, ``messages 'true'``) from the slot's confirmed position, which it reads back once the slot
+is ours (``ReplicationSession.start_lsn``). ``ReplicationSession.read(...)`` then reads until the
+first of:
+
+* ``"heartbeat"``: a non-transactional logical message with the heartbeat prefix at an LSN
+  ``>= heartbeat_lsn`` (the drain emitted it before reading; everything committed before it has
+  been received, and nothing after it has). ``end_lsn`` = max(its LSN, the last commit's end).
+* ``"bytes"``: ``bytes_read >= max_bytes`` at a commit. A transaction is never cut: one larger
+  than the budget is read whole (to disk). ``end_lsn`` = that commit's end LSN.
+* ``"deadline"``: ``clock() >= deadline``. The transaction in progress is discarded (its rows are
+  truncated off the spill files); ``end_lsn`` = the last commit's end LSN, or ``start_lsn``.
+
+``end_lsn`` is the position that is safe to confirm once the spilled changes are durable: the
+next reader starting there receives exactly the transactions after the last one spilled.
+``heartbeat_lsn`` None reads to the byte budget or the deadline only.
+
+**Spill files.** One PostgreSQL COPY CSV file per table and relation shape (``SpilledChanges``),
+in ``spill_dir``; no header; NULL is an unquoted empty field and every non-NULL value is quoted,
+so ``""`` is the empty string. Columns: ``pgsnow.changes.CHANGE_COLUMNS`` then the relation's
+columns, as pgoutput's text output:
+
+* ``_pgsnow_op`` ``I``/``U``/``D``/``T``; ``_pgsnow_lsn`` the transaction's commit LSN (integer);
+  ``_pgsnow_seq`` from 1 within the transaction (over every spilled row of it, so within one
+  table the sequence is increasing, with gaps); ``_pgsnow_committed_at`` ISO-8601 UTC;
+  ``_pgsnow_unchanged`` ``pgsnow.changes.unchanged_text`` of the columns pgoutput sent as
+  unchanged TOAST (``'u'``; their fields are NULL) or NULL; ``_pgsnow_key_moved`` ``true`` on the
+  ``U`` half of a key-changing update, ``false`` otherwise.
+* An update whose replica identity values changed (pgoutput's ``K``/``O`` old tuple differs from
+  the new tuple in a key column) is two rows: ``D`` of the old identity at seq n, then ``U`` of
+  the new row at seq n + 1 with ``_pgsnow_key_moved`` true. Under ``REPLICA IDENTITY FULL``
+  every column is part of the identity, so every update that changes a value is written so.
+* A delete carries the old identity (key columns, NULL elsewhere; the whole row under FULL).
+* A truncate is one ``T`` row per truncated table, every table column NULL.
+
+A ``Relation`` message with a different column list (schema drift) starts a new segment for the
+table; ``DrainedStream.segments`` are in the order they were started, so a table's segments are
+in commit order. Tables not in ``tables`` are skipped. Rows go to disk as they arrive (a buffered
+file per segment, at most ``MAX_OPEN_SPILL_FILES`` open at once); nothing per transaction is kept in
+memory but counters and file offsets, so memory is bounded whatever the transaction size and the
+number of tables. Inserts and updates that keep their identity go from the payload's bytes to the
+spill without decoding their text (``protocol.tuple_csv``); the rest through ``decode_message``.
+
+**Never confirming.** The reader never sends a flush position: the drain confirms ``end_lsn``
+(``ReplicationSession.confirm``) only after the staged files and manifests are durable in S3.
+psycopg2 sends status updates by itself (every ``status_interval`` and whenever the server asks
+for a reply) carrying its own ``flush_lsn``, and it moves that ``flush_lsn`` forward to a
+keep-alive's ``wal_end`` only while no XLogData message has been received since the last explicit
+flush (psycopg2 #913/#943). In this session that can happen only before the first data message,
+and is harmless then: the walsender's keep-alive ``wal_end`` is the end of the WAL it has decoded
+and sent, and the stream is ordered, so a keep-alive received before any data covers only WAL whose
+transactions were not for us (other databases, unpublished tables, empty). Once a data message
+has arrived, psycopg2's flush position stays where it was until ``confirm``. The status interval
+is long (``STATUS_INTERVAL_S``) and the server's replies to its own keep-alive requests keep the
+connection alive while reading; ``keep_alive`` sends a status update without moving anything for
+the drain's staging phase (past ``wal_sender_timeout``).
+
+Errors: the slot active (another consumer; sqlstate 55006) is ``SlotBusyError`` (retryable: the
+next scheduled run will try again); the slot missing is ``SlotMissingError`` and an invalidated
+slot ``SlotLostError`` (permanent: the affected tables need a new snapshot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extras
+
+from pgsnow.cdc.protocol import (
+    UNCHANGED,
+    Begin,
+    Commit,
+    Delete,
+    LogicalMessage,
+    Relation,
+    Truncate,
+    TupleValues,
+    Update,
+    decode_message,
+    tuple_csv,
+)
+from pgsnow.changes import format_lsn, parse_lsn, unchanged_text
+from pgsnow.errors import PermanentError, RetryableError
+from pgsnow.identifiers import TableRef
+from pgsnow.observability import logger
+from pgsnow.postgres import APPLICATION_NAME, classify_pg_error
+
+__all__ = [
+    "HEARTBEAT_PREFIX",
+    "DrainedStream",
+    "ReplicationSession",
+    "SlotBusyError",
+    "SlotLostError",
+    "SlotMissingError",
+    "SpilledChanges",
+    "open_stream",
+    "read_changes",
+]
+
+HEARTBEAT_PREFIX = "pgsnow.heartbeat"
+
+# Session settings of the walsender, which runs the output functions: stable text for every type,
+# parsed back by PostgreSQL itself when the drain converts the spilled values to the type contract.
+REPLICATION_SESSION_OPTIONS = (
+    "-c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3 -c IntervalStyle=postgres "
+    "-c bytea_output=hex"
+)
+# psycopg2's periodic status update carries its own flush position; rare is better (module docstring).
+STATUS_INTERVAL_S = 3600
+# How long an idle wait for the next message lasts at most before the deadline is checked again.
+_IDLE_WAIT_S = 1.0
+# Spill files open at once, each with its write buffer: memory and file descriptors (Lambda allows
+# 1,024) stay bounded whatever the number of tables; the least recently opened file is closed first
+# and reopened where it was left when its table has rows again.
+MAX_OPEN_SPILL_FILES = 64
+_WRITE_BUFFER_BYTES = 256 * 1024
+_u32 = struct.Struct("!I").unpack_from
+_OBJECT_IN_USE = "55006"
+_UNDEFINED_OBJECT = "42704"
+
+
+class SlotBusyError(RetryableError):
+    """The slot is active: another consumer is reading it (one consumer at a time)."""
+
+
+class SlotMissingError(PermanentError):
+    """The replication slot does not exist (or is not a pgoutput slot of this database)."""
+
+
+class SlotLostError(SlotMissingError):
+    """The slot was invalidated (``max_slot_wal_keep_size``): the WAL it needed is gone."""
+
+
+@dataclass(frozen=True)
+class SpilledChanges:
+    """One table's changes under one relation shape, in commit order (format: module docstring)."""
+
+    table: TableRef
+    relation: Relation
+    path: Path
+    rows: int
+    first_commit_lsn: int
+    last_commit_lsn: int
+
+
+@dataclass(frozen=True)
+class DrainedStream:
+    start_lsn: int  # the slot's confirmed_flush_lsn when reading began
+    end_lsn: int  # the position that is safe to confirm once the segments are durable
+    stop_reason: str  # "heartbeat" | "bytes" | "deadline"
+    segments: tuple[SpilledChanges, ...]
+    transactions: int
+    changes: int
+    bytes_read: int
+    last_heartbeat: str | None  # content of the last heartbeat message received (lag measure)
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"'
+
+
+class _SpillWriter:
+    """One segment's spill file: rows appended as they arrive, cut back to the last commit on demand."""
+
+    __slots__ = (
+        "committed",
+        "file",
+        "first",
+        "last",
+        "ncolumns",
+        "path",
+        "pending",
+        "relation",
+        "rows",
+        "table",
+        "written",
+    )
+
+    def __init__(self, table: TableRef, relation: Relation, path: Path) -> None:
+        self.table = table
+        self.relation = relation
+        self.ncolumns = len(relation.columns)
+        self.path = path
+        self.file: IO[bytes] | None = None  # open while in _StreamState.open_files
+        self.written = 0  # bytes written (through the buffer)
+        self.committed = 0  # bytes of whole committed transactions
+        self.rows = 0  # committed rows
+        self.pending = 0  # rows of the transaction in progress
+        self.first = 0
+        self.last = 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)  # type: ignore[union-attr]  # _StreamState.writer opened it
+        self.written += len(data)
+        self.pending += 1
+
+    def commit(self, commit_lsn: int) -> None:
+        self.rows += self.pending
+        self.pending = 0
+        self.committed = self.written
+        if not self.first:
+            self.first = commit_lsn
+        self.last = commit_lsn
+
+    def open(self) -> None:
+        """Create the file, or reopen it at the end of what was written (it was closed for others)."""
+        self.file = self.path.open("r+b" if self.written else "wb", buffering=_WRITE_BUFFER_BYTES)
+        self.file.seek(self.written)
+
+    def discard_pending(self) -> None:
+        """Cut the file back to its last committed transaction."""
+        if self.file is None:
+            self.open()
+        assert self.file is not None
+        self.file.flush()
+        self.file.truncate(self.committed)
+        self.file.seek(self.committed)
+        self.written = self.committed
+        self.pending = 0
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def result(self) -> SpilledChanges:
+        return SpilledChanges(self.table, self.relation, self.path, self.rows, self.first, self.last)
+
+
+class _StreamState:
+    """What one read keeps: relations, open segments, the transaction's counters, totals."""
+
+    def __init__(self, tables: Collection[TableRef], spill_dir: Path) -> None:
+        self.wanted_names = {(t.schema, t.table): t for t in tables}
+        self.spill_dir = spill_dir
+        self.relations: dict[int, Relation] = {}
+        self.wanted: dict[int, TableRef | None] = {}
+        self.current: dict[int, _SpillWriter] = {}  # by relation oid: the segment rows go to
+        self.segments: list[_SpillWriter] = []
+        self.open_files: deque[_SpillWriter] = deque()  # writers with an open file, oldest first
+        self.touched: dict[int, _SpillWriter] = {}  # segments written in the transaction (by id)
+        self.in_transaction = False
+        self.commit_lsn = 0
+        self.head = b""  # b",<commit lsn>," for the rows of the transaction in progress
+        self.committed_at = b""
+        self.seq = 0
+        self.transactions = 0
+        self.changes = 0
+        self.pending_changes = 0
+        self.last_commit_end = 0
+
+    # --- relations and segments ---
+
+    def relation(self, message: Relation) -> None:
+        self.relations[message.oid] = message
+        table = self.wanted_names.get((message.namespace or "pg_catalog", message.name))
+        self.wanted[message.oid] = table
+        writer = self.current.get(message.oid)
+        if writer is not None and (writer.table != table or writer.relation.columns != message.columns):
+            del self.current[message.oid]  # schema drift (or a rename): the next row starts a new segment
+
+    def writer(self, oid: int) -> _SpillWriter | None:
+        writer = self.current.get(oid)
+        if writer is None:
+            table = self.wanted.get(oid)
+            if table is None:
+                if oid not in self.relations:
+                    raise PermanentError(f"pgoutput sent a change of relation {oid} before describing it")
+                return None
+            path = self.spill_dir / f"{len(self.segments):05d}-{table.schema}.{table.table}.csv"
+            writer = _SpillWriter(table, self.relations[oid], path)
+            self.segments.append(writer)
+            self.current[oid] = writer
+        if writer.file is None:
+            if len(self.open_files) >= MAX_OPEN_SPILL_FILES:
+                self.open_files.popleft().close()
+            writer.open()
+            self.open_files.append(writer)
+        self.touched[id(writer)] = writer
+        return writer
+
+    # --- transactions ---
+
+    def begin(self, message: Begin) -> None:
+        self.in_transaction = True
+        self.commit_lsn = message.final_lsn
+        self.head = b",%d," % message.final_lsn
+        self.committed_at = message.commit_time.isoformat().encode()
+        self.seq = 0
+
+    def commit(self, message: Commit) -> None:
+        if not self.in_transaction or message.commit_lsn != self.commit_lsn:
+            raise PermanentError(
+                f"pgoutput commit at {format_lsn(message.commit_lsn)} does not match its begin "
+                f"({format_lsn(self.commit_lsn)})"
+            )
+        for writer in self.touched.values():
+            writer.commit(message.commit_lsn)
+        self.touched.clear()
+        self.in_transaction = False
+        self.transactions += 1
+        self.changes += self.pending_changes
+        self.pending_changes = 0
+        self.last_commit_end = message.end_lsn
+
+    def discard_transaction(self) -> None:
+        """Drop the rows of the transaction in progress (the deadline came first)."""
+        for writer in self.touched.values():
+            writer.discard_pending()
+        self.touched.clear()
+        self.in_transaction = False
+        self.pending_changes = 0
+
+    # --- rows ---
+
+    def write_row(
+        self,
+        writer: _SpillWriter,
+        op: bytes,
+        fields: bytes,
+        count: int,
+        *,
+        unchanged: list[int] | None = None,
+        moved: bool = False,
+    ) -> None:
+        """One spill row: the change columns, then ``fields`` (``count`` CSV fields of the table)."""
+        columns = writer.relation.columns
+        if count != len(columns):
+            raise PermanentError(
+                f"pgoutput sent {count} values for {len(columns)} columns", table=writer.table.qualified
+            )
+        self.seq += 1
+        names = b""
+        if unchanged:
+            text = unchanged_text(columns[i].name for i in unchanged)
+            names = _quoted(text).encode() if text else b""
+        writer.write(
+            b"%s%s%d,%s,%s,%s,%s\n"
+            % (op, self.head, self.seq, self.committed_at, names, b"true" if moved else b"false", fields)
+        )
+        self.pending_changes += 1
+
+    def _values_row(self, writer: _SpillWriter, op: bytes, values: TupleValues, moved: bool = False) -> None:
+        fields = ",".join([_quoted(v) if v.__class__ is str else "" for v in values])
+        unchanged = [i for i, v in enumerate(values) if v is UNCHANGED] or None
+        self.write_row(writer, op, fields.encode(), len(values), unchanged=unchanged, moved=moved)
+
+    def new_tuple_payload(self, op: bytes, payload: bytes) -> None:
+        """An insert, or an update that kept its identity (no old key or row): from the payload's
+        bytes straight to the spill. The hot path of a stream, so it is one call per row: no message
+        object, the common case written inline (what ``write_row`` does)."""
+        oid = _u32(payload, 1)[0]
+        writer = self.current.get(oid)
+        if writer is None or writer.file is None:
+            writer = self.writer(oid)
+            if writer is None:
+                return
+        if not writer.pending:  # its first row of the transaction: commit or discard it with the rest
+            self.touched[id(writer)] = writer
+        fields, count, unchanged, _ = tuple_csv(payload, 6)
+        if unchanged or count != writer.ncolumns:
+            self.write_row(writer, op, fields, count, unchanged=unchanged)
+            return
+        self.seq += 1
+        data = b"%s%s%d,%s,,false,%s\n" % (op, self.head, self.seq, self.committed_at, fields)
+        writer.file.write(data)  # type: ignore[union-attr]  # open: checked above
+        writer.written += len(data)
+        writer.pending += 1
+        self.pending_changes += 1
+
+    def update(self, message: Update) -> None:
+        writer = self.writer(message.relation_oid)
+        if writer is None:
+            return
+        old = message.key if message.key is not None else message.old
+        if old is not None and len(old) == len(message.new):
+            new = message.new
+            for index, column in enumerate(writer.relation.columns):
+                value = new[index]
+                if column.is_key and value is not UNCHANGED and value != old[index]:
+                    # The row's identity changed: the old key goes, the new one arrives (pgsnow.changes).
+                    self._values_row(writer, b"D", old)
+                    self._values_row(writer, b"U", new, moved=True)
+                    return
+        self._values_row(writer, b"U", message.new)
+
+    def delete(self, message: Delete) -> None:
+        writer = self.writer(message.relation_oid)
+        if writer is None:
+            return
+        old = message.key if message.key is not None else message.old
+        if old is None:  # the decoder never returns one without either
+            raise PermanentError("pgoutput delete without an old key", table=writer.table.qualified)
+        self._values_row(writer, b"D", old)
+
+    def truncate(self, message: Truncate) -> None:
+        for oid in message.relation_oids:
+            writer = self.writer(oid)
+            if writer is not None:
+                count = len(writer.relation.columns)
+                self.write_row(writer, b"T", b"," * (count - 1) if count else b"", count)
+
+    def finish(self) -> tuple[SpilledChanges, ...]:
+        results = []
+        for writer in self.segments:
+            writer.close()
+            if writer.rows:
+                results.append(writer.result())
+            else:  # started by the discarded transaction only
+                writer.path.unlink(missing_ok=True)
+        return tuple(results)
+
+    def abandon(self) -> None:
+        for writer in self.segments:
+            with contextlib.suppress(OSError):
+                writer.close()
+
+
+class ReplicationSession:
+    """An open replication stream of one slot: read it once, keep it alive, then confirm (the drain).
+
+    Use as a context manager (or call ``close``). Closing without ``confirm`` leaves the slot where
+    it was: the next session reads the same changes again.
+    """
+
+    def __init__(
+        self, *, slot: str, publication: str, connection: Any, cursor: Any, control: Any, start_lsn: int
+    ) -> None:
+        self.slot = slot
+        self.publication = publication
+        self.start_lsn = start_lsn
+        self.messages = 0  # messages received so far by ``read`` (progress measures)
+        self.changes_read = 0  # of which insert, update, delete and truncate messages, of any table
+        self._connection = connection
+        self._cursor = cursor
+        self._control = control  # a normal connection, to read the slot's row
+        self._read = False
+
+    def __enter__(self) -> ReplicationSession:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for resource in (self._cursor, self._connection, self._control):
+            with contextlib.suppress(psycopg2.Error):
+                resource.close()
+
+    def read(
+        self,
+        *,
+        heartbeat_lsn: int | None,
+        tables: Collection[TableRef],
+        max_bytes: int,
+        deadline: float,
+        spill_dir: Path,
+        heartbeat_prefix: str = HEARTBEAT_PREFIX,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> DrainedStream:
+        """Read the stream into ``spill_dir`` until the heartbeat, the byte budget or the deadline
+        (``clock()`` is ``time.monotonic`` unless a test passes its own; see the module docstring)."""
+        if self._read:
+            raise PermanentError("a replication session is read once; open a new one to read again")
+        self._read = True
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        state = _StreamState(tables, spill_dir)
+        cursor = self._cursor
+        bytes_read = 0
+        last_heartbeat: str | None = None
+        heartbeat_reached = 0  # the LSN of the heartbeat that ends the read, once received
+        stop_reason = ""
+        end_lsn = self.start_lsn
+        try:
+            while True:
+                if clock() >= deadline:
+                    stop_reason = "deadline"
+                    if state.in_transaction:
+                        state.discard_transaction()
+                    end_lsn = max(self.start_lsn, state.last_commit_end)
+                    break
+                try:
+                    received = cursor.read_message()
+                    if received is None:
+                        select.select(
+                            [self._connection], [], [], max(0.0, min(_IDLE_WAIT_S, deadline - clock()))
+                        )
+                        continue
+                except psycopg2.Error as exc:
+                    raise classify_pg_error(exc) from exc
+                self.messages += 1
+                payload = received.payload
+                bytes_read += len(payload)
+                tag = payload[0] if payload else 0
+                # Inserts and updates that keep their identity, the bulk of a stream: payload to spill.
+                if tag in (0x49, 0x55) and payload[5:6] == b"N":  # 'I' or 'U', then the new tuple
+                    self.changes_read += 1
+                    try:
+                        state.new_tuple_payload(b"I" if tag == 0x49 else b"U", payload)
+                    except (struct.error, IndexError) as exc:
+                        raise PermanentError(
+                            f"pgoutput message of {len(payload)} bytes is malformed: {exc}"
+                        ) from exc
+                    continue
+                message = decode_message(payload)
+                if isinstance(message, Update):
+                    self.changes_read += 1
+                    state.update(message)
+                elif isinstance(message, Delete):
+                    self.changes_read += 1
+                    state.delete(message)
+                elif isinstance(message, Begin):
+                    state.begin(message)
+                elif isinstance(message, Commit):
+                    state.commit(message)
+                    if heartbeat_reached:
+                        stop_reason, end_lsn = "heartbeat", max(heartbeat_reached, state.last_commit_end)
+                        break
+                    if bytes_read >= max_bytes:
+                        stop_reason, end_lsn = "bytes", state.last_commit_end
+                        break
+                elif isinstance(message, Relation):
+                    state.relation(message)
+                elif isinstance(message, Truncate):
+                    self.changes_read += 1
+                    state.truncate(message)
+                elif (
+                    isinstance(message, LogicalMessage)
+                    and not message.transactional
+                    and message.prefix == heartbeat_prefix
+                ):
+                    last_heartbeat = message.content.decode(errors="replace")
+                    if heartbeat_lsn is not None and message.lsn >= heartbeat_lsn:
+                        heartbeat_reached = message.lsn
+                        # Protocol 1 sends a transaction whole at its commit, so a non-transactional
+                        # message arrives between transactions; were one inside, stop at its commit.
+                        if not state.in_transaction:
+                            stop_reason, end_lsn = "heartbeat", max(message.lsn, state.last_commit_end)
+                            break
+                # Origin and Type messages describe nothing the spill needs.
+            segments = state.finish()
+        except BaseException:
+            state.abandon()
+            raise
+        stream = DrainedStream(
+            start_lsn=self.start_lsn,
+            end_lsn=end_lsn,
+            stop_reason=stop_reason,
+            segments=segments,
+            transactions=state.transactions,
+            changes=state.changes,
+            bytes_read=bytes_read,
+            last_heartbeat=last_heartbeat,
+        )
+        logger.info(
+            "change capture: slot read",
+            extra={
+                "slot": self.slot,
+                "start_lsn": format_lsn(stream.start_lsn),
+                "end_lsn": format_lsn(stream.end_lsn),
+                "stop_reason": stop_reason,
+                "transactions": stream.transactions,
+                "rows": stream.changes,
+                "bytes": bytes_read,
+                "segments": len(segments),
+            },
+        )
+        return stream
+
+    def keep_alive(self) -> None:
+        """Send a status update that moves nothing (psycopg2 sends its own flush position, which no
+        data message has moved: module docstring), so the server does not time the session out."""
+        try:
+            self._cursor.send_feedback(force=True)
+        except psycopg2.Error as exc:
+            raise classify_pg_error(exc) from exc
+
+    def confirm(self, lsn: int, *, wait_s: float = 30.0) -> int:
+        """Confirm ``lsn`` to the slot (the WAL before it may go) and wait until the server shows it;
+        returns the slot's confirmed_flush_lsn. Only the drain calls this, once the run is durable."""
+        if lsn < self.start_lsn:
+            raise PermanentError(
+                f"cannot confirm {format_lsn(lsn)} before the slot's position {format_lsn(self.start_lsn)} "
+                f"(slot {self.slot})"
+            )
+        try:
+            self._cursor.send_feedback(flush_lsn=lsn, reply=True, force=True)
+        except psycopg2.Error as exc:
+            raise classify_pg_error(exc) from exc
+        give_up = time.monotonic() + wait_s
+        while True:
+            confirmed = _slot_row(self._control, self.slot)["confirmed_flush_lsn"]
+            if confirmed >= lsn:
+                return int(confirmed)
+            if time.monotonic() >= give_up:
+                raise RetryableError(
+                    f"slot {self.slot} shows {format_lsn(confirmed)} {wait_s:g} s after confirming {format_lsn(lsn)}"
+                )
+            time.sleep(0.05)
+
+
+def _slot_row(conn: Any, slot: str) -> dict[str, Any]:
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT s.plugin, s.slot_type, s.database, s.active_pid, s.confirmed_flush_lsn::text, "
+                "s.wal_status, current_database() FROM pg_replication_slots s WHERE s.slot_name = %s",
+                (slot,),
+            )
+            row = cur.fetchone()
+    except psycopg2.Error as exc:
+        raise classify_pg_error(exc) from exc
+    if row is None:
+        raise SlotMissingError(
+            f"replication slot {slot!r} does not exist: create it (and the publication) with the "
+            "statements `pgsnow postgres-sql` prints"
+        )
+    plugin, slot_type, database, active_pid, confirmed, wal_status, current = row
+    if slot_type != "logical" or plugin != "pgoutput":
+        raise SlotMissingError(f"replication slot {slot!r} is a {slot_type} slot of {plugin!r}, not pgoutput")
+    if database != current:
+        raise SlotMissingError(
+            f"replication slot {slot!r} belongs to database {database!r}, not {current!r}: "
+            "connect to the slot's database"
+        )
+    if wal_status == "lost" or confirmed is None:
+        raise SlotLostError(
+            f"replication slot {slot!r} was invalidated (the WAL it needed is gone, "
+            "max_slot_wal_keep_size): drop and recreate it and re-snapshot its tables"
+        )
+    return {"active_pid": active_pid, "confirmed_flush_lsn": parse_lsn(confirmed)}
+
+
+def _publication_names(publication: str) -> str:
+    # pgoutput splits publication_names as a list of identifiers: quote ours so case and commas survive.
+    return '"' + publication.replace('"', '""') + '"'
+
+
+def open_stream(dsn: str, *, slot: str, publication: str) -> ReplicationSession:
+    """Start streaming ``slot`` (pgoutput, protocol 1) from its confirmed position."""
+    try:
+        control = psycopg2.connect(dsn, application_name=APPLICATION_NAME)
+        control.autocommit = True
+    except psycopg2.Error as exc:
+        raise classify_pg_error(exc) from exc
+    connection = cursor = None
+    try:
+        if _slot_row(control, slot)["active_pid"] is not None:
+            raise SlotBusyError(f"replication slot {slot!r} is active: another consumer is reading it")
+        try:
+            connection = psycopg2.connect(
+                dsn,
+                connection_factory=psycopg2.extras.LogicalReplicationConnection,
+                application_name=f"{APPLICATION_NAME}-cdc",
+                client_encoding="UTF8",  # the server converts text values to it: the spill is UTF-8
+                options=REPLICATION_SESSION_OPTIONS,
+            )
+            cursor = connection.cursor()
+            cursor.start_replication(
+                slot_name=slot,
+                decode=False,
+                status_interval=STATUS_INTERVAL_S,
+                options={
+                    "proto_version": "1",
+                    "publication_names": _publication_names(publication),
+                    "messages": "true",
+                },
+            )
+        except psycopg2.Error as exc:
+            code = getattr(exc, "pgcode", None)
+            if code == _OBJECT_IN_USE:
+                raise SlotBusyError(
+                    f"replication slot {slot!r} is active: another consumer is reading it", sqlstate=code
+                ) from exc
+            if code == _UNDEFINED_OBJECT:
+                raise SlotMissingError(
+                    f"replication slot {slot!r} does not exist: create it with the statements "
+                    "`pgsnow postgres-sql` prints",
+                    sqlstate=code,
+                ) from exc
+            raise classify_pg_error(exc) from exc
+        # The slot is ours now, so its confirmed position cannot move but by us: read it back.
+        start_lsn = _slot_row(control, slot)["confirmed_flush_lsn"]
+    except BaseException:
+        for resource in (cursor, connection, control):
+            if resource is not None:
+                with contextlib.suppress(psycopg2.Error):
+                    resource.close()
+        raise
+    return ReplicationSession(
+        slot=slot,
+        publication=publication,
+        connection=connection,
+        cursor=cursor,
+        control=control,
+        start_lsn=start_lsn,
+    )
+
+
+def read_changes(
+    dsn: str,
+    *,
+    slot: str,
+    publication: str,
+    heartbeat_lsn: int | None,
+    tables: Collection[TableRef],
+    max_bytes: int,
+    deadline: float,
+    spill_dir: Path,
+    heartbeat_prefix: str = HEARTBEAT_PREFIX,
+) -> DrainedStream:
+    """Open the stream, read it once, close it without confirming (tests, and a dry read)."""
+    with open_stream(dsn, slot=slot, publication=publication) as session:
+        return session.read(
+            heartbeat_lsn=heartbeat_lsn,
+            tables=tables,
+            max_bytes=max_bytes,
+            deadline=deadline,
+            spill_dir=spill_dir,
+            heartbeat_prefix=heartbeat_prefix,
+        )

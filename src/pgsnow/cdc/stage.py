@@ -1,0 +1,449 @@
+"""One table's spilled changes → staged change files, in the type contract, through PostgreSQL itself.
+
+The reader spills pgoutput's text values (``pgsnow.cdc.reader.SpilledChanges``). Their staged form
+must be exactly what a full run would stage for the same values, so they are not converted in
+Python: a table's segments are COPYed into a TEMP table of the newest relation's column types
+(``format_type(type_oid, type_modifier)``, as pgoutput described them), after the change columns
+(``pgsnow.changes.CHANGE_COLUMNS``), and read back out with the extractor's own select builders
+(``csv_select`` / ``arrow_csv_select`` through ``TableReader``), the table's value policy and
+``check_values_fit``, in ``(_pgsnow_lsn, _pgsnow_seq)`` order. Files are cut at
+EXTRACT_TARGET_FILE_MB like a full run's, written locally (all of them, so every key, row count and
+checksum is known before the manifest is written), and uploaded afterwards by ``upload_files``.
+
+The temp table lives in one transaction of a read-write connection (``connect_for_staging``) and
+is dropped at its end (``ON COMMIT DROP``, and the transaction is rolled back): nothing is written
+to the source database but a temp table's pages.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2 import sql
+
+from pgsnow.changes import (
+    CHANGE_COLUMN_TYPES,
+    CHANGE_COLUMNS,
+    LSN_COLUMN,
+    OP_COLUMN,
+    SEQ_COLUMN,
+    UNCHANGED_COLUMN,
+    unchanged_text,
+)
+from pgsnow.config import ValuePolicy
+from pgsnow.errors import PermanentError
+from pgsnow.formats import CsvBatchSplitter, ParquetWriter, WrittenFile, open_arrow_csv
+from pgsnow.identifiers import TableRef
+from pgsnow.keys import FileFormat, data_key
+from pgsnow.manifest import Column, StagedFile
+from pgsnow.observability import logger
+from pgsnow.postgres import (
+    Connection,
+    RowRange,
+    TableReader,
+    TableSchema,
+    check_values_fit,
+    choose_numeric_scales,
+    classify_pg_error,
+    connect,
+    describe_table,
+)
+
+# Parquet row groups: rows and Arrow bytes held before a group is written (as the full runs' path).
+PARQUET_GROUP_ROWS = 20_000
+PARQUET_GROUP_BYTES = 64 * 1024 * 1024
+# Without EXTRACT_BATCH_ROWS a file is cut by size alone.
+NO_ROW_CAP = 2**62
+ORDER_KEY = (LSN_COLUMN, SEQ_COLUMN)
+
+
+class SpilledColumn(Protocol):
+    """A relation column as pgoutput described it (``pgsnow.cdc.protocol.RelationColumn``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def type_oid(self) -> int: ...
+    @property
+    def type_modifier(self) -> int: ...
+    @property
+    def is_key(self) -> bool: ...
+
+
+class SpilledRelation(Protocol):
+    @property
+    def columns(self) -> Sequence[SpilledColumn]: ...
+
+
+class SpilledSegment(Protocol):
+    """What staging needs of a ``pgsnow.cdc.reader.SpilledChanges`` (one table, one relation shape)."""
+
+    @property
+    def table(self) -> TableRef: ...
+    @property
+    def relation(self) -> SpilledRelation: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def rows(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class LocalChangeFile:
+    """A finished local change file and the key it is uploaded to."""
+
+    key: str
+    written: WrittenFile
+    file_format: FileFormat
+
+    def staged_file(self) -> StagedFile:
+        w = self.written
+        return StagedFile(self.key, w.batch, w.rows, w.bytes, w.sha256, self.file_format)
+
+
+@dataclass(frozen=True)
+class StagedSegment:
+    """One table's local change files of a run and what its manifest says about them."""
+
+    table: TableRef
+    columns: tuple[Column, ...]  # the table's data columns (the files carry CHANGE_COLUMNS first)
+    primary_key: tuple[str, ...]  # the relation's key columns (replica identity)
+    file_format: FileFormat
+    files: tuple[LocalChangeFile, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return sum(f.written.rows for f in self.files)
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.written.bytes for f in self.files)
+
+
+def connect_for_staging(dsn: str, *, statement_timeout_ms: int = 0) -> Connection:
+    """The extractor's session settings (UTC, ISO dates...) on a read-write READ COMMITTED connection:
+    the temp tables need writes, which the extractor's read-only snapshot transactions refuse."""
+    conn = connect(dsn, statement_timeout_ms=statement_timeout_ms)
+    conn.set_session(
+        isolation_level=psycopg2.extensions.ISOLATION_LEVEL_READ_COMMITTED, readonly=False, autocommit=False
+    )
+    return conn
+
+
+def stage_table(
+    pg_conn: Connection,
+    segments: Sequence[SpilledSegment],
+    *,
+    run_id: str,
+    prefix: str,
+    file_format: FileFormat,
+    value_policy: ValuePolicy,
+    target_file_mb: int,
+    work_dir: Path,
+    batch_rows: int | None = None,
+    kept_scales: Mapping[str, int] | None = None,
+    source_nullable: Mapping[str, bool] | None = None,
+) -> StagedSegment:
+    """Stage one table's segments of a run (in stream order) as local files; nothing is uploaded.
+
+    All of them are staged in the newest relation's columns, so one manifest describes the run's
+    files: a segment spilled under an older column list (a column was added, dropped or retyped
+    mid-run) is COPYed into a temp table of its own types first and then inserted into the newest
+    shape: a column it lacks is NULL and, on its updates, listed in ``_pgsnow_unchanged`` (the
+    change did not touch it: the target keeps its value); a column since dropped is left out; a
+    retyped column is cast by PostgreSQL (a value the new type cannot take is a PermanentError).
+
+    ``kept_scales``: NUMBER scales the Snowflake table already has for unbounded numeric columns.
+    ``source_nullable``: the columns' nullability in the source table (the temp table's columns
+    are all nullable; a column the source no longer has is nullable). Raises PermanentError
+    naming the table when a value cannot be staged under the value policy.
+    """
+    if not segments:
+        raise ValueError("stage_table needs at least one segment")
+    table = segments[-1].table
+    relation_columns = list(segments[-1].relation.columns)
+    clash = sorted({c.name for s in segments for c in s.relation.columns} & set(CHANGE_COLUMNS))
+    if clash:
+        raise PermanentError(
+            f"{table.qualified} has columns named like pgsnow's change columns ({', '.join(clash)}): "
+            "rename them to capture the table's changes",
+            table=table.qualified,
+        )
+    temp_name = f"pgsnow_changes_{uuid.uuid4().hex[:16]}"
+    out_dir = work_dir / temp_name  # tables of one run stage side by side: batch numbers repeat
+    out_dir.mkdir(parents=True)
+    started = time.monotonic()
+    try:
+        with pg_conn.cursor() as cur:
+            temp_schema = _create_temp_table(cur, temp_name, relation_columns)
+            target = sql.Identifier(temp_schema, temp_name)
+            for segment in segments:
+                if _shape(segment.relation.columns) == _shape(relation_columns):
+                    _copy_spill(cur, target, segment.path)
+                else:
+                    _insert_older_segment(cur, target, segment, relation_columns)
+        schema = describe_table(pg_conn, TableRef(temp_schema, temp_name))
+        schema = choose_numeric_scales(pg_conn, schema, kept=kept_scales)
+        # Key values must stage unchanged whatever the policy: they are what the loader matches on.
+        key = tuple(c.name for c in relation_columns if c.is_key)
+        try:
+            check_values_fit(
+                pg_conn,
+                _without_pk(schema),
+                columns=None if value_policy is ValuePolicy.FAIL else key,
+                policy=value_policy,
+            )
+        except PermanentError as exc:
+            # Name the source table, not the temp table the check ran on.
+            message = exc.message.replace(f"{temp_schema}.{temp_name}", table.qualified)
+            message = message.replace(
+                f"primary key ({LSN_COLUMN}, {SEQ_COLUMN})", "the change (commit LSN, seq)"
+            )
+            raise PermanentError(message, table=table.qualified, run_id=run_id) from None
+        rows = RowRange(order_key=ORDER_KEY)
+        reader = TableReader(pg_conn, schema, policy=value_policy)
+        max_bytes = target_file_mb * 1024 * 1024
+        cap = batch_rows or NO_ROW_CAP
+        if file_format is FileFormat.PARQUET:
+            written = _write_parquet(
+                reader, rows, schema, work_dir=out_dir, first_batch=1, max_bytes=max_bytes, cap=cap
+            )
+        else:
+            written = _write_csv(reader, rows, work_dir=out_dir, first_batch=1, max_bytes=max_bytes, cap=cap)
+    except psycopg2.Error as exc:
+        raise classify_pg_error(exc, table=table.qualified) from exc
+    finally:
+        if not pg_conn.closed:
+            pg_conn.rollback()  # drops the temp table (ON COMMIT DROP applies at rollback too)
+    nullable = source_nullable or {}
+    data_columns = tuple(
+        replace(c, nullable=nullable.get(c.name, True))
+        for c in schema.columns
+        if c.name not in CHANGE_COLUMNS
+    )
+    files = tuple(
+        LocalChangeFile(data_key(prefix, table, w.batch, run_id, file_format), w, file_format)
+        for w in written
+    )
+    staged = StagedSegment(
+        table=table,
+        columns=data_columns,
+        primary_key=key,
+        file_format=file_format,
+        files=files,
+        warnings=tuple(w.replace(f"{temp_schema}.{temp_name}", table.qualified) for w in schema.warnings),
+    )
+    logger.info(
+        "staged change files locally",
+        extra={
+            "run_id": run_id,
+            "table": table.qualified,
+            "rows": staged.rows,
+            "bytes": staged.bytes,
+            "files": len(files),
+            "duration_ms": round((time.monotonic() - started) * 1000),
+        },
+    )
+    return staged
+
+
+def _shape(columns: Sequence[SpilledColumn]) -> list[tuple[str, int, int]]:
+    return [(c.name, c.type_oid, c.type_modifier) for c in columns]
+
+
+def _copy_spill(cur: Any, target: sql.Identifier, path: Path) -> None:
+    with path.open("rb") as spill:
+        cur.copy_expert(
+            sql.SQL("COPY {} FROM STDIN WITH (FORMAT csv, ENCODING 'UTF8')").format(target), spill
+        )
+
+
+def _insert_older_segment(
+    cur: Any, target: sql.Identifier, segment: SpilledSegment, newest: Sequence[SpilledColumn]
+) -> None:
+    """A segment spilled under an older column list, brought into the newest shape (``stage_table``)."""
+    older = list(segment.relation.columns)
+    older_name = f"pgsnow_changes_{uuid.uuid4().hex[:16]}"
+    _create_temp_table(cur, older_name, older)
+    source = sql.Identifier(older_name)
+    _copy_spill(cur, source, segment.path)
+    older_names = {c.name for c in older}
+    common = [c.name for c in newest if c.name in older_names]
+    missing = [c.name for c in newest if c.name not in older_names]
+    unchanged: sql.Composable = sql.Identifier(UNCHANGED_COLUMN)
+    if missing:
+        # jsonb || keeps the listed names and appends the missing ones (their text is pgsnow's JSON array).
+        unchanged = sql.SQL(
+            "CASE WHEN {op} = 'U' THEN (coalesce({u}::jsonb, '[]'::jsonb) || {missing}::jsonb)::text ELSE {u} END"
+        ).format(
+            op=sql.Identifier(OP_COLUMN),
+            u=sql.Identifier(UNCHANGED_COLUMN),
+            missing=sql.Literal(unchanged_text(missing)),
+        )
+    selected = [unchanged if name == UNCHANGED_COLUMN else sql.Identifier(name) for name in CHANGE_COLUMNS]
+    selected += [sql.Identifier(name) for name in common]
+    cur.execute(
+        sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(
+            target,
+            sql.SQL(", ").join(sql.Identifier(n) for n in (*CHANGE_COLUMNS, *common)),
+            sql.SQL(", ").join(selected),
+            source,
+        )
+    )
+    cur.execute(sql.SQL("DROP TABLE {}").format(source))
+
+
+def _without_pk(schema: TableSchema) -> TableSchema:
+    """The temp table has no primary key: ``check_values_fit`` then names the row by ctid. Name it by
+    its change position instead, which the user can find in the spill (LSN, seq)."""
+    return replace(schema, primary_key=ORDER_KEY)
+
+
+def _create_temp_table(cur: Any, temp_name: str, relation_columns: Sequence[SpilledColumn]) -> str:
+    """CREATE the temp table (change columns, then the relation's, typed as pgoutput said) and
+    return the session's temp schema name (``describe_table`` looks a table up by schema name)."""
+    oids = [c.type_oid for c in relation_columns]
+    modifiers = [c.type_modifier for c in relation_columns]
+    cur.execute(
+        "SELECT pg_catalog.format_type(t.oid, t.modifier) "
+        "FROM unnest(%s::oid[], %s::int[]) WITH ORDINALITY AS t(oid, modifier, ord) ORDER BY t.ord",
+        (oids, modifiers),
+    )
+    types = [r[0] for r in cur.fetchall()]
+    definitions = [
+        sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(CHANGE_COLUMN_TYPES[name]))
+        for name in CHANGE_COLUMNS
+    ]
+    # format_type() output is PostgreSQL's own, already-quoted type name: safe to splice as SQL.
+    definitions += [
+        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(type_name))
+        for c, type_name in zip(relation_columns, types, strict=True)
+    ]
+    cur.execute(
+        sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(
+            sql.Identifier(temp_name), sql.SQL(", ").join(definitions)
+        )
+    )
+    cur.execute("SELECT nspname FROM pg_catalog.pg_namespace WHERE oid = pg_catalog.pg_my_temp_schema()")
+    return str(cur.fetchone()[0])
+
+
+def _write_csv(
+    reader: TableReader, rows: RowRange, *, work_dir: Path, first_batch: int, max_bytes: int, cap: int
+) -> list[WrittenFile]:
+    written: list[WrittenFile] = []
+    splitter = CsvBatchSplitter(
+        batch_rows=cap,
+        path_for_batch=lambda batch: work_dir / f"batch{batch}.csv.gz",
+        on_file=written.append,
+        first_batch=first_batch,
+        max_bytes=max_bytes,
+        record_key=lambda _header, _record: None,  # no key ranges: a change file's rows are in LSN order
+    )
+    reader.copy_csv(splitter, rows)
+    splitter.finish()  # a segment always has rows; an empty one would still stage its header
+    return written
+
+
+def _write_parquet(
+    reader: TableReader,
+    rows: RowRange,
+    schema: TableSchema,
+    *,
+    work_dir: Path,
+    first_batch: int,
+    max_bytes: int,
+    cap: int,
+) -> list[WrittenFile]:
+    """COPY the Arrow-parsable CSV to a local file first (bounded memory, and the connection is free
+    again before parsing), then parse it in row groups and cut files by size like the full runs."""
+    import pyarrow as pa
+
+    from pgsnow.extract.parquet_stager import use_jemalloc
+
+    use_jemalloc()
+    source = work_dir / f"parquet-source-{first_batch}.csv"
+    with source.open("wb") as sink:
+        reader.copy_arrow_csv(sink, rows)
+    written: list[WrittenFile] = []
+    batch = first_batch
+    writer: ParquetWriter | None = None
+
+    def write_group(group: pa.Table) -> None:
+        nonlocal writer, batch
+        if writer is None:
+            writer = ParquetWriter(work_dir / f"batch{batch}.parquet", batch, schema.columns)
+            batch += 1
+        writer.write_arrow(group)
+        if writer.rows >= cap or writer.compressed_bytes >= max_bytes:
+            written.append(writer.close())
+            writer = None
+
+    try:
+        with source.open("rb") as stream:
+            batches = open_arrow_csv(stream, schema.columns)
+            pending: list[pa.RecordBatch] = []
+            pending_rows = pending_bytes = 0
+            for record_batch in batches or ():
+                pending.append(record_batch)
+                pending_rows += record_batch.num_rows
+                pending_bytes += record_batch.nbytes
+                room = cap - (writer.rows if writer is not None else 0)
+                if pending_rows >= min(PARQUET_GROUP_ROWS, room) or pending_bytes >= PARQUET_GROUP_BYTES:
+                    table = pa.Table.from_batches(pending)
+                    take = min(table.num_rows, room)
+                    write_group(table.slice(0, take))
+                    rest = table.slice(take)
+                    pending = rest.to_batches()
+                    pending_rows, pending_bytes = rest.num_rows, rest.nbytes
+            while pending_rows:
+                table = pa.Table.from_batches(pending)
+                room = cap - (writer.rows if writer is not None else 0)
+                write_group(table.slice(0, room))
+                rest = table.slice(room)
+                pending, pending_rows = rest.to_batches(), rest.num_rows
+    finally:
+        source.unlink(missing_ok=True)
+    if writer is not None:
+        written.append(writer.close())
+    if not written:  # no rows at all: one row-less file, as a full run of an empty table stages
+        written.append(ParquetWriter(work_dir / f"batch{batch}.parquet", batch, schema.columns).close())
+    return written
+
+
+def upload_files(
+    s3: Any,
+    bucket: str,
+    files: Sequence[LocalChangeFile],
+    *,
+    run_id: str,
+    keep_alive: Callable[[], None] | None = None,
+    keep_alive_every_s: float = 10.0,
+) -> None:
+    """Upload the files in order (with their pgsnow metadata), deleting each local copy once it is
+    up; ``keep_alive`` is called between files at most every ``keep_alive_every_s`` seconds (the
+    replication connection must answer the server while staging takes long)."""
+    from pgsnow.staging import put_data_file
+
+    last = time.monotonic()
+    for local in files:
+        if keep_alive is not None and time.monotonic() - last >= keep_alive_every_s:
+            keep_alive()
+            last = time.monotonic()
+        w = local.written
+        put_data_file(
+            s3, bucket, local.key, w.path, run_id=run_id, batch=w.batch, rows=w.rows, sha256=w.sha256
+        )
+        w.path.unlink(missing_ok=True)
+        logger.info(
+            "uploaded change file",
+            extra={"run_id": run_id, "s3_key": local.key, "rows": w.rows, "bytes": w.bytes},
+        )
