@@ -2,7 +2,9 @@
 
 Invoked with ``{"schema_name": "...", "table_name": "..."}``, directly or as the constant
 input of an EventBridge schedule (or inside ``detail`` of an EventBridge event). The table
-must be in PGSNOW_TABLES; failures propagate to Lambda's retry and error metrics.
+must be in PGSNOW_TABLES; failures propagate to Lambda's retry and error metrics. A table in
+mode cdc is enrolled and snapshot (``pgsnow.cdc.enroll``); once its snapshot is staged, its
+invocations report that and do nothing (the change-capture function brings its changes).
 
 When the deadline nears, the run stops after its current file and this function invokes
 itself asynchronously with ``{"schema_name", "table_name", "run_id"}`` to continue it
@@ -31,6 +33,8 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from pgsnow.cdc.drain import drain_slot
+from pgsnow.cdc.enroll import SnapshotStaged, snapshot_table
+from pgsnow.config import ExtractMode
 from pgsnow.errors import PermanentError
 from pgsnow.events import RangeRequest, is_sqs_event, parse_range_event
 from pgsnow.extract.run import extract_table
@@ -85,16 +89,24 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     # The allowlist is checked here (and again in extract_table) before any connection or SQL.
     runtime.settings.tables.check(request.table)
     fan_out = runtime.fan_out()
-    manifest = extract_table(
-        settings=runtime.settings,
-        pg_conn=runtime.postgres(),
-        s3=runtime.s3,
-        table=request.table,
-        run_id=request.run_id,
-        remaining_ms=context.get_remaining_time_in_millis,
-        owner=getattr(context, "aws_request_id", None),
-        fan_out=fan_out,
-    )
+    arguments: dict[str, Any] = {
+        "settings": runtime.settings,
+        "pg_conn": runtime.postgres(),
+        "s3": runtime.s3,
+        "table": request.table,
+        "run_id": request.run_id,
+        "remaining_ms": context.get_remaining_time_in_millis,
+        "owner": getattr(context, "aws_request_id", None),
+        "fan_out": fan_out,
+    }
+    if runtime.settings.table_options(request.table).mode is ExtractMode.CDC:
+        # A change-capture table: its enrollment and snapshot; once staged, the slot brings its changes.
+        outcome = snapshot_table(**arguments)
+        if isinstance(outcome, SnapshotStaged):
+            return outcome.report()
+        manifest = outcome
+    else:
+        manifest = extract_table(**arguments)
     handed_to_ranges = fan_out is not None and manifest.run_id in fan_out.dispatched
     if manifest.state is RunState.EXTRACTING and not handed_to_ranges:
         # Stopped before the deadline with everything so far checkpointed: continue in a new invocation.

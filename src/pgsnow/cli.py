@@ -355,19 +355,29 @@ def add_extract_command(subparsers: argparse._SubParsersAction[argparse.Argument
 
 
 def run_extract_command(args: argparse.Namespace) -> int:
+    import json
+
     import boto3
 
-    from pgsnow.config import Component, Settings
+    from pgsnow.cdc.enroll import SnapshotStaged, snapshot_table
+    from pgsnow.config import Component, ExtractMode, Settings
     from pgsnow.extract.run import extract_table
     from pgsnow.postgres import connect
     from pgsnow.runtime import postgres_dsn
 
     settings = Settings.from_env(component=Component.EXTRACTOR)
     pg_conn = connect(postgres_dsn(settings), statement_timeout_ms=settings.postgres.statement_timeout_ms)
+    s3 = boto3.Session().client("s3")
     try:
-        manifest = extract_table(
-            settings=settings, pg_conn=pg_conn, s3=boto3.Session().client("s3"), table=args.table
-        )
+        if settings.table_options(args.table).mode is ExtractMode.CDC:
+            # A change-capture table: enrolled and snapshot as the extractor function does it.
+            outcome = snapshot_table(settings=settings, pg_conn=pg_conn, s3=s3, table=args.table)
+            if isinstance(outcome, SnapshotStaged):
+                print(json.dumps(outcome.report()))
+                return 0
+            manifest = outcome
+        else:
+            manifest = extract_table(settings=settings, pg_conn=pg_conn, s3=s3, table=args.table)
     finally:
         pg_conn.close()
     print(

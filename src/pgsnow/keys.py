@@ -11,7 +11,8 @@ only one that builds their keys; ``pgsnow.runs`` is the only one that reads and 
 * ``_pgsnow/manifests/{schema}/{table}/{run_id}.json``: a run's manifest;
 * ``_pgsnow/state/{schema}/{table}/``: ``lease.json``, ``runs/{run_id}.json`` (checkpoints),
   ``watermark.json``, ``columns.json``; a parallel run's ranges under ``runs/{run_id}/ranges/``
-  (``{n}.json`` checkpoints, ``{n}.lease.json`` leases);
+  (``{n}.json`` checkpoints, ``{n}.lease.json`` leases); ``cdc.json``: a change-capture table's
+  enrollment (its slot, snapshot LSN and snapshot run);
 * ``_pgsnow/keys/{schema}/{table}/{run_id}.csv.gz``: a run's full primary-key list (deletes);
 * ``_pgsnow/cdc/{slot}/state.json``: a replication slot's drain state (the change-capture runs:
   confirmed position, last run, each table's last change-run end; ``pgsnow.runs.DrainState``);
@@ -134,6 +135,11 @@ def watermark_key(table: TableRef) -> str:
 
 def published_columns_key(table: TableRef) -> str:
     return state_prefix(table) + "columns.json"
+
+
+def enrollment_key(table: TableRef) -> str:
+    """A change-capture table's enrollment (``pgsnow.cdc.enroll``): where its snapshot hands off to the slot."""
+    return state_prefix(table) + "cdc.json"
 
 
 def key_list_key(table: TableRef, run_id: str) -> str:

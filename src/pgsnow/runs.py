@@ -63,7 +63,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pgsnow.changes import format_lsn, parse_lsn
+from pgsnow.changes import ChangeRange, format_lsn, parse_lsn
 from pgsnow.checkpoint import (
     RANGES_OWNER,
     Lease,
@@ -81,6 +81,7 @@ from pgsnow.keys import (
     PENDING_PREFIX,
     checkpoint_key,
     drain_state_key,
+    enrollment_key,
     key_list_key,
     lease_key,
     manifest_key,
@@ -129,6 +130,58 @@ class PendingRun:
     run_id: str
     marked_at: datetime
     version_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """A change-capture table's hand-off (docs/guarantees.md, "Change capture"): its snapshot run
+    ``snapshot_run_id`` holds every change committed at or before ``snapshot_lsn``; the slot's
+    change runs bring the ones after."""
+
+    table: TableRef
+    slot: str
+    snapshot_lsn: int
+    enrolled_at: str
+    snapshot_run_id: str
+
+    @property
+    def changes(self) -> ChangeRange:
+        """The snapshot's place in the slot's stream, carried by each of its manifests."""
+        lsn = self.snapshot_lsn
+        return ChangeRange(self.slot, after_lsn=lsn, end_lsn=lsn, snapshot_lsn=lsn)
+
+    def to_json(self) -> bytes:
+        body = {
+            "schema": self.table.schema,
+            "table": self.table.table,
+            "slot": self.slot,
+            "snapshot_lsn": format_lsn(self.snapshot_lsn),
+            "enrolled_at": self.enrolled_at,
+            "snapshot_run_id": self.snapshot_run_id,
+        }
+        return json.dumps(body, indent=2).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, text: bytes, *, s3_key: str) -> Enrollment:
+        try:
+            body = json.loads(text)
+            return cls(
+                TableRef(str(body["schema"]), str(body["table"])),
+                str(body["slot"]),
+                parse_lsn(str(body["snapshot_lsn"])),
+                str(body["enrolled_at"]),
+                str(body["snapshot_run_id"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PermanentError(f"unreadable enrollment: {exc}", s3_key=s3_key) from exc
+
+
+@dataclass(frozen=True)
+class StoredEnrollment:
+    """An enrollment as read, with the ETag that replacing it needs."""
+
+    enrollment: Enrollment
+    etag: str
 
 
 @dataclass(frozen=True)
@@ -662,6 +715,34 @@ class RunStore:
                 run_id=run_id,
             )
         return replace(state, etag=etag)
+    # --------------------------------------------------------------------- change-capture enrollments
+
+    def read_enrollment(self, table: TableRef) -> StoredEnrollment | None:
+        """The table's enrollment with its ETag; None when it is not enrolled."""
+        key = enrollment_key(table)
+        found = self._get(key)
+        if found is None:
+            return None
+        return StoredEnrollment(Enrollment.from_json(found.body, s3_key=key), found.etag)
+
+    def write_enrollment(self, enrollment: Enrollment, *, replacing: StoredEnrollment | None) -> bool:
+        """Record the enrollment if the table has none (``replacing`` None) or still has ``replacing``;
+        False when another invocation recorded one first."""
+        key = enrollment_key(enrollment.table)
+        body = enrollment.to_json()
+        if replacing is None:
+            etag = self._put(key, body, if_absent=True, run_id=enrollment.snapshot_run_id)
+        else:
+            etag = self._put(key, body, if_match=replacing.etag, run_id=enrollment.snapshot_run_id)
+        return etag is not None
+
+    def remove_enrollment(self, table: TableRef) -> None:
+        """Forget the table's enrollment (none is fine): its next invocation enrolls it again."""
+        key = enrollment_key(table)
+        try:
+            self._s3.delete_object(Bucket=self._bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise_unless_missing(exc, s3_key=key)
 
     # --------------------------------------------------------------------- key lists, reports
 

@@ -1,12 +1,17 @@
 """What a new run chooses before anything is staged: its file format and its write mode.
 
+A change-capture table's (mode ``cdc``) only run is its snapshot (``pgsnow.cdc.enroll``), planned
+as a full run with write mode ``replace`` (``run_options``); its changes come from the slot.
+
 S3_FILE_FORMAT=auto: CSV up to AUTO_PARQUET_ABOVE_ROWS estimated rows (the planner's estimate
 of the run's range), Parquet above; a never-analysed table (no estimate) gets CSV.
 """
 
 from __future__ import annotations
 
-from pgsnow.config import DeleteMode, StagedFormat, TableOptions, WriteMode
+from dataclasses import replace
+
+from pgsnow.config import DeleteMode, ExtractMode, StagedFormat, TableOptions, WriteMode
 from pgsnow.errors import PermanentError
 from pgsnow.keys import FileFormat
 from pgsnow.postgres import TableSchema
@@ -20,6 +25,16 @@ RELATION_KINDS = {
     "f": "foreign table",
 }
 KEYLESS_RELATIONS = {"v", "m", "f"}  # PostgreSQL cannot declare a primary key on these
+
+
+def run_options(options: TableOptions) -> TableOptions:
+    """The options a run of the table is planned with: a change-capture table's run is its snapshot,
+    a full run that replaces the table whatever the table's options say (its deletes are the
+    changes' to apply: a replace already drops the rows deleted before the snapshot, so no key
+    list is staged)."""
+    if options.mode is not ExtractMode.CDC:
+        return options
+    return replace(options, mode=ExtractMode.FULL, write_mode=WriteMode.REPLACE, deletes=DeleteMode.NONE)
 
 
 def choose_file_format(configured: StagedFormat, estimated_rows: int | None) -> FileFormat:

@@ -6,7 +6,11 @@ A run split into key ranges (``fan_out``, docs/extraction.md "Parallel backfill"
 to the range workers instead: the table's lease passes to the run's ranges and one message per
 unfinished range is sent; the worker that stages the last range finishes the run
 (``pgsnow.extract.worker``). Without ``fan_out`` (the CLI) such a run's ranges are extracted
-here, one after another."""
+here, one after another.
+
+A change-capture table's (mode ``cdc``) run is its snapshot: a full run, replace, started by
+``pgsnow.cdc.enroll.snapshot_table`` with the enrollment's ``ChangeRange`` (``snapshot``); a new
+run of such a table without one is refused (its replace would roll back applied changes)."""
 
 from __future__ import annotations
 
@@ -22,11 +26,13 @@ from typing import Any
 
 import psycopg2
 
+from pgsnow.changes import ChangeRange
 from pgsnow.checkpoint import Lease, LeaseLostError
-from pgsnow.config import Settings
-from pgsnow.errors import PgSnowError
+from pgsnow.config import ExtractMode, Settings
+from pgsnow.errors import PermanentError, PgSnowError, RetryableError
 from pgsnow.extract.chunks import stage_chunks
 from pgsnow.extract.finish import finish_run
+from pgsnow.extract.plan import run_options
 from pgsnow.extract.ranges import FanOut
 from pgsnow.extract.schema_drift import check_schema_drift
 from pgsnow.extract.start import resume_run, start_run
@@ -54,6 +60,7 @@ def extract_table(
     owner: str | None = None,
     clock: Callable[[], float] = time.time,
     fan_out: FanOut | None = None,
+    snapshot: ChangeRange | None = None,
 ) -> RunManifest:
     """Stage ``table`` (or continue run ``run_id``) and return its manifest.
 
@@ -68,13 +75,17 @@ def extract_table(
     unless an earlier run of the table was left unfinished (handed off or its holder died):
     that run is resumed. ``file_format`` None means the table's option or S3_FILE_FORMAT.
 
+    ``snapshot``: a change-capture table's new run is its snapshot, and carries this position
+    (``pgsnow.cdc.enroll`` passes it with the enrollment's ``run_id``).
+
     Raises UnsafeIdentifierError (before any SQL or S3 call) for a table outside the allowlist,
     RunInProgressError when another invocation holds the table, PermanentError for data
     Snowflake cannot hold (policy ``fail``), RetryableError for transient failures (the run
     is left resumable).
     """
     settings.tables.check(table)
-    options = settings.table_options(table)
+    configured = settings.table_options(table)
+    options = run_options(configured)
     started_at = now()
     started = time.monotonic()
     deadline = Deadline(remaining_ms, settings.extract.deadline_margin_s)
@@ -98,6 +109,8 @@ def extract_table(
                     settings, s3, store, pg_conn, table, options, lease, deadline, Path(work_dir)
                 )
                 if checkpoint is None:
+                    if configured.mode is ExtractMode.CDC:
+                        _check_snapshot_run(table, lease.run_id, run_id, snapshot)
                     # The last staged run's columns: what the table's NUMBER scales are, and what
                     # this run's columns are checked against (one read for both).
                     published = store.load_published_columns(table)
@@ -108,6 +121,7 @@ def extract_table(
                         started_at=utc_iso(started_at),
                         published=published,
                         range_rows=settings.extract.range_rows if fan_out is not None else None,
+                        changes=snapshot,
                     )
                     check_schema_drift(published, table, options, attempt.manifest.columns)
                 else:
@@ -151,6 +165,27 @@ def extract_table(
     if result.state is RunState.STAGED:
         _log_staged(result, started)
     return result
+
+
+def _check_snapshot_run(
+    table: TableRef, run_id: str, enrolled_run_id: str | None, snapshot: ChangeRange | None
+) -> None:
+    """A change-capture table's new run must be the snapshot its enrollment names."""
+    if snapshot is None:
+        raise PermanentError(
+            f"{table.qualified} is in mode cdc: its one run is the snapshot its enrollment starts "
+            "(the extractor function's invocation, pgsnow.cdc.enroll.snapshot_table); a full run "
+            "outside it would roll back the changes applied since",
+            table=table.qualified,
+        )
+    if run_id != enrolled_run_id:
+        # The lease named a run of its dead holder that never checkpointed: not the enrolled one.
+        raise RetryableError(
+            f"{table.qualified}: took over the lease of run {run_id}, which is not the enrolled snapshot "
+            f"{enrolled_run_id}; the lease is released and the next invocation starts the snapshot",
+            table=table.qualified,
+            run_id=run_id,
+        )
 
 
 def _unstaged_ranges(store: RunStore, run: ExtractionRun) -> list[int]:

@@ -7,6 +7,7 @@ values are then checked range by range, by the workers, rather than all at once 
 
 from __future__ import annotations
 
+from pgsnow.changes import ChangeRange
 from pgsnow.checkpoint import PublishedColumns, RangeRecord, RunCheckpoint
 from pgsnow.config import ExtractMode, TableOptions, ValuePolicy
 from pgsnow.errors import PermanentError
@@ -40,10 +41,12 @@ def start_run(
     started_at: str,
     published: PublishedColumns | None,
     range_rows: int | None = None,
+    changes: ChangeRange | None = None,
 ) -> tuple[ExtractionRun, RunManifest]:
     """A new run of the invocation's table: planned, checkpointed, its manifest ``extracting``.
     With ``range_rows``, a run reading the whole table may be split into key ranges
-    (``checkpoint.ranges``) for concurrent workers."""
+    (``checkpoint.ranges``) for concurrent workers. ``changes``: a change-capture table's
+    snapshot position, carried by every manifest of the run from this first one on."""
     settings, table, options, pg_conn = (
         invocation.settings,
         invocation.table,
@@ -96,6 +99,7 @@ def start_run(
         write_mode=write_mode.value,
         deletes=options.deletes.value,
         warnings=schema.warnings,
+        changes=changes,
     )
     run = ExtractionRun.open(invocation, schema, checkpoint, row_filter, filter_params)
     invocation.store.put_manifest(manifest)

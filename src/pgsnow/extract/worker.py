@@ -32,6 +32,7 @@ from pgsnow.config import Settings
 from pgsnow.errors import PermanentError, PgSnowError
 from pgsnow.extract.chunks import stage_chunks
 from pgsnow.extract.finish import finish_run
+from pgsnow.extract.plan import run_options
 from pgsnow.extract.start import schema_as_started
 from pgsnow.extract.state import Deadline, ExtractionRun, Invocation, end_snapshot
 from pgsnow.extract.watermark import run_filter
@@ -149,7 +150,7 @@ class _Worker:
         return self.main.run_id
 
     def _invocation(self, lease: Lease, work_dir: Path) -> Invocation:
-        options = self.settings.table_options(self.table)
+        options = run_options(self.settings.table_options(self.table))  # a cdc table's run: its snapshot
         return Invocation(
             self.settings,
             self.s3,
