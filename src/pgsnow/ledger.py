@@ -15,6 +15,13 @@ adopts that table's rows from it when the ledger is created (``Ledger.create``),
 that must not create anything (status, the sweeper, cleanup) read the old ledger while a
 table's own does not exist yet, so a key loaded before the upgrade is still known as loaded.
 
+A change-capture table's ledger also holds its **applied position** (``AppliedPosition``): the
+commit LSN its change runs are applied through and the run that put it there, one row under the
+reserved key ``applied_position_key(table)`` (LSN in ``ROWS_LOADED``, run in ``RUN_ID``, STATUS
+``POSITION`` after a change run or ``SNAPSHOT`` after a snapshot). It is advanced by a
+compare-and-set in the same transaction as the MERGE that applies the run (``advance``), so two
+loaders applying one table never both apply a run.
+
 ``Ledger`` runs the statements on a connection; the ``build_*`` functions are the SQL, pure and
 unit-tested as text. Values are always bound; an IN list or a VALUES list gets one placeholder
 per value, at most ``LOOKUP_CHUNK`` keys (``VALUES_CHUNK`` rows) per statement.
@@ -30,7 +37,7 @@ from typing import Any
 from pgsnow.config import Settings
 from pgsnow.errors import ConfigError, PermanentError
 from pgsnow.identifiers import MAX_IDENTIFIER_LENGTH, TableRef, quote_ident, quote_qualified
-from pgsnow.keys import parse_data_key
+from pgsnow.keys import CONTROL_PREFIX, parse_data_key
 from pgsnow.manifest import RunManifest, StagedFile
 from pgsnow.snowflake.sql_text import PLACEHOLDER, Statement, placeholder_list
 
@@ -322,6 +329,81 @@ def build_record_loads(
     return sql, params
 
 
+# --------------------------------------------------------------------------- the applied position (change capture)
+
+POSITION_AFTER_CHANGES = "POSITION"  # set by applying a change run
+POSITION_AFTER_SNAPSHOT = "SNAPSHOT"  # set by loading the table's snapshot
+
+
+@dataclass(frozen=True)
+class AppliedPosition:
+    """The commit LSN a change-capture table is applied through, and the run that set it.
+
+    ``from_snapshot``: the run is the table's snapshot (change runs drained before the snapshot
+    run started may still hold changes after its LSN), not a change run.
+    """
+
+    lsn: int
+    run_id: str
+    from_snapshot: bool = False
+
+
+def applied_position_key(table: TableRef) -> str:
+    """The reserved ledger key of the table's applied position (no S3 object has it)."""
+    return f"{CONTROL_PREFIX}/cdc/applied/{table.schema}/{table.table}"
+
+
+def build_select_applied_position(database: str, control_schema: str, table: TableRef) -> Statement:
+    sql = (
+        'SELECT "ROWS_LOADED", "RUN_ID", "STATUS"\n'
+        f"FROM {ledger_name(database, control_schema, table)}\n"
+        'WHERE "S3_KEY" = %s'
+    )
+    return sql, (applied_position_key(table),)
+
+
+def build_insert_applied_position(
+    database: str, control_schema: str, table: TableRef, new: AppliedPosition
+) -> Statement:
+    """The first applied position: inserted only if the table has none (0 rows when it has one)."""
+    ledger = ledger_name(database, control_schema, table)
+    key = applied_position_key(table)
+    sql = (
+        f'INSERT INTO {ledger} ("S3_KEY", "RUN_ID", "SCHEMA_NAME", "TABLE_NAME", "ROWS_LOADED", "LOADED_AT", "STATUS")\n'
+        "SELECT %s, %s, %s, %s, %s, CURRENT_TIMESTAMP(), %s\n"
+        f'WHERE NOT EXISTS (SELECT 1 FROM {ledger} WHERE "S3_KEY" = %s)'
+    )
+    return sql, (key, new.run_id, table.schema, table.table, new.lsn, _position_status(new), key)
+
+
+def build_advance_applied_position(
+    database: str, control_schema: str, table: TableRef, expected: AppliedPosition, new: AppliedPosition
+) -> Statement:
+    """Compare-and-set: move the position from ``expected`` to ``new`` (1 row when it won, 0 when not)."""
+    sql = (
+        f"UPDATE {ledger_name(database, control_schema, table)}\n"
+        'SET "ROWS_LOADED" = %s, "RUN_ID" = %s, "STATUS" = %s, "LOADED_AT" = CURRENT_TIMESTAMP()\n'
+        'WHERE "S3_KEY" = %s AND "ROWS_LOADED" = %s AND "RUN_ID" = %s'
+    )
+    return sql, (
+        new.lsn,
+        new.run_id,
+        _position_status(new),
+        applied_position_key(table),
+        expected.lsn,
+        expected.run_id,
+    )
+
+
+def build_forget_applied_position(database: str, control_schema: str, table: TableRef) -> Statement:
+    sql = f'DELETE FROM {ledger_name(database, control_schema, table)} WHERE "S3_KEY" = %s'
+    return sql, (applied_position_key(table),)
+
+
+def _position_status(position: AppliedPosition) -> str:
+    return POSITION_AFTER_SNAPSHOT if position.from_snapshot else POSITION_AFTER_CHANGES
+
+
 # --------------------------------------------------------------------------- executing
 
 
@@ -334,6 +416,14 @@ def _execute(sf_conn: Any, statement: Statement | str) -> list[tuple[Any, ...]]:
     with sf_conn.cursor() as cursor:
         cursor.execute(sql, params)
         return [tuple(row) for row in cursor.fetchall()]
+
+
+def _execute_count(sf_conn: Any, statement: Statement) -> int:
+    """Run a DML statement; the number of rows it changed (the connector's rowcount)."""
+    sql, params = statement
+    with sf_conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        return int(cursor.rowcount or 0)
 
 
 def _select_loaded(sf_conn: Any, statement: Statement) -> dict[str, LedgerRow]:
@@ -411,6 +501,31 @@ class Ledger:
             )
         )
         return [str(row[0]) for row in rows if row[0] is not None]
+
+    def applied_position(self) -> AppliedPosition | None:
+        """The table's applied position (change capture), or None before its snapshot is loaded."""
+        rows = self._execute(build_select_applied_position(self.database, self.control_schema, self.table))
+        if not rows or rows[0][0] is None:
+            return None
+        lsn, run_id, status = rows[0]
+        return AppliedPosition(int(lsn), str(run_id), str(status) == POSITION_AFTER_SNAPSHOT)
+
+    def advance(self, expected: AppliedPosition | None, new: AppliedPosition) -> bool:
+        """Compare-and-set the applied position, in the caller's transaction: True when it moved
+        from ``expected`` (None: there was none) to ``new``; False when another loader moved it
+        first (the caller rolls back: that loader applied the run)."""
+        if expected is None:
+            statement = build_insert_applied_position(self.database, self.control_schema, self.table, new)
+        else:
+            statement = build_advance_applied_position(
+                self.database, self.control_schema, self.table, expected, new
+            )
+        return _execute_count(self.sf_conn, statement) == 1
+
+    def forget_applied_position(self) -> None:
+        """Remove the applied position (``pgsnow cdc resnapshot``): nothing is applied until the
+        table's next snapshot is loaded and sets it again."""
+        self._execute(build_forget_applied_position(self.database, self.control_schema, self.table))
 
     def mark_submitted(self, keys: Sequence[str]) -> None:
         for chunk in _chunks(keys, LOOKUP_CHUNK):

@@ -20,10 +20,11 @@ from pgsnow.config import DeleteMode, LoadMethod, Settings, WriteMode
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import StagedObject
+from pgsnow.load.changes import ChangeApplier, is_change_run
 from pgsnow.load.completion import complete_run
-from pgsnow.load.copy import CopyJob, Present, already_loaded, log_failure
+from pgsnow.load.copy import CopyJob, Present, already_loaded, elapsed_ms, log_failure
 from pgsnow.load.objects import head_staged_object, manifest_mismatch, read_run_manifest
-from pgsnow.load.outcomes import FileOutcome, LoadResult
+from pgsnow.load.outcomes import FileOutcome, LoadResult, LoadStatus
 from pgsnow.load.session import LoadSession
 from pgsnow.load.tables import Tables, Target
 from pgsnow.load.through_snowpipe import Pipes
@@ -247,6 +248,9 @@ class _Batch:
         first = present[0][0]
         table, target = first.table, tables.target(first.table)
         manifest = None if first.run_id is None else self.manifest(first)
+        if is_change_run(manifest):
+            self._ensure_temporary_stage()  # DDL: before the apply's transaction
+            return self._apply_changes(present, started)
         write_mode = WriteMode.APPEND if manifest is None else WriteMode(manifest.write_mode)
         copy_target, table_altered = target, False
         if manifest is None:
@@ -325,12 +329,49 @@ class _Batch:
             if work_table is not None:
                 session.execute(build_drop_table(work_table))
 
+    def _apply_changes(self, present: Present, started: float) -> list[FileOutcome]:
+        """A change run's files (mode cdc): apply the table's change runs in order from its applied
+        position (load.changes), then report each file: loaded by this apply, loaded before, or
+        waiting (its run is applied when what it waits for arrives)."""
+        session, loader = self.session, self.loader
+        table = present[0][0].table
+
+        def complete(run_table: TableRef, run_id: str) -> object:
+            return complete_run(
+                settings=session.settings,
+                sf_conn=session.sf_conn,
+                s3=session.s3,
+                table=run_table,
+                run_id=run_id,
+                credentials_source=loader.credentials_source,
+                tables=loader.tables,
+            )
+
+        results = ChangeApplier(session, loader.tables, complete).catch_up(table)
+        applied_now = {key: rows for result in results for key, rows in result.rows.items()}
+        recorded = session.ledger(table).loaded_rows([staged.key for staged, _ in present])
+        outcomes = []
+        for staged, _ in present:
+            if staged.key in applied_now:
+                status, rows = LoadStatus.LOADED, applied_now[staged.key]
+            elif staged.key in recorded:
+                status, rows = LoadStatus.ALREADY_LOADED, recorded[staged.key].rows_loaded or 0
+            else:
+                status, rows = LoadStatus.WAITING, 0
+            result = LoadResult(staged.key, table.qualified, status, rows, elapsed_ms(started), staged.run_id)
+            outcomes.append(FileOutcome(staged, result=result))
+        return outcomes
+
     def applies(self, table: TableRef, run_id: str) -> bool:
         """Does completing this run swap a table in or delete rows (as its manifest says)?"""
         manifest = self.manifests.get((table, run_id))
-        return manifest is not None and (
-            WriteMode(manifest.write_mode) is WriteMode.REPLACE
-            or DeleteMode(manifest.deletes) is not DeleteMode.NONE
+        return (
+            manifest is not None
+            and not is_change_run(manifest)
+            and (
+                WriteMode(manifest.write_mode) is WriteMode.REPLACE
+                or DeleteMode(manifest.deletes) is not DeleteMode.NONE
+            )
         )
 
     def stage_credentials(self) -> AwsCredentials | None:

@@ -21,7 +21,7 @@ from pgsnow.config import DeleteMode, Settings, WriteMode
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, StagedObject, applied_mark_key, is_run_id
-from pgsnow.ledger import Ledger, LedgerClaim, LedgerRecord, LedgerRow, loaded_files
+from pgsnow.ledger import AppliedPosition, Ledger, LedgerClaim, LedgerRecord, LedgerRow, loaded_files
 from pgsnow.load.outcomes import RunOutcome
 from pgsnow.load.session import LoadSession, url_source_for
 from pgsnow.load.tables import Tables, Target, read_columns
@@ -106,6 +106,14 @@ def complete_run(
         if loaded < len(manifest.files) or (not swap and _swap_pending(manifest, ledger.get(mark))):
             return found
         found = replace(found, outcome=applier.apply(manifest, ledger.get(mark)))
+        if (
+            found.outcome is RunOutcome.APPLIED
+            and manifest.changes is not None
+            and manifest.changes.is_snapshot
+        ):
+            # The cleanup pass (swap=False) sets the position only: its session may have no stage
+            # to COPY change files through; the next change file's event applies them.
+            applier.start_change_capture(manifest, credentials_source, catch_up=swap)
         if manifest.state is RunState.LOADED:
             return found
         written = _mark_loaded(store, base)
@@ -152,12 +160,61 @@ class _RunApplier:
         """The recorded outcome when the run's mark exists, else the swap or the deletes (if any)."""
         if mark is not None:
             return _recorded_outcome(mark)
+        if manifest.mode == "cdc":
+            return None  # a change run is applied as its files load (load.changes), not here
         mark_key = applied_mark_key(manifest.table, manifest.run_id)
         if WriteMode(manifest.write_mode) is WriteMode.REPLACE:
             return self._finish_replace_run(manifest, mark_key)
         if DeleteMode(manifest.deletes) is not DeleteMode.NONE:
             return self._apply_deletes(manifest, mark_key)
         return None
+
+    def start_change_capture(
+        self, manifest: RunManifest, credentials_source: CredentialsSource | None, *, catch_up: bool
+    ) -> None:
+        """A change-capture table's snapshot is in: its changes apply from the snapshot's LSN.
+
+        The applied position is set to (snapshot LSN, this run) unless it is already at or past
+        it (this completion ran before, and change runs may have been applied since); a
+        re-snapshot removes the position first (``Ledger.forget_applied_position``). Then the
+        table's waiting change runs are applied (load.changes) when ``catch_up``.
+        """
+        from pgsnow.load.changes import ChangeApplier  # load.changes completes runs through this module
+
+        assert manifest.changes is not None and manifest.changes.snapshot_lsn is not None
+        table, snapshot_lsn = manifest.table, manifest.changes.snapshot_lsn
+        ledger = self.ledger(table)
+        new = AppliedPosition(snapshot_lsn, manifest.run_id, from_snapshot=True)
+        with self.session.transaction():
+            current = ledger.applied_position()
+            if current is None or current.lsn < snapshot_lsn:
+                ledger.advance(current, new)
+                logger.info(
+                    "change capture starts from the snapshot",
+                    extra={"table": table.qualified, "run_id": manifest.run_id, "snapshot_lsn": snapshot_lsn},
+                )
+            elif current.lsn > snapshot_lsn and current.run_id < manifest.run_id:
+                logger.warning(
+                    "a snapshot older than the applied position was loaded: re-snapshot the table "
+                    "with pgsnow cdc resnapshot (which resets the position first)",
+                    extra={"table": table.qualified, "run_id": manifest.run_id, "applied_lsn": current.lsn},
+                )
+        if not catch_up:
+            return
+        settings = self.session.settings
+
+        def complete(run_table: TableRef, run_id: str) -> object:
+            return complete_run(
+                settings=settings,
+                sf_conn=self.session.sf_conn,
+                s3=self.session.s3,
+                table=run_table,
+                run_id=run_id,
+                credentials_source=credentials_source,
+                tables=self.tables,
+            )
+
+        ChangeApplier(self.session, self.tables, complete).catch_up(table)
 
     def _newer_run(self, table: TableRef, run_id: str, *, applied_only: bool) -> str | None:
         """The newest run of the table newer than ``run_id`` that reached the target, if any.

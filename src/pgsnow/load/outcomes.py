@@ -14,6 +14,9 @@ class LoadStatus(StrEnum):
     LOADED = "loaded"
     ALREADY_LOADED = "already_loaded"
     PARTIALLY_LOADED = "partially_loaded"  # ON_ERROR = CONTINUE rejected some rows
+    # A change file (mode cdc) whose run waits for a predecessor or another of its files: done
+    # with this event; the run is applied when the one it waits for arrives (load.changes).
+    WAITING = "waiting"
 
 
 class RunOutcome(StrEnum):

@@ -49,6 +49,12 @@ class LoadSession:
     def execute_dicts(self, sql: str) -> list[dict[str, Any]]:
         return execute_dicts(self.sf_conn, sql)
 
+    def execute_count(self, sql: str, params: Sequence[Any] | None = None) -> int:
+        """Run a DML statement; the number of rows it changed."""
+        with self.sf_conn.cursor() as cursor:
+            cursor.execute(sql, params)
+            return int(cursor.rowcount or 0)
+
     def execute_with_credentials(self, sql: str, credentials: AwsCredentials | None) -> list[dict[str, Any]]:
         return execute_with_credentials(self.sf_conn, sql, credentials)
 
