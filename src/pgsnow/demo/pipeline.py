@@ -336,22 +336,44 @@ def change_capture_names(data_dir: Path) -> tuple[str, str]:
 
 
 def create_change_capture_source(dsn: str, publication: str, slot: str, tables: list[TableRef]) -> None:
-    """The publication over ``tables`` and the pgoutput slot, as ``pgsnow postgres-sql`` sets them up;
-    a pair of these names left by an earlier demo of the same data dir is dropped first."""
+    """What ``pgsnow postgres-sql`` prints for these tables (``pgsnow.postgres_setup``), run against
+    the server: the wal_level check, replica identities, the publication and the pgoutput slot.
+    The replication user's step is left out: a role is cluster-wide and the local demo connects
+    as the server's own user. A pair of these names left by an earlier demo of the same data dir
+    is dropped first."""
     from pgsnow.postgres import connect
+    from pgsnow.postgres_setup import (
+        PostgresSetupOptions,
+        build_postgres_setup,
+        read_table_identities,
+        render_composable,
+    )
 
     drop_change_capture_source(dsn, publication, slot)
     conn = connect(dsn)
     try:
         conn.autocommit = True
+        options = PostgresSetupOptions(
+            publication=publication,
+            slot=slot,
+            tables=tables,
+            database=conn.info.dbname,
+            identities=read_table_identities(conn, tables),
+            aurora=False,
+        )
+        steps = [
+            step for step in build_postgres_setup(options) if not step.title.startswith("Replication user")
+        ]
         with conn.cursor() as cur:
-            cur.execute(
-                sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)").format(
-                    sql.Identifier(publication),
-                    sql.SQL(", ").join(sql.Identifier(t.schema, t.table) for t in tables),
-                )
-            )
-            cur.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+            for step in steps:
+                for statement in step.statements:
+                    cur.execute(statement)
+                    if render_composable(statement) == "SHOW wal_level":
+                        level = cur.fetchone()
+                        if level is None or level[0] != "logical":
+                            raise ConfigError(
+                                [f"demo --cdc needs wal_level = logical on the server, it is {level}"]
+                            )
     finally:
         conn.close()
 

@@ -60,6 +60,7 @@ KINDS = (
     "insert_customer",
     "insert_order",
     "update_order",
+    "update_product",
     "write_toast",
     "keep_toast",
     "delete_lines",
@@ -103,6 +104,7 @@ class Workload:
         self._attempts = 0  # changes tried, committed or not: the first len(KINDS) go through every kind
         self._max_customer = 0
         self._max_order = 0
+        self._max_product = 0
 
     # ------------------------------------------------------------------ control
 
@@ -197,6 +199,13 @@ class Workload:
                 (limit,),
             )
             self._max_order = int(cur.fetchone()[0])
+            cur.execute(
+                sql.SQL(
+                    "SELECT coalesce(max(product_id), 0) FROM {} WHERE product_id BETWEEN 1 AND %s"
+                ).format(self._table("products")),
+                (limit,),
+            )
+            self._max_product = int(cur.fetchone()[0])
             # Keys above every key a previous workload gave (so a second run in one database never collides).
             cur.execute(
                 sql.SQL(
@@ -279,6 +288,17 @@ class Workload:
                 "WHERE order_id = %s"
             ).format(self._table("orders")),
             (self._random.choice(("paid", "shipped", "delivered")), self._random.randint(1, self._max_order)),
+        )
+        counts.updates += cur.rowcount
+        return int(cur.rowcount)
+
+    def _update_product(self, cur: Any, counts: WorkloadCounts) -> int:
+        cur.execute(
+            sql.SQL(
+                "UPDATE {} SET unit_price = unit_price + 0.01, rating = %s, discontinued = NOT coalesce(discontinued, "
+                "false) WHERE product_id = %s"
+            ).format(self._table("products")),
+            (self._random.random() * 5, self._random.randint(1, max(self._max_product, 1))),
         )
         counts.updates += cur.rowcount
         return int(cur.rowcount)
