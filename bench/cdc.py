@@ -76,6 +76,15 @@ class Contender:
     error: str | None = None
 
 
+def peak_rss_kb() -> int:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux keeps that across
+    ``execve``, so a child started from a large parent would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def lsn_int(text: str) -> int:
     high, _, low = text.partition("/")
     return (int(high, 16) << 32) | int(low, 16)
@@ -191,7 +200,7 @@ def drain_child(end_lsn: str) -> int:
 
     handler = load_function_handler("extractor", CHANGE_CAPTURE_HANDLER)
     dsn, slot, target = os.environ["PGSNOW_PG_DSN"], os.environ["CDC_SLOT"], lsn_int(end_lsn)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = peak_rss_kb()
     outcomes: list[dict[str, Any]] = []
     started = time.perf_counter()
     for _ in range(100):
@@ -217,7 +226,7 @@ def drain_child(end_lsn: str) -> int:
                 "runs": len(outcomes),
                 "outcomes": outcomes,
                 "rss_before_kb": rss_before,
-                "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                "max_rss_kb": peak_rss_kb(),
             },
             default=str,
         )
@@ -350,11 +359,10 @@ def measure_latency(
         change_capture_names,
         create_change_capture_source,
         drop_change_capture_source,
-        replicate_table,
+        snapshot_table,
     )
     from pgsnow.demo.workload import NEW_KEY_BASE, Workload
     from pgsnow.identifiers import quote_qualified
-    from pgsnow.keys import FileFormat
     from pgsnow.local.stack import SNOWFLAKE_DATABASE
 
     publication, slot = change_capture_names(
@@ -375,7 +383,7 @@ def measure_latency(
             dispatcher = stack.loader_dispatcher()
             for table in tables:
                 progress(f"latency: enrolling {table.qualified} and loading its snapshot")
-                replicate_table(stack, table, FileFormat(stack.env["S3_FILE_FORMAT"]), dispatcher)
+                snapshot_table(stack, table, dispatcher)
             # The deployed shape: the loader's event source batches (the template's window), the
             # change-capture schedule fires every interval.
             dispatcher.start()
