@@ -353,8 +353,10 @@ def measure_latency(
     poll_s: float,
     interval_s: float,
     progress: Any,
+    scale: float,
 ) -> dict[str, Any]:
     """Commit-to-visible delay with the change-capture function every ``interval_s`` seconds."""
+    from pgsnow.demo.dataset import create_sample_shop
     from pgsnow.demo.pipeline import (
         change_capture_names,
         create_change_capture_source,
@@ -375,6 +377,8 @@ def measure_latency(
             "CDC_SLOT": slot,
         }
     )
+    progress("latency: creating the sample shop again (the throughput phases used up its rows)")
+    create_sample_shop(dsn, SCHEMA, scale=scale)
     create_change_capture_source(dsn, publication, slot, tables)
     seen: dict[int, float] = {}
     stamped: dict[int, datetime] = {}
@@ -406,10 +410,14 @@ def measure_latency(
                         seen.setdefault(int(order_id), now)
                     cur.close()
             finally:
-                workload.stop()
-                change_capture.stop()
-                dispatcher.stop()
-                sf_conn.close()
+                try:
+                    workload.stop()
+                finally:
+                    try:
+                        change_capture.stop()
+                    finally:
+                        dispatcher.stop()
+                        sf_conn.close()
             runs = len(change_capture.outcomes)
         with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
             cur.execute(
@@ -607,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                     poll_s=args.poll,
                     interval_s=args.interval,
                     progress=progress,
+                    scale=args.scale,
                 )
             except Exception as exc:  # reported, not hidden: the throughput results still stand
                 latency = {"error": f"{type(exc).__name__}: {exc}"[:800]}

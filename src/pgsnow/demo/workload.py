@@ -118,7 +118,11 @@ class Workload:
         if self._thread is not None:
             raise PermanentError("the workload is already running")
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run_guarded, name="pgsnow-demo-workload", daemon=True)
+        # Connected and checked here, so a shop without rows fails the caller now, not at stop().
+        conn = self._connect()
+        self._thread = threading.Thread(
+            target=self._run_guarded, args=(conn,), name="pgsnow-demo-workload", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> WorkloadCounts:
@@ -143,16 +147,24 @@ class Workload:
 
     # ------------------------------------------------------------------ writing
 
-    def _run_guarded(self) -> None:
+    def _run_guarded(self, conn: Any) -> None:
         try:
-            self._run()
+            self._run(conn)
         except BaseException as exc:  # reported by stop() in the caller's thread
             self._error = exc
 
-    def _run(self) -> None:
+    def _connect(self) -> Any:
         conn = psycopg2.connect(self.dsn)
         try:
             self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _run(self, conn: Any | None = None) -> None:
+        conn = conn or self._connect()
+        try:
             started = time.monotonic()
             done = 0
             while not self._stopping.is_set():
