@@ -48,6 +48,15 @@ bench-verify: venv ## What comparing JSON columns costs pgsnow verify, against a
 bench-load: venv ## Load-side benchmark: the batched event source vs one COPY per file (BENCH_LOAD_ARGS="--files 500")
 	$(BIN)/python bench/load.py $(BENCH_LOAD_ARGS)
 
+# dlt's pg_replication source is not in the dlt package: bench/cdc.py reads its files from a git copy
+# of dlt-hub/verified-sources (DLT_VERIFIED_SOURCES, a git directory) at run time, and runs it with
+# the bench virtualenv's dlt.
+bench-cdc: venv ## Change capture: pgsnow's drain vs pg_recvlogical and dlt, peak RSS, commit-to-visible delay (BENCH_CDC_ARGS="--latency-minutes 0")
+	test -x $(BENCH_VENV)/bin/python || { $(PYTHON) -m venv $(BENCH_VENV) && echo '*' > $(BENCH_VENV)/.gitignore; }
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -r bench/requirements.txt
+	$(BIN)/python bench/cdc.py --dlt-python $(BENCH_VENV)/bin/python $(BENCH_CDC_ARGS)
+
 include build/lambda.mk
 
-.PHONY: help venv demo test lint bench bench-verify bench-load
+.PHONY: help venv demo test lint bench bench-verify bench-load bench-cdc

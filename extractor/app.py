@@ -43,7 +43,7 @@ from pgsnow.identifiers import TableRef
 from pgsnow.keys import is_run_id, manifest_key
 from pgsnow.manifest import RunState
 from pgsnow.observability import logger, record_table_metric
-from pgsnow.runtime import extractor_runtime
+from pgsnow.runtime import change_capture_runtime, extractor_runtime
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,8 @@ def _extract_range(request: RangeRequest, context: LambdaContext) -> dict[str, A
 @logger.inject_lambda_context(clear_state=True)
 def change_capture_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """One change-capture run (the event, a schedule's, is not read)."""
-    runtime = extractor_runtime()
+    # Its own function and role (template ChangeCaptureFunction), not the extractor's.
+    runtime = change_capture_runtime()
     return drain_slot(
         runtime.settings,
         dsn=runtime.postgres_dsn(),

@@ -263,6 +263,11 @@ def extractor_runtime() -> Runtime:
     return _runtime(Component.EXTRACTOR)
 
 
+def change_capture_runtime() -> Runtime:
+    """The change-capture function's (``ChangeCaptureFunction``: its own role, locally too)."""
+    return _runtime(Component.CHANGE_CAPTURE)
+
+
 def loader_runtime() -> Runtime:
     return _runtime(Component.LOADER)
 

@@ -15,4 +15,5 @@ One file per job:
   (through a temp table and the full runs' select builders); ``upload_files``.
 - ``drain``: ``drain_slot``: one scheduled run (slot check, heartbeat, read, repair of a run that
   died before confirming, stage, manifest before files, drain state, then confirm); docs/extraction.md.
+- ``slot``: ``slot_health`` / ``check_slot``: the replication slot's health, a lost slot refused.
 """

@@ -15,6 +15,8 @@ stack's settings are put into this process's environment while it runs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -24,9 +26,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import psycopg2.errors
+from psycopg2 import sql
+
 from pgsnow.config import Component
 from pgsnow.demo.compare import TableComparison, compare_table
 from pgsnow.demo.dataset import SAMPLE_TABLES, create_sample_shop
+from pgsnow.demo.workload import Workload, WorkloadCounts
 from pgsnow.errors import ConfigError, PgSnowError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat
@@ -43,6 +49,7 @@ from pgsnow.verify import TableVerification, verify_table
 ProgressCallback = Callable[[str], None]
 
 DEMO_DATABASE = "pgsnow_demo"  # the PostgreSQL database the sample shop goes into
+DEMO_CDC_DATABASE = "pgsnow_demo_cdc"  # demo --cdc's own, so a plain demo never drops its tables
 DEMO_SCHEMA = "shop"
 
 
@@ -141,13 +148,14 @@ def _prepare_source(
     use_sample: bool,
     scale: float,
     progress: ProgressCallback,
+    database: str = DEMO_DATABASE,
 ) -> tuple[str, list[TableRef]]:
     """The DSN and tables to replicate, creating the sample shop when nothing was named."""
     if use_sample:
         from pgsnow.local.postgres import create_database
 
-        dsn = create_database(admin_dsn, DEMO_DATABASE)
-        progress(f"creating the sample shop (scale {scale}) in database {DEMO_DATABASE}")
+        dsn = create_database(admin_dsn, database)
+        progress(f"creating the sample shop (scale {scale}) in database {database}")
         create_sample_shop(dsn, DEMO_SCHEMA, scale=scale, progress=progress)
         return dsn, [TableRef(DEMO_SCHEMA, name) for name in SAMPLE_TABLES]
     if tables:
@@ -295,3 +303,292 @@ def _demo_table(
         if not pg_conn.closed:
             pg_conn.rollback()  # a failed comparison may leave its transaction aborted
         return DemoTableResult(table, TableStatus.FAILED, None, None, f"{step}: {one_line(exc)}")
+
+
+# ----------------------------------------------------------------------------- change capture
+
+# A demo's change-capture cycles while the workload writes, and how long each waits for it.
+CDC_CYCLES = 3
+CDC_CYCLE_SECONDS = 5.0
+CDC_WORKLOAD_RATE = 200.0  # changes per second
+
+
+@dataclass(frozen=True)
+class CdcDemoResult:
+    """``pgsnow demo --cdc``: each table's outcome, what the workload did and the drain runs."""
+
+    tables: list[DemoTableResult]
+    workload: WorkloadCounts
+    change_capture_runs: int
+    publication: str
+    slot: str
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.tables) and all(r.ok for r in self.tables)
+
+
+def change_capture_names(data_dir: Path) -> tuple[str, str]:
+    """The publication and slot of a demo data dir: one pair per data dir, so two demos side by side
+    (or a demo next to a real deployment's ``pgsnow`` slot) never share or drop each other's slot."""
+    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
+    return f"pgsnow_demo_{digest}", f"pgsnow_demo_{digest}"
+
+
+def create_change_capture_source(dsn: str, publication: str, slot: str, tables: list[TableRef]) -> None:
+    """What ``pgsnow postgres-sql`` prints for these tables (``pgsnow.postgres_setup``), run against
+    the server: the wal_level check, replica identities, the publication and the pgoutput slot.
+    The replication user's step is left out: a role is cluster-wide and the local demo connects
+    as the server's own user. A pair of these names left by an earlier demo of the same data dir
+    is dropped first."""
+    from pgsnow.postgres import connect
+    from pgsnow.postgres_setup import (
+        PostgresSetupOptions,
+        build_postgres_setup,
+        read_table_identities,
+        render_composable,
+    )
+
+    drop_change_capture_source(dsn, publication, slot)
+    conn = connect(dsn)
+    try:
+        conn.autocommit = True
+        options = PostgresSetupOptions(
+            publication=publication,
+            slot=slot,
+            tables=tables,
+            database=conn.info.dbname,
+            identities=read_table_identities(conn, tables),
+            aurora=False,
+        )
+        steps = [
+            step for step in build_postgres_setup(options) if not step.title.startswith("Replication user")
+        ]
+        with conn.cursor() as cur:
+            for step in steps:
+                for statement in step.statements:
+                    cur.execute(statement)
+                    if render_composable(statement) == "SHOW wal_level":
+                        level = cur.fetchone()
+                        if level is None or level[0] != "logical":
+                            raise ConfigError(
+                                [f"demo --cdc needs wal_level = logical on the server, it is {level}"]
+                            )
+    finally:
+        conn.close()
+
+
+def drop_change_capture_source(dsn: str, publication: str, slot: str) -> None:
+    """Drop the demo's slot (it would pin WAL for ever) and publication, if they exist."""
+    from pgsnow.postgres import connect
+
+    conn = connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            # A drain that died leaves its walsender on the slot for a moment: end it, then drop.
+            cur.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                "WHERE slot_name = %s AND active_pid IS NOT NULL",
+                (slot,),
+            )
+            for attempt in range(50):
+                try:
+                    cur.execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+                        (slot,),
+                    )
+                    break
+                except psycopg2.errors.ObjectInUse:
+                    if attempt == 49:
+                        raise
+                    time.sleep(0.2)
+            cur.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication)))
+    finally:
+        conn.close()
+
+
+def run_cdc_demo(
+    *,
+    data_dir: Path,
+    file_format: str = "csv",
+    pg_dsn: str | None = None,
+    progress: ProgressCallback | None = None,
+    scale: float = 1.0,
+    cycles: int = CDC_CYCLES,
+    cycle_seconds: float = CDC_CYCLE_SECONDS,
+    rate: float = CDC_WORKLOAD_RATE,
+    storage_access: str = "integration",
+) -> CdcDemoResult:
+    """The sample shop replicated in change-capture mode while a workload writes to it.
+
+    Every table is mode ``cdc``: the demo creates the publication and slot, the extractor enrolls
+    and snapshots each table (loaded as any full run), the workload starts, and ``cycles`` times
+    (every ``cycle_seconds``) the change-capture function drains the slot and the loader applies
+    what it staged. Then the workload stops, the slot is drained until it has confirmed every
+    change, the loader applies the rest, and each table is compared and verified. The slot and
+    publication are dropped at the end, whatever happened.
+    """
+
+    report = progress or _quiet
+    chosen_format = FileFormat(file_format)
+    publication, slot = change_capture_names(data_dir)
+    stack = start_stack(
+        pg_dsn=pg_dsn,
+        data_dir=data_dir,
+        file_format=chosen_format.value,
+        progress=report,
+        storage_access=StorageAccess(storage_access),
+    )
+    source_dsn: str | None = None
+    try:
+        source_dsn, chosen = _prepare_source(
+            admin_dsn=stack.pg_dsn,
+            tables=None,
+            schema=None,
+            use_sample=True,
+            scale=scale,
+            progress=report,
+            database=DEMO_CDC_DATABASE,
+        )
+        stack.pg_dsn = source_dsn
+        stack.env.update(
+            {
+                "PGSNOW_PG_DSN": source_dsn,
+                "PGSNOW_TABLES": ",".join(t.qualified for t in chosen),
+                "PGSNOW_TABLE_OPTIONS": json.dumps({t.qualified: {"mode": "cdc"} for t in chosen}),
+                "CDC_PUBLICATION": publication,
+                "CDC_SLOT": slot,
+            }
+        )
+        report(f"creating publication {publication} and replication slot {slot}")
+        create_change_capture_source(source_dsn, publication, slot, chosen)
+        with stack.handlers():
+            dispatcher = stack.loader_dispatcher()
+            change_capture = stack.change_capture(interval_s=cycle_seconds)
+            failed: dict[TableRef, str] = {}
+            for table in chosen:
+                report(f"enrolling {table.qualified} and loading its snapshot")
+                try:
+                    snapshot_table(stack, table, dispatcher)
+                except Exception as exc:  # the table is reported FAILED, the others go on
+                    failed[table] = f"snapshot: {one_line(exc)}"
+            workload = Workload(source_dsn, DEMO_SCHEMA, rate=rate)
+            report(f"starting the workload ({rate:g} changes/s)")
+            workload.start()
+            try:
+                for cycle in range(1, cycles + 1):
+                    time.sleep(cycle_seconds)
+                    outcome = change_capture.run_once()
+                    _load_staged(dispatcher)
+                    report(f"change capture {cycle}/{cycles}: {_outcome_line(outcome)}")
+            finally:
+                counts = workload.stop()
+            report(
+                f"workload stopped: {counts.transactions} transactions, {counts.changes} changes "
+                f"({counts.inserts} inserts, {counts.updates} updates of which {counts.unchanged_toast_updates} "
+                f"left a TOASTed value unchanged, {counts.deletes} deletes, {counts.pk_updates} key moves)"
+            )
+            runs = change_capture.drain_until_caught_up()
+            _load_staged(dispatcher)
+            report(f"slot {slot} caught up after {len(runs)} more change-capture runs")
+            results = _check_tables(stack, source_dsn, chosen, failed, report)
+        return CdcDemoResult(results, counts, len(change_capture.outcomes), publication, slot)
+    finally:
+        try:
+            if source_dsn is not None:
+                report(f"dropping replication slot {slot} and publication {publication}")
+                drop_change_capture_source(source_dsn, publication, slot)
+        finally:
+            stack.stop()
+
+
+SNAPSHOT_MAX_INVOCATIONS = 100
+
+
+def snapshot_table(stack: LocalStack, table: TableRef, dispatcher: Any) -> dict[str, Any]:
+    """A mode-cdc table's first extractor invocations, as its schedule makes them: the first
+    enrolls the table and starts its snapshot (a full run), continuations and range workers
+    finish it, the loader loads it; returns the last invocation's result. Call inside
+    ``stack.handlers()``."""
+    from pgsnow.local.dispatcher import LambdaContext
+    from pgsnow.local.range_workers import range_workers_for
+    from pgsnow.runtime import extractor_runtime
+
+    handler = load_function_handler("extractor")
+    continuations: list[dict[str, Any]] = []
+    # Lambda would start a continuation as a new asynchronous invocation; here it waits its turn.
+    extractor_runtime().continuation_invoker = continuations.append
+    event: dict[str, Any] = {"schema_name": table.schema, "table_name": table.table}
+    result: dict[str, Any] = {}
+    for _ in range(SNAPSHOT_MAX_INVOCATIONS):
+        context = LambdaContext(
+            function_name="pgsnow-extractor",
+            invoked_function_arn="arn:aws:lambda:us-east-1:123456789012:function:pgsnow-extractor",
+            memory_limit_in_mb=2048,
+            deadline_monotonic=time.monotonic() + 900,
+        )
+        result = dict(handler(event, context))
+        if not continuations:
+            break
+        event = continuations.pop(0)
+    else:
+        raise LoaderFailedError(
+            f"the snapshot of {table.qualified} did not finish in {SNAPSHOT_MAX_INVOCATIONS} invocations"
+        )
+    if stack.env.get("EXTRACT_RANGE_QUEUE_URL"):
+        # A large table's snapshot is split into ranges for concurrent extractor invocations.
+        range_workers_for(stack, handler).run_until_idle()
+    _load_staged(dispatcher)
+    return result
+
+
+def _outcome_line(outcome: dict[str, Any]) -> str:
+    if "skipped" in outcome:
+        return f"skipped ({outcome['skipped']})"
+    return (
+        f"{outcome.get('changes', '?')} changes in {outcome.get('transactions', '?')} transactions, "
+        f"{outcome.get('files', '?')} files, through {outcome.get('end_lsn', '?')}"
+    )
+
+
+def _load_staged(dispatcher: Any) -> None:
+    """Deliver what the bucket notification queued to the loader; a file it could not load is an error."""
+    with _function_errors() as errors:
+        delivered = dispatcher.run_until_idle()
+    if delivered.failed:
+        reason = errors.messages[0] if errors.messages else "see the loader's log (--verbose)"
+        raise LoaderFailedError(f"the loader could not load change files: {reason}")
+
+
+def _check_tables(
+    stack: LocalStack,
+    source_dsn: str,
+    tables: list[TableRef],
+    failed: dict[TableRef, str],
+    report: ProgressCallback,
+) -> list[DemoTableResult]:
+    from pgsnow.postgres import connect
+
+    results: list[DemoTableResult] = []
+    sf_conn = stack.snowflake_connection()
+    pg_conn = connect(source_dsn)
+    try:
+        for table in tables:
+            if table in failed:
+                results.append(DemoTableResult(table, TableStatus.FAILED, None, None, failed[table]))
+                continue
+            try:
+                comparison = compare_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE)
+                verification = verify_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE)
+                result = _outcome(comparison, verification)
+            except Exception as exc:  # one table's failure must not stop the others
+                if not pg_conn.closed:
+                    pg_conn.rollback()
+                result = DemoTableResult(table, TableStatus.FAILED, None, None, f"verifying: {one_line(exc)}")
+            results.append(result)
+            report(f"{table.qualified} {result.status.value}")
+    finally:
+        pg_conn.close()
+        sf_conn.close()
+    return results

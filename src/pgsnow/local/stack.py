@@ -34,6 +34,7 @@ from pgsnow.identifiers import quote_ident, quote_qualified
 
 if TYPE_CHECKING:  # the servers' modules are imported when a stack starts
     from pgsnow.local.aws import LocalAws, StagingResources
+    from pgsnow.local.change_capture import LocalChangeCapture
     from pgsnow.local.dispatcher import SqsDispatcher
     from pgsnow.local.iam import FunctionRole
     from pgsnow.local.snowflake import LocalSnowflake
@@ -129,13 +130,21 @@ class LocalStack:
             function_timeout_s=LOADER_TIMEOUT_S,
         )
 
+    def change_capture(self, *, interval_s: float = 60.0, **options: Any) -> LocalChangeCapture:
+        """The change-capture function's schedule (``pgsnow.local.change_capture``): ``run_once()``
+        on demand or ``start()`` every ``interval_s``, as ``ChangeCaptureFunction`` with its role."""
+        from pgsnow.local.change_capture import LocalChangeCapture
+
+        return LocalChangeCapture(self, interval_s=interval_s, **options)
+
     def stop(self) -> None:
         while self._stoppers:
             self._stoppers.pop()()
 
 
-def load_function_handler(function: str) -> Callable[[dict[str, Any], Any], Any]:
-    """The ``handler`` of a SAM function's ``{function}/app.py`` in this repository."""
+def load_function_handler(function: str, name: str = "handler") -> Callable[[dict[str, Any], Any], Any]:
+    """The handler ``name`` of a SAM function's ``{function}/app.py`` in this repository (the
+    change-capture function's is ``change_capture_handler`` in the extractor's code)."""
     path = REPO_ROOT / function / "app.py"
     if not path.is_file():
         raise ConfigError(
@@ -150,7 +159,9 @@ def load_function_handler(function: str) -> Callable[[dict[str, Any], Any], Any]
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
-    handler: Callable[[dict[str, Any], Any], Any] = module.handler
+    handler: Callable[[dict[str, Any], Any], Any] | None = getattr(module, name, None)
+    if handler is None:
+        raise ConfigError([f"{path} has no {name}"])
     return handler
 
 
