@@ -22,8 +22,9 @@ PostgreSQL's relation message named them at the time of the change:
   as two changes: ``D`` of the old key at seq n, then this ``U`` of the new key at seq n + 1, so an
   unchanged TOASTed value of the moved row is found on the old key.
 
-Rows of a file are in ``(_pgsnow_lsn, _pgsnow_seq)`` order; a transaction is never split between
-runs (the drain cuts only at commits).
+Rows of a file are written in ``(_pgsnow_lsn, _pgsnow_seq)`` order, but the apply orders by those
+columns itself and never relies on a file's order; a transaction is never split between runs (the
+drain cuts only at commits).
 
 **Chaining.** Each change run of a table has a manifest of mode ``cdc`` with a ``ChangeRange``:
 every change in its files committed after ``after_lsn`` and at or before ``end_lsn``.

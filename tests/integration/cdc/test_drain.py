@@ -145,8 +145,9 @@ def test_stage_csv_from_a_spill_file(
     bucket: str,
     tmp_path: Path,
 ) -> None:
-    # Given a spill of inserts, an update with an unchanged TOAST column and a delete (out of order on disk)
-    segment = hand_segment(admin, typed_table, tmp_path, [SPILL[2], SPILL[0], SPILL[3], SPILL[1]])
+    # Given a spill of inserts, an update with an unchanged TOAST column and a delete, in stream order
+    # (the reader spills as the stream goes; staging keeps that order without sorting)
+    segment = hand_segment(admin, typed_table, tmp_path, SPILL)
     # When it is staged as CSV and uploaded
     staged = stage(pg_dsn, [segment], tmp_path, FileFormat.CSV)
     upload_files(s3, bucket, staged.files, run_id=RUN_ID)
