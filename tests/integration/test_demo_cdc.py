@@ -17,9 +17,10 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+from psycopg2 import sql
 
 from pgsnow.demo.dataset import SAMPLE_TABLES
-from pgsnow.demo.pipeline import DEMO_CDC_DATABASE, change_capture_names, run_cdc_demo
+from pgsnow.demo.pipeline import change_capture_names, demo_cdc_database, run_cdc_demo
 from pgsnow.local.postgres import start_local_postgres
 
 pytestmark = pytest.mark.integration
@@ -49,7 +50,8 @@ def test_demo_cdc_replicates_the_shop_under_a_workload(tmp_path: Path) -> None:
     admin = start_local_postgres(environ={})
     publication, slot = change_capture_names(tmp_path)
     assert (publication, slot) == (outcome.publication, outcome.slot)
-    conn = psycopg2.connect(admin.dsn, dbname=DEMO_CDC_DATABASE)
+    database = demo_cdc_database(tmp_path)
+    conn = psycopg2.connect(admin.dsn, dbname=database)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (slot,))
@@ -58,6 +60,11 @@ def test_demo_cdc_replicates_the_shop_under_a_workload(tmp_path: Path) -> None:
             assert cur.fetchone() == (0,)
     finally:
         conn.close()
+        drop = psycopg2.connect(admin.dsn)  # the test's own source database is not kept
+        drop.autocommit = True
+        with drop.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+        drop.close()
 
 
 def test_demo_cdc_refuses_a_table_selection(tmp_path: Path) -> None:

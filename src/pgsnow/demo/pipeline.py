@@ -49,7 +49,9 @@ from pgsnow.verify import TableVerification, verify_table
 ProgressCallback = Callable[[str], None]
 
 DEMO_DATABASE = "pgsnow_demo"  # the PostgreSQL database the sample shop goes into
-DEMO_CDC_DATABASE = "pgsnow_demo_cdc"  # demo --cdc's own, so a plain demo never drops its tables
+# demo --cdc's own database (``demo_cdc_database``: one per data dir), so a plain demo never drops its
+# tables and two demos side by side never rebuild each other's shop under their workloads.
+DEMO_CDC_DATABASE_PREFIX = "pgsnow_demo_cdc"
 DEMO_SCHEMA = "shop"
 
 
@@ -328,10 +330,19 @@ class CdcDemoResult:
         return bool(self.tables) and all(r.ok for r in self.tables)
 
 
+def _data_dir_digest(data_dir: Path) -> str:
+    return hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
+
+
+def demo_cdc_database(data_dir: Path) -> str:
+    """The source database of ``demo --cdc`` for a data dir."""
+    return f"{DEMO_CDC_DATABASE_PREFIX}_{_data_dir_digest(data_dir)}"
+
+
 def change_capture_names(data_dir: Path) -> tuple[str, str]:
     """The publication and slot of a demo data dir: one pair per data dir, so two demos side by side
     (or a demo next to a real deployment's ``pgsnow`` slot) never share or drop each other's slot."""
-    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
+    digest = _data_dir_digest(data_dir)
     return f"pgsnow_demo_{digest}", f"pgsnow_demo_{digest}"
 
 
@@ -449,7 +460,7 @@ def run_cdc_demo(
             use_sample=True,
             scale=scale,
             progress=report,
-            database=DEMO_CDC_DATABASE,
+            database=demo_cdc_database(data_dir),
         )
         stack.pg_dsn = source_dsn
         stack.env.update(
