@@ -63,6 +63,7 @@ PARQUET_GROUP_BYTES = 64 * 1024 * 1024
 # Without EXTRACT_BATCH_ROWS a file is cut by size alone.
 NO_ROW_CAP = 2**62
 ORDER_KEY = (LSN_COLUMN, SEQ_COLUMN)
+STAGING_TEMP_BUFFERS = "64MB"  # the staging session's local buffers (``connect_for_staging``)
 
 
 class SpilledColumn(Protocol):
@@ -136,6 +137,19 @@ def connect_for_staging(dsn: str, *, statement_timeout_ms: int = 0) -> Connectio
     conn.set_session(
         isolation_level=psycopg2.extensions.ISOLATION_LEVEL_READ_COMMITTED, readonly=False, autocommit=False
     )
+    with conn.cursor() as cur:
+        # A run's changes pass through a temp table once: room for them in the session's local buffers
+        # (settable only before the session's first temp table), and lz4 where the server has it, which
+        # TOASTs large values several times faster than the default pglz. Measured on the CDC benchmark's
+        # workload (10 KB values): the COPY into the temp table was 3.5 s of a 8.7 s drain with pglz.
+        cur.execute(sql.SQL("SET temp_buffers = {}").format(sql.Literal(STAGING_TEMP_BUFFERS)))
+        cur.execute(
+            "SELECT 'lz4' = ANY(enumvals) FROM pg_catalog.pg_settings WHERE name = 'default_toast_compression'"
+        )
+        found = cur.fetchone()
+        if found is not None and found[0]:
+            cur.execute("SET default_toast_compression = 'lz4'")
+    conn.commit()
     return conn
 
 
