@@ -26,16 +26,22 @@ Rows of a file are written in ``(_pgsnow_lsn, _pgsnow_seq)`` order, but the appl
 columns itself and never relies on a file's order; a transaction is never split between runs (the
 drain cuts only at commits).
 
-**Chaining.** Each change run of a table has a manifest of mode ``cdc`` with a ``ChangeRange``:
-every change in its files committed after ``after_lsn`` and at or before ``end_lsn``.
+**Chaining.** Each change run of a table has a manifest of mode ``cdc`` with a ``ChangeRange``
+of two positions in the WAL, as the slot counts them: ``end_lsn`` is the position the drain
+confirms to the slot (the end of the last commit record it read), and a position P is past a
+transaction when its commit LSN (where its commit record starts) is before P. So a run holds every
+change whose commit LSN is at or after ``after_lsn`` and before ``end_lsn``; the first transaction
+of the next run may commit exactly at ``end_lsn`` (its commit record follows the run's last one).
 ``after_lsn`` is the ``end_lsn`` of the table's previous change run (0 for its first), so a
 table's change runs chain without a gap whatever other tables did in between. The loader keeps
 per table the position it has applied through and applies a run when ``after_lsn <= applied <
-end_lsn`` (changes after ``applied`` only), in run order; a run with ``end_lsn <= applied``
-(delivered twice, or re-drained after a run that died before confirming) changes nothing.
+end_lsn`` (only changes whose commit LSN is at or after ``applied``), in run order; a run with
+``end_lsn <= applied`` (delivered twice, or re-drained after a run that died before confirming)
+changes nothing.
 
 A table's snapshot (its first full run, replace) carries ``ChangeRange.snapshot_lsn``: the
-snapshot holds every change committed at or before it, and applying starts there
+snapshot holds every change committed at or before it, and applying starts there (a change
+committed exactly at it is applied again, which changes nothing)
 (docs/guarantees.md, "Change capture").
 """
 
@@ -118,7 +124,8 @@ def unchanged_columns(text: str | None) -> tuple[str, ...]:
 class ChangeRange:
     """Where a manifest sits in its slot's stream (docs/change-capture.md).
 
-    A change run (manifest mode ``cdc``): its changes committed in ``(after_lsn, end_lsn]``, and
+    A change run (manifest mode ``cdc``): its changes' commit LSNs are in ``[after_lsn, end_lsn)``
+    (positions the slot confirms: "Chaining" above), and
     ``first_commit_lsn``/``last_commit_lsn`` are the first and last commit it holds (None when
     it holds none). A snapshot (mode ``full``): ``snapshot_lsn`` is the position it is complete
     through; ``after_lsn``/``end_lsn`` are then both that position.

@@ -82,19 +82,20 @@ def test_the_work_table_has_the_change_columns_then_the_data_columns_in_file_ord
         change_work_columns((column("_pgsnow_op", "text"),))
 
 
-def test_the_scope_is_after_the_applied_lsn_and_after_the_last_truncate() -> None:
-    assert ChangeScope(100).where() == ('"_PGSNOW_LSN" > %s', (100,))
+def test_the_scope_is_at_or_after_the_applied_lsn_and_after_the_last_truncate() -> None:
+    # at or after: the applied position is a run's end, where the next run's first commit can start
+    assert ChangeScope(100).where() == ('"_PGSNOW_LSN" >= %s', (100,))
     sql, params = ChangeScope(100, (150, 3)).where("W")
     assert (
         sql
-        == '"W"."_PGSNOW_LSN" > %s AND ("W"."_PGSNOW_LSN" > %s OR ("W"."_PGSNOW_LSN" = %s AND "W"."_PGSNOW_SEQ" > %s))'
+        == '"W"."_PGSNOW_LSN" >= %s AND ("W"."_PGSNOW_LSN" > %s OR ("W"."_PGSNOW_LSN" = %s AND "W"."_PGSNOW_SEQ" > %s))'
     )
     assert params == (100, 150, 150, 3)
 
 
 def test_inspect_finds_the_last_truncate_the_unchanged_lists_and_the_key_moves_after_the_position() -> None:
     sql, params = build_inspect_changes(WORK, 100)
-    assert 'WHERE "_PGSNOW_OP" = \'T\' AND "_PGSNOW_LSN" > %s' in sql
+    assert 'WHERE "_PGSNOW_OP" = \'T\' AND "_PGSNOW_LSN" >= %s' in sql
     assert 'QUALIFY ROW_NUMBER() OVER (ORDER BY "_PGSNOW_LSN" DESC, "_PGSNOW_SEQ" DESC) = 1' in sql
     assert "SELECT DISTINCT 'U'" in sql and 'WHERE "_PGSNOW_KEY_MOVED" AND' in sql
     assert params == (100, 100, 100)

@@ -15,7 +15,9 @@ first of:
   truncated off the spill files); ``end_lsn`` = the last commit's end LSN, or ``start_lsn``.
 
 ``end_lsn`` is the position that is safe to confirm once the spilled changes are durable: the
-next reader starting there receives exactly the transactions after the last one spilled.
+next reader starting there receives exactly the transactions after the last one spilled, those
+whose commit record starts at or after it; the first may start exactly there, as the commit LSN
+the spill gives its changes (``pgsnow.changes``, "Chaining").
 ``heartbeat_lsn`` None reads to the byte budget or the deadline only.
 
 **Spill files.** One PostgreSQL COPY CSV file per table and relation shape (``SpilledChanges``),

@@ -5,7 +5,8 @@ columns followed by the run's data columns (``change_work_columns``), then, in o
 ``build_inspect_changes`` (the last TRUNCATE, the unchanged-column lists, the key moves),
 ``build_apply_truncate`` when there is a TRUNCATE, ``build_fill_moved_rows`` when a moved row
 left a column unchanged, and ``build_merge_changes``. Every statement considers only the run's
-changes after the applied position (``ChangeScope``), and after its last TRUNCATE.
+changes not yet applied (``ChangeScope``: commit LSN at or after the applied position), and after
+its last TRUNCATE.
 
 Unchanged TOASTed values: a column named in a change's ``_pgsnow_unchanged`` takes its value
 from the newest earlier change of the same key in the run that carried it (an insert always
@@ -81,15 +82,20 @@ def change_work_columns(data_columns: Sequence[Column]) -> tuple[Column, ...]:
 
 @dataclass(frozen=True)
 class ChangeScope:
-    """Which of the work table's changes count: after the applied LSN, and after the run's last
-    TRUNCATE (its LSN and sequence) when it has one."""
+    """Which of the work table's changes count: those whose commit LSN is at or after the applied
+    position, and after the run's last TRUNCATE (its LSN and sequence) when it has one.
+
+    At or after, not after: the applied position is a run's ``end_lsn``, the end of its last commit
+    record (the position the drain confirms to the slot), and the next record can be the commit
+    of the next transaction, whose commit LSN (where its commit record starts) is then exactly
+    that position (pgsnow.changes, "Chaining")."""
 
     applied_lsn: int
     truncate_at: tuple[int, int] | None = None
 
     def where(self, alias: str | None = None) -> Statement:
         prefix = "" if alias is None else f"{quote_ident(alias)}."
-        sql = f"{prefix}{LSN} > %s"
+        sql = f"{prefix}{LSN} >= %s"
         params: tuple[int, ...] = (self.applied_lsn,)
         if self.truncate_at is not None:
             sql += f" AND ({prefix}{LSN} > %s OR ({prefix}{LSN} = %s AND {prefix}{SEQ} > %s))"
@@ -99,7 +105,7 @@ class ChangeScope:
 
 
 def build_inspect_changes(work: Target, applied_lsn: int) -> Statement:
-    """What the run holds after the applied position, in one look: the last TRUNCATE (``T``,
+    """What the run holds at or after the applied position (``ChangeScope``), in one look: the last TRUNCATE (``T``,
     LSN, seq), each distinct ``_pgsnow_unchanged`` list (``U``, its text) and the number of key
     moves that left a column unchanged (``M``, count)."""
     table = quote_qualified(*work)
@@ -107,14 +113,14 @@ def build_inspect_changes(work: Target, applied_lsn: int) -> Statement:
         'SELECT "FOUND", "LSN", "SEQ", "UNCHANGED" FROM (\n'
         f'  SELECT \'{FOUND_TRUNCATE}\' AS "FOUND", {LSN} AS "LSN", {SEQ} AS "SEQ", '
         'CAST(NULL AS VARCHAR) AS "UNCHANGED"\n'
-        f"  FROM {table} WHERE {OP} = '{Operation.TRUNCATE.value}' AND {LSN} > %s\n"
+        f"  FROM {table} WHERE {OP} = '{Operation.TRUNCATE.value}' AND {LSN} >= %s\n"
         f"  QUALIFY ROW_NUMBER() OVER (ORDER BY {LSN} DESC, {SEQ} DESC) = 1\n"
         "  UNION ALL\n"
         f"  SELECT DISTINCT '{FOUND_UNCHANGED}', CAST(NULL AS NUMBER(38,0)), CAST(NULL AS NUMBER(38,0)), {UNCHANGED}\n"
-        f"  FROM {table} WHERE {UNCHANGED} IS NOT NULL AND {LSN} > %s\n"
+        f"  FROM {table} WHERE {UNCHANGED} IS NOT NULL AND {LSN} >= %s\n"
         "  UNION ALL\n"
         f"  SELECT '{FOUND_MOVED}', COUNT(*), CAST(NULL AS NUMBER(38,0)), CAST(NULL AS VARCHAR)\n"
-        f"  FROM {table} WHERE {KEY_MOVED} AND {UNCHANGED} IS NOT NULL AND {LSN} > %s\n"
+        f"  FROM {table} WHERE {KEY_MOVED} AND {UNCHANGED} IS NOT NULL AND {LSN} >= %s\n"
         ")"
     )
     return sql, (applied_lsn, applied_lsn, applied_lsn)

@@ -226,3 +226,82 @@ def _converge(pipeline: PipelineHarness, table: TableRef, env: dict[str, str], s
         pipeline.sf_conn, pipeline.settings(Component.LOADER, **env), table
     ).applied_position()
     assert position is not None and position.lsn >= writing.last_lsn
+
+
+def test_a_transaction_committed_right_after_a_runs_last_commit_is_applied(
+    pipeline: PipelineHarness, handoff_table: TableRef, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain's run ends at the end of its last commit record (the heartbeat's), the position it
+    confirms; a transaction whose commit record comes right after it commits exactly there (its
+    commit LSN is where that record starts) and is the next run's first. It must be applied, not
+    taken for one the previous run applied (the hand-off test lost such a transaction once)."""
+    import pgsnow.cdc.drain as drain
+
+    table = handoff_table
+    ident = sql.Identifier(table.schema, table.table)
+    with change_capture_source(pipeline.source_dsn, [(table.schema, table.table)]) as source:
+        env = {
+            "PGSNOW_TABLE_OPTIONS": json.dumps({table.qualified: {"mode": "cdc"}}),
+            "CDC_PUBLICATION": source.publication,
+            "CDC_SLOT": source.slot,
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        reset_runtime()
+        settings = pipeline.settings(Component.EXTRACTOR, **env)
+        s3 = pipeline.function_s3(Component.EXTRACTOR)
+        store = RunStore(pipeline.s3(), pipeline.bucket)
+        recorder, dispatcher = pipeline.loader()
+        pg_conn = connect(pipeline.source_dsn)
+        writer = psycopg2.connect(pipeline.source_dsn)
+        real_heartbeat = drain.emit_heartbeat
+        try:
+            # Given the table's snapshot loaded
+            outcome = snapshot_table(settings=settings, pg_conn=pg_conn, s3=s3, table=table)
+            assert isinstance(outcome, RunManifest) and outcome.state is RunState.STAGED
+            dispatcher.run_until_idle()
+
+            # When a drain reads a change of the table and ends at its heartbeat's commit, and a
+            # transaction that wrote before the heartbeat commits right after it (other sessions of
+            # the server may write in between: then try again)
+            adjacent = 0
+            for attempt in range(1, 6):
+                with writer.cursor() as cur:
+                    cur.execute(
+                        sql.SQL("UPDATE {} SET note = %s WHERE id = %s").format(ident),
+                        (f"in the run, attempt {attempt}", attempt + 50),
+                    )
+                    writer.commit()
+                    cur.execute(
+                        sql.SQL("UPDATE {} SET n = n + 1, note = %s WHERE id IN (%s, %s)").format(ident),
+                        (f"right after the run, attempt {attempt}", attempt, attempt + 100),
+                    )
+
+                def heartbeat_then_commit(*args: object, **kwargs: object) -> drain.HeartbeatBound:
+                    bound = real_heartbeat(*args, **kwargs)  # type: ignore[arg-type]
+                    writer.commit()
+                    return bound
+
+                monkeypatch.setattr(drain, "emit_heartbeat", heartbeat_then_commit)
+                ended = drain.drain_slot(settings, dsn=pipeline.source_dsn, s3=s3)
+                monkeypatch.setattr(drain, "emit_heartbeat", real_heartbeat)
+                assert ended["confirmed"] and ended["tables"].get(table.qualified) == 1, ended
+                drained = drain.drain_slot(settings, dsn=pipeline.source_dsn, s3=s3)
+                assert drained["confirmed"] and drained["tables"].get(table.qualified) == 2, drained
+                run = store.get_manifest(table, drained["run_id"])
+                assert run.changes is not None and run.changes.after_lsn == parse_lsn(ended["end_lsn"])
+                adjacent += run.changes.first_commit_lsn == run.changes.after_lsn
+                dispatcher.run_until_idle()
+                if adjacent:
+                    break
+        finally:
+            writer.close()
+            pg_conn.close()
+            reset_runtime()
+
+    # Then the transaction was the next run's first, committed exactly at the previous run's end,
+    # and it is applied: Snowflake matches PostgreSQL
+    assert adjacent, "no attempt committed the transaction right after the run's last commit"
+    assert [d for d in recorder.deliveries if d.failed] == []
+    verification = pipeline.verify(table)
+    assert verification.ok, verification

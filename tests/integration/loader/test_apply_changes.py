@@ -365,7 +365,8 @@ def test_a_run_delivered_twice_applies_once_and_a_replayed_overlapping_run_appli
     source: Source,
 ) -> None:
     source.snapshot(SNAPSHOT_ROWS)
-    first = source.stage([change("U", 1100, 1, (1, "a", "doc a", 1))], end_lsn=1100)
+    # (a run's end is the end of its last commit record: past that commit's LSN, its start)
+    first = source.stage([change("U", 1100, 1, (1, "a", "doc a", 1))], end_lsn=1150)
     source.deliver(first)
     # A later direct UPDATE of the target shows whether a redelivery writes again
     query(source.sf_conn, f'UPDATE {items_sql(source.settings)} SET "QTY" = 99 WHERE "ID" = 1')
@@ -374,28 +375,53 @@ def test_a_run_delivered_twice_applies_once_and_a_replayed_overlapping_run_appli
     assert source.rows()[0] == (1, "a", "doc a", 99)
 
     # A drain that died before confirming re-reads from an older position: its run overlaps the
-    # applied one (after 1000 <= applied 1100 < end 1300); only the changes after 1100 apply
+    # applied one (after 1000 <= applied 1150 < end 1350); only the changes from 1150 on apply
     replay = source.stage(
         [
             change("U", 1100, 1, (1, "a", "doc a", 1)),
             change("U", 1300, 1, (2, "b", None, 2), unchanged=("doc",)),
         ],
-        end_lsn=1300,
+        end_lsn=1350,
         after_lsn=1000,
     )
     source.deliver(replay)
     assert source.rows()[:2] == [(1, "a", "doc a", 99), (2, "b", "doc2", 2)]
-    assert source.position() == AppliedPosition(1300, replay.run_id)
+    assert source.position() == AppliedPosition(1350, replay.run_id)
 
     # A run wholly behind the position changes nothing: its file is settled with 0 rows, the run
     # is marked loaded (so cleanup removes it)
-    behind = source.stage([change("U", 1300, 1, (2, "old", "old", 0))], end_lsn=1300, after_lsn=1100)
+    behind = source.stage([change("U", 1300, 1, (2, "old", "old", 0))], end_lsn=1350, after_lsn=1150)
     assert [(r.status, r.rows) for r in source.deliver(behind)] == [(LoadStatus.ALREADY_LOADED, 0)]
     assert source.rows()[1] == (2, "b", "doc2", 2)
     assert (
         RunStore(source.s3, source.settings.bucket).get_manifest(ITEMS, behind.run_id).state
         is RunState.LOADED
     )
+
+
+def test_a_change_committed_exactly_at_the_previous_runs_end_is_applied(source: Source) -> None:
+    # Given a run whose end is the end of its last commit record (1150), applied
+    source.snapshot(SNAPSHOT_ROWS)
+    first = source.stage([change("U", 1100, 1, (1, "first", "d1", 1))], end_lsn=1150)
+    source.deliver(first)
+    assert source.position() == AppliedPosition(1150, first.run_id)
+
+    # When the next run's first transaction committed right there: its commit record is the next
+    # record, so its commit LSN (where that record starts) is the previous run's end (the drain
+    # reads this when a writer's commit follows the run's last commit, the heartbeat's, at once)
+    second = source.stage(
+        [
+            change("U", 1150, 1, (2, "at the end", None, 2), unchanged=("doc",)),
+            change("D", 1150, 2, (3, None, None, None)),
+        ],
+        end_lsn=1200,
+    )
+    assert second.changes is not None and second.changes.after_lsn == 1150
+    source.deliver(second)
+
+    # Then its changes are applied, not taken for applied ones
+    assert source.rows() == [(1, "first", "d1", 1), (2, "at the end", "doc2", 2)]
+    assert source.position() == AppliedPosition(1200, second.run_id)
 
 
 def test_runs_delivered_out_of_order_wait_for_their_predecessor_then_apply_in_order(source: Source) -> None:
