@@ -48,7 +48,7 @@ from pgsnow.cdc.reader import (
     SpilledChanges,
     open_stream,
 )
-from pgsnow.cdc.slot import SlotHealth, SlotLostError, check_slot, resnapshot_command, slot_health
+from pgsnow.cdc.slot import SlotLostError, check_slot, resnapshot_command, slot_health
 from pgsnow.cdc.stage import StagedSegment, connect_for_staging, stage_table, upload_files
 from pgsnow.changes import ChangeRange, format_lsn, parse_lsn
 from pgsnow.config import ExtractMode, HeartbeatMethod, Settings, WriteMode
@@ -165,7 +165,7 @@ def drain_slot(
     run_id = new_run_id(started_at)
     control = connect_control(dsn)
     try:
-        health = _checked_slot(control, slot, tables, run_id)
+        health = check_slot(control, slot, tables, run_id=run_id)
         try:
             if health.active:
                 logger.info(
@@ -199,13 +199,6 @@ def drain_slot(
         control.close()
     logger.info("change capture run", extra=outcome)
     return outcome
-
-
-def _checked_slot(control: Connection, slot: str, tables: list[TableRef], run_id: str) -> SlotHealth:
-    try:
-        return check_slot(control, slot, tables)
-    except psycopg2.Error as exc:
-        raise classify_pg_error(exc, run_id=run_id) from exc
 
 
 def _report_lost(slot: str, run_id: str) -> None:

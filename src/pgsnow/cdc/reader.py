@@ -634,7 +634,7 @@ class ReplicationSession:
             raise classify_pg_error(exc) from exc
         give_up = time.monotonic() + wait_s
         while True:
-            confirmed = _confirmed_lsn(_checked_slot(self._control, self.slot, self.tables), self.tables)
+            confirmed = _confirmed_lsn(check_slot(self._control, self.slot, self.tables), self.tables)
             if confirmed >= lsn:
                 return int(confirmed)
             if time.monotonic() >= give_up:
@@ -642,14 +642,6 @@ class ReplicationSession:
                     f"slot {self.slot} shows {format_lsn(confirmed)} {wait_s:g} s after confirming {format_lsn(lsn)}"
                 )
             time.sleep(0.05)
-
-
-def _checked_slot(conn: Any, slot: str, tables: Collection[TableRef]) -> SlotHealth:
-    """``pgsnow.cdc.slot.check_slot``, with the connection's errors classified."""
-    try:
-        return check_slot(conn, slot, tables)
-    except psycopg2.Error as exc:
-        raise classify_pg_error(exc) from exc
 
 
 def _confirmed_lsn(health: SlotHealth, tables: Collection[TableRef]) -> int:
@@ -676,7 +668,7 @@ def open_stream(
         raise classify_pg_error(exc) from exc
     connection = cursor = None
     try:
-        if _checked_slot(control, slot, tables).active_pid is not None:
+        if check_slot(control, slot, tables).active_pid is not None:
             raise SlotBusyError(f"replication slot {slot!r} is active: another consumer is reading it")
         try:
             connection = psycopg2.connect(
@@ -708,7 +700,7 @@ def open_stream(
                 raise SlotLostError(SlotHealth(slot=slot, exists=False), tables) from exc
             raise classify_pg_error(exc) from exc
         # The slot is ours now, so its confirmed position cannot move but by us: read it back.
-        start_lsn = _confirmed_lsn(_checked_slot(control, slot, tables), tables)
+        start_lsn = _confirmed_lsn(check_slot(control, slot, tables), tables)
     except BaseException:
         for resource in (cursor, connection, control):
             if resource is not None:

@@ -24,9 +24,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg2
+
 from pgsnow.changes import parse_lsn
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef
+from pgsnow.postgres import classify_pg_error
 
 LOST = "lost"  # wal_status of a slot whose WAL was removed: it can never be read again
 
@@ -169,14 +172,18 @@ def health_from_row(
     )
 
 
-def check_slot(conn: Any, slot: str, tables: Iterable[TableRef]) -> SlotHealth:
+def check_slot(conn: Any, slot: str, tables: Iterable[TableRef], *, run_id: str | None = None) -> SlotHealth:
     """The slot's health; ``SlotLostError`` (naming ``tables``) when it is missing or invalidated,
-    PermanentError when it is not a pgoutput slot of this database.
+    PermanentError when it is not a pgoutput slot of this database; the connection's own errors
+    classified (``pgsnow.postgres.classify_pg_error``, naming ``run_id``).
 
     The drain calls this at the start of every run, and the reader before and after it takes the
     slot, so a lost slot is never replaced by a new one that silently starts after the changes it
     missed."""
-    health = slot_health(conn, slot)
+    try:
+        health = slot_health(conn, slot)
+    except psycopg2.Error as exc:
+        raise classify_pg_error(exc, run_id=run_id) from exc
     if health.lost:
         raise SlotLostError(health, tables)
     unusable = health.unusable
