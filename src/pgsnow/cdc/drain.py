@@ -168,10 +168,7 @@ def drain_slot(
         health = check_slot(control, slot, tables, run_id=run_id)
         try:
             if health.active:
-                logger.info(
-                    "slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id}
-                )
-                return dict(SKIPPED_BUSY)
+                return _skipped_busy(slot, run_id)
             heartbeat = emit_heartbeat(control, settings, run_id, started_at)
         except psycopg2.Error as exc:
             raise classify_pg_error(exc, run_id=run_id) from exc
@@ -199,6 +196,12 @@ def drain_slot(
         control.close()
     logger.info("change capture run", extra=outcome)
     return outcome
+
+
+def _skipped_busy(slot: str, run_id: str) -> dict[str, Any]:
+    """The outcome of a run that found another consumer on the slot: it exits cleanly, reading nothing."""
+    logger.info("slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id})
+    return dict(SKIPPED_BUSY)
 
 
 def _report_lost(slot: str, run_id: str) -> None:
@@ -242,8 +245,7 @@ def _drain(
     try:
         session = open_stream(dsn, slot=slot, publication=settings.cdc.publication, tables=tables)
     except SlotBusyError:
-        logger.info("slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id})
-        return dict(SKIPPED_BUSY)
+        return _skipped_busy(slot, run_id)
     try:
         try:
             stream = session.read(
@@ -257,10 +259,7 @@ def _drain(
                 clock=clock,
             )
         except SlotBusyError:
-            logger.info(
-                "slot busy: another invocation is draining it", extra={"slot": slot, "run_id": run_id}
-            )
-            return dict(SKIPPED_BUSY)
+            return _skipped_busy(slot, run_id)
         with KeptAlive(session):
             staged = _make_durable(
                 settings,
