@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
+from csv_support import parse_csv_keeping_nulls
 from psycopg2 import sql
 
 from pgsnow.changes import parse_lsn
@@ -74,38 +75,6 @@ def write_spill(path: Path, rows: list[list[str | None]]) -> None:
     with path.open("w", encoding="utf-8", newline="") as out:
         for row in rows:
             out.write(",".join("" if v is None else '"' + v.replace('"', '""') + '"' for v in row) + "\n")
-
-
-def parse_csv_keeping_nulls(text: str) -> list[list[str | None]]:
-    """RFC 4180 records with None for an unquoted empty field and '' for ``""`` (Python 3.11's csv
-    module cannot tell them apart; the contract depends on it)."""
-    records: list[list[str | None]] = []
-    fields: list[str | None] = []
-    position = 0
-    while position < len(text):
-        if text[position] == '"':
-            value, position = [], position + 1
-            while True:
-                quote = text.index('"', position)
-                value.append(text[position:quote])
-                if text[quote + 1 : quote + 2] == '"':
-                    value.append('"')
-                    position = quote + 2
-                    continue
-                position = quote + 1
-                break
-            fields.append("".join(value))
-        else:
-            end = position
-            while end < len(text) and text[end] not in ",\n":
-                end += 1
-            fields.append(text[position:end] if end > position else None)
-            position = end
-        if position >= len(text) or text[position] == "\n":
-            records.append(fields)
-            fields = []
-        position += 1
-    return records
 
 
 def read_csv_object(s3: Any, bucket: str, key: str) -> list[list[str | None]]:

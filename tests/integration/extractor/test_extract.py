@@ -25,6 +25,7 @@ import psycopg2.extensions
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from csv_support import parse_csv_keeping_nulls
 from psycopg2 import sql
 from stack_support import new_bucket, postgres_secret_arn
 
@@ -100,40 +101,6 @@ def insert_rows(
 
 
 # --- reading staged files back -----------------------------------------------------------------------
-
-
-def parse_csv_keeping_nulls(text: str) -> list[list[str | None]]:
-    """RFC 4180 reader that returns None for an unquoted empty field and '' for ``""``.
-
-    (Python 3.11's csv module cannot tell the two apart; the contract depends on it.)
-    """
-    records: list[list[str | None]] = []
-    fields: list[str | None] = []
-    position = 0
-    while position < len(text):
-        if text[position] == '"':
-            value, position = [], position + 1
-            while True:
-                quote = text.index('"', position)
-                value.append(text[position:quote])
-                if text[quote + 1 : quote + 2] == '"':
-                    value.append('"')
-                    position = quote + 2
-                    continue
-                position = quote + 1
-                break
-            fields.append("".join(value))
-        else:
-            end = position
-            while end < len(text) and text[end] not in ",\n":
-                end += 1
-            fields.append(text[position:end] if end > position else None)
-            position = end
-        if position >= len(text) or text[position] == "\n":
-            records.append(fields)
-            fields = []
-        position += 1
-    return records
 
 
 def object_bytes(s3: Any, bucket: str, key: str) -> bytes:
