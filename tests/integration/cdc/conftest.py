@@ -10,8 +10,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 import pytest
-from psycopg2 import sql
-from stack_support import PG_DSN_DEFAULT, new_bucket, unique_name
+from stack_support import PG_DSN_DEFAULT, new_bucket, schema_in
 
 from pgsnow.config import postgres_env
 from pgsnow.local.aws import LocalAws
@@ -31,15 +30,11 @@ def admin(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
 
 
 @pytest.fixture(scope="module")
-def schema_name(admin: psycopg2.extensions.connection, request: pytest.FixtureRequest) -> Iterator[str]:
+def schema_name(pg_dsn: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """A schema of the module's own, dropped afterwards."""
     module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
-    name = unique_name(f"pgsnow_{module}_", 10)
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    yield name
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+    with schema_in(pg_dsn, f"pgsnow_{module}") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
