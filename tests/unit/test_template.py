@@ -1416,14 +1416,20 @@ def test_change_capture_environment_satisfies_settings(
         "CdcSlot": "shop_slot",
         "CdcPublication": "shop_pub",
         "CdcMaxMb": "256",
+        "ExtractTargetFileMb": "64",
+        "ExtractDeadlineMarginSeconds": "90",
     }
     environment = {
         name: str(evaluate(raw, parameters))
         for name, raw in properties(cfn, CHANGE_CAPTURE)["Environment"]["Variables"].items()
     }
-    settings = Settings.from_env(environment, component=Component.EXTRACTOR)
+    settings = Settings.from_env(environment, component=Component.CHANGE_CAPTURE)
     assert (settings.cdc.slot, settings.cdc.publication) == ("shop_slot", "shop_pub")
     assert settings.cdc.max_bytes == 256 * 2**20
+    # The drain cuts its staged files and keeps its deadline margin by the extractor's parameters
+    # (pgsnow.cdc.drain reads settings.extract); locally one environment serves every function.
+    assert settings.extract.target_file_mb == 64
+    assert settings.extract.deadline_margin_s == 90
     assert settings.postgres.secret_arn == PARAMETERS["PostgresSecretArn"]
     assert settings.bucket == BUCKET_NAME
 
