@@ -41,6 +41,7 @@ from pgsnow.config import (
 from pgsnow.extract.parquet_stager import PARQUET_GROUP_BYTES
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, key_list_key, manifest_key
+from pgsnow.local.change_capture import CHANGE_CAPTURE_MEMORY_MB, CHANGE_CAPTURE_TIMEOUT_S
 from pgsnow.local.dispatcher import (
     MAX_BATCH_SIZE,
     MAX_BATCHING_WINDOW_S,
@@ -1395,6 +1396,8 @@ def test_change_capture_function_is_the_extractors_artifact_with_its_own_handler
     # The slot has one consumer
     assert props["ReservedConcurrentExecutions"] == 1
     assert props["Timeout"] == 900
+    # The local schedule invokes it with the same deadline and memory (pgsnow.local.change_capture)
+    assert (props["Timeout"], props["MemorySize"]) == (CHANGE_CAPTURE_TIMEOUT_S, CHANGE_CAPTURE_MEMORY_MB)
     # Same network and secret as the extractor
     assert props["VpcConfig"] == properties(cfn, "ExtractorFunction")["VpcConfig"]
     assert cfn["Resources"][CHANGE_CAPTURE]["Condition"] == "ChangeCaptureOn"
