@@ -189,11 +189,7 @@ def replicate_table(stack: LocalStack, table: TableRef, file_format: FileFormat,
         )
     finally:
         pg_conn.close()
-    with _function_errors() as errors:
-        delivered = dispatcher.run_until_idle()
-    if delivered.failed:
-        reason = errors.messages[0] if errors.messages else "see the loader's log (--verbose)"
-        raise LoaderFailedError(f"the loader could not load {table.qualified}: {reason}")
+    _load_staged(dispatcher, table.qualified)
     cleanup = load_function_handler("cleanup")
     context = LambdaContext.for_invocation("pgsnow-cleanup", memory_mb=512, timeout_s=300)
     cleanup({"schema_name": table.schema, "table_name": table.table}, context)
@@ -553,13 +549,13 @@ def _outcome_line(outcome: dict[str, Any]) -> str:
     )
 
 
-def _load_staged(dispatcher: Any) -> None:
+def _load_staged(dispatcher: Any, what: str = "change files") -> None:
     """Deliver what the bucket notification queued to the loader; a file it could not load is an error."""
     with _function_errors() as errors:
         delivered = dispatcher.run_until_idle()
     if delivered.failed:
         reason = errors.messages[0] if errors.messages else "see the loader's log (--verbose)"
-        raise LoaderFailedError(f"the loader could not load change files: {reason}")
+        raise LoaderFailedError(f"the loader could not load {what}: {reason}")
 
 
 def _check_tables(

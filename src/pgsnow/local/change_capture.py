@@ -103,22 +103,18 @@ class LocalChangeCapture:
 
     def confirmed_lsn(self) -> int | None:
         """The slot's confirmed position, as PostgreSQL reports it (None before any confirmation)."""
+        from pgsnow.cdc.slot import slot_health
         from pgsnow.postgres import connect
 
         conn = connect(self.stack.pg_dsn)
         try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-                    (self.slot,),
-                )
-                row = cur.fetchone()
+            health = slot_health(conn, self.slot)
         finally:
             conn.rollback()
             conn.close()
-        if row is None:
+        if not health.exists:
             raise ConfigError([f"replication slot {self.slot!r} does not exist"])
-        return None if row[0] is None else parse_lsn(str(row[0]))
+        return health.confirmed_flush_lsn
 
     def current_wal_lsn(self) -> int:
         from pgsnow.postgres import connect
