@@ -194,7 +194,13 @@ def run_pgsnow(stack: Any, slot: str, publication: str, end_lsn: str, changes: i
 
 def drain_child(end_lsn: str) -> int:
     """Child process: invoke the change-capture handler until the slot has confirmed ``end_lsn``."""
-    from pgsnow.local.change_capture import CHANGE_CAPTURE_HANDLER, FUNCTION_NAME, schedule_event
+    from pgsnow.local.change_capture import (
+        CHANGE_CAPTURE_HANDLER,
+        CHANGE_CAPTURE_MEMORY_MB,
+        CHANGE_CAPTURE_TIMEOUT_S,
+        FUNCTION_NAME,
+        schedule_event,
+    )
     from pgsnow.local.dispatcher import LambdaContext
     from pgsnow.local.stack import load_function_handler
 
@@ -204,11 +210,8 @@ def drain_child(end_lsn: str) -> int:
     outcomes: list[dict[str, Any]] = []
     started = time.perf_counter()
     for _ in range(100):
-        context = LambdaContext(
-            FUNCTION_NAME,
-            f"arn:aws:lambda:us-east-1:123456789012:function:{FUNCTION_NAME}",
-            1024,
-            time.monotonic() + 900,
+        context = LambdaContext.for_invocation(
+            FUNCTION_NAME, memory_mb=CHANGE_CAPTURE_MEMORY_MB, timeout_s=CHANGE_CAPTURE_TIMEOUT_S
         )
         outcomes.append(
             dict(handler(schedule_event("arn:aws:events:us-east-1:123456789012:rule/bench"), context))

@@ -6,12 +6,10 @@ dropped afterwards (its walsender terminated first, if a drain left one behind).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import psycopg2.errors
 from psycopg2 import sql
 from stack_support import autocommit_connection, unique_name
 
@@ -45,21 +43,8 @@ def change_capture_source(
 
 
 def drop_change_capture_source(dsn: str, *, publication: str, slot: str) -> None:
-    with autocommit_connection(dsn) as conn, conn.cursor() as cur:
-        cur.execute(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-            "WHERE slot_name = %s AND active_pid IS NOT NULL",
-            (slot,),
-        )
-        for attempt in range(50):  # a terminated walsender releases its slot a moment later
-            try:
-                cur.execute(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
-                    (slot,),
-                )
-                break
-            except psycopg2.errors.ObjectInUse:
-                if attempt == 49:
-                    raise
-                time.sleep(0.2)
-        cur.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication)))
+    """Drop the slot (its walsender terminated first) and the publication: what ``pgsnow demo --cdc``
+    does with its own (``pgsnow.demo.pipeline.drop_change_capture_source``)."""
+    from pgsnow.demo.pipeline import drop_change_capture_source as drop_source
+
+    drop_source(dsn, publication, slot)

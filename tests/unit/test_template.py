@@ -41,6 +41,7 @@ from pgsnow.config import (
 from pgsnow.extract.parquet_stager import PARQUET_GROUP_BYTES
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, key_list_key, manifest_key
+from pgsnow.local.change_capture import CHANGE_CAPTURE_MEMORY_MB, CHANGE_CAPTURE_TIMEOUT_S
 from pgsnow.local.dispatcher import (
     MAX_BATCH_SIZE,
     MAX_BATCHING_WINDOW_S,
@@ -1395,6 +1396,8 @@ def test_change_capture_function_is_the_extractors_artifact_with_its_own_handler
     # The slot has one consumer
     assert props["ReservedConcurrentExecutions"] == 1
     assert props["Timeout"] == 900
+    # The local schedule invokes it with the same deadline and memory (pgsnow.local.change_capture)
+    assert (props["Timeout"], props["MemorySize"]) == (CHANGE_CAPTURE_TIMEOUT_S, CHANGE_CAPTURE_MEMORY_MB)
     # Same network and secret as the extractor
     assert props["VpcConfig"] == properties(cfn, "ExtractorFunction")["VpcConfig"]
     assert cfn["Resources"][CHANGE_CAPTURE]["Condition"] == "ChangeCaptureOn"
@@ -1416,14 +1419,20 @@ def test_change_capture_environment_satisfies_settings(
         "CdcSlot": "shop_slot",
         "CdcPublication": "shop_pub",
         "CdcMaxMb": "256",
+        "ExtractTargetFileMb": "64",
+        "ExtractDeadlineMarginSeconds": "90",
     }
     environment = {
         name: str(evaluate(raw, parameters))
         for name, raw in properties(cfn, CHANGE_CAPTURE)["Environment"]["Variables"].items()
     }
-    settings = Settings.from_env(environment, component=Component.EXTRACTOR)
+    settings = Settings.from_env(environment, component=Component.CHANGE_CAPTURE)
     assert (settings.cdc.slot, settings.cdc.publication) == ("shop_slot", "shop_pub")
     assert settings.cdc.max_bytes == 256 * 2**20
+    # The drain cuts its staged files and keeps its deadline margin by the extractor's parameters
+    # (pgsnow.cdc.drain reads settings.extract); locally one environment serves every function.
+    assert settings.extract.target_file_mb == 64
+    assert settings.extract.deadline_margin_s == 90
     assert settings.postgres.secret_arn == PARAMETERS["PostgresSecretArn"]
     assert settings.bucket == BUCKET_NAME
 

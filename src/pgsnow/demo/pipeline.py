@@ -189,18 +189,9 @@ def replicate_table(stack: LocalStack, table: TableRef, file_format: FileFormat,
         )
     finally:
         pg_conn.close()
-    with _function_errors() as errors:
-        delivered = dispatcher.run_until_idle()
-    if delivered.failed:
-        reason = errors.messages[0] if errors.messages else "see the loader's log (--verbose)"
-        raise LoaderFailedError(f"the loader could not load {table.qualified}: {reason}")
+    _load_staged(dispatcher, table.qualified)
     cleanup = load_function_handler("cleanup")
-    context = LambdaContext(
-        function_name="pgsnow-cleanup",
-        invoked_function_arn="arn:aws:lambda:us-east-1:123456789012:function:pgsnow-cleanup",
-        memory_limit_in_mb=512,
-        deadline_monotonic=time.monotonic() + 300,
-    )
+    context = LambdaContext.for_invocation("pgsnow-cleanup", memory_mb=512, timeout_s=300)
     cleanup({"schema_name": table.schema, "table_name": table.table}, context)
 
 
@@ -533,12 +524,7 @@ def snapshot_table(stack: LocalStack, table: TableRef, dispatcher: Any) -> dict[
     event: dict[str, Any] = {"schema_name": table.schema, "table_name": table.table}
     result: dict[str, Any] = {}
     for _ in range(SNAPSHOT_MAX_INVOCATIONS):
-        context = LambdaContext(
-            function_name="pgsnow-extractor",
-            invoked_function_arn="arn:aws:lambda:us-east-1:123456789012:function:pgsnow-extractor",
-            memory_limit_in_mb=2048,
-            deadline_monotonic=time.monotonic() + 900,
-        )
+        context = LambdaContext.for_invocation("pgsnow-extractor", memory_mb=2048, timeout_s=900)
         result = dict(handler(event, context))
         if not continuations:
             break
@@ -563,13 +549,13 @@ def _outcome_line(outcome: dict[str, Any]) -> str:
     )
 
 
-def _load_staged(dispatcher: Any) -> None:
+def _load_staged(dispatcher: Any, what: str = "change files") -> None:
     """Deliver what the bucket notification queued to the loader; a file it could not load is an error."""
     with _function_errors() as errors:
         delivered = dispatcher.run_until_idle()
     if delivered.failed:
         reason = errors.messages[0] if errors.messages else "see the loader's log (--verbose)"
-        raise LoaderFailedError(f"the loader could not load change files: {reason}")
+        raise LoaderFailedError(f"the loader could not load {what}: {reason}")
 
 
 def _check_tables(

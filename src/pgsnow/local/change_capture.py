@@ -13,7 +13,6 @@ extractor do. Runs never overlap: the reserved concurrency of 1 is a lock here.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -27,8 +26,9 @@ from pgsnow.observability import logger
 
 CHANGE_CAPTURE_RESOURCE = "ChangeCaptureFunction"  # the template's logical id
 CHANGE_CAPTURE_HANDLER = "change_capture_handler"  # in extractor/app.py (same code artifact)
-CHANGE_CAPTURE_TIMEOUT_S = 900  # the template's Timeout for the function
-CHANGE_CAPTURE_MEMORY_MB = 1024
+# The template's Timeout and MemorySize for the function (tests/unit/test_template.py checks they agree).
+CHANGE_CAPTURE_TIMEOUT_S = 900
+CHANGE_CAPTURE_MEMORY_MB = 2048
 FUNCTION_NAME = "pgsnow-change-capture"
 # Runs allowed to reach a position before giving up (each run drains up to CDC_MAX_MB).
 CATCH_UP_MAX_RUNS = 50
@@ -90,11 +90,8 @@ class LocalChangeCapture:
     def run_once(self) -> dict[str, Any]:
         """One scheduled invocation; returns the handler's outcome (the drain's run summary)."""
         with self._one_at_a_time:
-            context = LambdaContext(
-                function_name=FUNCTION_NAME,
-                invoked_function_arn=f"arn:aws:lambda:us-east-1:{LOCAL_ACCOUNT_ID}:function:{FUNCTION_NAME}",
-                memory_limit_in_mb=CHANGE_CAPTURE_MEMORY_MB,
-                deadline_monotonic=time.monotonic() + CHANGE_CAPTURE_TIMEOUT_S,
+            context = LambdaContext.for_invocation(
+                FUNCTION_NAME, memory_mb=CHANGE_CAPTURE_MEMORY_MB, timeout_s=CHANGE_CAPTURE_TIMEOUT_S
             )
             event = schedule_event(f"arn:aws:events:us-east-1:{LOCAL_ACCOUNT_ID}:rule/pgsnow-change-capture")
             outcome = self.handler(event, context)
@@ -106,22 +103,18 @@ class LocalChangeCapture:
 
     def confirmed_lsn(self) -> int | None:
         """The slot's confirmed position, as PostgreSQL reports it (None before any confirmation)."""
+        from pgsnow.cdc.slot import slot_health
         from pgsnow.postgres import connect
 
         conn = connect(self.stack.pg_dsn)
         try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-                    (self.slot,),
-                )
-                row = cur.fetchone()
+            health = slot_health(conn, self.slot)
         finally:
             conn.rollback()
             conn.close()
-        if row is None:
+        if not health.exists:
             raise ConfigError([f"replication slot {self.slot!r} does not exist"])
-        return None if row[0] is None else parse_lsn(str(row[0]))
+        return health.confirmed_flush_lsn
 
     def current_wal_lsn(self) -> int:
         from pgsnow.postgres import connect

@@ -102,6 +102,18 @@ class LambdaContext:
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self.deadline_monotonic - time.monotonic()) * 1000))
 
+    @classmethod
+    def for_invocation(
+        cls, function_name: str, *, memory_mb: int, timeout_s: float, region: str = "us-east-1"
+    ) -> LambdaContext:
+        """The context of one invocation of ``function_name`` starting now, in the local account."""
+        return cls(
+            function_name=function_name,
+            invoked_function_arn=f"arn:aws:lambda:{region}:{LOCAL_ACCOUNT_ID}:function:{function_name}",
+            memory_limit_in_mb=memory_mb,
+            deadline_monotonic=time.monotonic() + timeout_s,
+        )
+
 
 class InvalidBatchResponse(Exception):
     """The handler's response is not a valid partial-batch response: Lambda fails the whole batch."""
@@ -271,11 +283,11 @@ class SqsDispatcher:
         return lambda_sqs_record(message, queue_arn=self._queue_arn, region=self.aws.region)
 
     def context(self) -> LambdaContext:
-        return LambdaContext(
-            function_name=self.function_name,
-            invoked_function_arn=f"arn:aws:lambda:{self.aws.region}:{LOCAL_ACCOUNT_ID}:function:{self.function_name}",
-            memory_limit_in_mb=self.memory_limit_in_mb,
-            deadline_monotonic=time.monotonic() + self.function_timeout_s,
+        return LambdaContext.for_invocation(
+            self.function_name,
+            memory_mb=self.memory_limit_in_mb,
+            timeout_s=self.function_timeout_s,
+            region=self.aws.region,
         )
 
     # -- draining and running in the background -------------------------------------------

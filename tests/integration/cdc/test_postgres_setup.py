@@ -6,6 +6,7 @@ dropped afterwards; the slot through cdc_support's drop, since slots pin WAL.
 
 from __future__ import annotations
 
+import select
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -139,11 +140,25 @@ def test_printed_setup_runs_and_a_replication_user_can_do_its_job(
         # but not write them
         with pytest.raises(psycopg2.errors.InsufficientPrivilege):
             cur.execute(sql.SQL("DELETE FROM {}.keyed").format(sql.Identifier(names.schema)))
-    # and open a replication connection
+    # and open a replication connection and stream the slot as the drain does (pgoutput over the
+    # publication), then leave without confirming anything
     replication = psycopg2.connect(user_dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection)
     try:
         with replication.cursor() as cur:
             cur.execute("IDENTIFY_SYSTEM")
             assert cur.fetchone() is not None
+            cur.start_replication(
+                slot_name=names.slot,
+                decode=False,
+                options={"proto_version": "1", "publication_names": names.publication},
+            )
+            # The keyless table's update above is in the slot: its transaction's Begin comes first
+            message = None
+            for _ in range(600):  # a bound so a broken stream fails instead of hanging
+                message = cur.read_message()
+                if message is not None:
+                    break
+                select.select([replication], [], [], 0.1)
+            assert message is not None and message.payload[:1] == b"B"
     finally:
         replication.close()
