@@ -26,12 +26,11 @@ import psycopg2.extensions
 import pytest
 from cdc_support import ChangeCaptureSource, change_capture_source
 from psycopg2 import sql
-from stack_support import PG_DSN_DEFAULT, new_bucket, unique_name
 
 from pgsnow.cdc.enroll import SnapshotStaged, reset_enrollment, snapshot_table
 from pgsnow.changes import ChangeRange, parse_lsn
 from pgsnow.cli import main as cli_main
-from pgsnow.config import Component, Settings, postgres_env
+from pgsnow.config import Component, Settings
 from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.extract.run import extract_table
 from pgsnow.identifiers import TableRef
@@ -47,38 +46,7 @@ pytestmark = pytest.mark.integration
 
 PREFIX = "staging"
 
-
-@pytest.fixture(scope="module")
-def pg_dsn() -> str:
-    return postgres_env().get("PGSNOW_PG_DSN") or PG_DSN_DEFAULT
-
-
-@pytest.fixture(scope="module")
-def admin(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
-    conn = psycopg2.connect(pg_dsn)
-    conn.autocommit = True
-    yield conn
-    conn.close()
-
-
-@pytest.fixture(scope="module")
-def schema_name(admin: psycopg2.extensions.connection) -> Iterator[str]:
-    name = unique_name("pgsnow_enroll_", 10)
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    yield name
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
-
-
-@pytest.fixture(scope="module")
-def s3(aws: LocalAws) -> Any:
-    return aws.client("s3")
-
-
-@pytest.fixture
-def bucket(s3: Any) -> str:
-    return new_bucket(s3, "pgsnow-enroll")
+# pg_dsn, admin, schema_name, s3 and bucket (versioned, as the deployed bucket is): conftest.py.
 
 
 @pytest.fixture
