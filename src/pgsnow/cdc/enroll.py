@@ -127,40 +127,29 @@ def snapshot_table(
             "`pgsnow cdc resnapshot`)",
             table=table.qualified,
         )
-    if stored is not None and run_id is None:
-        state = _snapshot_state(store, stored.enrollment)
-        if state in {RunState.STAGED, RunState.LOADED}:
-            return SnapshotStaged(table, stored.enrollment.snapshot_lsn, stored.enrollment.snapshot_run_id)
-        if state is RunState.FAILED:
+    if stored is None and run_id is not None:
+        raise PermanentError(
+            f"run {run_id} of {table.qualified} continues a snapshot, but the table is not enrolled "
+            "(its enrollment was reset): the next scheduled invocation enrolls it again",
+            table=table.qualified,
+            run_id=run_id,
+        )
+    # A continuation (run_id) goes on with the enrolled run; a scheduled invocation looks where it is.
+    state = _snapshot_state(store, stored.enrollment) if stored is not None and run_id is None else None
+    if stored is not None and state in {RunState.STAGED, RunState.LOADED}:
+        return SnapshotStaged(table, stored.enrollment.snapshot_lsn, stored.enrollment.snapshot_run_id)
+    if stored is None or state is RunState.FAILED:
+        if stored is not None:
             logger.warning(
                 "the table's snapshot failed; enrolling it again",
                 extra={"table": table.qualified, "run_id": stored.enrollment.snapshot_run_id},
-            )
-            stored = _enroll(
-                settings,
-                pg_conn,
-                store,
-                table,
-                replacing=stored,
-                now=now,
-                remaining_ms=remaining_ms,
-                sleep=sleep,
-                monotonic=monotonic,
-            )
-    elif stored is None:
-        if run_id is not None:
-            raise PermanentError(
-                f"run {run_id} of {table.qualified} continues a snapshot, but the table is not enrolled "
-                "(its enrollment was reset): the next scheduled invocation enrolls it again",
-                table=table.qualified,
-                run_id=run_id,
             )
         stored = _enroll(
             settings,
             pg_conn,
             store,
             table,
-            replacing=None,
+            replacing=stored,
             now=now,
             remaining_ms=remaining_ms,
             sleep=sleep,
