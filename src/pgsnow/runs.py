@@ -320,18 +320,10 @@ class RunStore:
             raise error from exc
         return str(response["ETag"])
 
-    def _list_keys(self, prefix: str) -> list[str]:
-        """Every key under ``prefix``, sorted. A failed listing raises botocore's error as it is:
-        the CLI reports it by its AWS code (no such bucket, access denied)."""
-        paginator = self._s3.get_paginator("list_objects_v2")
-        return sorted(
-            obj["Key"]
-            for page in paginator.paginate(Bucket=self._bucket, Prefix=prefix)
-            for obj in page.get("Contents", [])
-        )
-
     def _list_objects(self, prefix: str) -> list[tuple[str, datetime]]:
-        """(key, LastModified) of every object under ``prefix``, sorted by key."""
+        """(key, LastModified) of every object under ``prefix``, sorted by key. A failed listing
+        raises botocore's error as it is: the CLI reports it by its AWS code (no such bucket,
+        access denied)."""
         paginator = self._s3.get_paginator("list_objects_v2")
         return sorted(
             (obj["Key"], obj["LastModified"])
@@ -386,7 +378,7 @@ class RunStore:
         prefix = manifests_prefix(table)
         return [
             key.removeprefix(prefix).removesuffix(".json")
-            for key in self._list_keys(prefix)
+            for key, _ in self._list_objects(prefix)
             if key.endswith(".json")
         ]
 
