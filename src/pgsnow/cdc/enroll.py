@@ -242,16 +242,11 @@ def _enroll(
     )
     enrolled_at = now()
     enrollment = Enrollment(table, settings.cdc.slot, position, utc_iso(enrolled_at), new_run_id(enrolled_at))
-    if not store.write_enrollment(enrollment, replacing=replacing):
+    # Conditional (absent, or still ``replacing``): of two invocations enrolling at once, one wins.
+    stored = store.write_enrollment(enrollment, replacing=replacing)
+    if stored is None:
         raise RunInProgressError(
             f"{table.qualified} was enrolled by another invocation meanwhile; it takes the snapshot",
-            table=table.qualified,
-            s3_key=enrollment_key(table),
-        )
-    found = store.read_enrollment(table)
-    if found is None or found.enrollment != enrollment:
-        raise RunInProgressError(
-            f"{table.qualified}'s enrollment changed meanwhile",
             table=table.qualified,
             s3_key=enrollment_key(table),
         )
@@ -265,7 +260,7 @@ def _enroll(
             "duration_ms": round((monotonic() - started) * 1000),
         },
     )
-    return found
+    return stored
 
 
 def _snapshot_state(store: RunStore, enrollment: Enrollment) -> RunState | None:
