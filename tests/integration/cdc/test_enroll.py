@@ -39,7 +39,7 @@ from pgsnow.local.dispatcher import LambdaContext
 from pgsnow.local.stack import load_function_handler
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.postgres import connect
-from pgsnow.runs import RunStore
+from pgsnow.runs import Enrollment, RunStore
 from pgsnow.runtime import extractor_runtime, reset_runtime
 
 pytestmark = pytest.mark.integration
@@ -441,3 +441,22 @@ def test_a_failed_snapshot_is_enrolled_again(
     assert again.enrollment.snapshot_lsn >= failed.enrollment.snapshot_lsn
     assert staged.changes is not None and staged.changes.snapshot_lsn == again.enrollment.snapshot_lsn
     assert staged_ids(s3, bucket, staged) == list(range(1, 24))
+
+
+def test_an_enrollment_is_recorded_once_of_two_racing_writers(s3: Any, bucket: str, orders: TableRef) -> None:
+    # Given two invocations enrolling the table at once (each read "not enrolled")
+    store = RunStore(s3, bucket)
+    first = Enrollment(orders, "slot_a", 0x5000, "2026-12-07T00:00:00Z", "20261207T000000000000Z")
+    second = Enrollment(orders, "slot_a", 0x6000, "2026-12-07T00:00:01Z", "20261207T000001000000Z")
+
+    # When both record theirs, the second is refused and the first stands
+    won = store.write_enrollment(first, replacing=None)
+    assert won is not None and won.enrollment == first
+    assert store.write_enrollment(second, replacing=None) is None
+    assert store.read_enrollment(orders) == won
+
+    # and a replacement (a failed snapshot enrolled again) needs the enrollment as it was read
+    replaced = store.write_enrollment(second, replacing=won)
+    assert replaced is not None and store.read_enrollment(orders) == replaced
+    assert store.write_enrollment(first, replacing=won) is None
+    assert store.read_enrollment(orders) == replaced
