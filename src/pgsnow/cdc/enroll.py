@@ -68,7 +68,8 @@ _ENROLL_RESERVE_S = 10.0
 # ones included (pid NULL). pg_locks shows every role's locks. Not pg_current_snapshot(): its xmax is
 # the newest completed xid + 1, so a transaction that took an xid after that one is running but is
 # neither listed in it nor below its xmax.
-_HELD_XIDS = "FROM pg_locks l WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted"
+_HELD_XID = "l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted"  # a row l of pg_locks
+_HELD_XIDS = f"FROM pg_locks l WHERE {_HELD_XID}"
 
 
 @dataclass(frozen=True)
@@ -389,8 +390,7 @@ def _oldest_blocker(pg_conn: Connection, running: list[str]) -> str:
             " FROM pg_locks l"
             " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
             " LEFT JOIN pg_prepared_xacts p ON p.transaction = l.transactionid"
-            " WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted"
-            " AND l.transactionid::text = ANY(%s)"
+            f" WHERE {_HELD_XID} AND l.transactionid::text = ANY(%s)"
             " ORDER BY age(l.transactionid) DESC LIMIT 1",
             (running,),
         )
