@@ -5,7 +5,9 @@ Proves: the enrollment records the position S and the snapshot run carries Chang
 manifest from ``extracting`` on, planned as a full replace without a key list; the enrollment
 waits for a transaction that was open when S was read, and past CDC_SNAPSHOT_WAIT_S fails
 retryably naming it; a staged snapshot is never run again (the handler reports it); a reset
-enrollment enrolls again; a cdc table's run outside its enrollment is refused.
+enrollment enrolls again; a cdc table's run outside its enrollment is refused; a snapshot split
+into ranges is finished by its workers as the same full replace carrying S; of two racing
+enrollments one is recorded.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from pgsnow.changes import ChangeRange, parse_lsn
 from pgsnow.cli import main as cli_main
 from pgsnow.config import Component, Settings
 from pgsnow.errors import PermanentError, RetryableError
+from pgsnow.extract.ranges import FanOut
 from pgsnow.extract.run import extract_table
+from pgsnow.extract.worker import RangeOutcome, extract_range
 from pgsnow.identifiers import TableRef
 from pgsnow.local.aws import LocalAws
 from pgsnow.local.dispatcher import LambdaContext
@@ -460,3 +464,53 @@ def test_an_enrollment_is_recorded_once_of_two_racing_writers(s3: Any, bucket: s
     assert replaced is not None and store.read_enrollment(orders) == replaced
     assert store.write_enrollment(first, replacing=won) is None
     assert store.read_enrollment(orders) == replaced
+
+
+def test_a_snapshot_split_into_ranges_is_finished_by_its_workers_carrying_the_position(
+    admin: Any, pg_conn: Any, s3: Any, bucket: str, pg_dsn: str, orders: TableRef, source: ChangeCaptureSource
+) -> None:
+    # Given a cdc table with statistics, and ranges of 5 rows for the extractor's workers
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(orders.schema, orders.table)))
+    settings = cdc_settings(bucket, pg_dsn, orders, source, EXTRACT_RANGE_ROWS="5")
+    store = RunStore(s3, bucket)
+    sent: list[dict[str, Any]] = []
+
+    # When the table is enrolled with workers to fan out to
+    planned = snapshot_table(
+        settings=settings, pg_conn=pg_conn, s3=s3, table=orders, fan_out=FanOut(sent.extend)
+    )
+
+    # Then its snapshot run is handed to the workers as ranges
+    stored = store.read_enrollment(orders)
+    assert stored is not None and isinstance(planned, RunManifest)
+    assert planned.run_id == stored.enrollment.snapshot_run_id and planned.state is RunState.EXTRACTING
+    assert len(sent) >= 2 and {body["run_id"] for body in sent} == {planned.run_id}
+
+    # When each range is extracted by a worker
+    results = [
+        extract_range(
+            settings=settings,
+            pg_conn=pg_conn,
+            s3=s3,
+            table=orders,
+            run_id=planned.run_id,
+            index=body["range"],
+        )
+        for body in sent
+    ]
+
+    # Then the last one finishes the run: a full replace without a key list, carrying S, every row once
+    assert [r.outcome for r in results][-1] is RangeOutcome.FINISHED
+    staged = results[-1].manifest
+    assert staged is not None and staged.state is RunState.STAGED
+    assert (staged.mode, staged.write_mode, staged.deletes, staged.key_list) == (
+        "full",
+        "replace",
+        "none",
+        None,
+    )
+    assert staged.changes == stored.enrollment.changes
+    assert staged_ids(s3, bucket, staged) == list(range(1, 24))
+    # and the next invocation only reports it
+    assert isinstance(snapshot_table(settings=settings, pg_conn=pg_conn, s3=s3, table=orders), SnapshotStaged)
