@@ -320,18 +320,10 @@ class RunStore:
             raise error from exc
         return str(response["ETag"])
 
-    def _list_keys(self, prefix: str) -> list[str]:
-        """Every key under ``prefix``, sorted. A failed listing raises botocore's error as it is:
-        the CLI reports it by its AWS code (no such bucket, access denied)."""
-        paginator = self._s3.get_paginator("list_objects_v2")
-        return sorted(
-            obj["Key"]
-            for page in paginator.paginate(Bucket=self._bucket, Prefix=prefix)
-            for obj in page.get("Contents", [])
-        )
-
     def _list_objects(self, prefix: str) -> list[tuple[str, datetime]]:
-        """(key, LastModified) of every object under ``prefix``, sorted by key."""
+        """(key, LastModified) of every object under ``prefix``, sorted by key. A failed listing
+        raises botocore's error as it is: the CLI reports it by its AWS code (no such bucket,
+        access denied)."""
         paginator = self._s3.get_paginator("list_objects_v2")
         return sorted(
             (obj["Key"], obj["LastModified"])
@@ -386,7 +378,7 @@ class RunStore:
         prefix = manifests_prefix(table)
         return [
             key.removeprefix(prefix).removesuffix(".json")
-            for key in self._list_keys(prefix)
+            for key, _ in self._list_objects(prefix)
             if key.endswith(".json")
         ]
 
@@ -702,16 +694,19 @@ class RunStore:
             return None
         return StoredEnrollment(Enrollment.from_json(found.body, s3_key=key), found.etag)
 
-    def write_enrollment(self, enrollment: Enrollment, *, replacing: StoredEnrollment | None) -> bool:
-        """Record the enrollment if the table has none (``replacing`` None) or still has ``replacing``;
-        False when another invocation recorded one first."""
-        key = enrollment_key(enrollment.table)
-        body = enrollment.to_json()
-        if replacing is None:
-            etag = self._put(key, body, if_absent=True, run_id=enrollment.snapshot_run_id)
-        else:
-            etag = self._put(key, body, if_match=replacing.etag, run_id=enrollment.snapshot_run_id)
-        return etag is not None
+    def write_enrollment(
+        self, enrollment: Enrollment, *, replacing: StoredEnrollment | None
+    ) -> StoredEnrollment | None:
+        """Record the enrollment if the table has none (``replacing`` None) or still has ``replacing``,
+        and return it as stored; None when another invocation recorded one first."""
+        etag = self._put(
+            enrollment_key(enrollment.table),
+            enrollment.to_json(),
+            if_match=None if replacing is None else replacing.etag,
+            if_absent=replacing is None,
+            run_id=enrollment.snapshot_run_id,
+        )
+        return None if etag is None else StoredEnrollment(enrollment, etag)
 
     def remove_enrollment(self, table: TableRef) -> None:
         """Forget the table's enrollment (none is fine): its next invocation enrolls it again."""

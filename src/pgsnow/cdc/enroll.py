@@ -68,7 +68,8 @@ _ENROLL_RESERVE_S = 10.0
 # ones included (pid NULL). pg_locks shows every role's locks. Not pg_current_snapshot(): its xmax is
 # the newest completed xid + 1, so a transaction that took an xid after that one is running but is
 # neither listed in it nor below its xmax.
-_HELD_XIDS = "FROM pg_locks l WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted"
+_HELD_XID = "l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted"  # a row l of pg_locks
+_HELD_XIDS = f"FROM pg_locks l WHERE {_HELD_XID}"
 
 
 @dataclass(frozen=True)
@@ -127,40 +128,29 @@ def snapshot_table(
             "`pgsnow cdc resnapshot`)",
             table=table.qualified,
         )
-    if stored is not None and run_id is None:
-        state = _snapshot_state(store, stored.enrollment)
-        if state in {RunState.STAGED, RunState.LOADED}:
-            return SnapshotStaged(table, stored.enrollment.snapshot_lsn, stored.enrollment.snapshot_run_id)
-        if state is RunState.FAILED:
+    if stored is None and run_id is not None:
+        raise PermanentError(
+            f"run {run_id} of {table.qualified} continues a snapshot, but the table is not enrolled "
+            "(its enrollment was reset): the next scheduled invocation enrolls it again",
+            table=table.qualified,
+            run_id=run_id,
+        )
+    # A continuation (run_id) goes on with the enrolled run; a scheduled invocation looks where it is.
+    state = _snapshot_state(store, stored.enrollment) if stored is not None and run_id is None else None
+    if stored is not None and state in {RunState.STAGED, RunState.LOADED}:
+        return SnapshotStaged(table, stored.enrollment.snapshot_lsn, stored.enrollment.snapshot_run_id)
+    if stored is None or state is RunState.FAILED:
+        if stored is not None:
             logger.warning(
                 "the table's snapshot failed; enrolling it again",
                 extra={"table": table.qualified, "run_id": stored.enrollment.snapshot_run_id},
-            )
-            stored = _enroll(
-                settings,
-                pg_conn,
-                store,
-                table,
-                replacing=stored,
-                now=now,
-                remaining_ms=remaining_ms,
-                sleep=sleep,
-                monotonic=monotonic,
-            )
-    elif stored is None:
-        if run_id is not None:
-            raise PermanentError(
-                f"run {run_id} of {table.qualified} continues a snapshot, but the table is not enrolled "
-                "(its enrollment was reset): the next scheduled invocation enrolls it again",
-                table=table.qualified,
-                run_id=run_id,
             )
         stored = _enroll(
             settings,
             pg_conn,
             store,
             table,
-            replacing=None,
+            replacing=stored,
             now=now,
             remaining_ms=remaining_ms,
             sleep=sleep,
@@ -253,16 +243,11 @@ def _enroll(
     )
     enrolled_at = now()
     enrollment = Enrollment(table, settings.cdc.slot, position, utc_iso(enrolled_at), new_run_id(enrolled_at))
-    if not store.write_enrollment(enrollment, replacing=replacing):
+    # Conditional (absent, or still ``replacing``): of two invocations enrolling at once, one wins.
+    stored = store.write_enrollment(enrollment, replacing=replacing)
+    if stored is None:
         raise RunInProgressError(
             f"{table.qualified} was enrolled by another invocation meanwhile; it takes the snapshot",
-            table=table.qualified,
-            s3_key=enrollment_key(table),
-        )
-    found = store.read_enrollment(table)
-    if found is None or found.enrollment != enrollment:
-        raise RunInProgressError(
-            f"{table.qualified}'s enrollment changed meanwhile",
             table=table.qualified,
             s3_key=enrollment_key(table),
         )
@@ -276,7 +261,7 @@ def _enroll(
             "duration_ms": round((monotonic() - started) * 1000),
         },
     )
-    return found
+    return stored
 
 
 def _snapshot_state(store: RunStore, enrollment: Enrollment) -> RunState | None:
@@ -405,8 +390,7 @@ def _oldest_blocker(pg_conn: Connection, running: list[str]) -> str:
             " FROM pg_locks l"
             " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
             " LEFT JOIN pg_prepared_xacts p ON p.transaction = l.transactionid"
-            " WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted"
-            " AND l.transactionid::text = ANY(%s)"
+            f" WHERE {_HELD_XID} AND l.transactionid::text = ANY(%s)"
             " ORDER BY age(l.transactionid) DESC LIMIT 1",
             (running,),
         )

@@ -129,7 +129,7 @@ def extract_table(
                     # marked failed and the table's next run starts afresh (a cdc table: enrolled again).
                     attempt.checkpoint = checkpoint
                     attempt.manifest = store.get_manifest(table, lease.run_id)
-                    attempt.run, attempt.manifest = resume_run(invocation, checkpoint)
+                    attempt.run = resume_run(invocation, checkpoint, attempt.manifest)
                 if attempt.run.checkpoint.ranges:
                     attempt.run.lease = store.hand_to_ranges(attempt.run.lease, ttl_s=deadline.lease_ttl_s())
                     # A run planned just now has no range staged: only a resumed one reads their checkpoints.

@@ -163,16 +163,19 @@ def schema_as_started(invocation: Invocation, manifest: RunManifest) -> TableSch
     return schema
 
 
-def resume_run(invocation: Invocation, checkpoint: RunCheckpoint) -> tuple[ExtractionRun, RunManifest]:
-    """The unfinished run of ``checkpoint``, refused when the table's columns changed since."""
-    table = invocation.table
-    manifest = invocation.store.get_manifest(table, checkpoint.run_id)
+def resume_run(invocation: Invocation, checkpoint: RunCheckpoint, manifest: RunManifest) -> ExtractionRun:
+    """The unfinished run of ``checkpoint`` (whose manifest is ``manifest``), refused when the
+    table's columns changed since."""
     schema = schema_as_started(invocation, manifest)
     row_filter, filter_params = run_filter(invocation.options, checkpoint.lower_cursor)
     resumed = checkpoint.evolve(invocations=checkpoint.invocations + 1)
     run = ExtractionRun.open(invocation, schema, resumed, row_filter, filter_params)
     logger.info(
         "resuming",
-        extra={"run_id": checkpoint.run_id, "table": table.qualified, "files": len(checkpoint.files)},
+        extra={
+            "run_id": checkpoint.run_id,
+            "table": invocation.table.qualified,
+            "files": len(checkpoint.files),
+        },
     )
-    return run, manifest
+    return run

@@ -5,7 +5,9 @@ Proves: the enrollment records the position S and the snapshot run carries Chang
 manifest from ``extracting`` on, planned as a full replace without a key list; the enrollment
 waits for a transaction that was open when S was read, and past CDC_SNAPSHOT_WAIT_S fails
 retryably naming it; a staged snapshot is never run again (the handler reports it); a reset
-enrollment enrolls again; a cdc table's run outside its enrollment is refused.
+enrollment enrolls again; a cdc table's run outside its enrollment is refused; a snapshot split
+into ranges is finished by its workers as the same full replace carrying S; of two racing
+enrollments one is recorded.
 """
 
 from __future__ import annotations
@@ -26,59 +28,29 @@ import psycopg2.extensions
 import pytest
 from cdc_support import ChangeCaptureSource, change_capture_source
 from psycopg2 import sql
-from stack_support import PG_DSN_DEFAULT, new_bucket, unique_name
 
 from pgsnow.cdc.enroll import SnapshotStaged, reset_enrollment, snapshot_table
 from pgsnow.changes import ChangeRange, parse_lsn
 from pgsnow.cli import main as cli_main
-from pgsnow.config import Component, Settings, postgres_env
+from pgsnow.config import Component, Settings
 from pgsnow.errors import PermanentError, RetryableError
+from pgsnow.extract.ranges import FanOut
 from pgsnow.extract.run import extract_table
+from pgsnow.extract.worker import RangeOutcome, extract_range
 from pgsnow.identifiers import TableRef
 from pgsnow.local.aws import LocalAws
 from pgsnow.local.dispatcher import LambdaContext
 from pgsnow.local.stack import load_function_handler
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.postgres import connect
-from pgsnow.runs import RunStore
+from pgsnow.runs import Enrollment, RunStore
 from pgsnow.runtime import extractor_runtime, reset_runtime
 
 pytestmark = pytest.mark.integration
 
 PREFIX = "staging"
 
-
-@pytest.fixture(scope="module")
-def pg_dsn() -> str:
-    return postgres_env().get("PGSNOW_PG_DSN") or PG_DSN_DEFAULT
-
-
-@pytest.fixture(scope="module")
-def admin(pg_dsn: str) -> Iterator[psycopg2.extensions.connection]:
-    conn = psycopg2.connect(pg_dsn)
-    conn.autocommit = True
-    yield conn
-    conn.close()
-
-
-@pytest.fixture(scope="module")
-def schema_name(admin: psycopg2.extensions.connection) -> Iterator[str]:
-    name = unique_name("pgsnow_enroll_", 10)
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    yield name
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
-
-
-@pytest.fixture(scope="module")
-def s3(aws: LocalAws) -> Any:
-    return aws.client("s3")
-
-
-@pytest.fixture
-def bucket(s3: Any) -> str:
-    return new_bucket(s3, "pgsnow-enroll")
+# pg_dsn, admin, schema_name, s3 and bucket (versioned, as the deployed bucket is): conftest.py.
 
 
 @pytest.fixture
@@ -473,3 +445,72 @@ def test_a_failed_snapshot_is_enrolled_again(
     assert again.enrollment.snapshot_lsn >= failed.enrollment.snapshot_lsn
     assert staged.changes is not None and staged.changes.snapshot_lsn == again.enrollment.snapshot_lsn
     assert staged_ids(s3, bucket, staged) == list(range(1, 24))
+
+
+def test_an_enrollment_is_recorded_once_of_two_racing_writers(s3: Any, bucket: str, orders: TableRef) -> None:
+    # Given two invocations enrolling the table at once (each read "not enrolled")
+    store = RunStore(s3, bucket)
+    first = Enrollment(orders, "slot_a", 0x5000, "2026-12-07T00:00:00Z", "20261207T000000000000Z")
+    second = Enrollment(orders, "slot_a", 0x6000, "2026-12-07T00:00:01Z", "20261207T000001000000Z")
+
+    # When both record theirs, the second is refused and the first stands
+    won = store.write_enrollment(first, replacing=None)
+    assert won is not None and won.enrollment == first
+    assert store.write_enrollment(second, replacing=None) is None
+    assert store.read_enrollment(orders) == won
+
+    # and a replacement (a failed snapshot enrolled again) needs the enrollment as it was read
+    replaced = store.write_enrollment(second, replacing=won)
+    assert replaced is not None and store.read_enrollment(orders) == replaced
+    assert store.write_enrollment(first, replacing=won) is None
+    assert store.read_enrollment(orders) == replaced
+
+
+def test_a_snapshot_split_into_ranges_is_finished_by_its_workers_carrying_the_position(
+    admin: Any, pg_conn: Any, s3: Any, bucket: str, pg_dsn: str, orders: TableRef, source: ChangeCaptureSource
+) -> None:
+    # Given a cdc table with statistics, and ranges of 5 rows for the extractor's workers
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(orders.schema, orders.table)))
+    settings = cdc_settings(bucket, pg_dsn, orders, source, EXTRACT_RANGE_ROWS="5")
+    store = RunStore(s3, bucket)
+    sent: list[dict[str, Any]] = []
+
+    # When the table is enrolled with workers to fan out to
+    planned = snapshot_table(
+        settings=settings, pg_conn=pg_conn, s3=s3, table=orders, fan_out=FanOut(sent.extend)
+    )
+
+    # Then its snapshot run is handed to the workers as ranges
+    stored = store.read_enrollment(orders)
+    assert stored is not None and isinstance(planned, RunManifest)
+    assert planned.run_id == stored.enrollment.snapshot_run_id and planned.state is RunState.EXTRACTING
+    assert len(sent) >= 2 and {body["run_id"] for body in sent} == {planned.run_id}
+
+    # When each range is extracted by a worker
+    results = [
+        extract_range(
+            settings=settings,
+            pg_conn=pg_conn,
+            s3=s3,
+            table=orders,
+            run_id=planned.run_id,
+            index=body["range"],
+        )
+        for body in sent
+    ]
+
+    # Then the last one finishes the run: a full replace without a key list, carrying S, every row once
+    assert [r.outcome for r in results][-1] is RangeOutcome.FINISHED
+    staged = results[-1].manifest
+    assert staged is not None and staged.state is RunState.STAGED
+    assert (staged.mode, staged.write_mode, staged.deletes, staged.key_list) == (
+        "full",
+        "replace",
+        "none",
+        None,
+    )
+    assert staged.changes == stored.enrollment.changes
+    assert staged_ids(s3, bucket, staged) == list(range(1, 24))
+    # and the next invocation only reports it
+    assert isinstance(snapshot_table(settings=settings, pg_conn=pg_conn, s3=s3, table=orders), SnapshotStaged)
