@@ -349,7 +349,9 @@ class _Batch:
 
         results = ChangeApplier(session, loader.tables, complete).catch_up(table)
         applied_now = {key: rows for result in results for key, rows in result.rows.items()}
-        recorded = session.ledger(table).loaded_rows([staged.key for staged, _ in present])
+        # Only the files this call did not apply can have been loaded before (one look-up, or none).
+        earlier = [staged.key for staged, _ in present if staged.key not in applied_now]
+        recorded = session.ledger(table).loaded_rows(earlier) if earlier else {}
         outcomes = []
         for staged, _ in present:
             if staged.key in applied_now:
