@@ -494,13 +494,28 @@ def test_the_loader_dying_mid_apply_applies_nothing_and_redelivery_applies_once(
 
     # The steady state: the next run of the table, on a loader that prepared everything before
     steady = source.stage([change("U", 1200, 1, (4, "four!", None, 5), unchanged=("doc",))], end_lsn=1200)
+    manifest_reads: list[str] = []
+
+    def count_manifest_read(params: dict[str, Any], **_: Any) -> None:
+        if params.get("Key", "").endswith(f"{steady.run_id}.json"):
+            manifest_reads.append(params["Key"])
+
+    source.s3.meta.events.register("before-parameter-build.s3.GetObject", count_manifest_read)
     mark = local_snowflake.history.mark()
-    source.deliver(steady)
+    try:
+        source.deliver(steady)
+    finally:
+        source.s3.meta.events.unregister("before-parameter-build.s3.GetObject", count_manifest_read)
     statements = local_snowflake.history.since(mark)
     print(f"statements for one applied change run, steady state: {len(statements)}")
     for statement in statements:
         print("  ", statement.sql_text.split("\n")[0][:100])
     assert source.rows()[-1] == (4, "four!", "d4", 5)
+    # Work done once: the run's files are looked up in the ledger once (by its completion) and its
+    # manifest read from S3 by the batch, the catch-up and the completion, each once.
+    lookups = [s for s in statements if s.sql_text.startswith('SELECT "S3_KEY"')]
+    assert len(lookups) == 1
+    assert len(manifest_reads) <= 3, manifest_reads
 
 
 def test_a_run_with_a_new_column_adds_it(source: Source) -> None:
