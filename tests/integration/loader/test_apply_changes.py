@@ -567,6 +567,15 @@ def test_two_loaders_applying_the_same_run_apply_it_once(source: Source) -> None
     assert source.position() == AppliedPosition(1100, run.run_id)
     ledger = Ledger(source.sf_conn, settings.snowflake.database, settings.snowflake.control_schema, ITEMS)
     assert ledger.advance(stale, AppliedPosition(1200, "X")) is False
+    # The first position is inserted once: a second insert (another completion of the snapshot)
+    # changes nothing and reports that it lost
+    assert ledger.advance(None, AppliedPosition(SNAPSHOT_LSN, "Y", from_snapshot=True)) is False
+    assert source.position() == AppliedPosition(1100, run.run_id)
+    ledger.forget_applied_position()
+    first = AppliedPosition(SNAPSHOT_LSN, "Z", from_snapshot=True)
+    assert ledger.advance(None, first) is True
+    assert ledger.advance(None, AppliedPosition(1, "W", from_snapshot=True)) is False
+    assert source.position() == first
 
 
 def test_a_run_whose_file_never_arrived_is_skipped_once_a_later_run_exists(source: Source) -> None:
