@@ -365,15 +365,29 @@ def build_select_applied_position(database: str, control_schema: str, table: Tab
 def build_insert_applied_position(
     database: str, control_schema: str, table: TableRef, new: AppliedPosition
 ) -> Statement:
-    """The first applied position: inserted only if the table has none (0 rows when it has one)."""
-    ledger = ledger_name(database, control_schema, table)
-    key = applied_position_key(table)
+    """The first applied position: inserted only if the table has none (0 rows when it has one).
+
+    A MERGE, not an INSERT ... WHERE NOT EXISTS: Snowflake runs concurrent INSERTs side by side
+    and does not enforce the PRIMARY KEY, so two completions of a snapshot could each insert a
+    position row (and every compare-and-set after that would match 2 rows and lose). A MERGE
+    takes the ledger's lock like the claim and the compare-and-set, so the second one waits and
+    then finds the row.
+    """
     sql = (
-        f'INSERT INTO {ledger} ("S3_KEY", "RUN_ID", "SCHEMA_NAME", "TABLE_NAME", "ROWS_LOADED", "LOADED_AT", "STATUS")\n'
-        "SELECT %s, %s, %s, %s, %s, CURRENT_TIMESTAMP(), %s\n"
-        f'WHERE NOT EXISTS (SELECT 1 FROM {ledger} WHERE "S3_KEY" = %s)'
+        f'MERGE INTO {ledger_name(database, control_schema, table)} AS "LEDGER"\n'
+        'USING (SELECT %s AS "S3_KEY") AS "POSITION"\n'
+        'ON "LEDGER"."S3_KEY" = "POSITION"."S3_KEY"\n'
+        'WHEN NOT MATCHED THEN INSERT ("S3_KEY", "RUN_ID", "SCHEMA_NAME", "TABLE_NAME", "ROWS_LOADED", "LOADED_AT", "STATUS")\n'
+        'VALUES ("POSITION"."S3_KEY", %s, %s, %s, %s, CURRENT_TIMESTAMP(), %s)'
     )
-    return sql, (key, new.run_id, table.schema, table.table, new.lsn, _position_status(new), key)
+    return sql, (
+        applied_position_key(table),
+        new.run_id,
+        table.schema,
+        table.table,
+        new.lsn,
+        _position_status(new),
+    )
 
 
 def build_advance_applied_position(

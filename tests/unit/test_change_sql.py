@@ -194,11 +194,11 @@ def test_the_applied_position_is_one_reserved_ledger_row_moved_by_compare_and_se
     sql, params = build_select_applied_position("DB", "PGSNOW", ITEMS)
     assert sql.endswith('WHERE "S3_KEY" = %s') and params == (key,)
     sql, params = build_insert_applied_position("DB", "PGSNOW", ITEMS, AppliedPosition(5, "R1", True))
-    assert (
-        'WHERE NOT EXISTS (SELECT 1 FROM "DB"."PGSNOW"."LOAD_LEDGER__PUBLIC__ITEMS" WHERE "S3_KEY" = %s)'
-        in sql
-    )
-    assert params == (key, "R1", "public", "items", 5, "SNAPSHOT", key)
+    # Inserted only when missing, by a MERGE (it takes the ledger's lock; an INSERT would not)
+    assert sql.startswith('MERGE INTO "DB"."PGSNOW"."LOAD_LEDGER__PUBLIC__ITEMS"')
+    assert 'ON "LEDGER"."S3_KEY" = "POSITION"."S3_KEY"' in sql
+    assert "WHEN NOT MATCHED THEN INSERT" in sql and "WHEN MATCHED" not in sql
+    assert params == (key, "R1", "public", "items", 5, "SNAPSHOT")
     sql, params = build_advance_applied_position(
         "DB", "PGSNOW", ITEMS, AppliedPosition(5, "R1", True), AppliedPosition(9, "R2")
     )

@@ -28,7 +28,7 @@ from pgsnow.load.outcomes import FileOutcome, LoadResult, LoadStatus
 from pgsnow.load.session import LoadSession
 from pgsnow.load.tables import Tables, Target
 from pgsnow.load.through_snowpipe import Pipes
-from pgsnow.manifest import RunManifest
+from pgsnow.manifest import RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.snowflake.error_classifier import classify_snowflake_error
 from pgsnow.snowflake.load_sql import (
@@ -125,6 +125,8 @@ class Loader:
             {(o.staged.table, o.staged.run_id) for o in outcomes if o.error is None and o.staged.run_id}
         )
         for table, run_id in runs:
+            if (table, run_id) in batch.completed:
+                continue  # a change run the apply completed already (no swap or deletes to report)
             try:
                 completed = complete_run(
                     settings=self.settings,
@@ -168,6 +170,8 @@ class _Batch:
     session: LoadSession
     manifests: dict[tuple[Any, str], RunManifest] = field(default_factory=dict)
     aws_credentials: AwsCredentials | None = None
+    # Runs this batch's change applies marked ``loaded`` (load.changes): not completed again.
+    completed: set[tuple[TableRef, str]] = field(default_factory=set)
 
     def load_group_or_each(self, group: list[StagedObject]) -> list[FileOutcome]:
         try:
@@ -337,7 +341,7 @@ class _Batch:
         table = present[0][0].table
 
         def complete(run_table: TableRef, run_id: str) -> object:
-            return complete_run(
+            completed = complete_run(
                 settings=session.settings,
                 sf_conn=session.sf_conn,
                 s3=session.s3,
@@ -346,10 +350,15 @@ class _Batch:
                 credentials_source=loader.credentials_source,
                 tables=loader.tables,
             )
+            if completed.state is RunState.LOADED:
+                self.completed.add((run_table, run_id))
+            return completed
 
         results = ChangeApplier(session, loader.tables, complete).catch_up(table)
         applied_now = {key: rows for result in results for key, rows in result.rows.items()}
-        recorded = session.ledger(table).loaded_rows([staged.key for staged, _ in present])
+        # Only the files this call did not apply can have been loaded before (one look-up, or none).
+        earlier = [staged.key for staged, _ in present if staged.key not in applied_now]
+        recorded = session.ledger(table).loaded_rows(earlier) if earlier else {}
         outcomes = []
         for staged, _ in present:
             if staged.key in applied_now:

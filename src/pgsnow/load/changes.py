@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -96,38 +96,33 @@ class ChangeApplier:
             return []
         store = RunStore(self.session.s3, self.session.bucket)
         run_ids = store.run_ids(table)
+        # Each manifest is read from S3 once per catch-up: the look-ahead for a replacing run
+        # (``_replaced``) reads the same later manifests the loop reaches next.
+        manifests: dict[str, RunManifest | None] = {}
+
+        def manifest_of(run_id: str) -> RunManifest | None:
+            if run_id not in manifests:
+                found = store.read_manifest_for_update(table, run_id)
+                manifests[run_id] = None if found is None else found.manifest
+            return manifests[run_id]
+
         results: list[ChangeRunResult] = []
         for index, run_id in enumerate(run_ids):
             if not position.from_snapshot and run_id <= position.run_id:
                 continue  # change runs are drained one after another: older ones are behind it
-            found = store.read_manifest_for_update(table, run_id)
-            manifest = None if found is None else found.manifest
+            manifest = manifest_of(run_id)
             if manifest is None or not is_change_run(manifest) or manifest.state is RunState.LOADED:
                 continue
             later = run_ids[index + 1 :]
 
             def replaced(at: AppliedPosition, later: list[str] = later) -> bool:
-                return self._replaced(table, later, at)
+                return _replaced((manifest_of(later_id) for later_id in later), at)
 
             result, position = self._one_run(manifest, position, replaced=replaced)
             results.append(result)
             if result.state is ChangeRunState.WAITING:
                 break
         return results
-
-    def _replaced(self, table: TableRef, later_run_ids: list[str], position: AppliedPosition) -> bool:
-        """Is there a later change run that applies from ``position`` without the one before it?
-        (A drain that died before its state was written re-drains the same changes into a new run
-        from the same ``after_lsn``.)"""
-        store = RunStore(self.session.s3, self.session.bucket)
-        for run_id in later_run_ids:
-            found = store.read_manifest_for_update(table, run_id)
-            manifest = None if found is None else found.manifest
-            if is_change_run(manifest) and manifest is not None and manifest.state is not RunState.FAILED:
-                assert manifest.changes is not None
-                if manifest.changes.after_lsn <= position.lsn:
-                    return True
-        return False
 
     def _one_run(
         self, manifest: RunManifest, position: AppliedPosition, *, replaced: Callable[[AppliedPosition], bool]
@@ -221,6 +216,20 @@ class ChangeApplier:
             "change run settled: its changes were applied already",
             extra={"table": table.qualified, "run_id": manifest.run_id},
         )
+
+
+def _replaced(later: Iterable[RunManifest | None], position: AppliedPosition) -> bool:
+    """Is there a later change run that applies from ``position`` without the one before it?
+    (A drain that died before its state was written re-drains the same changes into a new run
+    from the same ``after_lsn``.)"""
+    return any(
+        manifest is not None
+        and manifest.changes is not None
+        and is_change_run(manifest)
+        and manifest.state is not RunState.FAILED
+        and manifest.changes.after_lsn <= position.lsn
+        for manifest in later
+    )
 
 
 def delete_mode(manifest: RunManifest, configured: DeleteMode) -> DeleteMode:

@@ -494,13 +494,28 @@ def test_the_loader_dying_mid_apply_applies_nothing_and_redelivery_applies_once(
 
     # The steady state: the next run of the table, on a loader that prepared everything before
     steady = source.stage([change("U", 1200, 1, (4, "four!", None, 5), unchanged=("doc",))], end_lsn=1200)
+    manifest_reads: list[str] = []
+
+    def count_manifest_read(params: dict[str, Any], **_: Any) -> None:
+        if params.get("Key", "").endswith(f"{steady.run_id}.json"):
+            manifest_reads.append(params["Key"])
+
+    source.s3.meta.events.register("before-parameter-build.s3.GetObject", count_manifest_read)
     mark = local_snowflake.history.mark()
-    source.deliver(steady)
+    try:
+        source.deliver(steady)
+    finally:
+        source.s3.meta.events.unregister("before-parameter-build.s3.GetObject", count_manifest_read)
     statements = local_snowflake.history.since(mark)
     print(f"statements for one applied change run, steady state: {len(statements)}")
     for statement in statements:
         print("  ", statement.sql_text.split("\n")[0][:100])
     assert source.rows()[-1] == (4, "four!", "d4", 5)
+    # Work done once: the run's files are looked up in the ledger once (by its completion) and its
+    # manifest read from S3 by the batch, the catch-up and the completion, each once.
+    lookups = [s for s in statements if s.sql_text.startswith('SELECT "S3_KEY"')]
+    assert len(lookups) == 1
+    assert len(manifest_reads) <= 3, manifest_reads
 
 
 def test_a_run_with_a_new_column_adds_it(source: Source) -> None:
@@ -552,6 +567,15 @@ def test_two_loaders_applying_the_same_run_apply_it_once(source: Source) -> None
     assert source.position() == AppliedPosition(1100, run.run_id)
     ledger = Ledger(source.sf_conn, settings.snowflake.database, settings.snowflake.control_schema, ITEMS)
     assert ledger.advance(stale, AppliedPosition(1200, "X")) is False
+    # The first position is inserted once: a second insert (another completion of the snapshot)
+    # changes nothing and reports that it lost
+    assert ledger.advance(None, AppliedPosition(SNAPSHOT_LSN, "Y", from_snapshot=True)) is False
+    assert source.position() == AppliedPosition(1100, run.run_id)
+    ledger.forget_applied_position()
+    first = AppliedPosition(SNAPSHOT_LSN, "Z", from_snapshot=True)
+    assert ledger.advance(None, first) is True
+    assert ledger.advance(None, AppliedPosition(1, "W", from_snapshot=True)) is False
+    assert source.position() == first
 
 
 def test_a_run_whose_file_never_arrived_is_skipped_once_a_later_run_exists(source: Source) -> None:
