@@ -21,7 +21,7 @@ import math
 import weakref
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from psycopg2 import sql
@@ -29,7 +29,7 @@ from psycopg2.extensions import STATUS_READY
 from psycopg2.extensions import connection as PgConnection
 
 from pgsnow import canonical_json
-from pgsnow.config import DEFAULT_CONTROL_SCHEMA, DeleteMode
+from pgsnow.config import DEFAULT_CONTROL_SCHEMA
 from pgsnow.errors import PgSnowError, VerifyError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
 from pgsnow.manifest import Column, RunManifest
@@ -1105,7 +1105,6 @@ def plan_from_postgres(
             manifest.primary_key,
             Watermark.from_manifest(manifest),
             sf_control_schema=sf_control_schema,
-            soft_deleted=manifest.deletes == DeleteMode.SOFT.value,
         )
     from pgsnow.postgres import describe_table
 
@@ -1113,6 +1112,19 @@ def plan_from_postgres(
     return VerifyPlan(
         table, sf_database, schema.columns, schema.primary_key, sf_control_schema=sf_control_schema
     )
+
+
+def has_soft_delete_column(sf_conn: Any, plan: VerifyPlan) -> bool:
+    """Whether the Snowflake table marks deleted rows (``deletes: soft``, in any mode: incremental
+    or cdc): the target itself says, whatever manifest or options the caller has at hand."""
+    with sf_conn.cursor() as cursor:
+        cursor.execute(
+            f"SELECT COUNT(*) FROM {quote_ident(plan.sf_database)}.INFORMATION_SCHEMA.COLUMNS "
+            "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s AND COLUMN_NAME = %s",
+            (plan.table.snowflake_schema, plan.table.snowflake_table, SOFT_DELETE_COLUMN),
+        )
+        found = cursor.fetchone()
+    return bool(found and found[0])
 
 
 def verify_table(
@@ -1138,6 +1150,7 @@ def verify_table(
     if not pg_conn.autocommit:
         pg_conn.rollback()  # end the catalog read's transaction so the comparison gets its own snapshot
     try:
+        plan = replace(plan, soft_deleted=has_soft_delete_column(sf_conn, plan))
         return verify_plan(pg_conn, sf_conn, plan, max_keys=max_keys)
     finally:
         # Never leave the session idle in transaction: an open transaction holds back VACUUM and

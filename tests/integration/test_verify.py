@@ -334,6 +334,36 @@ def test_table_without_primary_key_compares_rows_as_a_multiset(
 # --------------------------------------------------------------------------- incremental watermark
 
 
+def test_rows_marked_deleted_are_not_compared(
+    source_schema: tuple[str, str],
+    setup_conn: PgConnection,
+    replicate: Callable[[TableRef, FileFormat], None],
+    pg_conn: PgConnection,
+    sf_conn: Any,
+) -> None:
+    # Given a table with soft deletes in Snowflake (the deletion mark a soft-delete load adds): a row
+    # PostgreSQL deleted is still there, marked
+    table = TableRef(source_schema[1], "things_soft")
+    create_things(setup_conn, table)
+    replicate(table, FileFormat.CSV)
+    with sf_conn.cursor() as cur:
+        cur.execute(f'ALTER TABLE {sf_name(table)} ADD COLUMN "_PGSNOW_DELETED_AT" TIMESTAMP_TZ')
+        cur.execute(
+            f'INSERT INTO {sf_name(table)} ("ID", "NAME", "_PGSNOW_DELETED_AT") '
+            "VALUES (100001, 'deleted in PostgreSQL', CURRENT_TIMESTAMP())"
+        )
+    # When verify compares it (no manifest: as `pgsnow verify` does for any non-incremental table)
+    result = verify_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE)
+    # Then the marked row is not a row of the copy
+    assert result.ok, result.to_dict()
+    assert (result.source_rows, result.target_rows) == (60, 60)
+    # And once the mark is gone, the same row is an extra one
+    with sf_conn.cursor() as cur:
+        cur.execute(f'UPDATE {sf_name(table)} SET "_PGSNOW_DELETED_AT" = NULL WHERE "ID" = 100001')
+    result = verify_table(pg_conn, sf_conn, table, SNOWFLAKE_DATABASE)
+    assert not result.ok and result.extra == ["100001"]
+
+
 def test_incremental_table_is_verified_up_to_the_watermark(
     stack: LocalStack,
     source_schema: tuple[str, str],
