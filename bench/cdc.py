@@ -25,6 +25,9 @@ batching, while the workload inserts orders stamped ``clock_timestamp()``; the l
 polled every ``--poll`` seconds for the new orders. Results go to ``bench/results/cdc-latest.json``.
 
     .venv/bin/python bench/cdc.py [--transactions 2000] [--latency-minutes 4] [--dlt-python PATH]
+
+``PGSNOW_BENCH_PROFILE=FILE`` runs pgsnow's drain child under cProfile and writes its stats to FILE
+(the rates are then not comparable: the profiler slows the Python side).
 """
 
 from __future__ import annotations
@@ -167,7 +170,8 @@ def run_pgsnow(stack: Any, slot: str, publication: str, end_lsn: str, changes: i
         "POWERTOOLS_LOG_LEVEL": "WARNING",
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
     }
-    command = [sys.executable, str(Path(__file__).resolve()), "--drain-child", "--end-lsn", end_lsn]
+    profile = ["-m", "cProfile", "-o", os.environ["PGSNOW_BENCH_PROFILE"]] if os.environ.get("PGSNOW_BENCH_PROFILE") else []
+    command = [sys.executable, *profile, str(Path(__file__).resolve()), "--drain-child", "--end-lsn", end_lsn]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     seconds = time.perf_counter() - started

@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,6 +70,9 @@ NO_DEADLINE_S = 365 * 24 * 3600.0
 SKIPPED_BUSY = {"skipped": "slot busy"}
 # How often the replication connection answers the server while the run stages and uploads.
 KEEP_ALIVE_EVERY_S = 10.0
+# Tables staged and uploaded at once (``_stage_and_upload``): two cores' worth of compression, plus
+# room for uploads waiting on the network.
+STAGE_WORKERS = 4
 
 
 def connect_control(dsn: str) -> Connection:
@@ -431,76 +435,108 @@ def _stage_and_upload(
     scratch: Path,
     now: Callable[[], datetime],
 ) -> dict[TableRef, StagedSegment]:
-    """Stage every table's segments locally, then per table its manifest and its files."""
+    """Per table: stage its segments locally, then write its manifest, then upload its files.
+
+    Tables are independent (each its own manifest and chain), so they go through STAGE_WORKERS
+    threads at once, each with its own staging connection: compressing (which releases the GIL),
+    PostgreSQL's round trip and the uploads of different tables overlap. Each table's manifest is
+    still written before its files. A failure fails the run (the others finish first); nothing is
+    confirmed, and the next run supersedes this one's manifests (``_repair``).
+    """
     by_table: dict[TableRef, list[SpilledChanges]] = {}
     for segment in stream.segments:
         by_table.setdefault(segment.table, []).append(segment)
-    staged: dict[TableRef, StagedSegment] = {}
-    manifests: list[RunManifest] = []
-    pg_conn = connect_for_staging(dsn, statement_timeout_ms=settings.postgres.statement_timeout_ms)
-    try:
-        for table, segments in by_table.items():
-            options = settings.table_options(table)
-            published = store.load_published_columns(table)
-            kept = kept_numeric_scales(published, options)
-            nullable = _source_nullable(pg_conn, table)
-            # auto: as full runs decide, by rows (here: the run's changes of the table).
-            file_format = choose_file_format(
-                options.file_format or settings.file_format, sum(s.rows for s in segments)
-            )
-            result = stage_table(
-                pg_conn,
-                segments,
-                run_id=run_id,
-                prefix=settings.prefix,
-                file_format=file_format,
-                value_policy=options.value_policy,
-                target_file_mb=settings.extract.target_file_mb,
-                work_dir=scratch,
-                batch_rows=settings.batch_rows,
-                kept_scales=kept,
-                source_nullable=nullable,
-            )
-            staged[table] = result
-            for segment in segments:  # staged: its spill is no longer needed (Lambda's /tmp is finite)
-                segment.path.unlink(missing_ok=True)
-            changes = ChangeRange(
-                slot=settings.cdc.slot,
-                # The table's previous change run's end; lower only when the slot went back further
-                # (a server crash loses positions confirmed since its last checkpoint): the run
-                # then holds every change after its start, and says so.
-                after_lsn=min(state.tables.get(table.qualified, 0), stream.start_lsn),
-                end_lsn=stream.end_lsn,
-                first_commit_lsn=segments[0].first_commit_lsn,
-                last_commit_lsn=segments[-1].last_commit_lsn,
-            )
-            manifests.append(
-                RunManifest(
-                    run_id=run_id,
-                    table=table,
-                    mode=ExtractMode.CDC.value,
-                    file_format=file_format,
-                    columns=result.columns,
-                    primary_key=result.primary_key,
-                    state=RunState.STAGED,
-                    started_at=utc_iso(started_at),
-                    finished_at=utc_iso(now()),
-                    files=tuple(f.staged_file() for f in result.files),
-                    write_mode=WriteMode.MERGE.value,
-                    deletes=options.deletes.value,
-                    warnings=result.warnings,
-                    changes=changes,
-                )
-            )
-    finally:
-        pg_conn.close()
-    for manifest in manifests:
+    connections = _StagingConnections(dsn, settings.postgres.statement_timeout_ms)
+
+    def stage_one(table: TableRef, segments: list[SpilledChanges]) -> StagedSegment:
+        pg_conn = connections.get()
+        options = settings.table_options(table)
+        published = store.load_published_columns(table)
+        kept = kept_numeric_scales(published, options)
+        nullable = _source_nullable(pg_conn, table)
+        # auto: as full runs decide, by rows (here: the run's changes of the table).
+        file_format = choose_file_format(
+            options.file_format or settings.file_format, sum(s.rows for s in segments)
+        )
+        result = stage_table(
+            pg_conn,
+            segments,
+            run_id=run_id,
+            prefix=settings.prefix,
+            file_format=file_format,
+            value_policy=options.value_policy,
+            target_file_mb=settings.extract.target_file_mb,
+            work_dir=scratch,
+            batch_rows=settings.batch_rows,
+            kept_scales=kept,
+            source_nullable=nullable,
+        )
+        for segment in segments:  # staged: its spill is no longer needed (Lambda's /tmp is finite)
+            segment.path.unlink(missing_ok=True)
+        changes = ChangeRange(
+            slot=settings.cdc.slot,
+            # The table's previous change run's end; lower only when the slot went back further
+            # (a server crash loses positions confirmed since its last checkpoint): the run
+            # then holds every change after its start, and says so.
+            after_lsn=min(state.tables.get(table.qualified, 0), stream.start_lsn),
+            end_lsn=stream.end_lsn,
+            first_commit_lsn=segments[0].first_commit_lsn,
+            last_commit_lsn=segments[-1].last_commit_lsn,
+        )
+        manifest = RunManifest(
+            run_id=run_id,
+            table=table,
+            mode=ExtractMode.CDC.value,
+            file_format=file_format,
+            columns=result.columns,
+            primary_key=result.primary_key,
+            state=RunState.STAGED,
+            started_at=utc_iso(started_at),
+            finished_at=utc_iso(now()),
+            files=tuple(f.staged_file() for f in result.files),
+            write_mode=WriteMode.MERGE.value,
+            deletes=options.deletes.value,
+            warnings=result.warnings,
+            changes=changes,
+        )
         # The manifest first: any file's S3 event then finds it, complete.
         store.put_manifest(manifest)
-        result = staged[manifest.table]
         upload_files(s3, settings.bucket, result.files, run_id=run_id)
         _publish_columns(store, manifest)
-    return staged
+        return result
+
+    try:
+        with ThreadPoolExecutor(max_workers=STAGE_WORKERS, thread_name_prefix="pgsnow-stage") as pool:
+            futures = {table: pool.submit(stage_one, table, segments) for table, segments in by_table.items()}
+            return {table: future.result() for table, future in futures.items()}
+    finally:
+        connections.close()
+
+
+class _StagingConnections:
+    """One staging connection per worker thread (a psycopg2 connection serves one thread at a time)."""
+
+    def __init__(self, dsn: str, statement_timeout_ms: int) -> None:
+        self._dsn = dsn
+        self._statement_timeout_ms = statement_timeout_ms
+        self._local = threading.local()
+        self._opened: list[Connection] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> Connection:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect_for_staging(self._dsn, statement_timeout_ms=self._statement_timeout_ms)
+            self._local.conn = conn
+            with self._lock:
+                self._opened.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._opened:
+                conn.close()
+            self._opened.clear()
 
 
 def _source_nullable(pg_conn: Connection, table: TableRef) -> dict[str, bool]:

@@ -88,7 +88,6 @@ from pgsnow.cdc.protocol import (
     UNCHANGED,
     Begin,
     Commit,
-    Delete,
     LogicalMessage,
     Relation,
     Truncate,
@@ -98,6 +97,13 @@ from pgsnow.cdc.protocol import (
     tuple_csv,
 )
 from pgsnow.cdc.slot import SlotHealth, SlotLostError, check_slot, slot_health
+from pgsnow.cdc.staged_text import (
+    CONVERTIBLE_PAYLOAD_BYTES,
+    Converter,
+    relation_converters,
+    staged_fields,
+    staged_value,
+)
 from pgsnow.changes import format_lsn, unchanged_text
 from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.identifiers import TableRef
@@ -133,6 +139,9 @@ _IDLE_WAIT_S = 1.0
 # and reopened where it was left when its table has rows again.
 MAX_OPEN_SPILL_FILES = 64
 _WRITE_BUFFER_BYTES = 256 * 1024
+# A segment in staged text records a row boundary about every this many bytes: where staging may cut
+# its files (``stage``: a file ends on a row, near EXTRACT_TARGET_FILE_MB) without reading the rows.
+CUT_EVERY_BYTES = 1 << 20
 _u32 = struct.Struct("!I").unpack_from
 _OBJECT_IN_USE = "55006"
 _UNDEFINED_OBJECT = "42704"
@@ -152,6 +161,11 @@ class SpilledChanges:
     rows: int
     first_commit_lsn: int
     last_commit_lsn: int
+    # Every value already in the staged CSV encoding (``pgsnow.cdc.staged_text``), or pgoutput's text.
+    staged_text: bool = False
+    # Row boundaries (byte offset, rows before it), increasing; the file's end is the last boundary.
+    cuts: tuple[tuple[int, int], ...] = ()
+    size: int = 0  # bytes
 
 
 @dataclass(frozen=True)
@@ -175,10 +189,13 @@ class _SpillWriter:
 
     __slots__ = (
         "committed",
+        "converters",
+        "cuts",
         "file",
         "first",
         "last",
         "ncolumns",
+        "next_cut",
         "path",
         "pending",
         "relation",
@@ -187,9 +204,14 @@ class _SpillWriter:
         "written",
     )
 
-    def __init__(self, table: TableRef, relation: Relation, path: Path) -> None:
+    def __init__(
+        self, table: TableRef, relation: Relation, path: Path, converters: tuple[Converter, ...] | None
+    ) -> None:
         self.table = table
         self.relation = relation
+        self.converters = converters  # values in staged text (None: pgoutput's text)
+        self.cuts: list[tuple[int, int]] = []  # only in staged text (SpilledChanges.cuts)
+        self.next_cut = CUT_EVERY_BYTES if converters is not None else 2**62
         self.ncolumns = len(relation.columns)
         self.path = path
         self.file: IO[bytes] | None = None  # open while in _StreamState.open_files
@@ -204,6 +226,13 @@ class _SpillWriter:
         self.file.write(data)  # type: ignore[union-attr]  # _StreamState.writer opened it
         self.written += len(data)
         self.pending += 1
+        if self.written >= self.next_cut:
+            self.cut()
+
+    def cut(self) -> None:
+        """Record the row boundary at the end of what is written."""
+        self.cuts.append((self.written, self.rows + self.pending))
+        self.next_cut = self.written + CUT_EVERY_BYTES
 
     def commit(self, commit_lsn: int) -> None:
         self.rows += self.pending
@@ -228,6 +257,10 @@ class _SpillWriter:
         self.file.seek(self.committed)
         self.written = self.committed
         self.pending = 0
+        while self.cuts and self.cuts[-1][0] > self.committed:
+            self.cuts.pop()
+        if self.converters is not None:
+            self.next_cut = (self.cuts[-1][0] if self.cuts else 0) + CUT_EVERY_BYTES
 
     def close(self) -> None:
         if self.file is not None:
@@ -235,15 +268,28 @@ class _SpillWriter:
             self.file = None
 
     def result(self) -> SpilledChanges:
-        return SpilledChanges(self.table, self.relation, self.path, self.rows, self.first, self.last)
+        staged_text = self.converters is not None
+        cuts = self.cuts if not self.cuts or self.cuts[-1][0] < self.written else self.cuts[:-1]
+        return SpilledChanges(
+            self.table,
+            self.relation,
+            self.path,
+            self.rows,
+            self.first,
+            self.last,
+            staged_text=staged_text,
+            cuts=(*cuts, (self.written, self.rows)) if staged_text else (),
+            size=self.written,
+        )
 
 
 class _StreamState:
     """What one read keeps: relations, open segments, the transaction's counters, totals."""
 
-    def __init__(self, tables: Collection[TableRef], spill_dir: Path) -> None:
+    def __init__(self, tables: Collection[TableRef], spill_dir: Path, *, staged_text: bool = True) -> None:
         self.wanted_names = {(t.schema, t.table): t for t in tables}
         self.spill_dir = spill_dir
+        self.staged_text = staged_text
         self.relations: dict[int, Relation] = {}
         self.wanted: dict[int, TableRef | None] = {}
         self.current: dict[int, _SpillWriter] = {}  # by relation oid: the segment rows go to
@@ -267,6 +313,8 @@ class _StreamState:
         table = self.wanted_names.get((message.namespace or "pg_catalog", message.name))
         self.wanted[message.oid] = table
         writer = self.current.get(message.oid)
+        if writer is not None and writer.relation.columns == message.columns:
+            return  # described again (a cache invalidation): the segment goes on as it is
         if writer is not None and (writer.table != table or writer.relation.columns != message.columns):
             del self.current[message.oid]  # schema drift (or a rename): the next row starts a new segment
 
@@ -278,10 +326,9 @@ class _StreamState:
                 if oid not in self.relations:
                     raise PermanentError(f"pgoutput sent a change of relation {oid} before describing it")
                 return None
-            path = self.spill_dir / f"{len(self.segments):05d}-{table.schema}.{table.table}.csv"
-            writer = _SpillWriter(table, self.relations[oid], path)
-            self.segments.append(writer)
-            self.current[oid] = writer
+            relation = self.relations[oid]
+            converters = relation_converters(relation.columns) if self.staged_text else None
+            writer = self._new_segment(oid, table, relation, converters)
         if writer.file is None:
             if len(self.open_files) >= MAX_OPEN_SPILL_FILES:
                 self.open_files.popleft().close()
@@ -290,13 +337,31 @@ class _StreamState:
         self.touched[id(writer)] = writer
         return writer
 
+    def _new_segment(
+        self, oid: int, table: TableRef, relation: Relation, converters: tuple[Converter, ...] | None
+    ) -> _SpillWriter:
+        path = self.spill_dir / f"{len(self.segments):05d}-{table.schema}.{table.table}.csv"
+        writer = _SpillWriter(table, relation, path, converters)
+        self.segments.append(writer)
+        self.current[oid] = writer
+        return writer
+
+    def plain_text(self, writer: _SpillWriter) -> _SpillWriter:
+        """The table's segment in pgoutput's text from here on: a value of ``writer``'s is not staged
+        as it is (``staged_text``), so the run takes the round trip through PostgreSQL (``stage``)."""
+        oid = next(o for o, w in self.current.items() if w is writer)
+        writer.cut()  # its end: staging reads the segment up to here
+        plain = self._new_segment(oid, writer.table, writer.relation, None)
+        return self.writer(oid) or plain
+
     # --- transactions ---
 
     def begin(self, message: Begin) -> None:
         self.in_transaction = True
         self.commit_lsn = message.final_lsn
         self.head = b",%d," % message.final_lsn
-        self.committed_at = message.commit_time.isoformat().encode()
+        # The staged encoding of a timestamptz (``staged_text``), which PostgreSQL reads back too.
+        self.committed_at = message.commit_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
         self.seq = 0
 
     def commit(self, message: Commit) -> None:
@@ -352,9 +417,39 @@ class _StreamState:
         self.pending_changes += 1
 
     def _values_row(self, writer: _SpillWriter, op: bytes, values: TupleValues, moved: bool = False) -> None:
-        fields = ",".join([_quoted(v) if v.__class__ is str else "" for v in values])
+        """A decoded tuple's row (the less common changes: key moves, REPLICA IDENTITY FULL)."""
+        converters = writer.converters
+        if converters is not None and len(converters) == len(values):
+            staged = [
+                staged_value(v, c) if isinstance(v, str) else b""
+                for v, c in zip(values, converters, strict=True)
+            ]
+            if None not in staged:
+                unchanged = [i for i, v in enumerate(values) if v is UNCHANGED] or None
+                fields = b",".join(f for f in staged if f is not None) if staged else b""
+                self.write_row(writer, op, fields, len(values), unchanged=unchanged, moved=moved)
+                return
+            writer = self.plain_text(writer)
+        text = ",".join([_quoted(v) if isinstance(v, str) else "" for v in values])
         unchanged = [i for i, v in enumerate(values) if v is UNCHANGED] or None
-        self.write_row(writer, op, fields.encode(), len(values), unchanged=unchanged, moved=moved)
+        self.write_row(writer, op, text.encode(), len(values), unchanged=unchanged, moved=moved)
+
+    def _fields(
+        self, writer: _SpillWriter, payload: bytes, pos: int
+    ) -> tuple[_SpillWriter, bytes, int, list[int] | None]:
+        """The tuple at ``pos`` as the writer's fields; the table's segment turns to pgoutput's text
+        when a value is not staged as it is (the writer to use is returned)."""
+        converters = writer.converters
+        if converters is not None:
+            staged = (
+                staged_fields(payload, pos, converters) if len(payload) <= CONVERTIBLE_PAYLOAD_BYTES else None
+            )
+            if staged is not None:
+                fields, count, unchanged, _ = staged
+                return writer, fields, count, unchanged
+            writer = self.plain_text(writer)
+        fields, count, unchanged, _ = tuple_csv(payload, pos)
+        return writer, fields, count, unchanged
 
     def new_tuple_payload(self, op: bytes, payload: bytes) -> None:
         """An insert, or an update that kept its identity (no old key or row): from the payload's
@@ -368,7 +463,16 @@ class _StreamState:
                 return
         if not writer.pending:  # its first row of the transaction: commit or discard it with the rest
             self.touched[id(writer)] = writer
-        fields, count, unchanged, _ = tuple_csv(payload, 6)
+        converters = writer.converters
+        staged = (
+            staged_fields(payload, 6, converters)
+            if converters is not None and len(payload) <= CONVERTIBLE_PAYLOAD_BYTES
+            else None
+        )
+        if staged is None:
+            writer, fields, count, unchanged = self._fields(writer, payload, 6)
+        else:
+            fields, count, unchanged, _ = staged
         if unchanged or count != writer.ncolumns:
             self.write_row(writer, op, fields, count, unchanged=unchanged)
             return
@@ -377,7 +481,24 @@ class _StreamState:
         writer.file.write(data)  # type: ignore[union-attr]  # open: checked above
         writer.written += len(data)
         writer.pending += 1
+        if writer.written >= writer.next_cut:
+            writer.cut()
         self.pending_changes += 1
+
+    def old_tuple_payload(self, payload: bytes) -> None:
+        """A delete: its old key (or, under REPLICA IDENTITY FULL, old row) from the payload's bytes
+        straight to the spill, as ``new_tuple_payload`` does for inserts."""
+        if payload[5] not in (0x4B, 0x4F):  # 'K' or 'O'
+            raise PermanentError(f"pgoutput delete: expected 'K' or 'O', got {payload[5:6]!r}")
+        writer = self.writer(_u32(payload, 1)[0])
+        if writer is None:
+            return
+        writer, fields, count, unchanged = self._fields(writer, payload, 6)
+        if unchanged:  # pgoutput never sends an unchanged value in an old tuple
+            raise PermanentError(
+                "pgoutput delete with an unchanged TOAST value", table=writer.table.qualified
+            )
+        self.write_row(writer, b"D", fields, count)
 
     def update(self, message: Update) -> None:
         writer = self.writer(message.relation_oid)
@@ -394,15 +515,6 @@ class _StreamState:
                     self._values_row(writer, b"U", new, moved=True)
                     return
         self._values_row(writer, b"U", message.new)
-
-    def delete(self, message: Delete) -> None:
-        writer = self.writer(message.relation_oid)
-        if writer is None:
-            return
-        old = message.key if message.key is not None else message.old
-        if old is None:  # the decoder never returns one without either
-            raise PermanentError("pgoutput delete without an old key", table=writer.table.qualified)
-        self._values_row(writer, b"D", old)
 
     def truncate(self, message: Truncate) -> None:
         for oid in message.relation_oids:
@@ -497,17 +609,22 @@ class ReplicationSession:
         heartbeat_prefix: str = HEARTBEAT_PREFIX,
         clock: Callable[[], float] = time.monotonic,
         heartbeat_commit_lsn: int | None = None,
+        staged_text: bool = True,
     ) -> DrainedStream:
         """Read the stream into ``spill_dir`` until the heartbeat, the byte budget or the deadline
         (``clock()`` is ``time.monotonic`` unless a test passes its own; see the module docstring).
 
         ``heartbeat_commit_lsn``: a heartbeat *table* (CDC_HEARTBEAT=table) ends the read at the first
-        commit at or after this position (taken inside the heartbeat's transaction, before it committed)."""
+        commit at or after this position (taken inside the heartbeat's transaction, before it committed).
+
+        ``staged_text``: a table whose every column is of a type ``pgsnow.cdc.staged_text`` converts
+        is spilled in the staged encoding (the drain); off, every value stays pgoutput's text (the
+        tests compare the two)."""
         if self._read:
             raise PermanentError("a replication session is read once; open a new one to read again")
         self._read = True
         spill_dir.mkdir(parents=True, exist_ok=True)
-        state = _StreamState(tables, spill_dir)
+        state = _StreamState(tables, spill_dir, staged_text=staged_text)
         cursor = self._cursor
         bytes_read = 0
         last_heartbeat: str | None = None
@@ -545,13 +662,19 @@ class ReplicationSession:
                             f"pgoutput message of {len(payload)} bytes is malformed: {exc}"
                         ) from exc
                     continue
+                if tag == 0x44:  # 'D': a delete's old key (or row) to the spill, as above
+                    self.changes_read += 1
+                    try:
+                        state.old_tuple_payload(payload)
+                    except (struct.error, IndexError) as exc:
+                        raise PermanentError(
+                            f"pgoutput message of {len(payload)} bytes is malformed: {exc}"
+                        ) from exc
+                    continue
                 message = decode_message(payload)
                 if isinstance(message, Update):
                     self.changes_read += 1
                     state.update(message)
-                elif isinstance(message, Delete):
-                    self.changes_read += 1
-                    state.delete(message)
                 elif isinstance(message, Begin):
                     state.begin(message)
                 elif isinstance(message, Commit):
@@ -730,6 +853,7 @@ def read_changes(
     spill_dir: Path,
     heartbeat_prefix: str = HEARTBEAT_PREFIX,
     heartbeat_commit_lsn: int | None = None,
+    staged_text: bool = True,
 ) -> DrainedStream:
     """Open the stream, read it once, close it without confirming (tests, and a dry read)."""
     with open_stream(dsn, slot=slot, publication=publication, tables=tables) as session:
@@ -741,4 +865,5 @@ def read_changes(
             spill_dir=spill_dir,
             heartbeat_prefix=heartbeat_prefix,
             heartbeat_commit_lsn=heartbeat_commit_lsn,
+            staged_text=staged_text,
         )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +29,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from pgsnow.cdc.staged_text import header_line, is_bytea, kinds_agree
 from pgsnow.changes import (
     CHANGE_COLUMN_TYPES,
     CHANGE_COLUMNS,
@@ -40,7 +41,7 @@ from pgsnow.changes import (
 )
 from pgsnow.config import ValuePolicy
 from pgsnow.errors import PermanentError
-from pgsnow.formats import CsvBatchSplitter, ParquetWriter, WrittenFile, open_arrow_csv
+from pgsnow.formats import CsvBatchSplitter, CsvGzipWriter, ParquetWriter, WrittenFile, open_arrow_csv
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key
 from pgsnow.manifest import Column, StagedFile
@@ -95,6 +96,10 @@ class SpilledSegment(Protocol):
     def path(self) -> Path: ...
     @property
     def rows(self) -> int: ...
+    @property
+    def staged_text(self) -> bool: ...
+    @property
+    def cuts(self) -> Sequence[tuple[int, int]]: ...
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,8 @@ class StagedSegment:
     file_format: FileFormat
     files: tuple[LocalChangeFile, ...]
     warnings: tuple[str, ...] = ()
+    # Whether the values took the round trip through a temp table (False: spilled in staged text).
+    round_trip: bool = True
 
     @property
     def rows(self) -> int:
@@ -196,55 +203,52 @@ def stage_table(
     out_dir = work_dir / temp_name  # tables of one run stage side by side: batch numbers repeat
     out_dir.mkdir(parents=True)
     started = time.monotonic()
+    # Every value spilled in its staged form, in one shape, for a CSV run without a row cap: the
+    # spill is the files' content (module docstring). The temp table is still created, empty, so
+    # that the columns are described exactly as the round trip would describe them.
+    as_spilled = (
+        file_format is FileFormat.CSV
+        and batch_rows is None
+        and all(s.staged_text and _shape(s.relation.columns) == _shape(relation_columns) for s in segments)
+    )
+    key = tuple(c.name for c in relation_columns if c.is_key)
+    max_bytes = target_file_mb * 1024 * 1024
     try:
         with pg_conn.cursor() as cur:
             temp_schema = _create_temp_table(cur, temp_name, relation_columns)
-            target = sql.Identifier(temp_schema, temp_name)
-            for segment in segments:
-                if _shape(segment.relation.columns) == _shape(relation_columns):
-                    _copy_spill(cur, target, segment.path)
-                else:
-                    _insert_older_segment(cur, target, segment, relation_columns)
-        schema = describe_table(pg_conn, TableRef(temp_schema, temp_name))
-        schema = choose_numeric_scales(pg_conn, schema, kept=kept_scales)
-        # Key values must stage unchanged whatever the policy: they are what the loader matches on.
-        key = tuple(c.name for c in relation_columns if c.is_key)
-        try:
-            check_values_fit(
-                pg_conn,
-                _without_pk(schema),
-                columns=None if value_policy is ValuePolicy.FAIL else key,
-                policy=value_policy,
-            )
-        except PermanentError as exc:
-            # Name the source table, not the temp table the check ran on.
-            message = exc.message.replace(f"{temp_schema}.{temp_name}", table.qualified)
-            message = message.replace(
-                f"primary key ({LSN_COLUMN}, {SEQ_COLUMN})", "the change (commit LSN, seq)"
-            )
-            raise PermanentError(message, table=table.qualified, run_id=run_id) from None
-        # The rows were COPYed in stream order ((_pgsnow_lsn, _pgsnow_seq) order) into a heap of this
-        # session's own, so a sequential scan from its first block returns them in that order without
-        # a sort (the sort was 2.8x the read-out at 300 MB). A synchronized scan could start
-        # mid-table, so it is off for this transaction. The apply orders by (lsn, seq) itself and
-        # never relies on the file's order.
-        with pg_conn.cursor() as cur:
-            cur.execute("SET LOCAL synchronize_seqscans = off")
-        rows = RowRange()
-        reader = TableReader(pg_conn, schema, policy=value_policy)
-        max_bytes = target_file_mb * 1024 * 1024
-        cap = batch_rows or NO_ROW_CAP
-        if file_format is FileFormat.PARQUET:
-            written = _write_parquet(
-                reader, rows, schema, work_dir=out_dir, first_batch=1, max_bytes=max_bytes, cap=cap
-            )
+        temp = TableRef(temp_schema, temp_name)
+        schema = describe_table(pg_conn, temp)
+        round_trip = not (as_spilled and kinds_agree(relation_columns, schema.columns[len(CHANGE_COLUMNS) :]))
+        if not round_trip:
+            header = header_line([c.name for c in schema.columns])
+            written = _write_spilled_csv(segments, header, work_dir=out_dir, max_bytes=max_bytes)
         else:
-            written = _write_csv(reader, rows, work_dir=out_dir, first_batch=1, max_bytes=max_bytes, cap=cap)
+            with pg_conn.cursor() as cur:
+                for segment in segments:
+                    if not segment.staged_text and _shape(segment.relation.columns) == _shape(
+                        relation_columns
+                    ):
+                        _copy_spill(cur, sql.Identifier(temp_schema, temp_name), segment.path)
+                    else:
+                        _insert_segment(
+                            cur, sql.Identifier(temp_schema, temp_name), segment, relation_columns
+                        )
+            schema = choose_numeric_scales(pg_conn, schema, kept=kept_scales)
+            _check_values(pg_conn, schema, key, value_policy, temp=temp, table=table, run_id=run_id)
+            written = _read_out(
+                pg_conn,
+                schema,
+                file_format,
+                value_policy,
+                work_dir=out_dir,
+                max_bytes=max_bytes,
+                cap=batch_rows or NO_ROW_CAP,
+            )
     except psycopg2.Error as exc:
         raise classify_pg_error(exc, table=table.qualified) from exc
     finally:
         if not pg_conn.closed:
-            pg_conn.rollback()  # drops the temp table (ON COMMIT DROP applies at rollback too)
+            pg_conn.rollback()  # drops the temp tables (ON COMMIT DROP applies at rollback too)
     nullable = source_nullable or {}
     data_columns = tuple(
         replace(c, nullable=nullable.get(c.name, True))
@@ -262,6 +266,7 @@ def stage_table(
         file_format=file_format,
         files=files,
         warnings=tuple(w.replace(f"{temp_schema}.{temp_name}", table.qualified) for w in schema.warnings),
+        round_trip=round_trip,
     )
     logger.info(
         "staged change files locally",
@@ -271,6 +276,7 @@ def stage_table(
             "rows": staged.rows,
             "bytes": staged.bytes,
             "files": len(files),
+            "round_trip": round_trip,
             "duration_ms": round((time.monotonic() - started) * 1000),
         },
     )
@@ -281,6 +287,98 @@ def _shape(columns: Sequence[SpilledColumn]) -> list[tuple[str, int, int]]:
     return [(c.name, c.type_oid, c.type_modifier) for c in columns]
 
 
+def _check_values(
+    pg_conn: Connection,
+    schema: TableSchema,
+    key: tuple[str, ...],
+    value_policy: ValuePolicy,
+    *,
+    temp: TableRef,
+    table: TableRef,
+    run_id: str,
+) -> None:
+    """``check_values_fit`` over the temp table, the error naming the source table and the change."""
+    try:
+        # Key values must stage unchanged whatever the policy: they are what the loader matches on.
+        check_values_fit(
+            pg_conn,
+            _without_pk(schema),
+            columns=None if value_policy is ValuePolicy.FAIL else key,
+            policy=value_policy,
+        )
+    except PermanentError as exc:
+        message = exc.message.replace(temp.qualified, table.qualified)
+        message = message.replace(f"primary key ({LSN_COLUMN}, {SEQ_COLUMN})", "the change (commit LSN, seq)")
+        raise PermanentError(message, table=table.qualified, run_id=run_id) from None
+
+
+def _read_out(
+    pg_conn: Connection,
+    schema: TableSchema,
+    file_format: FileFormat,
+    value_policy: ValuePolicy,
+    *,
+    work_dir: Path,
+    max_bytes: int,
+    cap: int,
+) -> list[WrittenFile]:
+    """The temp table's rows through the extractor's select builders, as local files."""
+    # The rows were COPYed in stream order ((_pgsnow_lsn, _pgsnow_seq) order) into a heap of this
+    # session's own, so a sequential scan from its first block returns them in that order without
+    # a sort (the sort was 2.8x the read-out at 300 MB). A synchronized scan could start
+    # mid-table, so it is off for this transaction. The apply orders by (lsn, seq) itself and
+    # never relies on the file's order.
+    with pg_conn.cursor() as cur:
+        cur.execute("SET LOCAL synchronize_seqscans = off")
+    rows = RowRange()
+    reader = TableReader(pg_conn, schema, policy=value_policy)
+    if file_format is FileFormat.PARQUET:
+        return _write_parquet(
+            reader, rows, schema, work_dir=work_dir, first_batch=1, max_bytes=max_bytes, cap=cap
+        )
+    return _write_csv(reader, rows, work_dir=work_dir, first_batch=1, max_bytes=max_bytes, cap=cap)
+
+
+# Bytes read from a spill at once when it is compressed as it is.
+_SPILL_READ_BYTES = 4 << 20
+
+
+def _write_spilled_csv(
+    segments: Sequence[SpilledSegment], header: bytes, *, work_dir: Path, max_bytes: int
+) -> list[WrittenFile]:
+    """The staged-text spills as CSV.gz files: the header, then the spilled rows as they are, a file
+    cut at the first row boundary the reader recorded (``SpilledChanges.cuts``) past ``max_bytes``."""
+    written: list[WrittenFile] = []
+    current: CsvGzipWriter | None = None
+    batch = 1
+    for segment in segments:
+        with segment.path.open("rb") as spill:
+            offset = rows = 0
+            for cut_offset, cut_rows in segment.cuts:
+                if current is None:
+                    current = CsvGzipWriter(work_dir / f"batch{batch}.csv.gz", batch, header)
+                    batch += 1
+                block_rows = cut_rows - rows
+                while offset < cut_offset:
+                    data = spill.read(min(cut_offset - offset, _SPILL_READ_BYTES))
+                    if not data:
+                        raise PermanentError(f"the spill file {segment.path.name} is shorter than recorded")
+                    current.write_block(data, block_rows, None, None)
+                    block_rows = 0  # counted with the block's first piece
+                    offset += len(data)
+                rows = cut_rows
+                if current.compressed_bytes >= max_bytes:
+                    written.append(current.close())
+                    current = None
+            if rows != segment.rows:
+                raise PermanentError(
+                    f"the spill file {segment.path.name} holds {rows} rows where {segment.rows} were written"
+                )
+    if current is not None:
+        written.append(current.close())
+    return written
+
+
 def _copy_spill(cur: Any, target: sql.Identifier, path: Path) -> None:
     with path.open("rb") as spill:
         cur.copy_expert(
@@ -288,13 +386,16 @@ def _copy_spill(cur: Any, target: sql.Identifier, path: Path) -> None:
         )
 
 
-def _insert_older_segment(
+def _insert_segment(
     cur: Any, target: sql.Identifier, segment: SpilledSegment, newest: Sequence[SpilledColumn]
 ) -> None:
-    """A segment spilled under an older column list, brought into the newest shape (``stage_table``)."""
+    """A segment that is not COPYed into the temp table as it is: one spilled under an older column
+    list, brought into the newest shape (``stage_table``), or one in staged text (its bytea values
+    are bare hex: read as text and decoded; every other staged value is PostgreSQL input as it is)."""
     older = list(segment.relation.columns)
     older_name = f"pgsnow_changes_{uuid.uuid4().hex[:16]}"
-    _create_temp_table(cur, older_name, older)
+    hex_text = {c.name for c in older if segment.staged_text and is_bytea(c)}
+    _create_temp_table(cur, older_name, older, text_columns=hex_text)
     source = sql.Identifier(older_name)
     _copy_spill(cur, source, segment.path)
     older_names = {c.name for c in older}
@@ -311,7 +412,12 @@ def _insert_older_segment(
             missing=sql.Literal(unchanged_text(missing)),
         )
     selected = [unchanged if name == UNCHANGED_COLUMN else sql.Identifier(name) for name in CHANGE_COLUMNS]
-    selected += [sql.Identifier(name) for name in common]
+    selected += [
+        sql.SQL("decode({}, 'hex')").format(sql.Identifier(name))
+        if name in hex_text
+        else sql.Identifier(name)
+        for name in common
+    ]
     cur.execute(
         sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(
             target,
@@ -329,9 +435,12 @@ def _without_pk(schema: TableSchema) -> TableSchema:
     return replace(schema, primary_key=ORDER_KEY)
 
 
-def _create_temp_table(cur: Any, temp_name: str, relation_columns: Sequence[SpilledColumn]) -> str:
-    """CREATE the temp table (change columns, then the relation's, typed as pgoutput said) and
-    return the session's temp schema name (``describe_table`` looks a table up by schema name)."""
+def _create_temp_table(
+    cur: Any, temp_name: str, relation_columns: Sequence[SpilledColumn], *, text_columns: Collection[str] = ()
+) -> str:
+    """CREATE the temp table (change columns, then the relation's, typed as pgoutput said, or ``text``
+    for ``text_columns``) and return the session's temp schema name (``describe_table`` looks a table
+    up by schema name)."""
     oids = [c.type_oid for c in relation_columns]
     modifiers = [c.type_modifier for c in relation_columns]
     cur.execute(
@@ -346,7 +455,9 @@ def _create_temp_table(cur: Any, temp_name: str, relation_columns: Sequence[Spil
     ]
     # format_type() output is PostgreSQL's own, already-quoted type name: safe to splice as SQL.
     definitions += [
-        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(type_name))
+        sql.SQL("{} {}").format(
+            sql.Identifier(c.name), sql.SQL("text" if c.name in text_columns else type_name)
+        )
         for c, type_name in zip(relation_columns, types, strict=True)
     ]
     cur.execute(

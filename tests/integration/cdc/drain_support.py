@@ -51,6 +51,8 @@ class HandSegment:
     rows: int
     first_commit_lsn: int
     last_commit_lsn: int
+    staged_text: bool = False  # written in pgoutput's text, as the reader does for other types
+    cuts: tuple[tuple[int, int], ...] = ()
 
 
 def relation_of(admin: psycopg2.extensions.connection, table: TableRef) -> HandRelation:
