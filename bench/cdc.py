@@ -170,7 +170,11 @@ def run_pgsnow(stack: Any, slot: str, publication: str, end_lsn: str, changes: i
         "POWERTOOLS_LOG_LEVEL": "WARNING",
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
     }
-    profile = ["-m", "cProfile", "-o", os.environ["PGSNOW_BENCH_PROFILE"]] if os.environ.get("PGSNOW_BENCH_PROFILE") else []
+    profile = (
+        ["-m", "cProfile", "-o", os.environ["PGSNOW_BENCH_PROFILE"]]
+        if os.environ.get("PGSNOW_BENCH_PROFILE")
+        else []
+    )
     command = [sys.executable, *profile, str(Path(__file__).resolve()), "--drain-child", "--end-lsn", end_lsn]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
