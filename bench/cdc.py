@@ -196,6 +196,7 @@ def run_pgsnow(stack: Any, slot: str, publication: str, end_lsn: str, changes: i
             "files": sum(int(o.get("files") or 0) for o in report["outcomes"]),
             "bytes": sum(int(o.get("bytes") or 0) for o in report["outcomes"]),
             "stop_reasons": [o.get("stop_reason") for o in report["outcomes"]],
+            "phase_seconds": [o.get("phase_seconds") for o in report["outcomes"]],
         },
     )
 

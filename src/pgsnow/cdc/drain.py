@@ -246,10 +246,12 @@ def _drain(
     store = RunStore(s3, settings.bucket)
     spill_dir = scratch / "spill"
     spill_dir.mkdir()
+    phases = _PhaseClock()
     try:
         session = open_stream(dsn, slot=slot, publication=settings.cdc.publication, tables=tables)
     except SlotBusyError:
         return _skipped_busy(slot, run_id)
+    phases.lap("open")
     try:
         try:
             stream = session.read(
@@ -264,6 +266,7 @@ def _drain(
             )
         except SlotBusyError:
             return _skipped_busy(slot, run_id)
+        phases.lap("read")
         with KeptAlive(session):
             staged = _make_durable(
                 settings,
@@ -277,13 +280,30 @@ def _drain(
                 now=now,
                 tables=tables,
             )
+        phases.lap("stage_and_upload")
         if before_confirm is not None:
             before_confirm()
         # Only now: every file, manifest and the state are durable in S3.
         session.confirm(stream.end_lsn)
+        phases.lap("confirm")
     finally:
         session.close()
-    return _report(control, settings, run_id=run_id, stream=stream, staged=staged, finished=now())
+    return _report(
+        control, settings, run_id=run_id, stream=stream, staged=staged, finished=now(), phases=phases.seconds
+    )
+
+
+class _PhaseClock:
+    """Wall seconds per phase of a run, in the outcome: where a slow drain spends its time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.seconds[phase] = round(now - self._last, 3)
+        self._last = now
 
 
 class KeptAlive:
@@ -565,6 +585,7 @@ def _report(
     stream: DrainedStream,
     staged: dict[TableRef, StagedSegment],
     finished: datetime,
+    phases: dict[str, float],
 ) -> dict[str, Any]:
     slot = settings.cdc.slot
     # One read of the slot's row: whether the confirmation reached it, and the WAL it still pins.
@@ -600,6 +621,7 @@ def _report(
         "start_lsn": format_lsn(stream.start_lsn),
         "end_lsn": format_lsn(stream.end_lsn),
         "stop_reason": stream.stop_reason,
+        "phase_seconds": phases,
         "transactions": stream.transactions,
         "changes": stream.changes,
         "tables": per_table,

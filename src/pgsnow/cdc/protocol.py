@@ -50,6 +50,7 @@ __all__ = [
     "Update",
     "decode_message",
     "pg_timestamp",
+    "tuple_bytes",
     "tuple_csv",
 ]
 
@@ -216,6 +217,32 @@ def _tuple_data(buf: bytes, pos: int) -> tuple[TupleValues, int]:
     if pos > len(buf):
         raise PermanentError("pgoutput tuple data is cut short")
     return tuple(values), pos
+
+
+def tuple_bytes(buf: bytes, pos: int) -> tuple[list[bytes | Unchanged | None], int]:
+    """A TupleData part at ``pos`` with its text values left as the bytes the server sent (the
+    drain converts or quotes them without decoding); NULL is None, unchanged TOAST ``UNCHANGED``."""
+    (count,) = _i16(buf, pos)
+    pos += 2
+    values: list[bytes | Unchanged | None] = []
+    append = values.append
+    for index in range(count):
+        kind = buf[pos]
+        if kind == 0x74:  # 't'
+            start = pos + 5
+            pos = start + _i32(buf, pos + 1)[0]
+            append(buf[start:pos])
+        elif kind == 0x6E:  # 'n'
+            append(None)
+            pos += 1
+        elif kind == 0x75:  # 'u'
+            append(UNCHANGED)
+            pos += 1
+        else:
+            raise _value_kind_error(kind, index)
+    if pos > len(buf):
+        raise PermanentError("pgoutput tuple data is cut short")
+    return values, pos
 
 
 def _value_kind_error(kind: int, index: int) -> PermanentError:

@@ -91,18 +91,18 @@ from pgsnow.cdc.protocol import (
     LogicalMessage,
     Relation,
     Truncate,
-    TupleValues,
-    Update,
+    Unchanged,
     decode_message,
+    tuple_bytes,
     tuple_csv,
 )
 from pgsnow.cdc.slot import SlotHealth, SlotLostError, check_slot, slot_health
 from pgsnow.cdc.staged_text import (
     CONVERTIBLE_PAYLOAD_BYTES,
     Converter,
+    compile_tuple_reader,
     relation_converters,
     staged_fields,
-    staged_value,
 )
 from pgsnow.changes import format_lsn, unchanged_text
 from pgsnow.errors import PermanentError, RetryableError
@@ -143,6 +143,7 @@ _WRITE_BUFFER_BYTES = 256 * 1024
 # its files (``stage``: a file ends on a row, near EXTRACT_TARGET_FILE_MB) without reading the rows.
 CUT_EVERY_BYTES = 1 << 20
 _u32 = struct.Struct("!I").unpack_from
+RawValues = list[bytes | Unchanged | None]
 _OBJECT_IN_USE = "55006"
 _UNDEFINED_OBJECT = "42704"
 
@@ -193,26 +194,39 @@ class _SpillWriter:
         "cuts",
         "file",
         "first",
+        "key_indexes",
         "last",
         "ncolumns",
         "next_cut",
+        "oid",
         "path",
         "pending",
+        "read_tuple",
         "relation",
         "rows",
         "table",
+        "unchanged_names",
         "written",
     )
 
     def __init__(
-        self, table: TableRef, relation: Relation, path: Path, converters: tuple[Converter, ...] | None
+        self,
+        oid: int,
+        table: TableRef,
+        relation: Relation,
+        path: Path,
+        converters: tuple[Converter, ...] | None,
     ) -> None:
+        self.oid = oid  # the relation's: _StreamState.current[oid] is this segment while it is current
         self.table = table
         self.relation = relation
         self.converters = converters  # values in staged text (None: pgoutput's text)
+        self.read_tuple = compile_tuple_reader(converters) if converters is not None else None
         self.cuts: list[tuple[int, int]] = []  # only in staged text (SpilledChanges.cuts)
         self.next_cut = CUT_EVERY_BYTES if converters is not None else 2**62
         self.ncolumns = len(relation.columns)
+        self.key_indexes = tuple(i for i, c in enumerate(relation.columns) if c.is_key)
+        self.unchanged_names: dict[tuple[int, ...], bytes] = {}  # _pgsnow_unchanged fields, by indexes
         self.path = path
         self.file: IO[bytes] | None = None  # open while in _StreamState.open_files
         self.written = 0  # bytes written (through the buffer)
@@ -290,6 +304,7 @@ class _StreamState:
         self.wanted_names = {(t.schema, t.table): t for t in tables}
         self.spill_dir = spill_dir
         self.staged_text = staged_text
+        self._oversized = False  # the update being written is too large to convert (staged_text)
         self.relations: dict[int, Relation] = {}
         self.wanted: dict[int, TableRef | None] = {}
         self.current: dict[int, _SpillWriter] = {}  # by relation oid: the segment rows go to
@@ -341,7 +356,7 @@ class _StreamState:
         self, oid: int, table: TableRef, relation: Relation, converters: tuple[Converter, ...] | None
     ) -> _SpillWriter:
         path = self.spill_dir / f"{len(self.segments):05d}-{table.schema}.{table.table}.csv"
-        writer = _SpillWriter(table, relation, path, converters)
+        writer = _SpillWriter(oid, table, relation, path, converters)
         self.segments.append(writer)
         self.current[oid] = writer
         return writer
@@ -349,7 +364,7 @@ class _StreamState:
     def plain_text(self, writer: _SpillWriter) -> _SpillWriter:
         """The table's segment in pgoutput's text from here on: a value of ``writer``'s is not staged
         as it is (``staged_text``), so the run takes the round trip through PostgreSQL (``stage``)."""
-        oid = next(o for o, w in self.current.items() if w is writer)
+        oid = writer.oid
         writer.cut()  # its end: staging reads the segment up to here
         plain = self._new_segment(oid, writer.table, writer.relation, None)
         return self.writer(oid) or plain
@@ -408,31 +423,37 @@ class _StreamState:
         self.seq += 1
         names = b""
         if unchanged:
-            text = unchanged_text(columns[i].name for i in unchanged)
-            names = _quoted(text).encode() if text else b""
+            indexes = tuple(unchanged)
+            names = writer.unchanged_names.get(indexes, b"")
+            if not names:
+                text = unchanged_text(columns[i].name for i in indexes)
+                names = writer.unchanged_names[indexes] = _quoted(text).encode() if text else b""
         writer.write(
             b"%s%s%d,%s,%s,%s,%s\n"
             % (op, self.head, self.seq, self.committed_at, names, b"true" if moved else b"false", fields)
         )
         self.pending_changes += 1
 
-    def _values_row(self, writer: _SpillWriter, op: bytes, values: TupleValues, moved: bool = False) -> None:
-        """A decoded tuple's row (the less common changes: key moves, REPLICA IDENTITY FULL)."""
+    def _values_row(self, writer: _SpillWriter, op: bytes, values: RawValues, moved: bool = False) -> None:
+        """A row from a tuple's values as bytes (``protocol.tuple_bytes``): an update with its old key or row."""
         converters = writer.converters
-        if converters is not None and len(converters) == len(values):
-            staged = [
-                staged_value(v, c) if isinstance(v, str) else b""
-                for v, c in zip(values, converters, strict=True)
-            ]
-            if None not in staged:
-                unchanged = [i for i, v in enumerate(values) if v is UNCHANGED] or None
-                fields = b",".join(f for f in staged if f is not None) if staged else b""
-                self.write_row(writer, op, fields, len(values), unchanged=unchanged, moved=moved)
-                return
+        if converters is not None:
+            if len(converters) == len(values) and not self._oversized:
+                staged = [
+                    convert(v) if isinstance(v, bytes) else b""
+                    for v, convert in zip(values, converters, strict=True)
+                ]
+                if None not in staged:
+                    unchanged = [i for i, v in enumerate(values) if v is UNCHANGED] or None
+                    fields = b",".join([f for f in staged if f is not None])
+                    self.write_row(writer, op, fields, len(values), unchanged=unchanged, moved=moved)
+                    return
             writer = self.plain_text(writer)
-        text = ",".join([_quoted(v) if isinstance(v, str) else "" for v in values])
+        text = b",".join(
+            [b'"' + v.replace(b'"', b'""') + b'"' if isinstance(v, bytes) else b"" for v in values]
+        )
         unchanged = [i for i, v in enumerate(values) if v is UNCHANGED] or None
-        self.write_row(writer, op, text.encode(), len(values), unchanged=unchanged, moved=moved)
+        self.write_row(writer, op, text, len(values), unchanged=unchanged, moved=moved)
 
     def _fields(
         self, writer: _SpillWriter, payload: bytes, pos: int
@@ -463,19 +484,19 @@ class _StreamState:
                 return
         if not writer.pending:  # its first row of the transaction: commit or discard it with the rest
             self.touched[id(writer)] = writer
-        converters = writer.converters
+        read_tuple = writer.read_tuple
         staged = (
-            staged_fields(payload, 6, converters)
-            if converters is not None and len(payload) <= CONVERTIBLE_PAYLOAD_BYTES
+            read_tuple(payload, 6)
+            if read_tuple is not None and len(payload) <= CONVERTIBLE_PAYLOAD_BYTES
             else None
         )
-        if staged is None:
+        if staged is None:  # pgoutput's text, an unchanged TOAST value, or a value not staged as it is
             writer, fields, count, unchanged = self._fields(writer, payload, 6)
+            if unchanged or count != writer.ncolumns:
+                self.write_row(writer, op, fields, count, unchanged=unchanged)
+                return
         else:
-            fields, count, unchanged, _ = staged
-        if unchanged or count != writer.ncolumns:
-            self.write_row(writer, op, fields, count, unchanged=unchanged)
-            return
+            fields = staged[0]
         self.seq += 1
         data = b"%s%s%d,%s,,false,%s\n" % (op, self.head, self.seq, self.committed_at, fields)
         writer.file.write(data)  # type: ignore[union-attr]  # open: checked above
@@ -500,21 +521,30 @@ class _StreamState:
             )
         self.write_row(writer, b"D", fields, count)
 
-    def update(self, message: Update) -> None:
-        writer = self.writer(message.relation_oid)
+    def update_payload(self, payload: bytes) -> None:
+        """An update that carries its old key (the key changed) or, under REPLICA IDENTITY FULL, its
+        old row: a key move is two rows, the old key's ``D`` then the new row's ``U`` (pgsnow.changes)."""
+        writer = self.writer(_u32(payload, 1)[0])
         if writer is None:
             return
-        old = message.key if message.key is not None else message.old
-        if old is not None and len(old) == len(message.new):
-            new = message.new
-            for index, column in enumerate(writer.relation.columns):
+        old, pos = tuple_bytes(payload, 6)
+        if payload[pos] != 0x4E:  # 'N'
+            raise PermanentError(f"pgoutput update: expected 'N', got {payload[pos : pos + 1]!r}")
+        new, _ = tuple_bytes(payload, pos + 1)
+        self._oversized = len(payload) > CONVERTIBLE_PAYLOAD_BYTES
+        if len(old) == len(new):
+            for index in writer.key_indexes:
                 value = new[index]
-                if column.is_key and value is not UNCHANGED and value != old[index]:
+                if value is not UNCHANGED and value != old[index]:
                     # The row's identity changed: the old key goes, the new one arrives (pgsnow.changes).
                     self._values_row(writer, b"D", old)
-                    self._values_row(writer, b"U", new, moved=True)
+                    self._values_row(self._segment_of(writer), b"U", new, moved=True)
                     return
-        self._values_row(writer, b"U", message.new)
+        self._values_row(writer, b"U", new)
+
+    def _segment_of(self, writer: _SpillWriter) -> _SpillWriter:
+        """The segment ``writer``'s table writes to now (``plain_text`` may have started another)."""
+        return self.writer(writer.oid) or writer
 
     def truncate(self, message: Truncate) -> None:
         for oid in message.relation_oids:
@@ -671,11 +701,17 @@ class ReplicationSession:
                             f"pgoutput message of {len(payload)} bytes is malformed: {exc}"
                         ) from exc
                     continue
-                message = decode_message(payload)
-                if isinstance(message, Update):
+                if tag == 0x55:  # 'U' with the old key or row: bytes to spill, as above
                     self.changes_read += 1
-                    state.update(message)
-                elif isinstance(message, Begin):
+                    try:
+                        state.update_payload(payload)
+                    except (struct.error, IndexError) as exc:
+                        raise PermanentError(
+                            f"pgoutput message of {len(payload)} bytes is malformed: {exc}"
+                        ) from exc
+                    continue
+                message = decode_message(payload)
+                if isinstance(message, Begin):
                     state.begin(message)
                 elif isinstance(message, Commit):
                     state.commit(message)

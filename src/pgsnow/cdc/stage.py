@@ -1,15 +1,28 @@
-"""One table's spilled changes → staged change files, in the type contract, through PostgreSQL itself.
+"""One table's spilled changes → staged change files, in the type contract.
 
-The reader spills pgoutput's text values (``pgsnow.cdc.reader.SpilledChanges``). Their staged form
-must be exactly what a full run would stage for the same values, so they are not converted in
-Python: a table's segments are COPYed into a TEMP table of the newest relation's column types
-(``format_type(type_oid, type_modifier)``, as pgoutput described them), after the change columns
-(``pgsnow.changes.CHANGE_COLUMNS``), and read back out with the extractor's own select builders
-(``csv_select`` / ``arrow_csv_select`` through ``TableReader``), the table's value policy and
-``check_values_fit``, in ``(_pgsnow_lsn, _pgsnow_seq)`` order (the order they were COPYed in: one
-sequential scan of the temp heap, no sort). Files are cut at
-EXTRACT_TARGET_FILE_MB like a full run's, written locally (all of them, so every key, row count and
-checksum is known before the manifest is written), and uploaded afterwards by ``upload_files``.
+A run's staged files must hold exactly what a full run would stage for the same values (the type
+contract, docs/type-mapping.md). Two ways get there:
+
+* **As spilled.** The reader writes the values of tables whose every column is of a common
+  built-in type in the staged encoding as they arrive (``pgsnow.cdc.staged_text``, which refuses
+  any value the contract would not stage as it is). When every segment of the table's run is such
+  a spill, in one column list, and the run stages CSV without a row cap, the files are the spill
+  itself behind the header, compressed, cut at the row boundaries the reader recorded once a file
+  reaches EXTRACT_TARGET_FILE_MB (``_write_spilled_csv``). No value is converted twice.
+* **The round trip through PostgreSQL**, for everything else (Parquet, EXTRACT_BATCH_ROWS, other
+  types, a refused value, a column list that changed mid-run): the segments are COPYed into a
+  TEMP table of the newest relation's column types (``format_type(type_oid, type_modifier)``, as
+  pgoutput described them), after the change columns (``pgsnow.changes.CHANGE_COLUMNS``), and read
+  back out with the extractor's own select builders (``csv_select`` / ``arrow_csv_select``
+  through ``TableReader``), the table's value policy and ``check_values_fit``, in
+  ``(_pgsnow_lsn, _pgsnow_seq)`` order (the order they were COPYed in: one sequential scan of the
+  temp heap, no sort). Values spilled in staged text are PostgreSQL input as they are, except
+  bytea's bare hex, which is read as text and decoded (``_insert_segment``).
+
+Either way the temp table is created, so the columns are described (``describe_table``) the same
+way, and the files are written locally (all of them, so every key, row count and checksum is
+known before the manifest is written) and uploaded afterwards by ``upload_files``. The tests
+compare the two ways on a real slot (tests/integration/cdc/test_staged_text.py).
 
 The temp table lives in one transaction of a read-write connection (``connect_for_staging``) and
 is dropped at its end (``ON COMMIT DROP``, and the transaction is rolled back): nothing is written
