@@ -280,7 +280,7 @@ def compile_tuple_reader(converters: tuple[Converter, ...]) -> TupleReader:
     """``staged_fields`` unrolled for one column list: straight-line code per column, no per-value
     loop, index or dispatch. Generated (as ``dataclasses`` generates ``__init__``) because the drain
     runs it once per change and the loop's own overhead was most of its cost: measured with
-    bench/cdc_reader.py, CPU per change of the staged read fell from 7.1 us to {after} us.
+    bench/cdc_reader.py, CPU per change of the staged read fell from 7.1 us to 5.6 us.
     Only the bytes layout is generated; each value is converted by the same functions as above."""
     lines = [
         "def read_tuple(buf, pos):",
