@@ -196,6 +196,10 @@ def test_status_follows_the_changes_from_the_snapshot_to_a_run_waiting_for_its_f
     )
     assert not caught_up.applied_by_snapshot
 
+    # And a re-snapshot of the table is refused: its change runs have no gap
+    code, _, err = captured.resnapshot(capsys)
+    assert code == 2 and "is healthy" in err and f"the change runs of {table.qualified} have no gap" in err
+
     # When a second change is drained and not delivered yet
     captured.write("UPDATE {} SET v = 'second' WHERE id = 2")
     second = captured.drain()
@@ -266,6 +270,24 @@ def test_status_follows_the_changes_from_the_snapshot_to_a_run_waiting_for_its_f
         "failed",
     )
     assert command in as_json["waiting"]["action"]
+
+    # When the operator does what status says: the plan, then --execute, then the table's snapshot
+    code, plan, _ = captured.resnapshot(capsys)
+    assert code == 0
+    assert f"{table.qualified}: run {third.run_id} waits for the change run ending at" in plan
+    assert f"1. {table.qualified}: forget its enrollment" in plan
+    assert f"2. {table.qualified}: start its snapshot" in plan
+    assert "create the slot" not in plan  # the slot is healthy: left as it is
+    code, done, _ = captured.resnapshot(capsys, "--execute")
+    assert code == 0 and f"{table.qualified}: start its snapshot: pgsnow extract {table.qualified}" in done
+    captured.write("UPDATE {} SET v = 'after the gap' WHERE id = 4")
+    resnapshot = captured.snapshot()
+    captured.deliver()
+    # Then the table is caught up from its new snapshot, and Snowflake matches PostgreSQL again
+    healed = captured.progress()
+    assert (healed.state, healed.runs_pending, healed.waiting) == ("CAUGHT UP", 0, None)
+    assert (healed.applied_run_id, healed.applied_by_snapshot) == (resnapshot.run_id, True)
+    assert captured.pipeline.verify(table).ok
 
 
 def test_a_run_whose_predecessors_manifest_is_gone_waits_for_a_run_no_manifest_names(
