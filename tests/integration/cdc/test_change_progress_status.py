@@ -353,3 +353,26 @@ def test_a_run_the_loader_keeps_failing_on_holds_back_the_runs_after_it(
     assert held.run_id != broken.run_id
     as_json = captured.cli_json(capsys)
     assert (as_json["state"], as_json["waiting"]["run_id"]) == ("WAITING", broken.run_id)
+
+
+def test_a_run_with_a_file_not_in_s3_waits_for_it_and_names_the_key(
+    captured: ChangeCapturedTable, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given the table's snapshot loaded
+    captured.snapshot()
+    captured.deliver()
+    # When a change run's file is gone from S3 before the loader reached it
+    captured.write("UPDATE {} SET v = 'lost file' WHERE id = 1")
+    run = captured.drain()
+    key = run.files[0].key
+    captured.pipeline.s3().delete_object(Bucket=captured.pipeline.bucket, Key=key)
+    captured.deliver()
+    # Then the run waits for its own file, which status names (no other run to wait for)
+    progress = captured.progress()
+    assert (progress.state, progress.oldest_pending_run_id) == ("WAITING", run.run_id)
+    assert progress.waiting is not None
+    assert (progress.waiting.run_id, progress.waiting.reason) == (run.run_id, WaitReason.FILE_MISSING.value)
+    assert (progress.waiting.waits_for, progress.waiting.missing_files) == (None, [key])
+    text = captured.cli(capsys)
+    assert f"  not in S3             {key}" in text
+    assert captured.cli_json(capsys)["waiting"]["missing_files"] == [key]
