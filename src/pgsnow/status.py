@@ -60,9 +60,11 @@ _LOADED_RUN_LOOKBACK = 50  # runs read back from the newest to find the last ful
 # than this is counted, and the run that would wait past it is found by the loader, not by status.
 _PREVIEW_RUNS = 50
 _MISSING_KEYS_SHOWN = 5
-# What a change run that cannot be applied now shows as its reason when the loader would apply it
-# but keeps failing on it (its files are in the dead-letter queue): status's own addition.
-DEAD_LETTERED = "the loader failed to apply it: its file(s) are in the dead-letter queue"
+# The reason shown for the run the loader applies next when it keeps failing on the table's change
+# runs (files of them are in the dead-letter queue): status's own addition to the loader's rule.
+DEAD_LETTERED = (
+    "the loader fails to apply the table's change runs from here: file(s) in the dead-letter queue"
+)
 SNAPSHOT_NOT_LOADED = "the table's snapshot is not loaded yet"
 CHANGES_DOC = 'docs/change-capture.md, "A change run that waits"'
 
@@ -369,10 +371,13 @@ def change_progress(
     if position is None:
         return _before_snapshot(store, table, settings)
     preview = preview_catch_up(store, s3, settings.prefix, table, position, max_steps=_PREVIEW_RUNS)
+    # A failed delivery of any pending run's file ran the same catch-up, which applies the first run
+    # it can first: that run is the one the loader fails on (the error may name either file).
     dead = dead_letters.keys_for(table, settings.prefix) if dead_letters else set()
+    dead &= {f.key for m in preview.pending for f in m.files}
     waiting: WaitingRun | None = None
     for manifest, decision in preview.steps:
-        if decision.step is ChangeRunStep.APPLY and dead & {f.key for f in manifest.files}:
+        if decision.step is ChangeRunStep.APPLY and dead:
             waiting = _dead_lettered(manifest, dead)
             break
         if decision.step is ChangeRunStep.WAIT:
@@ -490,7 +495,7 @@ def _before_snapshot(store: RunStore, table: TableRef, settings: Settings) -> Ch
 
 
 def _dead_lettered(manifest: RunManifest, dead: set[str]) -> WaitingRun:
-    keys = sorted(dead & {f.key for f in manifest.files})
+    keys = sorted(dead)
     return WaitingRun(
         run_id=manifest.run_id,
         after_lsn=_after(manifest),
@@ -500,9 +505,9 @@ def _dead_lettered(manifest: RunManifest, dead: set[str]) -> WaitingRun:
         waits_for_state=None,
         missing_files=[],
         action=(
-            f'find the loader\'s error (Logs Insights: filter run_id = "{manifest.run_id}"), fix its cause, '
-            'then redrive the dead-letter queue (docs/operations.md, "Files not loading"); '
-            "the change runs after it wait for it"
+            f'find the loader\'s error (Logs Insights: filter s3_key = "{keys[0]}"), fix its cause, then '
+            'redrive the dead-letter queue (docs/operations.md, "Files not loading"); this run is applied '
+            "first, and the change runs after it wait for it"
         ),
     )
 
