@@ -225,11 +225,6 @@ class CatchUpPreview:
     pending: list[RunManifest]
     chain: ChangeChain
 
-    @property
-    def waiting(self) -> tuple[RunManifest, ChangeRunDecision] | None:
-        last = self.steps[-1] if self.steps else None
-        return last if last is not None and last[1].step is ChangeRunStep.WAIT else None
-
 
 def preview_catch_up(
     store: RunStore,
