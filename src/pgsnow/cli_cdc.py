@@ -1,4 +1,5 @@
-"""``pgsnow cdc resnapshot``: re-establish change capture after its slot was lost.
+"""``pgsnow cdc resnapshot``: re-establish change capture after its slot was lost, or after a gap
+in one table's change runs.
 
 A slot that was dropped, lost in a failover or invalidated (``max_slot_wal_keep_size``) took
 changes with it that nothing can read again; the drain refuses it (``pgsnow.cdc.slot.check_slot``)
@@ -14,6 +15,12 @@ tables of that slot (docs/change-capture.md, "A lost slot"), in this order:
 2. drop the lost slot if the server still lists it, and create it again (``pgoutput``);
 3. start each table's snapshot: the extractor's ordinary full run, which enrolls the table at a
    position of the new slot and hands over to its changes (docs/guarantees.md, "Change capture").
+
+A healthy slot is refused, except for the tables named with ``--tables`` whose own change runs
+have a gap: a run the loader waits at for a predecessor that failed or is gone, or for files not in
+S3 (``pgsnow status`` shows it: ``pgsnow.status.change_gap``). Their changes in the gap are in no
+staged run, so only a new snapshot brings the table back; steps 1 and 3 are done for them, and the
+slot is left as it is (docs/change-capture.md, "A change run that waits").
 
 Without ``--execute`` it prints the plan and changes nothing.
 """
@@ -41,9 +48,15 @@ class ResnapshotStep:
 
 
 def resnapshot_steps(
-    *, slot: str, tables: Sequence[TableRef], slot_listed: bool, extractor_function: str | None
+    *,
+    slot: str,
+    tables: Sequence[TableRef],
+    slot_listed: bool,
+    extractor_function: str | None,
+    recreate_slot: bool = True,
 ) -> list[ResnapshotStep]:
-    """What ``pgsnow cdc resnapshot`` does, in order (printed, and done with ``--execute``)."""
+    """What ``pgsnow cdc resnapshot`` does, in order (printed, and done with ``--execute``).
+    ``recreate_slot``: False for a healthy slot (tables whose change runs have a gap)."""
     from psycopg2 import sql
 
     from pgsnow.postgres_setup import render_composable
@@ -55,7 +68,7 @@ def resnapshot_steps(
         )
         for t in tables
     ]
-    if slot_listed:
+    if recreate_slot and slot_listed:
         steps.append(
             ResnapshotStep(
                 f"drop the lost slot {slot}",
@@ -63,17 +76,18 @@ def resnapshot_steps(
                 + ";",
             )
         )
-    steps.append(
-        ResnapshotStep(
-            f"create the slot {slot} again",
-            render_composable(
-                sql.SQL("SELECT pg_create_logical_replication_slot({}, {})").format(
-                    sql.Literal(slot), sql.Literal("pgoutput")
+    if recreate_slot:
+        steps.append(
+            ResnapshotStep(
+                f"create the slot {slot} again",
+                render_composable(
+                    sql.SQL("SELECT pg_create_logical_replication_slot({}, {})").format(
+                        sql.Literal(slot), sql.Literal("pgoutput")
+                    )
                 )
+                + ";",
             )
-            + ";",
         )
-    )
     for table in tables:
         steps.append(
             ResnapshotStep(
@@ -99,9 +113,13 @@ def add_cdc_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     commands = cdc.add_subparsers(dest="cdc_command", required=True, metavar="COMMAND")
     resnapshot = commands.add_parser(
         "resnapshot",
-        help="after a lost slot: forget the tables' positions, create the slot again, snapshot them",
+        help="after a lost slot (or a gap in a table's change runs): forget the tables' positions, "
+        "create the slot again, snapshot them",
         description="Re-establish change capture after its replication slot was dropped, lost in a "
-        "failover or invalidated. Prints the plan; with --execute it does it. Configured by the "
+        "failover or invalidated; with a healthy slot, re-snapshot the tables named with --tables "
+        "whose change runs have a gap (pgsnow status shows the run that waits for a failed or "
+        "missing predecessor), leaving the slot as it is. "
+        "Prints the plan; with --execute it does it. Configured by the "
         "environment like `pgsnow status` (S3_STAGE_BUCKET, SNOWFLAKE_*, PGSNOW_PG_DSN or "
         "PGSNOW_PG_SECRET_ARN, PGSNOW_TABLE_OPTIONS).",
     )
@@ -145,18 +163,32 @@ def run_resnapshot_command(args: argparse.Namespace) -> int:
         raise classify_pg_error(exc) from exc
     try:
         health = slot_health(pg_conn, args.slot)
-        if not health.lost:
+        # A healthy slot: only tables named with --tables, each with a gap of its own, are re-snapshotted.
+        gaps = change_gaps(settings, session.client("s3"), tables) if args.tables and not health.lost else {}
+        if not health.lost and (not args.tables or set(gaps) != set(tables)):
+            without = [t.qualified for t in tables if t not in gaps] if args.tables else []
             raise PermanentError(
                 f"replication slot {args.slot!r} is healthy (wal_status {health.wal_status}): no change was "
                 "lost, nothing to re-snapshot"
+                + (
+                    f"; the change runs of {', '.join(without)} have no gap (pgsnow status)"
+                    if without
+                    else ""
+                )
+                + ". A table whose change runs have a gap (pgsnow status: a run waiting for a failed or "
+                "missing predecessor, or for files not in S3) is re-snapshotted alone with --tables"
             )
         steps = resnapshot_steps(
             slot=args.slot,
             tables=tables,
             slot_listed=health.exists,
             extractor_function=args.extractor_function,
+            recreate_slot=health.lost,
         )
-        print(health.problem)
+        if health.lost:
+            print(health.problem)
+        for table, gap in gaps.items():
+            print(f"{table.qualified}: {gap}")
         print(
             "re-establishing change capture:" if args.execute else "plan (run again with --execute to do it):"
         )
@@ -171,7 +203,8 @@ def run_resnapshot_command(args: argparse.Namespace) -> int:
             s3=session.client("s3"),
             sf_conn_factory=connect_snowflake,
         )
-        recreate_slot(pg_conn, args.slot, drop_first=health.exists)
+        if health.lost:
+            recreate_slot(pg_conn, args.slot, drop_first=health.exists)
     finally:
         pg_conn.close()
     for table in tables:
@@ -186,6 +219,27 @@ def run_resnapshot_command(args: argparse.Namespace) -> int:
             print(f"{table.qualified}: start its snapshot: {snapshot_command(table, None)}")
     print("done: each table's changes are applied again once its snapshot is loaded")
     return 0
+
+
+def change_gaps(settings: Settings, s3: Any, tables: Sequence[TableRef]) -> dict[TableRef, str]:
+    """The tables whose change runs have a gap only a new snapshot closes, each with why
+    (``pgsnow.status.change_gap`` of its progress: the loader's own catch-up rule)."""
+    from pgsnow.snowflake.connection import connect as connect_snowflake
+    from pgsnow.status import change_gap, change_progress
+
+    gaps: dict[TableRef, str] = {}
+    sf_conn = connect_snowflake(settings.snowflake)
+    try:
+        for table in tables:
+            progress = change_progress(
+                settings=settings, s3=s3, sf_conn=sf_conn, table=table, dead_letters=None
+            )
+            gap = change_gap(progress)
+            if gap is not None:
+                gaps[table] = gap
+    finally:
+        sf_conn.close()
+    return gaps
 
 
 def forget_positions(

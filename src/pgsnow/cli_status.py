@@ -2,7 +2,8 @@
 
 Configured by the environment like the functions (S3_STAGE_BUCKET, SNOWFLAKE_*,
 LOADER_DLQ_URL); ``pgsnow local up`` prints the variables for the local stack. When a table has
-mode cdc, PostgreSQL is read too (PGSNOW_PG_DSN or PGSNOW_PG_SECRET_ARN) for the slot's section.
+mode cdc, PostgreSQL is read too (PGSNOW_PG_DSN or PGSNOW_PG_SECRET_ARN) for the slot's section;
+the table's change progress comes from its ledger and the bucket (``pgsnow.status.change_progress``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pgsnow.cli_arguments import table_argument
 def add_status_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "status",
-        help="per table: last run, state, files staged/loaded/failed, rows, watermark, lag; the DLQ; the CDC slot",
+        help="per table: last run, state, files staged/loaded/failed, rows, watermark, lag, and a cdc "
+        "table's applied position and the change run that waits; the DLQ; the CDC slot",
     )
     parser.add_argument("table", nargs="?", type=table_argument, help="schema.table (default: every table)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -610,6 +610,16 @@ def ledger_rows(
     return found
 
 
+def read_applied_position(sf_conn: Any, settings: Settings, table: TableRef) -> AppliedPosition | None:
+    """The table's applied position for readers that must create nothing (``pgsnow status``):
+    None when it has none, or when the table's ledger does not exist yet (nothing was loaded into
+    it; the position never lived in the legacy shared ledger)."""
+    database, control_schema = _database(settings), settings.snowflake.control_schema
+    if ledger_table(table) not in _ledger_columns(sf_conn, database, control_schema):
+        return None
+    return Ledger(sf_conn, database, control_schema, table).applied_position()
+
+
 def keys_by_table(keys: Iterable[str], prefix: str) -> dict[TableRef, list[str]]:
     """Staged data file keys grouped by the table whose ledger would hold them. A key that is no
     data key of the prefix is left out: the loader never loads one, so no ledger has it."""

@@ -156,11 +156,14 @@ def expand_for_each(template: dict[str, Any], parameters: dict[str, str]) -> dic
     return expanded
 
 
-def evaluate(node: Any, parameters: dict[str, str] = PARAMETERS) -> Any:
+def evaluate(
+    node: Any, parameters: dict[str, str] = PARAMETERS, conditions: dict[str, bool] | None = None
+) -> Any:
     """Evaluate the intrinsic functions this template uses, as CloudFormation would at deploy time.
 
     Resources evaluate to stand-ins: a bucket's Ref is BUCKET_NAME, any other Ref is the
-    logical ID, a GetAtt is ``arn:<logical id>``.
+    logical ID, a GetAtt is ``arn:<logical id>``. ``Fn::If`` takes the branch ``conditions``
+    (``condition_values``) says, and is left as it is without them.
     """
     pseudo = {
         "AWS::AccountId": ACCOUNT,
@@ -177,7 +180,7 @@ def evaluate(node: Any, parameters: dict[str, str] = PARAMETERS) -> Any:
         return BUCKET_NAME if name == "StageBucket" else name
 
     if isinstance(node, list):
-        return [evaluate(v, parameters) for v in node]
+        return [evaluate(v, parameters, conditions) for v in node]
     if not isinstance(node, dict) or len(node) != 1:
         return node
     ((function, argument),) = node.items()
@@ -186,18 +189,21 @@ def evaluate(node: Any, parameters: dict[str, str] = PARAMETERS) -> Any:
     if function == "Fn::GetAtt":
         target, attribute = argument.split(".", 1) if isinstance(argument, str) else argument
         return BUCKET_NAME if (target, attribute) == ("StageBucket", "Arn") else f"arn:{target}:{attribute}"
+    if function == "Fn::If" and conditions is not None:  # without conditions: left as it is
+        name, when_true, when_false = argument
+        return evaluate(when_true if conditions[name] else when_false, parameters, conditions)
     if function == "Fn::Join":
         separator, values = argument
-        return separator.join(as_list(evaluate(values, parameters)))
+        return separator.join(as_list(evaluate(values, parameters, conditions)))
     if function == "Fn::Split":
         separator, value = argument
-        return str(evaluate(value, parameters)).split(separator)
+        return str(evaluate(value, parameters, conditions)).split(separator)
     if function == "Fn::Select":
         index, values = argument
-        return evaluate(values, parameters)[int(index)]
+        return evaluate(values, parameters, conditions)[int(index)]
     if function == "Fn::Sub":
         text, variables = (argument, {}) if isinstance(argument, str) else argument
-        values = {name: str(evaluate(v, parameters)) for name, v in variables.items()}
+        values = {name: str(evaluate(v, parameters, conditions)) for name, v in variables.items()}
 
         def replace(match: re.Match[str]) -> str:
             name = match.group(1)
@@ -209,6 +215,26 @@ def evaluate(node: Any, parameters: dict[str, str] = PARAMETERS) -> Any:
 
         return re.sub(r"\$\{([^}]+)\}", replace, text)
     return node
+
+
+def condition_values(template: dict[str, Any], parameters: dict[str, str]) -> dict[str, bool]:
+    """Every condition of the template for a deploy with these parameters (defaults included)."""
+
+    def truth(node: dict[str, Any]) -> bool:
+        ((function, argument),) = node.items()
+        if function == "Fn::Equals":
+            left, right = argument
+            return str(evaluate(left, parameters)) == str(evaluate(right, parameters))
+        if function == "Fn::Not":
+            return not truth(argument[0])
+        if function == "Fn::And":
+            return all(truth(c) for c in argument)
+        if function == "Fn::Or":
+            return any(truth(c) for c in argument)
+        assert function == "Condition", node
+        return truth(template["Conditions"][argument])
+
+    return {name: truth(node) for name, node in template["Conditions"].items()}
 
 
 @pytest.fixture(scope="module")
@@ -1321,17 +1347,72 @@ def emitted_metrics() -> dict[str, set[bool]]:
     return emitted
 
 
-def dashboard_metrics(cfn: dict[str, Any]) -> list[list[Any]]:
+def recorded_metrics(path: Path) -> dict[str, set[bool]]:
+    """The metrics one source file records (``record_table_metric("Name", table, ...)``), by name,
+    with whether each carries the ``table`` dimension (as ``emitted_metrics`` reads them)."""
+    recorded: dict[str, set[bool]] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", None) == "record_table_metric"
+            and isinstance(node.args[0], ast.Constant)
+        ):
+            table = node.args[1]
+            with_table = not (isinstance(table, ast.Constant) and table.value is None)
+            recorded.setdefault(node.args[0].value, set()).add(with_table)
+    return recorded
+
+
+def dashboard_body(
+    cfn: dict[str, Any], sam_template: dict[str, Any], *, change_capture: bool
+) -> dict[str, Any]:
+    """The dashboard as CloudFormation fills its body in, with change capture on or off."""
+    parameters = {**deployed_parameters(sam_template), "ChangeCaptureEnabled": str(change_capture).lower()}
     (dashboard,) = resources_of_type(cfn, "AWS::CloudWatch::Dashboard").values()
-    body = json.loads(evaluate(dashboard["Properties"]["DashboardBody"]))
+    text = evaluate(
+        dashboard["Properties"]["DashboardBody"], parameters, condition_values(sam_template, parameters)
+    )
+    body: dict[str, Any] = json.loads(text)
+    return body
+
+
+def dashboard_metrics(body: dict[str, Any]) -> list[list[Any]]:
     return [metric for widget in body["widgets"] for metric in widget["properties"]["metrics"]]
 
 
+def widget_metric_names(widget: dict[str, Any]) -> set[str]:
+    """The metric names a widget shows: its SEARCH expressions' and its AWS metrics'."""
+    names = set()
+    for metric in widget["properties"]["metrics"]:
+        if isinstance(metric[0], dict):
+            match = SEARCH.match(metric[0]["expression"])
+            assert match is not None, metric
+            names.add(match["name"])
+        else:
+            names.add(metric[1])
+    return names
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["without-change-capture", "with-change-capture"])
+def dashboard(
+    request: pytest.FixtureRequest, cfn: dict[str, Any], sam_template: dict[str, Any]
+) -> dict[str, Any]:
+    return dashboard_body(cfn, sam_template, change_capture=request.param)
+
+
+def change_capture_widgets(cfn: dict[str, Any], sam_template: dict[str, Any]) -> list[dict[str, Any]]:
+    """The widgets only a stack with change capture has (the rest are the same in both)."""
+    without = dashboard_body(cfn, sam_template, change_capture=False)["widgets"]
+    with_cdc = dashboard_body(cfn, sam_template, change_capture=True)["widgets"]
+    assert with_cdc[: len(without)] == without
+    return with_cdc[len(without) :]
+
+
 def test_every_dashboard_search_names_a_metric_the_code_emits_with_its_dimensions(
-    cfn: dict[str, Any],
+    dashboard: dict[str, Any],
 ) -> None:
     emitted = emitted_metrics()
-    searches = [m[0]["expression"] for m in dashboard_metrics(cfn) if isinstance(m[0], dict)]
+    searches = [m[0]["expression"] for m in dashboard_metrics(dashboard) if isinstance(m[0], dict)]
     assert searches
     for expression in searches:
         match = SEARCH.match(expression)
@@ -1344,16 +1425,19 @@ def test_every_dashboard_search_names_a_metric_the_code_emits_with_its_dimension
         assert dimensions in (["service", "table"], ["service"]), expression
 
 
-def test_dashboard_aws_metrics_name_this_stacks_function_and_queues(cfn: dict[str, Any]) -> None:
-    aws_metrics = [m for m in dashboard_metrics(cfn) if not isinstance(m[0], dict)]
+def test_dashboard_aws_metrics_name_this_stacks_function_and_queues(dashboard: dict[str, Any]) -> None:
+    aws_metrics = [m for m in dashboard_metrics(dashboard) if not isinstance(m[0], dict)]
     own = {
-        ("AWS/Lambda", "FunctionName"): {evaluate({"Ref": "ExtractorFunction"})},
+        ("AWS/Lambda", "FunctionName"): {
+            evaluate({"Ref": "ExtractorFunction"}),
+            evaluate({"Ref": CHANGE_CAPTURE}),
+        },
         ("AWS/SQS", "QueueName"): {
             evaluate({"Fn::GetAtt": ["StageQueue", "QueueName"]}),
             evaluate({"Fn::GetAtt": ["StageDeadLetterQueue", "QueueName"]}),
         },
     }
-    assert {(m[0], m[1]) for m in aws_metrics} == {
+    assert {(m[0], m[1]) for m in aws_metrics} - {("AWS/Lambda", "Errors")} == {
         ("AWS/Lambda", "Duration"),
         ("AWS/SQS", "ApproximateNumberOfMessagesVisible"),
         ("AWS/SQS", "ApproximateAgeOfOldestMessage"),
@@ -1362,10 +1446,8 @@ def test_dashboard_aws_metrics_name_this_stacks_function_and_queues(cfn: dict[st
         assert value in own[(namespace, dimension)]
 
 
-def test_dashboard_shows_what_operations_needs(cfn: dict[str, Any]) -> None:
-    names = {
-        SEARCH.match(m[0]["expression"])["name"] for m in dashboard_metrics(cfn) if isinstance(m[0], dict)
-    }  # type: ignore[index]
+def test_dashboard_shows_what_operations_needs(dashboard: dict[str, Any]) -> None:
+    names = {name for widget in dashboard["widgets"] for name in widget_metric_names(widget)}
     assert {
         "RowsExtracted",
         "RowsLoaded",
@@ -1376,6 +1458,84 @@ def test_dashboard_shows_what_operations_needs(cfn: dict[str, Any]) -> None:
         "CopyDuration",
         "RowsRejected",
     } <= names
+
+
+def test_dashboard_widgets_do_not_overlap(dashboard: dict[str, Any]) -> None:
+    cells = [
+        (column, row)
+        for w in dashboard["widgets"]
+        for column in range(w["x"], w["x"] + w["width"])
+        for row in range(w["y"], w["y"] + w["height"])
+    ]
+    assert len(cells) == len(set(cells))
+    assert all(w["x"] + w["width"] <= 24 for w in dashboard["widgets"])  # CloudWatch's grid is 24 wide
+
+
+def test_change_capture_widgets_show_every_metric_the_drain_records_and_only_with_change_capture(
+    cfn: dict[str, Any], sam_template: dict[str, Any]
+) -> None:
+    # Given the metrics the drain records (read from its code), each with or without its table
+    drain = recorded_metrics(REPO / "src" / "pgsnow" / "cdc" / "drain.py")
+    assert drain
+    without = dashboard_body(cfn, sam_template, change_capture=False)
+    added = change_capture_widgets(cfn, sam_template)
+    # Then a stack without change capture shows none of them, and one with it shows each, with
+    # the dimensions it is recorded with (per table, or per invocation: service only)
+    assert not {n for w in without["widgets"] for n in widget_metric_names(w)} & set(drain)
+    searched: dict[str, list[str]] = {}
+    for metric in (m for w in added for m in w["properties"]["metrics"] if isinstance(m[0], dict)):
+        match = SEARCH.match(metric[0]["expression"])
+        assert match is not None
+        _namespace, *dimensions = match["dimensions"].split(",")
+        searched[match["name"]] = dimensions
+    assert set(searched) == set(drain)
+    for name, dimensions in searched.items():
+        assert dimensions == (["service", "table"] if drain[name] == {True} else ["service"]), name
+
+
+def test_change_capture_widgets_search_the_namespace_the_drain_records_in(
+    cfn: dict[str, Any], sam_template: dict[str, Any]
+) -> None:
+    # Given the environment variable the code takes its metrics namespace from (pgsnow.observability)
+    observability = ast.parse((REPO / "src" / "pgsnow" / "observability.py").read_text())
+    (variable,) = [
+        node.value.args[0].value
+        for node in ast.walk(observability)
+        if isinstance(node, ast.Assign)
+        and [getattr(t, "id", None) for t in node.targets] == ["NAMESPACE"]
+        and isinstance(node.value, ast.Call)
+        and isinstance(node.value.args[0], ast.Constant)
+    ]
+    # When the change-capture function is deployed: its value there (Globals)
+    parameters = deployed_parameters(sam_template)
+    namespace = evaluate(properties(cfn, CHANGE_CAPTURE)["Environment"]["Variables"][variable], parameters)
+    # Then every change-capture widget searches that namespace
+    for widget in change_capture_widgets(cfn, sam_template):
+        for metric in widget["properties"]["metrics"]:
+            if isinstance(metric[0], dict):
+                match = SEARCH.match(metric[0]["expression"])
+                assert match is not None and match["dimensions"].split(",")[0] == namespace
+
+
+def test_change_capture_widgets_draw_each_change_capture_alarms_threshold(
+    cfn: dict[str, Any], sam_template: dict[str, Any]
+) -> None:
+    parameters = deployed_parameters(sam_template)
+    alarms = {
+        name: alarm
+        for name, alarm in resources_of_type(cfn, "AWS::CloudWatch::Alarm").items()
+        if alarm.get("Condition") == "ChangeCaptureOn"
+    }
+    drawn = {}
+    for widget in change_capture_widgets(cfn, sam_template):
+        for line in widget["properties"].get("annotations", {}).get("horizontal", []):
+            if line["label"] in alarms:
+                alarm = alarms[line["label"]]["Properties"]
+                # the line is at the alarm's threshold, on a widget that shows the alarm's metric
+                assert line["value"] == int(evaluate(alarm["Threshold"], parameters)), line
+                assert alarm["MetricName"] in widget_metric_names(widget), line
+                drawn[line["label"]] = widget["properties"]["title"]
+    assert set(drawn) == set(alarms)
 
 
 # --------------------------------------------------------------------------- change capture

@@ -13,15 +13,21 @@ COPY them into a work table, apply its last TRUNCATE, fill moved rows' unchanged
 the newest change per key, move the applied position (compare-and-set), record the files,
 COMMIT. A table without a position (its snapshot is not loaded yet) is left alone: the
 snapshot's completion starts it. docs/loading.md, "Applying changes (mode cdc)".
+
+The rule is in pure pieces that ``pgsnow status`` shares (``preview_catch_up``: what catch-up
+would do now, without doing it): ``ChangeChain`` (which runs catch-up takes up, in order, each
+manifest read once), ``decide_change_run`` (what it does with one run) and ``position_after``
+(where applying a run leaves the position).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from pgsnow.changes import unchanged_columns
 from pgsnow.config import DeleteMode, TruncateMode
@@ -56,11 +62,42 @@ CDC_MODE = "cdc"
 SETTLED_STATUS = "SUPERSEDED"
 
 
+# Predecessors looked for back from a waiting run (``ChangeChain.ending_at``): a table's previous
+# change run is normally the run right before it.
+_PREDECESSOR_LOOKBACK = 50
+
+
 class ChangeRunState(StrEnum):
     APPLIED = "applied"  # applied now, by this call
     SETTLED = "settled"  # nothing after the applied position: files recorded with 0 rows
     SKIPPED = "skipped"  # failed or abandoned: superseded by a later run
     WAITING = "waiting"  # a predecessor or one of its files is missing
+
+
+class WaitReason(StrEnum):
+    """Why catch-up stops at a run (logged as ``change run waits: <reason>``)."""
+
+    NOT_STAGED = "its manifest is not staged yet"
+    PREDECESSOR_MISSING = "a preceding change run is missing"
+    FILE_MISSING = "a file of the run is not in S3 yet"
+    POSITION_REMOVED = "the applied position was removed"
+
+
+class ChangeRunStep(StrEnum):
+    """What catch-up does with one change run (``decide_change_run``)."""
+
+    SKIP = "skip"  # failed: a later run holds its changes
+    SETTLE = "settle"  # every change is before the applied position: recorded with 0 rows
+    WAIT = "wait"  # stop here (``WaitReason``)
+    ABANDON = "abandon"  # a file never arrived and a later run re-drained its changes: mark failed
+    APPLY = "apply"
+
+
+@dataclass(frozen=True)
+class ChangeRunDecision:
+    step: ChangeRunStep
+    wait: WaitReason | None = None
+    missing: tuple[str, ...] = ()  # keys of the run's files not in S3 (WAIT on a file, ABANDON)
 
 
 @dataclass(frozen=True)
@@ -73,6 +110,155 @@ class ChangeRunResult:
 
 def is_change_run(manifest: RunManifest | None) -> bool:
     return manifest is not None and manifest.mode == CDC_MODE and manifest.changes is not None
+
+
+def decide_change_run(
+    manifest: RunManifest,
+    position: AppliedPosition,
+    *,
+    missing_files: Callable[[], Sequence[str]],
+    replaced: Callable[[AppliedPosition], bool],
+) -> ChangeRunDecision:
+    """What catch-up does with this change run at ``position`` (the table in docs/loading.md,
+    "Catch-up, per table"). ``missing_files``: the run's files not in S3 (asked only when the rest
+    of the rule lets the run apply); ``replaced``: is there a later run that applies from the
+    position without this one (``ChangeChain.walk`` gives it)."""
+    assert manifest.changes is not None
+    changes = manifest.changes
+    if manifest.state is RunState.FAILED:
+        return ChangeRunDecision(ChangeRunStep.SKIP)
+    if manifest.state is not RunState.STAGED:
+        return ChangeRunDecision(ChangeRunStep.WAIT, WaitReason.NOT_STAGED)
+    if changes.end_lsn <= position.lsn:
+        return ChangeRunDecision(ChangeRunStep.SETTLE)
+    if changes.after_lsn > position.lsn:
+        return ChangeRunDecision(ChangeRunStep.WAIT, WaitReason.PREDECESSOR_MISSING)
+    missing = tuple(missing_files())
+    if missing:
+        if replaced(position):
+            return ChangeRunDecision(ChangeRunStep.ABANDON, missing=missing)
+        return ChangeRunDecision(ChangeRunStep.WAIT, WaitReason.FILE_MISSING, missing)
+    return ChangeRunDecision(ChangeRunStep.APPLY)
+
+
+def position_after(manifest: RunManifest) -> AppliedPosition:
+    """The applied position once this change run is applied: its end, set by it."""
+    assert manifest.changes is not None
+    return AppliedPosition(manifest.changes.end_lsn, manifest.run_id)
+
+
+@dataclass
+class ChangeChain:
+    """A table's runs as catch-up goes through them from ``position``: listed once, each manifest
+    read from S3 at most once (the look-ahead for a replacing run reads the same later manifests
+    the walk reaches next)."""
+
+    store: RunStore
+    table: TableRef
+    position: AppliedPosition  # where catch-up stands: moved by the walker as it applies runs
+    run_ids: list[str] = field(init=False)
+    _manifests: dict[str, RunManifest | None] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run_ids = self.store.run_ids(self.table)
+
+    def manifest(self, run_id: str) -> RunManifest | None:
+        if run_id not in self._manifests:
+            found = self.store.read_manifest_for_update(self.table, run_id)
+            self._manifests[run_id] = None if found is None else found.manifest
+        return self._manifests[run_id]
+
+    def walk(self) -> Iterator[tuple[RunManifest, Callable[[AppliedPosition], bool]]]:
+        """The change runs catch-up takes up, oldest first, each with its ``replaced`` look-ahead
+        (``self.position`` is read before each run: applying the runs before it moves it)."""
+        for index, run_id in enumerate(self.run_ids):
+            current = self.position
+            if not current.from_snapshot and run_id <= current.run_id:
+                continue  # change runs are drained one after another: older ones are behind it
+            manifest = self.manifest(run_id)
+            if manifest is None or not is_change_run(manifest) or manifest.state is RunState.LOADED:
+                continue
+            later = self.run_ids[index + 1 :]
+
+            def replaced(at: AppliedPosition, later: list[str] = later) -> bool:
+                return _replaced((self.manifest(later_id) for later_id in later), at)
+
+            yield manifest, replaced
+
+    def ending_at(self, lsn: int, *, before: str) -> RunManifest | None:
+        """The newest change run older than run ``before`` whose changes end at ``lsn`` (a waiting
+        run's predecessor), looking back at most ``_PREDECESSOR_LOOKBACK`` runs."""
+        older = [run_id for run_id in self.run_ids if run_id < before][-_PREDECESSOR_LOOKBACK:]
+        for run_id in reversed(older):
+            manifest = self.manifest(run_id)
+            changes = None if manifest is None or not is_change_run(manifest) else manifest.changes
+            if changes is not None and changes.end_lsn == lsn:
+                return manifest
+        return None
+
+
+def present_files(s3: Any, bucket: str, prefix: str, manifest: RunManifest) -> tuple[Present, list[str]]:
+    """The run's files in S3 (with their facts) and the keys of those that are not (yet)."""
+    present: Present = []
+    missing: list[str] = []
+    for staged_file in manifest.files:
+        staged = parse_data_key(staged_file.key, prefix)
+        facts = head_staged_object(s3, bucket, staged)
+        if facts is None:
+            missing.append(staged_file.key)
+        else:
+            present.append((staged, facts))
+    return present, missing
+
+
+@dataclass(frozen=True)
+class CatchUpPreview:
+    """What catch-up would do now, done by nobody (``pgsnow status``).
+
+    ``steps``: each run it would take up, oldest first, with its decision, up to and including the
+    run it would wait at (a run it would apply moves the position on, as applying it would);
+    ``pending``: every staged change run not yet loaded that it would take up, the ones after the
+    wait included; ``chain``: the table's runs, for finding a waiting run's predecessor.
+    """
+
+    steps: list[tuple[RunManifest, ChangeRunDecision]]
+    pending: list[RunManifest]
+    chain: ChangeChain
+
+
+def preview_catch_up(
+    store: RunStore,
+    s3: Any,
+    prefix: str,
+    table: TableRef,
+    position: AppliedPosition,
+    *,
+    max_steps: int,
+) -> CatchUpPreview:
+    """Catch-up's walk from ``position`` with every decision and no action: the same ``ChangeChain``
+    and ``decide_change_run``. Files are looked at (HEAD) for at most ``max_steps`` runs; past them
+    the runs are only counted as pending."""
+    chain = ChangeChain(store, table, position)
+    steps: list[tuple[RunManifest, ChangeRunDecision]] = []
+    pending: list[RunManifest] = []
+    deciding = True
+
+    def missing_of(manifest: RunManifest) -> Callable[[], list[str]]:
+        return lambda: present_files(s3, store.bucket, prefix, manifest)[1]
+
+    for manifest, replaced in chain.walk():
+        if manifest.state is RunState.STAGED:
+            pending.append(manifest)
+        if not deciding:
+            continue
+        decision = decide_change_run(
+            manifest, chain.position, missing_files=missing_of(manifest), replaced=replaced
+        )
+        steps.append((manifest, decision))
+        if decision.step is ChangeRunStep.APPLY:
+            chain.position = position_after(manifest)  # as applying it would
+        deciding = decision.step is not ChangeRunStep.WAIT and len(steps) < max_steps
+    return CatchUpPreview(steps, pending, chain)
 
 
 @dataclass
@@ -94,31 +280,10 @@ class ChangeApplier:
         if position is None:
             logger.info("change runs wait for the table's snapshot", extra={"table": table.qualified})
             return []
-        store = RunStore(self.session.s3, self.session.bucket)
-        run_ids = store.run_ids(table)
-        # Each manifest is read from S3 once per catch-up: the look-ahead for a replacing run
-        # (``_replaced``) reads the same later manifests the loop reaches next.
-        manifests: dict[str, RunManifest | None] = {}
-
-        def manifest_of(run_id: str) -> RunManifest | None:
-            if run_id not in manifests:
-                found = store.read_manifest_for_update(table, run_id)
-                manifests[run_id] = None if found is None else found.manifest
-            return manifests[run_id]
-
+        chain = ChangeChain(RunStore(self.session.s3, self.session.bucket), table, position)
         results: list[ChangeRunResult] = []
-        for index, run_id in enumerate(run_ids):
-            if not position.from_snapshot and run_id <= position.run_id:
-                continue  # change runs are drained one after another: older ones are behind it
-            manifest = manifest_of(run_id)
-            if manifest is None or not is_change_run(manifest) or manifest.state is RunState.LOADED:
-                continue
-            later = run_ids[index + 1 :]
-
-            def replaced(at: AppliedPosition, later: list[str] = later) -> bool:
-                return _replaced((manifest_of(later_id) for later_id in later), at)
-
-            result, position = self._one_run(manifest, position, replaced=replaced)
+        for manifest, replaced in chain.walk():
+            result, chain.position = self._one_run(manifest, chain.position, replaced=replaced)
             results.append(result)
             if result.state is ChangeRunState.WAITING:
                 break
@@ -136,41 +301,47 @@ class ChangeApplier:
             "end_lsn": changes.end_lsn,
             "applied_lsn": position.lsn,
         }
-        if manifest.state is RunState.FAILED:
+        present: Present = []
+
+        def missing_files() -> list[str]:
+            found, missing = present_files(
+                self.session.s3, self.session.bucket, self.session.settings.prefix, manifest
+            )
+            present.extend(found)
+            return missing
+
+        decision = decide_change_run(manifest, position, missing_files=missing_files, replaced=replaced)
+        if decision.step is ChangeRunStep.SKIP:
             logger.info("change run failed: skipped (a later run holds its changes)", extra=context)
             return ChangeRunResult(run_id, ChangeRunState.SKIPPED, {}), position
-        if manifest.state is not RunState.STAGED:
-            return self._waiting(run_id, "its manifest is not staged yet", context), position
-        if changes.end_lsn <= position.lsn:
+        if decision.step is ChangeRunStep.SETTLE:
             self._settle(manifest)
             self.complete(table, run_id)
             return ChangeRunResult(run_id, ChangeRunState.SETTLED, {}), position
-        if changes.after_lsn > position.lsn:
-            return self._waiting(run_id, "a preceding change run is missing", context), position
-        present, missing = self._present_files(manifest)
-        if missing:
-            if replaced(position):
-                logger.warning(
-                    "change run abandoned (a file never arrived and a later run re-drained its changes): "
-                    "marked failed",
-                    extra={**context, "missing": missing[:5]},
-                )
-                self._mark_failed(manifest, f"abandoned: {len(missing)} file(s) never arrived")
-                return ChangeRunResult(run_id, ChangeRunState.SKIPPED, {}, "abandoned"), position
-            return self._waiting(run_id, "a file of the run is not in S3 yet", context), position
+        if decision.step is ChangeRunStep.ABANDON:
+            logger.warning(
+                "change run abandoned (a file never arrived and a later run re-drained its changes): "
+                "marked failed",
+                extra={**context, "missing": list(decision.missing[:5])},
+            )
+            self._mark_failed(manifest, f"abandoned: {len(decision.missing)} file(s) never arrived")
+            return ChangeRunResult(run_id, ChangeRunState.SKIPPED, {}, "abandoned"), position
+        if decision.step is ChangeRunStep.WAIT:
+            assert decision.wait is not None
+            return self._waiting(run_id, decision.wait, context), position
         applied = apply_change_run(self.session, self.tables, manifest, present, position)
         if applied is None:  # another loader moved the position first: read it again
             current = self.ledger(table).applied_position()
             if current is None:
-                return self._waiting(run_id, "the applied position was removed", context), position
+                return self._waiting(run_id, WaitReason.POSITION_REMOVED, context), position
             return self._one_run(manifest, current, replaced=replaced)
         new_position, rows = applied
         self.complete(table, run_id)
         return ChangeRunResult(run_id, ChangeRunState.APPLIED, rows), new_position
 
-    def _waiting(self, run_id: str, reason: str, context: dict[str, object]) -> ChangeRunResult:
-        logger.warning(f"change run waits: {reason}", extra=context)
-        return ChangeRunResult(run_id, ChangeRunState.WAITING, {}, reason)
+    def _waiting(self, run_id: str, reason: WaitReason, context: dict[str, object]) -> ChangeRunResult:
+        logger.warning(f"change run waits: {reason.value}", extra=context)
+        return ChangeRunResult(run_id, ChangeRunState.WAITING, {}, reason.value)
 
     def _mark_failed(self, manifest: RunManifest, error: str) -> None:
         """A run a later run superseded: ``failed`` (its files stay for the sweeper), written only
@@ -179,18 +350,6 @@ class ChangeApplier:
         base = store.read_manifest_for_update(manifest.table, manifest.run_id)
         if base is not None and base.manifest.state is RunState.STAGED:
             store.write_manifest_if_unchanged(base, base.manifest.with_state(RunState.FAILED, error=error))
-
-    def _present_files(self, manifest: RunManifest) -> tuple[Present, list[str]]:
-        present: Present = []
-        missing: list[str] = []
-        for staged_file in manifest.files:
-            staged = parse_data_key(staged_file.key, self.session.settings.prefix)
-            facts = head_staged_object(self.session.s3, self.session.bucket, staged)
-            if facts is None:
-                missing.append(staged_file.key)
-            else:
-                present.append((staged, facts))
-        return present, missing
 
     def _settle(self, manifest: RunManifest) -> None:
         """Record every file of a run with nothing to apply as loaded with 0 rows."""
@@ -359,7 +518,7 @@ def _apply_in_transaction(
             break
         filled += count
     session.execute(*build_merge_changes(merge))
-    new = AppliedPosition(manifest.changes.end_lsn, manifest.run_id)
+    new = position_after(manifest)
     if not ledger.advance(position, new):
         raise _LostRace()
     rows = {staged.key: c.rows_loaded for (staged, _), c in zip(present, checked, strict=True)}
