@@ -167,7 +167,7 @@ def run_pgsnow(stack: Any, slot: str, publication: str, end_lsn: str, changes: i
         "AWS_ACCESS_KEY_ID": frozen.access_key,
         "AWS_SECRET_ACCESS_KEY": frozen.secret_key,
         "AWS_SESSION_TOKEN": frozen.token or "",
-        "POWERTOOLS_LOG_LEVEL": "WARNING",
+        "POWERTOOLS_LOG_LEVEL": os.environ.get("PGSNOW_BENCH_LOG_LEVEL", "WARNING"),
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
     }
     profile = (
@@ -181,6 +181,8 @@ def run_pgsnow(stack: Any, slot: str, publication: str, end_lsn: str, changes: i
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         return Contender("pgsnow", error=f"exit {done.returncode}: {done.stderr.strip()[-600:]}")
+    if os.environ.get("PGSNOW_BENCH_LOG"):
+        Path(os.environ["PGSNOW_BENCH_LOG"]).write_text(done.stdout)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     drain_seconds = report["seconds"]
     return Contender(
@@ -336,6 +338,8 @@ def run_dlt(
             "dlt pg_replication",
             error=f"exit {done.returncode}: {' | '.join(causes[-3:]) or done.stderr.strip()[-400:]} (log: {log})",
         )
+    if os.environ.get("PGSNOW_BENCH_LOG"):
+        Path(os.environ["PGSNOW_BENCH_LOG"]).write_text(done.stdout)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     return Contender(
         "dlt pg_replication",

@@ -41,18 +41,21 @@ import psycopg2
 from aws_lambda_powertools.metrics import MetricUnit
 from psycopg2 import sql
 
+from pgsnow.cdc.protocol import Relation
 from pgsnow.cdc.reader import (
     HEARTBEAT_PREFIX,
     DrainedStream,
+    FinalRows,
     ReplicationSession,
     SlotBusyError,
     SpilledChanges,
     open_stream,
 )
 from pgsnow.cdc.slot import SlotLostError, check_slot, resnapshot_command, slot_health
+from pgsnow.cdc.spilled_csv import EarlyCompression
 from pgsnow.cdc.stage import StagedSegment, connect_for_staging, stage_table, upload_files
 from pgsnow.changes import ChangeRange, format_lsn, parse_lsn
-from pgsnow.config import ExtractMode, HeartbeatMethod, Settings, WriteMode
+from pgsnow.config import ExtractMode, HeartbeatMethod, Settings, StagedFormat, WriteMode
 from pgsnow.errors import PermanentError
 from pgsnow.extract.plan import choose_file_format
 from pgsnow.extract.schema_drift import kept_numeric_scales
@@ -252,6 +255,7 @@ def _drain(
     except SlotBusyError:
         return _skipped_busy(slot, run_id)
     phases.lap("open")
+    early = _early_compression(settings, tables, scratch)
     try:
         try:
             stream = session.read(
@@ -263,6 +267,7 @@ def _drain(
                 spill_dir=spill_dir,
                 heartbeat_prefix=HEARTBEAT_PREFIX,
                 clock=clock,
+                on_final=early.on_final if early is not None else None,
             )
         except SlotBusyError:
             return _skipped_busy(slot, run_id)
@@ -279,6 +284,7 @@ def _drain(
                 scratch=scratch,
                 now=now,
                 tables=tables,
+                early=early.compression if early is not None else None,
             )
         phases.lap("stage_and_upload")
         if before_confirm is not None:
@@ -287,10 +293,39 @@ def _drain(
         session.confirm(stream.end_lsn)
         phases.lap("confirm")
     finally:
+        if early is not None:
+            early.compression.close()
         session.close()
     return _report(
         control, settings, run_id=run_id, stream=stream, staged=staged, finished=now(), phases=phases.seconds
     )
+
+
+@dataclass(frozen=True)
+class _Early:
+    compression: EarlyCompression
+    on_final: FinalRows
+
+
+def _early_compression(settings: Settings, tables: list[TableRef], scratch: Path) -> _Early | None:
+    """Compression of staged-text spills during the read (``pgsnow.cdc.spilled_csv``), for the
+    tables whose runs stage CSV as spilled: CSV configured, and no EXTRACT_BATCH_ROWS cap."""
+    if settings.batch_rows is not None:
+        return None
+    csv_tables = {
+        (t.schema, t.table)
+        for t in tables
+        if (settings.table_options(t).file_format or settings.file_format) is StagedFormat.CSV
+    }
+    if not csv_tables:
+        return None
+    compression = EarlyCompression(scratch / "early", settings.extract.target_file_mb * 1024 * 1024)
+
+    def on_final(path: Path, relation: Relation, offset: int, rows: int) -> None:
+        if (relation.namespace, relation.name) in csv_tables:
+            compression.final_rows(path, relation, offset, rows)
+
+    return _Early(compression, on_final)
 
 
 class _PhaseClock:
@@ -352,6 +387,7 @@ def _make_durable(
     scratch: Path,
     now: Callable[[], datetime],
     tables: list[TableRef],
+    early: EarlyCompression | None = None,
 ) -> dict[TableRef, StagedSegment]:
     """Steps 4-7: repair, state started, stage, manifests then files, state finished."""
     state = _repair(store, settings, tables, run_id, stream.start_lsn)
@@ -367,6 +403,7 @@ def _make_durable(
         started_at=started_at,
         scratch=scratch,
         now=now,
+        early=early,
     )
     state = store.save_drain_state(
         replace(
@@ -454,6 +491,7 @@ def _stage_and_upload(
     started_at: datetime,
     scratch: Path,
     now: Callable[[], datetime],
+    early: EarlyCompression | None = None,
 ) -> dict[TableRef, StagedSegment]:
     """Per table: stage its segments locally, then write its manifest, then upload its files.
 
@@ -490,6 +528,7 @@ def _stage_and_upload(
             batch_rows=settings.batch_rows,
             kept_scales=kept,
             source_nullable=nullable,
+            early=early,
         )
         for segment in segments:  # staged: its spill is no longer needed (Lambda's /tmp is finite)
             segment.path.unlink(missing_ok=True)

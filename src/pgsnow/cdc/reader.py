@@ -144,6 +144,9 @@ _WRITE_BUFFER_BYTES = 256 * 1024
 CUT_EVERY_BYTES = 1 << 20
 _u32 = struct.Struct("!I").unpack_from
 RawValues = list[bytes | Unchanged | None]
+# on_final(spill path, relation, offset, rows): the staged-text spill's rows up to ``offset`` are
+# committed and written out; they will not change (``pgsnow.cdc.spilled_csv.EarlyCompression``).
+FinalRows = Callable[[Path, Relation, int, int], None]
 _OBJECT_IN_USE = "55006"
 _UNDEFINED_OBJECT = "42704"
 
@@ -189,6 +192,7 @@ class _SpillWriter:
     """One segment's spill file: rows appended as they arrive, cut back to the last commit on demand."""
 
     __slots__ = (
+        "announced",
         "committed",
         "converters",
         "cuts",
@@ -223,6 +227,7 @@ class _SpillWriter:
         self.converters = converters  # values in staged text (None: pgoutput's text)
         self.read_tuple = compile_tuple_reader(converters) if converters is not None else None
         self.cuts: list[tuple[int, int]] = []  # only in staged text (SpilledChanges.cuts)
+        self.announced = 0  # how many of ``cuts`` were reported final (_StreamState.on_final)
         self.next_cut = CUT_EVERY_BYTES if converters is not None else 2**62
         self.ncolumns = len(relation.columns)
         self.key_indexes = tuple(i for i, c in enumerate(relation.columns) if c.is_key)
@@ -300,10 +305,18 @@ class _SpillWriter:
 class _StreamState:
     """What one read keeps: relations, open segments, the transaction's counters, totals."""
 
-    def __init__(self, tables: Collection[TableRef], spill_dir: Path, *, staged_text: bool = True) -> None:
+    def __init__(
+        self,
+        tables: Collection[TableRef],
+        spill_dir: Path,
+        *,
+        staged_text: bool = True,
+        on_final: FinalRows | None = None,
+    ) -> None:
         self.wanted_names = {(t.schema, t.table): t for t in tables}
         self.spill_dir = spill_dir
         self.staged_text = staged_text
+        self.on_final = on_final
         self._oversized = False  # the update being written is too large to convert (staged_text)
         self.relations: dict[int, Relation] = {}
         self.wanted: dict[int, TableRef | None] = {}
@@ -385,14 +398,27 @@ class _StreamState:
                 f"pgoutput commit at {format_lsn(message.commit_lsn)} does not match its begin "
                 f"({format_lsn(self.commit_lsn)})"
             )
+        on_final = self.on_final
         for writer in self.touched.values():
             writer.commit(message.commit_lsn)
+            if on_final is not None and len(writer.cuts) > writer.announced:
+                self._announce(writer, on_final)
         self.touched.clear()
         self.in_transaction = False
         self.transactions += 1
         self.changes += self.pending_changes
         self.pending_changes = 0
         self.last_commit_end = message.end_lsn
+
+    @staticmethod
+    def _announce(writer: _SpillWriter, on_final: FinalRows) -> None:
+        """Report the segment's new row boundaries of committed rows (all of them: at a commit every
+        row written is committed), flushed so that another reader of the file sees them."""
+        if writer.file is not None:
+            writer.file.flush()
+        for offset, rows in writer.cuts[writer.announced :]:
+            on_final(writer.path, writer.relation, offset, rows)
+        writer.announced = len(writer.cuts)
 
     def discard_transaction(self) -> None:
         """Drop the rows of the transaction in progress (the deadline came first)."""
@@ -640,6 +666,7 @@ class ReplicationSession:
         clock: Callable[[], float] = time.monotonic,
         heartbeat_commit_lsn: int | None = None,
         staged_text: bool = True,
+        on_final: FinalRows | None = None,
     ) -> DrainedStream:
         """Read the stream into ``spill_dir`` until the heartbeat, the byte budget or the deadline
         (``clock()`` is ``time.monotonic`` unless a test passes its own; see the module docstring).
@@ -649,12 +676,13 @@ class ReplicationSession:
 
         ``staged_text``: a table whose every column is of a type ``pgsnow.cdc.staged_text`` converts
         is spilled in the staged encoding (the drain); off, every value stays pgoutput's text (the
-        tests compare the two)."""
+        tests compare the two). ``on_final``: called (on this thread) with each row boundary of a
+        staged-text spill once the rows before it are committed."""
         if self._read:
             raise PermanentError("a replication session is read once; open a new one to read again")
         self._read = True
         spill_dir.mkdir(parents=True, exist_ok=True)
-        state = _StreamState(tables, spill_dir, staged_text=staged_text)
+        state = _StreamState(tables, spill_dir, staged_text=staged_text, on_final=on_final)
         cursor = self._cursor
         bytes_read = 0
         last_heartbeat: str | None = None
@@ -890,6 +918,7 @@ def read_changes(
     heartbeat_prefix: str = HEARTBEAT_PREFIX,
     heartbeat_commit_lsn: int | None = None,
     staged_text: bool = True,
+    on_final: FinalRows | None = None,
 ) -> DrainedStream:
     """Open the stream, read it once, close it without confirming (tests, and a dry read)."""
     with open_stream(dsn, slot=slot, publication=publication, tables=tables) as session:
@@ -902,4 +931,5 @@ def read_changes(
             heartbeat_prefix=heartbeat_prefix,
             heartbeat_commit_lsn=heartbeat_commit_lsn,
             staged_text=staged_text,
+            on_final=on_final,
         )

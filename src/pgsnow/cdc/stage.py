@@ -8,7 +8,8 @@ contract, docs/type-mapping.md). Two ways get there:
   any value the contract would not stage as it is). When every segment of the table's run is such
   a spill, in one column list, and the run stages CSV without a row cap, the files are the spill
   itself behind the header, compressed, cut at the row boundaries the reader recorded once a file
-  reaches EXTRACT_TARGET_FILE_MB (``_write_spilled_csv``). No value is converted twice.
+  reaches EXTRACT_TARGET_FILE_MB (``pgsnow.cdc.spilled_csv``, which can start compressing while
+  the slot is still being read: ``early``). No value is converted twice.
 * **The round trip through PostgreSQL**, for everything else (Parquet, EXTRACT_BATCH_ROWS, other
   types, a refused value, a column list that changed mid-run): the segments are COPYed into a
   TEMP table of the newest relation's column types (``format_type(type_oid, type_modifier)``, as
@@ -42,6 +43,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from pgsnow.cdc.spilled_csv import EarlyCompression, write_spilled_csv
 from pgsnow.cdc.staged_text import header_line, is_bytea, kinds_agree
 from pgsnow.changes import (
     CHANGE_COLUMN_TYPES,
@@ -54,7 +56,7 @@ from pgsnow.changes import (
 )
 from pgsnow.config import ValuePolicy
 from pgsnow.errors import PermanentError
-from pgsnow.formats import CsvBatchSplitter, CsvGzipWriter, ParquetWriter, WrittenFile, open_arrow_csv
+from pgsnow.formats import CsvBatchSplitter, ParquetWriter, WrittenFile, open_arrow_csv
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key
 from pgsnow.manifest import Column, StagedFile
@@ -186,6 +188,7 @@ def stage_table(
     batch_rows: int | None = None,
     kept_scales: Mapping[str, int] | None = None,
     source_nullable: Mapping[str, bool] | None = None,
+    early: EarlyCompression | None = None,
 ) -> StagedSegment:
     """Stage one table's segments of a run (in stream order) as local files; nothing is uploaded.
 
@@ -198,7 +201,8 @@ def stage_table(
 
     ``kept_scales``: NUMBER scales the Snowflake table already has for unbounded numeric columns.
     ``source_nullable``: the columns' nullability in the source table (the temp table's columns
-    are all nullable; a column the source no longer has is nullable). Raises PermanentError
+    are all nullable; a column the source no longer has is nullable). ``early``: what was
+    compressed while the slot was read (``pgsnow.cdc.spilled_csv``). Raises PermanentError
     naming the table when a value cannot be staged under the value policy.
     """
     if not segments:
@@ -234,7 +238,14 @@ def stage_table(
         round_trip = not (as_spilled and kinds_agree(relation_columns, schema.columns[len(CHANGE_COLUMNS) :]))
         if not round_trip:
             header = header_line([c.name for c in schema.columns])
-            written = _write_spilled_csv(segments, header, work_dir=out_dir, max_bytes=max_bytes)
+            early_files = (
+                early.files_for(segments[0], header) if early is not None and len(segments) == 1 else None
+            )
+            written = (
+                early_files
+                if early_files is not None
+                else write_spilled_csv(segments, header, work_dir=out_dir, max_bytes=max_bytes)
+            )
         else:
             with pg_conn.cursor() as cur:
                 for segment in segments:
@@ -350,46 +361,6 @@ def _read_out(
             reader, rows, schema, work_dir=work_dir, first_batch=1, max_bytes=max_bytes, cap=cap
         )
     return _write_csv(reader, rows, work_dir=work_dir, first_batch=1, max_bytes=max_bytes, cap=cap)
-
-
-# Bytes read from a spill at once when it is compressed as it is.
-_SPILL_READ_BYTES = 4 << 20
-
-
-def _write_spilled_csv(
-    segments: Sequence[SpilledSegment], header: bytes, *, work_dir: Path, max_bytes: int
-) -> list[WrittenFile]:
-    """The staged-text spills as CSV.gz files: the header, then the spilled rows as they are, a file
-    cut at the first row boundary the reader recorded (``SpilledChanges.cuts``) past ``max_bytes``."""
-    written: list[WrittenFile] = []
-    current: CsvGzipWriter | None = None
-    batch = 1
-    for segment in segments:
-        with segment.path.open("rb") as spill:
-            offset = rows = 0
-            for cut_offset, cut_rows in segment.cuts:
-                if current is None:
-                    current = CsvGzipWriter(work_dir / f"batch{batch}.csv.gz", batch, header)
-                    batch += 1
-                block_rows = cut_rows - rows
-                while offset < cut_offset:
-                    data = spill.read(min(cut_offset - offset, _SPILL_READ_BYTES))
-                    if not data:
-                        raise PermanentError(f"the spill file {segment.path.name} is shorter than recorded")
-                    current.write_block(data, block_rows, None, None)
-                    block_rows = 0  # counted with the block's first piece
-                    offset += len(data)
-                rows = cut_rows
-                if current.compressed_bytes >= max_bytes:
-                    written.append(current.close())
-                    current = None
-            if rows != segment.rows:
-                raise PermanentError(
-                    f"the spill file {segment.path.name} holds {rows} rows where {segment.rows} were written"
-                )
-    if current is not None:
-        written.append(current.close())
-    return written
 
 
 def _copy_spill(cur: Any, target: sql.Identifier, path: Path) -> None:

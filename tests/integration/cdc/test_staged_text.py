@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from psycopg2 import sql
 from stack_support import new_source_schema
 
 from pgsnow.cdc.reader import DrainedStream, read_changes
+from pgsnow.cdc.spilled_csv import EarlyCompression, spill_header
 from pgsnow.cdc.stage import StagedSegment, connect_for_staging, stage_table
 from pgsnow.config import ValuePolicy
 from pgsnow.identifiers import TableRef
@@ -342,3 +344,89 @@ def test_staged_text_files_are_cut_at_row_boundaries(source: tuple[str, TableRef
     assert [f.written.batch for f in staged_fast.files] == list(range(1, len(staged_fast.files) + 1))
     assert sum(f.written.rows for f in staged_fast.files) == fast.changes == 2040
     assert records(staged_fast) == records(staged_plain)
+
+
+def test_early_compression_during_the_read_writes_the_files_staging_would(
+    source: tuple[str, TableRef], tmp_path: Path
+) -> None:
+    dsn, table = source
+    ident = sql.Identifier(table.schema, table.table)
+    with change_capture_source(dsn, [(table.schema, table.table)]) as cdc:
+        # Given ~3 MB of changes over many transactions (each reported final at its commit)
+        for start in range(0, 3000, 100):
+            execute(
+                dsn,
+                sql.SQL(
+                    "INSERT INTO {} (id, note) SELECT g, (SELECT string_agg(md5(g::text || s::text), ',') "
+                    "FROM generate_series(1, 30) s) FROM generate_series(%s, %s) g"
+                ).format(ident),
+                (start + 1, start + 100),
+            )
+        end = end_of_changes(dsn)
+        early = EarlyCompression(tmp_path / "early", max_bytes=1 << 20)
+        try:
+            stream = read_changes(
+                cdc.dsn,
+                slot=cdc.slot,
+                publication=cdc.publication,
+                heartbeat_lsn=end,
+                heartbeat_prefix=HEARTBEAT,
+                tables=[table],
+                max_bytes=1 << 40,
+                deadline=time.monotonic() + 120,
+                spill_dir=tmp_path / "spill",
+                on_final=early.final_rows,
+            )
+            (tmp_path / "out").mkdir()
+            # When the run is staged with what was compressed during the read
+            staged_early = stage(cdc.dsn, stream, tmp_path / "out", target_file_mb=1, early=early)
+        finally:
+            early.close()
+        (tmp_path / "out-again").mkdir()
+        staged_again = stage(cdc.dsn, stream, tmp_path / "out-again", target_file_mb=1)
+    # Then staging used the early files, which hold the same rows, cut the same way
+    assert all((tmp_path / "early") in f.written.path.parents for f in staged_early.files)
+    assert len(staged_early.files) >= 2
+    assert [(f.written.rows, f.written.batch) for f in staged_early.files] == [
+        (f.written.rows, f.written.batch) for f in staged_again.files
+    ]
+    assert records(staged_early) == records(staged_again)
+    assert sum(f.written.rows for f in staged_early.files) == stream.changes == 3000
+
+
+def test_early_compression_is_left_unused_when_staging_would_write_other_files(tmp_path: Path) -> None:
+    # Given a spill compressed early under one header
+    spill = tmp_path / "spill.csv"
+    spill.write_bytes(b"I,1,1,2026-12-07T00:00:00.000000Z,,false,1\n" * 10)
+    relation = _Relation(columns=(_Column("id"),))
+    early = EarlyCompression(tmp_path / "early", max_bytes=1 << 20)
+    try:
+        early.final_rows(spill, relation, spill.stat().st_size, 10)
+        segment = _Segment(spill, 10, ((spill.stat().st_size, 10),))
+        # When staging describes the table's columns differently, its early files are not used
+        assert early.files_for(segment, b"other,header\n") is None
+        assert not list((tmp_path / "early").rglob("*.csv.gz"))  # and are deleted
+        # And a spill that cannot be read fails staging with the reason, not silently
+        missing = tmp_path / "gone.csv"
+        early.final_rows(missing, relation, 10, 1)
+        with pytest.raises(FileNotFoundError):
+            early.files_for(_Segment(missing, 1, ((10, 1),)), spill_header(relation))
+    finally:
+        early.close()
+
+
+@dataclass(frozen=True)
+class _Column:
+    name: str
+
+
+@dataclass(frozen=True)
+class _Relation:
+    columns: tuple[_Column, ...]
+
+
+@dataclass(frozen=True)
+class _Segment:
+    path: Path
+    rows: int
+    cuts: tuple[tuple[int, int], ...]

@@ -1,0 +1,223 @@
+"""Staged-text spills → CSV.gz change files, compressed as they are, during the read when possible.
+
+A spill in staged text (``pgsnow.cdc.staged_text``) is the content of its table's files already;
+staging it is compressing it behind the header, cutting a file at the first row boundary the
+reader recorded (``SpilledChanges.cuts``) once the file reaches EXTRACT_TARGET_FILE_MB.
+``SpilledCsvWriter`` does that for one table's spills.
+
+``EarlyCompression`` starts while the slot is still being read: the reader reports each row
+boundary of committed rows (``ReplicationSession.read(on_final=...)``; a committed transaction is
+never cut back, only one in progress is), and a background thread compresses up to it. Reading is
+one core's Python while the server decodes on the other, which leaves room for compression
+(isal releases the GIL); on the CDC benchmark it was half of what came after the read. Staging
+then only finishes the last rows (``files_for``). What it compressed is used only when staging
+would have written the same files: one staged-text segment for the table, the same header; otherwise
+it is deleted and staging proceeds as if nothing had been done early.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from pgsnow.cdc.staged_text import header_line
+from pgsnow.changes import CHANGE_COLUMNS
+from pgsnow.errors import PermanentError
+from pgsnow.formats import CsvGzipWriter, WrittenFile
+
+__all__ = ["EarlyCompression", "SpilledCsvWriter", "write_spilled_csv"]
+
+# Bytes read from a spill at once.
+SPILL_READ_BYTES = 4 << 20
+
+
+class _Column(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class _Relation(Protocol):
+    @property
+    def columns(self) -> Sequence[_Column]: ...
+
+
+class _Segment(Protocol):
+    @property
+    def path(self) -> Path: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def cuts(self) -> Sequence[tuple[int, int]]: ...
+
+
+def spill_header(relation: _Relation) -> bytes:
+    """The files' header: the change columns, then the relation's (as ``describe_table`` lists them)."""
+    return header_line([*CHANGE_COLUMNS, *(c.name for c in relation.columns)])
+
+
+class SpilledCsvWriter:
+    """One table's CSV.gz files from its staged-text spills, advanced row boundary by row boundary."""
+
+    def __init__(self, header: bytes, work_dir: Path, max_bytes: int) -> None:
+        self._header = header
+        self._work_dir = work_dir
+        self._max_bytes = max_bytes
+        self._current: CsvGzipWriter | None = None
+        self._batch = 1
+        self.files: list[WrittenFile] = []
+
+    def advance(self, spill: BinaryIO, offset: int, to_offset: int, rows: int) -> None:
+        """Compress ``spill`` from ``offset`` (where it is positioned) to ``to_offset``, ``rows`` rows,
+        a row boundary; the file is cut there when it has reached the size."""
+        if self._current is None:
+            self._current = CsvGzipWriter(
+                self._work_dir / f"batch{self._batch}.csv.gz", self._batch, self._header
+            )
+            self._batch += 1
+        while offset < to_offset:
+            data = spill.read(min(to_offset - offset, SPILL_READ_BYTES))
+            if not data:
+                raise PermanentError(f"the spill file {Path(spill.name).name} is shorter than recorded")
+            self._current.write_block(data, rows, None, None)
+            rows = 0  # counted with the block's first piece
+            offset += len(data)
+        if self._current.compressed_bytes >= self._max_bytes:
+            self.files.append(self._current.close())
+            self._current = None
+
+    def finish(self) -> list[WrittenFile]:
+        if self._current is not None:
+            self.files.append(self._current.close())
+            self._current = None
+        return self.files
+
+    def discard(self) -> None:
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+        for written in self.files:
+            written.path.unlink(missing_ok=True)
+        self.files.clear()
+
+
+def write_spilled_csv(
+    segments: Sequence[_Segment], header: bytes, *, work_dir: Path, max_bytes: int
+) -> list[WrittenFile]:
+    """A table's staged-text spills as CSV.gz files (module docstring), all at once."""
+    writer = SpilledCsvWriter(header, work_dir, max_bytes)
+    for segment in segments:
+        with segment.path.open("rb") as spill:
+            offset = rows = 0
+            for cut_offset, cut_rows in segment.cuts:
+                writer.advance(spill, offset, cut_offset, cut_rows - rows)
+                offset, rows = cut_offset, cut_rows
+        if rows != segment.rows:
+            raise PermanentError(
+                f"the spill file {segment.path.name} holds {rows} rows where {segment.rows} were written"
+            )
+    return writer.finish()
+
+
+@dataclass
+class _Job:
+    """One segment compressed early: how far, into which files."""
+
+    path: Path
+    header: bytes
+    writer: SpilledCsvWriter
+    spill: BinaryIO | None = None
+    offset: int = 0
+    rows: int = 0
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+_FINISH = (-1, -1)
+
+
+class EarlyCompression:
+    """Compresses staged-text spills on a background thread while the read goes on (module docstring).
+
+    ``final_rows`` is the reader's ``on_final`` callback (reader thread); ``files_for`` is called
+    by staging (any thread) once the read is over; ``close`` stops the thread and deletes whatever
+    was not handed to staging.
+    """
+
+    def __init__(self, work_dir: Path, max_bytes: int) -> None:
+        self._work_dir = work_dir
+        self._max_bytes = max_bytes
+        self._jobs: dict[Path, _Job] = {}
+        self._started = 0  # jobs started, which names their directories
+        self._queue: queue.SimpleQueue[tuple[_Job, tuple[int, int]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="pgsnow-early-compression", daemon=True)
+        self._thread.start()
+
+    def final_rows(self, path: Path, relation: _Relation, offset: int, rows: int) -> None:
+        """Rows of the spill at ``path`` up to ``offset`` (``rows`` of them) will not change."""
+        job = self._jobs.get(path)
+        if job is None:
+            out_dir = self._work_dir / f"{self._started:05d}"
+            out_dir.mkdir(parents=True)
+            self._started += 1
+            header = spill_header(relation)
+            job = self._jobs[path] = _Job(path, header, SpilledCsvWriter(header, out_dir, self._max_bytes))
+        self._queue.put((job, (offset, rows)))
+
+    def files_for(self, segment: _Segment, header: bytes) -> list[WrittenFile] | None:
+        """The segment's files, compressed to its end (the rest after the last reported boundary), or
+        None when it was not compressed early or not under ``header``."""
+        job = self._jobs.pop(segment.path, None)
+        if job is None:
+            return None
+        for cut in segment.cuts:  # the worker skips those it has compressed already
+            self._queue.put((job, cut))
+        self._queue.put((job, _FINISH))
+        job.done.wait()
+        if job.error is not None:
+            job.writer.discard()
+            raise job.error
+        if job.header != header or job.rows != segment.rows:
+            job.writer.discard()
+            return None
+        return job.writer.files
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            job, (offset, rows) = item
+            if (offset, rows) == _FINISH:
+                try:
+                    if job.error is None:
+                        job.writer.finish()
+                except BaseException as exc:  # handed to staging by files_for
+                    job.error = exc
+                finally:
+                    self._close_spill(job)
+                    job.done.set()
+                continue
+            if job.error is not None or offset <= job.offset:
+                continue
+            try:
+                if job.spill is None:
+                    job.spill = job.path.open("rb")
+                job.writer.advance(job.spill, job.offset, offset, rows - job.rows)
+                job.offset, job.rows = offset, rows
+            except BaseException as exc:  # handed to staging by files_for
+                job.error = exc
+
+    @staticmethod
+    def _close_spill(job: _Job) -> None:
+        if job.spill is not None:
+            job.spill.close()
+            job.spill = None
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        for job in self._jobs.values():
+            self._close_spill(job)
+            job.writer.discard()
+        self._jobs.clear()
