@@ -540,6 +540,15 @@ class _StreamState:
         writer = self.writer(_u32(payload, 1)[0])
         if writer is None:
             return
+        read_tuple = writer.read_tuple
+        staged = (
+            read_tuple(payload, 6)
+            if read_tuple is not None and len(payload) <= CONVERTIBLE_PAYLOAD_BYTES
+            else None
+        )
+        if staged is not None:
+            self.write_row(writer, b"D", staged[0], writer.ncolumns)
+            return
         writer, fields, count, unchanged = self._fields(writer, payload, 6)
         if unchanged:  # pgoutput never sends an unchanged value in an old tuple
             raise PermanentError(
@@ -558,14 +567,24 @@ class _StreamState:
             raise PermanentError(f"pgoutput update: expected 'N', got {payload[pos : pos + 1]!r}")
         new, _ = tuple_bytes(payload, pos + 1)
         self._oversized = len(payload) > CONVERTIBLE_PAYLOAD_BYTES
-        if len(old) == len(new):
-            for index in writer.key_indexes:
-                value = new[index]
-                if value is not UNCHANGED and value != old[index]:
-                    # The row's identity changed: the old key goes, the new one arrives (pgsnow.changes).
-                    self._values_row(writer, b"D", old)
-                    self._values_row(self._segment_of(writer), b"U", new, moved=True)
-                    return
+        moved = len(old) == len(new) and any(
+            new[i] is not UNCHANGED and new[i] != old[i] for i in writer.key_indexes
+        )
+        read_tuple = writer.read_tuple
+        if read_tuple is not None and not self._oversized:
+            # Staged text straight from the payload (the compiled reader), when every value allows.
+            old_fields = read_tuple(payload, 6) if moved else None
+            new_fields = read_tuple(payload, pos + 1)
+            if new_fields is not None and (old_fields is not None or not moved):
+                if old_fields is not None:
+                    self.write_row(writer, b"D", old_fields[0], writer.ncolumns)
+                self.write_row(writer, b"U", new_fields[0], writer.ncolumns, moved=moved)
+                return
+        if moved:
+            # The row's identity changed: the old key goes, the new one arrives (pgsnow.changes).
+            self._values_row(writer, b"D", old)
+            self._values_row(self._segment_of(writer), b"U", new, moved=True)
+            return
         self._values_row(writer, b"U", new)
 
     def _segment_of(self, writer: _SpillWriter) -> _SpillWriter:
