@@ -1420,6 +1420,7 @@ def test_change_capture_environment_satisfies_settings(
         "CdcPublication": "shop_pub",
         "CdcMaxMb": "256",
         "ExtractTargetFileMb": "64",
+        "ExtractBatchRows": "5000",
         "ExtractDeadlineMarginSeconds": "90",
     }
     environment = {
@@ -1430,8 +1431,10 @@ def test_change_capture_environment_satisfies_settings(
     assert (settings.cdc.slot, settings.cdc.publication) == ("shop_slot", "shop_pub")
     assert settings.cdc.max_bytes == 256 * 2**20
     # The drain cuts its staged files and keeps its deadline margin by the extractor's parameters
-    # (pgsnow.cdc.drain reads settings.extract); locally one environment serves every function.
+    # (pgsnow.cdc.drain reads settings.extract and settings.batch_rows); deployed and locally
+    # alike, a function sees only the variables its own template environment gives it.
     assert settings.extract.target_file_mb == 64
+    assert settings.batch_rows == 5000
     assert settings.extract.deadline_margin_s == 90
     assert settings.postgres.secret_arn == PARAMETERS["PostgresSecretArn"]
     assert settings.bucket == BUCKET_NAME
