@@ -253,7 +253,8 @@ def describe_stack(stack: Any) -> list[str]:
         "Drop a file (the loader picks it up):",
         f"  aws s3 cp --endpoint-url {stack.aws.endpoint_url} my_file.csv.gz s3://{stack.resources.bucket}/{example_key}",
         "",
-        "Environment for the pgsnow commands and handlers:",
+        "Environment for the pgsnow commands (each function's handler gets only the variables",
+        "its template gives it, with these values: docs/local-fidelity.md):",
     ]
     lines.extend(f"  export {name}={_shell_quote(value)}" for name, value in sorted(env.items()))
     return lines

@@ -179,7 +179,10 @@ class PipelineHarness:
             pg_conn.close()
 
     def settings(self, component: Component = Component.EXTRACTOR, **env: str) -> Settings:
-        return Settings.from_env({**self.stack.env, **env}, component=component)
+        """``component``'s settings as its handler would build them (its function environment,
+        docs/local-fidelity.md), with ``env`` over it; ``Component.LOCAL``: the whole stack's."""
+        base = self.stack.env if component is Component.LOCAL else self.stack.function_environment(component)
+        return Settings.from_env({**base, **env}, component=component)
 
     def extract(
         self, table: TableRef, file_format: FileFormat = FileFormat.CSV, *, s3: Any = None, **env: str

@@ -22,7 +22,6 @@ from botocore.awsrequest import AWSResponse
 from psycopg2 import sql
 from snowflake.connector import errors as sf_errors
 
-import pgsnow.runtime
 from pgsnow.cleanup import cleanup_pending_runs
 from pgsnow.config import Component
 from pgsnow.errors import RetryableError
@@ -126,7 +125,7 @@ class FailingConnection:
 @pytest.fixture
 def injected_loader_connection(pipeline: PipelineHarness) -> Iterator[Callable[..., FailingConnection]]:
     """Put a FailingConnection into the loader's cached runtime; the runtime reconnects once it is closed."""
-    runtime = pgsnow.runtime.loader_runtime()
+    runtime = pipeline.stack.function_runtime(Component.LOADER)
     installed: list[FailingConnection] = []
 
     def install(**faults: Any) -> FailingConnection:
@@ -530,7 +529,7 @@ def test_s3_slowdown_on_upload_and_download_is_retried_by_botocore(pipeline: Pip
     extractor_s3 = pipeline.function_s3(Component.EXTRACTOR)
     upload_faults = SlowDown({"PutObject"}, times=2)
     extractor_s3.meta.events.register("before-send.s3", upload_faults)
-    loader_s3 = pgsnow.runtime.loader_runtime().s3
+    loader_s3 = pipeline.stack.function_runtime(Component.LOADER).s3
     download_faults = SlowDown({"HeadObject", "GetObject"}, times=2)
     loader_s3.meta.events.register("before-send.s3", download_faults)
     try:

@@ -449,14 +449,12 @@ def test_loader_marks_the_run_loaded_only_with_its_manifest_write(
 
 def test_the_stacks_handlers_run_each_as_its_own_role(tmp_path: Path) -> None:
     from pgsnow.cli import describe_stack
-    from pgsnow.runtime import cleanup_runtime, extractor_runtime, loader_runtime
 
     with stack_with_orders(tmp_path, REPO_TEMPLATE) as (stack, _source_dsn, _table):
         # When each function's handler runtime asks STS who it is (inside LocalStack.handlers())
         runtimes = {
-            Component.EXTRACTOR: extractor_runtime(),
-            Component.LOADER: loader_runtime(),
-            Component.CLEANUP: cleanup_runtime(),
+            component: stack.function_runtime(component)
+            for component in (Component.EXTRACTOR, Component.LOADER, Component.CLEANUP)
         }
         identities = {c: r.client("sts").get_caller_identity()["Arn"] for c, r in runtimes.items()}
         # Then each is its own role, and function_client is the same role

@@ -51,9 +51,10 @@ ROWS_SQL = "(id, note, amount) SELECT g, 'item ' || g, g + 0.25 FROM generate_se
 
 @pytest.fixture
 def parallel_env(pipeline: PipelineHarness, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """The extractor handler reads the small range settings (its cached runtime is rebuilt)."""
+    """The extractor handler reads the small range settings from the stack's environment (its
+    cached runtime is rebuilt)."""
     for name, value in PARALLEL.items():
-        monkeypatch.setenv(name, value)
+        monkeypatch.setitem(pipeline.stack.env, name, value)
     pgsnow.runtime.reset_runtime()
     yield PARALLEL
     monkeypatch.undo()
@@ -307,7 +308,7 @@ def test_writes_during_a_parallel_backfill_are_caught_up_by_the_next_run(
     # its ranges are cut on the cursor column, the order's leading column (rows written over time)
     table = create_analysed(pipeline, "moving_items", spread=True)
     options = {table.qualified: {"mode": "incremental", "cursor_column": "updated_at", "deletes": "hard"}}
-    monkeypatch.setenv("PGSNOW_TABLE_OPTIONS", json.dumps(options))
+    monkeypatch.setitem(pipeline.stack.env, "PGSNOW_TABLE_OPTIONS", json.dumps(options))
     pgsnow.runtime.reset_runtime()
     planned = plan_run(table)
     # When rows are updated, deleted and inserted while its ranges are extracted

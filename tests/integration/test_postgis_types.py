@@ -268,12 +268,12 @@ def test_the_insert_load_method_converts_geometries_like_the_copy(
         )
     stack = postgis.stack
     dispatcher = SqsDispatcher(stack.aws, stack.resources.queue_url, load_function_handler("loader"))
-    monkeypatch.setenv("LOAD_METHOD", "insert")
+    monkeypatch.setitem(stack.env, "LOAD_METHOD", "insert")
     reset_runtime()
     try:
         replicate_table(stack, table, FileFormat.CSV, dispatcher)
     finally:
-        monkeypatch.delenv("LOAD_METHOD")
+        monkeypatch.delitem(stack.env, "LOAD_METHOD")
         reset_runtime()
     with postgis.sf_conn.cursor() as cur:  # inserted, not copied: no COPY load history for it
         cur.execute(

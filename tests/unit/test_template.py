@@ -41,6 +41,7 @@ from pgsnow.config import (
 from pgsnow.extract.parquet_stager import PARQUET_GROUP_BYTES
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, key_list_key, manifest_key
+from pgsnow.local.aws import StagingResources
 from pgsnow.local.change_capture import CHANGE_CAPTURE_MEMORY_MB, CHANGE_CAPTURE_TIMEOUT_S
 from pgsnow.local.dispatcher import (
     MAX_BATCH_SIZE,
@@ -49,6 +50,8 @@ from pgsnow.local.dispatcher import (
     check_batching,
     lambda_sqs_record,
 )
+from pgsnow.local.function_env import template_environments
+from pgsnow.local.iam import FUNCTION_RESOURCES, stack_parameters
 from pgsnow.local.stack import LOADER_BATCH_SIZE, LOADER_BATCHING_WINDOW_S, LOADER_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
@@ -107,6 +110,7 @@ FUNCTION_ENV_VAR_NAMES = {
         "LOADER_DLQ_URL",
     },
 }
+FUNCTION_RESOURCES_BY_ID = {logical_id: component for component, logical_id in FUNCTION_RESOURCES.items()}
 STACK_ID = f"arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/pgsnow-dev/4f9d2c1a-7b3e-11ef-9c2d-0a1b2c3d4e5f"
 BUCKET_NAME = "pgsnow-snowflake-stage-dev-4f9d2c1a"
 CUSTOMERS_TABLE = TableRef("public", "customers")
@@ -657,6 +661,28 @@ def test_function_runtime_and_build(cfn: dict[str, Any], sam_template: dict[str,
 def test_function_environment_names(cfn: dict[str, Any], function: str) -> None:
     variables = properties(cfn, function)["Environment"]["Variables"]
     assert set(variables) >= ENV_VAR_NAMES | FUNCTION_ENV_VAR_NAMES[function]
+
+
+@pytest.mark.parametrize("function", (*FUNCTIONS, CHANGE_CAPTURE))
+def test_the_local_stack_gives_each_function_the_variables_sam_deploys(
+    cfn: dict[str, Any], function: str
+) -> None:
+    # Given the variables the local stack reads for the function from template.yaml
+    # (pgsnow.local.function_env: Globals and the function's own, resolved with its parameters)
+    resources = StagingResources(
+        bucket="b",
+        queue_url="q",
+        queue_arn="arn:q",
+        dlq_url="d",
+        dlq_arn="arn:d",
+        prefix="staging",
+        range_queue_url="r",
+        range_queue_arn="arn:r",
+    )
+    component = FUNCTION_RESOURCES_BY_ID[function]
+    local = template_environments(resources, stack_parameters(resources))[component]
+    # Then they are the ones SAM's transform gives the deployed function
+    assert set(local) == set(properties(cfn, function)["Environment"]["Variables"])
 
 
 COMPONENTS = {
@@ -1580,6 +1606,7 @@ def test_change_capture_environment_satisfies_settings(
         "CdcPublication": "shop_pub",
         "CdcMaxMb": "256",
         "ExtractTargetFileMb": "64",
+        "ExtractBatchRows": "5000",
         "ExtractDeadlineMarginSeconds": "90",
     }
     environment = {
@@ -1590,8 +1617,10 @@ def test_change_capture_environment_satisfies_settings(
     assert (settings.cdc.slot, settings.cdc.publication) == ("shop_slot", "shop_pub")
     assert settings.cdc.max_bytes == 256 * 2**20
     # The drain cuts its staged files and keeps its deadline margin by the extractor's parameters
-    # (pgsnow.cdc.drain reads settings.extract); locally one environment serves every function.
+    # (pgsnow.cdc.drain reads settings.extract and settings.batch_rows); deployed and locally
+    # alike, a function sees only the variables its own template environment gives it.
     assert settings.extract.target_file_mb == 64
+    assert settings.batch_rows == 5000
     assert settings.extract.deadline_margin_s == 90
     assert settings.postgres.secret_arn == PARAMETERS["PostgresSecretArn"]
     assert settings.bucket == BUCKET_NAME

@@ -515,12 +515,11 @@ def snapshot_table(stack: LocalStack, table: TableRef, dispatcher: Any) -> dict[
     ``stack.handlers()``."""
     from pgsnow.local.dispatcher import LambdaContext
     from pgsnow.local.range_workers import range_workers_for
-    from pgsnow.runtime import extractor_runtime
 
     handler = load_function_handler("extractor")
     continuations: list[dict[str, Any]] = []
     # Lambda would start a continuation as a new asynchronous invocation; here it waits its turn.
-    extractor_runtime().continuation_invoker = continuations.append
+    stack.function_runtime(Component.EXTRACTOR).continuation_invoker = continuations.append
     event: dict[str, Any] = {"schema_name": table.schema, "table_name": table.table}
     result: dict[str, Any] = {}
     for _ in range(SNAPSHOT_MAX_INVOCATIONS):

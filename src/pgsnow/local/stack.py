@@ -9,10 +9,17 @@ so ``LocalStack.env`` holds the variables that point them at these servers.
 Used by ``pgsnow local up``, ``pgsnow demo`` and the integration tests.
 
 IAM is enforced by the moto server, and each function runs as its own role, created from the
-template's policies (``pgsnow.local.iam``): ``LocalStack.handlers()`` puts the environment in
-place and gives each function's handler its role's session; ``function_client`` is that
-role's client for code that calls core functions directly. ``LocalStack.aws.client`` is the
-local administrator's, for setting up and inspecting only.
+template's policies (``pgsnow.local.iam``): ``LocalStack.handlers()`` gives each function's
+handler its role's session; ``function_client`` is that role's client for code that calls core
+functions directly. ``LocalStack.aws.client`` is the local administrator's, for setting up and
+inspecting only.
+
+Each function also runs with its own environment: the variables the template gives it
+(``pgsnow.local.function_env``), with this stack's values. ``LocalStack.env`` is the stack's
+values for every variable (and what the CLI tools read); a handler invoked inside
+``handlers()`` sees in ``os.environ`` only its function's share of it
+(``pgsnow.local.scoped_environ``), so a variable the template does not give a function is
+missing locally as it is deployed.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,6 +81,9 @@ class LocalStack:
     snowpipe: Any = None  # pgsnow.local.snowpipe.LocalSnowpipe (its url is SNOWPIPE_HOST)
     roles: dict[Component, Any] = field(default_factory=dict)  # pgsnow.local.iam.FunctionRole
     sessions: dict[Component, Any] = field(default_factory=dict, repr=False)  # the roles' boto3 sessions
+    # Each function's variables as the template sets them, resolved with this stack's parameters
+    # (pgsnow.local.function_env.template_environment); ``function_environment`` adds ``env``'s values.
+    template_environments: dict[Component, dict[str, str]] = field(default_factory=dict)
 
     def function_session(self, component: Component) -> Any:
         """The boto3 session of ``component``'s role (temporary, refreshing credentials)."""
@@ -84,14 +95,38 @@ class LocalStack:
         """A client of ``component``'s role, for code that calls a core function directly."""
         return self.function_session(component).client(service)
 
+    def function_environment(self, component: Component) -> dict[str, str]:
+        """The environment ``component``'s function runs with: the variables the template gives
+        it, with this stack's values (``pgsnow.local.function_env.function_environment``)."""
+        from pgsnow.local.function_env import function_environment
+
+        if component not in self.template_environments:
+            raise ConfigError([f"the local stack has no template environment for {component.value}"])
+        return function_environment(self.template_environments[component], self.env)
+
+    @contextmanager
+    def invocation(self, component: Component) -> Iterator[None]:
+        """On this thread, ``os.environ`` is ``component``'s function environment for the duration
+        (inside ``handlers()``): what one invocation of its handler sees."""
+        from pgsnow.local.scoped_environ import function_scope
+
+        with function_scope(self.function_environment(component)):
+            yield
+
     @contextmanager
     def handlers(self) -> Iterator[None]:
-        """The functions' handlers, run in this process, see this stack: its environment is in
-        ``os.environ`` and each function builds its AWS clients from its own role's session.
-        Cached handler state is reset on the way in and out."""
+        """The functions' handlers, run in this process, see this stack: a handler loaded with
+        ``load_function_handler`` sees only its function's environment in ``os.environ`` while it
+        runs (``invocation``), and each function builds its AWS clients from its own role's
+        session. Cached handler state is reset on the way in and out, so each function's settings
+        are built from its own environment by its first invocation; code that needs a function's
+        runtime outside an invocation asks ``function_runtime``. This process's own environment
+        is left as it is: setting a variable there does not reach the handlers (set it in
+        ``env``)."""
+        from pgsnow.local.scoped_environ import installed
         from pgsnow.runtime import reset_runtime, use_aws_session
 
-        with process_environment(self.env):
+        with installed(), _handlers_of(self):
             for component, session in self.sessions.items():
                 use_aws_session(component, session)
             reset_runtime()
@@ -102,13 +137,33 @@ class LocalStack:
                     use_aws_session(component, None)
                 reset_runtime()
 
+    def function_runtime(self, component: Component) -> Any:
+        """``component``'s cached handler runtime (``pgsnow.runtime``), built from its function
+        environment if this is its first use, for code outside an invocation (inside ``handlers()``)."""
+        from pgsnow import runtime
+
+        accessors = {
+            Component.EXTRACTOR: runtime.extractor_runtime,
+            Component.LOADER: runtime.loader_runtime,
+            Component.CLEANUP: runtime.cleanup_runtime,
+            Component.CHANGE_CAPTURE: runtime.change_capture_runtime,
+        }
+        with self.invocation(component):
+            return accessors[component]()
+
     def settings(self, component: Component = Component.LOCAL) -> Settings:
-        return Settings.from_env(self.env, component=component)
+        """A function's settings as its handler builds them (from its function environment), or,
+        for ``Component.LOCAL``, the CLI tools' (from the whole ``env``)."""
+        if component is Component.LOCAL:
+            return Settings.from_env(self.env, component=component)
+        return Settings.from_env(self.function_environment(component), component=component)
 
     def snowflake_connection(self) -> Any:
+        """A connection to the local Snowflake with the stack's own settings (a person's session,
+        for setting up and inspecting), not a function's."""
         from pgsnow.snowflake.connection import connect
 
-        return connect(self.settings(Component.LOADER).snowflake)
+        return connect(self.settings().snowflake)
 
     def loader_dispatcher(
         self,
@@ -142,9 +197,56 @@ class LocalStack:
             self._stoppers.pop()()
 
 
-def load_function_handler(function: str, name: str = "handler") -> Callable[[dict[str, Any], Any], Any]:
+# The function each handler in this repository is: the template's CodeUri folder and Handler
+# (tests/unit/test_function_env_from_template.py checks them against template.yaml).
+FUNCTION_HANDLERS: Mapping[tuple[str, str], Component] = {
+    ("extractor", "handler"): Component.EXTRACTOR,
+    ("extractor", "change_capture_handler"): Component.CHANGE_CAPTURE,
+    ("loader", "handler"): Component.LOADER,
+    ("cleanup", "handler"): Component.CLEANUP,
+}
+
+# The stacks whose handlers() are in place, innermost last: invocations see the last one's.
+_handler_stacks: list[LocalStack] = []
+_handler_stacks_lock = threading.Lock()
+
+
+@contextmanager
+def _handlers_of(stack: LocalStack) -> Iterator[None]:
+    with _handler_stacks_lock:
+        _handler_stacks.append(stack)
+    try:
+        yield
+    finally:
+        with _handler_stacks_lock:
+            _handler_stacks.remove(stack)
+
+
+@dataclass(frozen=True)
+class FunctionHandler:
+    """A function's handler as the local stack invokes it: inside a stack's ``handlers()``, each
+    call runs with that function's environment (``LocalStack.invocation``); outside, as it is
+    (tests that set up the process environment themselves)."""
+
+    component: Component
+    handler: Callable[[dict[str, Any], Any], Any]
+
+    def __call__(self, event: dict[str, Any], context: Any) -> Any:
+        with _handler_stacks_lock:
+            stack = _handler_stacks[-1] if _handler_stacks else None
+        if stack is None:
+            return self.handler(event, context)
+        with stack.invocation(self.component):
+            return self.handler(event, context)
+
+
+def load_function_handler(function: str, name: str = "handler") -> FunctionHandler:
     """The handler ``name`` of a SAM function's ``{function}/app.py`` in this repository (the
-    change-capture function's is ``change_capture_handler`` in the extractor's code)."""
+    change-capture function's is ``change_capture_handler`` in the extractor's code), invoked
+    with its function's environment inside a stack's ``handlers()``."""
+    component = FUNCTION_HANDLERS.get((function, name))
+    if component is None:
+        raise ConfigError([f"{function}/app.py:{name} is not one of the template's functions"])
     path = REPO_ROOT / function / "app.py"
     if not path.is_file():
         raise ConfigError(
@@ -162,7 +264,7 @@ def load_function_handler(function: str, name: str = "handler") -> Callable[[dic
     handler: Callable[[dict[str, Any], Any], Any] | None = getattr(module, name, None)
     if handler is None:
         raise ConfigError([f"{path} has no {name}"])
-    return handler
+    return FunctionHandler(component, handler)
 
 
 @contextmanager
@@ -183,7 +285,8 @@ def process_environment(values: Mapping[str, str]) -> Iterator[None]:
 def stack_environment(
     *, pg_dsn: str, aws: Any, bucket: str, prefix: str, snowflake: Any, file_format: str, tables: str
 ) -> dict[str, str]:
-    """The variables the extractor, loader and cleanup read, pointing at the local servers."""
+    """The stack's values of the variables the functions and the CLI tools read, pointing at the
+    local servers (each function gets its share: ``LocalStack.function_environment``)."""
     connect_kwargs = snowflake.connect_kwargs(database=SNOWFLAKE_DATABASE)
     return {
         **aws.env(),
@@ -343,6 +446,7 @@ def start_stack(
     ranges sent to the range queue, which ``pgsnow.local.range_workers`` delivers to that many
     concurrent extractor invocations.
     """
+    from pgsnow.local.function_env import template_environments
     from pgsnow.local.postgres import start_local_postgres
 
     stoppers: list[Callable[[], None]] = []
@@ -387,6 +491,9 @@ def start_stack(
             snowpipe,
             aws_side.roles,
             aws_side.sessions,
+            template_environments(
+                resources, aws_side.parameters, template_path=template_path, region=aws.region
+            ),
         )
         _prepare_snowflake(
             stack,
@@ -502,6 +609,8 @@ def _prepare_snowflake(
             )
         else:
             env["SNOWFLAKE_STORAGE_INTEGRATION"] = ""
-        create_snowflake_objects(sf_conn, stack.settings(Component.LOADER))
+        # The stack's own values, as a person runs `pgsnow snowflake-sql`: a template that forgets
+        # a loader variable must fail the loader, not the set-up.
+        create_snowflake_objects(sf_conn, stack.settings())
     finally:
         sf_conn.close()

@@ -139,7 +139,7 @@ def test_snapshot_and_stream_converge_under_concurrent_writes(
 ) -> None:
     table = handoff_table
     with change_capture_source(pipeline.source_dsn, [(table.schema, table.table)]) as source:
-        # Given the table in mode cdc, with its publication and slot, for this process's handlers too
+        # Given the table in mode cdc, with its publication and slot, for the stack's handlers too
         env = {
             "PGSNOW_TABLE_OPTIONS": json.dumps({table.qualified: {"mode": "cdc"}}),
             "CDC_PUBLICATION": source.publication,
@@ -148,7 +148,7 @@ def test_snapshot_and_stream_converge_under_concurrent_writes(
             "EXTRACT_BATCH_ROWS": str(CHUNK_ROWS),
         }
         for name, value in env.items():
-            monkeypatch.setenv(name, value)
+            monkeypatch.setitem(pipeline.stack.env, name, value)
         reset_runtime()
         try:
             _converge(pipeline, table, env, source.slot)
@@ -246,7 +246,7 @@ def test_a_transaction_committed_right_after_a_runs_last_commit_is_applied(
             "CDC_SLOT": source.slot,
         }
         for name, value in env.items():
-            monkeypatch.setenv(name, value)
+            monkeypatch.setitem(pipeline.stack.env, name, value)
         reset_runtime()
         settings = pipeline.settings(Component.EXTRACTOR, **env)
         s3 = pipeline.function_s3(Component.EXTRACTOR)
