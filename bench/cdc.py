@@ -11,7 +11,8 @@ own slot:
   position: the limit of the server's decoding on this machine;
 * pgsnow: the change-capture function's handler (``extractor/app.py: change_capture_handler``)
   in a child process with the ``ChangeCaptureFunction`` role's credentials, run until its slot
-  has confirmed the end position: reads the stream, spills, converts through PostgreSQL, writes
+  has confirmed the end position: reads the stream, spills (in the staged encoding where the types
+  allow, else converting through PostgreSQL), writes
   CSV.gz/Parquet, uploads to the moto server's bucket, writes manifests and state, confirms.
   Its peak RSS is the child's (``ru_maxrss``);
 * dlt's ``pg_replication`` verified source (not in the ``dlt`` package: its files are taken from a
@@ -565,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--end-lsn", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # Absolute, not resolved: dlt runs in its own working directory, and resolving the venv's python
+    # symlink would leave the venv.
+    args.dlt_python = args.dlt_python.absolute()
     if args.drain_child:
         return drain_child(args.end_lsn)
 

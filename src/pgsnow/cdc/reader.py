@@ -21,13 +21,22 @@ the spill gives its changes (``pgsnow.changes``, "Chaining").
 ``heartbeat_lsn`` None reads to the byte budget or the deadline only.
 
 **Spill files.** One PostgreSQL COPY CSV file per table and relation shape (``SpilledChanges``),
-in ``spill_dir``; no header; NULL is an unquoted empty field and every non-NULL value is quoted,
-so ``""`` is the empty string. Columns: ``pgsnow.changes.CHANGE_COLUMNS`` then the relation's
-columns, as pgoutput's text output:
+in ``spill_dir``; no header; NULL is an unquoted empty field and ``""`` the empty string.
+Columns: ``pgsnow.changes.CHANGE_COLUMNS`` then the relation's columns, either
+
+* in **staged text** (``SpilledChanges.staged_text``): when every column is of a type
+  ``pgsnow.cdc.staged_text`` converts, each value is written in the staged CSV encoding as it
+  arrives (quoted only where the encoding needs it), and a row boundary is recorded about every
+  ``CUT_EVERY_BYTES`` (``SpilledChanges.cuts``: where staging may cut files). A value it refuses
+  ends the segment: the table's rows from there on go to a new segment of
+* **pgoutput's text**: every non-NULL value quoted, as the server sent it.
+
+In both:
 
 * ``_pgsnow_op`` ``I``/``U``/``D``/``T``; ``_pgsnow_lsn`` the transaction's commit LSN (integer);
   ``_pgsnow_seq`` from 1 within the transaction (over every spilled row of it, so within one
-  table the sequence is increasing, with gaps); ``_pgsnow_committed_at`` ISO-8601 UTC;
+  table the sequence is increasing, with gaps); ``_pgsnow_committed_at`` ISO-8601 UTC
+  (``YYYY-MM-DDTHH:MI:SS.ffffffZ``, the staged encoding of a timestamptz);
   ``_pgsnow_unchanged`` ``pgsnow.changes.unchanged_text`` of the columns pgoutput sent as
   unchanged TOAST (``'u'``; their fields are NULL) or NULL; ``_pgsnow_key_moved`` ``true`` on the
   ``U`` half of a key-changing update, ``false`` otherwise.
@@ -43,8 +52,11 @@ table; ``DrainedStream.segments`` are in the order they were started, so a table
 in commit order. Tables not in ``tables`` are skipped. Rows go to disk as they arrive (a buffered
 file per segment, at most ``MAX_OPEN_SPILL_FILES`` open at once); nothing per transaction is kept in
 memory but counters and file offsets, so memory is bounded whatever the transaction size and the
-number of tables. Inserts and updates that keep their identity go from the payload's bytes to the
-spill without decoding their text (``protocol.tuple_csv``); the rest through ``decode_message``.
+number of tables. Inserts, updates and deletes go from the payload's bytes to the spill without
+decoding their text (a tuple reader compiled per column list, ``staged_text.compile_tuple_reader``,
+or ``protocol.tuple_csv`` / ``tuple_bytes``); the other messages through ``decode_message``.
+``on_final`` reports each committed row boundary of a staged-text spill (the drain compresses
+up to it during the read: ``pgsnow.cdc.spilled_csv``).
 
 **Never confirming.** The reader never sends a flush position: the drain confirms ``end_lsn``
 (``ReplicationSession.confirm``) only after the staged files and manifests are durable in S3.
