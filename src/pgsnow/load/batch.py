@@ -30,6 +30,7 @@ from pgsnow.load.tables import Tables, Target
 from pgsnow.load.through_snowpipe import Pipes
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.observability import logger
+from pgsnow.runs import VersionedManifest
 from pgsnow.snowflake.error_classifier import classify_snowflake_error
 from pgsnow.snowflake.load_sql import (
     MAX_FILES_PER_COPY,
@@ -122,7 +123,15 @@ class Loader:
         deletes is reported on its files. A failed swap or deletes fails the run's files of this
         batch, so their messages return to the queue and the next delivery applies it again."""
         runs = sorted(
-            {(o.staged.table, o.staged.run_id) for o in outcomes if o.error is None and o.staged.run_id}
+            {
+                (o.staged.table, o.staged.run_id)
+                for o in outcomes
+                if o.error is None
+                and o.staged.run_id
+                # A change file that waits was not loaded: its run is not complete (and a change
+                # run is completed by the apply that loads its files, not here).
+                and not (o.result is not None and o.result.status is LoadStatus.WAITING)
+            }
         )
         for table, run_id in runs:
             if (table, run_id) in batch.completed:
@@ -168,7 +177,8 @@ class _Batch:
 
     loader: Loader
     session: LoadSession
-    manifests: dict[tuple[Any, str], RunManifest] = field(default_factory=dict)
+    # As read, with the version a conditional rewrite needs (a change run's completion uses it).
+    manifests: dict[tuple[Any, str], VersionedManifest] = field(default_factory=dict)
     aws_credentials: AwsCredentials | None = None
     # Runs this batch's change applies marked ``loaded`` (load.changes): not completed again.
     completed: set[tuple[TableRef, str]] = field(default_factory=set)
@@ -230,7 +240,7 @@ class _Batch:
             self.manifests[cache_key] = read_run_manifest(
                 self.session.s3, self.session.bucket, staged.table, staged.run_id
             )
-        return self.manifests[cache_key]
+        return self.manifests[cache_key].manifest
 
     def _outcome_for_missing_object(self, staged: StagedObject, started: float) -> FileOutcome:
         """A redelivered event for a file already loaded and cleaned up is fine; anything else is not."""
@@ -340,7 +350,8 @@ class _Batch:
         session, loader = self.session, self.loader
         table = present[0][0].table
 
-        def complete(run_table: TableRef, run_id: str) -> object:
+        def complete(found: VersionedManifest) -> object:
+            run_table, run_id = found.manifest.table, found.manifest.run_id
             completed = complete_run(
                 settings=session.settings,
                 sf_conn=session.sf_conn,
@@ -349,12 +360,22 @@ class _Batch:
                 run_id=run_id,
                 credentials_source=loader.credentials_source,
                 tables=loader.tables,
+                base=found,
             )
             if completed.state is RunState.LOADED:
                 self.completed.add((run_table, run_id))
             return completed
 
-        results = ChangeApplier(session, loader.tables, complete).catch_up(table)
+        # The delivered files' manifests and HEADs are not read again by the catch-up (a run this
+        # batch completed is: its manifest changed since).
+        known = {
+            run_id: found
+            for (of_table, run_id), found in self.manifests.items()
+            if of_table == table and (of_table, run_id) not in self.completed
+        }
+        results = ChangeApplier(session, loader.tables, complete).catch_up(
+            table, known_manifests=known, known_files=present
+        )
         applied_now = {key: rows for result in results for key, rows in result.rows.items()}
         # Only the files this call did not apply can have been loaded before (one look-up, or none).
         earlier = [staged.key for staged, _ in present if staged.key not in applied_now]
@@ -373,7 +394,8 @@ class _Batch:
 
     def applies(self, table: TableRef, run_id: str) -> bool:
         """Does completing this run swap a table in or delete rows (as its manifest says)?"""
-        manifest = self.manifests.get((table, run_id))
+        found = self.manifests.get((table, run_id))
+        manifest = None if found is None else found.manifest
         return (
             manifest is not None
             and not is_change_run(manifest)
