@@ -8,7 +8,7 @@ matter to replication and which fakesnow does not reproduce faithfully:
 * ``CREATE [OR REPLACE] [TEMPORARY] STAGE [IF NOT EXISTS] ... URL = 's3://...'`` with a storage
   integration or credentials; a TEMPORARY one is kept per session (``sf_stages``), and in a
   session that has one, ``SHOW STAGES`` and ``DROP STAGE`` too;
-* ``ALTER SESSION SET/UNSET QUERY_TAG`` and ``SHOW PARAMETERS LIKE 'QUERY_TAG'``;
+* ``ALTER SESSION SET/UNSET QUERY_TAG`` / ``LOCK_TIMEOUT`` and ``SHOW PARAMETERS LIKE`` either;
 * ``CREATE`` / ``ALTER STORAGE INTEGRATION``, ``DESC INTEGRATION`` and
   ``ALTER USER ... SET RSA_PUBLIC_KEY`` (``sf_access`` / ``keypair``).
 
@@ -815,22 +815,17 @@ class LocalSnowflakeState:
         rows = [
             (
                 name,
-                params.get(name, ""),
-                "",
+                params.get(name, kept.default),
+                kept.default,
                 "SESSION" if name in params else "",
-                _PARAMETER_HELP[name],
-                "STRING",
+                kept.description,
+                kept.type,
             )
-            for name in sorted(KEPT_SESSION_PARAMETERS)
+            for name, kept in sorted(KEPT_SESSION_PARAMETERS.items())
             if like_matches(pattern, name)
         ]
         columns = [(c, "VARCHAR") for c in ("key", "value", "default", "level", "description", "type")]
         return rows_as_select(columns, rows)
-
-
-_PARAMETER_HELP = {
-    "QUERY_TAG": "String (up to 4096 characters) used to tag statements executed by the session"
-}
 
 
 def _qualify_table(conn: FakeSnowflakeConnection, parts: tuple[str, ...]) -> tuple[str, str, str]:
