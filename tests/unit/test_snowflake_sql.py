@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -32,8 +33,10 @@ from pgsnow.snowflake.table_sql import (
     build_add_run_id_column,
     build_create_schema,
     build_create_table,
+    build_create_work_table,
     build_merge_from,
     build_select_table_columns,
+    build_select_work_tables,
 )
 from pgsnow.typemap import ValueKind, map_pg_type
 
@@ -567,6 +570,29 @@ def test_create_stage(integration: str | None, expected_tail: str) -> None:
     assert sql == (
         'CREATE STAGE IF NOT EXISTS "DB"."PGSNOW"."PGSNOW_STAGE" URL = \'s3://my-bucket/staging/\''
         + expected_tail
+    )
+
+
+def test_work_tables_older_than_a_time_are_read_from_information_schema_tables() -> None:
+    created_before = datetime(2026, 12, 7, 8, 0, tzinfo=UTC)
+
+    sql, params = build_select_work_tables("DB", "PGSNOW", created_before=created_before)
+
+    assert sql == (
+        'SELECT "TABLE_NAME", "CREATED"\n'
+        'FROM "DB"."INFORMATION_SCHEMA"."TABLES"\n'
+        'WHERE "TABLE_SCHEMA" = %s AND "TABLE_TYPE" = \'BASE TABLE\' AND "CREATED" < %s\n'
+        'AND (STARTSWITH("TABLE_NAME", %s) OR STARTSWITH("TABLE_NAME", %s) OR STARTSWITH("TABLE_NAME", %s))\n'
+        'ORDER BY "CREATED", "TABLE_NAME"'
+    )
+    assert params == ("PGSNOW", created_before, "_PGSNOW_MERGE_", "_PGSNOW_KEYS_", "_PGSNOW_CHANGES_")
+
+
+def test_a_work_table_is_transient() -> None:
+    columns = [column("id", "integer", nullable=False)]
+
+    assert build_create_work_table(("DB", "PGSNOW", "_PGSNOW_CHANGES_0123456789ABCDEF"), columns) == (
+        'CREATE OR REPLACE TRANSIENT TABLE "DB"."PGSNOW"."_PGSNOW_CHANGES_0123456789ABCDEF" ("ID" NUMBER(38,0))'
     )
 
 

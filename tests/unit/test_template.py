@@ -43,6 +43,7 @@ from pgsnow.config import (
 from pgsnow.extract.parquet_stager import PARQUET_GROUP_BYTES
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, key_list_key, manifest_key
+from pgsnow.load.work_tables import WORK_TABLE_MAX_AGE
 from pgsnow.local.aws import StagingResources
 from pgsnow.local.change_capture import CHANGE_CAPTURE_MEMORY_MB, CHANGE_CAPTURE_TIMEOUT_S
 from pgsnow.local.dispatcher import (
@@ -584,6 +585,15 @@ def test_local_stack_batches_as_the_template_deploys(
     assert parameters["LoaderBatchSize"]["Default"] == LOADER_BATCH_SIZE
     assert parameters["LoaderBatchingWindowSeconds"]["Default"] == LOADER_BATCHING_WINDOW_S
     assert function_timeout(cfn, "LoaderFunction") == LOADER_TIMEOUT_S
+
+
+@pytest.mark.parametrize("function", ["LoaderFunction", "CleanupFunction"])
+def test_no_load_outlives_the_age_at_which_its_work_table_is_swept(
+    cfn: dict[str, Any], function: str
+) -> None:
+    # The functions that make work tables end long before the cleanup's sweep may take one for
+    # abandoned (pgsnow.load.work_tables): four times over, for clock differences.
+    assert 4 * function_timeout(cfn, function) <= WORK_TABLE_MAX_AGE.total_seconds()
 
 
 @pytest.mark.parametrize(

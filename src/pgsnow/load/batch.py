@@ -8,7 +8,6 @@ its session's temporary stage was made with); ``load`` runs one batch on a conne
 from __future__ import annotations
 
 import time
-import uuid
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pgsnow.load.outcomes import FileOutcome, LoadResult, LoadStatus
 from pgsnow.load.session import LoadSession
 from pgsnow.load.tables import Tables, Target
 from pgsnow.load.through_snowpipe import Pipes
+from pgsnow.load.work_tables import work_table
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.runs import VersionedManifest
@@ -41,7 +41,7 @@ from pgsnow.snowflake.load_sql import (
     build_create_temporary_stage,
     build_query_tag,
 )
-from pgsnow.snowflake.table_sql import build_create_schema, build_create_work_table, build_drop_table
+from pgsnow.snowflake.table_sql import MERGE_WORK_TABLE, build_create_schema
 from pgsnow.snowpipe import SnowpipeClient
 
 if TYPE_CHECKING:
@@ -325,23 +325,11 @@ class _Batch:
         started: float,
     ) -> list[FileOutcome]:
         session = self.session
-        work_table: Target | None = None
-        if manifest is not None and WriteMode(manifest.write_mode) is WriteMode.MERGE:
-            # DDL commits a transaction in Snowflake, so the work table exists before ours begins.
-            work_table = (
-                session.database,
-                session.control_schema,
-                f"_PGSNOW_MERGE_{uuid.uuid4().hex[:16].upper()}",
-            )
-            session.execute(build_create_work_table(work_table, manifest.columns))
-            copy_target = work_table
-        try:
-            return CopyJob(
-                session, present, columns, copy_target, target, work_table, manifest, started
-            ).run()
-        finally:
-            if work_table is not None:
-                session.execute(build_drop_table(work_table))
+        if manifest is None or WriteMode(manifest.write_mode) is not WriteMode.MERGE:
+            return CopyJob(session, present, columns, copy_target, target, None, manifest, started).run()
+        # DDL commits a transaction in Snowflake, so the work table exists before ours begins.
+        with work_table(session, MERGE_WORK_TABLE, manifest.columns) as merge_from:
+            return CopyJob(session, present, columns, merge_from, target, merge_from, manifest, started).run()
 
     def _apply_changes(self, present: Present, started: float) -> list[FileOutcome]:
         """A change run's files (mode cdc): apply the table's change runs in order from its applied

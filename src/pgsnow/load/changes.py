@@ -23,7 +23,6 @@ manifest read once), ``decide_change_run`` (what it does with one run) and ``pos
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -40,6 +39,7 @@ from pgsnow.load.objects import head_staged_object
 from pgsnow.load.outcomes import ObjectFacts
 from pgsnow.load.session import LoadSession
 from pgsnow.load.tables import Tables, Target
+from pgsnow.load.work_tables import work_table
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.runs import RunStore, VersionedManifest
@@ -56,7 +56,7 @@ from pgsnow.snowflake.change_sql import (
     change_work_columns,
 )
 from pgsnow.snowflake.load_sql import LoadColumn, build_copy_into
-from pgsnow.snowflake.table_sql import build_add_soft_delete_column, build_create_work_table, build_drop_table
+from pgsnow.snowflake.table_sql import CHANGES_WORK_TABLE, build_add_soft_delete_column
 
 CDC_MODE = "cdc"
 # The ledger status of a change run's file that held no change after the applied position.
@@ -489,14 +489,8 @@ def apply_change_run(
     if soft:
         session.execute(build_add_soft_delete_column(target))
     work_columns = change_work_columns(manifest.columns)
-    work: Target = (
-        session.database,
-        session.control_schema,
-        f"_PGSNOW_CHANGES_{uuid.uuid4().hex[:16].upper()}",
-    )
-    session.execute(build_create_work_table(work, work_columns))
     try:
-        with session.transaction():
+        with work_table(session, CHANGES_WORK_TABLE, work_columns) as work, session.transaction():
             return _apply_in_transaction(
                 session,
                 manifest,
@@ -514,8 +508,6 @@ def apply_change_run(
             extra={"table": table.qualified, "run_id": manifest.run_id},
         )
         return None
-    finally:
-        session.execute(build_drop_table(work))
 
 
 def _apply_in_transaction(

@@ -12,7 +12,6 @@ would delete rows the newer run wrote (docs/loading.md).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -25,15 +24,16 @@ from pgsnow.ledger import AppliedPosition, Ledger, LedgerClaim, LedgerRecord, Le
 from pgsnow.load.outcomes import RunOutcome
 from pgsnow.load.session import LoadSession, url_source_for
 from pgsnow.load.tables import Tables, Target, read_columns
+from pgsnow.load.work_tables import work_table
 from pgsnow.manifest import Column, RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.runs import RunStore, VersionedManifest
 from pgsnow.snowflake.load_sql import CredentialsSource, LoadColumn, UrlSource, build_copy_into
 from pgsnow.snowflake.table_sql import (
+    KEYS_WORK_TABLE,
     build_add_soft_delete_column,
     build_apply_deletes,
     build_create_schema,
-    build_create_work_table,
     build_drop_table,
     build_rename_table,
     build_select_table_comment,
@@ -299,17 +299,11 @@ class _RunApplier:
         session = self.session
         by_name = {c.name: c for c in manifest.columns}
         key_columns = [by_name[name] for name in manifest.primary_key]
-        keys_table = (
-            session.database,
-            session.control_schema,
-            f"_PGSNOW_KEYS_{uuid.uuid4().hex[:16].upper()}",
-        )
         soft = DeleteMode(manifest.deletes) is DeleteMode.SOFT
         # DDL commits in Snowflake, so the column and the keys table exist before the transaction.
         if soft:
             session.execute(build_add_soft_delete_column(self.tables.target(manifest.table)))
-        session.execute(build_create_work_table(keys_table, key_columns))
-        try:
+        with work_table(session, KEYS_WORK_TABLE, key_columns) as keys_table:
             url_source = self.url_source()
             with session.transaction():
                 return self._apply_deletes_in_transaction(
@@ -320,8 +314,6 @@ class _RunApplier:
                     url_source=url_source,
                     soft=soft,
                 )
-        finally:
-            session.execute(build_drop_table(keys_table))
 
     def _apply_deletes_in_transaction(
         self,

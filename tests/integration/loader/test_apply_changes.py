@@ -14,6 +14,7 @@ import io
 import itertools
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -33,6 +34,7 @@ from pgsnow.load.objects import head_staged_object
 from pgsnow.load.outcomes import LoadStatus
 from pgsnow.load.session import LoadSession
 from pgsnow.load.tables import Tables
+from pgsnow.load.work_tables import WORK_TABLE_MAX_AGE, drop_abandoned_work_tables
 from pgsnow.local.snowflake import LocalSnowflake
 from pgsnow.manifest import Column, RunManifest, RunState, StagedFile
 from pgsnow.runs import RunStore
@@ -636,6 +638,56 @@ def test_a_change_run_of_k_files_costs_s3_requests_in_proportion_to_k(source: So
     assert calls.by_operation["ListObjectsV2"] == files
     assert calls.by_operation["PutObject"] == 1
     assert source.position() == AppliedPosition(1300, one_by_one.run_id)
+
+
+def work_tables(source: Source) -> list[str]:
+    """The work tables in the control schema (INFORMATION_SCHEMA.TABLES)."""
+    return [
+        str(name)
+        for (name,) in query(
+            source.sf_conn,
+            f'SELECT "TABLE_NAME" FROM "{source.settings.snowflake.database}"."INFORMATION_SCHEMA"."TABLES" '
+            f"WHERE \"TABLE_SCHEMA\" = '{source.settings.snowflake.control_schema}' "
+            "AND STARTSWITH(\"TABLE_NAME\", '_PGSNOW_') ORDER BY 1",
+        )
+    ]
+
+
+def test_a_work_table_a_stopped_apply_left_is_dropped_once_no_load_can_be_using_it(
+    source: Source, local_snowflake: LocalSnowflake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a change run applied by a loader stopped before its work table's DROP (a Lambda ended
+    # at its timeout runs no ``finally``)
+    settings, sf_conn = source.settings, source.sf_conn
+    source.snapshot(SNAPSHOT_ROWS)
+    run = source.stage([change("U", 1100, 1, (1, "applied", "d", 1))], end_lsn=1100)
+    mark = local_snowflake.history.mark()
+    with monkeypatch.context() as stopped:
+        stopped.setattr("pgsnow.load.work_tables.build_drop_table", lambda table: "SELECT 1")
+        source.deliver(run)
+    (left,) = work_tables(source)
+    assert left.startswith("_PGSNOW_CHANGES_")
+    # made TRANSIENT (no Fail-safe storage is kept for it), the statement sent once
+    created = [
+        s.sql_text
+        for s in local_snowflake.history.since(mark)
+        if s.sql_text.startswith(
+            f'CREATE OR REPLACE TRANSIENT TABLE "{settings.snowflake.database}"."PGSNOW"."{left}"'
+        )
+    ]
+    assert len(created) == 1
+
+    # When the cleanup pass's sweep runs at once, and again once the table is older than any load
+    at_once = drop_abandoned_work_tables(settings=settings, sf_conn=sf_conn)
+    past_any_load = datetime.now(UTC) + WORK_TABLE_MAX_AGE + timedelta(minutes=1)
+    later = drop_abandoned_work_tables(settings=settings, sf_conn=sf_conn, now=past_any_load)
+
+    # Then a table a load may still be using is kept, the abandoned one dropped, and nothing else:
+    # the applied run, the table's ledger and position stand
+    assert (at_once, later) == ([], [left])
+    assert work_tables(source) == []
+    assert source.rows()[0] == (1, "applied", "d", 1)
+    assert source.position() == AppliedPosition(1100, run.run_id)
 
 
 def test_a_run_with_a_new_column_adds_it(source: Source) -> None:
