@@ -36,6 +36,7 @@ def record_metrics(results: list[CleanupResult], sweep: SweepResult) -> None:
     # The sweep's deletions are the pass's totals, with no table dimension.
     record_table_metric("FilesDeleted", None, len(sweep.deleted_keys))
     record_table_metric("BytesDeleted", None, sweep.deleted_bytes, MetricUnit.Bytes)
+    record_table_metric("WorkTablesDropped", None, len(sweep.work_tables_dropped))
 
 
 @logger.inject_lambda_context(clear_state=True)

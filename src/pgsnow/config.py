@@ -284,6 +284,25 @@ class SnowflakeSettings:
     host: str | None  # set for the local fakesnow server
     port: int | None
     protocol: str
+    # The session's LOCK_TIMEOUT in seconds (``lock_timeout_for`` the function's Lambda timeout);
+    # None: Snowflake's own (43,200 s), for sessions outside a function (the CLI).
+    lock_timeout_s: int | None = None
+
+
+# Each function that talks to Snowflake is told its own Lambda Timeout by a variable of its own
+# (template.yaml sets it from the FunctionTimeouts mapping its Timeout reads; the local stack gives
+# each function its template environment, this variable included).
+FUNCTION_TIMEOUT_VARIABLES = {Component.LOADER: "LOADER_TIMEOUT_S", Component.CLEANUP: "CLEANUP_TIMEOUT_S"}
+# A lock wait may take this share of the function's time (a third): a statement that waits on a lock
+# another transaction holds gives up (a RetryableError, its files go back to the queue) while the
+# invocation still has the time to load the rest of its batch and report, instead of waiting out
+# Snowflake's default LOCK_TIMEOUT of 12 hours until Lambda ends it unreported.
+LOCK_TIMEOUT_SHARE = 3
+
+
+def lock_timeout_for(function_timeout_s: int) -> int:
+    """The session LOCK_TIMEOUT (seconds) of a function that has ``function_timeout_s``."""
+    return max(1, function_timeout_s // LOCK_TIMEOUT_SHARE)
 
 
 # A staged file's size is bounded by the extractor's /tmp (two files are on disk at once: one
@@ -543,6 +562,8 @@ def _read_snowflake(env: _EnvReader) -> SnowflakeSettings:
     protocol = (env.get("SNOWFLAKE_PROTOCOL", "https") or "https").lower()
     if protocol not in {"http", "https"}:
         env.problems.append(f"SNOWFLAKE_PROTOCOL must be http or https, got {protocol!r}")
+    timeout_variable = FUNCTION_TIMEOUT_VARIABLES.get(env.component)
+    function_timeout_s = 0 if timeout_variable is None else env.as_int(timeout_variable, 0, 0)
     return SnowflakeSettings(
         account=account,
         user=env.get("SNOWFLAKE_USER"),
@@ -557,6 +578,7 @@ def _read_snowflake(env: _EnvReader) -> SnowflakeSettings:
         host=env.get("SNOWFLAKE_HOST"),
         port=port,
         protocol=protocol,
+        lock_timeout_s=lock_timeout_for(function_timeout_s) if function_timeout_s else None,
     )
 
 

@@ -320,14 +320,15 @@ class RunStore:
             raise error from exc
         return str(response["ETag"])
 
-    def _list_objects(self, prefix: str) -> list[tuple[str, datetime]]:
-        """(key, LastModified) of every object under ``prefix``, sorted by key. A failed listing
-        raises botocore's error as it is: the CLI reports it by its AWS code (no such bucket,
-        access denied)."""
+    def _list_objects(self, prefix: str, *, start_after: str | None = None) -> list[tuple[str, datetime]]:
+        """(key, LastModified) of every object under ``prefix`` (after ``start_after``, when given),
+        sorted by key. A failed listing raises botocore's error as it is: the CLI reports it by its
+        AWS code (no such bucket, access denied)."""
         paginator = self._s3.get_paginator("list_objects_v2")
+        after = {} if start_after is None else {"StartAfter": start_after}
         return sorted(
             (obj["Key"], obj["LastModified"])
-            for page in paginator.paginate(Bucket=self._bucket, Prefix=prefix)
+            for page in paginator.paginate(Bucket=self._bucket, Prefix=prefix, **after)
             for obj in page.get("Contents", [])
         )
 
@@ -373,12 +374,16 @@ class RunStore:
         etag = self._put(key, updated.to_json().encode("utf-8"), if_match=base.etag, run_id=updated.run_id)
         return etag is not None
 
-    def run_ids(self, table: TableRef) -> list[str]:
-        """The table's runs that have a manifest, oldest first."""
+    def run_ids(self, table: TableRef, *, after: str | None = None) -> list[str]:
+        """The table's runs that have a manifest, oldest first; with ``after``, only the runs
+        after that one (S3 lists from there: a table's manifests stay for the metadata retention,
+        and a change-capture table's drain writes up to one a minute, so listing them all costs a
+        LIST per 1,000)."""
         prefix = manifests_prefix(table)
+        start_after = None if after is None else manifest_key(table, after)
         return [
             key.removeprefix(prefix).removesuffix(".json")
-            for key, _ in self._list_objects(prefix)
+            for key, _ in self._list_objects(prefix, start_after=start_after)
             if key.endswith(".json")
         ]
 

@@ -17,6 +17,10 @@ to the dead-letter queue), or its run failed. Each pass, per orphan:
 Loaded files left behind (a cleanup that claimed a file and stopped before removing it,
 or a hand-dropped file with no run) are removed when the cleanup mode removes anything;
 loaded files of runs cleanup has not claimed are left to cleanup's own rules.
+
+Each pass also drops the work tables loads left in the control schema (a load stopped between
+its work table's CREATE and DROP), once they are older than any load can be
+(``pgsnow.load.work_tables.drop_abandoned_work_tables``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pgsnow.errors import ConfigError, PermanentError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import StagedObject, new_run_id, parse_data_key, table_prefix
 from pgsnow.ledger import LedgerRow, keys_by_table, ledger_rows
+from pgsnow.load.work_tables import drop_abandoned_work_tables
 from pgsnow.observability import logger
 from pgsnow.runs import RunStore
 from pgsnow.staging import classify_s3_error
@@ -90,6 +95,7 @@ class SweepResult:
     deleted_keys: list[str] = field(default_factory=list)  # loaded leftovers and expired abandoned files
     deleted_bytes: int = 0
     report_key: str | None = None
+    work_tables_dropped: list[str] = field(default_factory=list)  # left behind by stopped loads
 
     def with_status(self, status: OrphanStatus) -> list[Orphan]:
         return [o for o in self.orphans if o.status is status]
@@ -111,6 +117,7 @@ class SweepResult:
             "files_deleted": len(self.deleted_keys),
             "bytes_deleted": self.deleted_bytes,
             "report_key": self.report_key,
+            "work_tables_dropped": len(self.work_tables_dropped),
         }
 
 
@@ -209,6 +216,7 @@ def sweep_orphans(
     retention = timedelta(days=settings.cleanup.retention_days)
     bucket = settings.bucket
     result = SweepResult()
+    result.work_tables_dropped = drop_abandoned_work_tables(settings=settings, sf_conn=sf_conn, now=now)
     old = [obj for obj in _list_staged(s3, settings, tables) if obj["LastModified"] <= now - age]
     result.scanned = len(old)
     if not old:

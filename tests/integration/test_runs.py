@@ -137,6 +137,11 @@ def test_manifests_are_listed_in_run_order_per_table(store: RunStore) -> None:
     ]
     assert store.tables_with_manifests() == [ORDERS, ORDERS_ARCHIVE, OTHER_SCHEMA]
     assert store.run_ids(TableRef("public", "never_run")) == []
+    # Listed from a run on: only the later runs (of this table only), whether or not that run has
+    # a manifest
+    assert store.run_ids(ORDERS, after=RUNS[0]) == RUNS[1:]
+    assert store.run_ids(ORDERS, after=RUNS[-1]) == []
+    assert store.run_ids(ORDERS, after="20000101T000000000000Z") == RUNS
 
 
 def test_a_failed_read_other_than_missing_names_the_key(s3: Any) -> None:

@@ -104,6 +104,9 @@ def test_values_are_resolved_with_the_stacks_parameters_and_resources() -> None:
     # One worker: the !If gives the empty string (no range queue)
     single = repo_environments(ExtractMaxWorkers="1")[Component.EXTRACTOR]
     assert single["EXTRACT_RANGE_QUEUE_URL"] == ""
+    # !FindInMap: each Snowflake function's timeout, from the mapping its Timeout reads too
+    assert environments[Component.LOADER]["LOADER_TIMEOUT_S"] == "900"
+    assert cleanup["CLEANUP_TIMEOUT_S"] == "300"
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ from pgsnow.local.sf_session_sql import (
     parse_show_parameters,
     parse_show_stages,
 )
+from pgsnow.local.sf_table_sql import TableDdl, parse_table_ddl
 
 pytestmark = pytest.mark.unit
 
@@ -313,7 +314,49 @@ def test_alter_session(sql: str, expected: SessionParameterChange | None) -> Non
 @pytest.mark.parametrize(
     ("sql", "expected"),
     [
+        pytest.param(
+            'CREATE OR REPLACE TRANSIENT TABLE "DB"."PGSNOW"."_PGSNOW_CHANGES_AB" ("A" NUMBER(38,0))',
+            TableDdl(("DB", "PGSNOW", "_PGSNOW_CHANGES_AB"), created=True),
+            id="work-table",
+        ),
+        pytest.param(
+            "create table if not exists s.t (a int)",
+            TableDdl(("S", "T"), created=True, if_not_exists=True),
+            id="if-not-exists",
+        ),
+        pytest.param('CREATE TABLE "a""b" AS SELECT 1 AS x', TableDdl(('a"b',), created=True), id="ctas"),
+        pytest.param(
+            'DROP TABLE IF EXISTS "DB"."P"."T"', TableDdl(("DB", "P", "T"), created=False), id="drop"
+        ),
+        pytest.param("CREATE STAGE st", None, id="not-a-table"),
+        pytest.param("SELECT * FROM t", None, id="not-ddl"),
+    ],
+)
+def test_table_ddl(sql: str, expected: TableDdl | None) -> None:
+    assert parse_table_ddl(sql) == expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        pytest.param(
+            "ALTER SESSION SET LOCK_TIMEOUT = 300", SessionParameterChange("LOCK_TIMEOUT", "300"), id="set"
+        ),
+        pytest.param(
+            "alter session unset lock_timeout", SessionParameterChange("LOCK_TIMEOUT", None), id="unset"
+        ),
+        pytest.param("ALTER SESSION SET LOCK_TIMEOUT = 1.5", None, id="not-whole-seconds"),
+    ],
+)
+def test_alter_session_lock_timeout(sql: str, expected: SessionParameterChange | None) -> None:
+    assert parse_alter_session(sql) == expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
         pytest.param("SHOW PARAMETERS LIKE 'QUERY_TAG' IN SESSION", "QUERY_TAG", id="exact"),
+        pytest.param("SHOW PARAMETERS LIKE 'LOCK_TIMEOUT' IN SESSION", "LOCK_TIMEOUT", id="lock-timeout"),
         pytest.param("show parameters like 'query%'", "query%", id="pattern"),
         pytest.param("SHOW PARAMETERS LIKE 'TIMEZONE'", None, id="not-ours"),
     ],

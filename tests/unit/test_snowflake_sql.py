@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from snowflake.connector import errors as sf_errors
 
-from pgsnow.config import SnowflakeSettings
+from pgsnow.config import Component, Settings, SnowflakeSettings
 from pgsnow.errors import ConfigError, PermanentError, PgSnowError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, StagedObject, parse_data_key
@@ -26,13 +27,16 @@ from pgsnow.snowflake.load_sql import (
     build_table_pipe,
     load_columns_from_table,
 )
+from pgsnow.snowflake.session_sql import build_set_lock_timeout, session_setup_sql
 from pgsnow.snowflake.sql_text import placeholder_list, string_literal
 from pgsnow.snowflake.table_sql import (
     build_add_run_id_column,
     build_create_schema,
     build_create_table,
+    build_create_work_table,
     build_merge_from,
     build_select_table_columns,
+    build_select_work_tables,
 )
 from pgsnow.typemap import ValueKind, map_pg_type
 
@@ -446,6 +450,28 @@ def test_classify_keeps_sqlstate() -> None:
     assert "bad number" in classified.message
 
 
+LOCK_TIMEOUT_MESSAGE = (
+    "Statement '01b6c04c-0108-5374-0008-50d700010052' has locked table 'LOAD_LEDGER__PUBLIC__ITEMS' "
+    "in transaction 1725239781553000000 and this lock has not yet been released. Your statement "
+    "'01b6c04c-0108-5374-0008-50d700010056' was aborted because the lock timeout was exceeded."
+)
+
+
+@pytest.mark.parametrize(
+    "sqlstate", [pytest.param("57014", id="with-sqlstate"), pytest.param(None, id="errno-only")]
+)
+def test_a_lock_wait_that_reached_the_lock_timeout_is_retryable(sqlstate: str | None) -> None:
+    # A statement that gave up waiting for a lock another transaction holds (the session's
+    # LOCK_TIMEOUT): its files go back to the queue and load once the lock is released.
+    error = sf_errors.ProgrammingError(msg=LOCK_TIMEOUT_MESSAGE, errno=625, sqlstate=sqlstate)
+
+    classified = classify_snowflake_error(error, table="public.items")
+
+    assert type(classified) is RetryableError
+    assert "LOAD_LEDGER__PUBLIC__ITEMS" in classified.message  # names what holds the lock
+    assert "1725239781553000000" in classified.message  # the transaction to look for (or abort)
+
+
 def test_classify_passes_our_own_errors_through() -> None:
     ours = RetryableError("manifest not there yet")
 
@@ -482,6 +508,48 @@ def test_connection_kwargs_for_a_local_server() -> None:
     assert "role" not in kwargs
 
 
+@pytest.mark.parametrize(
+    ("lock_timeout_s", "expected"),
+    [
+        pytest.param(300, ["ALTER SESSION SET LOCK_TIMEOUT = 300"], id="a-function"),
+        pytest.param(None, [], id="the-cli-keeps-snowflakes-default"),
+    ],
+)
+def test_the_session_setup_sets_the_lock_timeout(lock_timeout_s: int | None, expected: list[str]) -> None:
+    assert session_setup_sql(settings(lock_timeout_s=lock_timeout_s)) == expected
+
+
+@pytest.mark.parametrize("seconds", [0, -1, True, 1.5])
+def test_a_lock_timeout_is_a_whole_number_of_seconds(seconds: Any) -> None:
+    with pytest.raises(PermanentError):
+        build_set_lock_timeout(seconds)
+
+
+BASE_ENV = {
+    "S3_STAGE_BUCKET": "b",
+    "SNOWFLAKE_ACCOUNT": "acct",
+    "SNOWFLAKE_DATABASE": "DB",
+    "LOADER_TIMEOUT_S": "900",
+    "CLEANUP_TIMEOUT_S": "300",
+}
+
+
+@pytest.mark.parametrize(
+    ("component", "environment", "expected"),
+    [
+        pytest.param(Component.LOADER, BASE_ENV, 300, id="loader"),
+        pytest.param(Component.CLEANUP, BASE_ENV, 100, id="cleanup"),
+        pytest.param(Component.LOCAL, BASE_ENV, None, id="cli"),
+        pytest.param(Component.LOADER, {**BASE_ENV, "LOADER_TIMEOUT_S": ""}, None, id="not-told"),
+        pytest.param(Component.LOADER, {**BASE_ENV, "LOADER_TIMEOUT_S": "2"}, 1, id="at-least-a-second"),
+    ],
+)
+def test_the_lock_timeout_is_a_third_of_the_functions_own_timeout(
+    component: Component, environment: dict[str, str], expected: int | None
+) -> None:
+    assert Settings.from_env(environment, component=component).snowflake.lock_timeout_s == expected
+
+
 def test_connection_kwargs_need_a_credential() -> None:
     with pytest.raises(ConfigError):
         connection_kwargs(settings(password=None))
@@ -502,6 +570,29 @@ def test_create_stage(integration: str | None, expected_tail: str) -> None:
     assert sql == (
         'CREATE STAGE IF NOT EXISTS "DB"."PGSNOW"."PGSNOW_STAGE" URL = \'s3://my-bucket/staging/\''
         + expected_tail
+    )
+
+
+def test_work_tables_older_than_a_time_are_read_from_information_schema_tables() -> None:
+    created_before = datetime(2026, 12, 7, 8, 0, tzinfo=UTC)
+
+    sql, params = build_select_work_tables("DB", "PGSNOW", created_before=created_before)
+
+    assert sql == (
+        'SELECT "TABLE_NAME", "CREATED"\n'
+        'FROM "DB"."INFORMATION_SCHEMA"."TABLES"\n'
+        'WHERE "TABLE_SCHEMA" = %s AND "TABLE_TYPE" = \'BASE TABLE\' AND "CREATED" < %s\n'
+        'AND (STARTSWITH("TABLE_NAME", %s) OR STARTSWITH("TABLE_NAME", %s) OR STARTSWITH("TABLE_NAME", %s))\n'
+        'ORDER BY "CREATED", "TABLE_NAME"'
+    )
+    assert params == ("PGSNOW", created_before, "_PGSNOW_MERGE_", "_PGSNOW_KEYS_", "_PGSNOW_CHANGES_")
+
+
+def test_a_work_table_is_transient() -> None:
+    columns = [column("id", "integer", nullable=False)]
+
+    assert build_create_work_table(("DB", "PGSNOW", "_PGSNOW_CHANGES_0123456789ABCDEF"), columns) == (
+        'CREATE OR REPLACE TRANSIENT TABLE "DB"."PGSNOW"."_PGSNOW_CHANGES_0123456789ABCDEF" ("ID" NUMBER(38,0))'
     )
 
 

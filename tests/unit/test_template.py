@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import copy
 import fnmatch
+import functools
 import json
 import re
 import shutil
@@ -30,6 +31,7 @@ from samtranslator.translator.translator import Translator
 from samtranslator.yaml_helper import yaml_parse
 
 from pgsnow.config import (
+    FUNCTION_TIMEOUT_VARIABLES,
     MAX_TARGET_FILE_MB,
     CleanupMode,
     Component,
@@ -41,6 +43,7 @@ from pgsnow.config import (
 from pgsnow.extract.parquet_stager import PARQUET_GROUP_BYTES
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, data_key, key_list_key, manifest_key
+from pgsnow.load.work_tables import WORK_TABLE_MAX_AGE
 from pgsnow.local.aws import StagingResources
 from pgsnow.local.change_capture import CHANGE_CAPTURE_MEMORY_MB, CHANGE_CAPTURE_TIMEOUT_S
 from pgsnow.local.dispatcher import (
@@ -53,6 +56,7 @@ from pgsnow.local.dispatcher import (
 from pgsnow.local.function_env import template_environments
 from pgsnow.local.iam import FUNCTION_RESOURCES, stack_parameters
 from pgsnow.local.stack import LOADER_BATCH_SIZE, LOADER_BATCHING_WINDOW_S, LOADER_TIMEOUT_S
+from pgsnow.snowflake.session_sql import session_setup_sql
 
 pytestmark = pytest.mark.unit
 
@@ -102,8 +106,9 @@ FUNCTION_ENV_VAR_NAMES = {
         "EXTRACT_RANGE_ROWS",
         "EXTRACT_RANGE_QUEUE_URL",
     },
-    "LoaderFunction": {"LOAD_METHOD", "LOAD_ON_ERROR", "SNOWPIPE_NAME"},
+    "LoaderFunction": {"LOAD_METHOD", "LOAD_ON_ERROR", "SNOWPIPE_NAME", "LOADER_TIMEOUT_S"},
     "CleanupFunction": {
+        "CLEANUP_TIMEOUT_S",
         "CLEANUP_ARCHIVE_PREFIX",
         "CLEANUP_ORPHAN_AGE_MINUTES",
         "LOADER_QUEUE_URL",
@@ -114,6 +119,18 @@ FUNCTION_RESOURCES_BY_ID = {logical_id: component for component, logical_id in F
 STACK_ID = f"arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/pgsnow-dev/4f9d2c1a-7b3e-11ef-9c2d-0a1b2c3d4e5f"
 BUCKET_NAME = "pgsnow-snowflake-stage-dev-4f9d2c1a"
 CUSTOMERS_TABLE = TableRef("public", "customers")
+
+
+@functools.cache
+def template_mappings() -> dict[str, Any]:
+    """template.yaml's Mappings (what Fn::FindInMap reads)."""
+    mappings: dict[str, Any] = yaml_parse(TEMPLATE_PATH.read_text(encoding="utf-8"))["Mappings"]
+    return mappings
+
+
+def function_timeout(cfn: dict[str, Any], function: str) -> int:
+    """A function's Timeout in seconds, as CloudFormation resolves it."""
+    return int(evaluate(properties(cfn, function)["Timeout"]))
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +222,9 @@ def evaluate(
     if function == "Fn::Select":
         index, values = argument
         return evaluate(values, parameters, conditions)[int(index)]
+    if function == "Fn::FindInMap":
+        mapping, key, attribute = (evaluate(part, parameters, conditions) for part in argument)
+        return template_mappings()[mapping][key][attribute]
     if function == "Fn::Sub":
         text, variables = (argument, {}) if isinstance(argument, str) else argument
         values = {name: str(evaluate(v, parameters, conditions)) for name, v in variables.items()}
@@ -527,7 +547,7 @@ def test_visibility_timeout_is_six_loader_timeouts_plus_the_longest_batching_win
 ) -> None:
     # Lambda's advice: six function timeouts, plus the batching window a message may spend
     # received (invisible) while its batch fills - the longest window the parameter allows.
-    loader_timeout = properties(cfn, "LoaderFunction")["Timeout"]
+    loader_timeout = function_timeout(cfn, "LoaderFunction")
     longest_window = sam_template["Parameters"]["LoaderBatchingWindowSeconds"]["MaxValue"]
     assert properties(cfn, "StageQueue")["VisibilityTimeout"] >= 6 * loader_timeout + longest_window
     assert loader_timeout <= 900  # Lambda's maximum
@@ -564,7 +584,41 @@ def test_local_stack_batches_as_the_template_deploys(
     parameters = sam_template["Parameters"]
     assert parameters["LoaderBatchSize"]["Default"] == LOADER_BATCH_SIZE
     assert parameters["LoaderBatchingWindowSeconds"]["Default"] == LOADER_BATCHING_WINDOW_S
-    assert properties(cfn, "LoaderFunction")["Timeout"] == LOADER_TIMEOUT_S
+    assert function_timeout(cfn, "LoaderFunction") == LOADER_TIMEOUT_S
+
+
+@pytest.mark.parametrize("function", ["LoaderFunction", "CleanupFunction"])
+def test_no_load_outlives_the_age_at_which_its_work_table_is_swept(
+    cfn: dict[str, Any], function: str
+) -> None:
+    # The functions that make work tables end long before the cleanup's sweep may take one for
+    # abandoned (pgsnow.load.work_tables): four times over, for clock differences.
+    assert 4 * function_timeout(cfn, function) <= WORK_TABLE_MAX_AGE.total_seconds()
+
+
+@pytest.mark.parametrize(
+    ("function", "variable"),
+    [("LoaderFunction", "LOADER_TIMEOUT_S"), ("CleanupFunction", "CLEANUP_TIMEOUT_S")],
+)
+def test_a_snowflake_sessions_lock_timeout_is_a_third_of_its_functions_timeout(
+    cfn: dict[str, Any], sam_template: dict[str, Any], function: str, variable: str
+) -> None:
+    # Given the function's Timeout and the variable that tells its code, both read from the one
+    # FunctionTimeouts mapping (never written twice)
+    props = properties(cfn, function)
+    assert props["Environment"]["Variables"][variable] == props["Timeout"]
+    assert set(props["Timeout"]) == {"Fn::FindInMap"}
+    assert FUNCTION_TIMEOUT_VARIABLES[COMPONENTS[function]] == variable
+    # When the function builds its settings from its environment
+    environment = {
+        name: str(evaluate(raw, deployed_parameters(sam_template)))
+        for name, raw in props["Environment"]["Variables"].items()
+    }
+    settings = Settings.from_env(environment, component=COMPONENTS[function])
+    # Then its session gives up on a lock after a third of the function's time
+    timeout = function_timeout(cfn, function)
+    assert settings.snowflake.lock_timeout_s == timeout // 3
+    assert session_setup_sql(settings.snowflake) == [f"ALTER SESSION SET LOCK_TIMEOUT = {timeout // 3}"]
 
 
 def largest_notification_record() -> dict[str, Any]:

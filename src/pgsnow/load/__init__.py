@@ -13,6 +13,8 @@ One file per job (docs/loading.md tells the whole story):
 - ``completion``: ``complete_run``, the one step that ends a run (its swap or deletes, exactly
   once, then the manifest's ``loaded``), after each batch and in the cleanup pass.
 - ``session``: the batch's connections and the one Snowflake transaction.
+- ``work_tables``: the transient tables a load makes for its transaction, and the sweep (in the
+  cleanup pass) of those a stopped load left behind.
 - ``outcomes``: what a load reports.
 
 This package must not import pyarrow (the loader artifact does not ship it).

@@ -8,7 +8,6 @@ its session's temporary stage was made with); ``load`` runs one batch on a conne
 from __future__ import annotations
 
 import time
-import uuid
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,8 +27,10 @@ from pgsnow.load.outcomes import FileOutcome, LoadResult, LoadStatus
 from pgsnow.load.session import LoadSession
 from pgsnow.load.tables import Tables, Target
 from pgsnow.load.through_snowpipe import Pipes
+from pgsnow.load.work_tables import work_table
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.observability import logger
+from pgsnow.runs import VersionedManifest
 from pgsnow.snowflake.error_classifier import classify_snowflake_error
 from pgsnow.snowflake.load_sql import (
     MAX_FILES_PER_COPY,
@@ -40,7 +41,7 @@ from pgsnow.snowflake.load_sql import (
     build_create_temporary_stage,
     build_query_tag,
 )
-from pgsnow.snowflake.table_sql import build_create_schema, build_create_work_table, build_drop_table
+from pgsnow.snowflake.table_sql import MERGE_WORK_TABLE, build_create_schema
 from pgsnow.snowpipe import SnowpipeClient
 
 if TYPE_CHECKING:
@@ -122,7 +123,15 @@ class Loader:
         deletes is reported on its files. A failed swap or deletes fails the run's files of this
         batch, so their messages return to the queue and the next delivery applies it again."""
         runs = sorted(
-            {(o.staged.table, o.staged.run_id) for o in outcomes if o.error is None and o.staged.run_id}
+            {
+                (o.staged.table, o.staged.run_id)
+                for o in outcomes
+                if o.error is None
+                and o.staged.run_id
+                # A change file that waits was not loaded: its run is not complete (and a change
+                # run is completed by the apply that loads its files, not here).
+                and not (o.result is not None and o.result.status is LoadStatus.WAITING)
+            }
         )
         for table, run_id in runs:
             if (table, run_id) in batch.completed:
@@ -168,7 +177,8 @@ class _Batch:
 
     loader: Loader
     session: LoadSession
-    manifests: dict[tuple[Any, str], RunManifest] = field(default_factory=dict)
+    # As read, with the version a conditional rewrite needs (a change run's completion uses it).
+    manifests: dict[tuple[Any, str], VersionedManifest] = field(default_factory=dict)
     aws_credentials: AwsCredentials | None = None
     # Runs this batch's change applies marked ``loaded`` (load.changes): not completed again.
     completed: set[tuple[TableRef, str]] = field(default_factory=set)
@@ -230,7 +240,7 @@ class _Batch:
             self.manifests[cache_key] = read_run_manifest(
                 self.session.s3, self.session.bucket, staged.table, staged.run_id
             )
-        return self.manifests[cache_key]
+        return self.manifests[cache_key].manifest
 
     def _outcome_for_missing_object(self, staged: StagedObject, started: float) -> FileOutcome:
         """A redelivered event for a file already loaded and cleaned up is fine; anything else is not."""
@@ -315,23 +325,11 @@ class _Batch:
         started: float,
     ) -> list[FileOutcome]:
         session = self.session
-        work_table: Target | None = None
-        if manifest is not None and WriteMode(manifest.write_mode) is WriteMode.MERGE:
-            # DDL commits a transaction in Snowflake, so the work table exists before ours begins.
-            work_table = (
-                session.database,
-                session.control_schema,
-                f"_PGSNOW_MERGE_{uuid.uuid4().hex[:16].upper()}",
-            )
-            session.execute(build_create_work_table(work_table, manifest.columns))
-            copy_target = work_table
-        try:
-            return CopyJob(
-                session, present, columns, copy_target, target, work_table, manifest, started
-            ).run()
-        finally:
-            if work_table is not None:
-                session.execute(build_drop_table(work_table))
+        if manifest is None or WriteMode(manifest.write_mode) is not WriteMode.MERGE:
+            return CopyJob(session, present, columns, copy_target, target, None, manifest, started).run()
+        # DDL commits a transaction in Snowflake, so the work table exists before ours begins.
+        with work_table(session, MERGE_WORK_TABLE, manifest.columns) as merge_from:
+            return CopyJob(session, present, columns, merge_from, target, merge_from, manifest, started).run()
 
     def _apply_changes(self, present: Present, started: float) -> list[FileOutcome]:
         """A change run's files (mode cdc): apply the table's change runs in order from its applied
@@ -340,7 +338,8 @@ class _Batch:
         session, loader = self.session, self.loader
         table = present[0][0].table
 
-        def complete(run_table: TableRef, run_id: str) -> object:
+        def complete(found: VersionedManifest) -> object:
+            run_table, run_id = found.manifest.table, found.manifest.run_id
             completed = complete_run(
                 settings=session.settings,
                 sf_conn=session.sf_conn,
@@ -349,12 +348,22 @@ class _Batch:
                 run_id=run_id,
                 credentials_source=loader.credentials_source,
                 tables=loader.tables,
+                base=found,
             )
             if completed.state is RunState.LOADED:
                 self.completed.add((run_table, run_id))
             return completed
 
-        results = ChangeApplier(session, loader.tables, complete).catch_up(table)
+        # The delivered files' manifests and HEADs are not read again by the catch-up (a run this
+        # batch completed is: its manifest changed since).
+        known = {
+            run_id: found
+            for (of_table, run_id), found in self.manifests.items()
+            if of_table == table and (of_table, run_id) not in self.completed
+        }
+        results = ChangeApplier(session, loader.tables, complete).catch_up(
+            table, known_manifests=known, known_files=present
+        )
         applied_now = {key: rows for result in results for key, rows in result.rows.items()}
         # Only the files this call did not apply can have been loaded before (one look-up, or none).
         earlier = [staged.key for staged, _ in present if staged.key not in applied_now]
@@ -373,7 +382,8 @@ class _Batch:
 
     def applies(self, table: TableRef, run_id: str) -> bool:
         """Does completing this run swap a table in or delete rows (as its manifest says)?"""
-        manifest = self.manifests.get((table, run_id))
+        found = self.manifests.get((table, run_id))
+        manifest = None if found is None else found.manifest
         return (
             manifest is not None
             and not is_change_run(manifest)

@@ -23,8 +23,7 @@ manifest read once), ``decide_change_run`` (what it does with one run) and ``pos
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -37,11 +36,13 @@ from pgsnow.keys import StagedObject, parse_data_key
 from pgsnow.ledger import AppliedPosition, Ledger, LedgerClaim, LedgerRecord
 from pgsnow.load.copy import Present, check_copy_results, elapsed_ms
 from pgsnow.load.objects import head_staged_object
+from pgsnow.load.outcomes import ObjectFacts
 from pgsnow.load.session import LoadSession
 from pgsnow.load.tables import Tables, Target
+from pgsnow.load.work_tables import work_table
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.observability import logger
-from pgsnow.runs import RunStore
+from pgsnow.runs import RunStore, VersionedManifest
 from pgsnow.snowflake.change_sql import (
     FOUND_MOVED,
     FOUND_TRUNCATE,
@@ -55,7 +56,7 @@ from pgsnow.snowflake.change_sql import (
     change_work_columns,
 )
 from pgsnow.snowflake.load_sql import LoadColumn, build_copy_into
-from pgsnow.snowflake.table_sql import build_add_soft_delete_column, build_create_work_table, build_drop_table
+from pgsnow.snowflake.table_sql import CHANGES_WORK_TABLE, build_add_soft_delete_column
 
 CDC_MODE = "cdc"
 # The ledger status of a change run's file that held no change after the applied position.
@@ -151,22 +152,37 @@ def position_after(manifest: RunManifest) -> AppliedPosition:
 class ChangeChain:
     """A table's runs as catch-up goes through them from ``position``: listed once, each manifest
     read from S3 at most once (the look-ahead for a replacing run reads the same later manifests
-    the walk reaches next)."""
+    the walk reaches next), none that ``known`` holds (the manifests the caller read already, by
+    run id, with their version).
+
+    ``from_position``: list only the runs after the position's run (S3's StartAfter), when the
+    position is a change run's: change runs are drained one after another, so those up to it are
+    behind it, and a table's manifests stay for the metadata retention (the drain may write one a
+    minute: listing them all costs a LIST per 1,000). A position the snapshot set lists them all: a
+    change run that started before the snapshot's run may hold changes after its LSN."""
 
     store: RunStore
     table: TableRef
     position: AppliedPosition  # where catch-up stands: moved by the walker as it applies runs
+    known: Mapping[str, VersionedManifest] = field(default_factory=dict)
+    from_position: bool = False
     run_ids: list[str] = field(init=False)
-    _manifests: dict[str, RunManifest | None] = field(init=False, default_factory=dict)
+    _manifests: dict[str, VersionedManifest | None] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.run_ids = self.store.run_ids(self.table)
+        after = None if not self.from_position or self.position.from_snapshot else self.position.run_id
+        self.run_ids = self.store.run_ids(self.table, after=after)
+        self._manifests.update(self.known)
+
+    def versioned(self, run_id: str) -> VersionedManifest | None:
+        """The run's manifest as read, with the version a conditional rewrite of it needs."""
+        if run_id not in self._manifests:
+            self._manifests[run_id] = self.store.read_manifest_for_update(self.table, run_id)
+        return self._manifests[run_id]
 
     def manifest(self, run_id: str) -> RunManifest | None:
-        if run_id not in self._manifests:
-            found = self.store.read_manifest_for_update(self.table, run_id)
-            self._manifests[run_id] = None if found is None else found.manifest
-        return self._manifests[run_id]
+        found = self.versioned(run_id)
+        return None if found is None else found.manifest
 
     def walk(self) -> Iterator[tuple[RunManifest, Callable[[AppliedPosition], bool]]]:
         """The change runs catch-up takes up, oldest first, each with its ``replaced`` look-ahead
@@ -175,6 +191,8 @@ class ChangeChain:
             current = self.position
             if not current.from_snapshot and run_id <= current.run_id:
                 continue  # change runs are drained one after another: older ones are behind it
+            if run_id == current.run_id:
+                continue  # the snapshot that set the position (a full run)
             manifest = self.manifest(run_id)
             if manifest is None or not is_change_run(manifest) or manifest.state is RunState.LOADED:
                 continue
@@ -197,18 +215,44 @@ class ChangeChain:
         return None
 
 
-def present_files(s3: Any, bucket: str, prefix: str, manifest: RunManifest) -> tuple[Present, list[str]]:
-    """The run's files in S3 (with their facts) and the keys of those that are not (yet)."""
-    present: Present = []
+KnownFiles = Mapping[str, tuple[StagedObject, ObjectFacts]]  # by key: files whose HEAD was read
+
+
+def present_files(
+    s3: Any,
+    bucket: str,
+    prefix: str,
+    manifest: RunManifest,
+    *,
+    known: KnownFiles | None = None,
+    every_missing: bool = True,
+) -> tuple[Present, list[str]]:
+    """The run's files in S3 (with their facts, in the manifest's order) and the keys of those that
+    are not (yet).
+
+    A file in ``known`` is not looked up again; the others get one HEAD each, newest batch first.
+    Without ``every_missing`` the look-up stops at the first file missing (the loader's catch-up
+    needs only to know whether one is): a run's files are uploaded in batch order, so until the
+    last one arrives, each earlier file's event costs one HEAD here instead of one per file of the
+    run (which made a run of k files, each delivered on its own, cost k*k HEADs).
+    """
+    known = known or {}
+    found: dict[str, tuple[StagedObject, ObjectFacts]] = {}
     missing: list[str] = []
-    for staged_file in manifest.files:
+    for staged_file in reversed(manifest.files):
+        if staged_file.key in known:
+            found[staged_file.key] = known[staged_file.key]
+            continue
         staged = parse_data_key(staged_file.key, prefix)
         facts = head_staged_object(s3, bucket, staged)
-        if facts is None:
-            missing.append(staged_file.key)
-        else:
-            present.append((staged, facts))
-    return present, missing
+        if facts is not None:
+            found[staged_file.key] = (staged, facts)
+            continue
+        missing.append(staged_file.key)
+        if not every_missing:
+            break
+    present = [found[f.key] for f in manifest.files if f.key in found]
+    return present, missing[::-1]
 
 
 @dataclass(frozen=True)
@@ -264,34 +308,55 @@ def preview_catch_up(
 @dataclass
 class ChangeApplier:
     """Applies one table's change runs on a session. ``complete``: marks a run loaded
-    (``completion.complete_run`` bound to the loader's settings), called after each run."""
+    (``completion.complete_run`` bound to the loader's settings, given the manifest as read here
+    so it does not read it again), called after each run."""
 
     session: LoadSession
     tables: Tables
-    complete: Callable[[TableRef, str], object]
+    complete: Callable[[VersionedManifest], object]
 
     def ledger(self, table: TableRef) -> Ledger:
         return self.tables.ledgers.ensure(self.session.ledger(table))
 
-    def catch_up(self, table: TableRef) -> list[ChangeRunResult]:
-        """Apply (or settle) the table's staged change runs in order from its applied position."""
+    def catch_up(
+        self,
+        table: TableRef,
+        *,
+        known_manifests: Mapping[str, VersionedManifest] | None = None,
+        known_files: Sequence[tuple[StagedObject, ObjectFacts]] = (),
+    ) -> list[ChangeRunResult]:
+        """Apply (or settle) the table's staged change runs in order from its applied position.
+
+        ``known_manifests`` (per run id) and ``known_files`` are what the caller read from S3
+        already (the batch: the delivered files' run manifest and HEADs), so they are not read
+        again."""
         ledger = self.ledger(table)
         position = ledger.applied_position()
         if position is None:
             logger.info("change runs wait for the table's snapshot", extra={"table": table.qualified})
             return []
-        chain = ChangeChain(RunStore(self.session.s3, self.session.bucket), table, position)
+        store = RunStore(self.session.s3, self.session.bucket)
+        chain = ChangeChain(store, table, position, known=known_manifests or {}, from_position=True)
+        known = {staged.key: (staged, facts) for staged, facts in known_files}
         results: list[ChangeRunResult] = []
         for manifest, replaced in chain.walk():
-            result, chain.position = self._one_run(manifest, chain.position, replaced=replaced)
+            found = chain.versioned(manifest.run_id)
+            assert found is not None  # the walk read it
+            result, chain.position = self._one_run(found, chain.position, replaced=replaced, known=known)
             results.append(result)
             if result.state is ChangeRunState.WAITING:
                 break
         return results
 
     def _one_run(
-        self, manifest: RunManifest, position: AppliedPosition, *, replaced: Callable[[AppliedPosition], bool]
+        self,
+        found: VersionedManifest,
+        position: AppliedPosition,
+        *,
+        replaced: Callable[[AppliedPosition], bool],
+        known: KnownFiles,
     ) -> tuple[ChangeRunResult, AppliedPosition]:
+        manifest = found.manifest
         assert manifest.changes is not None
         table, run_id, changes = manifest.table, manifest.run_id, manifest.changes
         context = {
@@ -302,12 +367,14 @@ class ChangeApplier:
             "applied_lsn": position.lsn,
         }
         present: Present = []
+        s3, bucket, prefix = self.session.s3, self.session.bucket, self.session.settings.prefix
 
         def missing_files() -> list[str]:
-            found, missing = present_files(
-                self.session.s3, self.session.bucket, self.session.settings.prefix, manifest
+            # Whether a file is missing is all the rule needs (the look-up stops at the first).
+            found_files, missing = present_files(
+                s3, bucket, prefix, manifest, known=known, every_missing=False
             )
-            present.extend(found)
+            present.extend(found_files)
             return missing
 
         decision = decide_change_run(manifest, position, missing_files=missing_files, replaced=replaced)
@@ -316,15 +383,19 @@ class ChangeApplier:
             return ChangeRunResult(run_id, ChangeRunState.SKIPPED, {}), position
         if decision.step is ChangeRunStep.SETTLE:
             self._settle(manifest)
-            self.complete(table, run_id)
+            self.complete(found)
             return ChangeRunResult(run_id, ChangeRunState.SETTLED, {}), position
         if decision.step is ChangeRunStep.ABANDON:
+            # Every missing file, for the log and the run's error (the files found are not looked
+            # up again).
+            seen = {**known, **{staged.key: (staged, facts) for staged, facts in present}}
+            _, missing = present_files(s3, bucket, prefix, manifest, known=seen)
             logger.warning(
                 "change run abandoned (a file never arrived and a later run re-drained its changes): "
                 "marked failed",
-                extra={**context, "missing": list(decision.missing[:5])},
+                extra={**context, "missing": missing[:5]},
             )
-            self._mark_failed(manifest, f"abandoned: {len(decision.missing)} file(s) never arrived")
+            self._mark_failed(found, f"abandoned: {len(missing)} file(s) never arrived")
             return ChangeRunResult(run_id, ChangeRunState.SKIPPED, {}, "abandoned"), position
         if decision.step is ChangeRunStep.WAIT:
             assert decision.wait is not None
@@ -334,22 +405,20 @@ class ChangeApplier:
             current = self.ledger(table).applied_position()
             if current is None:
                 return self._waiting(run_id, WaitReason.POSITION_REMOVED, context), position
-            return self._one_run(manifest, current, replaced=replaced)
+            return self._one_run(found, current, replaced=replaced, known=known)
         new_position, rows = applied
-        self.complete(table, run_id)
+        self.complete(found)
         return ChangeRunResult(run_id, ChangeRunState.APPLIED, rows), new_position
 
     def _waiting(self, run_id: str, reason: WaitReason, context: dict[str, object]) -> ChangeRunResult:
         logger.warning(f"change run waits: {reason.value}", extra=context)
         return ChangeRunResult(run_id, ChangeRunState.WAITING, {}, reason.value)
 
-    def _mark_failed(self, manifest: RunManifest, error: str) -> None:
+    def _mark_failed(self, found: VersionedManifest, error: str) -> None:
         """A run a later run superseded: ``failed`` (its files stay for the sweeper), written only
-        if the manifest did not change meanwhile (a lost write is only a later retry)."""
+        if the manifest did not change since it was read (a lost write is only a later retry)."""
         store = RunStore(self.session.s3, self.session.bucket)
-        base = store.read_manifest_for_update(manifest.table, manifest.run_id)
-        if base is not None and base.manifest.state is RunState.STAGED:
-            store.write_manifest_if_unchanged(base, base.manifest.with_state(RunState.FAILED, error=error))
+        store.write_manifest_if_unchanged(found, found.manifest.with_state(RunState.FAILED, error=error))
 
     def _settle(self, manifest: RunManifest) -> None:
         """Record every file of a run with nothing to apply as loaded with 0 rows."""
@@ -420,14 +489,8 @@ def apply_change_run(
     if soft:
         session.execute(build_add_soft_delete_column(target))
     work_columns = change_work_columns(manifest.columns)
-    work: Target = (
-        session.database,
-        session.control_schema,
-        f"_PGSNOW_CHANGES_{uuid.uuid4().hex[:16].upper()}",
-    )
-    session.execute(build_create_work_table(work, work_columns))
     try:
-        with session.transaction():
+        with work_table(session, CHANGES_WORK_TABLE, work_columns) as work, session.transaction():
             return _apply_in_transaction(
                 session,
                 manifest,
@@ -445,8 +508,6 @@ def apply_change_run(
             extra={"table": table.qualified, "run_id": manifest.run_id},
         )
         return None
-    finally:
-        session.execute(build_drop_table(work))
 
 
 def _apply_in_transaction(

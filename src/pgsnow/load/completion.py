@@ -12,7 +12,6 @@ would delete rows the newer run wrote (docs/loading.md).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -25,15 +24,16 @@ from pgsnow.ledger import AppliedPosition, Ledger, LedgerClaim, LedgerRecord, Le
 from pgsnow.load.outcomes import RunOutcome
 from pgsnow.load.session import LoadSession, url_source_for
 from pgsnow.load.tables import Tables, Target, read_columns
+from pgsnow.load.work_tables import work_table
 from pgsnow.manifest import Column, RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.runs import RunStore, VersionedManifest
 from pgsnow.snowflake.load_sql import CredentialsSource, LoadColumn, UrlSource, build_copy_into
 from pgsnow.snowflake.table_sql import (
+    KEYS_WORK_TABLE,
     build_add_soft_delete_column,
     build_apply_deletes,
     build_create_schema,
-    build_create_work_table,
     build_drop_table,
     build_rename_table,
     build_select_table_comment,
@@ -72,17 +72,20 @@ def complete_run(
     credentials_source: CredentialsSource | None = None,
     tables: Tables | None = None,
     swap: bool = True,
+    base: VersionedManifest | None = None,
 ) -> CompletedRun:
     """Complete the run if all its files are loaded: apply its swap or deletes, then mark it ``loaded``.
 
-    Reads the manifest once per attempt (with the version its conditional write needs) and the
-    ledger once (every listed file and the run's mark). Safe to call concurrently and again: the
+    Reads the manifest once per attempt (with the version its conditional write needs; not on the
+    first attempt when ``base`` is given) and the ledger once (every listed file and the run's mark). Safe to call concurrently and again: the
     mark makes the apply happen once, and the state write is conditional. Without a storage
     integration Snowflake reads the deletes key list with ``credentials_source``'s credentials.
     ``tables``: the loader's prepared tables (forgotten when swapped). ``swap=False`` (the cleanup
     pass) leaves a replace run's swap, and so its ``loaded`` marker, to the loader: a SWAP is DDL,
     so unlike the deletes it cannot share the ledger claim's transaction, and two completions of
-    one replace run at the same moment could both swap.
+    one replace run at the same moment could both swap. ``base``: the manifest as the caller
+    read it (the batch's read, for a change run it applied), used by the first attempt; a write
+    it loses to another writer reads the manifest again, as always.
     """
     if not settings.snowflake.database:
         raise ConfigError(["SNOWFLAKE_DATABASE is needed to complete runs"])
@@ -91,8 +94,10 @@ def complete_run(
         session, tables or Tables(session.database), lambda: url_source_for(settings, credentials_source)
     )
     store = RunStore(s3, settings.bucket)
-    for _attempt in range(_WRITE_ATTEMPTS):
-        base = store.read_manifest_for_update(table, run_id)
+    assert base is None or (base.manifest.table, base.manifest.run_id) == (table, run_id)
+    for attempt in range(_WRITE_ATTEMPTS):
+        if attempt > 0 or base is None:
+            base = store.read_manifest_for_update(table, run_id)
         if base is None:
             return CompletedRun(table, run_id, None)
         manifest = base.manifest
@@ -203,15 +208,16 @@ class _RunApplier:
             return
         settings = self.session.settings
 
-        def complete(run_table: TableRef, run_id: str) -> object:
+        def complete(found: VersionedManifest) -> object:
             return complete_run(
                 settings=settings,
                 sf_conn=self.session.sf_conn,
                 s3=self.session.s3,
-                table=run_table,
-                run_id=run_id,
+                table=found.manifest.table,
+                run_id=found.manifest.run_id,
                 credentials_source=credentials_source,
                 tables=self.tables,
+                base=found,
             )
 
         ChangeApplier(self.session, self.tables, complete).catch_up(table)
@@ -293,17 +299,11 @@ class _RunApplier:
         session = self.session
         by_name = {c.name: c for c in manifest.columns}
         key_columns = [by_name[name] for name in manifest.primary_key]
-        keys_table = (
-            session.database,
-            session.control_schema,
-            f"_PGSNOW_KEYS_{uuid.uuid4().hex[:16].upper()}",
-        )
         soft = DeleteMode(manifest.deletes) is DeleteMode.SOFT
         # DDL commits in Snowflake, so the column and the keys table exist before the transaction.
         if soft:
             session.execute(build_add_soft_delete_column(self.tables.target(manifest.table)))
-        session.execute(build_create_work_table(keys_table, key_columns))
-        try:
+        with work_table(session, KEYS_WORK_TABLE, key_columns) as keys_table:
             url_source = self.url_source()
             with session.transaction():
                 return self._apply_deletes_in_transaction(
@@ -314,8 +314,6 @@ class _RunApplier:
                     url_source=url_source,
                     soft=soft,
                 )
-        finally:
-            session.execute(build_drop_table(keys_table))
 
     def _apply_deletes_in_transaction(
         self,

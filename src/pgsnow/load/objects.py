@@ -13,7 +13,7 @@ from pgsnow.identifiers import TableRef
 from pgsnow.keys import StagedObject, manifest_key
 from pgsnow.load.outcomes import ObjectFacts
 from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, RunManifest
-from pgsnow.runs import ManifestNotFoundError, RunStore
+from pgsnow.runs import RunStore, VersionedManifest
 from pgsnow.staging import classify_s3_error
 
 if TYPE_CHECKING:
@@ -58,24 +58,25 @@ def head_staged_object(s3: S3Client, bucket: str, staged: StagedObject) -> Objec
     )
 
 
-def read_run_manifest(s3: S3Client, bucket: str, table: TableRef, run_id: str) -> RunManifest:
-    """The run's manifest. Missing means the extractor has not written it yet: retry later."""
-    try:
-        manifest = RunStore(s3, bucket).get_manifest(table, run_id)
-    except ManifestNotFoundError as exc:
+def read_run_manifest(s3: S3Client, bucket: str, table: TableRef, run_id: str) -> VersionedManifest:
+    """The run's manifest, with the version its completion's conditional write needs (so the
+    batch reads it once). Missing means the extractor has not written it yet: retry later."""
+    found = RunStore(s3, bucket).read_manifest_for_update(table, run_id)
+    if found is None:
         raise RetryableError(
             "the run's manifest is not in the bucket (yet)",
             table=table.qualified,
-            s3_key=exc.s3_key,
+            s3_key=manifest_key(table, run_id),
             run_id=run_id,
-        ) from exc
+        )
+    manifest = found.manifest
     if manifest.table != table or manifest.run_id != run_id:
         raise PermanentError(
             f"manifest is for {manifest.table.qualified} run {manifest.run_id}",
             s3_key=manifest_key(table, run_id),
             run_id=run_id,
         )
-    return manifest
+    return found
 
 
 def manifest_mismatch(

@@ -491,7 +491,8 @@ class TemplateResolver:
     and resources whose physical ids the caller knows, e.g. ``StageBucket`` -> bucket name);
     a CommaDelimitedList parameter is a list. ``attributes`` answers ``Fn::GetAtt`` and
     ``${Resource.Attribute}`` in ``Fn::Sub`` (``"StageBucket.Arn"``). ``conditions`` are the
-    template's ``Conditions``, evaluated on demand for ``Fn::If``.
+    template's ``Conditions``, evaluated on demand for ``Fn::If``; ``mappings`` its ``Mappings``,
+    for ``Fn::FindInMap``.
     """
 
     def __init__(
@@ -500,10 +501,12 @@ class TemplateResolver:
         *,
         attributes: Mapping[str, str] | None = None,
         conditions: Mapping[str, Any] | None = None,
+        mappings: Mapping[str, Any] | None = None,
     ) -> None:
         self.references = references
         self.attributes = attributes or {}
         self.conditions = conditions or {}
+        self.mappings = mappings or {}
 
     def text(self, value: Any) -> str | None:
         """``value`` as text, or None when it cannot be resolved to one."""
@@ -558,6 +561,12 @@ class TemplateResolver:
         if function == "Fn::Select":
             index, items = argument
             return self.resolve(items)[int(self.resolve(index))]
+        if function == "Fn::FindInMap":
+            mapping, key, attribute = (str(self.resolve(part)) for part in argument)
+            try:
+                return self.mappings[mapping][key][attribute]
+            except (KeyError, TypeError):
+                raise Unresolvable(f"FindInMap {mapping}.{key}.{attribute}") from None
         if function == "Fn::If":
             name, if_true, if_false = argument
             return self.resolve(if_true if self.condition(str(name)) else if_false)

@@ -129,7 +129,12 @@ def template_resolver(
                     "ExtractRangeDeadLetterQueue.Arn": resources.range_dlq_arn,
                 }
             )
-    return TemplateResolver(references, attributes=attributes, conditions=template.get("Conditions") or {})
+    return TemplateResolver(
+        references,
+        attributes=attributes,
+        conditions=template.get("Conditions") or {},
+        mappings=template.get("Mappings") or {},
+    )
 
 
 def function_statements(

@@ -95,8 +95,28 @@ class SessionParameterChange:
     value: str | None
 
 
+@dataclass(frozen=True)
+class KeptParameter:
+    """A session parameter the local Snowflake keeps itself, as SHOW PARAMETERS describes it."""
+
+    type: str  # "STRING" (a quoted value) or "NUMBER" (a whole number)
+    default: str
+    description: str
+
+
 # The session parameters pgsnow keeps itself; any other ALTER SESSION stays with fakesnow.
-KEPT_SESSION_PARAMETERS = frozenset({"QUERY_TAG"})
+# LOCK_TIMEOUT is kept and shown only: DuckDB never waits for a lock (a conflicting write fails at
+# once), so no statement reaches it locally (docs/snowflake-compatibility.md).
+KEPT_SESSION_PARAMETERS = {
+    "QUERY_TAG": KeptParameter(
+        "STRING", "", "String (up to 4096 characters) used to tag statements executed by the session"
+    ),
+    "LOCK_TIMEOUT": KeptParameter(
+        "NUMBER",
+        "43200",
+        "Number of seconds to wait while trying to lock a resource, before timing out and aborting the statement.",
+    ),
+}
 
 
 def parse_alter_session(sql_text: str) -> SessionParameterChange | None:
@@ -120,8 +140,13 @@ def parse_alter_session(sql_text: str) -> SessionParameterChange | None:
     if isinstance(item, exp.EQ) and isinstance(item.this, exp.Column | exp.Identifier):
         name = item.this.name.upper()
         value = item.expression
-        if name in KEPT_SESSION_PARAMETERS and isinstance(value, exp.Literal) and value.is_string:
+        kept = KEPT_SESSION_PARAMETERS.get(name)
+        if kept is None or not isinstance(value, exp.Literal):
+            return None
+        if kept.type == "STRING" and value.is_string:
             return SessionParameterChange(name, str(value.this))
+        if kept.type == "NUMBER" and not value.is_string and str(value.this).isdigit():
+            return SessionParameterChange(name, str(int(value.this)))
     return None
 
 

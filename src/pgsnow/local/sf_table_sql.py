@@ -1,6 +1,8 @@
 """ALTER TABLE ... SWAP WITH and CREATE PIPE as text: parse what pgsnow sends (pure functions).
 
-fakesnow's parser (DuckDB) has neither statement; the local Snowflake runs both itself.
+fakesnow's parser (DuckDB) has neither statement; the local Snowflake runs both itself. And which
+table a CREATE TABLE or DROP TABLE names, so the local Snowflake can keep the time it was created
+(INFORMATION_SCHEMA.TABLES.CREATED, ``sf_table_created``).
 """
 
 from __future__ import annotations
@@ -8,7 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pgsnow.local.sf_copy_sql import CopyStatement, CopySyntaxError, parse_copy
+import sqlglot
+import sqlglot.errors
+from sqlglot import exp
+
+from pgsnow.local.sf_copy_sql import CopyStatement, CopySyntaxError, parse_copy, resolve_identifier
 
 # One Snowflake identifier: "quoted" (with "" inside) or bare.
 _IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
@@ -90,3 +96,52 @@ def parse_create_pipe(sql_text: str) -> CreatePipe | None:
         copy_sql=copy_sql,
         copy=copy,
     )
+
+
+# What may be a CREATE TABLE or DROP TABLE (sqlglot parses only these: it is called for every
+# statement): CREATE [OR REPLACE] [LOCAL|GLOBAL] [TEMP|TEMPORARY|VOLATILE|TRANSIENT] TABLE, DROP TABLE.
+_TABLE_DDL = re.compile(
+    r"^\s*(?:CREATE\s+(?:OR\s+REPLACE\s+)?(?:(?:LOCAL|GLOBAL)\s+)?"
+    r"(?:(?:TEMP|TEMPORARY|VOLATILE|TRANSIENT)\s+)?TABLE|DROP\s+TABLE)\s",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class TableDdl:
+    """A CREATE TABLE (``created``) or DROP TABLE of one table, its name as written."""
+
+    parts: tuple[str, ...]
+    created: bool
+    if_not_exists: bool = False
+
+
+def parse_table_ddl(sql_text: str) -> TableDdl | None:
+    """``CREATE [OR REPLACE] [TRANSIENT ...] TABLE [IF NOT EXISTS] <name> ...`` or ``DROP TABLE
+    [IF EXISTS] <name>``; None for anything else."""
+    if not _TABLE_DDL.match(sql_text):
+        return None
+    try:
+        statement = sqlglot.parse_one(sql_text, read="snowflake")
+    except sqlglot.errors.ParseError:
+        return None
+    if (
+        not isinstance(statement, exp.Create | exp.Drop)
+        or str(statement.args.get("kind") or "").upper() != "TABLE"
+    ):
+        return None
+    table = statement.this
+    if isinstance(table, exp.Schema):  # CREATE TABLE t (columns): the name is inside the schema
+        table = table.this
+    if not isinstance(table, exp.Table):
+        return None
+    parts = tuple(
+        resolve_identifier(part.this, quoted=bool(part.args.get("quoted")))
+        for part in (table.args.get("catalog"), table.args.get("db"), table.this)
+        if isinstance(part, exp.Identifier)
+    )
+    if not parts:
+        return None
+    if isinstance(statement, exp.Drop):
+        return TableDdl(parts, created=False)
+    return TableDdl(parts, created=True, if_not_exists=bool(statement.args.get("exists")))

@@ -8,7 +8,7 @@ matter to replication and which fakesnow does not reproduce faithfully:
 * ``CREATE [OR REPLACE] [TEMPORARY] STAGE [IF NOT EXISTS] ... URL = 's3://...'`` with a storage
   integration or credentials; a TEMPORARY one is kept per session (``sf_stages``), and in a
   session that has one, ``SHOW STAGES`` and ``DROP STAGE`` too;
-* ``ALTER SESSION SET/UNSET QUERY_TAG`` and ``SHOW PARAMETERS LIKE 'QUERY_TAG'``;
+* ``ALTER SESSION SET/UNSET QUERY_TAG`` / ``LOCK_TIMEOUT`` and ``SHOW PARAMETERS LIKE`` either;
 * ``CREATE`` / ``ALTER STORAGE INTEGRATION``, ``DESC INTEGRATION`` and
   ``ALTER USER ... SET RSA_PUBLIC_KEY`` (``sf_access`` / ``keypair``).
 
@@ -67,7 +67,7 @@ from starlette.routing import Route
 from starlette.types import Message
 
 from pgsnow.errors import ConfigError
-from pgsnow.local import sf_extension_types, sf_transform_once
+from pgsnow.local import sf_extension_types, sf_table_created, sf_transform_once
 from pgsnow.local.duckdb_setup import load_httpfs, load_spatial
 from pgsnow.local.keypair import INVALID_JWT_CODE, INVALID_JWT_MESSAGE, PublicKeys
 from pgsnow.local.sf_access import (
@@ -122,7 +122,14 @@ from pgsnow.local.sf_session_sql import (
     parse_show_stages,
 )
 from pgsnow.local.sf_stages import SessionStages, StageKey, TemporaryStage
-from pgsnow.local.sf_table_sql import CreatePipe, SwapTables, parse_create_pipe, parse_swap_with
+from pgsnow.local.sf_table_sql import (
+    CreatePipe,
+    SwapTables,
+    TableDdl,
+    parse_create_pipe,
+    parse_swap_with,
+    parse_table_ddl,
+)
 from pgsnow.local.sf_udf import SessionFunctions, UdfError, parse_create_function
 
 logger = logging.getLogger(__name__)
@@ -147,6 +154,7 @@ _TABLE_EXT_TABLES = (
         "ext_table_schema",
         "ext_table_name",
     ),
+    (sf_table_created.CREATED_TABLE, "catalog", "schema_name", "name"),
 )
 S3_SECRET_NAME = "pgsnow_local_s3"  # noqa: S105 - a DuckDB object name, not a secret
 STARTUP_TIMEOUT_SECONDS = 30.0
@@ -217,6 +225,7 @@ def build_fakesnow(s3: S3Settings, data_dir: Path | None, *, shared_secret: bool
     """One FakeSnow for all sessions; its DuckDB database holds the S3 secrets every cursor uses."""
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
+    sf_table_created.install()  # before any database is created or attached
     fs = FakeSnow(db_path=data_dir)
     configure_s3(fs.duck_conn, s3, shared_secret=shared_secret)
     if data_dir is not None:
@@ -628,6 +637,32 @@ class LocalSnowflakeState:
             raise
         return _status_sql("Statement executed successfully.")
 
+    # -- INFORMATION_SCHEMA.TABLES.CREATED (sf_table_created)
+
+    def before_table_ddl(
+        self, conn: FakeSnowflakeConnection, ddl: TableDdl
+    ) -> tuple[tuple[str, str, str], bool] | None:
+        """The table a CREATE or DROP TABLE names, and whether it will be created (False: dropped)
+        if the statement succeeds; None when it changes no record (IF NOT EXISTS of an existing
+        table, or a name this session cannot qualify: fakesnow refuses it)."""
+        try:
+            key = _qualify_table(conn, ddl.parts)
+        except ProgrammingError:
+            return None
+        if ddl.if_not_exists and sf_table_created.table_exists(conn._duck_conn, key):
+            return None
+        return key, ddl.created
+
+    def after_table_ddl(self, key: tuple[str, str, str], created: bool) -> None:
+        cursor = self.fs.duck_conn.cursor()
+        try:
+            if created:
+                sf_table_created.record_created(cursor, key, datetime.datetime.now(datetime.UTC))
+            else:
+                sf_table_created.forget_created(cursor, key)
+        finally:
+            cursor.close()
+
     # -- CREATE PIPE
 
     def _create_pipe(self, conn: FakeSnowflakeConnection, pipe: CreatePipe) -> str:
@@ -815,22 +850,17 @@ class LocalSnowflakeState:
         rows = [
             (
                 name,
-                params.get(name, ""),
-                "",
+                params.get(name, kept.default),
+                kept.default,
                 "SESSION" if name in params else "",
-                _PARAMETER_HELP[name],
-                "STRING",
+                kept.description,
+                kept.type,
             )
-            for name in sorted(KEPT_SESSION_PARAMETERS)
+            for name, kept in sorted(KEPT_SESSION_PARAMETERS.items())
             if like_matches(pattern, name)
         ]
         columns = [(c, "VARCHAR") for c in ("key", "value", "default", "level", "description", "type")]
         return rows_as_select(columns, rows)
-
-
-_PARAMETER_HELP = {
-    "QUERY_TAG": "String (up to 4096 characters) used to tag statements executed by the session"
-}
 
 
 def _qualify_table(conn: FakeSnowflakeConnection, parts: tuple[str, ...]) -> tuple[str, str, str]:
@@ -928,6 +958,15 @@ def _with_body(request: Request, body_json: dict[str, Any]) -> Request:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return Request(request.scope, receive)
+
+
+def _succeeded(answered: Response) -> bool:
+    if not isinstance(answered, JSONResponse):
+        return False
+    try:
+        return bool(json.loads(bytes(answered.body)).get("success"))
+    except ValueError:
+        return False
 
 
 def _with_zero_row_counts(answered: Response) -> Response:
@@ -1063,11 +1102,19 @@ class _Endpoints:
                 return _error_response(error)
             if replacement is not None:
                 body_json["sqlText"] = replacement
+        table_ddl = None if body_json.get("describeOnly") else parse_table_ddl(sql_text)
+        created = (
+            None
+            if table_ddl is None
+            else await run_in_threadpool(self.state.before_table_ddl, conn, table_ddl)
+        )
         if body_json.get("sqlText") == sql_text:
             if functions := self.state.session_functions.get(token):
                 sql_text = functions.rewrite_calls(sql_text, conn.database, conn.schema)
             body_json["sqlText"] = rewrite_trim_characters(sql_text)
         answered: Response = await fakesnow_server.query_request(_with_body(request, body_json))
+        if created is not None and _succeeded(answered):
+            await run_in_threadpool(self.state.after_table_ddl, *created)
         return _with_zero_row_counts(answered)
 
     async def session(self, request: Request) -> Response:

@@ -2,6 +2,7 @@
 
 - ``connection``: ``connect`` and the connector arguments (key pair from Secrets Manager, or a
   password locally).
+- ``session_sql``: what a session runs once when ``connect`` opens it (its ``LOCK_TIMEOUT``).
 - ``sql_text``: what every builder shares: the one paramstyle, its placeholders, string literals.
 - ``table_sql``: target tables: DDL, column look-ups, schema evolution, the write modes (MERGE,
   swap, deletes); and the load ledger's statements (moving to ``pgsnow.ledger``).

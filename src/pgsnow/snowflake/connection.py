@@ -1,5 +1,6 @@
 """The Snowflake connection: ``connect`` with key-pair auth from Secrets Manager when deployed,
-a password locally, and the connector arguments both build from the settings."""
+a password locally, and the connector arguments both build from the settings; the session's
+set-up (``session_sql``) runs once per connection."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from pgsnow.config import SnowflakeSettings
 from pgsnow.errors import ConfigError, PermanentError, RetryableError, aws_error_code
 from pgsnow.snowflake.error_classifier import classify_snowflake_error
+from pgsnow.snowflake.session_sql import session_setup_sql
 from pgsnow.snowflake.sql_text import PARAMSTYLE
 
 if TYPE_CHECKING:
@@ -31,9 +33,19 @@ def connect(
     kwargs = connection_kwargs(settings, secrets_client=secrets_client)
     kwargs.update(extra)
     try:
-        return snowflake.connector.connect(**kwargs)
+        conn = snowflake.connector.connect(**kwargs)
     except snowflake.connector.errors.Error as exc:
         raise classify_snowflake_error(exc) from exc
+    try:
+        # Every session a function opens (its loads, full runs and change runs alike, and their
+        # completion) is set up here, once, before its first statement.
+        with conn.cursor() as cursor:
+            for statement in session_setup_sql(settings):
+                cursor.execute(statement)
+    except snowflake.connector.errors.Error as exc:
+        conn.close()
+        raise classify_snowflake_error(exc) from exc
+    return conn
 
 
 def connection_kwargs(

@@ -35,7 +35,7 @@ _RETRYABLE_ERRNOS = frozenset(
         604,  # statement cancelled by timeout
         606,  # no active warehouse (suspended / resuming)
         608,  # warehouse cannot be resumed right now
-        625,  # too many waiters for a lock
+        625,  # a lock wait gave up: too many waiters, or the session's LOCK_TIMEOUT (sqlstate 57014)
         630,  # statement reached its statement or warehouse timeout
         390114,  # authentication token expired: reconnect
         # connector network errors

@@ -8,6 +8,7 @@ Pure functions: each shape is read and unit-tested as text (tests/unit/test_snow
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef, quote_ident, quote_qualified
@@ -78,6 +79,30 @@ def build_widen_column(table: tuple[str, str, str], column: Column) -> str:
 
 
 # --------------------------------------------------------------------------- write modes
+
+
+# Work tables: each made for one load's transaction, in the control schema, before it and dropped
+# after it (``pgsnow.load.work_tables`` owns them). A name is one of these prefixes and 16 random
+# hex digits, so a sweep can find those a load left behind.
+MERGE_WORK_TABLE = "_PGSNOW_MERGE_"  # a merge run's group: COPY into it, MERGE from it
+KEYS_WORK_TABLE = "_PGSNOW_KEYS_"  # a run's deletes: its key list
+CHANGES_WORK_TABLE = "_PGSNOW_CHANGES_"  # a change run's changes
+WORK_TABLE_PREFIXES = (MERGE_WORK_TABLE, KEYS_WORK_TABLE, CHANGES_WORK_TABLE)
+
+
+def build_select_work_tables(database: str, schema: str, *, created_before: datetime) -> Statement:
+    """The work tables (``WORK_TABLE_PREFIXES``) of ``schema`` created before ``created_before``,
+    oldest first, with their creation time: Snowflake's INFORMATION_SCHEMA.TABLES and its
+    ``CREATED`` column."""
+    starts = " OR ".join('STARTSWITH("TABLE_NAME", %s)' for _ in WORK_TABLE_PREFIXES)
+    sql = (
+        'SELECT "TABLE_NAME", "CREATED"\n'
+        f'FROM {quote_ident(database)}."INFORMATION_SCHEMA"."TABLES"\n'
+        'WHERE "TABLE_SCHEMA" = %s AND "TABLE_TYPE" = \'BASE TABLE\' AND "CREATED" < %s\n'
+        f"AND ({starts})\n"
+        'ORDER BY "CREATED", "TABLE_NAME"'
+    )
+    return sql, (schema, created_before, *WORK_TABLE_PREFIXES)
 
 
 def build_create_work_table(target: tuple[str, str, str], columns: Sequence[Column]) -> str:

@@ -36,11 +36,15 @@ from pgsnow.config import Component
 from pgsnow.errors import ConfigError
 from pgsnow.identifiers import TableRef
 from pgsnow.load.completion import complete_run
+from pgsnow.load.session import LoadSession
+from pgsnow.load.work_tables import WORK_TABLE_MAX_AGE, new_work_table
 from pgsnow.local.dispatcher import SqsDispatcher
 from pgsnow.local.stack import LocalStack
-from pgsnow.manifest import RunState
+from pgsnow.manifest import Column, RunState
 from pgsnow.runs import RunStore
+from pgsnow.snowflake.table_sql import WORK_TABLE_PREFIXES, build_create_work_table
 from pgsnow.sweeper import TAG_ABANDONED_AT, TAG_REENQUEUED_AT, OrphanStatus, SweepResult, sweep_orphans
+from pgsnow.typemap import map_pg_type
 
 pytestmark = pytest.mark.integration
 
@@ -388,3 +392,39 @@ def test_abandoned_tag_is_set_once(
 
     # Then the abandoned mark keeps its first time (retention counts from there)
     assert tags(s3, settings.bucket, key)[TAG_ABANDONED_AT] == first_mark
+
+
+# --------------------------------------------------------------------------- work tables
+
+
+def test_the_sweep_drops_the_work_tables_stopped_loads_left(
+    stack: LocalStack, sf_conn: Any, cleanup_s3: Any, cleanup_sqs: Any, table: TableRef
+) -> None:
+    # Given a work table of each kind left in the control schema by a load stopped before its DROP
+    settings = settings_with(stack, CLEANUP_S3_FILES="after_all")
+    assert settings.snowflake.database is not None
+    session = LoadSession(settings, settings.snowflake.database, sf_conn, cleanup_s3)
+    key = Column.from_types("id", "integer", "integer", map_pg_type("integer"), False)
+    left = sorted(new_work_table(session, prefix) for prefix in WORK_TABLE_PREFIXES)
+    for work in left:
+        session.execute(build_create_work_table(work, [key]))
+
+    # When the cleanup function's sweep runs an hour later (as the cleanup role, on its schedule)
+    result = sweep_orphans(
+        settings=settings,
+        s3=cleanup_s3,
+        sqs=cleanup_sqs,
+        sf_conn=sf_conn,
+        tables=[table],
+        now=later(minutes=WORK_TABLE_MAX_AGE.total_seconds() / 60 + 1),
+    )
+
+    # Then it dropped them, and reports how many
+    assert sorted(result.work_tables_dropped) == [name for _, _, name in left]
+    assert result.as_dict()["work_tables_dropped"] == len(WORK_TABLE_PREFIXES)
+    remaining = sf_conn.cursor().execute(
+        f'SELECT COUNT(*) FROM "{settings.snowflake.database}"."INFORMATION_SCHEMA"."TABLES" '
+        'WHERE "TABLE_SCHEMA" = %s AND STARTSWITH("TABLE_NAME", \'_PGSNOW_\')',
+        (settings.snowflake.control_schema,),
+    )
+    assert remaining.fetchall() == [(0,)]

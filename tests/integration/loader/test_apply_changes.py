@@ -5,12 +5,16 @@ the loader, applied in the local Snowflake over HTTP. docs/loading.md, "Applying
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import gzip
 import hashlib
 import io
 import itertools
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -22,7 +26,7 @@ from pgsnow.changes import CHANGE_COLUMNS, ChangeRange, unchanged_text
 from pgsnow.config import DeleteMode, ExtractMode, Settings, TableOptions, TruncateMode
 from pgsnow.errors import PermanentError
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import FileFormat, data_key, parse_data_key
+from pgsnow.keys import FileFormat, data_key, manifest_key, parse_data_key
 from pgsnow.ledger import AppliedPosition, Ledger
 from pgsnow.load.batch import load_batch
 from pgsnow.load.changes import apply_change_run
@@ -30,6 +34,7 @@ from pgsnow.load.objects import head_staged_object
 from pgsnow.load.outcomes import LoadStatus
 from pgsnow.load.session import LoadSession
 from pgsnow.load.tables import Tables
+from pgsnow.load.work_tables import WORK_TABLE_MAX_AGE, drop_abandoned_work_tables
 from pgsnow.local.snowflake import LocalSnowflake
 from pgsnow.manifest import Column, RunManifest, RunState, StagedFile
 from pgsnow.runs import RunStore
@@ -185,16 +190,52 @@ class Source:
         self.last_end = end_lsn
         return manifest
 
-    def upload(self, manifest: RunManifest, changes: list[tuple[Any, ...]], extra: Any = None) -> None:
+    def stage_files(self, changes_per_file: list[list[tuple[Any, ...]]], *, end_lsn: int) -> RunManifest:
+        """A change run of one file per entry (batches 1, 2, ...), its manifest only: the drain
+        writes the manifest first, then uploads the files in batch order (``upload``)."""
+        run_id = new_run_id()
+        names = [*CHANGE_COLUMNS, *(c.name for c in columns())]
+        files = tuple(
+            put_file(self.s3, self.settings, run_id, names, rows, FileFormat.CSV, batch, upload=False)
+            for batch, rows in enumerate(changes_per_file, start=1)
+        )
+        manifest = RunManifest(
+            run_id=run_id,
+            table=ITEMS,
+            mode="cdc",
+            file_format=FileFormat.CSV,
+            columns=columns(),
+            primary_key=self.key,
+            state=RunState.STAGED,
+            started_at="2026-12-07T08:00:00Z",
+            files=files,
+            write_mode="merge",
+            deletes=self.deletes,
+            changes=ChangeRange(SLOT, self.last_end, end_lsn),
+        )
+        RunStore(self.s3, self.settings.bucket).put_manifest(manifest)
+        self.last_end = end_lsn
+        return manifest
+
+    def upload(
+        self, manifest: RunManifest, changes: list[tuple[Any, ...]], extra: Any = None, batch: int = 1
+    ) -> None:
         names = [*CHANGE_COLUMNS, *(c.name for c in columns(extra))]
-        put_file(self.s3, self.settings, manifest.run_id, names, changes, manifest.file_format)
+        put_file(self.s3, self.settings, manifest.run_id, names, changes, manifest.file_format, batch)
+
+    def deliver_files(self, manifest: RunManifest, batches: list[int]) -> list[Any]:
+        """Deliver the events of some of the run's files (by batch number) in one loader batch."""
+        return self.deliver_keys([manifest.files[batch - 1].key for batch in batches])
 
     def deliver(self, manifest: RunManifest) -> list[Any]:
+        return self.deliver_keys([f.key for f in manifest.files])
+
+    def deliver_keys(self, keys: list[str]) -> list[Any]:
         outcomes = load_batch(
             settings=self.settings,
             sf_conn=self.sf_conn,
             s3=self.s3,
-            objects=[parse_data_key(f.key, self.settings.prefix) for f in manifest.files],
+            objects=[parse_data_key(key, self.settings.prefix) for key in keys],
         )
         for outcome in outcomes:
             if outcome.error is not None:
@@ -216,6 +257,43 @@ class Source:
 
 def items_sql(settings: Settings) -> str:
     return f'"{settings.snowflake.database}"."PUBLIC"."ITEMS"'
+
+
+class S3Calls:
+    """The S3 requests a client sends while counting (``with calls:``, except ``paused``), by
+    operation, and the keys its listings returned (botocore's event hooks: what goes over the wire
+    to the moto server)."""
+
+    def __init__(self, s3: Any) -> None:
+        self.s3 = s3
+        self.by_operation: Counter[str] = Counter()
+        self.listed: list[str] = []
+        self.counting = True
+
+    def _count(self, model: Any, **_: Any) -> None:
+        if self.counting:
+            self.by_operation[model.name] += 1
+
+    def _listed(self, parsed: dict[str, Any], **_: Any) -> None:
+        if self.counting:
+            self.listed.extend(obj["Key"] for obj in parsed.get("Contents", []))
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
+
+    def __enter__(self) -> S3Calls:
+        self.s3.meta.events.register("before-call.s3", self._count)
+        self.s3.meta.events.register("after-call.s3.ListObjectsV2", self._listed)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.s3.meta.events.unregister("before-call.s3", self._count)
+        self.s3.meta.events.unregister("after-call.s3.ListObjectsV2", self._listed)
 
 
 def with_options(settings: Settings, **options: Any) -> Settings:
@@ -512,10 +590,104 @@ def test_the_loader_dying_mid_apply_applies_nothing_and_redelivery_applies_once(
         print("  ", statement.sql_text.split("\n")[0][:100])
     assert source.rows()[-1] == (4, "four!", "d4", 5)
     # Work done once: the run's files are looked up in the ledger once (by its completion) and its
-    # manifest read from S3 by the batch, the catch-up and the completion, each once.
+    # manifest read from S3 once, by the batch (the catch-up and the completion are handed it).
     lookups = [s for s in statements if s.sql_text.startswith('SELECT "S3_KEY"')]
     assert len(lookups) == 1
-    assert len(manifest_reads) <= 3, manifest_reads
+    assert len(manifest_reads) == 1, manifest_reads
+
+
+@pytest.mark.parametrize("files", [1, 4, 8])
+def test_a_change_run_of_k_files_costs_s3_requests_in_proportion_to_k(source: Source, files: int) -> None:
+    # Given the table's snapshot and a first change run applied (the applied position is a run's)
+    source.snapshot(SNAPSHOT_ROWS)
+    source.deliver(source.stage([change("U", 1100, 1, (1, "first", "d", 1))], end_lsn=1100))
+
+    def changes(lsn: int) -> list[list[tuple[Any, ...]]]:
+        return [[change("U", lsn, batch, (2, f"v{batch}", "d", batch))] for batch in range(1, files + 1)]
+
+    # When a run of k files is uploaded and its k events arrive in one batch
+    together = source.stage_files(changes(1200), end_lsn=1200)
+    for batch, rows in enumerate(changes(1200), start=1):
+        source.upload(together, rows, batch=batch)
+    with S3Calls(source.s3) as calls:
+        assert {r.status for r in source.deliver(together)} == {LoadStatus.LOADED}
+
+    # Then: one HEAD per file, the manifest read once (and written once: loaded), the manifests
+    # listed from the applied run on (not the table's whole history)
+    print(f"k={files}, one batch: {sum(calls.by_operation.values())} requests {dict(calls.by_operation)}")
+    assert calls.by_operation == Counter(
+        {"HeadObject": files, "GetObject": 1, "ListObjectsV2": 1, "PutObject": 1}
+    )
+    assert calls.listed == [manifest_key(ITEMS, together.run_id)]
+    assert source.rows()[1] == (2, f"v{files}", "d", files)
+
+    # When the next run's files are uploaded one at a time, each event delivered on its own
+    one_by_one = source.stage_files(changes(1300), end_lsn=1300)
+    with S3Calls(source.s3) as calls:
+        for batch, rows in enumerate(changes(1300), start=1):
+            with calls.paused():
+                source.upload(one_by_one, rows, batch=batch)
+            statuses = [r.status for r in source.deliver_files(one_by_one, [batch])]
+            assert statuses == [LoadStatus.LOADED if batch == files else LoadStatus.WAITING]
+
+    # Then each early event costs its own HEAD and one for the run's last file (missing yet), the
+    # last event one per file: at most 3k HEADs, not k*k; the manifest read once per event
+    print(f"k={files}, one by one: {sum(calls.by_operation.values())} requests {dict(calls.by_operation)}")
+    assert calls.by_operation["HeadObject"] <= 3 * files
+    assert calls.by_operation["GetObject"] == files
+    assert calls.by_operation["ListObjectsV2"] == files
+    assert calls.by_operation["PutObject"] == 1
+    assert source.position() == AppliedPosition(1300, one_by_one.run_id)
+
+
+def work_tables(source: Source) -> list[str]:
+    """The work tables in the control schema (INFORMATION_SCHEMA.TABLES)."""
+    return [
+        str(name)
+        for (name,) in query(
+            source.sf_conn,
+            f'SELECT "TABLE_NAME" FROM "{source.settings.snowflake.database}"."INFORMATION_SCHEMA"."TABLES" '
+            f"WHERE \"TABLE_SCHEMA\" = '{source.settings.snowflake.control_schema}' "
+            "AND STARTSWITH(\"TABLE_NAME\", '_PGSNOW_') ORDER BY 1",
+        )
+    ]
+
+
+def test_a_work_table_a_stopped_apply_left_is_dropped_once_no_load_can_be_using_it(
+    source: Source, local_snowflake: LocalSnowflake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a change run applied by a loader stopped before its work table's DROP (a Lambda ended
+    # at its timeout runs no ``finally``)
+    settings, sf_conn = source.settings, source.sf_conn
+    source.snapshot(SNAPSHOT_ROWS)
+    run = source.stage([change("U", 1100, 1, (1, "applied", "d", 1))], end_lsn=1100)
+    mark = local_snowflake.history.mark()
+    with monkeypatch.context() as stopped:
+        stopped.setattr("pgsnow.load.work_tables.build_drop_table", lambda table: "SELECT 1")
+        source.deliver(run)
+    (left,) = work_tables(source)
+    assert left.startswith("_PGSNOW_CHANGES_")
+    # made TRANSIENT (no Fail-safe storage is kept for it), the statement sent once
+    created = [
+        s.sql_text
+        for s in local_snowflake.history.since(mark)
+        if s.sql_text.startswith(
+            f'CREATE OR REPLACE TRANSIENT TABLE "{settings.snowflake.database}"."PGSNOW"."{left}"'
+        )
+    ]
+    assert len(created) == 1
+
+    # When the cleanup pass's sweep runs at once, and again once the table is older than any load
+    at_once = drop_abandoned_work_tables(settings=settings, sf_conn=sf_conn)
+    past_any_load = datetime.now(UTC) + WORK_TABLE_MAX_AGE + timedelta(minutes=1)
+    later = drop_abandoned_work_tables(settings=settings, sf_conn=sf_conn, now=past_any_load)
+
+    # Then a table a load may still be using is kept, the abandoned one dropped, and nothing else:
+    # the applied run, the table's ledger and position stand
+    assert (at_once, later) == ([], [left])
+    assert work_tables(source) == []
+    assert source.rows()[0] == (1, "applied", "d", 1)
+    assert source.position() == AppliedPosition(1100, run.run_id)
 
 
 def test_a_run_with_a_new_column_adds_it(source: Source) -> None:
@@ -588,6 +760,25 @@ def test_a_run_whose_file_never_arrived_is_skipped_once_a_later_run_exists(sourc
     store = RunStore(source.s3, source.settings.bucket)
     assert store.get_manifest(ITEMS, abandoned.run_id).state is RunState.FAILED
     assert store.get_manifest(ITEMS, retry.run_id).state is RunState.LOADED
+
+
+def test_an_abandoned_run_of_several_files_names_every_file_that_never_arrived(source: Source) -> None:
+    # Given a run of three files whose drain died after uploading the first (its events looked up
+    # the run's files newest first and stopped at the first one missing), and the retry's run
+    source.snapshot(SNAPSHOT_ROWS)
+    lost = [[change("U", 1100, batch, (1, f"lost {batch}", "x", 0))] for batch in (1, 2, 3)]
+    abandoned = source.stage_files(lost, end_lsn=1100)
+    source.upload(abandoned, lost[0], batch=1)
+    assert [r.status for r in source.deliver_files(abandoned, [1])] == [LoadStatus.WAITING]
+    retry = source.stage([change("U", 1100, 1, (1, "kept", "y", 1))], end_lsn=1150, after_lsn=SNAPSHOT_LSN)
+
+    # When the retry's file is delivered
+    source.deliver(retry)
+
+    # Then the abandoned run is failed, naming both missing files, and the retry applied
+    failed = RunStore(source.s3, source.settings.bucket).get_manifest(ITEMS, abandoned.run_id)
+    assert (failed.state, failed.error) == (RunState.FAILED, "abandoned: 2 file(s) never arrived")
+    assert source.rows()[0] == (1, "kept", "y", 1)
 
 
 def test_a_row_moved_twice_in_one_run_keeps_its_unchanged_toast_value(source: Source) -> None:

@@ -11,6 +11,7 @@ table with those statements never wait on each other.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -23,15 +24,17 @@ import sqlglot
 from load_support import ORDER_ROWS, csv_gz_bytes, manifest_columns, put_run_manifest, put_staged_file, query
 from sqlglot import exp
 
-from pgsnow.config import Settings
+from pgsnow.config import Settings, lock_timeout_for
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import FileFormat, StagedObject, data_key, parse_data_key
 from pgsnow.ledger import ledger_table
 from pgsnow.load.batch import Loader
 from pgsnow.load.outcomes import LoadStatus
 from pgsnow.local.snowflake import ExecutedStatement, LocalSnowflake
+from pgsnow.local.stack import LOADER_TIMEOUT_S
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.runs import RunStore
+from pgsnow.snowflake.connection import connect as pgsnow_connect
 
 pytestmark = pytest.mark.integration
 
@@ -247,3 +250,44 @@ def test_loads_into_different_tables_lock_no_common_table(
     assert same_table[0] & same_table[1] == {f"{database}.PGSNOW.{ledger_table(appended)}"}
     for conn in sessions:
         conn.close()
+
+
+# --------------------------------------------------------------------------- the session's set-up
+
+
+def test_a_functions_session_sets_its_lock_timeout_once_before_its_loads(
+    local_snowflake: LocalSnowflake, settings: Settings, s3: Any, sf_conn: Any
+) -> None:
+    # Given the loader's Snowflake settings as its function builds them from LOADER_TIMEOUT_S (the
+    # template's loader Timeout, which the local stack tells it too)
+    snowflake_settings = dataclasses.replace(
+        settings.snowflake, lock_timeout_s=lock_timeout_for(LOADER_TIMEOUT_S)
+    )
+
+    # When a session is opened the way every function opens its own, and loads two batches of a run
+    mark = local_snowflake.history.mark()
+    session = pgsnow_connect(
+        snowflake_settings,
+        **local_snowflake.connect_kwargs(database=settings.snowflake.database, schema="PUBLIC"),
+    )
+    try:
+        put_run_manifest(s3, settings, TABLES[0], RUN)
+        loader = Loader(settings, s3)
+        for start in (1, 10):
+            load_and_count(
+                local_snowflake,
+                loader,
+                session,
+                stage_batch(s3, settings, {TABLES[0]: range(start, start + 2)}),
+            )
+        shown = query(session, "SHOW PARAMETERS LIKE 'LOCK_TIMEOUT' IN SESSION")
+    finally:
+        session.close()
+
+    # Then its first statement set LOCK_TIMEOUT, once, to a third of the function's timeout
+    received = local_snowflake.history.since(mark)
+    statements = [s.sql_text for s in received if s.session == received[0].session]
+    setups = [s for s in statements if s.startswith("ALTER SESSION SET LOCK_TIMEOUT")]
+    assert statements[0] == setups[0] == f"ALTER SESSION SET LOCK_TIMEOUT = {LOADER_TIMEOUT_S // 3}"
+    assert len(setups) == 1
+    assert [tuple(row[:2]) for row in shown] == [("LOCK_TIMEOUT", str(LOADER_TIMEOUT_S // 3))]
