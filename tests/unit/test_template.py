@@ -13,6 +13,7 @@ import copy
 import fnmatch
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -1444,10 +1445,19 @@ def recorded_metrics(path: Path) -> dict[str, set[bool]]:
 
 
 def dashboard_body(
-    cfn: dict[str, Any], sam_template: dict[str, Any], *, change_capture: bool
+    cfn: dict[str, Any],
+    sam_template: dict[str, Any],
+    *,
+    change_capture: bool,
+    overrides: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The dashboard as CloudFormation fills its body in, with change capture on or off."""
-    parameters = {**deployed_parameters(sam_template), "ChangeCaptureEnabled": str(change_capture).lower()}
+    """The dashboard as CloudFormation fills its body in, with change capture on or off (and
+    ``overrides`` of the deployed parameters)."""
+    parameters = {
+        **deployed_parameters(sam_template),
+        **(overrides or {}),
+        "ChangeCaptureEnabled": str(change_capture).lower(),
+    }
     (dashboard,) = resources_of_type(cfn, "AWS::CloudWatch::Dashboard").values()
     text = evaluate(
         dashboard["Properties"]["DashboardBody"], parameters, condition_values(sam_template, parameters)
@@ -1696,6 +1706,9 @@ def test_change_capture_runs_on_its_schedule_only_when_enabled(cfn: dict[str, An
     [
         pytest.param("RetainedWalBytes", {"Ref": "RetainedWalAlarmBytes"}, "GreaterThanThreshold", id="wal"),
         pytest.param("SlotLost", 1, "GreaterThanOrEqualToThreshold", id="slot-lost"),
+        pytest.param(
+            "ReplicationLagSeconds", {"Ref": "ChangeCaptureLagAlarmSeconds"}, "GreaterThanThreshold", id="lag"
+        ),
     ],
 )
 def test_change_capture_alarms_watch_what_the_drain_emits(
@@ -1716,6 +1729,101 @@ def test_change_capture_alarms_watch_what_the_drain_emits(
     assert props["AlarmActions"] == {
         "Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopic"}], {"Ref": "AWS::NoValue"}]
     }
+
+
+def emf_documents(environment: dict[str, str], metrics: list[str]) -> list[dict[str, Any]]:
+    """The EMF documents ``pgsnow.observability.record_table_metric`` prints for an invocation total
+    (table None) of each of ``metrics``, in a process with ``environment``'s POWERTOOLS_* variables:
+    the module reads its namespace at import, as a deployed function does, hence its own process."""
+    powertools = {name: value for name, value in environment.items() if name.startswith("POWERTOOLS_")}
+    script = (
+        "import sys\n"
+        "from pgsnow.observability import record_table_metric\n"
+        "for name in sys.argv[1:]:\n"
+        "    record_table_metric(name, None, 1.0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *metrics],
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "PYTHONPATH": str(REPO / "src"),
+            **powertools,
+            "POWERTOOLS_METRICS_DISABLED": "false",
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    documents: list[dict[str, Any]] = [json.loads(line) for line in result.stdout.splitlines()]
+    return documents
+
+
+def test_each_change_capture_alarm_watches_the_metric_the_drain_writes_as_it_writes_it(
+    cfn: dict[str, Any], sam_template: dict[str, Any]
+) -> None:
+    # Given the change-capture alarms on pgsnow's own metrics, and the metrics the drain records
+    # (read from its code)
+    parameters = deployed_parameters(sam_template)
+    alarms = {
+        name: alarm["Properties"]
+        for name, alarm in resources_of_type(cfn, "AWS::CloudWatch::Alarm").items()
+        if alarm.get("Condition") == "ChangeCaptureOn" and alarm["Properties"]["Namespace"] != "AWS/Lambda"
+    }
+    assert {"RetainedWalAlarm", "SlotLostAlarm", "ReplicationLagAlarm"} <= set(alarms)
+    drain = recorded_metrics(REPO / "src" / "pgsnow" / "cdc" / "drain.py")
+    # When the deployed change-capture function records each alarm's metric (its template environment)
+    environment = {
+        name: str(evaluate(value, parameters))
+        for name, value in properties(cfn, CHANGE_CAPTURE)["Environment"]["Variables"].items()
+    }
+    names = [alarm["MetricName"] for alarm in alarms.values()]
+    written = dict(zip(names, emf_documents(environment, names), strict=True))
+    # Then each alarm watches a metric the drain records per invocation, in the namespace and with
+    # exactly the dimensions (names and values) the function writes it with
+    for name, alarm in alarms.items():
+        metric = alarm["MetricName"]
+        assert drain.get(metric) == {False}, f"{name}: the drain records {metric} {drain.get(metric)}"
+        document = written[metric]
+        (directive,) = document["_aws"]["CloudWatchMetrics"]
+        assert [m["Name"] for m in directive["Metrics"]] == [metric]
+        assert evaluate(alarm["Namespace"], parameters) == directive["Namespace"], name
+        (dimension_names,) = directive["Dimensions"]
+        assert {d["Name"]: evaluate(d["Value"], parameters) for d in alarm["Dimensions"]} == {
+            dimension: document[dimension] for dimension in dimension_names
+        }, name
+
+
+def test_replication_lag_alarm_exists_only_with_change_capture_and_its_line_follows_the_parameter(
+    cfn: dict[str, Any], sam_template: dict[str, Any]
+) -> None:
+    alarm = cfn["Resources"]["ReplicationLagAlarm"]
+    props = alarm["Properties"]
+    # Only with change capture
+    assert alarm["Condition"] == "ChangeCaptureOn"
+    for enabled in (False, True):
+        parameters = {**deployed_parameters(sam_template), "ChangeCaptureEnabled": str(enabled).lower()}
+        assert condition_values(sam_template, parameters)["ChangeCaptureOn"] is enabled
+    # The worst run of each period, sustained for three periods; silence keeps the state (other
+    # alarms report a drain that does not run: RetainedWalAlarm counts silence as breaching)
+    assert (props["Statistic"], props["Period"], props["EvaluationPeriods"]) == ("Maximum", 300, 3)
+    assert props["DatapointsToAlarm"] == 3
+    assert props["TreatMissingData"] == "ignore"
+    assert properties(cfn, "RetainedWalAlarm")["TreatMissingData"] == "breaching"
+    # The parameter's default is fifteen one-minute schedules, within its own range
+    spec = sam_template["Parameters"]["ChangeCaptureLagAlarmSeconds"]
+    assert spec["MinValue"] <= spec["Default"] == 900 <= spec["MaxValue"]
+    # When a stack sets its own tolerance, the alarm and the dashboard's line both follow it
+    overrides = {"ChangeCaptureLagAlarmSeconds": "1800"}
+    assert int(evaluate(props["Threshold"], {**deployed_parameters(sam_template), **overrides})) == 1800
+    with_cdc = dashboard_body(cfn, sam_template, change_capture=True, overrides=overrides)
+    lines = [
+        (line["value"], widget_metric_names(widget))
+        for widget in with_cdc["widgets"]
+        for line in widget["properties"].get("annotations", {}).get("horizontal", [])
+        if line["label"] == "ReplicationLagAlarm"
+    ]
+    assert lines == [(1800, {"ReplicationLagSeconds"})]
 
 
 def test_change_capture_errors_alarm(cfn: dict[str, Any]) -> None:
