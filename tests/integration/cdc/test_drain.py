@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from psycopg2 import sql
 from stack_support import postgres_secret_arn, unique_name
 
 from pgsnow.cdc.drain import drain_slot
-from pgsnow.cdc.reader import open_stream
+from pgsnow.cdc.reader import HEARTBEAT_PREFIX, open_stream
 from pgsnow.cdc.slot import SlotLostError
 from pgsnow.cdc.stage import connect_for_staging, stage_table, upload_files
 from pgsnow.changes import CHANGE_COLUMNS, parse_lsn
@@ -51,6 +52,7 @@ from pgsnow.manifest import RunState
 from pgsnow.postgres_setup import PostgresSetupOptions, heartbeat_table_step
 from pgsnow.runs import DrainState, RunStore
 from pgsnow.runtime import reset_runtime
+from pgsnow.timestamps import utc_iso
 
 pytestmark = pytest.mark.integration
 
@@ -661,6 +663,58 @@ def test_the_byte_budget_cuts_at_a_commit_and_the_next_run_goes_on(
     assert first.changes is not None and second.changes is not None
     assert second.changes.after_lsn == first.changes.end_lsn
     assert first.total_rows + second.total_rows == 3000
+
+
+def test_a_run_behind_reports_the_age_of_the_newest_heartbeat_it_read_as_the_lag_alarm_watches(
+    admin: psycopg2.extensions.connection,
+    pg_dsn: str,
+    s3: Any,
+    bucket: str,
+    shop: tuple[TableRef, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    table, source = shop
+    ident = sql.Identifier(table.schema, table.table)
+    settings = cdc_settings(bucket, pg_dsn, source, [table], CDC_MAX_MB="1")
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    monkeypatch.delenv("POWERTOOLS_DEV", raising=False)
+    # The service the template gives every function (POWERTOOLS_SERVICE_NAME: AppName in Globals)
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "pgsnow")
+    # Given a heartbeat written 20 minutes ago and ~1.2 MB of changes after it, in one transaction
+    # (other tests' heartbeats reach every slot; none can come between these two)
+    written_at = datetime.now(UTC) - timedelta(minutes=20)
+    old = json.dumps({"run_id": "20261207T080000000000Z", "at": utc_iso(written_at)})
+    with admin.cursor() as cur:
+        cur.execute("BEGIN")
+        cur.execute("SELECT pg_logical_emit_message(true, %s, %s)", (HEARTBEAT_PREFIX, old))
+        cur.execute(
+            sql.SQL("INSERT INTO {} SELECT g, repeat('x', 600), 1 FROM generate_series(1, 2000) g").format(
+                ident
+            )
+        )
+        cur.execute("COMMIT")
+    capsys.readouterr()
+    # When a run stops at the byte budget (1 MB) before its own heartbeat: it is behind
+    behind = drain_slot(settings, dsn=pg_dsn, s3=s3)
+    # And the next run reaches its own
+    caught_up = drain_slot(settings, dsn=pg_dsn, s3=s3)
+    # Then each records ReplicationLagSeconds per invocation (the `service` dimension only, as
+    # ReplicationLagAlarm watches it): the first the old heartbeat's age, above the alarm's default
+    # 900 s; the second its own duration, under a minute (ChangeCaptureLagAlarmSeconds' MinValue)
+    assert (behind["stop_reason"], caught_up["stop_reason"]) == ("bytes", "heartbeat")
+    documents = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    lags = [
+        (d["ReplicationLagSeconds"], d["_aws"]["CloudWatchMetrics"][0]["Dimensions"], d["service"])
+        for d in documents
+        if "ReplicationLagSeconds" in d
+    ]
+    assert lags == [
+        ([behind["heartbeat_lag_s"]], [["service"]], "pgsnow"),
+        ([caught_up["heartbeat_lag_s"]], [["service"]], "pgsnow"),
+    ]
+    assert 1200 <= behind["heartbeat_lag_s"] < 1200 + 60
+    assert 0 <= caught_up["heartbeat_lag_s"] < 60
 
 
 def test_toast_key_moves_and_truncates_reach_the_change_file(
