@@ -353,8 +353,9 @@ class _StreamState:
         table = self.wanted_names.get((message.namespace or "pg_catalog", message.name))
         self.wanted[message.oid] = table
         writer = self.current.get(message.oid)
-        if writer is not None and writer.relation.columns == message.columns:
-            return  # described again (a cache invalidation): the segment goes on as it is
+        # Described again with the same name and columns (a cache invalidation): the segment goes on
+        # as it is. A rename must not: the relation's rows now belong to the table of its new name
+        # (or to none), even when the columns are the same (two tables swapped by renames).
         if writer is not None and (writer.table != table or writer.relation.columns != message.columns):
             del self.current[message.oid]  # schema drift (or a rename): the next row starts a new segment
 
