@@ -261,8 +261,10 @@ class _SpillWriter:
             self.cut()
 
     def cut(self) -> None:
-        """Record the row boundary at the end of what is written."""
-        self.cuts.append((self.written, self.rows + self.pending))
+        """Record the row boundary at the end of what is written (once: a boundary recorded twice
+        would make staging start a file there and leave it empty)."""
+        if not self.cuts or self.cuts[-1][0] != self.written:
+            self.cuts.append((self.written, self.rows + self.pending))
         self.next_cut = self.written + CUT_EVERY_BYTES
 
     def commit(self, commit_lsn: int) -> None:

@@ -73,6 +73,8 @@ class SpilledCsvWriter:
     def advance(self, spill: BinaryIO, offset: int, to_offset: int, rows: int) -> None:
         """Compress ``spill`` from ``offset`` (where it is positioned) to ``to_offset``, ``rows`` rows,
         a row boundary; the file is cut there when it has reached the size."""
+        if to_offset <= offset:
+            return  # no rows: a file is never started for none
         if self._current is None:
             self._current = CsvGzipWriter(
                 self._work_dir / f"batch{self._batch}.csv.gz", self._batch, self._header
