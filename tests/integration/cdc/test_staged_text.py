@@ -8,7 +8,7 @@ from __future__ import annotations
 import gzip
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -392,6 +392,65 @@ def test_early_compression_during_the_read_writes_the_files_staging_would(
     ]
     assert records(staged_early) == records(staged_again)
     assert sum(f.written.rows for f in staged_early.files) == stream.changes == 3000
+
+
+def test_early_compression_takes_a_bounded_number_of_segments(
+    source: tuple[str, TableRef], tmp_path: Path
+) -> None:
+    dsn, first = source
+    tables = [TableRef(first.schema, name) for name in ("one", "two", "three")]
+    for table in tables:
+        execute(
+            dsn,
+            sql.SQL("CREATE TABLE {} (id integer PRIMARY KEY, note text)").format(
+                sql.Identifier(table.schema, table.table)
+            ),
+        )
+    with change_capture_source(dsn, [(t.schema, t.table) for t in tables]) as cdc:
+        # Given three tables with over 1 MB of committed changes each (row boundaries reported final)
+        for table in tables:
+            execute(
+                dsn,
+                sql.SQL(
+                    "INSERT INTO {} SELECT g, (SELECT string_agg(md5(g::text || s::text), ',') "
+                    "FROM generate_series(1, 30) s) FROM generate_series(1, 1500) g"
+                ).format(sql.Identifier(table.schema, table.table)),
+            )
+        end = end_of_changes(dsn)
+        # When the slot is read with early compression that takes two segments at most
+        early = EarlyCompression(tmp_path / "early", max_bytes=1 << 20, max_segments=2)
+        try:
+            stream = read_changes(
+                cdc.dsn,
+                slot=cdc.slot,
+                publication=cdc.publication,
+                heartbeat_lsn=end,
+                heartbeat_prefix=HEARTBEAT,
+                tables=tables,
+                max_bytes=1 << 40,
+                deadline=time.monotonic() + 120,
+                spill_dir=tmp_path / "spill",
+                on_final=early.final_rows,
+            )
+            # Then only two segments were started early (each keeps a spill and a file open)
+            assert len(list((tmp_path / "early").iterdir())) == 2
+            # And staging each table still writes the files staging alone writes, the third by itself
+            staged = []
+            for segment in stream.segments:
+                out = tmp_path / f"out-{segment.table.table}"
+                out.mkdir()
+                alone = replace(stream, segments=(segment,))
+                staged.append(stage(cdc.dsn, alone, out, target_file_mb=1, early=early))
+        finally:
+            early.close()
+        for index, segment in enumerate(stream.segments):
+            (tmp_path / f"again-{index}").mkdir()
+            alone = replace(stream, segments=(segment,))
+            again = stage(cdc.dsn, alone, tmp_path / f"again-{index}", target_file_mb=1)
+            assert records(staged[index]) == records(again)
+            assert len(records(again)) == segment.rows == 1500
+    from_early = [all((tmp_path / "early") in f.written.path.parents for f in s.files) for s in staged]
+    assert sorted(from_early) == [False, True, True]
 
 
 def test_early_compression_is_left_unused_when_staging_would_write_other_files(tmp_path: Path) -> None:
