@@ -48,7 +48,8 @@ In both:
 * A truncate is one ``T`` row per truncated table, every table column NULL.
 
 A ``Relation`` message with a different column list (schema drift) starts a new segment for the
-table; ``DrainedStream.segments`` are in the order they were started, so a table's segments are
+table, and one with another name (a rename) a segment of the table so named, if it is one of
+``tables``; ``DrainedStream.segments`` are in the order they were started, so a table's segments are
 in commit order. Tables not in ``tables`` are skipped. Rows go to disk as they arrive (a buffered
 file per segment, at most ``MAX_OPEN_SPILL_FILES`` open at once); nothing per transaction is kept in
 memory but counters and file offsets, so memory is bounded whatever the transaction size and the
