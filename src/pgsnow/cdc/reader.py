@@ -48,7 +48,8 @@ In both:
 * A truncate is one ``T`` row per truncated table, every table column NULL.
 
 A ``Relation`` message with a different column list (schema drift) starts a new segment for the
-table; ``DrainedStream.segments`` are in the order they were started, so a table's segments are
+table, and one with another name (a rename) a segment of the table so named, if it is one of
+``tables``; ``DrainedStream.segments`` are in the order they were started, so a table's segments are
 in commit order. Tables not in ``tables`` are skipped. Rows go to disk as they arrive (a buffered
 file per segment, at most ``MAX_OPEN_SPILL_FILES`` open at once); nothing per transaction is kept in
 memory but counters and file offsets, so memory is bounded whatever the transaction size and the
@@ -261,8 +262,10 @@ class _SpillWriter:
             self.cut()
 
     def cut(self) -> None:
-        """Record the row boundary at the end of what is written."""
-        self.cuts.append((self.written, self.rows + self.pending))
+        """Record the row boundary at the end of what is written (once: a boundary recorded twice
+        would make staging start a file there and leave it empty)."""
+        if not self.cuts or self.cuts[-1][0] != self.written:
+            self.cuts.append((self.written, self.rows + self.pending))
         self.next_cut = self.written + CUT_EVERY_BYTES
 
     def commit(self, commit_lsn: int) -> None:
@@ -353,8 +356,9 @@ class _StreamState:
         table = self.wanted_names.get((message.namespace or "pg_catalog", message.name))
         self.wanted[message.oid] = table
         writer = self.current.get(message.oid)
-        if writer is not None and writer.relation.columns == message.columns:
-            return  # described again (a cache invalidation): the segment goes on as it is
+        # Described again with the same name and columns (a cache invalidation): the segment goes on
+        # as it is. A rename must not: the relation's rows now belong to the table of its new name
+        # (or to none), even when the columns are the same (two tables swapped by renames).
         if writer is not None and (writer.table != table or writer.relation.columns != message.columns):
             del self.current[message.oid]  # schema drift (or a rename): the next row starts a new segment
 

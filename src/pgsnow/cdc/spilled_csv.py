@@ -12,7 +12,9 @@ one core's Python while the server decodes on the other, which leaves room for c
 (isal releases the GIL); on the CDC benchmark it was half of what came after the read. Staging
 then only finishes the last rows (``files_for``). What it compressed is used only when staging
 would have written the same files: one staged-text segment for the table, the same header; otherwise
-it is deleted and staging proceeds as if nothing had been done early.
+it is deleted and staging proceeds as if nothing had been done early. At most
+``MAX_EARLY_SEGMENTS`` segments are compressed early (bounded file descriptors and memory); the
+others are left to staging.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ __all__ = ["EarlyCompression", "SpilledCsvWriter", "write_spilled_csv"]
 
 # Bytes read from a spill at once.
 SPILL_READ_BYTES = 4 << 20
+# Segments compressed early at once, each holding its spill and its current file open with a
+# compressor's buffers: file descriptors (Lambda allows 1,024; the reader keeps up to 64) and memory
+# stay bounded whatever the number of tables. The segments reported past this many are compressed
+# by staging, as without early compression.
+MAX_EARLY_SEGMENTS = 16
 
 
 class _Column(Protocol):
@@ -73,6 +80,8 @@ class SpilledCsvWriter:
     def advance(self, spill: BinaryIO, offset: int, to_offset: int, rows: int) -> None:
         """Compress ``spill`` from ``offset`` (where it is positioned) to ``to_offset``, ``rows`` rows,
         a row boundary; the file is cut there when it has reached the size."""
+        if to_offset <= offset:
+            return  # no rows: a file is never started for none
         if self._current is None:
             self._current = CsvGzipWriter(
                 self._work_dir / f"batch{self._batch}.csv.gz", self._batch, self._header
@@ -147,10 +156,12 @@ class EarlyCompression:
     was not handed to staging.
     """
 
-    def __init__(self, work_dir: Path, max_bytes: int) -> None:
+    def __init__(self, work_dir: Path, max_bytes: int, *, max_segments: int = MAX_EARLY_SEGMENTS) -> None:
         self._work_dir = work_dir
         self._max_bytes = max_bytes
+        self._max_segments = max_segments
         self._jobs: dict[Path, _Job] = {}
+        self._declined: set[Path] = set()  # reported while max_segments were compressed already
         self._started = 0  # jobs started, which names their directories
         self._queue: queue.SimpleQueue[tuple[_Job, tuple[int, int]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="pgsnow-early-compression", daemon=True)
@@ -160,6 +171,11 @@ class EarlyCompression:
         """Rows of the spill at ``path`` up to ``offset`` (``rows`` of them) will not change."""
         job = self._jobs.get(path)
         if job is None:
+            if offset <= 0 or path in self._declined:
+                return  # nothing to compress yet, or left to staging
+            if len(self._jobs) >= self._max_segments:
+                self._declined.add(path)
+                return
             out_dir = self._work_dir / f"{self._started:05d}"
             out_dir.mkdir(parents=True)
             self._started += 1

@@ -261,6 +261,41 @@ def test_new_relation_shape_starts_a_new_segment(source: tuple[str, str], tmp_pa
     assert first.last_commit_lsn < second.first_commit_lsn
 
 
+def test_tables_swapped_by_renames_keep_their_rows_apart(source: tuple[str, str], tmp_path: Path) -> None:
+    dsn, schema = source
+    execute(
+        dsn,
+        sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(
+            sql.Identifier(schema, "spare"), items(schema)
+        ),
+    )
+    tables = [TableRef(schema, "items"), TableRef(schema, "spare")]
+    with change_capture_source(dsn, [(schema, "items"), (schema, "spare")]) as src:
+        # Given a row in each of two tables of the same columns, then the tables swapped by renames
+        # (pgoutput describes each again under its new name, with the same columns)
+        execute(
+            dsn,
+            sql.SQL("INSERT INTO {} VALUES (1, 'items before', NULL, 1)").format(items(schema)),
+            sql.SQL("INSERT INTO {} VALUES (2, 'spare before', NULL, 2)").format(
+                sql.Identifier(schema, "spare")
+            ),
+            sql.SQL("ALTER TABLE {} RENAME TO swapping").format(items(schema)),
+            sql.SQL("ALTER TABLE {} RENAME TO items").format(sql.Identifier(schema, "spare")),
+            sql.SQL("ALTER TABLE {} RENAME TO spare").format(sql.Identifier(schema, "swapping")),
+            sql.SQL("INSERT INTO {} VALUES (3, 'items after', NULL, 3)").format(items(schema)),
+            sql.SQL("INSERT INTO {} VALUES (4, 'spare after', NULL, 4)").format(
+                sql.Identifier(schema, "spare")
+            ),
+        )
+        # When the slot is read
+        stream = read(src, tables, tmp_path, heartbeat_lsn=heartbeat(dsn))
+    # Then each row is spilled under the name its table had when it was written
+    by_table: dict[str, list[str]] = {}
+    for segment in stream.segments:
+        by_table.setdefault(segment.table.table, []).extend(r["name"] for r in spilled(dsn, segment))
+    assert by_table == {"items": ["items before", "items after"], "spare": ["spare before", "spare after"]}
+
+
 def test_stops_at_the_heartbeat_and_never_confirms(source: tuple[str, str], tmp_path: Path) -> None:
     dsn, schema = source
     table = TableRef(schema, "items")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import gzip
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from csv_support import parse_csv_keeping_nulls
 from psycopg2 import sql
 from stack_support import new_source_schema
 
-from pgsnow.cdc.reader import DrainedStream, read_changes
+from pgsnow.cdc.reader import DrainedStream, open_stream, read_changes
 from pgsnow.cdc.spilled_csv import EarlyCompression, spill_header
 from pgsnow.cdc.stage import StagedSegment, connect_for_staging, stage_table
 from pgsnow.config import ValuePolicy
@@ -394,6 +394,65 @@ def test_early_compression_during_the_read_writes_the_files_staging_would(
     assert sum(f.written.rows for f in staged_early.files) == stream.changes == 3000
 
 
+def test_early_compression_takes_a_bounded_number_of_segments(
+    source: tuple[str, TableRef], tmp_path: Path
+) -> None:
+    dsn, first = source
+    tables = [TableRef(first.schema, name) for name in ("one", "two", "three")]
+    for table in tables:
+        execute(
+            dsn,
+            sql.SQL("CREATE TABLE {} (id integer PRIMARY KEY, note text)").format(
+                sql.Identifier(table.schema, table.table)
+            ),
+        )
+    with change_capture_source(dsn, [(t.schema, t.table) for t in tables]) as cdc:
+        # Given three tables with over 1 MB of committed changes each (row boundaries reported final)
+        for table in tables:
+            execute(
+                dsn,
+                sql.SQL(
+                    "INSERT INTO {} SELECT g, (SELECT string_agg(md5(g::text || s::text), ',') "
+                    "FROM generate_series(1, 30) s) FROM generate_series(1, 1500) g"
+                ).format(sql.Identifier(table.schema, table.table)),
+            )
+        end = end_of_changes(dsn)
+        # When the slot is read with early compression that takes two segments at most
+        early = EarlyCompression(tmp_path / "early", max_bytes=1 << 20, max_segments=2)
+        try:
+            stream = read_changes(
+                cdc.dsn,
+                slot=cdc.slot,
+                publication=cdc.publication,
+                heartbeat_lsn=end,
+                heartbeat_prefix=HEARTBEAT,
+                tables=tables,
+                max_bytes=1 << 40,
+                deadline=time.monotonic() + 120,
+                spill_dir=tmp_path / "spill",
+                on_final=early.final_rows,
+            )
+            # Then only two segments were started early (each keeps a spill and a file open)
+            assert len(list((tmp_path / "early").iterdir())) == 2
+            # And staging each table still writes the files staging alone writes, the third by itself
+            staged = []
+            for segment in stream.segments:
+                out = tmp_path / f"out-{segment.table.table}"
+                out.mkdir()
+                alone = replace(stream, segments=(segment,))
+                staged.append(stage(cdc.dsn, alone, out, target_file_mb=1, early=early))
+        finally:
+            early.close()
+        for index, segment in enumerate(stream.segments):
+            (tmp_path / f"again-{index}").mkdir()
+            alone = replace(stream, segments=(segment,))
+            again = stage(cdc.dsn, alone, tmp_path / f"again-{index}", target_file_mb=1)
+            assert records(staged[index]) == records(again)
+            assert len(records(again)) == segment.rows == 1500
+    from_early = [all((tmp_path / "early") in f.written.path.parents for f in s.files) for s in staged]
+    assert sorted(from_early) == [False, True, True]
+
+
 def test_early_compression_is_left_unused_when_staging_would_write_other_files(tmp_path: Path) -> None:
     # Given a spill compressed early under one header
     spill = tmp_path / "spill.csv"
@@ -430,3 +489,49 @@ class _Segment:
     path: Path
     rows: int
     cuts: tuple[tuple[int, int], ...]
+
+
+def test_a_refused_value_in_a_transaction_the_deadline_discards_leaves_the_spill_as_it_was(
+    source: tuple[str, TableRef], tmp_path: Path
+) -> None:
+    dsn, table = source
+    ident = sql.Identifier(table.schema, table.table)
+    with change_capture_source(dsn, [(table.schema, table.table)]) as cdc:
+        # Given a committed row large enough to fill a 1 MB file (a row boundary recorded at its end),
+        # then a transaction whose first row the contract refuses (an infinite date)
+        execute(
+            dsn,
+            sql.SQL(
+                "INSERT INTO {} (id, note) SELECT 1, string_agg(md5(g::text), '') FROM generate_series(1, 100000) g"
+            ).format(ident),
+        )
+        conn = psycopg2.connect(dsn)
+        with conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("INSERT INTO {} (id, day) VALUES (2, 'infinity')").format(ident))
+            cur.execute(sql.SQL("INSERT INTO {} (id, day) VALUES (3, '2026-01-01')").format(ident))
+        conn.close()
+        # When both reads stop at a deadline inside that transaction (it is discarded) and are staged
+        staged: dict[bool, StagedSegment] = {}
+        for staged_text in (True, False):
+            spill_dir = tmp_path / f"spill-{staged_text}"
+            with open_stream(dsn, slot=cdc.slot, publication=cdc.publication) as session:
+                stream = session.read(
+                    heartbeat_lsn=None,
+                    tables=[table],
+                    max_bytes=1 << 40,
+                    deadline=1.0,
+                    spill_dir=spill_dir,
+                    clock=lambda s=session: 2.0 if s.changes_read >= 2 else 0.0,
+                    staged_text=staged_text,
+                )
+            assert (stream.stop_reason, stream.changes) == ("deadline", 1)
+            assert [p.name for p in spill_dir.iterdir()] == [stream.segments[0].path.name]
+            (tmp_path / f"out-{staged_text}").mkdir()
+            staged[staged_text] = stage(cdc.dsn, stream, tmp_path / f"out-{staged_text}", target_file_mb=1)
+    # Then the staged-text spill is staged as it is, into the files the round trip writes: the
+    # discarded segment of pgoutput's text left no trace, nor its boundary an empty file
+    assert not staged[True].round_trip
+    assert (
+        [f.written.rows for f in staged[True].files] == [f.written.rows for f in staged[False].files] == [1]
+    )
+    assert records(staged[True]) == records(staged[False])
