@@ -153,3 +153,15 @@ def test_header_line_quotes_names_as_copy_does() -> None:
     assert header_line(["_pgsnow_op", "a,b", 'q"', "line\nbreak", "plain name"]) == (
         b'_pgsnow_op,"a,b","q""","line\nbreak",plain name\n'
     )
+
+
+def test_a_compiled_tuple_reader_leaves_a_cut_short_tuple_to_the_general_path() -> None:
+    from pgsnow.cdc.staged_text import compile_tuple_reader
+
+    converters = relation_converters([Col(23), Col(25)])
+    assert converters is not None
+    read_tuple = compile_tuple_reader(converters)
+    whole = tuple_data(b"7", b"abc")
+    assert read_tuple(whole, 0) == (b'7,"abc"', len(whole))
+    assert read_tuple(whole[:-2], 0) is None  # the text value runs past the end
+    assert staged_fields(whole[:-2], 0, converters) is None

@@ -315,6 +315,8 @@ def compile_tuple_reader(converters: tuple[Converter, ...]) -> TupleReader:
             "    else:",
             "        return None",
         ]
+    # A value running past the message's end: the general path names it (a slice would just be short).
+    lines += ["    if pos > len(buf):", "        return None"]
     joined = ", ".join(f"f{i}" for i in range(len(converters)))
     lines.append(f"    return b','.join(({joined},)), pos" if converters else "    return b'', pos")
     namespace: dict[str, object] = {"_i16": _i16, "_i32": _i32, **names}
