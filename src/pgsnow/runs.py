@@ -96,7 +96,7 @@ from pgsnow.keys import (
     watermark_key,
 )
 from pgsnow.manifest import RunManifest, RunState
-from pgsnow.staging import classify_s3_error, put_data_file, raise_unless_missing
+from pgsnow.staging import classify_s3_error, denied_because_missing, put_data_file, raise_unless_missing
 from pgsnow.timestamps import utc_iso
 
 JSON_CONTENT_TYPE = "application/json"
@@ -278,6 +278,8 @@ class RunStore:
             response = self._s3.get_object(Bucket=self._bucket, Key=key)
             body = response["Body"].read()
         except (ClientError, BotoCoreError) as exc:
+            if denied_because_missing(self._s3, self._bucket, key, exc):
+                return None
             raise_unless_missing(exc, s3_key=key)
             return None
         version = response.get("VersionId")

@@ -58,6 +58,29 @@ def is_missing_object(exc: ClientError | BotoCoreError) -> bool:
     return isinstance(exc, ClientError) and aws_error_code(exc) in MISSING_OBJECT_CODES
 
 
+# What S3 answers a GET of a missing key when the caller may not list it (below).
+ACCESS_DENIED_CODES = frozenset({"AccessDenied", "403", "Forbidden"})
+
+
+def denied_because_missing(s3: Any, bucket: str, key: str, exc: ClientError | BotoCoreError) -> bool:
+    """Whether an access-denied answer to a GET of ``key`` only means the key does not exist.
+
+    S3 answers a GET of a missing key with 403, not 404, when the caller lacks ``s3:ListBucket``
+    ("Amazon S3 returns 403 (access denied)" if you don't have the s3:ListBucket permission,
+    GetObject reference). pgsnow's roles hold ListBucket only under an ``s3:prefix`` condition,
+    which a GET does not carry, so S3 may answer either way. The key is then looked for by a
+    listing of exactly its prefix (which the roles may make): not there means missing; there
+    means a real refusal, raised as such by the caller.
+    """
+    if not isinstance(exc, ClientError) or aws_error_code(exc) not in ACCESS_DENIED_CODES:
+        return False
+    try:
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+    except (ClientError, BotoCoreError):
+        return False  # the listing is refused too: report the GET's own refusal
+    return not any(entry.get("Key") == key for entry in listed.get("Contents", ()))
+
+
 def raise_unless_missing(exc: ClientError | BotoCoreError, *, s3_key: str) -> None:
     """Return when S3 answered that the object is not there; otherwise raise the classified error."""
     if not is_missing_object(exc):
