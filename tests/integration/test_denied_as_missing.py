@@ -3,7 +3,7 @@
 S3 answers a GET of a missing key with 403 when the caller may not list the bucket; pgsnow's roles
 may list only under an ``s3:prefix`` condition. ``RunStore`` then lists exactly the key's prefix
 (``pgsnow.staging.denied_because_missing``). A moto server enforcing IAM makes the 403s for real:
-a user may list ``_pgsnow/*`` but read only ``_pgsnow/readable/*``.
+a user may list ``_pgsnow/*`` and ``staging/*`` but read only ``_pgsnow/readable/*``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def reader_s3(iam_moto: IamMoto) -> Any:
                 "Effect": "Allow",
                 "Action": MOTO_LIST_ACTIONS,
                 "Resource": f"arn:aws:s3:::{BUCKET}",
-                "Condition": {"StringLike": {"s3:prefix": ["_pgsnow/*"]}},
+                "Condition": {"StringLike": {"s3:prefix": ["_pgsnow/*", "staging/*"]}},
             },
             {
                 "Effect": "Allow",
@@ -74,3 +74,18 @@ def test_a_refused_get_of_an_existing_key_is_raised(iam_moto: IamMoto, reader_s3
     store = RunStore(reader_s3, BUCKET)
     with pytest.raises(PgSnowError, match=re.escape(key)):
         store.load_drain_state("drained")
+
+
+def test_a_staged_file_not_uploaded_yet_reads_as_missing_to_the_loader(
+    iam_moto: IamMoto, reader_s3: Any
+) -> None:
+    # (the loader's look-up of a change run's files: a file still to come is waited for, not an error)
+    from pgsnow.keys import parse_data_key
+    from pgsnow.load.objects import head_staged_object
+
+    staged = parse_data_key(
+        "staging/public/items/public_items_batch2_20261207T000000000000Z.csv.gz", "staging"
+    )
+    with pytest.raises(ClientError):  # refused, as S3 may refuse a caller that may not list it
+        reader_s3.head_object(Bucket=BUCKET, Key=staged.key)
+    assert head_staged_object(reader_s3, BUCKET, staged) is None

@@ -8,18 +8,17 @@ from typing import TYPE_CHECKING
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pgsnow.csv_records import parse_csv_record
-from pgsnow.errors import PermanentError, RetryableError, aws_error_code
+from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import StagedObject, manifest_key
 from pgsnow.load.outcomes import ObjectFacts
 from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, RunManifest
 from pgsnow.runs import RunStore, VersionedManifest
-from pgsnow.staging import classify_s3_error
+from pgsnow.staging import classify_s3_error, denied_because_missing, is_missing_object
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-_MISSING_S3_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 HEADER_READ_BYTES = 1024 * 1024  # a header row is read from the file's first MiB (ranged GET)
 
 
@@ -28,7 +27,8 @@ def head_staged_object(s3: S3Client, bucket: str, staged: StagedObject) -> Objec
     try:
         response = s3.head_object(Bucket=bucket, Key=staged.key)
     except ClientError as exc:
-        if aws_error_code(exc) in _MISSING_S3_CODES:
+        # A 403 may only mean "not there" to a caller that may not list the key (staging module).
+        if is_missing_object(exc) or denied_because_missing(s3, bucket, staged.key, exc):
             return None
         raise classify_s3_error(exc, s3_key=staged.key) from exc
     except BotoCoreError as exc:
