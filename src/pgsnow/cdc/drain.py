@@ -41,11 +41,9 @@ import psycopg2
 from aws_lambda_powertools.metrics import MetricUnit
 from psycopg2 import sql
 
-from pgsnow.cdc.protocol import Relation
 from pgsnow.cdc.reader import (
     HEARTBEAT_PREFIX,
     DrainedStream,
-    FinalRows,
     ReplicationSession,
     SlotBusyError,
     SpilledChanges,
@@ -267,7 +265,7 @@ def _drain(
                 spill_dir=spill_dir,
                 heartbeat_prefix=HEARTBEAT_PREFIX,
                 clock=clock,
-                on_final=early.on_final if early is not None else None,
+                on_final=early.final_rows if early is not None else None,
             )
         except SlotBusyError:
             return _skipped_busy(slot, run_id)
@@ -284,7 +282,7 @@ def _drain(
                 scratch=scratch,
                 now=now,
                 tables=tables,
-                early=early.compression if early is not None else None,
+                early=early,
             )
         phases.lap("stage_and_upload")
         if before_confirm is not None:
@@ -294,20 +292,14 @@ def _drain(
         phases.lap("confirm")
     finally:
         if early is not None:
-            early.compression.close()
+            early.close()
         session.close()
     return _report(
         control, settings, run_id=run_id, stream=stream, staged=staged, finished=now(), phases=phases.seconds
     )
 
 
-@dataclass(frozen=True)
-class _Early:
-    compression: EarlyCompression
-    on_final: FinalRows
-
-
-def _early_compression(settings: Settings, tables: list[TableRef], scratch: Path) -> _Early | None:
+def _early_compression(settings: Settings, tables: list[TableRef], scratch: Path) -> EarlyCompression | None:
     """Compression of staged-text spills during the read (``pgsnow.cdc.spilled_csv``), for the
     tables whose runs stage CSV as spilled: CSV configured, and no EXTRACT_BATCH_ROWS cap."""
     if settings.batch_rows is not None:
@@ -319,13 +311,9 @@ def _early_compression(settings: Settings, tables: list[TableRef], scratch: Path
     }
     if not csv_tables:
         return None
-    compression = EarlyCompression(scratch / "early", settings.extract.target_file_mb * 1024 * 1024)
-
-    def on_final(path: Path, relation: Relation, offset: int, rows: int) -> None:
-        if (relation.namespace, relation.name) in csv_tables:
-            compression.final_rows(path, relation, offset, rows)
-
-    return _Early(compression, on_final)
+    return EarlyCompression(
+        scratch / "early", settings.extract.target_file_mb * 1024 * 1024, tables=csv_tables
+    )
 
 
 class _PhaseClock:

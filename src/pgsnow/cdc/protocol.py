@@ -194,29 +194,9 @@ def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
 
 
 def _tuple_data(buf: bytes, pos: int) -> tuple[TupleValues, int]:
-    """A TupleData part at ``pos``: its values and the offset after it."""
-    (count,) = _i16(buf, pos)
-    pos += 2
-    values: list[str | Unchanged | None] = []
-    append = values.append
-    # Literal kind bytes, not module constants: this loop runs once per column of every change.
-    for index in range(count):
-        kind = buf[pos]
-        if kind == 0x74:  # 't'
-            start = pos + 5
-            pos = start + _i32(buf, pos + 1)[0]
-            append(buf[start:pos].decode())
-        elif kind == 0x6E:  # 'n'
-            append(None)
-            pos += 1
-        elif kind == 0x75:  # 'u'
-            append(UNCHANGED)
-            pos += 1
-        else:
-            raise _value_kind_error(kind, index)
-    if pos > len(buf):
-        raise PermanentError("pgoutput tuple data is cut short")
-    return tuple(values), pos
+    """A TupleData part at ``pos``: its values (text decoded) and the offset after it."""
+    values, pos = tuple_bytes(buf, pos)
+    return tuple(v.decode() if isinstance(v, bytes) else v for v in values), pos
 
 
 def tuple_bytes(buf: bytes, pos: int) -> tuple[list[bytes | Unchanged | None], int]:

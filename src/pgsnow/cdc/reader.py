@@ -116,6 +116,7 @@ from pgsnow.cdc.staged_text import (
     compile_tuple_reader,
     relation_converters,
     staged_fields,
+    staged_values,
 )
 from pgsnow.changes import format_lsn, unchanged_text
 from pgsnow.errors import PermanentError, RetryableError
@@ -254,6 +255,15 @@ class _SpillWriter:
         self.first = 0
         self.last = 0
 
+    def staged_tuple(self, payload: bytes, pos: int) -> bytes | None:
+        """The tuple at ``pos`` as staged fields by the compiled reader; None when the segment is in
+        pgoutput's text, the message could hold a value over a size limit, or the general path
+        must decide (an unchanged TOAST value, a value not staged as it is)."""
+        if self.read_tuple is None or len(payload) > CONVERTIBLE_PAYLOAD_BYTES:
+            return None
+        staged = self.read_tuple(payload, pos)
+        return None if staged is None else staged[0]
+
     def write(self, data: bytes) -> None:
         self.file.write(data)  # type: ignore[union-attr]  # _StreamState.writer opened it
         self.written += len(data)
@@ -332,7 +342,6 @@ class _StreamState:
         self.spill_dir = spill_dir
         self.staged_text = staged_text
         self.on_final = on_final
-        self._oversized = False  # the update being written is too large to convert (staged_text)
         self.relations: dict[int, Relation] = {}
         self.wanted: dict[int, TableRef | None] = {}
         self.current: dict[int, _SpillWriter] = {}  # by relation oid: the segment rows go to
@@ -476,20 +485,16 @@ class _StreamState:
         )
         self.pending_changes += 1
 
-    def _values_row(self, writer: _SpillWriter, op: bytes, values: RawValues, moved: bool = False) -> None:
+    def _values_row(
+        self, writer: _SpillWriter, op: bytes, values: RawValues, *, moved: bool = False, convertible: bool
+    ) -> None:
         """A row from a tuple's values as bytes (``protocol.tuple_bytes``): an update with its old key or row."""
         converters = writer.converters
         if converters is not None:
-            if len(converters) == len(values) and not self._oversized:
-                staged = [
-                    convert(v) if isinstance(v, bytes) else b""
-                    for v, convert in zip(values, converters, strict=True)
-                ]
-                if None not in staged:
-                    unchanged = [i for i, v in enumerate(values) if v is UNCHANGED] or None
-                    fields = b",".join([f for f in staged if f is not None])
-                    self.write_row(writer, op, fields, len(values), unchanged=unchanged, moved=moved)
-                    return
+            staged = staged_values(values, converters) if convertible else None
+            if staged is not None:
+                self.write_row(writer, op, staged[0], len(values), unchanged=staged[1], moved=moved)
+                return
             writer = self.plain_text(writer)
         text = b",".join(
             [b'"' + v.replace(b'"', b'""') + b'"' if isinstance(v, bytes) else b"" for v in values]
@@ -526,19 +531,14 @@ class _StreamState:
                 return
         if not writer.pending:  # its first row of the transaction: commit or discard it with the rest
             self.touched[id(writer)] = writer
-        read_tuple = writer.read_tuple
-        staged = (
-            read_tuple(payload, 6)
-            if read_tuple is not None and len(payload) <= CONVERTIBLE_PAYLOAD_BYTES
-            else None
-        )
+        staged = writer.staged_tuple(payload, 6)
         if staged is None:  # pgoutput's text, an unchanged TOAST value, or a value not staged as it is
             writer, fields, count, unchanged = self._fields(writer, payload, 6)
             if unchanged or count != writer.ncolumns:
                 self.write_row(writer, op, fields, count, unchanged=unchanged)
                 return
         else:
-            fields = staged[0]
+            fields = staged
         self.seq += 1
         data = b"%s%s%d,%s,,false,%s\n" % (op, self.head, self.seq, self.committed_at, fields)
         writer.file.write(data)  # type: ignore[union-attr]  # open: checked above
@@ -556,14 +556,9 @@ class _StreamState:
         writer = self.writer(_u32(payload, 1)[0])
         if writer is None:
             return
-        read_tuple = writer.read_tuple
-        staged = (
-            read_tuple(payload, 6)
-            if read_tuple is not None and len(payload) <= CONVERTIBLE_PAYLOAD_BYTES
-            else None
-        )
+        staged = writer.staged_tuple(payload, 6)
         if staged is not None:
-            self.write_row(writer, b"D", staged[0], writer.ncolumns)
+            self.write_row(writer, b"D", staged, writer.ncolumns)
             return
         writer, fields, count, unchanged = self._fields(writer, payload, 6)
         if unchanged:  # pgoutput never sends an unchanged value in an old tuple
@@ -582,26 +577,24 @@ class _StreamState:
         if payload[pos] != 0x4E:  # 'N'
             raise PermanentError(f"pgoutput update: expected 'N', got {payload[pos : pos + 1]!r}")
         new, _ = tuple_bytes(payload, pos + 1)
-        self._oversized = len(payload) > CONVERTIBLE_PAYLOAD_BYTES
+        convertible = len(payload) <= CONVERTIBLE_PAYLOAD_BYTES
         moved = len(old) == len(new) and any(
             new[i] is not UNCHANGED and new[i] != old[i] for i in writer.key_indexes
         )
-        read_tuple = writer.read_tuple
-        if read_tuple is not None and not self._oversized:
-            # Staged text straight from the payload (the compiled reader), when every value allows.
-            old_fields = read_tuple(payload, 6) if moved else None
-            new_fields = read_tuple(payload, pos + 1)
-            if new_fields is not None and (old_fields is not None or not moved):
-                if old_fields is not None:
-                    self.write_row(writer, b"D", old_fields[0], writer.ncolumns)
-                self.write_row(writer, b"U", new_fields[0], writer.ncolumns, moved=moved)
-                return
+        # Staged text straight from the payload (the compiled reader), when every value allows.
+        new_fields = writer.staged_tuple(payload, pos + 1)
+        old_fields = writer.staged_tuple(payload, 6) if moved and new_fields is not None else None
+        if new_fields is not None and (old_fields is not None or not moved):
+            if old_fields is not None:
+                self.write_row(writer, b"D", old_fields, writer.ncolumns)
+            self.write_row(writer, b"U", new_fields, writer.ncolumns, moved=moved)
+            return
         if moved:
             # The row's identity changed: the old key goes, the new one arrives (pgsnow.changes).
-            self._values_row(writer, b"D", old)
-            self._values_row(self._segment_of(writer), b"U", new, moved=True)
+            self._values_row(writer, b"D", old, convertible=convertible)
+            self._values_row(self._segment_of(writer), b"U", new, moved=True, convertible=convertible)
             return
-        self._values_row(writer, b"U", new)
+        self._values_row(writer, b"U", new, convertible=convertible)
 
     def _segment_of(self, writer: _SpillWriter) -> _SpillWriter:
         """The segment ``writer``'s table writes to now (``plain_text`` may have started another)."""

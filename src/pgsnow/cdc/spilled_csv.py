@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -48,6 +48,10 @@ class _Column(Protocol):
 
 
 class _Relation(Protocol):
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def name(self) -> str: ...
     @property
     def columns(self) -> Sequence[_Column]: ...
 
@@ -156,8 +160,17 @@ class EarlyCompression:
     was not handed to staging.
     """
 
-    def __init__(self, work_dir: Path, max_bytes: int, *, max_segments: int = MAX_EARLY_SEGMENTS) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        max_bytes: int,
+        *,
+        tables: Collection[tuple[str, str]] | None = None,
+        max_segments: int = MAX_EARLY_SEGMENTS,
+    ) -> None:
         self._work_dir = work_dir
+        # (schema, table) of the tables to compress early (None: every one): those that stage CSV.
+        self._tables = None if tables is None else frozenset(tables)
         self._max_bytes = max_bytes
         self._max_segments = max_segments
         self._jobs: dict[Path, _Job] = {}
@@ -173,6 +186,9 @@ class EarlyCompression:
         if job is None:
             if offset <= 0 or path in self._declined:
                 return  # nothing to compress yet, or left to staging
+            if self._tables is not None and (relation.namespace, relation.name) not in self._tables:
+                self._declined.add(path)
+                return
             if len(self._jobs) >= self._max_segments:
                 self._declined.add(path)
                 return

@@ -30,6 +30,8 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from pgsnow.cdc.protocol import UNCHANGED, Unchanged, tuple_bytes
+from pgsnow.errors import PermanentError
 from pgsnow.postgres import MAX_BINARY_BYTES
 from pgsnow.typemap import UNBOUNDED_NUMERIC_PRECISION, TypeShape, ValueKind
 
@@ -44,6 +46,7 @@ __all__ = [
     "quoted",
     "relation_converters",
     "staged_fields",
+    "staged_values",
 ]
 
 # A converter: the value's bytes (pgoutput text) to its staged CSV field, or None when the type
@@ -226,48 +229,42 @@ _i16 = struct.Struct("!h").unpack_from
 _i32 = struct.Struct("!i").unpack_from
 
 
+def staged_values(
+    values: Sequence[bytes | Unchanged | None], converters: Sequence[Converter]
+) -> tuple[bytes, list[int] | None] | None:
+    """A tuple's values (``protocol.tuple_bytes``) as staged CSV fields and the indexes of its
+    unchanged TOAST values, or None when one is not staged as it is (or the widths differ)."""
+    if len(values) != len(converters):
+        return None  # the plain path reports the mismatch
+    fields: list[bytes] = []
+    unchanged: list[int] | None = None
+    for index, (value, convert) in enumerate(zip(values, converters, strict=True)):
+        if isinstance(value, bytes):
+            field = convert(value)
+            if field is None:
+                return None
+            fields.append(field)
+        else:
+            fields.append(b"")  # NULL, or an unchanged TOAST value (listed)
+            if value is UNCHANGED:
+                unchanged = [*(unchanged or []), index]
+    return b",".join(fields), unchanged
+
+
 def staged_fields(
     buf: bytes, pos: int, converters: Sequence[Converter]
 ) -> tuple[bytes, int, list[int] | None, int] | None:
     """A TupleData part at ``pos`` as staged CSV fields (``protocol.tuple_csv``'s shape), or None
-    when one of its values is not staged as it is (module docstring)."""
-    (count,) = _i16(buf, pos)
-    pos += 2
-    if count != len(converters):
-        return None  # the caller reports the mismatch on the plain path
-    fields: list[bytes] = []
-    append = fields.append
-    unchanged: list[int] | None = None
-    for index in range(count):
-        kind = buf[pos]
-        if kind == 0x74:  # 't'
-            start = pos + 5
-            pos = start + _i32(buf, pos + 1)[0]
-            converter = converters[index]
-            # The two common converters inline (this loop runs once per value of every change).
-            if converter is quoted:
-                append(b'"' + buf[start:pos].replace(b'"', b'""') + b'"')
-            elif converter is as_is:
-                append(buf[start:pos])
-            else:
-                field = converter(buf[start:pos])
-                if field is None:
-                    return None
-                append(field)
-        elif kind == 0x6E:  # 'n'
-            append(b"")
-            pos += 1
-        elif kind == 0x75:  # 'u'
-            append(b"")
-            pos += 1
-            if unchanged is None:
-                unchanged = []
-            unchanged.append(index)
-        else:
-            return None  # the plain path names the unknown kind
-    if pos > len(buf):
+    when one of its values is not staged as it is (module docstring). The general path, for what
+    the compiled readers leave (``compile_tuple_reader``): unchanged TOAST values, refusals."""
+    try:
+        values, end = tuple_bytes(buf, pos)
+    except PermanentError:
+        return None  # the plain path names what is wrong
+    staged = staged_values(values, converters)
+    if staged is None:
         return None
-    return b",".join(fields), count, unchanged, pos
+    return staged[0], len(values), staged[1], end
 
 
 # A compiled tuple reader: (fields, position after the tuple), or None when the general loop must
@@ -322,11 +319,6 @@ def compile_tuple_reader(converters: tuple[Converter, ...]) -> TupleReader:
     namespace: dict[str, object] = {"_i16": _i16, "_i32": _i32, **names}
     exec("\n".join(lines), namespace)  # noqa: S102  # generated from the fixed template above only
     return namespace["read_tuple"]  # type: ignore[return-value]
-
-
-def staged_value(value: str, converter: Converter) -> bytes | None:
-    """One decoded value (``protocol.decode_message``'s text) as its staged field, or None."""
-    return converter(value.encode())
 
 
 _NEEDS_QUOTES = (",", '"', "\n", "\r")

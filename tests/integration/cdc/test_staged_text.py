@@ -182,7 +182,13 @@ def end_of_changes(dsn: str) -> int:
 
 
 def read(
-    cdc: ChangeCaptureSource, table: TableRef, end: int, spill_dir: Path, *, staged_text: bool
+    cdc: ChangeCaptureSource,
+    tables: TableRef | list[TableRef],
+    end: int,
+    spill_dir: Path,
+    *,
+    staged_text: bool = True,
+    on_final: Any = None,
 ) -> DrainedStream:
     return read_changes(
         cdc.dsn,
@@ -190,11 +196,12 @@ def read(
         publication=cdc.publication,
         heartbeat_lsn=end,
         heartbeat_prefix=HEARTBEAT,
-        tables=[table],
+        tables=tables if isinstance(tables, list) else [tables],
         max_bytes=1 << 40,
         deadline=time.monotonic() + 120,
         spill_dir=spill_dir,
         staged_text=staged_text,
+        on_final=on_final,
     )
 
 
@@ -365,18 +372,7 @@ def test_early_compression_during_the_read_writes_the_files_staging_would(
         end = end_of_changes(dsn)
         early = EarlyCompression(tmp_path / "early", max_bytes=1 << 20)
         try:
-            stream = read_changes(
-                cdc.dsn,
-                slot=cdc.slot,
-                publication=cdc.publication,
-                heartbeat_lsn=end,
-                heartbeat_prefix=HEARTBEAT,
-                tables=[table],
-                max_bytes=1 << 40,
-                deadline=time.monotonic() + 120,
-                spill_dir=tmp_path / "spill",
-                on_final=early.final_rows,
-            )
+            stream = read(cdc, table, end, tmp_path / "spill", on_final=early.final_rows)
             (tmp_path / "out").mkdir()
             # When the run is staged with what was compressed during the read
             staged_early = stage(cdc.dsn, stream, tmp_path / "out", target_file_mb=1, early=early)
@@ -420,18 +416,7 @@ def test_early_compression_takes_a_bounded_number_of_segments(
         # When the slot is read with early compression that takes two segments at most
         early = EarlyCompression(tmp_path / "early", max_bytes=1 << 20, max_segments=2)
         try:
-            stream = read_changes(
-                cdc.dsn,
-                slot=cdc.slot,
-                publication=cdc.publication,
-                heartbeat_lsn=end,
-                heartbeat_prefix=HEARTBEAT,
-                tables=tables,
-                max_bytes=1 << 40,
-                deadline=time.monotonic() + 120,
-                spill_dir=tmp_path / "spill",
-                on_final=early.final_rows,
-            )
+            stream = read(cdc, tables, end, tmp_path / "spill", on_final=early.final_rows)
             # Then only two segments were started early (each keeps a spill and a file open)
             assert len(list((tmp_path / "early").iterdir())) == 2
             # And staging each table still writes the files staging alone writes, the third by itself
@@ -457,7 +442,7 @@ def test_early_compression_is_left_unused_when_staging_would_write_other_files(t
     # Given a spill compressed early under one header
     spill = tmp_path / "spill.csv"
     spill.write_bytes(b"I,1,1,2026-12-07T00:00:00.000000Z,,false,1\n" * 10)
-    relation = _Relation(columns=(_Column("id"),))
+    relation = _Relation("public", "items", (_Column("id"),))
     early = EarlyCompression(tmp_path / "early", max_bytes=1 << 20)
     try:
         early.final_rows(spill, relation, spill.stat().st_size, 10)
@@ -472,6 +457,15 @@ def test_early_compression_is_left_unused_when_staging_would_write_other_files(t
             early.files_for(_Segment(missing, 1, ((10, 1),)), spill_header(relation))
     finally:
         early.close()
+    # And a table it was not asked to compress (it stages Parquet, say) is left to staging
+    only_others = EarlyCompression(
+        tmp_path / "early-others", max_bytes=1 << 20, tables={("public", "others")}
+    )
+    try:
+        only_others.final_rows(spill, relation, spill.stat().st_size, 10)
+        assert only_others.files_for(segment, spill_header(relation)) is None
+    finally:
+        only_others.close()
 
 
 @dataclass(frozen=True)
@@ -481,6 +475,8 @@ class _Column:
 
 @dataclass(frozen=True)
 class _Relation:
+    namespace: str
+    name: str
     columns: tuple[_Column, ...]
 
 
