@@ -61,11 +61,11 @@ from pgsnow.keys import CONTROL_PREFIX, normalise_prefix
 from pgsnow.ledger import LedgerRow, ledger_rows, loaded_files
 from pgsnow.load.completion import complete_run
 from pgsnow.load.tables import Tables
-from pgsnow.manifest import META_SHA256, RunManifest, RunState
+from pgsnow.manifest import RunManifest, RunState
 from pgsnow.observability import logger
 from pgsnow.runs import PendingRun, RunStore
 from pgsnow.snowflake.load_sql import CredentialsSource
-from pgsnow.staging import raise_unless_missing
+from pgsnow.staging import raise_unless_missing, staged_checksum
 
 # How often a cleanup re-reads a manifest another writer changed under it before giving up.
 _CLAIM_ATTEMPTS = 5
@@ -143,9 +143,8 @@ def _versions_of(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
 def _is_loaded_version(s3: Any, bucket: str, key: str, version: dict[str, Any], ledger: LedgerRow) -> bool:
     if ledger.etag:
         return str(version.get("ETag", "")).strip('"') == ledger.etag.strip('"')
-    head = s3.head_object(Bucket=bucket, Key=key, VersionId=version["VersionId"])
-    sha256 = {k.lower(): v for k, v in head.get("Metadata", {}).items()}.get(META_SHA256)
-    return ledger.matches(sha256=sha256, etag=str(head.get("ETag", "")))
+    head = s3.head_object(Bucket=bucket, Key=key, VersionId=version["VersionId"], ChecksumMode="ENABLED")
+    return ledger.matches(sha256=staged_checksum(head), etag=str(head.get("ETag", "")))
 
 
 def remove_loaded_file(
@@ -181,9 +180,8 @@ def remove_loaded_file(
 
 
 def _remove_unversioned(s3: Any, bucket: str, key: str, ledger: LedgerRow, archive: str | None) -> int | None:
-    head = s3.head_object(Bucket=bucket, Key=key)
-    sha256 = {k.lower(): v for k, v in head.get("Metadata", {}).items()}.get(META_SHA256)
-    if not ledger.matches(sha256=sha256, etag=str(head.get("ETag", ""))):
+    head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    if not ledger.matches(sha256=staged_checksum(head), etag=str(head.get("ETag", ""))):
         return None
     if archive is not None:
         s3.copy({"Bucket": bucket, "Key": key}, bucket, f"{archive}/{key}")

@@ -3,12 +3,17 @@
 Data files are uploaded from a local temp file with ``upload_file`` (multipart above
 the transfer threshold, so memory stays bounded for large batches). Every data file
 carries the META_* user metadata of pgsnow.manifest so the loader can check a file's row
-count and checksum on its own. Run manifests and the other ``_pgsnow/`` objects are
-``pgsnow.runs``'s.
+count and checksum on its own, except a file uploaded while it was still being written
+(``pgsnow.streamed_upload``): its metadata was set before its content existed, and S3's own SHA-256
+checksum of its parts identifies it instead (``staged_checksum``). Run manifests and the other
+``_pgsnow/`` objects are ``pgsnow.runs``'s.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +92,48 @@ def raise_unless_missing(exc: ClientError | BotoCoreError, *, s3_key: str) -> No
         raise classify_s3_error(exc, s3_key=s3_key) from exc
 
 
+# How a staged file's checksum reads when S3 computed it over the file's parts (a multipart upload
+# made with ChecksumAlgorithm=SHA256): S3's base64 composite, which depends on the part sizes, so
+# it is never mistaken for the hex SHA-256 of the whole file that the other files carry.
+PARTS_CHECKSUM_PREFIX = "sha256-parts:"
+
+
+def parts_checksum(part_digests: Sequence[bytes]) -> str:
+    """The checksum S3 reports for a multipart object from its parts' SHA-256 digests (the SHA-256
+    of their concatenation, base64: S3 user guide, "Checking object integrity"), as pgsnow writes it."""
+    combined = hashlib.sha256(b"".join(part_digests)).digest()
+    return PARTS_CHECKSUM_PREFIX + base64.b64encode(combined).decode("ascii")
+
+
+def staged_checksum(head: Mapping[str, Any]) -> str | None:
+    """A staged object's checksum, as its run's manifest lists it, from a HEAD made with
+    ``ChecksumMode=ENABLED``; None when the object carries neither kind.
+
+    The extractor's ``pgsnow-sha256`` metadata when it is there. Otherwise S3's SHA-256 checksum:
+    of a multipart object (its ETag ends in ``-<parts>``), S3's composite over the parts, whose
+    ``-<parts>`` suffix is dropped (the part count is implied by the digest; moto leaves it out);
+    of an object uploaded whole with a SHA-256 checksum, the file's SHA-256, in hex as the metadata.
+    """
+    metadata = {k.lower(): v for k, v in head.get("Metadata", {}).items()}
+    if metadata.get(META_SHA256):
+        return str(metadata[META_SHA256])
+    reported = head.get("ChecksumSHA256")
+    if not reported:
+        return None
+    digest = str(reported).split("-", 1)[0]
+    if "-" in str(head.get("ETag", "")):
+        return PARTS_CHECKSUM_PREFIX + digest
+    try:
+        return base64.b64decode(digest, validate=True).hex()
+    except ValueError:
+        return None
+
+
 def data_file_metadata(*, run_id: str, batch: int, rows: int, sha256: str) -> dict[str, str]:
     return {META_RUN_ID: run_id, META_BATCH: str(batch), META_ROWS: str(rows), META_SHA256: sha256}
 
 
-def _content_headers(key: str) -> dict[str, str]:
+def content_headers(key: str) -> dict[str, str]:
     lowered = key.lower()
     if lowered.endswith("." + FileFormat.PARQUET.extension):
         return {"ContentType": PARQUET_CONTENT_TYPE}
@@ -113,7 +155,7 @@ def put_data_file(
     sha256: str,
 ) -> None:
     """Upload one staged data file with its pgsnow metadata (path: streamed/multipart; bytes: one PUT)."""
-    headers = _content_headers(key)
+    headers = content_headers(key)
     metadata = data_file_metadata(run_id=run_id, batch=batch, rows=rows, sha256=sha256)
     try:
         if isinstance(body, Path):

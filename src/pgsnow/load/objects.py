@@ -12,9 +12,9 @@ from pgsnow.errors import PermanentError, RetryableError
 from pgsnow.identifiers import TableRef
 from pgsnow.keys import StagedObject, manifest_key
 from pgsnow.load.outcomes import ObjectFacts
-from pgsnow.manifest import META_ROWS, META_RUN_ID, META_SHA256, RunManifest
+from pgsnow.manifest import META_ROWS, META_RUN_ID, RunManifest
 from pgsnow.runs import RunStore, VersionedManifest
-from pgsnow.staging import classify_s3_error, denied_because_missing, is_missing_object
+from pgsnow.staging import classify_s3_error, denied_because_missing, is_missing_object, staged_checksum
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -23,9 +23,10 @@ HEADER_READ_BYTES = 1024 * 1024  # a header row is read from the file's first Mi
 
 
 def head_staged_object(s3: S3Client, bucket: str, staged: StagedObject) -> ObjectFacts | None:
-    """The object's ETag, size and pgsnow metadata; None when the object does not exist."""
+    """The object's ETag, size, pgsnow metadata and checksum; None when the object does not exist."""
     try:
-        response = s3.head_object(Bucket=bucket, Key=staged.key)
+        # ChecksumMode: S3's own checksum too, which identifies a file streamed while it was written.
+        response = s3.head_object(Bucket=bucket, Key=staged.key, ChecksumMode="ENABLED")
     except ClientError as exc:
         # A 403 may only mean "not there" to a caller that may not list the key (staging module).
         if is_missing_object(exc) or denied_because_missing(s3, bucket, staged.key, exc):
@@ -54,7 +55,7 @@ def head_staged_object(s3: S3Client, bucket: str, staged: StagedObject) -> Objec
         size=int(response.get("ContentLength", 0)),
         run_id=meta_run_id or staged.run_id,
         rows=rows,
-        sha256=metadata.get(META_SHA256),
+        sha256=staged_checksum(response),
     )
 
 
@@ -82,18 +83,20 @@ def read_run_manifest(s3: S3Client, bucket: str, table: TableRef, run_id: str) -
 def manifest_mismatch(
     manifest: RunManifest, staged: StagedObject, facts: ObjectFacts
 ) -> PermanentError | None:
-    """A file its run's manifest lists must be the file the extractor wrote: same size, same SHA-256.
+    """A file its run's manifest lists must be the file the extractor wrote: same size, same checksum.
 
     The loader never downloads data files (COPY reads them in Snowflake), so the check is
-    against what S3 reports: the size and the checksum the extractor stored as object
-    metadata. An object overwritten by hand under a listed key loses or changes both.
+    against what S3 reports: the size and the checksum (``pgsnow.staging.staged_checksum``: the
+    SHA-256 the extractor stored as object metadata, or S3's own SHA-256 checksum of a file
+    streamed while it was written). An object overwritten by hand under a listed key loses or
+    changes both.
     """
     listed = manifest.file_for_key(staged.key)
     if listed is None:
         return None  # still extracting: the manifest lists files only once the run is staged
     problems = []
     if facts.sha256 != listed.sha256:
-        problems.append(f"{META_SHA256} is {facts.sha256!r}, the manifest says {listed.sha256!r}")
+        problems.append(f"its checksum is {facts.sha256!r}, the manifest says {listed.sha256!r}")
     if facts.size != listed.bytes:
         problems.append(f"size is {facts.size} bytes, the manifest says {listed.bytes}")
     if not problems:
