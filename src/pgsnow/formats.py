@@ -117,6 +117,16 @@ class CsvGzipWriter:
         """Bytes on disk so far (gzip buffers a little, so this trails the input slightly)."""
         return self._hashing.size
 
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def flush_written(self) -> int:
+        """Push the compressed bytes so far into the file, so that another reader sees them; how many.
+        The compressor's own buffer stays (flushing it would change the file's bytes)."""
+        self._raw.flush()
+        return self._hashing.size
+
     def write_record(self, record: bytes | memoryview) -> None:
         self.write_block(record, 1, bytes(record), bytes(record))
 

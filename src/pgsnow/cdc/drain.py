@@ -58,12 +58,13 @@ from pgsnow.errors import PermanentError
 from pgsnow.extract.plan import choose_file_format
 from pgsnow.extract.schema_drift import kept_numeric_scales
 from pgsnow.identifiers import TableRef
-from pgsnow.keys import new_run_id
+from pgsnow.keys import FileFormat, data_key, new_run_id
 from pgsnow.manifest import RunManifest, RunState
 from pgsnow.observability import logger, record_table_metric
 from pgsnow.postgres import Connection, classify_pg_error, connect, describe_table
 from pgsnow.postgres_setup import cdc_tables
 from pgsnow.runs import DrainState, RunStore
+from pgsnow.streamed_upload import StreamedUploads
 from pgsnow.timestamps import utc_iso
 
 # Without a Lambda deadline (CLI, tests) a run reads until its heartbeat or byte budget.
@@ -253,7 +254,8 @@ def _drain(
     except SlotBusyError:
         return _skipped_busy(slot, run_id)
     phases.lap("open")
-    early = _early_compression(settings, tables, scratch)
+    uploads = StreamedUploads(s3, settings.bucket, run_id=run_id)
+    early = _early_compression(settings, tables, scratch, uploads, run_id)
     try:
         try:
             stream = session.read(
@@ -293,15 +295,20 @@ def _drain(
     finally:
         if early is not None:
             early.close()
+        uploads.close()  # aborts what a failed run streamed and did not complete
         session.close()
     return _report(
         control, settings, run_id=run_id, stream=stream, staged=staged, finished=now(), phases=phases.seconds
     )
 
 
-def _early_compression(settings: Settings, tables: list[TableRef], scratch: Path) -> EarlyCompression | None:
+def _early_compression(
+    settings: Settings, tables: list[TableRef], scratch: Path, uploads: StreamedUploads, run_id: str
+) -> EarlyCompression | None:
     """Compression of staged-text spills during the read (``pgsnow.cdc.spilled_csv``), for the
-    tables whose runs stage CSV as spilled: CSV configured, and no EXTRACT_BATCH_ROWS cap."""
+    tables whose runs stage CSV as spilled: CSV configured, and no EXTRACT_BATCH_ROWS cap. Files
+    that grow past a part are uploaded as they are compressed (``pgsnow.streamed_upload``), to the
+    keys staging gives them, and completed after their run's manifest."""
     if settings.batch_rows is not None:
         return None
     csv_tables = {
@@ -312,7 +319,13 @@ def _early_compression(settings: Settings, tables: list[TableRef], scratch: Path
     if not csv_tables:
         return None
     return EarlyCompression(
-        scratch / "early", settings.extract.target_file_mb * 1024 * 1024, tables=csv_tables
+        scratch / "early",
+        settings.extract.target_file_mb * 1024 * 1024,
+        tables=csv_tables,
+        uploads=uploads,
+        key_for=lambda schema, table, batch: data_key(
+            settings.prefix, TableRef(schema, table), batch, run_id, FileFormat.CSV
+        ),
     )
 
 

@@ -15,13 +15,18 @@ would have written the same files: one staged-text segment for the table, the sa
 it is deleted and staging proceeds as if nothing had been done early. At most
 ``MAX_EARLY_SEGMENTS`` segments are compressed early (bounded file descriptors and memory); the
 others are left to staging.
+
+Given ``uploads`` and ``key_for``, a file compressed early is also uploaded as it grows, part by
+part, to the key staging gives it (``pgsnow.streamed_upload``); ``upload_of`` hands its finished
+upload to staging, which completes it after the run's manifest. A file discarded here has its
+upload aborted.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -30,6 +35,7 @@ from pgsnow.cdc.staged_text import header_line
 from pgsnow.changes import CHANGE_COLUMNS
 from pgsnow.errors import PermanentError
 from pgsnow.formats import CsvGzipWriter, WrittenFile
+from pgsnow.streamed_upload import StreamedUpload, StreamedUploads
 
 __all__ = ["EarlyCompression", "SpilledCsvWriter", "write_spilled_csv"]
 
@@ -71,15 +77,28 @@ def spill_header(relation: _Relation) -> bytes:
 
 
 class SpilledCsvWriter:
-    """One table's CSV.gz files from its staged-text spills, advanced row boundary by row boundary."""
+    """One table's CSV.gz files from its staged-text spills, advanced row boundary by row boundary.
 
-    def __init__(self, header: bytes, work_dir: Path, max_bytes: int) -> None:
+    ``start_upload(batch, path)``: each file's streamed upload (``pgsnow.streamed_upload``), fed as
+    the file grows and sealed when it is cut; ``uploads`` then holds them by file path."""
+
+    def __init__(
+        self,
+        header: bytes,
+        work_dir: Path,
+        max_bytes: int,
+        *,
+        start_upload: Callable[[int, Path], StreamedUpload] | None = None,
+    ) -> None:
         self._header = header
         self._work_dir = work_dir
         self._max_bytes = max_bytes
+        self._start_upload = start_upload
         self._current: CsvGzipWriter | None = None
+        self._upload: StreamedUpload | None = None
         self._batch = 1
         self.files: list[WrittenFile] = []
+        self.uploads: dict[Path, StreamedUpload] = {}
 
     def advance(self, spill: BinaryIO, offset: int, to_offset: int, rows: int) -> None:
         """Compress ``spill`` from ``offset`` (where it is positioned) to ``to_offset``, ``rows`` rows,
@@ -87,9 +106,10 @@ class SpilledCsvWriter:
         if to_offset <= offset:
             return  # no rows: a file is never started for none
         if self._current is None:
-            self._current = CsvGzipWriter(
-                self._work_dir / f"batch{self._batch}.csv.gz", self._batch, self._header
-            )
+            path = self._work_dir / f"batch{self._batch}.csv.gz"
+            self._current = CsvGzipWriter(path, self._batch, self._header)
+            if self._start_upload is not None:
+                self._upload = self._start_upload(self._batch, path)
             self._batch += 1
         while offset < to_offset:
             data = spill.read(min(to_offset - offset, SPILL_READ_BYTES))
@@ -98,20 +118,35 @@ class SpilledCsvWriter:
             self._current.write_block(data, rows, None, None)
             rows = 0  # counted with the block's first piece
             offset += len(data)
+            # Within the boundary too: one transaction's rows may be far more than a part.
+            if self._upload is not None and self._upload.wants(self._current.compressed_bytes):
+                self._upload.upload_through(self._current.flush_written())
         if self._current.compressed_bytes >= self._max_bytes:
-            self.files.append(self._current.close())
-            self._current = None
+            self._close_current()
+
+    def _close_current(self) -> None:
+        assert self._current is not None
+        written = self._current.close()
+        self.files.append(written)
+        self._current = None
+        if self._upload is not None:
+            self._upload.seal(written.bytes)
+            self.uploads[written.path] = self._upload
+            self._upload = None
 
     def finish(self) -> list[WrittenFile]:
         if self._current is not None:
-            self.files.append(self._current.close())
-            self._current = None
+            self._close_current()
         return self.files
 
     def discard(self) -> None:
         if self._current is not None:
             self._current.close()
             self._current = None
+        for upload in [*self.uploads.values(), *([self._upload] if self._upload is not None else [])]:
+            upload.abort()
+        self._upload = None
+        self.uploads.clear()
         for written in self.files:
             written.path.unlink(missing_ok=True)
         self.files.clear()
@@ -167,8 +202,15 @@ class EarlyCompression:
         *,
         tables: Collection[tuple[str, str]] | None = None,
         max_segments: int = MAX_EARLY_SEGMENTS,
+        uploads: StreamedUploads | None = None,
+        key_for: Callable[[str, str, int], str] | None = None,
     ) -> None:
         self._work_dir = work_dir
+        # Files uploaded as they are compressed (pgsnow.streamed_upload), to key_for(schema, table,
+        # batch): the key staging gives the file. ``upload_of`` hands a finished one to staging.
+        self._uploads = uploads if key_for is not None else None
+        self._key_for = key_for
+        self._finished_uploads: dict[Path, StreamedUpload] = {}
         # (schema, table) of the tables to compress early (None: every one): those that stage CSV.
         self._tables = None if tables is None else frozenset(tables)
         self._max_bytes = max_bytes
@@ -196,7 +238,10 @@ class EarlyCompression:
             out_dir.mkdir(parents=True)
             self._started += 1
             header = spill_header(relation)
-            job = self._jobs[path] = _Job(path, header, SpilledCsvWriter(header, out_dir, self._max_bytes))
+            writer = SpilledCsvWriter(
+                header, out_dir, self._max_bytes, start_upload=self._upload_starter(relation)
+            )
+            job = self._jobs[path] = _Job(path, header, writer)
         self._queue.put((job, (offset, rows)))
 
     def files_for(self, segment: _Segment, header: bytes) -> list[WrittenFile] | None:
@@ -215,7 +260,23 @@ class EarlyCompression:
         if job.header != header or job.rows != segment.rows:
             job.writer.discard()
             return None
+        for written in job.writer.files:
+            upload = job.writer.uploads.get(written.path)
+            if upload is not None and upload.finish() is not None:
+                self._finished_uploads[written.path] = upload
         return job.writer.files
+
+    def upload_of(self, written: WrittenFile) -> StreamedUpload | None:
+        """The finished streamed upload of a file ``files_for`` returned, still to be completed once the
+        run's manifest is written; None when the file was not streamed (it is uploaded whole)."""
+        return self._finished_uploads.pop(written.path, None)
+
+    def _upload_starter(self, relation: _Relation) -> Callable[[int, Path], StreamedUpload] | None:
+        uploads, key_for = self._uploads, self._key_for
+        if uploads is None or key_for is None:
+            return None
+        schema, table = relation.namespace, relation.name
+        return lambda batch, path: uploads.start(key_for(schema, table, batch), path, batch)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:

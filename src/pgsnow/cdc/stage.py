@@ -22,7 +22,8 @@ contract, docs/type-mapping.md). Two ways get there:
 
 Either way the temp table is created, so the columns are described (``describe_table``) the same
 way, and the files are written locally (all of them, so every key, row count and checksum is
-known before the manifest is written) and uploaded afterwards by ``upload_files``. The tests
+known before the manifest is written) and uploaded afterwards by ``upload_files``, except those
+whose parts went up while they were compressed early, which ``upload_files`` only completes. The tests
 compare the two ways on a real slot (tests/integration/cdc/test_staged_text.py).
 
 The temp table lives in one transaction of a read-write connection (``connect_for_staging``) and
@@ -72,6 +73,7 @@ from pgsnow.postgres import (
     connect,
     describe_table,
 )
+from pgsnow.streamed_upload import StreamedUpload
 
 # Parquet row groups: rows and Arrow bytes held before a group is written (as the full runs' path).
 PARQUET_GROUP_ROWS = 20_000
@@ -124,10 +126,14 @@ class LocalChangeFile:
     key: str
     written: WrittenFile
     file_format: FileFormat
+    # Its parts already uploaded while it was compressed (``pgsnow.streamed_upload``): completed,
+    # not uploaded, by ``upload_files``; S3's checksum over the parts identifies it.
+    upload: StreamedUpload | None = None
 
     def staged_file(self) -> StagedFile:
         w = self.written
-        return StagedFile(self.key, w.batch, w.rows, w.bytes, w.sha256, self.file_format)
+        checksum = self.upload.checksum if self.upload is not None and self.upload.checksum else w.sha256
+        return StagedFile(self.key, w.batch, w.rows, w.bytes, checksum, self.file_format)
 
 
 @dataclass(frozen=True)
@@ -156,22 +162,30 @@ def connect_for_staging(dsn: str, *, statement_timeout_ms: int = 0) -> Connectio
     """The extractor's session settings (UTC, ISO dates...) on a read-write READ COMMITTED connection:
     the temp tables need writes, which the extractor's read-only snapshot transactions refuse."""
     conn = connect(dsn, statement_timeout_ms=statement_timeout_ms)
-    conn.set_session(
-        isolation_level=psycopg2.extensions.ISOLATION_LEVEL_READ_COMMITTED, readonly=False, autocommit=False
-    )
-    with conn.cursor() as cur:
-        # A run's changes pass through a temp table once: room for them in the session's local buffers
-        # (settable only before the session's first temp table), and lz4 where the server has it, which
-        # TOASTs large values several times faster than the default pglz. Measured on the CDC benchmark's
-        # workload (10 KB values): the COPY into the temp table was 3.5 s of a 8.7 s drain with pglz.
-        cur.execute(sql.SQL("SET temp_buffers = {}").format(sql.Literal(STAGING_TEMP_BUFFERS)))
-        cur.execute(
-            "SELECT 'lz4' = ANY(enumvals) FROM pg_catalog.pg_settings WHERE name = 'default_toast_compression'"
+    try:
+        conn.set_session(
+            isolation_level=psycopg2.extensions.ISOLATION_LEVEL_READ_COMMITTED,
+            readonly=False,
+            autocommit=False,
         )
-        found = cur.fetchone()
-        if found is not None and found[0]:
-            cur.execute("SET default_toast_compression = 'lz4'")
-    conn.commit()
+        with conn.cursor() as cur:
+            # A run's changes pass through a temp table once: room for them in the session's local
+            # buffers (settable only before the session's first temp table), and lz4 where the server
+            # has it, which TOASTs large values several times faster than the default pglz. Measured on
+            # the CDC benchmark's workload (10 KB values): the COPY into the temp table was 3.5 s of a
+            # 8.7 s drain with pglz.
+            cur.execute(sql.SQL("SET temp_buffers = {}").format(sql.Literal(STAGING_TEMP_BUFFERS)))
+            cur.execute(
+                "SELECT 'lz4' = ANY(enumvals) FROM pg_catalog.pg_settings"
+                " WHERE name = 'default_toast_compression'"
+            )
+            found = cur.fetchone()
+            if found is not None and found[0]:
+                cur.execute("SET default_toast_compression = 'lz4'")
+        conn.commit()
+    except BaseException:
+        conn.close()  # a failed set-up must not leave the connection open (a warm Lambda keeps it)
+        raise
     return conn
 
 
@@ -230,6 +244,7 @@ def stage_table(
     )
     key = tuple(c.name for c in relation_columns if c.is_key)
     max_bytes = target_file_mb * 1024 * 1024
+    early_files: list[WrittenFile] | None = None
     try:
         with pg_conn.cursor() as cur:
             temp_schema = _create_temp_table(cur, temp_name, relation_columns)
@@ -280,8 +295,14 @@ def stage_table(
         if c.name not in CHANGE_COLUMNS
     )
     files = tuple(
-        LocalChangeFile(data_key(prefix, table, w.batch, run_id, file_format), w, file_format)
+        LocalChangeFile(
+            key,
+            w,
+            file_format,
+            _streamed(early, w, key) if early is not None and early_files is not None else None,
+        )
         for w in written
+        for key in (data_key(prefix, table, w.batch, run_id, file_format),)
     )
     staged = StagedSegment(
         table=table,
@@ -305,6 +326,15 @@ def stage_table(
         },
     )
     return staged
+
+
+def _streamed(early: EarlyCompression, written: WrittenFile, key: str) -> StreamedUpload | None:
+    """The file's streamed upload, if it was streamed to ``key`` (anything else is aborted)."""
+    upload = early.upload_of(written)
+    if upload is not None and upload.key != key:
+        upload.abort()
+        return None
+    return upload
 
 
 def _shape(columns: Sequence[SpilledColumn]) -> list[tuple[str, int, int]]:
@@ -556,11 +586,20 @@ def upload_files(
             keep_alive()
             last = time.monotonic()
         w = local.written
-        put_data_file(
-            s3, bucket, local.key, w.path, run_id=run_id, batch=w.batch, rows=w.rows, sha256=w.sha256
-        )
+        if local.upload is not None:
+            local.upload.complete()
+        else:
+            put_data_file(
+                s3, bucket, local.key, w.path, run_id=run_id, batch=w.batch, rows=w.rows, sha256=w.sha256
+            )
         w.path.unlink(missing_ok=True)
         logger.info(
             "uploaded change file",
-            extra={"run_id": run_id, "s3_key": local.key, "rows": w.rows, "bytes": w.bytes},
+            extra={
+                "run_id": run_id,
+                "s3_key": local.key,
+                "rows": w.rows,
+                "bytes": w.bytes,
+                "streamed": local.upload is not None,
+            },
         )
