@@ -13,6 +13,7 @@ import pytest
 from pgsnow.errors import ConfigError, PermanentError, RetryableError
 from pgsnow.local.aws import (
     DEFAULT_QUEUE_NOTIFICATIONS,
+    MOTO_KEY_BUFFER_BYTES,
     REPO_TEMPLATE,
     LocalAws,
     QueueNotificationRule,
@@ -60,6 +61,19 @@ def test_server_is_reachable_over_http(aws: LocalAws) -> None:
     }
     assert aws.access_key_id.startswith("AKIA")  # the local administrator's key, not a placeholder
     assert "Buckets" in aws.client("s3").list_buckets()
+
+
+def test_the_moto_process_keeps_staged_sized_objects_in_memory(aws: LocalAws) -> None:
+    """Its objects up to MOTO_KEY_BUFFER_BYTES are not rolled over to disk (docs/local-fidelity.md),
+    and an object past moto's own 5 MB threshold reads back whole."""
+    environ = Path(f"/proc/{aws._process.pid}/environ").read_bytes().split(b"\0")
+    assert f"MOTO_S3_DEFAULT_KEY_BUFFER_SIZE={MOTO_KEY_BUFFER_BYTES}".encode() in environ
+    s3 = aws.client("s3")
+    bucket = f"pgsnow-buffer-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    body = uuid.uuid4().bytes * (7 << 16)  # 7 MiB
+    s3.put_object(Bucket=bucket, Key="big", Body=body)
+    assert s3.get_object(Bucket=bucket, Key="big")["Body"].read() == body
 
 
 def test_staging_resources_match_the_template(aws: LocalAws, staging: StagingResources) -> None:

@@ -169,6 +169,10 @@ def client_config() -> Config:
     return Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"})
 
 
+# Objects up to this size stay in the moto process's memory (start_local_aws).
+MOTO_KEY_BUFFER_BYTES = 256 << 20
+
+
 def start_local_aws(port: int = 0, host: str = "127.0.0.1") -> LocalAws:
     """Start a moto server with IAM enforced, in a process of its own; ``port=0`` picks a free port.
 
@@ -177,6 +181,10 @@ def start_local_aws(port: int = 0, host: str = "127.0.0.1") -> LocalAws:
     access key). Every later request must be signed by an IAM identity allowed to make it.
     """
     environment = {
+        # moto rolls an object's bytes over to a temporary file past 5 MB, which was a fifth of its
+        # CPU storing a 54 MB change file; in memory, S3's answers are the same
+        # (docs/local-fidelity.md). A value set by the caller wins.
+        "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(MOTO_KEY_BUFFER_BYTES),
         **os.environ,
         "INITIAL_NO_AUTH_ACTION_COUNT": str(len(_ADMIN_BOOTSTRAP_CALLS)),
         "PYTHONUNBUFFERED": "1",
