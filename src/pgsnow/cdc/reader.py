@@ -135,6 +135,8 @@ __all__ = [
 ]
 
 HEARTBEAT_PREFIX = "pgsnow.heartbeat"
+# pgoutput's Insert, Update and Delete message tags ('I', 'U', 'D').
+_ROW_CHANGE_TAGS = frozenset((0x49, 0x55, 0x44))
 # How long closing a session waits for the server to release the slot (``ReplicationSession.close``).
 RELEASE_WAIT_S = 10.0
 
@@ -738,29 +740,18 @@ class ReplicationSession:
                 payload = received.payload
                 bytes_read += len(payload)
                 tag = payload[0] if payload else 0
-                # Inserts and updates that keep their identity, the bulk of a stream: payload to spill.
-                if tag in (0x49, 0x55) and payload[5:6] == b"N":  # 'I' or 'U', then the new tuple
+                # Row changes, the bulk of a stream: from payload bytes to the spill, not decoded.
+                if tag in _ROW_CHANGE_TAGS:
                     self.changes_read += 1
                     try:
-                        state.new_tuple_payload(b"I" if tag == 0x49 else b"U", payload)
-                    except (struct.error, IndexError) as exc:
-                        raise PermanentError(
-                            f"pgoutput message of {len(payload)} bytes is malformed: {exc}"
-                        ) from exc
-                    continue
-                if tag == 0x44:  # 'D': a delete's old key (or row) to the spill, as above
-                    self.changes_read += 1
-                    try:
-                        state.old_tuple_payload(payload)
-                    except (struct.error, IndexError) as exc:
-                        raise PermanentError(
-                            f"pgoutput message of {len(payload)} bytes is malformed: {exc}"
-                        ) from exc
-                    continue
-                if tag == 0x55:  # 'U' with the old key or row: bytes to spill, as above
-                    self.changes_read += 1
-                    try:
-                        state.update_payload(payload)
+                        if tag == 0x44:  # 'D': the old key (or row)
+                            state.old_tuple_payload(payload)
+                        elif payload[5:6] == b"N":  # 'I', or a 'U' that keeps its identity: the new tuple
+                            state.new_tuple_payload(b"I" if tag == 0x49 else b"U", payload)
+                        elif tag == 0x55:  # 'U' with the old key or row first
+                            state.update_payload(payload)
+                        else:
+                            raise PermanentError(f"pgoutput insert of {len(payload)} bytes has no new tuple")
                     except (struct.error, IndexError) as exc:
                         raise PermanentError(
                             f"pgoutput message of {len(payload)} bytes is malformed: {exc}"
