@@ -294,16 +294,12 @@ def stage_table(
         for c in schema.columns
         if c.name not in CHANGE_COLUMNS
     )
-    files = tuple(
-        LocalChangeFile(
-            key,
-            w,
-            file_format,
-            _streamed(early, w, key) if early is not None and early_files is not None else None,
-        )
-        for w in written
-        for key in (data_key(prefix, table, w.batch, run_id, file_format),)
-    )
+    local_files = []
+    for w in written:
+        s3_key = data_key(prefix, table, w.batch, run_id, file_format)
+        streamed = _streamed(early, w, s3_key) if early is not None and early_files is not None else None
+        local_files.append(LocalChangeFile(s3_key, w, file_format, streamed))
+    files = tuple(local_files)
     staged = StagedSegment(
         table=table,
         columns=data_columns,
