@@ -6,12 +6,17 @@ dropped afterwards (its walsender terminated first, if a drain left one behind).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import pytest
 from psycopg2 import sql
 from stack_support import autocommit_connection, unique_name
+
+from pgsnow.identifiers import TableRef
+from pgsnow.runtime import reset_runtime
 
 
 @dataclass(frozen=True)
@@ -48,3 +53,25 @@ def drop_change_capture_source(dsn: str, *, publication: str, slot: str) -> None
     from pgsnow.demo.pipeline import drop_change_capture_source as drop_source
 
     drop_source(dsn, publication, slot)
+
+
+def put_in_cdc_mode(
+    stack_env: MutableMapping[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    table: TableRef,
+    source: ChangeCaptureSource,
+    **extra: str,
+) -> dict[str, str]:
+    """``table`` in mode cdc over ``source``'s publication and slot (and ``extra``), set in the local
+    stack's environment for its handlers until the test ends; the same variables, for ``settings``.
+    The cached runtime is reset so that the handlers read them."""
+    env = {
+        "PGSNOW_TABLE_OPTIONS": json.dumps({table.qualified: {"mode": "cdc"}}),
+        "CDC_PUBLICATION": source.publication,
+        "CDC_SLOT": source.slot,
+        **extra,
+    }
+    for name, value in env.items():
+        monkeypatch.setitem(stack_env, name, value)
+    reset_runtime()
+    return env

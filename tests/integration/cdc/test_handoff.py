@@ -15,14 +15,13 @@ Runs once the drain (branch cdc-drain) and the apply (branch cdc-apply) are merg
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 from dataclasses import dataclass, field
 
 import psycopg2
 import pytest
-from cdc_support import change_capture_source
+from cdc_support import change_capture_source, put_in_cdc_mode
 from pipeline_support import PipelineHarness
 from psycopg2 import sql
 
@@ -140,16 +139,14 @@ def test_snapshot_and_stream_converge_under_concurrent_writes(
     table = handoff_table
     with change_capture_source(pipeline.source_dsn, [(table.schema, table.table)]) as source:
         # Given the table in mode cdc, with its publication and slot, for the stack's handlers too
-        env = {
-            "PGSNOW_TABLE_OPTIONS": json.dumps({table.qualified: {"mode": "cdc"}}),
-            "CDC_PUBLICATION": source.publication,
-            "CDC_SLOT": source.slot,
-            "EXTRACT_CHUNK_ROWS": str(CHUNK_ROWS),
-            "EXTRACT_BATCH_ROWS": str(CHUNK_ROWS),
-        }
-        for name, value in env.items():
-            monkeypatch.setitem(pipeline.stack.env, name, value)
-        reset_runtime()
+        env = put_in_cdc_mode(
+            pipeline.stack.env,
+            monkeypatch,
+            table,
+            source,
+            EXTRACT_CHUNK_ROWS=str(CHUNK_ROWS),
+            EXTRACT_BATCH_ROWS=str(CHUNK_ROWS),
+        )
         try:
             _converge(pipeline, table, env, source.slot)
         finally:
@@ -240,14 +237,7 @@ def test_a_transaction_committed_right_after_a_runs_last_commit_is_applied(
     table = handoff_table
     ident = sql.Identifier(table.schema, table.table)
     with change_capture_source(pipeline.source_dsn, [(table.schema, table.table)]) as source:
-        env = {
-            "PGSNOW_TABLE_OPTIONS": json.dumps({table.qualified: {"mode": "cdc"}}),
-            "CDC_PUBLICATION": source.publication,
-            "CDC_SLOT": source.slot,
-        }
-        for name, value in env.items():
-            monkeypatch.setitem(pipeline.stack.env, name, value)
-        reset_runtime()
+        env = put_in_cdc_mode(pipeline.stack.env, monkeypatch, table, source)
         settings = pipeline.settings(Component.EXTRACTOR, **env)
         s3 = pipeline.function_s3(Component.EXTRACTOR)
         store = RunStore(pipeline.s3(), pipeline.bucket)

@@ -6,13 +6,12 @@ cleanup; a run that fails before its manifest leaves nothing of it in the bucket
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cdc_support import change_capture_source
+from cdc_support import change_capture_source, put_in_cdc_mode
 from pipeline_support import PipelineHarness
 from psycopg2 import sql
 
@@ -47,14 +46,7 @@ def streamed_table(
         )
     )
     with change_capture_source(pipeline.source_dsn, [(table.schema, table.table)]) as source:
-        env = {
-            "PGSNOW_TABLE_OPTIONS": json.dumps({table.qualified: {"mode": "cdc"}}),
-            "CDC_PUBLICATION": source.publication,
-            "CDC_SLOT": source.slot,
-        }
-        for name, value in env.items():
-            monkeypatch.setitem(pipeline.stack.env, name, value)
-        reset_runtime()
+        env = put_in_cdc_mode(pipeline.stack.env, monkeypatch, table, source)
         try:
             yield table, env
         finally:
