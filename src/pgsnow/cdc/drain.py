@@ -254,8 +254,7 @@ def _drain(
     except SlotBusyError:
         return _skipped_busy(slot, run_id)
     phases.lap("open")
-    uploads = StreamedUploads(s3, settings.bucket, run_id=run_id)
-    early = _early_compression(settings, tables, scratch, uploads, run_id)
+    early = _early_compression(settings, tables, scratch, s3, run_id)
     try:
         try:
             stream = session.read(
@@ -294,8 +293,7 @@ def _drain(
         phases.lap("confirm")
     finally:
         if early is not None:
-            early.close()
-        uploads.close()  # aborts what a failed run streamed and did not complete
+            early.close()  # also aborts what a failed run streamed and did not complete
         session.close()
     return _report(
         control, settings, run_id=run_id, stream=stream, staged=staged, finished=now(), phases=phases.seconds
@@ -303,7 +301,7 @@ def _drain(
 
 
 def _early_compression(
-    settings: Settings, tables: list[TableRef], scratch: Path, uploads: StreamedUploads, run_id: str
+    settings: Settings, tables: list[TableRef], scratch: Path, s3: Any, run_id: str
 ) -> EarlyCompression | None:
     """Compression of staged-text spills during the read (``pgsnow.cdc.spilled_csv``), for the
     tables whose runs stage CSV as spilled: CSV configured, and no EXTRACT_BATCH_ROWS cap. Files
@@ -322,7 +320,7 @@ def _early_compression(
         scratch / "early",
         settings.extract.target_file_mb * 1024 * 1024,
         tables=csv_tables,
-        uploads=uploads,
+        uploads=StreamedUploads(s3, settings.bucket, run_id=run_id),
         key_for=lambda schema, table, batch: data_key(
             settings.prefix, TableRef(schema, table), batch, run_id, FileFormat.CSV
         ),

@@ -143,9 +143,11 @@ class SpilledCsvWriter:
         if self._current is not None:
             self._current.close()
             self._current = None
-        for upload in [*self.uploads.values(), *([self._upload] if self._upload is not None else [])]:
+        if self._upload is not None:
+            self._upload.abort()
+            self._upload = None
+        for upload in self.uploads.values():
             upload.abort()
-        self._upload = None
         self.uploads.clear()
         for written in self.files:
             written.path.unlink(missing_ok=True)
@@ -191,8 +193,8 @@ class EarlyCompression:
     """Compresses staged-text spills on a background thread while the read goes on (module docstring).
 
     ``final_rows`` is the reader's ``on_final`` callback (reader thread); ``files_for`` is called
-    by staging (any thread) once the read is over; ``close`` stops the thread and deletes whatever
-    was not handed to staging.
+    by staging (any thread) once the read is over; ``close`` stops the thread, deletes whatever
+    was not handed to staging, and aborts every streamed upload not completed.
     """
 
     def __init__(
@@ -207,8 +209,9 @@ class EarlyCompression:
     ) -> None:
         self._work_dir = work_dir
         # Files uploaded as they are compressed (pgsnow.streamed_upload), to key_for(schema, table,
-        # batch): the key staging gives the file. ``upload_of`` hands a finished one to staging.
-        self._uploads = uploads if key_for is not None else None
+        # batch): the key staging gives the file. ``upload_of`` hands a finished one to staging;
+        # ``close`` closes ``uploads``, aborting what was not completed by then.
+        self._uploads = uploads
         self._key_for = key_for
         self._finished_uploads: dict[Path, StreamedUpload] = {}
         # (schema, table) of the tables to compress early (None: every one): those that stage CSV.
@@ -314,3 +317,5 @@ class EarlyCompression:
             self._close_spill(job)
             job.writer.discard()
         self._jobs.clear()
+        if self._uploads is not None:
+            self._uploads.close()  # aborts those not completed: a failed run's
