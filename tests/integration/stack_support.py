@@ -14,6 +14,7 @@ Each is a context manager, so a module's fixture is a ``with`` and a ``yield``:
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import uuid
@@ -159,3 +160,16 @@ def new_bucket(s3: Any, prefix: str, *, versioned: bool = False) -> str:
     if versioned:
         s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
     return name
+
+
+def corrupt(s3: Any, bucket: str, key: str) -> None:
+    """Replace a staged file's bytes with a CSV the loader cannot COPY, keeping its pgsnow metadata."""
+    head = s3.head_object(Bucket=bucket, Key=key)
+    s3.put_object(
+        Bucket=bucket,
+        Key=key,
+        Body=gzip.compress(b"id,label\nnot-a-number,x\n"),
+        Metadata=head["Metadata"],
+        ContentType="text/csv; charset=utf-8",
+        ContentEncoding="gzip",
+    )

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from local_resources import RESOURCES
 
 from pgsnow.config import Component, Settings
 from pgsnow.errors import ConfigError
-from pgsnow.local.aws import REPO_TEMPLATE, StagingResources, load_template
+from pgsnow.local.aws import REPO_TEMPLATE, load_template
 from pgsnow.local.function_env import (
     LOCAL_PLUMBING,
     SECRET_STAND_INS,
@@ -26,18 +27,6 @@ from pgsnow.local.stack import FUNCTION_HANDLERS, FunctionHandler, LocalStack
 
 pytestmark = pytest.mark.unit
 
-RESOURCES = StagingResources(
-    bucket="pgsnow-local-bucket",
-    queue_url="http://127.0.0.1:5000/123456789012/pgsnow-local-bucket-loader",
-    queue_arn="arn:aws:sqs:us-east-1:123456789012:pgsnow-local-bucket-loader",
-    dlq_url="http://127.0.0.1:5000/123456789012/pgsnow-local-bucket-loader-dlq",
-    dlq_arn="arn:aws:sqs:us-east-1:123456789012:pgsnow-local-bucket-loader-dlq",
-    prefix="landing",
-    range_queue_url="http://127.0.0.1:5000/123456789012/pgsnow-local-bucket-ranges",
-    range_queue_arn="arn:aws:sqs:us-east-1:123456789012:pgsnow-local-bucket-ranges",
-    range_dlq_url="http://127.0.0.1:5000/123456789012/pgsnow-local-bucket-ranges-dlq",
-    range_dlq_arn="arn:aws:sqs:us-east-1:123456789012:pgsnow-local-bucket-ranges-dlq",
-)
 # What a local stack's env holds (pgsnow.local.stack.stack_environment), abridged: its servers,
 # the local administrator's keys, and variables the template gives only some functions.
 STACK_ENV = {

@@ -7,26 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from local_resources import RESOURCES
 
 from pgsnow.config import Component
 from pgsnow.errors import ConfigError
-from pgsnow.local.aws import REPO_TEMPLATE, StagingResources, TemplateResolver, load_template
+from pgsnow.local.aws import REPO_TEMPLATE, TemplateResolver, load_template
 from pgsnow.local.iam import function_statements, stack_parameters, storage_role_name, template_resolver
 
 pytestmark = pytest.mark.unit
 
-RESOURCES = StagingResources(
-    bucket="pgsnow-local-bucket",
-    queue_url="http://127.0.0.1:5000/123456789012/pgsnow-local-bucket-loader",
-    queue_arn="arn:aws:sqs:us-east-1:123456789012:pgsnow-local-bucket-loader",
-    dlq_url="http://127.0.0.1:5000/123456789012/pgsnow-local-bucket-loader-dlq",
-    dlq_arn="arn:aws:sqs:us-east-1:123456789012:pgsnow-local-bucket-loader-dlq",
-    prefix="landing",
-    range_queue_url="http://127.0.0.1:5000/123456789012/pgsnow-local-bucket-ranges",
-    range_queue_arn="arn:aws:sqs:us-east-1:123456789012:pgsnow-local-bucket-ranges",
-    range_dlq_url="http://127.0.0.1:5000/123456789012/pgsnow-local-bucket-ranges-dlq",
-    range_dlq_arn="arn:aws:sqs:us-east-1:123456789012:pgsnow-local-bucket-ranges-dlq",
-)
 BUCKET_ARN = "arn:aws:s3:::pgsnow-local-bucket"
 
 

@@ -11,17 +11,18 @@ loader's catch-up stops at it; a run the loader keeps failing on has its files d
 
 from __future__ import annotations
 
-import gzip
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from cdc_support import change_capture_source
+from cdc_support import change_capture_source, put_in_cdc_mode
 from pipeline_support import PipelineHarness, RecordingLoader
 from psycopg2 import sql
+from stack_support import corrupt
 
 from pgsnow.cdc.drain import drain_slot
 from pgsnow.cdc.enroll import snapshot_table
@@ -135,15 +136,10 @@ def captured(pipeline: PipelineHarness, monkeypatch: pytest.MonkeyPatch) -> Iter
         table, "id integer PRIMARY KEY, v text", "SELECT g, 'v' || g FROM generate_series(1, 5) g"
     )
     with change_capture_source(pipeline.source_dsn, [(table.schema, table.table)]) as source:
-        env = {
-            "PGSNOW_TABLE_OPTIONS": json.dumps({table.qualified: {"mode": "cdc"}}),
-            "CDC_PUBLICATION": source.publication,
-            "CDC_SLOT": source.slot,
-            "LOADER_DLQ_URL": pipeline.stack.resources.dlq_url,
-        }
-        for name, value in env.items():  # the loader handler reads the process's environment
-            monkeypatch.setenv(name, value)
-        reset_runtime()
+        # The loader handler reads the process's environment.
+        env = put_in_cdc_mode(
+            os.environ, monkeypatch, table, source, LOADER_DLQ_URL=pipeline.stack.resources.dlq_url
+        )
         recorder, dispatcher = pipeline.loader()
         try:
             yield ChangeCapturedTable(pipeline, table, env, recorder, dispatcher)
@@ -154,19 +150,6 @@ def captured(pipeline: PipelineHarness, monkeypatch: pytest.MonkeyPatch) -> Iter
 
 def unique_suffix() -> str:
     return uuid.uuid4().hex[:8]
-
-
-def corrupt(s3: Any, bucket: str, key: str) -> None:
-    """Replace a staged file's bytes with a CSV the loader cannot COPY, keeping its pgsnow metadata."""
-    head = s3.head_object(Bucket=bucket, Key=key)
-    s3.put_object(
-        Bucket=bucket,
-        Key=key,
-        Body=gzip.compress(b"id,label\nnot-a-number,x\n"),
-        Metadata=head["Metadata"],
-        ContentType="text/csv; charset=utf-8",
-        ContentEncoding="gzip",
-    )
 
 
 def test_status_follows_the_changes_from_the_snapshot_to_a_run_waiting_for_its_failed_predecessor(

@@ -4,7 +4,6 @@ staged objects (versions, tags, existence). The fixtures are in conftest.py."""
 
 from __future__ import annotations
 
-import gzip
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -86,16 +85,3 @@ def exists(s3: Any, bucket: str, key: str) -> bool:
 
 def tags(s3: Any, bucket: str, key: str) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]}
-
-
-def corrupt(s3: Any, bucket: str, key: str) -> None:
-    """Replace a staged file's bytes with a CSV the loader cannot COPY, keeping its pgsnow metadata."""
-    head = s3.head_object(Bucket=bucket, Key=key)
-    s3.put_object(
-        Bucket=bucket,
-        Key=key,
-        Body=gzip.compress(b"id,label\nnot-a-number,x\n"),
-        Metadata=head["Metadata"],
-        ContentType="text/csv; charset=utf-8",
-        ContentEncoding="gzip",
-    )

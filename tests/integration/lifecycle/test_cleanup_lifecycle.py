@@ -20,7 +20,6 @@ from lifecycle_support import (
     FILES_PER_RUN,
     ORPHAN_AGE_MINUTES,
     RETENTION_DAYS,
-    corrupt,
     drain,
     exists,
     load_keys,
@@ -30,6 +29,7 @@ from lifecycle_support import (
     versions,
 )
 from psycopg2.extensions import connection as PgConnection
+from stack_support import corrupt
 
 from pgsnow.cleanup import CleanupResult, cleanup_pending_runs, cleanup_run
 from pgsnow.config import Component

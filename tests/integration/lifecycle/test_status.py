@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 from lifecycle_support import (
     FILES_PER_RUN,
-    corrupt,
     drain,
     exists,
     settings_with,
     stage_run,
 )
 from psycopg2.extensions import connection as PgConnection
+from stack_support import corrupt
 
 from pgsnow.cleanup import cleanup_pending_runs
 from pgsnow.cli import main
